@@ -1,0 +1,644 @@
+//! [`CioClient`]: construction, auth, and the one generic request path every call goes through
+//! (URL building, rate limiting, timeout, retries, status → [`CioError`] mapping, decoding).
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER};
+use secrecy::ExposeSecret as _;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tracing::Instrument as _;
+use url::Url;
+
+use crate::config::{Api, ClientConfig, Region, RetryConfig};
+use crate::endpoint::Endpoint;
+use crate::error::{CioError, parse_error_details};
+use crate::limiter::{RateLimiter, shared_limiter};
+use crate::retry::{throttle_wait, Decision, MAX_HONOURED_RETRY_AFTER, decide, parse_retry_after};
+
+/// `User-Agent` sent with every request.
+pub const USER_AGENT: &str = concat!("sharpsend-cio/", env!("CARGO_PKG_VERSION"));
+
+/// Installs rustls' `ring` crypto provider as the process default (reqwest is built without
+/// one). Safe to call any number of times; [`CioClient::new`] calls it.
+pub fn install_crypto_provider() {
+    // Err means a provider is already installed, which is exactly what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Typed Customer.io client for the Track and App APIs of one workspace.
+///
+/// Cheap to clone (one `Arc`); clones share the HTTP connection pool. Rate limiters are shared
+/// even more widely: by every client in the process built for the same workspace and base URL.
+#[derive(Clone)]
+pub struct CioClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    site_id: String,
+    region: Region,
+    retry: RetryConfig,
+    timeout: Duration,
+    track: Target,
+    app: Target,
+}
+
+/// Base URL, auth header and limiter of one API.
+struct Target {
+    base: Url,
+    /// Marked sensitive: hyper and reqwest never print it.
+    auth: HeaderValue,
+    limiter: Arc<RateLimiter>,
+}
+
+/// A URL for display with any user:password removed.
+fn redacted(url: &Url) -> String {
+    let mut shown = url.clone();
+    let _ = shown.set_password(None);
+    let _ = shown.set_username("");
+    shown.to_string()
+}
+
+impl fmt::Debug for CioClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let i = &self.inner;
+        f.debug_struct("CioClient")
+            .field("site_id", &i.site_id)
+            .field("region", &i.region)
+            .field("track_base_url", &redacted(&i.track.base))
+            .field("app_base_url", &redacted(&i.app.base))
+            .field("timeout", &i.timeout)
+            .field("retry", &i.retry)
+            .field("track_requests_per_sec", &i.track.limiter.per_sec())
+            .field("app_requests_per_sec", &i.app.limiter.per_sec())
+            .finish_non_exhaustive()
+    }
+}
+
+fn config_error(message: impl Into<String>) -> CioError {
+    CioError::Config {
+        message: message.into(),
+    }
+}
+
+fn check_base_url(api: Api, url: &Url) -> Result<(), CioError> {
+    if !matches!(url.scheme(), "http" | "https") || url.cannot_be_a_base() || url.host().is_none() {
+        return Err(config_error(format!(
+            "{api} base URL must be an absolute http(s) URL, got {}",
+            redacted(url)
+        )));
+    }
+    Ok(())
+}
+
+fn sensitive_header(value: String, what: &str) -> Result<HeaderValue, CioError> {
+    let mut header = HeaderValue::try_from(value)
+        // Never echo the value: it holds a key.
+        .map_err(|_| {
+            config_error(format!(
+                "{what} contains characters not allowed in a header"
+            ))
+        })?;
+    header.set_sensitive(true);
+    Ok(header)
+}
+
+impl CioClient {
+    /// Builds a client. Installs the rustls crypto provider, validates the configuration and
+    /// joins (or creates) the process-wide rate limiters of this workspace.
+    pub fn new(config: ClientConfig) -> Result<Self, CioError> {
+        install_crypto_provider();
+
+        if config.timeout.is_zero() {
+            return Err(config_error("timeout must be greater than zero"));
+        }
+        if config.app_requests_per_sec == 0 {
+            return Err(config_error("app_requests_per_sec must be at least 1"));
+        }
+        if config.track_requests_per_sec == 0 {
+            return Err(config_error("track_requests_per_sec must be at least 1"));
+        }
+
+        let creds = &config.credentials;
+        let basic = BASE64.encode(format!(
+            "{}:{}",
+            creds.site_id,
+            creds.track_api_key.expose_secret()
+        ));
+        let track_auth = sensitive_header(format!("Basic {basic}"), "site_id or track_api_key")?;
+        let app_auth = sensitive_header(
+            format!("Bearer {}", creds.app_api_key.expose_secret()),
+            "app_api_key",
+        )?;
+
+        let track_base = config.base_url(Api::Track)?;
+        let app_base = config.base_url(Api::App)?;
+        check_base_url(Api::Track, &track_base)?;
+        check_base_url(Api::App, &app_base)?;
+
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+        let http = reqwest::Client::builder()
+            .user_agent(USER_AGENT)
+            .default_headers(headers)
+            .timeout(config.timeout)
+            // A connect failure proves the request never left; keep it distinguishable from a
+            // whole-request timeout.
+            .connect_timeout((config.timeout / 2).min(Duration::from_secs(5)))
+            // A wrong region answers with a redirect: surface it instead of following it.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| config_error(format!("building the HTTP client: {e}")))?;
+
+        let track = Target {
+            limiter: shared_limiter(
+                Api::Track,
+                &creds.site_id,
+                &track_base,
+                config.track_requests_per_sec,
+            ),
+            base: track_base,
+            auth: track_auth,
+        };
+        let app = Target {
+            limiter: shared_limiter(
+                Api::App,
+                &creds.site_id,
+                &app_base,
+                config.app_requests_per_sec,
+            ),
+            base: app_base,
+            auth: app_auth,
+        };
+
+        Ok(Self {
+            inner: Arc::new(Inner {
+                http,
+                site_id: creds.site_id.clone(),
+                region: config.region,
+                retry: config.retry,
+                timeout: config.timeout,
+                track,
+                app,
+            }),
+        })
+    }
+
+    /// The workspace's site id.
+    pub fn site_id(&self) -> &str {
+        &self.inner.site_id
+    }
+
+    /// The configured region.
+    pub fn region(&self) -> Region {
+        self.inner.region
+    }
+
+    /// The base URL used for `api`.
+    pub fn base_url(&self, api: Api) -> &Url {
+        &self.target(api).base
+    }
+
+    fn target(&self, api: Api) -> &Target {
+        match api {
+            Api::Track => &self.inner.track,
+            Api::App => &self.inner.app,
+        }
+    }
+
+    fn url(
+        &self,
+        endpoint: &Endpoint,
+        path_params: &[&str],
+        query: &[(&str, String)],
+    ) -> Result<Url, CioError> {
+        let path = endpoint.path(path_params)?;
+        let base = self
+            .target(endpoint.api)
+            .base
+            .as_str()
+            .trim_end_matches('/');
+        let mut url = Url::parse(&format!("{base}{path}"))
+            .map_err(|e| config_error(format!("URL for {}: {e}", endpoint.template)))?;
+        if !query.is_empty() {
+            url.query_pairs_mut()
+                .extend_pairs(query.iter().map(|(k, v)| (*k, v.as_str())));
+        }
+        Ok(url)
+    }
+
+    /// The one request path. Fills `endpoint`'s template with percent-encoded `path_params`,
+    /// adds `query`, sends `body` as JSON, paces through the API's shared limiter, retries per
+    /// the endpoint's [`RetryPolicy`](crate::RetryPolicy), maps failures to [`CioError`] and
+    /// decodes a 2xx body into `T` (an empty body decodes as JSON `null`, so `()` and
+    /// `serde::de::IgnoredAny` work for 204s).
+    pub(crate) async fn request<T, B>(
+        &self,
+        endpoint: &Endpoint,
+        path_params: &[&str],
+        query: &[(&str, String)],
+        body: Option<&B>,
+    ) -> Result<T, CioError>
+    where
+        T: DeserializeOwned,
+        B: Serialize + ?Sized,
+    {
+        let url = self.url(endpoint, path_params, query)?;
+        let body = body.map(serde_json::to_vec).transpose().map_err(|e| {
+            config_error(format!(
+                "serialising the body for {}: {e}",
+                endpoint.template
+            ))
+        })?;
+        let span = tracing::debug_span!(
+            "cio_request",
+            api = %endpoint.api,
+            method = %endpoint.method,
+            endpoint = endpoint.template,
+            attempts = tracing::field::Empty,
+            limiter_wait_ms = tracing::field::Empty,
+            status = tracing::field::Empty,
+        );
+        self.execute(endpoint, url, body).instrument(span).await
+    }
+
+    async fn execute<T: DeserializeOwned>(
+        &self,
+        endpoint: &Endpoint,
+        url: Url,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, CioError> {
+        let api = endpoint.api;
+        let target = self.target(api);
+        let span = tracing::Span::current();
+        let mut limiter_wait = Duration::ZERO;
+        let mut attempt: u32 = 0;
+        let mut throttled = Duration::ZERO;
+        loop {
+            let waited = target.limiter.acquire().await;
+            limiter_wait += waited;
+            span.record("attempts", attempt + 1);
+            span.record("limiter_wait_ms", limiter_wait.as_millis() as u64);
+
+            let (error, server_hint) = match self
+                .send_once(endpoint, target, &url, body.as_deref())
+                .await
+            {
+                Ok((status, retry_after, bytes)) => {
+                    span.record("status", status);
+                    tracing::debug!(
+                        attempt,
+                        status,
+                        limiter_wait_ms = waited.as_millis() as u64,
+                        "Customer.io answered"
+                    );
+                    if (200..300).contains(&status) {
+                        return decode(endpoint, &bytes);
+                    }
+                    if status == 429
+                        && let Some(pause) = retry_after
+                    {
+                        // Hold back every caller of this API of this workspace (bounded, so
+                        // a bogus header cannot stall the process).
+                        target
+                            .limiter
+                            .pause_for(pause.min(MAX_HONOURED_RETRY_AFTER));
+                    }
+                    (
+                        status_error(endpoint, status, retry_after, &bytes),
+                        retry_after,
+                    )
+                }
+                Err(error) => {
+                    tracing::debug!(attempt, error = %error, "Customer.io request failed");
+                    (error, None)
+                }
+            };
+
+            if let Some(wait) = throttle_wait(&self.inner.retry, endpoint.retry, &error, server_hint, throttled) {
+                tracing::debug!(wait_ms = wait.as_millis() as u64, "rate limited; waiting as told");
+                throttled += wait;
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            match decide(
+                &self.inner.retry,
+                endpoint.retry,
+                &error,
+                server_hint,
+                attempt,
+            ) {
+                Decision::GiveUp => return Err(error),
+                Decision::RetryAfter(delay) => {
+                    tracing::debug!(
+                        attempt,
+                        delay_ms = delay.as_millis() as u64,
+                        error = %error,
+                        "retrying Customer.io request"
+                    );
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    /// One HTTP exchange: status, `Retry-After`, and the whole body.
+    async fn send_once(
+        &self,
+        endpoint: &Endpoint,
+        target: &Target,
+        url: &Url,
+        body: Option<&[u8]>,
+    ) -> Result<(u16, Option<Duration>, Vec<u8>), CioError> {
+        let mut request = self
+            .inner
+            .http
+            .request(endpoint.method.clone(), url.clone())
+            .header(AUTHORIZATION, target.auth.clone());
+        if let Some(body) = body {
+            request = request.body(body.to_vec());
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| transport_error(endpoint, e))?;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| transport_error(endpoint, e))?;
+        Ok((status, retry_after, bytes.to_vec()))
+    }
+}
+
+fn decode<T: DeserializeOwned>(endpoint: &Endpoint, bytes: &[u8]) -> Result<T, CioError> {
+    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+        b"null"
+    } else {
+        bytes
+    };
+    serde_json::from_slice(bytes).map_err(|e| CioError::Decode {
+        api: endpoint.api,
+        endpoint: endpoint.template,
+        message: e.to_string(),
+    })
+}
+
+/// Maps a non-2xx answer to its error.
+fn status_error(
+    endpoint: &Endpoint,
+    status: u16,
+    retry_after: Option<Duration>,
+    body: &[u8],
+) -> CioError {
+    let api = endpoint.api;
+    match status {
+        401 | 403 => CioError::Unauthorized { api, status },
+        404 => CioError::NotFound {
+            api,
+            endpoint: endpoint.template,
+        },
+        429 => CioError::RateLimited { api, retry_after },
+        500..=599 => CioError::Server { api, status },
+        300..=399 => CioError::Rejected {
+            api,
+            status,
+            details: vec![crate::ErrorDetail {
+                message: "unexpected redirect (wrong region or base URL?)".to_owned(),
+                ..crate::ErrorDetail::default()
+            }],
+        },
+        _ => CioError::Rejected {
+            api,
+            status,
+            details: parse_error_details(body),
+        },
+    }
+}
+
+/// Maps a reqwest failure, keeping the URL (which can hold ids and emails) out of the message.
+fn transport_error(endpoint: &Endpoint, error: reqwest::Error) -> CioError {
+    let api = endpoint.api;
+    let connect = error.is_connect();
+    if error.is_timeout() && !connect {
+        return CioError::Timeout {
+            api,
+            endpoint: endpoint.template,
+        };
+    }
+    let error = error.without_url();
+    let mut message = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    CioError::Transport {
+        api,
+        endpoint: endpoint.template,
+        message,
+        maybe_sent: !connect,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::config::Credentials;
+    use crate::endpoint::endpoints;
+
+    const TRACK_KEY: &str = "track-KEY-do-not-print-1234";
+    const APP_KEY: &str = "app-KEY-do-not-print-5678";
+
+    fn config() -> ClientConfig {
+        ClientConfig::new(Credentials::new("site-abc", TRACK_KEY, APP_KEY), Region::Us)
+    }
+
+    #[test]
+    fn secrets_never_appear_in_debug_or_display() {
+        let cfg = config();
+        let client = CioClient::new(cfg.clone()).unwrap();
+        let basic = BASE64.encode(format!("site-abc:{TRACK_KEY}"));
+        let errors = [
+            CioError::Unauthorized {
+                api: Api::App,
+                status: 401,
+            },
+            CioError::Rejected {
+                api: Api::Track,
+                status: 400,
+                details: parse_error_details(br#"{"meta":{"errors":["bad"]}}"#),
+            },
+            CioError::Config {
+                message: "x".into(),
+            },
+            sensitive_header("bad\nvalue".into(), "app_api_key").unwrap_err(),
+        ];
+        let mut printed = vec![
+            format!("{client:?}"),
+            format!("{client:#?}"),
+            format!("{cfg:?}"),
+            format!("{cfg:#?}"),
+            format!("{:?}", cfg.credentials),
+            format!("{:?}", client.inner.app.auth),
+            format!("{:?}", client.inner.track.auth),
+        ];
+        for e in &errors {
+            printed.push(format!("{e}"));
+            printed.push(format!("{e:?}"));
+        }
+        for text in &printed {
+            for secret in [TRACK_KEY, APP_KEY, basic.as_str(), "Bearer", "Basic "] {
+                assert!(!text.contains(secret), "{secret:?} leaked in {text}");
+            }
+        }
+        assert!(printed[0].contains("site-abc"));
+    }
+
+    #[test]
+    fn a_key_with_a_newline_is_a_config_error_that_does_not_echo_it() {
+        let mut cfg = config();
+        cfg.credentials.app_api_key = "secret\nkey".into();
+        let err = CioClient::new(cfg).unwrap_err();
+        assert!(matches!(err, CioError::Config { .. }));
+        assert!(!err.to_string().contains("secret"));
+    }
+
+    #[test]
+    fn rejects_bad_settings() {
+        let mut cfg = config();
+        cfg.app_requests_per_sec = 0;
+        assert!(CioClient::new(cfg).is_err());
+        let mut cfg = config();
+        cfg.timeout = Duration::ZERO;
+        assert!(CioClient::new(cfg).is_err());
+        let mut cfg = config();
+        cfg.app_base_url = Some(Url::parse("mailto:x@y").unwrap());
+        assert!(CioClient::new(cfg).is_err());
+    }
+
+    #[test]
+    fn builds_urls_with_encoded_segments_and_query() {
+        let cfg = config().with_base_url(Url::parse("http://127.0.0.1:9/prefix/").unwrap());
+        let client = CioClient::new(cfg).unwrap();
+        let url = client
+            .url(
+                &endpoints::SEGMENT_MEMBERSHIP,
+                &["1/ x@y"],
+                &[("start", "a b&c".into()), ("limit", "10".into())],
+            )
+            .unwrap();
+        assert_eq!(
+            url.as_str(),
+            "http://127.0.0.1:9/prefix/v1/segments/1%2F%20x%40y/membership?start=a+b%26c&limit=10"
+        );
+        let default = CioClient::new(config()).unwrap();
+        assert_eq!(
+            default
+                .url(&endpoints::ACCOUNT_REGION, &[], &[])
+                .unwrap()
+                .as_str(),
+            "https://track.customer.io/api/v1/accounts/region"
+        );
+        assert_eq!(
+            default
+                .url(&endpoints::LIST_SEGMENTS, &[], &[])
+                .unwrap()
+                .as_str(),
+            "https://api.customer.io/v1/segments"
+        );
+    }
+
+    #[test]
+    fn auth_headers() {
+        let client = CioClient::new(config()).unwrap();
+        let basic = BASE64.encode(format!("site-abc:{TRACK_KEY}"));
+        assert_eq!(
+            client.inner.track.auth.to_str().unwrap(),
+            format!("Basic {basic}")
+        );
+        assert_eq!(
+            client.inner.app.auth.to_str().unwrap(),
+            format!("Bearer {APP_KEY}")
+        );
+        assert!(client.inner.app.auth.is_sensitive());
+        assert!(USER_AGENT.starts_with("sharpsend-cio/"));
+    }
+
+    #[test]
+    fn two_clients_of_one_workspace_share_limiters() {
+        let a = CioClient::new(config()).unwrap();
+        let b = CioClient::new(config()).unwrap();
+        assert!(Arc::ptr_eq(&a.inner.app.limiter, &b.inner.app.limiter));
+        assert!(Arc::ptr_eq(&a.inner.track.limiter, &b.inner.track.limiter));
+        assert!(!Arc::ptr_eq(&a.inner.app.limiter, &a.inner.track.limiter));
+        let mut other = config();
+        other.credentials.site_id = "another-site".into();
+        let c = CioClient::new(other).unwrap();
+        assert!(!Arc::ptr_eq(&a.inner.app.limiter, &c.inner.app.limiter));
+    }
+
+    #[test]
+    fn status_mapping() {
+        let ep = &endpoints::GET_SEGMENT;
+        assert!(matches!(
+            status_error(ep, 401, None, b""),
+            CioError::Unauthorized { status: 401, .. }
+        ));
+        assert!(matches!(
+            status_error(ep, 403, None, b""),
+            CioError::Unauthorized { status: 403, .. }
+        ));
+        assert!(matches!(
+            status_error(ep, 404, None, b""),
+            CioError::NotFound {
+                endpoint: "/v1/segments/{segment_id}",
+                ..
+            }
+        ));
+        assert_eq!(
+            status_error(ep, 429, Some(Duration::from_secs(1)), b"").retry_after(),
+            Some(Duration::from_secs(1))
+        );
+        assert!(matches!(
+            status_error(ep, 503, None, b""),
+            CioError::Server { status: 503, .. }
+        ));
+        let e = status_error(ep, 422, None, br#"{"errors":[{"detail":"nope"}]}"#);
+        assert_eq!(e.details()[0].message, "nope");
+        assert!(matches!(
+            status_error(ep, 302, None, b""),
+            CioError::Rejected { status: 302, .. }
+        ));
+    }
+
+    #[test]
+    fn decodes_empty_bodies_as_null() {
+        let ep = &endpoints::DELETE_SEGMENT;
+        let _: () = decode(ep, b"").unwrap();
+        let _: serde::de::IgnoredAny = decode(ep, b"{}").unwrap();
+        let err = decode::<u64>(ep, b"{\"x\":1}").unwrap_err();
+        assert!(matches!(
+            err,
+            CioError::Decode {
+                endpoint: "/v1/segments/{segment_id}",
+                ..
+            }
+        ));
+    }
+}

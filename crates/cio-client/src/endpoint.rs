@@ -1,0 +1,168 @@
+//! Endpoints as values: API, method, path template and whether they may be retried.
+//!
+//! A new Customer.io call is one `pub const` in [`endpoints`] plus a few-line method that hands
+//! it to the client's generic request function.
+
+use http::Method;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+
+use crate::config::Api;
+use crate::error::CioError;
+
+/// Whether the client may send a request again on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RetryPolicy {
+    /// Repeating the request is harmless: retried on 408/429/5xx, timeouts and transport errors.
+    Idempotent,
+    /// Repeating could act twice (send a message, create a resource): never retried after the
+    /// request may have left. Only a failure to connect (the request provably never left) is
+    /// retried. A timeout or a connection lost mid-request gives an error whose
+    /// [`is_outcome_unknown`](CioError::is_outcome_unknown) is true.
+    NeverRetry,
+}
+
+/// One Customer.io operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Which API serves it (base URL, auth, rate limiter).
+    pub api: Api,
+    /// HTTP method.
+    pub method: Method,
+    /// Path template with `{name}` placeholders, e.g. `/v1/segments/{segment_id}`. This is
+    /// what errors and logs show, never the filled-in path.
+    pub template: &'static str,
+    /// Automatic retry policy.
+    pub retry: RetryPolicy,
+}
+
+/// RFC 3986 unreserved characters stay; everything else in a segment is percent-encoded.
+const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Percent-encodes one path segment (`1/` → `1%2F`, `a b` → `a%20b`, `x@y` → `x%40y`).
+pub fn encode_path_segment(segment: &str) -> String {
+    utf8_percent_encode(segment, PATH_SEGMENT).to_string()
+}
+
+impl Endpoint {
+    /// Fills the template's placeholders, in order, with percent-encoded `params`.
+    pub fn path(&self, params: &[&str]) -> Result<String, CioError> {
+        let mut out = String::with_capacity(self.template.len() + 16);
+        let mut rest = self.template;
+        let mut params = params.iter();
+        while let Some(open) = rest.find('{') {
+            out.push_str(&rest[..open]);
+            let Some(close) = rest[open..].find('}') else {
+                return Err(self.template_error("unclosed '{'"));
+            };
+            let Some(value) = params.next() else {
+                return Err(self.template_error("too few path parameters"));
+            };
+            out.push_str(&encode_path_segment(value));
+            rest = &rest[open + close + 1..];
+        }
+        out.push_str(rest);
+        if params.next().is_some() {
+            return Err(self.template_error("too many path parameters"));
+        }
+        Ok(out)
+    }
+
+    fn template_error(&self, what: &str) -> CioError {
+        CioError::Config {
+            message: format!("endpoint {}: {what}", self.template),
+        }
+    }
+}
+
+/// Every endpoint the client calls.
+pub mod endpoints {
+    use super::{Endpoint, Method, RetryPolicy};
+    use crate::config::Api;
+
+    const fn get(api: Api, template: &'static str) -> Endpoint {
+        Endpoint {
+            api,
+            method: Method::GET,
+            template,
+            retry: RetryPolicy::Idempotent,
+        }
+    }
+
+    /// `GET /api/v1/accounts/region` (Track auth): region and workspace of the credentials.
+    pub const ACCOUNT_REGION: Endpoint = get(Api::Track, "/api/v1/accounts/region");
+
+    /// `GET /v1/segments`.
+    pub const LIST_SEGMENTS: Endpoint = get(Api::App, "/v1/segments");
+    /// `GET /v1/segments/{segment_id}`.
+    pub const GET_SEGMENT: Endpoint = get(Api::App, "/v1/segments/{segment_id}");
+    /// `GET /v1/segments/{segment_id}/customer_count`.
+    pub const SEGMENT_CUSTOMER_COUNT: Endpoint =
+        get(Api::App, "/v1/segments/{segment_id}/customer_count");
+    /// `GET /v1/segments/{segment_id}/membership?start=&limit=`.
+    pub const SEGMENT_MEMBERSHIP: Endpoint = get(Api::App, "/v1/segments/{segment_id}/membership");
+    /// `POST /v1/segments`: creates a manual segment. Not idempotent (a repeat creates a second
+    /// segment), so never retried automatically.
+    pub const CREATE_SEGMENT: Endpoint = Endpoint {
+        api: Api::App,
+        method: Method::POST,
+        template: "/v1/segments",
+        retry: RetryPolicy::NeverRetry,
+    };
+    /// `DELETE /v1/segments/{segment_id}`.
+    pub const DELETE_SEGMENT: Endpoint = Endpoint {
+        api: Api::App,
+        method: Method::DELETE,
+        template: "/v1/segments/{segment_id}",
+        retry: RetryPolicy::Idempotent,
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn encodes_reserved_characters() {
+        assert_eq!(encode_path_segment("1/"), "1%2F");
+        assert_eq!(encode_path_segment("a b"), "a%20b");
+        assert_eq!(encode_path_segment("x@y"), "x%40y");
+        assert_eq!(encode_path_segment("a?b#c%d+e"), "a%3Fb%23c%25d%2Be");
+        assert_eq!(encode_path_segment("Az09-._~"), "Az09-._~");
+        assert_eq!(encode_path_segment("é"), "%C3%A9");
+    }
+
+    #[test]
+    fn fills_templates() {
+        let ep = Endpoint {
+            api: Api::Track,
+            method: Method::PUT,
+            template: "/api/v1/customers/{identifier}/events",
+            retry: RetryPolicy::Idempotent,
+        };
+        assert_eq!(
+            ep.path(&["x@y.com"]).unwrap(),
+            "/api/v1/customers/x%40y.com/events"
+        );
+        assert!(ep.path(&[]).is_err());
+        assert!(ep.path(&["a", "b"]).is_err());
+        assert_eq!(endpoints::LIST_SEGMENTS.path(&[]).unwrap(), "/v1/segments");
+        assert_eq!(
+            endpoints::SEGMENT_MEMBERSHIP.path(&["1/"]).unwrap(),
+            "/v1/segments/1%2F/membership"
+        );
+        let err = ep.path(&[]).unwrap_err().to_string();
+        assert!(err.contains("{identifier}"), "{err}");
+    }
+
+    #[test]
+    fn policies() {
+        assert_eq!(endpoints::CREATE_SEGMENT.retry, RetryPolicy::NeverRetry);
+        assert_eq!(endpoints::GET_SEGMENT.retry, RetryPolicy::Idempotent);
+        assert_eq!(endpoints::ACCOUNT_REGION.api, Api::Track);
+    }
+}

@@ -1,0 +1,44 @@
+//! Typed client for Customer.io's Track and App APIs.
+//!
+//! Layout:
+//! - [`config`]: [`Api`], [`Region`] (hosts per region), [`Credentials`] (keys as
+//!   `SecretString`), [`ClientConfig`] and [`RetryConfig`] with their defaults.
+//! - [`client`]: [`CioClient`], auth headers, and the single generic request path every call
+//!   goes through (URL building, rate limiting, timeout, retries, error mapping, decoding);
+//!   [`install_crypto_provider`].
+//! - [`endpoint`]: [`Endpoint`] values (API, method, path template, [`RetryPolicy`]), the
+//!   [`endpoints`] table and path-segment percent-encoding. Adding a Customer.io call = one
+//!   endpoint constant + a few-line method.
+//! - [`error`]: [`CioError`] and parsing of Customer.io's error bodies into [`ErrorDetail`]s.
+//! - [`retry`]: jittered exponential backoff, `Retry-After` parsing, retry decisions.
+//! - [`limiter`]: smooth per-(API, workspace, base URL) pacing shared process-wide; a 429 with
+//!   `Retry-After` pauses everyone using that API.
+//! - [`pagination`]: [`paginate`], the cursor stream helper for every `next`-style endpoint.
+//! - [`account`]: `account_region()`; [`segments`]: segment reads, membership, manual segments.
+//!
+//! Calls on endpoints with [`RetryPolicy::NeverRetry`] (creating resources, and later every
+//! message send) are never repeated once they may have left; a timeout then yields an error with
+//! [`CioError::is_outcome_unknown`] true. Keys never appear in `Debug`/`Display` output.
+
+pub mod account;
+pub mod client;
+pub mod config;
+pub mod endpoint;
+pub mod error;
+pub mod limiter;
+pub mod pagination;
+pub mod retry;
+pub mod segments;
+mod serde_util;
+
+pub use account::AccountRegion;
+pub use client::{CioClient, USER_AGENT, install_crypto_provider};
+pub use config::{Api, ClientConfig, Credentials, ParseRegionError, Region, RetryConfig};
+pub use endpoint::{Endpoint, RetryPolicy, encode_path_segment, endpoints};
+pub use error::{CioError, ErrorDetail, parse_error_details};
+pub use pagination::{Page, paginate};
+pub use retry::{MAX_HONOURED_RETRY_AFTER, parse_retry_after};
+pub use secrecy::SecretString;
+pub use segments::{
+    CustomerIdentifiers, MAX_MEMBERSHIP_PAGE, MembershipPage, Segment, SegmentType,
+};
