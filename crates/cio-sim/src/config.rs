@@ -1,0 +1,117 @@
+//! Simulator configuration and the API selector.
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+/// Which of the two Customer.io APIs a request belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SimApi {
+    /// App API: paths under `/v1/`, `Authorization: Bearer <app_api_key>`.
+    App,
+    /// Track API: paths under `/api/`, `Authorization: Basic base64(site_id:track_api_key)`.
+    Track,
+}
+
+impl SimApi {
+    /// Lowercase name (`"app"` / `"track"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SimApi::App => "app",
+            SimApi::Track => "track",
+        }
+    }
+}
+
+/// Start-up configuration of a [`crate::Simulator`].
+///
+/// Rate limits given here are the initial values; they can be changed at run time with
+/// [`crate::Simulator::set_rate_limit`] (which does not rewrite this struct).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimConfig {
+    /// Track API site id (Basic auth user name).
+    pub site_id: String,
+    /// Track API key (Basic auth password).
+    pub track_api_key: String,
+    /// App API key (Bearer token).
+    pub app_api_key: String,
+    /// `"us"` or `"eu"`: reported by `GET /api/v1/accounts/region`.
+    pub region: String,
+    /// App API requests per second; 0 = unlimited. Customer.io: 10.
+    pub app_rate_limit_per_sec: u32,
+    /// Track API requests per second; 0 = unlimited. Customer.io: 1000.
+    pub track_rate_limit_per_sec: u32,
+    /// Seed for the demo data and for chaos decisions.
+    pub seed: u64,
+    /// Number of demo people; 0 = empty workspace (no people and no segments).
+    pub demo_people: usize,
+}
+
+/// Default site id accepted by the simulator.
+pub const DEFAULT_SITE_ID: &str = "sim-site";
+/// Default Track API key accepted by the simulator.
+pub const DEFAULT_TRACK_API_KEY: &str = "sim-track-key";
+/// Default App API key accepted by the simulator.
+pub const DEFAULT_APP_API_KEY: &str = "sim-app-key";
+/// Number of people in the default demo workspace.
+pub const DEFAULT_DEMO_PEOPLE: usize = 5000;
+
+impl SimConfig {
+    /// Demo workspace: ~5000 financial-newsletter readers and a set of segments.
+    pub fn demo() -> Self {
+        Self {
+            site_id: DEFAULT_SITE_ID.to_owned(),
+            track_api_key: DEFAULT_TRACK_API_KEY.to_owned(),
+            app_api_key: DEFAULT_APP_API_KEY.to_owned(),
+            region: "us".to_owned(),
+            app_rate_limit_per_sec: 10,
+            track_rate_limit_per_sec: 1000,
+            seed: 42,
+            demo_people: DEFAULT_DEMO_PEOPLE,
+        }
+    }
+
+    /// Empty workspace: no people, no segments; same credentials and limits as [`SimConfig::demo`].
+    pub fn empty() -> Self {
+        Self {
+            demo_people: 0,
+            ..Self::demo()
+        }
+    }
+
+    /// The `Authorization` header value the Track API accepts (`Basic ...`).
+    pub fn track_authorization(&self) -> String {
+        let raw = format!("{}:{}", self.site_id, self.track_api_key);
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(raw)
+        )
+    }
+
+    /// The `Authorization` header value the App API accepts (`Bearer ...`).
+    pub fn app_authorization(&self) -> String {
+        format!("Bearer {}", self.app_api_key)
+    }
+
+    /// Initial rate limit of one API.
+    pub fn rate_limit(&self, api: SimApi) -> u32 {
+        match api {
+            SimApi::App => self.app_rate_limit_per_sec,
+            SimApi::Track => self.track_rate_limit_per_sec,
+        }
+    }
+
+    pub(crate) fn track_url(&self) -> &'static str {
+        if self.region.eq_ignore_ascii_case("eu") {
+            "https://track-eu.customer.io"
+        } else {
+            "https://track.customer.io"
+        }
+    }
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self::demo()
+    }
+}

@@ -1,0 +1,310 @@
+//! Control API under `/_sim/` for out-of-process use (binary, docker-compose, smoke tests).
+//! Not authenticated, not rate limited, not faulted, not logged.
+//!
+//! | route | effect |
+//! |---|---|
+//! | `GET /_sim/health` | `{"status":"ok","people":n,"segments":n}` |
+//! | `GET /_sim/requests[?api=app\|track]` / `DELETE /_sim/requests` | request log / clear it |
+//! | `POST /_sim/faults` | `{"api":"app"\|"track"\|null,"faults":[..],"chaos":{..}}` (see below) |
+//! | `DELETE /_sim/faults` | clear queued faults and chaos |
+//! | `GET /_sim/rate-limits`, `POST /_sim/rate-limits` | `{"app":10,"track":1000}` (either key optional) |
+//! | `GET /_sim/segments`, `POST /_sim/segments` | list; create `{"name","description","predicate"?}` (no predicate = manual) |
+//! | `GET /_sim/segments/{id}`, `DELETE /_sim/segments/{id}` | segment with member ids; delete (any kind) |
+//! | `GET /_sim/people/{id}`, `PUT /_sim/people/{id}`, `DELETE /_sim/people/{id}` | read; upsert attributes (JSON object); remove |
+//!
+//! Fault items: `{"kind":"status","status":503,"retry_after_secs":2}`, `{"kind":"delay","ms":1500}`,
+//! `{"kind":"drop"}`, `{"kind":"accept_then_drop"}`. Chaos: `{"error_rate":0.1,"error_status":503,
+//! "latency_ms":200,"drop_rate":0.05}` (all optional).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value, json};
+
+use crate::Simulator;
+use crate::config::SimApi;
+use crate::errors::ApiError;
+use crate::faults::{Chaos, Fault};
+use crate::state::Predicate;
+
+pub(crate) fn routes() -> Router<Simulator> {
+    Router::new()
+        .route("/_sim/health", get(health))
+        .route("/_sim/requests", get(requests).delete(clear_requests))
+        .route(
+            "/_sim/faults",
+            get(faults).post(push_faults).delete(clear_faults),
+        )
+        .route("/_sim/rate-limits", get(rate_limits).post(set_rate_limits))
+        .route("/_sim/segments", get(segments).post(create_segment))
+        .route("/_sim/segments/{id}", get(segment).delete(delete_segment))
+        .route(
+            "/_sim/people/{id}",
+            get(person).put(put_person).delete(delete_person),
+        )
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|err| {
+        ApiError::control(StatusCode::BAD_REQUEST, format!("invalid JSON body: {err}"))
+    })
+}
+
+async fn health(State(sim): State<Simulator>) -> Response {
+    let (people, segments) = sim.with_world(|w| (w.people_count(), w.segment_list().count()));
+    Json(json!({ "status": "ok", "people": people, "segments": segments })).into_response()
+}
+
+async fn requests(
+    State(sim): State<Simulator>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let filter = match query.get("api").map(String::as_str) {
+        None => None,
+        Some("app") => Some(SimApi::App),
+        Some("track") => Some(SimApi::Track),
+        Some(_) => return error(StatusCode::BAD_REQUEST, "api must be app or track"),
+    };
+    let requests: Vec<_> = sim
+        .requests()
+        .into_iter()
+        .filter(|r| filter.is_none_or(|api| r.api == api))
+        .collect();
+    Json(json!({ "requests": requests })).into_response()
+}
+
+async fn clear_requests(State(sim): State<Simulator>) -> StatusCode {
+    sim.clear_requests();
+    StatusCode::NO_CONTENT
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+enum FaultSpec {
+    Status {
+        status: u16,
+        #[serde(default)]
+        retry_after_secs: Option<u64>,
+    },
+    Delay {
+        ms: u64,
+    },
+    Drop,
+    AcceptThenDrop,
+}
+
+fn default_error_status() -> u16 {
+    500
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChaosSpec {
+    #[serde(default)]
+    error_rate: f64,
+    #[serde(default = "default_error_status")]
+    error_status: u16,
+    #[serde(default)]
+    latency_ms: u64,
+    #[serde(default)]
+    drop_rate: f64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FaultsRequest {
+    #[serde(default)]
+    api: Option<SimApi>,
+    #[serde(default)]
+    faults: Vec<FaultSpec>,
+    #[serde(default)]
+    chaos: Option<ChaosSpec>,
+}
+
+fn valid_status(status: u16) -> bool {
+    (100..=599).contains(&status)
+}
+
+async fn faults(State(sim): State<Simulator>) -> Response {
+    Json(json!({ "queued": sim.queued_faults() })).into_response()
+}
+
+async fn push_faults(State(sim): State<Simulator>, body: Bytes) -> Response {
+    let request: FaultsRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(err) => return err.into_response(),
+    };
+    let mut faults = Vec::with_capacity(request.faults.len());
+    for spec in request.faults {
+        faults.push(match spec {
+            FaultSpec::Status {
+                status,
+                retry_after_secs,
+            } => {
+                if !valid_status(status) {
+                    return error(StatusCode::BAD_REQUEST, "status must be 100..=599");
+                }
+                Fault::Status {
+                    status,
+                    retry_after_secs,
+                }
+            }
+            FaultSpec::Delay { ms } => Fault::Delay(Duration::from_millis(ms)),
+            FaultSpec::Drop => Fault::Drop,
+            FaultSpec::AcceptThenDrop => Fault::AcceptThenDrop,
+        });
+    }
+    let chaos = match request.chaos {
+        None => None,
+        Some(c) => {
+            let rates_ok =
+                (0.0..=1.0).contains(&c.error_rate) && (0.0..=1.0).contains(&c.drop_rate);
+            if !rates_ok || !valid_status(c.error_status) {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "error_rate and drop_rate must be within 0..=1, error_status within 100..=599",
+                );
+            }
+            Some(Chaos {
+                error_rate: c.error_rate,
+                error_status: c.error_status,
+                latency: Duration::from_millis(c.latency_ms),
+                drop_rate: c.drop_rate,
+            })
+        }
+    };
+    sim.push_faults(request.api, faults);
+    if let Some(chaos) = chaos {
+        sim.set_chaos(request.api, chaos);
+    }
+    Json(json!({ "queued": sim.queued_faults() })).into_response()
+}
+
+async fn clear_faults(State(sim): State<Simulator>) -> StatusCode {
+    sim.clear_faults();
+    StatusCode::NO_CONTENT
+}
+
+fn limits_json(sim: &Simulator) -> Value {
+    json!({ "app": sim.rate_limit(SimApi::App), "track": sim.rate_limit(SimApi::Track) })
+}
+
+async fn rate_limits(State(sim): State<Simulator>) -> Response {
+    Json(limits_json(&sim)).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RateLimitsRequest {
+    app: Option<u32>,
+    track: Option<u32>,
+}
+
+async fn set_rate_limits(State(sim): State<Simulator>, body: Bytes) -> Response {
+    let request: RateLimitsRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(err) => return err.into_response(),
+    };
+    if let Some(app) = request.app {
+        sim.set_rate_limit(SimApi::App, app);
+    }
+    if let Some(track) = request.track {
+        sim.set_rate_limit(SimApi::Track, track);
+    }
+    Json(limits_json(&sim)).into_response()
+}
+
+async fn segments(State(sim): State<Simulator>) -> Response {
+    Json(json!({ "segments": sim.segments() })).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateSegment {
+    name: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    predicate: Option<Predicate>,
+}
+
+async fn create_segment(State(sim): State<Simulator>, body: Bytes) -> Response {
+    let request: CreateSegment = match parse(&body) {
+        Ok(r) => r,
+        Err(err) => return err.into_response(),
+    };
+    let id = match request.predicate {
+        Some(p) => sim.add_dynamic_segment(&request.name, &request.description, p),
+        None => sim.create_manual_segment(&request.name, &request.description),
+    };
+    let segment = sim.segments().into_iter().find(|s| s.id == id);
+    (StatusCode::CREATED, Json(json!({ "segment": segment }))).into_response()
+}
+
+fn parse_id(raw: &str) -> Result<i64, ApiError> {
+    raw.parse()
+        .map_err(|_| ApiError::control(StatusCode::NOT_FOUND, "segment not found"))
+}
+
+async fn segment(State(sim): State<Simulator>, Path(raw): Path<String>) -> Response {
+    let id = match parse_id(&raw) {
+        Ok(id) => id,
+        Err(err) => return err.into_response(),
+    };
+    let segment = sim.segments().into_iter().find(|s| s.id == id);
+    match (segment, sim.segment_members(id)) {
+        (Some(segment), Some(members)) => {
+            Json(json!({ "segment": segment, "members": members })).into_response()
+        }
+        _ => error(StatusCode::NOT_FOUND, "segment not found"),
+    }
+}
+
+async fn delete_segment(State(sim): State<Simulator>, Path(raw): Path<String>) -> Response {
+    match parse_id(&raw) {
+        Ok(id) if sim.delete_segment(id) => StatusCode::NO_CONTENT.into_response(),
+        Ok(_) => error(StatusCode::NOT_FOUND, "segment not found"),
+        Err(err) => err.into_response(),
+    }
+}
+
+async fn person(State(sim): State<Simulator>, Path(id): Path<String>) -> Response {
+    match sim.person(&id) {
+        Some(person) => Json(json!({ "person": person })).into_response(),
+        None => error(StatusCode::NOT_FOUND, "person not found"),
+    }
+}
+
+async fn put_person(State(sim): State<Simulator>, Path(id): Path<String>, body: Bytes) -> Response {
+    let attributes: Map<String, Value> = if body.iter().all(u8::is_ascii_whitespace) {
+        Map::new()
+    } else {
+        match parse(&body) {
+            Ok(a) => a,
+            Err(err) => return err.into_response(),
+        }
+    };
+    sim.upsert_person(&id, attributes);
+    Json(json!({ "person": sim.person(&id) })).into_response()
+}
+
+async fn delete_person(State(sim): State<Simulator>, Path(id): Path<String>) -> Response {
+    if sim.remove_person(&id) {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        error(StatusCode::NOT_FOUND, "person not found")
+    }
+}

@@ -1,0 +1,142 @@
+//! Error bodies in Customer.io's shapes.
+//!
+//! - App API: `{"errors":[{"detail":..,"status":"404","source":{..}}]}`.
+//! - Track API v1: `{"meta":{"errors":["..."]}}`.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use crate::config::SimApi;
+
+/// App API error with an optional JSON:API `source` object.
+pub(crate) fn app_error(
+    status: StatusCode,
+    detail: impl Into<String>,
+    source: Option<Value>,
+) -> Response {
+    let mut error = json!({
+        "detail": detail.into(),
+        "status": status.as_u16().to_string(),
+    });
+    if let (Some(source), Some(obj)) = (source, error.as_object_mut()) {
+        obj.insert("source".to_owned(), source);
+    }
+    (status, Json(json!({ "errors": [error] }))).into_response()
+}
+
+/// Track API v1 error.
+pub(crate) fn track_error(status: StatusCode, messages: Vec<String>) -> Response {
+    (status, Json(json!({ "meta": { "errors": messages } }))).into_response()
+}
+
+/// Error body for `api` with a single message.
+pub(crate) fn api_error(api: SimApi, status: StatusCode, detail: impl Into<String>) -> Response {
+    match api {
+        SimApi::App => app_error(status, detail, None),
+        SimApi::Track => track_error(status, vec![detail.into()]),
+    }
+}
+
+/// 429 with `Retry-After`.
+pub(crate) fn rate_limited(api: SimApi, limit: u32, retry_after_secs: u64) -> Response {
+    let detail =
+        format!("rate limited to {limit} requests per 1s, retry after {retry_after_secs}s");
+    let mut response = match api {
+        SimApi::App => app_error(StatusCode::TOO_MANY_REQUESTS, detail, None),
+        // Customer.io's gateway answers both APIs' rate limits in this shape.
+        SimApi::Track => (
+            StatusCode::TOO_MANY_REQUESTS,
+            Json(json!({"errors":[{"detail": detail, "status": "429"}]})),
+        )
+            .into_response(),
+    };
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+    response
+}
+
+/// Answer of a `Fault::Status`.
+pub(crate) fn fault_response(api: SimApi, status: u16, retry_after_secs: Option<u64>) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let detail = status.canonical_reason().map_or_else(
+        || "simulated fault".to_owned(),
+        |r| format!("{r} (simulated fault)"),
+    );
+    let mut response = if status == StatusCode::TOO_MANY_REQUESTS {
+        (
+            status,
+            Json(json!({"errors":[{"detail": format!("rate limited (simulated fault): {detail}"), "status": "429"}]})),
+        )
+            .into_response()
+    } else {
+        api_error(api, status, detail)
+    };
+    if let Some(secs) = retry_after_secs {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    response
+}
+
+/// A handler error rendered in the shape of the API it belongs to.
+#[derive(Debug)]
+pub(crate) enum ApiError {
+    App {
+        status: StatusCode,
+        detail: String,
+        source: Option<Value>,
+    },
+    Track {
+        status: StatusCode,
+        messages: Vec<String>,
+    },
+    Control {
+        status: StatusCode,
+        message: String,
+    },
+}
+
+impl ApiError {
+    pub(crate) fn app(
+        status: StatusCode,
+        detail: impl Into<String>,
+        source: Option<Value>,
+    ) -> Self {
+        ApiError::App {
+            status,
+            detail: detail.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn track(status: StatusCode, messages: Vec<String>) -> Self {
+        ApiError::Track { status, messages }
+    }
+
+    pub(crate) fn control(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError::Control {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match self {
+            ApiError::App {
+                status,
+                detail,
+                source,
+            } => app_error(status, detail, source),
+            ApiError::Track { status, messages } => track_error(status, messages),
+            ApiError::Control { status, message } => {
+                (status, Json(json!({ "error": message }))).into_response()
+            }
+        }
+    }
+}

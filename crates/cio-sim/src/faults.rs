@@ -1,0 +1,265 @@
+//! Fault injection (one-shot queue and standing chaos) and per-API rate limiting.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::config::{SimApi, SimConfig};
+
+/// A one-shot fault, consumed by the next matching request (see
+/// [`crate::Simulator::push_faults`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// Answer this status (with the API's error body) without processing the request;
+    /// `retry_after_secs` adds a `Retry-After` header.
+    Status {
+        /// HTTP status code.
+        status: u16,
+        /// Value of the `Retry-After` header, if any.
+        retry_after_secs: Option<u64>,
+    },
+    /// Wait, then answer normally.
+    Delay(Duration),
+    /// Close the connection without any HTTP response; the request is not processed.
+    Drop,
+    /// Process the request fully (state changes happen), then close the connection without
+    /// sending the response.
+    AcceptThenDrop,
+}
+
+/// Standing faults applied to every request of an API (see [`crate::Simulator::set_chaos`]).
+/// The default injects nothing.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Chaos {
+    /// Probability (0..=1) of answering `error_status` instead of processing.
+    pub error_rate: f64,
+    /// Status used for chaos errors (429 also gets `Retry-After: 1`).
+    pub error_status: u16,
+    /// Added to every request before it is answered.
+    pub latency: Duration,
+    /// Probability (0..=1) of closing the connection without a response.
+    pub drop_rate: f64,
+}
+
+impl Default for Chaos {
+    fn default() -> Self {
+        Self {
+            error_rate: 0.0,
+            error_status: 500,
+            latency: Duration::ZERO,
+            drop_rate: 0.0,
+        }
+    }
+}
+
+/// What the gateway does with one request, decided before it is processed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Action {
+    Pass,
+    Status {
+        status: u16,
+        retry_after_secs: Option<u64>,
+    },
+    Drop,
+    AcceptThenDrop,
+}
+
+struct Bucket {
+    per_sec: u32,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new(per_sec: u32) -> Self {
+        Self {
+            per_sec,
+            tokens: f64::from(per_sec),
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes a token; on refusal returns the whole seconds until one is available (at least 1).
+    fn take(&mut self, now: Instant) -> Result<(), u64> {
+        if self.per_sec == 0 {
+            return Ok(());
+        }
+        let rate = f64::from(self.per_sec);
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(rate);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            let wait = (1.0 - self.tokens) / rate;
+            Err((wait.ceil() as u64).max(1))
+        }
+    }
+}
+
+/// Fault queue, chaos settings and rate limiters (one mutex in the simulator).
+pub(crate) struct Traffic {
+    queue: VecDeque<(Option<SimApi>, Fault)>,
+    chaos_app: Chaos,
+    chaos_track: Chaos,
+    app: Bucket,
+    track: Bucket,
+    rng: StdRng,
+}
+
+impl Traffic {
+    pub(crate) fn new(config: &SimConfig) -> Self {
+        Self {
+            queue: VecDeque::new(),
+            chaos_app: Chaos::default(),
+            chaos_track: Chaos::default(),
+            app: Bucket::new(config.app_rate_limit_per_sec),
+            track: Bucket::new(config.track_rate_limit_per_sec),
+            rng: StdRng::seed_from_u64(config.seed ^ 0x5EED_CA05),
+        }
+    }
+
+    fn bucket(&mut self, api: SimApi) -> &mut Bucket {
+        match api {
+            SimApi::App => &mut self.app,
+            SimApi::Track => &mut self.track,
+        }
+    }
+
+    pub(crate) fn rate_limit(&self, api: SimApi) -> u32 {
+        match api {
+            SimApi::App => self.app.per_sec,
+            SimApi::Track => self.track.per_sec,
+        }
+    }
+
+    pub(crate) fn set_rate_limit(&mut self, api: SimApi, per_sec: u32) {
+        *self.bucket(api) = Bucket::new(per_sec);
+    }
+
+    /// Takes a rate-limit token: `Err((limit, retry_after_secs))` when over the limit.
+    pub(crate) fn take_token(&mut self, api: SimApi) -> Result<(), (u32, u64)> {
+        let bucket = self.bucket(api);
+        bucket
+            .take(Instant::now())
+            .map_err(|wait| (bucket.per_sec, wait))
+    }
+
+    pub(crate) fn push(&mut self, api: Option<SimApi>, faults: impl IntoIterator<Item = Fault>) {
+        self.queue.extend(faults.into_iter().map(|f| (api, f)));
+    }
+
+    pub(crate) fn set_chaos(&mut self, api: Option<SimApi>, chaos: Chaos) {
+        match api {
+            Some(SimApi::App) => self.chaos_app = chaos,
+            Some(SimApi::Track) => self.chaos_track = chaos,
+            None => {
+                self.chaos_app = chaos;
+                self.chaos_track = chaos;
+            }
+        }
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.queue.clear();
+        self.chaos_app = Chaos::default();
+        self.chaos_track = Chaos::default();
+    }
+
+    pub(crate) fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Decides the fate of a request: the first queued fault for this API if any, otherwise the
+    /// API's chaos. Returns the delay to wait first and the action.
+    pub(crate) fn decide(&mut self, api: SimApi) -> (Duration, Action) {
+        let position = self
+            .queue
+            .iter()
+            .position(|(target, _)| target.is_none_or(|t| t == api));
+        if let Some((_, fault)) = position.and_then(|i| self.queue.remove(i)) {
+            return match fault {
+                Fault::Status {
+                    status,
+                    retry_after_secs,
+                } => (
+                    Duration::ZERO,
+                    Action::Status {
+                        status,
+                        retry_after_secs,
+                    },
+                ),
+                Fault::Delay(d) => (d, Action::Pass),
+                Fault::Drop => (Duration::ZERO, Action::Drop),
+                Fault::AcceptThenDrop => (Duration::ZERO, Action::AcceptThenDrop),
+            };
+        }
+        let chaos = match api {
+            SimApi::App => self.chaos_app,
+            SimApi::Track => self.chaos_track,
+        };
+        if chaos.drop_rate > 0.0 && self.rng.random_bool(chaos.drop_rate.clamp(0.0, 1.0)) {
+            return (chaos.latency, Action::Drop);
+        }
+        if chaos.error_rate > 0.0 && self.rng.random_bool(chaos.error_rate.clamp(0.0, 1.0)) {
+            let retry_after_secs = (chaos.error_status == 429).then_some(1);
+            return (
+                chaos.latency,
+                Action::Status {
+                    status: chaos.error_status,
+                    retry_after_secs,
+                },
+            );
+        }
+        (chaos.latency, Action::Pass)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_refuses_after_burst_and_refills() {
+        let start = Instant::now();
+        let mut b = Bucket::new(2);
+        assert!(b.take(start).is_ok());
+        assert!(b.take(start).is_ok());
+        assert_eq!(b.take(start), Err(1));
+        assert!(b.take(start + Duration::from_millis(600)).is_ok());
+        let mut unlimited = Bucket::new(0);
+        assert!((0..10_000).all(|_| unlimited.take(start).is_ok()));
+    }
+
+    #[test]
+    fn queue_is_per_api_and_in_order() {
+        let mut t = Traffic::new(&SimConfig::empty());
+        t.push(Some(SimApi::Track), [Fault::Drop]);
+        t.push(None, [Fault::AcceptThenDrop]);
+        assert_eq!(t.decide(SimApi::App).1, Action::AcceptThenDrop);
+        assert_eq!(t.decide(SimApi::App).1, Action::Pass);
+        assert_eq!(t.decide(SimApi::Track).1, Action::Drop);
+        assert_eq!(t.queued(), 0);
+    }
+
+    #[test]
+    fn chaos_error_rate_one_always_fails() {
+        let mut t = Traffic::new(&SimConfig::empty());
+        t.set_chaos(
+            Some(SimApi::App),
+            Chaos {
+                error_rate: 1.0,
+                error_status: 503,
+                ..Chaos::default()
+            },
+        );
+        assert!(matches!(
+            t.decide(SimApi::App).1,
+            Action::Status { status: 503, .. }
+        ));
+        assert_eq!(t.decide(SimApi::Track).1, Action::Pass);
+    }
+}

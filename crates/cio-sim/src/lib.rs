@@ -1,0 +1,400 @@
+//! `cio-sim`: a stateful Customer.io stand-in for dev mode, tests and docker-compose.
+//!
+//! One HTTP server serves both APIs, as Customer.io's real shapes (see
+//! `docs/customerio-api.md`): `/api/...` is the Track API (Basic auth), `/v1/...` the App API
+//! (Bearer auth), `/_sim/...` an unauthenticated control API.
+//!
+//! Layout:
+//! - [`config`]: [`SimConfig`] (credentials, region, rate limits, demo size) and [`SimApi`].
+//! - `state`: people and segments ([`Predicate`] for dynamic segments); `demo`: the deterministic
+//!   demo workspace (a financial newsletter's ~5000 readers and their segments).
+//! - `gateway`: the layer in front of both APIs: [`LoggedRequest`] log, faults, rate limits.
+//!   `faults`: [`Fault`], [`Chaos`], token buckets. `conn`: the listener whose connections can be
+//!   dropped without a response.
+//! - `auth`: credential checks; `errors`: Customer.io error bodies per API.
+//! - `track_api`, `app_api`: the endpoints; `control`: `/_sim/` (route table in its docs).
+//! - [`Simulator`]: the shared handle; [`Simulator::spawn`] gives a [`RunningSim`] on port 0.
+//!
+//! The simulator never reads the OpenAPI specs at run time; it is written to them.
+
+pub mod config;
+
+mod app_api;
+mod auth;
+mod conn;
+mod control;
+mod demo;
+mod error;
+mod errors;
+mod faults;
+mod gateway;
+mod state;
+mod track_api;
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::Request;
+use axum::http::StatusCode;
+use axum::middleware::from_fn_with_state;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use config::{SimApi, SimConfig};
+pub use error::SimError;
+pub use faults::{Chaos, Fault};
+pub use gateway::LoggedRequest;
+pub use state::{Predicate, SegmentKind, SimPerson, SimSegment};
+
+use conn::{ConnCtl, SimListener};
+use faults::{Action, Traffic};
+use state::{IdType, Membership, World};
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+struct Inner {
+    config: SimConfig,
+    world: Mutex<World>,
+    traffic: Mutex<Traffic>,
+    log: Mutex<VecDeque<LoggedRequest>>,
+}
+
+/// Shared handle to one simulated Customer.io workspace. Cheap to clone; every clone, the HTTP
+/// API and the control API see the same state.
+#[derive(Clone)]
+pub struct Simulator {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Simulator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Simulator")
+            .field("site_id", &self.inner.config.site_id)
+            .field("region", &self.inner.config.region)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Simulator {
+    /// Builds the workspace (demo data when `config.demo_people > 0`).
+    pub fn new(config: SimConfig) -> Self {
+        let mut world = World::new();
+        demo::populate(&mut world, config.seed, config.demo_people);
+        let traffic = Traffic::new(&config);
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                world: Mutex::new(world),
+                traffic: Mutex::new(traffic),
+                log: Mutex::new(VecDeque::new()),
+            }),
+        }
+    }
+
+    /// The configuration it was created with (rate limits: initial values).
+    pub fn config(&self) -> &SimConfig {
+        &self.inner.config
+    }
+
+    /// Router serving both APIs and `/_sim/`. [`Simulator::serve`] adds a per-connection kill
+    /// switch that makes `Fault::Drop` certain; under a plain `axum::serve` a drop relies on the
+    /// response body failing before hyper writes the head (what hyper 1.x does today).
+    pub fn router(&self) -> Router {
+        Router::new()
+            .merge(track_api::routes(self))
+            .merge(app_api::routes(self))
+            .merge(control::routes())
+            .fallback(fallback)
+            .layer(from_fn_with_state(self.clone(), gateway::gateway))
+            .with_state(self.clone())
+    }
+
+    /// Serves on `listener` until `shutdown` completes (then drains open connections).
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let app = self
+            .router()
+            .into_make_service_with_connect_info::<ConnCtl>();
+        axum::serve(SimListener::new(listener), app)
+            .with_graceful_shutdown(shutdown)
+            .await
+    }
+
+    /// Binds `127.0.0.1:0` and serves in a tokio task. Dropping the [`RunningSim`] leaves the
+    /// server running until the runtime ends; call [`RunningSim::shutdown`] to stop it.
+    pub async fn spawn(config: SimConfig) -> std::io::Result<RunningSim> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        let sim = Simulator::new(config);
+        let (tx, rx) = oneshot::channel::<()>();
+        let shutdown = async move {
+            if rx.await.is_err() {
+                // Handle dropped without shutdown(): keep serving.
+                std::future::pending::<()>().await;
+            }
+        };
+        let task = tokio::spawn(sim.clone().serve(listener, shutdown));
+        Ok(RunningSim {
+            addr,
+            sim,
+            shutdown: Some(tx),
+            task: Some(task),
+        })
+    }
+
+    // ----- state -----
+
+    pub(crate) fn with_world<R>(&self, f: impl FnOnce(&mut World) -> R) -> R {
+        f(&mut lock(&self.inner.world))
+    }
+
+    /// Creates or updates the person with this id; attributes are merged (`null`/`""` remove
+    /// one; `email` sets the email identifier). No Customer.io limits are applied.
+    pub fn upsert_person(&self, id: &str, attributes: Map<String, Value>) {
+        let now = chrono::Utc::now().timestamp();
+        self.with_world(|w| w.upsert_by_id(id, attributes, now));
+    }
+
+    /// Removes the person with this id (and their manual-segment memberships).
+    pub fn remove_person(&self, id: &str) -> bool {
+        self.with_world(|w| w.resolve(id, IdType::Id).is_some_and(|seq| w.remove(seq)))
+    }
+
+    /// The person with this id.
+    pub fn person(&self, id: &str) -> Option<SimPerson> {
+        self.with_world(|w| {
+            w.resolve(id, IdType::Id)
+                .and_then(|seq| w.person(seq))
+                .map(|p| p.snapshot())
+        })
+    }
+
+    /// The person with this email (case-insensitive), e.g. one created by email alone.
+    pub fn person_by_email(&self, email: &str) -> Option<SimPerson> {
+        self.with_world(|w| {
+            w.resolve(email, IdType::Email)
+                .and_then(|seq| w.person(seq))
+                .map(|p| p.snapshot())
+        })
+    }
+
+    /// Number of people.
+    pub fn people_count(&self) -> usize {
+        self.with_world(|w| w.people_count())
+    }
+
+    /// Adds a data-driven segment; returns its id.
+    pub fn add_dynamic_segment(&self, name: &str, description: &str, predicate: Predicate) -> i64 {
+        let now = chrono::Utc::now().timestamp();
+        self.with_world(|w| {
+            w.add_segment(name, description, Membership::Dynamic(predicate), None, now)
+        })
+    }
+
+    /// Adds an empty manual segment; returns its id.
+    pub fn create_manual_segment(&self, name: &str, description: &str) -> i64 {
+        let now = chrono::Utc::now().timestamp();
+        self.with_world(|w| {
+            w.add_segment(
+                name,
+                description,
+                Membership::Manual(Default::default()),
+                None,
+                now,
+            )
+        })
+    }
+
+    /// Adds people (by id; unknown ids are ignored) to a manual segment; returns how many were
+    /// not members before.
+    pub fn add_to_manual_segment(
+        &self,
+        segment_id: i64,
+        person_ids: &[&str],
+    ) -> Result<usize, SimError> {
+        self.change_manual(segment_id, person_ids, true)
+    }
+
+    /// Removes people (by id) from a manual segment; returns how many were members.
+    pub fn remove_from_manual_segment(
+        &self,
+        segment_id: i64,
+        person_ids: &[&str],
+    ) -> Result<usize, SimError> {
+        self.change_manual(segment_id, person_ids, false)
+    }
+
+    fn change_manual(&self, segment_id: i64, ids: &[&str], add: bool) -> Result<usize, SimError> {
+        let now = chrono::Utc::now().timestamp();
+        self.with_world(|w| {
+            let people: Vec<u64> = ids
+                .iter()
+                .filter_map(|i| w.resolve(i, IdType::Id))
+                .collect();
+            w.change_manual(segment_id, &people, add, now)
+        })
+    }
+
+    /// Deletes a segment of either kind.
+    pub fn delete_segment(&self, id: i64) -> bool {
+        self.with_world(|w| w.delete_segment(id))
+    }
+
+    /// All segments with their current member counts, by id.
+    pub fn segments(&self) -> Vec<SimSegment> {
+        self.with_world(|w| w.segment_list().map(|s| w.snapshot_segment(s)).collect())
+    }
+
+    /// Member ids of a segment, sorted (people without an id appear as `cio_<cio_id>`).
+    pub fn segment_members(&self, id: i64) -> Option<Vec<String>> {
+        self.with_world(|w| {
+            let segment = w.segment(id)?;
+            let mut ids: Vec<String> = w
+                .members(segment)
+                .into_iter()
+                .map(|p| p.id.clone().unwrap_or_else(|| format!("cio_{}", p.cio_id)))
+                .collect();
+            ids.sort();
+            Some(ids)
+        })
+    }
+
+    pub(crate) fn environment_id(&self) -> u64 {
+        // Stable per site id, like a real workspace id.
+        let hash = self
+            .inner
+            .config
+            .site_id
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+        1 + hash % 99_999
+    }
+
+    // ----- traffic -----
+
+    /// Changes an API's rate limit (requests per second, 0 = unlimited); the bucket starts full.
+    pub fn set_rate_limit(&self, api: SimApi, per_sec: u32) {
+        lock(&self.inner.traffic).set_rate_limit(api, per_sec);
+    }
+
+    /// Current rate limit of an API.
+    pub fn rate_limit(&self, api: SimApi) -> u32 {
+        lock(&self.inner.traffic).rate_limit(api)
+    }
+
+    /// Queues one-shot faults for the next requests of `api` (`None`: either API), in order.
+    pub fn push_faults(&self, api: Option<SimApi>, faults: impl IntoIterator<Item = Fault>) {
+        lock(&self.inner.traffic).push(api, faults);
+    }
+
+    /// Sets standing faults for `api` (`None`: both). Queued faults take precedence.
+    pub fn set_chaos(&self, api: Option<SimApi>, chaos: Chaos) {
+        lock(&self.inner.traffic).set_chaos(api, chaos);
+    }
+
+    /// Clears queued faults and chaos (rate limits stay).
+    pub fn clear_faults(&self) {
+        lock(&self.inner.traffic).clear();
+    }
+
+    /// Number of queued one-shot faults not yet consumed.
+    pub fn queued_faults(&self) -> usize {
+        lock(&self.inner.traffic).queued()
+    }
+
+    pub(crate) fn decide(&self, api: SimApi) -> (Duration, Action) {
+        lock(&self.inner.traffic).decide(api)
+    }
+
+    pub(crate) fn take_token(&self, api: SimApi) -> Result<(), (u32, u64)> {
+        lock(&self.inner.traffic).take_token(api)
+    }
+
+    // ----- request log -----
+
+    pub(crate) fn log_request(&self, request: LoggedRequest) {
+        let mut log = lock(&self.inner.log);
+        if log.len() >= gateway::MAX_LOGGED {
+            log.pop_front();
+        }
+        log.push_back(request);
+    }
+
+    /// App and Track requests received so far, oldest first (control requests are not logged).
+    pub fn requests(&self) -> Vec<LoggedRequest> {
+        lock(&self.inner.log).iter().cloned().collect()
+    }
+
+    /// Empties the request log.
+    pub fn clear_requests(&self) {
+        lock(&self.inner.log).clear();
+    }
+}
+
+async fn fallback(req: Request) -> Response {
+    let detail = format!("no route for {} {}", req.method(), req.uri().path());
+    match gateway::classify(req.uri().path()) {
+        Some(api) => errors::api_error(api, StatusCode::NOT_FOUND, detail),
+        None => (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({ "error": detail })),
+        )
+            .into_response(),
+    }
+}
+
+/// A simulator serving on a local port (from [`Simulator::spawn`]).
+#[derive(Debug)]
+pub struct RunningSim {
+    /// Bound address (`127.0.0.1:PORT`).
+    pub addr: SocketAddr,
+    /// The simulator's state handle.
+    pub sim: Simulator,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl RunningSim {
+    /// `http://127.0.0.1:PORT`: the base URL of both APIs (and of `/_sim/`).
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting, drains open connections and waits for the server task.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    tracing::warn!(error = %err, "simulator server ended with an error")
+                }
+                Err(err) => tracing::warn!(error = %err, "simulator task failed"),
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for RunningSim {
+    type Target = Simulator;
+
+    fn deref(&self) -> &Simulator {
+        &self.sim
+    }
+}

@@ -1,0 +1,146 @@
+//! `cio-sim` binary: parse flags/env, start tracing, serve the simulator until SIGINT/SIGTERM.
+
+use std::net::SocketAddr;
+
+use anyhow::Context as _;
+use cio_sim::{SimConfig, Simulator};
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+/// Stateful Customer.io simulator (Track API under /api, App API under /v1, control under /_sim).
+#[derive(Debug, Parser)]
+#[command(name = "cio-sim", version)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "CIO_SIM_LISTEN", default_value = "127.0.0.1:4010")]
+    listen: SocketAddr,
+    /// Seed of the demo data and chaos decisions.
+    #[arg(long, env = "CIO_SIM_SEED", default_value_t = 42)]
+    seed: u64,
+    /// Number of demo people.
+    #[arg(long, env = "CIO_SIM_PEOPLE", default_value_t = cio_sim::config::DEFAULT_DEMO_PEOPLE)]
+    people: usize,
+    /// Start with an empty workspace (no people, no segments).
+    #[arg(long, env = "CIO_SIM_EMPTY")]
+    empty: bool,
+    /// App API requests per second (0 = unlimited).
+    #[arg(long, env = "CIO_SIM_APP_RATE_LIMIT", default_value_t = 10)]
+    app_rate_limit: u32,
+    /// Track API requests per second (0 = unlimited).
+    #[arg(long, env = "CIO_SIM_TRACK_RATE_LIMIT", default_value_t = 1000)]
+    track_rate_limit: u32,
+    /// Region reported by /api/v1/accounts/region.
+    #[arg(long, env = "CIO_SIM_REGION", value_enum, default_value_t = Region::Us)]
+    region: Region,
+    /// Track API site id accepted.
+    #[arg(long, env = "CIO_SIM_SITE_ID", default_value = cio_sim::config::DEFAULT_SITE_ID)]
+    site_id: String,
+    /// Track API key accepted.
+    #[arg(long, env = "CIO_SIM_TRACK_API_KEY", default_value = cio_sim::config::DEFAULT_TRACK_API_KEY)]
+    track_api_key: String,
+    /// App API key accepted.
+    #[arg(long, env = "CIO_SIM_APP_API_KEY", default_value = cio_sim::config::DEFAULT_APP_API_KEY)]
+    app_api_key: String,
+    /// Log as JSON lines.
+    #[arg(long, env = "CIO_SIM_LOG_JSON")]
+    log_json: bool,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Region {
+    Us,
+    Eu,
+}
+
+impl Args {
+    fn config(&self) -> SimConfig {
+        let region = match self.region {
+            Region::Us => "us",
+            Region::Eu => "eu",
+        };
+        SimConfig {
+            site_id: self.site_id.clone(),
+            track_api_key: self.track_api_key.clone(),
+            app_api_key: self.app_api_key.clone(),
+            region: region.to_owned(),
+            app_rate_limit_per_sec: self.app_rate_limit,
+            track_rate_limit_per_sec: self.track_rate_limit,
+            seed: self.seed,
+            demo_people: if self.empty { 0 } else { self.people },
+        }
+    }
+}
+
+fn init_tracing(json: bool) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %err, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received, shutting down"),
+        () = terminate => tracing::info!("SIGTERM received, shutting down"),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_tracing(args.log_json);
+    let config = args.config();
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {} (--listen / CIO_SIM_LISTEN)", args.listen))?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+    let sim = Simulator::new(config.clone());
+    let base_url = format!("http://{addr}");
+    // These are fake development credentials: fine to print.
+    tracing::info!(
+        %base_url,
+        site_id = %config.site_id,
+        track_api_key = %config.track_api_key,
+        app_api_key = %config.app_api_key,
+        region = %config.region,
+        people = sim.people_count(),
+        segments = sim.segments().len(),
+        app_rate_limit = config.app_rate_limit_per_sec,
+        track_rate_limit = config.track_rate_limit_per_sec,
+        "cio-sim listening: Track API {base_url}/api, App API {base_url}/v1, control {base_url}/_sim"
+    );
+    println!("cio-sim base URL: {base_url}");
+    println!(
+        "  Track API: Basic auth site_id={} api_key={}",
+        config.site_id, config.track_api_key
+    );
+    println!("  App API:   Bearer {}", config.app_api_key);
+    sim.serve(listener, shutdown_signal())
+        .await
+        .context("serving")?;
+    tracing::info!("cio-sim stopped");
+    Ok(())
+}
