@@ -1,0 +1,8 @@
+//! sea-orm entities, one module per table. They mirror the schema created by
+//! `sharpsend-migrations`; callers normally use the repository modules
+//! ([`crate::workspaces`], [`crate::segments`], [`crate::jobs`]) instead.
+
+pub mod job_leases;
+pub mod job_runs;
+pub mod segments;
+pub mod workspaces;

@@ -1,0 +1,33 @@
+//! Database layer of the SharpSend ↔ Customer.io service: sea-orm entities, repositories,
+//! connection set-up and the migration runner. It knows nothing of gRPC or of Customer.io's
+//! HTTP APIs; it works the same on SQLite (dev, first run) and PostgreSQL (production).
+//!
+//! Layout:
+//! - [`connect`], [`migrate`], [`pending_migrations`], [`ensure_migrated`]
+//!   (`database.rs`): opening a pool with sane per-backend settings and running the
+//!   `sharpsend-migrations` [`Migrator`](sharpsend_migrations::Migrator).
+//! - [`DbError`] (`error.rs`): the one error type of this crate.
+//! - [`entities`]: sea-orm entities, one module per table.
+//! - [`workspaces`], [`segments`], [`jobs`]: query/mutation functions taking a connection
+//!   (`&DatabaseConnection`, a transaction, or any `&impl ConnectionTrait`) and returning plain
+//!   structs, never entity models.
+//! - `testing` (feature `test-support`): a fresh database per test on SQLite and PostgreSQL
+//!   and the `db_test!` macro that runs one test body on both.
+//!
+//! Timestamps are stored in UTC with microsecond precision (what PostgreSQL keeps); values
+//! passed in are truncated to microseconds so that both backends return exactly what was read
+//! back by the other.
+
+mod database;
+pub mod entities;
+mod error;
+pub mod jobs;
+pub mod segments;
+#[cfg(feature = "test-support")]
+pub mod testing;
+mod time;
+pub mod workspaces;
+
+pub use database::{connect, ensure_migrated, migrate, pending_migrations};
+pub use error::DbError;
+pub use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend};

@@ -1,0 +1,8 @@
+//! Integration tests of `sharpsend-db`: every test runs on SQLite and, when
+//! `SHARPSEND_TEST_POSTGRES_URL` is set, on PostgreSQL (see `sharpsend_db::testing`).
+
+mod helpers;
+mod jobs;
+mod migrations;
+mod segments;
+mod workspaces;

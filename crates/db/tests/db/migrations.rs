@@ -1,0 +1,99 @@
+use sharpsend_db::testing::{TestDatabase, TestResult};
+use sharpsend_db::{DbError, ensure_migrated, migrate, pending_migrations};
+
+const ALL: [&str; 4] = [
+    "m20261128_000001_create_workspaces",
+    "m20261128_000002_create_segments",
+    "m20261128_000003_create_job_runs",
+    "m20261128_000004_create_job_leases",
+];
+
+sharpsend_db::db_test!(
+    fresh_database_is_pending_until_migrated,
+    unmigrated,
+    |db: TestDatabase| async move {
+        assert_eq!(pending_migrations(&db.conn).await?, ALL);
+        // Checking is read-only: it does not create the bookkeeping table, so asking twice agrees.
+        assert_eq!(pending_migrations(&db.conn).await?.len(), ALL.len());
+
+        match ensure_migrated(&db.conn).await {
+            Err(e @ DbError::PendingMigrations { count: 4, .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains("4 pending database migration(s)"), "{msg}");
+                assert!(msg.contains(ALL[0]), "{msg}");
+                assert!(msg.contains("sharpsend-server migrate"), "{msg}");
+            }
+            other => panic!("expected PendingMigrations, got {other:?}"),
+        }
+
+        migrate(&db.conn).await?;
+        assert!(pending_migrations(&db.conn).await?.is_empty());
+        ensure_migrated(&db.conn).await?;
+        // Idempotent.
+        migrate(&db.conn).await?;
+        ensure_migrated(&db.conn).await?;
+        TestResult::Ok(())
+    }
+);
+
+sharpsend_db::db_test!(
+    concurrent_migrations_do_not_collide,
+    unmigrated,
+    |db: TestDatabase| async move {
+        let other = db.connect_again().await?;
+        let (a, b) = tokio::join!(migrate(&db.conn), migrate(&other));
+        a?;
+        b?;
+        ensure_migrated(&db.conn).await?;
+        ensure_migrated(&other).await?;
+        TestResult::Ok(())
+    }
+);
+
+sharpsend_db::db_test!(
+    migrated_test_database_is_ready,
+    |db: TestDatabase| async move {
+        ensure_migrated(&db.conn).await?;
+        // The URL works for a second pool (or another process).
+        let other = sharpsend_db::connect(&db.url).await?;
+        ensure_migrated(&other).await?;
+        TestResult::Ok(())
+    }
+);
+
+/// The SQLite pool gets WAL, foreign keys and a busy timeout on every connection.
+#[tokio::test]
+async fn sqlite_connections_are_configured() -> TestResult {
+    use sea_orm::{ConnectionTrait, DbBackend, Statement};
+
+    let Some(db) = TestDatabase::create(sharpsend_db::testing::Backend::Sqlite).await? else {
+        return Err("SQLite is always available".into());
+    };
+    for (pragma, want) in [
+        ("journal_mode", "wal"),
+        ("foreign_keys", "1"),
+        ("busy_timeout", "5000"),
+    ] {
+        let row = db
+            .conn
+            .query_one_raw(Statement::from_string(
+                DbBackend::Sqlite,
+                format!("PRAGMA {pragma}"),
+            ))
+            .await?
+            .ok_or("no pragma row")?;
+        let got = row
+            .try_get_by_index::<String>(0)
+            .or_else(|_| row.try_get_by_index::<i64>(0).map(|v| v.to_string()))?;
+        assert_eq!(got, want, "PRAGMA {pragma}");
+    }
+    db.cleanup().await;
+
+    // An in-memory database keeps its schema across queries (one shared connection).
+    let mem = sharpsend_db::connect("sqlite::memory:").await?;
+    migrate(&mem).await?;
+    ensure_migrated(&mem).await?;
+    sharpsend_db::workspaces::ensure(&mem, "site", "us").await?;
+    assert_eq!(sharpsend_db::workspaces::list(&mem).await?.len(), 1);
+    Ok(())
+}
