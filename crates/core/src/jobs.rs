@@ -1,0 +1,241 @@
+//! Background jobs. Each job is one step: a plain async function over an [`AppContext`]. The
+//! scheduler's cron, `sharpsend-scheduler --once <job>`, dev mode and tests all run it through
+//! [`run_job`], which takes the job's lease in the database (so two scheduler replicas never run
+//! the same job at once) and records the run (start, end, outcome, counts, error).
+
+use std::{fmt, str::FromStr, time::Duration};
+
+use chrono::Utc;
+use serde_json::json;
+use sharpsend_db::jobs::{self as job_store, RunOutcome};
+
+use crate::{AppContext, CoreError, segments};
+
+/// Every background job the service has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Job {
+    /// Pull segments and their member counts from Customer.io into the mirror.
+    SegmentSync,
+}
+
+impl Job {
+    pub const ALL: &'static [Job] = &[Job::SegmentSync];
+
+    /// The name used on the command line, in job runs and in leases.
+    pub fn name(self) -> &'static str {
+        match self {
+            Job::SegmentSync => "segment-sync",
+        }
+    }
+
+    pub fn description(self) -> &'static str {
+        match self {
+            Job::SegmentSync => "pull segments and member counts from Customer.io into the mirror",
+        }
+    }
+
+    /// Cron schedule (six fields, seconds first) used unless [`Job::schedule_variable`] is set.
+    pub fn default_schedule(self) -> &'static str {
+        match self {
+            Job::SegmentSync => "0 */5 * * * *",
+        }
+    }
+
+    /// The environment variable that overrides the schedule.
+    pub fn schedule_variable(self) -> &'static str {
+        match self {
+            Job::SegmentSync => "SHARPSEND_SEGMENT_SYNC_CRON",
+        }
+    }
+}
+
+impl fmt::Display for Job {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A job name that is not one of [`Job::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown job `{0}`; known jobs: {known}", known = known_jobs())]
+pub struct UnknownJob(pub String);
+
+fn known_jobs() -> String {
+    Job::ALL.iter().map(|j| j.name()).collect::<Vec<_>>().join(", ")
+}
+
+impl FromStr for Job {
+    type Err = UnknownJob;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Job::ALL.iter().copied().find(|j| j.name() == s).ok_or_else(|| UnknownJob(s.to_string()))
+    }
+}
+
+/// How long a lease lasts without renewal; a crashed holder's lease lapses after this.
+pub const LEASE_TTL: Duration = Duration::from_secs(120);
+
+/// What [`run_job`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobOutcome {
+    /// The job ran; `details` holds its counts.
+    Succeeded { run_id: i64, details: serde_json::Value },
+    /// Another holder has the lease; the job did not run here.
+    Skipped { run_id: i64 },
+}
+
+/// A job run that failed; the run is recorded as failed with `summary`.
+#[derive(Debug, thiserror::Error)]
+#[error("job {job} failed (run {run_id}): {summary}")]
+pub struct JobFailed {
+    pub job: Job,
+    pub run_id: i64,
+    pub summary: String,
+    #[source]
+    pub source: CoreError,
+}
+
+/// Runs `job` once under its lease, recording the run. `holder` names this process.
+pub async fn run_job(ctx: &AppContext, job: Job, holder: &str) -> Result<JobOutcome, RunError> {
+    let ws = ctx.workspace_id();
+    let started_at = Utc::now();
+    let run_id = job_store::start_run(&ctx.db, ws, job.name(), holder, started_at).await?;
+    let acquired = job_store::try_acquire_lease(&ctx.db, ws, job.name(), holder, LEASE_TTL, started_at).await?;
+    if !acquired {
+        job_store::finish_run(&ctx.db, run_id, RunOutcome::Skipped, Utc::now(), json!({"reason": "lease held by another holder"}), None).await?;
+        tracing::info!(job = job.name(), run_id, "skipped: another holder has the lease");
+        return Ok(JobOutcome::Skipped { run_id });
+    }
+
+    let span = tracing::info_span!("job", job = job.name(), run_id);
+    let result = {
+        let _enter = span.enter();
+        tracing::info!("job started");
+        drop(_enter);
+        with_lease_renewal(ctx, job, holder, execute(ctx, job)).await
+    };
+    let finished_at = Utc::now();
+    let outcome = match result {
+        Ok(details) => {
+            job_store::finish_run(&ctx.db, run_id, RunOutcome::Succeeded, finished_at, details.clone(), None).await?;
+            tracing::info!(job = job.name(), run_id, %details, "job succeeded");
+            Ok(JobOutcome::Succeeded { run_id, details })
+        }
+        Err(source) => {
+            let summary = summarize(&source);
+            tracing::warn!(job = job.name(), run_id, error = %summary, "job failed");
+            job_store::finish_run(&ctx.db, run_id, RunOutcome::Failed, finished_at, json!({}), Some(&summary)).await?;
+            Err(RunError::Failed(JobFailed { job, run_id, summary, source }))
+        }
+    };
+    if let Err(e) = job_store::release_lease(&ctx.db, ws, job.name(), holder).await {
+        tracing::warn!(job = job.name(), error = %error_chain(&e), "could not release lease; it lapses by itself");
+    }
+    outcome
+}
+
+/// Why [`run_job`] returned an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The job ran and failed.
+    #[error(transparent)]
+    Failed(JobFailed),
+    /// The lease or the run record could not be written.
+    #[error("could not record the job run")]
+    Bookkeeping(#[from] sharpsend_db::DbError),
+}
+
+/// The one step of each job.
+async fn execute(ctx: &AppContext, job: Job) -> Result<serde_json::Value, CoreError> {
+    match job {
+        Job::SegmentSync => {
+            let report = segments::sync_segments(ctx).await?;
+            Ok(json!({
+                "created": report.counts.created,
+                "updated": report.counts.updated,
+                "removed": report.counts.removed,
+                "unchanged": report.counts.unchanged,
+                "duration_ms": report.duration.as_millis() as u64,
+            }))
+        }
+    }
+}
+
+/// Runs `work` while renewing the lease every third of its lifetime.
+async fn with_lease_renewal<T>(
+    ctx: &AppContext,
+    job: Job,
+    holder: &str,
+    work: impl Future<Output = T>,
+) -> T {
+    let renew = async {
+        let mut every = tokio::time::interval(LEASE_TTL / 3);
+        every.tick().await;
+        loop {
+            every.tick().await;
+            match job_store::renew_lease(&ctx.db, ctx.workspace_id(), job.name(), holder, LEASE_TTL, Utc::now()).await {
+                Ok(true) => {}
+                Ok(false) => tracing::warn!(job = job.name(), "lease lost while running"),
+                Err(e) => tracing::warn!(job = job.name(), error = %error_chain(&e), "lease renewal failed"),
+            }
+        }
+    };
+    tokio::select! {
+        out = work => out,
+        never = renew => never,
+    }
+}
+
+/// A short, caller-safe description of a failure for the job-run record: upstream errors in full
+/// (they carry no secrets), database errors without their text (that goes to the log only).
+fn summarize(error: &CoreError) -> String {
+    match error {
+        CoreError::Database(e) => {
+            tracing::error!(error = %error_chain(e), "database failure in job");
+            "database failure (see the scheduler's log)".to_string()
+        }
+        other => error_chain(other),
+    }
+}
+
+/// `error: cause: cause` for logs.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// A holder name for this process: host and pid, unique among replicas.
+pub fn default_holder(component: &str) -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_string()))
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_string());
+    format!("{component}@{host}:{}:{}", std::process::id(), ulid::Ulid::new())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_names_round_trip_and_unknown_names_list_the_known_ones() {
+        for job in Job::ALL {
+            assert_eq!(job.name().parse::<Job>(), Ok(*job));
+        }
+        let err = "segment-synk".parse::<Job>().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("segment-synk") && err.contains("segment-sync"), "{err}");
+    }
+
+    #[test]
+    fn default_schedules_have_six_fields() {
+        for job in Job::ALL {
+            assert_eq!(job.default_schedule().split_whitespace().count(), 6, "{job}");
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! Logic shared by `sharpsend-server` and `sharpsend-scheduler`; no gRPC and no HTTP serving here.
+//!
+//! - [`config`]: settings both binaries read from the environment (database, Customer.io), with
+//!   every error naming its variable.
+//! - [`context`]: [`AppContext`], the database + Customer.io client + workspace every operation
+//!   runs against.
+//! - [`segments`]: the segment sync (Customer.io → mirror) and targeting validation.
+//! - [`jobs`]: the background jobs as plain one-step async functions, run under a database lease
+//!   and recorded as job runs; the scheduler's cron and `--once` both call [`jobs::run_job`].
+//! - [`telemetry`]: tracing set-up shared by the binaries.
+//! - [`error`]: [`CoreError`], the one error type callers map to their protocol.
+
+pub mod config;
+pub mod context;
+pub mod error;
+pub mod jobs;
+pub mod segments;
+pub mod telemetry;
+
+pub use context::AppContext;
+pub use error::{CoreError, FieldViolation};

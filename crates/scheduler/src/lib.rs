@@ -1,0 +1,112 @@
+//! The job scheduler: runs every [`Job`] on its cron schedule with tokio-cron-scheduler.
+//!
+//! - [`schedules_from_env`]: each job's cron (six fields, seconds first), overridable per job by
+//!   its environment variable.
+//! - [`start`]: registers every job and starts the scheduler; used by the `sharpsend-scheduler`
+//!   binary and by `sharpsend-server --dev`.
+//!
+//! A job is the one-step function in `sharpsend_core::jobs`; this crate only decides *when* it
+//! runs. A run still going when its next tick comes is not started again in this process, and the
+//! database lease keeps other replicas from running it at the same time.
+
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+};
+
+use sharpsend_core::{
+    AppContext,
+    config::{ConfigError, Env},
+    jobs::{self, Job, JobOutcome, RunError},
+};
+use tokio_cron_scheduler::{JobScheduler, JobSchedulerError};
+
+/// A job and when it runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Schedule {
+    pub job: Job,
+    pub cron: String,
+}
+
+/// Each job's schedule: its variable (e.g. `SHARPSEND_SEGMENT_SYNC_CRON`) or its default. A
+/// malformed cron is an error naming the variable.
+pub fn schedules_from_env(env: &dyn Env) -> Result<Vec<Schedule>, ConfigError> {
+    Job::ALL
+        .iter()
+        .map(|&job| {
+            let cron = env.var(job.schedule_variable()).unwrap_or_else(|| job.default_schedule().to_string());
+            if let Err(e) = tokio_cron_scheduler::Job::new_async(cron.as_str(), |_, _| Box::pin(async {})) {
+                return Err(ConfigError {
+                    variable: job.schedule_variable(),
+                    problem: format!("not a valid six-field cron schedule (seconds first): {e}"),
+                });
+            }
+            Ok(Schedule { job, cron })
+        })
+        .collect()
+}
+
+/// Why the scheduler could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("could not start the job scheduler: {0}")]
+pub struct StartError(#[from] JobSchedulerError);
+
+/// Registers every schedule and starts the scheduler. Jobs run as `holder`.
+pub async fn start(ctx: AppContext, schedules: Vec<Schedule>, holder: String) -> Result<JobScheduler, StartError> {
+    let scheduler = JobScheduler::new().await?;
+    let running: Arc<Mutex<HashSet<Job>>> = Arc::default();
+    for Schedule { job, cron } in schedules {
+        let ctx = ctx.clone();
+        let holder = holder.clone();
+        let running = running.clone();
+        let cron_job = tokio_cron_scheduler::Job::new_async(cron.as_str(), move |_, _| {
+            let ctx = ctx.clone();
+            let holder = holder.clone();
+            let running = running.clone();
+            Box::pin(async move { run_unless_running(&ctx, job, &holder, &running).await })
+        })?;
+        scheduler.add(cron_job).await?;
+        tracing::info!(job = job.name(), cron = %cron, "job scheduled");
+    }
+    scheduler.start().await?;
+    Ok(scheduler)
+}
+
+/// Runs `job` unless this process is already running it.
+async fn run_unless_running(ctx: &AppContext, job: Job, holder: &str, running: &Mutex<HashSet<Job>>) {
+    let newly_started = running.lock().map(|mut set| set.insert(job)).unwrap_or(false);
+    if !newly_started {
+        tracing::info!(job = job.name(), "previous run still going; this tick is skipped");
+        return;
+    }
+    match jobs::run_job(ctx, job, holder).await {
+        Ok(JobOutcome::Succeeded { .. } | JobOutcome::Skipped { .. }) => {}
+        // run_job has logged and recorded the failure; the next tick tries again.
+        Err(RunError::Failed(_)) => {}
+        Err(e @ RunError::Bookkeeping(_)) => {
+            tracing::error!(job = job.name(), error = %jobs::error_chain(&e), "job run could not be recorded");
+        }
+    }
+    if let Ok(mut set) = running.lock() {
+        set.remove(&job);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    #[test]
+    fn defaults_parse_and_a_bad_cron_names_its_variable() {
+        let env: HashMap<String, String> = HashMap::new();
+        let schedules = schedules_from_env(&env).map_err(|e| e.to_string());
+        assert_eq!(schedules.map(|s| s.len()), Ok(Job::ALL.len()));
+
+        let env: HashMap<String, String> =
+            [("SHARPSEND_SEGMENT_SYNC_CRON".to_string(), "every five minutes".to_string())].into();
+        let err = schedules_from_env(&env).err();
+        assert_eq!(err.map(|e| e.variable), Some("SHARPSEND_SEGMENT_SYNC_CRON"));
+    }
+}

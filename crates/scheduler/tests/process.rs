@@ -1,0 +1,84 @@
+//! The real `sharpsend-scheduler` binary against the simulator and a test database.
+
+use std::process::Output;
+
+use anyhow::ensure;
+use cio_sim::{Fault, SimApi, SimConfig, Simulator};
+use sharpsend_db::{db_test, testing::TestDatabase};
+use tokio::process::Command;
+
+fn scheduler(database_url: &str, sim_url: &str, sim: &SimConfig) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sharpsend-scheduler"));
+    command
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("DATABASE_URL", database_url)
+        .env("CIO_SITE_ID", &sim.site_id)
+        .env("CIO_TRACK_API_KEY", &sim.track_api_key)
+        .env("CIO_APP_API_KEY", &sim.app_api_key)
+        .env("CIO_TRACK_BASE_URL", sim_url)
+        .env("CIO_APP_BASE_URL", sim_url)
+        .env("RUST_LOG", "warn");
+    command
+}
+
+fn text(output: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+}
+
+db_test!(once_refuses_pending_migrations_then_runs_and_fails_loudly, unmigrated, |db: TestDatabase| async move {
+    let sim = Simulator::spawn(SimConfig::demo()).await?;
+    let config = sim.sim.config().clone();
+    let once = || {
+        let mut c = scheduler(&db.url, &sim.base_url(), &config);
+        c.args(["--once", "segment-sync"]);
+        c
+    };
+
+    let refused = once().output().await?;
+    ensure!(!refused.status.success(), "started with pending migrations: {}", text(&refused));
+    ensure!(text(&refused).contains("sharpsend-server migrate"), "{}", text(&refused));
+
+    sharpsend_db::migrate(&db.conn).await?;
+    let ran = once().output().await?;
+    ensure!(ran.status.success(), "{}", text(&ran));
+    ensure!(text(&ran).contains("segment-sync: succeeded"), "{}", text(&ran));
+    let ws = sharpsend_db::workspaces::ensure(&db.conn, &config.site_id, "us").await?;
+    let mirrored = sharpsend_db::segments::list(&db.conn, ws.id, &Default::default(), None, 1000).await?;
+    ensure!(mirrored.len() == sim.sim.segments().len());
+
+    sim.sim.push_faults(Some(SimApi::App), (0..20).map(|_| Fault::Status { status: 500, retry_after_secs: None }));
+    let failed = once().output().await?;
+    ensure!(!failed.status.success(), "a failed job exited 0: {}", text(&failed));
+    ensure!(text(&failed).contains("500"), "{}", text(&failed));
+    let runs = sharpsend_db::jobs::recent_runs(&db.conn, ws.id, Some("segment-sync"), 10).await?;
+    ensure!(runs.len() == 2 && runs[0].outcome == sharpsend_db::jobs::RunOutcome::Failed);
+    sim.shutdown().await;
+    Ok::<(), anyhow::Error>(())
+});
+
+#[tokio::test]
+async fn list_shows_jobs_and_bad_settings_name_their_variable() -> anyhow::Result<()> {
+    let config = SimConfig::demo();
+    let listed = scheduler("sqlite::memory:", "http://127.0.0.1:9", &config).arg("--list").output().await?;
+    ensure!(listed.status.success(), "{}", text(&listed));
+    ensure!(text(&listed).contains("segment-sync") && text(&listed).contains("0 */5 * * * *"), "{}", text(&listed));
+
+    let bad_cron = scheduler("sqlite::memory:", "http://127.0.0.1:9", &config)
+        .env("SHARPSEND_SEGMENT_SYNC_CRON", "every minute")
+        .arg("--list")
+        .output()
+        .await?;
+    ensure!(!bad_cron.status.success() && text(&bad_cron).contains("SHARPSEND_SEGMENT_SYNC_CRON"), "{}", text(&bad_cron));
+
+    let no_site = scheduler("sqlite::memory:", "http://127.0.0.1:9", &config)
+        .env_remove("CIO_SITE_ID")
+        .args(["--once", "segment-sync"])
+        .output()
+        .await?;
+    ensure!(!no_site.status.success() && text(&no_site).contains("CIO_SITE_ID"), "{}", text(&no_site));
+
+    let unknown = scheduler("sqlite::memory:", "http://127.0.0.1:9", &config).args(["--once", "nope"]).output().await?;
+    ensure!(!unknown.status.success() && text(&unknown).contains("segment-sync"), "{}", text(&unknown));
+    Ok(())
+}

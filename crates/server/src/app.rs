@@ -1,0 +1,80 @@
+//! Assembles the gRPC server: health and reflection (v1 and v1alpha) open to all, business
+//! services behind the API-key interceptor, a server-wide timeout, a per-connection concurrency
+//! limit with load shedding, a span per call, and graceful shutdown that reports NOT_SERVING
+//! before draining.
+
+use std::time::Duration;
+
+use sharpsend_core::AppContext;
+use sharpsend_proto::v1::segment_service_server::SegmentServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+use crate::{
+    auth::{ApiKeys, Authenticator},
+    segments::Segments,
+};
+
+/// How the server treats requests.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub api_keys: ApiKeys,
+    pub request_timeout: Duration,
+    pub concurrency_per_connection: usize,
+}
+
+/// Why serving failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("could not build the reflection service")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("gRPC transport failed")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serves every service on `listener` until `shutdown` resolves, then flips health to
+/// NOT_SERVING and drains in-flight calls.
+pub async fn serve(
+    listener: TcpListener,
+    ctx: AppContext,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<SegmentServiceServer<Segments>>().await;
+    health.set_service_status("", ServingStatus::Serving).await;
+
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(sharpsend_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+
+    let auth = Authenticator::new(options.api_keys);
+    let segments = SegmentServiceServer::with_interceptor(Segments::new(ctx), auth);
+
+    let signal = async move {
+        shutdown.await;
+        tracing::info!("shutdown requested: reporting NOT_SERVING and draining in-flight calls");
+        health.set_not_serving::<SegmentServiceServer<Segments>>().await;
+        health.set_service_status("", ServingStatus::NotServing).await;
+    };
+
+    Server::builder()
+        .timeout(options.request_timeout)
+        .concurrency_limit_per_connection(options.concurrency_per_connection)
+        .load_shed(true)
+        .trace_fn(|request| tracing::info_span!("grpc", method = %request.uri().path()))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(segments)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+        .await?;
+    tracing::info!("server stopped");
+    Ok(())
+}

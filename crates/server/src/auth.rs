@@ -1,0 +1,154 @@
+//! API-key authentication for the business services (health and reflection stay open).
+//!
+//! Callers send `authorization: Bearer <key>`. Keys come from `SHARPSEND_API_KEYS`: comma-separated,
+//! each `key` or `name=key` (the name identifies the caller in logs). Every configured key is
+//! compared in constant time; the caller's identity goes into the request's extensions.
+
+use std::{fmt, sync::Arc};
+
+use secrecy::{ExposeSecret, SecretString};
+use subtle::ConstantTimeEq;
+use tonic::{Request, Status, service::Interceptor};
+
+/// One accepted key and the name of the caller holding it.
+#[derive(Clone)]
+pub struct ApiKey {
+    pub name: String,
+    secret: SecretString,
+}
+
+/// The accepted keys. `Debug` shows names only.
+#[derive(Clone)]
+pub struct ApiKeys(Arc<[ApiKey]>);
+
+impl fmt::Debug for ApiKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.0.iter().map(|k| &k.name)).finish()
+    }
+}
+
+/// The well-known key of `--dev` mode when `SHARPSEND_API_KEYS` is unset.
+pub const DEV_API_KEY: &str = "dev-key";
+
+impl ApiKeys {
+    /// Parses `key,name=key,...`. Errors say what is wrong without echoing any key.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let mut keys = Vec::new();
+        for (i, entry) in raw.split(',').map(str::trim).enumerate() {
+            if entry.is_empty() {
+                continue;
+            }
+            let (name, secret) = match entry.split_once('=') {
+                Some((name, secret)) => (name.trim().to_string(), secret.trim()),
+                None => (format!("key-{}", i + 1), entry),
+            };
+            if name.is_empty() || secret.is_empty() {
+                return Err(format!("entry {} has an empty name or key", i + 1));
+            }
+            keys.push(ApiKey { name, secret: SecretString::from(secret.to_string()) });
+        }
+        if keys.is_empty() {
+            return Err("lists no keys".into());
+        }
+        Ok(Self(keys.into()))
+    }
+
+    /// The single `dev-key` of dev mode.
+    pub fn dev() -> Self {
+        Self(Arc::new([ApiKey { name: "dev".into(), secret: SecretString::from(DEV_API_KEY.to_string()) }]))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The caller holding `presented`, comparing against every key in constant time.
+    fn identify(&self, presented: &[u8]) -> Option<Caller> {
+        let mut found = None;
+        for key in self.0.iter() {
+            if bool::from(key.secret.expose_secret().as_bytes().ct_eq(presented)) {
+                found = Some(Caller { name: key.name.clone() });
+            }
+        }
+        found
+    }
+}
+
+/// Who is calling; put in the request's extensions by [`Authenticator`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub name: String,
+}
+
+/// The interceptor checking `authorization: Bearer <key>`.
+#[derive(Clone)]
+pub struct Authenticator {
+    keys: ApiKeys,
+}
+
+impl Authenticator {
+    pub fn new(keys: ApiKeys) -> Self {
+        Self { keys }
+    }
+}
+
+impl Interceptor for Authenticator {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let header = request
+            .metadata()
+            .get("authorization")
+            .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <key>` metadata"))?;
+        let presented = header
+            .as_bytes()
+            .strip_prefix(b"Bearer ")
+            .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <key>`"))?;
+        let caller = self.keys.identify(presented).ok_or_else(|| Status::unauthenticated("invalid API key"))?;
+        request.extensions_mut().insert(caller);
+        Ok(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(keys: &ApiKeys, header: Option<&str>) -> Result<Caller, tonic::Code> {
+        let mut request = Request::new(());
+        if let Some(h) = header {
+            let value = h.parse().map_err(|_| tonic::Code::Internal)?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        let mut auth = Authenticator::new(keys.clone());
+        let request = auth.call(request).map_err(|s| s.code())?;
+        request.extensions().get::<Caller>().cloned().ok_or(tonic::Code::Internal)
+    }
+
+    #[test]
+    fn accepts_each_configured_key_and_names_the_caller() {
+        let keys = ApiKeys::parse("billing=alpha-secret, beta-secret").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(call(&keys, Some("Bearer alpha-secret")), Ok(Caller { name: "billing".into() }));
+        assert_eq!(call(&keys, Some("Bearer beta-secret")), Ok(Caller { name: "key-2".into() }));
+    }
+
+    #[test]
+    fn rejects_missing_wrong_and_malformed() {
+        let keys = ApiKeys::parse("alpha-secret").unwrap_or_else(|e| panic!("{e}"));
+        for header in [None, Some("Bearer alpha-secreT"), Some("Bearer alpha-secret "), Some("alpha-secret"), Some("Basic alpha-secret"), Some("Bearer ")] {
+            assert_eq!(call(&keys, header), Err(tonic::Code::Unauthenticated), "{header:?}");
+        }
+    }
+
+    #[test]
+    fn parse_errors_and_debug_never_show_keys() {
+        assert!(ApiKeys::parse(" , ").is_err());
+        let err = ApiKeys::parse("ok=topsecret,=x").err().unwrap_or_default();
+        assert!(!err.contains("topsecret"), "{err}");
+        let keys = ApiKeys::parse("svc=topsecret").unwrap_or_else(|e| panic!("{e}"));
+        let shown = format!("{keys:?}");
+        assert!(shown.contains("svc") && !shown.contains("topsecret"), "{shown}");
+    }
+}

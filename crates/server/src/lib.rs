@@ -1,0 +1,18 @@
+//! `sharpsend-server`: the gRPC face of the service. It maps requests to `sharpsend_core` calls and
+//! domain errors to gRPC status; business logic lives in `sharpsend-core`.
+//!
+//! - [`config`]: the server's settings from the environment.
+//! - [`auth`]: the API-key interceptor (constant-time comparison; caller identity in extensions).
+//! - [`status`]: the ONE place where domain errors become `tonic::Status`.
+//! - [`segments`] serves `sharpsend.cio.v1.SegmentService`.
+//! - [`app`]: assembling and serving everything (health, reflection, limits, graceful shutdown).
+//! - [`dev`]: `--dev` mode: SQLite + in-process simulator + in-process scheduler.
+
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod dev;
+pub mod segments;
+pub mod status;
+
+pub use app::{ServeOptions, serve};
