@@ -1,0 +1,5 @@
+//! End-to-end tests: simulator + gRPC server + scheduler jobs + a real database. Each test runs
+//! on SQLite and, when `SHARPSEND_TEST_POSTGRES_URL` is set, on PostgreSQL (`db_test!`).
+
+mod jobs;
+mod segments;

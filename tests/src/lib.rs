@@ -1,0 +1,141 @@
+//! End-to-end test support: [`TestApp`] runs the Customer.io simulator (port 0), a real gRPC
+//! server (port 0) over a test database of its own (SQLite or PostgreSQL, see
+//! `sharpsend_db::testing`), and hands out typed gRPC clients. Background jobs are driven by
+//! calling them ([`TestApp::run_job`]), never by waiting for cron.
+//!
+//! Logs stay silent unless `TEST_LOG` is set.
+
+use std::{net::SocketAddr, time::Duration};
+
+use cio_sim::{RunningSim, SimConfig, Simulator};
+use sharpsend_core::{
+    AppContext,
+    config::CioSettings,
+    context::Migrations,
+    jobs::{self, Job, JobOutcome, RunError},
+};
+use sharpsend_db::testing::TestDatabase;
+use sharpsend_proto::v1::segment_service_client::SegmentServiceClient;
+use sharpsend_server::{ServeOptions, auth::ApiKeys, serve};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::{
+    Request, Status,
+    metadata::MetadataValue,
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::Channel,
+};
+
+/// The API key every [`TestApp`] accepts.
+pub const TEST_API_KEY: &str = "e2e-test-key-0123456789";
+
+/// A running server + simulator over one test database.
+pub struct TestApp {
+    pub sim: RunningSim,
+    pub ctx: AppContext,
+    pub addr: SocketAddr,
+    pub database_url: String,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: JoinHandle<Result<(), sharpsend_server::app::ServeError>>,
+}
+
+/// Customer.io settings pointing at `sim` with its own credentials.
+pub fn sim_settings(sim: &RunningSim) -> CioSettings {
+    let config = sim.sim.config();
+    let url = url::Url::parse(&sim.base_url()).unwrap_or_else(|e| panic!("simulator URL: {e}"));
+    CioSettings::for_simulator(url, &config.site_id, &config.track_api_key, &config.app_api_key)
+}
+
+impl TestApp {
+    /// Simulator with the demo audience, server on `db`.
+    pub async fn spawn(db: &TestDatabase) -> anyhow::Result<Self> {
+        Self::spawn_with(db, SimConfig::demo(), |_| {}).await
+    }
+
+    /// Simulator from `sim_config`; `adjust` may change the service's Customer.io settings
+    /// (e.g. a wrong key) before the server starts.
+    pub async fn spawn_with(
+        db: &TestDatabase,
+        sim_config: SimConfig,
+        adjust: impl FnOnce(&mut CioSettings),
+    ) -> anyhow::Result<Self> {
+        init_test_logging();
+        let sim = Simulator::spawn(sim_config).await?;
+        let mut settings = sim_settings(&sim);
+        adjust(&mut settings);
+        let ctx = AppContext::bootstrap(&db.url, &settings, Migrations::Apply).await?;
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (tx, rx) = oneshot::channel::<()>();
+        let options = ServeOptions {
+            api_keys: ApiKeys::parse(&format!("e2e={TEST_API_KEY}")).map_err(anyhow::Error::msg)?,
+            request_timeout: Duration::from_secs(30),
+            concurrency_per_connection: 64,
+        };
+        let server = tokio::spawn(serve(listener, ctx.clone(), options, async move {
+            let _ = rx.await;
+        }));
+        Ok(Self { sim, ctx, addr, database_url: db.url.clone(), shutdown: Some(tx), server })
+    }
+
+    /// A channel to the server.
+    pub async fn channel(&self) -> anyhow::Result<Channel> {
+        Ok(Channel::from_shared(format!("http://{}", self.addr))?.connect().await?)
+    }
+
+    /// A SegmentService client presenting `key` (`None`: no authorization metadata).
+    pub async fn segments_with_key(
+        &self,
+        key: Option<&str>,
+    ) -> anyhow::Result<SegmentServiceClient<InterceptedService<Channel, Bearer>>> {
+        Ok(SegmentServiceClient::with_interceptor(self.channel().await?, Bearer(key.map(str::to_string))))
+    }
+
+    /// A SegmentService client with the test API key.
+    pub async fn segments(&self) -> anyhow::Result<SegmentServiceClient<InterceptedService<Channel, Bearer>>> {
+        self.segments_with_key(Some(TEST_API_KEY)).await
+    }
+
+    /// Runs one background job to completion, as the scheduler would.
+    pub async fn run_job(&self, job: Job) -> Result<JobOutcome, RunError> {
+        jobs::run_job(&self.ctx, job, "e2e-test").await
+    }
+
+    /// Signals shutdown and waits for the server to drain, then stops the simulator.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        (&mut self.server).await??;
+        self.sim.shutdown().await;
+        Ok(())
+    }
+
+    /// Requests the shutdown signal without waiting (to observe draining).
+    pub fn begin_shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Adds `authorization: Bearer <key>` when a key is set.
+#[derive(Clone)]
+pub struct Bearer(Option<String>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(key) = &self.0 {
+            let value: MetadataValue<_> =
+                format!("Bearer {key}").parse().map_err(|_| Status::internal("bad test key"))?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(request)
+    }
+}
+
+/// Installs a log subscriber when `TEST_LOG` is set (once per process).
+pub fn init_test_logging() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        sharpsend_core::telemetry::init(false);
+    }
+}
