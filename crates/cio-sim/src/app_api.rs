@@ -1,4 +1,15 @@
-//! App API (`/v1/...`, Bearer auth): segments and customer lookups.
+//! App API (`/v1/...`, Bearer auth): segments and customer lookups, answered from the same state
+//! the Track API writes.
+//!
+//! Customers (journeys-api-2022.openapi.yaml `/v1/customers*`, plus `id_type` as in the current
+//! App API docs): `GET /v1/customers?email=` → `{"results":[{"email","id","cio_id"}]}` (email
+//! required: 400 without it; matched case-insensitively); `GET /v1/customers/{id}/attributes`
+//! and `POST /v1/customers/attributes` `{"ids":[1..=100 strings]}` →
+//! `{"customers":[{"customer":{..}}]}` for the ids found (in request order, each once; unknown
+//! ids omitted; no ids, more than 100, or non-strings: 400); `GET /v1/customers/{id}/segments`
+//! → `{"segments":[..]}` with the segment objects of `/v1/segments` (integer ids), dynamic and
+//! manual memberships; 404 for an unknown person. `id_type` is `id` (default), `email` or
+//! `cio_id`; anything else (e.g. `phone`, not enabled here) is a 400.
 
 use std::collections::HashMap;
 
@@ -10,7 +21,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use base64::Engine as _;
 use serde_json::{Map, Value, json};
 
@@ -18,6 +29,9 @@ use crate::Simulator;
 use crate::auth::require_app;
 use crate::errors::ApiError;
 use crate::state::{IdType, Membership, Person, Segment, SegmentKind};
+
+/// Most ids of one `POST /v1/customers/attributes`.
+pub(crate) const MAX_ATTRIBUTE_IDS: usize = 100;
 
 /// Default and largest page size of `GET /v1/segments/{id}/membership`.
 pub(crate) const MEMBERSHIP_DEFAULT_LIMIT: usize = 1000;
@@ -35,9 +49,15 @@ pub(crate) fn routes(sim: &Simulator) -> Router<Simulator> {
             get(customer_count),
         )
         .route("/v1/segments/{segment_id}/membership", get(membership))
+        .route("/v1/customers", get(customers_by_email))
+        .route("/v1/customers/attributes", post(customers_attributes))
         .route(
             "/v1/customers/{customer_id}/attributes",
             get(customer_attributes),
+        )
+        .route(
+            "/v1/customers/{customer_id}/segments",
+            get(customer_segments),
         )
         .route_layer(from_fn_with_state(sim.clone(), require_app))
 }
@@ -256,6 +276,41 @@ fn stringify(v: &Value) -> String {
     }
 }
 
+/// The `customer` object of the attribute lookups.
+fn customer_json(person: &Person) -> Value {
+    let mut attributes: Map<String, Value> = person
+        .attributes
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(stringify(v))))
+        .collect();
+    if let Some(id) = &person.id {
+        attributes.insert("id".to_owned(), Value::String(id.clone()));
+    }
+    attributes.insert("cio_id".to_owned(), Value::String(person.cio_id.clone()));
+    let unsubscribed = person
+        .attributes
+        .get("unsubscribed")
+        .is_some_and(|v| v.as_bool() == Some(true) || v.as_str() == Some("true"));
+    json!({
+        "id": person.id,
+        "identifiers": identifiers_json(person),
+        "attributes": attributes,
+        "timestamps": person.timestamps,
+        "unsubscribed": unsubscribed,
+        "devices": [],
+    })
+}
+
+fn id_type(query: &HashMap<String, String>) -> Result<IdType, ApiError> {
+    IdType::parse(query.get("id_type").map(String::as_str)).ok_or_else(|| {
+        ApiError::app(
+            StatusCode::BAD_REQUEST,
+            "id_type must be one of id, email, cio_id",
+            Some(json!({ "parameter": "id_type" })),
+        )
+    })
+}
+
 async fn customer_attributes(
     State(sim): State<Simulator>,
     path: Result<Path<String>, PathRejection>,
@@ -264,42 +319,100 @@ async fn customer_attributes(
     let Ok(Path(customer_id)) = path else {
         return Err(not_found("customer"));
     };
-    let query = query_map(query)?;
-    let id_type = IdType::parse(query.get("id_type").map(String::as_str)).ok_or_else(|| {
-        ApiError::app(
-            StatusCode::BAD_REQUEST,
-            "id_type must be one of id, email, cio_id",
-            Some(json!({ "parameter": "id_type" })),
-        )
-    })?;
+    let id_type = id_type(&query_map(query)?)?;
     let customer = sim.with_world(|w| {
         let person = w.resolve(&customer_id, id_type).and_then(|s| w.person(s))?;
-        let mut attributes: Map<String, Value> = person
-            .attributes
-            .iter()
-            .map(|(k, v)| (k.clone(), Value::String(stringify(v))))
-            .collect();
-        if let Some(id) = &person.id {
-            attributes.insert("id".to_owned(), Value::String(id.clone()));
-        }
-        attributes.insert("cio_id".to_owned(), Value::String(person.cio_id.clone()));
-        let unsubscribed = person
-            .attributes
-            .get("unsubscribed")
-            .is_some_and(|v| v.as_bool() == Some(true) || v.as_str() == Some("true"));
-        Some(json!({
-            "customer": {
-                "id": person.id,
-                "identifiers": identifiers_json(person),
-                "attributes": attributes,
-                "timestamps": person.timestamps,
-                "unsubscribed": unsubscribed,
-                "devices": [],
-            }
-        }))
+        Some(json!({ "customer": customer_json(person) }))
     });
     let customer = customer.ok_or_else(|| not_found("customer"))?;
     Ok(Json(customer).into_response())
+}
+
+async fn customer_segments(
+    State(sim): State<Simulator>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> AppResult {
+    let Ok(Path(customer_id)) = path else {
+        return Err(not_found("customer"));
+    };
+    let id_type = id_type(&query_map(query)?)?;
+    let segments = sim.with_world(|w| {
+        let seq = w.resolve(&customer_id, id_type)?;
+        let segments: Vec<Value> = w.segments_of(seq).into_iter().map(segment_json).collect();
+        Some(segments)
+    });
+    let segments = segments.ok_or_else(|| not_found("customer"))?;
+    Ok(Json(json!({ "segments": segments })).into_response())
+}
+
+async fn customers_attributes(
+    State(sim): State<Simulator>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+    body: Bytes,
+) -> AppResult {
+    let id_type = id_type(&query_map(query)?)?;
+    let bad = |detail: String| {
+        ApiError::app(
+            StatusCode::BAD_REQUEST,
+            detail,
+            Some(json!({ "pointer": "/ids" })),
+        )
+    };
+    let body: Value = serde_json::from_slice(&body)
+        .map_err(|_| bad("request body must be a JSON object with ids".to_owned()))?;
+    let ids = match body.get("ids") {
+        Some(Value::Array(ids)) => ids,
+        Some(_) => return Err(bad("ids must be an array of strings".to_owned())),
+        None => return Err(bad("ids is required".to_owned())),
+    };
+    if ids.is_empty() || ids.len() > MAX_ATTRIBUTE_IDS {
+        return Err(bad(format!(
+            "ids must contain between 1 and {MAX_ATTRIBUTE_IDS} items; got {}",
+            ids.len()
+        )));
+    }
+    let ids: Vec<&str> = ids
+        .iter()
+        .map(Value::as_str)
+        .collect::<Option<_>>()
+        .ok_or_else(|| bad("ids must be an array of strings".to_owned()))?;
+    let customers = sim.with_world(|w| {
+        let mut seen = std::collections::HashSet::new();
+        ids.iter()
+            .filter_map(|id| w.resolve(id, id_type))
+            .filter(|seq| seen.insert(*seq))
+            .filter_map(|seq| w.person(seq))
+            .map(|p| json!({ "customer": customer_json(p) }))
+            .collect::<Vec<Value>>()
+    });
+    Ok(Json(json!({ "customers": customers })).into_response())
+}
+
+async fn customers_by_email(
+    State(sim): State<Simulator>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> AppResult {
+    let query = query_map(query)?;
+    let email = query
+        .get("email")
+        .map(|e| e.trim())
+        .filter(|e| !e.is_empty())
+        .ok_or_else(|| {
+            ApiError::app(
+                StatusCode::BAD_REQUEST,
+                "email is required",
+                Some(json!({ "parameter": "email" })),
+            )
+        })?;
+    let results: Vec<Value> = sim.with_world(|w| {
+        w.resolve(email, IdType::Email)
+            .and_then(|seq| w.person(seq))
+            .map(|p| json!({ "email": p.email, "id": p.id, "cio_id": p.cio_id }))
+            .into_iter()
+            .collect()
+    });
+    Ok(Json(json!({ "results": results })).into_response())
 }
 
 #[cfg(test)]

@@ -45,6 +45,9 @@ pub struct SimConfig {
     pub seed: u64,
     /// Number of demo people; 0 = empty workspace (no people and no segments).
     pub demo_people: usize,
+    /// How many most recent App/Track requests the request log keeps (0 = none); request
+    /// counters are kept regardless. Default [`DEFAULT_REQUEST_LOG_CAPACITY`].
+    pub request_log_capacity: usize,
 }
 
 /// Default site id accepted by the simulator.
@@ -55,6 +58,13 @@ pub const DEFAULT_TRACK_API_KEY: &str = "sim-track-key";
 pub const DEFAULT_APP_API_KEY: &str = "sim-app-key";
 /// Number of people in the default demo workspace.
 pub const DEFAULT_DEMO_PEOPLE: usize = 5000;
+/// Default [`SimConfig::request_log_capacity`].
+pub const DEFAULT_REQUEST_LOG_CAPACITY: usize = 10_000;
+/// Request bodies larger than this are logged as `{"_truncated": <size in bytes>}`.
+pub const MAX_LOGGED_BODY_BYTES: usize = 64 * 1024;
+/// The request log also evicts its oldest entries while the bodies it keeps exceed this many
+/// bytes in total.
+pub const MAX_LOGGED_BODIES_TOTAL: usize = 64 * 1024 * 1024;
 
 impl SimConfig {
     /// Demo workspace: ~5000 financial-newsletter readers and a set of segments.
@@ -68,6 +78,7 @@ impl SimConfig {
             track_rate_limit_per_sec: 1000,
             seed: 42,
             demo_people: DEFAULT_DEMO_PEOPLE,
+            request_log_capacity: DEFAULT_REQUEST_LOG_CAPACITY,
         }
     }
 

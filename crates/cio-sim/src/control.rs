@@ -4,6 +4,8 @@
 //! | route | effect |
 //! |---|---|
 //! | `GET /_sim/health` | `{"status":"ok","people":n,"segments":n}` |
+//! | `GET /_sim/stats` | `{"people","segments","events","duplicate_events_dropped","requests":{"app","track","by_route":{"POST /api/v2/batch":n,..}},"request_log":{"len","capacity"}}` |
+//! | `GET /_sim/events[?person=id\|email\|cio_x][&anonymous_id=a]` | `{"events":[..]}` oldest first (unknown person: `[]`) |
 //! | `GET /_sim/requests[?api=app\|track]` / `DELETE /_sim/requests` | request log / clear it |
 //! | `POST /_sim/faults` | `{"api":"app"\|"track"\|null,"faults":[..],"chaos":{..}}` (see below) |
 //! | `DELETE /_sim/faults` | clear queued faults and chaos |
@@ -39,6 +41,8 @@ use crate::state::Predicate;
 pub(crate) fn routes() -> Router<Simulator> {
     Router::new()
         .route("/_sim/health", get(health))
+        .route("/_sim/stats", get(stats))
+        .route("/_sim/events", get(events))
         .route("/_sim/requests", get(requests).delete(clear_requests))
         .route(
             "/_sim/faults",
@@ -66,6 +70,53 @@ fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
 async fn health(State(sim): State<Simulator>) -> Response {
     let (people, segments) = sim.with_world(|w| (w.people_count(), w.segment_list().count()));
     Json(json!({ "status": "ok", "people": people, "segments": segments })).into_response()
+}
+
+async fn stats(State(sim): State<Simulator>) -> Response {
+    let (people, segments, events, duplicates) = sim.with_world(|w| {
+        (
+            w.people_count(),
+            w.segment_list().count(),
+            w.events().len(),
+            w.events().duplicates(),
+        )
+    });
+    let (app, track, by_route, len, capacity) = sim.with_log(|log| {
+        (
+            log.request_count(SimApi::App),
+            log.request_count(SimApi::Track),
+            log.by_route().clone(),
+            log.len(),
+            log.capacity(),
+        )
+    });
+    Json(json!({
+        "people": people,
+        "segments": segments,
+        "events": events,
+        "duplicate_events_dropped": duplicates,
+        "requests": { "app": app, "track": track, "by_route": by_route },
+        "request_log": { "len": len, "capacity": capacity },
+    }))
+    .into_response()
+}
+
+async fn events(
+    State(sim): State<Simulator>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let events = match query.get("person") {
+        Some(person) => sim.events_for(person),
+        None => sim.events(),
+    };
+    let events: Vec<_> = match query.get("anonymous_id") {
+        Some(anonymous) => events
+            .into_iter()
+            .filter(|e| e.anonymous_id.as_deref() == Some(anonymous.as_str()))
+            .collect(),
+        None => events,
+    };
+    Json(json!({ "events": events })).into_response()
 }
 
 async fn requests(

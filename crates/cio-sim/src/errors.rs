@@ -1,7 +1,9 @@
 //! Error bodies in Customer.io's shapes.
 //!
 //! - App API: `{"errors":[{"detail":..,"status":"404","source":{..}}]}`.
-//! - Track API v1: `{"meta":{"errors":["..."]}}`.
+//! - Track API v1: `{"meta":{"errors":["..."]}}` (merge_customers: `{"meta":{"error":".."}}`).
+//! - Track API v2: `{"errors":[{"reason":..,"field":..,"message":..}]}`; a batch's 207 adds
+//!   `batch_index` to each.
 
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -29,6 +31,51 @@ pub(crate) fn app_error(
 /// Track API v1 error.
 pub(crate) fn track_error(status: StatusCode, messages: Vec<String>) -> Response {
     (status, Json(json!({ "meta": { "errors": messages } }))).into_response()
+}
+
+/// One invalid field of a Track request: rendered as a v1 message or a v2 error object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Violation {
+    /// Short machine-readable reason (`required`, `invalid`, `too_long`, `too_large`, ...).
+    pub(crate) reason: &'static str,
+    /// The offending field as a dotted path (`name`, `attributes.plan`, `identifiers`); empty
+    /// for the whole operation.
+    pub(crate) field: String,
+    /// Human-readable detail.
+    pub(crate) message: String,
+}
+
+impl Violation {
+    pub(crate) fn new(
+        reason: &'static str,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            reason,
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The v2 error object, with `batch_index` when the op was part of a batch.
+    pub(crate) fn to_v2(&self, batch_index: Option<usize>) -> Value {
+        let mut error = json!({
+            "reason": self.reason,
+            "field": self.field,
+            "message": self.message,
+        });
+        if let (Some(index), Some(obj)) = (batch_index, error.as_object_mut()) {
+            obj.insert("batch_index".to_owned(), json!(index));
+        }
+        error
+    }
+}
+
+/// Track API v2 error (`/api/v2/entity`, `/api/v2/batch` as a whole).
+pub(crate) fn track_v2_error(status: StatusCode, violations: &[Violation]) -> Response {
+    let errors: Vec<Value> = violations.iter().map(|v| v.to_v2(None)).collect();
+    (status, Json(json!({ "errors": errors }))).into_response()
 }
 
 /// Error body for `api` with a single message.
@@ -94,6 +141,15 @@ pub(crate) enum ApiError {
         status: StatusCode,
         messages: Vec<String>,
     },
+    /// `{"meta":{"error":".."}}`: the 400 of `POST /api/v1/merge_customers`.
+    TrackSingle {
+        status: StatusCode,
+        message: String,
+    },
+    TrackV2 {
+        status: StatusCode,
+        violations: Vec<Violation>,
+    },
     Control {
         status: StatusCode,
         message: String,
@@ -117,6 +173,10 @@ impl ApiError {
         ApiError::Track { status, messages }
     }
 
+    pub(crate) fn track_v2(status: StatusCode, violations: Vec<Violation>) -> Self {
+        ApiError::TrackV2 { status, violations }
+    }
+
     pub(crate) fn control(status: StatusCode, message: impl Into<String>) -> Self {
         ApiError::Control {
             status,
@@ -134,6 +194,10 @@ impl IntoResponse for ApiError {
                 source,
             } => app_error(status, detail, source),
             ApiError::Track { status, messages } => track_error(status, messages),
+            ApiError::TrackSingle { status, message } => {
+                (status, Json(json!({ "meta": { "error": message } }))).into_response()
+            }
+            ApiError::TrackV2 { status, violations } => track_v2_error(status, &violations),
             ApiError::Control { status, message } => {
                 (status, Json(json!({ "error": message }))).into_response()
             }

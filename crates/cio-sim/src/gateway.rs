@@ -1,10 +1,19 @@
-//! The layer in front of both APIs: request log, fault injection and rate limiting.
+//! The layer in front of both APIs: request counters and log, fault injection and rate limiting.
 //! Control (`/_sim/`) requests pass straight through.
+//!
+//! Every App/Track request is counted on arrival (per API and per route template, e.g.
+//! `POST /api/v2/batch`; `METHOD (no route)` for unknown paths); these counters never drop.
+//! The request log is a ring buffer of the last `SimConfig::request_log_capacity` requests
+//! whose bodies are kept raw (parsed when read): a body over `MAX_LOGGED_BODY_BYTES` (64 KiB) is
+//! logged as `{"_truncated": <size in bytes>}`, and the oldest entries are also evicted while
+//! the kept bodies exceed `MAX_LOGGED_BODIES_TOTAL` (64 MiB), so a long benchmark runs in
+//! bounded memory (both constants are in [`crate::config`]).
 
+use std::collections::{BTreeMap, VecDeque};
 use std::io;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -13,15 +22,13 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::Simulator;
-use crate::config::SimApi;
+use crate::config::{MAX_LOGGED_BODIES_TOTAL, MAX_LOGGED_BODY_BYTES, SimApi};
 use crate::conn::ConnCtl;
 use crate::errors::{api_error, fault_response, rate_limited};
 use crate::faults::Action;
 
 /// Largest request body accepted (Customer.io's largest documented one is ~1 MB).
 pub(crate) const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
-/// The log keeps this many most recent requests.
-pub(crate) const MAX_LOGGED: usize = 100_000;
 
 /// One request received on the App or Track API (see [`crate::Simulator::requests`]).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -38,8 +45,139 @@ pub struct LoggedRequest {
     pub query: Option<String>,
     /// Status answered; 0 when the connection was dropped without a response.
     pub status: u16,
-    /// Body: parsed JSON, a JSON string for non-JSON text, `None` when empty.
+    /// Body: parsed JSON, a JSON string for non-JSON text, `None` when empty;
+    /// `{"_truncated": size}` when larger than [`crate::config::MAX_LOGGED_BODY_BYTES`].
     pub body: Option<Value>,
+}
+
+enum LoggedBody {
+    Empty,
+    Raw(Bytes),
+    Truncated(usize),
+}
+
+impl LoggedBody {
+    fn new(bytes: &Bytes) -> Self {
+        match bytes.len() {
+            0 => LoggedBody::Empty,
+            n if n > MAX_LOGGED_BODY_BYTES => LoggedBody::Truncated(n),
+            _ => LoggedBody::Raw(bytes.clone()),
+        }
+    }
+
+    fn kept_bytes(&self) -> usize {
+        match self {
+            LoggedBody::Raw(bytes) => bytes.len(),
+            LoggedBody::Empty | LoggedBody::Truncated(_) => 0,
+        }
+    }
+
+    fn value(&self) -> Option<Value> {
+        match self {
+            LoggedBody::Empty => None,
+            LoggedBody::Raw(bytes) => body_value(bytes),
+            LoggedBody::Truncated(size) => Some(serde_json::json!({ "_truncated": size })),
+        }
+    }
+}
+
+struct Entry {
+    at: DateTime<Utc>,
+    api: SimApi,
+    method: String,
+    path: String,
+    query: Option<String>,
+    status: u16,
+    body: LoggedBody,
+}
+
+/// Request counters (never reset) and the bounded request log.
+pub(crate) struct RequestLog {
+    capacity: usize,
+    entries: VecDeque<Entry>,
+    body_bytes: usize,
+    app: u64,
+    track: u64,
+    by_route: BTreeMap<String, u64>,
+}
+
+impl RequestLog {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            entries: VecDeque::new(),
+            body_bytes: 0,
+            app: 0,
+            track: 0,
+            by_route: BTreeMap::new(),
+        }
+    }
+
+    fn count(&mut self, api: SimApi, route: &str) {
+        match api {
+            SimApi::App => self.app += 1,
+            SimApi::Track => self.track += 1,
+        }
+        match self.by_route.get_mut(route) {
+            Some(n) => *n += 1,
+            None => {
+                self.by_route.insert(route.to_owned(), 1);
+            }
+        }
+    }
+
+    fn push(&mut self, entry: Entry) {
+        if self.capacity == 0 {
+            return;
+        }
+        self.body_bytes += entry.body.kept_bytes();
+        self.entries.push_back(entry);
+        while self.entries.len() > self.capacity || self.body_bytes > MAX_LOGGED_BODIES_TOTAL {
+            let Some(old) = self.entries.pop_front() else {
+                break;
+            };
+            self.body_bytes -= old.body.kept_bytes();
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> Vec<LoggedRequest> {
+        self.entries
+            .iter()
+            .map(|e| LoggedRequest {
+                at: e.at,
+                api: e.api,
+                method: e.method.clone(),
+                path: e.path.clone(),
+                query: e.query.clone(),
+                status: e.status,
+                body: e.body.value(),
+            })
+            .collect()
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.entries.clear();
+        self.body_bytes = 0;
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub(crate) fn request_count(&self, api: SimApi) -> u64 {
+        match api {
+            SimApi::App => self.app,
+            SimApi::Track => self.track,
+        }
+    }
+
+    pub(crate) fn by_route(&self) -> &BTreeMap<String, u64> {
+        &self.by_route
+    }
 }
 
 /// Which API a path belongs to (`None` for control and unknown paths).
@@ -86,21 +224,28 @@ pub(crate) async fn gateway(State(sim): State<Simulator>, req: Request, next: Ne
     let method = req.method().to_string();
     let path = req.uri().path().to_owned();
     let query = req.uri().query().map(str::to_owned);
+    let route = match req.extensions().get::<MatchedPath>() {
+        Some(matched) => format!("{method} {}", matched.as_str()),
+        None => format!("{method} (no route)"),
+    };
+    sim.with_log(|log| log.count(api, &route));
     let conn = req
         .extensions()
         .get::<ConnectInfo<ConnCtl>>()
         .map(|info| info.0.clone());
     let (parts, body) = req.into_parts();
 
-    let log = |status: u16, body: Option<Value>| {
-        sim.log_request(LoggedRequest {
-            at,
-            api,
-            method: method.clone(),
-            path: path.clone(),
-            query: query.clone(),
-            status,
-            body,
+    let log = |status: u16, body: LoggedBody| {
+        sim.with_log(|log| {
+            log.push(Entry {
+                at,
+                api,
+                method: method.clone(),
+                path: path.clone(),
+                query: query.clone(),
+                status,
+                body,
+            })
         });
     };
 
@@ -109,11 +254,11 @@ pub(crate) async fn gateway(State(sim): State<Simulator>, req: Request, next: Ne
         Err(err) => {
             tracing::debug!(error = %err, "request body rejected");
             let response = api_error(api, StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
-            log(response.status().as_u16(), None);
+            log(response.status().as_u16(), LoggedBody::Empty);
             return response;
         }
     };
-    let logged_body = body_value(&bytes);
+    let logged_body = LoggedBody::new(&bytes);
 
     let (delay, action) = sim.decide(api);
     if !delay.is_zero() {

@@ -5,14 +5,19 @@
 //! (Bearer auth), `/_sim/...` an unauthenticated control API.
 //!
 //! Layout:
-//! - [`config`]: [`SimConfig`] (credentials, region, rate limits, demo size) and [`SimApi`].
-//! - `state`: people and segments ([`Predicate`] for dynamic segments); `demo`: the deterministic
-//!   demo workspace (a financial newsletter's ~5000 readers and their segments).
-//! - `gateway`: the layer in front of both APIs: [`LoggedRequest`] log, faults, rate limits.
+//! - [`config`]: [`SimConfig`] (credentials, region, rate limits, demo size, request log
+//!   capacity) and [`SimApi`].
+//! - `state`: people, segments ([`Predicate`] for dynamic segments), suppressed identifiers;
+//!   `events`: recorded events ([`SimEvent`]) with deduplication by event id, and the event
+//!   field checks; `demo`: the deterministic demo workspace (a financial newsletter's ~5000
+//!   readers and their segments).
+//! - `gateway`: the layer in front of both APIs: request counters, the bounded [`LoggedRequest`]
+//!   log, faults, rate limits.
 //!   `faults`: [`Fault`], [`Chaos`], token buckets. `conn`: the listener whose connections can be
 //!   dropped without a response.
 //! - `auth`: credential checks; `errors`: Customer.io error bodies per API.
-//! - `track_api`, `app_api`: the endpoints; `control`: `/_sim/` (route table in its docs).
+//! - `track_api` (Track v1), `track_v2` (`/api/v2/entity`, `/api/v2/batch`), `app_api`: the
+//!   endpoints; `control`: `/_sim/` (route table in its docs).
 //! - [`Simulator`]: the shared handle; [`Simulator::spawn`] gives a [`RunningSim`] on port 0.
 //!
 //! The simulator never reads the OpenAPI specs at run time; it is written to them.
@@ -26,12 +31,14 @@ mod control;
 mod demo;
 mod error;
 mod errors;
+mod events;
 mod faults;
 mod gateway;
 mod state;
 mod track_api;
+mod track_v2;
 
-use std::collections::VecDeque;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -49,13 +56,15 @@ use tokio::task::JoinHandle;
 
 pub use config::{SimApi, SimConfig};
 pub use error::SimError;
+pub use events::SimEvent;
 pub use faults::{Chaos, Fault};
 pub use gateway::LoggedRequest;
 pub use state::{Predicate, SegmentKind, SimPerson, SimSegment};
 
 use conn::{ConnCtl, SimListener};
 use faults::{Action, Traffic};
-use state::{IdType, Membership, World};
+use gateway::RequestLog;
+use state::{IdType, Membership, World, parse_identifier};
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
@@ -65,7 +74,7 @@ struct Inner {
     config: SimConfig,
     world: Mutex<World>,
     traffic: Mutex<Traffic>,
-    log: Mutex<VecDeque<LoggedRequest>>,
+    log: Mutex<RequestLog>,
 }
 
 /// Shared handle to one simulated Customer.io workspace. Cheap to clone; every clone, the HTTP
@@ -90,12 +99,13 @@ impl Simulator {
         let mut world = World::new();
         demo::populate(&mut world, config.seed, config.demo_people);
         let traffic = Traffic::new(&config);
+        let log = RequestLog::new(config.request_log_capacity);
         Self {
             inner: Arc::new(Inner {
                 config,
                 world: Mutex::new(world),
                 traffic: Mutex::new(traffic),
-                log: Mutex::new(VecDeque::new()),
+                log: Mutex::new(log),
             }),
         }
     }
@@ -324,24 +334,68 @@ impl Simulator {
         lock(&self.inner.traffic).take_token(api)
     }
 
-    // ----- request log -----
+    // ----- events -----
 
-    pub(crate) fn log_request(&self, request: LoggedRequest) {
-        let mut log = lock(&self.inner.log);
-        if log.len() >= gateway::MAX_LOGGED {
-            log.pop_front();
-        }
-        log.push_back(request);
+    /// Every recorded event (person and anonymous), oldest first. Events whose `id` repeated an
+    /// earlier one are not here (see [`Simulator::duplicate_events_dropped`]); events of deleted
+    /// people are gone with them.
+    pub fn events(&self) -> Vec<SimEvent> {
+        self.with_world(|w| w.events().all().map(|e| w.event_snapshot(e)).collect())
     }
 
-    /// App and Track requests received so far, oldest first (control requests are not logged).
+    /// Events of one person, oldest first. `person_id` is read like a Track v1 path identifier:
+    /// an id, an email (contains `@`) or `cio_<cio_id>`. Unknown person: empty.
+    pub fn events_for(&self, person_id: &str) -> Vec<SimEvent> {
+        let (kind, value) = parse_identifier(person_id);
+        self.with_world(|w| match w.resolve(value, kind) {
+            Some(seq) => w
+                .events()
+                .of_person(seq)
+                .map(|e| w.event_snapshot(e))
+                .collect(),
+            None => Vec::new(),
+        })
+    }
+
+    /// Number of recorded events.
+    pub fn event_count(&self) -> usize {
+        self.with_world(|w| w.events().len())
+    }
+
+    /// Number of events dropped because their `id` had been received before (v1 and v2).
+    pub fn duplicate_events_dropped(&self) -> u64 {
+        self.with_world(|w| w.events().duplicates())
+    }
+
+    // ----- request log and counters -----
+
+    pub(crate) fn with_log<R>(&self, f: impl FnOnce(&mut RequestLog) -> R) -> R {
+        f(&mut lock(&self.inner.log))
+    }
+
+    /// The most recent App and Track requests (at most `SimConfig::request_log_capacity`),
+    /// oldest first; control requests are not logged. Bodies over 64 KiB appear as
+    /// `{"_truncated": size}`.
     pub fn requests(&self) -> Vec<LoggedRequest> {
-        lock(&self.inner.log).iter().cloned().collect()
+        self.with_log(|log| log.snapshot())
     }
 
-    /// Empties the request log.
+    /// Empties the request log (the counters keep counting).
     pub fn clear_requests(&self) {
-        lock(&self.inner.log).clear();
+        self.with_log(RequestLog::clear);
+    }
+
+    /// Requests received by an API since start (faulted, rate-limited and rejected ones included;
+    /// never reset, unlike the log).
+    pub fn request_count(&self, api: SimApi) -> u64 {
+        self.with_log(|log| log.request_count(api))
+    }
+
+    /// Requests received per route template since start, keyed like `"POST /api/v2/batch"` or
+    /// `"GET /v1/customers/{customer_id}/attributes"`; paths matching no route count under
+    /// `"<METHOD> (no route)"`.
+    pub fn request_counts_by_route(&self) -> BTreeMap<String, u64> {
+        self.with_log(|log| log.by_route().clone())
     }
 }
 

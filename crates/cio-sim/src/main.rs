@@ -41,6 +41,9 @@ struct Args {
     /// App API key accepted.
     #[arg(long, env = "CIO_SIM_APP_API_KEY", default_value = cio_sim::config::DEFAULT_APP_API_KEY)]
     app_api_key: String,
+    /// How many most recent requests the request log keeps (counters are kept regardless).
+    #[arg(long, env = "CIO_SIM_REQUEST_LOG_CAPACITY", default_value_t = cio_sim::config::DEFAULT_REQUEST_LOG_CAPACITY)]
+    request_log_capacity: usize,
     /// Log as JSON lines.
     #[arg(long, env = "CIO_SIM_LOG_JSON")]
     log_json: bool,
@@ -67,6 +70,7 @@ impl Args {
             track_rate_limit_per_sec: self.track_rate_limit,
             seed: self.seed,
             demo_people: if self.empty { 0 } else { self.people },
+            request_log_capacity: self.request_log_capacity,
         }
     }
 }

@@ -1,13 +1,16 @@
 //! Workspace state: people (with id/email/cio_id indexes), segments and the predicates that define
-//! dynamic segments. Everything here is synchronous and lives behind the simulator's mutex.
+//! dynamic segments, events (see `events`) and suppressed identifiers. Everything here is
+//! synchronous and lives behind the simulator's mutex.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::SimError;
+use crate::events::{EventOutcome, EventStore, NewEvent, SimEvent, StoredEvent};
 
 /// Attribute condition defining a dynamic (data-driven) segment.
 ///
@@ -176,6 +179,13 @@ impl Person {
         }
     }
 
+    /// The id, or `cio_<cio_id>` for a person without one.
+    pub(crate) fn public_id(&self) -> String {
+        self.id
+            .clone()
+            .unwrap_or_else(|| format!("cio_{}", self.cio_id))
+    }
+
     pub(crate) fn snapshot(&self) -> SimPerson {
         SimPerson {
             id: self.id.clone(),
@@ -243,6 +253,29 @@ pub(crate) struct World {
     next_seq: u64,
     segments: BTreeMap<i64, Segment>,
     next_segment_id: i64,
+    events: EventStore,
+    /// Suppressed identifiers (`id:<id>`, `email:<lowercase email>`), each mapped to every key
+    /// suppressed together with it (a person's id and email are suppressed and released as one).
+    suppressed: HashMap<String, Vec<String>>,
+}
+
+/// Reads a v1 path identifier: `cio_<cio_id>`, an email (contains `@`) or an id.
+pub(crate) fn parse_identifier(identifier: &str) -> (IdType, &str) {
+    if let Some(cio) = identifier.strip_prefix("cio_") {
+        (IdType::CioId, cio)
+    } else if identifier.contains('@') {
+        (IdType::Email, identifier)
+    } else {
+        (IdType::Id, identifier)
+    }
+}
+
+fn suppression_key(kind: IdType, value: &str) -> Option<String> {
+    match kind {
+        IdType::Id => Some(format!("id:{value}")),
+        IdType::Email => Some(format!("email:{}", value.to_lowercase())),
+        IdType::CioId => None,
+    }
 }
 
 fn is_truthy(v: &Value) -> bool {
@@ -398,11 +431,24 @@ impl World {
         seq
     }
 
-    /// Track API identify. `identifier` is the decoded path value: an id, an email (contains `@`)
-    /// or `cio_<cio_id>`. Limits must have been checked by the caller.
+    /// Track API v1 identify. `identifier` is the decoded path value: an id, an email (contains
+    /// `@`) or `cio_<cio_id>`. Limits must have been checked by the caller.
     pub(crate) fn identify(
         &mut self,
         identifier: &str,
+        body: Map<String, Value>,
+        now: i64,
+    ) -> IdentifyOutcome {
+        let (kind, value) = parse_identifier(identifier);
+        self.identify_as(kind, value, body, now)
+    }
+
+    /// Identify by an identifier of a known type (v1 path, v2 `identifiers`). `body` holds the
+    /// attributes plus the reserved keys (`id`, `email`, `_update`, ...).
+    pub(crate) fn identify_as(
+        &mut self,
+        kind: IdType,
+        value: &str,
         body: Map<String, Value>,
         now: i64,
     ) -> IdentifyOutcome {
@@ -416,30 +462,24 @@ impl World {
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
             .map(str::to_owned);
-
-        enum PathId<'a> {
-            Id(&'a str),
-            Email(&'a str),
-            Cio(&'a str),
+        // Customer.io ignores every call referencing a suppressed identifier.
+        if self.is_suppressed(kind, value)
+            || body_id
+                .as_deref()
+                .is_some_and(|i| self.is_suppressed(IdType::Id, i))
+            || body_email
+                .as_deref()
+                .is_some_and(|e| self.is_suppressed(IdType::Email, e))
+        {
+            return IdentifyOutcome::Ignored;
         }
-        let path = if let Some(cio) = identifier.strip_prefix("cio_") {
-            PathId::Cio(cio)
-        } else if identifier.contains('@') {
-            PathId::Email(identifier)
-        } else {
-            PathId::Id(identifier)
-        };
 
-        let found = match path {
-            PathId::Id(id) => self.resolve(id, IdType::Id),
-            PathId::Email(email) => self.resolve(email, IdType::Email),
-            PathId::Cio(cio) => self.resolve(cio, IdType::CioId),
-        };
+        let found = self.resolve(value, kind);
         // Path identifier unknown, but an identifier in the body belongs to someone: that person
         // is updated and gets the path identifier.
-        let found = match (&path, found) {
+        let found = match (kind, found) {
             (_, Some(seq)) => Some(seq),
-            (PathId::Cio(_), None) => None,
+            (IdType::CioId, None) => None,
             (_, None) => body_email
                 .as_deref()
                 .and_then(|e| self.resolve(e, IdType::Email))
@@ -452,11 +492,11 @@ impl World {
                     .people
                     .get(&seq)
                     .map_or((true, true), |p| (p.id.is_some(), p.email.is_some()));
-                match path {
-                    PathId::Id(id) if !has_id => self.set_id(seq, id, now),
-                    PathId::Email(email) if !has_email => self.set_email(seq, Some(email), now),
-                    PathId::Id(_) => {}
-                    PathId::Email(_) | PathId::Cio(_) => {
+                match kind {
+                    IdType::Id if !has_id => self.set_id(seq, value, now),
+                    IdType::Email if !has_email => self.set_email(seq, Some(value), now),
+                    IdType::Id => {}
+                    IdType::Email | IdType::CioId => {
                         if let Some(id) = body_id.as_deref() {
                             self.set_id(seq, id, now);
                         }
@@ -466,15 +506,15 @@ impl World {
                 IdentifyOutcome::Updated
             }
             None if update_only => IdentifyOutcome::Ignored,
-            None => match path {
-                PathId::Cio(_) => IdentifyOutcome::Ignored,
-                PathId::Id(id) => {
-                    let seq = self.create(Some(id.to_owned()), None, now);
+            None => match kind {
+                IdType::CioId => IdentifyOutcome::Ignored,
+                IdType::Id => {
+                    let seq = self.create(Some(value.to_owned()), None, now);
                     self.merge(seq, body, now);
                     IdentifyOutcome::Created
                 }
-                PathId::Email(email) => {
-                    let seq = self.create(body_id, Some(email.to_owned()), now);
+                IdType::Email => {
+                    let seq = self.create(body_id, Some(value.to_owned()), now);
                     let mut body = body;
                     // The path email wins over a different body email for a new person.
                     body.remove("email");
@@ -502,7 +542,185 @@ impl World {
                 members.remove(&seq);
             }
         }
+        // Deleting a person removes "all of their information", activity included.
+        self.events.remove_person(seq);
         true
+    }
+
+    /// Deletes the person an identifier refers to; false when there is none.
+    pub(crate) fn delete_as(&mut self, kind: IdType, value: &str) -> bool {
+        self.resolve(value, kind)
+            .is_some_and(|seq| self.remove(seq))
+    }
+
+    // ----- suppression -----
+
+    fn is_suppressed(&self, kind: IdType, value: &str) -> bool {
+        suppression_key(kind, value).is_some_and(|key| self.suppressed.contains_key(&key))
+    }
+
+    /// Deletes the person and suppresses their identifiers (id and email when both are set; the
+    /// referenced identifier when nobody holds it), so later calls using them are ignored.
+    pub(crate) fn suppress_as(&mut self, kind: IdType, value: &str) {
+        let keys: Vec<String> = match self.resolve(value, kind) {
+            Some(seq) => {
+                let keys = self.people.get(&seq).map_or_else(Vec::new, |p| {
+                    let id = p.id.as_deref().and_then(|i| suppression_key(IdType::Id, i));
+                    let email = p
+                        .email
+                        .as_deref()
+                        .and_then(|e| suppression_key(IdType::Email, e));
+                    id.into_iter().chain(email).collect()
+                });
+                self.remove(seq);
+                keys
+            }
+            None => suppression_key(kind, value).into_iter().collect(),
+        };
+        for key in &keys {
+            self.suppressed.insert(key.clone(), keys.clone());
+        }
+    }
+
+    /// Makes a suppressed identifier (and those suppressed with it) usable again; the deleted
+    /// profile is not restored.
+    pub(crate) fn unsuppress_as(&mut self, kind: IdType, value: &str) {
+        let Some(key) = suppression_key(kind, value) else {
+            return;
+        };
+        if let Some(group) = self.suppressed.remove(&key) {
+            for other in group {
+                self.suppressed.remove(&other);
+            }
+        }
+    }
+
+    // ----- merge -----
+
+    /// Merges `secondary` into `primary` (both must exist; false otherwise), then deletes
+    /// `secondary`. Like Customer.io: the primary gains the attributes it does not have (or has
+    /// empty), the manual segments it was not in, and the secondary's events; it also takes the
+    /// secondary's id or email when it has none.
+    pub(crate) fn merge_people(
+        &mut self,
+        primary: (IdType, &str),
+        secondary: (IdType, &str),
+        now: i64,
+    ) -> bool {
+        let (Some(p), Some(s)) = (
+            self.resolve(primary.1, primary.0),
+            self.resolve(secondary.1, secondary.0),
+        ) else {
+            return false;
+        };
+        if p == s {
+            return false;
+        }
+        let Some(sec) = self.people.get(&s) else {
+            return false;
+        };
+        let (sec_id, sec_email) = (sec.id.clone(), sec.email.clone());
+        let sec_attributes = sec.attributes.clone();
+        for segment in self.segments.values_mut() {
+            if let Membership::Manual(members) = &mut segment.membership
+                && members.contains(&s)
+            {
+                members.insert(p);
+            }
+        }
+        self.events.reassign(s, p);
+        self.remove(s);
+        let Some(prim) = self.people.get(&p) else {
+            return false;
+        };
+        let (has_id, has_email) = (prim.id.is_some(), prim.email.is_some());
+        let missing: Map<String, Value> = sec_attributes
+            .into_iter()
+            .filter(|(k, _)| k != "email")
+            .filter(|(k, _)| {
+                prim.attributes
+                    .get(k)
+                    .is_none_or(|v| v.is_null() || v.as_str().is_some_and(str::is_empty))
+            })
+            .collect();
+        if let (false, Some(id)) = (has_id, sec_id) {
+            self.set_id(p, &id, now);
+        }
+        if let (false, Some(email)) = (has_email, sec_email) {
+            self.set_email(p, Some(&email), now);
+        }
+        self.merge(p, missing, now);
+        true
+    }
+
+    // ----- events -----
+
+    /// Records an event for the person an identifier refers to, creating the person when the
+    /// id or email is unknown (an unknown `cio_id` or a suppressed identifier drops it). A
+    /// repeated event `id` is dropped before anything else happens.
+    pub(crate) fn person_event(
+        &mut self,
+        kind: IdType,
+        value: &str,
+        event: NewEvent,
+        now: DateTime<Utc>,
+    ) -> EventOutcome {
+        if self.events.check_duplicate(event.id.as_deref()) {
+            return EventOutcome::Duplicate;
+        }
+        if self.is_suppressed(kind, value) {
+            return EventOutcome::Dropped;
+        }
+        let seq = match (self.resolve(value, kind), kind) {
+            (Some(seq), _) => seq,
+            (None, IdType::CioId) => return EventOutcome::Dropped,
+            (None, IdType::Id) => self.create(Some(value.to_owned()), None, now.timestamp()),
+            (None, IdType::Email) => self.create(None, Some(value.to_owned()), now.timestamp()),
+        };
+        self.events.insert(Some(seq), event, now);
+        EventOutcome::Recorded
+    }
+
+    /// Records an anonymous event (`event.anonymous_id` set or not).
+    pub(crate) fn anonymous_event(&mut self, event: NewEvent, now: DateTime<Utc>) -> EventOutcome {
+        if self.events.check_duplicate(event.id.as_deref()) {
+            return EventOutcome::Duplicate;
+        }
+        self.events.insert(None, event, now);
+        EventOutcome::Recorded
+    }
+
+    pub(crate) fn event_snapshot(&self, event: &StoredEvent) -> SimEvent {
+        SimEvent {
+            person_id: event
+                .person
+                .and_then(|seq| self.people.get(&seq))
+                .map(Person::public_id),
+            anonymous_id: event.anonymous_id.clone(),
+            name: event.name.clone(),
+            id: event.id.clone(),
+            timestamp: event.timestamp,
+            data: event.data.clone(),
+            received_at: event.received_at,
+        }
+    }
+
+    pub(crate) fn events(&self) -> &EventStore {
+        &self.events
+    }
+
+    /// Segments the person is a member of (dynamic and manual), by id.
+    pub(crate) fn segments_of(&self, seq: u64) -> Vec<&Segment> {
+        let Some(person) = self.people.get(&seq) else {
+            return Vec::new();
+        };
+        self.segments
+            .values()
+            .filter(|segment| match &segment.membership {
+                Membership::Dynamic(predicate) => predicate.matches(person),
+                Membership::Manual(members) => members.contains(&seq),
+            })
+            .collect()
     }
 
     // ----- segments -----

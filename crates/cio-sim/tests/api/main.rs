@@ -3,6 +3,10 @@
 mod helpers;
 
 mod app;
+mod batch;
 mod control;
+mod customers;
+mod events;
 mod faults;
+mod log;
 mod track;
