@@ -18,7 +18,7 @@ use crate::config::{Api, ClientConfig, Region, RetryConfig};
 use crate::endpoint::Endpoint;
 use crate::error::{CioError, parse_error_details};
 use crate::limiter::{RateLimiter, shared_limiter};
-use crate::retry::{throttle_wait, Decision, MAX_HONOURED_RETRY_AFTER, decide, parse_retry_after};
+use crate::retry::{Decision, MAX_HONOURED_RETRY_AFTER, decide, parse_retry_after, throttle_wait};
 
 /// `User-Agent` sent with every request.
 pub const USER_AGENT: &str = concat!("sharpsend-cio/", env!("CARGO_PKG_VERSION"));
@@ -250,13 +250,29 @@ impl CioClient {
         T: DeserializeOwned,
         B: Serialize + ?Sized,
     {
-        let url = self.url(endpoint, path_params, query)?;
         let body = body.map(serde_json::to_vec).transpose().map_err(|e| {
             config_error(format!(
                 "serialising the body for {}: {e}",
                 endpoint.template
             ))
         })?;
+        let answer = self
+            .request_bytes(endpoint, path_params, query, body)
+            .await?;
+        decode(endpoint, &answer.body)
+    }
+
+    /// [`request`](Self::request) for a body that is already JSON bytes, answering the 2xx
+    /// status and raw body (for endpoints whose 2xx statuses mean different things, like the
+    /// v2 batch's 207).
+    pub(crate) async fn request_bytes(
+        &self,
+        endpoint: &Endpoint,
+        path_params: &[&str],
+        query: &[(&str, String)],
+        body: Option<Vec<u8>>,
+    ) -> Result<Answer, CioError> {
+        let url = self.url(endpoint, path_params, query)?;
         let span = tracing::debug_span!(
             "cio_request",
             api = %endpoint.api,
@@ -269,12 +285,12 @@ impl CioClient {
         self.execute(endpoint, url, body).instrument(span).await
     }
 
-    async fn execute<T: DeserializeOwned>(
+    async fn execute(
         &self,
         endpoint: &Endpoint,
         url: Url,
         body: Option<Vec<u8>>,
-    ) -> Result<T, CioError> {
+    ) -> Result<Answer, CioError> {
         let api = endpoint.api;
         let target = self.target(api);
         let span = tracing::Span::current();
@@ -300,7 +316,10 @@ impl CioClient {
                         "Customer.io answered"
                     );
                     if (200..300).contains(&status) {
-                        return decode(endpoint, &bytes);
+                        return Ok(Answer {
+                            status,
+                            body: bytes,
+                        });
                     }
                     if status == 429
                         && let Some(pause) = retry_after
@@ -322,8 +341,17 @@ impl CioClient {
                 }
             };
 
-            if let Some(wait) = throttle_wait(&self.inner.retry, endpoint.retry, &error, server_hint, throttled) {
-                tracing::debug!(wait_ms = wait.as_millis() as u64, "rate limited; waiting as told");
+            if let Some(wait) = throttle_wait(
+                &self.inner.retry,
+                endpoint.retry,
+                &error,
+                server_hint,
+                throttled,
+            ) {
+                tracing::debug!(
+                    wait_ms = wait.as_millis() as u64,
+                    "rate limited; waiting as told"
+                );
                 throttled += wait;
                 tokio::time::sleep(wait).await;
                 continue;
@@ -384,6 +412,15 @@ impl CioClient {
     }
 }
 
+/// A 2xx answer: its status and whole body.
+pub(crate) struct Answer {
+    /// HTTP status, 200..=299.
+    pub(crate) status: u16,
+    /// The body as received.
+    pub(crate) body: Vec<u8>,
+}
+
+/// Decodes a 2xx body into `T`; an empty body decodes as JSON `null`.
 fn decode<T: DeserializeOwned>(endpoint: &Endpoint, bytes: &[u8]) -> Result<T, CioError> {
     let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
         b"null"

@@ -92,8 +92,73 @@ pub mod endpoints {
         }
     }
 
+    const fn with(
+        api: Api,
+        method: Method,
+        template: &'static str,
+        retry: RetryPolicy,
+    ) -> Endpoint {
+        Endpoint {
+            api,
+            method,
+            template,
+            retry,
+        }
+    }
+
     /// `GET /api/v1/accounts/region` (Track auth): region and workspace of the credentials.
     pub const ACCOUNT_REGION: Endpoint = get(Api::Track, "/api/v1/accounts/region");
+
+    /// `PUT /api/v1/customers/{identifier}`: creates or updates a person (v1 identify, what the
+    /// official SDKs send). Idempotent: setting the same attributes twice leaves the same person.
+    pub const IDENTIFY: Endpoint = with(
+        Api::Track,
+        Method::PUT,
+        "/api/v1/customers/{identifier}",
+        RetryPolicy::Idempotent,
+    );
+    /// `POST /api/v1/customers/{identifier}/events`: one event for a person. Idempotent only
+    /// because the client always sends an event `id` (a ULID), on which Customer.io drops
+    /// repeats.
+    pub const TRACK_EVENT: Endpoint = with(
+        Api::Track,
+        Method::POST,
+        "/api/v1/customers/{identifier}/events",
+        RetryPolicy::Idempotent,
+    );
+    /// `POST /api/v2/entity`: one v2 operation. Idempotent for the operations this client
+    /// builds (identify; events with an id).
+    pub const ENTITY: Endpoint = with(
+        Api::Track,
+        Method::POST,
+        "/api/v2/entity",
+        RetryPolicy::Idempotent,
+    );
+    /// `POST /api/v2/batch`: many v2 operations; 200 when all were accepted, 207 with per-item
+    /// errors otherwise. Idempotent for the same reason as [`ENTITY`]: retrying a whole batch
+    /// re-applies identifies and re-sends events Customer.io drops as duplicates.
+    pub const BATCH: Endpoint = with(
+        Api::Track,
+        Method::POST,
+        "/api/v2/batch",
+        RetryPolicy::Idempotent,
+    );
+
+    /// `GET /v1/customers?email=`: the people with an email address.
+    pub const FIND_CUSTOMERS_BY_EMAIL: Endpoint = get(Api::App, "/v1/customers");
+    /// `GET /v1/customers/{customer_id}/attributes?id_type=`.
+    pub const CUSTOMER_ATTRIBUTES: Endpoint =
+        get(Api::App, "/v1/customers/{customer_id}/attributes");
+    /// `GET /v1/customers/{customer_id}/segments?id_type=`.
+    pub const CUSTOMER_SEGMENTS: Endpoint = get(Api::App, "/v1/customers/{customer_id}/segments");
+    /// `POST /v1/customers/attributes` `{"ids":[..]}`: attributes of up to 100 people. A POST
+    /// that only reads, hence idempotent.
+    pub const CUSTOMERS_ATTRIBUTES: Endpoint = with(
+        Api::App,
+        Method::POST,
+        "/v1/customers/attributes",
+        RetryPolicy::Idempotent,
+    );
 
     /// `GET /v1/segments`.
     pub const LIST_SEGMENTS: Endpoint = get(Api::App, "/v1/segments");
@@ -164,5 +229,40 @@ mod tests {
         assert_eq!(endpoints::CREATE_SEGMENT.retry, RetryPolicy::NeverRetry);
         assert_eq!(endpoints::GET_SEGMENT.retry, RetryPolicy::Idempotent);
         assert_eq!(endpoints::ACCOUNT_REGION.api, Api::Track);
+        for ep in [
+            &endpoints::IDENTIFY,
+            &endpoints::TRACK_EVENT,
+            &endpoints::ENTITY,
+            &endpoints::BATCH,
+        ] {
+            assert_eq!(
+                (ep.api, ep.retry),
+                (Api::Track, RetryPolicy::Idempotent),
+                "{ep:?}"
+            );
+        }
+        for ep in [
+            &endpoints::FIND_CUSTOMERS_BY_EMAIL,
+            &endpoints::CUSTOMER_ATTRIBUTES,
+            &endpoints::CUSTOMER_SEGMENTS,
+            &endpoints::CUSTOMERS_ATTRIBUTES,
+        ] {
+            assert_eq!(
+                (ep.api, ep.retry),
+                (Api::App, RetryPolicy::Idempotent),
+                "{ep:?}"
+            );
+        }
+        assert_eq!(endpoints::IDENTIFY.method, Method::PUT);
+        assert_eq!(endpoints::BATCH.method, Method::POST);
+        assert_eq!(endpoints::CUSTOMERS_ATTRIBUTES.method, Method::POST);
+        assert_eq!(
+            endpoints::TRACK_EVENT.path(&["cio_03000001"]).unwrap(),
+            "/api/v1/customers/cio_03000001/events"
+        );
+        assert_eq!(
+            endpoints::CUSTOMER_SEGMENTS.path(&["a@b.c"]).unwrap(),
+            "/v1/customers/a%40b.c/segments"
+        );
     }
 }

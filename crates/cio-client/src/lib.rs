@@ -15,6 +15,11 @@
 //!   `Retry-After` pauses everyone using that API.
 //! - [`pagination`]: [`paginate`], the cursor stream helper for every `next`-style endpoint.
 //! - [`account`]: `account_region()`; [`segments`]: segment reads, membership, manual segments.
+//! - [`people`]: Track writes about people: v1 `identify` / `track_event` (what the official
+//!   SDKs send) and v2 [`PersonOp`]s one at a time (`entity`) or batched (`batch`, 207 =
+//!   per-op [`BatchFailure`]s); [`Identifier`], [`IdType`], size limits.
+//! - [`customers`]: App API customer reads: attributes of one or up to 100 people, a person's
+//!   segments, lookup by email.
 //!
 //! Calls on endpoints with [`RetryPolicy::NeverRetry`] (creating resources, and later every
 //! message send) are never repeated once they may have left; a timeout then yields an error with
@@ -23,10 +28,12 @@
 pub mod account;
 pub mod client;
 pub mod config;
+pub mod customers;
 pub mod endpoint;
 pub mod error;
 pub mod limiter;
 pub mod pagination;
+pub mod people;
 pub mod retry;
 pub mod segments;
 mod serde_util;
@@ -34,9 +41,14 @@ mod serde_util;
 pub use account::AccountRegion;
 pub use client::{CioClient, USER_AGENT, install_crypto_provider};
 pub use config::{Api, ClientConfig, Credentials, ParseRegionError, Region, RetryConfig};
+pub use customers::{CustomerAttributes, CustomerSegment, MAX_CUSTOMERS_PER_LOOKUP};
 pub use endpoint::{Endpoint, RetryPolicy, encode_path_segment, endpoints};
 pub use error::{CioError, ErrorDetail, parse_error_details};
 pub use pagination::{Page, paginate};
+pub use people::{
+    BATCH_ENVELOPE_BYTES, BatchFailure, BatchOutcome, EncodedOp, Event, IdType, Identifier,
+    MAX_BATCH_BYTES, MAX_OP_BYTES, PersonAction, PersonOp, batch_body_len, is_ulid,
+};
 pub use retry::{MAX_HONOURED_RETRY_AFTER, parse_retry_after};
 pub use secrecy::SecretString;
 pub use segments::{

@@ -55,6 +55,24 @@ pub(crate) fn u64_lenient<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Err
         .map_err(|_| de::Error::custom(format!("expected a non-negative integer, got {n}")))
 }
 
+/// `Option<bool>` from a bool, `"true"`/`"false"` (any case), 0/1 or null.
+pub(crate) fn opt_bool<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::Null => None,
+        Value::Bool(b) => Some(b),
+        Value::String(s) if s.trim().is_empty() => None,
+        Value::String(s) if s.trim().eq_ignore_ascii_case("true") => Some(true),
+        Value::String(s) if s.trim().eq_ignore_ascii_case("false") => Some(false),
+        Value::Number(n) if n.as_u64() == Some(0) => Some(false),
+        Value::Number(n) if n.as_u64() == Some(1) => Some(true),
+        other => {
+            return Err(de::Error::custom(format!(
+                "expected a boolean, got {other}"
+            )));
+        }
+    })
+}
+
 /// `T::default()` for null or missing (use with `#[serde(default)]`).
 pub(crate) fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
 where

@@ -2,6 +2,8 @@
 //!
 //! - `helpers`: simulator + client set-up.
 //! - `calls`: the typed calls and how each status maps to `CioError`.
+//! - `people`: Track writes: v1 identify/events, v2 entity and batch (200, 207), safe retries.
+//! - `customers`: App API customer reads (attributes, bulk attributes, segments, email lookup).
 //! - `resilience`: retries, Retry-After, timeouts, dropped connections, NeverRetry endpoints.
 //! - `limiter`: pacing shared across clients of one workspace, pauses after a 429.
 //! - `wire`: the exact headers on the wire (a raw TCP listener captures them).
@@ -9,7 +11,9 @@
 #![allow(clippy::unwrap_used)]
 
 mod calls;
+mod customers;
 mod helpers;
 mod limiter;
+mod people;
 mod resilience;
 mod wire;
