@@ -18,6 +18,8 @@ mod m20261128_000001_create_workspaces;
 mod m20261128_000002_create_segments;
 mod m20261128_000003_create_job_runs;
 mod m20261128_000004_create_job_leases;
+mod m20261128_000005_create_profiles;
+mod m20261128_000006_create_outbox;
 
 /// All migrations of the project, oldest first.
 pub struct Migrator;
@@ -30,6 +32,8 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000002_create_segments::Migration),
             Box::new(m20261128_000003_create_job_runs::Migration),
             Box::new(m20261128_000004_create_job_leases::Migration),
+            Box::new(m20261128_000005_create_profiles::Migration),
+            Box::new(m20261128_000006_create_outbox::Migration),
         ]
     }
 }

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
-    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement,
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, Statement,
     TransactionOptions, TransactionTrait,
 };
 use sharpsend_migrations::{Migrator, MigratorTrait};
@@ -119,6 +119,18 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection, DbError> {
     let db = Database::connect(opts).await?;
     tracing::debug!(backend = ?db.get_database_backend(), "database connected");
     Ok(db)
+}
+
+/// Begins a transaction that is going to write: `BEGIN IMMEDIATE` on SQLite, so that it takes
+/// the write lock up front and waits (busy timeout) for other writers instead of failing when
+/// it later upgrades from reading to writing; a plain `BEGIN` on PostgreSQL. Inside a
+/// transaction it opens a savepoint.
+pub(crate) async fn begin_write<C: TransactionTrait>(db: &C) -> Result<C::Transaction, DbErr> {
+    db.begin_with_options(TransactionOptions {
+        sqlite_transaction_mode: Some(sea_orm::SqliteTransactionMode::Immediate),
+        ..TransactionOptions::default()
+    })
+    .await
 }
 
 /// Applies every pending migration, all in one transaction.

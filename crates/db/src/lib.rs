@@ -8,9 +8,13 @@
 //!   `sharpsend-migrations` [`Migrator`](sharpsend_migrations::Migrator).
 //! - [`DbError`] (`error.rs`): the one error type of this crate.
 //! - [`entities`]: sea-orm entities, one module per table.
-//! - [`workspaces`], [`segments`], [`jobs`]: query/mutation functions taking a connection
-//!   (`&DatabaseConnection`, a transaction, or any `&impl ConnectionTrait`) and returning plain
-//!   structs, never entity models.
+//! - [`workspaces`], [`segments`], [`jobs`], [`profiles`], [`outbox`]: query/mutation
+//!   functions taking a connection (`&DatabaseConnection`, a transaction, or any
+//!   `&impl ConnectionTrait`; `&impl TransactionTrait` for those that open a transaction of
+//!   their own) and returning plain structs, never entity models.
+//! - The write path: [`outbox::accept_attribute_updates`] / [`outbox::accept_events`] write the
+//!   [`profiles`] mirror and the outbox in one transaction; outbox workers deliver with
+//!   [`outbox::claim_due`] and `outbox::mark_*` (safe with many workers and replicas).
 //! - `testing` (feature `test-support`): a fresh database per test on SQLite and PostgreSQL
 //!   and the `db_test!` macro that runs one test body on both.
 //!
@@ -22,7 +26,10 @@ mod database;
 pub mod entities;
 mod error;
 pub mod jobs;
+pub mod outbox;
+pub mod profiles;
 pub mod segments;
+mod sql;
 #[cfg(feature = "test-support")]
 pub mod testing;
 mod time;

@@ -22,6 +22,10 @@ pub enum Relation {
     JobRuns,
     #[sea_orm(has_many = "super::job_leases::Entity")]
     JobLeases,
+    #[sea_orm(has_many = "super::profiles::Entity")]
+    Profiles,
+    #[sea_orm(has_many = "super::outbox::Entity")]
+    Outbox,
 }
 
 impl Related<super::segments::Entity> for Entity {
@@ -39,6 +43,18 @@ impl Related<super::job_runs::Entity> for Entity {
 impl Related<super::job_leases::Entity> for Entity {
     fn to() -> RelationDef {
         Relation::JobLeases.def()
+    }
+}
+
+impl Related<super::profiles::Entity> for Entity {
+    fn to() -> RelationDef {
+        Relation::Profiles.def()
+    }
+}
+
+impl Related<super::outbox::Entity> for Entity {
+    fn to() -> RelationDef {
+        Relation::Outbox.def()
     }
 }
 

@@ -37,3 +37,11 @@ pub fn counted(cio_id: i64, name: &str, count: i64, counted_at: DateTime<Utc>) -
         ..seg(cio_id, name, "dynamic")
     }
 }
+
+/// The JSON object `value` as an attribute map (empty if `value` is not an object).
+pub fn attrs(value: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+    match value {
+        serde_json::Value::Object(map) => map,
+        _ => serde_json::Map::new(),
+    }
+}

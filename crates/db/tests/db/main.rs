@@ -4,5 +4,7 @@
 mod helpers;
 mod jobs;
 mod migrations;
+mod outbox;
+mod profiles;
 mod segments;
 mod workspaces;

@@ -1,0 +1,802 @@
+//! The outbox: writes for Customer.io accepted by SharpSend, durable before they are answered,
+//! delivered later by outbox workers (several at once, in several replicas).
+//!
+//! - Accepting: [`accept_attribute_updates`] (merged into the profiles mirror and queued in one
+//!   transaction) and [`accept_events`] (queued once per idempotency key).
+//! - Delivering: a worker [`claim_due`]s rows (`pending` → `in_flight`, for a limited time),
+//!   sends them, and settles them with [`mark_delivered`], [`mark_retry`] or [`mark_dead`];
+//!   those only touch rows the worker still holds. A worker that dies leaves its rows
+//!   `in_flight`; once the claim expires another worker claims them again. [`next_due_at`]
+//!   tells an idle worker how long it may sleep.
+//! - Operating: [`stats`], [`dead_letters`], [`recent_failures`], [`requeue_dead`],
+//!   [`purge_delivered`], [`get_many`].
+//!
+//! Row lifecycle: `pending` → `in_flight` → `delivered` | `pending` (retry, `attempts + 1`,
+//! later `next_attempt_at`) | `dead` (`attempts + 1`); `dead` → `pending` by [`requeue_dead`].
+//! All times come from the caller (`now`), truncated to microseconds.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sea_orm::sea_query::{Expr, ExprTrait, LockBehavior, LockType, OnConflict, Query};
+use sea_orm::{
+    ActiveValue::{NotSet, Set},
+    ColumnTrait, Condition, ConnectionTrait, DbBackend, DbErr, EntityTrait, FromQueryResult,
+    QueryFilter, QueryOrder, QuerySelect, QueryTrait, TransactionSession, TransactionTrait,
+};
+use serde_json::{Map, Value};
+
+use crate::DbError;
+use crate::database::begin_write;
+use crate::entities::outbox::{ActiveModel, Column, Entity, Model};
+use crate::profiles;
+use crate::sql::{id_in, text_in};
+use crate::time::{add_span, db_time};
+
+/// Rows per multi-row insert (10 values each): well under both backends' bind-parameter limits
+/// (SQLite: 32,766). Lists of ids are bound as one JSON array ([`crate::sql`]).
+const CHUNK: usize = 500;
+/// `(id, reason)` pairs per [`mark_dead`] statement (three values each).
+const DEAD_CHUNK: usize = 300;
+
+/// What an outbox row asks Customer.io to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// Set (or remove) attributes of a person.
+    Identify,
+    /// Record an event for a person.
+    Event,
+}
+
+impl Kind {
+    /// The stored value: `identify` or `event`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Identify => "identify",
+            Kind::Event => "event",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A string that is not one of [`Kind`]'s stored values.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown outbox kind `{0}`")]
+pub struct UnknownKind(pub String);
+
+impl FromStr for Kind {
+    type Err = UnknownKind;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "identify" => Ok(Kind::Identify),
+            "event" => Ok(Kind::Event),
+            other => Err(UnknownKind(other.to_owned())),
+        }
+    }
+}
+
+/// Where an outbox row is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Status {
+    /// Waiting to be claimed (from `next_attempt_at` on).
+    Pending,
+    /// Claimed by a worker (`claimed_by`) until `claim_expires_at`.
+    InFlight,
+    /// Accepted by Customer.io (`delivered_at`).
+    Delivered,
+    /// Given up on (`last_error` says why); [`requeue_dead`] brings it back.
+    Dead,
+}
+
+impl Status {
+    /// The stored value: `pending`, `in_flight`, `delivered` or `dead`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::InFlight => "in_flight",
+            Status::Delivered => "delivered",
+            Status::Dead => "dead",
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A string that is not one of [`Status`]'s stored values.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown outbox status `{0}`")]
+pub struct UnknownStatus(pub String);
+
+impl FromStr for Status {
+    type Err = UnknownStatus;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "pending" => Ok(Status::Pending),
+            "in_flight" => Ok(Status::InFlight),
+            "delivered" => Ok(Status::Delivered),
+            "dead" => Ok(Status::Dead),
+            other => Err(UnknownStatus(other.to_owned())),
+        }
+    }
+}
+
+/// An attribute update for one person: each attribute is set, a `null` value removes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewAttributeUpdate {
+    pub customer_id: String,
+    pub attributes: Map<String, Value>,
+}
+
+/// An event for one person.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    pub customer_id: String,
+    /// ULID made by the caller; unique within the workspace (Customer.io deduplicates on it).
+    pub event_id: String,
+    pub name: String,
+    pub data: Value,
+    /// Unix seconds; `None` means "when accepted".
+    pub timestamp: Option<i64>,
+    /// At most one event per key and workspace is ever queued.
+    pub idempotency_key: Option<String>,
+}
+
+/// What [`accept_events`] did with one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcceptedEvent {
+    /// The event's id: the caller's, or for a duplicate that of the event first accepted with
+    /// the same idempotency key.
+    pub event_id: String,
+    /// The idempotency key had already been accepted (earlier, or earlier in the same call);
+    /// nothing was queued for this event.
+    pub duplicate: bool,
+}
+
+/// An outbox row, as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxRow {
+    /// Acceptance order.
+    pub id: i64,
+    pub workspace_id: i64,
+    pub kind: Kind,
+    pub customer_id: String,
+    /// `identify`: the attribute map as accepted (nulls included); `event`:
+    /// `{"name", "data", "timestamp"}`.
+    pub payload: Value,
+    pub event_id: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub status: Status,
+    /// Delivery attempts finished (delivered, failed, or given up).
+    pub attempts: i32,
+    /// When the row may be claimed: for a `pending` row when it is due, for an `in_flight` one
+    /// when its claim expires (= `claim_expires_at`).
+    pub next_attempt_at: DateTime<Utc>,
+    /// The worker holding an `in_flight` row; the one that settled a `delivered` or `dead` one.
+    pub claimed_by: Option<String>,
+    pub claim_expires_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    /// When the last attempt finished.
+    pub last_attempt_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub delivered_at: Option<DateTime<Utc>>,
+}
+
+impl TryFrom<Model> for OutboxRow {
+    type Error = DbErr;
+
+    fn try_from(m: Model) -> Result<Self, DbErr> {
+        let kind = m
+            .kind
+            .parse()
+            .map_err(|e: UnknownKind| DbErr::Type(e.to_string()))?;
+        let status = m
+            .status
+            .parse()
+            .map_err(|e: UnknownStatus| DbErr::Type(e.to_string()))?;
+        Ok(Self {
+            id: m.id,
+            workspace_id: m.workspace_id,
+            kind,
+            customer_id: m.customer_id,
+            payload: m.payload,
+            event_id: m.event_id,
+            idempotency_key: m.idempotency_key,
+            status,
+            attempts: m.attempts,
+            next_attempt_at: m.next_attempt_at,
+            claimed_by: m.claimed_by,
+            claim_expires_at: m.claim_expires_at,
+            last_error: m.last_error,
+            last_attempt_at: m.last_attempt_at,
+            created_at: m.created_at,
+            delivered_at: m.delivered_at,
+        })
+    }
+}
+
+/// Counts and times of a workspace's outbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncStats {
+    pub pending: u64,
+    pub in_flight: u64,
+    pub delivered: u64,
+    pub dead: u64,
+    /// Acceptance time of the oldest row not yet delivered nor dead (`pending` or
+    /// `in_flight`): how far delivery lags behind.
+    pub oldest_pending_at: Option<DateTime<Utc>>,
+    /// Latest `delivered_at` (among rows not yet purged).
+    pub last_delivered_at: Option<DateTime<Utc>>,
+}
+
+/// Accepts attribute updates, in ONE transaction: merges each into the person's profile
+/// (created if missing; later updates win; a `null` value removes the attribute; see
+/// [`profiles`]) and queues one `identify` row per update, in order, due at `now`. All or
+/// nothing: on error nothing is written. Returns how many rows were queued.
+///
+/// A handful of statements whatever the size: per 500 people an insert of missing profiles, a
+/// locking read and an upsert; per 500 updates one multi-row insert.
+pub async fn accept_attribute_updates(
+    db: &impl TransactionTrait,
+    workspace_id: i64,
+    updates: &[NewAttributeUpdate],
+    now: DateTime<Utc>,
+) -> Result<u64, DbError> {
+    if updates.is_empty() {
+        return Ok(0);
+    }
+    let now = db_time(now);
+    let pairs: Vec<(&str, &Map<String, Value>)> = updates
+        .iter()
+        .map(|u| (u.customer_id.as_str(), &u.attributes))
+        .collect();
+    let rows: Vec<ActiveModel> = updates
+        .iter()
+        .map(|u| {
+            new_row(
+                workspace_id,
+                Kind::Identify,
+                &u.customer_id,
+                Value::Object(u.attributes.clone()),
+                None,
+                None,
+                now,
+            )
+        })
+        .collect();
+
+    let txn = begin_write(db).await?;
+    profiles::merge_attributes(&txn, workspace_id, &pairs, now).await?;
+    let mut queued = 0;
+    let mut rows = rows.into_iter().peekable();
+    while rows.peek().is_some() {
+        let chunk: Vec<ActiveModel> = rows.by_ref().take(CHUNK).collect();
+        let stmt = Entity::insert_many(chunk).into_query();
+        queued += txn.execute(&stmt).await?.rows_affected();
+    }
+    txn.commit().await?;
+    tracing::debug!(workspace_id, queued, "attribute updates accepted");
+    Ok(queued)
+}
+
+/// Accepts events, in ONE transaction: queues one `event` row per event (payload
+/// `{"name", "data", "timestamp"}`, the timestamp defaulting to `now` in Unix seconds), in
+/// order, due at `now`, and creates missing profiles (empty attributes). All or nothing.
+///
+/// An event whose idempotency key was already accepted in the workspace — earlier, or earlier
+/// in this call — is not queued again: its result carries the first event's id and
+/// `duplicate = true`. Race-safe: the key is inserted with `ON CONFLICT DO NOTHING` against a
+/// unique index, so of concurrent calls with one key exactly one queues it (on PostgreSQL the
+/// others wait for it to commit and then see it; SQLite runs write transactions one at a
+/// time). A duplicate `event_id` without a matching key fails the call.
+///
+/// Returns one [`AcceptedEvent`] per event, in order.
+pub async fn accept_events(
+    db: &impl TransactionTrait,
+    workspace_id: i64,
+    events: &[NewEvent],
+    now: DateTime<Utc>,
+) -> Result<Vec<AcceptedEvent>, DbError> {
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
+    let now = db_time(now);
+
+    // Within the call, the first event with a key is the one queued.
+    let mut first_with_key: HashMap<&str, usize> = HashMap::new();
+    let mut duplicate_of: Vec<Option<usize>> = Vec::with_capacity(events.len());
+    for (i, e) in events.iter().enumerate() {
+        let first = e
+            .idempotency_key
+            .as_deref()
+            .and_then(|k| match first_with_key.get(k) {
+                Some(&first) => Some(first),
+                None => {
+                    first_with_key.insert(k, i);
+                    None
+                }
+            });
+        duplicate_of.push(first);
+    }
+    let rows: Vec<ActiveModel> = events
+        .iter()
+        .zip(&duplicate_of)
+        .filter(|(_, dup)| dup.is_none())
+        .map(|(e, _)| {
+            let payload = serde_json::json!({
+                "name": e.name,
+                "data": e.data,
+                "timestamp": e.timestamp.unwrap_or_else(|| now.timestamp()),
+            });
+            new_row(
+                workspace_id,
+                Kind::Event,
+                &e.customer_id,
+                payload,
+                Some(e.event_id.clone()),
+                e.idempotency_key.clone(),
+                now,
+            )
+        })
+        .collect();
+    let customer_ids: Vec<&str> = events
+        .iter()
+        .map(|e| e.customer_id.as_str())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let on_conflict = OnConflict::columns([Column::WorkspaceId, Column::IdempotencyKey])
+        .target_and_where(Expr::col(Column::IdempotencyKey).is_not_null())
+        .do_nothing()
+        .to_owned();
+
+    let txn = begin_write(db).await?;
+    let backend = txn.get_database_backend();
+    profiles::ensure_exist(&txn, workspace_id, &customer_ids, now).await?;
+    let mut queued_keys: HashSet<String> = HashSet::new();
+    let mut rows = rows.into_iter().peekable();
+    while rows.peek().is_some() {
+        let chunk: Vec<ActiveModel> = rows.by_ref().take(CHUNK).collect();
+        let mut stmt = Entity::insert_many(chunk)
+            .on_conflict(on_conflict.clone())
+            .into_query();
+        stmt.returning_col(Column::IdempotencyKey);
+        for row in txn.query_all(&stmt).await? {
+            if let Some(key) = row.try_get::<Option<String>>("", "idempotency_key")? {
+                queued_keys.insert(key);
+            }
+        }
+    }
+    // Keys that hit an existing row: that row's event id.
+    let taken: Vec<&str> = first_with_key
+        .keys()
+        .copied()
+        .filter(|k| !queued_keys.contains(*k))
+        .collect();
+    let mut existing: HashMap<String, String> = HashMap::with_capacity(taken.len());
+    if !taken.is_empty() {
+        let found: Vec<(Option<String>, Option<String>)> = Entity::find()
+            .select_only()
+            .column(Column::IdempotencyKey)
+            .column(Column::EventId)
+            .filter(Column::WorkspaceId.eq(workspace_id))
+            // Spelled out so that the partial unique index plainly applies.
+            .filter(Column::IdempotencyKey.is_not_null())
+            .filter(text_in(backend, Column::IdempotencyKey, &taken))
+            .into_tuple()
+            .all(&txn)
+            .await?;
+        existing.extend(
+            found
+                .into_iter()
+                .filter_map(|(key, event_id)| Some((key?, event_id?))),
+        );
+    }
+    txn.commit().await?;
+
+    let mut out: Vec<AcceptedEvent> = Vec::with_capacity(events.len());
+    for (i, e) in events.iter().enumerate() {
+        let accepted = match (duplicate_of[i], e.idempotency_key.as_deref()) {
+            (Some(first), _) => AcceptedEvent {
+                event_id: out
+                    .get(first)
+                    .map(|a| a.event_id.clone())
+                    .ok_or_else(|| DbErr::Custom("idempotency bookkeeping".into()))?,
+                duplicate: true,
+            },
+            (None, Some(key)) if !queued_keys.contains(key) => AcceptedEvent {
+                event_id: existing.get(key).cloned().ok_or_else(|| {
+                    DbErr::RecordNotFound("event of an existing idempotency key".into())
+                })?,
+                duplicate: true,
+            },
+            (None, _) => AcceptedEvent {
+                event_id: e.event_id.clone(),
+                duplicate: false,
+            },
+        };
+        out.push(accepted);
+    }
+    tracing::debug!(
+        workspace_id,
+        queued = out.iter().filter(|a| !a.duplicate).count(),
+        duplicates = out.iter().filter(|a| a.duplicate).count(),
+        "events accepted"
+    );
+    Ok(out)
+}
+
+/// A new `pending` row due at `now`.
+fn new_row(
+    workspace_id: i64,
+    kind: Kind,
+    customer_id: &str,
+    payload: Value,
+    event_id: Option<String>,
+    idempotency_key: Option<String>,
+    now: DateTime<Utc>,
+) -> ActiveModel {
+    ActiveModel {
+        id: NotSet,
+        workspace_id: Set(workspace_id),
+        kind: Set(kind.as_str().to_owned()),
+        customer_id: Set(customer_id.to_owned()),
+        payload: Set(payload),
+        event_id: Set(event_id),
+        idempotency_key: Set(idempotency_key),
+        status: Set(Status::Pending.as_str().to_owned()),
+        attempts: Set(0),
+        next_attempt_at: Set(now),
+        claimed_by: NotSet,
+        claim_expires_at: NotSet,
+        last_error: NotSet,
+        last_attempt_at: NotSet,
+        created_at: Set(now),
+        delivered_at: NotSet,
+    }
+}
+
+/// Claims up to `limit` due rows of the workspace for `worker`, oldest (lowest id) first:
+/// `pending` rows with `next_attempt_at <= now`, and `in_flight` rows whose claim expired
+/// (their worker died or lost track). They become `in_flight`, `claimed_by = worker`,
+/// `claim_expires_at = now + claim_ttl`. Returned ordered by id.
+///
+/// An `in_flight` row's `next_attempt_at` is its claim's expiry (when it is due again), so
+/// that "due" is one index range for both statuses: `(workspace_id, status IN (pending,
+/// in_flight), next_attempt_at <= now)` on `ix_outbox_claim`, never touching delivered rows.
+///
+/// One statement, safe with any number of workers and replicas — no row is handed to two
+/// claimers: on PostgreSQL `UPDATE … WHERE id IN (SELECT id … ORDER BY id LIMIT n FOR UPDATE
+/// SKIP LOCKED) RETURNING …` (concurrent claimers skip each other's rows instead of waiting);
+/// on SQLite the same without the lock clause, SQLite running one writer at a time (the
+/// others wait, up to the connection's busy timeout).
+pub async fn claim_due(
+    db: &impl ConnectionTrait,
+    workspace_id: i64,
+    worker: &str,
+    limit: u64,
+    claim_ttl: Duration,
+    now: DateTime<Utc>,
+) -> Result<Vec<OutboxRow>, DbError> {
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    let now = db_time(now);
+    let due = Entity::find()
+        .select_only()
+        .column(Column::Id)
+        .filter(Column::WorkspaceId.eq(workspace_id))
+        .filter(Column::Status.is_in([Status::Pending.as_str(), Status::InFlight.as_str()]))
+        .filter(Column::NextAttemptAt.lte(now))
+        .order_by_asc(Column::Id)
+        .limit(limit)
+        .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
+        .into_query();
+    let expires = add_span(now, claim_ttl);
+    let stmt = Query::update()
+        .table(Entity)
+        .values([
+            (Column::Status, Expr::value(Status::InFlight.as_str())),
+            (Column::ClaimedBy, Expr::value(worker)),
+            (Column::ClaimExpiresAt, Expr::value(expires)),
+            (Column::NextAttemptAt, Expr::value(expires)),
+        ])
+        .and_where(Column::Id.in_subquery(due))
+        .returning_all()
+        .to_owned();
+    let mut rows = db
+        .query_all(&stmt)
+        .await?
+        .iter()
+        .map(|r| Model::from_query_result(r, "").and_then(OutboxRow::try_from))
+        .collect::<Result<Vec<_>, DbErr>>()?;
+    rows.sort_unstable_by_key(|r| r.id);
+    Ok(rows)
+}
+
+/// Only rows among `ids` that are still `in_flight` and claimed by `worker`.
+fn held_by(backend: DbBackend, worker: &str, ids: &[i64]) -> Condition {
+    Condition::all()
+        .add(id_in(backend, Column::Id, ids))
+        .add(Column::Status.eq(Status::InFlight.as_str()))
+        .add(Column::ClaimedBy.eq(worker))
+}
+
+/// Settles rows `worker` delivered: `delivered` at `now`, `attempts + 1`. Rows `worker` no
+/// longer holds (settled, or re-claimed by another worker after the claim expired) are left
+/// alone. Returns how many rows changed.
+pub async fn mark_delivered(
+    db: &impl ConnectionTrait,
+    worker: &str,
+    ids: &[i64],
+    now: DateTime<Utc>,
+) -> Result<u64, DbError> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let now = db_time(now);
+    Ok(Entity::update_many()
+        .col_expr(Column::Status, Expr::value(Status::Delivered.as_str()))
+        .col_expr(Column::Attempts, Expr::col(Column::Attempts).add(1))
+        .col_expr(Column::DeliveredAt, Expr::value(now))
+        .col_expr(Column::LastAttemptAt, Expr::value(now))
+        .col_expr(Column::ClaimExpiresAt, Expr::value(None::<DateTime<Utc>>))
+        .filter(held_by(db.get_database_backend(), worker, ids))
+        .exec(db)
+        .await?
+        .rows_affected)
+}
+
+/// Settles rows whose delivery failed but may succeed later: back to `pending`, due at
+/// `next_attempt_at`, `attempts + 1`, `last_error = error`. Only rows `worker` still holds.
+/// Returns how many rows changed.
+pub async fn mark_retry(
+    db: &impl ConnectionTrait,
+    worker: &str,
+    ids: &[i64],
+    error: &str,
+    next_attempt_at: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<u64, DbError> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    Ok(Entity::update_many()
+        .col_expr(Column::Status, Expr::value(Status::Pending.as_str()))
+        .col_expr(Column::Attempts, Expr::col(Column::Attempts).add(1))
+        .col_expr(Column::NextAttemptAt, Expr::value(db_time(next_attempt_at)))
+        .col_expr(Column::LastError, Expr::value(error))
+        .col_expr(Column::LastAttemptAt, Expr::value(db_time(now)))
+        .col_expr(Column::ClaimedBy, Expr::value(None::<String>))
+        .col_expr(Column::ClaimExpiresAt, Expr::value(None::<DateTime<Utc>>))
+        .filter(held_by(db.get_database_backend(), worker, ids))
+        .exec(db)
+        .await?
+        .rows_affected)
+}
+
+/// Gives up on rows (each with its reason, stored as `last_error`): `dead`, `attempts + 1`.
+/// Only rows `worker` still holds. Returns how many rows changed.
+pub async fn mark_dead(
+    db: &impl ConnectionTrait,
+    worker: &str,
+    dead: &[(i64, String)],
+    now: DateTime<Utc>,
+) -> Result<u64, DbError> {
+    let now = db_time(now);
+    let mut changed = 0;
+    for chunk in dead.chunks(DEAD_CHUNK) {
+        let Some(((first_id, first_reason), rest)) = chunk.split_first() else {
+            continue;
+        };
+        let reason = rest.iter().fold(
+            Expr::case(Column::Id.eq(*first_id), first_reason.as_str()),
+            |case, (id, reason)| case.case(Column::Id.eq(*id), reason.as_str()),
+        );
+        let ids: Vec<i64> = chunk.iter().map(|(id, _)| *id).collect();
+        changed += Entity::update_many()
+            .col_expr(Column::Status, Expr::value(Status::Dead.as_str()))
+            .col_expr(Column::Attempts, Expr::col(Column::Attempts).add(1))
+            .col_expr(
+                Column::LastError,
+                reason.finally(Expr::col(Column::LastError)).into(),
+            )
+            .col_expr(Column::LastAttemptAt, Expr::value(now))
+            .col_expr(Column::ClaimExpiresAt, Expr::value(None::<DateTime<Utc>>))
+            .filter(held_by(db.get_database_backend(), worker, &ids))
+            .exec(db)
+            .await?
+            .rows_affected;
+    }
+    Ok(changed)
+}
+
+/// Brings `dead` rows of the workspace back: `pending`, due at `now`, `attempts = 0`,
+/// `last_error` cleared. `ids = None` requeues every dead row; ids of rows that are not dead
+/// (or not in the workspace) are ignored. Returns how many rows changed.
+pub async fn requeue_dead(
+    db: &impl ConnectionTrait,
+    workspace_id: i64,
+    ids: Option<&[i64]>,
+    now: DateTime<Utc>,
+) -> Result<u64, DbError> {
+    let mut cond = Condition::all()
+        .add(Column::WorkspaceId.eq(workspace_id))
+        .add(Column::Status.eq(Status::Dead.as_str()));
+    if let Some(ids) = ids {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        cond = cond.add(id_in(db.get_database_backend(), Column::Id, ids));
+    }
+    Ok(Entity::update_many()
+        .col_expr(Column::Status, Expr::value(Status::Pending.as_str()))
+        .col_expr(Column::Attempts, Expr::value(0))
+        .col_expr(Column::NextAttemptAt, Expr::value(db_time(now)))
+        .col_expr(Column::LastError, Expr::value(None::<String>))
+        .col_expr(Column::ClaimedBy, Expr::value(None::<String>))
+        .col_expr(Column::ClaimExpiresAt, Expr::value(None::<DateTime<Utc>>))
+        .filter(cond)
+        .exec(db)
+        .await?
+        .rows_affected)
+}
+
+/// Row counts per status and the lag indicators of the workspace's outbox (one query).
+pub async fn stats(db: &impl ConnectionTrait, workspace_id: i64) -> Result<SyncStats, DbError> {
+    /// Status, rows, oldest `created_at`, latest `delivered_at`.
+    type Group = (String, i64, Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+    let groups: Vec<Group> = Entity::find()
+        .select_only()
+        .column(Column::Status)
+        .column_as(Expr::col(Column::Id).count(), "rows")
+        .column_as(Expr::col(Column::CreatedAt).min(), "oldest_created_at")
+        .column_as(Expr::col(Column::DeliveredAt).max(), "last_delivered_at")
+        .filter(Column::WorkspaceId.eq(workspace_id))
+        .group_by(Column::Status)
+        .into_tuple()
+        .all(db)
+        .await?;
+    let mut stats = SyncStats::default();
+    for (status, rows, oldest, last_delivered) in groups {
+        let status: Status = status
+            .parse()
+            .map_err(|e: UnknownStatus| DbErr::Type(e.to_string()))?;
+        let rows = u64::try_from(rows).unwrap_or(0);
+        match status {
+            Status::Pending => stats.pending = rows,
+            Status::InFlight => stats.in_flight = rows,
+            Status::Delivered => {
+                stats.delivered = rows;
+                stats.last_delivered_at = last_delivered;
+            }
+            Status::Dead => stats.dead = rows,
+        }
+        if matches!(status, Status::Pending | Status::InFlight) {
+            stats.oldest_pending_at = match (stats.oldest_pending_at, oldest) {
+                (Some(a), Some(b)) => Some(Ord::min(a, b)),
+                (a, b) => a.or(b),
+            };
+        }
+    }
+    Ok(stats)
+}
+
+/// Dead rows of the workspace, most recently given up first, at most `limit`.
+pub async fn dead_letters(
+    db: &impl ConnectionTrait,
+    workspace_id: i64,
+    limit: u64,
+) -> Result<Vec<OutboxRow>, DbError> {
+    latest_attempted(db, workspace_id, Status::Dead, limit).await
+}
+
+/// Pending rows of the workspace whose last attempt failed (waiting for a retry), most
+/// recently failed first, at most `limit`.
+pub async fn recent_failures(
+    db: &impl ConnectionTrait,
+    workspace_id: i64,
+    limit: u64,
+) -> Result<Vec<OutboxRow>, DbError> {
+    latest_attempted(db, workspace_id, Status::Pending, limit).await
+}
+
+/// Rows of `status` with a `last_error`, by `last_attempt_at` (then id) descending.
+async fn latest_attempted(
+    db: &impl ConnectionTrait,
+    workspace_id: i64,
+    status: Status,
+    limit: u64,
+) -> Result<Vec<OutboxRow>, DbError> {
+    let rows = Entity::find()
+        .filter(Column::WorkspaceId.eq(workspace_id))
+        .filter(Column::Status.eq(status.as_str()))
+        .filter(Column::LastError.is_not_null())
+        .filter(Column::LastAttemptAt.is_not_null())
+        .order_by_desc(Column::LastAttemptAt)
+        .order_by_desc(Column::Id)
+        .limit(limit)
+        .all(db)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(OutboxRow::try_from)
+        .collect::<Result<_, _>>()?)
+}
+
+/// The earliest time at which [`claim_due`] will find something to claim in the workspace:
+/// the earliest `next_attempt_at` of `pending` rows or `claim_expires_at` of `in_flight`
+/// ones (possibly in the past: work is due now). `None` when there is nothing left to
+/// deliver. For a worker deciding how long to sleep. Two index lookups.
+pub async fn next_due_at(
+    db: &impl ConnectionTrait,
+    workspace_id: i64,
+) -> Result<Option<DateTime<Utc>>, DbError> {
+    // Per status, so that each is a min() over one range of ix_outbox_claim.
+    let earliest = |status: Status| {
+        Entity::find()
+            .select_only()
+            .column_as(Expr::col(Column::NextAttemptAt).min(), "earliest")
+            .filter(Column::WorkspaceId.eq(workspace_id))
+            .filter(Column::Status.eq(status.as_str()))
+            .into_tuple::<Option<DateTime<Utc>>>()
+            .one(db)
+    };
+    let pending = earliest(Status::Pending).await?.flatten();
+    let expiring = earliest(Status::InFlight).await?.flatten();
+    Ok(match (pending, expiring) {
+        (Some(a), Some(b)) => Some(Ord::min(a, b)),
+        (a, b) => a.or(b),
+    })
+}
+
+/// Deletes the workspace's rows delivered before `older_than`. Returns how many. (Their
+/// idempotency keys are forgotten with them.)
+pub async fn purge_delivered(
+    db: &impl ConnectionTrait,
+    workspace_id: i64,
+    older_than: DateTime<Utc>,
+) -> Result<u64, DbError> {
+    Ok(Entity::delete_many()
+        .filter(Column::WorkspaceId.eq(workspace_id))
+        .filter(Column::Status.eq(Status::Delivered.as_str()))
+        .filter(Column::DeliveredAt.lt(db_time(older_than)))
+        .exec(db)
+        .await?
+        .rows_affected)
+}
+
+/// The rows among `ids` in the workspace, ordered by id (unknown ids are absent, duplicates
+/// returned once). For tests and diagnostics.
+pub async fn get_many(
+    db: &impl ConnectionTrait,
+    workspace_id: i64,
+    ids: &[i64],
+) -> Result<Vec<OutboxRow>, DbError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = Entity::find()
+        .filter(Column::WorkspaceId.eq(workspace_id))
+        .filter(id_in(db.get_database_backend(), Column::Id, ids))
+        .order_by_asc(Column::Id)
+        .all(db)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(OutboxRow::try_from)
+        .collect::<Result<_, _>>()?)
+}
