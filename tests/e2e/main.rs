@@ -2,4 +2,5 @@
 //! on SQLite and, when `SHARPSEND_TEST_POSTGRES_URL` is set, on PostgreSQL (`db_test!`).
 
 mod jobs;
+mod profiles;
 mod segments;

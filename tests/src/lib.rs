@@ -13,9 +13,10 @@ use sharpsend_core::{
     config::CioSettings,
     context::Migrations,
     jobs::{self, Job, JobOutcome, RunError},
+    outbox::{self, DeliveryConfig, DeliveryReport},
 };
 use sharpsend_db::testing::TestDatabase;
-use sharpsend_proto::v1::segment_service_client::SegmentServiceClient;
+use sharpsend_proto::v1::{profile_service_client::ProfileServiceClient, segment_service_client::SegmentServiceClient};
 use sharpsend_server::{ServeOptions, auth::ApiKeys, serve};
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::{
@@ -62,7 +63,8 @@ impl TestApp {
         let sim = Simulator::spawn(sim_config).await?;
         let mut settings = sim_settings(&sim);
         adjust(&mut settings);
-        let ctx = AppContext::bootstrap(&db.url, &settings, Migrations::Apply).await?;
+        let mut ctx = AppContext::bootstrap(&db.url, &settings, Migrations::Apply).await?;
+        ctx.delivery = std::sync::Arc::new(test_delivery_config());
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (tx, rx) = oneshot::channel::<()>();
@@ -95,6 +97,33 @@ impl TestApp {
         self.segments_with_key(Some(TEST_API_KEY)).await
     }
 
+    /// A ProfileService client with the test API key.
+    pub async fn profiles(&self) -> anyhow::Result<ProfileServiceClient<InterceptedService<Channel, Bearer>>> {
+        Ok(ProfileServiceClient::with_interceptor(self.channel().await?, Bearer(Some(TEST_API_KEY.to_string()))))
+    }
+
+    /// Delivers the outbox until nothing is pending or in flight (retries included), as a
+    /// worker named `worker`; fails after `limit`.
+    pub async fn deliver_all(&self, worker: &str, limit: Duration) -> anyhow::Result<DeliveryReport> {
+        let started = std::time::Instant::now();
+        let mut total = DeliveryReport::default();
+        loop {
+            let report = outbox::drain(&self.ctx, worker, &self.ctx.delivery).await?;
+            total.claimed += report.claimed;
+            total.delivered += report.delivered;
+            total.retried += report.retried;
+            total.dead += report.dead;
+            total.requests += report.requests;
+            total.delivered_ids.extend(report.delivered_ids);
+            let stats = sharpsend_db::outbox::stats(&self.ctx.db, self.ctx.workspace_id()).await?;
+            if stats.pending == 0 && stats.in_flight == 0 {
+                return Ok(total);
+            }
+            anyhow::ensure!(started.elapsed() < limit, "outbox not delivered within {limit:?}: {stats:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Runs one background job to completion, as the scheduler would.
     pub async fn run_job(&self, job: Job) -> Result<JobOutcome, RunError> {
         jobs::run_job(&self.ctx, job, "e2e-test").await
@@ -115,6 +144,17 @@ impl TestApp {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+    }
+}
+
+/// Delivery settings for tests: short retry delays and claims, so retries happen within a test.
+pub fn test_delivery_config() -> DeliveryConfig {
+    DeliveryConfig {
+        claim_ttl: Duration::from_secs(5),
+        retry_base: Duration::from_millis(20),
+        retry_max: Duration::from_millis(200),
+        poll_interval: Duration::from_millis(50),
+        ..DeliveryConfig::default()
     }
 }
 

@@ -12,11 +12,22 @@ pub struct AppContext {
     pub db: DatabaseConnection,
     pub cio: CioClient,
     pub workspace: std::sync::Arc<Workspace>,
+    /// Woken when writes are accepted, so an in-process outbox worker delivers them at once
+    /// (workers in other processes notice by polling).
+    pub outbox_wakeup: std::sync::Arc<tokio::sync::Notify>,
+    /// How outbox workers deliver (binaries read it from the environment).
+    pub delivery: std::sync::Arc<crate::outbox::DeliveryConfig>,
 }
 
 impl AppContext {
     pub fn new(db: DatabaseConnection, cio: CioClient, workspace: Workspace) -> Self {
-        Self { db, cio, workspace: std::sync::Arc::new(workspace) }
+        Self {
+            db,
+            cio,
+            workspace: std::sync::Arc::new(workspace),
+            outbox_wakeup: std::sync::Arc::new(tokio::sync::Notify::new()),
+            delivery: std::sync::Arc::new(crate::outbox::DeliveryConfig::default()),
+        }
     }
 
     pub fn workspace_id(&self) -> i64 {

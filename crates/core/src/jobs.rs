@@ -16,21 +16,27 @@ use crate::{AppContext, CoreError, segments};
 pub enum Job {
     /// Pull segments and their member counts from Customer.io into the mirror.
     SegmentSync,
+    /// Deliver accepted writes from the outbox to Customer.io until none is due. The scheduler
+    /// also runs a continuous worker that wakes on new writes; this job is its `--once` form and
+    /// its safety net.
+    OutboxDelivery,
 }
 
 impl Job {
-    pub const ALL: &'static [Job] = &[Job::SegmentSync];
+    pub const ALL: &'static [Job] = &[Job::SegmentSync, Job::OutboxDelivery];
 
     /// The name used on the command line, in job runs and in leases.
     pub fn name(self) -> &'static str {
         match self {
             Job::SegmentSync => "segment-sync",
+            Job::OutboxDelivery => "outbox-delivery",
         }
     }
 
     pub fn description(self) -> &'static str {
         match self {
             Job::SegmentSync => "pull segments and member counts from Customer.io into the mirror",
+            Job::OutboxDelivery => "deliver accepted attribute updates and events to Customer.io",
         }
     }
 
@@ -38,6 +44,7 @@ impl Job {
     pub fn default_schedule(self) -> &'static str {
         match self {
             Job::SegmentSync => "0 */5 * * * *",
+            Job::OutboxDelivery => "*/30 * * * * *",
         }
     }
 
@@ -45,6 +52,7 @@ impl Job {
     pub fn schedule_variable(self) -> &'static str {
         match self {
             Job::SegmentSync => "SHARPSEND_SEGMENT_SYNC_CRON",
+            Job::OutboxDelivery => "SHARPSEND_OUTBOX_DELIVERY_CRON",
         }
     }
 }
@@ -155,6 +163,16 @@ async fn execute(ctx: &AppContext, job: Job) -> Result<serde_json::Value, CoreEr
                 "removed": report.counts.removed,
                 "unchanged": report.counts.unchanged,
                 "duration_ms": report.duration.as_millis() as u64,
+            }))
+        }
+        Job::OutboxDelivery => {
+            let report = crate::outbox::drain(ctx, &format!("job-{}", ulid::Ulid::new()), &ctx.delivery).await?;
+            Ok(json!({
+                "claimed": report.claimed,
+                "delivered": report.delivered,
+                "retried": report.retried,
+                "dead": report.dead,
+                "requests": report.requests,
             }))
         }
     }

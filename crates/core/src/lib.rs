@@ -4,6 +4,9 @@
 //!   every error naming its variable.
 //! - [`context`]: [`AppContext`], the database + Customer.io client + workspace every operation
 //!   runs against.
+//! - [`profiles`]: validating and accepting writes (mirror + outbox in one transaction),
+//!   reading and importing profiles.
+//! - [`outbox`]: delivering accepted writes to Customer.io in as few requests as the limits allow.
 //! - [`segments`]: the segment sync (Customer.io → mirror) and targeting validation.
 //! - [`jobs`]: the background jobs as plain one-step async functions, run under a database lease
 //!   and recorded as job runs; the scheduler's cron and `--once` both call [`jobs::run_job`].
@@ -14,6 +17,8 @@ pub mod config;
 pub mod context;
 pub mod error;
 pub mod jobs;
+pub mod outbox;
+pub mod profiles;
 pub mod segments;
 pub mod telemetry;
 

@@ -51,8 +51,38 @@ pub fn schedules_from_env(env: &dyn Env) -> Result<Vec<Schedule>, ConfigError> {
 #[error("could not start the job scheduler: {0}")]
 pub struct StartError(#[from] JobSchedulerError);
 
-/// Registers every schedule and starts the scheduler. Jobs run as `holder`.
-pub async fn start(ctx: AppContext, schedules: Vec<Schedule>, holder: String) -> Result<JobScheduler, StartError> {
+/// The running scheduler: cron jobs plus the continuous outbox worker.
+pub struct RunningScheduler {
+    scheduler: JobScheduler,
+    worker: tokio::task::JoinHandle<()>,
+    stop_worker: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl RunningScheduler {
+    /// Stops the outbox worker (it finishes the step in progress) and the cron scheduler.
+    pub async fn shutdown(mut self) -> Result<(), JobSchedulerError> {
+        if let Some(stop) = self.stop_worker.take() {
+            let _ = stop.send(());
+        }
+        if let Err(e) = (&mut self.worker).await {
+            tracing::warn!(error = %e, "outbox worker task ended abnormally");
+        }
+        self.scheduler.shutdown().await
+    }
+}
+
+/// Registers every schedule, starts the scheduler and the continuous outbox worker (which wakes
+/// on in-process writes and polls for writes from other processes). Jobs run as `holder`.
+pub async fn start(ctx: AppContext, schedules: Vec<Schedule>, holder: String) -> Result<RunningScheduler, StartError> {
+    let (stop_worker, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(sharpsend_core::outbox::run_worker(
+        ctx.clone(),
+        format!("{holder}/outbox"),
+        (*ctx.delivery).clone(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
     let scheduler = JobScheduler::new().await?;
     let running: Arc<Mutex<HashSet<Job>>> = Arc::default();
     for Schedule { job, cron } in schedules {
@@ -69,7 +99,7 @@ pub async fn start(ctx: AppContext, schedules: Vec<Schedule>, holder: String) ->
         tracing::info!(job = job.name(), cron = %cron, "job scheduled");
     }
     scheduler.start().await?;
-    Ok(scheduler)
+    Ok(RunningScheduler { scheduler, worker, stop_worker: Some(stop_worker) })
 }
 
 /// Runs `job` unless this process is already running it.

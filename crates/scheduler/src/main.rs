@@ -12,6 +12,7 @@ use sharpsend_core::{
     config::{self, CioSettings, ProcessEnv},
     context::{Migrations, shutdown_signal},
     jobs::{self, Job, JobOutcome},
+    outbox::DeliveryConfig,
     telemetry,
 };
 
@@ -54,9 +55,10 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let cio = CioSettings::from_env(&ProcessEnv)?;
     let database_url = config::database_url(&ProcessEnv);
-    let ctx = AppContext::bootstrap(&database_url, &cio, Migrations::RequireCurrent)
+    let mut ctx = AppContext::bootstrap(&database_url, &cio, Migrations::RequireCurrent)
         .await
         .context("start-up failed")?;
+    ctx.delivery = std::sync::Arc::new(DeliveryConfig::from_env(&ProcessEnv)?);
     let holder = jobs::default_holder("scheduler");
 
     if let Some(job) = args.once {
@@ -76,7 +78,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         });
     }
 
-    let mut scheduler = sharpsend_scheduler::start(ctx, schedules, holder).await?;
+    let scheduler = sharpsend_scheduler::start(ctx, schedules, holder).await?;
     tracing::info!(jobs = Job::ALL.len(), "scheduler running; Ctrl-C or SIGTERM stops it");
     shutdown_signal().await;
     tracing::info!("shutting down");

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use sharpsend_core::AppContext;
-use sharpsend_proto::v1::segment_service_server::SegmentServiceServer;
+use sharpsend_proto::v1::{profile_service_server::ProfileServiceServer, segment_service_server::SegmentServiceServer};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
@@ -14,6 +14,7 @@ use tonic_health::ServingStatus;
 
 use crate::{
     auth::{ApiKeys, Authenticator},
+    profiles::Profiles,
     segments::Segments,
 };
 
@@ -44,6 +45,7 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<SegmentServiceServer<Segments>>().await;
+    health.set_serving::<ProfileServiceServer<Profiles>>().await;
     health.set_service_status("", ServingStatus::Serving).await;
 
     let reflection = || {
@@ -55,12 +57,14 @@ pub async fn serve(
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let auth = Authenticator::new(options.api_keys);
-    let segments = SegmentServiceServer::with_interceptor(Segments::new(ctx), auth);
+    let segments = SegmentServiceServer::with_interceptor(Segments::new(ctx.clone()), auth.clone());
+    let profiles = ProfileServiceServer::with_interceptor(Profiles::new(ctx), auth);
 
     let signal = async move {
         shutdown.await;
         tracing::info!("shutdown requested: reporting NOT_SERVING and draining in-flight calls");
         health.set_not_serving::<SegmentServiceServer<Segments>>().await;
+        health.set_not_serving::<ProfileServiceServer<Profiles>>().await;
         health.set_service_status("", ServingStatus::NotServing).await;
     };
 
@@ -73,6 +77,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(segments)
+        .add_service(profiles)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
         .await?;
     tracing::info!("server stopped");

@@ -9,6 +9,7 @@ use sharpsend_core::{
     config::{CioSettings, ProcessEnv},
     context::Migrations,
     jobs::{self, Job},
+    outbox::DeliveryConfig,
 };
 use tokio::net::TcpListener;
 
@@ -25,15 +26,16 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()> + Send
     tracing::info!(url = %base_url, people = sim.sim.people_count(), "Customer.io simulator running (demo data)");
     let cio = CioSettings::for_simulator(base_url, &sim_config.site_id, &sim_config.track_api_key, &sim_config.app_api_key);
 
-    let ctx = AppContext::bootstrap(&config.database_url, &cio, Migrations::Apply)
+    let mut ctx = AppContext::bootstrap(&config.database_url, &cio, Migrations::Apply)
         .await
         .context("opening the dev database")?;
+    ctx.delivery = std::sync::Arc::new(DeliveryConfig::from_env(&ProcessEnv)?);
     let holder = jobs::default_holder("server-dev");
     if let Err(e) = jobs::run_job(&ctx, Job::SegmentSync, &holder).await {
         tracing::warn!(error = %jobs::error_chain(&e), "first segment sync failed; the scheduler retries");
     }
     let schedules = sharpsend_scheduler::schedules_from_env(&ProcessEnv)?;
-    let mut scheduler = sharpsend_scheduler::start(ctx.clone(), schedules, holder).await?;
+    let scheduler = sharpsend_scheduler::start(ctx.clone(), schedules, holder).await?;
 
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;

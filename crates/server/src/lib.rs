@@ -4,14 +4,17 @@
 //! - [`config`]: the server's settings from the environment.
 //! - [`auth`]: the API-key interceptor (constant-time comparison; caller identity in extensions).
 //! - [`status`]: the ONE place where domain errors become `tonic::Status`.
-//! - [`segments`] serves `sharpsend.cio.v1.SegmentService`.
+//! - [`segments`] serves `sharpsend.cio.v1.SegmentService`; [`profiles`] serves
+//!   `sharpsend.cio.v1.ProfileService`; [`convert`] maps protobuf well-known types.
 //! - [`app`]: assembling and serving everything (health, reflection, limits, graceful shutdown).
 //! - [`dev`]: `--dev` mode: SQLite + in-process simulator + in-process scheduler.
 
 pub mod app;
 pub mod auth;
 pub mod config;
+pub mod convert;
 pub mod dev;
+pub mod profiles;
 pub mod segments;
 pub mod status;
 

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use sharpsend_core::{
     AppContext, CoreError,
     segments::{self as core_segments, TargetingWarning as Warning},
@@ -15,7 +15,7 @@ use sharpsend_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::status::to_status;
+use crate::{convert::timestamp, status::to_status};
 
 /// Page size when the caller gives none.
 pub const DEFAULT_PAGE_SIZE: u64 = 50;
@@ -157,10 +157,6 @@ fn decode_page_token(token: &str) -> Result<Option<i64>, CoreError> {
     let text = String::from_utf8(bytes).map_err(|_| bad())?;
     let id = text.strip_prefix(PAGE_TOKEN_PREFIX).and_then(|n| n.parse::<i64>().ok()).ok_or_else(bad)?;
     Ok(Some(id))
-}
-
-fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: at.timestamp(), nanos: at.timestamp_subsec_nanos() as i32 }
 }
 
 fn to_proto(s: &SegmentRecord) -> pb::Segment {

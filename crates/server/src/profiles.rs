@@ -1,0 +1,193 @@
+//! `sharpsend.cio.v1.ProfileService`: request mapping only; the rules and the work are in
+//! `sharpsend_core::profiles` (writes, reads, imports) and `sharpsend_db::outbox` (status).
+
+use std::pin::Pin;
+
+use chrono::Utc;
+use futures::Stream;
+use sharpsend_core::{
+    AppContext, CoreError,
+    profiles::{self, AttributeUpdate, CustomerRef, EventInput, ImportSource},
+};
+use sharpsend_db::outbox::{self, OutboxRow};
+use sharpsend_proto::v1::{self as pb, customer_ref::Identifier, profile_service_server::ProfileService};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::{
+    convert::{datetime, json_to_struct, struct_to_json, timestamp},
+    status::to_status,
+};
+
+/// Items listed by GetSyncStatus unless the caller says otherwise, and the most it may ask for.
+const DEFAULT_STATUS_LIMIT: u64 = 20;
+const MAX_STATUS_LIMIT: u64 = 200;
+
+pub struct Profiles {
+    ctx: AppContext,
+}
+
+impl Profiles {
+    pub fn new(ctx: AppContext) -> Self {
+        Self { ctx }
+    }
+}
+
+fn attribute_update(req: pb::UpdateAttributesRequest) -> AttributeUpdate {
+    AttributeUpdate { customer_id: req.customer_id, attributes: req.attributes.map(struct_to_json).unwrap_or_default() }
+}
+
+fn event_input(req: pb::TrackEventRequest, field: &str) -> Result<EventInput, CoreError> {
+    let timestamp = match &req.timestamp {
+        None => None,
+        Some(ts) => Some(datetime(ts).ok_or_else(|| CoreError::invalid(format!("{field}timestamp"), "is not a valid time"))?),
+    };
+    Ok(EventInput {
+        customer_id: req.customer_id,
+        name: req.name,
+        data: req.data.map(struct_to_json).unwrap_or_default(),
+        timestamp,
+        idempotency_key: Some(req.idempotency_key).filter(|k| !k.is_empty()),
+    })
+}
+
+fn item(row: &OutboxRow) -> pb::OutboxItem {
+    pb::OutboxItem {
+        id: row.id,
+        kind: row.kind.as_str().to_string(),
+        customer_id: row.customer_id.clone(),
+        event_id: row.event_id.clone().unwrap_or_default(),
+        attempts: row.attempts,
+        error: row.last_error.clone().unwrap_or_default(),
+        created_at: Some(timestamp(row.created_at)),
+        next_attempt_at: Some(timestamp(row.next_attempt_at)),
+    }
+}
+
+type ProgressStream = Pin<Box<dyn Stream<Item = Result<pb::ImportProfilesProgress, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ProfileService for Profiles {
+    async fn get_profile(&self, request: Request<pb::GetProfileRequest>) -> Result<Response<pb::GetProfileResponse>, Status> {
+        let req = request.into_inner();
+        let who = match req.customer.and_then(|c| c.identifier) {
+            Some(Identifier::Id(v)) => CustomerRef::Id(v),
+            Some(Identifier::Email(v)) => CustomerRef::Email(v),
+            Some(Identifier::CioId(v)) => CustomerRef::CioId(v),
+            None => return Err(to_status(CoreError::invalid("customer", "give one of id, email or cio_id"))),
+        };
+        let view = profiles::get_profile(&self.ctx, who, req.fresh).await.map_err(to_status)?;
+        let p = view.profile;
+        Ok(Response::new(pb::GetProfileResponse {
+            profile: Some(pb::Profile {
+                id: p.customer_id,
+                email: p.email.unwrap_or_default(),
+                cio_id: p.cio_id.unwrap_or_default(),
+                attributes: Some(json_to_struct(&p.attributes)),
+                segments: p.cio_segments.unwrap_or_default().into_iter().map(|s| pb::ProfileSegment { id: s.id, name: s.name }).collect(),
+                updated_at: Some(timestamp(p.updated_at)),
+                fetched_at: p.fetched_at.map(timestamp),
+                source: if view.fresh { pb::ProfileSource::CustomerIo } else { pb::ProfileSource::Mirror } as i32,
+            }),
+        }))
+    }
+
+    type ImportProfilesStream = ProgressStream;
+
+    async fn import_profiles(&self, request: Request<pb::ImportProfilesRequest>) -> Result<Response<Self::ImportProfilesStream>, Status> {
+        let req = request.into_inner();
+        let source = if req.customer_ids.is_empty() { ImportSource::Segment(req.segment_id) } else { ImportSource::Ids(req.customer_ids) };
+        profiles::validate_import(&source).map_err(to_status)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            let progress_tx = tx.clone();
+            let result = profiles::import_profiles(&ctx, source, move |p| {
+                let tx = progress_tx.clone();
+                let message = pb::ImportProfilesProgress { imported: p.imported, total: p.total, not_found: p.not_found, done: p.done };
+                // A full channel means a slow reader: wait for it; a closed one ends the import.
+                async move { tx.send(Ok(message)).await.is_ok() }
+            })
+            .await;
+            if let Err(e) = result {
+                let _ = tx.send(Err(to_status(e))).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn update_attributes(&self, request: Request<pb::UpdateAttributesRequest>) -> Result<Response<pb::UpdateAttributesResponse>, Status> {
+        profiles::update_attributes(&self.ctx, vec![attribute_update(request.into_inner())], None).await.map_err(to_status)?;
+        Ok(Response::new(pb::UpdateAttributesResponse {}))
+    }
+
+    async fn batch_update_attributes(&self, request: Request<pb::BatchUpdateAttributesRequest>) -> Result<Response<pb::BatchUpdateAttributesResponse>, Status> {
+        let updates = request.into_inner().updates.into_iter().map(attribute_update).collect();
+        let accepted = profiles::update_attributes(&self.ctx, updates, Some("updates")).await.map_err(to_status)?;
+        Ok(Response::new(pb::BatchUpdateAttributesResponse { accepted: u32::try_from(accepted).unwrap_or(u32::MAX) }))
+    }
+
+    async fn track_event(&self, request: Request<pb::TrackEventRequest>) -> Result<Response<pb::TrackEventResponse>, Status> {
+        let event = event_input(request.into_inner(), "").map_err(to_status)?;
+        let accepted = profiles::track_events(&self.ctx, vec![event], None).await.map_err(to_status)?;
+        let first = accepted.into_iter().next().ok_or_else(|| Status::internal("event not accepted"))?;
+        Ok(Response::new(pb::TrackEventResponse { event_id: first.event_id, duplicate: first.duplicate }))
+    }
+
+    async fn batch_track_events(&self, request: Request<pb::BatchTrackEventsRequest>) -> Result<Response<pb::BatchTrackEventsResponse>, Status> {
+        let events = request
+            .into_inner()
+            .events
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| event_input(e, &format!("events[{i}].")))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(to_status)?;
+        let accepted = profiles::track_events(&self.ctx, events, Some("events")).await.map_err(to_status)?;
+        Ok(Response::new(pb::BatchTrackEventsResponse {
+            events: accepted.into_iter().map(|a| pb::TrackEventResponse { event_id: a.event_id, duplicate: a.duplicate }).collect(),
+        }))
+    }
+
+    async fn get_sync_status(&self, request: Request<pb::GetSyncStatusRequest>) -> Result<Response<pb::GetSyncStatusResponse>, Status> {
+        let limit = match request.into_inner().limit {
+            n if n < 0 => return Err(to_status(CoreError::invalid("limit", "must not be negative"))),
+            0 => DEFAULT_STATUS_LIMIT,
+            n => (n as u64).min(MAX_STATUS_LIMIT),
+        };
+        let ws = self.ctx.workspace_id();
+        let db_err = |e: sharpsend_db::DbError| to_status(e.into());
+        let stats = outbox::stats(&self.ctx.db, ws).await.map_err(db_err)?;
+        let failures = outbox::recent_failures(&self.ctx.db, ws, limit).await.map_err(db_err)?;
+        let dead = outbox::dead_letters(&self.ctx.db, ws, limit).await.map_err(db_err)?;
+        let now = Utc::now();
+        Ok(Response::new(pb::GetSyncStatusResponse {
+            pending: stats.pending,
+            in_flight: stats.in_flight,
+            delivered: stats.delivered,
+            dead: stats.dead,
+            oldest_pending_age: stats
+                .oldest_pending_at
+                .and_then(|at| (now - at).to_std().ok())
+                .and_then(|d| prost_types::Duration::try_from(d).ok()),
+            last_delivered_at: stats.last_delivered_at.map(timestamp),
+            recent_failures: failures.iter().map(item).collect(),
+            dead_letters: dead.iter().map(item).collect(),
+        }))
+    }
+
+    async fn retry_dead_letters(&self, request: Request<pb::RetryDeadLettersRequest>) -> Result<Response<pb::RetryDeadLettersResponse>, Status> {
+        let ids = request.into_inner().ids;
+        if let Some(i) = ids.iter().position(|id| *id <= 0) {
+            return Err(to_status(CoreError::invalid(format!("ids[{i}]"), "must be a positive outbox id")));
+        }
+        let ids = (!ids.is_empty()).then_some(ids);
+        let requeued = outbox::requeue_dead(&self.ctx.db, self.ctx.workspace_id(), ids.as_deref(), Utc::now())
+            .await
+            .map_err(|e| to_status(e.into()))?;
+        if requeued > 0 {
+            self.ctx.outbox_wakeup.notify_waiters();
+        }
+        Ok(Response::new(pb::RetryDeadLettersResponse { requeued }))
+    }
+}
