@@ -1,7 +1,11 @@
 //! Simulator configuration and the API selector.
 
+use std::time::Duration;
+
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
+
+use crate::sends::DeliveryRates;
 
 /// Which of the two Customer.io APIs a request belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -27,7 +31,7 @@ impl SimApi {
 ///
 /// Rate limits given here are the initial values; they can be changed at run time with
 /// [`crate::Simulator::set_rate_limit`] (which does not rewrite this struct).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SimConfig {
     /// Track API site id (Basic auth user name).
     pub site_id: String,
@@ -41,13 +45,19 @@ pub struct SimConfig {
     pub app_rate_limit_per_sec: u32,
     /// Track API requests per second; 0 = unlimited. Customer.io: 1000.
     pub track_rate_limit_per_sec: u32,
-    /// Seed for the demo data and for chaos decisions.
+    /// Seed for the demo data, chaos decisions and delivery outcomes.
     pub seed: u64,
-    /// Number of demo people; 0 = empty workspace (no people and no segments).
+    /// Number of demo people; 0 = empty workspace (no people, segments, campaigns, broadcasts or
+    /// newsletters).
     pub demo_people: usize,
     /// How many most recent App/Track requests the request log keeps (0 = none); request
     /// counters are kept regardless. Default [`DEFAULT_REQUEST_LOG_CAPACITY`].
     pub request_log_capacity: usize,
+    /// Per broadcast, a trigger is refused (429) until this long after the previous one.
+    /// Customer.io: 10 s. Changeable at run time ([`crate::Simulator::set_trigger_interval`]).
+    pub trigger_interval: Duration,
+    /// Outcome rates of deliveries no [`crate::RatesKey`] rule matches.
+    pub default_rates: DeliveryRates,
 }
 
 /// Default site id accepted by the simulator.
@@ -58,6 +68,8 @@ pub const DEFAULT_TRACK_API_KEY: &str = "sim-track-key";
 pub const DEFAULT_APP_API_KEY: &str = "sim-app-key";
 /// Number of people in the default demo workspace.
 pub const DEFAULT_DEMO_PEOPLE: usize = 5000;
+/// Default [`SimConfig::trigger_interval`]: Customer.io's one trigger per 10 s per broadcast.
+pub const DEFAULT_TRIGGER_INTERVAL: Duration = Duration::from_secs(10);
 /// Default [`SimConfig::request_log_capacity`].
 pub const DEFAULT_REQUEST_LOG_CAPACITY: usize = 10_000;
 /// Request bodies larger than this are logged as `{"_truncated": <size in bytes>}`.
@@ -67,7 +79,8 @@ pub const MAX_LOGGED_BODY_BYTES: usize = 64 * 1024;
 pub const MAX_LOGGED_BODIES_TOTAL: usize = 64 * 1024 * 1024;
 
 impl SimConfig {
-    /// Demo workspace: ~5000 financial-newsletter readers and a set of segments.
+    /// Demo workspace: ~5000 financial-newsletter readers, a set of segments, and demo campaigns,
+    /// API-triggered broadcasts and newsletters (see `demo`).
     pub fn demo() -> Self {
         Self {
             site_id: DEFAULT_SITE_ID.to_owned(),
@@ -79,10 +92,13 @@ impl SimConfig {
             seed: 42,
             demo_people: DEFAULT_DEMO_PEOPLE,
             request_log_capacity: DEFAULT_REQUEST_LOG_CAPACITY,
+            trigger_interval: DEFAULT_TRIGGER_INTERVAL,
+            default_rates: DeliveryRates::default(),
         }
     }
 
-    /// Empty workspace: no people, no segments; same credentials and limits as [`SimConfig::demo`].
+    /// Empty workspace: no people, no segments, no campaigns; same credentials and limits as
+    /// [`SimConfig::demo`].
     pub fn empty() -> Self {
         Self {
             demo_people: 0,

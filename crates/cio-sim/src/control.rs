@@ -9,10 +9,17 @@
 //! | `GET /_sim/requests[?api=app\|track]` / `DELETE /_sim/requests` | request log / clear it |
 //! | `POST /_sim/faults` | `{"api":"app"\|"track"\|null,"faults":[..],"chaos":{..}}` (see below) |
 //! | `DELETE /_sim/faults` | clear queued faults and chaos |
-//! | `GET /_sim/rate-limits`, `POST /_sim/rate-limits` | `{"app":10,"track":1000}` (either key optional) |
+//! | `GET /_sim/rate-limits`, `POST /_sim/rate-limits` | `{"app":10,"track":1000,"trigger_interval_ms":10000}` (each key optional) |
 //! | `GET /_sim/segments`, `POST /_sim/segments` | list; create `{"name","description","predicate"?}` (no predicate = manual) |
 //! | `GET /_sim/segments/{id}`, `DELETE /_sim/segments/{id}` | segment with member ids; delete (any kind) |
 //! | `GET /_sim/people/{id}`, `PUT /_sim/people/{id}`, `DELETE /_sim/people/{id}` | read; upsert attributes (JSON object); remove |
+//! | `GET /_sim/campaigns` | `{"campaigns":[..]}` campaigns and broadcasts ([`crate::SimCampaign`]) |
+//! | `GET /_sim/broadcasts`, `POST /_sim/broadcasts` | list; create `{"name","recipients":F,"subject"?,"state"?,"tags"?}` (201 `{"broadcast":{..}}`) |
+//! | `GET /_sim/newsletters` | `{"newsletters":[..]}` ([`crate::SimNewsletter`]) |
+//! | `GET /_sim/triggers[?broadcast_id=N]` | `{"triggers":[..]}` oldest first ([`crate::SimTrigger`]) |
+//! | `GET /_sim/deliveries[?campaign_id=&broadcast_id=&trigger_id=&newsletter_id=&content_id=&subject=&person=&limit=100]` | `{"count","totals","eventual_totals","deliveries":[first limit]}` |
+//! | `POST /_sim/advance` | `{"seconds":n}` or `{"ms":n}`: [`crate::Simulator::advance`]; answers `{"advanced_ms":total}` |
+//! | `GET /_sim/rates`, `POST /_sim/rates`, `DELETE /_sim/rates` | `{"default":{..},"rules":[{"key":{..},"rates":{..}}]}`; set `{"key"?:K,"rates":{..}}` (no key: the default); clear the rules |
 //!
 //! Fault items: `{"kind":"status","status":503,"retry_after_secs":2}`, `{"kind":"delay","ms":1500}`,
 //! `{"kind":"drop"}`, `{"kind":"accept_then_drop"}`. Chaos: `{"error_rate":0.1,"error_status":503,
@@ -27,15 +34,17 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
 use crate::Simulator;
+use crate::audience::AudienceFilter;
 use crate::config::SimApi;
 use crate::errors::ApiError;
 use crate::faults::{Chaos, Fault};
+use crate::sends::{CampaignState, DeliveryFilter, DeliveryRates, NewBroadcast, RatesKey};
 use crate::state::Predicate;
 
 pub(crate) fn routes() -> Router<Simulator> {
@@ -54,6 +63,16 @@ pub(crate) fn routes() -> Router<Simulator> {
         .route(
             "/_sim/people/{id}",
             get(person).put(put_person).delete(delete_person),
+        )
+        .route("/_sim/campaigns", get(campaigns))
+        .route("/_sim/broadcasts", get(broadcasts).post(create_broadcast))
+        .route("/_sim/newsletters", get(newsletters))
+        .route("/_sim/triggers", get(triggers))
+        .route("/_sim/deliveries", get(deliveries))
+        .route("/_sim/advance", post(advance))
+        .route(
+            "/_sim/rates",
+            get(rates).post(set_rates).delete(clear_rates),
         )
 }
 
@@ -250,7 +269,11 @@ async fn clear_faults(State(sim): State<Simulator>) -> StatusCode {
 }
 
 fn limits_json(sim: &Simulator) -> Value {
-    json!({ "app": sim.rate_limit(SimApi::App), "track": sim.rate_limit(SimApi::Track) })
+    json!({
+        "app": sim.rate_limit(SimApi::App),
+        "track": sim.rate_limit(SimApi::Track),
+        "trigger_interval_ms": sim.trigger_interval().as_millis() as u64,
+    })
 }
 
 async fn rate_limits(State(sim): State<Simulator>) -> Response {
@@ -262,6 +285,7 @@ async fn rate_limits(State(sim): State<Simulator>) -> Response {
 struct RateLimitsRequest {
     app: Option<u32>,
     track: Option<u32>,
+    trigger_interval_ms: Option<u64>,
 }
 
 async fn set_rate_limits(State(sim): State<Simulator>, body: Bytes) -> Response {
@@ -274,6 +298,9 @@ async fn set_rate_limits(State(sim): State<Simulator>, body: Bytes) -> Response 
     }
     if let Some(track) = request.track {
         sim.set_rate_limit(SimApi::Track, track);
+    }
+    if let Some(ms) = request.trigger_interval_ms {
+        sim.set_trigger_interval(Duration::from_millis(ms));
     }
     Json(limits_json(&sim)).into_response()
 }
@@ -358,4 +385,179 @@ async fn delete_person(State(sim): State<Simulator>, Path(id): Path<String>) -> 
     } else {
         error(StatusCode::NOT_FOUND, "person not found")
     }
+}
+
+async fn campaigns(State(sim): State<Simulator>) -> Response {
+    Json(json!({ "campaigns": sim.campaigns() })).into_response()
+}
+
+async fn broadcasts(State(sim): State<Simulator>) -> Response {
+    Json(json!({ "broadcasts": sim.broadcasts() })).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBroadcast {
+    name: String,
+    recipients: Value,
+    #[serde(default)]
+    subject: Option<String>,
+    #[serde(default)]
+    state: Option<CampaignState>,
+    #[serde(default)]
+    tags: Vec<String>,
+}
+
+async fn create_broadcast(State(sim): State<Simulator>, body: Bytes) -> Response {
+    let request: CreateBroadcast = match parse(&body) {
+        Ok(r) => r,
+        Err(err) => return err.into_response(),
+    };
+    let audience = match AudienceFilter::from_json(&request.recipients) {
+        Ok(a) => a,
+        Err(message) => return error(StatusCode::BAD_REQUEST, format!("recipients: {message}")),
+    };
+    let mut broadcast = NewBroadcast::new(&request.name, audience);
+    if let Some(subject) = request.subject {
+        broadcast.subject = subject;
+    }
+    if let Some(state) = request.state {
+        broadcast.state = state;
+    }
+    broadcast.tags = request.tags;
+    match sim.add_broadcast(broadcast) {
+        Ok(id) => (
+            StatusCode::CREATED,
+            Json(json!({ "broadcast": sim.campaign(id) })),
+        )
+            .into_response(),
+        Err(err) => error(StatusCode::BAD_REQUEST, err.to_string()),
+    }
+}
+
+async fn newsletters(State(sim): State<Simulator>) -> Response {
+    Json(json!({ "newsletters": sim.newsletters() })).into_response()
+}
+
+fn id_param(query: &HashMap<String, String>, name: &str) -> Result<Option<i64>, ApiError> {
+    match query.get(name) {
+        None => Ok(None),
+        Some(raw) => raw.parse().map(Some).map_err(|_| {
+            ApiError::control(
+                StatusCode::BAD_REQUEST,
+                format!("{name} must be an integer"),
+            )
+        }),
+    }
+}
+
+async fn triggers(
+    State(sim): State<Simulator>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    match id_param(&query, "broadcast_id") {
+        Ok(broadcast) => Json(json!({ "triggers": sim.triggers(broadcast) })).into_response(),
+        Err(err) => err.into_response(),
+    }
+}
+
+fn delivery_filter(query: &HashMap<String, String>) -> Result<DeliveryFilter, ApiError> {
+    Ok(DeliveryFilter {
+        campaign_id: id_param(query, "campaign_id")?,
+        broadcast_id: id_param(query, "broadcast_id")?,
+        trigger_id: id_param(query, "trigger_id")?,
+        newsletter_id: id_param(query, "newsletter_id")?,
+        content_id: id_param(query, "content_id")?,
+        subject: query.get("subject").cloned(),
+        person_id: query.get("person").cloned(),
+    })
+}
+
+async fn deliveries(
+    State(sim): State<Simulator>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let filter = match delivery_filter(&query) {
+        Ok(f) => f,
+        Err(err) => return err.into_response(),
+    };
+    let limit = match query.get("limit").map(|l| l.parse::<usize>()) {
+        None => 100,
+        Some(Ok(l)) => l,
+        Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "limit must be an integer"),
+    };
+    let all = sim.deliveries(&filter);
+    let count = all.len();
+    let page: Vec<_> = all.into_iter().take(limit).collect();
+    Json(json!({
+        "count": count,
+        "totals": sim.delivery_totals(&filter),
+        "eventual_totals": sim.eventual_delivery_totals(&filter),
+        "deliveries": page,
+    }))
+    .into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdvanceRequest {
+    #[serde(default)]
+    seconds: Option<u64>,
+    #[serde(default)]
+    ms: Option<u64>,
+}
+
+async fn advance(State(sim): State<Simulator>, body: Bytes) -> Response {
+    let request: AdvanceRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(err) => return err.into_response(),
+    };
+    let by = match (request.seconds, request.ms) {
+        (Some(s), None) => Duration::from_secs(s),
+        (None, Some(ms)) => Duration::from_millis(ms),
+        _ => return error(StatusCode::BAD_REQUEST, "give exactly one of seconds or ms"),
+    };
+    sim.advance(by);
+    Json(json!({ "advanced_ms": sim.advanced().as_millis() as u64 })).into_response()
+}
+
+fn rates_json(sim: &Simulator) -> Value {
+    let (default, rules) = sim.rates();
+    let rules: Vec<Value> = rules
+        .into_iter()
+        .map(|(key, rates)| json!({ "key": key, "rates": rates }))
+        .collect();
+    json!({ "default": default, "rules": rules })
+}
+
+async fn rates(State(sim): State<Simulator>) -> Response {
+    Json(rates_json(&sim)).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RatesRequest {
+    #[serde(default)]
+    key: Option<RatesKey>,
+    rates: DeliveryRates,
+}
+
+async fn set_rates(State(sim): State<Simulator>, body: Bytes) -> Response {
+    let request: RatesRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(err) => return err.into_response(),
+    };
+    let result = match request.key {
+        Some(key) => sim.set_rates(key, request.rates),
+        None => sim.set_default_rates(request.rates),
+    };
+    match result {
+        Ok(()) => Json(rates_json(&sim)).into_response(),
+        Err(err) => error(StatusCode::BAD_REQUEST, err.to_string()),
+    }
+}
+
+async fn clear_rates(State(sim): State<Simulator>) -> StatusCode {
+    sim.clear_rates();
+    StatusCode::NO_CONTENT
 }

@@ -1,4 +1,16 @@
-//! Deterministic demo workspace: a financial newsletter's audience and its segments.
+//! Deterministic demo workspace: a financial newsletter's audience and its segments, plus its
+//! campaigns, API-triggered broadcasts and newsletters (ids below; a past newsletter and a past
+//! welcome-campaign send give the metrics something to show).
+//!
+//! | id | kind | name | audience / state |
+//! |---|---|---|---|
+//! | campaign 1 | event-triggered campaign | Welcome Series | running; sent to 60 readers 2 days before start |
+//! | campaign 2 | segment-triggered campaign | Win-back: Dormant Free Readers | running, trigger segment 8 |
+//! | broadcast 3 | API-triggered broadcast | Assignment Alert | running, UI audience: segment 4 (High Engagement) |
+//! | broadcast 4 | API-triggered broadcast | Breaking Market News | running, UI audience: segment 5 (Premium Subscribers) |
+//! | broadcast 5 | API-triggered broadcast | Earnings Season Preview | draft (triggers answer 422) |
+//! | newsletter 1 | newsletter | Weekly Market Wrap #41 | segment 5, sent 3 days before start |
+//! | newsletter 2 | newsletter | Crypto Special Report | segment 2, draft |
 //!
 //! A small SplitMix64 generator is used instead of `rand`'s `StdRng` so that the same seed gives
 //! the same people across dependency upgrades.
@@ -7,12 +19,15 @@ use std::collections::BTreeSet;
 
 use serde_json::{Map, Value, json};
 
+use crate::audience::AudienceFilter;
+use crate::sends::{CampaignState, CampaignTrigger, NewBroadcast, NewCampaign, NewsletterSpec};
 use crate::state::{Membership, Predicate, World};
 
-struct SplitMix64(u64);
+/// Deterministic generator (also drives delivery outcomes in `sends`).
+pub(crate) struct SplitMix64(pub(crate) u64);
 
 impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -21,7 +36,7 @@ impl SplitMix64 {
     }
 
     /// Uniform in `[0, 1)`.
-    fn unit(&mut self) -> f64 {
+    pub(crate) fn unit(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 
@@ -374,6 +389,88 @@ pub(crate) fn populate(world: &mut World, seed: u64, people: usize) {
         None,
         SEGMENTS_CREATED,
     );
+    populate_sends(world, width);
+}
+
+/// Fixed creation time of the demo campaigns (2025-09-01T09:00:00Z), as internal milliseconds.
+const CAMPAIGNS_CREATED_MS: i64 = 1_756_717_200_000;
+const HOUR_MS: i64 = 3_600_000;
+
+fn populate_sends(world: &mut World, width: usize) {
+    let created = CAMPAIGNS_CREATED_MS + world.sends.age_ms();
+    let sends = &mut world.sends;
+    let welcome = sends.add_campaign(
+        NewCampaign {
+            tags: vec!["onboarding".to_owned()],
+            subject: "Welcome to SharpSend".to_owned(),
+            ..NewCampaign::new("Welcome Series")
+        },
+        created,
+    );
+    sends.add_campaign(
+        NewCampaign {
+            trigger: CampaignTrigger::Segment,
+            trigger_segment_ids: vec![8],
+            subject: "We miss you: 3 ideas worth your time".to_owned(),
+            ..NewCampaign::new("Win-back: Dormant Free Readers")
+        },
+        created,
+    );
+    sends.add_broadcast(
+        NewBroadcast {
+            subject: "New assignment from your analysts".to_owned(),
+            tags: vec!["sharpsend".to_owned()],
+            ..NewBroadcast::new("Assignment Alert", AudienceFilter::segment(4))
+        },
+        created,
+    );
+    sends.add_broadcast(
+        NewBroadcast {
+            subject: "Breaking: market-moving news".to_owned(),
+            ..NewBroadcast::new("Breaking Market News", AudienceFilter::segment(5))
+        },
+        created,
+    );
+    sends.add_broadcast(
+        NewBroadcast {
+            state: CampaignState::Draft,
+            ..NewBroadcast::new("Earnings Season Preview", AudienceFilter::segment(1))
+        },
+        created,
+    );
+    let wrap = sends.add_newsletter(
+        NewsletterSpec {
+            name: "Weekly Market Wrap #41".to_owned(),
+            subject: "Your weekly market wrap".to_owned(),
+            body: "<html><body><h1>Weekly Market Wrap</h1><p>Stocks, rates and what to watch next week.</p></body></html>".to_owned(),
+            preheader_text: Some("Stocks, rates and what to watch".to_owned()),
+            from: Some("SharpSend Research <research@sharpsend.example>".to_owned()),
+            from_id: None,
+            recipients: AudienceFilter::segment(5),
+            tags: vec!["weekly".to_owned()],
+            subscription_topic_id: None,
+        },
+        created,
+    );
+    sends.add_newsletter(
+        NewsletterSpec {
+            name: "Crypto Special Report".to_owned(),
+            subject: "Crypto special: what the halving means for you".to_owned(),
+            body: "<html><body><h1>Crypto Special Report</h1></body></html>".to_owned(),
+            preheader_text: None,
+            from: None,
+            from_id: Some(1),
+            recipients: AudienceFilter::segment(2),
+            tags: vec!["crypto".to_owned()],
+            subscription_topic_id: None,
+        },
+        created,
+    );
+    let now = world.sends.now_ms();
+    world.send_newsletter_at(wrap, now - 72 * HOUR_MS);
+    let ids: Vec<String> = (1..=60).map(|n| format!("u{n:0width$}")).collect();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let _ = world.campaign_send_at(welcome, &ids, now - 48 * HOUR_MS);
 }
 
 #[cfg(test)]

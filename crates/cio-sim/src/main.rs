@@ -44,6 +44,9 @@ struct Args {
     /// How many most recent requests the request log keeps (counters are kept regardless).
     #[arg(long, env = "CIO_SIM_REQUEST_LOG_CAPACITY", default_value_t = cio_sim::config::DEFAULT_REQUEST_LOG_CAPACITY)]
     request_log_capacity: usize,
+    /// Per broadcast, milliseconds a trigger must wait after the previous one (Customer.io: 10 s).
+    #[arg(long, env = "CIO_SIM_TRIGGER_INTERVAL_MS", default_value_t = 10_000)]
+    trigger_interval_ms: u64,
     /// Log as JSON lines.
     #[arg(long, env = "CIO_SIM_LOG_JSON")]
     log_json: bool,
@@ -71,6 +74,8 @@ impl Args {
             seed: self.seed,
             demo_people: if self.empty { 0 } else { self.people },
             request_log_capacity: self.request_log_capacity,
+            trigger_interval: std::time::Duration::from_millis(self.trigger_interval_ms),
+            ..SimConfig::demo()
         }
     }
 }
@@ -132,6 +137,9 @@ async fn main() -> anyhow::Result<()> {
         region = %config.region,
         people = sim.people_count(),
         segments = sim.segments().len(),
+        campaigns = sim.campaigns().len(),
+        newsletters = sim.newsletters().len(),
+        trigger_interval_ms = config.trigger_interval.as_millis() as u64,
         app_rate_limit = config.app_rate_limit_per_sec,
         track_rate_limit = config.track_rate_limit_per_sec,
         "cio-sim listening: Track API {base_url}/api, App API {base_url}/v1, control {base_url}/_sim"

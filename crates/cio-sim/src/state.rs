@@ -11,6 +11,7 @@ use serde_json::{Map, Value};
 
 use crate::error::SimError;
 use crate::events::{EventOutcome, EventStore, NewEvent, SimEvent, StoredEvent};
+use crate::sends::SendStore;
 
 /// Attribute condition defining a dynamic (data-driven) segment.
 ///
@@ -85,7 +86,7 @@ fn scalar_text(v: &Value) -> Option<String> {
     }
 }
 
-fn loose_eq(a: &Value, b: &Value) -> bool {
+pub(crate) fn loose_eq(a: &Value, b: &Value) -> bool {
     if a == b {
         return true;
     }
@@ -170,7 +171,7 @@ pub(crate) struct Person {
 }
 
 impl Person {
-    fn field(&self, name: &str) -> Option<std::borrow::Cow<'_, Value>> {
+    pub(crate) fn field(&self, name: &str) -> Option<std::borrow::Cow<'_, Value>> {
         use std::borrow::Cow;
         match name {
             "id" => self.id.clone().map(|s| Cow::Owned(Value::String(s))),
@@ -257,6 +258,8 @@ pub(crate) struct World {
     /// Suppressed identifiers (`id:<id>`, `email:<lowercase email>`), each mapped to every key
     /// suppressed together with it (a person's id and email are suppressed and released as one).
     suppressed: HashMap<String, Vec<String>>,
+    /// Campaigns, broadcasts, newsletters, triggers and the delivery ledger (see `sends`).
+    pub(crate) sends: SendStore,
 }
 
 /// Reads a v1 path identifier: `cio_<cio_id>`, an email (contains `@`) or an id.
@@ -304,6 +307,11 @@ impl World {
 
     pub(crate) fn person(&self, seq: u64) -> Option<&Person> {
         self.people.get(&seq)
+    }
+
+    /// Every person, in creation order.
+    pub(crate) fn people(&self) -> impl Iterator<Item = &Person> {
+        self.people.values()
     }
 
     /// Finds a person by an identifier of the given type (`cio_id` with or without `cio_`).
@@ -760,6 +768,14 @@ impl World {
 
     pub(crate) fn segment_list(&self) -> impl Iterator<Item = &Segment> {
         self.segments.values()
+    }
+
+    /// Whether the person is a member of the segment (dynamic or manual).
+    pub(crate) fn is_member(&self, segment: &Segment, person: &Person) -> bool {
+        match &segment.membership {
+            Membership::Dynamic(predicate) => predicate.matches(person),
+            Membership::Manual(members) => members.contains(&person.seq),
+        }
     }
 
     /// Members of a segment strictly after person `after`, in a stable order.

@@ -25,7 +25,6 @@ use serde_json::{Map, Value, json};
 
 use crate::Simulator;
 use crate::auth::require_track;
-use crate::error::SimError;
 use crate::errors::{ApiError, Violation};
 use crate::events::{NewEvent, parse_event};
 use crate::state::{IdType, parse_identifier};
@@ -479,9 +478,8 @@ fn change_segment(
             tracing::debug!(segment_id, add, changed, "manual segment membership");
             Ok(ok())
         }
-        Err(err @ (SimError::SegmentNotFound(_) | SimError::NotManual(_))) => {
-            Err(bad_request(vec![err.to_string()]))
-        }
+        // change_manual only fails with SegmentNotFound or NotManual.
+        Err(err) => Err(bad_request(vec![err.to_string()])),
     }
 }
 

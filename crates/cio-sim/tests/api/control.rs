@@ -128,7 +128,10 @@ async fn faults_and_rate_limits_over_http() -> anyhow::Result<()> {
     )
     .await?;
     assert_eq!(status, 200);
-    assert_eq!(body, json!({"app": 1, "track": 0}));
+    assert_eq!(
+        body,
+        json!({"app": 1, "track": 0, "trigger_interval_ms": 10_000})
+    );
     assert_eq!(t.sim().rate_limit(SimApi::App), 1);
     assert_eq!(status_of(t.app(Method::GET, "/v1/segments")).await?, 200);
     assert_eq!(status_of(t.app(Method::GET, "/v1/segments")).await?, 429);

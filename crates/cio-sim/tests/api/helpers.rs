@@ -85,3 +85,33 @@ pub async fn send(req: RequestBuilder) -> anyhow::Result<(u16, Value)> {
 pub async fn status_of(req: RequestBuilder) -> anyhow::Result<u16> {
     Ok(req.send().await?.status().as_u16())
 }
+
+/// Ids of the people an email send reaches among `ids`: those with an email and without a truthy
+/// `unsubscribed` attribute, sorted.
+pub fn eligible(sim: &Simulator, ids: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = ids
+        .iter()
+        .filter(|id| {
+            sim.person(id).is_some_and(|p| {
+                p.email.is_some() && p.attributes.get("unsubscribed") != Some(&Value::Bool(true))
+            })
+        })
+        .cloned()
+        .collect();
+    out.sort();
+    out
+}
+
+/// The `Retry-After` header in seconds.
+pub fn retry_after(response: &reqwest::Response) -> Option<u64> {
+    response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Current unix time (seconds).
+pub fn unix_now() -> i64 {
+    chrono::Utc::now().timestamp()
+}

@@ -9,4 +9,8 @@ mod customers;
 mod events;
 mod faults;
 mod log;
+mod metrics;
+mod newsletters;
+mod sends_control;
 mod track;
+mod triggers;
