@@ -273,16 +273,27 @@ impl CioClient {
         body: Option<Vec<u8>>,
     ) -> Result<Answer, CioError> {
         let url = self.url(endpoint, path_params, query)?;
-        let span = tracing::debug_span!(
+        // The endpoint TEMPLATE only: the filled-in path holds ids and emails.
+        let span = tracing::info_span!(
             "cio_request",
-            api = %endpoint.api,
+            otel.name = %format_args!("{} {}", endpoint.method, endpoint.template),
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            api = endpoint.api.as_str(),
             method = %endpoint.method,
             endpoint = endpoint.template,
-            attempts = tracing::field::Empty,
-            limiter_wait_ms = tracing::field::Empty,
             status = tracing::field::Empty,
+            attempts = tracing::field::Empty,
+            rate_limit_wait_ms = tracing::field::Empty,
+            throttled_ms = tracing::field::Empty,
+            error = tracing::field::Empty,
         );
-        self.execute(endpoint, url, body).instrument(span).await
+        let result = self.execute(endpoint, url, body).instrument(span.clone()).await;
+        if let Err(error) = &result {
+            span.record("otel.status_code", "error");
+            span.record("error", metrics::error_kind(error));
+        }
+        result
     }
 
     async fn execute(
@@ -296,17 +307,22 @@ impl CioClient {
         let span = tracing::Span::current();
         let mut limiter_wait = Duration::ZERO;
         let mut attempt: u32 = 0;
+        let mut sends: u32 = 0;
         let mut throttled = Duration::ZERO;
         loop {
             let waited = target.limiter.acquire().await;
+            metrics::limiter_wait(api, waited);
             limiter_wait += waited;
-            span.record("attempts", attempt + 1);
-            span.record("limiter_wait_ms", limiter_wait.as_millis() as u64);
+            sends += 1;
+            span.record("attempts", sends);
+            span.record("rate_limit_wait_ms", limiter_wait.as_millis() as u64);
 
-            let (error, server_hint) = match self
+            let sent_at = std::time::Instant::now();
+            let sent = self
                 .send_once(endpoint, target, &url, body.as_deref())
-                .await
-            {
+                .await;
+            metrics::request(endpoint, &sent, sent_at.elapsed());
+            let (error, server_hint) = match sent {
                 Ok((status, retry_after, bytes)) => {
                     span.record("status", status);
                     tracing::debug!(
@@ -353,6 +369,8 @@ impl CioClient {
                     "rate limited; waiting as told"
                 );
                 throttled += wait;
+                span.record("throttled_ms", throttled.as_millis() as u64);
+                metrics::retry(endpoint, &error);
                 tokio::time::sleep(wait).await;
                 continue;
             }
@@ -371,6 +389,7 @@ impl CioClient {
                         error = %error,
                         "retrying Customer.io request"
                     );
+                    metrics::retry(endpoint, &error);
                     tokio::time::sleep(delay).await;
                     attempt += 1;
                 }
@@ -489,6 +508,135 @@ fn transport_error(endpoint: &Endpoint, error: reqwest::Error) -> CioError {
         endpoint: endpoint.template,
         message,
         maybe_sent: !connect,
+    }
+}
+
+/// The client's OpenTelemetry instruments, from the global meter provider on first use (no-ops
+/// when none is installed). Attributes are the API, method, endpoint TEMPLATE and status: never
+/// a filled-in path, id or email.
+///
+/// | instrument | kind | attributes |
+/// |---|---|---|
+/// | `cio.client.requests` | counter, one per HTTP request sent | `api`, `method`, `endpoint`, `status` (`200`, `429`, …, `timeout`, `transport`) |
+/// | `cio.client.request.duration` | histogram, s | same |
+/// | `cio.client.rate_limited` | counter (429 answers) | `api`, `endpoint` |
+/// | `cio.client.retries` | counter (requests sent again) | `api`, `endpoint`, `reason` |
+/// | `cio.client.rate_limit.wait` | histogram, s (time spent in the shared limiter) | `api` |
+mod metrics {
+    use std::sync::LazyLock;
+    use std::time::Duration;
+
+    use opentelemetry::KeyValue;
+    use opentelemetry::metrics::{Counter, Histogram};
+
+    use crate::config::Api;
+    use crate::endpoint::Endpoint;
+    use crate::error::CioError;
+
+    const SECONDS: &[f64] = &[
+        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    ];
+
+    struct Instruments {
+        requests: Counter<u64>,
+        duration: Histogram<f64>,
+        rate_limited: Counter<u64>,
+        retries: Counter<u64>,
+        limiter_wait: Histogram<f64>,
+    }
+
+    static INSTRUMENTS: LazyLock<Instruments> = LazyLock::new(|| {
+        let meter = opentelemetry::global::meter("cio-client");
+        Instruments {
+            requests: meter
+                .u64_counter("cio.client.requests")
+                .with_description("HTTP requests sent to Customer.io")
+                .build(),
+            duration: meter
+                .f64_histogram("cio.client.request.duration")
+                .with_description("Duration of HTTP requests to Customer.io")
+                .with_unit("s")
+                .with_boundaries(SECONDS.to_vec())
+                .build(),
+            rate_limited: meter
+                .u64_counter("cio.client.rate_limited")
+                .with_description("429 answers from Customer.io")
+                .build(),
+            retries: meter
+                .u64_counter("cio.client.retries")
+                .with_description("Customer.io requests sent again after a failure or a 429")
+                .build(),
+            limiter_wait: meter
+                .f64_histogram("cio.client.rate_limit.wait")
+                .with_description("Time a request waited in the shared per-workspace rate limiter")
+                .with_unit("s")
+                .with_boundaries(SECONDS.to_vec())
+                .build(),
+        }
+    });
+
+    /// A short, bounded label for a failure (never its message).
+    pub(super) fn error_kind(error: &CioError) -> &'static str {
+        match error {
+            CioError::Unauthorized { .. } => "unauthorized",
+            CioError::NotFound { .. } => "not_found",
+            CioError::RateLimited { .. } => "rate_limited",
+            CioError::Rejected { .. } => "rejected",
+            CioError::Server { .. } => "server_error",
+            CioError::Timeout { .. } => "timeout",
+            CioError::Transport { .. } => "transport",
+            CioError::Decode { .. } => "decode",
+            _ => "other",
+        }
+    }
+
+    /// One HTTP exchange (or its failure to complete).
+    pub(super) fn request(
+        endpoint: &Endpoint,
+        sent: &Result<(u16, Option<Duration>, Vec<u8>), CioError>,
+        took: Duration,
+    ) {
+        let status = match sent {
+            Ok((status, ..)) => status.to_string(),
+            Err(error) => error_kind(error).to_string(),
+        };
+        let attributes = [
+            KeyValue::new("api", endpoint.api.as_str()),
+            KeyValue::new("method", endpoint.method.as_str().to_string()),
+            KeyValue::new("endpoint", endpoint.template),
+            KeyValue::new("status", status),
+        ];
+        let i = &*INSTRUMENTS;
+        i.requests.add(1, &attributes);
+        i.duration.record(took.as_secs_f64(), &attributes);
+        if matches!(sent, Ok((429, ..))) {
+            i.rate_limited.add(
+                1,
+                &[
+                    KeyValue::new("api", endpoint.api.as_str()),
+                    KeyValue::new("endpoint", endpoint.template),
+                ],
+            );
+        }
+    }
+
+    /// A request about to be sent again because of `error`.
+    pub(super) fn retry(endpoint: &Endpoint, error: &CioError) {
+        INSTRUMENTS.retries.add(
+            1,
+            &[
+                KeyValue::new("api", endpoint.api.as_str()),
+                KeyValue::new("endpoint", endpoint.template),
+                KeyValue::new("reason", error_kind(error)),
+            ],
+        );
+    }
+
+    /// Time spent waiting for the shared limiter before one send.
+    pub(super) fn limiter_wait(api: Api, waited: Duration) {
+        INSTRUMENTS
+            .limiter_wait
+            .record(waited.as_secs_f64(), &[KeyValue::new("api", api.as_str())]);
     }
 }
 

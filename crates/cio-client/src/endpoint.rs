@@ -177,6 +177,33 @@ pub mod endpoints {
         template: "/v1/segments",
         retry: RetryPolicy::NeverRetry,
     };
+    /// `GET /v1/campaigns`.
+    pub const LIST_CAMPAIGNS: Endpoint = get(Api::App, "/v1/campaigns");
+    /// `GET /v1/campaigns/{campaign_id}`.
+    pub const GET_CAMPAIGN: Endpoint = get(Api::App, "/v1/campaigns/{campaign_id}");
+    /// `GET /v1/broadcasts`.
+    pub const LIST_BROADCASTS: Endpoint = get(Api::App, "/v1/broadcasts");
+    /// `GET /v1/newsletters`.
+    pub const LIST_NEWSLETTERS: Endpoint = get(Api::App, "/v1/newsletters");
+    /// `POST /v1/campaigns/{broadcast_id}/triggers`: SENDS the broadcast; Customer.io has no
+    /// idempotency key for it, so it is never retried automatically.
+    pub const TRIGGER_BROADCAST: Endpoint =
+        with(Api::App, Method::POST, "/v1/campaigns/{broadcast_id}/triggers", RetryPolicy::NeverRetry);
+    /// `GET /v1/campaigns/{broadcast_id}/triggers/{trigger_id}`.
+    pub const TRIGGER_STATUS: Endpoint = get(Api::App, "/v1/campaigns/{broadcast_id}/triggers/{trigger_id}");
+    /// `GET /v1/broadcasts/{broadcast_id}/triggers`.
+    pub const BROADCAST_TRIGGERS: Endpoint = get(Api::App, "/v1/broadcasts/{broadcast_id}/triggers");
+    /// `POST /v1/newsletters`: creates a newsletter with content; never retried.
+    pub const CREATE_NEWSLETTER: Endpoint = with(Api::App, Method::POST, "/v1/newsletters", RetryPolicy::NeverRetry);
+    /// `POST /v1/newsletters/{newsletter_id}/send`: SENDS it; never retried.
+    pub const SEND_NEWSLETTER: Endpoint =
+        with(Api::App, Method::POST, "/v1/newsletters/{newsletter_id}/send", RetryPolicy::NeverRetry);
+    /// `GET /v1/campaigns/{campaign_id}/metrics`.
+    pub const CAMPAIGN_METRICS: Endpoint = get(Api::App, "/v1/campaigns/{campaign_id}/metrics");
+    /// `GET /v1/broadcasts/{broadcast_id}/metrics`.
+    pub const BROADCAST_METRICS: Endpoint = get(Api::App, "/v1/broadcasts/{broadcast_id}/metrics");
+    /// `GET /v1/newsletters/{newsletter_id}/metrics`.
+    pub const NEWSLETTER_METRICS: Endpoint = get(Api::App, "/v1/newsletters/{newsletter_id}/metrics");
     /// `DELETE /v1/segments/{segment_id}`.
     pub const DELETE_SEGMENT: Endpoint = Endpoint {
         api: Api::App,
@@ -184,6 +211,22 @@ pub mod endpoints {
         template: "/v1/segments/{segment_id}",
         retry: RetryPolicy::Idempotent,
     };
+    /// `POST /api/v1/segments/{segment_id}/add_customers?id_type=`: adds up to 1000 people to
+    /// a manual segment. Idempotent: adding a member again changes nothing.
+    pub const ADD_TO_SEGMENT: Endpoint = with(
+        Api::Track,
+        Method::POST,
+        "/api/v1/segments/{segment_id}/add_customers",
+        RetryPolicy::Idempotent,
+    );
+    /// `POST /api/v1/segments/{segment_id}/remove_customers?id_type=`: removes up to 1000
+    /// people from a manual segment. Idempotent.
+    pub const REMOVE_FROM_SEGMENT: Endpoint = with(
+        Api::Track,
+        Method::POST,
+        "/api/v1/segments/{segment_id}/remove_customers",
+        RetryPolicy::Idempotent,
+    );
 }
 
 #[cfg(test)]

@@ -15,17 +15,22 @@
 //!   `Retry-After` pauses everyone using that API.
 //! - [`pagination`]: [`paginate`], the cursor stream helper for every `next`-style endpoint.
 //! - [`account`]: `account_region()`; [`segments`]: segment reads, membership, manual segments.
+//! - [`segment_members`]: manual segment membership (Track `add_customers` /
+//!   `remove_customers`, at most [`MAX_SEGMENT_MEMBERS_PER_CALL`] ids per call).
 //! - [`people`]: Track writes about people: v1 `identify` / `track_event` (what the official
 //!   SDKs send) and v2 [`PersonOp`]s one at a time (`entity`) or batched (`batch`, 207 =
 //!   per-op [`BatchFailure`]s); [`Identifier`], [`IdType`], size limits.
 //! - [`customers`]: App API customer reads: attributes of one or up to 100 people, a person's
 //!   segments, lookup by email.
+//! - [`campaigns`]: campaigns, API-triggered broadcasts (trigger, status, trigger list),
+//!   newsletters (create with content, send) and metrics series ([`MetricSeries::totals`]).
 //!
 //! Calls on endpoints with [`RetryPolicy::NeverRetry`] (creating resources, and later every
 //! message send) are never repeated once they may have left; a timeout then yields an error with
 //! [`CioError::is_outcome_unknown`] true. Keys never appear in `Debug`/`Display` output.
 
 pub mod account;
+pub mod campaigns;
 pub mod client;
 pub mod config;
 pub mod customers;
@@ -35,10 +40,15 @@ pub mod limiter;
 pub mod pagination;
 pub mod people;
 pub mod retry;
+pub mod segment_members;
 pub mod segments;
 mod serde_util;
 
 pub use account::AccountRegion;
+pub use campaigns::{
+    Campaign, MetricSeries, MetricsOf, MetricsQuery, NewNewsletter, Newsletter, Recipients, Resolution, Trigger,
+    TriggerStatus,
+};
 pub use client::{CioClient, USER_AGENT, install_crypto_provider};
 pub use config::{Api, ClientConfig, Credentials, ParseRegionError, Region, RetryConfig};
 pub use customers::{CustomerAttributes, CustomerSegment, MAX_CUSTOMERS_PER_LOOKUP};
@@ -51,6 +61,7 @@ pub use people::{
 };
 pub use retry::{MAX_HONOURED_RETRY_AFTER, parse_retry_after};
 pub use secrecy::SecretString;
+pub use segment_members::MAX_SEGMENT_MEMBERS_PER_CALL;
 pub use segments::{
     CustomerIdentifiers, MAX_MEMBERSHIP_PAGE, MembershipPage, Segment, SegmentType,
 };

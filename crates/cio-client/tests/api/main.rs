@@ -4,6 +4,7 @@
 //! - `calls`: the typed calls and how each status maps to `CioError`.
 //! - `people`: Track writes: v1 identify/events, v2 entity and batch (200, 207), safe retries.
 //! - `customers`: App API customer reads (attributes, bulk attributes, segments, email lookup).
+//! - `segment_members`: manual segment membership (add/remove customers, 400s, limits).
 //! - `resilience`: retries, Retry-After, timeouts, dropped connections, NeverRetry endpoints.
 //! - `limiter`: pacing shared across clients of one workspace, pauses after a 429.
 //! - `wire`: the exact headers on the wire (a raw TCP listener captures them).
@@ -11,9 +12,11 @@
 #![allow(clippy::unwrap_used)]
 
 mod calls;
+mod campaigns;
 mod customers;
 mod helpers;
 mod limiter;
 mod people;
 mod resilience;
+mod segment_members;
 mod wire;
