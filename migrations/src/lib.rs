@@ -20,6 +20,8 @@ mod m20261128_000003_create_job_runs;
 mod m20261128_000004_create_job_leases;
 mod m20261128_000005_create_profiles;
 mod m20261128_000006_create_outbox;
+mod m20261128_000007_create_managed_segments;
+mod m20261128_000008_outbox_segment_kinds;
 
 /// All migrations of the project, oldest first.
 pub struct Migrator;
@@ -34,6 +36,8 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000004_create_job_leases::Migration),
             Box::new(m20261128_000005_create_profiles::Migration),
             Box::new(m20261128_000006_create_outbox::Migration),
+            Box::new(m20261128_000007_create_managed_segments::Migration),
+            Box::new(m20261128_000008_outbox_segment_kinds::Migration),
         ]
     }
 }

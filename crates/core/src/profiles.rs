@@ -164,6 +164,13 @@ pub async fn update_attributes(ctx: &AppContext, updates: Vec<AttributeUpdate>, 
         .collect();
     let accepted = outbox::accept_attribute_updates(&ctx.db, ctx.workspace_id(), &rows, Utc::now()).await?;
     ctx.outbox_wakeup.notify_waiters();
+    // Managed segments reading these attributes are due for evaluation. The write is accepted
+    // whatever happens here; a segment not marked is re-evaluated when its age runs out.
+    let changed: std::collections::BTreeSet<&str> = rows.iter().flat_map(|r| r.attributes.keys().map(String::as_str)).collect();
+    let changed: Vec<&str> = changed.into_iter().collect();
+    if let Err(e) = crate::managed_segments::profiles_changed(ctx, &changed).await {
+        tracing::warn!(error = %crate::jobs::error_chain(&e), "could not mark managed segments due");
+    }
     Ok(accepted)
 }
 
@@ -393,6 +400,9 @@ where
         state.not_found.clear();
     }
     state.done = true;
+    if let Err(e) = crate::managed_segments::profiles_imported(ctx).await {
+        tracing::warn!(error = %crate::jobs::error_chain(&e), "could not mark managed segments due");
+    }
     progress(state.clone()).await;
     Ok(state)
 }

@@ -15,6 +15,11 @@
 //! - The write path: [`outbox::accept_attribute_updates`] / [`outbox::accept_events`] write the
 //!   [`profiles`] mirror and the outbox in one transaction; outbox workers deliver with
 //!   [`outbox::claim_due`] and `outbox::mark_*` (safe with many workers and replicas).
+//! - [`criteria_sql`]: segment criteria ([`criteria_sql::Filter`]) compiled to SQL over the
+//!   profiles mirror (PostgreSQL JSONB operators, SQLite JSON functions) with bound parameters;
+//!   [`managed_segments`]: SharpSend-managed segments, their membership, evaluation (the
+//!   membership difference recorded and queued in the outbox in one transaction) and mirrored
+//!   Customer.io memberships.
 //! - `testing` (feature `test-support`): a fresh database per test on SQLite and PostgreSQL
 //!   and the `db_test!` macro that runs one test body on both.
 //!
@@ -22,10 +27,12 @@
 //! passed in are truncated to microseconds so that both backends return exactly what was read
 //! back by the other.
 
+pub mod criteria_sql;
 mod database;
 pub mod entities;
 mod error;
 pub mod jobs;
+pub mod managed_segments;
 pub mod outbox;
 pub mod profiles;
 pub mod segments;

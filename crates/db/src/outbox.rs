@@ -49,14 +49,21 @@ pub enum Kind {
     Identify,
     /// Record an event for a person.
     Event,
+    /// Add people to a SharpSend-managed (manual) segment: payload `{"segment_id", "ids"}`
+    /// (at most 1000 ids); `customer_id` is `segment:<segment id>`.
+    SegmentAdd,
+    /// Remove people from a SharpSend-managed segment (payload as [`Kind::SegmentAdd`]).
+    SegmentRemove,
 }
 
 impl Kind {
-    /// The stored value: `identify` or `event`.
+    /// The stored value: `identify`, `event`, `segment_add` or `segment_remove`.
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Identify => "identify",
             Kind::Event => "event",
+            Kind::SegmentAdd => "segment_add",
+            Kind::SegmentRemove => "segment_remove",
         }
     }
 }
@@ -79,6 +86,8 @@ impl FromStr for Kind {
         match s {
             "identify" => Ok(Kind::Identify),
             "event" => Ok(Kind::Event),
+            "segment_add" => Ok(Kind::SegmentAdd),
+            "segment_remove" => Ok(Kind::SegmentRemove),
             other => Err(UnknownKind(other.to_owned())),
         }
     }

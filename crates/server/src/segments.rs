@@ -1,5 +1,7 @@
 //! `sharpsend.cio.v1.SegmentService`: request validation and mapping; the work is in
-//! `sharpsend_core::segments` and the mirror in `sharpsend_db::segments`.
+//! `sharpsend_core::segments` (sync, targeting), `sharpsend_core::managed_segments` (SharpSend's
+//! own segments) and the mirror in `sharpsend_db::segments`. The criteria message maps to and
+//! from `sharpsend_core::criteria` here ([`raw_criteria`], [`criteria_to_proto`]).
 
 use std::time::Duration;
 
@@ -7,6 +9,8 @@ use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::Utc;
 use sharpsend_core::{
     AppContext, CoreError,
+    criteria::{Criteria, Operand, Operator, RawCondition, RawCriteria, RawOperator, RawValue, TimeValue, Value},
+    managed_segments::{self as managed, CriteriaInput, ManagedView, NewSegment, SegmentChanges},
     segments::{self as core_segments, TargetingWarning as Warning},
 };
 use sharpsend_db::segments::{self as mirror, ListFilter, SegmentRecord, TypeFilter};
@@ -15,7 +19,10 @@ use sharpsend_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::{convert::timestamp, status::to_status};
+use crate::{
+    convert::{datetime, timestamp},
+    status::to_status,
+};
 
 /// Page size when the caller gives none.
 pub const DEFAULT_PAGE_SIZE: u64 = 50;
@@ -61,7 +68,10 @@ impl SegmentService for Segments {
         } else {
             String::new()
         };
-        Ok(Response::new(pb::ListSegmentsResponse { segments: rows.iter().map(to_proto).collect(), next_page_token }))
+        let ids: Vec<i64> = rows.iter().map(|r| r.cio_id).collect();
+        let managed = managed::get_many(&self.ctx, &ids).await.map_err(to_status)?;
+        let segments = rows.iter().map(|r| to_proto(r, managed.get(&r.cio_id))).collect();
+        Ok(Response::new(pb::ListSegmentsResponse { segments, next_page_token }))
     }
 
     async fn get_segment(
@@ -74,7 +84,8 @@ impl SegmentService for Segments {
         }
         let found = mirror::get(&self.ctx.db, self.ctx.workspace_id(), id).await.map_err(|e| to_status(e.into()))?;
         let segment = found.ok_or_else(|| to_status(CoreError::NotFound { what: "segment", id: id.to_string() }))?;
-        Ok(Response::new(pb::GetSegmentResponse { segment: Some(to_proto(&segment)) }))
+        let managed = managed::get_many(&self.ctx, &[id]).await.map_err(to_status)?;
+        Ok(Response::new(pb::GetSegmentResponse { segment: Some(to_proto(&segment, managed.get(&id))) }))
     }
 
     async fn sync_segments(
@@ -112,7 +123,7 @@ impl SegmentService for Segments {
                 .map(|t| pb::SegmentTargeting {
                     segment_id: t.segment_id,
                     exists: t.segment.is_some(),
-                    segment: t.segment.as_ref().map(to_proto),
+                    segment: t.segment.as_ref().map(|s| to_proto(s, None)),
                     count_age: t.count_age.and_then(|a| prost_types::Duration::try_from(a).ok()),
                     warnings: t.warnings.iter().map(|w| warning(*w) as i32).collect(),
                     sendable: t.sendable(),
@@ -121,6 +132,247 @@ impl SegmentService for Segments {
             sendable,
             total_member_count: report.total_member_count,
         }))
+    }
+
+    async fn create_segment(
+        &self,
+        request: Request<pb::CreateSegmentRequest>,
+    ) -> Result<Response<pb::CreateSegmentResponse>, Status> {
+        let req = request.into_inner();
+        let criteria = criteria_input(req.criteria, req.criteria_json, false).map_err(to_status)?;
+        let view = managed::create_segment(&self.ctx, NewSegment { name: req.name, description: req.description, criteria })
+            .await
+            .map_err(to_status)?;
+        let segment = self.managed_segment(view).await?;
+        Ok(Response::new(pb::CreateSegmentResponse { segment: Some(segment) }))
+    }
+
+    async fn preview_segment(
+        &self,
+        request: Request<pb::PreviewSegmentRequest>,
+    ) -> Result<Response<pb::PreviewSegmentResponse>, Status> {
+        let req = request.into_inner();
+        let input = criteria_input(req.criteria, req.criteria_json, true)
+            .map_err(to_status)?
+            .ok_or_else(|| to_status(CoreError::invalid("criteria", "is required (or criteria_json)")))?;
+        let preview = managed::preview(&self.ctx, input, req.sample_size).await.map_err(to_status)?;
+        Ok(Response::new(pb::PreviewSegmentResponse {
+            member_count: i64::try_from(preview.member_count).unwrap_or(i64::MAX),
+            sample: preview
+                .sample
+                .into_iter()
+                .map(|m| pb::PreviewMember { customer_id: m.customer_id, email: m.email.unwrap_or_default() })
+                .collect(),
+            evaluated_at: Some(timestamp(preview.evaluated_at)),
+            duration: prost_types::Duration::try_from(preview.duration).ok(),
+        }))
+    }
+
+    async fn update_segment(
+        &self,
+        request: Request<pb::UpdateSegmentRequest>,
+    ) -> Result<Response<pb::UpdateSegmentResponse>, Status> {
+        let req = request.into_inner();
+        let criteria = criteria_input(req.criteria, req.criteria_json, false).map_err(to_status)?;
+        let changes = SegmentChanges { name: req.name, description: req.description, criteria, remove_criteria: req.remove_criteria };
+        let view = managed::update_segment(&self.ctx, req.segment_id, changes).await.map_err(to_status)?;
+        let segment = self.managed_segment(view).await?;
+        Ok(Response::new(pb::UpdateSegmentResponse { segment: Some(segment) }))
+    }
+
+    async fn delete_segment(
+        &self,
+        request: Request<pb::DeleteSegmentRequest>,
+    ) -> Result<Response<pb::DeleteSegmentResponse>, Status> {
+        managed::delete_segment(&self.ctx, request.into_inner().segment_id).await.map_err(to_status)?;
+        Ok(Response::new(pb::DeleteSegmentResponse {}))
+    }
+
+    async fn add_segment_members(
+        &self,
+        request: Request<pb::AddSegmentMembersRequest>,
+    ) -> Result<Response<pb::AddSegmentMembersResponse>, Status> {
+        let req = request.into_inner();
+        let change = managed::add_members(&self.ctx, req.segment_id, &req.customer_ids).await.map_err(to_status)?;
+        Ok(Response::new(pb::AddSegmentMembersResponse { added: change.changed, member_count: change.member_count }))
+    }
+
+    async fn remove_segment_members(
+        &self,
+        request: Request<pb::RemoveSegmentMembersRequest>,
+    ) -> Result<Response<pb::RemoveSegmentMembersResponse>, Status> {
+        let req = request.into_inner();
+        let change = managed::remove_members(&self.ctx, req.segment_id, &req.customer_ids).await.map_err(to_status)?;
+        Ok(Response::new(pb::RemoveSegmentMembersResponse { removed: change.changed, member_count: change.member_count }))
+    }
+}
+
+impl Segments {
+    /// A managed segment as a `Segment`, with its row from the mirror.
+    async fn managed_segment(&self, view: ManagedView) -> Result<pb::Segment, Status> {
+        let id = view.record.cio_segment_id;
+        let row = mirror::get(&self.ctx.db, self.ctx.workspace_id(), id).await.map_err(|e| to_status(e.into()))?;
+        Ok(match row {
+            Some(row) => to_proto(&row, Some(&view)),
+            None => pb::Segment {
+                id,
+                r#type: pb::SegmentType::Manual as i32,
+                synced_at: Some(timestamp(view.record.created_at)),
+                ..managed_only(&view)
+            },
+        })
+    }
+}
+
+/// The criteria a request carries: the message, or the JSON text (not both). `required`: one
+/// of them must be given.
+fn criteria_input(message: Option<pb::Criteria>, json: String, required: bool) -> Result<Option<CriteriaInput>, CoreError> {
+    match (message, json.trim().is_empty()) {
+        (Some(_), false) => Err(CoreError::invalid("criteria_json", "give either criteria or criteria_json, not both")),
+        (Some(m), true) => Ok(Some(CriteriaInput::Message(raw_criteria(m), "criteria"))),
+        (None, false) => Ok(Some(CriteriaInput::Json(json, "criteria_json"))),
+        (None, true) if required => Err(CoreError::invalid("criteria", "is required (or criteria_json)")),
+        (None, true) => Ok(None),
+    }
+}
+
+/// The protobuf criteria as received (validated by `sharpsend_core::criteria::validate`).
+pub fn raw_criteria(c: pb::Criteria) -> RawCriteria {
+    use pb::criteria::Criterion;
+    match c.criterion {
+        None => RawCriteria::Empty,
+        Some(Criterion::And(g)) => RawCriteria::And(g.criteria.into_iter().map(raw_criteria).collect()),
+        Some(Criterion::Or(g)) => RawCriteria::Or(g.criteria.into_iter().map(raw_criteria).collect()),
+        Some(Criterion::Not(inner)) => RawCriteria::Not(Some(Box::new(raw_criteria(*inner)))),
+        Some(Criterion::Segment(s)) => RawCriteria::Segment(Some(s.id)),
+        Some(Criterion::Attribute(a)) => {
+            let operator = match pb::AttributeOperator::try_from(a.operator) {
+                Ok(pb::AttributeOperator::Unspecified) => RawOperator::Missing,
+                Ok(op) => RawOperator::Known(match op {
+                    pb::AttributeOperator::Eq | pb::AttributeOperator::Unspecified => Operator::Eq,
+                    pb::AttributeOperator::Neq => Operator::Neq,
+                    pb::AttributeOperator::Gt => Operator::Gt,
+                    pb::AttributeOperator::Gte => Operator::Gte,
+                    pb::AttributeOperator::Lt => Operator::Lt,
+                    pb::AttributeOperator::Lte => Operator::Lte,
+                    pb::AttributeOperator::In => Operator::In,
+                    pb::AttributeOperator::Contains => Operator::Contains,
+                    pb::AttributeOperator::StartsWith => Operator::StartsWith,
+                    pb::AttributeOperator::Exists => Operator::Exists,
+                }),
+                Err(_) => RawOperator::Unknown(a.operator.to_string()),
+            };
+            RawCriteria::Attribute(RawCondition {
+                field: a.field,
+                operator,
+                value: a.value.map(raw_value),
+                values: (!a.values.is_empty()).then(|| a.values.into_iter().map(raw_value).collect()),
+                list_field: "values",
+            })
+        }
+    }
+}
+
+fn raw_value(v: pb::ConditionValue) -> RawValue {
+    use pb::condition_value::Value as V;
+    use pb::time_value::Time;
+    match v.value {
+        None => RawValue::Empty,
+        Some(V::StringValue(s)) => RawValue::Known(Value::String(s)),
+        Some(V::NumberValue(n)) => RawValue::Known(Value::Number(n)),
+        Some(V::BoolValue(b)) => RawValue::Known(Value::Bool(b)),
+        Some(V::TimeValue(t)) => match t.time {
+            None => RawValue::Empty,
+            Some(Time::At(ts)) => match datetime(&ts) {
+                Some(at) => RawValue::Known(Value::Timestamp(TimeValue::At(at))),
+                None => RawValue::Malformed("is not a valid timestamp".into()),
+            },
+            Some(Time::Ago(d)) => match Duration::try_from(d) {
+                Ok(d) => RawValue::Known(Value::Timestamp(TimeValue::Ago(d))),
+                Err(_) => RawValue::Malformed("`ago` must be a non-negative duration".into()),
+            },
+            Some(Time::FromNow(d)) => match Duration::try_from(d) {
+                Ok(d) => RawValue::Known(Value::Timestamp(TimeValue::FromNow(d))),
+                Err(_) => RawValue::Malformed("`from_now` must be a non-negative duration".into()),
+            },
+        },
+    }
+}
+
+/// Validated criteria as the protobuf message.
+pub fn criteria_to_proto(c: &Criteria) -> pb::Criteria {
+    use pb::criteria::Criterion;
+    let criterion = match c {
+        Criteria::And(items) => Criterion::And(pb::CriteriaGroup { criteria: items.iter().map(criteria_to_proto).collect() }),
+        Criteria::Or(items) => Criterion::Or(pb::CriteriaGroup { criteria: items.iter().map(criteria_to_proto).collect() }),
+        Criteria::Not(inner) => Criterion::Not(Box::new(criteria_to_proto(inner))),
+        Criteria::Segment(id) => Criterion::Segment(pb::SegmentCondition { id: *id }),
+        Criteria::Attribute(a) => {
+            let operator = match a.operator {
+                Operator::Eq => pb::AttributeOperator::Eq,
+                Operator::Neq => pb::AttributeOperator::Neq,
+                Operator::Gt => pb::AttributeOperator::Gt,
+                Operator::Gte => pb::AttributeOperator::Gte,
+                Operator::Lt => pb::AttributeOperator::Lt,
+                Operator::Lte => pb::AttributeOperator::Lte,
+                Operator::In => pb::AttributeOperator::In,
+                Operator::Contains => pb::AttributeOperator::Contains,
+                Operator::StartsWith => pb::AttributeOperator::StartsWith,
+                Operator::Exists => pb::AttributeOperator::Exists,
+            };
+            let (value, values) = match &a.operand {
+                Operand::None => (None, Vec::new()),
+                Operand::One(v) => (Some(value_to_proto(v)), Vec::new()),
+                Operand::Many(vs) => (None, vs.iter().map(value_to_proto).collect()),
+            };
+            Criterion::Attribute(pb::AttributeCondition { field: a.field.clone(), operator: operator as i32, value, values })
+        }
+    };
+    pb::Criteria { criterion: Some(criterion) }
+}
+
+fn value_to_proto(v: &Value) -> pb::ConditionValue {
+    use pb::condition_value::Value as V;
+    use pb::time_value::Time;
+    let value = match v {
+        Value::String(s) => V::StringValue(s.clone()),
+        Value::Number(n) => V::NumberValue(*n),
+        Value::Bool(b) => V::BoolValue(*b),
+        Value::Timestamp(t) => V::TimeValue(pb::TimeValue {
+            time: Some(match t {
+                TimeValue::At(at) => Time::At(timestamp(*at)),
+                TimeValue::Ago(d) => Time::Ago(prost_types::Duration::try_from(*d).unwrap_or_default()),
+                TimeValue::FromNow(d) => Time::FromNow(prost_types::Duration::try_from(*d).unwrap_or_default()),
+            }),
+        }),
+    };
+    pb::ConditionValue { value: Some(value) }
+}
+
+/// The fields of `Segment` a managed segment defines.
+fn managed_only(view: &ManagedView) -> pb::Segment {
+    let r = &view.record;
+    pb::Segment {
+        id: r.cio_segment_id,
+        name: r.name.clone(),
+        description: r.description.clone().unwrap_or_default(),
+        member_count: Some(r.member_count),
+        managed: Some(pb::ManagedSegment {
+            criteria: view.criteria.as_ref().map(criteria_to_proto),
+            criteria_json: view.criteria.as_ref().map(|c| c.to_json().to_string()).unwrap_or_default(),
+            member_count: r.member_count,
+            last_evaluation: r.last_evaluation.as_ref().map(|e| pb::SegmentEvaluation {
+                evaluated_at: Some(timestamp(e.evaluated_at)),
+                duration: prost_types::Duration::try_from(Duration::from_millis(u64::try_from(e.duration_ms).unwrap_or(0))).ok(),
+                added: e.added,
+                removed: e.removed,
+            }),
+            evaluation_due: r.evaluation_due,
+            last_evaluation_error: r.last_evaluation_error.clone().unwrap_or_default(),
+            created_at: Some(timestamp(r.created_at)),
+            updated_at: Some(timestamp(r.updated_at)),
+        }),
+        ..pb::Segment::default()
     }
 }
 
@@ -159,8 +411,8 @@ fn decode_page_token(token: &str) -> Result<Option<i64>, CoreError> {
     Ok(Some(id))
 }
 
-fn to_proto(s: &SegmentRecord) -> pb::Segment {
-    pb::Segment {
+fn to_proto(s: &SegmentRecord, managed: Option<&ManagedView>) -> pb::Segment {
+    let mirrored = pb::Segment {
         id: s.cio_id,
         name: s.name.clone(),
         description: s.description.clone().unwrap_or_default(),
@@ -174,6 +426,14 @@ fn to_proto(s: &SegmentRecord) -> pb::Segment {
         synced_at: Some(timestamp(s.synced_at)),
         removed: s.removed,
         removed_at: s.removed_at.map(timestamp),
+        managed: None,
+    };
+    match managed {
+        None => mirrored,
+        Some(view) => {
+            let own = managed_only(view);
+            pb::Segment { name: own.name, description: own.description, member_count: own.member_count, managed: own.managed, ..mirrored }
+        }
     }
 }
 

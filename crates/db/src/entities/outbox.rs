@@ -9,10 +9,11 @@ pub struct Model {
     #[sea_orm(primary_key)]
     pub id: i64,
     pub workspace_id: i64,
-    /// `identify` or `event`.
+    /// `identify`, `event`, `segment_add` or `segment_remove`.
     pub kind: String,
     pub customer_id: String,
-    /// `identify`: the attribute map; `event`: `{"name", "data", "timestamp"}`.
+    /// `identify`: the attribute map; `event`: `{"name", "data", "timestamp"}`;
+    /// `segment_add` / `segment_remove`: `{"segment_id", "ids"}`.
     #[sea_orm(column_type = "JsonBinary")]
     pub payload: Json,
     /// ULID of an event (unique within a workspace).

@@ -1,8 +1,10 @@
 //! Integration tests of `sharpsend-db`: every test runs on SQLite and, when
 //! `SHARPSEND_TEST_POSTGRES_URL` is set, on PostgreSQL (see `sharpsend_db::testing`).
 
+mod criteria;
 mod helpers;
 mod jobs;
+mod managed_segments;
 mod migrations;
 mod outbox;
 mod profiles;

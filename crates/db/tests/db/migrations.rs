@@ -1,13 +1,15 @@
 use sharpsend_db::testing::{TestDatabase, TestResult};
 use sharpsend_db::{DbError, ensure_migrated, migrate, pending_migrations};
 
-const ALL: [&str; 6] = [
+const ALL: [&str; 8] = [
     "m20261128_000001_create_workspaces",
     "m20261128_000002_create_segments",
     "m20261128_000003_create_job_runs",
     "m20261128_000004_create_job_leases",
     "m20261128_000005_create_profiles",
     "m20261128_000006_create_outbox",
+    "m20261128_000007_create_managed_segments",
+    "m20261128_000008_outbox_segment_kinds",
 ];
 
 sharpsend_db::db_test!(
@@ -19,9 +21,9 @@ sharpsend_db::db_test!(
         assert_eq!(pending_migrations(&db.conn).await?.len(), ALL.len());
 
         match ensure_migrated(&db.conn).await {
-            Err(e @ DbError::PendingMigrations { count: 6, .. }) => {
+            Err(e @ DbError::PendingMigrations { count: 8, .. }) => {
                 let msg = e.to_string();
-                assert!(msg.contains("6 pending database migration(s)"), "{msg}");
+                assert!(msg.contains("8 pending database migration(s)"), "{msg}");
                 assert!(msg.contains(ALL[0]), "{msg}");
                 assert!(msg.contains("sharpsend-server migrate"), "{msg}");
             }

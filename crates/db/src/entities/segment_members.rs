@@ -1,0 +1,36 @@
+//! `segment_members`: membership by Customer.io segment id — recorded by SharpSend for managed
+//! segments, mirrored from Customer.io for segments that criteria reference.
+
+use sea_orm::entity::prelude::*;
+
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+#[sea_orm(table_name = "segment_members")]
+pub struct Model {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub workspace_id: i64,
+    /// Customer.io segment id.
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub segment_id: i64,
+    /// Customer.io `id` of the person.
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub customer_id: String,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {
+    #[sea_orm(
+        belongs_to = "super::workspaces::Entity",
+        from = "Column::WorkspaceId",
+        to = "super::workspaces::Column::Id",
+        on_delete = "Cascade"
+    )]
+    Workspace,
+}
+
+impl Related<super::workspaces::Entity> for Entity {
+    fn to() -> RelationDef {
+        Relation::Workspace.def()
+    }
+}
+
+impl ActiveModelBehavior for ActiveModel {}

@@ -1,0 +1,468 @@
+//! Managed segments: evaluation records the membership and queues the difference in the outbox
+//! in one transaction, in rows of at most 1000 ids; manual membership; delivery support.
+
+use std::collections::BTreeSet;
+
+use sea_orm::{ConnectionTrait, DbBackend, Statement};
+use serde_json::json;
+use sharpsend_db::criteria_sql::{Comparison, Filter};
+use sharpsend_db::managed_segments::{
+    self, Applied, ManualChange, NewManagedSegment, SegmentUpdate, StoredCriteria,
+};
+use sharpsend_db::outbox::{self, Kind, NewAttributeUpdate, OutboxRow, Status};
+use sharpsend_db::profiles::{self, FetchedProfile};
+use sharpsend_db::segments;
+use sharpsend_db::testing::{TestDatabase, TestResult};
+
+use crate::helpers::{attrs, ts, workspace};
+
+type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+fn person(i: usize, score: i64) -> FetchedProfile {
+    FetchedProfile {
+        customer_id: format!("p{i:05}"),
+        email: None,
+        cio_id: None,
+        // Imported from Customer.io: strings.
+        attributes: attrs(json!({ "score": score.to_string() })),
+        cio_segments: None,
+    }
+}
+
+fn criteria(attribute: &str) -> StoredCriteria {
+    StoredCriteria {
+        criteria: json!({"attribute": {"field": attribute, "operator": "gte", "value": 50}}),
+        referenced_attributes: vec![attribute.to_owned()],
+        referenced_segments: vec![],
+    }
+}
+
+fn score_at_least(n: f64) -> Filter {
+    Filter::Number {
+        attribute: "score".into(),
+        op: Comparison::Gte,
+        value: n,
+    }
+}
+
+/// Every outbox row of the workspace (ids 1..=n).
+async fn outbox_rows(db: &TestDatabase, ws: i64) -> Res<Vec<OutboxRow>> {
+    let ids: Vec<i64> = (1..=100_000).collect();
+    Ok(outbox::get_many(&db.conn, ws, &ids).await?)
+}
+
+/// The ids carried by segment rows of `kind` among `rows`, checking each row's shape.
+fn carried(rows: &[OutboxRow], kind: Kind, segment: i64) -> Res<BTreeSet<String>> {
+    let mut all = BTreeSet::new();
+    for row in rows.iter().filter(|r| r.kind == kind) {
+        assert_eq!(row.customer_id, format!("segment:{segment}"));
+        assert_eq!(row.status, Status::Pending);
+        assert_eq!(row.payload["segment_id"], json!(segment));
+        let ids: Vec<String> = serde_json::from_value(row.payload["ids"].clone())?;
+        assert!(
+            !ids.is_empty() && ids.len() <= 1000,
+            "{} ids in one row",
+            ids.len()
+        );
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(ids, sorted, "ids of a row are sorted");
+        for id in ids {
+            assert!(all.insert(id), "an id queued twice");
+        }
+    }
+    Ok(all)
+}
+
+async fn members(db: &TestDatabase, ws: i64, segment: i64) -> Res<BTreeSet<String>> {
+    Ok(
+        managed_segments::members_page(&db.conn, ws, segment, None, 1_000_000)
+            .await?
+            .into_iter()
+            .collect(),
+    )
+}
+
+sharpsend_db::db_test!(
+    evaluation_records_membership_and_queues_the_difference_in_rows_of_1000_ids,
+    |db: TestDatabase| async move {
+        let ws = workspace(&db, "site-1").await?;
+        let people: Vec<FetchedProfile> = (0..2600).map(|i| person(i, (i % 100) as i64)).collect();
+        profiles::upsert_fetched(&db.conn, ws, &people, ts(0)).await?;
+        let created = managed_segments::create(
+            &db.conn,
+            ws,
+            &NewManagedSegment {
+                cio_segment_id: 77,
+                name: "High scorers".into(),
+                description: None,
+                criteria: Some(criteria("score")),
+            },
+            ts(1),
+        )
+        .await?;
+        assert!(created.evaluation_due && created.member_count == 0 && created.revision == 0);
+        let mirror = segments::get(&db.conn, ws, 77).await?.ok_or("mirror row")?;
+        assert_eq!(
+            (mirror.segment_type.as_str(), mirror.member_count),
+            ("manual", Some(0))
+        );
+
+        let expected: BTreeSet<String> = (0..2600)
+            .filter(|i| i % 100 >= 50)
+            .map(|i| format!("p{i:05}"))
+            .collect();
+        let Applied::Done(first) =
+            managed_segments::apply_evaluation(&db.conn, ws, 77, 0, &score_at_least(50.0), ts(2))
+                .await?
+        else {
+            return Err("stale".into());
+        };
+        assert_eq!(
+            (
+                first.added,
+                first.removed,
+                first.member_count,
+                first.outbox_rows
+            ),
+            (1300, 0, 1300, 2)
+        );
+        let rows = outbox_rows(&db, ws).await?;
+        assert_eq!(carried(&rows, Kind::SegmentAdd, 77)?, expected);
+        assert_eq!(members(&db, ws, 77).await?, expected);
+        let seg = managed_segments::get(&db.conn, ws, 77)
+            .await?
+            .ok_or("segment")?;
+        assert!(!seg.evaluation_due && seg.member_count == 1300);
+        assert_eq!(
+            seg.last_evaluation
+                .as_ref()
+                .map(|e| (e.added, e.removed, e.evaluated_at)),
+            Some((1300, 0, ts(2)))
+        );
+        let mirror = segments::get(&db.conn, ws, 77).await?.ok_or("mirror row")?;
+        assert_eq!(
+            (mirror.member_count, mirror.counted_at),
+            (Some(1300), Some(ts(2)))
+        );
+
+        // Nothing changed: nothing queued.
+        let Applied::Done(again) =
+            managed_segments::apply_evaluation(&db.conn, ws, 77, 0, &score_at_least(50.0), ts(3))
+                .await?
+        else {
+            return Err("stale".into());
+        };
+        assert_eq!((again.added, again.removed, again.outbox_rows), (0, 0, 0));
+        assert_eq!(outbox_rows(&db, ws).await?.len(), rows.len());
+
+        // Two people change (SharpSend writes JSON numbers): exactly they move.
+        let updates = vec![
+            NewAttributeUpdate {
+                customer_id: "p00051".into(),
+                attributes: attrs(json!({"score": 3})),
+            },
+            NewAttributeUpdate {
+                customer_id: "p00002".into(),
+                attributes: attrs(json!({"score": 99})),
+            },
+        ];
+        outbox::accept_attribute_updates(&db.conn, ws, &updates, ts(4)).await?;
+        let before = outbox_rows(&db, ws).await?.len();
+        let Applied::Done(moved) =
+            managed_segments::apply_evaluation(&db.conn, ws, 77, 0, &score_at_least(50.0), ts(5))
+                .await?
+        else {
+            return Err("stale".into());
+        };
+        assert_eq!(
+            (
+                moved.added,
+                moved.removed,
+                moved.member_count,
+                moved.outbox_rows
+            ),
+            (1, 1, 1300, 2)
+        );
+        let new_rows: Vec<OutboxRow> = outbox_rows(&db, ws)
+            .await?
+            .into_iter()
+            .skip(before)
+            .collect();
+        assert_eq!(
+            carried(&new_rows, Kind::SegmentAdd, 77)?,
+            BTreeSet::from(["p00002".to_owned()])
+        );
+        assert_eq!(
+            carried(&new_rows, Kind::SegmentRemove, 77)?,
+            BTreeSet::from(["p00051".to_owned()])
+        );
+
+        // A new threshold removes 1000+ people: removals are chunked too.
+        let before = outbox_rows(&db, ws).await?.len();
+        let Applied::Done(shrunk) =
+            managed_segments::apply_evaluation(&db.conn, ws, 77, 0, &score_at_least(99.0), ts(6))
+                .await?
+        else {
+            return Err("stale".into());
+        };
+        assert_eq!(
+            (shrunk.added, shrunk.removed, shrunk.member_count),
+            (0, 1273, 27)
+        );
+        let new_rows: Vec<OutboxRow> = outbox_rows(&db, ws)
+            .await?
+            .into_iter()
+            .skip(before)
+            .collect();
+        assert_eq!(new_rows.len(), 2);
+        assert_eq!(carried(&new_rows, Kind::SegmentRemove, 77)?.len(), 1273);
+        assert_eq!(members(&db, ws, 77).await?.len(), 27);
+
+        // Criteria changed since the filter was built: nothing is applied.
+        managed_segments::update(
+            &db.conn,
+            ws,
+            77,
+            &SegmentUpdate {
+                criteria: Some(Some(criteria("score"))),
+                ..Default::default()
+            },
+            ts(7),
+        )
+        .await?;
+        let stale =
+            managed_segments::apply_evaluation(&db.conn, ws, 77, 0, &score_at_least(0.0), ts(8))
+                .await?;
+        assert_eq!(stale, Applied::Stale);
+        assert_eq!(members(&db, ws, 77).await?.len(), 27);
+        let seg = managed_segments::get(&db.conn, ws, 77)
+            .await?
+            .ok_or("segment")?;
+        assert!(seg.evaluation_due && seg.revision == 1);
+        assert_eq!(
+            managed_segments::apply_evaluation(&db.conn, ws, 999, 0, &score_at_least(0.0), ts(8))
+                .await?,
+            Applied::Stale
+        );
+        TestResult::Ok(())
+    }
+);
+
+sharpsend_db::db_test!(
+    manual_membership_is_recorded_and_queued_and_delivery_sees_the_latest_state,
+    |db: TestDatabase| async move {
+        let ws = workspace(&db, "site-1").await?;
+        let new = |id: i64, criteria| NewManagedSegment {
+            cio_segment_id: id,
+            name: format!("s{id}"),
+            description: Some("d".into()),
+            criteria,
+        };
+        managed_segments::create(&db.conn, ws, &new(5, None), ts(0)).await?;
+        managed_segments::create(&db.conn, ws, &new(6, Some(criteria("score"))), ts(0)).await?;
+        let ids: Vec<String> = (0..2500).map(|i| format!("c{i:05}")).collect();
+
+        let ManualChange::Done(added) =
+            managed_segments::add_members(&db.conn, ws, 5, &ids, ts(1)).await?
+        else {
+            return Err("not added".into());
+        };
+        assert_eq!(
+            (
+                added.changed,
+                added.queued_ids,
+                added.outbox_rows,
+                added.member_count
+            ),
+            (2500, 2500, 3, 2500)
+        );
+        // Adding again changes nothing recorded but is queued again (harmless, repairs drift).
+        let ManualChange::Done(again) =
+            managed_segments::add_members(&db.conn, ws, 5, &ids[..10], ts(2)).await?
+        else {
+            return Err("not added".into());
+        };
+        assert_eq!(
+            (again.changed, again.queued_ids, again.member_count),
+            (0, 10, 2500)
+        );
+        let gone: Vec<String> = vec!["c00001".into(), "c00002".into(), "nobody".into()];
+        let ManualChange::Done(removed) =
+            managed_segments::remove_members(&db.conn, ws, 5, &gone, ts(3)).await?
+        else {
+            return Err("not removed".into());
+        };
+        assert_eq!(
+            (removed.changed, removed.queued_ids, removed.member_count),
+            (2, 3, 2498)
+        );
+        assert_eq!(
+            managed_segments::add_members(&db.conn, ws, 6, &ids, ts(4)).await?,
+            ManualChange::HasCriteria
+        );
+        assert_eq!(
+            managed_segments::add_members(&db.conn, ws, 404, &ids, ts(4)).await?,
+            ManualChange::NotFound
+        );
+
+        let rows = outbox_rows(&db, ws).await?;
+        assert_eq!(rows.len(), 5);
+        assert_eq!(carried(&rows[..3], Kind::SegmentAdd, 5)?.len(), 2500);
+        assert_eq!(carried(&rows[4..], Kind::SegmentRemove, 5)?.len(), 3);
+
+        // The worker asks which ids are still members: the first add row is now partly stale.
+        let probe = ["c00000", "c00001", "c00002", "nobody"];
+        let still = managed_segments::members_among(&db.conn, ws, 5, &probe)
+            .await?
+            .ok_or("managed")?;
+        assert_eq!(still, ["c00000".to_owned()].into_iter().collect());
+        assert!(
+            managed_segments::members_among(&db.conn, ws, 404, &probe)
+                .await?
+                .is_none()
+        );
+
+        // Deleting forgets the membership; queued rows then have nothing left to deliver.
+        assert!(managed_segments::delete(&db.conn, ws, 5, ts(5)).await?);
+        assert!(!managed_segments::delete(&db.conn, ws, 5, ts(5)).await?);
+        assert!(
+            managed_segments::members_among(&db.conn, ws, 5, &probe)
+                .await?
+                .is_none()
+        );
+        assert!(members(&db, ws, 5).await?.is_empty());
+        let mirror = segments::get(&db.conn, ws, 5).await?.ok_or("mirror row")?;
+        assert!(mirror.removed && mirror.removed_at == Some(ts(5)));
+        TestResult::Ok(())
+    }
+);
+
+sharpsend_db::db_test!(
+    profile_changes_mark_only_the_segments_that_read_them_due,
+    |db: TestDatabase| async move {
+        let ws = workspace(&db, "site-1").await?;
+        for (id, attribute) in [(1, "score"), (2, "plan"), (3, "score")] {
+            managed_segments::create(
+                &db.conn,
+                ws,
+                &NewManagedSegment {
+                    cio_segment_id: id,
+                    name: "x".into(),
+                    description: None,
+                    criteria: Some(criteria(attribute)),
+                },
+                ts(0),
+            )
+            .await?;
+            let Applied::Done(_) = managed_segments::apply_evaluation(
+                &db.conn,
+                ws,
+                id,
+                0,
+                &score_at_least(0.0),
+                ts(1),
+            )
+            .await?
+            else {
+                return Err("stale".into());
+            };
+        }
+        managed_segments::create(
+            &db.conn,
+            ws,
+            &NewManagedSegment {
+                cio_segment_id: 4,
+                name: "manual".into(),
+                description: None,
+                criteria: None,
+            },
+            ts(0),
+        )
+        .await?;
+        assert!(managed_segments::due(&db.conn, ws, ts(0)).await?.is_empty());
+        assert_eq!(
+            managed_segments::mark_due_for_attributes(&db.conn, ws, &["plan", "other"]).await?,
+            1
+        );
+        let due: Vec<i64> = managed_segments::due(&db.conn, ws, ts(0))
+            .await?
+            .iter()
+            .map(|s| s.cio_segment_id)
+            .collect();
+        assert_eq!(due, vec![2]);
+        // Stale ones are due too (relative times move on without any profile changing).
+        let due: Vec<i64> = managed_segments::due(&db.conn, ws, ts(2))
+            .await?
+            .iter()
+            .map(|s| s.cio_segment_id)
+            .collect();
+        assert_eq!(due, vec![1, 2, 3]);
+        assert_eq!(managed_segments::mark_all_due(&db.conn, ws).await?, 2);
+        let due: Vec<i64> = managed_segments::due(&db.conn, ws, ts(0))
+            .await?
+            .iter()
+            .map(|s| s.cio_segment_id)
+            .collect();
+        assert_eq!(due, vec![1, 2, 3]);
+        TestResult::Ok(())
+    }
+);
+
+sharpsend_db::db_test!(
+    the_outbox_accepts_segment_kinds_and_still_refuses_unknown_ones,
+    |db: TestDatabase| async move {
+        let ws = workspace(&db, "site-1").await?;
+        managed_segments::create(
+            &db.conn,
+            ws,
+            &NewManagedSegment {
+                cio_segment_id: 9,
+                name: "m".into(),
+                description: None,
+                criteria: None,
+            },
+            ts(0),
+        )
+        .await?;
+        managed_segments::add_members(&db.conn, ws, 9, &["a".to_owned()], ts(1)).await?;
+        let rows = outbox_rows(&db, ws).await?;
+        assert_eq!(
+            rows.iter().map(|r| r.kind).collect::<Vec<_>>(),
+            vec![Kind::SegmentAdd]
+        );
+        assert_eq!(rows[0].payload, json!({"segment_id": 9, "ids": ["a"]}));
+        // Claimed and settled like any other row.
+        let claimed = outbox::claim_due(
+            &db.conn,
+            ws,
+            "w",
+            10,
+            std::time::Duration::from_secs(60),
+            ts(2),
+        )
+        .await?;
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(
+            outbox::mark_delivered(&db.conn, "w", &[claimed[0].id], ts(3)).await?,
+            1
+        );
+
+        let backend = db.conn.get_database_backend();
+        let payload = if backend == DbBackend::Postgres {
+            "'{}'::jsonb"
+        } else {
+            "'{}'"
+        };
+        let sql = format!(
+            "INSERT INTO outbox (workspace_id, kind, customer_id, payload, status, attempts, next_attempt_at, created_at) \
+             VALUES ({ws}, 'bogus', 'x', {payload}, 'pending', 0, '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z')"
+        );
+        let refused = db
+            .conn
+            .execute_raw(Statement::from_string(backend, sql))
+            .await;
+        assert!(refused.is_err(), "an unknown kind was accepted");
+        TestResult::Ok(())
+    }
+);

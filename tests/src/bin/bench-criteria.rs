@@ -1,0 +1,368 @@
+//! Criteria evaluation benchmark: prints figures, asserts nothing about time.
+//!
+//! ```sh
+//! cargo build --release --bins
+//! SHARPSEND_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test target/release/bench-criteria
+//! target/release/bench-criteria --database-url postgres://…/db   # an existing database (migrated here)
+//! target/release/bench-criteria --backends sqlite --profiles 200000
+//! ```
+//!
+//! Loads `--profiles` profiles (default 1,000,000) into a fresh SQLite file and into
+//! PostgreSQL (a fresh database under `SHARPSEND_TEST_POSTGRES_URL`, or `--database-url`) with
+//! multi-row inserts of 5,000 rows bound as one JSON array. Attribute values are mixed the way
+//! the mirror holds them: `engagement_score` a JSON number for half the people and a numeric
+//! string (as imported from Customer.io) for the other half. Then, for two three-condition
+//! criteria — the issue's example (member of a Customer.io segment, `engagement_score > 80`,
+//! `sharpsend_assignment_interactions > 5`) and an all-attribute one (`investor_type =
+//! "growth"` instead of the segment) — it computes the matching set with the evaluator (criteria
+//! → `sharpsend_core::criteria` → `sharpsend_db::criteria_sql`) and with hand-written SQL,
+//! checks that the sets are equal, and prints the best of `--runs` timings of each and their
+//! ratio (target: within 1.5×). Finally it runs a full evaluation of a managed segment (the
+//! membership difference written to `segment_members` and the outbox in one transaction), first
+//! with every member new and then with nothing changed, and prints the evaluator's peak memory
+//! (VmHWM of this process, reset before the evaluator runs; PostgreSQL works in its own
+//! process, SQLite in this one).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use chrono::Utc;
+use clap::Parser;
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait};
+use serde_json::{Value, json};
+use sharpsend_core::criteria::{self, Criteria};
+use sharpsend_db::criteria_sql::{self, Filter};
+use sharpsend_db::managed_segments::{self, Applied, NewManagedSegment, StoredCriteria};
+use sharpsend_db::testing::{Backend, TestDatabase};
+
+#[derive(Debug, Parser)]
+#[command(about = "Criteria evaluation over the profile mirror vs hand-written SQL")]
+struct Args {
+    /// Profiles to load.
+    #[arg(long, default_value_t = 1_000_000)]
+    profiles: usize,
+    /// Timed runs per query (after one warm-up); the best is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Backends to measure.
+    #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres")]
+    backends: Vec<String>,
+    /// PostgreSQL database to use (migrated by this run; profiles of a new workspace are
+    /// added). Default: a fresh database under SHARPSEND_TEST_POSTGRES_URL, dropped at the end.
+    #[arg(long)]
+    database_url: Option<String>,
+    /// Also print each query's plan (EXPLAIN QUERY PLAN on SQLite, EXPLAIN on PostgreSQL).
+    #[arg(long)]
+    explain: bool,
+}
+
+/// Rows per load statement.
+const LOAD_CHUNK: usize = 5000;
+/// Customer.io id of the mirrored "Growth Investors" segment the example reads.
+const GROWTH_SEGMENT: i64 = 9001;
+/// Customer.io id of the managed segment evaluated at the end.
+const MANAGED_SEGMENT: i64 = 9002;
+
+const INVESTOR_TYPES: [&str; 8] = ["growth", "value", "dividend", "income", "crypto", "index", "day_trader", "esg"];
+
+/// SplitMix64: the same people on every run and backend.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn person(rng: &mut Rng, n: usize) -> Value {
+    let investor = INVESTOR_TYPES[rng.below(INVESTOR_TYPES.len() as u64) as usize];
+    let score = rng.below(101);
+    // Half written by SharpSend (numbers), half imported from Customer.io (strings).
+    let score = if n.is_multiple_of(2) { json!(score) } else { json!(score.to_string()) };
+    let tier = ["free", "premium", "pro"][rng.below(3) as usize];
+    json!({
+        "id": format!("p{n:07}"),
+        "email": format!("reader{n}@example.com"),
+        "attributes": {
+            "email": format!("reader{n}@example.com"),
+            "first_name": format!("Reader{}", n % 977),
+            "investor_type": investor,
+            "engagement_score": score,
+            "sharpsend_assignment_interactions": rng.below(13),
+            "subscription_tier": tier,
+            "interests": ["stocks", "tech"],
+            "portfolio_size_usd": rng.below(2_000_000),
+            "country": "US",
+            "created_at": 1_546_300_800 + rng.below(200_000_000),
+        }
+    })
+}
+
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Resets VmHWM to the current RSS (Linux `clear_refs` 5).
+fn reset_peak() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+async fn load(db: &DatabaseConnection, ws: i64, profiles: usize) -> anyhow::Result<Duration> {
+    let backend = db.get_database_backend();
+    let started = Instant::now();
+    let mut rng = Rng(42);
+    let now = Utc::now();
+    let sql = match backend {
+        DbBackend::Postgres => {
+            "INSERT INTO profiles (workspace_id, customer_id, email, email_lower, attributes, updated_at, fetched_at) \
+             SELECT $1, r->>'id', r->>'email', lower(r->>'email'), r->'attributes', $2, $2 FROM jsonb_array_elements($3::jsonb) r"
+        }
+        _ => {
+            "INSERT INTO profiles (workspace_id, customer_id, email, email_lower, attributes, updated_at, fetched_at) \
+             SELECT ?, value ->> '$.id', value ->> '$.email', lower(value ->> '$.email'), value -> '$.attributes', ?, ? FROM json_each(?)"
+        }
+    };
+    let txn = db.begin().await?;
+    let mut n = 0;
+    while n < profiles {
+        let end = (n + LOAD_CHUNK).min(profiles);
+        let rows: Vec<Value> = (n..end).map(|i| person(&mut rng, i)).collect();
+        let values: Vec<sea_orm::Value> = match backend {
+            DbBackend::Postgres => vec![ws.into(), now.into(), Value::Array(rows).into()],
+            _ => vec![ws.into(), now.into(), now.into(), Value::Array(rows).to_string().into()],
+        };
+        txn.execute_raw(Statement::from_sql_and_values(backend, sql, values)).await?;
+        n = end;
+    }
+    // The mirrored membership of "Growth Investors".
+    let members = match backend {
+        DbBackend::Postgres => format!(
+            "INSERT INTO segment_members (workspace_id, segment_id, customer_id) SELECT workspace_id, {GROWTH_SEGMENT}, customer_id \
+             FROM profiles WHERE workspace_id = {ws} AND attributes->>'investor_type' = 'growth'"
+        ),
+        _ => format!(
+            "INSERT INTO segment_members (workspace_id, segment_id, customer_id) SELECT workspace_id, {GROWTH_SEGMENT}, customer_id \
+             FROM profiles WHERE workspace_id = {ws} AND json_extract(attributes, '$.investor_type') = 'growth'"
+        ),
+    };
+    txn.execute_unprepared(&members).await?;
+    txn.commit().await?;
+    db.execute_unprepared("ANALYZE").await?;
+    Ok(started.elapsed())
+}
+
+/// The issue's example and an all-attribute criteria, each with its hand-written SQL.
+fn cases(backend: DbBackend, ws: i64) -> Vec<(&'static str, Value, String)> {
+    let example = json!({"and": [
+        {"segment": {"id": GROWTH_SEGMENT}},
+        {"attribute": {"field": "engagement_score", "operator": "gt", "value": 80}},
+        {"attribute": {"field": "sharpsend_assignment_interactions", "operator": "gt", "value": 5}},
+    ]});
+    let attributes = json!({"and": [
+        {"attribute": {"field": "investor_type", "operator": "eq", "value": "growth"}},
+        {"attribute": {"field": "engagement_score", "operator": "gt", "value": 80}},
+        {"attribute": {"field": "sharpsend_assignment_interactions", "operator": "gt", "value": 5}},
+    ]});
+    let member = format!(
+        "EXISTS (SELECT 1 FROM segment_members m WHERE m.workspace_id = p.workspace_id AND m.segment_id = {GROWTH_SEGMENT} AND m.customer_id = p.customer_id)"
+    );
+    let (growth, score, interactions) = match backend {
+        DbBackend::Postgres => (
+            "p.attributes->>'investor_type' = 'growth'",
+            "(p.attributes->>'engagement_score')::numeric > 80",
+            "(p.attributes->>'sharpsend_assignment_interactions')::numeric > 5",
+        ),
+        _ => (
+            "json_extract(p.attributes, '$.investor_type') = 'growth'",
+            "CAST(json_extract(p.attributes, '$.engagement_score') AS REAL) > 80",
+            "json_extract(p.attributes, '$.sharpsend_assignment_interactions') > 5",
+        ),
+    };
+    let hand = |first: &str| format!("SELECT p.customer_id FROM profiles p WHERE p.workspace_id = {ws} AND {first} AND {score} AND {interactions}");
+    vec![
+        ("segment + 2 numeric (the issue's example)", example, hand(&member)),
+        ("3 attributes (eq text, 2 numeric)", attributes, hand(growth)),
+    ]
+}
+
+fn filter_of(criteria: &Value) -> anyhow::Result<(Criteria, Filter)> {
+    let raw = criteria::parse_json(&criteria.to_string(), "criteria").map_err(|v| anyhow::anyhow!("{v:?}"))?;
+    let criteria = criteria::validate(&raw, "criteria").map_err(|v| anyhow::anyhow!("{v:?}"))?;
+    let filter = criteria.to_filter(Utc::now());
+    Ok((criteria, filter))
+}
+
+async fn ids(db: &DatabaseConnection, stmt: Statement) -> anyhow::Result<Vec<String>> {
+    let rows = db.query_all_raw(stmt).await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        out.push(row.try_get::<String>("", "customer_id")?);
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// Best of `runs` (after a warm-up) and the last result.
+async fn best<F, Fut>(runs: usize, mut run: F) -> anyhow::Result<(Duration, Vec<String>)>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Vec<String>>>,
+{
+    let mut result = run().await?;
+    let mut best = Duration::MAX;
+    for _ in 0..runs.max(1) {
+        let started = Instant::now();
+        result = run().await?;
+        best = best.min(started.elapsed());
+    }
+    Ok((best, result))
+}
+
+async fn bench(label: &str, db: &DatabaseConnection, args: &Args) -> anyhow::Result<()> {
+    let backend = db.get_database_backend();
+    let ws = sharpsend_db::workspaces::ensure(db, &format!("bench-{}", ulid::Ulid::new()), "us").await?.id;
+    println!("\n== {label}: {} profiles ==", args.profiles);
+    let loaded = load(db, ws, args.profiles).await?;
+    println!("load: {:.1} s ({:.0} profiles/s)", loaded.as_secs_f64(), args.profiles as f64 / loaded.as_secs_f64());
+
+    let mut peak_kib = 0;
+    let baseline = rss_kib().unwrap_or(0);
+    let mut can_reset = true;
+    for (name, criteria, hand_sql) in cases(backend, ws) {
+        let (_, filter) = filter_of(&criteria)?;
+        if args.explain {
+            let evaluator = criteria_sql::matching_profiles(backend, ws, &filter, "p.customer_id").build();
+            print_plan(db, "evaluator", evaluator).await?;
+            print_plan(db, "hand-written", Statement::from_string(backend, hand_sql.clone())).await?;
+        }
+        can_reset &= reset_peak();
+        let (evaluator, evaluated) = best(args.runs, || {
+            let stmt = criteria_sql::matching_profiles(backend, ws, &filter, "p.customer_id").build();
+            ids(db, stmt)
+        })
+        .await?;
+        peak_kib = peak_kib.max(peak_rss_kib().unwrap_or(0));
+        let (hand, handwritten) = best(args.runs, || ids(db, Statement::from_string(backend, hand_sql.clone()))).await?;
+        ensure!(evaluated == handwritten, "{name}: the evaluator found {} people, hand-written SQL {}", evaluated.len(), handwritten.len());
+        let ratio = evaluator.as_secs_f64() / hand.as_secs_f64();
+        println!(
+            "{name}: {} matches | evaluator {:.1} ms | hand-written {:.1} ms | ratio {ratio:.2}x {}",
+            evaluated.len(),
+            evaluator.as_secs_f64() * 1000.0,
+            hand.as_secs_f64() * 1000.0,
+            if ratio <= 1.5 { "(within 1.5x)" } else { "(OVER the 1.5x target)" }
+        );
+    }
+
+    // A full evaluation of a managed segment: first every member new, then nothing changed.
+    let (criteria, filter) = filter_of(&cases(backend, ws)[0].1)?;
+    let new = NewManagedSegment {
+        cio_segment_id: MANAGED_SEGMENT,
+        name: "bench".into(),
+        description: None,
+        criteria: Some(StoredCriteria {
+            criteria: criteria.to_json(),
+            referenced_attributes: criteria.attributes().into_iter().collect(),
+            referenced_segments: criteria.segments().into_iter().collect(),
+        }),
+    };
+    managed_segments::create(db, ws, &new, Utc::now()).await?;
+    can_reset &= reset_peak();
+    for pass in ["first evaluation (all new)", "re-evaluation (no change)"] {
+        let started = Instant::now();
+        let Applied::Done(outcome) = managed_segments::apply_evaluation(db, ws, MANAGED_SEGMENT, 0, &filter, Utc::now()).await? else {
+            bail!("evaluation was stale");
+        };
+        peak_kib = peak_kib.max(peak_rss_kib().unwrap_or(0));
+        println!(
+            "{pass}: {:.1} ms, +{} -{} members, {} outbox rows",
+            started.elapsed().as_secs_f64() * 1000.0,
+            outcome.added,
+            outcome.removed,
+            outcome.outbox_rows
+        );
+    }
+    if can_reset {
+        println!(
+            "evaluator peak RSS: {:.1} MiB (process RSS before: {:.1} MiB; +{:.1} MiB){}",
+            mib(peak_kib),
+            mib(baseline),
+            mib(peak_kib.saturating_sub(baseline)),
+            if backend == DbBackend::Sqlite { " — SQLite runs in this process" } else { "" }
+        );
+    } else {
+        println!("evaluator peak RSS: {:.1} MiB (VmHWM could not be reset: includes loading)", mib(peak_kib));
+    }
+    Ok(())
+}
+
+async fn print_plan(db: &DatabaseConnection, label: &str, stmt: Statement) -> anyhow::Result<()> {
+    let prefix = match stmt.db_backend {
+        DbBackend::Postgres => "EXPLAIN ",
+        _ => "EXPLAIN QUERY PLAN ",
+    };
+    let explained = Statement {
+        sql: format!("{prefix}{}", stmt.sql),
+        ..stmt
+    };
+    println!("  plan ({label}):");
+    for row in db.query_all_raw(explained).await? {
+        let line = row
+            .try_get_by_index::<String>(0)
+            .or_else(|_| row.try_get_by_index::<String>(3))
+            .unwrap_or_default();
+        println!("    {line}");
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    println!("bench-criteria: {} profiles, best of {} runs", args.profiles, args.runs);
+    for backend in &args.backends {
+        match backend.as_str() {
+            "sqlite" => {
+                let db = TestDatabase::create_migrated(Backend::Sqlite).await?.context("SQLite")?;
+                let result = bench("SQLite", &db.conn, &args).await;
+                db.cleanup().await;
+                result?;
+            }
+            "postgres" => match &args.database_url {
+                Some(url) => {
+                    let conn = sharpsend_db::connect(url).await?;
+                    sharpsend_db::migrate(&conn).await?;
+                    bench("PostgreSQL", &conn, &args).await?;
+                }
+                None => match TestDatabase::create_migrated(Backend::Postgres).await? {
+                    Some(db) => {
+                        let result = bench("PostgreSQL", &db.conn, &args).await;
+                        db.cleanup().await;
+                        result?;
+                    }
+                    None => println!("\n== PostgreSQL: skipped (set SHARPSEND_TEST_POSTGRES_URL or --database-url) =="),
+                },
+            },
+            other => bail!("unknown backend `{other}`; expected sqlite or postgres"),
+        }
+    }
+    Ok(())
+}
