@@ -16,7 +16,9 @@ use sharpsend_core::{
     outbox::{self, DeliveryConfig, DeliveryReport},
 };
 use sharpsend_db::testing::TestDatabase;
-use sharpsend_proto::v1::{profile_service_client::ProfileServiceClient, segment_service_client::SegmentServiceClient};
+use sharpsend_proto::v1::{
+    ops_service_client::OpsServiceClient, profile_service_client::ProfileServiceClient, segment_service_client::SegmentServiceClient,
+};
 use sharpsend_server::{ServeOptions, auth::ApiKeys, serve};
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::{
@@ -102,6 +104,16 @@ impl TestApp {
         Ok(ProfileServiceClient::with_interceptor(self.channel().await?, Bearer(Some(TEST_API_KEY.to_string()))))
     }
 
+    /// An OpsService client presenting `key` (`None`: no authorization metadata).
+    pub async fn ops_with_key(&self, key: Option<&str>) -> anyhow::Result<OpsServiceClient<InterceptedService<Channel, Bearer>>> {
+        Ok(OpsServiceClient::with_interceptor(self.channel().await?, Bearer(key.map(str::to_string))))
+    }
+
+    /// An OpsService client with the test API key.
+    pub async fn ops(&self) -> anyhow::Result<OpsServiceClient<InterceptedService<Channel, Bearer>>> {
+        self.ops_with_key(Some(TEST_API_KEY)).await
+    }
+
     /// Delivers the outbox until nothing is pending or in flight (retries included), as a
     /// worker named `worker`; fails after `limit`.
     pub async fn deliver_all(&self, worker: &str, limit: Duration) -> anyhow::Result<DeliveryReport> {
@@ -176,6 +188,6 @@ impl Interceptor for Bearer {
 /// Installs a log subscriber when `TEST_LOG` is set (once per process).
 pub fn init_test_logging() {
     if std::env::var_os("TEST_LOG").is_some() {
-        sharpsend_core::telemetry::init(false);
+        sharpsend_core::telemetry::init_logs(false);
     }
 }

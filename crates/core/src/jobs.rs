@@ -9,6 +9,8 @@ use chrono::Utc;
 use serde_json::json;
 use sharpsend_db::jobs::{self as job_store, RunOutcome};
 
+use tracing::Instrument as _;
+
 use crate::{AppContext, CoreError, segments};
 
 /// Every background job the service has.
@@ -20,16 +22,20 @@ pub enum Job {
     /// also runs a continuous worker that wakes on new writes; this job is its `--once` form and
     /// its safety net.
     OutboxDelivery,
+    /// Re-evaluate due SharpSend-managed segments (criteria over the profile mirror) and queue
+    /// their membership changes for Customer.io.
+    SegmentEvaluation,
 }
 
 impl Job {
-    pub const ALL: &'static [Job] = &[Job::SegmentSync, Job::OutboxDelivery];
+    pub const ALL: &'static [Job] = &[Job::SegmentSync, Job::OutboxDelivery, Job::SegmentEvaluation];
 
     /// The name used on the command line, in job runs and in leases.
     pub fn name(self) -> &'static str {
         match self {
             Job::SegmentSync => "segment-sync",
             Job::OutboxDelivery => "outbox-delivery",
+            Job::SegmentEvaluation => "segment-evaluation",
         }
     }
 
@@ -37,6 +43,7 @@ impl Job {
         match self {
             Job::SegmentSync => "pull segments and member counts from Customer.io into the mirror",
             Job::OutboxDelivery => "deliver accepted attribute updates and events to Customer.io",
+            Job::SegmentEvaluation => "re-evaluate due managed segments and queue their membership changes",
         }
     }
 
@@ -45,6 +52,7 @@ impl Job {
         match self {
             Job::SegmentSync => "0 */5 * * * *",
             Job::OutboxDelivery => "*/30 * * * * *",
+            Job::SegmentEvaluation => "0 * * * * *",
         }
     }
 
@@ -53,6 +61,7 @@ impl Job {
         match self {
             Job::SegmentSync => "SHARPSEND_SEGMENT_SYNC_CRON",
             Job::OutboxDelivery => "SHARPSEND_OUTBOX_DELIVERY_CRON",
+            Job::SegmentEvaluation => "SHARPSEND_SEGMENT_EVALUATION_CRON",
         }
     }
 }
@@ -103,10 +112,40 @@ pub struct JobFailed {
 }
 
 /// Runs `job` once under its lease, recording the run. `holder` names this process.
+///
+/// The whole run (lease, work, record) is one `job` span, a child of the caller's span (e.g. an
+/// `OpsService/RunJob` call) or a root span under the scheduler; its outcome and duration are
+/// counted in `sharpsend.job.runs` / `sharpsend.job.duration`.
 pub async fn run_job(ctx: &AppContext, job: Job, holder: &str) -> Result<JobOutcome, RunError> {
+    let span = tracing::info_span!(
+        "job",
+        otel.name = %format_args!("job {}", job.name()),
+        job = job.name(),
+        run_id = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    let started = std::time::Instant::now();
+    let result = run_job_recorded(ctx, job, holder).instrument(span.clone()).await;
+    let outcome = match &result {
+        Ok(JobOutcome::Succeeded { .. }) => RunOutcome::Succeeded.as_str(),
+        Ok(JobOutcome::Skipped { .. }) => RunOutcome::Skipped.as_str(),
+        Err(RunError::Failed(_)) => RunOutcome::Failed.as_str(),
+        Err(RunError::Bookkeeping(_)) => "not_recorded",
+    };
+    span.record("outcome", outcome);
+    if result.is_err() {
+        span.record("otel.status_code", "error");
+    }
+    crate::telemetry::metrics::job_run(job.name(), outcome, started.elapsed());
+    result
+}
+
+async fn run_job_recorded(ctx: &AppContext, job: Job, holder: &str) -> Result<JobOutcome, RunError> {
     let ws = ctx.workspace_id();
     let started_at = Utc::now();
     let run_id = job_store::start_run(&ctx.db, ws, job.name(), holder, started_at).await?;
+    tracing::Span::current().record("run_id", run_id);
     let acquired = job_store::try_acquire_lease(&ctx.db, ws, job.name(), holder, LEASE_TTL, started_at).await?;
     if !acquired {
         job_store::finish_run(&ctx.db, run_id, RunOutcome::Skipped, Utc::now(), json!({"reason": "lease held by another holder"}), None).await?;
@@ -114,13 +153,8 @@ pub async fn run_job(ctx: &AppContext, job: Job, holder: &str) -> Result<JobOutc
         return Ok(JobOutcome::Skipped { run_id });
     }
 
-    let span = tracing::info_span!("job", job = job.name(), run_id);
-    let result = {
-        let _enter = span.enter();
-        tracing::info!("job started");
-        drop(_enter);
-        with_lease_renewal(ctx, job, holder, execute(ctx, job)).await
-    };
+    tracing::info!(job = job.name(), run_id, "job started");
+    let result = with_lease_renewal(ctx, job, holder, execute(ctx, job)).await;
     let finished_at = Utc::now();
     let outcome = match result {
         Ok(details) => {
@@ -167,12 +201,26 @@ async fn execute(ctx: &AppContext, job: Job) -> Result<serde_json::Value, CoreEr
         }
         Job::OutboxDelivery => {
             let report = crate::outbox::drain(ctx, &format!("job-{}", ulid::Ulid::new()), &ctx.delivery).await?;
+            crate::telemetry::metrics::refresh_outbox_gauges(ctx).await;
             Ok(json!({
                 "claimed": report.claimed,
                 "delivered": report.delivered,
                 "retried": report.retried,
                 "dead": report.dead,
                 "requests": report.requests,
+            }))
+        }
+        Job::SegmentEvaluation => {
+            let config = crate::managed_segments::EvaluationConfig::from_env(&crate::config::ProcessEnv)
+                .map_err(|e| CoreError::invalid(e.variable, e.problem))?;
+            let report = crate::managed_segments::evaluate_due(ctx, &config).await?;
+            Ok(json!({
+                "evaluated": report.evaluated,
+                "added": report.added,
+                "removed": report.removed,
+                "outbox_rows": report.outbox_rows,
+                "memberships_refreshed": report.memberships_refreshed,
+                "failed": report.failed,
             }))
         }
     }

@@ -8,15 +8,21 @@
 //!   reading and importing profiles.
 //! - [`outbox`]: delivering accepted writes to Customer.io in as few requests as the limits allow.
 //! - [`segments`]: the segment sync (Customer.io → mirror) and targeting validation.
+//! - [`criteria`]: segment criteria (model, JSON form, validation with paths, database filter);
+//!   [`managed_segments`]: SharpSend-managed segments kept in Customer.io as manual segments
+//!   (create / preview / update / delete, evaluation job, membership delivery).
 //! - [`jobs`]: the background jobs as plain one-step async functions, run under a database lease
 //!   and recorded as job runs; the scheduler's cron and `--once` both call [`jobs::run_job`].
-//! - [`telemetry`]: tracing set-up shared by the binaries.
+//! - [`telemetry`]: logs, and OpenTelemetry traces and metrics over OTLP when configured, shared
+//!   by the binaries (with this crate's job and outbox instruments).
 //! - [`error`]: [`CoreError`], the one error type callers map to their protocol.
 
 pub mod config;
 pub mod context;
+pub mod criteria;
 pub mod error;
 pub mod jobs;
+pub mod managed_segments;
 pub mod outbox;
 pub mod profiles;
 pub mod segments;

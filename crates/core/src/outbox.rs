@@ -14,6 +14,9 @@
 //!   whole-request 4xx is bisected to find the bad operation instead of failing its neighbours;
 //!   429/5xx/timeouts retry the rows later with backoff (or Retry-After); after
 //!   `max_attempts` a row is dead-lettered. Nothing is retried forever and nothing is dropped.
+//! - Managed segment membership changes (`segment_add` / `segment_remove` rows, at most 1000 ids
+//!   each) go one call each to `add_customers` / `remove_customers` through
+//!   `managed_segments::deliver_change`, with the same retry / dead-letter rules.
 
 use std::{collections::HashMap, time::Duration};
 
@@ -151,6 +154,7 @@ pub async fn run_worker(ctx: AppContext, worker: String, config: DeliveryConfig,
                         "outbox delivered"
                     );
                 }
+                crate::telemetry::metrics::refresh_outbox_gauges_every(&ctx, crate::telemetry::metrics::OUTBOX_GAUGE_INTERVAL).await;
                 config.poll_interval
             }
             Err(e) => {
@@ -180,6 +184,9 @@ enum Planned {
     Batch(Vec<PlannedOp>),
     /// An event too large for a v2 operation, sent through the v1 endpoint.
     V1Event { customer_id: String, event: Event, rows: Vec<i64> },
+    /// A managed segment's membership change (`segment_add` / `segment_remove` row), sent as
+    /// one `add_customers` / `remove_customers` call (see `managed_segments::deliver_change`).
+    Segment { add: bool, payload: Value, rows: Vec<i64> },
 }
 
 /// What one request did: each operation's rows with their fate, and the HTTP requests made.
@@ -193,14 +200,34 @@ enum OpFate {
     Retry { error: String, retry_after: Option<Duration> },
 }
 
-/// Claims one chunk of due rows and delivers it.
+/// Claims one chunk of due rows and delivers it. A step that claimed rows is one `outbox_step`
+/// span (its Customer.io requests are children) and is counted in the outbox metrics.
 pub async fn deliver_step(ctx: &AppContext, worker: &str, config: &DeliveryConfig) -> Result<DeliveryReport, CoreError> {
     let ws = ctx.workspace_id();
     let rows = outbox::claim_due(&ctx.db, ws, worker, config.claim_limit, config.claim_ttl, Utc::now()).await?;
-    let mut report = DeliveryReport { claimed: rows.len() as u64, ..Default::default() };
     if rows.is_empty() {
-        return Ok(report);
+        return Ok(DeliveryReport::default());
     }
+    let span = tracing::info_span!(
+        "outbox_step",
+        claimed = rows.len(),
+        delivered = tracing::field::Empty,
+        retried = tracing::field::Empty,
+        dead = tracing::field::Empty,
+        requests = tracing::field::Empty,
+    );
+    let report = tracing::Instrument::instrument(deliver_claimed(ctx, worker, config, rows), span.clone()).await?;
+    span.record("delivered", report.delivered);
+    span.record("retried", report.retried);
+    span.record("dead", report.dead);
+    span.record("requests", report.requests);
+    crate::telemetry::metrics::outbox_step(report.delivered, report.retried, report.dead);
+    Ok(report)
+}
+
+/// Delivers rows this worker claimed and records each row's fate.
+async fn deliver_claimed(ctx: &AppContext, worker: &str, config: &DeliveryConfig, rows: Vec<OutboxRow>) -> Result<DeliveryReport, CoreError> {
+    let mut report = DeliveryReport { claimed: rows.len() as u64, ..Default::default() };
     let (requests, invalid) = plan(&rows);
 
     // Send, collecting each row's fates (a row may ride in several ops when split).
@@ -280,6 +307,7 @@ fn plan(rows: &[OutboxRow]) -> (Vec<Planned>, Vec<(i64, String)>) {
     enum Item {
         Identify { customer_id: String, attributes: Map<String, Value>, rows: Vec<i64> },
         Event(usize),
+        Segment(usize),
     }
     let mut items: Vec<Item> = Vec::new();
     let mut identify_at: HashMap<&str, usize> = HashMap::new();
@@ -309,6 +337,7 @@ fn plan(rows: &[OutboxRow]) -> (Vec<Planned>, Vec<(i64, String)>) {
                 }
             }
             Kind::Event => items.push(Item::Event(i)),
+            Kind::SegmentAdd | Kind::SegmentRemove => items.push(Item::Segment(i)),
         }
     }
 
@@ -323,6 +352,10 @@ fn plan(rows: &[OutboxRow]) -> (Vec<Planned>, Vec<(i64, String)>) {
                         Err(e) => invalid.extend(rows.iter().map(|&r| (r, format!("cannot be sent to Customer.io: {e}")))),
                     }
                 }
+            }
+            Item::Segment(i) => {
+                let row = &rows[i];
+                singles.push(Planned::Segment { add: row.kind == Kind::SegmentAdd, payload: row.payload.clone(), rows: vec![row.id] });
             }
             Item::Event(i) => {
                 let row = &rows[i];
@@ -412,6 +445,15 @@ fn send<'a>(ctx: &'a AppContext, request: Planned) -> BoxFuture<'a, Sent> {
                 };
                 (vec![(rows, fate)], 1)
             }
+            Planned::Segment { add, payload, rows } => match crate::managed_segments::deliver_change(ctx, add, &payload).await {
+                Ok(requests) => (vec![(rows, OpFate::Delivered)], requests),
+                Err(crate::managed_segments::DeliverError::Upstream(e)) => (vec![(rows, fate_of_error(&e))], 1),
+                Err(crate::managed_segments::DeliverError::Invalid(reason)) => (vec![(rows, OpFate::Dead(reason))], 0),
+                Err(e) => {
+                    tracing::warn!(error = %crate::jobs::error_chain(&e), "segment membership change not sent; retrying");
+                    (vec![(rows, OpFate::Retry { error: "database failure while reading the segment's membership (see the log)".into(), retry_after: None })], 0)
+                }
+            },
             Planned::Batch(ops) => {
                 let payload: Vec<EncodedOp> = ops.iter().map(|o| o.op.clone()).collect();
                 match ctx.cio.batch_encoded(&payload).await {

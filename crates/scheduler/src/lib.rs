@@ -93,7 +93,9 @@ pub async fn start(ctx: AppContext, schedules: Vec<Schedule>, holder: String) ->
             let ctx = ctx.clone();
             let holder = holder.clone();
             let running = running.clone();
-            Box::pin(async move { run_unless_running(&ctx, job, &holder, &running).await })
+            Box::pin(async move {
+                run_unless_running(&ctx, job, &holder, &running).await;
+            })
         })?;
         scheduler.add(cron_job).await?;
         tracing::info!(job = job.name(), cron = %cron, "job scheduled");
@@ -102,12 +104,12 @@ pub async fn start(ctx: AppContext, schedules: Vec<Schedule>, holder: String) ->
     Ok(RunningScheduler { scheduler, worker, stop_worker: Some(stop_worker) })
 }
 
-/// Runs `job` unless this process is already running it.
-async fn run_unless_running(ctx: &AppContext, job: Job, holder: &str, running: &Mutex<HashSet<Job>>) {
+/// Runs `job` unless this process is already running it; answers whether it ran.
+async fn run_unless_running(ctx: &AppContext, job: Job, holder: &str, running: &Mutex<HashSet<Job>>) -> bool {
     let newly_started = running.lock().map(|mut set| set.insert(job)).unwrap_or(false);
     if !newly_started {
         tracing::info!(job = job.name(), "previous run still going; this tick is skipped");
-        return;
+        return false;
     }
     match jobs::run_job(ctx, job, holder).await {
         Ok(JobOutcome::Succeeded { .. } | JobOutcome::Skipped { .. }) => {}
@@ -120,13 +122,51 @@ async fn run_unless_running(ctx: &AppContext, job: Job, holder: &str, running: &
     if let Ok(mut set) = running.lock() {
         set.remove(&job);
     }
+    true
 }
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
+    use std::{collections::HashMap, time::Duration};
+
+    use cio_sim::{Fault, SimApi, SimConfig, Simulator};
+    use sharpsend_core::{config::CioSettings, context::Migrations};
+    use sharpsend_db::{db_test, testing::TestDatabase};
 
     use super::*;
+
+    db_test!(a_tick_while_the_job_is_still_running_is_skipped, |db: TestDatabase| async move {
+        let sim = Simulator::spawn(SimConfig::demo()).await?;
+        let config = sim.sim.config().clone();
+        let settings = CioSettings::for_simulator(sim.base_url().parse()?, &config.site_id, &config.track_api_key, &config.app_api_key);
+        let ctx = AppContext::bootstrap(&db.url, &settings, Migrations::Apply).await?;
+        // The first run is slow, so the next tick comes while it is still going.
+        sim.sim.push_faults(Some(SimApi::App), [Fault::Delay(Duration::from_millis(1200))]);
+        let running: Arc<Mutex<HashSet<Job>>> = Arc::default();
+
+        let first = tokio::spawn({
+            let (ctx, running) = (ctx.clone(), running.clone());
+            async move { run_unless_running(&ctx, Job::SegmentSync, "tick-1", &running).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let started = std::time::Instant::now();
+        let second = run_unless_running(&ctx, Job::SegmentSync, "tick-2", &running).await;
+        anyhow::ensure!(!second, "a second run started while the first was going");
+        anyhow::ensure!(started.elapsed() < Duration::from_millis(500), "the skipped tick waited");
+        // Another job is not held back by it.
+        anyhow::ensure!(run_unless_running(&ctx, Job::OutboxDelivery, "tick-3", &running).await);
+        anyhow::ensure!(first.await?, "the first run did not run");
+
+        // Only the first tick recorded a run of the job (no skipped run: it never got that far).
+        let runs = sharpsend_db::jobs::recent_runs(&ctx.db, ctx.workspace_id(), Some("segment-sync"), 10).await?;
+        anyhow::ensure!(runs.len() == 1 && runs[0].holder == "tick-1", "{runs:?}");
+        let lists = sim.sim.requests().iter().filter(|r| r.method == "GET" && r.path == "/v1/segments").count();
+        anyhow::ensure!(lists == 1, "listed segments {lists} times");
+        // Once it finished, the next tick runs it again.
+        anyhow::ensure!(run_unless_running(&ctx, Job::SegmentSync, "tick-4", &running).await);
+        sim.shutdown().await;
+        Ok::<(), anyhow::Error>(())
+    });
 
     #[test]
     fn defaults_parse_and_a_bad_cron_names_its_variable() {

@@ -13,7 +13,7 @@ use sharpsend_core::{
     context::{Migrations, shutdown_signal},
     jobs::{self, Job, JobOutcome},
     outbox::DeliveryConfig,
-    telemetry,
+    telemetry::{self, TelemetryConfig},
 };
 
 #[derive(Debug, Parser)]
@@ -30,10 +30,25 @@ struct Args {
     json_logs: bool,
 }
 
+/// `service.name` of exported telemetry unless `OTEL_SERVICE_NAME` says otherwise.
+const SERVICE_NAME: &str = "sharpsend-scheduler";
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    telemetry::init(args.json_logs);
+    // `--list` logs only; running jobs exports over OTLP when configured.
+    let telemetry_config = if args.list {
+        Ok(TelemetryConfig::logs_only(SERVICE_NAME, args.json_logs))
+    } else {
+        TelemetryConfig::from_env(&ProcessEnv, SERVICE_NAME, args.json_logs)
+    };
+    let _telemetry = match telemetry_config.map_err(anyhow::Error::from).and_then(|c| Ok(telemetry::init(c)?)) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     match run(args).await {
         Ok(code) => code,
         Err(e) => {
@@ -47,9 +62,9 @@ async fn main() -> ExitCode {
 async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let schedules = sharpsend_scheduler::schedules_from_env(&ProcessEnv)?;
     if args.list {
-        println!("{:<16} {:<20} {:<32} description", "job", "schedule", "variable");
+        println!("{:<20} {:<20} {:<36} description", "job", "schedule", "variable");
         for s in &schedules {
-            println!("{:<16} {:<20} {:<32} {}", s.job.name(), s.cron, s.job.schedule_variable(), s.job.description());
+            println!("{:<20} {:<20} {:<36} {}", s.job.name(), s.cron, s.job.schedule_variable(), s.job.description());
         }
         return Ok(ExitCode::SUCCESS);
     }

@@ -155,3 +155,34 @@ db_test!(killed_mid_delivery_and_restarted_loses_nothing_and_sends_no_event_twic
     sim.shutdown().await;
     Ok::<(), anyhow::Error>(())
 });
+
+db_test!(every_job_is_listed_and_runs_once, |db: TestDatabase| async move {
+    use sharpsend_core::jobs::Job;
+
+    let sim = Simulator::spawn(SimConfig::demo()).await?;
+    let config = sim.sim.config().clone();
+    let listed = scheduler(&db.url, &sim.base_url(), &config)
+        .env("SHARPSEND_OUTBOX_DELIVERY_CRON", "*/7 * * * * *")
+        .arg("--list")
+        .output()
+        .await?;
+    ensure!(listed.status.success(), "{}", text(&listed));
+    for job in Job::ALL {
+        let line = text(&listed).lines().find(|l| l.split_whitespace().next() == Some(job.name())).map(str::to_string).unwrap_or_default();
+        ensure!(line.contains(job.schedule_variable()) && line.contains(job.description()), "{job}: {}", text(&listed));
+        let schedule = if *job == Job::OutboxDelivery { "*/7 * * * * *" } else { job.default_schedule() };
+        ensure!(line.contains(schedule), "{job}: {line}");
+    }
+
+    for job in Job::ALL {
+        let ran = scheduler(&db.url, &sim.base_url(), &config).args(["--once", job.name()]).output().await?;
+        ensure!(ran.status.success(), "{job}: {}", text(&ran));
+        ensure!(text(&ran).contains(&format!("{job}: succeeded")), "{job}: {}", text(&ran));
+    }
+    let ws = sharpsend_db::workspaces::ensure(&db.conn, &config.site_id, "us").await?;
+    let runs = sharpsend_db::jobs::recent_runs(&db.conn, ws.id, None, 10).await?;
+    ensure!(runs.len() == Job::ALL.len(), "{runs:?}");
+    ensure!(runs.iter().all(|r| r.outcome == sharpsend_db::jobs::RunOutcome::Succeeded && r.holder.starts_with("scheduler@")));
+    sim.shutdown().await;
+    Ok::<(), anyhow::Error>(())
+});

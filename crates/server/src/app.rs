@@ -1,12 +1,12 @@
 //! Assembles the gRPC server: health and reflection (v1 and v1alpha) open to all, business
 //! services behind the API-key interceptor, a server-wide timeout, a per-connection concurrency
-//! limit with load shedding, a span per call, and graceful shutdown that reports NOT_SERVING
-//! before draining.
+//! limit with load shedding, a span and metrics per call (`telemetry`: the caller's `traceparent`
+//! is honoured), and graceful shutdown that reports NOT_SERVING before draining.
 
 use std::time::Duration;
 
 use sharpsend_core::AppContext;
-use sharpsend_proto::v1::{profile_service_server::ProfileServiceServer, segment_service_server::SegmentServiceServer};
+use sharpsend_proto::v1::{ops_service_server::OpsServiceServer, profile_service_server::ProfileServiceServer, segment_service_server::SegmentServiceServer};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
@@ -14,6 +14,7 @@ use tonic_health::ServingStatus;
 
 use crate::{
     auth::{ApiKeys, Authenticator},
+    ops::Ops,
     profiles::Profiles,
     segments::Segments,
 };
@@ -46,6 +47,7 @@ pub async fn serve(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<SegmentServiceServer<Segments>>().await;
     health.set_serving::<ProfileServiceServer<Profiles>>().await;
+    health.set_serving::<OpsServiceServer<Ops>>().await;
     health.set_service_status("", ServingStatus::Serving).await;
 
     let reflection = || {
@@ -58,6 +60,7 @@ pub async fn serve(
 
     let auth = Authenticator::new(options.api_keys);
     let segments = SegmentServiceServer::with_interceptor(Segments::new(ctx.clone()), auth.clone());
+    let ops = OpsServiceServer::with_interceptor(Ops::new(ctx.clone()), auth.clone());
     let profiles = ProfileServiceServer::with_interceptor(Profiles::new(ctx), auth);
 
     let signal = async move {
@@ -65,6 +68,7 @@ pub async fn serve(
         tracing::info!("shutdown requested: reporting NOT_SERVING and draining in-flight calls");
         health.set_not_serving::<SegmentServiceServer<Segments>>().await;
         health.set_not_serving::<ProfileServiceServer<Profiles>>().await;
+        health.set_not_serving::<OpsServiceServer<Ops>>().await;
         health.set_service_status("", ServingStatus::NotServing).await;
     };
 
@@ -72,12 +76,21 @@ pub async fn serve(
         .timeout(options.request_timeout)
         .concurrency_limit_per_connection(options.concurrency_per_connection)
         .load_shed(true)
-        .trace_fn(|request| tracing::info_span!("grpc", method = %request.uri().path()))
+        .layer(crate::telemetry::GrpcTelemetryLayer::new(
+            &[
+                sharpsend_proto::FILE_DESCRIPTOR_SET,
+                tonic_health::pb::FILE_DESCRIPTOR_SET,
+                tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            ],
+            options.request_timeout,
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(segments)
         .add_service(profiles)
+        .add_service(ops)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
         .await?;
     tracing::info!("server stopped");

@@ -6,6 +6,8 @@
 //! - [`status`]: the ONE place where domain errors become `tonic::Status`.
 //! - [`segments`] serves `sharpsend.cio.v1.SegmentService`; [`profiles`] serves
 //!   `sharpsend.cio.v1.ProfileService`; [`convert`] maps protobuf well-known types.
+//! - [`ops`] serves `sharpsend.cio.v1.OpsService` (jobs: list, runs, run now).
+//! - [`telemetry`]: the per-call span (honouring `traceparent`) and gRPC metrics layer.
 //! - [`app`]: assembling and serving everything (health, reflection, limits, graceful shutdown).
 //! - [`dev`]: `--dev` mode: SQLite + in-process simulator + in-process scheduler.
 
@@ -14,8 +16,10 @@ pub mod auth;
 pub mod config;
 pub mod convert;
 pub mod dev;
+pub mod ops;
 pub mod profiles;
 pub mod segments;
 pub mod status;
+pub mod telemetry;
 
 pub use app::{ServeOptions, serve};

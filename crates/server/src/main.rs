@@ -9,7 +9,7 @@ use sharpsend_core::{
     AppContext,
     config::{self, ProcessEnv},
     context::{Migrations, shutdown_signal},
-    telemetry,
+    telemetry::{self, TelemetryConfig},
 };
 use sharpsend_server::{ServeOptions, config::ServerConfig, dev, serve};
 use tokio::net::TcpListener;
@@ -39,10 +39,24 @@ enum Command {
     },
 }
 
+/// `service.name` of exported telemetry unless `OTEL_SERVICE_NAME` says otherwise.
+const SERVICE_NAME: &str = "sharpsend-server";
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    telemetry::init(args.json_logs);
+    // One-shot commands log only; serving (and dev mode) export over OTLP when configured.
+    let telemetry_config = match args.command {
+        Some(Command::Health { .. } | Command::Migrate) => Ok(TelemetryConfig::logs_only(SERVICE_NAME, args.json_logs)),
+        None => TelemetryConfig::from_env(&ProcessEnv, SERVICE_NAME, args.json_logs),
+    };
+    let _telemetry = match telemetry_config.map_err(anyhow::Error::from).and_then(|c| Ok(telemetry::init(c)?)) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -48,7 +48,7 @@ db_test!(migrate_then_serve_then_stop_on_sigterm, unmigrated, |db: TestDatabase|
 
     let migrated = server(&db.url, &url, &config).arg("migrate").output().await?;
     check(migrated.status.success(), text(&migrated))?;
-    check(text(&migrated).contains("applied 6 migration(s)"), text(&migrated))?;
+    check(text(&migrated).contains("applied 8 migration(s)"), text(&migrated))?;
     let again = server(&db.url, &url, &config).arg("migrate").output().await?;
     check(text(&again).contains("applied 0 migration(s)"), text(&again))?;
 

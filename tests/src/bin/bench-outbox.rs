@@ -22,6 +22,7 @@ use std::{
 };
 
 use anyhow::{Context, bail, ensure};
+use futures::StreamExt;
 use cio_client::{CioClient, ClientConfig, Credentials, Region};
 use clap::Parser;
 use serde_json::{Map, Value, json};
@@ -52,6 +53,9 @@ struct Args {
     /// Database; default a fresh SQLite file per run.
     #[arg(long)]
     database_url: Option<String>,
+    /// BatchUpdateAttributes calls in flight at once (SharpSend's services call concurrently).
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
 }
 
 const API_KEY: &str = "bench-key-0123456789";
@@ -194,21 +198,27 @@ async fn pipeline_run(args: &Args, updates: usize) -> anyhow::Result<(RunFigures
         Ok(req)
     });
     let before = track_requests(&stack.sim_url).await?;
+    let baseline = client.get_sync_status(GetSyncStatusRequest::default()).await?.into_inner().delivered as usize;
     let started = Instant::now();
-    for chunk_start in (0..updates).step_by(1000) {
+    let calls = (0..updates).step_by(1000).map(|chunk_start| {
+        let mut client = client.clone();
         let updates = (chunk_start..(chunk_start + 1000).min(updates))
             .map(|i| {
                 let (customer_id, attrs) = update(i, args.people);
                 UpdateAttributesRequest { customer_id, attributes: Some(to_struct(&attrs)) }
             })
             .collect();
-        client.batch_update_attributes(BatchUpdateAttributesRequest { updates }).await?;
+        async move { client.batch_update_attributes(BatchUpdateAttributesRequest { updates }).await }
+    });
+    let results: Vec<_> = futures::stream::iter(calls).buffer_unordered(args.concurrency.max(1)).collect().await;
+    for result in results {
+        result?;
     }
     let accepted_after = started.elapsed();
     loop {
         let status = client.get_sync_status(GetSyncStatusRequest::default()).await?.into_inner();
         ensure!(status.dead == 0, "dead letters: {status:?}");
-        if status.delivered as usize >= updates && status.pending == 0 && status.in_flight == 0 {
+        if status.delivered as usize >= baseline + updates && status.pending == 0 && status.in_flight == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -241,7 +251,13 @@ async fn main() -> anyhow::Result<()> {
     cio_client::install_crypto_provider();
     let mut sizes: Vec<usize> = args.sizes.iter().copied().filter(|&n| n > 0 && n < args.updates).collect();
     sizes.push(args.updates);
-    println!("outbox benchmark: {} people, Track API limited to {} requests/s, database {}", args.people, args.track_rate, if args.database_url.is_some() { "PostgreSQL" } else { "SQLite" });
+    println!(
+        "outbox benchmark: {} people, Track API limited to {} requests/s, database {}, {} calls in flight",
+        args.people,
+        args.track_rate,
+        if args.database_url.is_some() { "PostgreSQL" } else { "SQLite" },
+        args.concurrency
+    );
     println!("{:>9} {:>9} {:>12} {:>9} {:>16} {:>19}", "updates", "seconds", "updates/s", "requests", "server peak RSS", "scheduler peak RSS");
     let mut last = None;
     for n in sizes {
