@@ -23,7 +23,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use cio_client::{CioError, IdType};
 use futures::TryStreamExt;
-use serde_json::{Value, json};
+use serde_json::Value;
 use sharpsend_db::criteria_sql::{self, MatchingProfile};
 use sharpsend_db::managed_segments::{
     self as store, Applied, EvaluationOutcome, ManagedSegment, ManualChange, NewManagedSegment, SegmentUpdate,
@@ -320,7 +320,9 @@ fn before(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
 
 /// Re-reads from Customer.io the membership of `segment_ids` that are not managed segments
 /// (whose membership is SharpSend's own record) into `segment_members`; with `older_than`, only
-/// those never read or last read before it. Returns how many were read.
+/// those never read or last read before it. Returns how many were read. The ids of one segment
+/// are held in memory while it is read (30,000 per App API call), then replace the mirrored
+/// membership in one transaction.
 async fn refresh_memberships(
     ctx: &AppContext,
     segment_ids: &BTreeSet<i64>,
@@ -697,11 +699,6 @@ pub async fn deliver_change(ctx: &AppContext, add: bool, payload: &Value) -> Res
         ctx.cio.remove_from_segment(segment_id, &send, IdType::Id).await?;
     }
     Ok(1)
-}
-
-/// The JSON payload of a segment row (for tests and tools).
-pub fn change_payload(segment_id: i64, ids: &[&str]) -> Value {
-    json!({"segment_id": segment_id, "ids": ids})
 }
 
 #[cfg(test)]

@@ -588,6 +588,24 @@ mod tests {
     }
 
     #[test]
+    fn segment_membership_rows_go_alone_never_into_a_batch() {
+        let rows = vec![
+            row(1, Kind::Identify, "a", json!({"plan": "pro"})),
+            row(2, Kind::SegmentAdd, "segment:7", json!({"segment_id": 7, "ids": ["a", "b"]})),
+            row(3, Kind::SegmentRemove, "segment:7", json!({"segment_id": 7, "ids": ["c"]})),
+        ];
+        let (planned, invalid) = plan(&rows);
+        assert!(invalid.is_empty());
+        let batched: Vec<i64> = batches(&planned).iter().flat_map(|b| b.iter().flat_map(|o| o.rows.clone())).collect();
+        assert_eq!(batched, vec![1]);
+        let segments: Vec<(bool, Vec<i64>)> = planned
+            .iter()
+            .filter_map(|p| if let Planned::Segment { add, rows, .. } = p { Some((*add, rows.clone())) } else { None })
+            .collect();
+        assert_eq!(segments, vec![(true, vec![2]), (false, vec![3])]);
+    }
+
+    #[test]
     fn backoff_grows_and_is_capped() {
         let config = DeliveryConfig { retry_base: Duration::from_secs(2), retry_max: Duration::from_secs(60), ..Default::default() };
         assert!(backoff(&config, 1) <= Duration::from_secs(2) && backoff(&config, 1) >= Duration::from_secs(1));
