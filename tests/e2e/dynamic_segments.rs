@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context, ensure};
 use chrono::Utc;
 use cio_sim::{Fault, SimApi, SimConfig};
-use prost_types::{Struct, value::Kind};
+use prost_types::Struct;
 use serde_json::{Value, json};
 use sharpsend_core::jobs::{Job, JobOutcome};
 use sharpsend_db::{db_test, testing::TestDatabase};
@@ -23,22 +23,7 @@ use tonic::Code;
 use tonic_types::StatusExt;
 
 fn to_struct(value: Value) -> Struct {
-    let map = value.as_object().cloned().unwrap_or_default();
-    Struct {
-        fields: map
-            .into_iter()
-            .map(|(k, v)| {
-                let kind = match v {
-                    Value::Null => Kind::NullValue(0),
-                    Value::Bool(b) => Kind::BoolValue(b),
-                    Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
-                    Value::String(s) => Kind::StringValue(s),
-                    other => Kind::StringValue(other.to_string()),
-                };
-                (k, prost_types::Value { kind: Some(kind) })
-            })
-            .collect(),
-    }
+    sharpsend_server::convert::json_to_struct(value.as_object().unwrap_or(&serde_json::Map::new()))
 }
 
 fn update(id: &str, attrs: Value) -> UpdateAttributesRequest {

@@ -21,22 +21,7 @@ use tonic::Code;
 use tonic_types::StatusExt;
 
 fn to_struct(value: Value) -> Struct {
-    let map = value.as_object().cloned().unwrap_or_default();
-    Struct {
-        fields: map
-            .into_iter()
-            .map(|(k, v)| {
-                let kind = match v {
-                    Value::Null => Kind::NullValue(0),
-                    Value::Bool(b) => Kind::BoolValue(b),
-                    Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
-                    Value::String(s) => Kind::StringValue(s),
-                    other => Kind::StringValue(other.to_string()),
-                };
-                (k, prost_types::Value { kind: Some(kind) })
-            })
-            .collect(),
-    }
+    sharpsend_server::convert::json_to_struct(value.as_object().unwrap_or(&Map::new()))
 }
 
 fn fields(status: &tonic::Status) -> Vec<String> {

@@ -120,13 +120,7 @@ impl TestApp {
         let started = std::time::Instant::now();
         let mut total = DeliveryReport::default();
         loop {
-            let report = outbox::drain(&self.ctx, worker, &self.ctx.delivery).await?;
-            total.claimed += report.claimed;
-            total.delivered += report.delivered;
-            total.retried += report.retried;
-            total.dead += report.dead;
-            total.requests += report.requests;
-            total.delivered_ids.extend(report.delivered_ids);
+            total.absorb(outbox::drain(&self.ctx, worker, &self.ctx.delivery).await?);
             let stats = sharpsend_db::outbox::stats(&self.ctx.db, self.ctx.workspace_id()).await?;
             if stats.pending == 0 && stats.in_flight == 0 {
                 return Ok(total);

@@ -110,7 +110,8 @@ pub struct DeliveryReport {
 }
 
 impl DeliveryReport {
-    fn absorb(&mut self, other: DeliveryReport) {
+    /// Adds `other`'s counts and delivered ids to this report.
+    pub fn absorb(&mut self, other: DeliveryReport) {
         self.claimed += other.claimed;
         self.delivered += other.delivered;
         self.retried += other.retried;

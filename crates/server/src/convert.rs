@@ -3,9 +3,20 @@
 use chrono::{DateTime, Utc};
 use prost_types::{ListValue, Struct, Timestamp, value::Kind};
 use serde_json::{Map, Number, Value};
+use sharpsend_core::CoreError;
 
 pub fn timestamp(at: DateTime<Utc>) -> Timestamp {
     Timestamp { seconds: at.timestamp(), nanos: i32::try_from(at.timestamp_subsec_nanos()).unwrap_or(0) }
+}
+
+/// A requested page size or list limit: 0 means `default`, more than `max` is served `max`
+/// (AIP-158 coerces rather than refuses), a negative value is `InvalidArgument` on `field`.
+pub fn limit(field: &str, requested: i64, default: u64, max: u64) -> Result<u64, CoreError> {
+    match u64::try_from(requested) {
+        Err(_) => Err(CoreError::invalid(field, "must not be negative")),
+        Ok(0) => Ok(default),
+        Ok(n) => Ok(n.min(max)),
+    }
 }
 
 /// A protobuf timestamp as UTC; `None` when out of range.

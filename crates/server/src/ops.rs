@@ -17,7 +17,7 @@ use tracing::Instrument as _;
 
 use crate::{
     auth::Caller,
-    convert::{json_to_struct, timestamp},
+    convert::{json_to_struct, limit, timestamp},
     status::to_status,
 };
 
@@ -97,10 +97,7 @@ impl OpsService for Ops {
     ) -> Result<Response<pb::ListJobRunsResponse>, Status> {
         let req = request.into_inner();
         let job = if req.job.trim().is_empty() { None } else { Some(parse_job(&req.job).map_err(to_status)?) };
-        let limit = match u64::from(req.limit) {
-            0 => DEFAULT_RUNS_LIMIT,
-            n => n.min(MAX_RUNS_LIMIT),
-        };
+        let limit = limit("limit", i64::from(req.limit), DEFAULT_RUNS_LIMIT, MAX_RUNS_LIMIT).map_err(to_status)?;
         let runs = job_store::recent_runs(&self.ctx.db, self.ctx.workspace_id(), job.map(Job::name), limit)
             .await
             .map_err(|e| to_status(e.into()))?;

@@ -15,7 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    convert::{datetime, json_to_struct, struct_to_json, timestamp},
+    convert::{datetime, json_to_struct, limit, struct_to_json, timestamp},
     status::to_status,
 };
 
@@ -150,11 +150,8 @@ impl ProfileService for Profiles {
     }
 
     async fn get_sync_status(&self, request: Request<pb::GetSyncStatusRequest>) -> Result<Response<pb::GetSyncStatusResponse>, Status> {
-        let limit = match request.into_inner().limit {
-            n if n < 0 => return Err(to_status(CoreError::invalid("limit", "must not be negative"))),
-            0 => DEFAULT_STATUS_LIMIT,
-            n => (n as u64).min(MAX_STATUS_LIMIT),
-        };
+        let limit = limit("limit", i64::from(request.into_inner().limit), DEFAULT_STATUS_LIMIT, MAX_STATUS_LIMIT)
+            .map_err(to_status)?;
         let ws = self.ctx.workspace_id();
         let db_err = |e: sharpsend_db::DbError| to_status(e.into());
         let stats = outbox::stats(&self.ctx.db, ws).await.map_err(db_err)?;

@@ -20,7 +20,7 @@ use sharpsend_proto::v1::{
 use tonic::{Request, Response, Status};
 
 use crate::{
-    convert::{datetime, timestamp},
+    convert::{datetime, limit, timestamp},
     status::to_status,
 };
 
@@ -387,11 +387,7 @@ fn warning(w: Warning) -> pb::TargetingWarning {
 }
 
 fn page_size(requested: i32) -> Result<u64, CoreError> {
-    match requested {
-        n if n < 0 => Err(CoreError::invalid("page_size", "must not be negative")),
-        0 => Ok(DEFAULT_PAGE_SIZE),
-        n => Ok((n as u64).min(MAX_PAGE_SIZE)),
-    }
+    limit("page_size", i64::from(requested), DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 }
 
 const PAGE_TOKEN_PREFIX: &str = "segments.v1:";

@@ -158,22 +158,6 @@ fn update(i: usize, people: usize) -> (String, Map<String, Value>) {
     (person, attrs.as_object().cloned().unwrap_or_default())
 }
 
-fn to_struct(map: &Map<String, Value>) -> prost_types::Struct {
-    use prost_types::value::Kind;
-    prost_types::Struct {
-        fields: map
-            .iter()
-            .map(|(k, v)| {
-                let kind = match v {
-                    Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
-                    Value::String(s) => Kind::StringValue(s.clone()),
-                    other => Kind::StringValue(other.to_string()),
-                };
-                (k.clone(), prost_types::Value { kind: Some(kind) })
-            })
-            .collect(),
-    }
-}
 
 async fn track_requests(sim_url: &str) -> anyhow::Result<u64> {
     let stats: Value = reqwest::get(format!("{sim_url}/_sim/stats")).await?.json().await?;
@@ -205,7 +189,7 @@ async fn pipeline_run(args: &Args, updates: usize) -> anyhow::Result<(RunFigures
         let updates = (chunk_start..(chunk_start + 1000).min(updates))
             .map(|i| {
                 let (customer_id, attrs) = update(i, args.people);
-                UpdateAttributesRequest { customer_id, attributes: Some(to_struct(&attrs)) }
+                UpdateAttributesRequest { customer_id, attributes: Some(sharpsend_server::convert::json_to_struct(&attrs)) }
             })
             .collect();
         async move { client.batch_update_attributes(BatchUpdateAttributesRequest { updates }).await }
