@@ -10,7 +10,10 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use futures::TryStreamExt as _;
+
 use crate::client::CioClient;
+use crate::pagination::{Page, paginate};
 use crate::endpoint::endpoints;
 use crate::error::CioError;
 use crate::serde_util;
@@ -118,6 +121,10 @@ pub struct TriggerStatus {
     pub processed_at: Option<i64>,
     #[serde(default, deserialize_with = "serde_util::opt_i64")]
     pub recipients_count: Option<i64>,
+    /// Status only: the trigger request as Customer.io received it (audience, `data`, options);
+    /// how a sender finds its own trigger by a marker it put in `data`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipients_filter: Option<Value>,
 }
 
 /// `POST /v1/newsletters` body: a newsletter with its content. The create schema has no tags:
@@ -220,7 +227,12 @@ struct CampaignResponse {
 struct NewslettersResponse {
     #[serde(default, deserialize_with = "serde_util::null_as_default")]
     newsletters: Vec<Newsletter>,
+    #[serde(default, deserialize_with = "serde_util::opt_string")]
+    next: Option<String>,
 }
+
+/// Newsletters per page when listing them all.
+pub const NEWSLETTERS_PAGE: u32 = 100;
 
 #[derive(Deserialize)]
 struct NewsletterResponse {
@@ -271,10 +283,36 @@ impl CioClient {
         Ok(r.campaigns)
     }
 
-    /// `GET /v1/newsletters`.
+    /// `GET /v1/broadcasts/{broadcast_id}`.
+    pub async fn get_broadcast(&self, id: i64) -> Result<Campaign, CioError> {
+        let id = id.to_string();
+        let r: CampaignResponse = self.request(&endpoints::GET_BROADCAST, &[&id], &[], None::<&()>).await?;
+        Ok(r.campaign)
+    }
+
+    /// `GET /v1/newsletters/{newsletter_id}`.
+    pub async fn get_newsletter(&self, id: i64) -> Result<Newsletter, CioError> {
+        let id = id.to_string();
+        let r: NewsletterResponse = self.request(&endpoints::GET_NEWSLETTER, &[&id], &[], None::<&()>).await?;
+        Ok(r.newsletter)
+    }
+
+    /// `GET /v1/newsletters`: every newsletter, oldest first, following the `next` cursor.
     pub async fn list_newsletters(&self) -> Result<Vec<Newsletter>, CioError> {
-        let r: NewslettersResponse = self.request(&endpoints::LIST_NEWSLETTERS, &[], &[], None::<&()>).await?;
-        Ok(r.newsletters)
+        let pages = paginate(move |start: Option<String>| async move {
+            self.newsletters_page(start.as_deref(), NEWSLETTERS_PAGE, false).await
+        });
+        pages.try_collect().await
+    }
+
+    /// `GET /v1/newsletters?limit=&start=&sort=`: one page, oldest first or newest first.
+    pub async fn newsletters_page(&self, start: Option<&str>, limit: u32, newest_first: bool) -> Result<Page<Newsletter>, CioError> {
+        let mut params = vec![("limit", limit.to_string()), ("sort", if newest_first { "desc" } else { "asc" }.to_string())];
+        if let Some(start) = start {
+            params.push(("start", start.to_string()));
+        }
+        let r: NewslettersResponse = self.request(&endpoints::LIST_NEWSLETTERS, &[], &params, None::<&()>).await?;
+        Ok(Page { items: r.newsletters, next: r.next })
     }
 
     /// `POST /v1/campaigns/{broadcast_id}/triggers`: sends the broadcast. Never retried: a

@@ -183,8 +183,12 @@ pub mod endpoints {
     pub const GET_CAMPAIGN: Endpoint = get(Api::App, "/v1/campaigns/{campaign_id}");
     /// `GET /v1/broadcasts`.
     pub const LIST_BROADCASTS: Endpoint = get(Api::App, "/v1/broadcasts");
+    /// An API-triggered broadcast.
+    pub const GET_BROADCAST: Endpoint = get(Api::App, "/v1/broadcasts/{broadcast_id}");
     /// `GET /v1/newsletters`.
     pub const LIST_NEWSLETTERS: Endpoint = get(Api::App, "/v1/newsletters");
+    /// One newsletter.
+    pub const GET_NEWSLETTER: Endpoint = get(Api::App, "/v1/newsletters/{newsletter_id}");
     /// `POST /v1/campaigns/{broadcast_id}/triggers`: SENDS the broadcast; Customer.io has no
     /// idempotency key for it, so it is never retried automatically.
     pub const TRIGGER_BROADCAST: Endpoint =

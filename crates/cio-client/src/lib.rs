@@ -46,7 +46,7 @@ mod serde_util;
 
 pub use account::AccountRegion;
 pub use campaigns::{
-    Campaign, MetricSeries, MetricsOf, MetricsQuery, NewNewsletter, Newsletter, Recipients, Resolution, Trigger,
+    Campaign, MetricSeries, MetricsOf, MetricsQuery, NEWSLETTERS_PAGE, NewNewsletter, Newsletter, Recipients, Resolution, Trigger,
     TriggerStatus,
 };
 pub use client::{CioClient, USER_AGENT, install_crypto_provider};

@@ -22,7 +22,7 @@
 //! | `GET /_sim/rates`, `POST /_sim/rates`, `DELETE /_sim/rates` | `{"default":{..},"rules":[{"key":{..},"rates":{..}}]}`; set `{"key"?:K,"rates":{..}}` (no key: the default); clear the rules |
 //!
 //! Fault items: `{"kind":"status","status":503,"retry_after_secs":2}`, `{"kind":"delay","ms":1500}`,
-//! `{"kind":"drop"}`, `{"kind":"accept_then_drop"}`. Chaos: `{"error_rate":0.1,"error_status":503,
+//! `{"kind":"drop"}`, `{"kind":"accept_then_drop"}`, `{"kind":"accept_then_delay","ms":5000}`. Chaos: `{"error_rate":0.1,"error_status":503,
 //! "latency_ms":200,"drop_rate":0.05}` (all optional).
 
 use std::collections::HashMap;
@@ -174,6 +174,9 @@ enum FaultSpec {
     },
     Drop,
     AcceptThenDrop,
+    AcceptThenDelay {
+        ms: u64,
+    },
 }
 
 fn default_error_status() -> u16 {
@@ -235,6 +238,7 @@ async fn push_faults(State(sim): State<Simulator>, body: Bytes) -> Response {
             FaultSpec::Delay { ms } => Fault::Delay(Duration::from_millis(ms)),
             FaultSpec::Drop => Fault::Drop,
             FaultSpec::AcceptThenDrop => Fault::AcceptThenDrop,
+            FaultSpec::AcceptThenDelay { ms } => Fault::AcceptThenDelay(Duration::from_millis(ms)),
         });
     }
     let chaos = match request.chaos {

@@ -27,6 +27,9 @@ pub enum Fault {
     /// Process the request fully (state changes happen), then close the connection without
     /// sending the response.
     AcceptThenDrop,
+    /// Process the request fully, then wait this long before answering (a caller that gives up
+    /// or dies meanwhile never learns the outcome).
+    AcceptThenDelay(Duration),
 }
 
 /// Standing faults applied to every request of an API (see [`crate::Simulator::set_chaos`]).
@@ -64,6 +67,7 @@ pub(crate) enum Action {
     },
     Drop,
     AcceptThenDrop,
+    AcceptThenDelay(Duration),
 }
 
 struct Bucket {
@@ -195,6 +199,7 @@ impl Traffic {
                 Fault::Delay(d) => (d, Action::Pass),
                 Fault::Drop => (Duration::ZERO, Action::Drop),
                 Fault::AcceptThenDrop => (Duration::ZERO, Action::AcceptThenDrop),
+                Fault::AcceptThenDelay(d) => (Duration::ZERO, Action::AcceptThenDelay(d)),
             };
         }
         let chaos = match api {

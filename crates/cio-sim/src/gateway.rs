@@ -277,7 +277,7 @@ pub(crate) async fn gateway(State(sim): State<Simulator>, req: Request, next: Ne
             log(0, logged_body);
             return dropped(conn.as_ref());
         }
-        Action::Pass | Action::AcceptThenDrop => {}
+        Action::Pass | Action::AcceptThenDrop | Action::AcceptThenDelay(_) => {}
     }
 
     if let Err((limit, retry_after)) = sim.take_token(api) {
@@ -292,6 +292,9 @@ pub(crate) async fn gateway(State(sim): State<Simulator>, req: Request, next: Ne
     if action == Action::AcceptThenDrop {
         log(0, logged_body);
         return dropped(conn.as_ref());
+    }
+    if let Action::AcceptThenDelay(delay) = action {
+        tokio::time::sleep(delay).await;
     }
     log(response.status().as_u16(), logged_body);
     response

@@ -94,3 +94,26 @@ async fn a_newsletter_is_created_sent_and_its_metrics_match_the_ledger() {
     let again = client.send_newsletter(created.id).await.unwrap_err();
     assert!(matches!(again, CioError::Rejected { status: 400, .. }), "{again:?}");
 }
+
+#[tokio::test]
+async fn newsletters_are_listed_across_pages_and_newest_first_on_request() {
+    let running = spawn_sim().await;
+    let client = client(&running);
+    let before = running.sim.newsletters().len();
+    for i in 0..230 {
+        let new = cio_sim::NewNewsletter::new(&format!("bulk {i}"), "s", "<p>b</p>", cio_sim::AudienceFilter::segment(1));
+        running.sim.add_newsletter(new).unwrap();
+    }
+    let all = client.list_newsletters().await.unwrap();
+    assert_eq!(all.len(), before + 230, "every page followed");
+    assert!(all.windows(2).all(|w| w[0].id < w[1].id), "oldest first");
+    let pages = requests_to(&running, "/v1/newsletters").into_iter().filter(|r| r.method == "GET").count();
+    assert_eq!(pages, 3, "pages of {}", cio_client::NEWSLETTERS_PAGE);
+
+    let newest = client.newsletters_page(None, 5, true).await.unwrap();
+    assert_eq!(newest.items.len(), 5);
+    assert_eq!(newest.items[0].name, "bulk 229");
+    assert!(newest.next.as_deref().is_some_and(|n| !n.is_empty()));
+    let second = client.newsletters_page(newest.next.as_deref(), 5, true).await.unwrap();
+    assert_eq!(second.items[0].name, "bulk 224");
+}

@@ -199,6 +199,32 @@ async fn accept_then_drop_processes_but_never_answers() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn accept_then_delay_processes_before_a_caller_that_gives_up_learns_it() -> anyhow::Result<()> {
+    let t = spawn(empty_unlimited()).await?;
+    t.sim().push_faults(
+        Some(SimApi::Track),
+        [Fault::AcceptThenDelay(Duration::from_secs(5))],
+    );
+    let started = Instant::now();
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(500),
+        t.track(Method::PUT, "/api/v1/customers/slow")
+            .json(&json!({"plan": "pro"}))
+            .send(),
+    )
+    .await;
+    assert!(gave_up.is_err(), "no answer within the delay");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // Processed already, though the caller never heard back.
+    let person = t.sim().person("slow");
+    assert_eq!(
+        person.map(|p| p.attributes["plan"].clone()),
+        Some(json!("pro"))
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn chaos_applies_until_cleared() -> anyhow::Result<()> {
     let t = spawn(empty_unlimited()).await?;
     t.sim().set_chaos(
