@@ -18,9 +18,8 @@ use sharpsend_proto::v1::{
     GetSegmentRequest, GetSyncStatusRequest, ImportProfilesRequest, ListSegmentsRequest, PreviewSegmentRequest,
     RemoveSegmentMembersRequest, SyncSegmentsRequest, UpdateAttributesRequest, UpdateSegmentRequest,
 };
-use sharpsend_tests::TestApp;
+use sharpsend_tests::{TestApp, bad_request_fields};
 use tonic::Code;
-use tonic_types::StatusExt;
 
 fn to_struct(value: Value) -> Struct {
     sharpsend_server::convert::json_to_struct(value.as_object().unwrap_or(&serde_json::Map::new()))
@@ -28,14 +27,6 @@ fn to_struct(value: Value) -> Struct {
 
 fn update(id: &str, attrs: Value) -> UpdateAttributesRequest {
     UpdateAttributesRequest { customer_id: id.into(), attributes: Some(to_struct(attrs)) }
-}
-
-fn fields(status: &tonic::Status) -> Vec<String> {
-    status
-        .get_error_details()
-        .bad_request()
-        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
-        .unwrap_or_default()
 }
 
 /// A number, or a string holding one (Customer.io's form).
@@ -420,19 +411,19 @@ db_test!(every_validation_error_is_invalid_argument_naming_the_problem, |db: Tes
     let segments_before = app.sim.sim.segments().len();
     for (request, want) in cases {
         let status = segments.create_segment(request.clone()).await.err().with_context(|| format!("accepted {request:?}"))?;
-        ensure!(status.code() == Code::InvalidArgument && fields(&status) == want, "{want:?}: {status:?}");
+        ensure!(status.code() == Code::InvalidArgument && bad_request_fields(&status) == want, "{want:?}: {status:?}");
         ensure!(status.message().contains(want[0]), "{}", status.message());
     }
     ensure!(app.sim.sim.segments().len() == segments_before, "a refused request created a segment in Customer.io");
 
     let status = segments.preview_segment(PreviewSegmentRequest::default()).await.err().context("accepted")?;
-    ensure!(status.code() == Code::InvalidArgument && fields(&status) == ["criteria"]);
+    ensure!(status.code() == Code::InvalidArgument && bad_request_fields(&status) == ["criteria"]);
     let status = segments
         .preview_segment(PreviewSegmentRequest { criteria_json: r#"{"segment": 1}"#.into(), sample_size: -1, criteria: None })
         .await
         .err()
         .context("accepted")?;
-    ensure!(fields(&status) == ["sample_size"], "{status:?}");
+    ensure!(bad_request_fields(&status) == ["sample_size"], "{status:?}");
 
     // Membership rules: computed segments refuse hand edits; reading yourself or a cycle is refused.
     let with_criteria = |name: &str, json: String| CreateSegmentRequest { name: name.into(), description: String::new(), criteria: None, criteria_json: json };
@@ -445,7 +436,7 @@ db_test!(every_validation_error_is_invalid_argument_naming_the_problem, |db: Tes
         .id;
     let b = segments.create_segment(with_criteria("b", json!({"segment": {"id": a}}).to_string())).await?.into_inner().segment.context("b")?.id;
     let status = segments.add_segment_members(AddSegmentMembersRequest { segment_id: a, customer_ids: vec!["u00001".into()] }).await.err().context("accepted")?;
-    ensure!(status.code() == Code::InvalidArgument && fields(&status) == ["segment_id"], "{status:?}");
+    ensure!(status.code() == Code::InvalidArgument && bad_request_fields(&status) == ["segment_id"], "{status:?}");
     let status = segments.add_segment_members(AddSegmentMembersRequest { segment_id: growth, customer_ids: vec!["u00001".into()] }).await.err().context("accepted")?;
     ensure!(status.code() == Code::NotFound, "a Customer.io segment SharpSend does not manage: {status:?}");
     let status = segments
@@ -453,15 +444,15 @@ db_test!(every_validation_error_is_invalid_argument_naming_the_problem, |db: Tes
         .await
         .err()
         .context("accepted")?;
-    ensure!(fields(&status) == ["customer_ids[0]", "customer_ids[1]"], "{status:?}");
+    ensure!(bad_request_fields(&status) == ["customer_ids[0]", "customer_ids[1]"], "{status:?}");
     let cycle = UpdateSegmentRequest { segment_id: a, criteria_json: json!({"segment": {"id": b}}).to_string(), ..Default::default() };
     let status = segments.update_segment(cycle).await.err().context("accepted")?;
-    ensure!(status.code() == Code::InvalidArgument && fields(&status) == ["criteria_json.segment.id"], "{status:?}");
+    ensure!(status.code() == Code::InvalidArgument && bad_request_fields(&status) == ["criteria_json.segment.id"], "{status:?}");
     let itself = UpdateSegmentRequest { segment_id: a, criteria_json: json!({"not": {"segment": {"id": a}}}).to_string(), ..Default::default() };
     let status = segments.update_segment(itself).await.err().context("accepted")?;
-    ensure!(fields(&status) == ["criteria_json.not.segment.id"], "{status:?}");
+    ensure!(bad_request_fields(&status) == ["criteria_json.not.segment.id"], "{status:?}");
     let status = segments.delete_segment(DeleteSegmentRequest { segment_id: a }).await.err().context("deleted")?;
-    ensure!(status.code() == Code::InvalidArgument && fields(&status) == ["segment_id"] && status.message().contains(&b.to_string()), "{status:?}");
+    ensure!(status.code() == Code::InvalidArgument && bad_request_fields(&status) == ["segment_id"] && status.message().contains(&b.to_string()), "{status:?}");
     let status = segments.update_segment(UpdateSegmentRequest { segment_id: 424_242, ..Default::default() }).await.err().context("accepted")?;
     ensure!(status.code() == Code::NotFound, "{status:?}");
     app.stop().await

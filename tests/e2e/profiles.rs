@@ -16,20 +16,11 @@ use sharpsend_proto::v1::{
     ImportProfilesRequest, ProfileSource, RetryDeadLettersRequest, TrackEventRequest, UpdateAttributesRequest,
     customer_ref::Identifier,
 };
-use sharpsend_tests::TestApp;
+use sharpsend_tests::{TestApp, bad_request_fields};
 use tonic::Code;
-use tonic_types::StatusExt;
 
 fn to_struct(value: Value) -> Struct {
     sharpsend_server::convert::json_to_struct(value.as_object().unwrap_or(&Map::new()))
-}
-
-fn fields(status: &tonic::Status) -> Vec<String> {
-    status
-        .get_error_details()
-        .bad_request()
-        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
-        .unwrap_or_default()
 }
 
 /// Sends 10,000 updates (2,000 people × 5, overlapping attributes) and 2,000 events through gRPC,
@@ -176,7 +167,7 @@ db_test!(every_validation_rule_names_its_field_and_batches_are_all_or_nothing, |
     ];
     for (request, field) in cases {
         let status = client.update_attributes(request).await.err().context("accepted")?;
-        ensure!(status.code() == Code::InvalidArgument && fields(&status) == vec![field], "{field}: {status:?}");
+        ensure!(status.code() == Code::InvalidArgument && bad_request_fields(&status) == vec![field], "{field}: {status:?}");
     }
     let event = |name: &str, data: Value| TrackEventRequest { customer_id: "p".into(), name: name.into(), data: Some(to_struct(data)), timestamp: None, idempotency_key: String::new() };
     for (request, field) in [
@@ -187,19 +178,19 @@ db_test!(every_validation_rule_names_its_field_and_batches_are_all_or_nothing, |
         (TrackEventRequest { idempotency_key: "k".repeat(201), ..event("ok", json!({})) }, "idempotency_key"),
     ] {
         let status = client.track_event(request).await.err().context("accepted")?;
-        ensure!(status.code() == Code::InvalidArgument && fields(&status) == vec![field], "{field}: {status:?}");
+        ensure!(status.code() == Code::InvalidArgument && bad_request_fields(&status) == vec![field], "{field}: {status:?}");
     }
 
     // One bad update in a batch: nothing of the batch is accepted.
     let mut batch: Vec<UpdateAttributesRequest> = (0..10).map(|i| update(&format!("ok-{i}"), json!({"a": i}))).collect();
     batch.push(update("bad", json!({"cio_id": "x"})));
     let status = client.batch_update_attributes(BatchUpdateAttributesRequest { updates: batch }).await.err().context("accepted")?;
-    ensure!(fields(&status) == vec!["updates[10].attributes.cio_id"], "{status:?}");
+    ensure!(bad_request_fields(&status) == vec!["updates[10].attributes.cio_id"], "{status:?}");
     let oversized: Vec<UpdateAttributesRequest> = (0..1001).map(|i| update(&format!("p{i}"), json!({"a": 1}))).collect();
     let status = client.batch_update_attributes(BatchUpdateAttributesRequest { updates: oversized }).await.err().context("accepted")?;
-    ensure!(fields(&status) == vec!["updates"], "{status:?}");
+    ensure!(bad_request_fields(&status) == vec!["updates"], "{status:?}");
     let status = client.batch_track_events(BatchTrackEventsRequest { events: vec![] }).await.err().context("accepted")?;
-    ensure!(fields(&status) == vec!["events"], "{status:?}");
+    ensure!(bad_request_fields(&status) == vec!["events"], "{status:?}");
     let stats = sharpsend_db::outbox::stats(&app.ctx.db, app.ctx.workspace_id()).await?;
     ensure!(stats.pending == 0, "something was half-accepted: {stats:?}");
     let missing = client.get_profile(GetProfileRequest { customer: Some(CustomerRef { identifier: Some(Identifier::Id("ok-1".into())) }), fresh: false }).await;

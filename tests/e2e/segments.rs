@@ -11,9 +11,8 @@ use sharpsend_proto::v1::{
     GetSegmentRequest, ListSegmentsRequest, Segment, SegmentType, SyncSegmentsRequest, TargetingWarning,
     ValidateTargetingRequest,
 };
-use sharpsend_tests::TestApp;
+use sharpsend_tests::{TestApp, bad_request_fields};
 use tonic::Code;
-use tonic_types::StatusExt;
 
 type Client = sharpsend_proto::v1::segment_service_client::SegmentServiceClient<
     tonic::service::interceptor::InterceptedService<tonic::transport::Channel, sharpsend_tests::Bearer>,
@@ -29,14 +28,6 @@ async fn list_all(client: &mut Client, mut request: ListSegmentsRequest) -> anyh
         }
         request.page_token = page.next_page_token;
     }
-}
-
-fn bad_request_fields(status: &tonic::Status) -> Vec<String> {
-    status
-        .get_error_details()
-        .bad_request()
-        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
-        .unwrap_or_default()
 }
 
 db_test!(sync_mirrors_segments_with_the_simulators_counts, |db: TestDatabase| async move {

@@ -185,3 +185,12 @@ pub fn init_test_logging() {
         sharpsend_core::telemetry::init_logs(false);
     }
 }
+
+/// The fields named by an `InvalidArgument` status's `google.rpc.BadRequest` details, in order.
+pub fn bad_request_fields(status: &Status) -> Vec<String> {
+    use tonic_types::StatusExt as _;
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}

@@ -64,6 +64,14 @@ pub fn parsed<T: std::str::FromStr>(
     }
 }
 
+/// `variable` as a whole number greater than 0, if set.
+pub fn positive(env: &dyn Env, variable: &'static str) -> Result<Option<u64>, ConfigError> {
+    match parsed::<u64>(env, variable, "a positive whole number")? {
+        Some(0) => Err(ConfigError { variable, problem: "must be greater than 0".into() }),
+        other => Ok(other),
+    }
+}
+
 /// Default database: a SQLite file in the working directory.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://sharpsend.db?mode=rwc";
 
@@ -120,9 +128,8 @@ impl CioSettings {
             }
         };
         let positive = |variable: &'static str, default: u32| -> Result<u32, ConfigError> {
-            match parsed::<u32>(env, variable, "a positive whole number")? {
-                Some(0) => Err(ConfigError { variable, problem: "must be greater than 0".into() }),
-                Some(n) => Ok(n),
+            match positive(env, variable)? {
+                Some(n) => u32::try_from(n).map_err(|_| ConfigError { variable, problem: format!("at most {}", u32::MAX) }),
                 None => Ok(default),
             }
         };

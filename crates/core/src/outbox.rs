@@ -29,7 +29,7 @@ use sharpsend_db::outbox::{self, Kind, OutboxRow};
 
 use crate::{
     AppContext, CoreError,
-    config::{ConfigError, Env, parsed},
+    config::{ConfigError, Env, positive},
 };
 
 /// How the worker behaves.
@@ -71,12 +71,7 @@ impl Default for DeliveryConfig {
 impl DeliveryConfig {
     pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
         let mut config = Self::default();
-        let positive = |variable: &'static str| -> Result<Option<u64>, ConfigError> {
-            match parsed::<u64>(env, variable, "a positive whole number")? {
-                Some(0) => Err(ConfigError { variable, problem: "must be greater than 0".into() }),
-                other => Ok(other),
-            }
-        };
+        let positive = |variable: &'static str| positive(env, variable);
         if let Some(n) = positive("SHARPSEND_OUTBOX_CLAIM_LIMIT")? {
             config.claim_limit = n;
         }

@@ -9,11 +9,12 @@ use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, LikeExpr};
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, EntityTrait,
-    IntoActiveModel, QueryFilter, QueryOrder, QuerySelect, SqliteTransactionMode,
-    TransactionOptions, TransactionSession, TransactionTrait,
+    IntoActiveModel, QueryFilter, QueryOrder, QuerySelect,
+    TransactionSession, TransactionTrait,
 };
 
 use crate::DbError;
+use crate::database::begin_write;
 use crate::entities::segments::{ActiveModel, Column, Entity, Model};
 use crate::entities::workspaces;
 use crate::time::db_time;
@@ -136,12 +137,7 @@ where
     C: TransactionTrait,
 {
     let synced_at = db_time(synced_at);
-    let txn = db
-        .begin_with_options(TransactionOptions {
-            sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
-            ..TransactionOptions::default()
-        })
-        .await?;
+    let txn = begin_write(db).await?;
     let counts = apply_sync_in(&txn, workspace_id, seen, synced_at).await?;
     txn.commit().await?;
     Ok(counts)

@@ -1,5 +1,6 @@
 //! Conversions between protobuf well-known types and the domain's JSON and chrono values.
 
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::{DateTime, Utc};
 use prost_types::{ListValue, Struct, Timestamp, value::Kind};
 use serde_json::{Map, Number, Value};
@@ -17,6 +18,31 @@ pub fn limit(field: &str, requested: i64, default: u64, max: u64) -> Result<u64,
         Ok(0) => Ok(default),
         Ok(n) => Ok(n.min(max)),
     }
+}
+
+/// An opaque page token for `listing` (e.g. `segments`): the position the next page starts
+/// after, as `<listing>.v1:<position>` in unpadded base64url.
+pub fn encode_page_token(listing: &str, position: impl std::fmt::Display) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{listing}.v1:{position}"))
+}
+
+/// The position in a token [`encode_page_token`] made for `listing`, read by `parse`; `None`
+/// for the empty token (the first page). Anything else is `InvalidArgument` on `page_token`,
+/// naming `rpc`, the call whose tokens are expected.
+pub fn decode_page_token<T>(
+    listing: &str,
+    rpc: &str,
+    token: &str,
+    parse: impl FnOnce(&str) -> Option<T>,
+) -> Result<Option<T>, CoreError> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || CoreError::invalid("page_token", format!("is not a page token returned by {rpc}"));
+    let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    let position = text.strip_prefix(listing).and_then(|rest| rest.strip_prefix(".v1:")).ok_or_else(bad)?;
+    parse(position).map(Some).ok_or_else(bad)
 }
 
 /// A protobuf timestamp as UTC; `None` when out of range.

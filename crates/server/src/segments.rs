@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::Utc;
 use sharpsend_core::{
     AppContext, CoreError,
@@ -20,7 +19,7 @@ use sharpsend_proto::v1::{
 use tonic::{Request, Response, Status};
 
 use crate::{
-    convert::{datetime, limit, timestamp},
+    convert::{self, datetime, limit, timestamp},
     status::to_status,
 };
 
@@ -390,21 +389,12 @@ fn page_size(requested: i32) -> Result<u64, CoreError> {
     limit("page_size", i64::from(requested), DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 }
 
-const PAGE_TOKEN_PREFIX: &str = "segments.v1:";
-
 fn encode_page_token(after_cio_id: i64) -> String {
-    URL_SAFE_NO_PAD.encode(format!("{PAGE_TOKEN_PREFIX}{after_cio_id}"))
+    convert::encode_page_token("segments", after_cio_id)
 }
 
 fn decode_page_token(token: &str) -> Result<Option<i64>, CoreError> {
-    if token.is_empty() {
-        return Ok(None);
-    }
-    let bad = || CoreError::invalid("page_token", "is not a page token returned by ListSegments");
-    let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
-    let text = String::from_utf8(bytes).map_err(|_| bad())?;
-    let id = text.strip_prefix(PAGE_TOKEN_PREFIX).and_then(|n| n.parse::<i64>().ok()).ok_or_else(bad)?;
-    Ok(Some(id))
+    convert::decode_page_token("segments", "ListSegments", token, |p| p.parse().ok())
 }
 
 fn to_proto(s: &SegmentRecord, managed: Option<&ManagedView>) -> pb::Segment {
@@ -441,7 +431,7 @@ mod tests {
     fn page_tokens_round_trip_and_garbage_is_rejected_by_field() {
         assert_eq!(decode_page_token(&encode_page_token(42)).ok(), Some(Some(42)));
         assert_eq!(decode_page_token("").ok(), Some(None));
-        for bad in ["!!!", "bm9wZQ", &URL_SAFE_NO_PAD.encode("segments.v1:x")] {
+        for bad in ["!!!", "bm9wZQ", &convert::encode_page_token("segments", "x")] {
             match decode_page_token(bad) {
                 Err(CoreError::InvalidArgument(v)) => assert_eq!(v[0].field, "page_token"),
                 other => panic!("{bad}: {other:?}"),
