@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Smoke test of `sharpsend-server --dev` with a real grpcurl: list, describe, health, ListSegments
-# with the dev key, and the same call without a key must fail with Unauthenticated. Then SIGTERM
+# with the dev key, SendAssignment (twice: one send), and the same call without a key must fail
+# with Unauthenticated. Then SIGTERM
 # must stop the server cleanly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +45,19 @@ grep -q '"Growth Investors"' "${WORK}/segments" || fail "ListSegments lacks Grow
 grep -q '"memberCount"' "${WORK}/segments" || fail "ListSegments lacks member counts"
 echo "smoke: ListSegments with key ok ($(grep -c '"id"' "${WORK}/segments") segments)"
 
+SEND='{"assignment_id":"smoke-1","title":"Smoke","subject":"Smoke test","segment_ids":[4],
+  "variations":[{"segment_id":4,"body":"<p>Hello</p>"}],"broadcast":{"broadcast_id":3}}'
+grpcurl -plaintext -H 'authorization: Bearer dev-key' -d "${SEND}" \
+  "${ADDR}" sharpsend.cio.v1.CampaignService/SendAssignment >"${WORK}/send" || fail "SendAssignment"
+grep -q '"SEND_STATE_SUBMITTED"' "${WORK}/send" || fail "SendAssignment not submitted: $(cat "${WORK}/send")"
+grep -q '"created": true' "${WORK}/send" || fail "SendAssignment did not create: $(cat "${WORK}/send")"
+SEND_ID="$(grep -m1 '"id": "snd_' "${WORK}/send" | sed 's/.*"\(snd_[^"]*\)".*/\1/')"
+grpcurl -plaintext -H 'authorization: Bearer dev-key' -d "${SEND}" \
+  "${ADDR}" sharpsend.cio.v1.CampaignService/SendAssignment >"${WORK}/again" || fail "SendAssignment again"
+grep -q "\"${SEND_ID}\"" "${WORK}/again" || fail "a repeated approval made another send: $(cat "${WORK}/again")"
+grep -q '"created": true' "${WORK}/again" && fail "a repeated approval was created again"
+echo "smoke: SendAssignment once ok (${SEND_ID})"
+
 if grpcurl -plaintext "${ADDR}" sharpsend.cio.v1.SegmentService/ListSegments >"${WORK}/nokey" 2>&1; then
   fail "ListSegments without a key succeeded"
 fi
@@ -55,4 +69,4 @@ for _ in $(seq 1 40); do kill -0 "${PID}" 2>/dev/null || break; sleep 0.25; done
 kill -0 "${PID}" 2>/dev/null && fail "server did not stop on SIGTERM"
 wait "${PID}" || fail "server exited non-zero after SIGTERM"
 echo "smoke: graceful shutdown ok"
-echo "smoke: 6 passed, 0 failed"
+echo "smoke: 7 passed, 0 failed"

@@ -22,6 +22,8 @@ mod m20261128_000005_create_profiles;
 mod m20261128_000006_create_outbox;
 mod m20261128_000007_create_managed_segments;
 mod m20261128_000008_outbox_segment_kinds;
+mod m20261128_000009_create_sends;
+mod m20261128_000010_create_campaigns_and_metrics;
 
 /// All migrations of the project, oldest first.
 pub struct Migrator;
@@ -38,6 +40,8 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000006_create_outbox::Migration),
             Box::new(m20261128_000007_create_managed_segments::Migration),
             Box::new(m20261128_000008_outbox_segment_kinds::Migration),
+            Box::new(m20261128_000009_create_sends::Migration),
+            Box::new(m20261128_000010_create_campaigns_and_metrics::Migration),
         ]
     }
 }

@@ -1,8 +1,11 @@
 //! End-to-end tests: simulator + gRPC server + scheduler jobs + a real database. Each test runs
 //! on SQLite and, when `SHARPSEND_TEST_POSTGRES_URL` is set, on PostgreSQL (`db_test!`).
 
+mod campaigns;
 mod dynamic_segments;
 mod jobs;
+mod journey;
 mod ops;
 mod profiles;
 mod segments;
+mod sends;

@@ -17,7 +17,8 @@ use sharpsend_core::{
 };
 use sharpsend_db::testing::TestDatabase;
 use sharpsend_proto::v1::{
-    ops_service_client::OpsServiceClient, profile_service_client::ProfileServiceClient, segment_service_client::SegmentServiceClient,
+    campaign_service_client::CampaignServiceClient, ops_service_client::OpsServiceClient,
+    profile_service_client::ProfileServiceClient, segment_service_client::SegmentServiceClient,
 };
 use sharpsend_server::{ServeOptions, auth::ApiKeys, serve};
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
@@ -27,6 +28,20 @@ use tonic::{
     service::{Interceptor, interceptor::InterceptedService},
     transport::Channel,
 };
+
+/// Customer.io's one-trigger-per-broadcast window in tests' simulators (10 s in production).
+pub const TEST_TRIGGER_INTERVAL: Duration = Duration::from_millis(300);
+
+/// Send settings for tests: the trigger spacing just above [`TEST_TRIGGER_INTERVAL`], a short
+/// claim and a short reconciliation grace period.
+pub fn test_send_config() -> sharpsend_core::sends::SendConfig {
+    sharpsend_core::sends::SendConfig {
+        trigger_spacing: TEST_TRIGGER_INTERVAL + Duration::from_millis(50),
+        claim_ttl: Duration::from_secs(5),
+        reconcile_grace: Duration::from_secs(1),
+        max_attempts: 3,
+    }
+}
 
 /// The API key every [`TestApp`] accepts.
 pub const TEST_API_KEY: &str = "e2e-test-key-0123456789";
@@ -67,6 +82,8 @@ impl TestApp {
         adjust(&mut settings);
         let mut ctx = AppContext::bootstrap(&db.url, &settings, Migrations::Apply).await?;
         ctx.delivery = std::sync::Arc::new(test_delivery_config());
+        ctx.sends = std::sync::Arc::new(test_send_config());
+        sim.sim.set_trigger_interval(TEST_TRIGGER_INTERVAL);
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (tx, rx) = oneshot::channel::<()>();
@@ -107,6 +124,11 @@ impl TestApp {
     /// An OpsService client presenting `key` (`None`: no authorization metadata).
     pub async fn ops_with_key(&self, key: Option<&str>) -> anyhow::Result<OpsServiceClient<InterceptedService<Channel, Bearer>>> {
         Ok(OpsServiceClient::with_interceptor(self.channel().await?, Bearer(key.map(str::to_string))))
+    }
+
+    /// A CampaignService client with the test API key.
+    pub async fn campaigns(&self) -> anyhow::Result<CampaignServiceClient<InterceptedService<Channel, Bearer>>> {
+        Ok(CampaignServiceClient::with_interceptor(self.channel().await?, Bearer(Some(TEST_API_KEY.to_string()))))
     }
 
     /// An OpsService client with the test API key.

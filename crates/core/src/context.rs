@@ -17,6 +17,8 @@ pub struct AppContext {
     pub outbox_wakeup: std::sync::Arc<tokio::sync::Notify>,
     /// How outbox workers deliver (binaries read it from the environment).
     pub delivery: std::sync::Arc<crate::outbox::DeliveryConfig>,
+    /// How sends are dispatched and reconciled (binaries read it from the environment).
+    pub sends: std::sync::Arc<crate::sends::SendConfig>,
 }
 
 impl AppContext {
@@ -27,6 +29,7 @@ impl AppContext {
             workspace: std::sync::Arc::new(workspace),
             outbox_wakeup: std::sync::Arc::new(tokio::sync::Notify::new()),
             delivery: std::sync::Arc::new(crate::outbox::DeliveryConfig::default()),
+            sends: std::sync::Arc::new(crate::sends::SendConfig::default()),
         }
     }
 

@@ -26,6 +26,13 @@ pub enum CoreError {
     /// The thing asked for does not exist.
     #[error("{what} {id} not found")]
     NotFound { what: &'static str, id: String },
+    /// The request is well-formed but the system is not in a state to do it (e.g. targeting that
+    /// cannot be sent, a send that is not uncertain); each violation names its subject.
+    #[error("failed precondition: {}", describe(.0))]
+    FailedPrecondition(Vec<FieldViolation>),
+    /// Something with the same key exists and differs from what was asked.
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
     /// Customer.io answered with an error or could not be reached.
     #[error("Customer.io request failed")]
     Upstream(#[from] CioError),

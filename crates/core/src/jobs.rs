@@ -25,10 +25,28 @@ pub enum Job {
     /// Re-evaluate due SharpSend-managed segments (criteria over the profile mirror) and queue
     /// their membership changes for Customer.io.
     SegmentEvaluation,
+    /// Pull campaigns, API-triggered broadcasts and newsletters into the mirror.
+    CampaignSync,
+    /// Poll the metrics of campaigns, broadcasts and newsletters that are due (recent ones often,
+    /// old ones rarely) into snapshots.
+    MetricsPoll,
+    /// Submit due send submissions (pending ones whose broadcast window is open).
+    SendDispatch,
+    /// Settle uncertain submissions by looking for them in Customer.io, and follow submitted
+    /// ones to completion.
+    SendReconcile,
 }
 
 impl Job {
-    pub const ALL: &'static [Job] = &[Job::SegmentSync, Job::OutboxDelivery, Job::SegmentEvaluation];
+    pub const ALL: &'static [Job] = &[
+        Job::SegmentSync,
+        Job::OutboxDelivery,
+        Job::SegmentEvaluation,
+        Job::CampaignSync,
+        Job::MetricsPoll,
+        Job::SendDispatch,
+        Job::SendReconcile,
+    ];
 
     /// The name used on the command line, in job runs and in leases.
     pub fn name(self) -> &'static str {
@@ -36,6 +54,10 @@ impl Job {
             Job::SegmentSync => "segment-sync",
             Job::OutboxDelivery => "outbox-delivery",
             Job::SegmentEvaluation => "segment-evaluation",
+            Job::CampaignSync => "campaign-sync",
+            Job::MetricsPoll => "metrics-poll",
+            Job::SendDispatch => "send-dispatch",
+            Job::SendReconcile => "send-reconcile",
         }
     }
 
@@ -44,6 +66,10 @@ impl Job {
             Job::SegmentSync => "pull segments and member counts from Customer.io into the mirror",
             Job::OutboxDelivery => "deliver accepted attribute updates and events to Customer.io",
             Job::SegmentEvaluation => "re-evaluate due managed segments and queue their membership changes",
+            Job::CampaignSync => "pull campaigns, API-triggered broadcasts and newsletters into the mirror",
+            Job::MetricsPoll => "poll due campaign, broadcast and newsletter metrics into snapshots",
+            Job::SendDispatch => "submit due assignment sends to Customer.io (one trigger per broadcast window)",
+            Job::SendReconcile => "settle uncertain sends from Customer.io's records; follow submitted ones to completion",
         }
     }
 
@@ -53,6 +79,10 @@ impl Job {
             Job::SegmentSync => "0 */5 * * * *",
             Job::OutboxDelivery => "*/30 * * * * *",
             Job::SegmentEvaluation => "0 * * * * *",
+            Job::CampaignSync => "30 */5 * * * *",
+            Job::MetricsPoll => "15 * * * * *",
+            Job::SendDispatch => "*/10 * * * * *",
+            Job::SendReconcile => "*/30 * * * * *",
         }
     }
 
@@ -62,6 +92,10 @@ impl Job {
             Job::SegmentSync => "SHARPSEND_SEGMENT_SYNC_CRON",
             Job::OutboxDelivery => "SHARPSEND_OUTBOX_DELIVERY_CRON",
             Job::SegmentEvaluation => "SHARPSEND_SEGMENT_EVALUATION_CRON",
+            Job::CampaignSync => "SHARPSEND_CAMPAIGN_SYNC_CRON",
+            Job::MetricsPoll => "SHARPSEND_METRICS_POLL_CRON",
+            Job::SendDispatch => "SHARPSEND_SEND_DISPATCH_CRON",
+            Job::SendReconcile => "SHARPSEND_SEND_RECONCILE_CRON",
         }
     }
 }
@@ -223,7 +257,16 @@ async fn execute(ctx: &AppContext, job: Job) -> Result<serde_json::Value, CoreEr
                 "failed": report.failed,
             }))
         }
+        Job::CampaignSync => Ok(report_details(&crate::campaigns::sync_campaigns(ctx).await?)),
+        Job::MetricsPoll => Ok(report_details(&crate::metrics::poll_due(ctx).await?)),
+        Job::SendDispatch => Ok(report_details(&crate::sends::dispatch_due(ctx).await?)),
+        Job::SendReconcile => Ok(report_details(&crate::sends::reconcile(ctx).await?)),
     }
+}
+
+/// A job report as the run's details (its fields as a JSON object).
+fn report_details(report: &impl serde::Serialize) -> serde_json::Value {
+    serde_json::to_value(report).unwrap_or_else(|e| json!({ "report": format!("unserializable: {e}") }))
 }
 
 /// Runs `work` while renewing the lease every third of its lifetime.

@@ -11,21 +11,31 @@
 //! - [`criteria`]: segment criteria (model, JSON form, validation with paths, database filter);
 //!   [`managed_segments`]: SharpSend-managed segments kept in Customer.io as manual segments
 //!   (create / preview / update / delete, evaluation job, membership delivery).
+//! - [`sends`]: sends of approved assignments through Customer.io, exactly once (broadcast
+//!   triggers or newsletters, one submission per target segment, reconciliation of uncertain
+//!   outcomes, operator resolution); [`journey`]: journey events for every member of target
+//!   segments through the outbox.
+//! - [`campaigns`]: the campaign / broadcast / newsletter mirror; [`metrics`]: polling their
+//!   metrics series into snapshots and answering totals, rates and series.
 //! - [`jobs`]: the background jobs as plain one-step async functions, run under a database lease
 //!   and recorded as job runs; the scheduler's cron and `--once` both call [`jobs::run_job`].
 //! - [`telemetry`]: logs, and OpenTelemetry traces and metrics over OTLP when configured, shared
 //!   by the binaries (with this crate's job and outbox instruments).
 //! - [`error`]: [`CoreError`], the one error type callers map to their protocol.
 
+pub mod campaigns;
 pub mod config;
 pub mod context;
 pub mod criteria;
 pub mod error;
 pub mod jobs;
+pub mod journey;
 pub mod managed_segments;
+pub mod metrics;
 pub mod outbox;
 pub mod profiles;
 pub mod segments;
+pub mod sends;
 pub mod telemetry;
 
 pub use context::AppContext;

@@ -63,7 +63,7 @@ fn has_nul(text: &str) -> bool {
     text.contains('\0')
 }
 
-fn json_has_nul(value: &Value) -> bool {
+pub(crate) fn json_has_nul(value: &Value) -> bool {
     match value {
         Value::String(s) => has_nul(s),
         Value::Array(items) => items.iter().any(json_has_nul),
@@ -72,7 +72,7 @@ fn json_has_nul(value: &Value) -> bool {
     }
 }
 
-fn check_customer_id(violations: &mut Vec<FieldViolation>, field: &str, id: &str) {
+pub(crate) fn check_customer_id(violations: &mut Vec<FieldViolation>, field: &str, id: &str) {
     if has_nul(id) {
         violations.push(FieldViolation::new(field, "must not contain NUL characters"));
     } else if id.trim().is_empty() {
@@ -82,7 +82,8 @@ fn check_customer_id(violations: &mut Vec<FieldViolation>, field: &str, id: &str
     }
 }
 
-fn json_len(value: &Value) -> usize {
+/// Bytes of `value` as JSON.
+pub(crate) fn json_len(value: &Value) -> usize {
     serde_json::to_vec(value).map(|v| v.len()).unwrap_or(usize::MAX)
 }
 

@@ -20,6 +20,10 @@
 //!   [`managed_segments`]: SharpSend-managed segments, their membership, evaluation (the
 //!   membership difference recorded and queued in the outbox in one transaction) and mirrored
 //!   Customer.io memberships.
+//! - [`sends`]: sends of approved assignments, their submissions' exactly-once state machine
+//!   (claims and broadcast trigger windows taken before a request leaves, guarded transitions,
+//!   history); [`campaigns`]: the Customer.io campaign / broadcast / newsletter mirror;
+//!   [`metrics`]: metrics poll targets (cadence, failures) and snapshots.
 //! - `testing` (feature `test-support`): a fresh database per test on SQLite and PostgreSQL
 //!   and the `db_test!` macro that runs one test body on both.
 //!
@@ -27,15 +31,18 @@
 //! passed in are truncated to microseconds so that both backends return exactly what was read
 //! back by the other.
 
+pub mod campaigns;
 pub mod criteria_sql;
 mod database;
 pub mod entities;
 mod error;
 pub mod jobs;
 pub mod managed_segments;
+pub mod metrics;
 pub mod outbox;
 pub mod profiles;
 pub mod segments;
+pub mod sends;
 mod sql;
 #[cfg(feature = "test-support")]
 pub mod testing;

@@ -13,6 +13,7 @@ use sharpsend_core::{
     context::{Migrations, shutdown_signal},
     jobs::{self, Job, JobOutcome},
     outbox::DeliveryConfig,
+    sends::SendConfig,
     telemetry::{self, TelemetryConfig},
 };
 
@@ -74,6 +75,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         .await
         .context("start-up failed")?;
     ctx.delivery = std::sync::Arc::new(DeliveryConfig::from_env(&ProcessEnv)?);
+    ctx.sends = std::sync::Arc::new(SendConfig::from_env(&ProcessEnv)?);
     let holder = jobs::default_holder("scheduler");
 
     if let Some(job) = args.once {

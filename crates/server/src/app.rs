@@ -6,7 +6,10 @@
 use std::time::Duration;
 
 use sharpsend_core::AppContext;
-use sharpsend_proto::v1::{ops_service_server::OpsServiceServer, profile_service_server::ProfileServiceServer, segment_service_server::SegmentServiceServer};
+use sharpsend_proto::v1::{
+    campaign_service_server::CampaignServiceServer, ops_service_server::OpsServiceServer,
+    profile_service_server::ProfileServiceServer, segment_service_server::SegmentServiceServer,
+};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
@@ -14,6 +17,7 @@ use tonic_health::ServingStatus;
 
 use crate::{
     auth::{ApiKeys, Authenticator},
+    campaigns::Campaigns,
     ops::Ops,
     profiles::Profiles,
     segments::Segments,
@@ -48,6 +52,7 @@ pub async fn serve(
     health.set_serving::<SegmentServiceServer<Segments>>().await;
     health.set_serving::<ProfileServiceServer<Profiles>>().await;
     health.set_serving::<OpsServiceServer<Ops>>().await;
+    health.set_serving::<CampaignServiceServer<Campaigns>>().await;
     health.set_service_status("", ServingStatus::Serving).await;
 
     let reflection = || {
@@ -61,6 +66,7 @@ pub async fn serve(
     let auth = Authenticator::new(options.api_keys);
     let segments = SegmentServiceServer::with_interceptor(Segments::new(ctx.clone()), auth.clone());
     let ops = OpsServiceServer::with_interceptor(Ops::new(ctx.clone()), auth.clone());
+    let campaigns = CampaignServiceServer::with_interceptor(Campaigns::new(ctx.clone()), auth.clone());
     let profiles = ProfileServiceServer::with_interceptor(Profiles::new(ctx), auth);
 
     let signal = async move {
@@ -69,6 +75,7 @@ pub async fn serve(
         health.set_not_serving::<SegmentServiceServer<Segments>>().await;
         health.set_not_serving::<ProfileServiceServer<Profiles>>().await;
         health.set_not_serving::<OpsServiceServer<Ops>>().await;
+        health.set_not_serving::<CampaignServiceServer<Campaigns>>().await;
         health.set_service_status("", ServingStatus::NotServing).await;
     };
 
@@ -91,6 +98,7 @@ pub async fn serve(
         .add_service(segments)
         .add_service(profiles)
         .add_service(ops)
+        .add_service(campaigns)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
         .await?;
     tracing::info!("server stopped");

@@ -10,6 +10,7 @@ use sharpsend_core::{
     context::Migrations,
     jobs::{self, Job},
     outbox::DeliveryConfig,
+    sends::SendConfig,
 };
 use tokio::net::TcpListener;
 
@@ -30,6 +31,7 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()> + Send
         .await
         .context("opening the dev database")?;
     ctx.delivery = std::sync::Arc::new(DeliveryConfig::from_env(&ProcessEnv)?);
+    ctx.sends = std::sync::Arc::new(SendConfig::from_env(&ProcessEnv)?);
     let holder = jobs::default_holder("server-dev");
     if let Err(e) = jobs::run_job(&ctx, Job::SegmentSync, &holder).await {
         tracing::warn!(error = %jobs::error_chain(&e), "first segment sync failed; the scheduler retries");

@@ -6,6 +6,8 @@
 //! - [`status`]: the ONE place where domain errors become `tonic::Status`.
 //! - [`segments`] serves `sharpsend.cio.v1.SegmentService`; [`profiles`] serves
 //!   `sharpsend.cio.v1.ProfileService`; [`convert`] maps protobuf well-known types.
+//! - [`campaigns`] serves `sharpsend.cio.v1.CampaignService` (sends here; the campaign and metrics
+//!   reads in [`campaign_metrics`], journey events in [`journey`]).
 //! - [`ops`] serves `sharpsend.cio.v1.OpsService` (jobs: list, runs, run now).
 //! - [`telemetry`]: the per-call span (honouring `traceparent`) and gRPC metrics layer.
 //! - [`app`]: assembling and serving everything (health, reflection, limits, graceful shutdown).
@@ -13,9 +15,12 @@
 
 pub mod app;
 pub mod auth;
+pub mod campaign_metrics;
+pub mod campaigns;
 pub mod config;
 pub mod convert;
 pub mod dev;
+pub mod journey;
 pub mod ops;
 pub mod profiles;
 pub mod segments;

@@ -9,6 +9,7 @@ use sharpsend_core::{
     AppContext,
     config::{self, ProcessEnv},
     context::{Migrations, shutdown_signal},
+    sends::SendConfig,
     telemetry::{self, TelemetryConfig},
 };
 use sharpsend_server::{ServeOptions, config::ServerConfig, dev, serve};
@@ -86,9 +87,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         return dev::run(config, shutdown_signal()).await;
     }
     let cio = config.cio.as_ref().context("Customer.io settings")?;
-    let ctx = AppContext::bootstrap(&config.database_url, cio, Migrations::RequireCurrent)
+    let mut ctx = AppContext::bootstrap(&config.database_url, cio, Migrations::RequireCurrent)
         .await
         .context("start-up failed")?;
+    ctx.sends = std::sync::Arc::new(SendConfig::from_env(&ProcessEnv)?);
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     tracing::info!(addr = %listener.local_addr()?, workspace = %ctx.workspace.cio_site_id, "serving gRPC");
     let options = ServeOptions {

@@ -17,6 +17,15 @@ pub fn to_status(error: CoreError) -> Status {
             }
             Status::with_error_details(Code::InvalidArgument, message, details)
         }
+        CoreError::FailedPrecondition(violations) => {
+            let message = error_message(&violations);
+            let mut details = ErrorDetails::new();
+            for v in &violations {
+                details.add_precondition_failure_violation("PRECONDITION", v.field.clone(), v.description.clone());
+            }
+            Status::with_error_details(Code::FailedPrecondition, message, details)
+        }
+        CoreError::AlreadyExists(message) => Status::already_exists(message),
         CoreError::NotFound { what, id } => Status::not_found(format!("{what} {id} not found")),
         CoreError::Upstream(e) => upstream(e),
         CoreError::Database(e) => {

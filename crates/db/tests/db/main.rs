@@ -1,6 +1,7 @@
 //! Integration tests of `sharpsend-db`: every test runs on SQLite and, when
 //! `SHARPSEND_TEST_POSTGRES_URL` is set, on PostgreSQL (see `sharpsend_db::testing`).
 
+mod campaigns;
 mod criteria;
 mod helpers;
 mod jobs;
@@ -9,4 +10,5 @@ mod migrations;
 mod outbox;
 mod profiles;
 mod segments;
+mod sends;
 mod workspaces;

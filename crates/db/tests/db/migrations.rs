@@ -1,7 +1,7 @@
 use sharpsend_db::testing::{TestDatabase, TestResult};
 use sharpsend_db::{DbError, ensure_migrated, migrate, pending_migrations};
 
-const ALL: [&str; 8] = [
+const ALL: [&str; 10] = [
     "m20261128_000001_create_workspaces",
     "m20261128_000002_create_segments",
     "m20261128_000003_create_job_runs",
@@ -10,6 +10,8 @@ const ALL: [&str; 8] = [
     "m20261128_000006_create_outbox",
     "m20261128_000007_create_managed_segments",
     "m20261128_000008_outbox_segment_kinds",
+    "m20261128_000009_create_sends",
+    "m20261128_000010_create_campaigns_and_metrics",
 ];
 
 sharpsend_db::db_test!(
@@ -21,9 +23,9 @@ sharpsend_db::db_test!(
         assert_eq!(pending_migrations(&db.conn).await?.len(), ALL.len());
 
         match ensure_migrated(&db.conn).await {
-            Err(e @ DbError::PendingMigrations { count: 8, .. }) => {
+            Err(e @ DbError::PendingMigrations { count: 10, .. }) => {
                 let msg = e.to_string();
-                assert!(msg.contains("8 pending database migration(s)"), "{msg}");
+                assert!(msg.contains("10 pending database migration(s)"), "{msg}");
                 assert!(msg.contains(ALL[0]), "{msg}");
                 assert!(msg.contains("sharpsend-server migrate"), "{msg}");
             }

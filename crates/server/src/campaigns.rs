@@ -1,0 +1,240 @@
+//! `sharpsend.cio.v1.CampaignService`: sends of approved assignments, the campaign mirror and
+//! metrics. Mapping only; the logic is in `sharpsend_core::{sends, campaigns, metrics, journey}`.
+//! The campaign and metrics reads are mapped in [`crate::campaign_metrics`], journey events in
+//! [`crate::journey`]; sends here.
+
+use sharpsend_core::{
+    AppContext, CoreError,
+    sends::{self, DeliveryMode, Resolution, SendKey, SendRequest, SendView, Variation},
+};
+use sharpsend_db::sends::{Delivery, HistoryEntry, ListFilter, SendState, Submission};
+use sharpsend_proto::v1::{self as pb, campaign_service_server::CampaignService};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    auth::Caller,
+    campaign_metrics,
+    convert::{limit, struct_to_json, timestamp},
+    journey,
+    status::to_status,
+};
+
+/// Sends listed by ListSends unless the caller says otherwise, and the most it may ask for.
+pub const DEFAULT_SENDS_PAGE: u64 = 50;
+pub const MAX_SENDS_PAGE: u64 = 500;
+
+pub struct Campaigns {
+    ctx: AppContext,
+}
+
+impl Campaigns {
+    pub fn new(ctx: AppContext) -> Self {
+        Self { ctx }
+    }
+}
+
+#[tonic::async_trait]
+impl CampaignService for Campaigns {
+    async fn list_campaigns(&self, request: Request<pb::ListCampaignsRequest>) -> Result<Response<pb::ListCampaignsResponse>, Status> {
+        campaign_metrics::list_campaigns(&self.ctx, request.into_inner()).await.map(Response::new)
+    }
+
+    async fn get_campaign(&self, request: Request<pb::GetCampaignRequest>) -> Result<Response<pb::GetCampaignResponse>, Status> {
+        campaign_metrics::get_campaign(&self.ctx, request.into_inner()).await.map(Response::new)
+    }
+
+    async fn send_assignment(&self, request: Request<pb::SendAssignmentRequest>) -> Result<Response<pb::SendAssignmentResponse>, Status> {
+        let caller = caller_name(&request);
+        let req = request.into_inner();
+        let delivery = match req.delivery {
+            Some(pb::send_assignment_request::Delivery::Broadcast(b)) => Some(DeliveryMode::Broadcast { broadcast_id: b.broadcast_id }),
+            Some(pb::send_assignment_request::Delivery::Newsletter(n)) => Some(DeliveryMode::Newsletter { from_id: n.from_id }),
+            None => None,
+        };
+        let request = SendRequest {
+            assignment_id: req.assignment_id,
+            request_id: req.request_id,
+            title: req.title,
+            subject: req.subject,
+            segment_ids: req.segment_ids,
+            variations: req
+                .variations
+                .into_iter()
+                .map(|v| Variation { segment_id: v.segment_id, subject: v.subject, body: v.body, data: v.data.map(struct_to_json) })
+                .collect(),
+            delivery,
+            created_by: caller,
+        };
+        let (view, created) = sends::send_assignment(&self.ctx, request).await.map_err(to_status)?;
+        Ok(Response::new(pb::SendAssignmentResponse { send: Some(send_to_proto(&view)), created }))
+    }
+
+    async fn get_send(&self, request: Request<pb::GetSendRequest>) -> Result<Response<pb::GetSendResponse>, Status> {
+        let req = request.into_inner();
+        let key = if !req.send_id.trim().is_empty() {
+            SendKey::Id(req.send_id.trim().to_string())
+        } else if !req.assignment_id.trim().is_empty() {
+            SendKey::Assignment { assignment_id: req.assignment_id, request_id: req.request_id }
+        } else {
+            return Err(to_status(CoreError::invalid("send_id", "give send_id, or assignment_id (and request_id)")));
+        };
+        let view = sends::get_send(&self.ctx, &key).await.map_err(to_status)?;
+        Ok(Response::new(pb::GetSendResponse { send: Some(send_to_proto(&view)) }))
+    }
+
+    async fn list_sends(&self, request: Request<pb::ListSendsRequest>) -> Result<Response<pb::ListSendsResponse>, Status> {
+        let req = request.into_inner();
+        let limit = limit("page_size", i64::from(req.page_size), DEFAULT_SENDS_PAGE, MAX_SENDS_PAGE).map_err(to_status)?;
+        let state = match pb::SendState::try_from(req.state) {
+            Ok(pb::SendState::Unspecified) => None,
+            Ok(state) => Some(state_from_proto(state)),
+            Err(_) => return Err(to_status(CoreError::invalid("state", format!("unknown send state {}", req.state)))),
+        };
+        let filter = ListFilter {
+            assignment_id: Some(req.assignment_id).filter(|a| !a.trim().is_empty()),
+            state,
+            before_id: decode_page_token(&req.page_token).map_err(to_status)?,
+        };
+        let mut views = sends::list_sends(&self.ctx, &filter, limit + 1).await.map_err(to_status)?;
+        let next_page_token = if views.len() as u64 > limit {
+            views.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+            views.last().map(|v| encode_page_token(v.send.id)).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListSendsResponse { sends: views.iter().map(send_to_proto).collect(), next_page_token }))
+    }
+
+    async fn resolve_send(&self, request: Request<pb::ResolveSendRequest>) -> Result<Response<pb::ResolveSendResponse>, Status> {
+        let req = request.into_inner();
+        let resolution = match pb::Resolution::try_from(req.resolution) {
+            Ok(pb::Resolution::MarkSent) => Some(Resolution::MarkSent),
+            Ok(pb::Resolution::AllowRetry) => Some(Resolution::AllowRetry),
+            _ => None,
+        };
+        let segment = (req.segment_id != 0).then_some(req.segment_id);
+        let view = sends::resolve(&self.ctx, req.send_id.trim(), segment, resolution, req.actor.trim(), req.reason.trim())
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::ResolveSendResponse { send: Some(send_to_proto(&view)) }))
+    }
+
+    async fn trigger_journey_event(
+        &self,
+        request: Request<pb::TriggerJourneyEventRequest>,
+    ) -> Result<Response<pb::TriggerJourneyEventResponse>, Status> {
+        journey::trigger_journey_event(&self.ctx, request.into_inner()).await.map(Response::new)
+    }
+
+    async fn get_campaign_metrics(
+        &self,
+        request: Request<pb::GetCampaignMetricsRequest>,
+    ) -> Result<Response<pb::GetCampaignMetricsResponse>, Status> {
+        campaign_metrics::get_campaign_metrics(&self.ctx, request.into_inner()).await.map(Response::new)
+    }
+}
+
+fn caller_name<T>(request: &Request<T>) -> String {
+    request.extensions().get::<Caller>().map(|c| c.name.clone()).unwrap_or_else(|| "unknown".to_string())
+}
+
+fn encode_page_token(before_id: i64) -> String {
+    crate::convert::encode_page_token("sends", before_id)
+}
+
+fn decode_page_token(token: &str) -> Result<Option<i64>, CoreError> {
+    crate::convert::decode_page_token("sends", "ListSends", token, |p| p.parse().ok())
+}
+
+fn state_to_proto(state: SendState) -> pb::SendState {
+    match state {
+        SendState::Pending => pb::SendState::Pending,
+        SendState::Submitting => pb::SendState::Submitting,
+        SendState::Submitted => pb::SendState::Submitted,
+        SendState::Completed => pb::SendState::Completed,
+        SendState::Failed => pb::SendState::Failed,
+        SendState::Uncertain => pb::SendState::Uncertain,
+    }
+}
+
+fn state_from_proto(state: pb::SendState) -> SendState {
+    match state {
+        pb::SendState::Unspecified | pb::SendState::Pending => SendState::Pending,
+        pb::SendState::Submitting => SendState::Submitting,
+        pb::SendState::Submitted => SendState::Submitted,
+        pb::SendState::Completed => SendState::Completed,
+        pb::SendState::Failed => SendState::Failed,
+        pb::SendState::Uncertain => SendState::Uncertain,
+    }
+}
+
+fn submission_to_proto(s: &Submission) -> pb::Submission {
+    pb::Submission {
+        segment_id: s.segment_id,
+        state: state_to_proto(s.state) as i32,
+        subject: s.subject.clone(),
+        cio_trigger_id: s.cio_trigger_id.unwrap_or_default(),
+        cio_newsletter_id: s.cio_newsletter_id.unwrap_or_default(),
+        recipients_count: s.recipients_count,
+        attempts: s.attempts,
+        next_attempt_at: (s.state == SendState::Pending).then(|| timestamp(s.next_attempt_at)),
+        submitted_at: s.submitted_at.map(timestamp),
+        completed_at: s.completed_at.map(timestamp),
+        error: s.error.clone().unwrap_or_default(),
+        marker: s.marker.clone(),
+    }
+}
+
+fn history_to_proto(h: &HistoryEntry) -> pb::SendHistoryEntry {
+    pb::SendHistoryEntry {
+        at: Some(timestamp(h.at)),
+        segment_id: h.segment_id.unwrap_or_default(),
+        from_state: h.from_state.map_or(pb::SendState::Unspecified, state_to_proto) as i32,
+        to_state: state_to_proto(h.to_state) as i32,
+        actor: h.actor.clone(),
+        reason: h.reason.clone(),
+    }
+}
+
+fn send_to_proto(view: &SendView) -> pb::Send {
+    let send = &view.send;
+    pb::Send {
+        id: send.public_id.clone(),
+        assignment_id: send.assignment_id.clone(),
+        request_id: send.request_id.clone(),
+        title: send.title.clone(),
+        subject: send.subject.clone(),
+        state: state_to_proto(send.state) as i32,
+        delivery: Some(match send.delivery {
+            Delivery::Broadcast { broadcast_id } => pb::send::Delivery::Broadcast(pb::BroadcastDelivery { broadcast_id }),
+            Delivery::Newsletter { from_id } => {
+                pb::send::Delivery::Newsletter(pb::NewsletterDelivery { from_id: from_id.unwrap_or_default() })
+            }
+        }),
+        submissions: view.submissions.iter().map(submission_to_proto).collect(),
+        history: view.history.iter().map(history_to_proto).collect(),
+        recipients_count: view.recipients_count(),
+        created_at: Some(timestamp(send.created_at)),
+        updated_at: Some(timestamp(send.updated_at)),
+        created_by: send.created_by.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tokens_round_trip_and_garbage_is_rejected() {
+        assert_eq!(decode_page_token(&encode_page_token(42)).ok(), Some(Some(42)));
+        assert_eq!(decode_page_token("").ok(), Some(None));
+        assert!(decode_page_token("bm9wZQ").is_err());
+    }
+
+    #[test]
+    fn states_map_both_ways() {
+        for state in SendState::ALL {
+            assert_eq!(state_from_proto(state_to_proto(state)), state);
+        }
+    }
+}
