@@ -45,7 +45,7 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()> + Send
     tracing::info!(
         %addr,
         database = %config.database_url,
-        "dev server ready. Try:\n  grpcurl -plaintext {addr} list\n  grpcurl -plaintext {addr} grpc.health.v1.Health/Check\n  grpcurl -plaintext -H 'authorization: Bearer {key_hint}' {addr} sharpsend.cio.v1.SegmentService/ListSegments\n  grpcurl -plaintext -H 'authorization: Bearer {key_hint}' -d '{{\"segment_ids\":[1,2,999]}}' {addr} sharpsend.cio.v1.SegmentService/ValidateTargeting"
+        "dev server ready. Try:\n  grpcurl -plaintext {addr} list\n  grpcurl -plaintext {addr} grpc.health.v1.Health/Check\n  grpcurl -plaintext -H 'authorization: Bearer {key_hint}' {addr} sharpsend.cio.v1.SegmentService/ListSegments\n  grpcurl -plaintext -H 'authorization: Bearer {key_hint}' -d '{{\"segment_ids\":[1,2,999]}}' {addr} sharpsend.cio.v1.SegmentService/ValidateTargeting\n  grpcurl -plaintext -H 'authorization: Bearer {key_hint}' -d '{{\"assignment_id\":\"a-1\",\"title\":\"Q4\",\"subject\":\"Q4 outlook\",\"segment_ids\":[4],\"variations\":[{{\"segment_id\":4,\"body\":\"<p>Q4</p>\"}}],\"broadcast\":{{\"broadcast_id\":3}}}}' {addr} sharpsend.cio.v1.CampaignService/SendAssignment"
     );
     let options = ServeOptions {
         api_keys: config.api_keys,
