@@ -586,13 +586,18 @@ async fn dispatch(ctx: &AppContext, send_id: Option<i64>) -> Result<DispatchRepo
     }
 }
 
+/// How long the process that accepted a send keeps dispatching it itself.
+const FOLLOW_FOR: Duration = Duration::from_secs(15 * 60);
+
 /// Keeps dispatching one send while it has pending submissions (later triggers of a broadcast
-/// wait for their window), in the background. Stops when none is pending; the scheduler's
-/// `send-dispatch` job covers a process that stops first.
+/// wait for their window), in the background, for at most [`FOLLOW_FOR`]. Stops when none is
+/// pending; the scheduler's `send-dispatch` job covers the rest (a send still waiting, or a
+/// process that stopped).
 fn follow_in_background(ctx: &AppContext, send_id: i64) {
     let ctx = ctx.clone();
+    let until = tokio::time::Instant::now() + FOLLOW_FOR;
     tokio::spawn(async move {
-        loop {
+        while tokio::time::Instant::now() < until {
             let next = match store::next_due_at(&ctx.db, ctx.workspace_id(), Some(send_id)).await {
                 Ok(Some(at)) => at,
                 Ok(None) => return,
@@ -602,6 +607,9 @@ fn follow_in_background(ctx: &AppContext, send_id: i64) {
                 }
             };
             let wait = (next - Utc::now()).to_std().unwrap_or_default();
+            if tokio::time::Instant::now() + wait > until {
+                return;
+            }
             tokio::time::sleep(wait).await;
             if let Err(e) = dispatch_send(&ctx, send_id).await {
                 tracing::warn!(send_id, error = %crate::jobs::error_chain(&e), "dispatch failed; the send-dispatch job takes over");

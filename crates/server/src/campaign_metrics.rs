@@ -23,7 +23,6 @@ pub const DEFAULT_PAGE_SIZE: u64 = 100;
 /// Largest page; larger requests are served this many.
 pub const MAX_PAGE_SIZE: u64 = 1000;
 
-
 pub async fn list_campaigns(ctx: &AppContext, request: ListCampaignsRequest) -> Result<ListCampaignsResponse, Status> {
     let page_size =
         limit("page_size", i64::from(request.page_size), DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE).map_err(to_status)?;

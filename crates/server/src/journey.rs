@@ -26,5 +26,6 @@ pub async fn trigger_journey_event(
         members: count(report.members),
         recorded: count(report.recorded),
         already_recorded: count(report.already_recorded),
+        skipped_without_id: count(report.skipped),
     })
 }
