@@ -501,3 +501,23 @@ db_test!(bad_sends_get_clear_errors_and_send_nothing, |db: TestDatabase| async m
     ensure!(bad_request_fields(&bad_page) == ["page_token"]);
     app.stop().await
 });
+
+db_test!(a_caller_that_gives_up_does_not_cut_the_send_off, |db: TestDatabase| async move {
+    let app = synced(&db).await?;
+    let engaged = segment(&app, "High Engagement")?;
+    // Customer.io takes its time to answer the trigger; the caller stops waiting long before.
+    app.sim.sim.push_faults(Some(SimApi::App), [Fault::Delay(Duration::ZERO), Fault::AcceptThenDelay(Duration::from_millis(1500))]);
+    let mut request = tonic::Request::new(broadcast_send("asg-impatient", &[(engaged, "<p>x</p>")]));
+    request.set_timeout(Duration::from_millis(300));
+    let gave_up = app.campaigns().await?.send_assignment(request).await.err().context("answered in time")?;
+    ensure!(matches!(gave_up.code(), Code::DeadlineExceeded | Code::Cancelled), "{gave_up:?}");
+
+    let ws = app.ctx.workspace_id();
+    let send = store::get_by_key(&app.ctx.db, ws, "asg-impatient", "").await?.context("recorded")?;
+    // The request went on in the server: settled as soon as Customer.io answered, well before a
+    // dead dispatcher's claim would have lapsed.
+    let settled = wait_for(&app, &send.public_id, "submitted", |s| states(s) == [SendState::Submitted]).await?;
+    ensure!(!settled.history.iter().any(|h| h.to_state() == SendState::Uncertain), "{:#?}", settled.history);
+    ensure!(our_triggers(&app, &send.public_id).len() == 1);
+    app.stop().await
+});

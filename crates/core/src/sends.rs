@@ -192,8 +192,7 @@ pub async fn send_assignment(ctx: &AppContext, request: SendRequest) -> Result<(
     };
     match store::create(&ctx.db, ws, &new, Utc::now()).await? {
         Created::New(send) => {
-            dispatch_send(ctx, send.id).await?;
-            follow_in_background(ctx, send.id);
+            dispatch_now(ctx, send.id).await?;
             Ok((view(ctx, send, true).await?, true))
         }
         Created::Existing(existing) => answer_existing(ctx, existing, &fingerprint).await,
@@ -534,8 +533,7 @@ pub async fn resolve(
         store::transition(&ctx.db, s.id, &t, now).await?;
     }
     if resolution == Resolution::AllowRetry {
-        dispatch_send(ctx, send.id).await?;
-        follow_in_background(ctx, send.id);
+        dispatch_now(ctx, send.id).await?;
     }
     let send = store::get_by_id(&ctx.db, send.id).await?.unwrap_or(send);
     view(ctx, send, true).await
@@ -584,6 +582,26 @@ async fn dispatch(ctx: &AppContext, send_id: Option<i64>) -> Result<DispatchRepo
             submit(ctx, &send, &submission, &holder, &mut report).await?;
         }
     }
+}
+
+/// Dispatches what of one send is due now and follows the rest in the background. The dispatch
+/// runs in a task of its own: a caller that goes away (a cancelled gRPC call) does not cut a
+/// request off between its claim and its outcome.
+async fn dispatch_now(ctx: &AppContext, send_id: i64) -> Result<DispatchReport, CoreError> {
+    let task = {
+        let ctx = ctx.clone();
+        tokio::spawn(async move { dispatch_send(&ctx, send_id).await })
+    };
+    let report = match task.await {
+        Ok(result) => result?,
+        Err(e) => {
+            // A panic in the task; the send-dispatch job picks the send up.
+            tracing::error!(send_id, error = %e, "dispatch task failed");
+            DispatchReport::default()
+        }
+    };
+    follow_in_background(ctx, send_id);
+    Ok(report)
 }
 
 /// How long the process that accepted a send keeps dispatching it itself.
