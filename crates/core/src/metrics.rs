@@ -21,7 +21,8 @@
 //! about N/10 s, and at most 600 targets are polled per run (about a minute; the rest stay due).
 //! A 429 with `Retry-After` pauses the limiter for everyone (the client waits it out); one the
 //! client gives up on (over 60 s, or a daily quota) stops the sweep, leaving the rest due for the
-//! next run. Separate processes (server and scheduler) each pace themselves.
+//! next run. Separate processes (server and scheduler) each pace themselves: `CIO_APP_RATE_LIMIT`
+//! splits the workspace's 10/s between them.
 //!
 //! Buckets are in Customer.io's default time zone for version 2, America/New_York (the client
 //! sends no `tz`); [`eastern`] computes their starts (with the IANA zone rules) to report
