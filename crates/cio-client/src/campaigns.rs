@@ -169,8 +169,9 @@ pub enum MetricsOf {
     Newsletter(i64),
 }
 
-/// Bucket size of a metrics series.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// Bucket size of a metrics series, finest first (hours nest in days, days in weeks; a week is
+/// counted in the month holding its start).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Resolution {
     Hours,
@@ -180,6 +181,8 @@ pub enum Resolution {
 }
 
 impl Resolution {
+    pub const ALL: [Resolution; 4] = [Resolution::Hours, Resolution::Days, Resolution::Weeks, Resolution::Months];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Resolution::Hours => "hours",
@@ -187,6 +190,15 @@ impl Resolution {
             Resolution::Weeks => "weeks",
             Resolution::Months => "months",
         }
+    }
+}
+
+impl std::str::FromStr for Resolution {
+    type Err = String;
+
+    /// `hours`, `days`, `weeks` or `months`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Resolution::ALL.into_iter().find(|r| r.as_str() == s).ok_or_else(|| format!("unknown resolution `{s}`"))
     }
 }
 
@@ -399,6 +411,15 @@ mod tests {
         assert_eq!(serde_json::to_value(&ids).unwrap(), json!({"ids": ["u1"]}));
         let default = Trigger { recipients: Recipients::Default, data: Map::new() };
         assert_eq!(serde_json::to_value(&default).unwrap(), json!({}));
+    }
+
+    #[test]
+    fn resolutions_round_trip_and_order_finest_first() {
+        for res in Resolution::ALL {
+            assert_eq!(res.as_str().parse::<Resolution>(), Ok(res));
+        }
+        assert!("day".parse::<Resolution>().is_err());
+        assert!(Resolution::Hours < Resolution::Days && Resolution::Weeks < Resolution::Months);
     }
 
     #[test]

@@ -69,7 +69,8 @@ pub(crate) fn synced_newsletter(n: Newsletter) -> SyncedCampaign {
     }
 }
 
-fn count(n: usize) -> u32 {
+/// A count for a job report.
+pub(crate) fn count(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 

@@ -34,9 +34,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
-use cio_client::{CioError, MetricsOf, MetricsQuery, Resolution};
+use cio_client::{CioError, MetricSeries, MetricsOf, MetricsQuery, Resolution};
 use futures::StreamExt;
-use sharpsend_db::campaigns::{self as mirror, CampaignKind, CampaignRecord};
+use sharpsend_db::campaigns::{self as mirror, CampaignKind};
 use sharpsend_db::metrics::{self as store, MetricTarget, NewSnapshot, Snapshot, TargetSeen};
 
 use crate::{AppContext, CoreError};
@@ -164,20 +164,6 @@ pub(crate) fn target_seen(item: &mirror::SyncedCampaign, now: DateTime<Utc>) -> 
     Some(TargetSeen { kind: item.kind, cio_id: item.cio_id, window_start, active_since })
 }
 
-fn record_as_synced(r: &CampaignRecord) -> mirror::SyncedCampaign {
-    mirror::SyncedCampaign {
-        kind: r.kind,
-        cio_id: r.cio_id,
-        name: r.name.clone(),
-        campaign_type: r.campaign_type.clone(),
-        state: r.state.clone(),
-        cio_created_at: r.cio_created_at,
-        cio_updated_at: r.cio_updated_at,
-        sent_at: r.sent_at,
-        tags: r.tags.clone(),
-    }
-}
-
 fn positive(field: &str, id: i64) -> Result<(), CoreError> {
     if id <= 0 {
         return Err(CoreError::invalid(field, "must be a positive Customer.io id"));
@@ -253,7 +239,7 @@ pub async fn poll_due_with(ctx: &AppContext, options: &PollOptions) -> Result<Me
         .collect()
         .await;
 
-    let mut report = MetricsPollReport { due: count(due_count), ..Default::default() };
+    let mut report = MetricsPollReport { due: crate::campaigns::count(due_count), ..Default::default() };
     for outcome in outcomes {
         match outcome? {
             Outcome::Polled => report.polled += 1,
@@ -301,10 +287,6 @@ async fn poll_one(ctx: &AppContext, target: MetricTarget, halted: &AtomicBool) -
         }
         Err(other) => Err(other),
     }
-}
-
-fn count(n: usize) -> u32 {
-    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 async fn record_failure(
@@ -419,11 +401,12 @@ impl CampaignMetrics {
         last_polled_at: Option<DateTime<Utc>>,
         scope: String,
     ) -> Self {
-        let totals: BTreeMap<String, u64> = series.iter().map(|(k, v)| (k.clone(), v.iter().sum())).collect();
+        let series = MetricSeries { series };
+        let totals = series.totals();
         Self {
             rates: MetricRates::from_totals(&totals),
             totals,
-            series,
+            series: series.series,
             resolution,
             series_start,
             last_polled_at,
@@ -471,12 +454,8 @@ pub async fn get_metrics(
     }
 }
 
-fn parse_res(raw: &str) -> Option<Resolution> {
-    [Resolution::Hours, Resolution::Days, Resolution::Weeks, Resolution::Months].into_iter().find(|r| r.as_str() == raw)
-}
-
 fn from_snapshot(s: Snapshot, scope: String) -> CampaignMetrics {
-    CampaignMetrics::from_series(s.series, parse_res(&s.res), Some(s.series_start), Some(s.polled_at), scope)
+    CampaignMetrics::from_series(s.series, s.res.parse::<Resolution>().ok(), Some(s.series_start), Some(s.polled_at), scope)
 }
 
 /// The latest snapshot of `target`, polled now if there is none, if `refresh`, or if the
@@ -515,7 +494,7 @@ async fn register(ctx: &AppContext, target: MetricsTarget) -> Result<MetricTarge
     let now = Utc::now();
     let mirrored = mirror::get(&ctx.db, ws, target.kind(), target.id()).await?.filter(|r| r.removed_at.is_none());
     let item = match mirrored {
-        Some(record) => record_as_synced(&record),
+        Some(record) => record.item,
         None => {
             let item = match fetch(ctx, target).await {
                 Err(CoreError::Upstream(CioError::NotFound { .. })) => return Err(target.not_found()),
@@ -576,7 +555,7 @@ async fn send_metrics(ctx: &AppContext, send_id: &str, refresh: bool) -> Result<
 
 /// The snapshot's buckets from the one holding `from` on.
 fn slice_from(s: Snapshot, from: DateTime<Utc>, scope: impl FnOnce(DateTime<Utc>) -> String) -> CampaignMetrics {
-    let Some(res) = parse_res(&s.res) else {
+    let Some(res) = s.res.parse::<Resolution>().ok() else {
         return from_snapshot(s, scope(from));
     };
     let len = s.series.values().map(Vec::len).max().unwrap_or(0);
@@ -590,15 +569,15 @@ fn slice_from(s: Snapshot, from: DateTime<Utc>, scope: impl FnOnce(DateTime<Utc>
 /// Several targets' series summed bucket by bucket, aligned on the coarsest resolution among
 /// them (hours, days and weeks nest; a week is counted in the month holding its start).
 fn merge(snapshots: Vec<Snapshot>, scope: String) -> CampaignMetrics {
-    let resolutions: Vec<Resolution> = snapshots.iter().filter_map(|s| parse_res(&s.res)).collect();
-    let Some(res) = resolutions.iter().copied().max_by_key(|r| coarseness(*r)) else {
+    let resolutions: Vec<Resolution> = snapshots.iter().filter_map(|s| s.res.parse::<Resolution>().ok()).collect();
+    let Some(res) = resolutions.iter().copied().max() else {
         return CampaignMetrics::empty(scope);
     };
     let last_polled_at = snapshots.iter().map(|s| s.polled_at).min();
     let mut buckets: BTreeMap<DateTime<Utc>, BTreeMap<String, u64>> = BTreeMap::new();
     let mut names: Vec<String> = Vec::new();
     for s in &snapshots {
-        let own = parse_res(&s.res).unwrap_or(res);
+        let own = s.res.parse::<Resolution>().ok().unwrap_or(res);
         let len = s.series.values().map(Vec::len).max().unwrap_or(0);
         let starts = eastern::starts(own, s.series_start, len);
         for (name, values) in &s.series {
@@ -629,14 +608,6 @@ fn merge(snapshots: Vec<Snapshot>, scope: String) -> CampaignMetrics {
     CampaignMetrics::from_series(series, Some(res), Some(first), last_polled_at, scope)
 }
 
-fn coarseness(res: Resolution) -> u8 {
-    match res {
-        Resolution::Hours => 0,
-        Resolution::Days => 1,
-        Resolution::Weeks => 2,
-        Resolution::Months => 3,
-    }
-}
 
 /// Bucket boundaries in America/New_York, Customer.io's default time zone for version-2
 /// metrics. Buckets are local hours, days, weeks from Sunday, months; a local time that occurs

@@ -288,7 +288,12 @@ fn validate(r: &SendRequest) -> Result<DeliveryMode, CoreError> {
                 if let Some(key) = x.data.as_ref().and_then(|d| d.keys().find(|k| RESERVED_DATA_KEYS.contains(&k.as_str()))) {
                     v.push(FieldViolation::new(format!("{}.{key}", at("data")), "is set by the service"));
                 }
-                let size = trigger_data(r, x, "snd_00000000000000000000000000", "ss:snd_00000000000000000000000000:00").to_string().len();
+                let size = crate::profiles::json_len(&Value::Object(trigger_data(
+                    r,
+                    x,
+                    "snd_00000000000000000000000000",
+                    "ss:snd_00000000000000000000000000:00",
+                )));
                 if size > MAX_TRIGGER_DATA_BYTES {
                     v.push(FieldViolation::new(
                         at("body"),
@@ -320,16 +325,46 @@ fn subject_of<'a>(r: &'a SendRequest, x: &'a Variation) -> &'a str {
 }
 
 /// The `data` of a broadcast trigger: the variation's data plus the content and the marker.
-fn trigger_data(r: &SendRequest, x: &Variation, send_id: &str, marker: &str) -> Value {
-    let mut data = x.data.clone().unwrap_or_default();
-    data.insert(MARKER_FIELD.into(), json!(marker));
-    data.insert("send_id".into(), json!(send_id));
-    data.insert("assignment_id".into(), json!(r.assignment_id));
-    data.insert("title".into(), json!(r.title));
-    data.insert("subject".into(), json!(subject_of(r, x)));
-    data.insert("body".into(), json!(x.body));
-    data.insert("segment_id".into(), json!(x.segment_id));
-    Value::Object(data)
+/// What a broadcast trigger's `data` carries: the variation's own data plus the content and the
+/// marker under [`RESERVED_DATA_KEYS`].
+struct TriggerData<'a> {
+    extra: Option<&'a Map<String, Value>>,
+    marker: &'a str,
+    send_id: &'a str,
+    assignment_id: &'a str,
+    title: &'a str,
+    subject: &'a str,
+    body: &'a str,
+    segment_id: i64,
+}
+
+impl TriggerData<'_> {
+    fn build(&self) -> Map<String, Value> {
+        let mut data = self.extra.cloned().unwrap_or_default();
+        data.insert(MARKER_FIELD.into(), json!(self.marker));
+        data.insert("send_id".into(), json!(self.send_id));
+        data.insert("assignment_id".into(), json!(self.assignment_id));
+        data.insert("title".into(), json!(self.title));
+        data.insert("subject".into(), json!(self.subject));
+        data.insert("body".into(), json!(self.body));
+        data.insert("segment_id".into(), json!(self.segment_id));
+        data
+    }
+}
+
+/// The trigger data a variation will go out with (the ids are placeholders of the final length).
+fn trigger_data(r: &SendRequest, x: &Variation, send_id: &str, marker: &str) -> Map<String, Value> {
+    TriggerData {
+        extra: x.data.as_ref(),
+        marker,
+        send_id,
+        assignment_id: &r.assignment_id,
+        title: &r.title,
+        subject: subject_of(r, x),
+        body: &x.body,
+        segment_id: x.segment_id,
+    }
+    .build()
 }
 
 /// The normalised request: what must match when the key is reused.
@@ -663,10 +698,7 @@ async fn submit(
         Delivery::Broadcast { broadcast_id } => {
             let trigger = Trigger {
                 recipients: Recipients::Filter(claimed.recipients.clone()),
-                data: match trigger_data_of(send, &claimed) {
-                    Value::Object(map) => map,
-                    _ => Map::new(),
-                },
+                data: trigger_data_of(send, &claimed),
             };
             ctx.cio.trigger_broadcast(broadcast_id, &trigger).await.map(Accepted::Trigger)
         }
@@ -721,19 +753,18 @@ enum Accepted {
     Newsletter(i64),
 }
 
-fn trigger_data_of(send: &SendRecord, s: &Submission) -> Value {
-    let mut data = match &s.data {
-        Some(Value::Object(map)) => map.clone(),
-        _ => Map::new(),
-    };
-    data.insert(MARKER_FIELD.into(), json!(s.marker));
-    data.insert("send_id".into(), json!(send.public_id));
-    data.insert("assignment_id".into(), json!(send.assignment_id));
-    data.insert("title".into(), json!(send.title));
-    data.insert("subject".into(), json!(s.subject));
-    data.insert("body".into(), json!(s.body));
-    data.insert("segment_id".into(), json!(s.segment_id));
-    Value::Object(data)
+fn trigger_data_of(send: &SendRecord, s: &Submission) -> Map<String, Value> {
+    TriggerData {
+        extra: s.data.as_ref().and_then(Value::as_object),
+        marker: &s.marker,
+        send_id: &send.public_id,
+        assignment_id: &send.assignment_id,
+        title: &send.title,
+        subject: &s.subject,
+        body: &s.body,
+        segment_id: s.segment_id,
+    }
+    .build()
 }
 
 /// The newsletter's name: the title and the marker that finds it again.

@@ -17,6 +17,7 @@ use sea_orm::{
 use serde_json::Value;
 
 use crate::DbError;
+use crate::sql::MAX_ROW_LIMIT;
 use crate::database::begin_write;
 use crate::entities::campaigns::{ActiveModel, Column, Entity, Model};
 use crate::entities::workspaces;
@@ -24,8 +25,6 @@ use crate::time::db_time;
 
 /// Ids per `IN (…)` list.
 const CHUNK: usize = 500;
-/// Largest row limit passed to the database (the drivers bind limits as signed integers).
-const MAX_LIMIT: u64 = i64::MAX as u64;
 
 /// What kind of Customer.io message source. Campaigns and broadcasts share one id sequence in
 /// Customer.io; newsletters have their own, so an id means nothing without its kind.
@@ -70,19 +69,8 @@ impl std::fmt::Display for CampaignKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CampaignRecord {
     pub workspace_id: i64,
-    pub kind: CampaignKind,
-    /// Customer.io's id.
-    pub cio_id: i64,
-    pub name: String,
-    /// Customer.io's `type`, if it gave one.
-    pub campaign_type: Option<String>,
-    /// Customer.io's `state`; newsletters: `sent` or `draft`.
-    pub state: Option<String>,
-    pub cio_created_at: Option<DateTime<Utc>>,
-    pub cio_updated_at: Option<DateTime<Utc>>,
-    /// Newsletters: when it was sent.
-    pub sent_at: Option<DateTime<Utc>>,
-    pub tags: Vec<String>,
+    /// The item as Customer.io last listed it.
+    pub item: SyncedCampaign,
     /// When the mirror last saw it in Customer.io.
     pub synced_at: DateTime<Utc>,
     /// Set when a sync no longer found it in Customer.io.
@@ -101,15 +89,17 @@ impl TryFrom<Model> for CampaignRecord {
         })?;
         Ok(Self {
             workspace_id: m.workspace_id,
-            kind,
-            cio_id: m.cio_id,
-            name: m.name,
-            campaign_type: m.campaign_type,
-            state: m.state,
-            cio_created_at: m.cio_created_at,
-            cio_updated_at: m.cio_updated_at,
-            sent_at: m.sent_at,
-            tags: tags_from_json(&m.tags),
+            item: SyncedCampaign {
+                kind,
+                cio_id: m.cio_id,
+                name: m.name,
+                campaign_type: m.campaign_type,
+                state: m.state,
+                cio_created_at: m.cio_created_at,
+                cio_updated_at: m.cio_updated_at,
+                sent_at: m.sent_at,
+                tags: tags_from_json(&m.tags),
+            },
             synced_at: m.synced_at,
             removed_at: m.removed_at,
         })
@@ -120,12 +110,16 @@ impl TryFrom<Model> for CampaignRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SyncedCampaign {
     pub kind: CampaignKind,
+    /// Customer.io's id.
     pub cio_id: i64,
     pub name: String,
+    /// Customer.io's `type`, if it gave one.
     pub campaign_type: Option<String>,
+    /// Customer.io's `state`; newsletters: `sent` or `draft`.
     pub state: Option<String>,
     pub cio_created_at: Option<DateTime<Utc>>,
     pub cio_updated_at: Option<DateTime<Utc>>,
+    /// Newsletters: when it was sent.
     pub sent_at: Option<DateTime<Utc>>,
     pub tags: Vec<String>,
 }
@@ -363,7 +357,7 @@ pub async fn list(
         if kind.is_some_and(|want| want != k) || after.is_some_and(|(ak, _)| k < ak) {
             continue;
         }
-        let remaining = limit.min(MAX_LIMIT).saturating_sub(out.len() as u64);
+        let remaining = limit.min(MAX_ROW_LIMIT).saturating_sub(out.len() as u64);
         if remaining == 0 {
             break;
         }

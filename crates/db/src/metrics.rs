@@ -16,12 +16,11 @@ use sea_orm::{
 };
 
 use crate::DbError;
+use crate::sql::MAX_ROW_LIMIT;
 use crate::campaigns::CampaignKind;
 use crate::entities::{metric_snapshots, metric_targets};
 use crate::time::db_time;
 
-/// Largest row limit passed to the database (the drivers bind limits as signed integers).
-const MAX_LIMIT: u64 = i64::MAX as u64;
 /// Longest `last_error` stored (characters).
 const MAX_ERROR_CHARS: usize = 1000;
 
@@ -349,7 +348,7 @@ pub async fn due(
         .filter(Col::NextPollAt.lte(db_time(now)))
         .order_by_asc(Col::NextPollAt)
         .order_by_asc(Col::Id)
-        .limit(Ord::min(limit, MAX_LIMIT))
+        .limit(Ord::min(limit, MAX_ROW_LIMIT))
         .all(db)
         .await?
         .into_iter()

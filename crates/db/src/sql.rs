@@ -4,6 +4,10 @@ use sea_orm::sea_query::Expr;
 use sea_orm::{DbBackend, IdenStatic};
 use serde_json::Value;
 
+/// Largest row limit passed to the database (the drivers bind limits as signed integers; a larger
+/// `u64` panics inside sea-query on SQLite).
+pub(crate) const MAX_ROW_LIMIT: u64 = i64::MAX as u64;
+
 /// `column IN (…)` over `ids`, bound as ONE JSON array parameter.
 ///
 /// Why not `column IN ($1, …, $n)`: PostgreSQL switches a prepared statement to a generic plan

@@ -31,7 +31,7 @@ pub async fn list_campaigns(ctx: &AppContext, request: ListCampaignsRequest) -> 
     let mut rows = core_campaigns::list_campaigns(ctx, kind, after, page_size + 1).await.map_err(to_status)?;
     let next_page_token = if rows.len() as u64 > page_size {
         rows.truncate(usize::try_from(page_size).unwrap_or(usize::MAX));
-        rows.last().map(|r| encode_page_token(r.kind, r.cio_id)).unwrap_or_default()
+        rows.last().map(|r| encode_page_token(r.item.kind, r.item.cio_id)).unwrap_or_default()
     } else {
         String::new()
     };
@@ -96,16 +96,17 @@ fn decode_page_token(token: &str) -> Result<Option<(CampaignKind, i64)>, CoreErr
 }
 
 fn to_proto(r: &CampaignRecord) -> pb::Campaign {
+    let item = &r.item;
     pb::Campaign {
-        kind: kind_to_proto(r.kind) as i32,
-        id: r.cio_id,
-        name: r.name.clone(),
-        r#type: r.campaign_type.clone().unwrap_or_default(),
-        state: r.state.clone().unwrap_or_default(),
-        created_at: r.cio_created_at.map(timestamp),
-        updated_at: r.cio_updated_at.map(timestamp),
-        sent_at: r.sent_at.map(timestamp),
-        tags: r.tags.clone(),
+        kind: kind_to_proto(item.kind) as i32,
+        id: item.cio_id,
+        name: item.name.clone(),
+        r#type: item.campaign_type.clone().unwrap_or_default(),
+        state: item.state.clone().unwrap_or_default(),
+        created_at: item.cio_created_at.map(timestamp),
+        updated_at: item.cio_updated_at.map(timestamp),
+        sent_at: item.sent_at.map(timestamp),
+        tags: item.tags.clone(),
         synced_at: Some(timestamp(r.synced_at)),
     }
 }

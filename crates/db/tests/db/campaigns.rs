@@ -24,7 +24,7 @@ fn item(kind: CampaignKind, cio_id: i64, name: &str) -> SyncedCampaign {
 }
 
 fn keys(records: &[campaigns::CampaignRecord]) -> Vec<(CampaignKind, i64)> {
-    records.iter().map(|r| (r.kind, r.cio_id)).collect()
+    records.iter().map(|r| (r.item.kind, r.item.cio_id)).collect()
 }
 
 sharpsend_db::db_test!(
@@ -70,11 +70,11 @@ sharpsend_db::db_test!(
         let got = campaigns::get(&db.conn, ws, Newsletter, 1)
             .await?
             .ok_or("newsletter 1")?;
-        assert_eq!(got.name, "Weekly Wrap");
-        assert_eq!(got.sent_at, Some(ts(-600)));
-        assert_eq!(got.tags, vec!["a", "b"]);
+        assert_eq!(got.item.name, "Weekly Wrap");
+        assert_eq!(got.item.sent_at, Some(ts(-600)));
+        assert_eq!(got.item.tags, vec!["a", "b"]);
         assert_eq!(got.synced_at, ts(0));
-        assert_eq!(got.cio_created_at, Some(ts(-86_400)));
+        assert_eq!(got.item.cio_created_at, Some(ts(-86_400)));
 
         // Keyset pages across kinds, and the kind filter.
         let page1 = campaigns::list(&db.conn, ws, None, None, 2).await?;
@@ -135,7 +135,7 @@ sharpsend_db::db_test!(
             .await?
             .ok_or("alert")?;
         assert_eq!(
-            (alert.name.as_str(), alert.tags.clone()),
+            (alert.item.name.as_str(), alert.item.tags.clone()),
             ("Assignment Alert", vec!["sharpsend".to_owned()])
         );
 
@@ -173,7 +173,7 @@ sharpsend_db::db_test!(
             .await?
             .ok_or("upserted")?;
         assert_eq!(
-            (got.state.as_deref(), got.sent_at, got.synced_at),
+            (got.item.state.as_deref(), got.item.sent_at, got.synced_at),
             (Some("sent"), Some(ts(5)), ts(10))
         );
 
