@@ -26,42 +26,16 @@ use crate::time::db_time;
 /// Ids per `IN (…)` list.
 const CHUNK: usize = 500;
 
-/// What kind of Customer.io message source. Campaigns and broadcasts share one id sequence in
-/// Customer.io; newsletters have their own, so an id means nothing without its kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CampaignKind {
-    Campaign,
-    Broadcast,
-    Newsletter,
-}
-
-impl CampaignKind {
-    /// Every kind, in listing order.
-    pub const ALL: [CampaignKind; 3] = [
-        CampaignKind::Campaign,
-        CampaignKind::Broadcast,
-        CampaignKind::Newsletter,
-    ];
-
-    /// The stored value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CampaignKind::Campaign => "campaign",
-            CampaignKind::Broadcast => "broadcast",
-            CampaignKind::Newsletter => "newsletter",
-        }
-    }
-
-    /// The kind stored as `raw`.
-    pub fn parse(raw: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.as_str() == raw)
-    }
-}
-
-impl std::fmt::Display for CampaignKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+stored_enum! {
+    /// What kind of Customer.io message source. Campaigns and broadcasts share one id sequence in
+    /// Customer.io; newsletters have their own, so an id means nothing without its kind. `ALL`
+    /// is in listing order.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+    #[serde(rename_all = "lowercase")]
+    pub enum CampaignKind {
+        Campaign = "campaign",
+        Broadcast = "broadcast",
+        Newsletter = "newsletter",
     }
 }
 
@@ -81,12 +55,7 @@ impl TryFrom<Model> for CampaignRecord {
     type Error = DbError;
 
     fn try_from(m: Model) -> Result<Self, DbError> {
-        let kind = CampaignKind::parse(&m.kind).ok_or_else(|| {
-            DbError::Db(sea_orm::DbErr::Type(format!(
-                "unknown campaign kind {:?}",
-                m.kind
-            )))
-        })?;
+        let kind = m.kind.parse().map_err(sea_orm::DbErr::from)?;
         Ok(Self {
             workspace_id: m.workspace_id,
             item: SyncedCampaign {
@@ -259,7 +228,7 @@ async fn apply_sync_in(
         .collect();
     let mut removed = Vec::with_capacity(vanished.len());
     for m in &vanished {
-        if let Some(kind) = CampaignKind::parse(&m.kind) {
+        if let Ok(kind) = m.kind.parse::<CampaignKind>() {
             removed.push((kind, m.cio_id));
         }
     }

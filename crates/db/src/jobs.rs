@@ -5,8 +5,6 @@
 //! and [`release_lease`] at the end; [`start_run`] / [`finish_run`] record what happened.
 //! All times come from the caller (`now`), so tests need no sleeping.
 
-use std::fmt;
-use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -20,50 +18,15 @@ use crate::DbError;
 use crate::entities::{job_leases, job_runs};
 use crate::time::{add_span, db_time};
 
-/// How a job run ended (or that it has not yet).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum RunOutcome {
-    Running,
-    Succeeded,
-    Failed,
-    /// The run decided there was nothing to do (or could not take the lease).
-    Skipped,
-}
-
-impl RunOutcome {
-    /// The stored value: `running`, `succeeded`, `failed` or `skipped`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RunOutcome::Running => "running",
-            RunOutcome::Succeeded => "succeeded",
-            RunOutcome::Failed => "failed",
-            RunOutcome::Skipped => "skipped",
-        }
-    }
-}
-
-impl fmt::Display for RunOutcome {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A string that is not one of [`RunOutcome`]'s stored values.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown job run outcome `{0}`")]
-pub struct UnknownOutcome(pub String);
-
-impl FromStr for RunOutcome {
-    type Err = UnknownOutcome;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "running" => Ok(RunOutcome::Running),
-            "succeeded" => Ok(RunOutcome::Succeeded),
-            "failed" => Ok(RunOutcome::Failed),
-            "skipped" => Ok(RunOutcome::Skipped),
-            other => Err(UnknownOutcome(other.to_owned())),
-        }
+stored_enum! {
+    /// How a job run ended (or that it has not yet).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum RunOutcome {
+        Running = "running",
+        Succeeded = "succeeded",
+        Failed = "failed",
+        /// The run decided there was nothing to do (or could not take the lease).
+        Skipped = "skipped",
     }
 }
 
@@ -91,7 +54,7 @@ impl TryFrom<job_runs::Model> for JobRun {
         let outcome = m
             .outcome
             .parse()
-            .map_err(|e: UnknownOutcome| DbErr::Type(e.to_string()))?;
+            .map_err(DbErr::from)?;
         Ok(Self {
             id: m.id,
             workspace_id: m.workspace_id,

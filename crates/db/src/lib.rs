@@ -6,7 +6,8 @@
 //! - [`connect`], [`migrate`], [`pending_migrations`], [`ensure_migrated`]
 //!   (`database.rs`): opening a pool with sane per-backend settings and running the
 //!   `sharpsend-migrations` [`Migrator`](sharpsend_migrations::Migrator).
-//! - [`DbError`] (`error.rs`): the one error type of this crate.
+//! - [`DbError`] (`error.rs`): the one error type of this crate; enums stored as text are
+//!   declared with `stored_enum!` (`stored.rs`), whose parse errors are [`UnknownValue`].
 //! - [`entities`]: sea-orm entities, one module per table.
 //! - [`workspaces`], [`segments`], [`jobs`], [`profiles`], [`outbox`]: query/mutation
 //!   functions taking a connection (`&DatabaseConnection`, a transaction, or any
@@ -31,6 +32,9 @@
 //! passed in are truncated to microseconds so that both backends return exactly what was read
 //! back by the other.
 
+#[macro_use]
+mod stored;
+
 pub mod campaigns;
 pub mod criteria_sql;
 mod database;
@@ -51,4 +55,5 @@ pub mod workspaces;
 
 pub use database::{connect, ensure_migrated, migrate, pending_migrations};
 pub use error::DbError;
+pub use stored::UnknownValue;
 pub use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend};

@@ -47,12 +47,7 @@ impl TryFrom<metric_targets::Model> for MetricTarget {
     type Error = DbError;
 
     fn try_from(m: metric_targets::Model) -> Result<Self, DbError> {
-        let kind = CampaignKind::parse(&m.kind).ok_or_else(|| {
-            DbError::Db(sea_orm::DbErr::Type(format!(
-                "unknown target kind {:?}",
-                m.kind
-            )))
-        })?;
+        let kind = m.kind.parse().map_err(sea_orm::DbErr::from)?;
         Ok(Self {
             id: m.id,
             workspace_id: m.workspace_id,

@@ -16,8 +16,6 @@
 //! All times come from the caller (`now`), truncated to microseconds.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::fmt;
-use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -42,104 +40,34 @@ const CHUNK: usize = 500;
 /// `(id, reason)` pairs per [`mark_dead`] statement (three values each).
 const DEAD_CHUNK: usize = 300;
 
-/// What an outbox row asks Customer.io to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Kind {
-    /// Set (or remove) attributes of a person.
-    Identify,
-    /// Record an event for a person.
-    Event,
-    /// Add people to a SharpSend-managed (manual) segment: payload `{"segment_id", "ids"}`
-    /// (at most 1000 ids); `customer_id` is `segment:<segment id>`.
-    SegmentAdd,
-    /// Remove people from a SharpSend-managed segment (payload as [`Kind::SegmentAdd`]).
-    SegmentRemove,
-}
-
-impl Kind {
-    /// The stored value: `identify`, `event`, `segment_add` or `segment_remove`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Identify => "identify",
-            Kind::Event => "event",
-            Kind::SegmentAdd => "segment_add",
-            Kind::SegmentRemove => "segment_remove",
-        }
+stored_enum! {
+    /// What an outbox row asks Customer.io to do.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum Kind {
+        /// Set (or remove) attributes of a person.
+        Identify = "identify",
+        /// Record an event for a person.
+        Event = "event",
+        /// Add people to a SharpSend-managed (manual) segment: payload `{"segment_id", "ids"}`
+        /// (at most 1000 ids); `customer_id` is `segment:<segment id>`.
+        SegmentAdd = "segment_add",
+        /// Remove people from a SharpSend-managed segment (payload as [`Kind::SegmentAdd`]).
+        SegmentRemove = "segment_remove",
     }
 }
 
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A string that is not one of [`Kind`]'s stored values.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown outbox kind `{0}`")]
-pub struct UnknownKind(pub String);
-
-impl FromStr for Kind {
-    type Err = UnknownKind;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "identify" => Ok(Kind::Identify),
-            "event" => Ok(Kind::Event),
-            "segment_add" => Ok(Kind::SegmentAdd),
-            "segment_remove" => Ok(Kind::SegmentRemove),
-            other => Err(UnknownKind(other.to_owned())),
-        }
-    }
-}
-
-/// Where an outbox row is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Status {
-    /// Waiting to be claimed (from `next_attempt_at` on).
-    Pending,
-    /// Claimed by a worker (`claimed_by`) until `claim_expires_at`.
-    InFlight,
-    /// Accepted by Customer.io (`delivered_at`).
-    Delivered,
-    /// Given up on (`last_error` says why); [`requeue_dead`] brings it back.
-    Dead,
-}
-
-impl Status {
-    /// The stored value: `pending`, `in_flight`, `delivered` or `dead`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Pending => "pending",
-            Status::InFlight => "in_flight",
-            Status::Delivered => "delivered",
-            Status::Dead => "dead",
-        }
-    }
-}
-
-impl fmt::Display for Status {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A string that is not one of [`Status`]'s stored values.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown outbox status `{0}`")]
-pub struct UnknownStatus(pub String);
-
-impl FromStr for Status {
-    type Err = UnknownStatus;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "pending" => Ok(Status::Pending),
-            "in_flight" => Ok(Status::InFlight),
-            "delivered" => Ok(Status::Delivered),
-            "dead" => Ok(Status::Dead),
-            other => Err(UnknownStatus(other.to_owned())),
-        }
+stored_enum! {
+    /// Where an outbox row is in its life.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum Status {
+        /// Waiting to be claimed (from `next_attempt_at` on).
+        Pending = "pending",
+        /// Claimed by a worker (`claimed_by`) until `claim_expires_at`.
+        InFlight = "in_flight",
+        /// Accepted by Customer.io (`delivered_at`).
+        Delivered = "delivered",
+        /// Given up on (`last_error` says why); [`requeue_dead`] brings it back.
+        Dead = "dead",
     }
 }
 
@@ -211,11 +139,11 @@ impl TryFrom<Model> for OutboxRow {
         let kind = m
             .kind
             .parse()
-            .map_err(|e: UnknownKind| DbErr::Type(e.to_string()))?;
+            .map_err(DbErr::from)?;
         let status = m
             .status
             .parse()
-            .map_err(|e: UnknownStatus| DbErr::Type(e.to_string()))?;
+            .map_err(DbErr::from)?;
         Ok(Self {
             id: m.id,
             workspace_id: m.workspace_id,
@@ -683,7 +611,7 @@ pub async fn stats(db: &impl ConnectionTrait, workspace_id: i64) -> Result<SyncS
     for (status, rows, oldest, last_delivered) in groups {
         let status: Status = status
             .parse()
-            .map_err(|e: UnknownStatus| DbErr::Type(e.to_string()))?;
+            .map_err(DbErr::from)?;
         let rows = u64::try_from(rows).unwrap_or(0);
         match status {
             Status::Pending => stats.pending = rows,

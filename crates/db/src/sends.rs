@@ -15,8 +15,6 @@
 //!
 //! All times come from the caller (`now`), truncated to microseconds.
 
-use std::fmt;
-use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -33,45 +31,26 @@ use crate::database::begin_write;
 use crate::entities::{broadcast_windows, send_history, send_submissions, sends};
 use crate::time::{add_span, db_time};
 
-/// State of a submission (and, aggregated, of a send).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum SendState {
-    /// Waiting to be submitted (`next_attempt_at`).
-    Pending,
-    /// A dispatcher holds it; the request is (or was) on its way.
-    Submitting,
-    /// Customer.io accepted it.
-    Submitted,
-    /// Customer.io processed it.
-    Completed,
-    /// Refused, or settled as not sent and not retried.
-    Failed,
-    /// The request may or may not have arrived.
-    Uncertain,
+stored_enum! {
+    /// State of a submission (and, aggregated, of a send).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum SendState {
+        /// Waiting to be submitted (`next_attempt_at`).
+        Pending = "pending",
+        /// A dispatcher holds it; the request is (or was) on its way.
+        Submitting = "submitting",
+        /// Customer.io accepted it.
+        Submitted = "submitted",
+        /// Customer.io processed it.
+        Completed = "completed",
+        /// Refused, or settled as not sent and not retried.
+        Failed = "failed",
+        /// The request may or may not have arrived.
+        Uncertain = "uncertain",
+    }
 }
 
 impl SendState {
-    pub const ALL: [SendState; 6] = [
-        SendState::Pending,
-        SendState::Submitting,
-        SendState::Submitted,
-        SendState::Completed,
-        SendState::Failed,
-        SendState::Uncertain,
-    ];
-
-    /// The stored value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SendState::Pending => "pending",
-            SendState::Submitting => "submitting",
-            SendState::Submitted => "submitted",
-            SendState::Completed => "completed",
-            SendState::Failed => "failed",
-            SendState::Uncertain => "uncertain",
-        }
-    }
-
     /// The state of a send whose submissions are in `states`: uncertain if any is; else failed
     /// if any is; else submitting / pending while any is; else completed when all are; else
     /// submitted.
@@ -91,22 +70,6 @@ impl SendState {
         } else {
             SendState::Submitted
         }
-    }
-}
-
-impl fmt::Display for SendState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for SendState {
-    type Err = DbErr;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        SendState::ALL
-            .into_iter()
-            .find(|state| state.as_str() == s)
-            .ok_or_else(|| DbErr::Type(format!("unknown send state `{s}`")))
     }
 }
 

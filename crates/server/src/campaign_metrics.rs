@@ -91,7 +91,7 @@ fn encode_page_token(kind: CampaignKind, cio_id: i64) -> String {
 fn decode_page_token(token: &str) -> Result<Option<(CampaignKind, i64)>, CoreError> {
     convert::decode_page_token("campaigns", "ListCampaigns", token, |position| {
         let (kind, id) = position.split_once(':')?;
-        Some((CampaignKind::parse(kind)?, id.parse::<i64>().ok()?))
+        Some((kind.parse::<CampaignKind>().ok()?, id.parse::<i64>().ok()?))
     })
 }
 
