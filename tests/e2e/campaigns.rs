@@ -216,6 +216,17 @@ db_test!(campaign_sync_mirrors_all_three_kinds_for_list_and_get, |db: TestDataba
     ensure!(details["created"] == 1 && details["unchanged"] == 7 && details["updated"] == 0, "{details}");
     let got = client.get_campaign(GetCampaignRequest { kind: Newsletter as i32, id }).await?.into_inner();
     ensure!(got.campaign.map(|c| c.name) == Some("Flash Note".to_string()));
+
+    // One created after the sync is read from Customer.io once, then answered from the mirror.
+    let id = sim.add_newsletter(NewNewsletter::new("Late Note", "Late", "<p>y</p>", AudienceFilter::segment(4)))?;
+    let newsletter_reads = || sim.requests().iter().filter(|r| r.path == format!("/v1/newsletters/{id}")).count();
+    for _ in 0..2 {
+        let got = client.get_campaign(GetCampaignRequest { kind: Newsletter as i32, id }).await?.into_inner();
+        ensure!(got.campaign.map(|c| (c.name, c.state)) == Some(("Late Note".to_string(), "draft".to_string())));
+    }
+    ensure!(newsletter_reads() == 1, "read {} times", newsletter_reads());
+    let listed = list_all(&mut client, ListCampaignsRequest { kind: Newsletter as i32, ..Default::default() }).await?;
+    ensure!(listed.iter().any(|c| c.id == id), "mirrored");
     app.stop().await
 });
 

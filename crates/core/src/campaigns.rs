@@ -1,6 +1,7 @@
 //! The campaign mirror: Customer.io campaigns, API-triggered broadcasts and newsletters pulled
 //! into the database ([`sync_campaigns`], the `campaign-sync` job) and read from there
-//! ([`list_campaigns`], [`get_campaign`]).
+//! ([`list_campaigns`], [`get_campaign`], which reads and mirrors an item Customer.io has but the
+//! mirror does not yet).
 //!
 //! A sync reads the three listings (3 App API requests) and writes them in one transaction;
 //! nothing is written unless all three were read. Items Customer.io no longer lists are marked
@@ -12,7 +13,7 @@ use std::collections::HashSet;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
-use cio_client::{Campaign, Newsletter};
+use cio_client::{Campaign, CioError, Newsletter};
 use sharpsend_db::campaigns::{self as mirror, CampaignKind, CampaignRecord, SyncCounts, SyncedCampaign};
 use sharpsend_db::metrics::{self as targets, TargetSyncCounts};
 
@@ -38,7 +39,7 @@ fn at(unix: Option<i64>) -> Option<DateTime<Utc>> {
 }
 
 /// A campaign or broadcast as the mirror stores it.
-pub(crate) fn synced_campaign(kind: CampaignKind, c: Campaign) -> SyncedCampaign {
+fn synced_campaign(kind: CampaignKind, c: Campaign) -> SyncedCampaign {
     SyncedCampaign {
         kind,
         cio_id: c.id,
@@ -54,7 +55,7 @@ pub(crate) fn synced_campaign(kind: CampaignKind, c: Campaign) -> SyncedCampaign
 
 /// A newsletter as the mirror stores it; its state is `sent` once it has a send time, else
 /// `draft` (Customer.io's newsletter object has no state).
-pub(crate) fn synced_newsletter(n: Newsletter) -> SyncedCampaign {
+fn synced_newsletter(n: Newsletter) -> SyncedCampaign {
     let sent_at = at(n.sent_at);
     SyncedCampaign {
         kind: CampaignKind::Newsletter,
@@ -128,13 +129,27 @@ pub async fn list_campaigns(
     Ok(mirror::list(&ctx.db, ctx.workspace_id(), kind, after, limit).await?)
 }
 
-/// One mirrored item. Unknown, or removed in Customer.io: `NotFound`.
+/// One item, from the mirror; one not mirrored yet (e.g. a newsletter a send created since the
+/// last `campaign-sync`) is read from Customer.io and mirrored. Removed in Customer.io, or
+/// unknown there: `NotFound`.
 pub async fn get_campaign(ctx: &AppContext, kind: CampaignKind, id: i64) -> Result<CampaignRecord, CoreError> {
     if id <= 0 {
         return Err(CoreError::invalid("id", "must be a positive Customer.io id"));
     }
-    mirror::get(&ctx.db, ctx.workspace_id(), kind, id)
-        .await?
-        .filter(|r| r.removed_at.is_none())
-        .ok_or_else(|| CoreError::NotFound { what: kind.as_str(), id: id.to_string() })
+    let ws = ctx.workspace_id();
+    let not_found = || CoreError::NotFound { what: kind.as_str(), id: id.to_string() };
+    if let Some(record) = mirror::get(&ctx.db, ws, kind, id).await? {
+        return if record.removed_at.is_none() { Ok(record) } else { Err(not_found()) };
+    }
+    let fetched = match kind {
+        CampaignKind::Campaign => ctx.cio.get_campaign(id).await.map(|c| synced_campaign(kind, c)),
+        CampaignKind::Broadcast => ctx.cio.get_broadcast(id).await.map(|c| synced_campaign(kind, c)),
+        CampaignKind::Newsletter => ctx.cio.get_newsletter(id).await.map(synced_newsletter),
+    };
+    let item = match fetched {
+        Err(CioError::NotFound { .. }) => return Err(not_found()),
+        other => other?,
+    };
+    mirror::upsert_one(&ctx.db, ws, &item, Utc::now()).await?;
+    mirror::get(&ctx.db, ws, kind, id).await?.ok_or_else(not_found)
 }

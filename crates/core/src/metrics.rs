@@ -487,23 +487,12 @@ async fn current_snapshot(
     }
 }
 
-/// Starts watching a target asked for by a reader: from the mirror if it is there, else from
-/// Customer.io (which also mirrors it); unknown to both: `NotFound`.
+/// Starts watching a target asked for by a reader (see [`crate::campaigns::get_campaign`] for
+/// where it is found); unknown: `NotFound`.
 async fn register(ctx: &AppContext, target: MetricsTarget) -> Result<MetricTarget, CoreError> {
     let ws = ctx.workspace_id();
     let now = Utc::now();
-    let mirrored = mirror::get(&ctx.db, ws, target.kind(), target.id()).await?.filter(|r| r.removed_at.is_none());
-    let item = match mirrored {
-        Some(record) => record.item,
-        None => {
-            let item = match fetch(ctx, target).await {
-                Err(CoreError::Upstream(CioError::NotFound { .. })) => return Err(target.not_found()),
-                other => other?,
-            };
-            mirror::upsert_one(&ctx.db, ws, &item, now).await?;
-            item
-        }
-    };
+    let item = crate::campaigns::get_campaign(ctx, target.kind(), target.id()).await?.item;
     // A newsletter not sent yet has nothing to count; watch it from its creation.
     let seen = target_seen(&item, now).unwrap_or(TargetSeen {
         kind: item.kind,
@@ -512,18 +501,6 @@ async fn register(ctx: &AppContext, target: MetricsTarget) -> Result<MetricTarge
         active_since: item.cio_created_at.unwrap_or(now),
     });
     Ok(store::watch(&ctx.db, ws, target.kind(), target.id(), seen.window_start, seen.active_since, now).await?)
-}
-
-async fn fetch(ctx: &AppContext, target: MetricsTarget) -> Result<mirror::SyncedCampaign, CoreError> {
-    Ok(match target {
-        MetricsTarget::Campaign(id) => {
-            crate::campaigns::synced_campaign(CampaignKind::Campaign, ctx.cio.get_campaign(id).await?)
-        }
-        MetricsTarget::Broadcast(id) => {
-            crate::campaigns::synced_campaign(CampaignKind::Broadcast, ctx.cio.get_broadcast(id).await?)
-        }
-        MetricsTarget::Newsletter(id) => crate::campaigns::synced_newsletter(ctx.cio.get_newsletter(id).await?),
-    })
 }
 
 async fn send_metrics(ctx: &AppContext, send_id: &str, refresh: bool) -> Result<CampaignMetrics, CoreError> {
