@@ -58,6 +58,15 @@ grep -q "\"${SEND_ID}\"" "${WORK}/again" || fail "a repeated approval made anoth
 grep -q '"created": true' "${WORK}/again" && fail "a repeated approval was created again"
 echo "smoke: SendAssignment once ok (${SEND_ID})"
 
+if grpcurl -plaintext -H 'authorization: Bearer dev-key' -d '{"title":"Smoke","segment_ids":[4],"broadcast":{"broadcast_id":3}}' \
+  "${ADDR}" sharpsend.cio.v1.CampaignService/SendAssignment >"${WORK}/bad" 2>&1; then
+  fail "SendAssignment without an assignment id succeeded"
+fi
+grep -q "InvalidArgument" "${WORK}/bad" || fail "bad SendAssignment: $(cat "${WORK}/bad")"
+grep -q '"field": "assignment_id"\|"field":"assignment_id"' "${WORK}/bad" \
+  || fail "field violations not readable through reflection: $(cat "${WORK}/bad")"
+echo "smoke: InvalidArgument with readable field violations ok"
+
 if grpcurl -plaintext "${ADDR}" sharpsend.cio.v1.SegmentService/ListSegments >"${WORK}/nokey" 2>&1; then
   fail "ListSegments without a key succeeded"
 fi
@@ -69,4 +78,4 @@ for _ in $(seq 1 40); do kill -0 "${PID}" 2>/dev/null || break; sleep 0.25; done
 kill -0 "${PID}" 2>/dev/null && fail "server did not stop on SIGTERM"
 wait "${PID}" || fail "server exited non-zero after SIGTERM"
 echo "smoke: graceful shutdown ok"
-echo "smoke: 7 passed, 0 failed"
+echo "smoke: 8 passed, 0 failed"
