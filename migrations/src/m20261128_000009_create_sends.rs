@@ -19,7 +19,14 @@ use sea_orm_migration::{prelude::*, schema::*};
 #[derive(DeriveMigrationName)]
 pub struct Migration;
 
-const STATES: [&str; 6] = ["pending", "submitting", "submitted", "completed", "failed", "uncertain"];
+const STATES: [&str; 6] = [
+    "pending",
+    "submitting",
+    "submitted",
+    "completed",
+    "failed",
+    "uncertain",
+];
 
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
@@ -35,7 +42,10 @@ impl MigrationTrait for Migration {
                     .col(text(Sends::RequestId))
                     .col(text(Sends::Title))
                     .col(text(Sends::Subject))
-                    .col(text(Sends::Delivery).check(Expr::col(Sends::Delivery).is_in(["broadcast", "newsletter"])))
+                    .col(
+                        text(Sends::Delivery)
+                            .check(Expr::col(Sends::Delivery).is_in(["broadcast", "newsletter"])),
+                    )
                     .col(big_integer_null(Sends::BroadcastId))
                     .col(big_integer_null(Sends::FromId))
                     .col(json_binary(Sends::Request))
@@ -90,12 +100,19 @@ impl MigrationTrait for Migration {
                     .col(json_binary_null(SendSubmissions::Data))
                     .col(json_binary(SendSubmissions::Recipients))
                     .col(text(SendSubmissions::Marker))
-                    .col(text(SendSubmissions::State).check(Expr::col(SendSubmissions::State).is_in(STATES)))
+                    .col(
+                        text(SendSubmissions::State)
+                            .check(Expr::col(SendSubmissions::State).is_in(STATES)),
+                    )
                     .col(integer(SendSubmissions::Attempts).default(0))
                     .col(timestamp_with_time_zone(SendSubmissions::NextAttemptAt))
                     .col(text_null(SendSubmissions::ClaimedBy))
-                    .col(timestamp_with_time_zone_null(SendSubmissions::ClaimExpiresAt))
-                    .col(timestamp_with_time_zone_null(SendSubmissions::AttemptStartedAt))
+                    .col(timestamp_with_time_zone_null(
+                        SendSubmissions::ClaimExpiresAt,
+                    ))
+                    .col(timestamp_with_time_zone_null(
+                        SendSubmissions::AttemptStartedAt,
+                    ))
                     .col(big_integer_null(SendSubmissions::CioTriggerId))
                     .col(big_integer_null(SendSubmissions::CioNewsletterId))
                     .col(big_integer_null(SendSubmissions::RecipientsCount))
@@ -186,7 +203,11 @@ impl MigrationTrait for Migration {
                     .col(big_integer(BroadcastWindows::WorkspaceId))
                     .col(big_integer(BroadcastWindows::BroadcastId))
                     .col(timestamp_with_time_zone(BroadcastWindows::NextAllowedAt))
-                    .primary_key(Index::create().col(BroadcastWindows::WorkspaceId).col(BroadcastWindows::BroadcastId))
+                    .primary_key(
+                        Index::create()
+                            .col(BroadcastWindows::WorkspaceId)
+                            .col(BroadcastWindows::BroadcastId),
+                    )
                     .foreign_key(
                         ForeignKey::create()
                             .name("fk_broadcast_windows_workspace_id")
@@ -200,10 +221,18 @@ impl MigrationTrait for Migration {
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager.drop_table(Table::drop().table(BroadcastWindows::Table).to_owned()).await?;
-        manager.drop_table(Table::drop().table(SendHistory::Table).to_owned()).await?;
-        manager.drop_table(Table::drop().table(SendSubmissions::Table).to_owned()).await?;
-        manager.drop_table(Table::drop().table(Sends::Table).to_owned()).await
+        manager
+            .drop_table(Table::drop().table(BroadcastWindows::Table).to_owned())
+            .await?;
+        manager
+            .drop_table(Table::drop().table(SendHistory::Table).to_owned())
+            .await?;
+        manager
+            .drop_table(Table::drop().table(SendSubmissions::Table).to_owned())
+            .await?;
+        manager
+            .drop_table(Table::drop().table(Sends::Table).to_owned())
+            .await
     }
 }
 

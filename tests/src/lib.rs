@@ -60,7 +60,12 @@ pub struct TestApp {
 pub fn sim_settings(sim: &RunningSim) -> CioSettings {
     let config = sim.sim.config();
     let url = url::Url::parse(&sim.base_url()).unwrap_or_else(|e| panic!("simulator URL: {e}"));
-    CioSettings::for_simulator(url, &config.site_id, &config.track_api_key, &config.app_api_key)
+    CioSettings::for_simulator(
+        url,
+        &config.site_id,
+        &config.track_api_key,
+        &config.app_api_key,
+    )
 }
 
 impl TestApp {
@@ -95,12 +100,21 @@ impl TestApp {
         let server = tokio::spawn(serve(listener, ctx.clone(), options, async move {
             let _ = rx.await;
         }));
-        Ok(Self { sim, ctx, addr, database_url: db.url.clone(), shutdown: Some(tx), server })
+        Ok(Self {
+            sim,
+            ctx,
+            addr,
+            database_url: db.url.clone(),
+            shutdown: Some(tx),
+            server,
+        })
     }
 
     /// A channel to the server.
     pub async fn channel(&self) -> anyhow::Result<Channel> {
-        Ok(Channel::from_shared(format!("http://{}", self.addr))?.connect().await?)
+        Ok(Channel::from_shared(format!("http://{}", self.addr))?
+            .connect()
+            .await?)
     }
 
     /// A SegmentService client presenting `key` (`None`: no authorization metadata).
@@ -108,37 +122,64 @@ impl TestApp {
         &self,
         key: Option<&str>,
     ) -> anyhow::Result<SegmentServiceClient<InterceptedService<Channel, Bearer>>> {
-        Ok(SegmentServiceClient::with_interceptor(self.channel().await?, Bearer(key.map(str::to_string))))
+        Ok(SegmentServiceClient::with_interceptor(
+            self.channel().await?,
+            Bearer(key.map(str::to_string)),
+        ))
     }
 
     /// A SegmentService client with the test API key.
-    pub async fn segments(&self) -> anyhow::Result<SegmentServiceClient<InterceptedService<Channel, Bearer>>> {
+    pub async fn segments(
+        &self,
+    ) -> anyhow::Result<SegmentServiceClient<InterceptedService<Channel, Bearer>>> {
         self.segments_with_key(Some(TEST_API_KEY)).await
     }
 
     /// A ProfileService client with the test API key.
-    pub async fn profiles(&self) -> anyhow::Result<ProfileServiceClient<InterceptedService<Channel, Bearer>>> {
-        Ok(ProfileServiceClient::with_interceptor(self.channel().await?, Bearer(Some(TEST_API_KEY.to_string()))))
+    pub async fn profiles(
+        &self,
+    ) -> anyhow::Result<ProfileServiceClient<InterceptedService<Channel, Bearer>>> {
+        Ok(ProfileServiceClient::with_interceptor(
+            self.channel().await?,
+            Bearer(Some(TEST_API_KEY.to_string())),
+        ))
     }
 
     /// An OpsService client presenting `key` (`None`: no authorization metadata).
-    pub async fn ops_with_key(&self, key: Option<&str>) -> anyhow::Result<OpsServiceClient<InterceptedService<Channel, Bearer>>> {
-        Ok(OpsServiceClient::with_interceptor(self.channel().await?, Bearer(key.map(str::to_string))))
+    pub async fn ops_with_key(
+        &self,
+        key: Option<&str>,
+    ) -> anyhow::Result<OpsServiceClient<InterceptedService<Channel, Bearer>>> {
+        Ok(OpsServiceClient::with_interceptor(
+            self.channel().await?,
+            Bearer(key.map(str::to_string)),
+        ))
     }
 
     /// A CampaignService client with the test API key.
-    pub async fn campaigns(&self) -> anyhow::Result<CampaignServiceClient<InterceptedService<Channel, Bearer>>> {
-        Ok(CampaignServiceClient::with_interceptor(self.channel().await?, Bearer(Some(TEST_API_KEY.to_string()))))
+    pub async fn campaigns(
+        &self,
+    ) -> anyhow::Result<CampaignServiceClient<InterceptedService<Channel, Bearer>>> {
+        Ok(CampaignServiceClient::with_interceptor(
+            self.channel().await?,
+            Bearer(Some(TEST_API_KEY.to_string())),
+        ))
     }
 
     /// An OpsService client with the test API key.
-    pub async fn ops(&self) -> anyhow::Result<OpsServiceClient<InterceptedService<Channel, Bearer>>> {
+    pub async fn ops(
+        &self,
+    ) -> anyhow::Result<OpsServiceClient<InterceptedService<Channel, Bearer>>> {
         self.ops_with_key(Some(TEST_API_KEY)).await
     }
 
     /// Delivers the outbox until nothing is pending or in flight (retries included), as a
     /// worker named `worker`; fails after `limit`.
-    pub async fn deliver_all(&self, worker: &str, limit: Duration) -> anyhow::Result<DeliveryReport> {
+    pub async fn deliver_all(
+        &self,
+        worker: &str,
+        limit: Duration,
+    ) -> anyhow::Result<DeliveryReport> {
         let started = std::time::Instant::now();
         let mut total = DeliveryReport::default();
         loop {
@@ -147,7 +188,10 @@ impl TestApp {
             if stats.pending == 0 && stats.in_flight == 0 {
                 return Ok(total);
             }
-            anyhow::ensure!(started.elapsed() < limit, "outbox not delivered within {limit:?}: {stats:?}");
+            anyhow::ensure!(
+                started.elapsed() < limit,
+                "outbox not delivered within {limit:?}: {stats:?}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -193,8 +237,9 @@ pub struct Bearer(Option<String>);
 impl Interceptor for Bearer {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         if let Some(key) = &self.0 {
-            let value: MetadataValue<_> =
-                format!("Bearer {key}").parse().map_err(|_| Status::internal("bad test key"))?;
+            let value: MetadataValue<_> = format!("Bearer {key}")
+                .parse()
+                .map_err(|_| Status::internal("bad test key"))?;
             request.metadata_mut().insert("authorization", value);
         }
         Ok(request)

@@ -13,9 +13,9 @@ use serde_json::{Map, Value};
 use futures::TryStreamExt as _;
 
 use crate::client::CioClient;
-use crate::pagination::{Page, paginate};
 use crate::endpoint::endpoints;
 use crate::error::CioError;
+use crate::pagination::{Page, paginate};
 use crate::serde_util;
 
 /// A campaign or broadcast as `GET /v1/campaigns` and `/v1/broadcasts` describe it. Unknown
@@ -147,7 +147,12 @@ pub struct NewNewsletter {
 
 impl NewNewsletter {
     /// An email newsletter, not sent on creation.
-    pub fn email(name: impl Into<String>, recipients: Value, subject: impl Into<String>, body: impl Into<String>) -> Self {
+    pub fn email(
+        name: impl Into<String>,
+        recipients: Value,
+        subject: impl Into<String>,
+        body: impl Into<String>,
+    ) -> Self {
         Self {
             kind: "email",
             name: name.into(),
@@ -181,7 +186,12 @@ pub enum Resolution {
 }
 
 impl Resolution {
-    pub const ALL: [Resolution; 4] = [Resolution::Hours, Resolution::Days, Resolution::Weeks, Resolution::Months];
+    pub const ALL: [Resolution; 4] = [
+        Resolution::Hours,
+        Resolution::Days,
+        Resolution::Weeks,
+        Resolution::Months,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -198,7 +208,10 @@ impl std::str::FromStr for Resolution {
 
     /// `hours`, `days`, `weeks` or `months`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Resolution::ALL.into_iter().find(|r| r.as_str() == s).ok_or_else(|| format!("unknown resolution `{s}`"))
+        Resolution::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| format!("unknown resolution `{s}`"))
     }
 }
 
@@ -219,13 +232,20 @@ pub struct MetricSeries {
 
 impl MetricSeries {
     pub fn totals(&self) -> BTreeMap<String, u64> {
-        self.series.iter().map(|(k, v)| (k.clone(), v.iter().sum())).collect()
+        self.series
+            .iter()
+            .map(|(k, v)| (k.clone(), v.iter().sum()))
+            .collect()
     }
 }
 
 #[derive(Deserialize)]
 struct CampaignsResponse {
-    #[serde(default, alias = "broadcasts", deserialize_with = "serde_util::null_as_default")]
+    #[serde(
+        default,
+        alias = "broadcasts",
+        deserialize_with = "serde_util::null_as_default"
+    )]
     campaigns: Vec<Campaign>,
 }
 
@@ -278,95 +298,152 @@ struct MetricsResponse {
 impl CioClient {
     /// `GET /v1/campaigns`.
     pub async fn list_campaigns(&self) -> Result<Vec<Campaign>, CioError> {
-        let r: CampaignsResponse = self.request(&endpoints::LIST_CAMPAIGNS, &[], &[], None::<&()>).await?;
+        let r: CampaignsResponse = self
+            .request(&endpoints::LIST_CAMPAIGNS, &[], &[], None::<&()>)
+            .await?;
         Ok(r.campaigns)
     }
 
     /// `GET /v1/campaigns/{campaign_id}`.
     pub async fn get_campaign(&self, id: i64) -> Result<Campaign, CioError> {
         let id = id.to_string();
-        let r: CampaignResponse = self.request(&endpoints::GET_CAMPAIGN, &[&id], &[], None::<&()>).await?;
+        let r: CampaignResponse = self
+            .request(&endpoints::GET_CAMPAIGN, &[&id], &[], None::<&()>)
+            .await?;
         Ok(r.campaign)
     }
 
     /// `GET /v1/broadcasts`: API-triggered broadcasts.
     pub async fn list_broadcasts(&self) -> Result<Vec<Campaign>, CioError> {
-        let r: CampaignsResponse = self.request(&endpoints::LIST_BROADCASTS, &[], &[], None::<&()>).await?;
+        let r: CampaignsResponse = self
+            .request(&endpoints::LIST_BROADCASTS, &[], &[], None::<&()>)
+            .await?;
         Ok(r.campaigns)
     }
 
     /// `GET /v1/broadcasts/{broadcast_id}`.
     pub async fn get_broadcast(&self, id: i64) -> Result<Campaign, CioError> {
         let id = id.to_string();
-        let r: CampaignResponse = self.request(&endpoints::GET_BROADCAST, &[&id], &[], None::<&()>).await?;
+        let r: CampaignResponse = self
+            .request(&endpoints::GET_BROADCAST, &[&id], &[], None::<&()>)
+            .await?;
         Ok(r.campaign)
     }
 
     /// `GET /v1/newsletters/{newsletter_id}`.
     pub async fn get_newsletter(&self, id: i64) -> Result<Newsletter, CioError> {
         let id = id.to_string();
-        let r: NewsletterResponse = self.request(&endpoints::GET_NEWSLETTER, &[&id], &[], None::<&()>).await?;
+        let r: NewsletterResponse = self
+            .request(&endpoints::GET_NEWSLETTER, &[&id], &[], None::<&()>)
+            .await?;
         Ok(r.newsletter)
     }
 
     /// `GET /v1/newsletters`: every newsletter, oldest first, following the `next` cursor.
     pub async fn list_newsletters(&self) -> Result<Vec<Newsletter>, CioError> {
         let pages = paginate(move |start: Option<String>| async move {
-            self.newsletters_page(start.as_deref(), NEWSLETTERS_PAGE, false).await
+            self.newsletters_page(start.as_deref(), NEWSLETTERS_PAGE, false)
+                .await
         });
         pages.try_collect().await
     }
 
     /// `GET /v1/newsletters?limit=&start=&sort=`: one page, oldest first or newest first.
-    pub async fn newsletters_page(&self, start: Option<&str>, limit: u32, newest_first: bool) -> Result<Page<Newsletter>, CioError> {
-        let mut params = vec![("limit", limit.to_string()), ("sort", if newest_first { "desc" } else { "asc" }.to_string())];
+    pub async fn newsletters_page(
+        &self,
+        start: Option<&str>,
+        limit: u32,
+        newest_first: bool,
+    ) -> Result<Page<Newsletter>, CioError> {
+        let mut params = vec![
+            ("limit", limit.to_string()),
+            (
+                "sort",
+                if newest_first { "desc" } else { "asc" }.to_string(),
+            ),
+        ];
         if let Some(start) = start {
             params.push(("start", start.to_string()));
         }
-        let r: NewslettersResponse = self.request(&endpoints::LIST_NEWSLETTERS, &[], &params, None::<&()>).await?;
-        Ok(Page { items: r.newsletters, next: r.next })
+        let r: NewslettersResponse = self
+            .request(&endpoints::LIST_NEWSLETTERS, &[], &params, None::<&()>)
+            .await?;
+        Ok(Page {
+            items: r.newsletters,
+            next: r.next,
+        })
     }
 
     /// `POST /v1/campaigns/{broadcast_id}/triggers`: sends the broadcast. Never retried: a
     /// timeout comes back with [`CioError::is_outcome_unknown`] true. Answers the trigger id.
-    pub async fn trigger_broadcast(&self, broadcast_id: i64, trigger: &Trigger) -> Result<i64, CioError> {
+    pub async fn trigger_broadcast(
+        &self,
+        broadcast_id: i64,
+        trigger: &Trigger,
+    ) -> Result<i64, CioError> {
         let id = broadcast_id.to_string();
-        let r: TriggerCreated = self.request(&endpoints::TRIGGER_BROADCAST, &[&id], &[], Some(trigger)).await?;
+        let r: TriggerCreated = self
+            .request(&endpoints::TRIGGER_BROADCAST, &[&id], &[], Some(trigger))
+            .await?;
         Ok(r.id)
     }
 
     /// `GET /v1/campaigns/{broadcast_id}/triggers/{trigger_id}`.
-    pub async fn trigger_status(&self, broadcast_id: i64, trigger_id: i64) -> Result<TriggerStatus, CioError> {
+    pub async fn trigger_status(
+        &self,
+        broadcast_id: i64,
+        trigger_id: i64,
+    ) -> Result<TriggerStatus, CioError> {
         let (b, t) = (broadcast_id.to_string(), trigger_id.to_string());
-        let r: TriggerStatusResponse = self.request(&endpoints::TRIGGER_STATUS, &[&b, &t], &[], None::<&()>).await?;
+        let r: TriggerStatusResponse = self
+            .request(&endpoints::TRIGGER_STATUS, &[&b, &t], &[], None::<&()>)
+            .await?;
         Ok(match r {
-            TriggerStatusResponse::Wrapped { trigger } | TriggerStatusResponse::Flat(trigger) => trigger,
+            TriggerStatusResponse::Wrapped { trigger } | TriggerStatusResponse::Flat(trigger) => {
+                trigger
+            }
         })
     }
 
     /// `GET /v1/broadcasts/{broadcast_id}/triggers`: every trigger of a broadcast (used to find
     /// out whether a trigger whose answer was lost did arrive).
-    pub async fn broadcast_triggers(&self, broadcast_id: i64) -> Result<Vec<TriggerStatus>, CioError> {
+    pub async fn broadcast_triggers(
+        &self,
+        broadcast_id: i64,
+    ) -> Result<Vec<TriggerStatus>, CioError> {
         let id = broadcast_id.to_string();
-        let r: TriggersResponse = self.request(&endpoints::BROADCAST_TRIGGERS, &[&id], &[], None::<&()>).await?;
+        let r: TriggersResponse = self
+            .request(&endpoints::BROADCAST_TRIGGERS, &[&id], &[], None::<&()>)
+            .await?;
         Ok(r.triggers)
     }
 
     /// `POST /v1/newsletters`: creates a newsletter with its content. Never retried.
-    pub async fn create_newsletter(&self, newsletter: &NewNewsletter) -> Result<Newsletter, CioError> {
-        let r: NewsletterResponse = self.request(&endpoints::CREATE_NEWSLETTER, &[], &[], Some(newsletter)).await?;
+    pub async fn create_newsletter(
+        &self,
+        newsletter: &NewNewsletter,
+    ) -> Result<Newsletter, CioError> {
+        let r: NewsletterResponse = self
+            .request(&endpoints::CREATE_NEWSLETTER, &[], &[], Some(newsletter))
+            .await?;
         Ok(r.newsletter)
     }
 
     /// `POST /v1/newsletters/{newsletter_id}/send`. Never retried.
     pub async fn send_newsletter(&self, newsletter_id: i64) -> Result<(), CioError> {
         let id = newsletter_id.to_string();
-        let _: serde::de::IgnoredAny = self.request(&endpoints::SEND_NEWSLETTER, &[&id], &[], None::<&()>).await?;
+        let _: serde::de::IgnoredAny = self
+            .request(&endpoints::SEND_NEWSLETTER, &[&id], &[], None::<&()>)
+            .await?;
         Ok(())
     }
 
     /// `GET /v1/{campaigns|broadcasts|newsletters}/{id}/metrics?version=2&res=&start=&end=`.
-    pub async fn metrics(&self, of: MetricsOf, query: MetricsQuery) -> Result<MetricSeries, CioError> {
+    pub async fn metrics(
+        &self,
+        of: MetricsOf,
+        query: MetricsQuery,
+    ) -> Result<MetricSeries, CioError> {
         let (endpoint, id) = match of {
             MetricsOf::Campaign(id) => (&endpoints::CAMPAIGN_METRICS, id),
             MetricsOf::Broadcast(id) => (&endpoints::BROADCAST_METRICS, id),
@@ -394,10 +471,19 @@ mod tests {
 
     #[test]
     fn sending_endpoints_are_never_retried() {
-        for e in [&endpoints::TRIGGER_BROADCAST, &endpoints::CREATE_NEWSLETTER, &endpoints::SEND_NEWSLETTER] {
+        for e in [
+            &endpoints::TRIGGER_BROADCAST,
+            &endpoints::CREATE_NEWSLETTER,
+            &endpoints::SEND_NEWSLETTER,
+        ] {
             assert_eq!(e.retry, RetryPolicy::NeverRetry, "{}", e.template);
         }
-        for e in [&endpoints::TRIGGER_STATUS, &endpoints::BROADCAST_TRIGGERS, &endpoints::CAMPAIGN_METRICS, &endpoints::LIST_NEWSLETTERS] {
+        for e in [
+            &endpoints::TRIGGER_STATUS,
+            &endpoints::BROADCAST_TRIGGERS,
+            &endpoints::CAMPAIGN_METRICS,
+            &endpoints::LIST_NEWSLETTERS,
+        ] {
             assert_eq!(e.retry, RetryPolicy::Idempotent, "{}", e.template);
         }
     }
@@ -405,11 +491,23 @@ mod tests {
     #[test]
     fn trigger_bodies_carry_exactly_one_recipient_form() {
         let data: Map<String, Value> = json!({"headline": "Q4"}).as_object().cloned().unwrap();
-        let filter = Trigger { recipients: Recipients::Filter(json!({"segment": {"id": 3}})), data: data.clone() };
-        assert_eq!(serde_json::to_value(&filter).unwrap(), json!({"recipients": {"segment": {"id": 3}}, "data": {"headline": "Q4"}}));
-        let ids = Trigger { recipients: Recipients::Ids(vec!["u1".into()]), data: Map::new() };
+        let filter = Trigger {
+            recipients: Recipients::Filter(json!({"segment": {"id": 3}})),
+            data: data.clone(),
+        };
+        assert_eq!(
+            serde_json::to_value(&filter).unwrap(),
+            json!({"recipients": {"segment": {"id": 3}}, "data": {"headline": "Q4"}})
+        );
+        let ids = Trigger {
+            recipients: Recipients::Ids(vec!["u1".into()]),
+            data: Map::new(),
+        };
         assert_eq!(serde_json::to_value(&ids).unwrap(), json!({"ids": ["u1"]}));
-        let default = Trigger { recipients: Recipients::Default, data: Map::new() };
+        let default = Trigger {
+            recipients: Recipients::Default,
+            data: Map::new(),
+        };
         assert_eq!(serde_json::to_value(&default).unwrap(), json!({}));
     }
 
@@ -426,13 +524,23 @@ mod tests {
     fn parses_triggers_campaigns_and_metrics() {
         let status: TriggerStatusResponse =
             serde_json::from_str(r#"{"id":"12","broadcast_id":4,"created_at":1,"processed_at":null,"recipients_count":30}"#).unwrap();
-        let TriggerStatusResponse::Flat(status) = status else { panic!("flat") };
-        assert_eq!((status.id, status.processed_at, status.recipients_count), (12, None, Some(30)));
+        let TriggerStatusResponse::Flat(status) = status else {
+            panic!("flat")
+        };
+        assert_eq!(
+            (status.id, status.processed_at, status.recipients_count),
+            (12, None, Some(30))
+        );
         let list: TriggersResponse = serde_json::from_str(r#"{"triggers":[{"id":3,"broadcast_id":2,"created_at":1552341937,"processed_at":1552341940}]}"#).unwrap();
         assert_eq!(list.triggers[0].processed_at, Some(1_552_341_940));
         let campaigns: CampaignsResponse = serde_json::from_str(r#"{"broadcasts":[{"id":2,"name":"Alert","type":"triggered_broadcast","created":1,"updated":2,"active":true,"extra":[]}]}"#).unwrap();
-        assert_eq!(campaigns.campaigns[0].kind.as_deref(), Some("triggered_broadcast"));
-        let metrics: MetricsResponse = serde_json::from_str(r#"{"metric":{"series":{"sent":[1,2,3],"opened":[0,1,1]}}}"#).unwrap();
+        assert_eq!(
+            campaigns.campaigns[0].kind.as_deref(),
+            Some("triggered_broadcast")
+        );
+        let metrics: MetricsResponse =
+            serde_json::from_str(r#"{"metric":{"series":{"sent":[1,2,3],"opened":[0,1,1]}}}"#)
+                .unwrap();
         assert_eq!(metrics.metric.totals().get("sent"), Some(&6));
         assert_eq!(metrics.metric.totals().get("opened"), Some(&2));
     }

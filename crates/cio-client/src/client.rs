@@ -288,7 +288,10 @@ impl CioClient {
             throttled_ms = tracing::field::Empty,
             error = tracing::field::Empty,
         );
-        let result = self.execute(endpoint, url, body).instrument(span.clone()).await;
+        let result = self
+            .execute(endpoint, url, body)
+            .instrument(span.clone())
+            .await;
         if let Err(error) = &result {
             span.record("otel.status_code", "error");
             span.record("error", metrics::error_kind(error));

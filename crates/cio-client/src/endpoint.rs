@@ -191,23 +191,41 @@ pub mod endpoints {
     pub const GET_NEWSLETTER: Endpoint = get(Api::App, "/v1/newsletters/{newsletter_id}");
     /// `POST /v1/campaigns/{broadcast_id}/triggers`: SENDS the broadcast; Customer.io has no
     /// idempotency key for it, so it is never retried automatically.
-    pub const TRIGGER_BROADCAST: Endpoint =
-        with(Api::App, Method::POST, "/v1/campaigns/{broadcast_id}/triggers", RetryPolicy::NeverRetry);
+    pub const TRIGGER_BROADCAST: Endpoint = with(
+        Api::App,
+        Method::POST,
+        "/v1/campaigns/{broadcast_id}/triggers",
+        RetryPolicy::NeverRetry,
+    );
     /// `GET /v1/campaigns/{broadcast_id}/triggers/{trigger_id}`.
-    pub const TRIGGER_STATUS: Endpoint = get(Api::App, "/v1/campaigns/{broadcast_id}/triggers/{trigger_id}");
+    pub const TRIGGER_STATUS: Endpoint = get(
+        Api::App,
+        "/v1/campaigns/{broadcast_id}/triggers/{trigger_id}",
+    );
     /// `GET /v1/broadcasts/{broadcast_id}/triggers`.
-    pub const BROADCAST_TRIGGERS: Endpoint = get(Api::App, "/v1/broadcasts/{broadcast_id}/triggers");
+    pub const BROADCAST_TRIGGERS: Endpoint =
+        get(Api::App, "/v1/broadcasts/{broadcast_id}/triggers");
     /// `POST /v1/newsletters`: creates a newsletter with content; never retried.
-    pub const CREATE_NEWSLETTER: Endpoint = with(Api::App, Method::POST, "/v1/newsletters", RetryPolicy::NeverRetry);
+    pub const CREATE_NEWSLETTER: Endpoint = with(
+        Api::App,
+        Method::POST,
+        "/v1/newsletters",
+        RetryPolicy::NeverRetry,
+    );
     /// `POST /v1/newsletters/{newsletter_id}/send`: SENDS it; never retried.
-    pub const SEND_NEWSLETTER: Endpoint =
-        with(Api::App, Method::POST, "/v1/newsletters/{newsletter_id}/send", RetryPolicy::NeverRetry);
+    pub const SEND_NEWSLETTER: Endpoint = with(
+        Api::App,
+        Method::POST,
+        "/v1/newsletters/{newsletter_id}/send",
+        RetryPolicy::NeverRetry,
+    );
     /// `GET /v1/campaigns/{campaign_id}/metrics`.
     pub const CAMPAIGN_METRICS: Endpoint = get(Api::App, "/v1/campaigns/{campaign_id}/metrics");
     /// `GET /v1/broadcasts/{broadcast_id}/metrics`.
     pub const BROADCAST_METRICS: Endpoint = get(Api::App, "/v1/broadcasts/{broadcast_id}/metrics");
     /// `GET /v1/newsletters/{newsletter_id}/metrics`.
-    pub const NEWSLETTER_METRICS: Endpoint = get(Api::App, "/v1/newsletters/{newsletter_id}/metrics");
+    pub const NEWSLETTER_METRICS: Endpoint =
+        get(Api::App, "/v1/newsletters/{newsletter_id}/metrics");
     /// `DELETE /v1/segments/{segment_id}`.
     pub const DELETE_SEGMENT: Endpoint = Endpoint {
         api: Api::App,

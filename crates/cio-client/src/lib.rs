@@ -46,8 +46,8 @@ mod serde_util;
 
 pub use account::AccountRegion;
 pub use campaigns::{
-    Campaign, MetricSeries, MetricsOf, MetricsQuery, NEWSLETTERS_PAGE, NewNewsletter, Newsletter, Recipients, Resolution, Trigger,
-    TriggerStatus,
+    Campaign, MetricSeries, MetricsOf, MetricsQuery, NEWSLETTERS_PAGE, NewNewsletter, Newsletter,
+    Recipients, Resolution, Trigger, TriggerStatus,
 };
 pub use client::{CioClient, USER_AGENT, install_crypto_provider};
 pub use config::{Api, ClientConfig, Credentials, ParseRegionError, Region, RetryConfig};

@@ -281,17 +281,41 @@ mod tests {
     #[test]
     fn throttling_waits_as_told_within_its_budget_and_only_for_idempotent_calls() {
         let c = cfg(); // budget 3 s
-        let rl = CioError::RateLimited { api: Api::App, retry_after: Some(Duration::from_secs(1)) };
+        let rl = CioError::RateLimited {
+            api: Api::App,
+            retry_after: Some(Duration::from_secs(1)),
+        };
         let one = Some(Duration::from_secs(1));
         let p = RetryPolicy::Idempotent;
         assert_eq!(throttle_wait(&c, p, &rl, one, Duration::ZERO), one);
         assert_eq!(throttle_wait(&c, p, &rl, one, Duration::from_secs(2)), one);
-        assert_eq!(throttle_wait(&c, p, &rl, one, Duration::from_secs(3)), None, "over budget");
-        assert_eq!(throttle_wait(&c, p, &rl, None, Duration::ZERO), None, "no Retry-After: ordinary retry");
-        assert_eq!(throttle_wait(&c, RetryPolicy::NeverRetry, &rl, one, Duration::ZERO), None);
-        let server = CioError::Server { api: Api::App, status: 503 };
-        assert_eq!(throttle_wait(&c, p, &server, one, Duration::ZERO), None, "only 429s are throttling");
-        let off = RetryConfig { max_throttle_wait: Duration::ZERO, ..c };
+        assert_eq!(
+            throttle_wait(&c, p, &rl, one, Duration::from_secs(3)),
+            None,
+            "over budget"
+        );
+        assert_eq!(
+            throttle_wait(&c, p, &rl, None, Duration::ZERO),
+            None,
+            "no Retry-After: ordinary retry"
+        );
+        assert_eq!(
+            throttle_wait(&c, RetryPolicy::NeverRetry, &rl, one, Duration::ZERO),
+            None
+        );
+        let server = CioError::Server {
+            api: Api::App,
+            status: 503,
+        };
+        assert_eq!(
+            throttle_wait(&c, p, &server, one, Duration::ZERO),
+            None,
+            "only 429s are throttling"
+        );
+        let off = RetryConfig {
+            max_throttle_wait: Duration::ZERO,
+            ..c
+        };
         assert_eq!(throttle_wait(&off, p, &rl, one, Duration::ZERO), None);
     }
 }

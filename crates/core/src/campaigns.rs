@@ -14,7 +14,9 @@ use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use cio_client::{Campaign, CioError, Newsletter};
-use sharpsend_db::campaigns::{self as mirror, CampaignKind, CampaignRecord, SyncCounts, SyncedCampaign};
+use sharpsend_db::campaigns::{
+    self as mirror, CampaignKind, CampaignRecord, SyncCounts, SyncedCampaign,
+};
 use sharpsend_db::metrics::{self as targets, TargetSyncCounts};
 
 use crate::{AppContext, CoreError};
@@ -92,18 +94,30 @@ pub async fn sync_campaigns(ctx: &AppContext) -> Result<CampaignSyncReport, Core
         newsletters: count(newsletters.len()),
         ..Default::default()
     };
-    let mut seen: Vec<SyncedCampaign> = Vec::with_capacity(campaigns.len() + broadcasts.len() + newsletters.len());
-    for c in campaigns.into_iter().filter(|c| !broadcast_ids.contains(&c.id)) {
+    let mut seen: Vec<SyncedCampaign> =
+        Vec::with_capacity(campaigns.len() + broadcasts.len() + newsletters.len());
+    for c in campaigns
+        .into_iter()
+        .filter(|c| !broadcast_ids.contains(&c.id))
+    {
         report.campaigns += 1;
         seen.push(synced_campaign(CampaignKind::Campaign, c));
     }
-    seen.extend(broadcasts.into_iter().map(|b| synced_campaign(CampaignKind::Broadcast, b)));
+    seen.extend(
+        broadcasts
+            .into_iter()
+            .map(|b| synced_campaign(CampaignKind::Broadcast, b)),
+    );
     seen.extend(newsletters.into_iter().map(synced_newsletter));
 
     let now = Utc::now();
     let (counts, removed) = mirror::apply_sync(&ctx.db, ctx.workspace_id(), &seen, now).await?;
-    let watched: Vec<_> = seen.iter().filter_map(|item| crate::metrics::target_seen(item, now)).collect();
-    report.targets = targets::apply_sync_targets(&ctx.db, ctx.workspace_id(), &watched, &removed, now).await?;
+    let watched: Vec<_> = seen
+        .iter()
+        .filter_map(|item| crate::metrics::target_seen(item, now))
+        .collect();
+    report.targets =
+        targets::apply_sync_targets(&ctx.db, ctx.workspace_id(), &watched, &removed, now).await?;
     report.counts = counts;
     report.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     tracing::info!(
@@ -132,18 +146,40 @@ pub async fn list_campaigns(
 /// One item, from the mirror; one not mirrored yet (e.g. a newsletter a send created since the
 /// last `campaign-sync`) is read from Customer.io and mirrored. Removed in Customer.io, or
 /// unknown there: `NotFound`.
-pub async fn get_campaign(ctx: &AppContext, kind: CampaignKind, id: i64) -> Result<CampaignRecord, CoreError> {
+pub async fn get_campaign(
+    ctx: &AppContext,
+    kind: CampaignKind,
+    id: i64,
+) -> Result<CampaignRecord, CoreError> {
     if id <= 0 {
-        return Err(CoreError::invalid("id", "must be a positive Customer.io id"));
+        return Err(CoreError::invalid(
+            "id",
+            "must be a positive Customer.io id",
+        ));
     }
     let ws = ctx.workspace_id();
-    let not_found = || CoreError::NotFound { what: kind.as_str(), id: id.to_string() };
+    let not_found = || CoreError::NotFound {
+        what: kind.as_str(),
+        id: id.to_string(),
+    };
     if let Some(record) = mirror::get(&ctx.db, ws, kind, id).await? {
-        return if record.removed_at.is_none() { Ok(record) } else { Err(not_found()) };
+        return if record.removed_at.is_none() {
+            Ok(record)
+        } else {
+            Err(not_found())
+        };
     }
     let fetched = match kind {
-        CampaignKind::Campaign => ctx.cio.get_campaign(id).await.map(|c| synced_campaign(kind, c)),
-        CampaignKind::Broadcast => ctx.cio.get_broadcast(id).await.map(|c| synced_campaign(kind, c)),
+        CampaignKind::Campaign => ctx
+            .cio
+            .get_campaign(id)
+            .await
+            .map(|c| synced_campaign(kind, c)),
+        CampaignKind::Broadcast => ctx
+            .cio
+            .get_broadcast(id)
+            .await
+            .map(|c| synced_campaign(kind, c)),
         CampaignKind::Newsletter => ctx.cio.get_newsletter(id).await.map(synced_newsletter),
     };
     let item = match fetched {
@@ -151,5 +187,7 @@ pub async fn get_campaign(ctx: &AppContext, kind: CampaignKind, id: i64) -> Resu
         other => other?,
     };
     mirror::upsert_one(&ctx.db, ws, &item, Utc::now()).await?;
-    mirror::get(&ctx.db, ws, kind, id).await?.ok_or_else(not_found)
+    mirror::get(&ctx.db, ws, kind, id)
+        .await?
+        .ok_or_else(not_found)
 }

@@ -36,7 +36,11 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "configuration variable {}: {}", self.variable, self.problem)
+        write!(
+            f,
+            "configuration variable {}: {}",
+            self.variable, self.problem
+        )
     }
 }
 
@@ -44,8 +48,10 @@ impl std::error::Error for ConfigError {}
 
 /// Reads a required variable.
 pub fn required(env: &dyn Env, variable: &'static str) -> Result<String, ConfigError> {
-    env.var(variable)
-        .ok_or_else(|| ConfigError { variable, problem: "is required but not set".into() })
+    env.var(variable).ok_or_else(|| ConfigError {
+        variable,
+        problem: "is required but not set".into(),
+    })
 }
 
 /// Reads an optional variable and parses it; a value that does not parse is an error, with
@@ -67,7 +73,10 @@ pub fn parsed<T: std::str::FromStr>(
 /// `variable` as a whole number greater than 0, if set.
 pub fn positive(env: &dyn Env, variable: &'static str) -> Result<Option<u64>, ConfigError> {
     match parsed::<u64>(env, variable, "a positive whole number")? {
-        Some(0) => Err(ConfigError { variable, problem: "must be greater than 0".into() }),
+        Some(0) => Err(ConfigError {
+            variable,
+            problem: "must be greater than 0".into(),
+        }),
         other => Ok(other),
     }
 }
@@ -77,7 +86,8 @@ pub const DEFAULT_DATABASE_URL: &str = "sqlite://sharpsend.db?mode=rwc";
 
 /// `DATABASE_URL`, or the SQLite default.
 pub fn database_url(env: &dyn Env) -> String {
-    env.var("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.to_string())
+    env.var("DATABASE_URL")
+        .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_string())
 }
 
 /// How to reach one Customer.io workspace.
@@ -99,7 +109,10 @@ impl fmt::Debug for CioSettings {
         f.debug_struct("CioSettings")
             .field("site_id", &self.site_id)
             .field("region", &self.region)
-            .field("track_base_url", &self.track_base_url.as_ref().map(Url::as_str))
+            .field(
+                "track_base_url",
+                &self.track_base_url.as_ref().map(Url::as_str),
+            )
             .field("app_base_url", &self.app_base_url.as_ref().map(Url::as_str))
             .field("app_requests_per_sec", &self.app_requests_per_sec)
             .field("track_requests_per_sec", &self.track_requests_per_sec)
@@ -129,7 +142,10 @@ impl CioSettings {
         };
         let positive = |variable: &'static str, default: u32| -> Result<u32, ConfigError> {
             match positive(env, variable)? {
-                Some(n) => u32::try_from(n).map_err(|_| ConfigError { variable, problem: format!("at most {}", u32::MAX) }),
+                Some(n) => u32::try_from(n).map_err(|_| ConfigError {
+                    variable,
+                    problem: format!("at most {}", u32::MAX),
+                }),
                 None => Ok(default),
             }
         };
@@ -192,7 +208,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     const BASE: &[(&str, &str)] = &[
@@ -204,7 +223,11 @@ mod tests {
     #[test]
     fn missing_required_variable_is_named() {
         for missing in ["CIO_SITE_ID", "CIO_TRACK_API_KEY", "CIO_APP_API_KEY"] {
-            let vars: Vec<_> = BASE.iter().copied().filter(|(k, _)| *k != missing).collect();
+            let vars: Vec<_> = BASE
+                .iter()
+                .copied()
+                .filter(|(k, _)| *k != missing)
+                .collect();
             let err = CioSettings::from_env(&env(&vars)).err();
             assert_eq!(err.map(|e| e.variable), Some(missing));
         }
@@ -226,7 +249,10 @@ mod tests {
             let err = CioSettings::from_env(&vars).err();
             let err = err.unwrap_or_else(|| panic!("{variable}={value} was accepted"));
             assert_eq!(err.variable, variable);
-            assert!(!err.to_string().contains(value) || value == "0", "{err} echoes the value");
+            assert!(
+                !err.to_string().contains(value) || value == "0",
+                "{err} echoes the value"
+            );
         }
     }
 
@@ -243,13 +269,19 @@ mod tests {
         vars.insert("CIO_APP_BASE_URL".into(), "http://127.0.0.1:4010".into());
         let settings = CioSettings::from_env(&vars).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(settings.region, Region::Eu);
-        assert_eq!(settings.app_base_url.map(|u| u.to_string()).as_deref(), Some("http://127.0.0.1:4010/"));
+        assert_eq!(
+            settings.app_base_url.map(|u| u.to_string()).as_deref(),
+            Some("http://127.0.0.1:4010/")
+        );
     }
 
     #[test]
     fn debug_never_shows_keys() {
         let settings = CioSettings::from_env(&env(BASE)).unwrap_or_else(|e| panic!("{e}"));
         let shown = format!("{settings:?}");
-        assert!(!shown.contains("track-secret-123") && !shown.contains("app-secret-456"), "{shown}");
+        assert!(
+            !shown.contains("track-secret-123") && !shown.contains("app-secret-456"),
+            "{shown}"
+        );
     }
 }

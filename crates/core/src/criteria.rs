@@ -123,7 +123,11 @@ impl Operator {
     }
 
     fn names() -> String {
-        Operator::ALL.iter().map(|o| o.name()).collect::<Vec<_>>().join(", ")
+        Operator::ALL
+            .iter()
+            .map(|o| o.name())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// The value types it accepts.
@@ -131,7 +135,9 @@ impl Operator {
         use ValueKind::*;
         match self {
             Operator::Eq | Operator::Neq => true,
-            Operator::Gt | Operator::Gte | Operator::Lt | Operator::Lte => matches!(kind, String | Number | Timestamp),
+            Operator::Gt | Operator::Gte | Operator::Lt | Operator::Lte => {
+                matches!(kind, String | Number | Timestamp)
+            }
             Operator::In => matches!(kind, String | Number),
             Operator::Contains | Operator::StartsWith => kind == String,
             Operator::Exists => false,
@@ -141,7 +147,9 @@ impl Operator {
     fn accepted(self) -> &'static str {
         match self {
             Operator::Eq | Operator::Neq => "a string, number, bool or timestamp",
-            Operator::Gt | Operator::Gte | Operator::Lt | Operator::Lte => "a string, number or timestamp",
+            Operator::Gt | Operator::Gte | Operator::Lt | Operator::Lte => {
+                "a string, number or timestamp"
+            }
             Operator::In => "a list of strings or of numbers",
             Operator::Contains | Operator::StartsWith => "a string",
             Operator::Exists => "no value",
@@ -168,7 +176,8 @@ pub enum TimeValue {
 impl TimeValue {
     /// Unix seconds at evaluation time `now`.
     pub fn resolve(self, now: DateTime<Utc>) -> f64 {
-        let secs = |t: DateTime<Utc>| t.timestamp() as f64 + f64::from(t.timestamp_subsec_micros()) / 1e6;
+        let secs =
+            |t: DateTime<Utc>| t.timestamp() as f64 + f64::from(t.timestamp_subsec_micros()) / 1e6;
         match self {
             TimeValue::At(t) => secs(t),
             TimeValue::Ago(d) => secs(now) - d.as_secs_f64(),
@@ -294,13 +303,20 @@ pub fn validate(raw: &RawCriteria, path: &str) -> Result<Criteria, Vec<FieldViol
     if v.conditions > limits::MAX_CONDITIONS {
         v.violations.push(FieldViolation::new(
             path,
-            format!("holds {} conditions; at most {}", v.conditions, limits::MAX_CONDITIONS),
+            format!(
+                "holds {} conditions; at most {}",
+                v.conditions,
+                limits::MAX_CONDITIONS
+            ),
         ));
     }
     if v.too_deep {
         v.violations.push(FieldViolation::new(
             path,
-            format!("is nested more than {} levels deep (and / or / not)", limits::MAX_DEPTH),
+            format!(
+                "is nested more than {} levels deep (and / or / not)",
+                limits::MAX_DEPTH
+            ),
         ));
     }
     match criteria {
@@ -328,35 +344,64 @@ impl Validator {
             return None;
         }
         match raw {
-            RawCriteria::And(items) => self.group(items, &format!("{path}.and"), "and", depth).map(Criteria::And),
-            RawCriteria::Or(items) => self.group(items, &format!("{path}.or"), "or", depth).map(Criteria::Or),
-            RawCriteria::Not(None) => self.fail(format!("{path}.not"), "needs the condition to negate"),
-            RawCriteria::Not(Some(inner)) => {
-                self.node(inner, &format!("{path}.not"), depth + 1).map(|c| Criteria::Not(Box::new(c)))
+            RawCriteria::And(items) => self
+                .group(items, &format!("{path}.and"), "and", depth)
+                .map(Criteria::And),
+            RawCriteria::Or(items) => self
+                .group(items, &format!("{path}.or"), "or", depth)
+                .map(Criteria::Or),
+            RawCriteria::Not(None) => {
+                self.fail(format!("{path}.not"), "needs the condition to negate")
             }
+            RawCriteria::Not(Some(inner)) => self
+                .node(inner, &format!("{path}.not"), depth + 1)
+                .map(|c| Criteria::Not(Box::new(c))),
             RawCriteria::Segment(id) => {
                 self.conditions += 1;
                 match id {
                     Some(id) if *id > 0 => Some(Criteria::Segment(*id)),
-                    Some(_) => self.fail(format!("{path}.segment.id"), "must be a positive Customer.io segment id"),
+                    Some(_) => self.fail(
+                        format!("{path}.segment.id"),
+                        "must be a positive Customer.io segment id",
+                    ),
                     None => self.fail(format!("{path}.segment.id"), "is required"),
                 }
             }
             RawCriteria::Attribute(c) => {
                 self.conditions += 1;
-                self.condition(c, &format!("{path}.attribute")).map(Criteria::Attribute)
+                self.condition(c, &format!("{path}.attribute"))
+                    .map(Criteria::Attribute)
             }
-            RawCriteria::Empty => self.fail(path, "is empty; give one of and, or, not, attribute, segment"),
+            RawCriteria::Empty => self.fail(
+                path,
+                "is empty; give one of and, or, not, attribute, segment",
+            ),
             RawCriteria::Malformed(why) => self.fail(path, why.clone()),
         }
     }
 
-    fn group(&mut self, items: &[RawCriteria], path: &str, name: &str, depth: usize) -> Option<Vec<Criteria>> {
+    fn group(
+        &mut self,
+        items: &[RawCriteria],
+        path: &str,
+        name: &str,
+        depth: usize,
+    ) -> Option<Vec<Criteria>> {
         if items.is_empty() {
-            return self.fail(path, format!("an `{name}` group needs at least one condition"));
+            return self.fail(
+                path,
+                format!("an `{name}` group needs at least one condition"),
+            );
         }
         if items.len() > limits::MAX_GROUP_SIZE {
-            return self.fail(path, format!("an `{name}` group holds {} conditions; at most {}", items.len(), limits::MAX_GROUP_SIZE));
+            return self.fail(
+                path,
+                format!(
+                    "an `{name}` group holds {} conditions; at most {}",
+                    items.len(),
+                    limits::MAX_GROUP_SIZE
+                ),
+            );
         }
         let mut out = Vec::with_capacity(items.len());
         let mut ok = true;
@@ -374,10 +419,19 @@ impl Validator {
         let operator = match &c.operator {
             RawOperator::Known(op) => *op,
             RawOperator::Missing => {
-                return self.fail(format!("{path}.operator"), format!("is required; one of {}", Operator::names()));
+                return self.fail(
+                    format!("{path}.operator"),
+                    format!("is required; one of {}", Operator::names()),
+                );
             }
             RawOperator::Unknown(name) => {
-                return self.fail(format!("{path}.operator"), format!("unknown operator `{name}`; expected one of {}", Operator::names()));
+                return self.fail(
+                    format!("{path}.operator"),
+                    format!(
+                        "unknown operator `{name}`; expected one of {}",
+                        Operator::names()
+                    ),
+                );
             }
         };
         let value_path = format!("{path}.value");
@@ -402,7 +456,14 @@ impl Validator {
                     return self.fail(value_path, "`in` takes its values in `values`, not `value`");
                 }
                 if values.is_empty() || values.len() > limits::MAX_IN_VALUES {
-                    return self.fail(list_path, format!("`in` takes 1 to {} values; got {}", limits::MAX_IN_VALUES, values.len()));
+                    return self.fail(
+                        list_path,
+                        format!(
+                            "`in` takes 1 to {} values; got {}",
+                            limits::MAX_IN_VALUES,
+                            values.len()
+                        ),
+                    );
                 }
                 let mut typed = Vec::with_capacity(values.len());
                 let mut first_kind: Option<ValueKind> = None;
@@ -412,14 +473,27 @@ impl Validator {
                         continue;
                     };
                     if !operator.accepts(value.kind()) {
-                        self.fail::<()>(at, format!("`in` compares strings or numbers; got {}", value.kind_name()));
+                        self.fail::<()>(
+                            at,
+                            format!(
+                                "`in` compares strings or numbers; got {}",
+                                value.kind_name()
+                            ),
+                        );
                         continue;
                     }
                     match first_kind {
                         None => first_kind = Some(value.kind()),
                         Some(kind) if kind != value.kind() => {
-                            let list = if kind == ValueKind::String { "strings" } else { "numbers" };
-                            self.fail::<()>(at, format!("{} in a list of {list}", value.kind_name()));
+                            let list = if kind == ValueKind::String {
+                                "strings"
+                            } else {
+                                "numbers"
+                            };
+                            self.fail::<()>(
+                                at,
+                                format!("{} in a list of {list}", value.kind_name()),
+                            );
                             continue;
                         }
                         Some(_) => {}
@@ -433,7 +507,10 @@ impl Validator {
             }
             op => {
                 if c.values.is_some() && c.list_field != "value" {
-                    return self.fail(list_path, format!("only `in` takes a list; `{op}` takes one value"));
+                    return self.fail(
+                        list_path,
+                        format!("only `in` takes a list; `{op}` takes one value"),
+                    );
                 }
                 let Some(raw) = &c.value else {
                     let description = if c.values.is_some() {
@@ -445,19 +522,34 @@ impl Validator {
                 };
                 let value = self.value(raw, &value_path)?;
                 if !op.accepts(value.kind()) {
-                    return self.fail(value_path, format!("type mismatch: `{op}` takes {}, got {}", op.accepted(), value.kind_name()));
+                    return self.fail(
+                        value_path,
+                        format!(
+                            "type mismatch: `{op}` takes {}, got {}",
+                            op.accepted(),
+                            value.kind_name()
+                        ),
+                    );
                 }
                 Operand::One(value)
             }
         };
-        field_ok.then(|| Condition { field: c.field.clone(), operator, operand })
+        field_ok.then(|| Condition {
+            field: c.field.clone(),
+            operator,
+            operand,
+        })
     }
 
     fn field(&mut self, field: &str, path: &str) -> bool {
         let problem = if field.is_empty() {
             Some("is required: the attribute's name".to_owned())
         } else if field.len() > limits::MAX_FIELD_BYTES {
-            Some(format!("is {} bytes; at most {}", field.len(), limits::MAX_FIELD_BYTES))
+            Some(format!(
+                "is {} bytes; at most {}",
+                field.len(),
+                limits::MAX_FIELD_BYTES
+            ))
         } else if field.contains(['"', '\\']) || field.chars().any(char::is_control) {
             Some("must not contain `\"`, `\\` or control characters".to_owned())
         } else {
@@ -474,22 +566,36 @@ impl Validator {
 
     fn value(&mut self, raw: &RawValue, path: &str) -> Option<Value> {
         match raw {
-            RawValue::Empty => self.fail(path, "is empty; give a string, number, bool or timestamp"),
+            RawValue::Empty => {
+                self.fail(path, "is empty; give a string, number, bool or timestamp")
+            }
             RawValue::Malformed(why) => self.fail(path, why.clone()),
             RawValue::Known(value) => {
                 let problem = match value {
-                    Value::String(s) if s.len() > limits::MAX_STRING_BYTES => {
-                        Some(format!("is {} bytes; at most {}", s.len(), limits::MAX_STRING_BYTES))
+                    Value::String(s) if s.len() > limits::MAX_STRING_BYTES => Some(format!(
+                        "is {} bytes; at most {}",
+                        s.len(),
+                        limits::MAX_STRING_BYTES
+                    )),
+                    Value::String(s) if s.contains('\0') => {
+                        Some("must not contain NUL characters".to_owned())
                     }
-                    Value::String(s) if s.contains('\0') => Some("must not contain NUL characters".to_owned()),
-                    Value::Number(n) if !n.is_finite() => Some("must be a finite number".to_owned()),
-                    Value::Timestamp(TimeValue::At(t)) if t.timestamp() < 0 || t.timestamp() > 253_402_300_799 => {
+                    Value::Number(n) if !n.is_finite() => {
+                        Some("must be a finite number".to_owned())
+                    }
+                    Value::Timestamp(TimeValue::At(t))
+                        if t.timestamp() < 0 || t.timestamp() > 253_402_300_799 =>
+                    {
                         Some("must be between 1970 and 9999".to_owned())
                     }
-                    Value::Timestamp(TimeValue::Ago(d) | TimeValue::FromNow(d)) if *d > limits::MAX_RELATIVE => {
+                    Value::Timestamp(TimeValue::Ago(d) | TimeValue::FromNow(d))
+                        if *d > limits::MAX_RELATIVE =>
+                    {
                         Some("a relative time may reach at most 100 years".to_owned())
                     }
-                    Value::Timestamp(TimeValue::Ago(d) | TimeValue::FromNow(d)) if d.subsec_nanos() != 0 => {
+                    Value::Timestamp(TimeValue::Ago(d) | TimeValue::FromNow(d))
+                        if d.subsec_nanos() != 0 =>
+                    {
                         Some("a relative time is a whole number of seconds".to_owned())
                     }
                     _ => None,
@@ -510,7 +616,14 @@ impl Validator {
 /// at all is one violation at `path`.
 pub fn parse_json(text: &str, path: &str) -> Result<RawCriteria, Vec<FieldViolation>> {
     if text.len() > limits::MAX_JSON_BYTES {
-        return Err(vec![FieldViolation::new(path, format!("is {} bytes; at most {}", text.len(), limits::MAX_JSON_BYTES))]);
+        return Err(vec![FieldViolation::new(
+            path,
+            format!(
+                "is {} bytes; at most {}",
+                text.len(),
+                limits::MAX_JSON_BYTES
+            ),
+        )]);
     }
     let value: Json = serde_json::from_str(text)
         .map_err(|e| vec![FieldViolation::new(path, format!("is not valid JSON: {e}"))])?;
@@ -529,7 +642,10 @@ fn raw_from_json(value: &Json, depth: usize) -> RawCriteria {
     }
     if map.len() > 1 {
         let keys: Vec<&str> = map.keys().map(String::as_str).collect();
-        return RawCriteria::Malformed(format!("give exactly one of {KEYS}; got {}", keys.join(", ")));
+        return RawCriteria::Malformed(format!(
+            "give exactly one of {KEYS}; got {}",
+            keys.join(", ")
+        ));
     }
     let Some((key, inner)) = map.iter().next() else {
         return RawCriteria::Empty;
@@ -544,7 +660,11 @@ fn raw_from_json(value: &Json, depth: usize) -> RawCriteria {
                 return RawCriteria::Malformed(format!("`{key}` takes a list of criteria"));
             };
             let items = items.iter().map(|i| raw_from_json(i, depth - 1)).collect();
-            if key == "and" { RawCriteria::And(items) } else { RawCriteria::Or(items) }
+            if key == "and" {
+                RawCriteria::And(items)
+            } else {
+                RawCriteria::Or(items)
+            }
         }
         "not" => RawCriteria::Not(Some(Box::new(raw_from_json(inner, depth - 1)))),
         "segment" => match inner {
@@ -554,23 +674,34 @@ fn raw_from_json(value: &Json, depth: usize) -> RawCriteria {
                 Some(_) => RawCriteria::Segment(Some(0)),
                 None => RawCriteria::Segment(None),
             },
-            _ => RawCriteria::Malformed("`segment` takes {\"id\": <Customer.io segment id>}".to_owned()),
+            _ => RawCriteria::Malformed(
+                "`segment` takes {\"id\": <Customer.io segment id>}".to_owned(),
+            ),
         },
         "attribute" => match inner.as_object() {
-            Some(o) => match o.keys().find(|k| !matches!(k.as_str(), "field" | "operator" | "value")) {
+            Some(o) => match o
+                .keys()
+                .find(|k| !matches!(k.as_str(), "field" | "operator" | "value"))
+            {
                 Some(extra) => RawCriteria::Malformed(format!(
                     "unknown key `{extra}` in an attribute condition; expected field, operator, value"
                 )),
                 None => RawCriteria::Attribute(condition_from_json(o)),
             },
-            None => RawCriteria::Malformed("`attribute` takes {\"field\", \"operator\", \"value\"}".to_owned()),
+            None => RawCriteria::Malformed(
+                "`attribute` takes {\"field\", \"operator\", \"value\"}".to_owned(),
+            ),
         },
         other => RawCriteria::Malformed(format!("unknown key `{other}`; expected one of {KEYS}")),
     }
 }
 
 fn condition_from_json(o: &Map<String, Json>) -> RawCondition {
-    let field = o.get("field").and_then(Json::as_str).unwrap_or_default().to_owned();
+    let field = o
+        .get("field")
+        .and_then(Json::as_str)
+        .unwrap_or_default()
+        .to_owned();
     let operator = match o.get("operator") {
         None | Some(Json::Null) => RawOperator::Missing,
         Some(Json::String(name)) => match Operator::from_name(name) {
@@ -584,7 +715,13 @@ fn condition_from_json(o: &Map<String, Json>) -> RawCondition {
         Some(Json::Array(items)) => (None, Some(items.iter().map(value_from_json).collect())),
         Some(v) => (Some(value_from_json(v)), None),
     };
-    RawCondition { field, operator, value, values, list_field: "value" }
+    RawCondition {
+        field,
+        operator,
+        value,
+        values,
+        list_field: "value",
+    }
 }
 
 fn value_from_json(v: &Json) -> RawValue {
@@ -595,11 +732,15 @@ fn value_from_json(v: &Json) -> RawValue {
             None => RawValue::Malformed("is not a representable number".to_owned()),
         },
         Json::Bool(b) => RawValue::Known(Value::Bool(*b)),
-        Json::Null => RawValue::Malformed("null is not a value; use `exists` (or `not` `exists`)".to_owned()),
+        Json::Null => {
+            RawValue::Malformed("null is not a value; use `exists` (or `not` `exists`)".to_owned())
+        }
         Json::Array(_) => RawValue::Malformed("a list is only a value of `in`".to_owned()),
         Json::Object(o) => {
             if o.len() != 1 {
-                return RawValue::Malformed("a time is {\"timestamp\": …}, {\"ago\": …} or {\"from_now\": …}".to_owned());
+                return RawValue::Malformed(
+                    "a time is {\"timestamp\": …}, {\"ago\": …} or {\"from_now\": …}".to_owned(),
+                );
             }
             match o.iter().next() {
                 Some((k, Json::String(t))) if k == "timestamp" => match DateTime::parse_from_rfc3339(t) {
@@ -649,7 +790,9 @@ fn value_to_json(v: &Value) -> Json {
         Value::String(s) => json!(s),
         Value::Number(n) => number_json(*n),
         Value::Bool(b) => json!(b),
-        Value::Timestamp(TimeValue::At(t)) => json!({"timestamp": t.to_rfc3339_opts(SecondsFormat::AutoSi, true)}),
+        Value::Timestamp(TimeValue::At(t)) => {
+            json!({"timestamp": t.to_rfc3339_opts(SecondsFormat::AutoSi, true)})
+        }
         Value::Timestamp(TimeValue::Ago(d)) => json!({"ago": format_duration(*d)}),
         Value::Timestamp(TimeValue::FromNow(d)) => json!({"from_now": format_duration(*d)}),
     }
@@ -668,8 +811,12 @@ impl Criteria {
     /// The canonical JSON form (what is stored and shown).
     pub fn to_json(&self) -> Json {
         match self {
-            Criteria::And(items) => json!({"and": items.iter().map(Criteria::to_json).collect::<Vec<_>>()}),
-            Criteria::Or(items) => json!({"or": items.iter().map(Criteria::to_json).collect::<Vec<_>>()}),
+            Criteria::And(items) => {
+                json!({"and": items.iter().map(Criteria::to_json).collect::<Vec<_>>()})
+            }
+            Criteria::Or(items) => {
+                json!({"or": items.iter().map(Criteria::to_json).collect::<Vec<_>>()})
+            }
             Criteria::Not(inner) => json!({"not": inner.to_json()}),
             Criteria::Segment(id) => json!({"segment": {"id": id}}),
             Criteria::Attribute(c) => {
@@ -682,7 +829,10 @@ impl Criteria {
                         o.insert("value".into(), value_to_json(v));
                     }
                     Operand::Many(vs) => {
-                        o.insert("value".into(), Json::Array(vs.iter().map(value_to_json).collect()));
+                        o.insert(
+                            "value".into(),
+                            Json::Array(vs.iter().map(value_to_json).collect()),
+                        );
                     }
                 }
                 json!({"attribute": o})
@@ -727,7 +877,11 @@ impl Criteria {
     fn collect_segment_paths(&self, path: &str, out: &mut Vec<(i64, String)>) {
         match self {
             Criteria::And(items) | Criteria::Or(items) => {
-                let key = if matches!(self, Criteria::And(_)) { "and" } else { "or" };
+                let key = if matches!(self, Criteria::And(_)) {
+                    "and"
+                } else {
+                    "or"
+                };
                 for (i, item) in items.iter().enumerate() {
                     item.collect_segment_paths(&format!("{path}.{key}[{i}]"), out);
                 }
@@ -782,22 +936,59 @@ fn condition_filter(c: &Condition, now: DateTime<Utc>) -> Filter {
                 },
                 value: s.clone(),
             },
-            Value::Number(n) => Filter::Number { attribute: attribute.clone(), op: comparison(op), value: *n },
-            Value::Timestamp(t) => Filter::Number { attribute: attribute.clone(), op: comparison(op), value: t.resolve(now) },
-            Value::Bool(b) => Filter::Bool { attribute: attribute.clone(), value: *b },
+            Value::Number(n) => Filter::Number {
+                attribute: attribute.clone(),
+                op: comparison(op),
+                value: *n,
+            },
+            Value::Timestamp(t) => Filter::Number {
+                attribute: attribute.clone(),
+                op: comparison(op),
+                value: t.resolve(now),
+            },
+            Value::Bool(b) => Filter::Bool {
+                attribute: attribute.clone(),
+                value: *b,
+            },
         }
     };
     match (&c.operand, c.operator) {
-        (Operand::None, _) => Filter::Exists { attribute: attribute.clone() },
+        (Operand::None, _) => Filter::Exists {
+            attribute: attribute.clone(),
+        },
         (Operand::One(v), Operator::Neq) => Filter::Not(Box::new(one(v, Operator::Eq))),
         (Operand::One(v), op) => one(v, op),
         (Operand::Many(values), _) => {
-            let strings: Vec<String> = values.iter().filter_map(|v| if let Value::String(s) = v { Some(s.clone()) } else { None }).collect();
+            let strings: Vec<String> = values
+                .iter()
+                .filter_map(|v| {
+                    if let Value::String(s) = v {
+                        Some(s.clone())
+                    } else {
+                        None
+                    }
+                })
+                .collect();
             if strings.len() == values.len() {
-                Filter::TextIn { attribute, values: strings }
+                Filter::TextIn {
+                    attribute,
+                    values: strings,
+                }
             } else {
-                let numbers = values.iter().filter_map(|v| if let Value::Number(n) = v { Some(*n) } else { None }).collect();
-                Filter::NumberIn { attribute, values: numbers }
+                let numbers = values
+                    .iter()
+                    .filter_map(|v| {
+                        if let Value::Number(n) = v {
+                            Some(*n)
+                        } else {
+                            None
+                        }
+                    })
+                    .collect();
+                Filter::NumberIn {
+                    attribute,
+                    values: numbers,
+                }
             }
         }
     }
@@ -841,23 +1032,48 @@ mod tests {
         };
         assert_eq!(items.len(), 8);
         assert_eq!(criteria.segments(), BTreeSet::from([3]));
-        assert!(criteria.attributes().contains("engagement_score") && criteria.attributes().len() == 7);
+        assert!(
+            criteria.attributes().contains("engagement_score") && criteria.attributes().len() == 7
+        );
         let stored = criteria.to_json();
-        assert_eq!(stored["and"][1], json!({"attribute": {"field": "engagement_score", "operator": "gt", "value": 80}}));
-        assert_eq!(stored["and"][3]["attribute"]["value"], json!({"ago": "30d"}));
+        assert_eq!(
+            stored["and"][1],
+            json!({"attribute": {"field": "engagement_score", "operator": "gt", "value": 80}})
+        );
+        assert_eq!(
+            stored["and"][3]["attribute"]["value"],
+            json!({"ago": "30d"})
+        );
         assert_eq!(Criteria::from_stored(&stored).ok(), Some(criteria));
     }
 
     #[test]
     fn relative_times_resolve_at_evaluation_time_and_neq_is_not_eq() {
-        let now = DateTime::parse_from_rfc3339("2026-11-28T00:00:00Z").map(|t| t.with_timezone(&Utc)).unwrap_or_default();
-        let c = parse(r#"{"attribute": {"field": "last_opened_at", "operator": "gte", "value": {"ago": "30d"}}}"#);
-        let Filter::Number { op, value, .. } = c.to_filter(now) else { panic!() };
-        assert_eq!((op, value), (Comparison::Gte, now.timestamp() as f64 - 30.0 * 86_400.0));
+        let now = DateTime::parse_from_rfc3339("2026-11-28T00:00:00Z")
+            .map(|t| t.with_timezone(&Utc))
+            .unwrap_or_default();
+        let c = parse(
+            r#"{"attribute": {"field": "last_opened_at", "operator": "gte", "value": {"ago": "30d"}}}"#,
+        );
+        let Filter::Number { op, value, .. } = c.to_filter(now) else {
+            panic!()
+        };
+        assert_eq!(
+            (op, value),
+            (Comparison::Gte, now.timestamp() as f64 - 30.0 * 86_400.0)
+        );
         let c = parse(r#"{"attribute": {"field": "plan", "operator": "neq", "value": "pro"}}"#);
-        assert!(matches!(c.to_filter(now), Filter::Not(inner) if matches!(*inner, Filter::Text { op: TextOp::Compare(Comparison::Eq), .. })));
+        assert!(
+            matches!(c.to_filter(now), Filter::Not(inner) if matches!(*inner, Filter::Text { op: TextOp::Compare(Comparison::Eq), .. }))
+        );
         let c = parse(r#"{"attribute": {"field": "score", "operator": "in", "value": [1, 2.5]}}"#);
-        assert_eq!(c.to_filter(now), Filter::NumberIn { attribute: "score".into(), values: vec![1.0, 2.5] });
+        assert_eq!(
+            c.to_filter(now),
+            Filter::NumberIn {
+                attribute: "score".into(),
+                values: vec![1.0, 2.5]
+            }
+        );
     }
 
     #[test]
@@ -869,33 +1085,96 @@ mod tests {
             (r#"{"and": []}"#, vec!["criteria_json.and"]),
             (r#"{"or": {}}"#, vec!["criteria_json"]),
             (r#"{"and": [{"x": 1}]}"#, vec!["criteria_json.and[0]"]),
-            (r#"{"and": [{}, {"attribute": {"field": "a", "operator": "between", "value": 1}}]}"#, vec!["criteria_json.and[0]", "criteria_json.and[1].attribute.operator"]),
-            (r#"{"attribute": {"field": "a", "value": 1}}"#, vec!["criteria_json.attribute.operator"]),
-            (r#"{"attribute": {"field": "", "operator": "eq", "value": 1}}"#, vec!["criteria_json.attribute.field"]),
-            (r#"{"attribute": {"field": "a\"b", "operator": "eq", "value": 1}}"#, vec!["criteria_json.attribute.field"]),
-            (r#"{"attribute": {"field": "a", "operator": "contains", "value": 1}}"#, vec!["criteria_json.attribute.value"]),
-            (r#"{"attribute": {"field": "a", "operator": "gt", "value": true}}"#, vec!["criteria_json.attribute.value"]),
-            (r#"{"attribute": {"field": "a", "operator": "eq"}}"#, vec!["criteria_json.attribute.value"]),
-            (r#"{"attribute": {"field": "a", "operator": "exists", "value": 1}}"#, vec!["criteria_json.attribute.value"]),
-            (r#"{"attribute": {"field": "a", "operator": "in", "value": "x"}}"#, vec!["criteria_json.attribute.value"]),
-            (r#"{"attribute": {"field": "a", "operator": "in", "value": []}}"#, vec!["criteria_json.attribute.value"]),
-            (r#"{"attribute": {"field": "a", "operator": "in", "value": ["x", 1]}}"#, vec!["criteria_json.attribute.value[1]"]),
-            (r#"{"attribute": {"field": "a", "operator": "in", "value": [true]}}"#, vec!["criteria_json.attribute.value[0]"]),
-            (r#"{"attribute": {"field": "a", "operator": "eq", "value": null}}"#, vec!["criteria_json.attribute.value"]),
-            (r#"{"attribute": {"field": "a", "operator": "gte", "value": {"ago": "30 days"}}}"#, vec!["criteria_json.attribute.value"]),
-            (r#"{"attribute": {"field": "a", "operator": "gte", "value": {"timestamp": "yesterday"}}}"#, vec!["criteria_json.attribute.value"]),
-            (r#"{"segment": {"id": -1}}"#, vec!["criteria_json.segment.id"]),
+            (
+                r#"{"and": [{}, {"attribute": {"field": "a", "operator": "between", "value": 1}}]}"#,
+                vec![
+                    "criteria_json.and[0]",
+                    "criteria_json.and[1].attribute.operator",
+                ],
+            ),
+            (
+                r#"{"attribute": {"field": "a", "value": 1}}"#,
+                vec!["criteria_json.attribute.operator"],
+            ),
+            (
+                r#"{"attribute": {"field": "", "operator": "eq", "value": 1}}"#,
+                vec!["criteria_json.attribute.field"],
+            ),
+            (
+                r#"{"attribute": {"field": "a\"b", "operator": "eq", "value": 1}}"#,
+                vec!["criteria_json.attribute.field"],
+            ),
+            (
+                r#"{"attribute": {"field": "a", "operator": "contains", "value": 1}}"#,
+                vec!["criteria_json.attribute.value"],
+            ),
+            (
+                r#"{"attribute": {"field": "a", "operator": "gt", "value": true}}"#,
+                vec!["criteria_json.attribute.value"],
+            ),
+            (
+                r#"{"attribute": {"field": "a", "operator": "eq"}}"#,
+                vec!["criteria_json.attribute.value"],
+            ),
+            (
+                r#"{"attribute": {"field": "a", "operator": "exists", "value": 1}}"#,
+                vec!["criteria_json.attribute.value"],
+            ),
+            (
+                r#"{"attribute": {"field": "a", "operator": "in", "value": "x"}}"#,
+                vec!["criteria_json.attribute.value"],
+            ),
+            (
+                r#"{"attribute": {"field": "a", "operator": "in", "value": []}}"#,
+                vec!["criteria_json.attribute.value"],
+            ),
+            (
+                r#"{"attribute": {"field": "a", "operator": "in", "value": ["x", 1]}}"#,
+                vec!["criteria_json.attribute.value[1]"],
+            ),
+            (
+                r#"{"attribute": {"field": "a", "operator": "in", "value": [true]}}"#,
+                vec!["criteria_json.attribute.value[0]"],
+            ),
+            (
+                r#"{"attribute": {"field": "a", "operator": "eq", "value": null}}"#,
+                vec!["criteria_json.attribute.value"],
+            ),
+            (
+                r#"{"attribute": {"field": "a", "operator": "gte", "value": {"ago": "30 days"}}}"#,
+                vec!["criteria_json.attribute.value"],
+            ),
+            (
+                r#"{"attribute": {"field": "a", "operator": "gte", "value": {"timestamp": "yesterday"}}}"#,
+                vec!["criteria_json.attribute.value"],
+            ),
+            (
+                r#"{"segment": {"id": -1}}"#,
+                vec!["criteria_json.segment.id"],
+            ),
             (r#"{"segment": {}}"#, vec!["criteria_json.segment.id"]),
-            (r#"{"not": {"and": [{"segment": 0}]}}"#, vec!["criteria_json.not.and[0].segment.id"]),
-            (r#"{"and": [{"segment": 1}], "or": []}"#, vec!["criteria_json"]),
+            (
+                r#"{"not": {"and": [{"segment": 0}]}}"#,
+                vec!["criteria_json.not.and[0].segment.id"],
+            ),
+            (
+                r#"{"and": [{"segment": 1}], "or": []}"#,
+                vec!["criteria_json"],
+            ),
         ];
         for (json, want) in cases {
             assert_eq!(fields(json), want, "{json}");
         }
-        let long = format!(r#"{{"attribute": {{"field": "a", "operator": "eq", "value": "{}"}}}}"#, "x".repeat(1001));
+        let long = format!(
+            r#"{{"attribute": {{"field": "a", "operator": "eq", "value": "{}"}}}}"#,
+            "x".repeat(1001)
+        );
         assert_eq!(fields(&long), vec!["criteria_json.attribute.value"]);
         let many: Vec<String> = (0..1001).map(|i| i.to_string()).collect();
-        let big_in = format!(r#"{{"attribute": {{"field": "a", "operator": "in", "value": [{}]}}}}"#, many.join(","));
+        let big_in = format!(
+            r#"{{"attribute": {{"field": "a", "operator": "in", "value": [{}]}}}}"#,
+            many.join(",")
+        );
         assert_eq!(fields(&big_in), vec!["criteria_json.attribute.value"]);
     }
 
@@ -906,7 +1185,11 @@ mod tests {
         for _ in 0..limits::MAX_DEPTH - 1 {
             deep = format!(r#"{{"not": {deep}}}"#);
         }
-        assert!(fields(&deep).is_empty(), "depth {} is allowed", limits::MAX_DEPTH);
+        assert!(
+            fields(&deep).is_empty(),
+            "depth {} is allowed",
+            limits::MAX_DEPTH
+        );
         let too_deep = format!(r#"{{"not": {deep}}}"#);
         assert_eq!(fields(&too_deep), vec!["criteria_json"]);
         let hostile = format!("{}{leaf}{}", r#"{"not": "#.repeat(5000), "}".repeat(5000));
@@ -921,7 +1204,10 @@ mod tests {
 
     #[test]
     fn durations_parse_and_format() {
-        assert_eq!(parse_duration("30d"), Some(Duration::from_secs(30 * 86_400)));
+        assert_eq!(
+            parse_duration("30d"),
+            Some(Duration::from_secs(30 * 86_400))
+        );
         assert_eq!(parse_duration("2w"), Some(Duration::from_secs(14 * 86_400)));
         assert_eq!(parse_duration("90m"), Some(Duration::from_secs(5400)));
         for bad in ["", "d", "30", "-1d", "1y", "3.5h", "99999999999999999999w"] {

@@ -65,11 +65,21 @@ impl Job {
         match self {
             Job::SegmentSync => "pull segments and member counts from Customer.io into the mirror",
             Job::OutboxDelivery => "deliver accepted attribute updates and events to Customer.io",
-            Job::SegmentEvaluation => "re-evaluate due managed segments and queue their membership changes",
-            Job::CampaignSync => "pull campaigns, API-triggered broadcasts and newsletters into the mirror",
-            Job::MetricsPoll => "poll due campaign, broadcast and newsletter metrics into snapshots",
-            Job::SendDispatch => "submit due assignment sends to Customer.io (one trigger per broadcast window)",
-            Job::SendReconcile => "settle uncertain sends from Customer.io's records; follow submitted ones to completion",
+            Job::SegmentEvaluation => {
+                "re-evaluate due managed segments and queue their membership changes"
+            }
+            Job::CampaignSync => {
+                "pull campaigns, API-triggered broadcasts and newsletters into the mirror"
+            }
+            Job::MetricsPoll => {
+                "poll due campaign, broadcast and newsletter metrics into snapshots"
+            }
+            Job::SendDispatch => {
+                "submit due assignment sends to Customer.io (one trigger per broadcast window)"
+            }
+            Job::SendReconcile => {
+                "settle uncertain sends from Customer.io's records; follow submitted ones to completion"
+            }
         }
     }
 
@@ -112,13 +122,21 @@ impl fmt::Display for Job {
 pub struct UnknownJob(pub String);
 
 fn known_jobs() -> String {
-    Job::ALL.iter().map(|j| j.name()).collect::<Vec<_>>().join(", ")
+    Job::ALL
+        .iter()
+        .map(|j| j.name())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl FromStr for Job {
     type Err = UnknownJob;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Job::ALL.iter().copied().find(|j| j.name() == s).ok_or_else(|| UnknownJob(s.to_string()))
+        Job::ALL
+            .iter()
+            .copied()
+            .find(|j| j.name() == s)
+            .ok_or_else(|| UnknownJob(s.to_string()))
     }
 }
 
@@ -129,7 +147,10 @@ pub const LEASE_TTL: Duration = Duration::from_secs(120);
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobOutcome {
     /// The job ran; `details` holds its counts.
-    Succeeded { run_id: i64, details: serde_json::Value },
+    Succeeded {
+        run_id: i64,
+        details: serde_json::Value,
+    },
     /// Another holder has the lease; the job did not run here.
     Skipped { run_id: i64 },
 }
@@ -160,7 +181,9 @@ pub async fn run_job(ctx: &AppContext, job: Job, holder: &str) -> Result<JobOutc
         otel.status_code = tracing::field::Empty,
     );
     let started = std::time::Instant::now();
-    let result = run_job_recorded(ctx, job, holder).instrument(span.clone()).await;
+    let result = run_job_recorded(ctx, job, holder)
+        .instrument(span.clone())
+        .await;
     let outcome = match &result {
         Ok(JobOutcome::Succeeded { .. }) => RunOutcome::Succeeded.as_str(),
         Ok(JobOutcome::Skipped { .. }) => RunOutcome::Skipped.as_str(),
@@ -175,15 +198,33 @@ pub async fn run_job(ctx: &AppContext, job: Job, holder: &str) -> Result<JobOutc
     result
 }
 
-async fn run_job_recorded(ctx: &AppContext, job: Job, holder: &str) -> Result<JobOutcome, RunError> {
+async fn run_job_recorded(
+    ctx: &AppContext,
+    job: Job,
+    holder: &str,
+) -> Result<JobOutcome, RunError> {
     let ws = ctx.workspace_id();
     let started_at = Utc::now();
     let run_id = job_store::start_run(&ctx.db, ws, job.name(), holder, started_at).await?;
     tracing::Span::current().record("run_id", run_id);
-    let acquired = job_store::try_acquire_lease(&ctx.db, ws, job.name(), holder, LEASE_TTL, started_at).await?;
+    let acquired =
+        job_store::try_acquire_lease(&ctx.db, ws, job.name(), holder, LEASE_TTL, started_at)
+            .await?;
     if !acquired {
-        job_store::finish_run(&ctx.db, run_id, RunOutcome::Skipped, Utc::now(), json!({"reason": "lease held by another holder"}), None).await?;
-        tracing::info!(job = job.name(), run_id, "skipped: another holder has the lease");
+        job_store::finish_run(
+            &ctx.db,
+            run_id,
+            RunOutcome::Skipped,
+            Utc::now(),
+            json!({"reason": "lease held by another holder"}),
+            None,
+        )
+        .await?;
+        tracing::info!(
+            job = job.name(),
+            run_id,
+            "skipped: another holder has the lease"
+        );
         return Ok(JobOutcome::Skipped { run_id });
     }
 
@@ -192,15 +233,36 @@ async fn run_job_recorded(ctx: &AppContext, job: Job, holder: &str) -> Result<Jo
     let finished_at = Utc::now();
     let outcome = match result {
         Ok(details) => {
-            job_store::finish_run(&ctx.db, run_id, RunOutcome::Succeeded, finished_at, details.clone(), None).await?;
+            job_store::finish_run(
+                &ctx.db,
+                run_id,
+                RunOutcome::Succeeded,
+                finished_at,
+                details.clone(),
+                None,
+            )
+            .await?;
             tracing::info!(job = job.name(), run_id, %details, "job succeeded");
             Ok(JobOutcome::Succeeded { run_id, details })
         }
         Err(source) => {
             let summary = summarize(&source);
             tracing::warn!(job = job.name(), run_id, error = %summary, "job failed");
-            job_store::finish_run(&ctx.db, run_id, RunOutcome::Failed, finished_at, json!({}), Some(&summary)).await?;
-            Err(RunError::Failed(JobFailed { job, run_id, summary, source }))
+            job_store::finish_run(
+                &ctx.db,
+                run_id,
+                RunOutcome::Failed,
+                finished_at,
+                json!({}),
+                Some(&summary),
+            )
+            .await?;
+            Err(RunError::Failed(JobFailed {
+                job,
+                run_id,
+                summary,
+                source,
+            }))
         }
     };
     if let Err(e) = job_store::release_lease(&ctx.db, ws, job.name(), holder).await {
@@ -234,7 +296,9 @@ async fn execute(ctx: &AppContext, job: Job) -> Result<serde_json::Value, CoreEr
             }))
         }
         Job::OutboxDelivery => {
-            let report = crate::outbox::drain(ctx, &format!("job-{}", ulid::Ulid::new()), &ctx.delivery).await?;
+            let report =
+                crate::outbox::drain(ctx, &format!("job-{}", ulid::Ulid::new()), &ctx.delivery)
+                    .await?;
             crate::telemetry::metrics::refresh_outbox_gauges(ctx).await;
             Ok(json!({
                 "claimed": report.claimed,
@@ -245,8 +309,9 @@ async fn execute(ctx: &AppContext, job: Job) -> Result<serde_json::Value, CoreEr
             }))
         }
         Job::SegmentEvaluation => {
-            let config = crate::managed_segments::EvaluationConfig::from_env(&crate::config::ProcessEnv)
-                .map_err(|e| CoreError::invalid(e.variable, e.problem))?;
+            let config =
+                crate::managed_segments::EvaluationConfig::from_env(&crate::config::ProcessEnv)
+                    .map_err(|e| CoreError::invalid(e.variable, e.problem))?;
             let report = crate::managed_segments::evaluate_due(ctx, &config).await?;
             Ok(json!({
                 "evaluated": report.evaluated,
@@ -257,7 +322,9 @@ async fn execute(ctx: &AppContext, job: Job) -> Result<serde_json::Value, CoreEr
                 "failed": report.failed,
             }))
         }
-        Job::CampaignSync => Ok(report_details(&crate::campaigns::sync_campaigns(ctx).await?)),
+        Job::CampaignSync => Ok(report_details(
+            &crate::campaigns::sync_campaigns(ctx).await?,
+        )),
         Job::MetricsPoll => Ok(report_details(&crate::metrics::poll_due(ctx).await?)),
         Job::SendDispatch => Ok(report_details(&crate::sends::dispatch_due(ctx).await?)),
         Job::SendReconcile => Ok(report_details(&crate::sends::reconcile(ctx).await?)),
@@ -266,7 +333,8 @@ async fn execute(ctx: &AppContext, job: Job) -> Result<serde_json::Value, CoreEr
 
 /// A job report as the run's details (its fields as a JSON object).
 fn report_details(report: &impl serde::Serialize) -> serde_json::Value {
-    serde_json::to_value(report).unwrap_or_else(|e| json!({ "report": format!("unserializable: {e}") }))
+    serde_json::to_value(report)
+        .unwrap_or_else(|e| json!({ "report": format!("unserializable: {e}") }))
 }
 
 /// Runs `work` while renewing the lease every third of its lifetime.
@@ -281,10 +349,21 @@ async fn with_lease_renewal<T>(
         every.tick().await;
         loop {
             every.tick().await;
-            match job_store::renew_lease(&ctx.db, ctx.workspace_id(), job.name(), holder, LEASE_TTL, Utc::now()).await {
+            match job_store::renew_lease(
+                &ctx.db,
+                ctx.workspace_id(),
+                job.name(),
+                holder,
+                LEASE_TTL,
+                Utc::now(),
+            )
+            .await
+            {
                 Ok(true) => {}
                 Ok(false) => tracing::warn!(job = job.name(), "lease lost while running"),
-                Err(e) => tracing::warn!(job = job.name(), error = %error_chain(&e), "lease renewal failed"),
+                Err(e) => {
+                    tracing::warn!(job = job.name(), error = %error_chain(&e), "lease renewal failed")
+                }
             }
         }
     };
@@ -322,10 +401,18 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 pub fn default_holder(component: &str) -> String {
     let host = std::env::var("HOSTNAME")
         .ok()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_string()))
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "localhost".to_string());
-    format!("{component}@{host}:{}:{}", std::process::id(), ulid::Ulid::new())
+    format!(
+        "{component}@{host}:{}:{}",
+        std::process::id(),
+        ulid::Ulid::new()
+    )
 }
 
 #[cfg(test)]
@@ -337,14 +424,25 @@ mod tests {
         for job in Job::ALL {
             assert_eq!(job.name().parse::<Job>(), Ok(*job));
         }
-        let err = "segment-synk".parse::<Job>().err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(err.contains("segment-synk") && err.contains("segment-sync"), "{err}");
+        let err = "segment-synk"
+            .parse::<Job>()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("segment-synk") && err.contains("segment-sync"),
+            "{err}"
+        );
     }
 
     #[test]
     fn default_schedules_have_six_fields() {
         for job in Job::ALL {
-            assert_eq!(job.default_schedule().split_whitespace().count(), 6, "{job}");
+            assert_eq!(
+                job.default_schedule().split_whitespace().count(),
+                6,
+                "{job}"
+            );
         }
     }
 }

@@ -105,7 +105,12 @@ pub fn journey_event_id(event_name: &str, assignment_id: &str, customer_id: &str
     const OFFSET: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
     const PRIME: u128 = 0x0000_0000_0100_0000_0000_0000_0000_013b;
     let mut hash = OFFSET;
-    for part in ["sharpsend.journey.v1", event_name, assignment_id, customer_id] {
+    for part in [
+        "sharpsend.journey.v1",
+        event_name,
+        assignment_id,
+        customer_id,
+    ] {
         let len = u64::try_from(part.len()).unwrap_or(u64::MAX).to_le_bytes();
         for byte in len.iter().chain(part.as_bytes()) {
             hash ^= u128::from(*byte);
@@ -147,9 +152,14 @@ pub async fn trigger_journey_event(
             Source::Managed(segment_id) => {
                 let mut after: Option<String> = None;
                 loop {
-                    let page =
-                        managed::members_page(&ctx.db, ctx.workspace_id(), segment_id, after.as_deref(), DB_PAGE)
-                            .await?;
+                    let page = managed::members_page(
+                        &ctx.db,
+                        ctx.workspace_id(),
+                        segment_id,
+                        after.as_deref(),
+                        DB_PAGE,
+                    )
+                    .await?;
                     for customer_id in &page {
                         run.member(segment_id, Some(customer_id)).await?;
                     }
@@ -211,7 +221,11 @@ struct Run<'a> {
 
 impl Run<'_> {
     /// A member of `segment_id` (`None`: one without a Customer.io `id`).
-    async fn member(&mut self, segment_id: i64, customer_id: Option<&str>) -> Result<(), CoreError> {
+    async fn member(
+        &mut self,
+        segment_id: i64,
+        customer_id: Option<&str>,
+    ) -> Result<(), CoreError> {
         let Some(customer_id) = customer_id.filter(|id| usable_customer_id(id)) else {
             self.report.skipped += 1;
             return Ok(());
@@ -222,7 +236,10 @@ impl Run<'_> {
         }
         self.report.members += 1;
         let mut data = self.data.clone();
-        data.insert(ASSIGNMENT_ID_KEY.into(), Value::String(self.assignment_id.to_owned()));
+        data.insert(
+            ASSIGNMENT_ID_KEY.into(),
+            Value::String(self.assignment_id.to_owned()),
+        );
         data.insert(SEGMENT_ID_KEY.into(), Value::from(segment_id));
         let data = Value::Object(data);
         self.batch_data_bytes = self.batch_data_bytes.saturating_add(json_len(&data));
@@ -245,7 +262,9 @@ impl Run<'_> {
         if self.batch.is_empty() {
             return Ok(());
         }
-        let accepted = outbox::accept_events(&self.ctx.db, self.ctx.workspace_id(), &self.batch, self.now).await?;
+        let accepted =
+            outbox::accept_events(&self.ctx.db, self.ctx.workspace_id(), &self.batch, self.now)
+                .await?;
         let already = accepted.iter().filter(|a| a.duplicate).count() as u64;
         self.report.already_recorded += already;
         self.report.recorded += accepted.len() as u64 - already;
@@ -271,54 +290,82 @@ fn validate(request: &JourneyEventRequest) -> Result<&str, CoreError> {
     if assignment_id.trim().is_empty() {
         violations.push(FieldViolation::new("assignment_id", "is required"));
     } else if assignment_id.contains('\0') {
-        violations.push(FieldViolation::new("assignment_id", "must not contain NUL characters"));
+        violations.push(FieldViolation::new(
+            "assignment_id",
+            "must not contain NUL characters",
+        ));
     } else if assignment_id.chars().count() > ASSIGNMENT_ID_CHARS {
         violations.push(FieldViolation::new(
             "assignment_id",
-            format!("is {} characters; at most {ASSIGNMENT_ID_CHARS}", assignment_id.chars().count()),
+            format!(
+                "is {} characters; at most {ASSIGNMENT_ID_CHARS}",
+                assignment_id.chars().count()
+            ),
         ));
     }
 
     let event_name = match request.event_name.trim() {
         "" if request.event_name.is_empty() => DEFAULT_EVENT_NAME,
         "" => {
-            violations.push(FieldViolation::new("event_name", "must not be blank (leave it empty for the default)"));
+            violations.push(FieldViolation::new(
+                "event_name",
+                "must not be blank (leave it empty for the default)",
+            ));
             DEFAULT_EVENT_NAME
         }
         name => name,
     };
     if event_name.contains('\0') {
-        violations.push(FieldViolation::new("event_name", "must not contain NUL characters"));
+        violations.push(FieldViolation::new(
+            "event_name",
+            "must not contain NUL characters",
+        ));
     } else if event_name.len() > EVENT_NAME_BYTES {
         violations.push(FieldViolation::new(
             "event_name",
-            format!("is {} bytes; Customer.io allows at most {EVENT_NAME_BYTES}", event_name.len()),
+            format!(
+                "is {} bytes; Customer.io allows at most {EVENT_NAME_BYTES}",
+                event_name.len()
+            ),
         ));
     }
 
     let segment_ids = &request.segment_ids;
     if segment_ids.is_empty() {
-        violations.push(FieldViolation::new("segment_ids", "must list at least one segment id"));
+        violations.push(FieldViolation::new(
+            "segment_ids",
+            "must list at least one segment id",
+        ));
     } else if segment_ids.len() > MAX_TARGETED_SEGMENTS {
         violations.push(FieldViolation::new(
             "segment_ids",
-            format!("at most {MAX_TARGETED_SEGMENTS} segment ids, got {}", segment_ids.len()),
+            format!(
+                "at most {MAX_TARGETED_SEGMENTS} segment ids, got {}",
+                segment_ids.len()
+            ),
         ));
     }
     let mut first_at: HashMap<i64, usize> = HashMap::new();
     for (i, &id) in segment_ids.iter().enumerate() {
         if id <= 0 {
-            violations
-                .push(FieldViolation::new(format!("segment_ids[{i}]"), "must be a positive Customer.io segment id"));
+            violations.push(FieldViolation::new(
+                format!("segment_ids[{i}]"),
+                "must be a positive Customer.io segment id",
+            ));
         } else if let Some(&first) = first_at.get(&id) {
-            violations.push(FieldViolation::new(format!("segment_ids[{i}]"), format!("repeats segment_ids[{first}]")));
+            violations.push(FieldViolation::new(
+                format!("segment_ids[{i}]"),
+                format!("repeats segment_ids[{first}]"),
+            ));
         } else {
             first_at.insert(id, i);
         }
     }
 
     for key in [ASSIGNMENT_ID_KEY, SEGMENT_ID_KEY] {
-        let Some(given) = request.data.get(key) else { continue };
+        let Some(given) = request.data.get(key) else {
+            continue;
+        };
         if key == ASSIGNMENT_ID_KEY && given.as_str() == Some(assignment_id.as_str()) {
             continue;
         }
@@ -329,12 +376,25 @@ fn validate(request: &JourneyEventRequest) -> Result<&str, CoreError> {
     }
     // The largest data any member gets: the caller's plus what SharpSend adds.
     let mut largest = request.data.clone();
-    largest.insert(ASSIGNMENT_ID_KEY.into(), Value::String(assignment_id.clone()));
-    largest.insert(SEGMENT_ID_KEY.into(), Value::from(segment_ids.iter().copied().max().unwrap_or(0)));
+    largest.insert(
+        ASSIGNMENT_ID_KEY.into(),
+        Value::String(assignment_id.clone()),
+    );
+    largest.insert(
+        SEGMENT_ID_KEY.into(),
+        Value::from(segment_ids.iter().copied().max().unwrap_or(0)),
+    );
     let largest = Value::Object(largest);
     let data_len = json_len(&largest);
-    if request.data.iter().any(|(k, v)| k.contains('\0') || json_has_nul(v)) {
-        violations.push(FieldViolation::new("data", "must not contain NUL characters"));
+    if request
+        .data
+        .iter()
+        .any(|(k, v)| k.contains('\0') || json_has_nul(v))
+    {
+        violations.push(FieldViolation::new(
+            "data",
+            "must not contain NUL characters",
+        ));
     } else if data_len > EVENT_DATA_BYTES {
         violations.push(FieldViolation::new(
             "data",
@@ -342,17 +402,27 @@ fn validate(request: &JourneyEventRequest) -> Result<&str, CoreError> {
         ));
     }
 
-    if violations.is_empty() { Ok(event_name) } else { Err(CoreError::InvalidArgument(violations)) }
+    if violations.is_empty() {
+        Ok(event_name)
+    } else {
+        Err(CoreError::InvalidArgument(violations))
+    }
 }
 
 /// Where each target segment's members come from, in request order. Unknown segments (neither
 /// in the segments mirror nor managed) and segments removed in Customer.io are refused.
 async fn resolve_segments(ctx: &AppContext, segment_ids: &[i64]) -> Result<Vec<Source>, CoreError> {
     let ws = ctx.workspace_id();
-    let known: HashMap<i64, mirror::SegmentRecord> =
-        mirror::get_many(&ctx.db, ws, segment_ids).await?.into_iter().map(|s| (s.cio_id, s)).collect();
-    let managed: HashSet<i64> =
-        managed::get_many(&ctx.db, ws, segment_ids).await?.into_iter().map(|m| m.cio_segment_id).collect();
+    let known: HashMap<i64, mirror::SegmentRecord> = mirror::get_many(&ctx.db, ws, segment_ids)
+        .await?
+        .into_iter()
+        .map(|s| (s.cio_id, s))
+        .collect();
+    let managed: HashSet<i64> = managed::get_many(&ctx.db, ws, segment_ids)
+        .await?
+        .into_iter()
+        .map(|m| m.cio_segment_id)
+        .collect();
     let mut violations = Vec::new();
     let mut sources = Vec::with_capacity(segment_ids.len());
     for (i, &id) in segment_ids.iter().enumerate() {
@@ -366,14 +436,20 @@ async fn resolve_segments(ctx: &AppContext, segment_ids: &[i64]) -> Result<Vec<S
             None if !managed.contains(&id) => {
                 violations.push(FieldViolation::new(
                     format!("segment_ids[{i}]"),
-                    format!("segment {id} is not known; run SyncSegments if it is new in Customer.io"),
+                    format!(
+                        "segment {id} is not known; run SyncSegments if it is new in Customer.io"
+                    ),
                 ));
             }
             _ if managed.contains(&id) => sources.push(Source::Managed(id)),
             _ => sources.push(Source::CustomerIo(id)),
         }
     }
-    if violations.is_empty() { Ok(sources) } else { Err(CoreError::InvalidArgument(violations)) }
+    if violations.is_empty() {
+        Ok(sources)
+    } else {
+        Err(CoreError::InvalidArgument(violations))
+    }
 }
 
 #[cfg(test)]
@@ -386,7 +462,8 @@ mod tests {
         JourneyEventRequest {
             assignment_id: value["assignment_id"].as_str().unwrap_or("a-17").to_owned(),
             event_name: value["event_name"].as_str().unwrap_or("").to_owned(),
-            segment_ids: serde_json::from_value(value["segment_ids"].clone()).unwrap_or_else(|_| vec![1]),
+            segment_ids: serde_json::from_value(value["segment_ids"].clone())
+                .unwrap_or_else(|_| vec![1]),
             data: value["data"].as_object().cloned().unwrap_or_default(),
         }
     }
@@ -415,7 +492,9 @@ mod tests {
             journey_event_id(DEFAULT_EVENT_NAME, "a-1", "7u00001"),
         ];
         assert!(others.iter().all(|o| *o != id));
-        let many: HashSet<Ulid> = (0..100_000).map(|i| journey_event_id("e", "a", &format!("u{i}"))).collect();
+        let many: HashSet<Ulid> = (0..100_000)
+            .map(|i| journey_event_id("e", "a", &format!("u{i}")))
+            .collect();
         assert_eq!(many.len(), 100_000);
         assert_eq!(idempotency_key(id), "journey:000000000060CHRZJ4JPBR48NA");
     }
@@ -425,27 +504,56 @@ mod tests {
         assert!(fields(json!({})).is_empty());
         assert!(fields(json!({"data": {"assignment_id": "a-17", "title": "x"}})).is_empty());
         assert_eq!(validate(&request(json!({}))).ok(), Some(DEFAULT_EVENT_NAME));
-        assert_eq!(validate(&request(json!({"event_name": "  opened "}))).ok(), Some("opened"));
+        assert_eq!(
+            validate(&request(json!({"event_name": "  opened "}))).ok(),
+            Some("opened")
+        );
         assert_eq!(fields(json!({"assignment_id": " "})), vec!["assignment_id"]);
-        assert_eq!(fields(json!({"assignment_id": "x".repeat(201)})), vec!["assignment_id"]);
+        assert_eq!(
+            fields(json!({"assignment_id": "x".repeat(201)})),
+            vec!["assignment_id"]
+        );
         assert!(fields(json!({"assignment_id": "é".repeat(200)})).is_empty());
-        assert_eq!(fields(json!({"assignment_id": "a\u{0}"})), vec!["assignment_id"]);
+        assert_eq!(
+            fields(json!({"assignment_id": "a\u{0}"})),
+            vec!["assignment_id"]
+        );
         assert_eq!(fields(json!({"event_name": "   "})), vec!["event_name"]);
-        assert_eq!(fields(json!({"event_name": "e".repeat(101)})), vec!["event_name"]);
+        assert_eq!(
+            fields(json!({"event_name": "e".repeat(101)})),
+            vec!["event_name"]
+        );
         assert!(fields(json!({"event_name": "e".repeat(100)})).is_empty());
         assert_eq!(fields(json!({"segment_ids": []})), vec!["segment_ids"]);
-        assert_eq!(fields(json!({"segment_ids": (1..=101).collect::<Vec<i64>>()})), vec!["segment_ids"]);
+        assert_eq!(
+            fields(json!({"segment_ids": (1..=101).collect::<Vec<i64>>()})),
+            vec!["segment_ids"]
+        );
         assert_eq!(
             fields(json!({"segment_ids": [3, 0, -2, 3, 4, 3]})),
-            vec!["segment_ids[1]", "segment_ids[2]", "segment_ids[3]", "segment_ids[5]"]
+            vec![
+                "segment_ids[1]",
+                "segment_ids[2]",
+                "segment_ids[3]",
+                "segment_ids[5]"
+            ]
         );
-        assert_eq!(fields(json!({"data": {"assignment_id": "a-18"}})), vec!["data.assignment_id"]);
-        assert_eq!(fields(json!({"data": {"segment_id": 1}})), vec!["data.segment_id"]);
+        assert_eq!(
+            fields(json!({"data": {"assignment_id": "a-18"}})),
+            vec!["data.assignment_id"]
+        );
+        assert_eq!(
+            fields(json!({"data": {"segment_id": 1}})),
+            vec!["data.segment_id"]
+        );
         assert_eq!(fields(json!({"data": {"note": "a\u{0}"}})), vec!["data"]);
         // 100,000 bytes in all, with what SharpSend adds (`{"assignment_id":"a-17","blob":"…","segment_id":1}`).
         let room = EVENT_DATA_BYTES - r#"{"assignment_id":"a-17","blob":"","segment_id":1}"#.len();
         assert!(fields(json!({"data": {"blob": "z".repeat(room)}})).is_empty());
-        assert_eq!(fields(json!({"data": {"blob": "z".repeat(room + 1)}})), vec!["data"]);
+        assert_eq!(
+            fields(json!({"data": {"blob": "z".repeat(room + 1)}})),
+            vec!["data"]
+        );
     }
 
     #[test]

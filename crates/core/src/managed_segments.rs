@@ -26,8 +26,8 @@ use futures::TryStreamExt;
 use serde_json::Value;
 use sharpsend_db::criteria_sql::{self, MatchingProfile};
 use sharpsend_db::managed_segments::{
-    self as store, Applied, EvaluationOutcome, ManagedSegment, ManualChange, NewManagedSegment, SegmentUpdate,
-    StoredCriteria,
+    self as store, Applied, EvaluationOutcome, ManagedSegment, ManualChange, NewManagedSegment,
+    SegmentUpdate, StoredCriteria,
 };
 use sharpsend_db::segments as mirror;
 
@@ -66,7 +66,9 @@ pub struct EvaluationConfig {
 
 impl Default for EvaluationConfig {
     fn default() -> Self {
-        Self { max_age: Duration::from_secs(3600) }
+        Self {
+            max_age: Duration::from_secs(3600),
+        }
     }
 }
 
@@ -75,7 +77,12 @@ impl EvaluationConfig {
         let mut config = Self::default();
         const VARIABLE: &str = "SHARPSEND_SEGMENT_REEVALUATE_SECS";
         match parsed::<u64>(env, VARIABLE, "a positive whole number of seconds")? {
-            Some(0) => return Err(ConfigError { variable: VARIABLE, problem: "must be greater than 0".into() }),
+            Some(0) => {
+                return Err(ConfigError {
+                    variable: VARIABLE,
+                    problem: "must be greater than 0".into(),
+                });
+            }
             Some(n) => config.max_age = Duration::from_secs(n),
             None => {}
         }
@@ -92,13 +99,20 @@ pub struct ManagedView {
 
 impl ManagedView {
     fn of(record: ManagedSegment) -> Self {
-        let criteria = record.criteria.as_ref().and_then(|c| match Criteria::from_stored(c) {
-            Ok(c) => Some(c),
-            Err(violations) => {
-                tracing::error!(segment_id = record.cio_segment_id, ?violations, "stored criteria do not parse");
-                None
-            }
-        });
+        let criteria = record
+            .criteria
+            .as_ref()
+            .and_then(|c| match Criteria::from_stored(c) {
+                Ok(c) => Some(c),
+                Err(violations) => {
+                    tracing::error!(
+                        segment_id = record.cio_segment_id,
+                        ?violations,
+                        "stored criteria do not parse"
+                    );
+                    None
+                }
+            });
         Self { record, criteria }
     }
 }
@@ -141,25 +155,46 @@ impl CriteriaInput {
     }
 }
 
-fn check_text(violations: &mut Vec<FieldViolation>, field: &str, text: &str, max_chars: usize, required: bool) {
+fn check_text(
+    violations: &mut Vec<FieldViolation>,
+    field: &str,
+    text: &str,
+    max_chars: usize,
+    required: bool,
+) {
     if text.contains('\0') {
-        violations.push(FieldViolation::new(field, "must not contain NUL characters"));
+        violations.push(FieldViolation::new(
+            field,
+            "must not contain NUL characters",
+        ));
     } else if required && text.trim().is_empty() {
         violations.push(FieldViolation::new(field, "must not be empty"));
     } else if text.chars().count() > max_chars {
-        violations.push(FieldViolation::new(field, format!("is {} characters; at most {max_chars}", text.chars().count())));
+        violations.push(FieldViolation::new(
+            field,
+            format!(
+                "is {} characters; at most {max_chars}",
+                text.chars().count()
+            ),
+        ));
     }
 }
 
 fn check_segment_id(segment_id: i64) -> Result<(), CoreError> {
     if segment_id <= 0 {
-        return Err(CoreError::invalid("segment_id", "must be a positive Customer.io segment id"));
+        return Err(CoreError::invalid(
+            "segment_id",
+            "must be a positive Customer.io segment id",
+        ));
     }
     Ok(())
 }
 
 fn not_managed(segment_id: i64) -> CoreError {
-    CoreError::NotFound { what: "SharpSend-managed segment", id: segment_id.to_string() }
+    CoreError::NotFound {
+        what: "SharpSend-managed segment",
+        id: segment_id.to_string(),
+    }
 }
 
 /// Checks that the segments `criteria` reads exist (in the segments mirror or as managed
@@ -177,21 +212,39 @@ async fn check_references(
     }
     let ids: Vec<i64> = refs.iter().map(|(id, _)| *id).collect();
     let known: HashMap<i64, mirror::SegmentRecord> =
-        mirror::get_many(&ctx.db, ctx.workspace_id(), &ids).await?.into_iter().map(|s| (s.cio_id, s)).collect();
+        mirror::get_many(&ctx.db, ctx.workspace_id(), &ids)
+            .await?
+            .into_iter()
+            .map(|s| (s.cio_id, s))
+            .collect();
     let managed = store::list(&ctx.db, ctx.workspace_id()).await?;
-    let reads: HashMap<i64, Vec<i64>> = managed.iter().map(|m| (m.cio_segment_id, m.referenced_segments.clone())).collect();
+    let reads: HashMap<i64, Vec<i64>> = managed
+        .iter()
+        .map(|m| (m.cio_segment_id, m.referenced_segments.clone()))
+        .collect();
     for (id, path) in refs {
         if Some(id) == self_id {
-            violations.push(FieldViolation::new(path, "a segment's criteria cannot read its own membership"));
+            violations.push(FieldViolation::new(
+                path,
+                "a segment's criteria cannot read its own membership",
+            ));
             continue;
         }
         match known.get(&id) {
             None if !reads.contains_key(&id) => {
-                violations.push(FieldViolation::new(path, format!("segment {id} is not known; run SyncSegments if it is new in Customer.io")));
+                violations.push(FieldViolation::new(
+                    path,
+                    format!(
+                        "segment {id} is not known; run SyncSegments if it is new in Customer.io"
+                    ),
+                ));
                 continue;
             }
             Some(s) if s.removed => {
-                violations.push(FieldViolation::new(path, format!("segment {id} was removed in Customer.io")));
+                violations.push(FieldViolation::new(
+                    path,
+                    format!("segment {id} was removed in Customer.io"),
+                ));
                 continue;
             }
             _ => {}
@@ -199,7 +252,12 @@ async fn check_references(
         if let Some(me) = self_id
             && reaches(&reads, id, me)
         {
-            violations.push(FieldViolation::new(path, format!("segment {id} reads segment {me} through its criteria: that would be a cycle")));
+            violations.push(FieldViolation::new(
+                path,
+                format!(
+                    "segment {id} reads segment {me} through its criteria: that would be a cycle"
+                ),
+            ));
         }
     }
     Ok(())
@@ -247,8 +305,17 @@ pub struct NewSegment {
 pub async fn create_segment(ctx: &AppContext, new: NewSegment) -> Result<ManagedView, CoreError> {
     let mut violations = Vec::new();
     check_text(&mut violations, "name", &new.name, limits::NAME_CHARS, true);
-    check_text(&mut violations, "description", &new.description, limits::DESCRIPTION_CHARS, false);
-    let criteria = new.criteria.as_ref().and_then(|c| c.validate(&mut violations));
+    check_text(
+        &mut violations,
+        "description",
+        &new.description,
+        limits::DESCRIPTION_CHARS,
+        false,
+    );
+    let criteria = new
+        .criteria
+        .as_ref()
+        .and_then(|c| c.validate(&mut violations));
     if let (Some(c), Some(input)) = (&criteria, &new.criteria) {
         check_references(ctx, c, input.field(), None, &mut violations).await?;
     }
@@ -257,7 +324,10 @@ pub async fn create_segment(ctx: &AppContext, new: NewSegment) -> Result<Managed
     }
     let name = new.name.trim().to_owned();
     let description = Some(new.description.trim().to_owned()).filter(|d| !d.is_empty());
-    let created = ctx.cio.create_manual_segment(&name, description.as_deref()).await?;
+    let created = ctx
+        .cio
+        .create_manual_segment(&name, description.as_deref())
+        .await?;
     let record = NewManagedSegment {
         cio_segment_id: created.id,
         name,
@@ -274,7 +344,11 @@ pub async fn create_segment(ctx: &AppContext, new: NewSegment) -> Result<Managed
             return Err(e.into());
         }
     };
-    tracing::info!(segment_id = saved.cio_segment_id, criteria = criteria.is_some(), "managed segment created");
+    tracing::info!(
+        segment_id = saved.cio_segment_id,
+        criteria = criteria.is_some(),
+        "managed segment created"
+    );
     if criteria.is_some() {
         evaluate_now(ctx, saved.cio_segment_id).await?;
     }
@@ -293,7 +367,12 @@ async fn evaluate_now(ctx: &AppContext, segment_id: i64) -> Result<(), CoreError
     let Some(criteria) = &view.criteria else {
         return Ok(());
     };
-    let refresh = refresh_memberships(ctx, &criteria.segments(), Some(before(Utc::now(), config.max_age))).await;
+    let refresh = refresh_memberships(
+        ctx,
+        &criteria.segments(),
+        Some(before(Utc::now(), config.max_age)),
+    )
+    .await;
     let result = match refresh {
         Ok(_) => evaluate_one(ctx, &view.record).await.map(|_| ()),
         Err(e) => Err(e),
@@ -332,8 +411,11 @@ async fn refresh_memberships(
         return Ok(0);
     }
     let ids: Vec<i64> = segment_ids.iter().copied().collect();
-    let managed: HashSet<i64> =
-        store::get_many(&ctx.db, ctx.workspace_id(), &ids).await?.into_iter().map(|m| m.cio_segment_id).collect();
+    let managed: HashSet<i64> = store::get_many(&ctx.db, ctx.workspace_id(), &ids)
+        .await?
+        .into_iter()
+        .map(|m| m.cio_segment_id)
+        .collect();
     let synced = store::membership_synced_at(&ctx.db, ctx.workspace_id(), &ids).await?;
     let mut refreshed = 0;
     for id in ids {
@@ -345,12 +427,29 @@ async fn refresh_memberships(
         {
             continue;
         }
-        let members: Vec<String> = match ctx.cio.segment_membership(id, MEMBERSHIP_PAGE).try_collect::<Vec<_>>().await {
+        let members: Vec<String> = match ctx
+            .cio
+            .segment_membership(id, MEMBERSHIP_PAGE)
+            .try_collect::<Vec<_>>()
+            .await
+        {
             Ok(m) => m.into_iter().filter_map(|m| m.id).collect(),
-            Err(CioError::NotFound { .. }) => return Err(CoreError::NotFound { what: "Customer.io segment", id: id.to_string() }),
+            Err(CioError::NotFound { .. }) => {
+                return Err(CoreError::NotFound {
+                    what: "Customer.io segment",
+                    id: id.to_string(),
+                });
+            }
             Err(e) => return Err(e.into()),
         };
-        let count = store::replace_mirrored_membership(&ctx.db, ctx.workspace_id(), id, &members, Utc::now()).await?;
+        let count = store::replace_mirrored_membership(
+            &ctx.db,
+            ctx.workspace_id(),
+            id,
+            &members,
+            Utc::now(),
+        )
+        .await?;
         tracing::debug!(segment_id = id, members = ?count, "segment membership mirrored");
         refreshed += 1;
     }
@@ -359,7 +458,10 @@ async fn refresh_memberships(
 
 /// Evaluates one managed segment's stored criteria and applies the result (retrying once if
 /// its criteria changed meanwhile). `None` when it vanished or lost its criteria.
-async fn evaluate_one(ctx: &AppContext, segment: &ManagedSegment) -> Result<Option<EvaluationOutcome>, CoreError> {
+async fn evaluate_one(
+    ctx: &AppContext,
+    segment: &ManagedSegment,
+) -> Result<Option<EvaluationOutcome>, CoreError> {
     let mut current = segment.clone();
     for _ in 0..2 {
         let Some(criteria) = ManagedView::of(current.clone()).criteria else {
@@ -367,7 +469,16 @@ async fn evaluate_one(ctx: &AppContext, segment: &ManagedSegment) -> Result<Opti
         };
         let now = Utc::now();
         let filter = criteria.to_filter(now);
-        match store::apply_evaluation(&ctx.db, ctx.workspace_id(), current.cio_segment_id, current.revision, &filter, now).await? {
+        match store::apply_evaluation(
+            &ctx.db,
+            ctx.workspace_id(),
+            current.cio_segment_id,
+            current.revision,
+            &filter,
+            now,
+        )
+        .await?
+        {
             Applied::Done(outcome) => {
                 if outcome.outbox_rows > 0 {
                     ctx.outbox_wakeup.notify_waiters();
@@ -382,10 +493,12 @@ async fn evaluate_one(ctx: &AppContext, segment: &ManagedSegment) -> Result<Opti
                 );
                 return Ok(Some(outcome));
             }
-            Applied::Stale => match store::get(&ctx.db, ctx.workspace_id(), current.cio_segment_id).await? {
-                Some(fresh) => current = fresh,
-                None => return Ok(None),
-            },
+            Applied::Stale => {
+                match store::get(&ctx.db, ctx.workspace_id(), current.cio_segment_id).await? {
+                    Some(fresh) => current = fresh,
+                    None => return Ok(None),
+                }
+            }
         }
     }
     Ok(None)
@@ -408,13 +521,19 @@ pub struct EvaluationReport {
 /// older than `config.max_age`). Memberships of the Customer.io segments they read are re-read
 /// first (once each). A segment whose inputs cannot be read is skipped with its error
 /// recorded; the run then fails with the first such error after doing all it could.
-pub async fn evaluate_due(ctx: &AppContext, config: &EvaluationConfig) -> Result<EvaluationReport, CoreError> {
+pub async fn evaluate_due(
+    ctx: &AppContext,
+    config: &EvaluationConfig,
+) -> Result<EvaluationReport, CoreError> {
     let now = Utc::now();
     let due = store::due(&ctx.db, ctx.workspace_id(), before(now, config.max_age)).await?;
     let mut report = EvaluationReport::default();
     let mut first_error: Option<CoreError> = None;
     let mut unreadable: HashMap<i64, String> = HashMap::new();
-    let referenced: BTreeSet<i64> = due.iter().flat_map(|s| s.referenced_segments.iter().copied()).collect();
+    let referenced: BTreeSet<i64> = due
+        .iter()
+        .flat_map(|s| s.referenced_segments.iter().copied())
+        .collect();
     for id in referenced {
         match refresh_memberships(ctx, &BTreeSet::from([id]), None).await {
             Ok(n) => report.memberships_refreshed += n as u64,
@@ -426,10 +545,20 @@ pub async fn evaluate_due(ctx: &AppContext, config: &EvaluationConfig) -> Result
         }
     }
     for segment in &due {
-        if let Some((id, why)) = segment.referenced_segments.iter().find_map(|id| unreadable.get(id).map(|w| (id, w))) {
+        if let Some((id, why)) = segment
+            .referenced_segments
+            .iter()
+            .find_map(|id| unreadable.get(id).map(|w| (id, w)))
+        {
             report.failed += 1;
             let text = format!("could not read segment {id}: {why}");
-            store::record_evaluation_error(&ctx.db, ctx.workspace_id(), segment.cio_segment_id, &text).await?;
+            store::record_evaluation_error(
+                &ctx.db,
+                ctx.workspace_id(),
+                segment.cio_segment_id,
+                &text,
+            )
+            .await?;
             continue;
         }
         if let Some(outcome) = evaluate_one(ctx, segment).await? {
@@ -451,11 +580,17 @@ pub async fn evaluate_due(ctx: &AppContext, config: &EvaluationConfig) -> Result
 /// A managed segment by Customer.io id.
 pub async fn get(ctx: &AppContext, segment_id: i64) -> Result<ManagedView, CoreError> {
     check_segment_id(segment_id)?;
-    store::get(&ctx.db, ctx.workspace_id(), segment_id).await?.map(ManagedView::of).ok_or_else(|| not_managed(segment_id))
+    store::get(&ctx.db, ctx.workspace_id(), segment_id)
+        .await?
+        .map(ManagedView::of)
+        .ok_or_else(|| not_managed(segment_id))
 }
 
 /// The managed segments among `segment_ids` (for listing the mirror).
-pub async fn get_many(ctx: &AppContext, segment_ids: &[i64]) -> Result<HashMap<i64, ManagedView>, CoreError> {
+pub async fn get_many(
+    ctx: &AppContext,
+    segment_ids: &[i64],
+) -> Result<HashMap<i64, ManagedView>, CoreError> {
     Ok(store::get_many(&ctx.db, ctx.workspace_id(), segment_ids)
         .await?
         .into_iter()
@@ -465,7 +600,11 @@ pub async fn get_many(ctx: &AppContext, segment_ids: &[i64]) -> Result<HashMap<i
 
 /// Every managed segment.
 pub async fn list(ctx: &AppContext) -> Result<Vec<ManagedView>, CoreError> {
-    Ok(store::list(&ctx.db, ctx.workspace_id()).await?.into_iter().map(ManagedView::of).collect())
+    Ok(store::list(&ctx.db, ctx.workspace_id())
+        .await?
+        .into_iter()
+        .map(ManagedView::of)
+        .collect())
 }
 
 /// What to change; `None` leaves a field alone.
@@ -481,7 +620,11 @@ pub struct SegmentChanges {
 /// Changes a managed segment. New criteria are evaluated at once (as in [`create_segment`]).
 /// Customer.io has no API to rename a segment: a new name or description is SharpSend's (shown
 /// by this service); Customer.io keeps the one given at creation.
-pub async fn update_segment(ctx: &AppContext, segment_id: i64, changes: SegmentChanges) -> Result<ManagedView, CoreError> {
+pub async fn update_segment(
+    ctx: &AppContext,
+    segment_id: i64,
+    changes: SegmentChanges,
+) -> Result<ManagedView, CoreError> {
     check_segment_id(segment_id)?;
     let current = get(ctx, segment_id).await?;
     let mut violations = Vec::new();
@@ -489,12 +632,24 @@ pub async fn update_segment(ctx: &AppContext, segment_id: i64, changes: SegmentC
         check_text(&mut violations, "name", name, limits::NAME_CHARS, true);
     }
     if let Some(description) = &changes.description {
-        check_text(&mut violations, "description", description, limits::DESCRIPTION_CHARS, false);
+        check_text(
+            &mut violations,
+            "description",
+            description,
+            limits::DESCRIPTION_CHARS,
+            false,
+        );
     }
     if changes.remove_criteria && changes.criteria.is_some() {
-        violations.push(FieldViolation::new("remove_criteria", "cannot be set together with new criteria"));
+        violations.push(FieldViolation::new(
+            "remove_criteria",
+            "cannot be set together with new criteria",
+        ));
     }
-    let criteria = changes.criteria.as_ref().and_then(|c| c.validate(&mut violations));
+    let criteria = changes
+        .criteria
+        .as_ref()
+        .and_then(|c| c.validate(&mut violations));
     if let (Some(c), Some(input)) = (&criteria, &changes.criteria) {
         check_references(ctx, c, input.field(), Some(segment_id), &mut violations).await?;
     }
@@ -509,10 +664,14 @@ pub async fn update_segment(ctx: &AppContext, segment_id: i64, changes: SegmentC
     let reevaluate = matches!(criteria_change, Some(Some(_)));
     let update = SegmentUpdate {
         name: changes.name.map(|n| n.trim().to_owned()),
-        description: changes.description.map(|d| Some(d.trim().to_owned()).filter(|d| !d.is_empty())),
+        description: changes
+            .description
+            .map(|d| Some(d.trim().to_owned()).filter(|d| !d.is_empty())),
         criteria: criteria_change,
     };
-    store::update(&ctx.db, ctx.workspace_id(), segment_id, &update, Utc::now()).await?.ok_or_else(|| not_managed(segment_id))?;
+    store::update(&ctx.db, ctx.workspace_id(), segment_id, &update, Utc::now())
+        .await?
+        .ok_or_else(|| not_managed(segment_id))?;
     if reevaluate {
         evaluate_now(ctx, segment_id).await?;
     }
@@ -533,7 +692,10 @@ pub async fn delete_segment(ctx: &AppContext, segment_id: i64) -> Result<(), Cor
     if !readers.is_empty() {
         return Err(CoreError::invalid(
             "segment_id",
-            format!("is read by the criteria of segment(s) {}; change those first", readers.join(", ")),
+            format!(
+                "is read by the criteria of segment(s) {}; change those first",
+                readers.join(", ")
+            ),
         ));
     }
     match ctx.cio.delete_segment(segment_id).await {
@@ -557,7 +719,11 @@ pub struct Preview {
 /// Counts the people the criteria select now, with a sample (by customer id), creating
 /// nothing. Memberships of referenced Customer.io segments are read first if never read or
 /// older than the re-evaluation age.
-pub async fn preview(ctx: &AppContext, input: CriteriaInput, sample_size: i32) -> Result<Preview, CoreError> {
+pub async fn preview(
+    ctx: &AppContext,
+    input: CriteriaInput,
+    sample_size: i32,
+) -> Result<Preview, CoreError> {
     let mut violations = Vec::new();
     let sample = match sample_size {
         n if n < 0 => {
@@ -576,12 +742,29 @@ pub async fn preview(ctx: &AppContext, input: CriteriaInput, sample_size: i32) -
     };
     let started = std::time::Instant::now();
     let config = EvaluationConfig::from_env(&crate::config::ProcessEnv).unwrap_or_default();
-    refresh_memberships(ctx, &criteria.segments(), Some(before(Utc::now(), config.max_age))).await?;
+    refresh_memberships(
+        ctx,
+        &criteria.segments(),
+        Some(before(Utc::now(), config.max_age)),
+    )
+    .await?;
     let now = Utc::now();
     let filter = criteria.to_filter(now);
     let member_count = criteria_sql::count_matching(&ctx.db, ctx.workspace_id(), &filter).await?;
-    let sample = criteria_sql::matching_page(&ctx.db, ctx.workspace_id(), &filter, None, u64::from(sample)).await?;
-    Ok(Preview { member_count, sample, evaluated_at: now, duration: started.elapsed() })
+    let sample = criteria_sql::matching_page(
+        &ctx.db,
+        ctx.workspace_id(),
+        &filter,
+        None,
+        u64::from(sample),
+    )
+    .await?;
+    Ok(Preview {
+        member_count,
+        sample,
+        evaluated_at: now,
+        duration: started.elapsed(),
+    })
 }
 
 /// What a manual membership change did.
@@ -589,32 +772,59 @@ pub type MembershipChange = store::MembershipChange;
 
 /// Adds people (Customer.io `id`s, 1 to 10,000) to a managed segment without criteria: recorded
 /// and queued for Customer.io in one transaction.
-pub async fn add_members(ctx: &AppContext, segment_id: i64, customer_ids: &[String]) -> Result<MembershipChange, CoreError> {
+pub async fn add_members(
+    ctx: &AppContext,
+    segment_id: i64,
+    customer_ids: &[String],
+) -> Result<MembershipChange, CoreError> {
     change_members(ctx, segment_id, customer_ids, true).await
 }
 
 /// Removes people from a managed segment without criteria (as [`add_members`]).
-pub async fn remove_members(ctx: &AppContext, segment_id: i64, customer_ids: &[String]) -> Result<MembershipChange, CoreError> {
+pub async fn remove_members(
+    ctx: &AppContext,
+    segment_id: i64,
+    customer_ids: &[String],
+) -> Result<MembershipChange, CoreError> {
     change_members(ctx, segment_id, customer_ids, false).await
 }
 
-async fn change_members(ctx: &AppContext, segment_id: i64, customer_ids: &[String], add: bool) -> Result<MembershipChange, CoreError> {
+async fn change_members(
+    ctx: &AppContext,
+    segment_id: i64,
+    customer_ids: &[String],
+    add: bool,
+) -> Result<MembershipChange, CoreError> {
     check_segment_id(segment_id)?;
     let mut violations = Vec::new();
     if customer_ids.is_empty() || customer_ids.len() > limits::MEMBERS_PER_CALL {
         violations.push(FieldViolation::new(
             "customer_ids",
-            format!("takes 1 to {} ids; got {}", limits::MEMBERS_PER_CALL, customer_ids.len()),
+            format!(
+                "takes 1 to {} ids; got {}",
+                limits::MEMBERS_PER_CALL,
+                customer_ids.len()
+            ),
         ));
     }
     for (i, id) in customer_ids.iter().enumerate() {
         let field = format!("customer_ids[{i}]");
         if id.contains('\0') {
-            violations.push(FieldViolation::new(field, "must not contain NUL characters"));
+            violations.push(FieldViolation::new(
+                field,
+                "must not contain NUL characters",
+            ));
         } else if id.trim().is_empty() {
             violations.push(FieldViolation::new(field, "must not be empty"));
         } else if id.len() > limits::CUSTOMER_ID_BYTES {
-            violations.push(FieldViolation::new(field, format!("is {} bytes; Customer.io allows at most {}", id.len(), limits::CUSTOMER_ID_BYTES)));
+            violations.push(FieldViolation::new(
+                field,
+                format!(
+                    "is {} bytes; Customer.io allows at most {}",
+                    id.len(),
+                    limits::CUSTOMER_ID_BYTES
+                ),
+            ));
         }
     }
     if !violations.is_empty() {
@@ -634,7 +844,9 @@ async fn change_members(ctx: &AppContext, segment_id: i64, customer_ids: &[Strin
         ManualChange::NotFound => Err(not_managed(segment_id)),
         ManualChange::HasCriteria => Err(CoreError::invalid(
             "segment_id",
-            format!("segment {segment_id} is computed from criteria; its members cannot be set by hand (remove its criteria first)"),
+            format!(
+                "segment {segment_id} is computed from criteria; its members cannot be set by hand (remove its criteria first)"
+            ),
         )),
     }
 }
@@ -670,7 +882,11 @@ pub enum DeliverError {
 /// add for people still members, a remove for people still not members — so a row delivered
 /// late (a retry, a re-queued dead letter) never undoes a newer change; a segment no longer
 /// managed gets nothing. Returns the HTTP requests made (0 or 1).
-pub async fn deliver_change(ctx: &AppContext, add: bool, payload: &Value) -> Result<u64, DeliverError> {
+pub async fn deliver_change(
+    ctx: &AppContext,
+    add: bool,
+    payload: &Value,
+) -> Result<u64, DeliverError> {
     let segment_id = payload
         .get("segment_id")
         .and_then(Value::as_i64)
@@ -683,20 +899,31 @@ pub async fn deliver_change(ctx: &AppContext, add: bool, payload: &Value) -> Res
         .filter_map(Value::as_str)
         .collect();
     if ids.len() > cio_client::MAX_SEGMENT_MEMBERS_PER_CALL {
-        return Err(DeliverError::Invalid(format!("stored segment change holds {} ids; at most 1000", ids.len())));
+        return Err(DeliverError::Invalid(format!(
+            "stored segment change holds {} ids; at most 1000",
+            ids.len()
+        )));
     }
-    let Some(members) = store::members_among(&ctx.db, ctx.workspace_id(), segment_id, &ids).await? else {
+    let Some(members) = store::members_among(&ctx.db, ctx.workspace_id(), segment_id, &ids).await?
+    else {
         tracing::debug!(segment_id, "segment no longer managed; change dropped");
         return Ok(0);
     };
-    let send: Vec<&str> = ids.into_iter().filter(|id| members.contains(*id) == add).collect();
+    let send: Vec<&str> = ids
+        .into_iter()
+        .filter(|id| members.contains(*id) == add)
+        .collect();
     if send.is_empty() {
         return Ok(0);
     }
     if add {
-        ctx.cio.add_to_segment(segment_id, &send, IdType::Id).await?;
+        ctx.cio
+            .add_to_segment(segment_id, &send, IdType::Id)
+            .await?;
     } else {
-        ctx.cio.remove_from_segment(segment_id, &send, IdType::Id).await?;
+        ctx.cio
+            .remove_from_segment(segment_id, &send, IdType::Id)
+            .await?;
     }
     Ok(1)
 }
@@ -707,7 +934,8 @@ mod tests {
 
     #[test]
     fn cycles_are_found_through_other_segments() {
-        let reads: HashMap<i64, Vec<i64>> = [(1, vec![2]), (2, vec![3]), (3, vec![]), (4, vec![1])].into();
+        let reads: HashMap<i64, Vec<i64>> =
+            [(1, vec![2]), (2, vec![3]), (3, vec![]), (4, vec![1])].into();
         assert!(reaches(&reads, 1, 3));
         assert!(reaches(&reads, 4, 3));
         assert!(!reaches(&reads, 3, 1));
@@ -716,13 +944,30 @@ mod tests {
 
     #[test]
     fn the_reevaluation_age_is_read_from_its_variable() {
-        let env: HashMap<String, String> = [("SHARPSEND_SEGMENT_REEVALUATE_SECS".to_string(), "60".to_string())].into();
-        assert_eq!(EvaluationConfig::from_env(&env).map(|c| c.max_age), Ok(Duration::from_secs(60)));
+        let env: HashMap<String, String> = [(
+            "SHARPSEND_SEGMENT_REEVALUATE_SECS".to_string(),
+            "60".to_string(),
+        )]
+        .into();
+        assert_eq!(
+            EvaluationConfig::from_env(&env).map(|c| c.max_age),
+            Ok(Duration::from_secs(60))
+        );
         for bad in ["0", "soon", "-5"] {
-            let env: HashMap<String, String> = [("SHARPSEND_SEGMENT_REEVALUATE_SECS".to_string(), bad.to_string())].into();
-            assert_eq!(EvaluationConfig::from_env(&env).err().map(|e| e.variable), Some("SHARPSEND_SEGMENT_REEVALUATE_SECS"));
+            let env: HashMap<String, String> = [(
+                "SHARPSEND_SEGMENT_REEVALUATE_SECS".to_string(),
+                bad.to_string(),
+            )]
+            .into();
+            assert_eq!(
+                EvaluationConfig::from_env(&env).err().map(|e| e.variable),
+                Some("SHARPSEND_SEGMENT_REEVALUATE_SECS")
+            );
         }
         let empty: HashMap<String, String> = HashMap::new();
-        assert_eq!(EvaluationConfig::from_env(&empty), Ok(EvaluationConfig::default()));
+        assert_eq!(
+            EvaluationConfig::from_env(&empty),
+            Ok(EvaluationConfig::default())
+        );
     }
 }

@@ -88,7 +88,10 @@ impl MetricsTarget {
     }
 
     fn not_found(self) -> CoreError {
-        CoreError::NotFound { what: self.kind().as_str(), id: self.id().to_string() }
+        CoreError::NotFound {
+            what: self.kind().as_str(),
+            id: self.id().to_string(),
+        }
     }
 }
 
@@ -135,8 +138,9 @@ pub struct Window {
 /// The window covering every delivery since `window_start`, up to `now` (whole seconds).
 pub fn window(window_start: DateTime<Utc>, now: DateTime<Utc>) -> Window {
     let end = DateTime::from_timestamp(now.timestamp(), 0).unwrap_or(now);
-    let start =
-        DateTime::from_timestamp(window_start.timestamp(), 0).unwrap_or(window_start).clamp(end - MAX_WINDOW, end);
+    let start = DateTime::from_timestamp(window_start.timestamp(), 0)
+        .unwrap_or(window_start)
+        .clamp(end - MAX_WINDOW, end);
     let span = end - start;
     let res = if span <= TimeDelta::days(2) {
         Resolution::Hours
@@ -145,7 +149,12 @@ pub fn window(window_start: DateTime<Utc>, now: DateTime<Utc>) -> Window {
     } else {
         Resolution::Weeks
     };
-    Window { res, start, end, series_start: eastern::floor(res, start) }
+    Window {
+        res,
+        start,
+        end,
+        series_start: eastern::floor(res, start),
+    }
 }
 
 /// What [`watch`] and a sync derive from Customer.io's times: where series start and when the
@@ -157,16 +166,30 @@ pub(crate) fn target_seen(item: &mirror::SyncedCampaign, now: DateTime<Utc>) -> 
             (sent, sent)
         }
         CampaignKind::Campaign | CampaignKind::Broadcast => {
-            let created = item.cio_created_at.or(item.cio_updated_at).unwrap_or(now - MAX_WINDOW);
-            (created, item.cio_updated_at.map_or(created, |u| u.max(created)))
+            let created = item
+                .cio_created_at
+                .or(item.cio_updated_at)
+                .unwrap_or(now - MAX_WINDOW);
+            (
+                created,
+                item.cio_updated_at.map_or(created, |u| u.max(created)),
+            )
         }
     };
-    Some(TargetSeen { kind: item.kind, cio_id: item.cio_id, window_start, active_since })
+    Some(TargetSeen {
+        kind: item.kind,
+        cio_id: item.cio_id,
+        window_start,
+        active_since,
+    })
 }
 
 fn positive(field: &str, id: i64) -> Result<(), CoreError> {
     if id <= 0 {
-        return Err(CoreError::invalid(field, "must be a positive Customer.io id"));
+        return Err(CoreError::invalid(
+            field,
+            "must be a positive Customer.io id",
+        ));
     }
     Ok(())
 }
@@ -174,10 +197,23 @@ fn positive(field: &str, id: i64) -> Result<(), CoreError> {
 /// Polls `target`'s metrics from now on (e.g. a newsletter just created or a broadcast just
 /// triggered): due at the next `metrics-poll` run, its window reaching back to `active_since`
 /// at least, and polled at the cadence of something active since then.
-pub async fn watch(ctx: &AppContext, target: MetricsTarget, active_since: DateTime<Utc>) -> Result<(), CoreError> {
+pub async fn watch(
+    ctx: &AppContext,
+    target: MetricsTarget,
+    active_since: DateTime<Utc>,
+) -> Result<(), CoreError> {
     positive("id", target.id())?;
     let ws = ctx.workspace_id();
-    store::watch(&ctx.db, ws, target.kind(), target.id(), active_since, active_since, Utc::now()).await?;
+    store::watch(
+        &ctx.db,
+        ws,
+        target.kind(),
+        target.id(),
+        active_since,
+        active_since,
+        Utc::now(),
+    )
+    .await?;
     Ok(())
 }
 
@@ -194,7 +230,10 @@ pub struct PollOptions {
 
 impl Default for PollOptions {
     fn default() -> Self {
-        Self { max_targets: 600, concurrency: 4 }
+        Self {
+            max_targets: 600,
+            concurrency: 4,
+        }
     }
 }
 
@@ -228,7 +267,10 @@ pub async fn poll_due(ctx: &AppContext) -> Result<MetricsPollReport, CoreError> 
 }
 
 /// [`poll_due`] with explicit options.
-pub async fn poll_due_with(ctx: &AppContext, options: &PollOptions) -> Result<MetricsPollReport, CoreError> {
+pub async fn poll_due_with(
+    ctx: &AppContext,
+    options: &PollOptions,
+) -> Result<MetricsPollReport, CoreError> {
     let started = Instant::now();
     let due = store::due(&ctx.db, ctx.workspace_id(), Utc::now(), options.max_targets).await?;
     let due_count = due.len();
@@ -239,7 +281,10 @@ pub async fn poll_due_with(ctx: &AppContext, options: &PollOptions) -> Result<Me
         .collect()
         .await;
 
-    let mut report = MetricsPollReport { due: crate::campaigns::count(due_count), ..Default::default() };
+    let mut report = MetricsPollReport {
+        due: crate::campaigns::count(due_count),
+        ..Default::default()
+    };
     for outcome in outcomes {
         match outcome? {
             Outcome::Polled => report.polled += 1,
@@ -265,7 +310,11 @@ pub async fn poll_due_with(ctx: &AppContext, options: &PollOptions) -> Result<Me
 
 /// One target of a sweep; after a rate limit the client would not wait out (or a credentials
 /// failure), the rest of the sweep is deferred.
-async fn poll_one(ctx: &AppContext, target: MetricTarget, halted: &AtomicBool) -> Result<Outcome, CoreError> {
+async fn poll_one(
+    ctx: &AppContext,
+    target: MetricTarget,
+    halted: &AtomicBool,
+) -> Result<Outcome, CoreError> {
     if halted.load(Ordering::Relaxed) {
         return Ok(Outcome::Deferred);
     }
@@ -309,10 +358,21 @@ async fn record_failure(
 }
 
 /// Polls one target now and stores the snapshot.
-async fn poll_target(ctx: &AppContext, target: &MetricTarget, now: DateTime<Utc>) -> Result<Snapshot, CoreError> {
+async fn poll_target(
+    ctx: &AppContext,
+    target: &MetricTarget,
+    now: DateTime<Utc>,
+) -> Result<Snapshot, CoreError> {
     let w = window(target.window_start, now);
-    let query = MetricsQuery { res: w.res, start: w.start.timestamp(), end: w.end.timestamp() };
-    let polled = ctx.cio.metrics(MetricsTarget::from(target).metrics_of(), query).await?;
+    let query = MetricsQuery {
+        res: w.res,
+        start: w.start.timestamp(),
+        end: w.end.timestamp(),
+    };
+    let polled = ctx
+        .cio
+        .metrics(MetricsTarget::from(target).metrics_of(), query)
+        .await?;
     let polled_at = Utc::now();
     let active_since = last_send_bucket(w.res, w.series_start, &polled.series)
         .map_or(target.active_since, |at| at.max(target.active_since));
@@ -326,7 +386,15 @@ async fn poll_target(ctx: &AppContext, target: &MetricTarget, now: DateTime<Utc>
         series_start: w.series_start,
         series: polled.series,
     };
-    Ok(store::record_poll(&ctx.db, target, &snapshot, active_since, next, SNAPSHOTS_KEPT).await?)
+    Ok(store::record_poll(
+        &ctx.db,
+        target,
+        &snapshot,
+        active_since,
+        next,
+        SNAPSHOTS_KEPT,
+    )
+    .await?)
 }
 
 /// Start of the newest bucket with something sent.
@@ -363,7 +431,8 @@ impl MetricRates {
     pub fn from_totals(totals: &BTreeMap<String, u64>) -> Self {
         let get = |k: &str| totals.get(k).copied().unwrap_or(0);
         let ratio = |n: u64, d: u64| if d == 0 { 0.0 } else { n as f64 / d as f64 };
-        let (sent, delivered, opened, clicked) = (get("sent"), get("delivered"), get("opened"), get("clicked"));
+        let (sent, delivered, opened, clicked) =
+            (get("sent"), get("delivered"), get("opened"), get("clicked"));
         Self {
             delivery_rate: ratio(delivered, sent),
             open_rate: ratio(opened, delivered),
@@ -455,7 +524,13 @@ pub async fn get_metrics(
 }
 
 fn from_snapshot(s: Snapshot, scope: String) -> CampaignMetrics {
-    CampaignMetrics::from_series(s.series, s.res.parse::<Resolution>().ok(), Some(s.series_start), Some(s.polled_at), scope)
+    CampaignMetrics::from_series(
+        s.series,
+        s.res.parse::<Resolution>().ok(),
+        Some(s.series_start),
+        Some(s.polled_at),
+        scope,
+    )
 }
 
 /// The latest snapshot of `target`, polled now if there is none, if `refresh`, or if the
@@ -475,7 +550,16 @@ async fn current_snapshot(
     if let Some(at) = reach_back
         && known.window_start > at
     {
-        known = store::watch(&ctx.db, ws, target.kind(), target.id(), at, known.active_since, Utc::now()).await?;
+        known = store::watch(
+            &ctx.db,
+            ws,
+            target.kind(),
+            target.id(),
+            at,
+            known.active_since,
+            Utc::now(),
+        )
+        .await?;
         poll = true;
     }
     if !poll && let Some(latest) = store::latest_snapshot(&ctx.db, known.id).await? {
@@ -492,7 +576,9 @@ async fn current_snapshot(
 async fn register(ctx: &AppContext, target: MetricsTarget) -> Result<MetricTarget, CoreError> {
     let ws = ctx.workspace_id();
     let now = Utc::now();
-    let item = crate::campaigns::get_campaign(ctx, target.kind(), target.id()).await?.item;
+    let item = crate::campaigns::get_campaign(ctx, target.kind(), target.id())
+        .await?
+        .item;
     // A newsletter not sent yet has nothing to count; watch it from its creation.
     let seen = target_seen(&item, now).unwrap_or(TargetSeen {
         kind: item.kind,
@@ -500,14 +586,29 @@ async fn register(ctx: &AppContext, target: MetricsTarget) -> Result<MetricTarge
         window_start: item.cio_created_at.unwrap_or(now),
         active_since: item.cio_created_at.unwrap_or(now),
     });
-    Ok(store::watch(&ctx.db, ws, target.kind(), target.id(), seen.window_start, seen.active_since, now).await?)
+    Ok(store::watch(
+        &ctx.db,
+        ws,
+        target.kind(),
+        target.id(),
+        seen.window_start,
+        seen.active_since,
+        now,
+    )
+    .await?)
 }
 
-async fn send_metrics(ctx: &AppContext, send_id: &str, refresh: bool) -> Result<CampaignMetrics, CoreError> {
+async fn send_metrics(
+    ctx: &AppContext,
+    send_id: &str,
+    refresh: bool,
+) -> Result<CampaignMetrics, CoreError> {
     let targets = crate::sends::metric_targets(ctx, send_id).await?;
     if let Some((broadcast_id, first_trigger)) = targets.broadcast {
         let Some(first_trigger) = first_trigger else {
-            return Ok(CampaignMetrics::empty(format!("send {send_id}: broadcast {broadcast_id}, not triggered yet")));
+            return Ok(CampaignMetrics::empty(format!(
+                "send {send_id}: broadcast {broadcast_id}, not triggered yet"
+            )));
         };
         let target = MetricsTarget::Broadcast(broadcast_id);
         let snapshot = current_snapshot(ctx, target, refresh, Some(first_trigger)).await?;
@@ -519,19 +620,32 @@ async fn send_metrics(ctx: &AppContext, send_id: &str, refresh: bool) -> Result<
         }));
     }
     if targets.newsletter_ids.is_empty() {
-        return Ok(CampaignMetrics::empty(format!("send {send_id}: no newsletter created yet")));
+        return Ok(CampaignMetrics::empty(format!(
+            "send {send_id}: no newsletter created yet"
+        )));
     }
     let mut snapshots = Vec::with_capacity(targets.newsletter_ids.len());
     for id in &targets.newsletter_ids {
         snapshots.push(current_snapshot(ctx, MetricsTarget::Newsletter(*id), refresh, None).await?);
     }
     let ids: Vec<String> = targets.newsletter_ids.iter().map(i64::to_string).collect();
-    let noun = if ids.len() == 1 { "newsletter" } else { "newsletters" };
-    Ok(merge(snapshots, format!("send {send_id}: {noun} {}", ids.join(", "))))
+    let noun = if ids.len() == 1 {
+        "newsletter"
+    } else {
+        "newsletters"
+    };
+    Ok(merge(
+        snapshots,
+        format!("send {send_id}: {noun} {}", ids.join(", ")),
+    ))
 }
 
 /// The snapshot's buckets from the one holding `from` on.
-fn slice_from(s: Snapshot, from: DateTime<Utc>, scope: impl FnOnce(DateTime<Utc>) -> String) -> CampaignMetrics {
+fn slice_from(
+    s: Snapshot,
+    from: DateTime<Utc>,
+    scope: impl FnOnce(DateTime<Utc>) -> String,
+) -> CampaignMetrics {
     let Some(res) = s.res.parse::<Resolution>().ok() else {
         return from_snapshot(s, scope(from));
     };
@@ -539,14 +653,27 @@ fn slice_from(s: Snapshot, from: DateTime<Utc>, scope: impl FnOnce(DateTime<Utc>
     let starts = eastern::starts(res, s.series_start, len);
     let first = starts.partition_point(|b| *b <= from).saturating_sub(1);
     let series_start = starts.get(first).copied().unwrap_or(s.series_start);
-    let series = s.series.into_iter().map(|(k, v)| (k, v.into_iter().skip(first).collect())).collect();
-    CampaignMetrics::from_series(series, Some(res), Some(series_start), Some(s.polled_at), scope(series_start))
+    let series = s
+        .series
+        .into_iter()
+        .map(|(k, v)| (k, v.into_iter().skip(first).collect()))
+        .collect();
+    CampaignMetrics::from_series(
+        series,
+        Some(res),
+        Some(series_start),
+        Some(s.polled_at),
+        scope(series_start),
+    )
 }
 
 /// Several targets' series summed bucket by bucket, aligned on the coarsest resolution among
 /// them (hours, days and weeks nest; a week is counted in the month holding its start).
 fn merge(snapshots: Vec<Snapshot>, scope: String) -> CampaignMetrics {
-    let resolutions: Vec<Resolution> = snapshots.iter().filter_map(|s| s.res.parse::<Resolution>().ok()).collect();
+    let resolutions: Vec<Resolution> = snapshots
+        .iter()
+        .filter_map(|s| s.res.parse::<Resolution>().ok())
+        .collect();
     let Some(res) = resolutions.iter().copied().max() else {
         return CampaignMetrics::empty(scope);
     };
@@ -562,14 +689,22 @@ fn merge(snapshots: Vec<Snapshot>, scope: String) -> CampaignMetrics {
                 names.push(name.clone());
             }
             for (start, value) in starts.iter().zip(values) {
-                *buckets.entry(eastern::floor(res, *start)).or_default().entry(name.clone()).or_default() += value;
+                *buckets
+                    .entry(eastern::floor(res, *start))
+                    .or_default()
+                    .entry(name.clone())
+                    .or_default() += value;
             }
         }
     }
-    let (Some(first), Some(last)) = (buckets.keys().next().copied(), buckets.keys().next_back().copied()) else {
+    let (Some(first), Some(last)) = (
+        buckets.keys().next().copied(),
+        buckets.keys().next_back().copied(),
+    ) else {
         return CampaignMetrics::empty(scope);
     };
-    let mut series: BTreeMap<String, Vec<u64>> = names.into_iter().map(|n| (n, Vec::new())).collect();
+    let mut series: BTreeMap<String, Vec<u64>> =
+        names.into_iter().map(|n| (n, Vec::new())).collect();
     let mut at = first;
     while at <= last {
         let counts = buckets.get(&at);
@@ -585,18 +720,24 @@ fn merge(snapshots: Vec<Snapshot>, scope: String) -> CampaignMetrics {
     CampaignMetrics::from_series(series, Some(res), Some(first), last_polled_at, scope)
 }
 
-
 /// Bucket boundaries in America/New_York, Customer.io's default time zone for version-2
 /// metrics. Buckets are local hours, days, weeks from Sunday, months; a local time that occurs
 /// twice means its first occurrence, one skipped by the clock change the next valid one.
 pub mod eastern {
-    use chrono::{DateTime, Datelike, LocalResult, Months, NaiveDateTime, Offset as _, TimeDelta, TimeZone as _, Timelike, Utc};
+    use chrono::{
+        DateTime, Datelike, LocalResult, Months, NaiveDateTime, Offset as _, TimeDelta,
+        TimeZone as _, Timelike, Utc,
+    };
     use chrono_tz::America::New_York as ZONE;
     use cio_client::Resolution;
 
     /// UTC offset at an instant.
     pub fn offset(utc: DateTime<Utc>) -> TimeDelta {
-        TimeDelta::seconds(i64::from(ZONE.offset_from_utc_datetime(&utc.naive_utc()).fix().local_minus_utc()))
+        TimeDelta::seconds(i64::from(
+            ZONE.offset_from_utc_datetime(&utc.naive_utc())
+                .fix()
+                .local_minus_utc(),
+        ))
     }
 
     fn to_local(utc: DateTime<Utc>) -> NaiveDateTime {
@@ -621,8 +762,12 @@ pub mod eastern {
         match res {
             Resolution::Hours => date.and_hms_opt(local.hour(), 0, 0).unwrap_or(local),
             Resolution::Days => midnight,
-            Resolution::Weeks => midnight - TimeDelta::days(i64::from(date.weekday().num_days_from_sunday())),
-            Resolution::Months => date.with_day(1).map_or(midnight, |d| d.and_time(chrono::NaiveTime::MIN)),
+            Resolution::Weeks => {
+                midnight - TimeDelta::days(i64::from(date.weekday().num_days_from_sunday()))
+            }
+            Resolution::Months => date
+                .with_day(1)
+                .map_or(midnight, |d| d.and_time(chrono::NaiveTime::MIN)),
         }
     }
 
@@ -686,15 +831,24 @@ mod tests {
         assert_eq!(poll_interval(h(24 * 30)), h(24 * 7));
         assert_eq!(retry_delay(1, h(1)), Duration::from_secs(60));
         assert_eq!(retry_delay(3, h(1)), Duration::from_secs(240));
-        assert_eq!(retry_delay(30, Duration::from_secs(300)), Duration::from_secs(300));
+        assert_eq!(
+            retry_delay(30, Duration::from_secs(300)),
+            Duration::from_secs(300)
+        );
     }
 
     #[test]
     fn window_resolution_follows_its_length_and_is_capped_at_ten_years() {
         let now = utc(2026, 11, 28, 15, 30);
-        assert_eq!(window(now - TimeDelta::hours(30), now).res, Resolution::Hours);
+        assert_eq!(
+            window(now - TimeDelta::hours(30), now).res,
+            Resolution::Hours
+        );
         assert_eq!(window(now - TimeDelta::days(8), now).res, Resolution::Days);
-        assert_eq!(window(now - TimeDelta::days(400), now).res, Resolution::Weeks);
+        assert_eq!(
+            window(now - TimeDelta::days(400), now).res,
+            Resolution::Weeks
+        );
         let ancient = window(utc(2001, 1, 1, 0, 0), now);
         assert_eq!(ancient.end - ancient.start, MAX_WINDOW);
         // A start in the future is clamped to now.
@@ -704,12 +858,24 @@ mod tests {
     #[test]
     fn eastern_buckets_follow_new_york_time() {
         // 2026-11-28 15:30Z is 10:30 EST: the day starts at 05:00Z.
-        assert_eq!(eastern::floor(Resolution::Days, utc(2026, 11, 28, 15, 30)), utc(2026, 11, 28, 5, 0));
+        assert_eq!(
+            eastern::floor(Resolution::Days, utc(2026, 11, 28, 15, 30)),
+            utc(2026, 11, 28, 5, 0)
+        );
         // 2026-07-04 02:00Z is 22:00 EDT on July 3rd.
-        assert_eq!(eastern::floor(Resolution::Days, utc(2026, 7, 4, 2, 0)), utc(2026, 7, 3, 4, 0));
+        assert_eq!(
+            eastern::floor(Resolution::Days, utc(2026, 7, 4, 2, 0)),
+            utc(2026, 7, 3, 4, 0)
+        );
         // Weeks start on Sunday: Saturday 2026-11-28 → Sunday 2026-11-22 00:00 EST.
-        assert_eq!(eastern::floor(Resolution::Weeks, utc(2026, 11, 28, 15, 30)), utc(2026, 11, 22, 5, 0));
-        assert_eq!(eastern::floor(Resolution::Hours, utc(2026, 11, 28, 15, 30)), utc(2026, 11, 28, 15, 0));
+        assert_eq!(
+            eastern::floor(Resolution::Weeks, utc(2026, 11, 28, 15, 30)),
+            utc(2026, 11, 22, 5, 0)
+        );
+        assert_eq!(
+            eastern::floor(Resolution::Hours, utc(2026, 11, 28, 15, 30)),
+            utc(2026, 11, 28, 15, 0)
+        );
         // Spring forward (2026-03-08): the local day has 23 hours.
         let day = eastern::floor(Resolution::Days, utc(2026, 3, 8, 12, 0));
         assert_eq!(day, utc(2026, 3, 8, 5, 0));
@@ -717,17 +883,35 @@ mod tests {
         let hours = eastern::starts(Resolution::Hours, day, 24);
         assert_eq!(
             (hours[1], hours[2], hours[3]),
-            (utc(2026, 3, 8, 6, 0), utc(2026, 3, 8, 7, 0), utc(2026, 3, 8, 8, 0))
+            (
+                utc(2026, 3, 8, 6, 0),
+                utc(2026, 3, 8, 7, 0),
+                utc(2026, 3, 8, 8, 0)
+            )
         );
-        assert_eq!((hours[22], hours[23]), (utc(2026, 3, 9, 3, 0), utc(2026, 3, 9, 4, 0)));
+        assert_eq!(
+            (hours[22], hours[23]),
+            (utc(2026, 3, 9, 3, 0), utc(2026, 3, 9, 4, 0))
+        );
         // Fall back (2026-11-01): the local 01:00 bucket holds both 01:00s.
         let one_am = eastern::floor(Resolution::Hours, utc(2026, 11, 1, 6, 30));
         assert_eq!(one_am, utc(2026, 11, 1, 5, 0));
-        assert_eq!(eastern::next(Resolution::Hours, one_am), utc(2026, 11, 1, 7, 0));
-        assert_eq!(eastern::next(Resolution::Months, utc(2026, 1, 1, 5, 0)), utc(2026, 2, 1, 5, 0));
+        assert_eq!(
+            eastern::next(Resolution::Hours, one_am),
+            utc(2026, 11, 1, 7, 0)
+        );
+        assert_eq!(
+            eastern::next(Resolution::Months, utc(2026, 1, 1, 5, 0)),
+            utc(2026, 2, 1, 5, 0)
+        );
     }
 
-    fn snapshot(res: &str, series_start: DateTime<Utc>, sent: Vec<u64>, opened: Vec<u64>) -> Snapshot {
+    fn snapshot(
+        res: &str,
+        series_start: DateTime<Utc>,
+        sent: Vec<u64>,
+        opened: Vec<u64>,
+    ) -> Snapshot {
         Snapshot {
             id: 1,
             target_id: 1,
@@ -759,7 +943,10 @@ mod tests {
         assert_eq!(r.bounce_rate, 0.05);
         assert_eq!(r.unsubscribe_rate, 2.0 / 190.0);
         assert_eq!(r.conversion_rate, 1.0 / 190.0);
-        assert_eq!(MetricRates::from_totals(&BTreeMap::new()), MetricRates::default());
+        assert_eq!(
+            MetricRates::from_totals(&BTreeMap::new()),
+            MetricRates::default()
+        );
     }
 
     #[test]
@@ -774,7 +961,10 @@ mod tests {
         assert!(m.scope.contains("2026-11-03 05:00:00"), "{}", m.scope);
         // A trigger before the window: everything.
         let s = snapshot("days", start, vec![5, 0, 7, 1], vec![1, 2, 3, 4]);
-        assert_eq!(slice_from(s, start - TimeDelta::days(3), |_| String::new()).totals["sent"], 13);
+        assert_eq!(
+            slice_from(s, start - TimeDelta::days(3), |_| String::new()).totals["sent"],
+            13
+        );
     }
 
     #[test]

@@ -21,7 +21,10 @@
 use std::{collections::HashMap, time::Duration};
 
 use chrono::Utc;
-use cio_client::{BATCH_ENVELOPE_BYTES, BatchOutcome, CioError, EncodedOp, Event, Identifier, MAX_BATCH_BYTES, MAX_OP_BYTES, PersonOp};
+use cio_client::{
+    BATCH_ENVELOPE_BYTES, BatchOutcome, CioError, EncodedOp, Event, Identifier, MAX_BATCH_BYTES,
+    MAX_OP_BYTES, PersonOp,
+};
 use futures::{StreamExt, future::BoxFuture};
 use rand::Rng;
 use serde_json::{Map, Value};
@@ -117,7 +120,11 @@ impl DeliveryReport {
 }
 
 /// Runs steps until no row is due.
-pub async fn drain(ctx: &AppContext, worker: &str, config: &DeliveryConfig) -> Result<DeliveryReport, CoreError> {
+pub async fn drain(
+    ctx: &AppContext,
+    worker: &str,
+    config: &DeliveryConfig,
+) -> Result<DeliveryReport, CoreError> {
     let mut total = DeliveryReport::default();
     loop {
         let step = deliver_step(ctx, worker, config).await?;
@@ -131,7 +138,12 @@ pub async fn drain(ctx: &AppContext, worker: &str, config: &DeliveryConfig) -> R
 
 /// Delivers until `shutdown`: drains, then sleeps until woken by an in-process write or the poll
 /// interval passes. Errors are logged and retried after a pause.
-pub async fn run_worker(ctx: AppContext, worker: String, config: DeliveryConfig, shutdown: impl Future<Output = ()>) {
+pub async fn run_worker(
+    ctx: AppContext,
+    worker: String,
+    config: DeliveryConfig,
+    shutdown: impl Future<Output = ()>,
+) {
     tokio::pin!(shutdown);
     tracing::info!(worker = %worker, "outbox worker started");
     loop {
@@ -150,7 +162,11 @@ pub async fn run_worker(ctx: AppContext, worker: String, config: DeliveryConfig,
                         "outbox delivered"
                     );
                 }
-                crate::telemetry::metrics::refresh_outbox_gauges_every(&ctx, crate::telemetry::metrics::OUTBOX_GAUGE_INTERVAL).await;
+                crate::telemetry::metrics::refresh_outbox_gauges_every(
+                    &ctx,
+                    crate::telemetry::metrics::OUTBOX_GAUGE_INTERVAL,
+                )
+                .await;
                 config.poll_interval
             }
             Err(e) => {
@@ -179,10 +195,18 @@ struct PlannedOp {
 enum Planned {
     Batch(Vec<PlannedOp>),
     /// An event too large for a v2 operation, sent through the v1 endpoint.
-    V1Event { customer_id: String, event: Event, rows: Vec<i64> },
+    V1Event {
+        customer_id: String,
+        event: Event,
+        rows: Vec<i64>,
+    },
     /// A managed segment's membership change (`segment_add` / `segment_remove` row), sent as
     /// one `add_customers` / `remove_customers` call (see `managed_segments::deliver_change`).
-    Segment { add: bool, payload: Value, rows: Vec<i64> },
+    Segment {
+        add: bool,
+        payload: Value,
+        rows: Vec<i64>,
+    },
 }
 
 /// What one request did: each operation's rows with their fate, and the HTTP requests made.
@@ -193,14 +217,29 @@ type Sent = (Vec<(Vec<i64>, OpFate)>, u64);
 enum OpFate {
     Delivered,
     Dead(String),
-    Retry { error: String, retry_after: Option<Duration> },
+    Retry {
+        error: String,
+        retry_after: Option<Duration>,
+    },
 }
 
 /// Claims one chunk of due rows and delivers it. A step that claimed rows is one `outbox_step`
 /// span (its Customer.io requests are children) and is counted in the outbox metrics.
-pub async fn deliver_step(ctx: &AppContext, worker: &str, config: &DeliveryConfig) -> Result<DeliveryReport, CoreError> {
+pub async fn deliver_step(
+    ctx: &AppContext,
+    worker: &str,
+    config: &DeliveryConfig,
+) -> Result<DeliveryReport, CoreError> {
     let ws = ctx.workspace_id();
-    let rows = outbox::claim_due(&ctx.db, ws, worker, config.claim_limit, config.claim_ttl, Utc::now()).await?;
+    let rows = outbox::claim_due(
+        &ctx.db,
+        ws,
+        worker,
+        config.claim_limit,
+        config.claim_ttl,
+        Utc::now(),
+    )
+    .await?;
     if rows.is_empty() {
         return Ok(DeliveryReport::default());
     }
@@ -212,7 +251,9 @@ pub async fn deliver_step(ctx: &AppContext, worker: &str, config: &DeliveryConfi
         dead = tracing::field::Empty,
         requests = tracing::field::Empty,
     );
-    let report = tracing::Instrument::instrument(deliver_claimed(ctx, worker, config, rows), span.clone()).await?;
+    let report =
+        tracing::Instrument::instrument(deliver_claimed(ctx, worker, config, rows), span.clone())
+            .await?;
     span.record("delivered", report.delivered);
     span.record("retried", report.retried);
     span.record("dead", report.dead);
@@ -222,8 +263,16 @@ pub async fn deliver_step(ctx: &AppContext, worker: &str, config: &DeliveryConfi
 }
 
 /// Delivers rows this worker claimed and records each row's fate.
-async fn deliver_claimed(ctx: &AppContext, worker: &str, config: &DeliveryConfig, rows: Vec<OutboxRow>) -> Result<DeliveryReport, CoreError> {
-    let mut report = DeliveryReport { claimed: rows.len() as u64, ..Default::default() };
+async fn deliver_claimed(
+    ctx: &AppContext,
+    worker: &str,
+    config: &DeliveryConfig,
+    rows: Vec<OutboxRow>,
+) -> Result<DeliveryReport, CoreError> {
+    let mut report = DeliveryReport {
+        claimed: rows.len() as u64,
+        ..Default::default()
+    };
     let (requests, invalid) = plan(&rows);
 
     // Send, collecting each row's fates (a row may ride in several ops when split).
@@ -253,7 +302,13 @@ async fn deliver_claimed(ctx: &AppContext, worker: &str, config: &DeliveryConfig
     let now = Utc::now();
     for row in &rows {
         let row_fates = fates.remove(&row.id).unwrap_or_default();
-        if let Some(reason) = row_fates.iter().find_map(|f| if let OpFate::Dead(r) = f { Some(r.clone()) } else { None }) {
+        if let Some(reason) = row_fates.iter().find_map(|f| {
+            if let OpFate::Dead(r) = f {
+                Some(r.clone())
+            } else {
+                None
+            }
+        }) {
             dead.push((row.id, reason));
         } else if let Some((error, retry_after)) = row_fates.iter().find_map(|f| match f {
             OpFate::Retry { error, retry_after } => Some((error.clone(), *retry_after)),
@@ -261,15 +316,25 @@ async fn deliver_claimed(ctx: &AppContext, worker: &str, config: &DeliveryConfig
         }) {
             let attempt = attempts.get(&row.id).copied().unwrap_or(0) + 1;
             if attempt >= config.max_attempts {
-                dead.push((row.id, format!("gave up after {attempt} attempts; last error: {error}")));
+                dead.push((
+                    row.id,
+                    format!("gave up after {attempt} attempts; last error: {error}"),
+                ));
             } else {
                 let delay = retry_after.unwrap_or_else(|| backoff(config, attempt));
-                let at = now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::seconds(60));
-                retry.entry((error, at.timestamp_millis())).or_default().push(row.id);
+                let at = now
+                    + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::seconds(60));
+                retry
+                    .entry((error, at.timestamp_millis()))
+                    .or_default()
+                    .push(row.id);
             }
         } else if row_fates.is_empty() {
             // Not planned (cannot happen) — keep it safe: retry rather than lose it.
-            retry.entry(("not sent".into(), now.timestamp_millis())).or_default().push(row.id);
+            retry
+                .entry(("not sent".into(), now.timestamp_millis()))
+                .or_default()
+                .push(row.id);
         } else {
             delivered.push(row.id);
         }
@@ -293,15 +358,24 @@ async fn deliver_claimed(ctx: &AppContext, worker: &str, config: &DeliveryConfig
 
 fn backoff(config: &DeliveryConfig, attempt: i32) -> Duration {
     let factor = 2u32.saturating_pow(u32::try_from(attempt.saturating_sub(1)).unwrap_or(0));
-    let ceiling = config.retry_base.saturating_mul(factor).min(config.retry_max);
+    let ceiling = config
+        .retry_base
+        .saturating_mul(factor)
+        .min(config.retry_max);
     let half = ceiling / 2;
-    half + Duration::from_millis(rand::rng().random_range(0..=u64::try_from(half.as_millis()).unwrap_or(u64::MAX)))
+    half + Duration::from_millis(
+        rand::rng().random_range(0..=u64::try_from(half.as_millis()).unwrap_or(u64::MAX)),
+    )
 }
 
 /// Turns claimed rows into requests, plus rows that cannot be sent at all (dead on arrival).
 fn plan(rows: &[OutboxRow]) -> (Vec<Planned>, Vec<(i64, String)>) {
     enum Item {
-        Identify { customer_id: String, attributes: Map<String, Value>, rows: Vec<i64> },
+        Identify {
+            customer_id: String,
+            attributes: Map<String, Value>,
+            rows: Vec<i64>,
+        },
         Event(usize),
         Segment(usize),
     }
@@ -312,12 +386,20 @@ fn plan(rows: &[OutboxRow]) -> (Vec<Planned>, Vec<(i64, String)>) {
         match row.kind {
             Kind::Identify => {
                 let Some(attributes) = row.payload.as_object() else {
-                    invalid.push((row.id, "stored update is not an attribute object".to_string()));
+                    invalid.push((
+                        row.id,
+                        "stored update is not an attribute object".to_string(),
+                    ));
                     continue;
                 };
                 match identify_at.get(row.customer_id.as_str()) {
                     Some(&at) => {
-                        if let Item::Identify { attributes: merged, rows, .. } = &mut items[at] {
+                        if let Item::Identify {
+                            attributes: merged,
+                            rows,
+                            ..
+                        } = &mut items[at]
+                        {
                             merged.extend(attributes.clone());
                             rows.push(row.id);
                         }
@@ -341,38 +423,76 @@ fn plan(rows: &[OutboxRow]) -> (Vec<Planned>, Vec<(i64, String)>) {
     let mut singles: Vec<Planned> = Vec::new();
     for item in items {
         match item {
-            Item::Identify { customer_id, attributes, rows } => {
+            Item::Identify {
+                customer_id,
+                attributes,
+                rows,
+            } => {
                 for part in split_attributes(&customer_id, attributes) {
                     match PersonOp::identify(Identifier::Id(customer_id.clone()), part).encode() {
-                        Ok(op) => ops.push(PlannedOp { op, rows: rows.clone() }),
-                        Err(e) => invalid.extend(rows.iter().map(|&r| (r, format!("cannot be sent to Customer.io: {e}")))),
+                        Ok(op) => ops.push(PlannedOp {
+                            op,
+                            rows: rows.clone(),
+                        }),
+                        Err(e) => invalid.extend(
+                            rows.iter()
+                                .map(|&r| (r, format!("cannot be sent to Customer.io: {e}"))),
+                        ),
                     }
                 }
             }
             Item::Segment(i) => {
                 let row = &rows[i];
-                singles.push(Planned::Segment { add: row.kind == Kind::SegmentAdd, payload: row.payload.clone(), rows: vec![row.id] });
+                singles.push(Planned::Segment {
+                    add: row.kind == Kind::SegmentAdd,
+                    payload: row.payload.clone(),
+                    rows: vec![row.id],
+                });
             }
             Item::Event(i) => {
                 let row = &rows[i];
-                let name = row.payload.get("name").and_then(Value::as_str).unwrap_or_default().to_string();
-                let data = row.payload.get("data").and_then(Value::as_object).cloned().unwrap_or_default();
+                let name = row
+                    .payload
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string();
+                let data = row
+                    .payload
+                    .get("data")
+                    .and_then(Value::as_object)
+                    .cloned()
+                    .unwrap_or_default();
                 let timestamp = row.payload.get("timestamp").and_then(Value::as_i64);
                 let Some(event_id) = row.event_id.clone() else {
                     invalid.push((row.id, "stored event has no id".to_string()));
                     continue;
                 };
-                let op = PersonOp::event(Identifier::Id(row.customer_id.clone()), name.clone(), event_id.clone(), timestamp, data.clone());
+                let op = PersonOp::event(
+                    Identifier::Id(row.customer_id.clone()),
+                    name.clone(),
+                    event_id.clone(),
+                    timestamp,
+                    data.clone(),
+                );
                 if op_size(&op) > MAX_OP_BYTES {
                     singles.push(Planned::V1Event {
                         customer_id: row.customer_id.clone(),
-                        event: Event { name, id: event_id, timestamp, data },
+                        event: Event {
+                            name,
+                            id: event_id,
+                            timestamp,
+                            data,
+                        },
                         rows: vec![row.id],
                     });
                     continue;
                 }
                 match op.encode() {
-                    Ok(op) => ops.push(PlannedOp { op, rows: vec![row.id] }),
+                    Ok(op) => ops.push(PlannedOp {
+                        op,
+                        rows: vec![row.id],
+                    }),
                     Err(e) => invalid.push((row.id, format!("cannot be sent to Customer.io: {e}"))),
                 }
             }
@@ -400,7 +520,9 @@ fn plan(rows: &[OutboxRow]) -> (Vec<Planned>, Vec<(i64, String)>) {
 }
 
 fn op_size(op: &PersonOp) -> usize {
-    serde_json::to_vec(op).map(|v| v.len()).unwrap_or(usize::MAX)
+    serde_json::to_vec(op)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX)
 }
 
 /// Splits one person's attributes into identify operations that each fit in [`MAX_OP_BYTES`]
@@ -410,7 +532,10 @@ fn split_attributes(customer_id: &str, attributes: Map<String, Value>) -> Vec<Ma
     if op_size(&whole) <= MAX_OP_BYTES {
         return vec![attributes];
     }
-    let base = op_size(&PersonOp::identify(Identifier::Id(customer_id.to_string()), Map::new()));
+    let base = op_size(&PersonOp::identify(
+        Identifier::Id(customer_id.to_string()),
+        Map::new(),
+    ));
     let mut parts = Vec::new();
     let mut part = Map::new();
     let mut size = base;
@@ -434,30 +559,47 @@ fn split_attributes(customer_id: &str, attributes: Map<String, Value>) -> Vec<Ma
 fn send<'a>(ctx: &'a AppContext, request: Planned) -> BoxFuture<'a, Sent> {
     Box::pin(async move {
         match request {
-            Planned::V1Event { customer_id, event, rows } => {
+            Planned::V1Event {
+                customer_id,
+                event,
+                rows,
+            } => {
                 let fate = match ctx.cio.track_event(&customer_id, &event).await {
                     Ok(()) => OpFate::Delivered,
                     Err(e) => fate_of_error(&e),
                 };
                 (vec![(rows, fate)], 1)
             }
-            Planned::Segment { add, payload, rows } => match crate::managed_segments::deliver_change(ctx, add, &payload).await {
-                Ok(requests) => (vec![(rows, OpFate::Delivered)], requests),
-                Err(crate::managed_segments::DeliverError::Upstream(e)) => (vec![(rows, fate_of_error(&e))], 1),
-                Err(crate::managed_segments::DeliverError::Invalid(reason)) => (vec![(rows, OpFate::Dead(reason))], 0),
-                Err(e) => {
-                    tracing::warn!(error = %crate::jobs::error_chain(&e), "segment membership change not sent; retrying");
-                    (vec![(rows, OpFate::Retry { error: "database failure while reading the segment's membership (see the log)".into(), retry_after: None })], 0)
+            Planned::Segment { add, payload, rows } => {
+                match crate::managed_segments::deliver_change(ctx, add, &payload).await {
+                    Ok(requests) => (vec![(rows, OpFate::Delivered)], requests),
+                    Err(crate::managed_segments::DeliverError::Upstream(e)) => {
+                        (vec![(rows, fate_of_error(&e))], 1)
+                    }
+                    Err(crate::managed_segments::DeliverError::Invalid(reason)) => {
+                        (vec![(rows, OpFate::Dead(reason))], 0)
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %crate::jobs::error_chain(&e), "segment membership change not sent; retrying");
+                        (vec![(rows, OpFate::Retry { error: "database failure while reading the segment's membership (see the log)".into(), retry_after: None })], 0)
+                    }
                 }
-            },
+            }
             Planned::Batch(ops) => {
                 let payload: Vec<EncodedOp> = ops.iter().map(|o| o.op.clone()).collect();
                 match ctx.cio.batch_encoded(&payload).await {
                     Ok(BatchOutcome { failures }) => {
-                        let mut fates: Vec<(Vec<i64>, OpFate)> = ops.into_iter().map(|o| (o.rows, OpFate::Delivered)).collect();
+                        let mut fates: Vec<(Vec<i64>, OpFate)> = ops
+                            .into_iter()
+                            .map(|o| (o.rows, OpFate::Delivered))
+                            .collect();
                         for failure in failures {
                             if let Some(slot) = fates.get_mut(failure.batch_index) {
-                                slot.1 = OpFate::Dead(describe_failure(failure.reason.as_deref(), failure.field.as_deref(), &failure.message));
+                                slot.1 = OpFate::Dead(describe_failure(
+                                    failure.reason.as_deref(),
+                                    failure.field.as_deref(),
+                                    &failure.message,
+                                ));
                             }
                         }
                         (fates, 1)
@@ -496,8 +638,13 @@ fn describe_failure(reason: Option<&str>, field: Option<&str>, message: &str) ->
 
 fn fate_of_error(error: &CioError) -> OpFate {
     match error {
-        CioError::Rejected { .. } | CioError::NotFound { .. } => OpFate::Dead(format!("Customer.io rejected it: {error}")),
-        other => OpFate::Retry { error: other.to_string(), retry_after: other.retry_after() },
+        CioError::Rejected { .. } | CioError::NotFound { .. } => {
+            OpFate::Dead(format!("Customer.io rejected it: {error}"))
+        }
+        other => OpFate::Retry {
+            error: other.to_string(),
+            retry_after: other.retry_after(),
+        },
     }
 }
 
@@ -531,17 +678,36 @@ mod tests {
     }
 
     fn batches(planned: &[Planned]) -> Vec<&Vec<PlannedOp>> {
-        planned.iter().filter_map(|p| if let Planned::Batch(ops) = p { Some(ops) } else { None }).collect()
+        planned
+            .iter()
+            .filter_map(|p| {
+                if let Planned::Batch(ops) = p {
+                    Some(ops)
+                } else {
+                    None
+                }
+            })
+            .collect()
     }
 
     #[test]
     fn updates_to_one_person_coalesce_later_wins_events_stay_in_order() {
         let rows = vec![
             row(1, Kind::Identify, "a", json!({"plan": "free", "score": 1})),
-            row(2, Kind::Event, "a", json!({"name": "opened", "data": {}, "timestamp": 1})),
+            row(
+                2,
+                Kind::Event,
+                "a",
+                json!({"name": "opened", "data": {}, "timestamp": 1}),
+            ),
             row(3, Kind::Identify, "b", json!({"plan": "pro"})),
             row(4, Kind::Identify, "a", json!({"plan": "pro"})),
-            row(5, Kind::Event, "a", json!({"name": "opened", "data": {}, "timestamp": 2})),
+            row(
+                5,
+                Kind::Event,
+                "a",
+                json!({"name": "opened", "data": {}, "timestamp": 2}),
+            ),
         ];
         let (planned, invalid) = plan(&rows);
         assert!(invalid.is_empty());
@@ -558,7 +724,14 @@ mod tests {
     fn batches_respect_the_request_limit_and_oversized_ops_are_split_or_sent_alone() {
         // 3000 people with ~300-byte updates: several batches, each under the limit.
         let rows: Vec<OutboxRow> = (0..3000)
-            .map(|i| row(i, Kind::Identify, &format!("p{i}"), json!({"bio": "x".repeat(300)})))
+            .map(|i| {
+                row(
+                    i,
+                    Kind::Identify,
+                    &format!("p{i}"),
+                    json!({"bio": "x".repeat(300)}),
+                )
+            })
             .collect();
         let (planned, _) = plan(&rows);
         let ops = batches(&planned);
@@ -571,15 +744,26 @@ mod tests {
         assert_eq!(ops.iter().map(|b| b.len()).sum::<usize>(), 3000);
 
         // One person, 100 attributes of 900 bytes: split into ops under 32 KB carrying the row.
-        let big: Map<String, Value> = (0..100).map(|i| (format!("a{i}"), json!("y".repeat(900)))).collect();
+        let big: Map<String, Value> = (0..100)
+            .map(|i| (format!("a{i}"), json!("y".repeat(900))))
+            .collect();
         let (planned, _) = plan(&[row(1, Kind::Identify, "p", Value::Object(big))]);
         let ops = batches(&planned);
         let parts: Vec<&PlannedOp> = ops.iter().flat_map(|b| b.iter()).collect();
         assert!(parts.len() >= 3);
-        assert!(parts.iter().all(|p| p.op.len() <= MAX_OP_BYTES && p.rows == vec![1]));
+        assert!(
+            parts
+                .iter()
+                .all(|p| p.op.len() <= MAX_OP_BYTES && p.rows == vec![1])
+        );
 
         // An event with 60 KB of data goes through the v1 endpoint.
-        let (planned, _) = plan(&[row(9, Kind::Event, "p", json!({"name": "big", "data": {"blob": "z".repeat(60_000)}}))]);
+        let (planned, _) = plan(&[row(
+            9,
+            Kind::Event,
+            "p",
+            json!({"name": "big", "data": {"blob": "z".repeat(60_000)}}),
+        )]);
         assert!(matches!(planned.as_slice(), [Planned::V1Event { rows, .. }] if rows == &vec![9]));
     }
 
@@ -587,24 +771,50 @@ mod tests {
     fn segment_membership_rows_go_alone_never_into_a_batch() {
         let rows = vec![
             row(1, Kind::Identify, "a", json!({"plan": "pro"})),
-            row(2, Kind::SegmentAdd, "segment:7", json!({"segment_id": 7, "ids": ["a", "b"]})),
-            row(3, Kind::SegmentRemove, "segment:7", json!({"segment_id": 7, "ids": ["c"]})),
+            row(
+                2,
+                Kind::SegmentAdd,
+                "segment:7",
+                json!({"segment_id": 7, "ids": ["a", "b"]}),
+            ),
+            row(
+                3,
+                Kind::SegmentRemove,
+                "segment:7",
+                json!({"segment_id": 7, "ids": ["c"]}),
+            ),
         ];
         let (planned, invalid) = plan(&rows);
         assert!(invalid.is_empty());
-        let batched: Vec<i64> = batches(&planned).iter().flat_map(|b| b.iter().flat_map(|o| o.rows.clone())).collect();
+        let batched: Vec<i64> = batches(&planned)
+            .iter()
+            .flat_map(|b| b.iter().flat_map(|o| o.rows.clone()))
+            .collect();
         assert_eq!(batched, vec![1]);
         let segments: Vec<(bool, Vec<i64>)> = planned
             .iter()
-            .filter_map(|p| if let Planned::Segment { add, rows, .. } = p { Some((*add, rows.clone())) } else { None })
+            .filter_map(|p| {
+                if let Planned::Segment { add, rows, .. } = p {
+                    Some((*add, rows.clone()))
+                } else {
+                    None
+                }
+            })
             .collect();
         assert_eq!(segments, vec![(true, vec![2]), (false, vec![3])]);
     }
 
     #[test]
     fn backoff_grows_and_is_capped() {
-        let config = DeliveryConfig { retry_base: Duration::from_secs(2), retry_max: Duration::from_secs(60), ..Default::default() };
-        assert!(backoff(&config, 1) <= Duration::from_secs(2) && backoff(&config, 1) >= Duration::from_secs(1));
+        let config = DeliveryConfig {
+            retry_base: Duration::from_secs(2),
+            retry_max: Duration::from_secs(60),
+            ..Default::default()
+        };
+        assert!(
+            backoff(&config, 1) <= Duration::from_secs(2)
+                && backoff(&config, 1) >= Duration::from_secs(1)
+        );
         assert!(backoff(&config, 3) >= Duration::from_secs(4));
         assert!(backoff(&config, 30) <= Duration::from_secs(60));
     }

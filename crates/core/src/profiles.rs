@@ -74,47 +74,95 @@ pub(crate) fn json_has_nul(value: &Value) -> bool {
 
 pub(crate) fn check_customer_id(violations: &mut Vec<FieldViolation>, field: &str, id: &str) {
     if has_nul(id) {
-        violations.push(FieldViolation::new(field, "must not contain NUL characters"));
+        violations.push(FieldViolation::new(
+            field,
+            "must not contain NUL characters",
+        ));
     } else if id.trim().is_empty() {
         violations.push(FieldViolation::new(field, "must not be empty"));
     } else if id.len() > limits::CUSTOMER_ID_BYTES {
-        violations.push(FieldViolation::new(field, format!("is {} bytes; Customer.io allows at most {}", id.len(), limits::CUSTOMER_ID_BYTES)));
+        violations.push(FieldViolation::new(
+            field,
+            format!(
+                "is {} bytes; Customer.io allows at most {}",
+                id.len(),
+                limits::CUSTOMER_ID_BYTES
+            ),
+        ));
     }
 }
 
 /// Bytes of `value` as JSON.
 pub(crate) fn json_len(value: &Value) -> usize {
-    serde_json::to_vec(value).map(|v| v.len()).unwrap_or(usize::MAX)
+    serde_json::to_vec(value)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX)
 }
 
-fn check_attributes(violations: &mut Vec<FieldViolation>, field: &str, attributes: &Map<String, Value>) {
+fn check_attributes(
+    violations: &mut Vec<FieldViolation>,
+    field: &str,
+    attributes: &Map<String, Value>,
+) {
     if attributes.is_empty() {
-        violations.push(FieldViolation::new(field, "must set at least one attribute"));
+        violations.push(FieldViolation::new(
+            field,
+            "must set at least one attribute",
+        ));
     }
     if attributes.len() > limits::ATTRIBUTES_PER_UPDATE {
-        violations.push(FieldViolation::new(field, format!("sets {} attributes; Customer.io allows at most {} per update", attributes.len(), limits::ATTRIBUTES_PER_UPDATE)));
+        violations.push(FieldViolation::new(
+            field,
+            format!(
+                "sets {} attributes; Customer.io allows at most {} per update",
+                attributes.len(),
+                limits::ATTRIBUTES_PER_UPDATE
+            ),
+        ));
     }
     for (name, value) in attributes {
         let at = format!("{field}.{name}");
         if name.is_empty() {
-            violations.push(FieldViolation::new(field, "has an attribute with an empty name"));
+            violations.push(FieldViolation::new(
+                field,
+                "has an attribute with an empty name",
+            ));
             continue;
         }
         if has_nul(name) || json_has_nul(value) {
-            violations.push(FieldViolation::new(field, "must not contain NUL characters"));
+            violations.push(FieldViolation::new(
+                field,
+                "must not contain NUL characters",
+            ));
             continue;
         }
         if name.len() > limits::ATTRIBUTE_NAME_BYTES {
-            violations.push(FieldViolation::new(field, format!("attribute name of {} bytes; at most {}", name.len(), limits::ATTRIBUTE_NAME_BYTES)));
+            violations.push(FieldViolation::new(
+                field,
+                format!(
+                    "attribute name of {} bytes; at most {}",
+                    name.len(),
+                    limits::ATTRIBUTE_NAME_BYTES
+                ),
+            ));
             continue;
         }
         if RESERVED_KEYS.contains(&name.as_str()) || name.starts_with('_') {
-            violations.push(FieldViolation::new(at, "is reserved by Customer.io and cannot be set as an attribute"));
+            violations.push(FieldViolation::new(
+                at,
+                "is reserved by Customer.io and cannot be set as an attribute",
+            ));
             continue;
         }
         let len = json_len(value);
         if len > limits::ATTRIBUTE_VALUE_BYTES {
-            violations.push(FieldViolation::new(at, format!("value is {len} bytes as JSON; Customer.io allows at most {}", limits::ATTRIBUTE_VALUE_BYTES)));
+            violations.push(FieldViolation::new(
+                at,
+                format!(
+                    "value is {len} bytes as JSON; Customer.io allows at most {}",
+                    limits::ATTRIBUTE_VALUE_BYTES
+                ),
+            ));
             continue;
         }
         let typed_ok = match name.as_str() {
@@ -129,7 +177,10 @@ fn check_attributes(violations: &mut Vec<FieldViolation>, field: &str, attribute
                 "created_at" => "a whole number of unix seconds",
                 _ => "true or false",
             };
-            violations.push(FieldViolation::new(at, format!("is reserved by Customer.io and must be {expected}")));
+            violations.push(FieldViolation::new(
+                at,
+                format!("is reserved by Customer.io and must be {expected}"),
+            ));
         }
     }
 }
@@ -139,35 +190,60 @@ fn check_batch_size(field: &str, len: usize) -> Result<(), CoreError> {
         return Err(CoreError::invalid(field, "must hold at least one item"));
     }
     if len > limits::BATCH_ITEMS {
-        return Err(CoreError::invalid(field, format!("holds {len} items; at most {} per call", limits::BATCH_ITEMS)));
+        return Err(CoreError::invalid(
+            field,
+            format!(
+                "holds {len} items; at most {} per call",
+                limits::BATCH_ITEMS
+            ),
+        ));
     }
     Ok(())
 }
 
 /// Validates and accepts attribute updates: mirror + outbox in one transaction. `field` names the
 /// repeated field (`updates`) or `None` for a single update.
-pub async fn update_attributes(ctx: &AppContext, updates: Vec<AttributeUpdate>, field: Option<&str>) -> Result<u64, CoreError> {
+pub async fn update_attributes(
+    ctx: &AppContext,
+    updates: Vec<AttributeUpdate>,
+    field: Option<&str>,
+) -> Result<u64, CoreError> {
     if let Some(field) = field {
         check_batch_size(field, updates.len())?;
     }
     let mut violations = Vec::new();
     for (i, update) in updates.iter().enumerate() {
         let prefix = field.map(|f| format!("{f}[{i}].")).unwrap_or_default();
-        check_customer_id(&mut violations, &format!("{prefix}customer_id"), &update.customer_id);
-        check_attributes(&mut violations, &format!("{prefix}attributes"), &update.attributes);
+        check_customer_id(
+            &mut violations,
+            &format!("{prefix}customer_id"),
+            &update.customer_id,
+        );
+        check_attributes(
+            &mut violations,
+            &format!("{prefix}attributes"),
+            &update.attributes,
+        );
     }
     if !violations.is_empty() {
         return Err(CoreError::InvalidArgument(violations));
     }
     let rows: Vec<NewAttributeUpdate> = updates
         .into_iter()
-        .map(|u| NewAttributeUpdate { customer_id: u.customer_id, attributes: u.attributes })
+        .map(|u| NewAttributeUpdate {
+            customer_id: u.customer_id,
+            attributes: u.attributes,
+        })
         .collect();
-    let accepted = outbox::accept_attribute_updates(&ctx.db, ctx.workspace_id(), &rows, Utc::now()).await?;
+    let accepted =
+        outbox::accept_attribute_updates(&ctx.db, ctx.workspace_id(), &rows, Utc::now()).await?;
     ctx.outbox_wakeup.notify_waiters();
     // Managed segments reading these attributes are due for evaluation. The write is accepted
     // whatever happens here; a segment not marked is re-evaluated when its age runs out.
-    let changed: std::collections::BTreeSet<&str> = rows.iter().flat_map(|r| r.attributes.keys().map(String::as_str)).collect();
+    let changed: std::collections::BTreeSet<&str> = rows
+        .iter()
+        .flat_map(|r| r.attributes.keys().map(String::as_str))
+        .collect();
     let changed: Vec<&str> = changed.into_iter().collect();
     if let Err(e) = crate::managed_segments::profiles_changed(ctx, &changed).await {
         tracing::warn!(error = %crate::jobs::error_chain(&e), "could not mark managed segments due");
@@ -176,39 +252,82 @@ pub async fn update_attributes(ctx: &AppContext, updates: Vec<AttributeUpdate>, 
 }
 
 /// Validates and accepts events; each gets a ULID (or the one its idempotency key got before).
-pub async fn track_events(ctx: &AppContext, events: Vec<EventInput>, field: Option<&str>) -> Result<Vec<AcceptedEvent>, CoreError> {
+pub async fn track_events(
+    ctx: &AppContext,
+    events: Vec<EventInput>,
+    field: Option<&str>,
+) -> Result<Vec<AcceptedEvent>, CoreError> {
     if let Some(field) = field {
         check_batch_size(field, events.len())?;
     }
     let mut violations = Vec::new();
     for (i, event) in events.iter().enumerate() {
         let prefix = field.map(|f| format!("{f}[{i}].")).unwrap_or_default();
-        check_customer_id(&mut violations, &format!("{prefix}customer_id"), &event.customer_id);
+        check_customer_id(
+            &mut violations,
+            &format!("{prefix}customer_id"),
+            &event.customer_id,
+        );
         if has_nul(&event.name) {
-            violations.push(FieldViolation::new(format!("{prefix}name"), "must not contain NUL characters"));
+            violations.push(FieldViolation::new(
+                format!("{prefix}name"),
+                "must not contain NUL characters",
+            ));
         } else if event.name.trim().is_empty() {
-            violations.push(FieldViolation::new(format!("{prefix}name"), "must not be empty"));
+            violations.push(FieldViolation::new(
+                format!("{prefix}name"),
+                "must not be empty",
+            ));
         } else if event.name.len() > limits::EVENT_NAME_BYTES {
-            violations.push(FieldViolation::new(format!("{prefix}name"), format!("is {} bytes; Customer.io allows at most {}", event.name.len(), limits::EVENT_NAME_BYTES)));
+            violations.push(FieldViolation::new(
+                format!("{prefix}name"),
+                format!(
+                    "is {} bytes; Customer.io allows at most {}",
+                    event.name.len(),
+                    limits::EVENT_NAME_BYTES
+                ),
+            ));
         }
         let data = Value::Object(event.data.clone());
         let data_len = json_len(&data);
         if json_has_nul(&data) {
-            violations.push(FieldViolation::new(format!("{prefix}data"), "must not contain NUL characters"));
+            violations.push(FieldViolation::new(
+                format!("{prefix}data"),
+                "must not contain NUL characters",
+            ));
         } else if data_len > limits::EVENT_DATA_BYTES {
-            violations.push(FieldViolation::new(format!("{prefix}data"), format!("is {data_len} bytes as JSON; Customer.io allows at most {}", limits::EVENT_DATA_BYTES)));
+            violations.push(FieldViolation::new(
+                format!("{prefix}data"),
+                format!(
+                    "is {data_len} bytes as JSON; Customer.io allows at most {}",
+                    limits::EVENT_DATA_BYTES
+                ),
+            ));
         }
         if let Some(key) = &event.idempotency_key {
             if has_nul(key) {
-                violations.push(FieldViolation::new(format!("{prefix}idempotency_key"), "must not contain NUL characters"));
+                violations.push(FieldViolation::new(
+                    format!("{prefix}idempotency_key"),
+                    "must not contain NUL characters",
+                ));
             } else if key.len() > limits::IDEMPOTENCY_KEY_BYTES {
-                violations.push(FieldViolation::new(format!("{prefix}idempotency_key"), format!("is {} bytes; at most {}", key.len(), limits::IDEMPOTENCY_KEY_BYTES)));
+                violations.push(FieldViolation::new(
+                    format!("{prefix}idempotency_key"),
+                    format!(
+                        "is {} bytes; at most {}",
+                        key.len(),
+                        limits::IDEMPOTENCY_KEY_BYTES
+                    ),
+                ));
             }
         }
         if let Some(ts) = event.timestamp
             && ts.timestamp() < 0
         {
-            violations.push(FieldViolation::new(format!("{prefix}timestamp"), "must not be before 1970"));
+            violations.push(FieldViolation::new(
+                format!("{prefix}timestamp"),
+                "must not be before 1970",
+            ));
         }
     }
     if !violations.is_empty() {
@@ -263,13 +382,20 @@ pub struct ProfileView {
 }
 
 /// Reads a profile from the mirror, or from Customer.io when `fresh` (updating the mirror).
-pub async fn get_profile(ctx: &AppContext, who: CustomerRef, fresh: bool) -> Result<ProfileView, CoreError> {
+pub async fn get_profile(
+    ctx: &AppContext,
+    who: CustomerRef,
+    fresh: bool,
+) -> Result<ProfileView, CoreError> {
     let mut violations = Vec::new();
     check_customer_id(&mut violations, who.field(), who.value());
     if !violations.is_empty() {
         return Err(CoreError::InvalidArgument(violations));
     }
-    let not_found = || CoreError::NotFound { what: "customer", id: who.value().to_string() };
+    let not_found = || CoreError::NotFound {
+        what: "customer",
+        id: who.value().to_string(),
+    };
     if fresh {
         let id_type = match &who {
             CustomerRef::Id(_) => IdType::Id,
@@ -283,19 +409,33 @@ pub async fn get_profile(ctx: &AppContext, who: CustomerRef, fresh: bool) -> Res
         };
         let customer_id = fetched.customer_id.clone();
         profiles::upsert_fetched(&ctx.db, ctx.workspace_id(), &[fetched], Utc::now()).await?;
-        let profile = profiles::get(&ctx.db, ctx.workspace_id(), Lookup::Id(&customer_id)).await?.ok_or_else(not_found)?;
-        return Ok(ProfileView { profile, fresh: true });
+        let profile = profiles::get(&ctx.db, ctx.workspace_id(), Lookup::Id(&customer_id))
+            .await?
+            .ok_or_else(not_found)?;
+        return Ok(ProfileView {
+            profile,
+            fresh: true,
+        });
     }
     let lookup = match &who {
         CustomerRef::Id(v) => Lookup::Id(v),
         CustomerRef::Email(v) => Lookup::Email(v),
         CustomerRef::CioId(v) => Lookup::CioId(v),
     };
-    let profile = profiles::get(&ctx.db, ctx.workspace_id(), lookup).await?.ok_or_else(not_found)?;
-    Ok(ProfileView { profile, fresh: false })
+    let profile = profiles::get(&ctx.db, ctx.workspace_id(), lookup)
+        .await?
+        .ok_or_else(not_found)?;
+    Ok(ProfileView {
+        profile,
+        fresh: false,
+    })
 }
 
-async fn fetch_profile(ctx: &AppContext, identifier: &str, id_type: IdType) -> Result<FetchedProfile, CioError> {
+async fn fetch_profile(
+    ctx: &AppContext,
+    identifier: &str,
+    id_type: IdType,
+) -> Result<FetchedProfile, CioError> {
     let customer = ctx.cio.customer_attributes(identifier, id_type).await?;
     let segments = ctx.cio.customer_segments(identifier, id_type).await?;
     let customer_id = customer
@@ -308,7 +448,15 @@ async fn fetch_profile(ctx: &AppContext, identifier: &str, id_type: IdType) -> R
         email: customer.identifiers.email.clone(),
         cio_id: customer.identifiers.cio_id.clone(),
         attributes: customer.attributes,
-        cio_segments: Some(segments.into_iter().map(|s| ProfileSegment { id: s.id, name: s.name }).collect()),
+        cio_segments: Some(
+            segments
+                .into_iter()
+                .map(|s| ProfileSegment {
+                    id: s.id,
+                    name: s.name,
+                })
+                .collect(),
+        ),
     })
 }
 
@@ -338,15 +486,25 @@ pub fn validate_import(source: &ImportSource) -> Result<(), CoreError> {
     match source {
         ImportSource::Ids(ids) => {
             if ids.len() > limits::IMPORT_IDS {
-                return Err(CoreError::invalid("customer_ids", format!("holds {} ids; at most {}", ids.len(), limits::IMPORT_IDS)));
+                return Err(CoreError::invalid(
+                    "customer_ids",
+                    format!("holds {} ids; at most {}", ids.len(), limits::IMPORT_IDS),
+                ));
             }
             let mut violations = Vec::new();
             for (i, id) in ids.iter().enumerate() {
                 check_customer_id(&mut violations, &format!("customer_ids[{i}]"), id);
             }
-            if violations.is_empty() { Ok(()) } else { Err(CoreError::InvalidArgument(violations)) }
+            if violations.is_empty() {
+                Ok(())
+            } else {
+                Err(CoreError::InvalidArgument(violations))
+            }
         }
-        ImportSource::Segment(id) if *id <= 0 => Err(CoreError::invalid("segment_id", "give customer_ids or a positive segment_id")),
+        ImportSource::Segment(id) if *id <= 0 => Err(CoreError::invalid(
+            "segment_id",
+            "give customer_ids or a positive segment_id",
+        )),
         ImportSource::Segment(_) => Ok(()),
     }
 }
@@ -354,7 +512,11 @@ pub fn validate_import(source: &ImportSource) -> Result<(), CoreError> {
 /// Imports attributes from Customer.io into the mirror, 100 people per App API call (paced by the
 /// shared App API limiter), awaiting `progress` after every chunk and once at the end; it
 /// answers false when the caller has gone away, which stops the import.
-pub async fn import_profiles<F, Fut>(ctx: &AppContext, source: ImportSource, mut progress: F) -> Result<ImportProgress, CoreError>
+pub async fn import_profiles<F, Fut>(
+    ctx: &AppContext,
+    source: ImportSource,
+    mut progress: F,
+) -> Result<ImportProgress, CoreError>
 where
     F: FnMut(ImportProgress) -> Fut,
     Fut: Future<Output = bool>,
@@ -367,9 +529,19 @@ where
             if let Ok(count) = ctx.cio.segment_customer_count(segment_id).await {
                 state.total = count;
             }
-            let members: Vec<_> = match ctx.cio.segment_membership(segment_id, MEMBERSHIP_PAGE).try_collect().await {
+            let members: Vec<_> = match ctx
+                .cio
+                .segment_membership(segment_id, MEMBERSHIP_PAGE)
+                .try_collect()
+                .await
+            {
                 Ok(m) => m,
-                Err(CioError::NotFound { .. }) => return Err(CoreError::NotFound { what: "segment", id: segment_id.to_string() }),
+                Err(CioError::NotFound { .. }) => {
+                    return Err(CoreError::NotFound {
+                        what: "segment",
+                        id: segment_id.to_string(),
+                    });
+                }
                 Err(e) => return Err(e.into()),
             };
             members.into_iter().filter_map(|m| m.id).collect()
@@ -391,11 +563,21 @@ where
                 })
             })
             .collect();
-        let found: std::collections::HashSet<&str> = fetched.iter().map(|f| f.customer_id.as_str()).collect();
-        state.not_found.extend(chunk.iter().filter(|id| !found.contains(id.as_str())).cloned());
-        state.imported += profiles::upsert_fetched(&ctx.db, ctx.workspace_id(), &fetched, Utc::now()).await?;
+        let found: std::collections::HashSet<&str> =
+            fetched.iter().map(|f| f.customer_id.as_str()).collect();
+        state.not_found.extend(
+            chunk
+                .iter()
+                .filter(|id| !found.contains(id.as_str()))
+                .cloned(),
+        );
+        state.imported +=
+            profiles::upsert_fetched(&ctx.db, ctx.workspace_id(), &fetched, Utc::now()).await?;
         if !progress(state.clone()).await {
-            tracing::info!(imported = state.imported, "import stopped: the caller went away");
+            tracing::info!(
+                imported = state.imported,
+                "import stopped: the caller went away"
+            );
             return Ok(state);
         }
         state.not_found.clear();
@@ -426,12 +608,24 @@ mod tests {
         assert!(violations_of(json!({"plan": "pro", "email": "a@b.c", "created_at": 1_700_000_000, "unsubscribed": false})).is_empty());
         assert_eq!(violations_of(json!({})), vec!["attributes"]);
         assert_eq!(violations_of(json!({"id": "x"})), vec!["attributes.id"]);
-        assert_eq!(violations_of(json!({"_update": true})), vec!["attributes._update"]);
+        assert_eq!(
+            violations_of(json!({"_update": true})),
+            vec!["attributes._update"]
+        );
         assert_eq!(violations_of(json!({"email": 5})), vec!["attributes.email"]);
-        assert_eq!(violations_of(json!({"created_at": "yesterday"})), vec!["attributes.created_at"]);
-        assert_eq!(violations_of(json!({"bio": "x".repeat(999)})), vec!["attributes.bio"]);
+        assert_eq!(
+            violations_of(json!({"created_at": "yesterday"})),
+            vec!["attributes.created_at"]
+        );
+        assert_eq!(
+            violations_of(json!({"bio": "x".repeat(999)})),
+            vec!["attributes.bio"]
+        );
         assert!(violations_of(json!({"bio": "x".repeat(998)})).is_empty());
-        assert_eq!(violations_of(json!({"nick": "a\u{0}b"})), vec!["attributes"]);
+        assert_eq!(
+            violations_of(json!({"nick": "a\u{0}b"})),
+            vec!["attributes"]
+        );
         let long_name = "n".repeat(151);
         assert_eq!(violations_of(json!({ long_name: 1 })), vec!["attributes"]);
         let many: Map<String, Value> = (0..301).map(|i| (format!("a{i}"), json!(i))).collect();

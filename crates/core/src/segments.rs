@@ -1,7 +1,10 @@
 //! Segments: pull them from Customer.io into the mirror ([`sync_segments`]) and check the
 //! segments an assignment targets ([`validate_targeting`]).
 
-use std::{collections::HashSet, time::{Duration, Instant}};
+use std::{
+    collections::HashSet,
+    time::{Duration, Instant},
+};
 
 use chrono::{DateTime, Utc};
 use cio_client::{CioError, SegmentType};
@@ -49,7 +52,10 @@ pub async fn sync_segments(ctx: &AppContext) -> Result<SyncReport, CoreError> {
         .await?;
     let seen: Vec<SyncedSegment> = seen.into_iter().flatten().collect();
     let counts = segments::apply_sync(&ctx.db, ctx.workspace_id(), &seen, Utc::now()).await?;
-    let report = SyncReport { counts, duration: started.elapsed() };
+    let report = SyncReport {
+        counts,
+        duration: started.elapsed(),
+    };
     tracing::info!(
         created = report.counts.created,
         updated = report.counts.updated,
@@ -90,7 +96,10 @@ pub enum TargetingWarning {
 
 impl TargetingWarning {
     pub fn blocks_sending(self) -> bool {
-        matches!(self, Self::UnknownSegment | Self::RemovedSegment | Self::EmptySegment)
+        matches!(
+            self,
+            Self::UnknownSegment | Self::RemovedSegment | Self::EmptySegment
+        )
     }
 }
 
@@ -132,16 +141,25 @@ pub async fn validate_targeting(
 ) -> Result<TargetingReport, CoreError> {
     let mut violations = Vec::new();
     if segment_ids.is_empty() {
-        violations.push(FieldViolation::new("segment_ids", "must list at least one segment id"));
+        violations.push(FieldViolation::new(
+            "segment_ids",
+            "must list at least one segment id",
+        ));
     } else if segment_ids.len() > MAX_TARGETED_SEGMENTS {
         violations.push(FieldViolation::new(
             "segment_ids",
-            format!("at most {MAX_TARGETED_SEGMENTS} segment ids, got {}", segment_ids.len()),
+            format!(
+                "at most {MAX_TARGETED_SEGMENTS} segment ids, got {}",
+                segment_ids.len()
+            ),
         ));
     }
     for (i, id) in segment_ids.iter().enumerate() {
         if *id <= 0 {
-            violations.push(FieldViolation::new(format!("segment_ids[{i}]"), "must be a positive Customer.io segment id"));
+            violations.push(FieldViolation::new(
+                format!("segment_ids[{i}]"),
+                "must be a positive Customer.io segment id",
+            ));
         }
     }
     if !violations.is_empty() {
@@ -177,11 +195,23 @@ pub async fn validate_targeting(
                 }
             }
         }
-        let verdict = SegmentTargeting { segment_id: id, segment, count_age, warnings };
+        let verdict = SegmentTargeting {
+            segment_id: id,
+            segment,
+            count_age,
+            warnings,
+        };
         if first_time && verdict.sendable() {
-            total_member_count += verdict.segment.as_ref().and_then(|s| s.member_count).unwrap_or(0);
+            total_member_count += verdict
+                .segment
+                .as_ref()
+                .and_then(|s| s.member_count)
+                .unwrap_or(0);
         }
         verdicts.push(verdict);
     }
-    Ok(TargetingReport { segments: verdicts, total_member_count })
+    Ok(TargetingReport {
+        segments: verdicts,
+        total_member_count,
+    })
 }

@@ -32,8 +32,8 @@ use chrono::{DateTime, Utc};
 use cio_client::{CioError, NewNewsletter, Recipients, Trigger};
 use serde_json::{Map, Value, json};
 use sharpsend_db::sends::{
-    self as store, Claim, Created, Delivery, HistoryEntry, NewSend, NewSubmission, SendRecord, SendState, Submission,
-    Transition, Window,
+    self as store, Claim, Created, Delivery, HistoryEntry, NewSend, NewSubmission, SendRecord,
+    SendState, Submission, Transition, Window,
 };
 
 use crate::config::{ConfigError, Env, positive};
@@ -115,9 +115,13 @@ impl SendConfig {
 /// How the caller wants the assignment delivered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeliveryMode {
-    Broadcast { broadcast_id: i64 },
+    Broadcast {
+        broadcast_id: i64,
+    },
     /// `from_id` 0: the workspace's default sender.
-    Newsletter { from_id: i64 },
+    Newsletter {
+        from_id: i64,
+    },
 }
 
 /// One target segment's content.
@@ -162,11 +166,16 @@ impl SendView {
 
 /// Records the send of an approved assignment (or finds the one already recorded under the same
 /// key) and dispatches what is due. Returns the send and whether it was created by this call.
-pub async fn send_assignment(ctx: &AppContext, request: SendRequest) -> Result<(SendView, bool), CoreError> {
+pub async fn send_assignment(
+    ctx: &AppContext,
+    request: SendRequest,
+) -> Result<(SendView, bool), CoreError> {
     let delivery = validate(&request)?;
     let fingerprint = fingerprint(&request, delivery);
     let ws = ctx.workspace_id();
-    if let Some(existing) = store::get_by_key(&ctx.db, ws, &request.assignment_id, &request.request_id).await? {
+    if let Some(existing) =
+        store::get_by_key(&ctx.db, ws, &request.assignment_id, &request.request_id).await?
+    {
         return answer_existing(ctx, existing, &fingerprint).await;
     }
 
@@ -184,7 +193,9 @@ pub async fn send_assignment(ctx: &AppContext, request: SendRequest) -> Result<(
         subject: request.subject.clone(),
         delivery: match delivery {
             DeliveryMode::Broadcast { broadcast_id } => Delivery::Broadcast { broadcast_id },
-            DeliveryMode::Newsletter { from_id } => Delivery::Newsletter { from_id: (from_id > 0).then_some(from_id) },
+            DeliveryMode::Newsletter { from_id } => Delivery::Newsletter {
+                from_id: (from_id > 0).then_some(from_id),
+            },
         },
         request: fingerprint.clone(),
         created_by: request.created_by.clone(),
@@ -199,12 +210,20 @@ pub async fn send_assignment(ctx: &AppContext, request: SendRequest) -> Result<(
     }
 }
 
-async fn answer_existing(ctx: &AppContext, existing: SendRecord, fingerprint: &Value) -> Result<(SendView, bool), CoreError> {
+async fn answer_existing(
+    ctx: &AppContext,
+    existing: SendRecord,
+    fingerprint: &Value,
+) -> Result<(SendView, bool), CoreError> {
     if existing.request != *fingerprint {
         return Err(CoreError::AlreadyExists(format!(
             "assignment {} was already sent{} with different content (send {}); give a new request_id to send it again",
             existing.assignment_id,
-            if existing.request_id.is_empty() { String::new() } else { format!(" under request_id {}", existing.request_id) },
+            if existing.request_id.is_empty() {
+                String::new()
+            } else {
+                format!(" under request_id {}", existing.request_id)
+            },
             existing.public_id
         )));
     }
@@ -218,42 +237,78 @@ fn validate(r: &SendRequest) -> Result<DeliveryMode, CoreError> {
         if required && value.trim().is_empty() {
             v.push(FieldViolation::new(field, "is required"));
         } else if value.chars().count() > max {
-            v.push(FieldViolation::new(field, format!("at most {max} characters, got {}", value.chars().count())));
+            v.push(FieldViolation::new(
+                field,
+                format!("at most {max} characters, got {}", value.chars().count()),
+            ));
         } else if value.chars().any(char::is_control) {
-            v.push(FieldViolation::new(field, "must not contain control characters"));
+            v.push(FieldViolation::new(
+                field,
+                "must not contain control characters",
+            ));
         }
     };
     text("assignment_id", &r.assignment_id, true, MAX_ID_CHARS);
     text("request_id", &r.request_id, false, MAX_ID_CHARS);
     text("title", &r.title, true, MAX_TITLE_CHARS);
-    let every_variation_has_subject = !r.variations.is_empty() && r.variations.iter().all(|x| !x.subject.trim().is_empty());
-    text("subject", &r.subject, !every_variation_has_subject, MAX_SUBJECT_CHARS);
+    let every_variation_has_subject =
+        !r.variations.is_empty() && r.variations.iter().all(|x| !x.subject.trim().is_empty());
+    text(
+        "subject",
+        &r.subject,
+        !every_variation_has_subject,
+        MAX_SUBJECT_CHARS,
+    );
 
     if r.segment_ids.is_empty() {
-        v.push(FieldViolation::new("segment_ids", "must list at least one target segment"));
+        v.push(FieldViolation::new(
+            "segment_ids",
+            "must list at least one target segment",
+        ));
     } else if r.segment_ids.len() > MAX_TARGETS {
-        v.push(FieldViolation::new("segment_ids", format!("at most {MAX_TARGETS} target segments, got {}", r.segment_ids.len())));
+        v.push(FieldViolation::new(
+            "segment_ids",
+            format!(
+                "at most {MAX_TARGETS} target segments, got {}",
+                r.segment_ids.len()
+            ),
+        ));
     }
     let mut seen = HashSet::new();
     for (i, id) in r.segment_ids.iter().enumerate() {
         if *id <= 0 {
-            v.push(FieldViolation::new(format!("segment_ids[{i}]"), "must be a positive Customer.io segment id"));
+            v.push(FieldViolation::new(
+                format!("segment_ids[{i}]"),
+                "must be a positive Customer.io segment id",
+            ));
         } else if !seen.insert(*id) {
-            v.push(FieldViolation::new(format!("segment_ids[{i}]"), format!("segment {id} is listed twice")));
+            v.push(FieldViolation::new(
+                format!("segment_ids[{i}]"),
+                format!("segment {id} is listed twice"),
+            ));
         }
     }
 
     let delivery = match r.delivery {
         None => {
-            v.push(FieldViolation::new("delivery", "choose `broadcast` or `newsletter`"));
+            v.push(FieldViolation::new(
+                "delivery",
+                "choose `broadcast` or `newsletter`",
+            ));
             None
         }
         Some(DeliveryMode::Broadcast { broadcast_id }) if broadcast_id <= 0 => {
-            v.push(FieldViolation::new("broadcast.broadcast_id", "must be a positive Customer.io broadcast id"));
+            v.push(FieldViolation::new(
+                "broadcast.broadcast_id",
+                "must be a positive Customer.io broadcast id",
+            ));
             None
         }
         Some(DeliveryMode::Newsletter { from_id }) if from_id < 0 => {
-            v.push(FieldViolation::new("newsletter.from_id", "must not be negative"));
+            v.push(FieldViolation::new(
+                "newsletter.from_id",
+                "must not be negative",
+            ));
             None
         }
         Some(mode) => Some(mode),
@@ -263,17 +318,35 @@ fn validate(r: &SendRequest) -> Result<DeliveryMode, CoreError> {
     for (i, x) in r.variations.iter().enumerate() {
         let at = |f: &str| format!("variations[{i}].{f}");
         if !seen.contains(&x.segment_id) {
-            v.push(FieldViolation::new(at("segment_id"), format!("segment {} is not one of segment_ids", x.segment_id)));
+            v.push(FieldViolation::new(
+                at("segment_id"),
+                format!("segment {} is not one of segment_ids", x.segment_id),
+            ));
         } else if !covered.insert(x.segment_id) {
-            v.push(FieldViolation::new(at("segment_id"), format!("segment {} has more than one variation", x.segment_id)));
+            v.push(FieldViolation::new(
+                at("segment_id"),
+                format!("segment {} has more than one variation", x.segment_id),
+            ));
         }
         if x.body.trim().is_empty() {
-            v.push(FieldViolation::new(at("body"), "is required (the content sent to this segment)"));
+            v.push(FieldViolation::new(
+                at("body"),
+                "is required (the content sent to this segment)",
+            ));
         }
         if x.subject.chars().count() > MAX_SUBJECT_CHARS {
-            v.push(FieldViolation::new(at("subject"), format!("at most {MAX_SUBJECT_CHARS} characters, got {}", x.subject.chars().count())));
+            v.push(FieldViolation::new(
+                at("subject"),
+                format!(
+                    "at most {MAX_SUBJECT_CHARS} characters, got {}",
+                    x.subject.chars().count()
+                ),
+            ));
         } else if x.subject.chars().any(char::is_control) {
-            v.push(FieldViolation::new(at("subject"), "must not contain control characters"));
+            v.push(FieldViolation::new(
+                at("subject"),
+                "must not contain control characters",
+            ));
         }
         match delivery {
             Some(DeliveryMode::Newsletter { .. }) => {
@@ -281,12 +354,25 @@ fn validate(r: &SendRequest) -> Result<DeliveryMode, CoreError> {
                     v.push(FieldViolation::new(at("data"), "liquid data is for broadcast delivery; a newsletter carries its content itself"));
                 }
                 if x.body.len() > MAX_NEWSLETTER_BODY_BYTES {
-                    v.push(FieldViolation::new(at("body"), format!("at most {MAX_NEWSLETTER_BODY_BYTES} bytes, got {}", x.body.len())));
+                    v.push(FieldViolation::new(
+                        at("body"),
+                        format!(
+                            "at most {MAX_NEWSLETTER_BODY_BYTES} bytes, got {}",
+                            x.body.len()
+                        ),
+                    ));
                 }
             }
             Some(DeliveryMode::Broadcast { .. }) => {
-                if let Some(key) = x.data.as_ref().and_then(|d| d.keys().find(|k| RESERVED_DATA_KEYS.contains(&k.as_str()))) {
-                    v.push(FieldViolation::new(format!("{}.{key}", at("data")), "is set by the service"));
+                if let Some(key) = x
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.keys().find(|k| RESERVED_DATA_KEYS.contains(&k.as_str())))
+                {
+                    v.push(FieldViolation::new(
+                        format!("{}.{key}", at("data")),
+                        "is set by the service",
+                    ));
                 }
                 let size = crate::profiles::json_len(&Value::Object(trigger_data(
                     r,
@@ -307,7 +393,10 @@ fn validate(r: &SendRequest) -> Result<DeliveryMode, CoreError> {
     for (i, id) in r.segment_ids.iter().enumerate() {
         let first = r.segment_ids.iter().position(|other| other == id) == Some(i);
         if *id > 0 && first && !covered.contains(id) {
-            v.push(FieldViolation::new(format!("segment_ids[{i}]"), format!("segment {id} has no content variation")));
+            v.push(FieldViolation::new(
+                format!("segment_ids[{i}]"),
+                format!("segment {id} has no content variation"),
+            ));
         }
     }
     match delivery {
@@ -317,11 +406,23 @@ fn validate(r: &SendRequest) -> Result<DeliveryMode, CoreError> {
 }
 
 /// Trigger data keys the service sets itself.
-const RESERVED_DATA_KEYS: [&str; 7] = [MARKER_FIELD, "assignment_id", "send_id", "title", "subject", "body", "segment_id"];
+const RESERVED_DATA_KEYS: [&str; 7] = [
+    MARKER_FIELD,
+    "assignment_id",
+    "send_id",
+    "title",
+    "subject",
+    "body",
+    "segment_id",
+];
 
 /// The subject a variation goes out with.
 fn subject_of<'a>(r: &'a SendRequest, x: &'a Variation) -> &'a str {
-    if x.subject.trim().is_empty() { &r.subject } else { &x.subject }
+    if x.subject.trim().is_empty() {
+        &r.subject
+    } else {
+        &x.subject
+    }
 }
 
 /// The `data` of a broadcast trigger: the variation's data plus the content and the marker.
@@ -413,7 +514,10 @@ pub fn exclusive_audience(segment: i64, earlier: &[i64]) -> Value {
         [] => this,
         [one] => json!({"and": [this, {"not": {"segment": {"id": one}}}]}),
         many => {
-            let any: Vec<Value> = many.iter().map(|id| json!({"segment": {"id": id}})).collect();
+            let any: Vec<Value> = many
+                .iter()
+                .map(|id| json!({"segment": {"id": id}}))
+                .collect();
             json!({"and": [this, {"not": {"or": any}}]})
         }
     }
@@ -421,56 +525,91 @@ pub fn exclusive_audience(segment: i64, earlier: &[i64]) -> Value {
 
 /// Unknown, removed or empty target segments refuse the send, each with its reason.
 async fn check_targeting(ctx: &AppContext, segment_ids: &[i64]) -> Result<(), CoreError> {
-    let report = segments::validate_targeting(ctx, segment_ids, segments::DEFAULT_MAX_COUNT_AGE, Utc::now()).await?;
+    let report = segments::validate_targeting(
+        ctx,
+        segment_ids,
+        segments::DEFAULT_MAX_COUNT_AGE,
+        Utc::now(),
+    )
+    .await?;
     let mut refusals = Vec::new();
     for (i, t) in report.segments.iter().enumerate() {
         for warning in t.warnings.iter().filter(|w| w.blocks_sending()) {
             let why = match warning {
-                TargetingWarning::UnknownSegment => "is not a known Customer.io segment (sync segments if it is new)",
+                TargetingWarning::UnknownSegment => {
+                    "is not a known Customer.io segment (sync segments if it is new)"
+                }
                 TargetingWarning::RemovedSegment => "was removed in Customer.io",
                 TargetingWarning::EmptySegment => "has no members",
                 _ => continue,
             };
-            refusals.push(FieldViolation::new(format!("segment_ids[{i}]"), format!("segment {} {why}", t.segment_id)));
+            refusals.push(FieldViolation::new(
+                format!("segment_ids[{i}]"),
+                format!("segment {} {why}", t.segment_id),
+            ));
         }
     }
-    if refusals.is_empty() { Ok(()) } else { Err(CoreError::FailedPrecondition(refusals)) }
+    if refusals.is_empty() {
+        Ok(())
+    } else {
+        Err(CoreError::FailedPrecondition(refusals))
+    }
 }
 
 /// The broadcast must exist in Customer.io and be active.
 async fn check_broadcast(ctx: &AppContext, broadcast_id: i64) -> Result<(), CoreError> {
     match ctx.cio.get_broadcast(broadcast_id).await {
-        Ok(b) if b.active == Some(false) => Err(CoreError::FailedPrecondition(vec![FieldViolation::new(
-            "broadcast.broadcast_id",
-            format!(
-                "broadcast {broadcast_id} is not active in Customer.io (state {}); it cannot be triggered",
-                b.state.as_deref().unwrap_or("unknown")
-            ),
-        )])),
+        Ok(b) if b.active == Some(false) => {
+            Err(CoreError::FailedPrecondition(vec![FieldViolation::new(
+                "broadcast.broadcast_id",
+                format!(
+                    "broadcast {broadcast_id} is not active in Customer.io (state {}); it cannot be triggered",
+                    b.state.as_deref().unwrap_or("unknown")
+                ),
+            )]))
+        }
         Ok(_) => Ok(()),
-        Err(CioError::NotFound { .. }) => Err(CoreError::NotFound { what: "broadcast", id: broadcast_id.to_string() }),
+        Err(CioError::NotFound { .. }) => Err(CoreError::NotFound {
+            what: "broadcast",
+            id: broadcast_id.to_string(),
+        }),
         Err(e) => Err(e.into()),
     }
 }
 
 /// Builds the view of `send`; a single read (`with_history`) re-reads the send itself too, so
 /// that its aggregate state includes what was dispatched since `send` was read.
-async fn view(ctx: &AppContext, send: SendRecord, with_history: bool) -> Result<SendView, CoreError> {
+async fn view(
+    ctx: &AppContext,
+    send: SendRecord,
+    with_history: bool,
+) -> Result<SendView, CoreError> {
     if !with_history {
         let submissions = store::submissions(&ctx.db, send.id).await?;
-        return Ok(SendView { send, submissions, history: Vec::new() });
+        return Ok(SendView {
+            send,
+            submissions,
+            history: Vec::new(),
+        });
     }
     let send = store::get_by_id(&ctx.db, send.id).await?.unwrap_or(send);
     let submissions = store::submissions(&ctx.db, send.id).await?;
     let history = store::history(&ctx.db, send.id).await?;
-    Ok(SendView { send, submissions, history })
+    Ok(SendView {
+        send,
+        submissions,
+        history,
+    })
 }
 
 /// How to find a send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SendKey {
     Id(String),
-    Assignment { assignment_id: String, request_id: String },
+    Assignment {
+        assignment_id: String,
+        request_id: String,
+    },
 }
 
 /// One send with its submissions and history.
@@ -478,17 +617,27 @@ pub async fn get_send(ctx: &AppContext, key: &SendKey) -> Result<SendView, CoreE
     let ws = ctx.workspace_id();
     let (found, shown) = match key {
         SendKey::Id(id) => (store::get(&ctx.db, ws, id).await?, id.clone()),
-        SendKey::Assignment { assignment_id, request_id } => (
+        SendKey::Assignment {
+            assignment_id,
+            request_id,
+        } => (
             store::get_by_key(&ctx.db, ws, assignment_id, request_id).await?,
             format!("for assignment {assignment_id} (request id `{request_id}`)"),
         ),
     };
-    let send = found.ok_or(CoreError::NotFound { what: "send", id: shown })?;
+    let send = found.ok_or(CoreError::NotFound {
+        what: "send",
+        id: shown,
+    })?;
     view(ctx, send, true).await
 }
 
 /// Sends matching `filter`, newest first, with submissions but without history.
-pub async fn list_sends(ctx: &AppContext, filter: &store::ListFilter, limit: u64) -> Result<Vec<SendView>, CoreError> {
+pub async fn list_sends(
+    ctx: &AppContext,
+    filter: &store::ListFilter,
+    limit: u64,
+) -> Result<Vec<SendView>, CoreError> {
     let sends = store::list(&ctx.db, ctx.workspace_id(), filter, limit).await?;
     let mut views = Vec::with_capacity(sends.len());
     for send in sends {
@@ -521,13 +670,25 @@ pub async fn resolve(
         v.push(FieldViolation::new("send_id", "is required"));
     }
     if resolution.is_none() {
-        v.push(FieldViolation::new("resolution", "choose RESOLUTION_MARK_SENT or RESOLUTION_ALLOW_RETRY"));
+        v.push(FieldViolation::new(
+            "resolution",
+            "choose RESOLUTION_MARK_SENT or RESOLUTION_ALLOW_RETRY",
+        ));
     }
-    for (field, value, max) in [("actor", actor, MAX_ACTOR_CHARS), ("reason", reason, MAX_REASON_CHARS)] {
+    for (field, value, max) in [
+        ("actor", actor, MAX_ACTOR_CHARS),
+        ("reason", reason, MAX_REASON_CHARS),
+    ] {
         if value.trim().is_empty() {
-            v.push(FieldViolation::new(field, "is required: who decides and why are recorded"));
+            v.push(FieldViolation::new(
+                field,
+                "is required: who decides and why are recorded",
+            ));
         } else if value.chars().count() > max {
-            v.push(FieldViolation::new(field, format!("at most {max} characters")));
+            v.push(FieldViolation::new(
+                field,
+                format!("at most {max} characters"),
+            ));
         }
     }
     if segment_id.is_some_and(|s| s < 0) {
@@ -538,31 +699,55 @@ pub async fn resolve(
     };
     let send = store::get(&ctx.db, ctx.workspace_id(), send_id)
         .await?
-        .ok_or_else(|| CoreError::NotFound { what: "send", id: send_id.to_string() })?;
+        .ok_or_else(|| CoreError::NotFound {
+            what: "send",
+            id: send_id.to_string(),
+        })?;
     let submissions = store::submissions(&ctx.db, send.id).await?;
     if let Some(segment) = segment_id
         && !submissions.iter().any(|s| s.segment_id == segment)
     {
-        return Err(CoreError::invalid("segment_id", format!("segment {segment} is not a target of send {send_id}")));
+        return Err(CoreError::invalid(
+            "segment_id",
+            format!("segment {segment} is not a target of send {send_id}"),
+        ));
     }
     let chosen: Vec<&Submission> = submissions
         .iter()
-        .filter(|s| s.state == SendState::Uncertain && segment_id.is_none_or(|seg| seg == s.segment_id))
+        .filter(|s| {
+            s.state == SendState::Uncertain && segment_id.is_none_or(|seg| seg == s.segment_id)
+        })
         .collect();
     if chosen.is_empty() {
-        let states: Vec<String> = submissions.iter().map(|s| format!("segment {}: {}", s.segment_id, s.state)).collect();
+        let states: Vec<String> = submissions
+            .iter()
+            .map(|s| format!("segment {}: {}", s.segment_id, s.state))
+            .collect();
         return Err(CoreError::FailedPrecondition(vec![FieldViolation::new(
             "send_id",
-            format!("send {send_id} has nothing uncertain to resolve ({})", states.join(", ")),
+            format!(
+                "send {send_id} has nothing uncertain to resolve ({})",
+                states.join(", ")
+            ),
         )]));
     }
     let now = Utc::now();
     for s in chosen {
         let t = match resolution {
-            Resolution::MarkSent => Transition::new(SendState::Uncertain, SendState::Submitted, actor, format!("marked as sent: {reason}")),
+            Resolution::MarkSent => Transition::new(
+                SendState::Uncertain,
+                SendState::Submitted,
+                actor,
+                format!("marked as sent: {reason}"),
+            ),
             Resolution::AllowRetry => Transition {
                 next_attempt_at: Some(now),
-                ..Transition::new(SendState::Uncertain, SendState::Pending, actor, format!("one more attempt allowed: {reason}"))
+                ..Transition::new(
+                    SendState::Uncertain,
+                    SendState::Pending,
+                    actor,
+                    format!("one more attempt allowed: {reason}"),
+                )
             },
         };
         store::transition(&ctx.db, s.id, &t, now).await?;
@@ -607,13 +792,18 @@ async fn dispatch(ctx: &AppContext, send_id: Option<i64>) -> Result<DispatchRepo
     let mut skipped = HashSet::new();
     loop {
         let due = store::due(&ctx.db, ctx.workspace_id(), send_id, Utc::now(), 50).await?;
-        let due: Vec<Submission> = due.into_iter().filter(|s| !skipped.contains(&s.id)).collect();
+        let due: Vec<Submission> = due
+            .into_iter()
+            .filter(|s| !skipped.contains(&s.id))
+            .collect();
         if due.is_empty() {
             return Ok(report);
         }
         for submission in due {
             skipped.insert(submission.id);
-            let Some(send) = store::get_by_id(&ctx.db, submission.send_id).await? else { continue };
+            let Some(send) = store::get_by_id(&ctx.db, submission.send_id).await? else {
+                continue;
+            };
             submit(ctx, &send, &submission, &holder, &mut report).await?;
         }
     }
@@ -681,18 +871,30 @@ async fn submit(
     report: &mut DispatchReport,
 ) -> Result<(), CoreError> {
     let window = match send.delivery {
-        Delivery::Broadcast { broadcast_id } => Some(Window { broadcast_id, spacing: ctx.sends.trigger_spacing }),
+        Delivery::Broadcast { broadcast_id } => Some(Window {
+            broadcast_id,
+            spacing: ctx.sends.trigger_spacing,
+        }),
         Delivery::Newsletter { .. } => None,
     };
-    let claimed =
-        match store::claim(&ctx.db, ctx.workspace_id(), submission.id, holder, ctx.sends.claim_ttl, window, Utc::now()).await? {
-            Claim::Claimed(s) => s,
-            Claim::WindowClosed(_) => {
-                report.waiting += 1;
-                return Ok(());
-            }
-            Claim::Gone => return Ok(()),
-        };
+    let claimed = match store::claim(
+        &ctx.db,
+        ctx.workspace_id(),
+        submission.id,
+        holder,
+        ctx.sends.claim_ttl,
+        window,
+        Utc::now(),
+    )
+    .await?
+    {
+        Claim::Claimed(s) => s,
+        Claim::WindowClosed(_) => {
+            report.waiting += 1;
+            return Ok(());
+        }
+        Claim::Gone => return Ok(()),
+    };
     report.claimed += 1;
     let outcome = match send.delivery {
         Delivery::Broadcast { broadcast_id } => {
@@ -700,36 +902,60 @@ async fn submit(
                 recipients: Recipients::Filter(claimed.recipients.clone()),
                 data: trigger_data_of(send, &claimed),
             };
-            ctx.cio.trigger_broadcast(broadcast_id, &trigger).await.map(Accepted::Trigger)
+            ctx.cio
+                .trigger_broadcast(broadcast_id, &trigger)
+                .await
+                .map(Accepted::Trigger)
         }
-        Delivery::Newsletter { from_id } => send_newsletter(ctx, send, &claimed, holder, from_id).await,
+        Delivery::Newsletter { from_id } => {
+            send_newsletter(ctx, send, &claimed, holder, from_id).await
+        }
     };
     let now = Utc::now();
     if let Some(window) = window {
         // The window was taken before the request; the request may have left later (waiting
         // for the App API rate limit), and Customer.io counts from its arrival.
-        store::hold_window(&ctx.db, ctx.workspace_id(), window.broadcast_id, now + chrono::TimeDelta::from_std(window.spacing).unwrap_or_default()).await?;
+        store::hold_window(
+            &ctx.db,
+            ctx.workspace_id(),
+            window.broadcast_id,
+            now + chrono::TimeDelta::from_std(window.spacing).unwrap_or_default(),
+        )
+        .await?;
     }
     let t = match outcome {
         Ok(Accepted::Trigger(trigger_id)) => {
             report.submitted += 1;
             Transition {
                 cio_trigger_id: Some(trigger_id),
-                ..Transition::new(SendState::Submitting, SendState::Submitted, holder, format!("Customer.io accepted trigger {trigger_id}"))
+                ..Transition::new(
+                    SendState::Submitting,
+                    SendState::Submitted,
+                    holder,
+                    format!("Customer.io accepted trigger {trigger_id}"),
+                )
             }
         }
         Ok(Accepted::Newsletter(newsletter_id)) => {
             report.submitted += 1;
             Transition {
                 cio_newsletter_id: Some(newsletter_id),
-                ..Transition::new(SendState::Submitting, SendState::Submitted, holder, format!("newsletter {newsletter_id} sent"))
+                ..Transition::new(
+                    SendState::Submitting,
+                    SendState::Submitted,
+                    holder,
+                    format!("newsletter {newsletter_id} sent"),
+                )
             }
         }
         Err(e) => settle_failure(ctx, send, &e, holder, now, report).await?,
     };
     let t = t.held_by(holder);
     if !store::transition(&ctx.db, claimed.id, &t, now).await? {
-        tracing::warn!(submission = claimed.id, "the submission's claim was lost before its outcome was recorded");
+        tracing::warn!(
+            submission = claimed.id,
+            "the submission's claim was lost before its outcome was recorded"
+        );
     } else if t.to == SendState::Submitted {
         watch_metrics(ctx, send, t.cio_newsletter_id, now).await;
     }
@@ -737,7 +963,12 @@ async fn submit(
 }
 
 /// Has the metrics poller follow what a submission went out through, from now on.
-async fn watch_metrics(ctx: &AppContext, send: &SendRecord, newsletter_id: Option<i64>, now: DateTime<Utc>) {
+async fn watch_metrics(
+    ctx: &AppContext,
+    send: &SendRecord,
+    newsletter_id: Option<i64>,
+    now: DateTime<Utc>,
+) {
     let target = match (send.delivery, newsletter_id) {
         (Delivery::Broadcast { broadcast_id }, _) => MetricsTarget::Broadcast(broadcast_id),
         (Delivery::Newsletter { .. }, Some(id)) => MetricsTarget::Newsletter(id),
@@ -783,12 +1014,22 @@ async fn send_newsletter(
     let newsletter_id = match s.cio_newsletter_id {
         Some(id) => id,
         None => {
-            let mut new = NewNewsletter::email(newsletter_name(send, s), s.recipients.clone(), s.subject.clone(), s.body.clone());
+            let mut new = NewNewsletter::email(
+                newsletter_name(send, s),
+                s.recipients.clone(),
+                s.subject.clone(),
+                s.body.clone(),
+            );
             new.from_id = from_id;
             let created = ctx.cio.create_newsletter(&new).await?;
             let t = Transition {
                 cio_newsletter_id: Some(created.id),
-                ..Transition::new(SendState::Submitting, SendState::Submitting, holder, format!("newsletter {} created", created.id))
+                ..Transition::new(
+                    SendState::Submitting,
+                    SendState::Submitting,
+                    holder,
+                    format!("newsletter {} created", created.id),
+                )
             }
             .held_by(holder);
             if let Err(e) = store::transition(&ctx.db, s.id, &t, Utc::now()).await {
@@ -815,31 +1056,59 @@ async fn settle_failure(
     let requeue = |at: DateTime<Utc>, why: String| Transition {
         next_attempt_at: Some(at),
         uncount_attempt: true,
-        ..Transition::new(SendState::Submitting, SendState::Pending, holder, why).error(text.clone())
+        ..Transition::new(SendState::Submitting, SendState::Pending, holder, why)
+            .error(text.clone())
     };
     Ok(match error {
         CioError::RateLimited { retry_after, .. } => {
             report.requeued += 1;
-            let wait = retry_after.unwrap_or(ctx.sends.trigger_spacing).max(Duration::from_millis(100));
-            let at = now + chrono::TimeDelta::from_std(wait).unwrap_or(chrono::TimeDelta::seconds(10));
+            let wait = retry_after
+                .unwrap_or(ctx.sends.trigger_spacing)
+                .max(Duration::from_millis(100));
+            let at =
+                now + chrono::TimeDelta::from_std(wait).unwrap_or(chrono::TimeDelta::seconds(10));
             if let Delivery::Broadcast { broadcast_id } = send.delivery {
                 store::hold_window(&ctx.db, ctx.workspace_id(), broadcast_id, at).await?;
             }
-            requeue(at, format!("Customer.io answered 429 (not processed); waiting until {at}"))
+            requeue(
+                at,
+                format!("Customer.io answered 429 (not processed); waiting until {at}"),
+            )
         }
-        CioError::Transport { maybe_sent: false, .. } | CioError::Unauthorized { .. } | CioError::Config { .. } => {
+        CioError::Transport {
+            maybe_sent: false, ..
+        }
+        | CioError::Unauthorized { .. }
+        | CioError::Config { .. } => {
             report.requeued += 1;
             let at = now + chrono::TimeDelta::seconds(30);
-            requeue(at, "the request did not reach Customer.io; trying again later".to_string())
+            requeue(
+                at,
+                "the request did not reach Customer.io; trying again later".to_string(),
+            )
         }
         CioError::NotFound { .. } | CioError::Rejected { .. } => {
             report.failed += 1;
-            Transition::new(SendState::Submitting, SendState::Failed, holder, "Customer.io refused it").error(text)
+            Transition::new(
+                SendState::Submitting,
+                SendState::Failed,
+                holder,
+                "Customer.io refused it",
+            )
+            .error(text)
         }
-        CioError::Timeout { .. } | CioError::Transport { .. } | CioError::Server { .. } | CioError::Decode { .. } => {
+        CioError::Timeout { .. }
+        | CioError::Transport { .. }
+        | CioError::Server { .. }
+        | CioError::Decode { .. } => {
             report.uncertain += 1;
-            Transition::new(SendState::Submitting, SendState::Uncertain, holder, "the outcome of the request is unknown; not sent again")
-                .error(text)
+            Transition::new(
+                SendState::Submitting,
+                SendState::Uncertain,
+                holder,
+                "the outcome of the request is unknown; not sent again",
+            )
+            .error(text)
         }
     })
 }
@@ -869,9 +1138,14 @@ pub struct ReconcileReport {
 pub async fn reconcile(ctx: &AppContext) -> Result<ReconcileReport, CoreError> {
     let ws = ctx.workspace_id();
     let expired = store::expire_claims(&ctx.db, ws, Utc::now()).await?;
-    let mut report = ReconcileReport { expired_claims: expired.len() as u64, ..ReconcileReport::default() };
+    let mut report = ReconcileReport {
+        expired_claims: expired.len() as u64,
+        ..ReconcileReport::default()
+    };
     for s in store::in_state(&ctx.db, ws, SendState::Uncertain, 200).await? {
-        let Some(send) = store::get_by_id(&ctx.db, s.send_id).await? else { continue };
+        let Some(send) = store::get_by_id(&ctx.db, s.send_id).await? else {
+            continue;
+        };
         match settle_uncertain(ctx, &send, &s).await {
             Ok(Settled::Found) => report.found += 1,
             Ok(Settled::Requeued) => report.requeued += 1,
@@ -884,7 +1158,9 @@ pub async fn reconcile(ctx: &AppContext) -> Result<ReconcileReport, CoreError> {
         }
     }
     for s in store::in_state(&ctx.db, ws, SendState::Submitted, 200).await? {
-        let Some(send) = store::get_by_id(&ctx.db, s.send_id).await? else { continue };
+        let Some(send) = store::get_by_id(&ctx.db, s.send_id).await? else {
+            continue;
+        };
         match follow_completion(ctx, &send, &s).await {
             Ok(true) => report.completed += 1,
             Ok(false) => {}
@@ -910,15 +1186,25 @@ enum Settled {
 /// What Customer.io holds of an uncertain submission.
 enum Lookup {
     /// It arrived (trigger, or newsletter and whether it was sent).
-    Trigger { id: i64, recipients_count: Option<i64> },
-    Newsletter { id: i64, sent: bool },
+    Trigger {
+        id: i64,
+        recipients_count: Option<i64>,
+    },
+    Newsletter {
+        id: i64,
+        sent: bool,
+    },
     /// Provably not there.
     Absent,
     /// Cannot tell (e.g. triggers whose data Customer.io does not echo).
     Undecidable(String),
 }
 
-async fn settle_uncertain(ctx: &AppContext, send: &SendRecord, s: &Submission) -> Result<Settled, CoreError> {
+async fn settle_uncertain(
+    ctx: &AppContext,
+    send: &SendRecord,
+    s: &Submission,
+) -> Result<Settled, CoreError> {
     let started = s.attempt_started_at.unwrap_or(send.created_at);
     let lookup = match send.delivery {
         Delivery::Broadcast { broadcast_id } => find_trigger(ctx, broadcast_id, s, started).await?,
@@ -926,37 +1212,74 @@ async fn settle_uncertain(ctx: &AppContext, send: &SendRecord, s: &Submission) -
     };
     let now = Utc::now();
     let t = match lookup {
-        Lookup::Trigger { id, recipients_count } => Transition {
+        Lookup::Trigger {
+            id,
+            recipients_count,
+        } => Transition {
             cio_trigger_id: Some(id),
             recipients_count,
-            ..Transition::new(SendState::Uncertain, SendState::Submitted, RECONCILER, format!("found in Customer.io as trigger {id}"))
+            ..Transition::new(
+                SendState::Uncertain,
+                SendState::Submitted,
+                RECONCILER,
+                format!("found in Customer.io as trigger {id}"),
+            )
         },
         Lookup::Newsletter { id, sent: true } => Transition {
             cio_newsletter_id: Some(id),
-            ..Transition::new(SendState::Uncertain, SendState::Submitted, RECONCILER, format!("found newsletter {id}, sent"))
+            ..Transition::new(
+                SendState::Uncertain,
+                SendState::Submitted,
+                RECONCILER,
+                format!("found newsletter {id}, sent"),
+            )
         },
         Lookup::Newsletter { id, sent: false } => Transition {
             cio_newsletter_id: Some(id),
             next_attempt_at: Some(now),
-            ..Transition::new(SendState::Uncertain, SendState::Pending, RECONCILER, format!("found newsletter {id}, not sent yet: queued to send it"))
+            ..Transition::new(
+                SendState::Uncertain,
+                SendState::Pending,
+                RECONCILER,
+                format!("found newsletter {id}, not sent yet: queued to send it"),
+            )
         },
         Lookup::Undecidable(why) => {
             if s.error.as_deref() != Some(why.as_str()) {
-                let t = Transition::new(SendState::Uncertain, SendState::Uncertain, RECONCILER, "cannot be settled automatically; resolve with ResolveSend")
-                    .error(why);
+                let t = Transition::new(
+                    SendState::Uncertain,
+                    SendState::Uncertain,
+                    RECONCILER,
+                    "cannot be settled automatically; resolve with ResolveSend",
+                )
+                .error(why);
                 store::transition(&ctx.db, s.id, &t, now).await?;
             }
             return Ok(Settled::Left);
         }
         Lookup::Absent => {
-            let grace = chrono::TimeDelta::from_std(ctx.sends.reconcile_grace).unwrap_or(chrono::TimeDelta::seconds(60));
+            let grace = chrono::TimeDelta::from_std(ctx.sends.reconcile_grace)
+                .unwrap_or(chrono::TimeDelta::seconds(60));
             if now - started < grace {
                 return Ok(Settled::Left);
             }
             if s.attempts >= ctx.sends.max_attempts {
-                let why = format!("not found in Customer.io after {} attempt(s): settled as not sent", s.attempts);
-                let t = Transition::new(SendState::Uncertain, SendState::Failed, RECONCILER, why.clone()).error(why);
-                return Ok(if store::transition(&ctx.db, s.id, &t, now).await? { Settled::Failed } else { Settled::Left });
+                let why = format!(
+                    "not found in Customer.io after {} attempt(s): settled as not sent",
+                    s.attempts
+                );
+                let t = Transition::new(
+                    SendState::Uncertain,
+                    SendState::Failed,
+                    RECONCILER,
+                    why.clone(),
+                )
+                .error(why);
+                return Ok(if store::transition(&ctx.db, s.id, &t, now).await? {
+                    Settled::Failed
+                } else {
+                    Settled::Left
+                });
             }
             let t = Transition {
                 next_attempt_at: Some(now),
@@ -967,7 +1290,11 @@ async fn settle_uncertain(ctx: &AppContext, send: &SendRecord, s: &Submission) -
                     "not found in Customer.io after the grace period: settled as not sent, queued again",
                 )
             };
-            return Ok(if store::transition(&ctx.db, s.id, &t, now).await? { Settled::Requeued } else { Settled::Left });
+            return Ok(if store::transition(&ctx.db, s.id, &t, now).await? {
+                Settled::Requeued
+            } else {
+                Settled::Left
+            });
         }
     };
     // A newsletter found unsent goes back to pending: the next dispatch sends it.
@@ -982,7 +1309,12 @@ async fn settle_uncertain(ctx: &AppContext, send: &SendRecord, s: &Submission) -
 }
 
 /// Looks through the broadcast's triggers created since the attempt for the submission's marker.
-async fn find_trigger(ctx: &AppContext, broadcast_id: i64, s: &Submission, started: DateTime<Utc>) -> Result<Lookup, CoreError> {
+async fn find_trigger(
+    ctx: &AppContext,
+    broadcast_id: i64,
+    s: &Submission,
+    started: DateTime<Utc>,
+) -> Result<Lookup, CoreError> {
     let since = (started - CLOCK_SKEW).timestamp();
     let triggers = ctx.cio.broadcast_triggers(broadcast_id).await?;
     let mut unreadable = 0;
@@ -1001,7 +1333,10 @@ async fn find_trigger(ctx: &AppContext, broadcast_id: i64, s: &Submission, start
             .and_then(Value::as_str);
         match marker {
             Some(m) if m == s.marker => {
-                return Ok(Lookup::Trigger { id: status.id, recipients_count: status.recipients_count });
+                return Ok(Lookup::Trigger {
+                    id: status.id,
+                    recipients_count: status.recipients_count,
+                });
             }
             Some(_) => {}
             None => unreadable += 1,
@@ -1026,11 +1361,17 @@ async fn find_newsletter_by_marker(
     let since = (started - CLOCK_SKEW).timestamp();
     let mut start: Option<String> = None;
     loop {
-        let page = ctx.cio.newsletters_page(start.as_deref(), cio_client::NEWSLETTERS_PAGE, true).await?;
+        let page = ctx
+            .cio
+            .newsletters_page(start.as_deref(), cio_client::NEWSLETTERS_PAGE, true)
+            .await?;
         if let Some(found) = page.items.iter().find(|n| n.name.ends_with(&tag)) {
             return Ok(Some(found.clone()));
         }
-        let reached_older = page.items.iter().any(|n| n.created.is_some_and(|c| c < since));
+        let reached_older = page
+            .items
+            .iter()
+            .any(|n| n.created.is_some_and(|c| c < since));
         match page.next.filter(|next| !next.is_empty()) {
             Some(next) if !reached_older && !page.items.is_empty() => start = Some(next),
             _ => return Ok(None),
@@ -1040,7 +1381,11 @@ async fn find_newsletter_by_marker(
 
 /// Finds the submission's newsletter: by the id recorded at creation, else by the marker in its
 /// name.
-async fn find_newsletter(ctx: &AppContext, s: &Submission, started: DateTime<Utc>) -> Result<Lookup, CoreError> {
+async fn find_newsletter(
+    ctx: &AppContext,
+    s: &Submission,
+    started: DateTime<Utc>,
+) -> Result<Lookup, CoreError> {
     let newsletter = match s.cio_newsletter_id {
         Some(id) => match ctx.cio.get_newsletter(id).await {
             Ok(n) => Some(n),
@@ -1050,29 +1395,48 @@ async fn find_newsletter(ctx: &AppContext, s: &Submission, started: DateTime<Utc
         None => find_newsletter_by_marker(ctx, s, started).await?,
     };
     Ok(match newsletter {
-        Some(n) => Lookup::Newsletter { id: n.id, sent: n.sent_at.is_some() },
+        Some(n) => Lookup::Newsletter {
+            id: n.id,
+            sent: n.sent_at.is_some(),
+        },
         None => Lookup::Absent,
     })
 }
 
 /// Submitted → completed once Customer.io has processed the trigger / sent the newsletter.
-async fn follow_completion(ctx: &AppContext, send: &SendRecord, s: &Submission) -> Result<bool, CoreError> {
-    let (done, recipients_count, what) = match (send.delivery, s.cio_trigger_id, s.cio_newsletter_id) {
-        (Delivery::Broadcast { broadcast_id }, Some(trigger_id), _) => {
-            let status = ctx.cio.trigger_status(broadcast_id, trigger_id).await?;
-            (status.processed_at.is_some(), status.recipients_count, format!("trigger {trigger_id} processed"))
-        }
-        (Delivery::Newsletter { .. }, _, Some(newsletter_id)) => {
-            let n = ctx.cio.get_newsletter(newsletter_id).await?;
-            (n.sent_at.is_some(), None, format!("newsletter {newsletter_id} sent"))
-        }
-        // Marked as sent by an operator without a Customer.io id: nothing to follow.
-        _ => return Ok(false),
-    };
+async fn follow_completion(
+    ctx: &AppContext,
+    send: &SendRecord,
+    s: &Submission,
+) -> Result<bool, CoreError> {
+    let (done, recipients_count, what) =
+        match (send.delivery, s.cio_trigger_id, s.cio_newsletter_id) {
+            (Delivery::Broadcast { broadcast_id }, Some(trigger_id), _) => {
+                let status = ctx.cio.trigger_status(broadcast_id, trigger_id).await?;
+                (
+                    status.processed_at.is_some(),
+                    status.recipients_count,
+                    format!("trigger {trigger_id} processed"),
+                )
+            }
+            (Delivery::Newsletter { .. }, _, Some(newsletter_id)) => {
+                let n = ctx.cio.get_newsletter(newsletter_id).await?;
+                (
+                    n.sent_at.is_some(),
+                    None,
+                    format!("newsletter {newsletter_id} sent"),
+                )
+            }
+            // Marked as sent by an operator without a Customer.io id: nothing to follow.
+            _ => return Ok(false),
+        };
     if !done {
         return Ok(false);
     }
-    let t = Transition { recipients_count, ..Transition::new(SendState::Submitted, SendState::Completed, RECONCILER, what) };
+    let t = Transition {
+        recipients_count,
+        ..Transition::new(SendState::Submitted, SendState::Completed, RECONCILER, what)
+    };
     Ok(store::transition(&ctx.db, s.id, &t, Utc::now()).await?)
 }
 
@@ -1087,16 +1451,26 @@ pub struct SendMetricTargets {
 }
 
 /// The metric targets of send `send_id`. Unknown send: `CoreError::NotFound`.
-pub async fn metric_targets(ctx: &AppContext, send_id: &str) -> Result<SendMetricTargets, CoreError> {
+pub async fn metric_targets(
+    ctx: &AppContext,
+    send_id: &str,
+) -> Result<SendMetricTargets, CoreError> {
     let view = get_send(ctx, &SendKey::Id(send_id.to_string())).await?;
     Ok(match view.send.delivery {
         Delivery::Broadcast { broadcast_id } => SendMetricTargets {
-            broadcast: Some((broadcast_id, view.submissions.iter().filter_map(|s| s.submitted_at).min())),
+            broadcast: Some((
+                broadcast_id,
+                view.submissions.iter().filter_map(|s| s.submitted_at).min(),
+            )),
             newsletter_ids: Vec::new(),
         },
         Delivery::Newsletter { .. } => SendMetricTargets {
             broadcast: None,
-            newsletter_ids: view.submissions.iter().filter_map(|s| s.cio_newsletter_id).collect(),
+            newsletter_ids: view
+                .submissions
+                .iter()
+                .filter_map(|s| s.cio_newsletter_id)
+                .collect(),
         },
     })
 }
@@ -1114,8 +1488,18 @@ mod tests {
             subject: "Your Q4 outlook".into(),
             segment_ids: vec![3, 5],
             variations: vec![
-                Variation { segment_id: 3, subject: String::new(), body: "<p>growth</p>".into(), data: None },
-                Variation { segment_id: 5, subject: "For crypto fans".into(), body: "<p>crypto</p>".into(), data: None },
+                Variation {
+                    segment_id: 3,
+                    subject: String::new(),
+                    body: "<p>growth</p>".into(),
+                    data: None,
+                },
+                Variation {
+                    segment_id: 5,
+                    subject: "For crypto fans".into(),
+                    body: "<p>crypto</p>".into(),
+                    data: None,
+                },
             ],
             delivery: Some(DeliveryMode::Broadcast { broadcast_id: 3 }),
             created_by: "e2e".into(),
@@ -1131,7 +1515,10 @@ mod tests {
 
     #[test]
     fn a_good_request_passes() {
-        assert_eq!(validate(&request()).unwrap(), DeliveryMode::Broadcast { broadcast_id: 3 });
+        assert_eq!(
+            validate(&request()).unwrap(),
+            DeliveryMode::Broadcast { broadcast_id: 3 }
+        );
     }
 
     #[test]
@@ -1186,7 +1573,12 @@ mod tests {
         r.variations[0].body = "z".repeat(MAX_TRIGGER_DATA_BYTES);
         assert_eq!(fields(&r), ["variations[0].body"]);
         let mut r = request();
-        r.variations[0].data = Some(json!({"sharpsend_submission": "x", "cta": "Read"}).as_object().cloned().unwrap());
+        r.variations[0].data = Some(
+            json!({"sharpsend_submission": "x", "cta": "Read"})
+                .as_object()
+                .cloned()
+                .unwrap(),
+        );
         assert_eq!(fields(&r), ["variations[0].data.sharpsend_submission"]);
         let mut r = request();
         r.delivery = Some(DeliveryMode::Newsletter { from_id: 0 });
@@ -1194,13 +1586,19 @@ mod tests {
         assert_eq!(fields(&r), ["variations[0].data"]);
         r.variations[0].data = None;
         r.variations[0].body = "z".repeat(MAX_TRIGGER_DATA_BYTES);
-        assert!(validate(&r).is_ok(), "newsletters are not bound by the trigger data limit");
+        assert!(
+            validate(&r).is_ok(),
+            "newsletters are not bound by the trigger data limit"
+        );
     }
 
     #[test]
     fn audiences_exclude_earlier_targets() {
         assert_eq!(exclusive_audience(3, &[]), json!({"segment": {"id": 3}}));
-        assert_eq!(exclusive_audience(5, &[3]), json!({"and": [{"segment": {"id": 5}}, {"not": {"segment": {"id": 3}}}]}));
+        assert_eq!(
+            exclusive_audience(5, &[3]),
+            json!({"and": [{"segment": {"id": 5}}, {"not": {"segment": {"id": 3}}}]})
+        );
         assert_eq!(
             exclusive_audience(7, &[3, 5]),
             json!({"and": [{"segment": {"id": 7}}, {"not": {"or": [{"segment": {"id": 3}}, {"segment": {"id": 5}}]}}]})
@@ -1208,7 +1606,10 @@ mod tests {
         let subs = submissions_of(&request(), "snd_X");
         assert_eq!(subs.len(), 2);
         assert_eq!(subs[1].recipients, exclusive_audience(5, &[3]));
-        assert_eq!((subs[0].marker.as_str(), subs[1].subject.as_str()), ("ss:snd_X:0", "For crypto fans"));
+        assert_eq!(
+            (subs[0].marker.as_str(), subs[1].subject.as_str()),
+            ("ss:snd_X:0", "For crypto fans")
+        );
         assert_eq!(subs[0].subject, "Your Q4 outlook");
     }
 

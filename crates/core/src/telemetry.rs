@@ -24,9 +24,12 @@ use std::time::Duration;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::{
-    Resource, metrics::SdkMeterProvider, propagation::TraceContextPropagator, trace::SdkTracerProvider,
+    Resource, metrics::SdkMeterProvider, propagation::TraceContextPropagator,
+    trace::SdkTracerProvider,
 };
-use tracing_subscriber::{EnvFilter, Layer as _, fmt, layer::SubscriberExt as _, util::SubscriberInitExt as _};
+use tracing_subscriber::{
+    EnvFilter, Layer as _, fmt, layer::SubscriberExt as _, util::SubscriberInitExt as _,
+};
 
 use crate::config::{ConfigError, Env};
 
@@ -85,36 +88,62 @@ impl OtlpConfig {
 impl TelemetryConfig {
     /// Logs only: nothing exported.
     pub fn logs_only(service_name: &str, json_logs: bool) -> Self {
-        Self { json_logs, log_filter: None, service_name: service_name.to_string(), otlp: None }
+        Self {
+            json_logs,
+            log_filter: None,
+            service_name: service_name.to_string(),
+            otlp: None,
+        }
     }
 
     /// Reads the standard `OTEL_*` variables: OTLP export is on only when an endpoint variable is
     /// set and `OTEL_SDK_DISABLED` is not `true`. Errors name the variable, never its value.
-    pub fn from_env(env: &dyn Env, default_service_name: &str, json_logs: bool) -> Result<Self, ConfigError> {
+    pub fn from_env(
+        env: &dyn Env,
+        default_service_name: &str,
+        json_logs: bool,
+    ) -> Result<Self, ConfigError> {
         // The spec's precedence: OTEL_SERVICE_NAME, then service.name in OTEL_RESOURCE_ATTRIBUTES.
         let from_attributes = env.var("OTEL_RESOURCE_ATTRIBUTES").and_then(|attributes| {
             attributes.split(',').find_map(|kv| {
-                kv.split_once('=').filter(|(k, _)| k.trim() == "service.name").map(|(_, v)| v.trim().to_string())
+                kv.split_once('=')
+                    .filter(|(k, _)| k.trim() == "service.name")
+                    .map(|(_, v)| v.trim().to_string())
             })
         });
         let service_name = env
             .var("OTEL_SERVICE_NAME")
             .or(from_attributes)
             .unwrap_or_else(|| default_service_name.to_string());
-        let mut config = Self { json_logs, log_filter: None, service_name, otlp: None };
-        if env.var("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
+        let mut config = Self {
+            json_logs,
+            log_filter: None,
+            service_name,
+            otlp: None,
+        };
+        if env
+            .var("OTEL_SDK_DISABLED")
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+        {
             return Ok(config);
         }
         let generic = endpoint_var(env, "OTEL_EXPORTER_OTLP_ENDPOINT")?;
         let traces_endpoint = endpoint_var(env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")?;
         let metrics_endpoint = endpoint_var(env, "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")?;
-        let wanted = |variable: &str| env.var(variable).is_none_or(|v| !v.trim().eq_ignore_ascii_case("none"));
+        let wanted = |variable: &str| {
+            env.var(variable)
+                .is_none_or(|v| !v.trim().eq_ignore_ascii_case("none"))
+        };
         let traces = (generic || traces_endpoint) && wanted("OTEL_TRACES_EXPORTER");
         let metrics = (generic || metrics_endpoint) && wanted("OTEL_METRICS_EXPORTER");
         if !traces && !metrics {
             return Ok(config);
         }
-        for variable in ["OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL"] {
+        for variable in [
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+            "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
+        ] {
             if let Some(protocol) = env.var(variable)
                 && protocol.trim() != "grpc"
             {
@@ -124,11 +153,14 @@ impl TelemetryConfig {
                 });
             }
         }
-        let trace_filter = env.var(TRACE_FILTER_VARIABLE).unwrap_or_else(|| DEFAULT_FILTER.to_string());
+        let trace_filter = env
+            .var(TRACE_FILTER_VARIABLE)
+            .unwrap_or_else(|| DEFAULT_FILTER.to_string());
         if EnvFilter::try_new(&trace_filter).is_err() {
             return Err(ConfigError {
                 variable: TRACE_FILTER_VARIABLE,
-                problem: "is not a valid filter (tracing EnvFilter syntax, e.g. `info,sqlx=warn`)".into(),
+                problem: "is not a valid filter (tracing EnvFilter syntax, e.g. `info,sqlx=warn`)"
+                    .into(),
             });
         }
         config.otlp = Some(OtlpConfig {
@@ -144,9 +176,15 @@ impl TelemetryConfig {
 
 /// Whether an endpoint variable is set; a set one must be a plain `http://host:port` URL.
 fn endpoint_var(env: &dyn Env, variable: &'static str) -> Result<bool, ConfigError> {
-    let Some(raw) = env.var(variable) else { return Ok(false) };
-    let error = |problem: &str| ConfigError { variable, problem: problem.to_string() };
-    let url = url::Url::parse(raw.trim()).map_err(|_| error("expected a URL such as http://otel-collector:4317"))?;
+    let Some(raw) = env.var(variable) else {
+        return Ok(false);
+    };
+    let error = |problem: &str| ConfigError {
+        variable,
+        problem: problem.to_string(),
+    };
+    let url = url::Url::parse(raw.trim())
+        .map_err(|_| error("expected a URL such as http://otel-collector:4317"))?;
     match url.scheme() {
         "http" if url.host().is_some() => Ok(true),
         "https" => Err(error(
@@ -162,7 +200,10 @@ pub enum TelemetryError {
     #[error("OTLP export needs a Tokio runtime; call telemetry::init inside one")]
     NoRuntime,
     #[error("could not build the OTLP {signal} exporter: {message}")]
-    Exporter { signal: &'static str, message: String },
+    Exporter {
+        signal: &'static str,
+        message: String,
+    },
     #[error("invalid log or trace filter: {0}")]
     Filter(String),
 }
@@ -204,7 +245,11 @@ impl TelemetryGuard {
         {
             problems.push(format!("metrics: {e}"));
         }
-        if problems.is_empty() { Ok(()) } else { Err(problems.join("; ")) }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
     }
 
     /// Flushes and shuts the providers down (what dropping the guard does).
@@ -245,13 +290,24 @@ pub fn init_logs(json_logs: bool) {
 /// guard until the end of `main`.
 pub fn init(config: TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
     let log_filter = match &config.log_filter {
-        Some(filter) => EnvFilter::try_new(filter).map_err(|e| TelemetryError::Filter(e.to_string()))?,
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER)),
+        Some(filter) => {
+            EnvFilter::try_new(filter).map_err(|e| TelemetryError::Filter(e.to_string()))?
+        }
+        None => {
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER))
+        }
     };
     let fmt_layer = if config.json_logs {
-        fmt::layer().json().with_current_span(false).with_filter(log_filter).boxed()
+        fmt::layer()
+            .json()
+            .with_current_span(false)
+            .with_filter(log_filter)
+            .boxed()
     } else {
-        fmt::layer().with_target(true).with_filter(log_filter).boxed()
+        fmt::layer()
+            .with_target(true)
+            .with_filter(log_filter)
+            .boxed()
     };
 
     let Some(otlp) = config.otlp else {
@@ -272,14 +328,19 @@ pub fn init(config: TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
         if let Some(endpoint) = &otlp.endpoint {
             builder = builder.with_endpoint(endpoint.clone());
         }
-        let exporter = builder
-            .build()
-            .map_err(|e| TelemetryError::Exporter { signal: "trace", message: e.to_string() })?;
-        let provider = SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource.clone()).build();
+        let exporter = builder.build().map_err(|e| TelemetryError::Exporter {
+            signal: "trace",
+            message: e.to_string(),
+        })?;
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(resource.clone())
+            .build();
         let tracer = provider.tracer("sharpsend");
         opentelemetry::global::set_tracer_provider(provider.clone());
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-        let filter = EnvFilter::try_new(&otlp.trace_filter).map_err(|e| TelemetryError::Filter(e.to_string()))?;
+        let filter = EnvFilter::try_new(&otlp.trace_filter)
+            .map_err(|e| TelemetryError::Filter(e.to_string()))?;
         otel_layer = Some(
             tracing_opentelemetry::layer()
                 .with_tracer(tracer)
@@ -294,19 +355,30 @@ pub fn init(config: TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
         if let Some(endpoint) = &otlp.endpoint {
             builder = builder.with_endpoint(endpoint.clone());
         }
-        let exporter = builder
-            .build()
-            .map_err(|e| TelemetryError::Exporter { signal: "metric", message: e.to_string() })?;
+        let exporter = builder.build().map_err(|e| TelemetryError::Exporter {
+            signal: "metric",
+            message: e.to_string(),
+        })?;
         let mut reader = opentelemetry_sdk::metrics::PeriodicReader::builder(exporter);
         if let Some(interval) = otlp.metric_interval {
             reader = reader.with_interval(interval);
         }
-        let provider = SdkMeterProvider::builder().with_reader(reader.build()).with_resource(resource).build();
+        let provider = SdkMeterProvider::builder()
+            .with_reader(reader.build())
+            .with_resource(resource)
+            .build();
         opentelemetry::global::set_meter_provider(provider.clone());
         guard.meter_provider = Some(provider);
     }
-    if tracing_subscriber::registry().with(fmt_layer).with(otel_layer).try_init().is_err() {
-        tracing::warn!("a log subscriber was already installed: spans are not exported, metrics are");
+    if tracing_subscriber::registry()
+        .with(fmt_layer)
+        .with(otel_layer)
+        .try_init()
+        .is_err()
+    {
+        tracing::warn!(
+            "a log subscriber was already installed: spans are not exported, metrics are"
+        );
     }
     tracing::info!(service = %config.service_name, traces = otlp.traces, metrics = otlp.metrics, "exporting telemetry over OTLP/gRPC");
     Ok(guard)
@@ -317,7 +389,10 @@ pub fn init(config: TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
 fn resource(service_name: &str) -> Resource {
     Resource::builder()
         .with_service_name(service_name.to_string())
-        .with_attribute(opentelemetry::KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+        .with_attribute(opentelemetry::KeyValue::new(
+            "service.version",
+            env!("CARGO_PKG_VERSION"),
+        ))
         .build()
 }
 
@@ -328,25 +403,46 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn nothing_is_exported_without_an_endpoint() {
-        let config = TelemetryConfig::from_env(&env(&[("OTEL_SERVICE_NAME", "x")]), "sharpsend-server", false);
+        let config = TelemetryConfig::from_env(
+            &env(&[("OTEL_SERVICE_NAME", "x")]),
+            "sharpsend-server",
+            false,
+        );
         let config = config.map_err(|e| e.to_string());
-        assert!(matches!(&config, Ok(c) if c.otlp.is_none() && c.service_name == "x"), "{config:?}");
+        assert!(
+            matches!(&config, Ok(c) if c.otlp.is_none() && c.service_name == "x"),
+            "{config:?}"
+        );
     }
 
     #[test]
     fn an_endpoint_turns_export_on_and_standard_switches_turn_it_off() {
-        let on = TelemetryConfig::from_env(&env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317")]), "svc", true);
+        let on = TelemetryConfig::from_env(
+            &env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317")]),
+            "svc",
+            true,
+        );
         let otlp = on.as_ref().ok().and_then(|c| c.otlp.clone());
-        assert!(otlp.as_ref().is_some_and(|o| o.traces && o.metrics && o.endpoint.is_none()), "{on:?}");
+        assert!(
+            otlp.as_ref()
+                .is_some_and(|o| o.traces && o.metrics && o.endpoint.is_none()),
+            "{on:?}"
+        );
         assert_eq!(on.map(|c| c.service_name).ok().as_deref(), Some("svc"));
 
         let only_traces = TelemetryConfig::from_env(
-            &env(&[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://c:4317"), ("OTEL_METRICS_EXPORTER", "none")]),
+            &env(&[
+                ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://c:4317"),
+                ("OTEL_METRICS_EXPORTER", "none"),
+            ]),
             "svc",
             false,
         );
@@ -354,8 +450,15 @@ mod tests {
         assert!(otlp.is_some_and(|o| o.traces && !o.metrics));
 
         for off in [
-            env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"), ("OTEL_SDK_DISABLED", "true")]),
-            env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"), ("OTEL_TRACES_EXPORTER", "none"), ("OTEL_METRICS_EXPORTER", "none")]),
+            env(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+                ("OTEL_SDK_DISABLED", "true"),
+            ]),
+            env(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+                ("OTEL_TRACES_EXPORTER", "none"),
+                ("OTEL_METRICS_EXPORTER", "none"),
+            ]),
         ] {
             let config = TelemetryConfig::from_env(&off, "svc", false);
             assert!(config.is_ok_and(|c| c.otlp.is_none()));
@@ -365,15 +468,33 @@ mod tests {
     #[test]
     fn bad_settings_name_their_variable_never_their_value() {
         let cases = [
-            (env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "not a url secret-token")]), "OTEL_EXPORTER_OTLP_ENDPOINT"),
-            (env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://user:secret-token@c:4317")]), "OTEL_EXPORTER_OTLP_ENDPOINT"),
-            (env(&[("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "ftp://secret-token")]), "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"),
             (
-                env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"), ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")]),
+                env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "not a url secret-token")]),
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+            ),
+            (
+                env(&[(
+                    "OTEL_EXPORTER_OTLP_ENDPOINT",
+                    "https://user:secret-token@c:4317",
+                )]),
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+            ),
+            (
+                env(&[("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "ftp://secret-token")]),
+                "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+            ),
+            (
+                env(&[
+                    ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+                    ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+                ]),
                 "OTEL_EXPORTER_OTLP_PROTOCOL",
             ),
             (
-                env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"), (TRACE_FILTER_VARIABLE, "info,[secret-token")]),
+                env(&[
+                    ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+                    (TRACE_FILTER_VARIABLE, "info,[secret-token"),
+                ]),
                 TRACE_FILTER_VARIABLE,
             ),
         ];
@@ -386,11 +507,26 @@ mod tests {
 
     #[test]
     fn the_service_name_follows_the_standard_precedence() {
-        let name = |pairs: &[(&str, &str)]| TelemetryConfig::from_env(&env(pairs), "default-svc", false).map(|c| c.service_name).ok();
+        let name = |pairs: &[(&str, &str)]| {
+            TelemetryConfig::from_env(&env(pairs), "default-svc", false)
+                .map(|c| c.service_name)
+                .ok()
+        };
         assert_eq!(name(&[]).as_deref(), Some("default-svc"));
-        assert_eq!(name(&[("OTEL_RESOURCE_ATTRIBUTES", "team=ops, service.name=from-attrs")]).as_deref(), Some("from-attrs"));
         assert_eq!(
-            name(&[("OTEL_RESOURCE_ATTRIBUTES", "service.name=from-attrs"), ("OTEL_SERVICE_NAME", "from-var")]).as_deref(),
+            name(&[(
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "team=ops, service.name=from-attrs"
+            )])
+            .as_deref(),
+            Some("from-attrs")
+        );
+        assert_eq!(
+            name(&[
+                ("OTEL_RESOURCE_ATTRIBUTES", "service.name=from-attrs"),
+                ("OTEL_SERVICE_NAME", "from-var")
+            ])
+            .as_deref(),
             Some("from-var")
         );
     }

@@ -11,16 +11,15 @@ use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, IntoActiveModel,
-    QueryFilter, QueryOrder, QuerySelect, 
-    TransactionSession, TransactionTrait,
+    QueryFilter, QueryOrder, QuerySelect, TransactionSession, TransactionTrait,
 };
 use serde_json::Value;
 
 use crate::DbError;
-use crate::sql::MAX_ROW_LIMIT;
 use crate::database::begin_write;
 use crate::entities::campaigns::{ActiveModel, Column, Entity, Model};
 use crate::entities::workspaces;
+use crate::sql::MAX_ROW_LIMIT;
 use crate::time::db_time;
 
 /// Ids per `IN (…)` list.

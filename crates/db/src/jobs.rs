@@ -51,10 +51,7 @@ impl TryFrom<job_runs::Model> for JobRun {
     type Error = DbErr;
 
     fn try_from(m: job_runs::Model) -> Result<Self, DbErr> {
-        let outcome = m
-            .outcome
-            .parse()
-            .map_err(DbErr::from)?;
+        let outcome = m.outcome.parse().map_err(DbErr::from)?;
         Ok(Self {
             id: m.id,
             workspace_id: m.workspace_id,

@@ -55,5 +55,5 @@ pub mod workspaces;
 
 pub use database::{connect, ensure_migrated, migrate, pending_migrations};
 pub use error::DbError;
-pub use stored::UnknownValue;
 pub use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend};
+pub use stored::UnknownValue;

@@ -16,9 +16,9 @@ use sea_orm::{
 };
 
 use crate::DbError;
-use crate::sql::MAX_ROW_LIMIT;
 use crate::campaigns::CampaignKind;
 use crate::entities::{metric_snapshots, metric_targets};
+use crate::sql::MAX_ROW_LIMIT;
 use crate::time::db_time;
 
 /// Longest `last_error` stored (characters).

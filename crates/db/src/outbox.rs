@@ -136,14 +136,8 @@ impl TryFrom<Model> for OutboxRow {
     type Error = DbErr;
 
     fn try_from(m: Model) -> Result<Self, DbErr> {
-        let kind = m
-            .kind
-            .parse()
-            .map_err(DbErr::from)?;
-        let status = m
-            .status
-            .parse()
-            .map_err(DbErr::from)?;
+        let kind = m.kind.parse().map_err(DbErr::from)?;
+        let status = m.status.parse().map_err(DbErr::from)?;
         Ok(Self {
             id: m.id,
             workspace_id: m.workspace_id,
@@ -609,9 +603,7 @@ pub async fn stats(db: &impl ConnectionTrait, workspace_id: i64) -> Result<SyncS
         .await?;
     let mut stats = SyncStats::default();
     for (status, rows, oldest, last_delivered) in groups {
-        let status: Status = status
-            .parse()
-            .map_err(DbErr::from)?;
+        let status: Status = status.parse().map_err(DbErr::from)?;
         let rows = u64::try_from(rows).unwrap_or(0);
         match status {
             Status::Pending => stats.pending = rows,

@@ -21,8 +21,8 @@ use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::{
     ActiveValue::{NotSet, Set},
-    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionSession,
-    TransactionTrait,
+    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    TransactionSession, TransactionTrait,
 };
 use serde_json::Value;
 
@@ -132,7 +132,12 @@ impl TryFrom<sends::Model> for SendRecord {
         let delivery = match (m.delivery.as_str(), m.broadcast_id) {
             ("broadcast", Some(broadcast_id)) => Delivery::Broadcast { broadcast_id },
             ("newsletter", _) => Delivery::Newsletter { from_id: m.from_id },
-            (other, _) => return Err(DbErr::Type(format!("bad delivery `{other}` for send {}", m.id))),
+            (other, _) => {
+                return Err(DbErr::Type(format!(
+                    "bad delivery `{other}` for send {}",
+                    m.id
+                )));
+            }
         };
         Ok(Self {
             id: m.id,
@@ -231,7 +236,12 @@ pub enum Created {
 /// transaction — unless a send with the same (assignment, request id) exists: then that one is
 /// answered and nothing is written. Of concurrent calls with one key exactly one records it
 /// (unique index + `ON CONFLICT DO NOTHING`; PostgreSQL makes the others wait for its commit).
-pub async fn create(db: &impl TransactionTrait, workspace_id: i64, new: &NewSend, now: DateTime<Utc>) -> Result<Created, DbError> {
+pub async fn create(
+    db: &impl TransactionTrait,
+    workspace_id: i64,
+    new: &NewSend,
+    now: DateTime<Utc>,
+) -> Result<Created, DbError> {
     let now = db_time(now);
     let (delivery, broadcast_id, from_id) = match new.delivery {
         Delivery::Broadcast { broadcast_id } => ("broadcast", Some(broadcast_id), None),
@@ -257,9 +267,13 @@ pub async fn create(db: &impl TransactionTrait, workspace_id: i64, new: &NewSend
     };
     let inserted = sends::Entity::insert(row)
         .on_conflict(
-            OnConflict::columns([sends::Column::WorkspaceId, sends::Column::AssignmentId, sends::Column::RequestId])
-                .do_nothing()
-                .to_owned(),
+            OnConflict::columns([
+                sends::Column::WorkspaceId,
+                sends::Column::AssignmentId,
+                sends::Column::RequestId,
+            ])
+            .do_nothing()
+            .to_owned(),
         )
         .exec_without_returning(&txn)
         .await?;
@@ -301,10 +315,22 @@ pub async fn create(db: &impl TransactionTrait, workspace_id: i64, new: &NewSend
         })
         .collect();
     if !submissions.is_empty() {
-        send_submissions::Entity::insert_many(submissions).exec_without_returning(&txn).await?;
+        send_submissions::Entity::insert_many(submissions)
+            .exec_without_returning(&txn)
+            .await?;
     }
     let reason = format!("recorded with {} submission(s)", new.submissions.len());
-    record_history(&txn, record.id, None, None, SendState::Pending, &new.created_by, &reason, now).await?;
+    record_history(
+        &txn,
+        record.id,
+        None,
+        None,
+        SendState::Pending,
+        &new.created_by,
+        &reason,
+        now,
+    )
+    .await?;
     txn.commit().await?;
     Ok(Created::New(record))
 }
@@ -352,7 +378,11 @@ async fn record_history(
 }
 
 /// The send with this public id.
-pub async fn get(db: &impl ConnectionTrait, workspace_id: i64, public_id: &str) -> Result<Option<SendRecord>, DbError> {
+pub async fn get(
+    db: &impl ConnectionTrait,
+    workspace_id: i64,
+    public_id: &str,
+) -> Result<Option<SendRecord>, DbError> {
     Ok(sends::Entity::find()
         .filter(sends::Column::WorkspaceId.eq(workspace_id))
         .filter(sends::Column::PublicId.eq(public_id))
@@ -364,7 +394,11 @@ pub async fn get(db: &impl ConnectionTrait, workspace_id: i64, public_id: &str) 
 
 /// The send with this internal id.
 pub async fn get_by_id(db: &impl ConnectionTrait, id: i64) -> Result<Option<SendRecord>, DbError> {
-    Ok(sends::Entity::find_by_id(id).one(db).await?.map(SendRecord::try_from).transpose()?)
+    Ok(sends::Entity::find_by_id(id)
+        .one(db)
+        .await?
+        .map(SendRecord::try_from)
+        .transpose()?)
 }
 
 /// The send recorded under (assignment, request id).
@@ -387,7 +421,12 @@ pub struct ListFilter {
 }
 
 /// Sends, newest first, at most `limit`.
-pub async fn list(db: &impl ConnectionTrait, workspace_id: i64, filter: &ListFilter, limit: u64) -> Result<Vec<SendRecord>, DbError> {
+pub async fn list(
+    db: &impl ConnectionTrait,
+    workspace_id: i64,
+    filter: &ListFilter,
+    limit: u64,
+) -> Result<Vec<SendRecord>, DbError> {
     let mut query = sends::Entity::find().filter(sends::Column::WorkspaceId.eq(workspace_id));
     if let Some(assignment_id) = &filter.assignment_id {
         query = query.filter(sends::Column::AssignmentId.eq(assignment_id.as_str()));
@@ -398,27 +437,47 @@ pub async fn list(db: &impl ConnectionTrait, workspace_id: i64, filter: &ListFil
     if let Some(before) = filter.before_id {
         query = query.filter(sends::Column::Id.lt(before));
     }
-    let rows = query.order_by_desc(sends::Column::Id).limit(limit).all(db).await?;
-    Ok(rows.into_iter().map(SendRecord::try_from).collect::<Result<_, _>>()?)
+    let rows = query
+        .order_by_desc(sends::Column::Id)
+        .limit(limit)
+        .all(db)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(SendRecord::try_from)
+        .collect::<Result<_, _>>()?)
 }
 
 /// The submissions of a send, in target order.
-pub async fn submissions(db: &impl ConnectionTrait, send_id: i64) -> Result<Vec<Submission>, DbError> {
+pub async fn submissions(
+    db: &impl ConnectionTrait,
+    send_id: i64,
+) -> Result<Vec<Submission>, DbError> {
     let rows = send_submissions::Entity::find()
         .filter(send_submissions::Column::SendId.eq(send_id))
         .order_by_asc(send_submissions::Column::Position)
         .all(db)
         .await?;
-    Ok(rows.into_iter().map(Submission::try_from).collect::<Result<_, _>>()?)
+    Ok(rows
+        .into_iter()
+        .map(Submission::try_from)
+        .collect::<Result<_, _>>()?)
 }
 
 /// One submission by id.
 pub async fn submission(db: &impl ConnectionTrait, id: i64) -> Result<Option<Submission>, DbError> {
-    Ok(send_submissions::Entity::find_by_id(id).one(db).await?.map(Submission::try_from).transpose()?)
+    Ok(send_submissions::Entity::find_by_id(id)
+        .one(db)
+        .await?
+        .map(Submission::try_from)
+        .transpose()?)
 }
 
 /// The history of a send, oldest first.
-pub async fn history(db: &impl ConnectionTrait, send_id: i64) -> Result<Vec<HistoryEntry>, DbError> {
+pub async fn history(
+    db: &impl ConnectionTrait,
+    send_id: i64,
+) -> Result<Vec<HistoryEntry>, DbError> {
     let rows = send_history::Entity::find()
         .filter(send_history::Column::SendId.eq(send_id))
         .order_by_asc(send_history::Column::Id)
@@ -460,23 +519,38 @@ pub async fn due(
         .limit(limit)
         .all(db)
         .await?;
-    Ok(rows.into_iter().map(Submission::try_from).collect::<Result<_, _>>()?)
+    Ok(rows
+        .into_iter()
+        .map(Submission::try_from)
+        .collect::<Result<_, _>>()?)
 }
 
 /// When the next `pending` submission (optionally of one send) is due.
-pub async fn next_due_at(db: &impl ConnectionTrait, workspace_id: i64, send_id: Option<i64>) -> Result<Option<DateTime<Utc>>, DbError> {
+pub async fn next_due_at(
+    db: &impl ConnectionTrait,
+    workspace_id: i64,
+    send_id: Option<i64>,
+) -> Result<Option<DateTime<Utc>>, DbError> {
     let mut query = send_submissions::Entity::find()
         .filter(send_submissions::Column::WorkspaceId.eq(workspace_id))
         .filter(send_submissions::Column::State.eq(SendState::Pending.as_str()));
     if let Some(send_id) = send_id {
         query = query.filter(send_submissions::Column::SendId.eq(send_id));
     }
-    let next = query.order_by_asc(send_submissions::Column::NextAttemptAt).one(db).await?;
+    let next = query
+        .order_by_asc(send_submissions::Column::NextAttemptAt)
+        .one(db)
+        .await?;
     Ok(next.map(|m| m.next_attempt_at))
 }
 
 /// Submissions in `state`, oldest first, at most `limit`.
-pub async fn in_state(db: &impl ConnectionTrait, workspace_id: i64, state: SendState, limit: u64) -> Result<Vec<Submission>, DbError> {
+pub async fn in_state(
+    db: &impl ConnectionTrait,
+    workspace_id: i64,
+    state: SendState,
+    limit: u64,
+) -> Result<Vec<Submission>, DbError> {
     let rows = send_submissions::Entity::find()
         .filter(send_submissions::Column::WorkspaceId.eq(workspace_id))
         .filter(send_submissions::Column::State.eq(state.as_str()))
@@ -484,7 +558,10 @@ pub async fn in_state(db: &impl ConnectionTrait, workspace_id: i64, state: SendS
         .limit(limit)
         .all(db)
         .await?;
-    Ok(rows.into_iter().map(Submission::try_from).collect::<Result<_, _>>()?)
+    Ok(rows
+        .into_iter()
+        .map(Submission::try_from)
+        .collect::<Result<_, _>>()?)
 }
 
 /// What [`claim`] got.
@@ -529,14 +606,20 @@ pub async fn claim(
             next_allowed_at: Set(now),
         })
         .on_conflict(
-            OnConflict::columns([broadcast_windows::Column::WorkspaceId, broadcast_windows::Column::BroadcastId])
-                .do_nothing()
-                .to_owned(),
+            OnConflict::columns([
+                broadcast_windows::Column::WorkspaceId,
+                broadcast_windows::Column::BroadcastId,
+            ])
+            .do_nothing()
+            .to_owned(),
         )
         .exec_without_returning(&txn)
         .await?;
         let taken = broadcast_windows::Entity::update_many()
-            .col_expr(broadcast_windows::Column::NextAllowedAt, Expr::value(add_span(now, window.spacing)))
+            .col_expr(
+                broadcast_windows::Column::NextAllowedAt,
+                Expr::value(add_span(now, window.spacing)),
+            )
             .filter(broadcast_windows::Column::WorkspaceId.eq(workspace_id))
             .filter(broadcast_windows::Column::BroadcastId.eq(window.broadcast_id))
             .filter(broadcast_windows::Column::NextAllowedAt.lte(now))
@@ -559,11 +642,20 @@ pub async fn claim(
         }
     }
     let claimed = send_submissions::Entity::update_many()
-        .col_expr(send_submissions::Column::State, Expr::value(SendState::Submitting.as_str()))
+        .col_expr(
+            send_submissions::Column::State,
+            Expr::value(SendState::Submitting.as_str()),
+        )
         .col_expr(send_submissions::Column::ClaimedBy, Expr::value(holder))
-        .col_expr(send_submissions::Column::ClaimExpiresAt, Expr::value(add_span(now, claim_ttl)))
+        .col_expr(
+            send_submissions::Column::ClaimExpiresAt,
+            Expr::value(add_span(now, claim_ttl)),
+        )
         .col_expr(send_submissions::Column::AttemptStartedAt, Expr::value(now))
-        .col_expr(send_submissions::Column::Attempts, Expr::col(send_submissions::Column::Attempts).add(1))
+        .col_expr(
+            send_submissions::Column::Attempts,
+            Expr::col(send_submissions::Column::Attempts).add(1),
+        )
         .col_expr(send_submissions::Column::UpdatedAt, Expr::value(now))
         .filter(send_submissions::Column::Id.eq(id))
         .filter(send_submissions::Column::WorkspaceId.eq(workspace_id))
@@ -584,8 +676,17 @@ pub async fn claim(
         .transpose()?
         .ok_or_else(|| DbErr::RecordNotFound(format!("submission {id}")))?;
     let reason = format!("attempt {} started", submission.attempts);
-    record_history(&txn, submission.send_id, Some(submission.segment_id), Some(SendState::Pending), SendState::Submitting, holder, &reason, now)
-        .await?;
+    record_history(
+        &txn,
+        submission.send_id,
+        Some(submission.segment_id),
+        Some(SendState::Pending),
+        SendState::Submitting,
+        holder,
+        &reason,
+        now,
+    )
+    .await?;
     refresh_send_state(&txn, submission.send_id, now).await?;
     txn.commit().await?;
     Ok(Claim::Claimed(Box::new(submission)))
@@ -593,7 +694,12 @@ pub async fn claim(
 
 /// Moves a broadcast's window so that it stays closed until at least `until` (Customer.io
 /// answered 429 with a later time).
-pub async fn hold_window(db: &impl ConnectionTrait, workspace_id: i64, broadcast_id: i64, until: DateTime<Utc>) -> Result<(), DbError> {
+pub async fn hold_window(
+    db: &impl ConnectionTrait,
+    workspace_id: i64,
+    broadcast_id: i64,
+    until: DateTime<Utc>,
+) -> Result<(), DbError> {
     let until = db_time(until);
     broadcast_windows::Entity::update_many()
         .col_expr(broadcast_windows::Column::NextAllowedAt, Expr::value(until))
@@ -628,7 +734,12 @@ pub struct Transition {
 }
 
 impl Transition {
-    pub fn new(from: SendState, to: SendState, actor: impl Into<String>, reason: impl Into<String>) -> Self {
+    pub fn new(
+        from: SendState,
+        to: SendState,
+        actor: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Self {
         Self {
             from,
             to,
@@ -659,7 +770,12 @@ impl Transition {
 /// times and error it carries; the claim is released when leaving `submitting`; a history
 /// entry; the send's aggregate state). Returns false, changing nothing, when the submission is
 /// no longer in `t.from` or held by `t.holder`.
-pub async fn transition(db: &impl TransactionTrait, id: i64, t: &Transition, now: DateTime<Utc>) -> Result<bool, DbError> {
+pub async fn transition(
+    db: &impl TransactionTrait,
+    id: i64,
+    t: &Transition,
+    now: DateTime<Utc>,
+) -> Result<bool, DbError> {
     use send_submissions::Column as C;
     let now = db_time(now);
     let txn = begin_write(db).await?;
@@ -673,10 +789,12 @@ pub async fn transition(db: &impl TransactionTrait, id: i64, t: &Transition, now
         update = update.filter(C::ClaimedBy.eq(holder.as_str()));
     }
     if t.to != SendState::Submitting {
-        update = update.col_expr(C::ClaimedBy, Expr::value(Option::<String>::None)).col_expr(
-            C::ClaimExpiresAt,
-            Expr::value(Option::<DateTime<Utc>>::None),
-        );
+        update = update
+            .col_expr(C::ClaimedBy, Expr::value(Option::<String>::None))
+            .col_expr(
+                C::ClaimExpiresAt,
+                Expr::value(Option::<DateTime<Utc>>::None),
+            );
     }
     if let Some(trigger_id) = t.cio_trigger_id {
         update = update.col_expr(C::CioTriggerId, Expr::value(trigger_id));
@@ -707,7 +825,17 @@ pub async fn transition(db: &impl TransactionTrait, id: i64, t: &Transition, now
         .one(&txn)
         .await?
         .ok_or_else(|| DbErr::RecordNotFound(format!("submission {id}")))?;
-    record_history(&txn, row.send_id, Some(row.segment_id), Some(t.from), t.to, &t.actor, &t.reason, now).await?;
+    record_history(
+        &txn,
+        row.send_id,
+        Some(row.segment_id),
+        Some(t.from),
+        t.to,
+        &t.actor,
+        &t.reason,
+        now,
+    )
+    .await?;
     refresh_send_state(&txn, row.send_id, now).await?;
     txn.commit().await?;
     Ok(true)
@@ -715,7 +843,11 @@ pub async fn transition(db: &impl TransactionTrait, id: i64, t: &Transition, now
 
 /// `submitting` submissions whose claim expired before `now` (their dispatcher stopped while
 /// the request may have been out) become `uncertain`. Returns them (as they were).
-pub async fn expire_claims(db: &(impl TransactionTrait + ConnectionTrait), workspace_id: i64, now: DateTime<Utc>) -> Result<Vec<Submission>, DbError> {
+pub async fn expire_claims(
+    db: &(impl TransactionTrait + ConnectionTrait),
+    workspace_id: i64,
+    now: DateTime<Utc>,
+) -> Result<Vec<Submission>, DbError> {
     let stale: Vec<Submission> = send_submissions::Entity::find()
         .filter(send_submissions::Column::WorkspaceId.eq(workspace_id))
         .filter(send_submissions::Column::State.eq(SendState::Submitting.as_str()))
@@ -728,9 +860,14 @@ pub async fn expire_claims(db: &(impl TransactionTrait + ConnectionTrait), works
     let mut expired = Vec::new();
     for s in stale {
         let holder = s.claimed_by.clone().unwrap_or_default();
-        let t = Transition::new(SendState::Submitting, SendState::Uncertain, "reconciler", "the dispatcher stopped before recording the outcome")
-            .held_by(&holder)
-            .error("the dispatcher stopped while the request may have been on its way");
+        let t = Transition::new(
+            SendState::Submitting,
+            SendState::Uncertain,
+            "reconciler",
+            "the dispatcher stopped before recording the outcome",
+        )
+        .held_by(&holder)
+        .error("the dispatcher stopped while the request may have been on its way");
         if transition(db, s.id, &t, now).await? {
             expired.push(s);
         }
@@ -738,7 +875,11 @@ pub async fn expire_claims(db: &(impl TransactionTrait + ConnectionTrait), works
     Ok(expired)
 }
 
-async fn refresh_send_state(db: &impl ConnectionTrait, send_id: i64, now: DateTime<Utc>) -> Result<(), DbErr> {
+async fn refresh_send_state(
+    db: &impl ConnectionTrait,
+    send_id: i64,
+    now: DateTime<Utc>,
+) -> Result<(), DbErr> {
     let states: Vec<String> = send_submissions::Entity::find()
         .select_only()
         .column(send_submissions::Column::State)
@@ -746,9 +887,15 @@ async fn refresh_send_state(db: &impl ConnectionTrait, send_id: i64, now: DateTi
         .into_tuple()
         .all(db)
         .await?;
-    let states = states.iter().map(|s| s.parse()).collect::<Result<Vec<SendState>, _>>()?;
+    let states = states
+        .iter()
+        .map(|s| s.parse())
+        .collect::<Result<Vec<SendState>, _>>()?;
     sends::Entity::update_many()
-        .col_expr(sends::Column::State, Expr::value(SendState::aggregate(states).as_str()))
+        .col_expr(
+            sends::Column::State,
+            Expr::value(SendState::aggregate(states).as_str()),
+        )
         .col_expr(sends::Column::UpdatedAt, Expr::value(now))
         .filter(sends::Column::Id.eq(send_id))
         .exec(db)
@@ -763,9 +910,15 @@ mod tests {
 
     #[test]
     fn aggregate_puts_attention_first() {
-        assert_eq!(SendState::aggregate([Completed, Uncertain, Failed]), Uncertain);
+        assert_eq!(
+            SendState::aggregate([Completed, Uncertain, Failed]),
+            Uncertain
+        );
         assert_eq!(SendState::aggregate([Completed, Failed, Pending]), Failed);
-        assert_eq!(SendState::aggregate([Submitted, Submitting, Pending]), Submitting);
+        assert_eq!(
+            SendState::aggregate([Submitted, Submitting, Pending]),
+            Submitting
+        );
         assert_eq!(SendState::aggregate([Submitted, Pending]), Pending);
         assert_eq!(SendState::aggregate([Completed, Completed]), Completed);
         assert_eq!(SendState::aggregate([Completed, Submitted]), Submitted);

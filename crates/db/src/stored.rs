@@ -90,7 +90,10 @@ mod tests {
             assert_eq!(c.as_str().parse::<Colour>(), Ok(c));
             assert_eq!(c.to_string(), c.as_str());
         }
-        let err = "green".parse::<Colour>().err().map(|e| sea_orm::DbErr::from(e).to_string());
+        let err = "green"
+            .parse::<Colour>()
+            .err()
+            .map(|e| sea_orm::DbErr::from(e).to_string());
         assert!(err.is_some_and(|e| e.contains("unknown Colour `green`")));
     }
 }

@@ -34,8 +34,12 @@ pub fn schedules_from_env(env: &dyn Env) -> Result<Vec<Schedule>, ConfigError> {
     Job::ALL
         .iter()
         .map(|&job| {
-            let cron = env.var(job.schedule_variable()).unwrap_or_else(|| job.default_schedule().to_string());
-            if let Err(e) = tokio_cron_scheduler::Job::new_async(cron.as_str(), |_, _| Box::pin(async {})) {
+            let cron = env
+                .var(job.schedule_variable())
+                .unwrap_or_else(|| job.default_schedule().to_string());
+            if let Err(e) =
+                tokio_cron_scheduler::Job::new_async(cron.as_str(), |_, _| Box::pin(async {}))
+            {
                 return Err(ConfigError {
                     variable: job.schedule_variable(),
                     problem: format!("not a valid six-field cron schedule (seconds first): {e}"),
@@ -73,7 +77,11 @@ impl RunningScheduler {
 
 /// Registers every schedule, starts the scheduler and the continuous outbox worker (which wakes
 /// on in-process writes and polls for writes from other processes). Jobs run as `holder`.
-pub async fn start(ctx: AppContext, schedules: Vec<Schedule>, holder: String) -> Result<RunningScheduler, StartError> {
+pub async fn start(
+    ctx: AppContext,
+    schedules: Vec<Schedule>,
+    holder: String,
+) -> Result<RunningScheduler, StartError> {
     let (stop_worker, stopped) = tokio::sync::oneshot::channel::<()>();
     let worker = tokio::spawn(sharpsend_core::outbox::run_worker(
         ctx.clone(),
@@ -101,14 +109,29 @@ pub async fn start(ctx: AppContext, schedules: Vec<Schedule>, holder: String) ->
         tracing::info!(job = job.name(), cron = %cron, "job scheduled");
     }
     scheduler.start().await?;
-    Ok(RunningScheduler { scheduler, worker, stop_worker: Some(stop_worker) })
+    Ok(RunningScheduler {
+        scheduler,
+        worker,
+        stop_worker: Some(stop_worker),
+    })
 }
 
 /// Runs `job` unless this process is already running it; answers whether it ran.
-async fn run_unless_running(ctx: &AppContext, job: Job, holder: &str, running: &Mutex<HashSet<Job>>) -> bool {
-    let newly_started = running.lock().map(|mut set| set.insert(job)).unwrap_or(false);
+async fn run_unless_running(
+    ctx: &AppContext,
+    job: Job,
+    holder: &str,
+    running: &Mutex<HashSet<Job>>,
+) -> bool {
+    let newly_started = running
+        .lock()
+        .map(|mut set| set.insert(job))
+        .unwrap_or(false);
     if !newly_started {
-        tracing::info!(job = job.name(), "previous run still going; this tick is skipped");
+        tracing::info!(
+            job = job.name(),
+            "previous run still going; this tick is skipped"
+        );
         return false;
     }
     match jobs::run_job(ctx, job, holder).await {
@@ -135,38 +158,65 @@ mod tests {
 
     use super::*;
 
-    db_test!(a_tick_while_the_job_is_still_running_is_skipped, |db: TestDatabase| async move {
-        let sim = Simulator::spawn(SimConfig::demo()).await?;
-        let config = sim.sim.config().clone();
-        let settings = CioSettings::for_simulator(sim.base_url().parse()?, &config.site_id, &config.track_api_key, &config.app_api_key);
-        let ctx = AppContext::bootstrap(&db.url, &settings, Migrations::Apply).await?;
-        // The first run is slow, so the next tick comes while it is still going.
-        sim.sim.push_faults(Some(SimApi::App), [Fault::Delay(Duration::from_millis(1200))]);
-        let running: Arc<Mutex<HashSet<Job>>> = Arc::default();
+    db_test!(
+        a_tick_while_the_job_is_still_running_is_skipped,
+        |db: TestDatabase| async move {
+            let sim = Simulator::spawn(SimConfig::demo()).await?;
+            let config = sim.sim.config().clone();
+            let settings = CioSettings::for_simulator(
+                sim.base_url().parse()?,
+                &config.site_id,
+                &config.track_api_key,
+                &config.app_api_key,
+            );
+            let ctx = AppContext::bootstrap(&db.url, &settings, Migrations::Apply).await?;
+            // The first run is slow, so the next tick comes while it is still going.
+            sim.sim.push_faults(
+                Some(SimApi::App),
+                [Fault::Delay(Duration::from_millis(1200))],
+            );
+            let running: Arc<Mutex<HashSet<Job>>> = Arc::default();
 
-        let first = tokio::spawn({
-            let (ctx, running) = (ctx.clone(), running.clone());
-            async move { run_unless_running(&ctx, Job::SegmentSync, "tick-1", &running).await }
-        });
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let started = std::time::Instant::now();
-        let second = run_unless_running(&ctx, Job::SegmentSync, "tick-2", &running).await;
-        anyhow::ensure!(!second, "a second run started while the first was going");
-        anyhow::ensure!(started.elapsed() < Duration::from_millis(500), "the skipped tick waited");
-        // Another job is not held back by it.
-        anyhow::ensure!(run_unless_running(&ctx, Job::OutboxDelivery, "tick-3", &running).await);
-        anyhow::ensure!(first.await?, "the first run did not run");
+            let first = tokio::spawn({
+                let (ctx, running) = (ctx.clone(), running.clone());
+                async move { run_unless_running(&ctx, Job::SegmentSync, "tick-1", &running).await }
+            });
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let started = std::time::Instant::now();
+            let second = run_unless_running(&ctx, Job::SegmentSync, "tick-2", &running).await;
+            anyhow::ensure!(!second, "a second run started while the first was going");
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_millis(500),
+                "the skipped tick waited"
+            );
+            // Another job is not held back by it.
+            anyhow::ensure!(
+                run_unless_running(&ctx, Job::OutboxDelivery, "tick-3", &running).await
+            );
+            anyhow::ensure!(first.await?, "the first run did not run");
 
-        // Only the first tick recorded a run of the job (no skipped run: it never got that far).
-        let runs = sharpsend_db::jobs::recent_runs(&ctx.db, ctx.workspace_id(), Some("segment-sync"), 10).await?;
-        anyhow::ensure!(runs.len() == 1 && runs[0].holder == "tick-1", "{runs:?}");
-        let lists = sim.sim.requests().iter().filter(|r| r.method == "GET" && r.path == "/v1/segments").count();
-        anyhow::ensure!(lists == 1, "listed segments {lists} times");
-        // Once it finished, the next tick runs it again.
-        anyhow::ensure!(run_unless_running(&ctx, Job::SegmentSync, "tick-4", &running).await);
-        sim.shutdown().await;
-        Ok::<(), anyhow::Error>(())
-    });
+            // Only the first tick recorded a run of the job (no skipped run: it never got that far).
+            let runs = sharpsend_db::jobs::recent_runs(
+                &ctx.db,
+                ctx.workspace_id(),
+                Some("segment-sync"),
+                10,
+            )
+            .await?;
+            anyhow::ensure!(runs.len() == 1 && runs[0].holder == "tick-1", "{runs:?}");
+            let lists = sim
+                .sim
+                .requests()
+                .iter()
+                .filter(|r| r.method == "GET" && r.path == "/v1/segments")
+                .count();
+            anyhow::ensure!(lists == 1, "listed segments {lists} times");
+            // Once it finished, the next tick runs it again.
+            anyhow::ensure!(run_unless_running(&ctx, Job::SegmentSync, "tick-4", &running).await);
+            sim.shutdown().await;
+            Ok::<(), anyhow::Error>(())
+        }
+    );
 
     #[test]
     fn defaults_parse_and_a_bad_cron_names_its_variable() {
@@ -174,8 +224,11 @@ mod tests {
         let schedules = schedules_from_env(&env).map_err(|e| e.to_string());
         assert_eq!(schedules.map(|s| s.len()), Ok(Job::ALL.len()));
 
-        let env: HashMap<String, String> =
-            [("SHARPSEND_SEGMENT_SYNC_CRON".to_string(), "every five minutes".to_string())].into();
+        let env: HashMap<String, String> = [(
+            "SHARPSEND_SEGMENT_SYNC_CRON".to_string(),
+            "every five minutes".to_string(),
+        )]
+        .into();
         let err = schedules_from_env(&env).err();
         assert_eq!(err.map(|e| e.variable), Some("SHARPSEND_SEGMENT_SYNC_CRON"));
     }

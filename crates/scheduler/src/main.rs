@@ -18,7 +18,11 @@ use sharpsend_core::{
 };
 
 #[derive(Debug, Parser)]
-#[command(name = "sharpsend-scheduler", version, about = "Runs SharpSend ↔ Customer.io background jobs")]
+#[command(
+    name = "sharpsend-scheduler",
+    version,
+    about = "Runs SharpSend ↔ Customer.io background jobs"
+)]
 struct Args {
     /// Run this job once and exit (non-zero on failure) instead of scheduling.
     #[arg(long, value_name = "JOB")]
@@ -43,7 +47,10 @@ async fn main() -> ExitCode {
     } else {
         TelemetryConfig::from_env(&ProcessEnv, SERVICE_NAME, args.json_logs)
     };
-    let _telemetry = match telemetry_config.map_err(anyhow::Error::from).and_then(|c| Ok(telemetry::init(c)?)) {
+    let _telemetry = match telemetry_config
+        .map_err(anyhow::Error::from)
+        .and_then(|c| Ok(telemetry::init(c)?))
+    {
         Ok(guard) => guard,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -63,9 +70,18 @@ async fn main() -> ExitCode {
 async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let schedules = sharpsend_scheduler::schedules_from_env(&ProcessEnv)?;
     if args.list {
-        println!("{:<20} {:<20} {:<36} description", "job", "schedule", "variable");
+        println!(
+            "{:<20} {:<20} {:<36} description",
+            "job", "schedule", "variable"
+        );
         for s in &schedules {
-            println!("{:<20} {:<20} {:<36} {}", s.job.name(), s.cron, s.job.schedule_variable(), s.job.description());
+            println!(
+                "{:<20} {:<20} {:<36} {}",
+                s.job.name(),
+                s.cron,
+                s.job.schedule_variable(),
+                s.job.description()
+            );
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -96,7 +112,10 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
 
     let scheduler = sharpsend_scheduler::start(ctx, schedules, holder).await?;
-    tracing::info!(jobs = Job::ALL.len(), "scheduler running; Ctrl-C or SIGTERM stops it");
+    tracing::info!(
+        jobs = Job::ALL.len(),
+        "scheduler running; Ctrl-C or SIGTERM stops it"
+    );
     shutdown_signal().await;
     tracing::info!("shutting down");
     scheduler.shutdown().await.context("scheduler shutdown")?;

@@ -23,166 +23,274 @@ fn scheduler(database_url: &str, sim_url: &str, sim: &SimConfig) -> Command {
 }
 
 fn text(output: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
 }
 
-db_test!(once_refuses_pending_migrations_then_runs_and_fails_loudly, unmigrated, |db: TestDatabase| async move {
-    let sim = Simulator::spawn(SimConfig::demo()).await?;
-    let config = sim.sim.config().clone();
-    let once = || {
-        let mut c = scheduler(&db.url, &sim.base_url(), &config);
-        c.args(["--once", "segment-sync"]);
-        c
-    };
+db_test!(
+    once_refuses_pending_migrations_then_runs_and_fails_loudly,
+    unmigrated,
+    |db: TestDatabase| async move {
+        let sim = Simulator::spawn(SimConfig::demo()).await?;
+        let config = sim.sim.config().clone();
+        let once = || {
+            let mut c = scheduler(&db.url, &sim.base_url(), &config);
+            c.args(["--once", "segment-sync"]);
+            c
+        };
 
-    let refused = once().output().await?;
-    ensure!(!refused.status.success(), "started with pending migrations: {}", text(&refused));
-    ensure!(text(&refused).contains("sharpsend-server migrate"), "{}", text(&refused));
+        let refused = once().output().await?;
+        ensure!(
+            !refused.status.success(),
+            "started with pending migrations: {}",
+            text(&refused)
+        );
+        ensure!(
+            text(&refused).contains("sharpsend-server migrate"),
+            "{}",
+            text(&refused)
+        );
 
-    sharpsend_db::migrate(&db.conn).await?;
-    let ran = once().output().await?;
-    ensure!(ran.status.success(), "{}", text(&ran));
-    ensure!(text(&ran).contains("segment-sync: succeeded"), "{}", text(&ran));
-    let ws = sharpsend_db::workspaces::ensure(&db.conn, &config.site_id, "us").await?;
-    let mirrored = sharpsend_db::segments::list(&db.conn, ws.id, &Default::default(), None, 1000).await?;
-    ensure!(mirrored.len() == sim.sim.segments().len());
+        sharpsend_db::migrate(&db.conn).await?;
+        let ran = once().output().await?;
+        ensure!(ran.status.success(), "{}", text(&ran));
+        ensure!(
+            text(&ran).contains("segment-sync: succeeded"),
+            "{}",
+            text(&ran)
+        );
+        let ws = sharpsend_db::workspaces::ensure(&db.conn, &config.site_id, "us").await?;
+        let mirrored =
+            sharpsend_db::segments::list(&db.conn, ws.id, &Default::default(), None, 1000).await?;
+        ensure!(mirrored.len() == sim.sim.segments().len());
 
-    sim.sim.push_faults(Some(SimApi::App), (0..20).map(|_| Fault::Status { status: 500, retry_after_secs: None }));
-    let failed = once().output().await?;
-    ensure!(!failed.status.success(), "a failed job exited 0: {}", text(&failed));
-    ensure!(text(&failed).contains("500"), "{}", text(&failed));
-    let runs = sharpsend_db::jobs::recent_runs(&db.conn, ws.id, Some("segment-sync"), 10).await?;
-    ensure!(runs.len() == 2 && runs[0].outcome == sharpsend_db::jobs::RunOutcome::Failed);
-    sim.shutdown().await;
-    Ok::<(), anyhow::Error>(())
-});
+        sim.sim.push_faults(
+            Some(SimApi::App),
+            (0..20).map(|_| Fault::Status {
+                status: 500,
+                retry_after_secs: None,
+            }),
+        );
+        let failed = once().output().await?;
+        ensure!(
+            !failed.status.success(),
+            "a failed job exited 0: {}",
+            text(&failed)
+        );
+        ensure!(text(&failed).contains("500"), "{}", text(&failed));
+        let runs =
+            sharpsend_db::jobs::recent_runs(&db.conn, ws.id, Some("segment-sync"), 10).await?;
+        ensure!(runs.len() == 2 && runs[0].outcome == sharpsend_db::jobs::RunOutcome::Failed);
+        sim.shutdown().await;
+        Ok::<(), anyhow::Error>(())
+    }
+);
 
 #[tokio::test]
 async fn list_shows_jobs_and_bad_settings_name_their_variable() -> anyhow::Result<()> {
     let config = SimConfig::demo();
-    let listed = scheduler("sqlite::memory:", "http://127.0.0.1:9", &config).arg("--list").output().await?;
+    let listed = scheduler("sqlite::memory:", "http://127.0.0.1:9", &config)
+        .arg("--list")
+        .output()
+        .await?;
     ensure!(listed.status.success(), "{}", text(&listed));
-    ensure!(text(&listed).contains("segment-sync") && text(&listed).contains("0 */5 * * * *"), "{}", text(&listed));
+    ensure!(
+        text(&listed).contains("segment-sync") && text(&listed).contains("0 */5 * * * *"),
+        "{}",
+        text(&listed)
+    );
 
     let bad_cron = scheduler("sqlite::memory:", "http://127.0.0.1:9", &config)
         .env("SHARPSEND_SEGMENT_SYNC_CRON", "every minute")
         .arg("--list")
         .output()
         .await?;
-    ensure!(!bad_cron.status.success() && text(&bad_cron).contains("SHARPSEND_SEGMENT_SYNC_CRON"), "{}", text(&bad_cron));
+    ensure!(
+        !bad_cron.status.success() && text(&bad_cron).contains("SHARPSEND_SEGMENT_SYNC_CRON"),
+        "{}",
+        text(&bad_cron)
+    );
 
     let no_site = scheduler("sqlite::memory:", "http://127.0.0.1:9", &config)
         .env_remove("CIO_SITE_ID")
         .args(["--once", "segment-sync"])
         .output()
         .await?;
-    ensure!(!no_site.status.success() && text(&no_site).contains("CIO_SITE_ID"), "{}", text(&no_site));
+    ensure!(
+        !no_site.status.success() && text(&no_site).contains("CIO_SITE_ID"),
+        "{}",
+        text(&no_site)
+    );
 
-    let unknown = scheduler("sqlite::memory:", "http://127.0.0.1:9", &config).args(["--once", "nope"]).output().await?;
-    ensure!(!unknown.status.success() && text(&unknown).contains("segment-sync"), "{}", text(&unknown));
+    let unknown = scheduler("sqlite::memory:", "http://127.0.0.1:9", &config)
+        .args(["--once", "nope"])
+        .output()
+        .await?;
+    ensure!(
+        !unknown.status.success() && text(&unknown).contains("segment-sync"),
+        "{}",
+        text(&unknown)
+    );
     Ok(())
 }
 
-db_test!(killed_mid_delivery_and_restarted_loses_nothing_and_sends_no_event_twice, |db: TestDatabase| async move {
-    use std::time::Duration;
+db_test!(
+    killed_mid_delivery_and_restarted_loses_nothing_and_sends_no_event_twice,
+    |db: TestDatabase| async move {
+        use std::time::Duration;
 
-    use sharpsend_core::{
-        AppContext,
-        config::CioSettings,
-        context::Migrations,
-        profiles::{self, EventInput},
-    };
+        use sharpsend_core::{
+            AppContext,
+            config::CioSettings,
+            context::Migrations,
+            profiles::{self, EventInput},
+        };
 
-    let sim = Simulator::spawn(SimConfig::demo()).await?;
-    let config = sim.sim.config().clone();
-    let url = sim.base_url();
-    let settings = CioSettings::for_simulator(url.parse()?, &config.site_id, &config.track_api_key, &config.app_api_key);
-    let ctx = AppContext::bootstrap(&db.url, &settings, Migrations::Apply).await?;
-    let events: Vec<EventInput> = (0..3000)
-        .map(|i| EventInput {
-            customer_id: format!("u{:05}", i % 5000 + 1),
-            name: "sharpsend_assignment_approved".into(),
-            data: serde_json::Map::new(),
-            timestamp: None,
-            idempotency_key: Some(format!("kill-{i}")),
-        })
-        .collect();
-    let mut accepted = Vec::new();
-    for chunk in events.chunks(1000) {
-        accepted.extend(profiles::track_events(&ctx, chunk.to_vec(), Some("events")).await?);
-    }
-    // Slow Customer.io down so delivery takes several seconds.
-    sim.sim.set_chaos(Some(SimApi::Track), cio_sim::Chaos { latency: Duration::from_millis(250), ..Default::default() });
-
-    let start = || {
-        let mut c = scheduler(&db.url, &url, &config);
-        c.env("SHARPSEND_OUTBOX_CLAIM_LIMIT", "100")
-            .env("SHARPSEND_OUTBOX_CONCURRENCY", "1")
-            .env("SHARPSEND_OUTBOX_CLAIM_TTL_SECS", "2")
-            .env("SHARPSEND_OUTBOX_POLL_MS", "100")
-            .kill_on_drop(true);
-        c.spawn()
-    };
-    let stats = || sharpsend_db::outbox::stats(&ctx.db, ctx.workspace_id());
-
-    let mut first = start()?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while stats().await?.delivered < 500 {
-        ensure!(std::time::Instant::now() < deadline, "first scheduler delivered too little");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    first.kill().await?; // SIGKILL: no chance to finish the step in progress
-    let at_kill = stats().await?;
-    ensure!(at_kill.delivered < 3000, "everything was delivered before the kill: {at_kill:?}");
-
-    let mut second = start()?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    loop {
-        let s = stats().await?;
-        if s.delivered == 3000 {
-            break;
+        let sim = Simulator::spawn(SimConfig::demo()).await?;
+        let config = sim.sim.config().clone();
+        let url = sim.base_url();
+        let settings = CioSettings::for_simulator(
+            url.parse()?,
+            &config.site_id,
+            &config.track_api_key,
+            &config.app_api_key,
+        );
+        let ctx = AppContext::bootstrap(&db.url, &settings, Migrations::Apply).await?;
+        let events: Vec<EventInput> = (0..3000)
+            .map(|i| EventInput {
+                customer_id: format!("u{:05}", i % 5000 + 1),
+                name: "sharpsend_assignment_approved".into(),
+                data: serde_json::Map::new(),
+                timestamp: None,
+                idempotency_key: Some(format!("kill-{i}")),
+            })
+            .collect();
+        let mut accepted = Vec::new();
+        for chunk in events.chunks(1000) {
+            accepted.extend(profiles::track_events(&ctx, chunk.to_vec(), Some("events")).await?);
         }
-        ensure!(s.dead == 0, "{s:?}");
-        ensure!(std::time::Instant::now() < deadline, "not all delivered after the restart: {s:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    second.kill().await?;
-    // Every accepted event reached Customer.io, each exactly once.
-    let received = sim.sim.events();
-    ensure!(received.len() == 3000, "{} events in Customer.io", received.len());
-    let ids: std::collections::HashSet<_> = received.iter().filter_map(|e| e.id.clone()).collect();
-    ensure!(accepted.iter().all(|a| ids.contains(&a.event_id)));
-    sim.shutdown().await;
-    Ok::<(), anyhow::Error>(())
-});
+        // Slow Customer.io down so delivery takes several seconds.
+        sim.sim.set_chaos(
+            Some(SimApi::Track),
+            cio_sim::Chaos {
+                latency: Duration::from_millis(250),
+                ..Default::default()
+            },
+        );
 
-db_test!(every_job_is_listed_and_runs_once, |db: TestDatabase| async move {
-    use sharpsend_core::jobs::Job;
+        let start = || {
+            let mut c = scheduler(&db.url, &url, &config);
+            c.env("SHARPSEND_OUTBOX_CLAIM_LIMIT", "100")
+                .env("SHARPSEND_OUTBOX_CONCURRENCY", "1")
+                .env("SHARPSEND_OUTBOX_CLAIM_TTL_SECS", "2")
+                .env("SHARPSEND_OUTBOX_POLL_MS", "100")
+                .kill_on_drop(true);
+            c.spawn()
+        };
+        let stats = || sharpsend_db::outbox::stats(&ctx.db, ctx.workspace_id());
 
-    let sim = Simulator::spawn(SimConfig::demo()).await?;
-    let config = sim.sim.config().clone();
-    let listed = scheduler(&db.url, &sim.base_url(), &config)
-        .env("SHARPSEND_OUTBOX_DELIVERY_CRON", "*/7 * * * * *")
-        .arg("--list")
-        .output()
-        .await?;
-    ensure!(listed.status.success(), "{}", text(&listed));
-    for job in Job::ALL {
-        let line = text(&listed).lines().find(|l| l.split_whitespace().next() == Some(job.name())).map(str::to_string).unwrap_or_default();
-        ensure!(line.contains(job.schedule_variable()) && line.contains(job.description()), "{job}: {}", text(&listed));
-        let schedule = if *job == Job::OutboxDelivery { "*/7 * * * * *" } else { job.default_schedule() };
-        ensure!(line.contains(schedule), "{job}: {line}");
-    }
+        let mut first = start()?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while stats().await?.delivered < 500 {
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "first scheduler delivered too little"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        first.kill().await?; // SIGKILL: no chance to finish the step in progress
+        let at_kill = stats().await?;
+        ensure!(
+            at_kill.delivered < 3000,
+            "everything was delivered before the kill: {at_kill:?}"
+        );
 
-    for job in Job::ALL {
-        let ran = scheduler(&db.url, &sim.base_url(), &config).args(["--once", job.name()]).output().await?;
-        ensure!(ran.status.success(), "{job}: {}", text(&ran));
-        ensure!(text(&ran).contains(&format!("{job}: succeeded")), "{job}: {}", text(&ran));
+        let mut second = start()?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            let s = stats().await?;
+            if s.delivered == 3000 {
+                break;
+            }
+            ensure!(s.dead == 0, "{s:?}");
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "not all delivered after the restart: {s:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        second.kill().await?;
+        // Every accepted event reached Customer.io, each exactly once.
+        let received = sim.sim.events();
+        ensure!(
+            received.len() == 3000,
+            "{} events in Customer.io",
+            received.len()
+        );
+        let ids: std::collections::HashSet<_> =
+            received.iter().filter_map(|e| e.id.clone()).collect();
+        ensure!(accepted.iter().all(|a| ids.contains(&a.event_id)));
+        sim.shutdown().await;
+        Ok::<(), anyhow::Error>(())
     }
-    let ws = sharpsend_db::workspaces::ensure(&db.conn, &config.site_id, "us").await?;
-    let runs = sharpsend_db::jobs::recent_runs(&db.conn, ws.id, None, 10).await?;
-    ensure!(runs.len() == Job::ALL.len(), "{runs:?}");
-    ensure!(runs.iter().all(|r| r.outcome == sharpsend_db::jobs::RunOutcome::Succeeded && r.holder.starts_with("scheduler@")));
-    sim.shutdown().await;
-    Ok::<(), anyhow::Error>(())
-});
+);
+
+db_test!(
+    every_job_is_listed_and_runs_once,
+    |db: TestDatabase| async move {
+        use sharpsend_core::jobs::Job;
+
+        let sim = Simulator::spawn(SimConfig::demo()).await?;
+        let config = sim.sim.config().clone();
+        let listed = scheduler(&db.url, &sim.base_url(), &config)
+            .env("SHARPSEND_OUTBOX_DELIVERY_CRON", "*/7 * * * * *")
+            .arg("--list")
+            .output()
+            .await?;
+        ensure!(listed.status.success(), "{}", text(&listed));
+        for job in Job::ALL {
+            let line = text(&listed)
+                .lines()
+                .find(|l| l.split_whitespace().next() == Some(job.name()))
+                .map(str::to_string)
+                .unwrap_or_default();
+            ensure!(
+                line.contains(job.schedule_variable()) && line.contains(job.description()),
+                "{job}: {}",
+                text(&listed)
+            );
+            let schedule = if *job == Job::OutboxDelivery {
+                "*/7 * * * * *"
+            } else {
+                job.default_schedule()
+            };
+            ensure!(line.contains(schedule), "{job}: {line}");
+        }
+
+        for job in Job::ALL {
+            let ran = scheduler(&db.url, &sim.base_url(), &config)
+                .args(["--once", job.name()])
+                .output()
+                .await?;
+            ensure!(ran.status.success(), "{job}: {}", text(&ran));
+            ensure!(
+                text(&ran).contains(&format!("{job}: succeeded")),
+                "{job}: {}",
+                text(&ran)
+            );
+        }
+        let ws = sharpsend_db::workspaces::ensure(&db.conn, &config.site_id, "us").await?;
+        let runs = sharpsend_db::jobs::recent_runs(&db.conn, ws.id, None, 10).await?;
+        ensure!(runs.len() == Job::ALL.len(), "{runs:?}");
+        ensure!(
+            runs.iter()
+                .all(|r| r.outcome == sharpsend_db::jobs::RunOutcome::Succeeded
+                    && r.holder.starts_with("scheduler@"))
+        );
+        sim.shutdown().await;
+        Ok::<(), anyhow::Error>(())
+    }
+);

@@ -52,7 +52,9 @@ pub async fn serve(
     health.set_serving::<SegmentServiceServer<Segments>>().await;
     health.set_serving::<ProfileServiceServer<Profiles>>().await;
     health.set_serving::<OpsServiceServer<Ops>>().await;
-    health.set_serving::<CampaignServiceServer<Campaigns>>().await;
+    health
+        .set_serving::<CampaignServiceServer<Campaigns>>()
+        .await;
     health.set_service_status("", ServingStatus::Serving).await;
 
     let reflection = || {
@@ -69,17 +71,26 @@ pub async fn serve(
     let auth = Authenticator::new(options.api_keys);
     let segments = SegmentServiceServer::with_interceptor(Segments::new(ctx.clone()), auth.clone());
     let ops = OpsServiceServer::with_interceptor(Ops::new(ctx.clone()), auth.clone());
-    let campaigns = CampaignServiceServer::with_interceptor(Campaigns::new(ctx.clone()), auth.clone());
+    let campaigns =
+        CampaignServiceServer::with_interceptor(Campaigns::new(ctx.clone()), auth.clone());
     let profiles = ProfileServiceServer::with_interceptor(Profiles::new(ctx), auth);
 
     let signal = async move {
         shutdown.await;
         tracing::info!("shutdown requested: reporting NOT_SERVING and draining in-flight calls");
-        health.set_not_serving::<SegmentServiceServer<Segments>>().await;
-        health.set_not_serving::<ProfileServiceServer<Profiles>>().await;
+        health
+            .set_not_serving::<SegmentServiceServer<Segments>>()
+            .await;
+        health
+            .set_not_serving::<ProfileServiceServer<Profiles>>()
+            .await;
         health.set_not_serving::<OpsServiceServer<Ops>>().await;
-        health.set_not_serving::<CampaignServiceServer<Campaigns>>().await;
-        health.set_service_status("", ServingStatus::NotServing).await;
+        health
+            .set_not_serving::<CampaignServiceServer<Campaigns>>()
+            .await;
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
     };
 
     Server::builder()

@@ -23,7 +23,9 @@ pub struct ApiKeys(Arc<[ApiKey]>);
 
 impl fmt::Debug for ApiKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_list().entries(self.0.iter().map(|k| &k.name)).finish()
+        f.debug_list()
+            .entries(self.0.iter().map(|k| &k.name))
+            .finish()
     }
 }
 
@@ -45,7 +47,10 @@ impl ApiKeys {
             if name.is_empty() || secret.is_empty() {
                 return Err(format!("entry {} has an empty name or key", i + 1));
             }
-            keys.push(ApiKey { name, secret: SecretString::from(secret.to_string()) });
+            keys.push(ApiKey {
+                name,
+                secret: SecretString::from(secret.to_string()),
+            });
         }
         if keys.is_empty() {
             return Err("lists no keys".into());
@@ -55,7 +60,10 @@ impl ApiKeys {
 
     /// The single `dev-key` of dev mode.
     pub fn dev() -> Self {
-        Self(Arc::new([ApiKey { name: "dev".into(), secret: SecretString::from(DEV_API_KEY.to_string()) }]))
+        Self(Arc::new([ApiKey {
+            name: "dev".into(),
+            secret: SecretString::from(DEV_API_KEY.to_string()),
+        }]))
     }
 
     pub fn len(&self) -> usize {
@@ -71,7 +79,9 @@ impl ApiKeys {
         let mut found = None;
         for key in self.0.iter() {
             if bool::from(key.secret.expose_secret().as_bytes().ct_eq(presented)) {
-                found = Some(Caller { name: key.name.clone() });
+                found = Some(Caller {
+                    name: key.name.clone(),
+                });
             }
         }
         found
@@ -98,15 +108,17 @@ impl Authenticator {
 
 impl Interceptor for Authenticator {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let header = request
-            .metadata()
-            .get("authorization")
-            .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <key>` metadata"))?;
+        let header = request.metadata().get("authorization").ok_or_else(|| {
+            Status::unauthenticated("missing `authorization: Bearer <key>` metadata")
+        })?;
         let presented = header
             .as_bytes()
             .strip_prefix(b"Bearer ")
             .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <key>`"))?;
-        let caller = self.keys.identify(presented).ok_or_else(|| Status::unauthenticated("invalid API key"))?;
+        let caller = self
+            .keys
+            .identify(presented)
+            .ok_or_else(|| Status::unauthenticated("invalid API key"))?;
         request.extensions_mut().insert(caller);
         Ok(request)
     }
@@ -124,21 +136,47 @@ mod tests {
         }
         let mut auth = Authenticator::new(keys.clone());
         let request = auth.call(request).map_err(|s| s.code())?;
-        request.extensions().get::<Caller>().cloned().ok_or(tonic::Code::Internal)
+        request
+            .extensions()
+            .get::<Caller>()
+            .cloned()
+            .ok_or(tonic::Code::Internal)
     }
 
     #[test]
     fn accepts_each_configured_key_and_names_the_caller() {
-        let keys = ApiKeys::parse("billing=alpha-secret, beta-secret").unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(call(&keys, Some("Bearer alpha-secret")), Ok(Caller { name: "billing".into() }));
-        assert_eq!(call(&keys, Some("Bearer beta-secret")), Ok(Caller { name: "key-2".into() }));
+        let keys =
+            ApiKeys::parse("billing=alpha-secret, beta-secret").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            call(&keys, Some("Bearer alpha-secret")),
+            Ok(Caller {
+                name: "billing".into()
+            })
+        );
+        assert_eq!(
+            call(&keys, Some("Bearer beta-secret")),
+            Ok(Caller {
+                name: "key-2".into()
+            })
+        );
     }
 
     #[test]
     fn rejects_missing_wrong_and_malformed() {
         let keys = ApiKeys::parse("alpha-secret").unwrap_or_else(|e| panic!("{e}"));
-        for header in [None, Some("Bearer alpha-secreT"), Some("Bearer alpha-secret "), Some("alpha-secret"), Some("Basic alpha-secret"), Some("Bearer ")] {
-            assert_eq!(call(&keys, header), Err(tonic::Code::Unauthenticated), "{header:?}");
+        for header in [
+            None,
+            Some("Bearer alpha-secreT"),
+            Some("Bearer alpha-secret "),
+            Some("alpha-secret"),
+            Some("Basic alpha-secret"),
+            Some("Bearer "),
+        ] {
+            assert_eq!(
+                call(&keys, header),
+                Err(tonic::Code::Unauthenticated),
+                "{header:?}"
+            );
         }
     }
 
@@ -149,6 +187,9 @@ mod tests {
         assert!(!err.contains("topsecret"), "{err}");
         let keys = ApiKeys::parse("svc=topsecret").unwrap_or_else(|e| panic!("{e}"));
         let shown = format!("{keys:?}");
-        assert!(shown.contains("svc") && !shown.contains("topsecret"), "{shown}");
+        assert!(
+            shown.contains("svc") && !shown.contains("topsecret"),
+            "{shown}"
+        );
     }
 }

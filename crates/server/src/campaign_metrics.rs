@@ -8,8 +8,9 @@ use sharpsend_core::{
 };
 use sharpsend_db::campaigns::{CampaignKind, CampaignRecord};
 use sharpsend_proto::v1::{
-    self as pb, GetCampaignMetricsRequest, GetCampaignMetricsResponse, GetCampaignRequest, GetCampaignResponse,
-    ListCampaignsRequest, ListCampaignsResponse, get_campaign_metrics_request::Target,
+    self as pb, GetCampaignMetricsRequest, GetCampaignMetricsResponse, GetCampaignRequest,
+    GetCampaignResponse, ListCampaignsRequest, ListCampaignsResponse,
+    get_campaign_metrics_request::Target,
 };
 use tonic::Status;
 
@@ -23,27 +24,49 @@ pub const DEFAULT_PAGE_SIZE: u64 = 100;
 /// Largest page; larger requests are served this many.
 pub const MAX_PAGE_SIZE: u64 = 1000;
 
-pub async fn list_campaigns(ctx: &AppContext, request: ListCampaignsRequest) -> Result<ListCampaignsResponse, Status> {
-    let page_size =
-        limit("page_size", i64::from(request.page_size), DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE).map_err(to_status)?;
+pub async fn list_campaigns(
+    ctx: &AppContext,
+    request: ListCampaignsRequest,
+) -> Result<ListCampaignsResponse, Status> {
+    let page_size = limit(
+        "page_size",
+        i64::from(request.page_size),
+        DEFAULT_PAGE_SIZE,
+        MAX_PAGE_SIZE,
+    )
+    .map_err(to_status)?;
     let after = decode_page_token(&request.page_token).map_err(to_status)?;
     let kind = kind_filter(request.kind).map_err(to_status)?;
-    let mut rows = core_campaigns::list_campaigns(ctx, kind, after, page_size + 1).await.map_err(to_status)?;
+    let mut rows = core_campaigns::list_campaigns(ctx, kind, after, page_size + 1)
+        .await
+        .map_err(to_status)?;
     let next_page_token = if rows.len() as u64 > page_size {
         rows.truncate(usize::try_from(page_size).unwrap_or(usize::MAX));
-        rows.last().map(|r| encode_page_token(r.item.kind, r.item.cio_id)).unwrap_or_default()
+        rows.last()
+            .map(|r| encode_page_token(r.item.kind, r.item.cio_id))
+            .unwrap_or_default()
     } else {
         String::new()
     };
-    Ok(ListCampaignsResponse { campaigns: rows.iter().map(to_proto).collect(), next_page_token })
+    Ok(ListCampaignsResponse {
+        campaigns: rows.iter().map(to_proto).collect(),
+        next_page_token,
+    })
 }
 
-pub async fn get_campaign(ctx: &AppContext, request: GetCampaignRequest) -> Result<GetCampaignResponse, Status> {
+pub async fn get_campaign(
+    ctx: &AppContext,
+    request: GetCampaignRequest,
+) -> Result<GetCampaignResponse, Status> {
     let kind = kind_filter(request.kind)
         .map_err(to_status)?
         .ok_or_else(|| to_status(CoreError::invalid("kind", "is required")))?;
-    let record = core_campaigns::get_campaign(ctx, kind, request.id).await.map_err(to_status)?;
-    Ok(GetCampaignResponse { campaign: Some(to_proto(&record)) })
+    let record = core_campaigns::get_campaign(ctx, kind, request.id)
+        .await
+        .map_err(to_status)?;
+    Ok(GetCampaignResponse {
+        campaign: Some(to_proto(&record)),
+    })
 }
 
 pub async fn get_campaign_metrics(
@@ -62,7 +85,9 @@ pub async fn get_campaign_metrics(
         Some(Target::NewsletterId(id)) => MetricsSubject::Target(MetricsTarget::Newsletter(id)),
         Some(Target::SendId(id)) => MetricsSubject::Send(id),
     };
-    let metrics = core_metrics::get_metrics(ctx, &subject, request.refresh).await.map_err(to_status)?;
+    let metrics = core_metrics::get_metrics(ctx, &subject, request.refresh)
+        .await
+        .map_err(to_status)?;
     Ok(metrics_to_proto(metrics))
 }
 
@@ -72,7 +97,10 @@ fn kind_filter(raw: i32) -> Result<Option<CampaignKind>, CoreError> {
         Ok(pb::CampaignKind::Campaign) => Ok(Some(CampaignKind::Campaign)),
         Ok(pb::CampaignKind::Broadcast) => Ok(Some(CampaignKind::Broadcast)),
         Ok(pb::CampaignKind::Newsletter) => Ok(Some(CampaignKind::Newsletter)),
-        Err(_) => Err(CoreError::invalid("kind", format!("unknown campaign kind {raw}"))),
+        Err(_) => Err(CoreError::invalid(
+            "kind",
+            format!("unknown campaign kind {raw}"),
+        )),
     }
 }
 
@@ -114,7 +142,11 @@ fn to_proto(r: &CampaignRecord) -> pb::Campaign {
 fn metrics_to_proto(m: CampaignMetrics) -> GetCampaignMetricsResponse {
     let to_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     GetCampaignMetricsResponse {
-        totals: m.totals.iter().map(|(k, v)| (k.clone(), to_i64(*v))).collect(),
+        totals: m
+            .totals
+            .iter()
+            .map(|(k, v)| (k.clone(), to_i64(*v)))
+            .collect(),
         rates: Some(pb::MetricRates {
             delivery_rate: m.rates.delivery_rate,
             open_rate: m.rates.open_rate,
@@ -127,9 +159,15 @@ fn metrics_to_proto(m: CampaignMetrics) -> GetCampaignMetricsResponse {
         series: m
             .series
             .into_iter()
-            .map(|(metric, values)| pb::MetricSeries { metric, values: values.into_iter().map(to_i64).collect() })
+            .map(|(metric, values)| pb::MetricSeries {
+                metric,
+                values: values.into_iter().map(to_i64).collect(),
+            })
             .collect(),
-        resolution: m.resolution.map(|r| r.as_str().to_string()).unwrap_or_default(),
+        resolution: m
+            .resolution
+            .map(|r| r.as_str().to_string())
+            .unwrap_or_default(),
         series_start: m.series_start.map(timestamp),
         last_polled_at: m.last_polled_at.map(timestamp),
         scope: m.scope,
@@ -143,19 +181,30 @@ mod tests {
     #[test]
     fn page_tokens_round_trip_and_reject_garbage() {
         let token = encode_page_token(CampaignKind::Broadcast, 42);
-        assert_eq!(decode_page_token(&token).ok(), Some(Some((CampaignKind::Broadcast, 42))));
+        assert_eq!(
+            decode_page_token(&token).ok(),
+            Some(Some((CampaignKind::Broadcast, 42)))
+        );
         assert_eq!(decode_page_token("").ok(), Some(None));
-        for bad in
-            ["not base64!", &convert::encode_page_token("segments", 3), &convert::encode_page_token("campaigns", "fax:3")]
-        {
-            assert!(matches!(decode_page_token(bad), Err(CoreError::InvalidArgument(_))), "{bad}");
+        for bad in [
+            "not base64!",
+            &convert::encode_page_token("segments", 3),
+            &convert::encode_page_token("campaigns", "fax:3"),
+        ] {
+            assert!(
+                matches!(decode_page_token(bad), Err(CoreError::InvalidArgument(_))),
+                "{bad}"
+            );
         }
     }
 
     #[test]
     fn kinds_map_both_ways() {
         for kind in CampaignKind::ALL {
-            assert_eq!(kind_filter(kind_to_proto(kind) as i32).ok(), Some(Some(kind)));
+            assert_eq!(
+                kind_filter(kind_to_proto(kind) as i32).ok(),
+                Some(Some(kind))
+            );
         }
         assert_eq!(kind_filter(0).ok(), Some(None));
         assert!(kind_filter(99).is_err());

@@ -35,20 +35,39 @@ impl Campaigns {
 
 #[tonic::async_trait]
 impl CampaignService for Campaigns {
-    async fn list_campaigns(&self, request: Request<pb::ListCampaignsRequest>) -> Result<Response<pb::ListCampaignsResponse>, Status> {
-        campaign_metrics::list_campaigns(&self.ctx, request.into_inner()).await.map(Response::new)
+    async fn list_campaigns(
+        &self,
+        request: Request<pb::ListCampaignsRequest>,
+    ) -> Result<Response<pb::ListCampaignsResponse>, Status> {
+        campaign_metrics::list_campaigns(&self.ctx, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
-    async fn get_campaign(&self, request: Request<pb::GetCampaignRequest>) -> Result<Response<pb::GetCampaignResponse>, Status> {
-        campaign_metrics::get_campaign(&self.ctx, request.into_inner()).await.map(Response::new)
+    async fn get_campaign(
+        &self,
+        request: Request<pb::GetCampaignRequest>,
+    ) -> Result<Response<pb::GetCampaignResponse>, Status> {
+        campaign_metrics::get_campaign(&self.ctx, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
-    async fn send_assignment(&self, request: Request<pb::SendAssignmentRequest>) -> Result<Response<pb::SendAssignmentResponse>, Status> {
+    async fn send_assignment(
+        &self,
+        request: Request<pb::SendAssignmentRequest>,
+    ) -> Result<Response<pb::SendAssignmentResponse>, Status> {
         let caller = caller_name(&request);
         let req = request.into_inner();
         let delivery = match req.delivery {
-            Some(pb::send_assignment_request::Delivery::Broadcast(b)) => Some(DeliveryMode::Broadcast { broadcast_id: b.broadcast_id }),
-            Some(pb::send_assignment_request::Delivery::Newsletter(n)) => Some(DeliveryMode::Newsletter { from_id: n.from_id }),
+            Some(pb::send_assignment_request::Delivery::Broadcast(b)) => {
+                Some(DeliveryMode::Broadcast {
+                    broadcast_id: b.broadcast_id,
+                })
+            }
+            Some(pb::send_assignment_request::Delivery::Newsletter(n)) => {
+                Some(DeliveryMode::Newsletter { from_id: n.from_id })
+            }
             None => None,
         };
         let request = SendRequest {
@@ -60,52 +79,98 @@ impl CampaignService for Campaigns {
             variations: req
                 .variations
                 .into_iter()
-                .map(|v| Variation { segment_id: v.segment_id, subject: v.subject, body: v.body, data: v.data.map(struct_to_json) })
+                .map(|v| Variation {
+                    segment_id: v.segment_id,
+                    subject: v.subject,
+                    body: v.body,
+                    data: v.data.map(struct_to_json),
+                })
                 .collect(),
             delivery,
             created_by: caller,
         };
-        let (view, created) = sends::send_assignment(&self.ctx, request).await.map_err(to_status)?;
-        Ok(Response::new(pb::SendAssignmentResponse { send: Some(send_to_proto(&view)), created }))
+        let (view, created) = sends::send_assignment(&self.ctx, request)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::SendAssignmentResponse {
+            send: Some(send_to_proto(&view)),
+            created,
+        }))
     }
 
-    async fn get_send(&self, request: Request<pb::GetSendRequest>) -> Result<Response<pb::GetSendResponse>, Status> {
+    async fn get_send(
+        &self,
+        request: Request<pb::GetSendRequest>,
+    ) -> Result<Response<pb::GetSendResponse>, Status> {
         let req = request.into_inner();
         let key = if !req.send_id.trim().is_empty() {
             SendKey::Id(req.send_id.trim().to_string())
         } else if !req.assignment_id.trim().is_empty() {
-            SendKey::Assignment { assignment_id: req.assignment_id, request_id: req.request_id }
+            SendKey::Assignment {
+                assignment_id: req.assignment_id,
+                request_id: req.request_id,
+            }
         } else {
-            return Err(to_status(CoreError::invalid("send_id", "give send_id, or assignment_id (and request_id)")));
+            return Err(to_status(CoreError::invalid(
+                "send_id",
+                "give send_id, or assignment_id (and request_id)",
+            )));
         };
         let view = sends::get_send(&self.ctx, &key).await.map_err(to_status)?;
-        Ok(Response::new(pb::GetSendResponse { send: Some(send_to_proto(&view)) }))
+        Ok(Response::new(pb::GetSendResponse {
+            send: Some(send_to_proto(&view)),
+        }))
     }
 
-    async fn list_sends(&self, request: Request<pb::ListSendsRequest>) -> Result<Response<pb::ListSendsResponse>, Status> {
+    async fn list_sends(
+        &self,
+        request: Request<pb::ListSendsRequest>,
+    ) -> Result<Response<pb::ListSendsResponse>, Status> {
         let req = request.into_inner();
-        let limit = limit("page_size", i64::from(req.page_size), DEFAULT_SENDS_PAGE, MAX_SENDS_PAGE).map_err(to_status)?;
+        let limit = limit(
+            "page_size",
+            i64::from(req.page_size),
+            DEFAULT_SENDS_PAGE,
+            MAX_SENDS_PAGE,
+        )
+        .map_err(to_status)?;
         let state = match pb::SendState::try_from(req.state) {
             Ok(pb::SendState::Unspecified) => None,
             Ok(state) => Some(state_from_proto(state)),
-            Err(_) => return Err(to_status(CoreError::invalid("state", format!("unknown send state {}", req.state)))),
+            Err(_) => {
+                return Err(to_status(CoreError::invalid(
+                    "state",
+                    format!("unknown send state {}", req.state),
+                )));
+            }
         };
         let filter = ListFilter {
             assignment_id: Some(req.assignment_id).filter(|a| !a.trim().is_empty()),
             state,
             before_id: decode_page_token(&req.page_token).map_err(to_status)?,
         };
-        let mut views = sends::list_sends(&self.ctx, &filter, limit + 1).await.map_err(to_status)?;
+        let mut views = sends::list_sends(&self.ctx, &filter, limit + 1)
+            .await
+            .map_err(to_status)?;
         let next_page_token = if views.len() as u64 > limit {
             views.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-            views.last().map(|v| encode_page_token(v.send.id)).unwrap_or_default()
+            views
+                .last()
+                .map(|v| encode_page_token(v.send.id))
+                .unwrap_or_default()
         } else {
             String::new()
         };
-        Ok(Response::new(pb::ListSendsResponse { sends: views.iter().map(send_to_proto).collect(), next_page_token }))
+        Ok(Response::new(pb::ListSendsResponse {
+            sends: views.iter().map(send_to_proto).collect(),
+            next_page_token,
+        }))
     }
 
-    async fn resolve_send(&self, request: Request<pb::ResolveSendRequest>) -> Result<Response<pb::ResolveSendResponse>, Status> {
+    async fn resolve_send(
+        &self,
+        request: Request<pb::ResolveSendRequest>,
+    ) -> Result<Response<pb::ResolveSendResponse>, Status> {
         let req = request.into_inner();
         let resolution = match pb::Resolution::try_from(req.resolution) {
             Ok(pb::Resolution::MarkSent) => Some(Resolution::MarkSent),
@@ -113,29 +178,46 @@ impl CampaignService for Campaigns {
             _ => None,
         };
         let segment = (req.segment_id != 0).then_some(req.segment_id);
-        let view = sends::resolve(&self.ctx, req.send_id.trim(), segment, resolution, req.actor.trim(), req.reason.trim())
-            .await
-            .map_err(to_status)?;
-        Ok(Response::new(pb::ResolveSendResponse { send: Some(send_to_proto(&view)) }))
+        let view = sends::resolve(
+            &self.ctx,
+            req.send_id.trim(),
+            segment,
+            resolution,
+            req.actor.trim(),
+            req.reason.trim(),
+        )
+        .await
+        .map_err(to_status)?;
+        Ok(Response::new(pb::ResolveSendResponse {
+            send: Some(send_to_proto(&view)),
+        }))
     }
 
     async fn trigger_journey_event(
         &self,
         request: Request<pb::TriggerJourneyEventRequest>,
     ) -> Result<Response<pb::TriggerJourneyEventResponse>, Status> {
-        journey::trigger_journey_event(&self.ctx, request.into_inner()).await.map(Response::new)
+        journey::trigger_journey_event(&self.ctx, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn get_campaign_metrics(
         &self,
         request: Request<pb::GetCampaignMetricsRequest>,
     ) -> Result<Response<pb::GetCampaignMetricsResponse>, Status> {
-        campaign_metrics::get_campaign_metrics(&self.ctx, request.into_inner()).await.map(Response::new)
+        campaign_metrics::get_campaign_metrics(&self.ctx, request.into_inner())
+            .await
+            .map(Response::new)
     }
 }
 
 fn caller_name<T>(request: &Request<T>) -> String {
-    request.extensions().get::<Caller>().map(|c| c.name.clone()).unwrap_or_else(|| "unknown".to_string())
+    request
+        .extensions()
+        .get::<Caller>()
+        .map(|c| c.name.clone())
+        .unwrap_or_else(|| "unknown".to_string())
 }
 
 fn encode_page_token(before_id: i64) -> String {
@@ -189,7 +271,9 @@ fn history_to_proto(h: &HistoryEntry) -> pb::SendHistoryEntry {
     pb::SendHistoryEntry {
         at: Some(timestamp(h.at)),
         segment_id: h.segment_id.unwrap_or_default(),
-        from_state: h.from_state.map_or(pb::SendState::Unspecified, state_to_proto) as i32,
+        from_state: h
+            .from_state
+            .map_or(pb::SendState::Unspecified, state_to_proto) as i32,
         to_state: state_to_proto(h.to_state) as i32,
         actor: h.actor.clone(),
         reason: h.reason.clone(),
@@ -206,9 +290,13 @@ fn send_to_proto(view: &SendView) -> pb::Send {
         subject: send.subject.clone(),
         state: state_to_proto(send.state) as i32,
         delivery: Some(match send.delivery {
-            Delivery::Broadcast { broadcast_id } => pb::send::Delivery::Broadcast(pb::BroadcastDelivery { broadcast_id }),
+            Delivery::Broadcast { broadcast_id } => {
+                pb::send::Delivery::Broadcast(pb::BroadcastDelivery { broadcast_id })
+            }
             Delivery::Newsletter { from_id } => {
-                pb::send::Delivery::Newsletter(pb::NewsletterDelivery { from_id: from_id.unwrap_or_default() })
+                pb::send::Delivery::Newsletter(pb::NewsletterDelivery {
+                    from_id: from_id.unwrap_or_default(),
+                })
             }
         }),
         submissions: view.submissions.iter().map(submission_to_proto).collect(),
@@ -226,7 +314,10 @@ mod tests {
 
     #[test]
     fn page_tokens_round_trip_and_garbage_is_rejected() {
-        assert_eq!(decode_page_token(&encode_page_token(42)).ok(), Some(Some(42)));
+        assert_eq!(
+            decode_page_token(&encode_page_token(42)).ok(),
+            Some(Some(42))
+        );
         assert_eq!(decode_page_token("").ok(), Some(None));
         assert!(decode_page_token("bm9wZQ").is_err());
     }

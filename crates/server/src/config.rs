@@ -29,10 +29,21 @@ pub struct ServerConfig {
 impl ServerConfig {
     /// Reads the settings. Outside dev mode Customer.io settings and API keys are required.
     pub fn from_env(env: &dyn Env, dev: bool) -> Result<Self, ConfigError> {
-        let listen = parsed::<SocketAddr>(env, "SHARPSEND_LISTEN", "a socket address such as 127.0.0.1:50051")?
-            .unwrap_or_else(|| DEFAULT_LISTEN.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 50051))));
+        let listen = parsed::<SocketAddr>(
+            env,
+            "SHARPSEND_LISTEN",
+            "a socket address such as 127.0.0.1:50051",
+        )?
+        .unwrap_or_else(|| {
+            DEFAULT_LISTEN
+                .parse()
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 50051)))
+        });
         let api_keys = match env.var("SHARPSEND_API_KEYS") {
-            Some(raw) => ApiKeys::parse(&raw).map_err(|problem| ConfigError { variable: "SHARPSEND_API_KEYS", problem })?,
+            Some(raw) => ApiKeys::parse(&raw).map_err(|problem| ConfigError {
+                variable: "SHARPSEND_API_KEYS",
+                problem,
+            })?,
             None if dev => ApiKeys::dev(),
             None => {
                 return Err(ConfigError {
@@ -41,17 +52,38 @@ impl ServerConfig {
                 });
             }
         };
-        let cio = if dev { None } else { Some(CioSettings::from_env(env)?) };
-        let request_timeout = parsed::<u64>(env, "SHARPSEND_REQUEST_TIMEOUT_SECS", "a whole number of seconds")?.unwrap_or(30);
+        let cio = if dev {
+            None
+        } else {
+            Some(CioSettings::from_env(env)?)
+        };
+        let request_timeout = parsed::<u64>(
+            env,
+            "SHARPSEND_REQUEST_TIMEOUT_SECS",
+            "a whole number of seconds",
+        )?
+        .unwrap_or(30);
         if request_timeout == 0 {
-            return Err(ConfigError { variable: "SHARPSEND_REQUEST_TIMEOUT_SECS", problem: "must be greater than 0".into() });
+            return Err(ConfigError {
+                variable: "SHARPSEND_REQUEST_TIMEOUT_SECS",
+                problem: "must be greater than 0".into(),
+            });
         }
-        let concurrency = parsed::<usize>(env, "SHARPSEND_CONCURRENCY_PER_CONNECTION", "a positive whole number")?.unwrap_or(64);
+        let concurrency = parsed::<usize>(
+            env,
+            "SHARPSEND_CONCURRENCY_PER_CONNECTION",
+            "a positive whole number",
+        )?
+        .unwrap_or(64);
         if concurrency == 0 {
-            return Err(ConfigError { variable: "SHARPSEND_CONCURRENCY_PER_CONNECTION", problem: "must be greater than 0".into() });
+            return Err(ConfigError {
+                variable: "SHARPSEND_CONCURRENCY_PER_CONNECTION",
+                problem: "must be greater than 0".into(),
+            });
         }
         let database_url = if dev {
-            env.var("DATABASE_URL").unwrap_or_else(|| crate::dev::DEFAULT_DEV_DATABASE_URL.to_string())
+            env.var("DATABASE_URL")
+                .unwrap_or_else(|| crate::dev::DEFAULT_DEV_DATABASE_URL.to_string())
         } else {
             config::database_url(env)
         };
@@ -73,7 +105,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -102,7 +137,11 @@ mod tests {
             ("SHARPSEND_API_KEYS", " , "),
         ] {
             let err = ServerConfig::from_env(&env(&[(variable, value)]), true).err();
-            assert_eq!(err.map(|e| e.variable), Some(variable), "{variable}={value}");
+            assert_eq!(
+                err.map(|e| e.variable),
+                Some(variable),
+                "{variable}={value}"
+            );
         }
     }
 }

@@ -7,7 +7,10 @@ use serde_json::{Map, Number, Value};
 use sharpsend_core::CoreError;
 
 pub fn timestamp(at: DateTime<Utc>) -> Timestamp {
-    Timestamp { seconds: at.timestamp(), nanos: i32::try_from(at.timestamp_subsec_nanos()).unwrap_or(0) }
+    Timestamp {
+        seconds: at.timestamp(),
+        nanos: i32::try_from(at.timestamp_subsec_nanos()).unwrap_or(0),
+    }
 }
 
 /// A requested page size or list limit: 0 means `default`, more than `max` is served `max`
@@ -38,10 +41,18 @@ pub fn decode_page_token<T>(
     if token.is_empty() {
         return Ok(None);
     }
-    let bad = || CoreError::invalid("page_token", format!("is not a page token returned by {rpc}"));
+    let bad = || {
+        CoreError::invalid(
+            "page_token",
+            format!("is not a page token returned by {rpc}"),
+        )
+    };
     let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
     let text = String::from_utf8(bytes).map_err(|_| bad())?;
-    let position = text.strip_prefix(listing).and_then(|rest| rest.strip_prefix(".v1:")).ok_or_else(bad)?;
+    let position = text
+        .strip_prefix(listing)
+        .and_then(|rest| rest.strip_prefix(".v1:"))
+        .ok_or_else(bad)?;
     parse(position).map(Some).ok_or_else(bad)
 }
 
@@ -53,7 +64,10 @@ pub fn datetime(ts: &Timestamp) -> Option<DateTime<Utc>> {
 /// A `google.protobuf.Struct` as a JSON object. Whole numbers become JSON integers (so
 /// `created_at: 1700000000` stays an integer), others floats; NaN and infinities become null.
 pub fn struct_to_json(s: Struct) -> Map<String, Value> {
-    s.fields.into_iter().map(|(k, v)| (k, value_to_json(v))).collect()
+    s.fields
+        .into_iter()
+        .map(|(k, v)| (k, value_to_json(v)))
+        .collect()
 }
 
 fn value_to_json(value: prost_types::Value) -> Value {
@@ -65,7 +79,9 @@ fn value_to_json(value: prost_types::Value) -> Value {
             if n.fract() == 0.0 && n.abs() < 9.007_199_254_740_992e15 {
                 Value::Number(Number::from(n as i64))
             } else {
-                Number::from_f64(n).map(Value::Number).unwrap_or(Value::Null)
+                Number::from_f64(n)
+                    .map(Value::Number)
+                    .unwrap_or(Value::Null)
             }
         }
         Some(Kind::StructValue(s)) => Value::Object(struct_to_json(s)),
@@ -75,7 +91,12 @@ fn value_to_json(value: prost_types::Value) -> Value {
 
 /// A JSON object as a `google.protobuf.Struct`.
 pub fn json_to_struct(map: &Map<String, Value>) -> Struct {
-    Struct { fields: map.iter().map(|(k, v)| (k.clone(), json_to_value(v))).collect() }
+    Struct {
+        fields: map
+            .iter()
+            .map(|(k, v)| (k.clone(), json_to_value(v)))
+            .collect(),
+    }
 }
 
 fn json_to_value(value: &Value) -> prost_types::Value {
@@ -84,7 +105,9 @@ fn json_to_value(value: &Value) -> prost_types::Value {
         Value::Bool(b) => Kind::BoolValue(*b),
         Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
         Value::String(s) => Kind::StringValue(s.clone()),
-        Value::Array(items) => Kind::ListValue(ListValue { values: items.iter().map(json_to_value).collect() }),
+        Value::Array(items) => Kind::ListValue(ListValue {
+            values: items.iter().map(json_to_value).collect(),
+        }),
         Value::Object(map) => Kind::StructValue(json_to_struct(map)),
     };
     prost_types::Value { kind: Some(kind) }

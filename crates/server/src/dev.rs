@@ -20,12 +20,22 @@ use crate::{ServeOptions, auth::DEV_API_KEY, config::ServerConfig, serve};
 pub const DEFAULT_DEV_DATABASE_URL: &str = "sqlite://sharpsend-dev.db?mode=rwc";
 
 /// Runs dev mode until `shutdown` resolves.
-pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-    let sim = Simulator::spawn(SimConfig::demo()).await.context("starting the Customer.io simulator")?;
+pub async fn run(
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let sim = Simulator::spawn(SimConfig::demo())
+        .await
+        .context("starting the Customer.io simulator")?;
     let sim_config = sim.sim.config().clone();
     let base_url = url::Url::parse(&sim.base_url()).context("simulator URL")?;
     tracing::info!(url = %base_url, people = sim.sim.people_count(), "Customer.io simulator running (demo data)");
-    let cio = CioSettings::for_simulator(base_url, &sim_config.site_id, &sim_config.track_api_key, &sim_config.app_api_key);
+    let cio = CioSettings::for_simulator(
+        base_url,
+        &sim_config.site_id,
+        &sim_config.track_api_key,
+        &sim_config.app_api_key,
+    );
 
     let mut ctx = AppContext::bootstrap(&config.database_url, &cio, Migrations::Apply)
         .await
@@ -39,9 +49,15 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()> + Send
     let schedules = sharpsend_scheduler::schedules_from_env(&ProcessEnv)?;
     let scheduler = sharpsend_scheduler::start(ctx.clone(), schedules, holder).await?;
 
-    let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
-    let key_hint = if config.api_keys.len() == 1 && is_dev_key(&config) { DEV_API_KEY } else { "<one of SHARPSEND_API_KEYS>" };
+    let key_hint = if config.api_keys.len() == 1 && is_dev_key(&config) {
+        DEV_API_KEY
+    } else {
+        "<one of SHARPSEND_API_KEYS>"
+    };
     tracing::info!(
         %addr,
         database = %config.database_url,
@@ -61,5 +77,8 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()> + Send
 }
 
 fn is_dev_key(config: &ServerConfig) -> bool {
-    std::env::var("SHARPSEND_API_KEYS").map(|v| v.trim().is_empty()).unwrap_or(true) && !config.api_keys.is_empty()
+    std::env::var("SHARPSEND_API_KEYS")
+        .map(|v| v.trim().is_empty())
+        .unwrap_or(true)
+        && !config.api_keys.is_empty()
 }

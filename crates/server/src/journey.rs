@@ -20,7 +20,9 @@ pub async fn trigger_journey_event(
         segment_ids: request.segment_ids,
         data: request.data.map(struct_to_json).unwrap_or_default(),
     };
-    let report = journey::trigger_journey_event(ctx, request).await.map_err(to_status)?;
+    let report = journey::trigger_journey_event(ctx, request)
+        .await
+        .map_err(to_status)?;
     let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     Ok(TriggerJourneyEventResponse {
         members: count(report.members),

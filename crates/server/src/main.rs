@@ -16,7 +16,11 @@ use sharpsend_server::{ServeOptions, config::ServerConfig, dev, serve};
 use tokio::net::TcpListener;
 
 #[derive(Debug, Parser)]
-#[command(name = "sharpsend-server", version, about = "SharpSend ↔ Customer.io gRPC service")]
+#[command(
+    name = "sharpsend-server",
+    version,
+    about = "SharpSend ↔ Customer.io gRPC service"
+)]
 struct Args {
     /// Dev mode: SQLite + built-in Customer.io simulator + in-process scheduler, no credentials.
     #[arg(long)]
@@ -48,10 +52,15 @@ async fn main() -> ExitCode {
     let args = Args::parse();
     // One-shot commands log only; serving (and dev mode) export over OTLP when configured.
     let telemetry_config = match args.command {
-        Some(Command::Health { .. } | Command::Migrate) => Ok(TelemetryConfig::logs_only(SERVICE_NAME, args.json_logs)),
+        Some(Command::Health { .. } | Command::Migrate) => {
+            Ok(TelemetryConfig::logs_only(SERVICE_NAME, args.json_logs))
+        }
         None => TelemetryConfig::from_env(&ProcessEnv, SERVICE_NAME, args.json_logs),
     };
-    let _telemetry = match telemetry_config.map_err(anyhow::Error::from).and_then(|c| Ok(telemetry::init(c)?)) {
+    let _telemetry = match telemetry_config
+        .map_err(anyhow::Error::from)
+        .and_then(|c| Ok(telemetry::init(c)?))
+    {
         Ok(guard) => guard,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -74,7 +83,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let db = sharpsend_db::connect(&url).await?;
         let pending = sharpsend_db::pending_migrations(&db).await?;
         sharpsend_db::migrate(&db).await?;
-        println!("applied {} migration(s){}", pending.len(), if pending.is_empty() { String::new() } else { format!(": {}", pending.join(", ")) });
+        println!(
+            "applied {} migration(s){}",
+            pending.len(),
+            if pending.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", pending.join(", "))
+            }
+        );
         return Ok(());
     }
 
@@ -91,7 +108,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .context("start-up failed")?;
     ctx.sends = std::sync::Arc::new(SendConfig::from_env(&ProcessEnv)?);
-    let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
     tracing::info!(addr = %listener.local_addr()?, workspace = %ctx.workspace.cio_site_id, "serving gRPC");
     let options = ServeOptions {
         api_keys: config.api_keys,
@@ -103,13 +122,29 @@ async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 async fn health_check(addr: std::net::SocketAddr) -> anyhow::Result<()> {
-    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(std::time::Duration::from_secs(3))
         .timeout(std::time::Duration::from_secs(3));
-    let mut client = HealthClient::new(endpoint.connect().await.with_context(|| format!("connecting to {addr}"))?);
-    let status = client.check(HealthCheckRequest { service: String::new() }).await?.into_inner().status;
-    anyhow::ensure!(status == ServingStatus::Serving as i32, "server at {addr} is not serving (status {status})");
+    let mut client = HealthClient::new(
+        endpoint
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {addr}"))?,
+    );
+    let status = client
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await?
+        .into_inner()
+        .status;
+    anyhow::ensure!(
+        status == ServingStatus::Serving as i32,
+        "server at {addr} is not serving (status {status})"
+    );
     println!("SERVING");
     Ok(())
 }

@@ -43,7 +43,9 @@ impl Ops {
 }
 
 fn parse_job(name: &str) -> Result<Job, CoreError> {
-    name.trim().parse::<Job>().map_err(|e| CoreError::invalid("job", e.to_string()))
+    name.trim()
+        .parse::<Job>()
+        .map_err(|e| CoreError::invalid("job", e.to_string()))
 }
 
 fn outcome(outcome: RunOutcome) -> pb::JobRunOutcome {
@@ -59,8 +61,13 @@ fn to_proto(run: &JobRun) -> pb::JobRun {
     let duration = run.finished_at.map(|end| {
         let d = end - run.started_at;
         let seconds = d.num_seconds();
-        let nanos = (d - chrono::Duration::seconds(seconds)).num_nanoseconds().unwrap_or(0);
-        prost_types::Duration { seconds, nanos: i32::try_from(nanos).unwrap_or(0) }
+        let nanos = (d - chrono::Duration::seconds(seconds))
+            .num_nanoseconds()
+            .unwrap_or(0);
+        prost_types::Duration {
+            seconds,
+            nanos: i32::try_from(nanos).unwrap_or(0),
+        }
     });
     pb::JobRun {
         id: run.id,
@@ -77,13 +84,19 @@ fn to_proto(run: &JobRun) -> pb::JobRun {
 
 #[tonic::async_trait]
 impl OpsService for Ops {
-    async fn list_jobs(&self, _request: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
+    async fn list_jobs(
+        &self,
+        _request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let jobs = Job::ALL
             .iter()
             .map(|&job| pb::JobInfo {
                 name: job.name().to_string(),
                 description: job.description().to_string(),
-                schedule: self.env.var(job.schedule_variable()).unwrap_or_else(|| job.default_schedule().to_string()),
+                schedule: self
+                    .env
+                    .var(job.schedule_variable())
+                    .unwrap_or_else(|| job.default_schedule().to_string()),
                 schedule_variable: job.schedule_variable().to_string(),
                 default_schedule: job.default_schedule().to_string(),
             })
@@ -96,16 +109,40 @@ impl OpsService for Ops {
         request: Request<pb::ListJobRunsRequest>,
     ) -> Result<Response<pb::ListJobRunsResponse>, Status> {
         let req = request.into_inner();
-        let job = if req.job.trim().is_empty() { None } else { Some(parse_job(&req.job).map_err(to_status)?) };
-        let limit = limit("limit", i64::from(req.limit), DEFAULT_RUNS_LIMIT, MAX_RUNS_LIMIT).map_err(to_status)?;
-        let runs = job_store::recent_runs(&self.ctx.db, self.ctx.workspace_id(), job.map(Job::name), limit)
-            .await
-            .map_err(|e| to_status(e.into()))?;
-        Ok(Response::new(pb::ListJobRunsResponse { runs: runs.iter().map(to_proto).collect() }))
+        let job = if req.job.trim().is_empty() {
+            None
+        } else {
+            Some(parse_job(&req.job).map_err(to_status)?)
+        };
+        let limit = limit(
+            "limit",
+            i64::from(req.limit),
+            DEFAULT_RUNS_LIMIT,
+            MAX_RUNS_LIMIT,
+        )
+        .map_err(to_status)?;
+        let runs = job_store::recent_runs(
+            &self.ctx.db,
+            self.ctx.workspace_id(),
+            job.map(Job::name),
+            limit,
+        )
+        .await
+        .map_err(|e| to_status(e.into()))?;
+        Ok(Response::new(pb::ListJobRunsResponse {
+            runs: runs.iter().map(to_proto).collect(),
+        }))
     }
 
-    async fn run_job(&self, request: Request<pb::RunJobRequest>) -> Result<Response<pb::RunJobResponse>, Status> {
-        let caller = request.extensions().get::<Caller>().map(|c| c.name.clone()).unwrap_or_else(|| "unknown".into());
+    async fn run_job(
+        &self,
+        request: Request<pb::RunJobRequest>,
+    ) -> Result<Response<pb::RunJobResponse>, Status> {
+        let caller = request
+            .extensions()
+            .get::<Caller>()
+            .map(|c| c.name.clone())
+            .unwrap_or_else(|| "unknown".into());
         let job = parse_job(&request.into_inner().job).map_err(to_status)?;
         let holder = jobs::default_holder(&format!("server-ops({caller})"));
         tracing::info!(job = job.name(), caller = %caller, "job run requested");
@@ -114,11 +151,14 @@ impl OpsService for Ops {
         // if the caller stops waiting or the call's deadline passes.
         let ctx = self.ctx.clone();
         let task = tokio::spawn(
-            async move { jobs::run_job(&ctx, job, &holder).await }.instrument(tracing::Span::current()),
+            async move { jobs::run_job(&ctx, job, &holder).await }
+                .instrument(tracing::Span::current()),
         );
         let result = task.await.map_err(|e| {
             tracing::error!(job = job.name(), error = %e, "job task ended abnormally");
-            Status::internal(format!("the {job} run ended abnormally; see the server log"))
+            Status::internal(format!(
+                "the {job} run ended abnormally; see the server log"
+            ))
         })?;
         let run_id = match result {
             Ok(JobOutcome::Succeeded { run_id, .. } | JobOutcome::Skipped { run_id }) => run_id,
@@ -126,14 +166,18 @@ impl OpsService for Ops {
             Err(RunError::Bookkeeping(e)) => return Err(to_status(e.into())),
         };
         // The run as recorded: a handful of runs can start between ours and this read.
-        let recent = job_store::recent_runs(&self.ctx.db, self.ctx.workspace_id(), Some(job.name()), 100)
-            .await
-            .map_err(|e| to_status(e.into()))?;
-        let run = recent
-            .iter()
-            .find(|r| r.id == run_id)
-            .ok_or_else(|| Status::internal(format!("the {job} run {run_id} was not found after it ended")))?;
-        Ok(Response::new(pb::RunJobResponse { run: Some(to_proto(run)) }))
+        let recent =
+            job_store::recent_runs(&self.ctx.db, self.ctx.workspace_id(), Some(job.name()), 100)
+                .await
+                .map_err(|e| to_status(e.into()))?;
+        let run = recent.iter().find(|r| r.id == run_id).ok_or_else(|| {
+            Status::internal(format!(
+                "the {job} run {run_id} was not found after it ended"
+            ))
+        })?;
+        Ok(Response::new(pb::RunJobResponse {
+            run: Some(to_proto(run)),
+        }))
     }
 }
 
@@ -146,7 +190,10 @@ mod tests {
 
     #[test]
     fn a_run_maps_with_its_duration_and_an_unknown_job_names_the_field() {
-        let started = Utc.with_ymd_and_hms(2026, 11, 28, 10, 0, 0).single().unwrap_or_default();
+        let started = Utc
+            .with_ymd_and_hms(2026, 11, 28, 10, 0, 0)
+            .single()
+            .unwrap_or_default();
         let run = JobRun {
             id: 7,
             workspace_id: 1,
@@ -160,17 +207,43 @@ mod tests {
         };
         let proto = to_proto(&run);
         assert_eq!(proto.outcome, pb::JobRunOutcome::Failed as i32);
-        assert_eq!(proto.duration, Some(prost_types::Duration { seconds: 2, nanos: 500_000_000 }));
+        assert_eq!(
+            proto.duration,
+            Some(prost_types::Duration {
+                seconds: 2,
+                nanos: 500_000_000
+            })
+        );
         assert_eq!(proto.error, "Customer.io is unavailable");
-        assert!(proto.details.is_some_and(|d| d.fields.contains_key("created")));
+        assert!(
+            proto
+                .details
+                .is_some_and(|d| d.fields.contains_key("created"))
+        );
 
-        let running = JobRun { finished_at: None, outcome: RunOutcome::Running, error: None, ..run };
+        let running = JobRun {
+            finished_at: None,
+            outcome: RunOutcome::Running,
+            error: None,
+            ..run
+        };
         let proto = to_proto(&running);
         assert!(proto.duration.is_none() && proto.finished_at.is_none() && proto.error.is_empty());
 
-        let status = to_status(parse_job("segment-synk").err().unwrap_or_else(|| CoreError::invalid("x", "y")));
+        let status = to_status(
+            parse_job("segment-synk")
+                .err()
+                .unwrap_or_else(|| CoreError::invalid("x", "y")),
+        );
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
-        assert!(status.message().contains("job") && status.message().contains("segment-synk"), "{}", status.message());
-        assert_eq!(parse_job(" outbox-delivery ").ok(), Some(Job::OutboxDelivery));
+        assert!(
+            status.message().contains("job") && status.message().contains("segment-synk"),
+            "{}",
+            status.message()
+        );
+        assert_eq!(
+            parse_job(" outbox-delivery ").ok(),
+            Some(Job::OutboxDelivery)
+        );
     }
 }

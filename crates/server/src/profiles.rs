@@ -10,7 +10,9 @@ use sharpsend_core::{
     profiles::{self, AttributeUpdate, CustomerRef, EventInput, ImportSource},
 };
 use sharpsend_db::outbox::{self, OutboxRow};
-use sharpsend_proto::v1::{self as pb, customer_ref::Identifier, profile_service_server::ProfileService};
+use sharpsend_proto::v1::{
+    self as pb, customer_ref::Identifier, profile_service_server::ProfileService,
+};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -34,13 +36,18 @@ impl Profiles {
 }
 
 fn attribute_update(req: pb::UpdateAttributesRequest) -> AttributeUpdate {
-    AttributeUpdate { customer_id: req.customer_id, attributes: req.attributes.map(struct_to_json).unwrap_or_default() }
+    AttributeUpdate {
+        customer_id: req.customer_id,
+        attributes: req.attributes.map(struct_to_json).unwrap_or_default(),
+    }
 }
 
 fn event_input(req: pb::TrackEventRequest, field: &str) -> Result<EventInput, CoreError> {
     let timestamp = match &req.timestamp {
         None => None,
-        Some(ts) => Some(datetime(ts).ok_or_else(|| CoreError::invalid(format!("{field}timestamp"), "is not a valid time"))?),
+        Some(ts) => Some(datetime(ts).ok_or_else(|| {
+            CoreError::invalid(format!("{field}timestamp"), "is not a valid time")
+        })?),
     };
     Ok(EventInput {
         customer_id: req.customer_id,
@@ -64,19 +71,30 @@ fn item(row: &OutboxRow) -> pb::OutboxItem {
     }
 }
 
-type ProgressStream = Pin<Box<dyn Stream<Item = Result<pb::ImportProfilesProgress, Status>> + Send>>;
+type ProgressStream =
+    Pin<Box<dyn Stream<Item = Result<pb::ImportProfilesProgress, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl ProfileService for Profiles {
-    async fn get_profile(&self, request: Request<pb::GetProfileRequest>) -> Result<Response<pb::GetProfileResponse>, Status> {
+    async fn get_profile(
+        &self,
+        request: Request<pb::GetProfileRequest>,
+    ) -> Result<Response<pb::GetProfileResponse>, Status> {
         let req = request.into_inner();
         let who = match req.customer.and_then(|c| c.identifier) {
             Some(Identifier::Id(v)) => CustomerRef::Id(v),
             Some(Identifier::Email(v)) => CustomerRef::Email(v),
             Some(Identifier::CioId(v)) => CustomerRef::CioId(v),
-            None => return Err(to_status(CoreError::invalid("customer", "give one of id, email or cio_id"))),
+            None => {
+                return Err(to_status(CoreError::invalid(
+                    "customer",
+                    "give one of id, email or cio_id",
+                )));
+            }
         };
-        let view = profiles::get_profile(&self.ctx, who, req.fresh).await.map_err(to_status)?;
+        let view = profiles::get_profile(&self.ctx, who, req.fresh)
+            .await
+            .map_err(to_status)?;
         let p = view.profile;
         Ok(Response::new(pb::GetProfileResponse {
             profile: Some(pb::Profile {
@@ -84,19 +102,38 @@ impl ProfileService for Profiles {
                 email: p.email.unwrap_or_default(),
                 cio_id: p.cio_id.unwrap_or_default(),
                 attributes: Some(json_to_struct(&p.attributes)),
-                segments: p.cio_segments.unwrap_or_default().into_iter().map(|s| pb::ProfileSegment { id: s.id, name: s.name }).collect(),
+                segments: p
+                    .cio_segments
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|s| pb::ProfileSegment {
+                        id: s.id,
+                        name: s.name,
+                    })
+                    .collect(),
                 updated_at: Some(timestamp(p.updated_at)),
                 fetched_at: p.fetched_at.map(timestamp),
-                source: if view.fresh { pb::ProfileSource::CustomerIo } else { pb::ProfileSource::Mirror } as i32,
+                source: if view.fresh {
+                    pb::ProfileSource::CustomerIo
+                } else {
+                    pb::ProfileSource::Mirror
+                } as i32,
             }),
         }))
     }
 
     type ImportProfilesStream = ProgressStream;
 
-    async fn import_profiles(&self, request: Request<pb::ImportProfilesRequest>) -> Result<Response<Self::ImportProfilesStream>, Status> {
+    async fn import_profiles(
+        &self,
+        request: Request<pb::ImportProfilesRequest>,
+    ) -> Result<Response<Self::ImportProfilesStream>, Status> {
         let req = request.into_inner();
-        let source = if req.customer_ids.is_empty() { ImportSource::Segment(req.segment_id) } else { ImportSource::Ids(req.customer_ids) };
+        let source = if req.customer_ids.is_empty() {
+            ImportSource::Segment(req.segment_id)
+        } else {
+            ImportSource::Ids(req.customer_ids)
+        };
         profiles::validate_import(&source).map_err(to_status)?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let ctx = self.ctx.clone();
@@ -104,7 +141,12 @@ impl ProfileService for Profiles {
             let progress_tx = tx.clone();
             let result = profiles::import_profiles(&ctx, source, move |p| {
                 let tx = progress_tx.clone();
-                let message = pb::ImportProfilesProgress { imported: p.imported, total: p.total, not_found: p.not_found, done: p.done };
+                let message = pb::ImportProfilesProgress {
+                    imported: p.imported,
+                    total: p.total,
+                    not_found: p.not_found,
+                    done: p.done,
+                };
                 // A full channel means a slow reader: wait for it; a closed one ends the import.
                 async move { tx.send(Ok(message)).await.is_ok() }
             })
@@ -116,25 +158,60 @@ impl ProfileService for Profiles {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn update_attributes(&self, request: Request<pb::UpdateAttributesRequest>) -> Result<Response<pb::UpdateAttributesResponse>, Status> {
-        profiles::update_attributes(&self.ctx, vec![attribute_update(request.into_inner())], None).await.map_err(to_status)?;
+    async fn update_attributes(
+        &self,
+        request: Request<pb::UpdateAttributesRequest>,
+    ) -> Result<Response<pb::UpdateAttributesResponse>, Status> {
+        profiles::update_attributes(
+            &self.ctx,
+            vec![attribute_update(request.into_inner())],
+            None,
+        )
+        .await
+        .map_err(to_status)?;
         Ok(Response::new(pb::UpdateAttributesResponse {}))
     }
 
-    async fn batch_update_attributes(&self, request: Request<pb::BatchUpdateAttributesRequest>) -> Result<Response<pb::BatchUpdateAttributesResponse>, Status> {
-        let updates = request.into_inner().updates.into_iter().map(attribute_update).collect();
-        let accepted = profiles::update_attributes(&self.ctx, updates, Some("updates")).await.map_err(to_status)?;
-        Ok(Response::new(pb::BatchUpdateAttributesResponse { accepted: u32::try_from(accepted).unwrap_or(u32::MAX) }))
+    async fn batch_update_attributes(
+        &self,
+        request: Request<pb::BatchUpdateAttributesRequest>,
+    ) -> Result<Response<pb::BatchUpdateAttributesResponse>, Status> {
+        let updates = request
+            .into_inner()
+            .updates
+            .into_iter()
+            .map(attribute_update)
+            .collect();
+        let accepted = profiles::update_attributes(&self.ctx, updates, Some("updates"))
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::BatchUpdateAttributesResponse {
+            accepted: u32::try_from(accepted).unwrap_or(u32::MAX),
+        }))
     }
 
-    async fn track_event(&self, request: Request<pb::TrackEventRequest>) -> Result<Response<pb::TrackEventResponse>, Status> {
+    async fn track_event(
+        &self,
+        request: Request<pb::TrackEventRequest>,
+    ) -> Result<Response<pb::TrackEventResponse>, Status> {
         let event = event_input(request.into_inner(), "").map_err(to_status)?;
-        let accepted = profiles::track_events(&self.ctx, vec![event], None).await.map_err(to_status)?;
-        let first = accepted.into_iter().next().ok_or_else(|| Status::internal("event not accepted"))?;
-        Ok(Response::new(pb::TrackEventResponse { event_id: first.event_id, duplicate: first.duplicate }))
+        let accepted = profiles::track_events(&self.ctx, vec![event], None)
+            .await
+            .map_err(to_status)?;
+        let first = accepted
+            .into_iter()
+            .next()
+            .ok_or_else(|| Status::internal("event not accepted"))?;
+        Ok(Response::new(pb::TrackEventResponse {
+            event_id: first.event_id,
+            duplicate: first.duplicate,
+        }))
     }
 
-    async fn batch_track_events(&self, request: Request<pb::BatchTrackEventsRequest>) -> Result<Response<pb::BatchTrackEventsResponse>, Status> {
+    async fn batch_track_events(
+        &self,
+        request: Request<pb::BatchTrackEventsRequest>,
+    ) -> Result<Response<pb::BatchTrackEventsResponse>, Status> {
         let events = request
             .into_inner()
             .events
@@ -143,20 +220,40 @@ impl ProfileService for Profiles {
             .map(|(i, e)| event_input(e, &format!("events[{i}].")))
             .collect::<Result<Vec<_>, _>>()
             .map_err(to_status)?;
-        let accepted = profiles::track_events(&self.ctx, events, Some("events")).await.map_err(to_status)?;
+        let accepted = profiles::track_events(&self.ctx, events, Some("events"))
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(pb::BatchTrackEventsResponse {
-            events: accepted.into_iter().map(|a| pb::TrackEventResponse { event_id: a.event_id, duplicate: a.duplicate }).collect(),
+            events: accepted
+                .into_iter()
+                .map(|a| pb::TrackEventResponse {
+                    event_id: a.event_id,
+                    duplicate: a.duplicate,
+                })
+                .collect(),
         }))
     }
 
-    async fn get_sync_status(&self, request: Request<pb::GetSyncStatusRequest>) -> Result<Response<pb::GetSyncStatusResponse>, Status> {
-        let limit = limit("limit", i64::from(request.into_inner().limit), DEFAULT_STATUS_LIMIT, MAX_STATUS_LIMIT)
-            .map_err(to_status)?;
+    async fn get_sync_status(
+        &self,
+        request: Request<pb::GetSyncStatusRequest>,
+    ) -> Result<Response<pb::GetSyncStatusResponse>, Status> {
+        let limit = limit(
+            "limit",
+            i64::from(request.into_inner().limit),
+            DEFAULT_STATUS_LIMIT,
+            MAX_STATUS_LIMIT,
+        )
+        .map_err(to_status)?;
         let ws = self.ctx.workspace_id();
         let db_err = |e: sharpsend_db::DbError| to_status(e.into());
         let stats = outbox::stats(&self.ctx.db, ws).await.map_err(db_err)?;
-        let failures = outbox::recent_failures(&self.ctx.db, ws, limit).await.map_err(db_err)?;
-        let dead = outbox::dead_letters(&self.ctx.db, ws, limit).await.map_err(db_err)?;
+        let failures = outbox::recent_failures(&self.ctx.db, ws, limit)
+            .await
+            .map_err(db_err)?;
+        let dead = outbox::dead_letters(&self.ctx.db, ws, limit)
+            .await
+            .map_err(db_err)?;
         let now = Utc::now();
         Ok(Response::new(pb::GetSyncStatusResponse {
             pending: stats.pending,
@@ -173,15 +270,26 @@ impl ProfileService for Profiles {
         }))
     }
 
-    async fn retry_dead_letters(&self, request: Request<pb::RetryDeadLettersRequest>) -> Result<Response<pb::RetryDeadLettersResponse>, Status> {
+    async fn retry_dead_letters(
+        &self,
+        request: Request<pb::RetryDeadLettersRequest>,
+    ) -> Result<Response<pb::RetryDeadLettersResponse>, Status> {
         let ids = request.into_inner().ids;
         if let Some(i) = ids.iter().position(|id| *id <= 0) {
-            return Err(to_status(CoreError::invalid(format!("ids[{i}]"), "must be a positive outbox id")));
+            return Err(to_status(CoreError::invalid(
+                format!("ids[{i}]"),
+                "must be a positive outbox id",
+            )));
         }
         let ids = (!ids.is_empty()).then_some(ids);
-        let requeued = outbox::requeue_dead(&self.ctx.db, self.ctx.workspace_id(), ids.as_deref(), Utc::now())
-            .await
-            .map_err(|e| to_status(e.into()))?;
+        let requeued = outbox::requeue_dead(
+            &self.ctx.db,
+            self.ctx.workspace_id(),
+            ids.as_deref(),
+            Utc::now(),
+        )
+        .await
+        .map_err(|e| to_status(e.into()))?;
         if requeued > 0 {
             self.ctx.outbox_wakeup.notify_waiters();
         }

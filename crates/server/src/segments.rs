@@ -8,14 +8,15 @@ use std::time::Duration;
 use chrono::Utc;
 use sharpsend_core::{
     AppContext, CoreError,
-    criteria::{Criteria, Operand, Operator, RawCondition, RawCriteria, RawOperator, RawValue, TimeValue, Value},
+    criteria::{
+        Criteria, Operand, Operator, RawCondition, RawCriteria, RawOperator, RawValue, TimeValue,
+        Value,
+    },
     managed_segments::{self as managed, CriteriaInput, ManagedView, NewSegment, SegmentChanges},
     segments::{self as core_segments, TargetingWarning as Warning},
 };
 use sharpsend_db::segments::{self as mirror, ListFilter, SegmentRecord, TypeFilter};
-use sharpsend_proto::v1::{
-    self as pb, segment_service_server::SegmentService,
-};
+use sharpsend_proto::v1::{self as pb, segment_service_server::SegmentService};
 use tonic::{Request, Response, Status};
 
 use crate::{
@@ -51,26 +52,47 @@ impl SegmentService for Segments {
             Ok(pb::SegmentType::Unspecified) => None,
             Ok(pb::SegmentType::Dynamic) => Some(TypeFilter::Dynamic),
             Ok(pb::SegmentType::Manual) => Some(TypeFilter::Manual),
-            Err(_) => return Err(to_status(CoreError::invalid("type", format!("unknown segment type {}", req.r#type)))),
+            Err(_) => {
+                return Err(to_status(CoreError::invalid(
+                    "type",
+                    format!("unknown segment type {}", req.r#type),
+                )));
+            }
         };
         let filter = ListFilter {
             name_contains: Some(req.name_contains.trim().to_string()).filter(|n| !n.is_empty()),
             segment_type,
             include_removed: req.include_removed,
         };
-        let mut rows = mirror::list(&self.ctx.db, self.ctx.workspace_id(), &filter, after, limit + 1)
-            .await
-            .map_err(|e| to_status(e.into()))?;
+        let mut rows = mirror::list(
+            &self.ctx.db,
+            self.ctx.workspace_id(),
+            &filter,
+            after,
+            limit + 1,
+        )
+        .await
+        .map_err(|e| to_status(e.into()))?;
         let next_page_token = if rows.len() as u64 > limit {
             rows.truncate(limit as usize);
-            rows.last().map(|r| encode_page_token(r.cio_id)).unwrap_or_default()
+            rows.last()
+                .map(|r| encode_page_token(r.cio_id))
+                .unwrap_or_default()
         } else {
             String::new()
         };
         let ids: Vec<i64> = rows.iter().map(|r| r.cio_id).collect();
-        let managed = managed::get_many(&self.ctx, &ids).await.map_err(to_status)?;
-        let segments = rows.iter().map(|r| to_proto(r, managed.get(&r.cio_id))).collect();
-        Ok(Response::new(pb::ListSegmentsResponse { segments, next_page_token }))
+        let managed = managed::get_many(&self.ctx, &ids)
+            .await
+            .map_err(to_status)?;
+        let segments = rows
+            .iter()
+            .map(|r| to_proto(r, managed.get(&r.cio_id)))
+            .collect();
+        Ok(Response::new(pb::ListSegmentsResponse {
+            segments,
+            next_page_token,
+        }))
     }
 
     async fn get_segment(
@@ -79,19 +101,35 @@ impl SegmentService for Segments {
     ) -> Result<Response<pb::GetSegmentResponse>, Status> {
         let id = request.into_inner().segment_id;
         if id <= 0 {
-            return Err(to_status(CoreError::invalid("segment_id", "must be a positive Customer.io segment id")));
+            return Err(to_status(CoreError::invalid(
+                "segment_id",
+                "must be a positive Customer.io segment id",
+            )));
         }
-        let found = mirror::get(&self.ctx.db, self.ctx.workspace_id(), id).await.map_err(|e| to_status(e.into()))?;
-        let segment = found.ok_or_else(|| to_status(CoreError::NotFound { what: "segment", id: id.to_string() }))?;
-        let managed = managed::get_many(&self.ctx, &[id]).await.map_err(to_status)?;
-        Ok(Response::new(pb::GetSegmentResponse { segment: Some(to_proto(&segment, managed.get(&id))) }))
+        let found = mirror::get(&self.ctx.db, self.ctx.workspace_id(), id)
+            .await
+            .map_err(|e| to_status(e.into()))?;
+        let segment = found.ok_or_else(|| {
+            to_status(CoreError::NotFound {
+                what: "segment",
+                id: id.to_string(),
+            })
+        })?;
+        let managed = managed::get_many(&self.ctx, &[id])
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::GetSegmentResponse {
+            segment: Some(to_proto(&segment, managed.get(&id))),
+        }))
     }
 
     async fn sync_segments(
         &self,
         _request: Request<pb::SyncSegmentsRequest>,
     ) -> Result<Response<pb::SyncSegmentsResponse>, Status> {
-        let report = core_segments::sync_segments(&self.ctx).await.map_err(to_status)?;
+        let report = core_segments::sync_segments(&self.ctx)
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(pb::SyncSegmentsResponse {
             created: report.counts.created,
             updated: report.counts.updated,
@@ -108,12 +146,17 @@ impl SegmentService for Segments {
         let req = request.into_inner();
         let max_age = match req.max_count_age {
             None => core_segments::DEFAULT_MAX_COUNT_AGE,
-            Some(d) => Duration::try_from(d)
-                .map_err(|_| to_status(CoreError::invalid("max_count_age", "must be a non-negative duration")))?,
+            Some(d) => Duration::try_from(d).map_err(|_| {
+                to_status(CoreError::invalid(
+                    "max_count_age",
+                    "must be a non-negative duration",
+                ))
+            })?,
         };
-        let report = core_segments::validate_targeting(&self.ctx, &req.segment_ids, max_age, Utc::now())
-            .await
-            .map_err(to_status)?;
+        let report =
+            core_segments::validate_targeting(&self.ctx, &req.segment_ids, max_age, Utc::now())
+                .await
+                .map_err(to_status)?;
         let sendable = report.sendable();
         Ok(Response::new(pb::ValidateTargetingResponse {
             segments: report
@@ -123,7 +166,9 @@ impl SegmentService for Segments {
                     segment_id: t.segment_id,
                     exists: t.segment.is_some(),
                     segment: t.segment.as_ref().map(|s| to_proto(s, None)),
-                    count_age: t.count_age.and_then(|a| prost_types::Duration::try_from(a).ok()),
+                    count_age: t
+                        .count_age
+                        .and_then(|a| prost_types::Duration::try_from(a).ok()),
                     warnings: t.warnings.iter().map(|w| warning(*w) as i32).collect(),
                     sendable: t.sendable(),
                 })
@@ -139,11 +184,20 @@ impl SegmentService for Segments {
     ) -> Result<Response<pb::CreateSegmentResponse>, Status> {
         let req = request.into_inner();
         let criteria = criteria_input(req.criteria, req.criteria_json, false).map_err(to_status)?;
-        let view = managed::create_segment(&self.ctx, NewSegment { name: req.name, description: req.description, criteria })
-            .await
-            .map_err(to_status)?;
+        let view = managed::create_segment(
+            &self.ctx,
+            NewSegment {
+                name: req.name,
+                description: req.description,
+                criteria,
+            },
+        )
+        .await
+        .map_err(to_status)?;
         let segment = self.managed_segment(view).await?;
-        Ok(Response::new(pb::CreateSegmentResponse { segment: Some(segment) }))
+        Ok(Response::new(pb::CreateSegmentResponse {
+            segment: Some(segment),
+        }))
     }
 
     async fn preview_segment(
@@ -153,14 +207,24 @@ impl SegmentService for Segments {
         let req = request.into_inner();
         let input = criteria_input(req.criteria, req.criteria_json, true)
             .map_err(to_status)?
-            .ok_or_else(|| to_status(CoreError::invalid("criteria", "is required (or criteria_json)")))?;
-        let preview = managed::preview(&self.ctx, input, req.sample_size).await.map_err(to_status)?;
+            .ok_or_else(|| {
+                to_status(CoreError::invalid(
+                    "criteria",
+                    "is required (or criteria_json)",
+                ))
+            })?;
+        let preview = managed::preview(&self.ctx, input, req.sample_size)
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(pb::PreviewSegmentResponse {
             member_count: i64::try_from(preview.member_count).unwrap_or(i64::MAX),
             sample: preview
                 .sample
                 .into_iter()
-                .map(|m| pb::PreviewMember { customer_id: m.customer_id, email: m.email.unwrap_or_default() })
+                .map(|m| pb::PreviewMember {
+                    customer_id: m.customer_id,
+                    email: m.email.unwrap_or_default(),
+                })
                 .collect(),
             evaluated_at: Some(timestamp(preview.evaluated_at)),
             duration: prost_types::Duration::try_from(preview.duration).ok(),
@@ -173,17 +237,28 @@ impl SegmentService for Segments {
     ) -> Result<Response<pb::UpdateSegmentResponse>, Status> {
         let req = request.into_inner();
         let criteria = criteria_input(req.criteria, req.criteria_json, false).map_err(to_status)?;
-        let changes = SegmentChanges { name: req.name, description: req.description, criteria, remove_criteria: req.remove_criteria };
-        let view = managed::update_segment(&self.ctx, req.segment_id, changes).await.map_err(to_status)?;
+        let changes = SegmentChanges {
+            name: req.name,
+            description: req.description,
+            criteria,
+            remove_criteria: req.remove_criteria,
+        };
+        let view = managed::update_segment(&self.ctx, req.segment_id, changes)
+            .await
+            .map_err(to_status)?;
         let segment = self.managed_segment(view).await?;
-        Ok(Response::new(pb::UpdateSegmentResponse { segment: Some(segment) }))
+        Ok(Response::new(pb::UpdateSegmentResponse {
+            segment: Some(segment),
+        }))
     }
 
     async fn delete_segment(
         &self,
         request: Request<pb::DeleteSegmentRequest>,
     ) -> Result<Response<pb::DeleteSegmentResponse>, Status> {
-        managed::delete_segment(&self.ctx, request.into_inner().segment_id).await.map_err(to_status)?;
+        managed::delete_segment(&self.ctx, request.into_inner().segment_id)
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(pb::DeleteSegmentResponse {}))
     }
 
@@ -192,8 +267,13 @@ impl SegmentService for Segments {
         request: Request<pb::AddSegmentMembersRequest>,
     ) -> Result<Response<pb::AddSegmentMembersResponse>, Status> {
         let req = request.into_inner();
-        let change = managed::add_members(&self.ctx, req.segment_id, &req.customer_ids).await.map_err(to_status)?;
-        Ok(Response::new(pb::AddSegmentMembersResponse { added: change.changed, member_count: change.member_count }))
+        let change = managed::add_members(&self.ctx, req.segment_id, &req.customer_ids)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::AddSegmentMembersResponse {
+            added: change.changed,
+            member_count: change.member_count,
+        }))
     }
 
     async fn remove_segment_members(
@@ -201,8 +281,13 @@ impl SegmentService for Segments {
         request: Request<pb::RemoveSegmentMembersRequest>,
     ) -> Result<Response<pb::RemoveSegmentMembersResponse>, Status> {
         let req = request.into_inner();
-        let change = managed::remove_members(&self.ctx, req.segment_id, &req.customer_ids).await.map_err(to_status)?;
-        Ok(Response::new(pb::RemoveSegmentMembersResponse { removed: change.changed, member_count: change.member_count }))
+        let change = managed::remove_members(&self.ctx, req.segment_id, &req.customer_ids)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::RemoveSegmentMembersResponse {
+            removed: change.changed,
+            member_count: change.member_count,
+        }))
     }
 }
 
@@ -210,7 +295,9 @@ impl Segments {
     /// A managed segment as a `Segment`, with its row from the mirror.
     async fn managed_segment(&self, view: ManagedView) -> Result<pb::Segment, Status> {
         let id = view.record.cio_segment_id;
-        let row = mirror::get(&self.ctx.db, self.ctx.workspace_id(), id).await.map_err(|e| to_status(e.into()))?;
+        let row = mirror::get(&self.ctx.db, self.ctx.workspace_id(), id)
+            .await
+            .map_err(|e| to_status(e.into()))?;
         Ok(match row {
             Some(row) => to_proto(&row, Some(&view)),
             None => pb::Segment {
@@ -225,12 +312,22 @@ impl Segments {
 
 /// The criteria a request carries: the message, or the JSON text (not both). `required`: one
 /// of them must be given.
-fn criteria_input(message: Option<pb::Criteria>, json: String, required: bool) -> Result<Option<CriteriaInput>, CoreError> {
+fn criteria_input(
+    message: Option<pb::Criteria>,
+    json: String,
+    required: bool,
+) -> Result<Option<CriteriaInput>, CoreError> {
     match (message, json.trim().is_empty()) {
-        (Some(_), false) => Err(CoreError::invalid("criteria_json", "give either criteria or criteria_json, not both")),
+        (Some(_), false) => Err(CoreError::invalid(
+            "criteria_json",
+            "give either criteria or criteria_json, not both",
+        )),
         (Some(m), true) => Ok(Some(CriteriaInput::Message(raw_criteria(m), "criteria"))),
         (None, false) => Ok(Some(CriteriaInput::Json(json, "criteria_json"))),
-        (None, true) if required => Err(CoreError::invalid("criteria", "is required (or criteria_json)")),
+        (None, true) if required => Err(CoreError::invalid(
+            "criteria",
+            "is required (or criteria_json)",
+        )),
         (None, true) => Ok(None),
     }
 }
@@ -240,8 +337,12 @@ pub fn raw_criteria(c: pb::Criteria) -> RawCriteria {
     use pb::criteria::Criterion;
     match c.criterion {
         None => RawCriteria::Empty,
-        Some(Criterion::And(g)) => RawCriteria::And(g.criteria.into_iter().map(raw_criteria).collect()),
-        Some(Criterion::Or(g)) => RawCriteria::Or(g.criteria.into_iter().map(raw_criteria).collect()),
+        Some(Criterion::And(g)) => {
+            RawCriteria::And(g.criteria.into_iter().map(raw_criteria).collect())
+        }
+        Some(Criterion::Or(g)) => {
+            RawCriteria::Or(g.criteria.into_iter().map(raw_criteria).collect())
+        }
         Some(Criterion::Not(inner)) => RawCriteria::Not(Some(Box::new(raw_criteria(*inner)))),
         Some(Criterion::Segment(s)) => RawCriteria::Segment(Some(s.id)),
         Some(Criterion::Attribute(a)) => {
@@ -265,7 +366,8 @@ pub fn raw_criteria(c: pb::Criteria) -> RawCriteria {
                 field: a.field,
                 operator,
                 value: a.value.map(raw_value),
-                values: (!a.values.is_empty()).then(|| a.values.into_iter().map(raw_value).collect()),
+                values: (!a.values.is_empty())
+                    .then(|| a.values.into_iter().map(raw_value).collect()),
                 list_field: "values",
             })
         }
@@ -302,8 +404,12 @@ fn raw_value(v: pb::ConditionValue) -> RawValue {
 pub fn criteria_to_proto(c: &Criteria) -> pb::Criteria {
     use pb::criteria::Criterion;
     let criterion = match c {
-        Criteria::And(items) => Criterion::And(pb::CriteriaGroup { criteria: items.iter().map(criteria_to_proto).collect() }),
-        Criteria::Or(items) => Criterion::Or(pb::CriteriaGroup { criteria: items.iter().map(criteria_to_proto).collect() }),
+        Criteria::And(items) => Criterion::And(pb::CriteriaGroup {
+            criteria: items.iter().map(criteria_to_proto).collect(),
+        }),
+        Criteria::Or(items) => Criterion::Or(pb::CriteriaGroup {
+            criteria: items.iter().map(criteria_to_proto).collect(),
+        }),
         Criteria::Not(inner) => Criterion::Not(Box::new(criteria_to_proto(inner))),
         Criteria::Segment(id) => Criterion::Segment(pb::SegmentCondition { id: *id }),
         Criteria::Attribute(a) => {
@@ -324,10 +430,17 @@ pub fn criteria_to_proto(c: &Criteria) -> pb::Criteria {
                 Operand::One(v) => (Some(value_to_proto(v)), Vec::new()),
                 Operand::Many(vs) => (None, vs.iter().map(value_to_proto).collect()),
             };
-            Criterion::Attribute(pb::AttributeCondition { field: a.field.clone(), operator: operator as i32, value, values })
+            Criterion::Attribute(pb::AttributeCondition {
+                field: a.field.clone(),
+                operator: operator as i32,
+                value,
+                values,
+            })
         }
     };
-    pb::Criteria { criterion: Some(criterion) }
+    pb::Criteria {
+        criterion: Some(criterion),
+    }
 }
 
 fn value_to_proto(v: &Value) -> pb::ConditionValue {
@@ -340,8 +453,12 @@ fn value_to_proto(v: &Value) -> pb::ConditionValue {
         Value::Timestamp(t) => V::TimeValue(pb::TimeValue {
             time: Some(match t {
                 TimeValue::At(at) => Time::At(timestamp(*at)),
-                TimeValue::Ago(d) => Time::Ago(prost_types::Duration::try_from(*d).unwrap_or_default()),
-                TimeValue::FromNow(d) => Time::FromNow(prost_types::Duration::try_from(*d).unwrap_or_default()),
+                TimeValue::Ago(d) => {
+                    Time::Ago(prost_types::Duration::try_from(*d).unwrap_or_default())
+                }
+                TimeValue::FromNow(d) => {
+                    Time::FromNow(prost_types::Duration::try_from(*d).unwrap_or_default())
+                }
             }),
         }),
     };
@@ -358,11 +475,18 @@ fn managed_only(view: &ManagedView) -> pb::Segment {
         member_count: Some(r.member_count),
         managed: Some(pb::ManagedSegment {
             criteria: view.criteria.as_ref().map(criteria_to_proto),
-            criteria_json: view.criteria.as_ref().map(|c| c.to_json().to_string()).unwrap_or_default(),
+            criteria_json: view
+                .criteria
+                .as_ref()
+                .map(|c| c.to_json().to_string())
+                .unwrap_or_default(),
             member_count: r.member_count,
             last_evaluation: r.last_evaluation.as_ref().map(|e| pb::SegmentEvaluation {
                 evaluated_at: Some(timestamp(e.evaluated_at)),
-                duration: prost_types::Duration::try_from(Duration::from_millis(u64::try_from(e.duration_ms).unwrap_or(0))).ok(),
+                duration: prost_types::Duration::try_from(Duration::from_millis(
+                    u64::try_from(e.duration_ms).unwrap_or(0),
+                ))
+                .ok(),
                 added: e.added,
                 removed: e.removed,
             }),
@@ -386,7 +510,12 @@ fn warning(w: Warning) -> pb::TargetingWarning {
 }
 
 fn page_size(requested: i32) -> Result<u64, CoreError> {
-    limit("page_size", i64::from(requested), DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    limit(
+        "page_size",
+        i64::from(requested),
+        DEFAULT_PAGE_SIZE,
+        MAX_PAGE_SIZE,
+    )
 }
 
 fn encode_page_token(after_cio_id: i64) -> String {
@@ -418,7 +547,13 @@ fn to_proto(s: &SegmentRecord, managed: Option<&ManagedView>) -> pb::Segment {
         None => mirrored,
         Some(view) => {
             let own = managed_only(view);
-            pb::Segment { name: own.name, description: own.description, member_count: own.member_count, managed: own.managed, ..mirrored }
+            pb::Segment {
+                name: own.name,
+                description: own.description,
+                member_count: own.member_count,
+                managed: own.managed,
+                ..mirrored
+            }
         }
     }
 }
@@ -429,9 +564,16 @@ mod tests {
 
     #[test]
     fn page_tokens_round_trip_and_garbage_is_rejected_by_field() {
-        assert_eq!(decode_page_token(&encode_page_token(42)).ok(), Some(Some(42)));
+        assert_eq!(
+            decode_page_token(&encode_page_token(42)).ok(),
+            Some(Some(42))
+        );
         assert_eq!(decode_page_token("").ok(), Some(None));
-        for bad in ["!!!", "bm9wZQ", &convert::encode_page_token("segments", "x")] {
+        for bad in [
+            "!!!",
+            "bm9wZQ",
+            &convert::encode_page_token("segments", "x"),
+        ] {
             match decode_page_token(bad) {
                 Err(CoreError::InvalidArgument(v)) => assert_eq!(v[0].field, "page_token"),
                 other => panic!("{bad}: {other:?}"),

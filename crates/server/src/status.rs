@@ -21,7 +21,11 @@ pub fn to_status(error: CoreError) -> Status {
             let message = error_message(&violations);
             let mut details = ErrorDetails::new();
             for v in &violations {
-                details.add_precondition_failure_violation("PRECONDITION", v.field.clone(), v.description.clone());
+                details.add_precondition_failure_violation(
+                    "PRECONDITION",
+                    v.field.clone(),
+                    v.description.clone(),
+                );
             }
             Status::with_error_details(Code::FailedPrecondition, message, details)
         }
@@ -36,7 +40,11 @@ pub fn to_status(error: CoreError) -> Status {
 }
 
 fn error_message(violations: &[sharpsend_core::FieldViolation]) -> String {
-    violations.iter().map(|v| format!("{}: {}", v.field, v.description)).collect::<Vec<_>>().join("; ")
+    violations
+        .iter()
+        .map(|v| format!("{}: {}", v.field, v.description))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn credential_variable(api: Api) -> &'static str {
@@ -61,8 +69,12 @@ fn upstream(error: CioError) -> Status {
         CioError::Server { .. } | CioError::Timeout { .. } | CioError::Transport { .. } => {
             Status::unavailable(format!("Customer.io is unavailable: {error}"))
         }
-        CioError::NotFound { .. } => Status::not_found(format!("not found in Customer.io: {error}")),
-        CioError::Rejected { .. } => Status::failed_precondition(format!("Customer.io rejected the request: {error}")),
+        CioError::NotFound { .. } => {
+            Status::not_found(format!("not found in Customer.io: {error}"))
+        }
+        CioError::Rejected { .. } => {
+            Status::failed_precondition(format!("Customer.io rejected the request: {error}"))
+        }
         _ => Status::internal("unexpected answer from Customer.io; see the server log"),
     }
 }
@@ -73,20 +85,44 @@ mod tests {
 
     #[test]
     fn invalid_argument_carries_field_violations() {
-        let status = to_status(CoreError::invalid("page_token", "is not a token from this service"));
+        let status = to_status(CoreError::invalid(
+            "page_token",
+            "is not a token from this service",
+        ));
         assert_eq!(status.code(), Code::InvalidArgument);
         assert!(status.message().contains("page_token"));
         let details = status.get_error_details();
-        let fields: Vec<_> = details.bad_request().map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect()).unwrap_or_default();
+        let fields: Vec<_> = details
+            .bad_request()
+            .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
+            .unwrap_or_default();
         assert_eq!(fields, vec!["page_token".to_string()]);
     }
 
     #[test]
     fn upstream_errors_map_to_the_documented_codes() {
         let cases = [
-            (CioError::Unauthorized { api: Api::App, status: 401 }, Code::FailedPrecondition),
-            (CioError::RateLimited { api: Api::App, retry_after: Some(std::time::Duration::from_secs(2)) }, Code::Unavailable),
-            (CioError::Server { api: Api::App, status: 503 }, Code::Unavailable),
+            (
+                CioError::Unauthorized {
+                    api: Api::App,
+                    status: 401,
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                CioError::RateLimited {
+                    api: Api::App,
+                    retry_after: Some(std::time::Duration::from_secs(2)),
+                },
+                Code::Unavailable,
+            ),
+            (
+                CioError::Server {
+                    api: Api::App,
+                    status: 503,
+                },
+                Code::Unavailable,
+            ),
         ];
         for (error, code) in cases {
             assert_eq!(to_status(CoreError::Upstream(error)).code(), code);

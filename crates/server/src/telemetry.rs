@@ -53,27 +53,40 @@ impl GrpcTelemetryLayer {
         let mut known = HashSet::new();
         for set in descriptor_sets {
             let Ok(set) = prost_types::FileDescriptorSet::decode(*set) else {
-                tracing::warn!("a descriptor set did not decode; its methods are labelled `unknown`");
+                tracing::warn!(
+                    "a descriptor set did not decode; its methods are labelled `unknown`"
+                );
                 continue;
             };
             for file in set.file {
                 let package = file.package.unwrap_or_default();
                 for service in file.service {
                     let service_name = service.name.unwrap_or_default();
-                    let full = if package.is_empty() { service_name } else { format!("{package}.{service_name}") };
+                    let full = if package.is_empty() {
+                        service_name
+                    } else {
+                        format!("{package}.{service_name}")
+                    };
                     for method in service.method {
                         known.insert(format!("{full}/{}", method.name.unwrap_or_default()));
                     }
                 }
             }
         }
-        Self { known: Arc::new(known), timeout }
+        Self {
+            known: Arc::new(known),
+            timeout,
+        }
     }
 
     /// The label of a request path: `package.Service/Method` if served, else [`UNKNOWN_METHOD`].
     pub fn method_label(&self, path: &str) -> String {
         let method = path.strip_prefix('/').unwrap_or(path);
-        if self.known.contains(method) { method.to_string() } else { UNKNOWN_METHOD.to_string() }
+        if self.known.contains(method) {
+            method.to_string()
+        } else {
+            UNKNOWN_METHOD.to_string()
+        }
     }
 }
 
@@ -81,7 +94,10 @@ impl<S> Layer<S> for GrpcTelemetryLayer {
     type Service = GrpcTelemetry<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        GrpcTelemetry { inner, layer: self.clone() }
+        GrpcTelemetry {
+            inner,
+            layer: self.clone(),
+        }
     }
 }
 
@@ -128,7 +144,10 @@ where
                 Ok(response) => {
                     // A trailers-only answer (every error) carries its status in the headers.
                     record.code = grpc_status(response.headers());
-                    Ok(response.map(|inner| CallBody { inner, record: Some(record) }))
+                    Ok(response.map(|inner| CallBody {
+                        inner,
+                        record: Some(record),
+                    }))
                 }
                 Err(error) => {
                     record.finish(Code::Unknown);
@@ -201,9 +220,14 @@ impl CallRecord {
         if is_server_error(code) {
             self.span.record("otel.status_code", "error");
         }
-        let attributes = [KeyValue::new("rpc.method", self.method.clone()), KeyValue::new("rpc.grpc.status_code", i64::from(numeric))];
+        let attributes = [
+            KeyValue::new("rpc.method", self.method.clone()),
+            KeyValue::new("rpc.grpc.status_code", i64::from(numeric)),
+        ];
         INSTRUMENTS.requests.add(1, &attributes);
-        INSTRUMENTS.duration.record(self.started.elapsed().as_secs_f64(), &attributes);
+        INSTRUMENTS
+            .duration
+            .record(self.started.elapsed().as_secs_f64(), &attributes);
     }
 }
 
@@ -211,14 +235,28 @@ impl Drop for CallRecord {
     fn drop(&mut self) {
         // Dropped before a status was seen: the response was abandoned, by the server's deadline
         // or by the caller going away.
-        let code = self.code.unwrap_or(if self.started.elapsed() >= self.timeout { Code::DeadlineExceeded } else { Code::Cancelled });
+        let code = self
+            .code
+            .unwrap_or(if self.started.elapsed() >= self.timeout {
+                Code::DeadlineExceeded
+            } else {
+                Code::Cancelled
+            });
         self.finish(code);
     }
 }
 
 /// The codes OpenTelemetry's gRPC conventions count as server errors.
 fn is_server_error(code: Code) -> bool {
-    matches!(code, Code::Unknown | Code::DeadlineExceeded | Code::Unimplemented | Code::Internal | Code::Unavailable | Code::DataLoss)
+    matches!(
+        code,
+        Code::Unknown
+            | Code::DeadlineExceeded
+            | Code::Unimplemented
+            | Code::Internal
+            | Code::Unavailable
+            | Code::DataLoss
+    )
 }
 
 pin_project_lite::pin_project! {
@@ -235,7 +273,10 @@ impl<B: Body> Body for CallBody<B> {
     type Data = B::Data;
     type Error = B::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
         let polled = this.inner.poll_frame(cx);
         match &polled {
@@ -279,7 +320,10 @@ struct Instruments {
 static INSTRUMENTS: LazyLock<Instruments> = LazyLock::new(|| {
     let meter = opentelemetry::global::meter("sharpsend-server");
     Instruments {
-        requests: meter.u64_counter("rpc.server.requests").with_description("gRPC calls by method and status code").build(),
+        requests: meter
+            .u64_counter("rpc.server.requests")
+            .with_description("gRPC calls by method and status code")
+            .build(),
         duration: meter
             .f64_histogram("rpc.server.call.duration")
             .with_description("Duration of gRPC calls, until the last response message")
@@ -295,11 +339,31 @@ mod tests {
 
     #[test]
     fn only_served_methods_get_their_own_label() {
-        let layer = GrpcTelemetryLayer::new(&[sharpsend_proto::FILE_DESCRIPTOR_SET, tonic_health::pb::FILE_DESCRIPTOR_SET], Duration::from_secs(1));
-        assert_eq!(layer.method_label("/sharpsend.cio.v1.SegmentService/ListSegments"), "sharpsend.cio.v1.SegmentService/ListSegments");
-        assert_eq!(layer.method_label("/sharpsend.cio.v1.OpsService/RunJob"), "sharpsend.cio.v1.OpsService/RunJob");
-        assert_eq!(layer.method_label("/grpc.health.v1.Health/Check"), "grpc.health.v1.Health/Check");
-        for probe in ["/sharpsend.cio.v1.SegmentService/DropTables", "/x/y", "/", "/sharpsend.cio.v1.SegmentService/ListSegments/extra"] {
+        let layer = GrpcTelemetryLayer::new(
+            &[
+                sharpsend_proto::FILE_DESCRIPTOR_SET,
+                tonic_health::pb::FILE_DESCRIPTOR_SET,
+            ],
+            Duration::from_secs(1),
+        );
+        assert_eq!(
+            layer.method_label("/sharpsend.cio.v1.SegmentService/ListSegments"),
+            "sharpsend.cio.v1.SegmentService/ListSegments"
+        );
+        assert_eq!(
+            layer.method_label("/sharpsend.cio.v1.OpsService/RunJob"),
+            "sharpsend.cio.v1.OpsService/RunJob"
+        );
+        assert_eq!(
+            layer.method_label("/grpc.health.v1.Health/Check"),
+            "grpc.health.v1.Health/Check"
+        );
+        for probe in [
+            "/sharpsend.cio.v1.SegmentService/DropTables",
+            "/x/y",
+            "/",
+            "/sharpsend.cio.v1.SegmentService/ListSegments/extra",
+        ] {
             assert_eq!(layer.method_label(probe), UNKNOWN_METHOD, "{probe}");
         }
     }
@@ -310,6 +374,10 @@ mod tests {
         assert_eq!(grpc_status(&headers), None);
         headers.insert("grpc-status", http::HeaderValue::from_static("14"));
         assert_eq!(grpc_status(&headers), Some(Code::Unavailable));
-        assert!(is_server_error(Code::Unavailable) && !is_server_error(Code::InvalidArgument) && !is_server_error(Code::NotFound));
+        assert!(
+            is_server_error(Code::Unavailable)
+                && !is_server_error(Code::InvalidArgument)
+                && !is_server_error(Code::NotFound)
+        );
     }
 }

@@ -63,7 +63,16 @@ const GROWTH_SEGMENT: i64 = 9001;
 /// Customer.io id of the managed segment evaluated at the end.
 const MANAGED_SEGMENT: i64 = 9002;
 
-const INVESTOR_TYPES: [&str; 8] = ["growth", "value", "dividend", "income", "crypto", "index", "day_trader", "esg"];
+const INVESTOR_TYPES: [&str; 8] = [
+    "growth",
+    "value",
+    "dividend",
+    "income",
+    "crypto",
+    "index",
+    "day_trader",
+    "esg",
+];
 
 /// SplitMix64: the same people on every run and backend.
 struct Rng(u64);
@@ -86,7 +95,11 @@ fn person(rng: &mut Rng, n: usize) -> Value {
     let investor = INVESTOR_TYPES[rng.below(INVESTOR_TYPES.len() as u64) as usize];
     let score = rng.below(101);
     // Half written by SharpSend (numbers), half imported from Customer.io (strings).
-    let score = if n.is_multiple_of(2) { json!(score) } else { json!(score.to_string()) };
+    let score = if n.is_multiple_of(2) {
+        json!(score)
+    } else {
+        json!(score.to_string())
+    };
     let tier = ["free", "premium", "pro"][rng.below(3) as usize];
     json!({
         "id": format!("p{n:07}"),
@@ -108,12 +121,24 @@ fn person(rng: &mut Rng, n: usize) -> Value {
 
 fn peak_rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 fn rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// Resets VmHWM to the current RSS (Linux `clear_refs` 5).
@@ -147,9 +172,15 @@ async fn load(db: &DatabaseConnection, ws: i64, profiles: usize) -> anyhow::Resu
         let rows: Vec<Value> = (n..end).map(|i| person(&mut rng, i)).collect();
         let values: Vec<sea_orm::Value> = match backend {
             DbBackend::Postgres => vec![ws.into(), now.into(), Value::Array(rows).into()],
-            _ => vec![ws.into(), now.into(), now.into(), Value::Array(rows).to_string().into()],
+            _ => vec![
+                ws.into(),
+                now.into(),
+                now.into(),
+                Value::Array(rows).to_string().into(),
+            ],
         };
-        txn.execute_raw(Statement::from_sql_and_values(backend, sql, values)).await?;
+        txn.execute_raw(Statement::from_sql_and_values(backend, sql, values))
+            .await?;
         n = end;
     }
     // The mirrored membership of "Growth Investors".
@@ -196,15 +227,28 @@ fn cases(backend: DbBackend, ws: i64) -> Vec<(&'static str, Value, String)> {
             "json_extract(p.attributes, '$.sharpsend_assignment_interactions') > 5",
         ),
     };
-    let hand = |first: &str| format!("SELECT p.customer_id FROM profiles p WHERE p.workspace_id = {ws} AND {first} AND {score} AND {interactions}");
+    let hand = |first: &str| {
+        format!(
+            "SELECT p.customer_id FROM profiles p WHERE p.workspace_id = {ws} AND {first} AND {score} AND {interactions}"
+        )
+    };
     vec![
-        ("segment + 2 numeric (the issue's example)", example, hand(&member)),
-        ("3 attributes (eq text, 2 numeric)", attributes, hand(growth)),
+        (
+            "segment + 2 numeric (the issue's example)",
+            example,
+            hand(&member),
+        ),
+        (
+            "3 attributes (eq text, 2 numeric)",
+            attributes,
+            hand(growth),
+        ),
     ]
 }
 
 fn filter_of(criteria: &Value) -> anyhow::Result<(Criteria, Filter)> {
-    let raw = criteria::parse_json(&criteria.to_string(), "criteria").map_err(|v| anyhow::anyhow!("{v:?}"))?;
+    let raw = criteria::parse_json(&criteria.to_string(), "criteria")
+        .map_err(|v| anyhow::anyhow!("{v:?}"))?;
     let criteria = criteria::validate(&raw, "criteria").map_err(|v| anyhow::anyhow!("{v:?}"))?;
     let filter = criteria.to_filter(Utc::now());
     Ok((criteria, filter))
@@ -238,10 +282,16 @@ where
 
 async fn bench(label: &str, db: &DatabaseConnection, args: &Args) -> anyhow::Result<()> {
     let backend = db.get_database_backend();
-    let ws = sharpsend_db::workspaces::ensure(db, &format!("bench-{}", ulid::Ulid::new()), "us").await?.id;
+    let ws = sharpsend_db::workspaces::ensure(db, &format!("bench-{}", ulid::Ulid::new()), "us")
+        .await?
+        .id;
     println!("\n== {label}: {} profiles ==", args.profiles);
     let loaded = load(db, ws, args.profiles).await?;
-    println!("load: {:.1} s ({:.0} profiles/s)", loaded.as_secs_f64(), args.profiles as f64 / loaded.as_secs_f64());
+    println!(
+        "load: {:.1} s ({:.0} profiles/s)",
+        loaded.as_secs_f64(),
+        args.profiles as f64 / loaded.as_secs_f64()
+    );
 
     let mut peak_kib = 0;
     let baseline = rss_kib().unwrap_or(0);
@@ -249,26 +299,45 @@ async fn bench(label: &str, db: &DatabaseConnection, args: &Args) -> anyhow::Res
     for (name, criteria, hand_sql) in cases(backend, ws) {
         let (_, filter) = filter_of(&criteria)?;
         if args.explain {
-            let evaluator = criteria_sql::matching_profiles(backend, ws, &filter, "p.customer_id").build();
+            let evaluator =
+                criteria_sql::matching_profiles(backend, ws, &filter, "p.customer_id").build();
             print_plan(db, "evaluator", evaluator).await?;
-            print_plan(db, "hand-written", Statement::from_string(backend, hand_sql.clone())).await?;
+            print_plan(
+                db,
+                "hand-written",
+                Statement::from_string(backend, hand_sql.clone()),
+            )
+            .await?;
         }
         can_reset &= reset_peak();
         let (evaluator, evaluated) = best(args.runs, || {
-            let stmt = criteria_sql::matching_profiles(backend, ws, &filter, "p.customer_id").build();
+            let stmt =
+                criteria_sql::matching_profiles(backend, ws, &filter, "p.customer_id").build();
             ids(db, stmt)
         })
         .await?;
         peak_kib = peak_kib.max(peak_rss_kib().unwrap_or(0));
-        let (hand, handwritten) = best(args.runs, || ids(db, Statement::from_string(backend, hand_sql.clone()))).await?;
-        ensure!(evaluated == handwritten, "{name}: the evaluator found {} people, hand-written SQL {}", evaluated.len(), handwritten.len());
+        let (hand, handwritten) = best(args.runs, || {
+            ids(db, Statement::from_string(backend, hand_sql.clone()))
+        })
+        .await?;
+        ensure!(
+            evaluated == handwritten,
+            "{name}: the evaluator found {} people, hand-written SQL {}",
+            evaluated.len(),
+            handwritten.len()
+        );
         let ratio = evaluator.as_secs_f64() / hand.as_secs_f64();
         println!(
             "{name}: {} matches | evaluator {:.1} ms | hand-written {:.1} ms | ratio {ratio:.2}x {}",
             evaluated.len(),
             evaluator.as_secs_f64() * 1000.0,
             hand.as_secs_f64() * 1000.0,
-            if ratio <= 1.5 { "(within 1.5x)" } else { "(OVER the 1.5x target)" }
+            if ratio <= 1.5 {
+                "(within 1.5x)"
+            } else {
+                "(OVER the 1.5x target)"
+            }
         );
     }
 
@@ -288,7 +357,10 @@ async fn bench(label: &str, db: &DatabaseConnection, args: &Args) -> anyhow::Res
     can_reset &= reset_peak();
     for pass in ["first evaluation (all new)", "re-evaluation (no change)"] {
         let started = Instant::now();
-        let Applied::Done(outcome) = managed_segments::apply_evaluation(db, ws, MANAGED_SEGMENT, 0, &filter, Utc::now()).await? else {
+        let Applied::Done(outcome) =
+            managed_segments::apply_evaluation(db, ws, MANAGED_SEGMENT, 0, &filter, Utc::now())
+                .await?
+        else {
             bail!("evaluation was stale");
         };
         peak_kib = peak_kib.max(peak_rss_kib().unwrap_or(0));
@@ -306,10 +378,17 @@ async fn bench(label: &str, db: &DatabaseConnection, args: &Args) -> anyhow::Res
             mib(peak_kib),
             mib(baseline),
             mib(peak_kib.saturating_sub(baseline)),
-            if backend == DbBackend::Sqlite { " — SQLite runs in this process" } else { "" }
+            if backend == DbBackend::Sqlite {
+                " — SQLite runs in this process"
+            } else {
+                ""
+            }
         );
     } else {
-        println!("evaluator peak RSS: {:.1} MiB (VmHWM could not be reset: includes loading)", mib(peak_kib));
+        println!(
+            "evaluator peak RSS: {:.1} MiB (VmHWM could not be reset: includes loading)",
+            mib(peak_kib)
+        );
     }
     Ok(())
 }
@@ -337,11 +416,16 @@ async fn print_plan(db: &DatabaseConnection, label: &str, stmt: Statement) -> an
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    println!("bench-criteria: {} profiles, best of {} runs", args.profiles, args.runs);
+    println!(
+        "bench-criteria: {} profiles, best of {} runs",
+        args.profiles, args.runs
+    );
     for backend in &args.backends {
         match backend.as_str() {
             "sqlite" => {
-                let db = TestDatabase::create_migrated(Backend::Sqlite).await?.context("SQLite")?;
+                let db = TestDatabase::create_migrated(Backend::Sqlite)
+                    .await?
+                    .context("SQLite")?;
                 let result = bench("SQLite", &db.conn, &args).await;
                 db.cleanup().await;
                 result?;
@@ -358,7 +442,9 @@ async fn main() -> anyhow::Result<()> {
                         db.cleanup().await;
                         result?;
                     }
-                    None => println!("\n== PostgreSQL: skipped (set SHARPSEND_TEST_POSTGRES_URL or --database-url) =="),
+                    None => println!(
+                        "\n== PostgreSQL: skipped (set SHARPSEND_TEST_POSTGRES_URL or --database-url) =="
+                    ),
                 },
             },
             other => bail!("unknown backend `{other}`; expected sqlite or postgres"),

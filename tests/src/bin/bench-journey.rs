@@ -27,7 +27,9 @@ use sharpsend_core::{AppContext, segments};
 use sharpsend_db::testing::{Backend, TestDatabase};
 
 #[derive(Debug, Parser)]
-#[command(about = "TriggerJourneyEvent: time to record an event for every member of large segments")]
+#[command(
+    about = "TriggerJourneyEvent: time to record an event for every member of large segments"
+)]
 struct Args {
     /// Members of each segment.
     #[arg(long, default_value_t = 50_000)]
@@ -39,16 +41,28 @@ struct Args {
 
 fn status_kib(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse().ok()
+    status
+        .lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
-async fn timed(ctx: &AppContext, label: &str, request: JourneyEventRequest) -> anyhow::Result<JourneyEventReport> {
+async fn timed(
+    ctx: &AppContext,
+    label: &str,
+    request: JourneyEventRequest,
+) -> anyhow::Result<JourneyEventReport> {
     let can_reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
     let baseline = status_kib("VmRSS:").unwrap_or(0);
     let started = Instant::now();
     let report = trigger_journey_event(ctx, request).await?;
     let took = started.elapsed();
-    let peak = status_kib("VmHWM:").filter(|_| can_reset).map(|p| p.saturating_sub(baseline) as f64 / 1024.0);
+    let peak = status_kib("VmHWM:")
+        .filter(|_| can_reset)
+        .map(|p| p.saturating_sub(baseline) as f64 / 1024.0);
     println!(
         "{label:<44} {:>7.2} s  {:>8.0} members/s  members {:>7}  recorded {:>7}  already {:>7}  peak RSS +{}",
         took.as_secs_f64(),
@@ -77,14 +91,18 @@ async fn bench(backend: Backend, members: usize) -> anyhow::Result<()> {
         return Ok(());
     };
     println!("\n== {backend:?}: segments of {members} members ==");
-    let sim =
-        cio_sim::Simulator::spawn(cio_sim::SimConfig { app_rate_limit_per_sec: 0, ..cio_sim::SimConfig::empty() })
-            .await?;
+    let sim = cio_sim::Simulator::spawn(cio_sim::SimConfig {
+        app_rate_limit_per_sec: 0,
+        ..cio_sim::SimConfig::empty()
+    })
+    .await?;
     let mut settings = sharpsend_tests::sim_settings(&sim);
     settings.app_requests_per_sec = 1000;
     let ctx = AppContext::bootstrap(&db.url, &settings, Migrations::Apply).await?;
 
-    let ids: Vec<String> = (0..members + members / 2).map(|i| format!("member-{i:07}")).collect();
+    let ids: Vec<String> = (0..members + members / 2)
+        .map(|i| format!("member-{i:07}"))
+        .collect();
     for id in &ids {
         sim.sim.upsert_person(id, serde_json::Map::new());
     }
@@ -94,7 +112,11 @@ async fn bench(backend: Backend, members: usize) -> anyhow::Result<()> {
     segments::sync_segments(&ctx).await?;
     let managed = managed_segments::create_segment(
         &ctx,
-        NewSegment { name: "Bench managed".into(), description: String::new(), criteria: None },
+        NewSegment {
+            name: "Bench managed".into(),
+            description: String::new(),
+            criteria: None,
+        },
     )
     .await?
     .record
@@ -104,14 +126,35 @@ async fn bench(backend: Backend, members: usize) -> anyhow::Result<()> {
     }
 
     let n = members as u64;
-    let first = timed(&ctx, "Customer.io segment, all new", request("a-1", &[cio_segment])).await?;
+    let first = timed(
+        &ctx,
+        "Customer.io segment, all new",
+        request("a-1", &[cio_segment]),
+    )
+    .await?;
     ensure!(first.members == n && first.recorded == n, "{first:?}");
-    let again = timed(&ctx, "Customer.io segment, all already recorded", request("a-1", &[cio_segment])).await?;
-    ensure!(again.already_recorded == n && again.recorded == 0, "{again:?}");
+    let again = timed(
+        &ctx,
+        "Customer.io segment, all already recorded",
+        request("a-1", &[cio_segment]),
+    )
+    .await?;
+    ensure!(
+        again.already_recorded == n && again.recorded == 0,
+        "{again:?}"
+    );
     let own = timed(&ctx, "managed segment, all new", request("a-2", &[managed])).await?;
     ensure!(own.members == n && own.recorded == n, "{own:?}");
-    let both = timed(&ctx, "both (half overlap), all new", request("a-3", &[cio_segment, managed])).await?;
-    ensure!(both.members == ids.len() as u64 && both.recorded == ids.len() as u64, "{both:?}");
+    let both = timed(
+        &ctx,
+        "both (half overlap), all new",
+        request("a-3", &[cio_segment, managed]),
+    )
+    .await?;
+    ensure!(
+        both.members == ids.len() as u64 && both.recorded == ids.len() as u64,
+        "{both:?}"
+    );
 
     ctx.db.clone().close().await.context("closing the pool")?;
     db.cleanup().await;

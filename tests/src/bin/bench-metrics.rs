@@ -41,7 +41,11 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     cio_client::install_crypto_provider();
-    let sim = Simulator::spawn(SimConfig { app_rate_limit_per_sec: args.app_rate, ..SimConfig::empty() }).await?;
+    let sim = Simulator::spawn(SimConfig {
+        app_rate_limit_per_sec: args.app_rate,
+        ..SimConfig::empty()
+    })
+    .await?;
     let readers = ["r1", "r2", "r3"];
     for (i, id) in readers.iter().enumerate() {
         let attributes = serde_json::json!({ "email": format!("reader{i}@bench.example") });
@@ -50,29 +54,46 @@ async fn main() -> anyhow::Result<()> {
     let segment = sim.create_manual_segment("Bench readers", "");
     sim.add_to_manual_segment(segment, &readers)?;
     for i in 0..args.targets {
-        let newsletter =
-            NewNewsletter::new(&format!("Bench note {i}"), "Note", "<p>n</p>", AudienceFilter::segment(segment));
+        let newsletter = NewNewsletter::new(
+            &format!("Bench note {i}"),
+            "Note",
+            "<p>n</p>",
+            AudienceFilter::segment(segment),
+        );
         let id = sim.add_newsletter(newsletter)?;
         sim.send_newsletter(id)?;
     }
 
     let dir = tempfile::tempdir()?;
-    let database_url =
-        args.database_url.clone().unwrap_or_else(|| format!("sqlite://{}/bench.db?mode=rwc", dir.path().display()));
+    let database_url = args
+        .database_url
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}/bench.db?mode=rwc", dir.path().display()));
     let mut settings = sharpsend_tests::sim_settings(&sim);
     settings.app_requests_per_sec = args.app_rate;
     let ctx = AppContext::bootstrap(&database_url, &settings, Migrations::Apply).await?;
     let synced = campaigns::sync_campaigns(&ctx).await?;
-    ensure!(synced.targets.added as usize >= args.targets, "only {} targets: {synced:?}", synced.targets.added);
+    ensure!(
+        synced.targets.added as usize >= args.targets,
+        "only {} targets: {synced:?}",
+        synced.targets.added
+    );
 
     sim.clear_requests();
     let before = sim.request_count(SimApi::App);
-    let options = metrics::PollOptions { max_targets: u64::MAX, concurrency: args.concurrency };
+    let options = metrics::PollOptions {
+        max_targets: u64::MAX,
+        concurrency: args.concurrency,
+    };
     let started = Instant::now();
     let report = metrics::poll_due_with(&ctx, &options).await?;
     let elapsed = started.elapsed().as_secs_f64();
     let requests = sim.request_count(SimApi::App) - before;
-    let limited = sim.requests().iter().filter(|r| r.api == SimApi::App && r.status == 429).count();
+    let limited = sim
+        .requests()
+        .iter()
+        .filter(|r| r.api == SimApi::App && r.status == 429)
+        .count();
     ensure!(report.failed == 0 && report.deferred == 0, "{report:?}");
 
     let n = report.polled as f64;
@@ -81,9 +102,16 @@ async fn main() -> anyhow::Result<()> {
         "metrics sweep: App API limited to {} requests/s, {} in flight, database {}",
         args.app_rate,
         args.concurrency,
-        if args.database_url.is_some() { "PostgreSQL" } else { "SQLite" }
+        if args.database_url.is_some() {
+            "PostgreSQL"
+        } else {
+            "SQLite"
+        }
     );
-    println!("{:>8} {:>10} {:>10} {:>8} {:>6} {:>9}", "N", "elapsed s", "N/rate s", "ratio", "429s", "requests");
+    println!(
+        "{:>8} {:>10} {:>10} {:>8} {:>6} {:>9}",
+        "N", "elapsed s", "N/rate s", "ratio", "429s", "requests"
+    );
     println!(
         "{:>8} {:>10.2} {:>10.2} {:>8.3} {:>6} {:>9}",
         report.polled,
@@ -93,7 +121,8 @@ async fn main() -> anyhow::Result<()> {
         limited,
         requests
     );
-    let sample = sharpsend_db::metrics::due(&ctx.db, ctx.workspace_id(), chrono::Utc::now(), 1).await?;
+    let sample =
+        sharpsend_db::metrics::due(&ctx.db, ctx.workspace_id(), chrono::Utc::now(), 1).await?;
     println!("left due after the sweep: {}", sample.len());
     Ok(())
 }

@@ -22,12 +22,13 @@ use std::{
 };
 
 use anyhow::{Context, bail, ensure};
-use futures::StreamExt;
 use cio_client::{CioClient, ClientConfig, Credentials, Region};
 use clap::Parser;
+use futures::StreamExt;
 use serde_json::{Map, Value, json};
 use sharpsend_proto::v1::{
-    BatchUpdateAttributesRequest, GetSyncStatusRequest, UpdateAttributesRequest, profile_service_client::ProfileServiceClient,
+    BatchUpdateAttributesRequest, GetSyncStatusRequest, UpdateAttributesRequest,
+    profile_service_client::ProfileServiceClient,
 };
 use tokio::process::{Child, Command};
 use tonic::{metadata::MetadataValue, transport::Channel};
@@ -64,9 +65,16 @@ const TRACK_KEY: &str = "sim-track-key";
 const APP_KEY: &str = "sim-app-key";
 
 fn bin(name: &str) -> anyhow::Result<PathBuf> {
-    let dir = std::env::current_exe()?.parent().context("exe dir")?.to_path_buf();
+    let dir = std::env::current_exe()?
+        .parent()
+        .context("exe dir")?
+        .to_path_buf();
     let path = dir.join(name);
-    ensure!(path.exists(), "{} not found: build with `cargo build --release --bins` first", path.display());
+    ensure!(
+        path.exists(),
+        "{} not found: build with `cargo build --release --bins` first",
+        path.display()
+    );
     Ok(path)
 }
 
@@ -76,7 +84,13 @@ fn free_port() -> anyhow::Result<u16> {
 
 fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 struct Stack {
@@ -113,28 +127,63 @@ async fn start_stack(args: &Args) -> anyhow::Result<Stack> {
     let sim_port = free_port()?;
     let sim_url = format!("http://127.0.0.1:{sim_port}");
     let sim = Command::new(bin("cio-sim")?)
-        .args(["--listen", &format!("127.0.0.1:{sim_port}"), "--empty", "--track-rate-limit", &args.track_rate.to_string()])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{sim_port}"),
+            "--empty",
+            "--track-rate-limit",
+            &args.track_rate.to_string(),
+        ])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .kill_on_drop(true)
         .spawn()?;
     let http = reqwest::Client::new();
-    wait_for(|| async { http.get(format!("{sim_url}/_sim/health")).send().await.is_ok() }).await?;
+    wait_for(|| async {
+        http.get(format!("{sim_url}/_sim/health"))
+            .send()
+            .await
+            .is_ok()
+    })
+    .await?;
 
     let server_bin = bin("sharpsend-server")?;
-    let migrated = service(&server_bin, &database_url, &sim_url, args.track_rate).arg("migrate").status().await?;
+    let migrated = service(&server_bin, &database_url, &sim_url, args.track_rate)
+        .arg("migrate")
+        .status()
+        .await?;
     ensure!(migrated.success(), "migrate failed");
     let grpc_port = free_port()?;
     let grpc = format!("127.0.0.1:{grpc_port}");
-    let server = service(&server_bin, &database_url, &sim_url, args.track_rate).env("SHARPSEND_LISTEN", &grpc).spawn()?;
-    let scheduler = service(&bin("sharpsend-scheduler")?, &database_url, &sim_url, args.track_rate).spawn()?;
+    let server = service(&server_bin, &database_url, &sim_url, args.track_rate)
+        .env("SHARPSEND_LISTEN", &grpc)
+        .spawn()?;
+    let scheduler = service(
+        &bin("sharpsend-scheduler")?,
+        &database_url,
+        &sim_url,
+        args.track_rate,
+    )
+    .spawn()?;
     let probe = grpc.clone();
     wait_for(|| {
         let probe = probe.clone();
-        async move { Channel::from_shared(format!("http://{probe}")).map(|e| e.connect_lazy()).is_ok() && tokio::net::TcpStream::connect(&probe).await.is_ok() }
+        async move {
+            Channel::from_shared(format!("http://{probe}"))
+                .map(|e| e.connect_lazy())
+                .is_ok()
+                && tokio::net::TcpStream::connect(&probe).await.is_ok()
+        }
     })
     .await?;
-    Ok(Stack { _sim: sim, server, scheduler, sim_url, grpc, _dir: dir })
+    Ok(Stack {
+        _sim: sim,
+        server,
+        scheduler,
+        sim_url,
+        grpc,
+        _dir: dir,
+    })
 }
 
 async fn wait_for<F, Fut>(mut ready: F) -> anyhow::Result<()>
@@ -158,10 +207,14 @@ fn update(i: usize, people: usize) -> (String, Map<String, Value>) {
     (person, attrs.as_object().cloned().unwrap_or_default())
 }
 
-
 async fn track_requests(sim_url: &str) -> anyhow::Result<u64> {
-    let stats: Value = reqwest::get(format!("{sim_url}/_sim/stats")).await?.json().await?;
-    let counts = stats.get("requests").context("/_sim/stats has no request counts")?;
+    let stats: Value = reqwest::get(format!("{sim_url}/_sim/stats"))
+        .await?
+        .json()
+        .await?;
+    let counts = stats
+        .get("requests")
+        .context("/_sim/stats has no request counts")?;
     Ok(counts.get("track").and_then(Value::as_u64).unwrap_or(0))
 }
 
@@ -175,34 +228,57 @@ struct RunFigures {
 
 async fn pipeline_run(args: &Args, updates: usize) -> anyhow::Result<(RunFigures, Stack)> {
     let stack = start_stack(args).await?;
-    let channel = Channel::from_shared(format!("http://{}", stack.grpc))?.connect().await?;
+    let channel = Channel::from_shared(format!("http://{}", stack.grpc))?
+        .connect()
+        .await?;
     let key: MetadataValue<_> = format!("Bearer {API_KEY}").parse()?;
-    let mut client = ProfileServiceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
-        req.metadata_mut().insert("authorization", key.clone());
-        Ok(req)
-    });
+    let mut client =
+        ProfileServiceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+            req.metadata_mut().insert("authorization", key.clone());
+            Ok(req)
+        });
     let before = track_requests(&stack.sim_url).await?;
-    let baseline = client.get_sync_status(GetSyncStatusRequest::default()).await?.into_inner().delivered as usize;
+    let baseline = client
+        .get_sync_status(GetSyncStatusRequest::default())
+        .await?
+        .into_inner()
+        .delivered as usize;
     let started = Instant::now();
     let calls = (0..updates).step_by(1000).map(|chunk_start| {
         let mut client = client.clone();
         let updates = (chunk_start..(chunk_start + 1000).min(updates))
             .map(|i| {
                 let (customer_id, attrs) = update(i, args.people);
-                UpdateAttributesRequest { customer_id, attributes: Some(sharpsend_server::convert::json_to_struct(&attrs)) }
+                UpdateAttributesRequest {
+                    customer_id,
+                    attributes: Some(sharpsend_server::convert::json_to_struct(&attrs)),
+                }
             })
             .collect();
-        async move { client.batch_update_attributes(BatchUpdateAttributesRequest { updates }).await }
+        async move {
+            client
+                .batch_update_attributes(BatchUpdateAttributesRequest { updates })
+                .await
+        }
     });
-    let results: Vec<_> = futures::stream::iter(calls).buffer_unordered(args.concurrency.max(1)).collect().await;
+    let results: Vec<_> = futures::stream::iter(calls)
+        .buffer_unordered(args.concurrency.max(1))
+        .collect()
+        .await;
     for result in results {
         result?;
     }
     let accepted_after = started.elapsed();
     loop {
-        let status = client.get_sync_status(GetSyncStatusRequest::default()).await?.into_inner();
+        let status = client
+            .get_sync_status(GetSyncStatusRequest::default())
+            .await?
+            .into_inner();
         ensure!(status.dead == 0, "dead letters: {status:?}");
-        if status.delivered as usize >= baseline + updates && status.pending == 0 && status.in_flight == 0 {
+        if status.delivered as usize >= baseline + updates
+            && status.pending == 0
+            && status.in_flight == 0
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -211,13 +287,26 @@ async fn pipeline_run(args: &Args, updates: usize) -> anyhow::Result<(RunFigures
     let requests = track_requests(&stack.sim_url).await? - before;
     let server_rss_kib = stack.server.id().and_then(peak_rss_kib).unwrap_or(0);
     let scheduler_rss_kib = stack.scheduler.id().and_then(peak_rss_kib).unwrap_or(0);
-    eprintln!("  accepted {updates} updates over gRPC in {:.2}s", accepted_after.as_secs_f64());
-    Ok((RunFigures { updates, seconds, requests, server_rss_kib, scheduler_rss_kib }, stack))
+    eprintln!(
+        "  accepted {updates} updates over gRPC in {:.2}s",
+        accepted_after.as_secs_f64()
+    );
+    Ok((
+        RunFigures {
+            updates,
+            seconds,
+            requests,
+            server_rss_kib,
+            scheduler_rss_kib,
+        },
+        stack,
+    ))
 }
 
 async fn sdk_way(args: &Args, sim_url: &str) -> anyhow::Result<(f64, u64)> {
     let before = track_requests(sim_url).await?;
-    let mut config = ClientConfig::new(Credentials::new(SITE, TRACK_KEY, APP_KEY), Region::Us).with_base_url(sim_url.parse()?);
+    let mut config = ClientConfig::new(Credentials::new(SITE, TRACK_KEY, APP_KEY), Region::Us)
+        .with_base_url(sim_url.parse()?);
     config.track_requests_per_sec = args.track_rate;
     let client = CioClient::new(config)?;
     let started = Instant::now();
@@ -226,23 +315,38 @@ async fn sdk_way(args: &Args, sim_url: &str) -> anyhow::Result<(f64, u64)> {
         client.identify(&person, &attrs).await?;
     }
     let seconds = started.elapsed().as_secs_f64();
-    Ok((args.sdk_sample as f64 / seconds, track_requests(sim_url).await? - before))
+    Ok((
+        args.sdk_sample as f64 / seconds,
+        track_requests(sim_url).await? - before,
+    ))
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     cio_client::install_crypto_provider();
-    let mut sizes: Vec<usize> = args.sizes.iter().copied().filter(|&n| n > 0 && n < args.updates).collect();
+    let mut sizes: Vec<usize> = args
+        .sizes
+        .iter()
+        .copied()
+        .filter(|&n| n > 0 && n < args.updates)
+        .collect();
     sizes.push(args.updates);
     println!(
         "outbox benchmark: {} people, Track API limited to {} requests/s, database {}, {} calls in flight",
         args.people,
         args.track_rate,
-        if args.database_url.is_some() { "PostgreSQL" } else { "SQLite" },
+        if args.database_url.is_some() {
+            "PostgreSQL"
+        } else {
+            "SQLite"
+        },
         args.concurrency
     );
-    println!("{:>9} {:>9} {:>12} {:>9} {:>16} {:>19}", "updates", "seconds", "updates/s", "requests", "server peak RSS", "scheduler peak RSS");
+    println!(
+        "{:>9} {:>9} {:>12} {:>9} {:>16} {:>19}",
+        "updates", "seconds", "updates/s", "requests", "server peak RSS", "scheduler peak RSS"
+    );
     let mut last = None;
     for n in sizes {
         let (figures, stack) = pipeline_run(&args, n).await?;
@@ -260,7 +364,10 @@ async fn main() -> anyhow::Result<()> {
     let (figures, stack) = last.context("no run")?;
     let (sdk_rate, sdk_requests) = sdk_way(&args, &stack.sim_url).await?;
     let ours = figures.updates as f64 / figures.seconds;
-    println!("SDK way: {} updates, one PUT /api/v1/customers/{{id}} each: {:.1} updates/s ({} requests)", args.sdk_sample, sdk_rate, sdk_requests);
+    println!(
+        "SDK way: {} updates, one PUT /api/v1/customers/{{id}} each: {:.1} updates/s ({} requests)",
+        args.sdk_sample, sdk_rate, sdk_requests
+    );
     println!("ratio: {:.0}x the per-request way", ours / sdk_rate);
     drop(stack);
     Ok(())

@@ -3,18 +3,29 @@
 
 use std::time::Duration;
 
-use cio_client::{CioClient, CioError, MetricsOf, MetricsQuery, NewNewsletter, Recipients, Resolution, Trigger};
+use cio_client::{
+    CioClient, CioError, MetricsOf, MetricsQuery, NewNewsletter, Recipients, Resolution, Trigger,
+};
 use cio_sim::{DeliveryFilter, Fault, SimApi};
 use serde_json::{Map, json};
 
 use crate::helpers::{client, config, requests_to, spawn_sim};
 
 fn data(marker: &str) -> Map<String, serde_json::Value> {
-    json!({ "sharpsend_send": marker }).as_object().cloned().unwrap_or_default()
+    json!({ "sharpsend_send": marker })
+        .as_object()
+        .cloned()
+        .unwrap_or_default()
 }
 
 fn alert_broadcast(running: &cio_sim::RunningSim) -> i64 {
-    running.sim.broadcasts().into_iter().find(|b| b.name == "Assignment Alert").map(|b| b.id).unwrap()
+    running
+        .sim
+        .broadcasts()
+        .into_iter()
+        .find(|b| b.name == "Assignment Alert")
+        .map(|b| b.id)
+        .unwrap()
 }
 
 #[tokio::test]
@@ -22,8 +33,16 @@ async fn a_trigger_reaches_the_segment_and_its_status_and_list_agree() {
     let running = spawn_sim().await;
     let client = client(&running);
     let broadcast = alert_broadcast(&running);
-    let segment = running.sim.segments().into_iter().find(|s| s.name == "Growth Investors").unwrap();
-    let trigger = Trigger { recipients: Recipients::Filter(json!({"segment": {"id": segment.id}})), data: data("s-1") };
+    let segment = running
+        .sim
+        .segments()
+        .into_iter()
+        .find(|s| s.name == "Growth Investors")
+        .unwrap();
+    let trigger = Trigger {
+        recipients: Recipients::Filter(json!({"segment": {"id": segment.id}})),
+        data: data("s-1"),
+    };
     let id = client.trigger_broadcast(broadcast, &trigger).await.unwrap();
 
     let recorded = running.sim.trigger(id).unwrap();
@@ -31,7 +50,10 @@ async fn a_trigger_reaches_the_segment_and_its_status_and_list_agree() {
     assert!(recorded.recipients_count > 0 && recorded.recipients_count <= segment.member_count);
     let status = client.trigger_status(broadcast, id).await.unwrap();
     assert_eq!(status.id, id);
-    assert_eq!(status.recipients_count, Some(recorded.recipients_count as i64));
+    assert_eq!(
+        status.recipients_count,
+        Some(recorded.recipients_count as i64)
+    );
     let listed = client.broadcast_triggers(broadcast).await.unwrap();
     assert!(listed.iter().any(|t| t.id == id));
 }
@@ -41,11 +63,29 @@ async fn a_second_trigger_within_the_window_is_refused_and_never_retried() {
     let running = spawn_sim().await;
     let client = client(&running);
     let broadcast = alert_broadcast(&running);
-    let trigger = Trigger { recipients: Recipients::Default, data: data("s-2") };
+    let trigger = Trigger {
+        recipients: Recipients::Default,
+        data: data("s-2"),
+    };
     client.trigger_broadcast(broadcast, &trigger).await.unwrap();
-    let err = client.trigger_broadcast(broadcast, &trigger).await.unwrap_err();
-    assert!(matches!(err, CioError::RateLimited { retry_after: Some(_), .. }), "{err:?}");
-    let posts = requests_to(&running, "/v1/campaigns/").into_iter().filter(|r| r.method == "POST").count();
+    let err = client
+        .trigger_broadcast(broadcast, &trigger)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CioError::RateLimited {
+                retry_after: Some(_),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let posts = requests_to(&running, "/v1/campaigns/")
+        .into_iter()
+        .filter(|r| r.method == "POST")
+        .count();
     assert_eq!(posts, 2, "the refused trigger was retried");
     assert_eq!(running.sim.triggers(Some(broadcast)).len(), 1);
 }
@@ -55,10 +95,25 @@ async fn a_lost_answer_is_outcome_unknown_and_the_trigger_happened_once() {
     let running = spawn_sim().await;
     let client = client(&running);
     let broadcast = alert_broadcast(&running);
-    running.sim.push_faults(Some(SimApi::App), [Fault::AcceptThenDrop]);
-    let err = client.trigger_broadcast(broadcast, &Trigger { recipients: Recipients::Default, data: data("s-3") }).await.unwrap_err();
+    running
+        .sim
+        .push_faults(Some(SimApi::App), [Fault::AcceptThenDrop]);
+    let err = client
+        .trigger_broadcast(
+            broadcast,
+            &Trigger {
+                recipients: Recipients::Default,
+                data: data("s-3"),
+            },
+        )
+        .await
+        .unwrap_err();
     assert!(err.is_outcome_unknown(), "{err:?}");
-    assert_eq!(running.sim.triggers(Some(broadcast)).len(), 1, "sent twice or not at all");
+    assert_eq!(
+        running.sim.triggers(Some(broadcast)).len(),
+        1,
+        "sent twice or not at all"
+    );
     // Reconciliation can find it.
     let listed = client.broadcast_triggers(broadcast).await.unwrap();
     assert_eq!(listed.len(), 1);
@@ -70,21 +125,50 @@ async fn a_newsletter_is_created_sent_and_its_metrics_match_the_ledger() {
     let mut cfg = config(&running);
     cfg.timeout = Duration::from_secs(5);
     let client = CioClient::new(cfg).unwrap();
-    let segment = running.sim.segments().into_iter().find(|s| s.name == "Crypto Enthusiasts").unwrap();
-    let mut newsletter = NewNewsletter::email("sharpsend send s-4", json!({"segment": {"id": segment.id}}), "Q4 Crypto Outlook", "<p>Hello</p>");
+    let segment = running
+        .sim
+        .segments()
+        .into_iter()
+        .find(|s| s.name == "Crypto Enthusiasts")
+        .unwrap();
+    let mut newsletter = NewNewsletter::email(
+        "sharpsend send s-4",
+        json!({"segment": {"id": segment.id}}),
+        "Q4 Crypto Outlook",
+        "<p>Hello</p>",
+    );
     newsletter.from = Some("research@example.com".into());
     let created = client.create_newsletter(&newsletter).await.unwrap();
-    assert!(client.list_newsletters().await.unwrap().iter().any(|n| n.id == created.id && n.name == "sharpsend send s-4"));
+    assert!(
+        client
+            .list_newsletters()
+            .await
+            .unwrap()
+            .iter()
+            .any(|n| n.id == created.id && n.name == "sharpsend send s-4")
+    );
     client.send_newsletter(created.id).await.unwrap();
     running.sim.advance(Duration::from_secs(3 * 86_400));
 
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
     let series = client
-        .metrics(MetricsOf::Newsletter(created.id), MetricsQuery { res: Resolution::Days, start: now - 10 * 86_400, end: now })
+        .metrics(
+            MetricsOf::Newsletter(created.id),
+            MetricsQuery {
+                res: Resolution::Days,
+                start: now - 10 * 86_400,
+                end: now,
+            },
+        )
         .await
         .unwrap();
     let totals = series.totals();
-    let ledger = running.sim.delivery_totals(&DeliveryFilter::newsletter(created.id));
+    let ledger = running
+        .sim
+        .delivery_totals(&DeliveryFilter::newsletter(created.id));
     assert!(ledger.sent > 0);
     assert_eq!(totals.get("sent").copied(), Some(ledger.sent));
     assert_eq!(totals.get("delivered").copied(), Some(ledger.delivered));
@@ -92,7 +176,10 @@ async fn a_newsletter_is_created_sent_and_its_metrics_match_the_ledger() {
     assert_eq!(totals.get("clicked").copied(), Some(ledger.clicked));
     // Sending it again is refused, not repeated.
     let again = client.send_newsletter(created.id).await.unwrap_err();
-    assert!(matches!(again, CioError::Rejected { status: 400, .. }), "{again:?}");
+    assert!(
+        matches!(again, CioError::Rejected { status: 400, .. }),
+        "{again:?}"
+    );
 }
 
 #[tokio::test]
@@ -101,19 +188,30 @@ async fn newsletters_are_listed_across_pages_and_newest_first_on_request() {
     let client = client(&running);
     let before = running.sim.newsletters().len();
     for i in 0..230 {
-        let new = cio_sim::NewNewsletter::new(&format!("bulk {i}"), "s", "<p>b</p>", cio_sim::AudienceFilter::segment(1));
+        let new = cio_sim::NewNewsletter::new(
+            &format!("bulk {i}"),
+            "s",
+            "<p>b</p>",
+            cio_sim::AudienceFilter::segment(1),
+        );
         running.sim.add_newsletter(new).unwrap();
     }
     let all = client.list_newsletters().await.unwrap();
     assert_eq!(all.len(), before + 230, "every page followed");
     assert!(all.windows(2).all(|w| w[0].id < w[1].id), "oldest first");
-    let pages = requests_to(&running, "/v1/newsletters").into_iter().filter(|r| r.method == "GET").count();
+    let pages = requests_to(&running, "/v1/newsletters")
+        .into_iter()
+        .filter(|r| r.method == "GET")
+        .count();
     assert_eq!(pages, 3, "pages of {}", cio_client::NEWSLETTERS_PAGE);
 
     let newest = client.newsletters_page(None, 5, true).await.unwrap();
     assert_eq!(newest.items.len(), 5);
     assert_eq!(newest.items[0].name, "bulk 229");
     assert!(newest.next.as_deref().is_some_and(|n| !n.is_empty()));
-    let second = client.newsletters_page(newest.next.as_deref(), 5, true).await.unwrap();
+    let second = client
+        .newsletters_page(newest.next.as_deref(), 5, true)
+        .await
+        .unwrap();
     assert_eq!(second.items[0].name, "bulk 224");
 }

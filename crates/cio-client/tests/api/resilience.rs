@@ -71,8 +71,15 @@ async fn a_429_storm_is_waited_out_without_spending_retries() {
         .push_faults(Some(SimApi::App), (0..3).map(|_| status(429, Some(1))));
     let started = std::time::Instant::now();
     client.list_segments().await.unwrap();
-    assert!(started.elapsed() >= Duration::from_millis(2900), "{:?}", started.elapsed());
-    let statuses: Vec<u16> = requests_to(&running, "/v1/").iter().map(|r| r.status).collect();
+    assert!(
+        started.elapsed() >= Duration::from_millis(2900),
+        "{:?}",
+        started.elapsed()
+    );
+    let statuses: Vec<u16> = requests_to(&running, "/v1/")
+        .iter()
+        .map(|r| r.status)
+        .collect();
     assert_eq!(statuses, vec![429, 429, 429, 200]);
 }
 

@@ -199,7 +199,8 @@ async fn accept_then_drop_processes_but_never_answers() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn accept_then_delay_processes_before_a_caller_that_gives_up_learns_it() -> anyhow::Result<()> {
+async fn accept_then_delay_processes_before_a_caller_that_gives_up_learns_it() -> anyhow::Result<()>
+{
     let t = spawn(empty_unlimited()).await?;
     t.sim().push_faults(
         Some(SimApi::Track),

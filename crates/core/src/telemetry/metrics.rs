@@ -28,8 +28,9 @@ use sharpsend_db::outbox::SyncStats;
 use crate::AppContext;
 
 /// Histogram boundaries in seconds, from 5 ms to 10 min.
-pub const SECONDS_BOUNDARIES: &[f64] =
-    &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
+pub const SECONDS_BOUNDARIES: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
 
 struct Instruments {
     job_runs: Counter<u64>,
@@ -44,7 +45,10 @@ struct Instruments {
 static INSTRUMENTS: LazyLock<Instruments> = LazyLock::new(|| {
     let meter = opentelemetry::global::meter("sharpsend-core");
     Instruments {
-        job_runs: meter.u64_counter("sharpsend.job.runs").with_description("Background job runs by outcome").build(),
+        job_runs: meter
+            .u64_counter("sharpsend.job.runs")
+            .with_description("Background job runs by outcome")
+            .build(),
         job_duration: meter
             .f64_histogram("sharpsend.job.duration")
             .with_description("Duration of background job runs")
@@ -69,7 +73,9 @@ static INSTRUMENTS: LazyLock<Instruments> = LazyLock::new(|| {
             .build(),
         oldest_age: meter
             .f64_gauge("sharpsend.outbox.oldest_age")
-            .with_description("Age of the oldest outbox row not yet delivered nor dead (0 when none)")
+            .with_description(
+                "Age of the oldest outbox row not yet delivered nor dead (0 when none)",
+            )
             .with_unit("s")
             .build(),
     }
@@ -79,7 +85,9 @@ static INSTRUMENTS: LazyLock<Instruments> = LazyLock::new(|| {
 pub fn job_run(job: &'static str, outcome: &'static str, duration: Duration) {
     let attributes = [KeyValue::new("job", job), KeyValue::new("outcome", outcome)];
     INSTRUMENTS.job_runs.add(1, &attributes);
-    INSTRUMENTS.job_duration.record(duration.as_secs_f64(), &attributes);
+    INSTRUMENTS
+        .job_duration
+        .record(duration.as_secs_f64(), &attributes);
 }
 
 /// Records what one outbox delivery step did.
@@ -98,12 +106,20 @@ pub fn outbox_step(delivered: u64, retried: u64, dead: u64) {
 /// Records the outbox's depth and lag.
 pub fn outbox_stats(stats: &SyncStats) {
     let i = &*INSTRUMENTS;
-    i.depth.record(stats.pending, &[KeyValue::new("status", "pending")]);
-    i.depth.record(stats.in_flight, &[KeyValue::new("status", "in_flight")]);
-    i.depth.record(stats.dead, &[KeyValue::new("status", "dead")]);
+    i.depth
+        .record(stats.pending, &[KeyValue::new("status", "pending")]);
+    i.depth
+        .record(stats.in_flight, &[KeyValue::new("status", "in_flight")]);
+    i.depth
+        .record(stats.dead, &[KeyValue::new("status", "dead")]);
     let age = stats
         .oldest_pending_at
-        .map(|at| (Utc::now() - at).to_std().unwrap_or(Duration::ZERO).as_secs_f64())
+        .map(|at| {
+            (Utc::now() - at)
+                .to_std()
+                .unwrap_or(Duration::ZERO)
+                .as_secs_f64()
+        })
         .unwrap_or(0.0);
     i.oldest_age.record(age, &[]);
 }
@@ -116,7 +132,9 @@ pub const OUTBOX_GAUGE_INTERVAL: Duration = Duration::from_secs(10);
 pub async fn refresh_outbox_gauges(ctx: &AppContext) {
     match sharpsend_db::outbox::stats(&ctx.db, ctx.workspace_id()).await {
         Ok(stats) => outbox_stats(&stats),
-        Err(e) => tracing::debug!(error = %crate::jobs::error_chain(&e), "could not read outbox statistics for metrics"),
+        Err(e) => {
+            tracing::debug!(error = %crate::jobs::error_chain(&e), "could not read outbox statistics for metrics")
+        }
     }
 }
 

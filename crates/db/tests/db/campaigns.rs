@@ -24,7 +24,10 @@ fn item(kind: CampaignKind, cio_id: i64, name: &str) -> SyncedCampaign {
 }
 
 fn keys(records: &[campaigns::CampaignRecord]) -> Vec<(CampaignKind, i64)> {
-    records.iter().map(|r| (r.item.kind, r.item.cio_id)).collect()
+    records
+        .iter()
+        .map(|r| (r.item.kind, r.item.cio_id))
+        .collect()
 }
 
 sharpsend_db::db_test!(
