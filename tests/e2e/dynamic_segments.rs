@@ -374,7 +374,7 @@ db_test!(
         );
 
         // A worker delivers three rows.
-        let mut three = (*ctx.delivery).clone();
+        let mut three = ctx.settings.delivery.clone();
         three.claim_limit = 3;
         let step = sharpsend_core::outbox::deliver_step(ctx, "w1", &three).await?;
         ensure!(

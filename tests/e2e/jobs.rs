@@ -20,6 +20,8 @@ db_test!(
             db.connect_again().await?,
             app.ctx.cio.clone(),
             (*app.ctx.workspace).clone(),
+            app.ctx.settings.clone(),
+            app.ctx.clock.clone(),
         );
         // Slow Customer.io down so the first run is still going when the second starts.
         app.sim.sim.push_faults(

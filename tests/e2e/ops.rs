@@ -38,7 +38,10 @@ db_test!(
         for (info, job) in jobs.iter().zip(Job::ALL) {
             ensure!(info.description == job.description() && !info.description.is_empty());
             ensure!(info.schedule_variable == job.schedule_variable());
-            ensure!(info.default_schedule == job.default_schedule());
+            ensure!(
+                Some(info.default_schedule.as_str())
+                    == sharpsend_core::settings::declared_default(job.schedule_variable())
+            );
             ensure!(info.schedule.split_whitespace().count() == 6, "{info:?}");
         }
         // Same key rules as every business service.

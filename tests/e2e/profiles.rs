@@ -168,13 +168,12 @@ db_test!(
             }),
         );
         // Smaller claims so many batches meet the faults.
-        let mut ctx = app.ctx.clone();
-        let mut config = (*ctx.delivery).clone();
+        let ctx = app.ctx.clone();
+        let mut config = ctx.settings.delivery.clone();
         config.claim_limit = 500;
-        ctx.delivery = std::sync::Arc::new(config);
         let started = std::time::Instant::now();
         loop {
-            sharpsend_core::outbox::drain(&ctx, "chaos-worker", &ctx.delivery).await?;
+            sharpsend_core::outbox::drain(&ctx, "chaos-worker", &config).await?;
             let stats = sharpsend_db::outbox::stats(&ctx.db, ctx.workspace_id()).await?;
             if stats.pending == 0 && stats.in_flight == 0 {
                 ensure!(stats.dead == 0 && stats.delivered == 12_000, "{stats:?}");
@@ -625,19 +624,19 @@ db_test!(
     |db: TestDatabase| async move {
         let app = TestApp::spawn(&db).await?;
         let (_, event_ids) = write_load(&app).await?;
-        let mut small = (*app.ctx.delivery).clone();
+        let mut small = app.ctx.settings.delivery.clone();
         small.claim_limit = 300;
-        let mut a = app.ctx.clone();
-        a.delivery = std::sync::Arc::new(small.clone());
-        let mut b = sharpsend_core::AppContext::new(
+        let a = app.ctx.clone();
+        let b = sharpsend_core::AppContext::new(
             db.connect_again().await?,
             app.ctx.cio.clone(),
             (*app.ctx.workspace).clone(),
+            app.ctx.settings.clone(),
+            app.ctx.clock.clone(),
         );
-        b.delivery = std::sync::Arc::new(small);
         let (ra, rb) = tokio::join!(
-            sharpsend_core::outbox::drain(&a, "worker-a", &a.delivery),
-            sharpsend_core::outbox::drain(&b, "worker-b", &b.delivery)
+            sharpsend_core::outbox::drain(&a, "worker-a", &small),
+            sharpsend_core::outbox::drain(&b, "worker-b", &small)
         );
         let (ra, rb) = (ra?, rb?);
         let set_a: HashSet<i64> = ra.delivered_ids.iter().copied().collect();
@@ -672,7 +671,7 @@ db_test!(
     |db: TestDatabase| async move {
         let app = TestApp::spawn(&db).await?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let mut config = (*app.ctx.delivery).clone();
+        let mut config = app.ctx.settings.delivery.clone();
         config.poll_interval = Duration::from_secs(3600); // only the wake-up can make it deliver
         let worker = tokio::spawn(sharpsend_core::outbox::run_worker(
             app.ctx.clone(),

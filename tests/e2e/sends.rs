@@ -363,7 +363,7 @@ db_test!(
         let waiting = get_send(&app, &send.id).await?;
         ensure!(waiting.state() == SendState::Uncertain, "{waiting:#?}");
 
-        tokio::time::sleep(app.ctx.sends.reconcile_grace).await;
+        tokio::time::sleep(app.ctx.settings.sends.reconcile_grace).await;
         app.run_job(Job::SendReconcile).await?;
         let sent = wait_for(&app, &send.id, "sent after settling", |s| {
             states(s) == [SendState::Submitted]
@@ -429,7 +429,7 @@ db_test!(
         );
         // The aborted call's request stays in the simulator until the delay ends: the simulator
         // then processes it (as Customer.io would). Wait past the claim expiry.
-        tokio::time::sleep(app.ctx.sends.claim_ttl + Duration::from_millis(200)).await;
+        tokio::time::sleep(app.ctx.settings.sends.claim_ttl + Duration::from_millis(200)).await;
         app.run_job(Job::SendReconcile).await?;
         let after = store::submission(&app.ctx.db, sub.id)
             .await?
@@ -446,7 +446,7 @@ db_test!(
         let send = store::get_by_id(&app.ctx.db, sub.send_id)
             .await?
             .context("send")?;
-        tokio::time::sleep(app.ctx.sends.reconcile_grace).await;
+        tokio::time::sleep(app.ctx.settings.sends.reconcile_grace).await;
         app.run_job(Job::SendReconcile).await?;
         let done = wait_for(&app, &send.public_id, "settled", |s| {
             matches!(
@@ -705,7 +705,7 @@ db_test!(
         ensure!(our_triggers(&app, &a.id).len() == 1);
 
         // Never arrived; the operator allows one more attempt (after the first one's window).
-        tokio::time::sleep(app.ctx.sends.trigger_spacing).await;
+        tokio::time::sleep(app.ctx.settings.sends.trigger_spacing).await;
         app.sim.sim.push_faults(
             Some(SimApi::App),
             [Fault::Delay(Duration::ZERO), Fault::Drop],
@@ -717,7 +717,7 @@ db_test!(
             .send
             .context("b")?;
         ensure!(b.state() == SendState::Uncertain && our_triggers(&app, &b.id).is_empty());
-        tokio::time::sleep(app.ctx.sends.trigger_spacing).await;
+        tokio::time::sleep(app.ctx.settings.sends.trigger_spacing).await;
         campaigns
             .resolve_send(pb::ResolveSendRequest {
                 send_id: b.id.clone(),

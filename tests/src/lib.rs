@@ -10,17 +10,18 @@ use std::{net::SocketAddr, time::Duration};
 use cio_sim::{RunningSim, SimConfig, Simulator};
 use sharpsend_core::{
     AppContext,
-    config::CioSettings,
+    clock::Clock,
     context::Migrations,
     jobs::{self, Job, JobOutcome, RunError},
     outbox::{self, DeliveryConfig, DeliveryReport},
+    settings::{ApiKeySetting, CioSettings, ServerSettings, Settings},
 };
 use sharpsend_db::testing::TestDatabase;
 use sharpsend_proto::v1::{
     campaign_service_client::CampaignServiceClient, ops_service_client::OpsServiceClient,
     profile_service_client::ProfileServiceClient, segment_service_client::SegmentServiceClient,
 };
-use sharpsend_server::{ServeOptions, auth::ApiKeys, serve};
+use sharpsend_server::serve;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::{
     Request, Status,
@@ -83,21 +84,19 @@ impl TestApp {
     ) -> anyhow::Result<Self> {
         init_test_logging();
         let sim = Simulator::spawn(sim_config).await?;
-        let mut settings = sim_settings(&sim);
-        adjust(&mut settings);
-        let mut ctx = AppContext::bootstrap(&db.url, &settings, Migrations::Apply).await?;
-        ctx.delivery = std::sync::Arc::new(test_delivery_config());
-        ctx.sends = std::sync::Arc::new(test_send_config());
+        let mut cio = sim_settings(&sim);
+        adjust(&mut cio);
         sim.sim.set_trigger_interval(TEST_TRIGGER_INTERVAL);
+        let ctx = AppContext::bootstrap(
+            test_settings(&db.url, cio),
+            Migrations::Apply,
+            Clock::adjustable(),
+        )
+        .await?;
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (tx, rx) = oneshot::channel::<()>();
-        let options = ServeOptions {
-            api_keys: ApiKeys::parse(&format!("e2e={TEST_API_KEY}")).map_err(anyhow::Error::msg)?,
-            request_timeout: Duration::from_secs(30),
-            concurrency_per_connection: 64,
-        };
-        let server = tokio::spawn(serve(listener, ctx.clone(), options, async move {
+        let server = tokio::spawn(serve(listener, ctx.clone(), async move {
             let _ = rx.await;
         }));
         Ok(Self {
@@ -183,7 +182,7 @@ impl TestApp {
         let started = std::time::Instant::now();
         let mut total = DeliveryReport::default();
         loop {
-            total.absorb(outbox::drain(&self.ctx, worker, &self.ctx.delivery).await?);
+            total.absorb(outbox::drain(&self.ctx, worker, &self.ctx.settings.delivery).await?);
             let stats = sharpsend_db::outbox::stats(&self.ctx.db, self.ctx.workspace_id()).await?;
             if stats.pending == 0 && stats.in_flight == 0 {
                 return Ok(total);
@@ -216,6 +215,25 @@ impl TestApp {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+    }
+}
+
+/// The settings of a test app on `database_url` talking to `cio`: the test API key, short
+/// delivery retries and claims ([`test_delivery_config`]), fast sends ([`test_send_config`]).
+pub fn test_settings(database_url: &str, cio: CioSettings) -> Settings {
+    Settings {
+        database_url: database_url.to_string(),
+        cio: Some(cio),
+        server: ServerSettings {
+            api_keys: vec![ApiKeySetting {
+                name: "e2e".into(),
+                key: TEST_API_KEY.to_string().into(),
+            }],
+            ..ServerSettings::default()
+        },
+        delivery: test_delivery_config(),
+        sends: test_send_config(),
+        ..Settings::default()
     }
 }
 

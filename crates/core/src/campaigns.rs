@@ -110,7 +110,7 @@ pub async fn sync_campaigns(ctx: &AppContext) -> Result<CampaignSyncReport, Core
     );
     seen.extend(newsletters.into_iter().map(synced_newsletter));
 
-    let now = Utc::now();
+    let now = ctx.now();
     let (counts, removed) = mirror::apply_sync(&ctx.db, ctx.workspace_id(), &seen, now).await?;
     let watched: Vec<_> = seen
         .iter()
@@ -186,7 +186,7 @@ pub async fn get_campaign(
         Err(CioError::NotFound { .. }) => return Err(not_found()),
         other => other?,
     };
-    mirror::upsert_one(&ctx.db, ws, &item, Utc::now()).await?;
+    mirror::upsert_one(&ctx.db, ws, &item, ctx.now()).await?;
     mirror::get(&ctx.db, ws, kind, id)
         .await?
         .ok_or_else(not_found)

@@ -1,9 +1,15 @@
 //! [`AppContext`]: what every operation needs, cheap to clone.
 
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
 use cio_client::CioClient;
 use sharpsend_db::{DatabaseConnection, workspaces::Workspace};
 
-/// The database, the Customer.io client and the workspace they serve.
+use crate::{clock::Clock, settings::Settings};
+
+/// The database, the Customer.io client, the workspace they serve, the settings (read once at
+/// start-up) and the clock.
 ///
 /// The service runs one workspace per process (bootstrapped from `CIO_SITE_ID`); every table row
 /// carries its id so that several can share a database.
@@ -11,30 +17,44 @@ use sharpsend_db::{DatabaseConnection, workspaces::Workspace};
 pub struct AppContext {
     pub db: DatabaseConnection,
     pub cio: CioClient,
-    pub workspace: std::sync::Arc<Workspace>,
+    pub workspace: Arc<Workspace>,
     /// Woken when writes are accepted, so an in-process outbox worker delivers them at once
     /// (workers in other processes notice by polling).
-    pub outbox_wakeup: std::sync::Arc<tokio::sync::Notify>,
-    /// How outbox workers deliver (binaries read it from the environment).
-    pub delivery: std::sync::Arc<crate::outbox::DeliveryConfig>,
-    /// How sends are dispatched and reconciled (binaries read it from the environment).
-    pub sends: std::sync::Arc<crate::sends::SendConfig>,
+    pub outbox_wakeup: Arc<tokio::sync::Notify>,
+    pub settings: Arc<Settings>,
+    pub clock: Clock,
 }
 
 impl AppContext {
-    pub fn new(db: DatabaseConnection, cio: CioClient, workspace: Workspace) -> Self {
+    pub fn new(
+        db: DatabaseConnection,
+        cio: CioClient,
+        workspace: Workspace,
+        settings: Arc<Settings>,
+        clock: Clock,
+    ) -> Self {
         Self {
             db,
             cio,
-            workspace: std::sync::Arc::new(workspace),
-            outbox_wakeup: std::sync::Arc::new(tokio::sync::Notify::new()),
-            delivery: std::sync::Arc::new(crate::outbox::DeliveryConfig::default()),
-            sends: std::sync::Arc::new(crate::sends::SendConfig::default()),
+            workspace: Arc::new(workspace),
+            outbox_wakeup: Arc::new(tokio::sync::Notify::new()),
+            settings,
+            clock,
         }
     }
 
     pub fn workspace_id(&self) -> i64 {
         self.workspace.id
+    }
+
+    /// Now, from the context's clock.
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+
+    /// A name for a job runner or worker of this process: `component@host:pid:ulid`.
+    pub fn holder(&self, component: &str) -> String {
+        crate::jobs::holder_name(component, &self.settings.host)
     }
 }
 
@@ -55,17 +75,20 @@ pub enum BootstrapError {
     Database(#[from] sharpsend_db::DbError),
     #[error("could not build the Customer.io client")]
     Client(#[from] cio_client::CioError),
+    #[error(transparent)]
+    Settings(#[from] crate::settings::ConfigError),
 }
 
 impl AppContext {
-    /// Connects to the database, checks or applies migrations, bootstraps the workspace for
-    /// `cio.site_id` and builds the Customer.io client.
+    /// Connects to `settings.database_url`, checks or applies migrations, bootstraps the
+    /// workspace of `settings.cio` (required) and builds the Customer.io client.
     pub async fn bootstrap(
-        database_url: &str,
-        cio: &crate::config::CioSettings,
+        settings: Settings,
         migrations: Migrations,
+        clock: Clock,
     ) -> Result<Self, BootstrapError> {
-        let db = sharpsend_db::connect(database_url).await?;
+        let cio = settings.cio()?;
+        let db = sharpsend_db::connect(&settings.database_url).await?;
         match migrations {
             Migrations::Apply => sharpsend_db::migrate(&db).await?,
             Migrations::RequireCurrent => sharpsend_db::ensure_migrated(&db).await?,
@@ -76,8 +99,17 @@ impl AppContext {
         };
         let workspace = sharpsend_db::workspaces::ensure(&db, &cio.site_id, region).await?;
         let client = CioClient::new(cio.client_config())?;
-        Ok(Self::new(db, client, workspace))
+        Ok(Self::new(db, client, workspace, Arc::new(settings), clock))
     }
+}
+
+/// Applies pending migrations to `database_url` (`sharpsend-server migrate`); answers their
+/// names.
+pub async fn migrate(database_url: &str) -> Result<Vec<String>, sharpsend_db::DbError> {
+    let db = sharpsend_db::connect(database_url).await?;
+    let pending = sharpsend_db::pending_migrations(&db).await?;
+    sharpsend_db::migrate(&db).await?;
+    Ok(pending)
 }
 
 /// Resolves when the process receives SIGINT (Ctrl-C) or SIGTERM.

@@ -42,6 +42,9 @@ pub enum CoreError {
     /// The database failed; the source holds the detail (never shown to callers).
     #[error("database failure")]
     Database(#[from] DbError),
+    /// A bug or an impossible state; the text is for the log and is safe to show.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl CoreError {
@@ -57,4 +60,16 @@ fn describe(violations: &[FieldViolation]) -> String {
         .map(|v| format!("{}: {}", v.field, v.description))
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// `error: cause: cause` for logs.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }

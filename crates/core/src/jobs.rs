@@ -5,12 +5,12 @@
 
 use std::{fmt, str::FromStr, time::Duration};
 
-use chrono::Utc;
 use serde_json::json;
 use sharpsend_db::jobs::{self as job_store, RunOutcome};
 
 use tracing::Instrument as _;
 
+pub(crate) use crate::error::error_chain;
 use crate::{AppContext, CoreError, segments};
 
 /// Every background job the service has.
@@ -83,20 +83,8 @@ impl Job {
         }
     }
 
-    /// Cron schedule (six fields, seconds first) used unless [`Job::schedule_variable`] is set.
-    pub fn default_schedule(self) -> &'static str {
-        match self {
-            Job::SegmentSync => "0 */5 * * * *",
-            Job::OutboxDelivery => "*/30 * * * * *",
-            Job::SegmentEvaluation => "0 * * * * *",
-            Job::CampaignSync => "30 */5 * * * *",
-            Job::MetricsPoll => "15 * * * * *",
-            Job::SendDispatch => "*/10 * * * * *",
-            Job::SendReconcile => "*/30 * * * * *",
-        }
-    }
-
-    /// The environment variable that overrides the schedule.
+    /// The environment variable holding the schedule (declared with its default in
+    /// [`crate::settings::VARIABLES`]).
     pub fn schedule_variable(self) -> &'static str {
         match self {
             Job::SegmentSync => "SHARPSEND_SEGMENT_SYNC_CRON",
@@ -204,7 +192,7 @@ async fn run_job_recorded(
     holder: &str,
 ) -> Result<JobOutcome, RunError> {
     let ws = ctx.workspace_id();
-    let started_at = Utc::now();
+    let started_at = ctx.now();
     let run_id = job_store::start_run(&ctx.db, ws, job.name(), holder, started_at).await?;
     tracing::Span::current().record("run_id", run_id);
     let acquired =
@@ -215,7 +203,7 @@ async fn run_job_recorded(
             &ctx.db,
             run_id,
             RunOutcome::Skipped,
-            Utc::now(),
+            ctx.now(),
             json!({"reason": "lease held by another holder"}),
             None,
         )
@@ -230,7 +218,7 @@ async fn run_job_recorded(
 
     tracing::info!(job = job.name(), run_id, "job started");
     let result = with_lease_renewal(ctx, job, holder, execute(ctx, job)).await;
-    let finished_at = Utc::now();
+    let finished_at = ctx.now();
     let outcome = match result {
         Ok(details) => {
             job_store::finish_run(
@@ -297,7 +285,7 @@ async fn execute(ctx: &AppContext, job: Job) -> Result<serde_json::Value, CoreEr
         }
         Job::OutboxDelivery => {
             let report =
-                crate::outbox::drain(ctx, &format!("job-{}", ulid::Ulid::new()), &ctx.delivery)
+                crate::outbox::drain(ctx, &ctx.holder("outbox-job"), &ctx.settings.delivery)
                     .await?;
             crate::telemetry::metrics::refresh_outbox_gauges(ctx).await;
             Ok(json!({
@@ -309,10 +297,8 @@ async fn execute(ctx: &AppContext, job: Job) -> Result<serde_json::Value, CoreEr
             }))
         }
         Job::SegmentEvaluation => {
-            let config =
-                crate::managed_segments::EvaluationConfig::from_env(&crate::config::ProcessEnv)
-                    .map_err(|e| CoreError::invalid(e.variable, e.problem))?;
-            let report = crate::managed_segments::evaluate_due(ctx, &config).await?;
+            let report =
+                crate::managed_segments::evaluate_due(ctx, &ctx.settings.evaluation).await?;
             Ok(json!({
                 "evaluated": report.evaluated,
                 "added": report.added,
@@ -355,7 +341,7 @@ async fn with_lease_renewal<T>(
                 job.name(),
                 holder,
                 LEASE_TTL,
-                Utc::now(),
+                ctx.now(),
             )
             .await
             {
@@ -385,29 +371,122 @@ fn summarize(error: &CoreError) -> String {
     }
 }
 
-/// `error: cause: cause` for logs.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
+/// A job with its schedule, as operators see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobInfo {
+    pub job: Job,
+    /// The schedule in force (its variable's value, or the default).
+    pub schedule: String,
+    pub default_schedule: &'static str,
 }
 
-/// A holder name for this process: host and pid, unique among replicas.
-pub fn default_holder(component: &str) -> String {
-    let host = std::env::var("HOSTNAME")
-        .ok()
-        .or_else(|| {
-            std::fs::read_to_string("/etc/hostname")
-                .ok()
-                .map(|h| h.trim().to_string())
+/// Every job with its schedule from the settings.
+pub fn list_jobs(ctx: &AppContext) -> Vec<JobInfo> {
+    Job::ALL
+        .iter()
+        .map(|&job| JobInfo {
+            job,
+            schedule: ctx
+                .settings
+                .schedules
+                .iter()
+                .find(|s| s.job == job)
+                .map(|s| s.cron.clone())
+                .unwrap_or_default(),
+            default_schedule: crate::settings::declared_default(job.schedule_variable())
+                .unwrap_or_default(),
         })
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".to_string());
+        .collect()
+}
+
+/// Where a run stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    Running,
+    Succeeded,
+    Failed,
+    /// Another runner held the lease.
+    Skipped,
+}
+
+/// One recorded run of a job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRunView {
+    pub id: i64,
+    pub job: String,
+    /// Who ran it (`component@host:pid:ulid`).
+    pub holder: String,
+    pub started_at: chrono::DateTime<chrono::Utc>,
+    pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub state: RunState,
+    /// Job-specific counts; `{}` while running.
+    pub details: serde_json::Value,
+    pub error: Option<String>,
+}
+
+impl From<job_store::JobRun> for JobRunView {
+    fn from(run: job_store::JobRun) -> Self {
+        Self {
+            id: run.id,
+            job: run.job,
+            holder: run.holder,
+            started_at: run.started_at,
+            finished_at: run.finished_at,
+            state: match run.outcome {
+                RunOutcome::Running => RunState::Running,
+                RunOutcome::Succeeded => RunState::Succeeded,
+                RunOutcome::Failed => RunState::Failed,
+                RunOutcome::Skipped => RunState::Skipped,
+            },
+            details: run.details,
+            error: run.error,
+        }
+    }
+}
+
+/// The latest runs (of one job, or of all), newest first, at most `limit`.
+pub async fn recent_runs(
+    ctx: &AppContext,
+    job: Option<Job>,
+    limit: u64,
+) -> Result<Vec<JobRunView>, CoreError> {
+    let runs =
+        job_store::recent_runs(&ctx.db, ctx.workspace_id(), job.map(Job::name), limit).await?;
+    Ok(runs.into_iter().map(JobRunView::from).collect())
+}
+
+/// Runs `job` now for `caller` (through its lease, as the scheduler would) and answers the run
+/// as recorded. The run goes on in a task of its own, so it finishes (releasing its lease and
+/// recording its end) even if the caller stops waiting.
+pub async fn run_now(ctx: &AppContext, job: Job, caller: &str) -> Result<JobRunView, CoreError> {
+    let holder = ctx.holder(&format!("server-ops({caller})"));
+    tracing::info!(job = job.name(), caller = %caller, "job run requested");
+    let task = tokio::spawn({
+        let ctx = ctx.clone();
+        async move { run_job(&ctx, job, &holder).await }.instrument(tracing::Span::current())
+    });
+    let result = match task.await {
+        Ok(result) => result,
+        Err(e) => {
+            tracing::error!(job = job.name(), error = %e, "job task ended abnormally");
+            return Err(CoreError::Internal(format!(
+                "the {job} run ended abnormally"
+            )));
+        }
+    };
+    let run_id = match result {
+        Ok(JobOutcome::Succeeded { run_id, .. } | JobOutcome::Skipped { run_id }) => run_id,
+        Err(RunError::Failed(failed)) => failed.run_id,
+        Err(RunError::Bookkeeping(e)) => return Err(e.into()),
+    };
+    job_store::get_run(&ctx.db, ctx.workspace_id(), run_id)
+        .await?
+        .map(JobRunView::from)
+        .ok_or_else(|| CoreError::Internal(format!("the {job} run {run_id} was not recorded")))
+}
+
+/// A holder name for this process: `component@host:pid:ulid`, unique among replicas.
+pub fn holder_name(component: &str, host: &str) -> String {
     format!(
         "{component}@{host}:{}:{}",
         std::process::id(),
@@ -435,14 +514,4 @@ mod tests {
         );
     }
 
-    #[test]
-    fn default_schedules_have_six_fields() {
-        for job in Job::ALL {
-            assert_eq!(
-                job.default_schedule().split_whitespace().count(),
-                6,
-                "{job}"
-            );
-        }
-    }
 }

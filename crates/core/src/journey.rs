@@ -141,7 +141,7 @@ pub async fn trigger_journey_event(
         event_name,
         assignment_id: &request.assignment_id,
         data: &request.data,
-        now: Utc::now(),
+        now: ctx.now(),
         seen: HashSet::new(),
         batch: Vec::new(),
         batch_data_bytes: 0,

@@ -1,9 +1,9 @@
 //! Logic shared by `sharpsend-server` and `sharpsend-scheduler`; no gRPC and no HTTP serving here.
 //!
-//! - [`config`]: settings both binaries read from the environment (database, Customer.io), with
-//!   every error naming its variable.
-//! - [`context`]: [`AppContext`], the database + Customer.io client + workspace every operation
-//!   runs against.
+//! - [`settings`]: [`settings::Settings`], every setting of both binaries, read and validated
+//!   once at start-up (each variable declared with its default; errors name the variable).
+//! - [`context`]: [`AppContext`], the database + Customer.io client + workspace + settings +
+//!   [`clock::Clock`] every operation runs against. Core reads the time only from the clock.
 //! - [`profiles`]: validating and accepting writes (mirror + outbox in one transaction),
 //!   reading and importing profiles.
 //! - [`outbox`]: delivering accepted writes to Customer.io in as few requests as the limits allow.
@@ -21,9 +21,11 @@
 //!   and recorded as job runs; the scheduler's cron and `--once` both call [`jobs::run_job`].
 //! - [`telemetry`]: logs, and OpenTelemetry traces and metrics over OTLP when configured, shared
 //!   by the binaries (with this crate's job and outbox instruments).
-//! - [`error`]: [`CoreError`], the one error type callers map to their protocol.
+//! - [`error`]: [`CoreError`], the one error type callers map to their protocol, and
+//!   [`error::error_chain`] for logs.
 
 pub mod campaigns;
+pub mod clock;
 pub mod config;
 pub mod context;
 pub mod criteria;
@@ -33,9 +35,11 @@ pub mod journey;
 pub mod managed_segments;
 pub mod metrics;
 pub mod outbox;
+pub mod paging;
 pub mod profiles;
 pub mod segments;
 pub mod sends;
+pub mod settings;
 pub mod telemetry;
 
 pub use context::AppContext;

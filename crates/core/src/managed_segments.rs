@@ -31,7 +31,6 @@ use sharpsend_db::managed_segments::{
 };
 use sharpsend_db::segments as mirror;
 
-use crate::config::{ConfigError, Env, parsed};
 use crate::criteria::{self, Criteria, RawCriteria};
 use crate::{AppContext, CoreError, FieldViolation};
 
@@ -72,29 +71,32 @@ impl Default for EvaluationConfig {
     }
 }
 
-impl EvaluationConfig {
-    pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
-        let mut config = Self::default();
-        const VARIABLE: &str = "SHARPSEND_SEGMENT_REEVALUATE_SECS";
-        match parsed::<u64>(env, VARIABLE, "a positive whole number of seconds")? {
-            Some(0) => {
-                return Err(ConfigError {
-                    variable: VARIABLE,
-                    problem: "must be greater than 0".into(),
-                });
-            }
-            Some(n) => config.max_age = Duration::from_secs(n),
-            None => {}
-        }
-        Ok(config)
-    }
-}
-
-/// A managed segment with its parsed criteria.
+/// A managed segment as callers see it, with its parsed criteria.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ManagedView {
-    pub record: ManagedSegment,
+    /// The manual segment in Customer.io that holds the membership.
+    pub segment_id: i64,
+    pub name: String,
+    pub description: Option<String>,
+    /// `None`: members are set by hand (or stored criteria no longer parse; logged).
     pub criteria: Option<Criteria>,
+    /// Members as SharpSend recorded them (changes may still be on their way to Customer.io).
+    pub member_count: i64,
+    pub evaluation_due: bool,
+    pub last_evaluation: Option<EvaluationSummary>,
+    /// Why the last attempt to evaluate failed (cleared by a successful evaluation).
+    pub last_evaluation_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What the last evaluation of a managed segment did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EvaluationSummary {
+    pub evaluated_at: DateTime<Utc>,
+    pub duration: Duration,
+    pub added: i64,
+    pub removed: i64,
 }
 
 impl ManagedView {
@@ -113,7 +115,23 @@ impl ManagedView {
                     None
                 }
             });
-        Self { record, criteria }
+        Self {
+            segment_id: record.cio_segment_id,
+            name: record.name,
+            description: record.description,
+            criteria,
+            member_count: record.member_count,
+            evaluation_due: record.evaluation_due,
+            last_evaluation: record.last_evaluation.map(|e| EvaluationSummary {
+                evaluated_at: e.evaluated_at,
+                duration: Duration::from_millis(u64::try_from(e.duration_ms).unwrap_or(0)),
+                added: e.added,
+                removed: e.removed,
+            }),
+            last_evaluation_error: record.last_evaluation_error,
+            created_at: record.created_at,
+            updated_at: record.updated_at,
+        }
     }
 }
 
@@ -334,12 +352,12 @@ pub async fn create_segment(ctx: &AppContext, new: NewSegment) -> Result<Managed
         description,
         criteria: criteria.as_ref().map(stored),
     };
-    let saved = match store::create(&ctx.db, ctx.workspace_id(), &record, Utc::now()).await {
+    let saved = match store::create(&ctx.db, ctx.workspace_id(), &record, ctx.now()).await {
         Ok(saved) => saved,
         Err(e) => {
             // Do not leave an orphan in Customer.io (best effort; the error is what matters).
             if let Err(cleanup) = ctx.cio.delete_segment(created.id).await {
-                tracing::warn!(segment_id = created.id, error = %crate::jobs::error_chain(&cleanup), "could not delete the Customer.io segment of a failed create");
+                tracing::warn!(segment_id = created.id, error = %crate::error::error_chain(&cleanup), "could not delete the Customer.io segment of a failed create");
             }
             return Err(e.into());
         }
@@ -359,29 +377,28 @@ pub async fn create_segment(ctx: &AppContext, new: NewSegment) -> Result<Managed
 /// its criteria read when they are missing or old. An upstream failure is recorded on the
 /// segment (which stays due for the job) instead of failing the caller's request.
 async fn evaluate_now(ctx: &AppContext, segment_id: i64) -> Result<(), CoreError> {
-    let config = EvaluationConfig::from_env(&crate::config::ProcessEnv).unwrap_or_default();
+    let config = &ctx.settings.evaluation;
     let Some(segment) = store::get(&ctx.db, ctx.workspace_id(), segment_id).await? else {
         return Ok(());
     };
-    let view = ManagedView::of(segment);
-    let Some(criteria) = &view.criteria else {
+    let Some(criteria) = ManagedView::of(segment.clone()).criteria else {
         return Ok(());
     };
     let refresh = refresh_memberships(
         ctx,
         &criteria.segments(),
-        Some(before(Utc::now(), config.max_age)),
+        Some(before(ctx.now(), config.max_age)),
     )
     .await;
     let result = match refresh {
-        Ok(_) => evaluate_one(ctx, &view.record).await.map(|_| ()),
+        Ok(_) => evaluate_one(ctx, &segment).await.map(|_| ()),
         Err(e) => Err(e),
     };
     match result {
         Ok(()) => Ok(()),
         Err(CoreError::Database(e)) => Err(CoreError::Database(e)),
         Err(e) => {
-            let text = crate::jobs::error_chain(&e);
+            let text = crate::error::error_chain(&e);
             tracing::warn!(segment_id, error = %text, "segment evaluation deferred to the segment-evaluation job");
             store::record_evaluation_error(&ctx.db, ctx.workspace_id(), segment_id, &text).await?;
             Ok(())
@@ -447,7 +464,7 @@ async fn refresh_memberships(
             ctx.workspace_id(),
             id,
             &members,
-            Utc::now(),
+            ctx.now(),
         )
         .await?;
         tracing::debug!(segment_id = id, members = ?count, "segment membership mirrored");
@@ -467,7 +484,7 @@ async fn evaluate_one(
         let Some(criteria) = ManagedView::of(current.clone()).criteria else {
             return Ok(None);
         };
-        let now = Utc::now();
+        let now = ctx.now();
         let filter = criteria.to_filter(now);
         match store::apply_evaluation(
             &ctx.db,
@@ -525,7 +542,7 @@ pub async fn evaluate_due(
     ctx: &AppContext,
     config: &EvaluationConfig,
 ) -> Result<EvaluationReport, CoreError> {
-    let now = Utc::now();
+    let now = ctx.now();
     let due = store::due(&ctx.db, ctx.workspace_id(), before(now, config.max_age)).await?;
     let mut report = EvaluationReport::default();
     let mut first_error: Option<CoreError> = None;
@@ -539,7 +556,7 @@ pub async fn evaluate_due(
             Ok(n) => report.memberships_refreshed += n as u64,
             Err(e @ CoreError::Database(_)) => return Err(e),
             Err(e) => {
-                unreadable.insert(id, crate::jobs::error_chain(&e));
+                unreadable.insert(id, crate::error::error_chain(&e));
                 first_error.get_or_insert(e);
             }
         }
@@ -626,7 +643,10 @@ pub async fn update_segment(
     changes: SegmentChanges,
 ) -> Result<ManagedView, CoreError> {
     check_segment_id(segment_id)?;
-    let current = get(ctx, segment_id).await?;
+    let current = store::get(&ctx.db, ctx.workspace_id(), segment_id)
+        .await?
+        .ok_or_else(|| not_managed(segment_id))?;
+    let current_criteria = ManagedView::of(current.clone()).criteria;
     let mut violations = Vec::new();
     if let Some(name) = &changes.name {
         check_text(&mut violations, "name", name, limits::NAME_CHARS, true);
@@ -657,8 +677,8 @@ pub async fn update_segment(
         return Err(CoreError::InvalidArgument(violations));
     }
     let criteria_change = match (&criteria, changes.remove_criteria) {
-        (Some(c), _) if current.criteria.as_ref() != Some(c) => Some(Some(stored(c))),
-        (None, true) if current.record.criteria.is_some() => Some(None),
+        (Some(c), _) if current_criteria.as_ref() != Some(c) => Some(Some(stored(c))),
+        (None, true) if current.criteria.is_some() => Some(None),
         _ => None,
     };
     let reevaluate = matches!(criteria_change, Some(Some(_)));
@@ -669,7 +689,7 @@ pub async fn update_segment(
             .map(|d| Some(d.trim().to_owned()).filter(|d| !d.is_empty())),
         criteria: criteria_change,
     };
-    store::update(&ctx.db, ctx.workspace_id(), segment_id, &update, Utc::now())
+    store::update(&ctx.db, ctx.workspace_id(), segment_id, &update, ctx.now())
         .await?
         .ok_or_else(|| not_managed(segment_id))?;
     if reevaluate {
@@ -702,7 +722,7 @@ pub async fn delete_segment(ctx: &AppContext, segment_id: i64) -> Result<(), Cor
         Ok(()) | Err(CioError::NotFound { .. }) => {}
         Err(e) => return Err(e.into()),
     }
-    store::delete(&ctx.db, ctx.workspace_id(), segment_id, Utc::now()).await?;
+    store::delete(&ctx.db, ctx.workspace_id(), segment_id, ctx.now()).await?;
     tracing::info!(segment_id, "managed segment deleted");
     Ok(())
 }
@@ -741,14 +761,14 @@ pub async fn preview(
         return Err(CoreError::InvalidArgument(violations));
     };
     let started = std::time::Instant::now();
-    let config = EvaluationConfig::from_env(&crate::config::ProcessEnv).unwrap_or_default();
+    let config = &ctx.settings.evaluation;
     refresh_memberships(
         ctx,
         &criteria.segments(),
-        Some(before(Utc::now(), config.max_age)),
+        Some(before(ctx.now(), config.max_age)),
     )
     .await?;
-    let now = Utc::now();
+    let now = ctx.now();
     let filter = criteria.to_filter(now);
     let member_count = criteria_sql::count_matching(&ctx.db, ctx.workspace_id(), &filter).await?;
     let sample = criteria_sql::matching_page(
@@ -830,7 +850,7 @@ async fn change_members(
     if !violations.is_empty() {
         return Err(CoreError::InvalidArgument(violations));
     }
-    let now = Utc::now();
+    let now = ctx.now();
     let result = if add {
         store::add_members(&ctx.db, ctx.workspace_id(), segment_id, customer_ids, now).await?
     } else {
@@ -942,32 +962,4 @@ mod tests {
         assert!(!reaches(&reads, 9, 1));
     }
 
-    #[test]
-    fn the_reevaluation_age_is_read_from_its_variable() {
-        let env: HashMap<String, String> = [(
-            "SHARPSEND_SEGMENT_REEVALUATE_SECS".to_string(),
-            "60".to_string(),
-        )]
-        .into();
-        assert_eq!(
-            EvaluationConfig::from_env(&env).map(|c| c.max_age),
-            Ok(Duration::from_secs(60))
-        );
-        for bad in ["0", "soon", "-5"] {
-            let env: HashMap<String, String> = [(
-                "SHARPSEND_SEGMENT_REEVALUATE_SECS".to_string(),
-                bad.to_string(),
-            )]
-            .into();
-            assert_eq!(
-                EvaluationConfig::from_env(&env).err().map(|e| e.variable),
-                Some("SHARPSEND_SEGMENT_REEVALUATE_SECS")
-            );
-        }
-        let empty: HashMap<String, String> = HashMap::new();
-        assert_eq!(
-            EvaluationConfig::from_env(&empty),
-            Ok(EvaluationConfig::default())
-        );
-    }
 }

@@ -211,7 +211,7 @@ pub async fn watch(
         target.id(),
         active_since,
         active_since,
-        Utc::now(),
+        ctx.now(),
     )
     .await?;
     Ok(())
@@ -272,7 +272,7 @@ pub async fn poll_due_with(
     options: &PollOptions,
 ) -> Result<MetricsPollReport, CoreError> {
     let started = Instant::now();
-    let due = store::due(&ctx.db, ctx.workspace_id(), Utc::now(), options.max_targets).await?;
+    let due = store::due(&ctx.db, ctx.workspace_id(), ctx.now(), options.max_targets).await?;
     let due_count = due.len();
     let halted = AtomicBool::new(false);
     let outcomes: Vec<Result<Outcome, CoreError>> = futures::stream::iter(due)
@@ -318,7 +318,7 @@ async fn poll_one(
     if halted.load(Ordering::Relaxed) {
         return Ok(Outcome::Deferred);
     }
-    match poll_target(ctx, &target, Utc::now()).await {
+    match poll_target(ctx, &target, ctx.now()).await {
         Ok(_) => Ok(Outcome::Polled),
         Err(CoreError::Upstream(e @ CioError::RateLimited { .. })) => {
             tracing::warn!(subject = %MetricsTarget::from(&target), error = %e, "rate limited; sweep stops");
@@ -344,7 +344,7 @@ async fn record_failure(
     error: &CioError,
     not_found: bool,
 ) -> Result<(), CoreError> {
-    let now = Utc::now();
+    let now = ctx.now();
     let cadence = poll_interval((now - target.active_since).to_std().unwrap_or_default());
     let delay = if not_found {
         cadence.max(Duration::from_secs(24 * 3600))
@@ -373,7 +373,7 @@ async fn poll_target(
         .cio
         .metrics(MetricsTarget::from(target).metrics_of(), query)
         .await?;
-    let polled_at = Utc::now();
+    let polled_at = ctx.now();
     let active_since = last_send_bucket(w.res, w.series_start, &polled.series)
         .map_or(target.active_since, |at| at.max(target.active_since));
     let cadence = poll_interval((polled_at - active_since).to_std().unwrap_or_default());
@@ -557,7 +557,7 @@ async fn current_snapshot(
             target.id(),
             at,
             known.active_since,
-            Utc::now(),
+            ctx.now(),
         )
         .await?;
         poll = true;
@@ -565,7 +565,7 @@ async fn current_snapshot(
     if !poll && let Some(latest) = store::latest_snapshot(&ctx.db, known.id).await? {
         return Ok(latest);
     }
-    match poll_target(ctx, &known, Utc::now()).await {
+    match poll_target(ctx, &known, ctx.now()).await {
         Err(CoreError::Upstream(CioError::NotFound { .. })) => Err(target.not_found()),
         other => other,
     }
@@ -575,7 +575,7 @@ async fn current_snapshot(
 /// where it is found); unknown: `NotFound`.
 async fn register(ctx: &AppContext, target: MetricsTarget) -> Result<MetricTarget, CoreError> {
     let ws = ctx.workspace_id();
-    let now = Utc::now();
+    let now = ctx.now();
     let item = crate::campaigns::get_campaign(ctx, target.kind(), target.id())
         .await?
         .item;

@@ -30,10 +30,7 @@ use rand::Rng;
 use serde_json::{Map, Value};
 use sharpsend_db::outbox::{self, Kind, OutboxRow};
 
-use crate::{
-    AppContext, CoreError,
-    config::{ConfigError, Env, positive},
-};
+use crate::{AppContext, CoreError};
 
 /// How the worker behaves.
 #[derive(Debug, Clone)]
@@ -68,29 +65,6 @@ impl Default for DeliveryConfig {
             concurrency: 4,
             poll_interval: Duration::from_millis(500),
         }
-    }
-}
-
-impl DeliveryConfig {
-    pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
-        let mut config = Self::default();
-        let positive = |variable: &'static str| positive(env, variable);
-        if let Some(n) = positive("SHARPSEND_OUTBOX_CLAIM_LIMIT")? {
-            config.claim_limit = n;
-        }
-        if let Some(n) = positive("SHARPSEND_OUTBOX_MAX_ATTEMPTS")? {
-            config.max_attempts = i32::try_from(n).unwrap_or(i32::MAX);
-        }
-        if let Some(n) = positive("SHARPSEND_OUTBOX_CONCURRENCY")? {
-            config.concurrency = usize::try_from(n).unwrap_or(usize::MAX);
-        }
-        if let Some(n) = positive("SHARPSEND_OUTBOX_CLAIM_TTL_SECS")? {
-            config.claim_ttl = Duration::from_secs(n);
-        }
-        if let Some(n) = positive("SHARPSEND_OUTBOX_POLL_MS")? {
-            config.poll_interval = Duration::from_millis(n);
-        }
-        Ok(config)
     }
 }
 
@@ -170,7 +144,7 @@ pub async fn run_worker(
                 config.poll_interval
             }
             Err(e) => {
-                tracing::warn!(error = %crate::jobs::error_chain(&e), "outbox delivery failed; retrying shortly");
+                tracing::warn!(error = %crate::error::error_chain(&e), "outbox delivery failed; retrying shortly");
                 config.poll_interval.max(Duration::from_secs(2))
             }
         };
@@ -237,7 +211,7 @@ pub async fn deliver_step(
         worker,
         config.claim_limit,
         config.claim_ttl,
-        Utc::now(),
+        ctx.now(),
     )
     .await?;
     if rows.is_empty() {
@@ -299,7 +273,7 @@ async fn deliver_claimed(
     let mut delivered = Vec::new();
     let mut dead = Vec::new();
     let mut retry: HashMap<(String, i64), Vec<i64>> = HashMap::new();
-    let now = Utc::now();
+    let now = ctx.now();
     for row in &rows {
         let row_fates = fates.remove(&row.id).unwrap_or_default();
         if let Some(reason) = row_fates.iter().find_map(|f| {
@@ -340,18 +314,18 @@ async fn deliver_claimed(
         }
     }
     if !delivered.is_empty() {
-        report.delivered = outbox::mark_delivered(&ctx.db, worker, &delivered, Utc::now()).await?;
+        report.delivered = outbox::mark_delivered(&ctx.db, worker, &delivered, ctx.now()).await?;
         report.delivered_ids = delivered;
     }
     if !dead.is_empty() {
         for (id, reason) in &dead {
             tracing::warn!(outbox_id = id, reason = %reason, "outbox row dead-lettered");
         }
-        report.dead = outbox::mark_dead(&ctx.db, worker, &dead, Utc::now()).await?;
+        report.dead = outbox::mark_dead(&ctx.db, worker, &dead, ctx.now()).await?;
     }
     for ((error, at_ms), ids) in retry {
         let at = chrono::DateTime::from_timestamp_millis(at_ms).unwrap_or_else(Utc::now);
-        report.retried += outbox::mark_retry(&ctx.db, worker, &ids, &error, at, Utc::now()).await?;
+        report.retried += outbox::mark_retry(&ctx.db, worker, &ids, &error, at, ctx.now()).await?;
     }
     Ok(report)
 }
@@ -580,7 +554,7 @@ fn send<'a>(ctx: &'a AppContext, request: Planned) -> BoxFuture<'a, Sent> {
                         (vec![(rows, OpFate::Dead(reason))], 0)
                     }
                     Err(e) => {
-                        tracing::warn!(error = %crate::jobs::error_chain(&e), "segment membership change not sent; retrying");
+                        tracing::warn!(error = %crate::error::error_chain(&e), "segment membership change not sent; retrying");
                         (vec![(rows, OpFate::Retry { error: "database failure while reading the segment's membership (see the log)".into(), retry_after: None })], 0)
                     }
                 }
@@ -648,9 +622,91 @@ fn fate_of_error(error: &CioError) -> OpFate {
     }
 }
 
+/// An outbox row as operators see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxItem {
+    pub id: i64,
+    /// `identify`, `event`, `segment_add` or `segment_remove`.
+    pub kind: &'static str,
+    pub customer_id: String,
+    pub event_id: Option<String>,
+    pub attempts: i32,
+    pub error: Option<String>,
+    pub created_at: chrono::DateTime<Utc>,
+    pub next_attempt_at: chrono::DateTime<Utc>,
+}
+
+impl From<OutboxRow> for OutboxItem {
+    fn from(row: OutboxRow) -> Self {
+        Self {
+            id: row.id,
+            kind: row.kind.as_str(),
+            customer_id: row.customer_id,
+            event_id: row.event_id,
+            attempts: row.attempts,
+            error: row.last_error,
+            created_at: row.created_at,
+            next_attempt_at: row.next_attempt_at,
+        }
+    }
+}
+
+/// How delivery to Customer.io stands.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyncStatus {
+    pub pending: u64,
+    pub in_flight: u64,
+    pub delivered: u64,
+    pub dead: u64,
+    /// Age of the oldest row not yet delivered nor dead.
+    pub oldest_pending_age: Option<Duration>,
+    pub last_delivered_at: Option<chrono::DateTime<Utc>>,
+    /// Rows waiting for a retry after a failed attempt, latest first.
+    pub recent_failures: Vec<OutboxItem>,
+    /// Rows given up on, latest first.
+    pub dead_letters: Vec<OutboxItem>,
+}
+
+/// The outbox's depth, lag, recent failures and dead letters (at most `limit` of each).
+pub async fn sync_status(ctx: &AppContext, limit: u64) -> Result<SyncStatus, CoreError> {
+    let ws = ctx.workspace_id();
+    let stats = outbox::stats(&ctx.db, ws).await?;
+    let failures = outbox::recent_failures(&ctx.db, ws, limit).await?;
+    let dead = outbox::dead_letters(&ctx.db, ws, limit).await?;
+    let now = ctx.now();
+    Ok(SyncStatus {
+        pending: stats.pending,
+        in_flight: stats.in_flight,
+        delivered: stats.delivered,
+        dead: stats.dead,
+        oldest_pending_age: stats
+            .oldest_pending_at
+            .and_then(|at| (now - at).to_std().ok()),
+        last_delivered_at: stats.last_delivered_at,
+        recent_failures: failures.into_iter().map(OutboxItem::from).collect(),
+        dead_letters: dead.into_iter().map(OutboxItem::from).collect(),
+    })
+}
+
+/// Re-queues dead letters (all, or those of `ids`, each a positive outbox id) and wakes an
+/// in-process worker; answers how many were re-queued.
+pub async fn retry_dead_letters(ctx: &AppContext, ids: &[i64]) -> Result<u64, CoreError> {
+    if let Some(i) = ids.iter().position(|id| *id <= 0) {
+        return Err(CoreError::invalid(
+            format!("ids[{i}]"),
+            "must be a positive outbox id",
+        ));
+    }
+    let ids = (!ids.is_empty()).then_some(ids);
+    let requeued = outbox::requeue_dead(&ctx.db, ctx.workspace_id(), ids, ctx.now()).await?;
+    if requeued > 0 {
+        ctx.outbox_wakeup.notify_waiters();
+    }
+    Ok(requeued)
+}
+
 #[cfg(test)]
 mod tests {
-    use chrono::Utc;
     use serde_json::json;
     use sharpsend_db::outbox::Status;
 
@@ -666,8 +722,8 @@ mod tests {
             payload,
             status: Status::InFlight,
             attempts: 0,
-            next_attempt_at: Utc::now(),
-            created_at: Utc::now(),
+            next_attempt_at: chrono::DateTime::UNIX_EPOCH,
+            created_at: chrono::DateTime::UNIX_EPOCH,
             last_error: None,
             idempotency_key: None,
             claimed_by: None,

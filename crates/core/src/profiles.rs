@@ -236,7 +236,7 @@ pub async fn update_attributes(
         })
         .collect();
     let accepted =
-        outbox::accept_attribute_updates(&ctx.db, ctx.workspace_id(), &rows, Utc::now()).await?;
+        outbox::accept_attribute_updates(&ctx.db, ctx.workspace_id(), &rows, ctx.now()).await?;
     ctx.outbox_wakeup.notify_waiters();
     // Managed segments reading these attributes are due for evaluation. The write is accepted
     // whatever happens here; a segment not marked is re-evaluated when its age runs out.
@@ -246,7 +246,7 @@ pub async fn update_attributes(
         .collect();
     let changed: Vec<&str> = changed.into_iter().collect();
     if let Err(e) = crate::managed_segments::profiles_changed(ctx, &changed).await {
-        tracing::warn!(error = %crate::jobs::error_chain(&e), "could not mark managed segments due");
+        tracing::warn!(error = %crate::error::error_chain(&e), "could not mark managed segments due");
     }
     Ok(accepted)
 }
@@ -333,7 +333,7 @@ pub async fn track_events(
     if !violations.is_empty() {
         return Err(CoreError::InvalidArgument(violations));
     }
-    let now = Utc::now();
+    let now = ctx.now();
     let rows: Vec<NewEvent> = events
         .into_iter()
         .map(|e| NewEvent {
@@ -408,7 +408,7 @@ pub async fn get_profile(
             Err(e) => return Err(e.into()),
         };
         let customer_id = fetched.customer_id.clone();
-        profiles::upsert_fetched(&ctx.db, ctx.workspace_id(), &[fetched], Utc::now()).await?;
+        profiles::upsert_fetched(&ctx.db, ctx.workspace_id(), &[fetched], ctx.now()).await?;
         let profile = profiles::get(&ctx.db, ctx.workspace_id(), Lookup::Id(&customer_id))
             .await?
             .ok_or_else(not_found)?;
@@ -572,7 +572,7 @@ where
                 .cloned(),
         );
         state.imported +=
-            profiles::upsert_fetched(&ctx.db, ctx.workspace_id(), &fetched, Utc::now()).await?;
+            profiles::upsert_fetched(&ctx.db, ctx.workspace_id(), &fetched, ctx.now()).await?;
         if !progress(state.clone()).await {
             tracing::info!(
                 imported = state.imported,
@@ -584,7 +584,7 @@ where
     }
     state.done = true;
     if let Err(e) = crate::managed_segments::profiles_imported(ctx).await {
-        tracing::warn!(error = %crate::jobs::error_chain(&e), "could not mark managed segments due");
+        tracing::warn!(error = %crate::error::error_chain(&e), "could not mark managed segments due");
     }
     progress(state.clone()).await;
     Ok(state)

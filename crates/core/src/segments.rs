@@ -1,5 +1,6 @@
-//! Segments: pull them from Customer.io into the mirror ([`sync_segments`]) and check the
-//! segments an assignment targets ([`validate_targeting`]).
+//! Segments: pull them from Customer.io into the mirror ([`sync_segments`]), read them
+//! ([`list_segments`], [`get_segment`]: the mirror joined with SharpSend's managed segments) and
+//! check the segments an assignment targets ([`validate_targeting`]).
 
 use std::{
     collections::HashSet,
@@ -9,9 +10,156 @@ use std::{
 use chrono::{DateTime, Utc};
 use cio_client::{CioError, SegmentType};
 use futures::{StreamExt, TryStreamExt};
-use sharpsend_db::segments::{self, SegmentRecord, SyncCounts, SyncedSegment};
+use sharpsend_db::segments::{
+    self, ListFilter, SegmentRecord, SyncCounts, SyncedSegment, TypeFilter,
+};
 
-use crate::{AppContext, CoreError, FieldViolation};
+use crate::{
+    AppContext, CoreError, FieldViolation,
+    managed_segments::{self as managed, ManagedView},
+    paging::Page,
+};
+
+/// Customer.io's two kinds of segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SegmentKind {
+    /// Data-driven, built in Customer.io's UI.
+    Dynamic,
+    /// Membership set through the API (SharpSend's managed segments are manual ones).
+    Manual,
+}
+
+/// A segment as callers see it: the mirror's record, with SharpSend's name, description, count
+/// and criteria when it is a managed segment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SegmentView {
+    /// Customer.io's segment id.
+    pub id: i64,
+    pub name: String,
+    pub description: Option<String>,
+    /// `None` when Customer.io reported a kind this service does not know.
+    pub kind: Option<SegmentKind>,
+    pub member_count: Option<i64>,
+    /// When `member_count` was counted.
+    pub counted_at: Option<DateTime<Utc>>,
+    /// When a sync last saw it in Customer.io (a managed segment not synced yet: its creation).
+    pub synced_at: DateTime<Utc>,
+    pub removed: bool,
+    pub removed_at: Option<DateTime<Utc>>,
+    pub managed: Option<ManagedView>,
+}
+
+impl SegmentView {
+    fn new(record: SegmentRecord, managed: Option<ManagedView>) -> Self {
+        let mut view = Self {
+            id: record.cio_id,
+            name: record.name,
+            description: record.description,
+            kind: match record.segment_type.as_str() {
+                "dynamic" => Some(SegmentKind::Dynamic),
+                "manual" => Some(SegmentKind::Manual),
+                _ => None,
+            },
+            member_count: record.member_count,
+            counted_at: record.counted_at,
+            synced_at: record.synced_at,
+            removed: record.removed,
+            removed_at: record.removed_at,
+            managed: None,
+        };
+        if let Some(m) = managed {
+            view.name = m.name.clone();
+            view.description = m.description.clone();
+            view.member_count = Some(m.member_count);
+            view.managed = Some(m);
+        }
+        view
+    }
+
+    /// A managed segment the mirror has not seen yet.
+    fn managed_only(m: ManagedView) -> Self {
+        Self {
+            id: m.segment_id,
+            name: m.name.clone(),
+            description: m.description.clone(),
+            kind: Some(SegmentKind::Manual),
+            member_count: Some(m.member_count),
+            counted_at: None,
+            synced_at: m.created_at,
+            removed: false,
+            removed_at: None,
+            managed: Some(m),
+        }
+    }
+}
+
+/// Which segments [`list_segments`] answers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SegmentFilter {
+    /// Case-insensitive substring of the name (`%` and `_` match themselves).
+    pub name_contains: Option<String>,
+    pub kind: Option<SegmentKind>,
+    /// Also list segments removed in Customer.io.
+    pub include_removed: bool,
+}
+
+/// One page of mirrored segments in id order, after the segment id `after`.
+pub async fn list_segments(
+    ctx: &AppContext,
+    filter: &SegmentFilter,
+    after: Option<i64>,
+    limit: u64,
+) -> Result<Page<SegmentView, i64>, CoreError> {
+    let filter = ListFilter {
+        name_contains: filter
+            .name_contains
+            .as_deref()
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(str::to_string),
+        segment_type: filter.kind.map(|k| match k {
+            SegmentKind::Dynamic => TypeFilter::Dynamic,
+            SegmentKind::Manual => TypeFilter::Manual,
+        }),
+        include_removed: filter.include_removed,
+    };
+    let rows = segments::list(
+        &ctx.db,
+        ctx.workspace_id(),
+        &filter,
+        after,
+        Page::<(), ()>::fetch(limit),
+    )
+    .await?;
+    let page = Page::cut(rows, limit, |r| r.cio_id);
+    let ids: Vec<i64> = page.items.iter().map(|r| r.cio_id).collect();
+    let mut managed = managed::get_many(ctx, &ids).await?;
+    Ok(page.map(|r| {
+        let m = managed.remove(&r.cio_id);
+        SegmentView::new(r, m)
+    }))
+}
+
+/// One segment: from the mirror (with its managed part), or a managed segment the mirror has
+/// not seen yet; `NotFound` otherwise.
+pub async fn get_segment(ctx: &AppContext, id: i64) -> Result<SegmentView, CoreError> {
+    if id <= 0 {
+        return Err(CoreError::invalid(
+            "segment_id",
+            "must be a positive Customer.io segment id",
+        ));
+    }
+    let record = segments::get(&ctx.db, ctx.workspace_id(), id).await?;
+    let managed = managed::get_many(ctx, &[id]).await?.remove(&id);
+    match (record, managed) {
+        (Some(record), managed) => Ok(SegmentView::new(record, managed)),
+        (None, Some(managed)) => Ok(SegmentView::managed_only(managed)),
+        (None, None) => Err(CoreError::NotFound {
+            what: "segment",
+            id: id.to_string(),
+        }),
+    }
+}
 
 /// What a sync did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,7 +189,7 @@ pub async fn sync_segments(ctx: &AppContext) -> Result<SyncReport, CoreError> {
                     description: segment.description.filter(|d| !d.is_empty()),
                     segment_type: type_name(segment.segment_type).to_string(),
                     member_count: Some(i64::try_from(count).unwrap_or(i64::MAX)),
-                    counted_at: Some(Utc::now()),
+                    counted_at: Some(ctx.now()),
                 })),
                 Err(CioError::NotFound { .. }) => Ok(None),
                 Err(e) => Err(e),
@@ -51,7 +199,7 @@ pub async fn sync_segments(ctx: &AppContext) -> Result<SyncReport, CoreError> {
         .try_collect()
         .await?;
     let seen: Vec<SyncedSegment> = seen.into_iter().flatten().collect();
-    let counts = segments::apply_sync(&ctx.db, ctx.workspace_id(), &seen, Utc::now()).await?;
+    let counts = segments::apply_sync(&ctx.db, ctx.workspace_id(), &seen, ctx.now()).await?;
     let report = SyncReport {
         counts,
         duration: started.elapsed(),
@@ -107,7 +255,7 @@ impl TargetingWarning {
 #[derive(Debug, Clone)]
 pub struct SegmentTargeting {
     pub segment_id: i64,
-    pub segment: Option<SegmentRecord>,
+    pub segment: Option<SegmentView>,
     pub count_age: Option<Duration>,
     pub warnings: Vec<TargetingWarning>,
 }
@@ -171,7 +319,11 @@ pub async fn validate_targeting(
     let mut total_member_count = 0i64;
     let mut verdicts = Vec::with_capacity(segment_ids.len());
     for &id in segment_ids {
-        let segment = found.iter().find(|s| s.cio_id == id).cloned();
+        let segment = found
+            .iter()
+            .find(|s| s.cio_id == id)
+            .cloned()
+            .map(|r| SegmentView::new(r, None));
         let first_time = seen.insert(id);
         let mut warnings = Vec::new();
         if !first_time {

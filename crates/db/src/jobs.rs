@@ -268,3 +268,18 @@ pub async fn recent_runs(
         .map(JobRun::try_from)
         .collect::<Result<_, _>>()?)
 }
+
+/// One run of a workspace by id.
+pub async fn get_run(
+    db: &impl ConnectionTrait,
+    workspace_id: i64,
+    id: i64,
+) -> Result<Option<JobRun>, DbError> {
+    use job_runs::{Column, Entity};
+
+    let row = Entity::find_by_id(id)
+        .filter(Column::WorkspaceId.eq(workspace_id))
+        .one(db)
+        .await?;
+    Ok(row.map(JobRun::try_from).transpose()?)
+}

@@ -1,8 +1,8 @@
 //! The job scheduler: runs every [`Job`] on its cron schedule with tokio-cron-scheduler.
 //!
-//! - [`schedules_from_env`]: each job's cron (six fields, seconds first), overridable per job by
-//!   its environment variable.
-//! - [`start`]: registers every job and starts the scheduler; used by the `sharpsend-scheduler`
+//! - [`start`]: registers every job on its schedule from the context's settings
+//!   (`SHARPSEND_*_CRON`, six fields, seconds first) and starts the scheduler; used by the
+//!   `sharpsend-scheduler`
 //!   binary and by `sharpsend-server --dev`.
 //!
 //! A job is the one-step function in `sharpsend_core::jobs`; this crate only decides *when* it
@@ -16,39 +16,11 @@ use std::{
 
 use sharpsend_core::{
     AppContext,
-    config::{ConfigError, Env},
+    error::error_chain,
     jobs::{self, Job, JobOutcome, RunError},
+    settings::Schedule,
 };
 use tokio_cron_scheduler::{JobScheduler, JobSchedulerError};
-
-/// A job and when it runs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Schedule {
-    pub job: Job,
-    pub cron: String,
-}
-
-/// Each job's schedule: its variable (e.g. `SHARPSEND_SEGMENT_SYNC_CRON`) or its default. A
-/// malformed cron is an error naming the variable.
-pub fn schedules_from_env(env: &dyn Env) -> Result<Vec<Schedule>, ConfigError> {
-    Job::ALL
-        .iter()
-        .map(|&job| {
-            let cron = env
-                .var(job.schedule_variable())
-                .unwrap_or_else(|| job.default_schedule().to_string());
-            if let Err(e) =
-                tokio_cron_scheduler::Job::new_async(cron.as_str(), |_, _| Box::pin(async {}))
-            {
-                return Err(ConfigError {
-                    variable: job.schedule_variable(),
-                    problem: format!("not a valid six-field cron schedule (seconds first): {e}"),
-                });
-            }
-            Ok(Schedule { job, cron })
-        })
-        .collect()
-}
 
 /// Why the scheduler could not start.
 #[derive(Debug, thiserror::Error)]
@@ -75,25 +47,22 @@ impl RunningScheduler {
     }
 }
 
-/// Registers every schedule, starts the scheduler and the continuous outbox worker (which wakes
-/// on in-process writes and polls for writes from other processes). Jobs run as `holder`.
-pub async fn start(
-    ctx: AppContext,
-    schedules: Vec<Schedule>,
-    holder: String,
-) -> Result<RunningScheduler, StartError> {
+/// Registers every schedule of `ctx.settings`, starts the scheduler and the continuous outbox
+/// worker (which wakes on in-process writes and polls for writes from other processes). Jobs run
+/// as `holder`.
+pub async fn start(ctx: AppContext, holder: String) -> Result<RunningScheduler, StartError> {
     let (stop_worker, stopped) = tokio::sync::oneshot::channel::<()>();
     let worker = tokio::spawn(sharpsend_core::outbox::run_worker(
         ctx.clone(),
         format!("{holder}/outbox"),
-        (*ctx.delivery).clone(),
+        ctx.settings.delivery.clone(),
         async move {
             let _ = stopped.await;
         },
     ));
     let scheduler = JobScheduler::new().await?;
     let running: Arc<Mutex<HashSet<Job>>> = Arc::default();
-    for Schedule { job, cron } in schedules {
+    for Schedule { job, cron } in ctx.settings.schedules.clone() {
         let ctx = ctx.clone();
         let holder = holder.clone();
         let running = running.clone();
@@ -139,7 +108,7 @@ async fn run_unless_running(
         // run_job has logged and recorded the failure; the next tick tries again.
         Err(RunError::Failed(_)) => {}
         Err(e @ RunError::Bookkeeping(_)) => {
-            tracing::error!(job = job.name(), error = %jobs::error_chain(&e), "job run could not be recorded");
+            tracing::error!(job = job.name(), error = %error_chain(&e), "job run could not be recorded");
         }
     }
     if let Ok(mut set) = running.lock() {
@@ -150,10 +119,14 @@ async fn run_unless_running(
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::HashMap, time::Duration};
+    use std::time::Duration;
 
     use cio_sim::{Fault, SimApi, SimConfig, Simulator};
-    use sharpsend_core::{config::CioSettings, context::Migrations};
+    use sharpsend_core::{
+        clock::Clock,
+        context::Migrations,
+        settings::{CioSettings, Settings},
+    };
     use sharpsend_db::{db_test, testing::TestDatabase};
 
     use super::*;
@@ -169,7 +142,12 @@ mod tests {
                 &config.track_api_key,
                 &config.app_api_key,
             );
-            let ctx = AppContext::bootstrap(&db.url, &settings, Migrations::Apply).await?;
+            let settings = Settings {
+                database_url: db.url.clone(),
+                cio: Some(settings),
+                ..Settings::default()
+            };
+            let ctx = AppContext::bootstrap(settings, Migrations::Apply, Clock::system()).await?;
             // The first run is slow, so the next tick comes while it is still going.
             sim.sim.push_faults(
                 Some(SimApi::App),
@@ -217,19 +195,4 @@ mod tests {
             Ok::<(), anyhow::Error>(())
         }
     );
-
-    #[test]
-    fn defaults_parse_and_a_bad_cron_names_its_variable() {
-        let env: HashMap<String, String> = HashMap::new();
-        let schedules = schedules_from_env(&env).map_err(|e| e.to_string());
-        assert_eq!(schedules.map(|s| s.len()), Ok(Job::ALL.len()));
-
-        let env: HashMap<String, String> = [(
-            "SHARPSEND_SEGMENT_SYNC_CRON".to_string(),
-            "every five minutes".to_string(),
-        )]
-        .into();
-        let err = schedules_from_env(&env).err();
-        assert_eq!(err.map(|e| e.variable), Some("SHARPSEND_SEGMENT_SYNC_CRON"));
-    }
 }

@@ -9,19 +9,20 @@ use anyhow::Context;
 use clap::Parser;
 use sharpsend_core::{
     AppContext,
-    config::{self, CioSettings, ProcessEnv},
+    clock::Clock,
     context::{Migrations, shutdown_signal},
+    error::error_chain,
     jobs::{self, Job, JobOutcome},
-    outbox::DeliveryConfig,
-    sends::SendConfig,
-    telemetry::{self, TelemetryConfig},
+    settings::{self, Binary, Mode, ProcessEnv, Settings},
+    telemetry,
 };
 
 #[derive(Debug, Parser)]
 #[command(
     name = "sharpsend-scheduler",
     version,
-    about = "Runs SharpSend ↔ Customer.io background jobs"
+    about = "Runs SharpSend ↔ Customer.io background jobs",
+    after_help = settings::help(Binary::Scheduler)
 )]
 struct Args {
     /// Run this job once and exit (non-zero on failure) instead of scheduling.
@@ -30,34 +31,41 @@ struct Args {
     /// List the jobs with their schedules and exit.
     #[arg(long, conflicts_with = "once")]
     list: bool,
-    /// Log one JSON object per line.
-    #[arg(long, env = "SHARPSEND_LOG_JSON")]
+    /// Log one JSON object per line (or SHARPSEND_LOG_JSON=true).
+    #[arg(long)]
     json_logs: bool,
 }
-
-/// `service.name` of exported telemetry unless `OTEL_SERVICE_NAME` says otherwise.
-const SERVICE_NAME: &str = "sharpsend-scheduler";
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    // `--list` logs only; running jobs exports over OTLP when configured.
-    let telemetry_config = if args.list {
-        Ok(TelemetryConfig::logs_only(SERVICE_NAME, args.json_logs))
+    let mode = if args.list {
+        Mode::Maintenance
     } else {
-        TelemetryConfig::from_env(&ProcessEnv, SERVICE_NAME, args.json_logs)
+        Mode::Production
     };
-    let _telemetry = match telemetry_config
-        .map_err(anyhow::Error::from)
-        .and_then(|c| Ok(telemetry::init(c)?))
-    {
+    // Every setting is read and checked here, once; a bad one stops start-up naming it.
+    let mut settings = match Settings::from_env(&ProcessEnv, Binary::Scheduler, mode) {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    settings.telemetry.json_logs |= args.json_logs;
+    // `--list` logs only; running jobs exports over OTLP when configured.
+    let mut telemetry_config = settings.telemetry.clone();
+    if args.list {
+        telemetry_config.otlp = None;
+    }
+    let _telemetry = match telemetry::init(telemetry_config) {
         Ok(guard) => guard,
         Err(e) => {
             eprintln!("error: {e:#}");
             return ExitCode::FAILURE;
         }
     };
-    match run(args).await {
+    match run(args, settings).await {
         Ok(code) => code,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "sharpsend-scheduler stopped");
@@ -67,14 +75,13 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let schedules = sharpsend_scheduler::schedules_from_env(&ProcessEnv)?;
+async fn run(args: Args, settings: Settings) -> anyhow::Result<ExitCode> {
     if args.list {
         println!(
             "{:<20} {:<20} {:<36} description",
             "job", "schedule", "variable"
         );
-        for s in &schedules {
+        for s in &settings.schedules {
             println!(
                 "{:<20} {:<20} {:<36} {}",
                 s.job.name(),
@@ -85,14 +92,10 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let cio = CioSettings::from_env(&ProcessEnv)?;
-    let database_url = config::database_url(&ProcessEnv);
-    let mut ctx = AppContext::bootstrap(&database_url, &cio, Migrations::RequireCurrent)
+    let ctx = AppContext::bootstrap(settings, Migrations::RequireCurrent, Clock::system())
         .await
         .context("start-up failed")?;
-    ctx.delivery = std::sync::Arc::new(DeliveryConfig::from_env(&ProcessEnv)?);
-    ctx.sends = std::sync::Arc::new(SendConfig::from_env(&ProcessEnv)?);
-    let holder = jobs::default_holder("scheduler");
+    let holder = ctx.holder("scheduler");
 
     if let Some(job) = args.once {
         return Ok(match jobs::run_job(&ctx, job, &holder).await {
@@ -105,13 +108,13 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("{job}: {}", jobs::error_chain(&e));
+                eprintln!("{job}: {}", error_chain(&e));
                 ExitCode::FAILURE
             }
         });
     }
 
-    let scheduler = sharpsend_scheduler::start(ctx, schedules, holder).await?;
+    let scheduler = sharpsend_scheduler::start(ctx, holder).await?;
     tracing::info!(
         jobs = Job::ALL.len(),
         "scheduler running; Ctrl-C or SIGTERM stops it"

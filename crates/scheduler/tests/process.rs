@@ -144,9 +144,10 @@ db_test!(
 
         use sharpsend_core::{
             AppContext,
-            config::CioSettings,
+            clock::Clock,
             context::Migrations,
             profiles::{self, EventInput},
+            settings::{CioSettings, Settings},
         };
 
         let sim = Simulator::spawn(SimConfig::demo()).await?;
@@ -158,7 +159,12 @@ db_test!(
             &config.track_api_key,
             &config.app_api_key,
         );
-        let ctx = AppContext::bootstrap(&db.url, &settings, Migrations::Apply).await?;
+        let settings = Settings {
+            database_url: db.url.clone(),
+            cio: Some(settings),
+            ..Settings::default()
+        };
+        let ctx = AppContext::bootstrap(settings, Migrations::Apply, Clock::system()).await?;
         let events: Vec<EventInput> = (0..3000)
             .map(|i| EventInput {
                 customer_id: format!("u{:05}", i % 5000 + 1),
@@ -265,7 +271,8 @@ db_test!(
             let schedule = if *job == Job::OutboxDelivery {
                 "*/7 * * * * *"
             } else {
-                job.default_schedule()
+                sharpsend_core::settings::declared_default(job.schedule_variable())
+                    .unwrap_or_default()
             };
             ensure!(line.contains(schedule), "{job}: {line}");
         }

@@ -3,8 +3,6 @@
 //! limit with load shedding, a span and metrics per call (`telemetry`: the caller's `traceparent`
 //! is honoured), and graceful shutdown that reports NOT_SERVING before draining.
 
-use std::time::Duration;
-
 use sharpsend_core::AppContext;
 use sharpsend_proto::v1::{
     campaign_service_server::CampaignServiceServer, ops_service_server::OpsServiceServer,
@@ -23,14 +21,6 @@ use crate::{
     segments::Segments,
 };
 
-/// How the server treats requests.
-#[derive(Debug, Clone)]
-pub struct ServeOptions {
-    pub api_keys: ApiKeys,
-    pub request_timeout: Duration,
-    pub concurrency_per_connection: usize,
-}
-
 /// Why serving failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -41,13 +31,14 @@ pub enum ServeError {
 }
 
 /// Serves every service on `listener` until `shutdown` resolves, then flips health to
-/// NOT_SERVING and drains in-flight calls.
+/// NOT_SERVING and drains in-flight calls. Keys, deadline and limits come from
+/// `ctx.settings.server`.
 pub async fn serve(
     listener: TcpListener,
     ctx: AppContext,
-    options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let options = ctx.settings.server.clone();
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<SegmentServiceServer<Segments>>().await;
     health.set_serving::<ProfileServiceServer<Profiles>>().await;
@@ -68,7 +59,7 @@ pub async fn serve(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
-    let auth = Authenticator::new(options.api_keys);
+    let auth = Authenticator::new(ApiKeys::new(&options.api_keys));
     let segments = SegmentServiceServer::with_interceptor(Segments::new(ctx.clone()), auth.clone());
     let ops = OpsServiceServer::with_interceptor(Ops::new(ctx.clone()), auth.clone());
     let campaigns =

@@ -6,20 +6,14 @@
 
 use std::{fmt, sync::Arc};
 
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
+use sharpsend_core::settings::{ApiKeySetting, parse_api_keys};
 use subtle::ConstantTimeEq;
 use tonic::{Request, Status, service::Interceptor};
 
-/// One accepted key and the name of the caller holding it.
-#[derive(Clone)]
-pub struct ApiKey {
-    pub name: String,
-    secret: SecretString,
-}
-
 /// The accepted keys. `Debug` shows names only.
 #[derive(Clone)]
-pub struct ApiKeys(Arc<[ApiKey]>);
+pub struct ApiKeys(Arc<[ApiKeySetting]>);
 
 impl fmt::Debug for ApiKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -29,41 +23,16 @@ impl fmt::Debug for ApiKeys {
     }
 }
 
-/// The well-known key of `--dev` mode when `SHARPSEND_API_KEYS` is unset.
-pub const DEV_API_KEY: &str = "dev-key";
-
 impl ApiKeys {
-    /// Parses `key,name=key,...`. Errors say what is wrong without echoing any key.
-    pub fn parse(raw: &str) -> Result<Self, String> {
-        let mut keys = Vec::new();
-        for (i, entry) in raw.split(',').map(str::trim).enumerate() {
-            if entry.is_empty() {
-                continue;
-            }
-            let (name, secret) = match entry.split_once('=') {
-                Some((name, secret)) => (name.trim().to_string(), secret.trim()),
-                None => (format!("key-{}", i + 1), entry),
-            };
-            if name.is_empty() || secret.is_empty() {
-                return Err(format!("entry {} has an empty name or key", i + 1));
-            }
-            keys.push(ApiKey {
-                name,
-                secret: SecretString::from(secret.to_string()),
-            });
-        }
-        if keys.is_empty() {
-            return Err("lists no keys".into());
-        }
-        Ok(Self(keys.into()))
+    pub fn new(keys: &[ApiKeySetting]) -> Self {
+        Self(keys.into())
     }
 
-    /// The single `dev-key` of dev mode.
-    pub fn dev() -> Self {
-        Self(Arc::new([ApiKey {
-            name: "dev".into(),
-            secret: SecretString::from(DEV_API_KEY.to_string()),
-        }]))
+    /// Parses `key,name=key,...` as `SHARPSEND_API_KEYS` is. Errors never echo a key.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        parse_api_keys(raw)
+            .map(|keys| Self(keys.into()))
+            .map_err(|e| e.problem)
     }
 
     pub fn len(&self) -> usize {
@@ -78,7 +47,7 @@ impl ApiKeys {
     fn identify(&self, presented: &[u8]) -> Option<Caller> {
         let mut found = None;
         for key in self.0.iter() {
-            if bool::from(key.secret.expose_secret().as_bytes().ct_eq(presented)) {
+            if bool::from(key.key.expose_secret().as_bytes().ct_eq(presented)) {
                 found = Some(Caller {
                     name: key.name.clone(),
                 });

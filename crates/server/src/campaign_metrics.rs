@@ -16,7 +16,7 @@ use tonic::Status;
 
 use crate::{
     convert::{self, limit, timestamp},
-    status::to_status,
+    status::{OrStatus, to_status},
 };
 
 /// Page size when the caller gives none.
@@ -34,12 +34,12 @@ pub async fn list_campaigns(
         DEFAULT_PAGE_SIZE,
         MAX_PAGE_SIZE,
     )
-    .map_err(to_status)?;
-    let after = decode_page_token(&request.page_token).map_err(to_status)?;
-    let kind = kind_filter(request.kind).map_err(to_status)?;
+    .or_status()?;
+    let after = decode_page_token(&request.page_token).or_status()?;
+    let kind = kind_filter(request.kind).or_status()?;
     let mut rows = core_campaigns::list_campaigns(ctx, kind, after, page_size + 1)
         .await
-        .map_err(to_status)?;
+        .or_status()?;
     let next_page_token = if rows.len() as u64 > page_size {
         rows.truncate(usize::try_from(page_size).unwrap_or(usize::MAX));
         rows.last()
@@ -59,11 +59,11 @@ pub async fn get_campaign(
     request: GetCampaignRequest,
 ) -> Result<GetCampaignResponse, Status> {
     let kind = kind_filter(request.kind)
-        .map_err(to_status)?
+        .or_status()?
         .ok_or_else(|| to_status(CoreError::invalid("kind", "is required")))?;
     let record = core_campaigns::get_campaign(ctx, kind, request.id)
         .await
-        .map_err(to_status)?;
+        .or_status()?;
     Ok(GetCampaignResponse {
         campaign: Some(to_proto(&record)),
     })
@@ -87,7 +87,7 @@ pub async fn get_campaign_metrics(
     };
     let metrics = core_metrics::get_metrics(ctx, &subject, request.refresh)
         .await
-        .map_err(to_status)?;
+        .or_status()?;
     Ok(metrics_to_proto(metrics))
 }
 

@@ -16,7 +16,7 @@ use crate::{
     campaign_metrics,
     convert::{limit, struct_to_json, timestamp},
     journey,
-    status::to_status,
+    status::{OrStatus, to_status},
 };
 
 /// Sends listed by ListSends unless the caller says otherwise, and the most it may ask for.
@@ -91,7 +91,7 @@ impl CampaignService for Campaigns {
         };
         let (view, created) = sends::send_assignment(&self.ctx, request)
             .await
-            .map_err(to_status)?;
+            .or_status()?;
         Ok(Response::new(pb::SendAssignmentResponse {
             send: Some(send_to_proto(&view)),
             created,
@@ -116,7 +116,7 @@ impl CampaignService for Campaigns {
                 "give send_id, or assignment_id (and request_id)",
             )));
         };
-        let view = sends::get_send(&self.ctx, &key).await.map_err(to_status)?;
+        let view = sends::get_send(&self.ctx, &key).await.or_status()?;
         Ok(Response::new(pb::GetSendResponse {
             send: Some(send_to_proto(&view)),
         }))
@@ -133,7 +133,7 @@ impl CampaignService for Campaigns {
             DEFAULT_SENDS_PAGE,
             MAX_SENDS_PAGE,
         )
-        .map_err(to_status)?;
+        .or_status()?;
         let state = match pb::SendState::try_from(req.state) {
             Ok(pb::SendState::Unspecified) => None,
             Ok(state) => Some(state_from_proto(state)),
@@ -147,11 +147,11 @@ impl CampaignService for Campaigns {
         let filter = ListFilter {
             assignment_id: Some(req.assignment_id).filter(|a| !a.trim().is_empty()),
             state,
-            before_id: decode_page_token(&req.page_token).map_err(to_status)?,
+            before_id: decode_page_token(&req.page_token).or_status()?,
         };
         let mut views = sends::list_sends(&self.ctx, &filter, limit + 1)
             .await
-            .map_err(to_status)?;
+            .or_status()?;
         let next_page_token = if views.len() as u64 > limit {
             views.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
             views
@@ -187,7 +187,7 @@ impl CampaignService for Campaigns {
             req.reason.trim(),
         )
         .await
-        .map_err(to_status)?;
+        .or_status()?;
         Ok(Response::new(pb::ResolveSendResponse {
             send: Some(send_to_proto(&view)),
         }))

@@ -1,6 +1,6 @@
 //! `CampaignService.TriggerJourneyEvent`: maps the request to
 //! [`sharpsend_core::journey::trigger_journey_event`] and its report back; errors through
-//! [`crate::status::to_status`].
+//! [`crate::status::{OrStatus, to_status}`].
 
 use sharpsend_core::AppContext;
 use sharpsend_core::journey::{self, JourneyEventRequest};
@@ -8,7 +8,7 @@ use sharpsend_proto::v1::{TriggerJourneyEventRequest, TriggerJourneyEventRespons
 use tonic::Status;
 
 use crate::convert::struct_to_json;
-use crate::status::to_status;
+use crate::status::OrStatus;
 
 pub async fn trigger_journey_event(
     ctx: &AppContext,
@@ -22,7 +22,7 @@ pub async fn trigger_journey_event(
     };
     let report = journey::trigger_journey_event(ctx, request)
         .await
-        .map_err(to_status)?;
+        .or_status()?;
     let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     Ok(TriggerJourneyEventResponse {
         members: count(report.members),

@@ -1,7 +1,6 @@
 //! `sharpsend-server`: the gRPC face of the service. It maps requests to `sharpsend_core` calls and
 //! domain errors to gRPC status; business logic lives in `sharpsend-core`.
 //!
-//! - [`config`]: the server's settings from the environment.
 //! - [`auth`]: the API-key interceptor (constant-time comparison; caller identity in extensions).
 //! - [`status`]: the ONE place where domain errors become `tonic::Status`.
 //! - [`segments`] serves `sharpsend.cio.v1.SegmentService`; [`profiles`] serves
@@ -17,7 +16,6 @@ pub mod app;
 pub mod auth;
 pub mod campaign_metrics;
 pub mod campaigns;
-pub mod config;
 pub mod convert;
 pub mod dev;
 pub mod journey;
@@ -27,4 +25,4 @@ pub mod segments;
 pub mod status;
 pub mod telemetry;
 
-pub use app::{ServeOptions, serve};
+pub use app::serve;

@@ -7,26 +7,27 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sharpsend_core::{
     AppContext,
-    config::{self, ProcessEnv},
+    clock::Clock,
     context::{Migrations, shutdown_signal},
-    sends::SendConfig,
-    telemetry::{self, TelemetryConfig},
+    settings::{self, Binary, Mode, ProcessEnv, Settings},
+    telemetry,
 };
-use sharpsend_server::{ServeOptions, config::ServerConfig, dev, serve};
+use sharpsend_server::serve;
 use tokio::net::TcpListener;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "sharpsend-server",
     version,
-    about = "SharpSend ↔ Customer.io gRPC service"
+    about = "SharpSend ↔ Customer.io gRPC service",
+    after_help = settings::help(Binary::Server)
 )]
 struct Args {
     /// Dev mode: SQLite + built-in Customer.io simulator + in-process scheduler, no credentials.
     #[arg(long)]
     dev: bool,
-    /// Log one JSON object per line.
-    #[arg(long, env = "SHARPSEND_LOG_JSON")]
+    /// Log one JSON object per line (or SHARPSEND_LOG_JSON=true).
+    #[arg(long)]
     json_logs: bool,
     #[command(subcommand)]
     command: Option<Command>,
@@ -39,35 +40,41 @@ enum Command {
     /// Ask a running server's gRPC health service; exit 0 when SERVING (for container health checks).
     Health {
         /// Address of the server.
-        #[arg(long, default_value = sharpsend_server::config::DEFAULT_LISTEN)]
+        #[arg(long, default_value = settings::DEFAULT_LISTEN)]
         addr: std::net::SocketAddr,
     },
 }
 
-/// `service.name` of exported telemetry unless `OTEL_SERVICE_NAME` says otherwise.
-const SERVICE_NAME: &str = "sharpsend-server";
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    // One-shot commands log only; serving (and dev mode) export over OTLP when configured.
-    let telemetry_config = match args.command {
-        Some(Command::Health { .. } | Command::Migrate) => {
-            Ok(TelemetryConfig::logs_only(SERVICE_NAME, args.json_logs))
-        }
-        None => TelemetryConfig::from_env(&ProcessEnv, SERVICE_NAME, args.json_logs),
+    let mode = match (&args.command, args.dev) {
+        (Some(_), _) => Mode::Maintenance,
+        (None, true) => Mode::Dev,
+        (None, false) => Mode::Production,
     };
-    let _telemetry = match telemetry_config
-        .map_err(anyhow::Error::from)
-        .and_then(|c| Ok(telemetry::init(c)?))
-    {
+    // Every setting is read and checked here, once; a bad one stops start-up naming it.
+    let mut settings = match Settings::from_env(&ProcessEnv, Binary::Server, mode) {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    settings.telemetry.json_logs |= args.json_logs;
+    // One-shot commands log only; serving (and dev mode) export over OTLP when configured.
+    let mut telemetry_config = settings.telemetry.clone();
+    if mode == Mode::Maintenance {
+        telemetry_config.otlp = None;
+    }
+    let _telemetry = match telemetry::init(telemetry_config) {
         Ok(guard) => guard,
         Err(e) => {
             eprintln!("error: {e:#}");
             return ExitCode::FAILURE;
         }
     };
-    match run(args).await {
+    match run(args, settings).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "sharpsend-server stopped");
@@ -77,47 +84,38 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
-    if let Some(Command::Migrate) = args.command {
-        let url = config::database_url(&ProcessEnv);
-        let db = sharpsend_db::connect(&url).await?;
-        let pending = sharpsend_db::pending_migrations(&db).await?;
-        sharpsend_db::migrate(&db).await?;
-        println!(
-            "applied {} migration(s){}",
-            pending.len(),
-            if pending.is_empty() {
-                String::new()
-            } else {
-                format!(": {}", pending.join(", "))
-            }
-        );
-        return Ok(());
+async fn run(args: Args, settings: Settings) -> anyhow::Result<()> {
+    match args.command {
+        Some(Command::Migrate) => return migrate(&settings.database_url).await,
+        Some(Command::Health { addr }) => return health_check(addr).await,
+        None => {}
     }
-
-    if let Some(Command::Health { addr }) = args.command {
-        return health_check(addr).await;
-    }
-
-    let config = ServerConfig::from_env(&ProcessEnv, args.dev)?;
     if args.dev {
-        return dev::run(config, shutdown_signal()).await;
+        return sharpsend_server::dev::run(settings, shutdown_signal()).await;
     }
-    let cio = config.cio.as_ref().context("Customer.io settings")?;
-    let mut ctx = AppContext::bootstrap(&config.database_url, cio, Migrations::RequireCurrent)
+    let listen = settings.server.listen;
+    let ctx = AppContext::bootstrap(settings, Migrations::RequireCurrent, Clock::system())
         .await
         .context("start-up failed")?;
-    ctx.sends = std::sync::Arc::new(SendConfig::from_env(&ProcessEnv)?);
-    let listener = TcpListener::bind(config.listen)
+    let listener = TcpListener::bind(listen)
         .await
-        .with_context(|| format!("binding {}", config.listen))?;
+        .with_context(|| format!("binding {listen}"))?;
     tracing::info!(addr = %listener.local_addr()?, workspace = %ctx.workspace.cio_site_id, "serving gRPC");
-    let options = ServeOptions {
-        api_keys: config.api_keys,
-        request_timeout: config.request_timeout,
-        concurrency_per_connection: config.concurrency_per_connection,
-    };
-    serve(listener, ctx, options, shutdown_signal()).await?;
+    serve(listener, ctx, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn migrate(database_url: &str) -> anyhow::Result<()> {
+    let applied = sharpsend_core::context::migrate(database_url).await?;
+    println!(
+        "applied {} migration(s){}",
+        applied.len(),
+        if applied.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", applied.join(", "))
+        }
+    );
     Ok(())
 }
 

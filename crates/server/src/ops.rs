@@ -1,24 +1,18 @@
 //! `sharpsend.cio.v1.OpsService`: the background jobs for operators — list them with their
-//! schedules, list recent runs, run one now. Mapping only: jobs run through
-//! `sharpsend_core::jobs::run_job` (lease + run record, exactly as the scheduler runs them) and
-//! runs are read from `sharpsend_db::jobs`.
-
-use std::sync::Arc;
+//! schedules, list recent runs, run one now. Mapping only: `sharpsend_core::jobs` runs them
+//! (lease + run record, exactly as the scheduler runs them) and reads their runs.
 
 use sharpsend_core::{
     AppContext, CoreError,
-    config::{Env, ProcessEnv},
-    jobs::{self, Job, JobOutcome, RunError},
+    jobs::{self, Job, JobRunView, RunState},
 };
-use sharpsend_db::jobs::{self as job_store, JobRun, RunOutcome};
 use sharpsend_proto::v1::{self as pb, ops_service_server::OpsService};
 use tonic::{Request, Response, Status};
-use tracing::Instrument as _;
 
 use crate::{
     auth::Caller,
     convert::{json_to_struct, limit, timestamp},
-    status::to_status,
+    status::OrStatus,
 };
 
 /// Runs listed by ListJobRuns unless the caller says otherwise, and the most it may ask for.
@@ -27,18 +21,11 @@ pub const MAX_RUNS_LIMIT: u64 = 500;
 
 pub struct Ops {
     ctx: AppContext,
-    env: Arc<dyn Env + Send + Sync>,
 }
 
 impl Ops {
-    /// Schedules are read from the process environment (the scheduler's variables).
     pub fn new(ctx: AppContext) -> Self {
-        Self::with_env(ctx, Arc::new(ProcessEnv))
-    }
-
-    /// Schedules read from `env`.
-    pub fn with_env(ctx: AppContext, env: Arc<dyn Env + Send + Sync>) -> Self {
-        Self { ctx, env }
+        Self { ctx }
     }
 }
 
@@ -48,16 +35,16 @@ fn parse_job(name: &str) -> Result<Job, CoreError> {
         .map_err(|e| CoreError::invalid("job", e.to_string()))
 }
 
-fn outcome(outcome: RunOutcome) -> pb::JobRunOutcome {
-    match outcome {
-        RunOutcome::Running => pb::JobRunOutcome::Running,
-        RunOutcome::Succeeded => pb::JobRunOutcome::Succeeded,
-        RunOutcome::Failed => pb::JobRunOutcome::Failed,
-        RunOutcome::Skipped => pb::JobRunOutcome::Skipped,
+fn outcome(state: RunState) -> pb::JobRunOutcome {
+    match state {
+        RunState::Running => pb::JobRunOutcome::Running,
+        RunState::Succeeded => pb::JobRunOutcome::Succeeded,
+        RunState::Failed => pb::JobRunOutcome::Failed,
+        RunState::Skipped => pb::JobRunOutcome::Skipped,
     }
 }
 
-fn to_proto(run: &JobRun) -> pb::JobRun {
+fn to_proto(run: &JobRunView) -> pb::JobRun {
     let duration = run.finished_at.map(|end| {
         let d = end - run.started_at;
         let seconds = d.num_seconds();
@@ -73,7 +60,7 @@ fn to_proto(run: &JobRun) -> pb::JobRun {
         id: run.id,
         job: run.job.clone(),
         holder: run.holder.clone(),
-        outcome: outcome(run.outcome) as i32,
+        outcome: outcome(run.state) as i32,
         started_at: Some(timestamp(run.started_at)),
         finished_at: run.finished_at.map(timestamp),
         duration,
@@ -88,17 +75,14 @@ impl OpsService for Ops {
         &self,
         _request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
-        let jobs = Job::ALL
-            .iter()
-            .map(|&job| pb::JobInfo {
-                name: job.name().to_string(),
-                description: job.description().to_string(),
-                schedule: self
-                    .env
-                    .var(job.schedule_variable())
-                    .unwrap_or_else(|| job.default_schedule().to_string()),
-                schedule_variable: job.schedule_variable().to_string(),
-                default_schedule: job.default_schedule().to_string(),
+        let jobs = jobs::list_jobs(&self.ctx)
+            .into_iter()
+            .map(|info| pb::JobInfo {
+                name: info.job.name().to_string(),
+                description: info.job.description().to_string(),
+                schedule: info.schedule,
+                schedule_variable: info.job.schedule_variable().to_string(),
+                default_schedule: info.default_schedule.to_string(),
             })
             .collect();
         Ok(Response::new(pb::ListJobsResponse { jobs }))
@@ -112,7 +96,7 @@ impl OpsService for Ops {
         let job = if req.job.trim().is_empty() {
             None
         } else {
-            Some(parse_job(&req.job).map_err(to_status)?)
+            Some(parse_job(&req.job).or_status()?)
         };
         let limit = limit(
             "limit",
@@ -120,15 +104,10 @@ impl OpsService for Ops {
             DEFAULT_RUNS_LIMIT,
             MAX_RUNS_LIMIT,
         )
-        .map_err(to_status)?;
-        let runs = job_store::recent_runs(
-            &self.ctx.db,
-            self.ctx.workspace_id(),
-            job.map(Job::name),
-            limit,
-        )
-        .await
-        .map_err(|e| to_status(e.into()))?;
+        .or_status()?;
+        let runs = jobs::recent_runs(&self.ctx, job, limit)
+            .await
+            .or_status()?;
         Ok(Response::new(pb::ListJobRunsResponse {
             runs: runs.iter().map(to_proto).collect(),
         }))
@@ -143,40 +122,12 @@ impl OpsService for Ops {
             .get::<Caller>()
             .map(|c| c.name.clone())
             .unwrap_or_else(|| "unknown".into());
-        let job = parse_job(&request.into_inner().job).map_err(to_status)?;
-        let holder = jobs::default_holder(&format!("server-ops({caller})"));
-        tracing::info!(job = job.name(), caller = %caller, "job run requested");
-
-        // A task of its own: the run finishes (and releases its lease and records its end) even
-        // if the caller stops waiting or the call's deadline passes.
-        let ctx = self.ctx.clone();
-        let task = tokio::spawn(
-            async move { jobs::run_job(&ctx, job, &holder).await }
-                .instrument(tracing::Span::current()),
-        );
-        let result = task.await.map_err(|e| {
-            tracing::error!(job = job.name(), error = %e, "job task ended abnormally");
-            Status::internal(format!(
-                "the {job} run ended abnormally; see the server log"
-            ))
-        })?;
-        let run_id = match result {
-            Ok(JobOutcome::Succeeded { run_id, .. } | JobOutcome::Skipped { run_id }) => run_id,
-            Err(RunError::Failed(failed)) => failed.run_id,
-            Err(RunError::Bookkeeping(e)) => return Err(to_status(e.into())),
-        };
-        // The run as recorded: a handful of runs can start between ours and this read.
-        let recent =
-            job_store::recent_runs(&self.ctx.db, self.ctx.workspace_id(), Some(job.name()), 100)
-                .await
-                .map_err(|e| to_status(e.into()))?;
-        let run = recent.iter().find(|r| r.id == run_id).ok_or_else(|| {
-            Status::internal(format!(
-                "the {job} run {run_id} was not found after it ended"
-            ))
-        })?;
+        let job = parse_job(&request.into_inner().job).or_status()?;
+        let run = jobs::run_now(&self.ctx, job, &caller)
+            .await
+            .or_status()?;
         Ok(Response::new(pb::RunJobResponse {
-            run: Some(to_proto(run)),
+            run: Some(to_proto(&run)),
         }))
     }
 }
@@ -187,6 +138,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::status::to_status;
 
     #[test]
     fn a_run_maps_with_its_duration_and_an_unknown_job_names_the_field() {
@@ -194,14 +146,13 @@ mod tests {
             .with_ymd_and_hms(2026, 11, 28, 10, 0, 0)
             .single()
             .unwrap_or_default();
-        let run = JobRun {
+        let run = JobRunView {
             id: 7,
-            workspace_id: 1,
             job: "segment-sync".into(),
             holder: "scheduler@h:1:x".into(),
             started_at: started,
             finished_at: Some(started + chrono::Duration::milliseconds(2500)),
-            outcome: RunOutcome::Failed,
+            state: RunState::Failed,
             details: json!({"created": 3}),
             error: Some("Customer.io is unavailable".into()),
         };
@@ -221,9 +172,9 @@ mod tests {
                 .is_some_and(|d| d.fields.contains_key("created"))
         );
 
-        let running = JobRun {
+        let running = JobRunView {
             finished_at: None,
-            outcome: RunOutcome::Running,
+            state: RunState::Running,
             error: None,
             ..run
         };

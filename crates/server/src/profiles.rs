@@ -1,15 +1,14 @@
 //! `sharpsend.cio.v1.ProfileService`: request mapping only; the rules and the work are in
-//! `sharpsend_core::profiles` (writes, reads, imports) and `sharpsend_db::outbox` (status).
+//! `sharpsend_core::profiles` (writes, reads, imports) and `sharpsend_core::outbox` (status).
 
 use std::pin::Pin;
 
-use chrono::Utc;
 use futures::Stream;
 use sharpsend_core::{
     AppContext, CoreError,
+    outbox::{self, OutboxItem},
     profiles::{self, AttributeUpdate, CustomerRef, EventInput, ImportSource},
 };
-use sharpsend_db::outbox::{self, OutboxRow};
 use sharpsend_proto::v1::{
     self as pb, customer_ref::Identifier, profile_service_server::ProfileService,
 };
@@ -18,7 +17,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     convert::{datetime, json_to_struct, limit, struct_to_json, timestamp},
-    status::to_status,
+    status::{OrStatus, to_status},
 };
 
 /// Items listed by GetSyncStatus unless the caller says otherwise, and the most it may ask for.
@@ -58,14 +57,14 @@ fn event_input(req: pb::TrackEventRequest, field: &str) -> Result<EventInput, Co
     })
 }
 
-fn item(row: &OutboxRow) -> pb::OutboxItem {
+fn item(row: &OutboxItem) -> pb::OutboxItem {
     pb::OutboxItem {
         id: row.id,
-        kind: row.kind.as_str().to_string(),
+        kind: row.kind.to_string(),
         customer_id: row.customer_id.clone(),
         event_id: row.event_id.clone().unwrap_or_default(),
         attempts: row.attempts,
-        error: row.last_error.clone().unwrap_or_default(),
+        error: row.error.clone().unwrap_or_default(),
         created_at: Some(timestamp(row.created_at)),
         next_attempt_at: Some(timestamp(row.next_attempt_at)),
     }
@@ -94,7 +93,7 @@ impl ProfileService for Profiles {
         };
         let view = profiles::get_profile(&self.ctx, who, req.fresh)
             .await
-            .map_err(to_status)?;
+            .or_status()?;
         let p = view.profile;
         Ok(Response::new(pb::GetProfileResponse {
             profile: Some(pb::Profile {
@@ -134,7 +133,7 @@ impl ProfileService for Profiles {
         } else {
             ImportSource::Ids(req.customer_ids)
         };
-        profiles::validate_import(&source).map_err(to_status)?;
+        profiles::validate_import(&source).or_status()?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let ctx = self.ctx.clone();
         tokio::spawn(async move {
@@ -168,7 +167,7 @@ impl ProfileService for Profiles {
             None,
         )
         .await
-        .map_err(to_status)?;
+        .or_status()?;
         Ok(Response::new(pb::UpdateAttributesResponse {}))
     }
 
@@ -184,7 +183,7 @@ impl ProfileService for Profiles {
             .collect();
         let accepted = profiles::update_attributes(&self.ctx, updates, Some("updates"))
             .await
-            .map_err(to_status)?;
+            .or_status()?;
         Ok(Response::new(pb::BatchUpdateAttributesResponse {
             accepted: u32::try_from(accepted).unwrap_or(u32::MAX),
         }))
@@ -194,14 +193,14 @@ impl ProfileService for Profiles {
         &self,
         request: Request<pb::TrackEventRequest>,
     ) -> Result<Response<pb::TrackEventResponse>, Status> {
-        let event = event_input(request.into_inner(), "").map_err(to_status)?;
+        let event = event_input(request.into_inner(), "").or_status()?;
         let accepted = profiles::track_events(&self.ctx, vec![event], None)
             .await
-            .map_err(to_status)?;
+            .or_status()?;
         let first = accepted
             .into_iter()
             .next()
-            .ok_or_else(|| Status::internal("event not accepted"))?;
+            .ok_or_else(|| to_status(CoreError::Internal("event not accepted".into())))?;
         Ok(Response::new(pb::TrackEventResponse {
             event_id: first.event_id,
             duplicate: first.duplicate,
@@ -219,10 +218,10 @@ impl ProfileService for Profiles {
             .enumerate()
             .map(|(i, e)| event_input(e, &format!("events[{i}].")))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(to_status)?;
+            .or_status()?;
         let accepted = profiles::track_events(&self.ctx, events, Some("events"))
             .await
-            .map_err(to_status)?;
+            .or_status()?;
         Ok(Response::new(pb::BatchTrackEventsResponse {
             events: accepted
                 .into_iter()
@@ -244,29 +243,21 @@ impl ProfileService for Profiles {
             DEFAULT_STATUS_LIMIT,
             MAX_STATUS_LIMIT,
         )
-        .map_err(to_status)?;
-        let ws = self.ctx.workspace_id();
-        let db_err = |e: sharpsend_db::DbError| to_status(e.into());
-        let stats = outbox::stats(&self.ctx.db, ws).await.map_err(db_err)?;
-        let failures = outbox::recent_failures(&self.ctx.db, ws, limit)
+        .or_status()?;
+        let status = outbox::sync_status(&self.ctx, limit)
             .await
-            .map_err(db_err)?;
-        let dead = outbox::dead_letters(&self.ctx.db, ws, limit)
-            .await
-            .map_err(db_err)?;
-        let now = Utc::now();
+            .or_status()?;
         Ok(Response::new(pb::GetSyncStatusResponse {
-            pending: stats.pending,
-            in_flight: stats.in_flight,
-            delivered: stats.delivered,
-            dead: stats.dead,
-            oldest_pending_age: stats
-                .oldest_pending_at
-                .and_then(|at| (now - at).to_std().ok())
+            pending: status.pending,
+            in_flight: status.in_flight,
+            delivered: status.delivered,
+            dead: status.dead,
+            oldest_pending_age: status
+                .oldest_pending_age
                 .and_then(|d| prost_types::Duration::try_from(d).ok()),
-            last_delivered_at: stats.last_delivered_at.map(timestamp),
-            recent_failures: failures.iter().map(item).collect(),
-            dead_letters: dead.iter().map(item).collect(),
+            last_delivered_at: status.last_delivered_at.map(timestamp),
+            recent_failures: status.recent_failures.iter().map(item).collect(),
+            dead_letters: status.dead_letters.iter().map(item).collect(),
         }))
     }
 
@@ -274,25 +265,9 @@ impl ProfileService for Profiles {
         &self,
         request: Request<pb::RetryDeadLettersRequest>,
     ) -> Result<Response<pb::RetryDeadLettersResponse>, Status> {
-        let ids = request.into_inner().ids;
-        if let Some(i) = ids.iter().position(|id| *id <= 0) {
-            return Err(to_status(CoreError::invalid(
-                format!("ids[{i}]"),
-                "must be a positive outbox id",
-            )));
-        }
-        let ids = (!ids.is_empty()).then_some(ids);
-        let requeued = outbox::requeue_dead(
-            &self.ctx.db,
-            self.ctx.workspace_id(),
-            ids.as_deref(),
-            Utc::now(),
-        )
-        .await
-        .map_err(|e| to_status(e.into()))?;
-        if requeued > 0 {
-            self.ctx.outbox_wakeup.notify_waiters();
-        }
+        let requeued = outbox::retry_dead_letters(&self.ctx, &request.into_inner().ids)
+            .await
+            .or_status()?;
         Ok(Response::new(pb::RetryDeadLettersResponse { requeued }))
     }
 }

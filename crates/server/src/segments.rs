@@ -1,11 +1,10 @@
 //! `sharpsend.cio.v1.SegmentService`: request validation and mapping; the work is in
-//! `sharpsend_core::segments` (sync, targeting), `sharpsend_core::managed_segments` (SharpSend's
-//! own segments) and the mirror in `sharpsend_db::segments`. The criteria message maps to and
-//! from `sharpsend_core::criteria` here ([`raw_criteria`], [`criteria_to_proto`]).
+//! `sharpsend_core::segments` (reads, sync, targeting) and `sharpsend_core::managed_segments`
+//! (SharpSend's own segments). The criteria message maps to and from `sharpsend_core::criteria`
+//! here ([`raw_criteria`], [`criteria_to_proto`]).
 
 use std::time::Duration;
 
-use chrono::Utc;
 use sharpsend_core::{
     AppContext, CoreError,
     criteria::{
@@ -13,15 +12,17 @@ use sharpsend_core::{
         Value,
     },
     managed_segments::{self as managed, CriteriaInput, ManagedView, NewSegment, SegmentChanges},
-    segments::{self as core_segments, TargetingWarning as Warning},
+    segments::{
+        self as core_segments, SegmentFilter, SegmentKind, SegmentView,
+        TargetingWarning as Warning,
+    },
 };
-use sharpsend_db::segments::{self as mirror, ListFilter, SegmentRecord, TypeFilter};
 use sharpsend_proto::v1::{self as pb, segment_service_server::SegmentService};
 use tonic::{Request, Response, Status};
 
 use crate::{
     convert::{self, datetime, limit, timestamp},
-    status::to_status,
+    status::{OrStatus, to_status},
 };
 
 /// Page size when the caller gives none.
@@ -46,12 +47,12 @@ impl SegmentService for Segments {
         request: Request<pb::ListSegmentsRequest>,
     ) -> Result<Response<pb::ListSegmentsResponse>, Status> {
         let req = request.into_inner();
-        let limit = page_size(req.page_size).map_err(to_status)?;
-        let after = decode_page_token(&req.page_token).map_err(to_status)?;
-        let segment_type = match pb::SegmentType::try_from(req.r#type) {
+        let limit = page_size(req.page_size).or_status()?;
+        let after = decode_page_token(&req.page_token).or_status()?;
+        let kind = match pb::SegmentType::try_from(req.r#type) {
             Ok(pb::SegmentType::Unspecified) => None,
-            Ok(pb::SegmentType::Dynamic) => Some(TypeFilter::Dynamic),
-            Ok(pb::SegmentType::Manual) => Some(TypeFilter::Manual),
+            Ok(pb::SegmentType::Dynamic) => Some(SegmentKind::Dynamic),
+            Ok(pb::SegmentType::Manual) => Some(SegmentKind::Manual),
             Err(_) => {
                 return Err(to_status(CoreError::invalid(
                     "type",
@@ -59,39 +60,17 @@ impl SegmentService for Segments {
                 )));
             }
         };
-        let filter = ListFilter {
-            name_contains: Some(req.name_contains.trim().to_string()).filter(|n| !n.is_empty()),
-            segment_type,
+        let filter = SegmentFilter {
+            name_contains: Some(req.name_contains),
+            kind,
             include_removed: req.include_removed,
         };
-        let mut rows = mirror::list(
-            &self.ctx.db,
-            self.ctx.workspace_id(),
-            &filter,
-            after,
-            limit + 1,
-        )
-        .await
-        .map_err(|e| to_status(e.into()))?;
-        let next_page_token = if rows.len() as u64 > limit {
-            rows.truncate(limit as usize);
-            rows.last()
-                .map(|r| encode_page_token(r.cio_id))
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
-        let ids: Vec<i64> = rows.iter().map(|r| r.cio_id).collect();
-        let managed = managed::get_many(&self.ctx, &ids)
+        let page = core_segments::list_segments(&self.ctx, &filter, after, limit)
             .await
-            .map_err(to_status)?;
-        let segments = rows
-            .iter()
-            .map(|r| to_proto(r, managed.get(&r.cio_id)))
-            .collect();
+            .or_status()?;
         Ok(Response::new(pb::ListSegmentsResponse {
-            segments,
-            next_page_token,
+            segments: page.items.iter().map(to_proto).collect(),
+            next_page_token: page.next.map(encode_page_token).unwrap_or_default(),
         }))
     }
 
@@ -99,27 +78,11 @@ impl SegmentService for Segments {
         &self,
         request: Request<pb::GetSegmentRequest>,
     ) -> Result<Response<pb::GetSegmentResponse>, Status> {
-        let id = request.into_inner().segment_id;
-        if id <= 0 {
-            return Err(to_status(CoreError::invalid(
-                "segment_id",
-                "must be a positive Customer.io segment id",
-            )));
-        }
-        let found = mirror::get(&self.ctx.db, self.ctx.workspace_id(), id)
+        let segment = core_segments::get_segment(&self.ctx, request.into_inner().segment_id)
             .await
-            .map_err(|e| to_status(e.into()))?;
-        let segment = found.ok_or_else(|| {
-            to_status(CoreError::NotFound {
-                what: "segment",
-                id: id.to_string(),
-            })
-        })?;
-        let managed = managed::get_many(&self.ctx, &[id])
-            .await
-            .map_err(to_status)?;
+            .or_status()?;
         Ok(Response::new(pb::GetSegmentResponse {
-            segment: Some(to_proto(&segment, managed.get(&id))),
+            segment: Some(to_proto(&segment)),
         }))
     }
 
@@ -129,7 +92,7 @@ impl SegmentService for Segments {
     ) -> Result<Response<pb::SyncSegmentsResponse>, Status> {
         let report = core_segments::sync_segments(&self.ctx)
             .await
-            .map_err(to_status)?;
+            .or_status()?;
         Ok(Response::new(pb::SyncSegmentsResponse {
             created: report.counts.created,
             updated: report.counts.updated,
@@ -154,9 +117,9 @@ impl SegmentService for Segments {
             })?,
         };
         let report =
-            core_segments::validate_targeting(&self.ctx, &req.segment_ids, max_age, Utc::now())
+            core_segments::validate_targeting(&self.ctx, &req.segment_ids, max_age, self.ctx.now())
                 .await
-                .map_err(to_status)?;
+                .or_status()?;
         let sendable = report.sendable();
         Ok(Response::new(pb::ValidateTargetingResponse {
             segments: report
@@ -165,7 +128,7 @@ impl SegmentService for Segments {
                 .map(|t| pb::SegmentTargeting {
                     segment_id: t.segment_id,
                     exists: t.segment.is_some(),
-                    segment: t.segment.as_ref().map(|s| to_proto(s, None)),
+                    segment: t.segment.as_ref().map(to_proto),
                     count_age: t
                         .count_age
                         .and_then(|a| prost_types::Duration::try_from(a).ok()),
@@ -183,7 +146,7 @@ impl SegmentService for Segments {
         request: Request<pb::CreateSegmentRequest>,
     ) -> Result<Response<pb::CreateSegmentResponse>, Status> {
         let req = request.into_inner();
-        let criteria = criteria_input(req.criteria, req.criteria_json, false).map_err(to_status)?;
+        let criteria = criteria_input(req.criteria, req.criteria_json, false).or_status()?;
         let view = managed::create_segment(
             &self.ctx,
             NewSegment {
@@ -193,7 +156,7 @@ impl SegmentService for Segments {
             },
         )
         .await
-        .map_err(to_status)?;
+        .or_status()?;
         let segment = self.managed_segment(view).await?;
         Ok(Response::new(pb::CreateSegmentResponse {
             segment: Some(segment),
@@ -206,7 +169,7 @@ impl SegmentService for Segments {
     ) -> Result<Response<pb::PreviewSegmentResponse>, Status> {
         let req = request.into_inner();
         let input = criteria_input(req.criteria, req.criteria_json, true)
-            .map_err(to_status)?
+            .or_status()?
             .ok_or_else(|| {
                 to_status(CoreError::invalid(
                     "criteria",
@@ -215,7 +178,7 @@ impl SegmentService for Segments {
             })?;
         let preview = managed::preview(&self.ctx, input, req.sample_size)
             .await
-            .map_err(to_status)?;
+            .or_status()?;
         Ok(Response::new(pb::PreviewSegmentResponse {
             member_count: i64::try_from(preview.member_count).unwrap_or(i64::MAX),
             sample: preview
@@ -236,7 +199,7 @@ impl SegmentService for Segments {
         request: Request<pb::UpdateSegmentRequest>,
     ) -> Result<Response<pb::UpdateSegmentResponse>, Status> {
         let req = request.into_inner();
-        let criteria = criteria_input(req.criteria, req.criteria_json, false).map_err(to_status)?;
+        let criteria = criteria_input(req.criteria, req.criteria_json, false).or_status()?;
         let changes = SegmentChanges {
             name: req.name,
             description: req.description,
@@ -245,7 +208,7 @@ impl SegmentService for Segments {
         };
         let view = managed::update_segment(&self.ctx, req.segment_id, changes)
             .await
-            .map_err(to_status)?;
+            .or_status()?;
         let segment = self.managed_segment(view).await?;
         Ok(Response::new(pb::UpdateSegmentResponse {
             segment: Some(segment),
@@ -258,7 +221,7 @@ impl SegmentService for Segments {
     ) -> Result<Response<pb::DeleteSegmentResponse>, Status> {
         managed::delete_segment(&self.ctx, request.into_inner().segment_id)
             .await
-            .map_err(to_status)?;
+            .or_status()?;
         Ok(Response::new(pb::DeleteSegmentResponse {}))
     }
 
@@ -269,7 +232,7 @@ impl SegmentService for Segments {
         let req = request.into_inner();
         let change = managed::add_members(&self.ctx, req.segment_id, &req.customer_ids)
             .await
-            .map_err(to_status)?;
+            .or_status()?;
         Ok(Response::new(pb::AddSegmentMembersResponse {
             added: change.changed,
             member_count: change.member_count,
@@ -283,7 +246,7 @@ impl SegmentService for Segments {
         let req = request.into_inner();
         let change = managed::remove_members(&self.ctx, req.segment_id, &req.customer_ids)
             .await
-            .map_err(to_status)?;
+            .or_status()?;
         Ok(Response::new(pb::RemoveSegmentMembersResponse {
             removed: change.changed,
             member_count: change.member_count,
@@ -292,21 +255,12 @@ impl SegmentService for Segments {
 }
 
 impl Segments {
-    /// A managed segment as a `Segment`, with its row from the mirror.
+    /// A managed segment as a `Segment`, with its mirrored part.
     async fn managed_segment(&self, view: ManagedView) -> Result<pb::Segment, Status> {
-        let id = view.record.cio_segment_id;
-        let row = mirror::get(&self.ctx.db, self.ctx.workspace_id(), id)
+        let segment = core_segments::get_segment(&self.ctx, view.segment_id)
             .await
-            .map_err(|e| to_status(e.into()))?;
-        Ok(match row {
-            Some(row) => to_proto(&row, Some(&view)),
-            None => pb::Segment {
-                id,
-                r#type: pb::SegmentType::Manual as i32,
-                synced_at: Some(timestamp(view.record.created_at)),
-                ..managed_only(&view)
-            },
-        })
+            .or_status()?;
+        Ok(to_proto(&segment))
     }
 }
 
@@ -465,37 +419,26 @@ fn value_to_proto(v: &Value) -> pb::ConditionValue {
     pb::ConditionValue { value: Some(value) }
 }
 
-/// The fields of `Segment` a managed segment defines.
-fn managed_only(view: &ManagedView) -> pb::Segment {
-    let r = &view.record;
-    pb::Segment {
-        id: r.cio_segment_id,
-        name: r.name.clone(),
-        description: r.description.clone().unwrap_or_default(),
-        member_count: Some(r.member_count),
-        managed: Some(pb::ManagedSegment {
-            criteria: view.criteria.as_ref().map(criteria_to_proto),
-            criteria_json: view
-                .criteria
-                .as_ref()
-                .map(|c| c.to_json().to_string())
-                .unwrap_or_default(),
-            member_count: r.member_count,
-            last_evaluation: r.last_evaluation.as_ref().map(|e| pb::SegmentEvaluation {
-                evaluated_at: Some(timestamp(e.evaluated_at)),
-                duration: prost_types::Duration::try_from(Duration::from_millis(
-                    u64::try_from(e.duration_ms).unwrap_or(0),
-                ))
-                .ok(),
-                added: e.added,
-                removed: e.removed,
-            }),
-            evaluation_due: r.evaluation_due,
-            last_evaluation_error: r.last_evaluation_error.clone().unwrap_or_default(),
-            created_at: Some(timestamp(r.created_at)),
-            updated_at: Some(timestamp(r.updated_at)),
+/// The `managed` part of a `Segment`.
+fn managed_to_proto(m: &ManagedView) -> pb::ManagedSegment {
+    pb::ManagedSegment {
+        criteria: m.criteria.as_ref().map(criteria_to_proto),
+        criteria_json: m
+            .criteria
+            .as_ref()
+            .map(|c| c.to_json().to_string())
+            .unwrap_or_default(),
+        member_count: m.member_count,
+        last_evaluation: m.last_evaluation.as_ref().map(|e| pb::SegmentEvaluation {
+            evaluated_at: Some(timestamp(e.evaluated_at)),
+            duration: prost_types::Duration::try_from(e.duration).ok(),
+            added: e.added,
+            removed: e.removed,
         }),
-        ..pb::Segment::default()
+        evaluation_due: m.evaluation_due,
+        last_evaluation_error: m.last_evaluation_error.clone().unwrap_or_default(),
+        created_at: Some(timestamp(m.created_at)),
+        updated_at: Some(timestamp(m.updated_at)),
     }
 }
 
@@ -526,35 +469,22 @@ fn decode_page_token(token: &str) -> Result<Option<i64>, CoreError> {
     convert::decode_page_token("segments", "ListSegments", token, |p| p.parse().ok())
 }
 
-fn to_proto(s: &SegmentRecord, managed: Option<&ManagedView>) -> pb::Segment {
-    let mirrored = pb::Segment {
-        id: s.cio_id,
+fn to_proto(s: &SegmentView) -> pb::Segment {
+    pb::Segment {
+        id: s.id,
         name: s.name.clone(),
         description: s.description.clone().unwrap_or_default(),
-        r#type: match s.segment_type.as_str() {
-            "dynamic" => pb::SegmentType::Dynamic,
-            "manual" => pb::SegmentType::Manual,
-            _ => pb::SegmentType::Unspecified,
+        r#type: match s.kind {
+            Some(SegmentKind::Dynamic) => pb::SegmentType::Dynamic,
+            Some(SegmentKind::Manual) => pb::SegmentType::Manual,
+            None => pb::SegmentType::Unspecified,
         } as i32,
         member_count: s.member_count,
         counted_at: s.counted_at.map(timestamp),
         synced_at: Some(timestamp(s.synced_at)),
         removed: s.removed,
         removed_at: s.removed_at.map(timestamp),
-        managed: None,
-    };
-    match managed {
-        None => mirrored,
-        Some(view) => {
-            let own = managed_only(view);
-            pb::Segment {
-                name: own.name,
-                description: own.description,
-                member_count: own.member_count,
-                managed: own.managed,
-                ..mirrored
-            }
-        }
+        managed: s.managed.as_ref().map(managed_to_proto),
     }
 }
 

@@ -1,10 +1,24 @@
 //! The one place where domain errors become gRPC status. Callers never see database text or
 //! Customer.io credentials; the full cause chain goes to the log.
+//!
+//! Handlers write `core_call().await.or_status()?` ([`OrStatus`]) or `to_status(error)`; no other
+//! module builds a `Status`, except the authentication interceptor.
 
 use cio_client::{Api, CioError};
-use sharpsend_core::{CoreError, jobs::error_chain};
+use sharpsend_core::{CoreError, error::error_chain};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
+
+/// `Result<T, CoreError>` → `Result<T, Status>` through [`to_status`].
+pub trait OrStatus<T> {
+    fn or_status(self) -> Result<T, Status>;
+}
+
+impl<T> OrStatus<T> for Result<T, CoreError> {
+    fn or_status(self) -> Result<T, Status> {
+        self.map_err(to_status)
+    }
+}
 
 /// Maps a domain error to the status the caller sees.
 pub fn to_status(error: CoreError) -> Status {
@@ -35,6 +49,10 @@ pub fn to_status(error: CoreError) -> Status {
         CoreError::Database(e) => {
             tracing::error!(error = %error_chain(&e), "database failure");
             Status::internal("internal error (database); see the server log")
+        }
+        CoreError::Internal(what) => {
+            tracing::error!(error = %what, "internal error");
+            Status::internal(format!("internal error: {what}; see the server log"))
         }
     }
 }

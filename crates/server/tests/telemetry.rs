@@ -31,8 +31,9 @@ use opentelemetry_proto::tonic::{
 };
 use sharpsend_core::{
     AppContext,
-    config::CioSettings,
+    clock::Clock,
     context::Migrations,
+    settings::{ApiKeySetting, CioSettings, ServerSettings, Settings},
     telemetry::{self, OtlpConfig, TelemetryConfig},
 };
 use sharpsend_db::testing::{Backend, TestDatabase};
@@ -40,7 +41,7 @@ use sharpsend_proto::v1::{
     self as pb, ops_service_client::OpsServiceClient, profile_service_client::ProfileServiceClient,
     segment_service_client::SegmentServiceClient,
 };
-use sharpsend_server::{ServeOptions, auth::ApiKeys, serve};
+use sharpsend_server::serve;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status, metadata::MetadataValue, transport::Channel};
@@ -258,17 +259,24 @@ async fn calls_arrive_as_linked_spans_and_metrics_without_secrets() -> anyhow::R
         &sim_config.track_api_key,
         &sim_config.app_api_key,
     );
-    let ctx = AppContext::bootstrap(&db.url, &settings, Migrations::Apply).await?;
+    let settings = Settings {
+        database_url: db.url.clone(),
+        cio: Some(settings),
+        server: ServerSettings {
+            api_keys: vec![ApiKeySetting {
+                name: "telemetry-test".into(),
+                key: API_KEY.to_string().into(),
+            }],
+            concurrency_per_connection: 16,
+            ..ServerSettings::default()
+        },
+        ..Settings::default()
+    };
+    let ctx = AppContext::bootstrap(settings, Migrations::Apply, Clock::system()).await?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let options = ServeOptions {
-        api_keys: ApiKeys::parse(&format!("telemetry-test={API_KEY}"))
-            .map_err(anyhow::Error::msg)?,
-        request_timeout: Duration::from_secs(30),
-        concurrency_per_connection: 16,
-    };
-    let server = tokio::spawn(serve(listener, ctx.clone(), options, async move {
+    let server = tokio::spawn(serve(listener, ctx.clone(), async move {
         let _ = stopped.await;
     }));
     let channel = Channel::from_shared(format!("http://{addr}"))?

@@ -98,7 +98,12 @@ async fn bench(backend: Backend, members: usize) -> anyhow::Result<()> {
     .await?;
     let mut settings = sharpsend_tests::sim_settings(&sim);
     settings.app_requests_per_sec = 1000;
-    let ctx = AppContext::bootstrap(&db.url, &settings, Migrations::Apply).await?;
+    let ctx = AppContext::bootstrap(
+        sharpsend_tests::test_settings(&db.url, settings),
+        Migrations::Apply,
+        sharpsend_core::clock::Clock::system(),
+    )
+    .await?;
 
     let ids: Vec<String> = (0..members + members / 2)
         .map(|i| format!("member-{i:07}"))
@@ -119,8 +124,7 @@ async fn bench(backend: Backend, members: usize) -> anyhow::Result<()> {
         },
     )
     .await?
-    .record
-    .cio_segment_id;
+    .segment_id;
     for chunk in ids[members / 2..].chunks(managed_segments::limits::MEMBERS_PER_CALL) {
         managed_segments::add_members(&ctx, managed, chunk).await?;
     }

@@ -71,7 +71,12 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| format!("sqlite://{}/bench.db?mode=rwc", dir.path().display()));
     let mut settings = sharpsend_tests::sim_settings(&sim);
     settings.app_requests_per_sec = args.app_rate;
-    let ctx = AppContext::bootstrap(&database_url, &settings, Migrations::Apply).await?;
+    let ctx = AppContext::bootstrap(
+        sharpsend_tests::test_settings(&database_url, settings),
+        Migrations::Apply,
+        sharpsend_core::clock::Clock::system(),
+    )
+    .await?;
     let synced = campaigns::sync_campaigns(&ctx).await?;
     ensure!(
         synced.targets.added as usize >= args.targets,

@@ -18,7 +18,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use chrono::Utc;
 use opentelemetry::{
     KeyValue,
     metrics::{Counter, Gauge, Histogram},
@@ -104,7 +103,7 @@ pub fn outbox_step(delivered: u64, retried: u64, dead: u64) {
 }
 
 /// Records the outbox's depth and lag.
-pub fn outbox_stats(stats: &SyncStats) {
+pub fn outbox_stats(stats: &SyncStats, now: chrono::DateTime<chrono::Utc>) {
     let i = &*INSTRUMENTS;
     i.depth
         .record(stats.pending, &[KeyValue::new("status", "pending")]);
@@ -115,7 +114,7 @@ pub fn outbox_stats(stats: &SyncStats) {
     let age = stats
         .oldest_pending_at
         .map(|at| {
-            (Utc::now() - at)
+            (now - at)
                 .to_std()
                 .unwrap_or(Duration::ZERO)
                 .as_secs_f64()
@@ -131,9 +130,9 @@ pub const OUTBOX_GAUGE_INTERVAL: Duration = Duration::from_secs(10);
 /// (the next refresh tries again).
 pub async fn refresh_outbox_gauges(ctx: &AppContext) {
     match sharpsend_db::outbox::stats(&ctx.db, ctx.workspace_id()).await {
-        Ok(stats) => outbox_stats(&stats),
+        Ok(stats) => outbox_stats(&stats, ctx.now()),
         Err(e) => {
-            tracing::debug!(error = %crate::jobs::error_chain(&e), "could not read outbox statistics for metrics")
+            tracing::debug!(error = %crate::error::error_chain(&e), "could not read outbox statistics for metrics")
         }
     }
 }
