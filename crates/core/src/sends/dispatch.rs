@@ -1,0 +1,373 @@
+//! Dispatch: claiming each due submission and sending it once, as a broadcast trigger or a
+//! newsletter, and recording the outcome (or settling a request that did not succeed).
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use cio_client::{CioError, NewNewsletter, Recipients, Trigger};
+use serde_json::{Map, Value};
+use sharpsend_db::sends::{
+    self as store, Claim, Delivery, SendRecord, SendState, Submission, Transition, Window,
+};
+
+use super::TriggerData;
+use crate::metrics::MetricsTarget;
+use crate::{AppContext, CoreError};
+
+/// What a dispatch pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DispatchReport {
+    /// Submissions taken for a request.
+    pub claimed: u64,
+    /// Accepted by Customer.io.
+    pub submitted: u64,
+    /// Waiting for their broadcast's trigger window.
+    pub waiting: u64,
+    /// Back to pending: Customer.io provably did not process the request (429, not reachable).
+    pub requeued: u64,
+    /// Refused by Customer.io.
+    pub failed: u64,
+    /// Outcome unknown: left for reconciliation.
+    pub uncertain: u64,
+}
+
+/// Submits every due submission of the workspace (the `send-dispatch` job).
+pub async fn dispatch_due(ctx: &AppContext) -> Result<DispatchReport, CoreError> {
+    dispatch(ctx, None).await
+}
+
+/// Submits the due submissions of one send.
+async fn dispatch_send(ctx: &AppContext, send_id: i64) -> Result<DispatchReport, CoreError> {
+    dispatch(ctx, Some(send_id)).await
+}
+
+async fn dispatch(ctx: &AppContext, send_id: Option<i64>) -> Result<DispatchReport, CoreError> {
+    let holder = format!("dispatcher-{}", ulid::Ulid::new());
+    let mut report = DispatchReport::default();
+    let mut skipped = HashSet::new();
+    loop {
+        let due = store::due(&ctx.db, ctx.workspace_id(), send_id, Utc::now(), 50).await?;
+        let due: Vec<Submission> = due
+            .into_iter()
+            .filter(|s| !skipped.contains(&s.id))
+            .collect();
+        if due.is_empty() {
+            return Ok(report);
+        }
+        for submission in due {
+            skipped.insert(submission.id);
+            let Some(send) = store::get_by_id(&ctx.db, submission.send_id).await? else {
+                continue;
+            };
+            submit(ctx, &send, &submission, &holder, &mut report).await?;
+        }
+    }
+}
+
+/// Dispatches what of one send is due now and follows the rest in the background. The dispatch
+/// runs in a task of its own: a caller that goes away (a cancelled gRPC call) does not cut a
+/// request off between its claim and its outcome.
+pub(super) async fn dispatch_now(
+    ctx: &AppContext,
+    send_id: i64,
+) -> Result<DispatchReport, CoreError> {
+    let task = {
+        let ctx = ctx.clone();
+        tokio::spawn(async move { dispatch_send(&ctx, send_id).await })
+    };
+    let report = match task.await {
+        Ok(result) => result?,
+        Err(e) => {
+            // A panic in the task; the send-dispatch job picks the send up.
+            tracing::error!(send_id, error = %e, "dispatch task failed");
+            DispatchReport::default()
+        }
+    };
+    follow_in_background(ctx, send_id);
+    Ok(report)
+}
+
+/// How long the process that accepted a send keeps dispatching it itself.
+const FOLLOW_FOR: Duration = Duration::from_secs(15 * 60);
+
+/// Keeps dispatching one send while it has pending submissions (later triggers of a broadcast
+/// wait for their window), in the background, for at most [`FOLLOW_FOR`]. Stops when none is
+/// pending; the scheduler's `send-dispatch` job covers the rest (a send still waiting, or a
+/// process that stopped).
+fn follow_in_background(ctx: &AppContext, send_id: i64) {
+    let ctx = ctx.clone();
+    let until = tokio::time::Instant::now() + FOLLOW_FOR;
+    tokio::spawn(async move {
+        while tokio::time::Instant::now() < until {
+            let next = match store::next_due_at(&ctx.db, ctx.workspace_id(), Some(send_id)).await {
+                Ok(Some(at)) => at,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(send_id, error = %crate::jobs::error_chain(&e), "following a send failed; the send-dispatch job takes over");
+                    return;
+                }
+            };
+            let wait = (next - Utc::now()).to_std().unwrap_or_default();
+            if tokio::time::Instant::now() + wait > until {
+                return;
+            }
+            tokio::time::sleep(wait).await;
+            if let Err(e) = dispatch_send(&ctx, send_id).await {
+                tracing::warn!(send_id, error = %crate::jobs::error_chain(&e), "dispatch failed; the send-dispatch job takes over");
+                return;
+            }
+        }
+    });
+}
+
+/// Claims `submission` and sends it once; records the outcome.
+async fn submit(
+    ctx: &AppContext,
+    send: &SendRecord,
+    submission: &Submission,
+    holder: &str,
+    report: &mut DispatchReport,
+) -> Result<(), CoreError> {
+    let window = match send.delivery {
+        Delivery::Broadcast { broadcast_id } => Some(Window {
+            broadcast_id,
+            spacing: ctx.sends.trigger_spacing,
+        }),
+        Delivery::Newsletter { .. } => None,
+    };
+    let claimed = match store::claim(
+        &ctx.db,
+        ctx.workspace_id(),
+        submission.id,
+        holder,
+        ctx.sends.claim_ttl,
+        window,
+        Utc::now(),
+    )
+    .await?
+    {
+        Claim::Claimed(s) => s,
+        Claim::WindowClosed(_) => {
+            report.waiting += 1;
+            return Ok(());
+        }
+        Claim::Gone => return Ok(()),
+    };
+    report.claimed += 1;
+    let outcome = match send.delivery {
+        Delivery::Broadcast { broadcast_id } => {
+            let trigger = Trigger {
+                recipients: Recipients::Filter(claimed.recipients.clone()),
+                data: trigger_data_of(send, &claimed),
+            };
+            ctx.cio
+                .trigger_broadcast(broadcast_id, &trigger)
+                .await
+                .map(Accepted::Trigger)
+        }
+        Delivery::Newsletter { from_id } => {
+            send_newsletter(ctx, send, &claimed, holder, from_id).await
+        }
+    };
+    let now = Utc::now();
+    if let Some(window) = window {
+        // The window was taken before the request; the request may have left later (waiting
+        // for the App API rate limit), and Customer.io counts from its arrival.
+        store::hold_window(
+            &ctx.db,
+            ctx.workspace_id(),
+            window.broadcast_id,
+            now + chrono::TimeDelta::from_std(window.spacing).unwrap_or_default(),
+        )
+        .await?;
+    }
+    let t = match outcome {
+        Ok(Accepted::Trigger(trigger_id)) => {
+            report.submitted += 1;
+            Transition {
+                cio_trigger_id: Some(trigger_id),
+                ..Transition::new(
+                    SendState::Submitting,
+                    SendState::Submitted,
+                    holder,
+                    format!("Customer.io accepted trigger {trigger_id}"),
+                )
+            }
+        }
+        Ok(Accepted::Newsletter(newsletter_id)) => {
+            report.submitted += 1;
+            Transition {
+                cio_newsletter_id: Some(newsletter_id),
+                ..Transition::new(
+                    SendState::Submitting,
+                    SendState::Submitted,
+                    holder,
+                    format!("newsletter {newsletter_id} sent"),
+                )
+            }
+        }
+        Err(e) => settle_failure(ctx, send, &e, holder, now, report).await?,
+    };
+    let t = t.held_by(holder);
+    if !store::transition(&ctx.db, claimed.id, &t, now).await? {
+        tracing::warn!(
+            submission = claimed.id,
+            "the submission's claim was lost before its outcome was recorded"
+        );
+    } else if t.to == SendState::Submitted {
+        watch_metrics(ctx, send, t.cio_newsletter_id, now).await;
+    }
+    Ok(())
+}
+
+/// Has the metrics poller follow what a submission went out through, from now on.
+pub(super) async fn watch_metrics(
+    ctx: &AppContext,
+    send: &SendRecord,
+    newsletter_id: Option<i64>,
+    now: DateTime<Utc>,
+) {
+    let target = match (send.delivery, newsletter_id) {
+        (Delivery::Broadcast { broadcast_id }, _) => MetricsTarget::Broadcast(broadcast_id),
+        (Delivery::Newsletter { .. }, Some(id)) => MetricsTarget::Newsletter(id),
+        (Delivery::Newsletter { .. }, None) => return,
+    };
+    if let Err(e) = crate::metrics::watch(ctx, target, now).await {
+        tracing::warn!(send = %send.public_id, error = %crate::jobs::error_chain(&e), "could not schedule metrics polling; the campaign sync will");
+    }
+}
+
+enum Accepted {
+    Trigger(i64),
+    Newsletter(i64),
+}
+
+fn trigger_data_of(send: &SendRecord, s: &Submission) -> Map<String, Value> {
+    TriggerData {
+        extra: s.data.as_ref().and_then(Value::as_object),
+        marker: &s.marker,
+        send_id: &send.public_id,
+        assignment_id: &send.assignment_id,
+        title: &send.title,
+        subject: &s.subject,
+        body: &s.body,
+        segment_id: s.segment_id,
+    }
+    .build()
+}
+
+/// The newsletter's name: the title and the marker that finds it again.
+fn newsletter_name(send: &SendRecord, s: &Submission) -> String {
+    format!("{} [{}]", send.title, s.marker)
+}
+
+/// Creates the submission's newsletter (unless an earlier attempt did) and sends it.
+async fn send_newsletter(
+    ctx: &AppContext,
+    send: &SendRecord,
+    s: &Submission,
+    holder: &str,
+    from_id: Option<i64>,
+) -> Result<Accepted, CioError> {
+    let newsletter_id = match s.cio_newsletter_id {
+        Some(id) => id,
+        None => {
+            let mut new = NewNewsletter::email(
+                newsletter_name(send, s),
+                s.recipients.clone(),
+                s.subject.clone(),
+                s.body.clone(),
+            );
+            new.from_id = from_id;
+            let created = ctx.cio.create_newsletter(&new).await?;
+            let t = Transition {
+                cio_newsletter_id: Some(created.id),
+                ..Transition::new(
+                    SendState::Submitting,
+                    SendState::Submitting,
+                    holder,
+                    format!("newsletter {} created", created.id),
+                )
+            }
+            .held_by(holder);
+            if let Err(e) = store::transition(&ctx.db, s.id, &t, Utc::now()).await {
+                // The id is found again by the marker in its name.
+                tracing::warn!(submission = s.id, error = %crate::jobs::error_chain(&e), "could not record the created newsletter");
+            }
+            created.id
+        }
+    };
+    ctx.cio.send_newsletter(newsletter_id).await?;
+    Ok(Accepted::Newsletter(newsletter_id))
+}
+
+/// The transition for a request that did not succeed.
+async fn settle_failure(
+    ctx: &AppContext,
+    send: &SendRecord,
+    error: &CioError,
+    holder: &str,
+    now: DateTime<Utc>,
+    report: &mut DispatchReport,
+) -> Result<Transition, CoreError> {
+    let text = crate::jobs::error_chain(error);
+    let requeue = |at: DateTime<Utc>, why: String| Transition {
+        next_attempt_at: Some(at),
+        uncount_attempt: true,
+        ..Transition::new(SendState::Submitting, SendState::Pending, holder, why)
+            .error(text.clone())
+    };
+    Ok(match error {
+        CioError::RateLimited { retry_after, .. } => {
+            report.requeued += 1;
+            let wait = retry_after
+                .unwrap_or(ctx.sends.trigger_spacing)
+                .max(Duration::from_millis(100));
+            let at =
+                now + chrono::TimeDelta::from_std(wait).unwrap_or(chrono::TimeDelta::seconds(10));
+            if let Delivery::Broadcast { broadcast_id } = send.delivery {
+                store::hold_window(&ctx.db, ctx.workspace_id(), broadcast_id, at).await?;
+            }
+            requeue(
+                at,
+                format!("Customer.io answered 429 (not processed); waiting until {at}"),
+            )
+        }
+        CioError::Transport {
+            maybe_sent: false, ..
+        }
+        | CioError::Unauthorized { .. }
+        | CioError::Config { .. } => {
+            report.requeued += 1;
+            let at = now + chrono::TimeDelta::seconds(30);
+            requeue(
+                at,
+                "the request did not reach Customer.io; trying again later".to_string(),
+            )
+        }
+        CioError::NotFound { .. } | CioError::Rejected { .. } => {
+            report.failed += 1;
+            Transition::new(
+                SendState::Submitting,
+                SendState::Failed,
+                holder,
+                "Customer.io refused it",
+            )
+            .error(text)
+        }
+        CioError::Timeout { .. }
+        | CioError::Transport { .. }
+        | CioError::Server { .. }
+        | CioError::Decode { .. } => {
+            report.uncertain += 1;
+            Transition::new(
+                SendState::Submitting,
+                SendState::Uncertain,
+                holder,
+                "the outcome of the request is unknown; not sent again",
+            )
+            .error(text)
+        }
+    })
+}
