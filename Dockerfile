@@ -1,12 +1,13 @@
-# Multi-stage build of the three binaries: sharpsend-server, sharpsend-scheduler, cio-sim.
+# Multi-stage build of the three binaries: sharpsend-server (without the `dev` feature, so the
+# simulator is not linked into it), sharpsend-scheduler, cio-sim (the compose stack's stand-in).
 # protoc comes vendored through the build (protoc-bin-vendored); no system packages are needed.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked \
-        -p sharpsend-server -p sharpsend-scheduler -p cio-sim \
+    cargo build --release --locked -p sharpsend-server --no-default-features \
+ && cargo build --release --locked -p sharpsend-scheduler -p cio-sim \
  && mkdir -p /out \
  && cp target/release/sharpsend-server target/release/sharpsend-scheduler target/release/cio-sim /out/
 

@@ -14,12 +14,12 @@ use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use cio_client::{Campaign, CioError, Newsletter};
-use sharpsend_db::campaigns::{
-    self as mirror, CampaignKind, CampaignRecord, SyncCounts, SyncedCampaign,
-};
+/// Customer.io's three kinds of message source: the mirror's vocabulary.
+pub use sharpsend_db::campaigns::CampaignKind;
+use sharpsend_db::campaigns::{self as mirror, CampaignRecord, SyncCounts, SyncedCampaign};
 use sharpsend_db::metrics::{self as targets, TargetSyncCounts};
 
-use crate::{AppContext, CoreError};
+use crate::{AppContext, CoreError, paging::Page};
 
 /// What a campaign sync did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -132,21 +132,76 @@ pub async fn sync_campaigns(ctx: &AppContext) -> Result<CampaignSyncReport, Core
     Ok(report)
 }
 
-/// Mirrored items (not removed) by kind (campaigns, broadcasts, newsletters) then id; only
-/// `kind` when given; at most `limit` after `after` (the last (kind, id) of the previous page).
+/// A mirrored campaign, API-triggered broadcast or newsletter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CampaignView {
+    pub kind: CampaignKind,
+    /// Customer.io's id.
+    pub id: i64,
+    pub name: String,
+    /// Customer.io's `type`, if it gave one.
+    pub campaign_type: Option<String>,
+    /// Customer.io's `state`; newsletters: `sent` or `draft`.
+    pub state: Option<String>,
+    pub created_at: Option<DateTime<Utc>>,
+    pub updated_at: Option<DateTime<Utc>>,
+    /// Newsletters: when it was sent.
+    pub sent_at: Option<DateTime<Utc>>,
+    pub tags: Vec<String>,
+    /// When the mirror last saw it in Customer.io.
+    pub synced_at: DateTime<Utc>,
+}
+
+impl From<CampaignRecord> for CampaignView {
+    fn from(r: CampaignRecord) -> Self {
+        let item = r.item;
+        Self {
+            kind: item.kind,
+            id: item.cio_id,
+            name: item.name,
+            campaign_type: item.campaign_type,
+            state: item.state,
+            created_at: item.cio_created_at,
+            updated_at: item.cio_updated_at,
+            sent_at: item.sent_at,
+            tags: item.tags,
+            synced_at: r.synced_at,
+        }
+    }
+}
+
+/// One page of mirrored items (not removed) by kind (campaigns, broadcasts, newsletters) then
+/// id; only `kind` when given; after `after` (the last (kind, id) of the previous page).
 pub async fn list_campaigns(
     ctx: &AppContext,
     kind: Option<CampaignKind>,
     after: Option<(CampaignKind, i64)>,
     limit: u64,
-) -> Result<Vec<CampaignRecord>, CoreError> {
-    Ok(mirror::list(&ctx.db, ctx.workspace_id(), kind, after, limit).await?)
+) -> Result<Page<CampaignView, (CampaignKind, i64)>, CoreError> {
+    let rows = mirror::list(
+        &ctx.db,
+        ctx.workspace_id(),
+        kind,
+        after,
+        Page::<(), ()>::fetch(limit),
+    )
+    .await?;
+    Ok(Page::cut(rows, limit, |r| (r.item.kind, r.item.cio_id)).map(CampaignView::from))
 }
 
 /// One item, from the mirror; one not mirrored yet (e.g. a newsletter a send created since the
 /// last `campaign-sync`) is read from Customer.io and mirrored. Removed in Customer.io, or
 /// unknown there: `NotFound`.
 pub async fn get_campaign(
+    ctx: &AppContext,
+    kind: CampaignKind,
+    id: i64,
+) -> Result<CampaignView, CoreError> {
+    get_record(ctx, kind, id).await.map(CampaignView::from)
+}
+
+/// [`get_campaign`]'s record.
+pub(crate) async fn get_record(
     ctx: &AppContext,
     kind: CampaignKind,
     id: i64,

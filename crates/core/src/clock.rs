@@ -41,8 +41,7 @@ impl Clock {
     /// Now.
     pub fn now(&self) -> DateTime<Utc> {
         let offset = self.offset_ms.load(Ordering::Relaxed);
-        // Reading the system time here is the one place core does it.
-        #[allow(clippy::disallowed_methods)]
+        #[allow(clippy::disallowed_methods)] // the one place core reads the system time
         let system = Utc::now();
         system + TimeDelta::milliseconds(offset)
     }
@@ -76,7 +75,10 @@ mod tests {
         let before = clock.now();
         clock.advance(std::time::Duration::from_secs(3600));
         let after = copy.now();
-        assert!(after - before >= TimeDelta::seconds(3600), "{before} → {after}");
+        assert!(
+            after - before >= TimeDelta::seconds(3600),
+            "{before} → {after}"
+        );
         assert!(after - before < TimeDelta::seconds(3660));
     }
 

@@ -10,8 +10,7 @@ use sharpsend_db::jobs::{self as job_store, RunOutcome};
 
 use tracing::Instrument as _;
 
-pub(crate) use crate::error::error_chain;
-use crate::{AppContext, CoreError, segments};
+use crate::{AppContext, CoreError, error::error_chain, segments};
 
 /// Every background job the service has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -513,5 +512,4 @@ mod tests {
             "{err}"
         );
     }
-
 }

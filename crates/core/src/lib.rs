@@ -26,7 +26,6 @@
 
 pub mod campaigns;
 pub mod clock;
-pub mod config;
 pub mod context;
 pub mod criteria;
 pub mod error;
@@ -41,6 +40,13 @@ pub mod segments;
 pub mod sends;
 pub mod settings;
 pub mod telemetry;
+
+/// Per-test databases and `db_test!` (feature `test-support`), for crates that build on core.
+#[cfg(feature = "test-support")]
+pub mod testing {
+    pub use sharpsend_db::db_test;
+    pub use sharpsend_db::testing::*;
+}
 
 pub use context::AppContext;
 pub use error::{CoreError, FieldViolation};

@@ -961,5 +961,4 @@ mod tests {
         assert!(!reaches(&reads, 3, 1));
         assert!(!reaches(&reads, 9, 1));
     }
-
 }

@@ -576,7 +576,7 @@ async fn current_snapshot(
 async fn register(ctx: &AppContext, target: MetricsTarget) -> Result<MetricTarget, CoreError> {
     let ws = ctx.workspace_id();
     let now = ctx.now();
-    let item = crate::campaigns::get_campaign(ctx, target.kind(), target.id())
+    let item = crate::campaigns::get_record(ctx, target.kind(), target.id())
         .await?
         .item;
     // A newsletter not sent yet has nothing to count; watch it from its creation.

@@ -324,7 +324,7 @@ async fn deliver_claimed(
         report.dead = outbox::mark_dead(&ctx.db, worker, &dead, ctx.now()).await?;
     }
     for ((error, at_ms), ids) in retry {
-        let at = chrono::DateTime::from_timestamp_millis(at_ms).unwrap_or_else(Utc::now);
+        let at = chrono::DateTime::from_timestamp_millis(at_ms).unwrap_or_else(|| ctx.now());
         report.retried += outbox::mark_retry(&ctx.db, worker, &ids, &error, at, ctx.now()).await?;
     }
     Ok(report)

@@ -29,6 +29,7 @@ pub trait Env {
 pub struct ProcessEnv;
 
 impl Env for ProcessEnv {
+    #[allow(clippy::disallowed_methods)] // the one place the environment is read
     fn var(&self, name: &str) -> Option<String> {
         std::env::var(name).ok().filter(|v| !v.trim().is_empty())
     }
@@ -395,12 +396,7 @@ pub const VARIABLES: &[Variable] = &[
         Both,
         "`none` turns metrics off",
     ),
-    var(
-        "OTEL_SDK_DISABLED",
-        "false",
-        Both,
-        "true: export nothing",
-    ),
+    var("OTEL_SDK_DISABLED", "false", Both, "true: export nothing"),
     var(
         "SHARPSEND_TRACE_FILTER",
         crate::telemetry::DEFAULT_FILTER,
@@ -418,7 +414,10 @@ pub fn help(binary: Binary) -> String {
             (false, "") => "unset".to_string(),
             (false, d) => format!("default {d}"),
         };
-        text.push_str(&format!("  {:<38} [{default}]\n      {}\n", v.name, v.meaning));
+        text.push_str(&format!(
+            "  {:<38} [{default}]\n      {}\n",
+            v.name, v.meaning
+        ));
     }
     text.push_str(
         "\nThe OpenTelemetry exporter also honours the other standard OTEL_* variables \
@@ -553,7 +552,8 @@ impl Settings {
             Binary::Server => "sharpsend-server",
             Binary::Scheduler => "sharpsend-scheduler",
         };
-        let mut telemetry = TelemetryConfig::from_env(env, service_name, r.flag("SHARPSEND_LOG_JSON")?)?;
+        let mut telemetry =
+            TelemetryConfig::from_env(env, service_name, r.flag("SHARPSEND_LOG_JSON")?)?;
         let log_filter = r.text("RUST_LOG")?;
         if tracing_subscriber::EnvFilter::try_new(&log_filter).is_err() {
             return Err(ConfigError::new(
@@ -575,9 +575,7 @@ impl Settings {
                 ..DeliveryConfig::default()
             },
             sends: SendConfig {
-                trigger_spacing: Duration::from_millis(
-                    r.positive("SHARPSEND_TRIGGER_SPACING_MS")?,
-                ),
+                trigger_spacing: Duration::from_millis(r.positive("SHARPSEND_TRIGGER_SPACING_MS")?),
                 claim_ttl: Duration::from_secs(r.positive("SHARPSEND_SEND_CLAIM_TTL_SECS")?),
                 reconcile_grace: Duration::from_secs(
                     r.positive("SHARPSEND_SEND_RECONCILE_GRACE_SECS")?,
@@ -790,7 +788,10 @@ impl fmt::Debug for CioSettings {
         f.debug_struct("CioSettings")
             .field("site_id", &self.site_id)
             .field("region", &self.region)
-            .field("track_base_url", &self.track_base_url.as_ref().map(Url::as_str))
+            .field(
+                "track_base_url",
+                &self.track_base_url.as_ref().map(Url::as_str),
+            )
             .field("app_base_url", &self.app_base_url.as_ref().map(Url::as_str))
             .field("app_requests_per_sec", &self.app_requests_per_sec)
             .field("track_requests_per_sec", &self.track_requests_per_sec)
@@ -887,12 +888,20 @@ mod tests {
             "CIO_APP_API_KEY",
             "SHARPSEND_API_KEYS",
         ] {
-            let vars: Vec<_> = BASE.iter().copied().filter(|(k, _)| *k != missing).collect();
+            let vars: Vec<_> = BASE
+                .iter()
+                .copied()
+                .filter(|(k, _)| *k != missing)
+                .collect();
             let err = production(&env(&vars)).err();
             assert_eq!(err.map(|e| e.variable), Some(missing));
         }
         // The scheduler needs no API keys.
-        let vars: Vec<_> = BASE.iter().copied().filter(|(k, _)| !k.starts_with("SHARPSEND")).collect();
+        let vars: Vec<_> = BASE
+            .iter()
+            .copied()
+            .filter(|(k, _)| !k.starts_with("SHARPSEND"))
+            .collect();
         assert!(Settings::from_env(&env(&vars), Binary::Scheduler, Mode::Production).is_ok());
     }
 
@@ -908,9 +917,15 @@ mod tests {
         assert_eq!(settings.sends, defaults.sends);
         assert_eq!(settings.evaluation, defaults.evaluation);
         assert_eq!(settings.schedules, defaults.schedules);
-        assert_eq!(format!("{:?}", settings.delivery), format!("{:?}", defaults.delivery));
+        assert_eq!(
+            format!("{:?}", settings.delivery),
+            format!("{:?}", defaults.delivery)
+        );
         assert_eq!(settings.server.listen, defaults.server.listen);
-        assert_eq!(settings.server.request_timeout, defaults.server.request_timeout);
+        assert_eq!(
+            settings.server.request_timeout,
+            defaults.server.request_timeout
+        );
         assert_eq!(
             settings.server.concurrency_per_connection,
             defaults.server.concurrency_per_connection
@@ -984,7 +999,10 @@ mod tests {
         }
         for binary in [Binary::Server, Binary::Scheduler] {
             let help = help(binary);
-            assert!(help.contains("CIO_APP_API_KEY") && help.contains("[secret]"), "{help}");
+            assert!(
+                help.contains("CIO_APP_API_KEY") && help.contains("[secret]"),
+                "{help}"
+            );
         }
         assert!(help(Binary::Server).contains("SHARPSEND_API_KEYS"));
         assert!(!help(Binary::Scheduler).contains("SHARPSEND_API_KEYS"));
@@ -1000,7 +1018,9 @@ mod tests {
         for job in Job::ALL {
             let declared = Reader::declared(job.schedule_variable()).map(|v| v.default);
             assert!(
-                declared.as_ref().is_ok_and(|d| d.split_whitespace().count() == 6),
+                declared
+                    .as_ref()
+                    .is_ok_and(|d| d.split_whitespace().count() == 6),
                 "{job}: {declared:?}"
             );
         }

@@ -31,7 +31,7 @@ use tracing_subscriber::{
     EnvFilter, Layer as _, fmt, layer::SubscriberExt as _, util::SubscriberInitExt as _,
 };
 
-use crate::config::{ConfigError, Env};
+use crate::settings::{ConfigError, Env};
 
 /// Default filter: our logs at info; sqlx logs every statement at info, so keep it at warn.
 pub const DEFAULT_FILTER: &str = "info,sqlx=warn,sea_orm=warn,h2=warn,hyper=warn,tower=warn";

@@ -1,5 +1,8 @@
 //! The real `sharpsend-scheduler` binary against the simulator and a test database.
 
+// Tests read the environment and the time directly; the product code may not.
+#![allow(clippy::disallowed_methods)]
+
 use std::process::Output;
 
 use anyhow::ensure;

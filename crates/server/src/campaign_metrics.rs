@@ -3,10 +3,10 @@
 //! metrics through `sharpsend_core::metrics`.
 
 use sharpsend_core::{
-    AppContext, CoreError, campaigns as core_campaigns,
+    AppContext, CoreError,
+    campaigns::{self as core_campaigns, CampaignKind, CampaignView},
     metrics::{self as core_metrics, CampaignMetrics, MetricsSubject, MetricsTarget},
 };
-use sharpsend_db::campaigns::{CampaignKind, CampaignRecord};
 use sharpsend_proto::v1::{
     self as pb, GetCampaignMetricsRequest, GetCampaignMetricsResponse, GetCampaignRequest,
     GetCampaignResponse, ListCampaignsRequest, ListCampaignsResponse,
@@ -37,20 +37,15 @@ pub async fn list_campaigns(
     .or_status()?;
     let after = decode_page_token(&request.page_token).or_status()?;
     let kind = kind_filter(request.kind).or_status()?;
-    let mut rows = core_campaigns::list_campaigns(ctx, kind, after, page_size + 1)
+    let page = core_campaigns::list_campaigns(ctx, kind, after, page_size)
         .await
         .or_status()?;
-    let next_page_token = if rows.len() as u64 > page_size {
-        rows.truncate(usize::try_from(page_size).unwrap_or(usize::MAX));
-        rows.last()
-            .map(|r| encode_page_token(r.item.kind, r.item.cio_id))
-            .unwrap_or_default()
-    } else {
-        String::new()
-    };
     Ok(ListCampaignsResponse {
-        campaigns: rows.iter().map(to_proto).collect(),
-        next_page_token,
+        campaigns: page.items.iter().map(to_proto).collect(),
+        next_page_token: page
+            .next
+            .map(|(kind, id)| encode_page_token(kind, id))
+            .unwrap_or_default(),
     })
 }
 
@@ -123,19 +118,18 @@ fn decode_page_token(token: &str) -> Result<Option<(CampaignKind, i64)>, CoreErr
     })
 }
 
-fn to_proto(r: &CampaignRecord) -> pb::Campaign {
-    let item = &r.item;
+fn to_proto(c: &CampaignView) -> pb::Campaign {
     pb::Campaign {
-        kind: kind_to_proto(item.kind) as i32,
-        id: item.cio_id,
-        name: item.name.clone(),
-        r#type: item.campaign_type.clone().unwrap_or_default(),
-        state: item.state.clone().unwrap_or_default(),
-        created_at: item.cio_created_at.map(timestamp),
-        updated_at: item.cio_updated_at.map(timestamp),
-        sent_at: item.sent_at.map(timestamp),
-        tags: item.tags.clone(),
-        synced_at: Some(timestamp(r.synced_at)),
+        kind: kind_to_proto(c.kind) as i32,
+        id: c.id,
+        name: c.name.clone(),
+        r#type: c.campaign_type.clone().unwrap_or_default(),
+        state: c.state.clone().unwrap_or_default(),
+        created_at: c.created_at.map(timestamp),
+        updated_at: c.updated_at.map(timestamp),
+        sent_at: c.sent_at.map(timestamp),
+        tags: c.tags.clone(),
+        synced_at: Some(timestamp(c.synced_at)),
     }
 }
 

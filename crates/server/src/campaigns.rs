@@ -5,9 +5,11 @@
 
 use sharpsend_core::{
     AppContext, CoreError,
-    sends::{self, DeliveryMode, Resolution, SendKey, SendRequest, SendView, Variation},
+    sends::{
+        self, Delivery, DeliveryMode, HistoryView, Resolution, SendFilter, SendKey, SendRequest,
+        SendState, SendView, SubmissionView, Variation,
+    },
 };
-use sharpsend_db::sends::{Delivery, HistoryEntry, ListFilter, SendState, Submission};
 use sharpsend_proto::v1::{self as pb, campaign_service_server::CampaignService};
 use tonic::{Request, Response, Status};
 
@@ -144,26 +146,17 @@ impl CampaignService for Campaigns {
                 )));
             }
         };
-        let filter = ListFilter {
-            assignment_id: Some(req.assignment_id).filter(|a| !a.trim().is_empty()),
+        let filter = SendFilter {
+            assignment_id: Some(req.assignment_id),
             state,
-            before_id: decode_page_token(&req.page_token).or_status()?,
         };
-        let mut views = sends::list_sends(&self.ctx, &filter, limit + 1)
+        let before = decode_page_token(&req.page_token).or_status()?;
+        let page = sends::list_sends(&self.ctx, &filter, before, limit)
             .await
             .or_status()?;
-        let next_page_token = if views.len() as u64 > limit {
-            views.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-            views
-                .last()
-                .map(|v| encode_page_token(v.send.id))
-                .unwrap_or_default()
-        } else {
-            String::new()
-        };
         Ok(Response::new(pb::ListSendsResponse {
-            sends: views.iter().map(send_to_proto).collect(),
-            next_page_token,
+            sends: page.items.iter().map(send_to_proto).collect(),
+            next_page_token: page.next.map(encode_page_token).unwrap_or_default(),
         }))
     }
 
@@ -250,7 +243,7 @@ fn state_from_proto(state: pb::SendState) -> SendState {
     }
 }
 
-fn submission_to_proto(s: &Submission) -> pb::Submission {
+fn submission_to_proto(s: &SubmissionView) -> pb::Submission {
     pb::Submission {
         segment_id: s.segment_id,
         state: state_to_proto(s.state) as i32,
@@ -267,7 +260,7 @@ fn submission_to_proto(s: &Submission) -> pb::Submission {
     }
 }
 
-fn history_to_proto(h: &HistoryEntry) -> pb::SendHistoryEntry {
+fn history_to_proto(h: &HistoryView) -> pb::SendHistoryEntry {
     pb::SendHistoryEntry {
         at: Some(timestamp(h.at)),
         segment_id: h.segment_id.unwrap_or_default(),
@@ -280,10 +273,9 @@ fn history_to_proto(h: &HistoryEntry) -> pb::SendHistoryEntry {
     }
 }
 
-fn send_to_proto(view: &SendView) -> pb::Send {
-    let send = &view.send;
+fn send_to_proto(send: &SendView) -> pb::Send {
     pb::Send {
-        id: send.public_id.clone(),
+        id: send.id.clone(),
         assignment_id: send.assignment_id.clone(),
         request_id: send.request_id.clone(),
         title: send.title.clone(),
@@ -299,9 +291,9 @@ fn send_to_proto(view: &SendView) -> pb::Send {
                 })
             }
         }),
-        submissions: view.submissions.iter().map(submission_to_proto).collect(),
-        history: view.history.iter().map(history_to_proto).collect(),
-        recipients_count: view.recipients_count(),
+        submissions: send.submissions.iter().map(submission_to_proto).collect(),
+        history: send.history.iter().map(history_to_proto).collect(),
+        recipients_count: send.recipients_count(),
         created_at: Some(timestamp(send.created_at)),
         updated_at: Some(timestamp(send.updated_at)),
         created_by: send.created_by.clone(),

@@ -10,13 +10,15 @@
 //! - [`ops`] serves `sharpsend.cio.v1.OpsService` (jobs: list, runs, run now).
 //! - [`telemetry`]: the per-call span (honouring `traceparent`) and gRPC metrics layer.
 //! - [`app`]: assembling and serving everything (health, reflection, limits, graceful shutdown).
-//! - [`dev`]: `--dev` mode: SQLite + in-process simulator + in-process scheduler.
+//! - `dev` (feature `dev`, on by default): `--dev` mode: SQLite + in-process simulator +
+//!   in-process scheduler. Production builds (`--no-default-features`) do not link the simulator.
 
 pub mod app;
 pub mod auth;
 pub mod campaign_metrics;
 pub mod campaigns;
 pub mod convert;
+#[cfg(feature = "dev")]
 pub mod dev;
 pub mod journey;
 pub mod ops;

@@ -91,7 +91,7 @@ async fn run(args: Args, settings: Settings) -> anyhow::Result<()> {
         None => {}
     }
     if args.dev {
-        return sharpsend_server::dev::run(settings, shutdown_signal()).await;
+        return dev(settings).await;
     }
     let listen = settings.server.listen;
     let ctx = AppContext::bootstrap(settings, Migrations::RequireCurrent, Clock::system())
@@ -103,6 +103,16 @@ async fn run(args: Args, settings: Settings) -> anyhow::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, workspace = %ctx.workspace.cio_site_id, "serving gRPC");
     serve(listener, ctx, shutdown_signal()).await?;
     Ok(())
+}
+
+#[cfg(feature = "dev")]
+async fn dev(settings: Settings) -> anyhow::Result<()> {
+    sharpsend_server::dev::run(settings, shutdown_signal()).await
+}
+
+#[cfg(not(feature = "dev"))]
+async fn dev(_settings: Settings) -> anyhow::Result<()> {
+    anyhow::bail!("this build has no --dev mode (built without the `dev` feature)")
 }
 
 async fn migrate(database_url: &str) -> anyhow::Result<()> {

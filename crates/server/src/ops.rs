@@ -105,9 +105,7 @@ impl OpsService for Ops {
             MAX_RUNS_LIMIT,
         )
         .or_status()?;
-        let runs = jobs::recent_runs(&self.ctx, job, limit)
-            .await
-            .or_status()?;
+        let runs = jobs::recent_runs(&self.ctx, job, limit).await.or_status()?;
         Ok(Response::new(pb::ListJobRunsResponse {
             runs: runs.iter().map(to_proto).collect(),
         }))
@@ -123,9 +121,7 @@ impl OpsService for Ops {
             .map(|c| c.name.clone())
             .unwrap_or_else(|| "unknown".into());
         let job = parse_job(&request.into_inner().job).or_status()?;
-        let run = jobs::run_now(&self.ctx, job, &caller)
-            .await
-            .or_status()?;
+        let run = jobs::run_now(&self.ctx, job, &caller).await.or_status()?;
         Ok(Response::new(pb::RunJobResponse {
             run: Some(to_proto(&run)),
         }))

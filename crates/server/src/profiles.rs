@@ -244,9 +244,7 @@ impl ProfileService for Profiles {
             MAX_STATUS_LIMIT,
         )
         .or_status()?;
-        let status = outbox::sync_status(&self.ctx, limit)
-            .await
-            .or_status()?;
+        let status = outbox::sync_status(&self.ctx, limit).await.or_status()?;
         Ok(Response::new(pb::GetSyncStatusResponse {
             pending: status.pending,
             in_flight: status.in_flight,

@@ -13,8 +13,7 @@ use sharpsend_core::{
     },
     managed_segments::{self as managed, CriteriaInput, ManagedView, NewSegment, SegmentChanges},
     segments::{
-        self as core_segments, SegmentFilter, SegmentKind, SegmentView,
-        TargetingWarning as Warning,
+        self as core_segments, SegmentFilter, SegmentKind, SegmentView, TargetingWarning as Warning,
     },
 };
 use sharpsend_proto::v1::{self as pb, segment_service_server::SegmentService};
@@ -90,9 +89,7 @@ impl SegmentService for Segments {
         &self,
         _request: Request<pb::SyncSegmentsRequest>,
     ) -> Result<Response<pb::SyncSegmentsResponse>, Status> {
-        let report = core_segments::sync_segments(&self.ctx)
-            .await
-            .or_status()?;
+        let report = core_segments::sync_segments(&self.ctx).await.or_status()?;
         Ok(Response::new(pb::SyncSegmentsResponse {
             created: report.counts.created,
             updated: report.counts.updated,

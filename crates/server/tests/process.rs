@@ -1,10 +1,13 @@
 //! The real `sharpsend-server` binary: `migrate`, refusing to start with pending migrations or
 //! without keys, serving, the `health` probe, and a clean stop on SIGTERM.
 
+// Tests read the environment and the time directly; the product code may not.
+#![allow(clippy::disallowed_methods)]
+
 use std::{process::Output, time::Duration};
 
 use cio_sim::{SimConfig, Simulator};
-use sharpsend_db::{db_test, testing::TestDatabase};
+use sharpsend_core::testing::{TestDatabase, db_test};
 use tokio::process::Command;
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;

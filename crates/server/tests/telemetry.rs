@@ -6,6 +6,9 @@
 //!
 //! The OpenTelemetry globals are per process, so this file is its own test binary with ONE test.
 
+// Tests read the environment and the time directly; the product code may not.
+#![allow(clippy::disallowed_methods)]
+
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
@@ -29,6 +32,7 @@ use opentelemetry_proto::tonic::{
     metrics::v1::{Metric, metric::Data},
     trace::v1::{Span, span::SpanKind},
 };
+use sharpsend_core::testing::{Backend, TestDatabase};
 use sharpsend_core::{
     AppContext,
     clock::Clock,
@@ -36,7 +40,6 @@ use sharpsend_core::{
     settings::{ApiKeySetting, CioSettings, ServerSettings, Settings},
     telemetry::{self, OtlpConfig, TelemetryConfig},
 };
-use sharpsend_db::testing::{Backend, TestDatabase};
 use sharpsend_proto::v1::{
     self as pb, ops_service_client::OpsServiceClient, profile_service_client::ProfileServiceClient,
     segment_service_client::SegmentServiceClient,

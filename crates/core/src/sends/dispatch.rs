@@ -47,7 +47,7 @@ async fn dispatch(ctx: &AppContext, send_id: Option<i64>) -> Result<DispatchRepo
     let mut report = DispatchReport::default();
     let mut skipped = HashSet::new();
     loop {
-        let due = store::due(&ctx.db, ctx.workspace_id(), send_id, Utc::now(), 50).await?;
+        let due = store::due(&ctx.db, ctx.workspace_id(), send_id, ctx.now(), 50).await?;
         let due: Vec<Submission> = due
             .into_iter()
             .filter(|s| !skipped.contains(&s.id))
@@ -104,17 +104,17 @@ fn follow_in_background(ctx: &AppContext, send_id: i64) {
                 Ok(Some(at)) => at,
                 Ok(None) => return,
                 Err(e) => {
-                    tracing::warn!(send_id, error = %crate::jobs::error_chain(&e), "following a send failed; the send-dispatch job takes over");
+                    tracing::warn!(send_id, error = %crate::error::error_chain(&e), "following a send failed; the send-dispatch job takes over");
                     return;
                 }
             };
-            let wait = (next - Utc::now()).to_std().unwrap_or_default();
+            let wait = (next - ctx.now()).to_std().unwrap_or_default();
             if tokio::time::Instant::now() + wait > until {
                 return;
             }
             tokio::time::sleep(wait).await;
             if let Err(e) = dispatch_send(&ctx, send_id).await {
-                tracing::warn!(send_id, error = %crate::jobs::error_chain(&e), "dispatch failed; the send-dispatch job takes over");
+                tracing::warn!(send_id, error = %crate::error::error_chain(&e), "dispatch failed; the send-dispatch job takes over");
                 return;
             }
         }
@@ -132,7 +132,7 @@ async fn submit(
     let window = match send.delivery {
         Delivery::Broadcast { broadcast_id } => Some(Window {
             broadcast_id,
-            spacing: ctx.sends.trigger_spacing,
+            spacing: ctx.settings.sends.trigger_spacing,
         }),
         Delivery::Newsletter { .. } => None,
     };
@@ -141,9 +141,9 @@ async fn submit(
         ctx.workspace_id(),
         submission.id,
         holder,
-        ctx.sends.claim_ttl,
+        ctx.settings.sends.claim_ttl,
         window,
-        Utc::now(),
+        ctx.now(),
     )
     .await?
     {
@@ -170,7 +170,7 @@ async fn submit(
             send_newsletter(ctx, send, &claimed, holder, from_id).await
         }
     };
-    let now = Utc::now();
+    let now = ctx.now();
     if let Some(window) = window {
         // The window was taken before the request; the request may have left later (waiting
         // for the App API rate limit), and Customer.io counts from its arrival.
@@ -234,7 +234,7 @@ pub(super) async fn watch_metrics(
         (Delivery::Newsletter { .. }, None) => return,
     };
     if let Err(e) = crate::metrics::watch(ctx, target, now).await {
-        tracing::warn!(send = %send.public_id, error = %crate::jobs::error_chain(&e), "could not schedule metrics polling; the campaign sync will");
+        tracing::warn!(send = %send.public_id, error = %crate::error::error_chain(&e), "could not schedule metrics polling; the campaign sync will");
     }
 }
 
@@ -291,9 +291,9 @@ async fn send_newsletter(
                 )
             }
             .held_by(holder);
-            if let Err(e) = store::transition(&ctx.db, s.id, &t, Utc::now()).await {
+            if let Err(e) = store::transition(&ctx.db, s.id, &t, ctx.now()).await {
                 // The id is found again by the marker in its name.
-                tracing::warn!(submission = s.id, error = %crate::jobs::error_chain(&e), "could not record the created newsletter");
+                tracing::warn!(submission = s.id, error = %crate::error::error_chain(&e), "could not record the created newsletter");
             }
             created.id
         }
@@ -311,7 +311,7 @@ async fn settle_failure(
     now: DateTime<Utc>,
     report: &mut DispatchReport,
 ) -> Result<Transition, CoreError> {
-    let text = crate::jobs::error_chain(error);
+    let text = crate::error::error_chain(error);
     let requeue = |at: DateTime<Utc>, why: String| Transition {
         next_attempt_at: Some(at),
         uncount_attempt: true,
@@ -322,7 +322,7 @@ async fn settle_failure(
         CioError::RateLimited { retry_after, .. } => {
             report.requeued += 1;
             let wait = retry_after
-                .unwrap_or(ctx.sends.trigger_spacing)
+                .unwrap_or(ctx.settings.sends.trigger_spacing)
                 .max(Duration::from_millis(100));
             let at =
                 now + chrono::TimeDelta::from_std(wait).unwrap_or(chrono::TimeDelta::seconds(10));

@@ -36,10 +36,11 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
-use sharpsend_db::sends::{HistoryEntry, SendRecord, Submission};
-
-use crate::config::{ConfigError, Env, positive};
+use sharpsend_db::sends as store;
+/// Where a send or a submission stands, and how it goes out: the state machine's vocabulary.
+pub use sharpsend_db::sends::{Delivery, SendState};
 
 mod dispatch;
 mod reconcile;
@@ -96,28 +97,6 @@ impl Default for SendConfig {
     }
 }
 
-impl SendConfig {
-    /// Defaults, overridden by `SHARPSEND_TRIGGER_SPACING_MS`, `SHARPSEND_SEND_CLAIM_TTL_SECS`,
-    /// `SHARPSEND_SEND_RECONCILE_GRACE_SECS` and `SHARPSEND_SEND_MAX_ATTEMPTS`.
-    pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
-        let mut config = Self::default();
-        let positive = |variable: &'static str| positive(env, variable);
-        if let Some(ms) = positive("SHARPSEND_TRIGGER_SPACING_MS")? {
-            config.trigger_spacing = Duration::from_millis(ms);
-        }
-        if let Some(s) = positive("SHARPSEND_SEND_CLAIM_TTL_SECS")? {
-            config.claim_ttl = Duration::from_secs(s);
-        }
-        if let Some(s) = positive("SHARPSEND_SEND_RECONCILE_GRACE_SECS")? {
-            config.reconcile_grace = Duration::from_secs(s);
-        }
-        if let Some(n) = positive("SHARPSEND_SEND_MAX_ATTEMPTS")? {
-            config.max_attempts = i32::try_from(n).unwrap_or(i32::MAX);
-        }
-        Ok(config)
-    }
-}
-
 /// How the caller wants the assignment delivered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeliveryMode {
@@ -158,16 +137,114 @@ pub struct SendRequest {
 /// A send with its submissions and (for single reads) its history.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SendView {
-    pub send: SendRecord,
-    pub submissions: Vec<Submission>,
-    pub history: Vec<HistoryEntry>,
+    /// Keyset position of the send in listings (newest first).
+    pub position: i64,
+    /// The send's public id (`snd_…`).
+    pub id: String,
+    pub assignment_id: String,
+    pub request_id: String,
+    pub title: String,
+    pub subject: String,
+    pub delivery: Delivery,
+    pub state: SendState,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub submissions: Vec<SubmissionView>,
+    pub history: Vec<HistoryView>,
+}
+
+/// One target segment's part of a send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubmissionView {
+    pub segment_id: i64,
+    pub state: SendState,
+    pub subject: String,
+    /// The marker that finds it in Customer.io (trigger data / newsletter name).
+    pub marker: String,
+    pub attempts: i32,
+    /// When a pending submission is due.
+    pub next_attempt_at: DateTime<Utc>,
+    pub cio_trigger_id: Option<i64>,
+    pub cio_newsletter_id: Option<i64>,
+    pub recipients_count: Option<i64>,
+    pub submitted_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub error: Option<String>,
+}
+
+/// One transition in a send's history.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryView {
+    pub at: DateTime<Utc>,
+    /// `None`: the send as a whole.
+    pub segment_id: Option<i64>,
+    pub from_state: Option<SendState>,
+    pub to_state: SendState,
+    pub actor: String,
+    pub reason: String,
 }
 
 impl SendView {
+    pub(crate) fn new(
+        send: store::SendRecord,
+        submissions: Vec<store::Submission>,
+        history: Vec<store::HistoryEntry>,
+    ) -> Self {
+        Self {
+            position: send.id,
+            id: send.public_id,
+            assignment_id: send.assignment_id,
+            request_id: send.request_id,
+            title: send.title,
+            subject: send.subject,
+            delivery: send.delivery,
+            state: send.state,
+            created_by: send.created_by,
+            created_at: send.created_at,
+            updated_at: send.updated_at,
+            submissions: submissions
+                .into_iter()
+                .map(|s| SubmissionView {
+                    segment_id: s.segment_id,
+                    state: s.state,
+                    subject: s.subject,
+                    marker: s.marker,
+                    attempts: s.attempts,
+                    next_attempt_at: s.next_attempt_at,
+                    cio_trigger_id: s.cio_trigger_id,
+                    cio_newsletter_id: s.cio_newsletter_id,
+                    recipients_count: s.recipients_count,
+                    submitted_at: s.submitted_at,
+                    completed_at: s.completed_at,
+                    error: s.error,
+                })
+                .collect(),
+            history: history
+                .into_iter()
+                .map(|h| HistoryView {
+                    at: h.at,
+                    segment_id: h.segment_id,
+                    from_state: h.from_state,
+                    to_state: h.to_state,
+                    actor: h.actor,
+                    reason: h.reason,
+                })
+                .collect(),
+        }
+    }
+
     /// Sum of the submissions' recipient counts, when all are known.
     pub fn recipients_count(&self) -> Option<i64> {
         self.submissions.iter().map(|s| s.recipients_count).sum()
     }
+}
+
+/// Which sends [`list_sends`] answers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SendFilter {
+    pub assignment_id: Option<String>,
+    pub state: Option<SendState>,
 }
 
 /// Trigger data keys the service sets itself.

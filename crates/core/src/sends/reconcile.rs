@@ -40,7 +40,7 @@ pub struct ReconcileReport {
 /// completion (the `send-reconcile` job).
 pub async fn reconcile(ctx: &AppContext) -> Result<ReconcileReport, CoreError> {
     let ws = ctx.workspace_id();
-    let expired = store::expire_claims(&ctx.db, ws, Utc::now()).await?;
+    let expired = store::expire_claims(&ctx.db, ws, ctx.now()).await?;
     let mut report = ReconcileReport {
         expired_claims: expired.len() as u64,
         ..ReconcileReport::default()
@@ -56,7 +56,7 @@ pub async fn reconcile(ctx: &AppContext) -> Result<ReconcileReport, CoreError> {
             Ok(Settled::Left) => report.still_uncertain += 1,
             Err(e) => {
                 report.lookup_errors += 1;
-                tracing::warn!(submission = s.id, error = %crate::jobs::error_chain(&e), "could not look up an uncertain submission");
+                tracing::warn!(submission = s.id, error = %crate::error::error_chain(&e), "could not look up an uncertain submission");
             }
         }
     }
@@ -69,7 +69,7 @@ pub async fn reconcile(ctx: &AppContext) -> Result<ReconcileReport, CoreError> {
             Ok(false) => {}
             Err(e) => {
                 report.lookup_errors += 1;
-                tracing::warn!(submission = s.id, error = %crate::jobs::error_chain(&e), "could not check a submitted submission");
+                tracing::warn!(submission = s.id, error = %crate::error::error_chain(&e), "could not check a submitted submission");
             }
         }
     }
@@ -113,7 +113,7 @@ async fn settle_uncertain(
         Delivery::Broadcast { broadcast_id } => find_trigger(ctx, broadcast_id, s, started).await?,
         Delivery::Newsletter { .. } => find_newsletter(ctx, s, started).await?,
     };
-    let now = Utc::now();
+    let now = ctx.now();
     let t = match lookup {
         Lookup::Trigger {
             id,
@@ -161,12 +161,12 @@ async fn settle_uncertain(
             return Ok(Settled::Left);
         }
         Lookup::Absent => {
-            let grace = chrono::TimeDelta::from_std(ctx.sends.reconcile_grace)
+            let grace = chrono::TimeDelta::from_std(ctx.settings.sends.reconcile_grace)
                 .unwrap_or(chrono::TimeDelta::seconds(60));
             if now - started < grace {
                 return Ok(Settled::Left);
             }
-            if s.attempts >= ctx.sends.max_attempts {
+            if s.attempts >= ctx.settings.sends.max_attempts {
                 let why = format!(
                     "not found in Customer.io after {} attempt(s): settled as not sent",
                     s.attempts
@@ -340,7 +340,7 @@ async fn follow_completion(
         recipients_count,
         ..Transition::new(SendState::Submitted, SendState::Completed, RECONCILER, what)
     };
-    Ok(store::transition(&ctx.db, s.id, &t, Utc::now()).await?)
+    Ok(store::transition(&ctx.db, s.id, &t, ctx.now()).await?)
 }
 
 /// What a send's metrics are made of.
@@ -359,7 +359,7 @@ pub async fn metric_targets(
     send_id: &str,
 ) -> Result<SendMetricTargets, CoreError> {
     let view = get_send(ctx, &SendKey::Id(send_id.to_string())).await?;
-    Ok(match view.send.delivery {
+    Ok(match view.delivery {
         Delivery::Broadcast { broadcast_id } => SendMetricTargets {
             broadcast: Some((
                 broadcast_id,

@@ -3,7 +3,6 @@
 
 use std::collections::HashSet;
 
-use chrono::Utc;
 use cio_client::CioError;
 use serde_json::{Map, Value, json};
 use sharpsend_db::sends::{
@@ -15,8 +14,9 @@ use super::dispatch::dispatch_now;
 use super::{
     DeliveryMode, MAX_ACTOR_CHARS, MAX_ID_CHARS, MAX_NEWSLETTER_BODY_BYTES, MAX_REASON_CHARS,
     MAX_SUBJECT_CHARS, MAX_TARGETS, MAX_TITLE_CHARS, MAX_TRIGGER_DATA_BYTES, RESERVED_DATA_KEYS,
-    SendRequest, SendView, TriggerData, Variation,
+    SendFilter, SendRequest, SendView, TriggerData, Variation,
 };
+use crate::paging::Page;
 use crate::segments::{self, TargetingWarning};
 use crate::{AppContext, CoreError, FieldViolation};
 
@@ -57,7 +57,7 @@ pub async fn send_assignment(
         created_by: request.created_by.clone(),
         submissions: submissions_of(&request, &public_id),
     };
-    match store::create(&ctx.db, ws, &new, Utc::now()).await? {
+    match store::create(&ctx.db, ws, &new, ctx.now()).await? {
         Created::New(send) => {
             dispatch_now(ctx, send.id).await?;
             Ok((view(ctx, send, true).await?, true))
@@ -342,13 +342,9 @@ pub fn exclusive_audience(segment: i64, earlier: &[i64]) -> Value {
 
 /// Unknown, removed or empty target segments refuse the send, each with its reason.
 async fn check_targeting(ctx: &AppContext, segment_ids: &[i64]) -> Result<(), CoreError> {
-    let report = segments::validate_targeting(
-        ctx,
-        segment_ids,
-        segments::DEFAULT_MAX_COUNT_AGE,
-        Utc::now(),
-    )
-    .await?;
+    let report =
+        segments::validate_targeting(ctx, segment_ids, segments::DEFAULT_MAX_COUNT_AGE, ctx.now())
+            .await?;
     let mut refusals = Vec::new();
     for (i, t) in report.segments.iter().enumerate() {
         for warning in t.warnings.iter().filter(|w| w.blocks_sending()) {
@@ -403,20 +399,12 @@ async fn view(
 ) -> Result<SendView, CoreError> {
     if !with_history {
         let submissions = store::submissions(&ctx.db, send.id).await?;
-        return Ok(SendView {
-            send,
-            submissions,
-            history: Vec::new(),
-        });
+        return Ok(SendView::new(send, submissions, Vec::new()));
     }
     let send = store::get_by_id(&ctx.db, send.id).await?.unwrap_or(send);
     let submissions = store::submissions(&ctx.db, send.id).await?;
     let history = store::history(&ctx.db, send.id).await?;
-    Ok(SendView {
-        send,
-        submissions,
-        history,
-    })
+    Ok(SendView::new(send, submissions, history))
 }
 
 /// How to find a send.
@@ -449,18 +437,40 @@ pub async fn get_send(ctx: &AppContext, key: &SendKey) -> Result<SendView, CoreE
     view(ctx, send, true).await
 }
 
-/// Sends matching `filter`, newest first, with submissions but without history.
+/// One page of sends matching `filter`, newest first (before the position `before`), with
+/// submissions but without history.
 pub async fn list_sends(
     ctx: &AppContext,
-    filter: &store::ListFilter,
+    filter: &SendFilter,
+    before: Option<i64>,
     limit: u64,
-) -> Result<Vec<SendView>, CoreError> {
-    let sends = store::list(&ctx.db, ctx.workspace_id(), filter, limit).await?;
-    let mut views = Vec::with_capacity(sends.len());
-    for send in sends {
+) -> Result<Page<SendView, i64>, CoreError> {
+    let filter = store::ListFilter {
+        assignment_id: filter
+            .assignment_id
+            .as_deref()
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(str::to_string),
+        state: filter.state,
+        before_id: before,
+    };
+    let sends = store::list(
+        &ctx.db,
+        ctx.workspace_id(),
+        &filter,
+        Page::<(), ()>::fetch(limit),
+    )
+    .await?;
+    let page = Page::cut(sends, limit, |s| s.id);
+    let mut views = Vec::with_capacity(page.items.len());
+    for send in page.items {
         views.push(view(ctx, send, false).await?);
     }
-    Ok(views)
+    Ok(Page {
+        items: views,
+        next: page.next,
+    })
 }
 
 /// An operator's decision on an uncertain send.
@@ -548,7 +558,7 @@ pub async fn resolve(
             ),
         )]));
     }
-    let now = Utc::now();
+    let now = ctx.now();
     for s in chosen {
         let t = match resolution {
             Resolution::MarkSent => Transition::new(

@@ -113,12 +113,7 @@ pub fn outbox_stats(stats: &SyncStats, now: chrono::DateTime<chrono::Utc>) {
         .record(stats.dead, &[KeyValue::new("status", "dead")]);
     let age = stats
         .oldest_pending_at
-        .map(|at| {
-            (now - at)
-                .to_std()
-                .unwrap_or(Duration::ZERO)
-                .as_secs_f64()
-        })
+        .map(|at| (now - at).to_std().unwrap_or(Duration::ZERO).as_secs_f64())
         .unwrap_or(0.0);
     i.oldest_age.record(age, &[]);
 }
