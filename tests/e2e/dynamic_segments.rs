@@ -388,7 +388,7 @@ db_test!(
             "crashed",
             4,
             Duration::from_millis(300),
-            Utc::now(),
+            ctx.now(),
         )
         .await?;
         ensure!(claimed.len() == 4);
@@ -397,7 +397,7 @@ db_test!(
         }
         ensure!(members_of(&app, segment_id)?.len() == 5000);
         // Its claim lapses; the next worker finishes the job.
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        app.advance(Duration::from_millis(400));
         let rest = app.deliver_all("w2", Duration::from_secs(60)).await?;
         ensure!(rest.delivered == 7 && rest.dead == 0, "{rest:?}");
         let everyone: BTreeSet<String> = ids.iter().cloned().collect();

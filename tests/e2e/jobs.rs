@@ -32,7 +32,17 @@ db_test!(
         let (a, b) = tokio::join!(
             jobs::run_job(&app.ctx, Job::SegmentSync, "replica-a"),
             async {
-                tokio::time::sleep(Duration::from_millis(300)).await;
+                // Start once replica-a holds the lease (its run is then held up by the delay).
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while sharpsend_db::jobs::get_lease(&other.db, other.workspace_id(), "segment-sync")
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_none_or(|l| l.holder != "replica-a")
+                    && std::time::Instant::now() < deadline
+                {
+                    tokio::task::yield_now().await;
+                }
                 jobs::run_job(&other, Job::SegmentSync, "replica-b").await
             }
         );

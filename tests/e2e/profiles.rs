@@ -681,7 +681,6 @@ db_test!(
                 let _ = stopped.await;
             },
         ));
-        tokio::time::sleep(Duration::from_millis(100)).await;
         let mut client = app.profiles().await?;
         let accepted = client
             .track_event(TrackEventRequest {

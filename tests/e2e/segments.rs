@@ -621,8 +621,17 @@ db_test!(
             Some(SimApi::App),
             [Fault::Delay(Duration::from_millis(800))],
         );
+        let before = app.sim.sim.request_count(SimApi::App);
         let call = tokio::spawn(async move { client.sync_segments(SyncSegmentsRequest {}).await });
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Shut down once the call is in flight (its Customer.io request has arrived).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while app.sim.sim.request_count(SimApi::App) == before {
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "the call never reached Customer.io"
+            );
+            tokio::task::yield_now().await;
+        }
         app.begin_shutdown();
         let answer = call.await?;
         ensure!(answer.is_ok(), "in-flight call was cut off: {answer:?}");

@@ -7,7 +7,6 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
-use chrono::Utc;
 use cio_sim::{Fault, SimApi};
 use serde_json::json;
 use sharpsend_core::jobs::Job;
@@ -363,7 +362,7 @@ db_test!(
         let waiting = get_send(&app, &send.id).await?;
         ensure!(waiting.state() == SendState::Uncertain, "{waiting:#?}");
 
-        tokio::time::sleep(app.ctx.settings.sends.reconcile_grace).await;
+        app.advance(app.ctx.settings.sends.reconcile_grace);
         app.run_job(Job::SendReconcile).await?;
         let sent = wait_for(&app, &send.id, "sent after settling", |s| {
             states(s) == [SendState::Submitted]
@@ -391,7 +390,7 @@ db_test!(
         let engaged = segment(&app, "High Engagement")?;
         // Recorded but not dispatched: the broadcast window is held elsewhere for a moment.
         let ws = app.ctx.workspace_id();
-        store::hold_window(&app.ctx.db, ws, BROADCAST, Utc::now()).await?;
+        store::hold_window(&app.ctx.db, ws, BROADCAST, app.ctx.now()).await?;
         app.sim.sim.push_faults(
             Some(SimApi::App),
             [
@@ -428,8 +427,8 @@ db_test!(
             "{still:?}"
         );
         // The aborted call's request stays in the simulator until the delay ends: the simulator
-        // then processes it (as Customer.io would). Wait past the claim expiry.
-        tokio::time::sleep(app.ctx.settings.sends.claim_ttl + Duration::from_millis(200)).await;
+        // then processes it (as Customer.io would). Move past the claim expiry.
+        app.advance(app.ctx.settings.sends.claim_ttl + Duration::from_millis(200));
         app.run_job(Job::SendReconcile).await?;
         let after = store::submission(&app.ctx.db, sub.id)
             .await?
@@ -446,7 +445,7 @@ db_test!(
         let send = store::get_by_id(&app.ctx.db, sub.send_id)
             .await?
             .context("send")?;
-        tokio::time::sleep(app.ctx.settings.sends.reconcile_grace).await;
+        app.advance(app.ctx.settings.sends.reconcile_grace);
         app.run_job(Job::SendReconcile).await?;
         let done = wait_for(&app, &send.public_id, "settled", |s| {
             matches!(
@@ -705,7 +704,7 @@ db_test!(
         ensure!(our_triggers(&app, &a.id).len() == 1);
 
         // Never arrived; the operator allows one more attempt (after the first one's window).
-        tokio::time::sleep(app.ctx.settings.sends.trigger_spacing).await;
+        app.advance(app.ctx.settings.sends.trigger_spacing);
         app.sim.sim.push_faults(
             Some(SimApi::App),
             [Fault::Delay(Duration::ZERO), Fault::Drop],
@@ -717,7 +716,7 @@ db_test!(
             .send
             .context("b")?;
         ensure!(b.state() == SendState::Uncertain && our_triggers(&app, &b.id).is_empty());
-        tokio::time::sleep(app.ctx.settings.sends.trigger_spacing).await;
+        app.advance(app.ctx.settings.sends.trigger_spacing);
         campaigns
             .resolve_send(pb::ResolveSendRequest {
                 send_id: b.id.clone(),

@@ -195,6 +195,13 @@ impl TestApp {
         }
     }
 
+    /// Moves time forward by `by` for the service (its clock) and the simulator (its sends,
+    /// trigger windows and deliveries), instead of sleeping.
+    pub fn advance(&self, by: Duration) {
+        self.ctx.clock.advance(by);
+        self.sim.sim.advance(by);
+    }
+
     /// Runs one background job to completion, as the scheduler would.
     pub async fn run_job(&self, job: Job) -> Result<JobOutcome, RunError> {
         jobs::run_job(&self.ctx, job, "e2e-test").await
@@ -266,9 +273,15 @@ impl Interceptor for Bearer {
 
 /// Installs a log subscriber when `TEST_LOG` is set (once per process).
 pub fn init_test_logging() {
-    if std::env::var_os("TEST_LOG").is_some() {
-        sharpsend_core::telemetry::init_logs(false);
+    let Ok(wanted) = std::env::var("TEST_LOG") else {
+        return;
+    };
+    let mut config = sharpsend_core::telemetry::TelemetryConfig::logs_only("e2e", false);
+    // `TEST_LOG=1` logs at the default level; `TEST_LOG=debug,sqlx=info` picks a filter.
+    if !matches!(wanted.trim(), "" | "1" | "true") {
+        config.log_filter = Some(wanted);
     }
+    let _ = sharpsend_core::telemetry::init(config);
 }
 
 /// The fields named by an `InvalidArgument` status's `google.rpc.BadRequest` details, in order.

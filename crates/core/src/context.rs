@@ -47,6 +47,12 @@ impl AppContext {
         self.workspace.id
     }
 
+    /// Tells the in-process outbox worker that writes were accepted. The wake-up is kept until
+    /// the worker next waits, so one that is busy or still starting does not miss it.
+    pub fn wake_outbox(&self) {
+        self.outbox_wakeup.notify_one();
+    }
+
     /// Now, from the context's clock.
     pub fn now(&self) -> DateTime<Utc> {
         self.clock.now()

@@ -270,7 +270,7 @@ impl Run<'_> {
         self.report.recorded += accepted.len() as u64 - already;
         self.batch.clear();
         self.batch_data_bytes = 0;
-        self.ctx.outbox_wakeup.notify_waiters();
+        self.ctx.wake_outbox();
         Ok(())
     }
 }

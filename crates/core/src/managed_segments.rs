@@ -498,7 +498,7 @@ async fn evaluate_one(
         {
             Applied::Done(outcome) => {
                 if outcome.outbox_rows > 0 {
-                    ctx.outbox_wakeup.notify_waiters();
+                    ctx.wake_outbox();
                 }
                 tracing::info!(
                     segment_id = current.cio_segment_id,
@@ -858,7 +858,7 @@ async fn change_members(
     };
     match result {
         ManualChange::Done(change) => {
-            ctx.outbox_wakeup.notify_waiters();
+            ctx.wake_outbox();
             Ok(change)
         }
         ManualChange::NotFound => Err(not_managed(segment_id)),

@@ -700,7 +700,7 @@ pub async fn retry_dead_letters(ctx: &AppContext, ids: &[i64]) -> Result<u64, Co
     let ids = (!ids.is_empty()).then_some(ids);
     let requeued = outbox::requeue_dead(&ctx.db, ctx.workspace_id(), ids, ctx.now()).await?;
     if requeued > 0 {
-        ctx.outbox_wakeup.notify_waiters();
+        ctx.wake_outbox();
     }
     Ok(requeued)
 }

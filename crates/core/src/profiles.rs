@@ -237,7 +237,7 @@ pub async fn update_attributes(
         .collect();
     let accepted =
         outbox::accept_attribute_updates(&ctx.db, ctx.workspace_id(), &rows, ctx.now()).await?;
-    ctx.outbox_wakeup.notify_waiters();
+    ctx.wake_outbox();
     // Managed segments reading these attributes are due for evaluation. The write is accepted
     // whatever happens here; a segment not marked is re-evaluated when its age runs out.
     let changed: std::collections::BTreeSet<&str> = rows
@@ -346,7 +346,7 @@ pub async fn track_events(
         })
         .collect();
     let accepted = outbox::accept_events(&ctx.db, ctx.workspace_id(), &rows, now).await?;
-    ctx.outbox_wakeup.notify_waiters();
+    ctx.wake_outbox();
     Ok(accepted)
 }
 

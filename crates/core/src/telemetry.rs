@@ -1,7 +1,8 @@
 //! Telemetry shared by the binaries: logs and, when an OTLP collector is configured,
 //! OpenTelemetry traces and metrics.
 //!
-//! - Logs: an `EnvFilter` (`RUST_LOG`, default [`DEFAULT_FILTER`]), human or JSON output.
+//! - Logs: an `EnvFilter` (`RUST_LOG` from the settings, default [`DEFAULT_FILTER`]), human or
+//!   JSON output.
 //! - Traces and metrics: exported over OTLP/gRPC ONLY when `OTEL_EXPORTER_OTLP_ENDPOINT` (or a
 //!   signal's own `OTEL_EXPORTER_OTLP_{TRACES,METRICS}_ENDPOINT`) is set. The usual `OTEL_*`
 //!   variables apply (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_SDK_DISABLED`,
@@ -47,8 +48,8 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct TelemetryConfig {
     /// One JSON object per log line instead of human-readable lines.
     pub json_logs: bool,
-    /// Log filter; `None`: `RUST_LOG`, else [`DEFAULT_FILTER`]. Spans are exported by their own
-    /// filter ([`OtlpConfig::trace_filter`]).
+    /// Log filter (`RUST_LOG`, read with the other settings); `None`: [`DEFAULT_FILTER`]. Spans
+    /// are exported by their own filter ([`OtlpConfig::trace_filter`]).
     pub log_filter: Option<String>,
     /// `service.name` of the exported telemetry (`OTEL_SERVICE_NAME` wins when set).
     pub service_name: String,
@@ -293,9 +294,7 @@ pub fn init(config: TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
         Some(filter) => {
             EnvFilter::try_new(filter).map_err(|e| TelemetryError::Filter(e.to_string()))?
         }
-        None => {
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER))
-        }
+        None => EnvFilter::new(DEFAULT_FILTER),
     };
     let fmt_layer = if config.json_logs {
         fmt::layer()

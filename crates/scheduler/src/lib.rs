@@ -159,7 +159,15 @@ mod tests {
                 let (ctx, running) = (ctx.clone(), running.clone());
                 async move { run_unless_running(&ctx, Job::SegmentSync, "tick-1", &running).await }
             });
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            // The second tick comes once the first run is under way (its request has arrived).
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while sim.sim.request_count(SimApi::App) == 0 {
+                anyhow::ensure!(
+                    std::time::Instant::now() < deadline,
+                    "the first run never started"
+                );
+                tokio::task::yield_now().await;
+            }
             let started = std::time::Instant::now();
             let second = run_unless_running(&ctx, Job::SegmentSync, "tick-2", &running).await;
             anyhow::ensure!(!second, "a second run started while the first was going");
