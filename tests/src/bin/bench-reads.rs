@@ -1,0 +1,468 @@
+//! Read-path benchmark: prints figures, asserts nothing about time.
+//!
+//! ```sh
+//! cargo build --release --bins
+//! target/release/bench-reads                       # SQLite; --database-url postgres://… for PostgreSQL
+//! ```
+//!
+//! Starts `cio-sim`, `sharpsend-server` (production mode) and, as the anchor, a bare tonic server
+//! answering `grpc.health.v1.Health/Check` (no interceptors, no middleware: the cost of a gRPC
+//! call on this machine), each as its own process. Seeds 60 segments, a profile and a send, then
+//! calls GetSegment, ListSegments (a page of 50), GetProfile (mirror) and GetSend over ONE
+//! connection with 1 and 32 calls in flight for `--secs` seconds each, and prints requests/s,
+//! p50 and p99 next to the anchor's, plus the server's and the scheduler's idle and peak RSS.
+//! Output is a markdown section (for `docs/benchmarks.md`).
+
+use std::{
+    net::TcpListener,
+    path::PathBuf,
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, ensure};
+use clap::Parser;
+use serde_json::json;
+use sharpsend_proto::v1::{
+    self as pb, campaign_service_client::CampaignServiceClient,
+    profile_service_client::ProfileServiceClient, segment_service_client::SegmentServiceClient,
+};
+use tokio::process::{Child, Command};
+use tonic::{Request, metadata::MetadataValue, transport::Channel};
+
+#[derive(Debug, Parser)]
+#[command(about = "Read-path benchmark against a tonic echo anchor")]
+struct Args {
+    /// Seconds per (call, concurrency) measurement.
+    #[arg(long, default_value_t = 3.0)]
+    secs: f64,
+    /// Concurrency levels, calls in flight on one connection.
+    #[arg(long, value_delimiter = ',', default_value = "1,32")]
+    concurrency: Vec<usize>,
+    /// Database; default a fresh SQLite file.
+    #[arg(long)]
+    database_url: Option<String>,
+    /// Internal: serve the echo anchor on this address and wait.
+    #[arg(long, hide = true)]
+    serve_echo: Option<String>,
+}
+
+const API_KEY: &str = "bench-key-0123456789";
+const SITE: &str = "sim-site";
+const TRACK_KEY: &str = "sim-track-key";
+const APP_KEY: &str = "sim-app-key";
+
+fn bin(name: &str) -> anyhow::Result<PathBuf> {
+    let dir = std::env::current_exe()?
+        .parent()
+        .context("exe dir")?
+        .to_path_buf();
+    let path = dir.join(name);
+    ensure!(
+        path.exists(),
+        "{} not found: build with `cargo build --release --bins` first",
+        path.display()
+    );
+    Ok(path)
+}
+
+fn free_addr() -> anyhow::Result<String> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string())
+}
+
+fn rss_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn mib(kib: Option<u64>) -> String {
+    kib.map(|k| format!("{:.1} MiB", k as f64 / 1024.0))
+        .unwrap_or_else(|| "?".into())
+}
+
+/// The anchor: a bare tonic server with the health service only.
+async fn serve_echo(addr: &str) -> anyhow::Result<()> {
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let incoming = async_stream_of(listener);
+    tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming(incoming)
+        .await?;
+    Ok(())
+}
+
+/// Accepted connections with TCP_NODELAY, as the service sets it.
+fn async_stream_of(
+    listener: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures::stream::unfold(listener, |listener| async move {
+        let accepted = listener.accept().await.map(|(stream, _)| {
+            let _ = stream.set_nodelay(true);
+            stream
+        });
+        Some((accepted, listener))
+    })
+}
+
+fn service(cmd: &std::path::Path, database_url: &str, sim_url: &str) -> Command {
+    let mut c = Command::new(cmd);
+    c.env("DATABASE_URL", database_url)
+        .env("CIO_SITE_ID", SITE)
+        .env("CIO_TRACK_API_KEY", TRACK_KEY)
+        .env("CIO_APP_API_KEY", APP_KEY)
+        .env("CIO_TRACK_BASE_URL", sim_url)
+        .env("CIO_APP_BASE_URL", sim_url)
+        .env("CIO_APP_RATE_LIMIT", "1000")
+        .env("SHARPSEND_API_KEYS", API_KEY)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true);
+    c
+}
+
+async fn wait_tcp(addr: &str) -> anyhow::Result<()> {
+    for _ in 0..300 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("{addr} never listened")
+}
+
+fn authed<T>(message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    if let Ok(value) = format!("Bearer {API_KEY}").parse::<MetadataValue<_>>() {
+        request.metadata_mut().insert("authorization", value);
+    }
+    request
+}
+
+/// Requests/s, p50 and p99 of one measurement.
+#[derive(Debug, Clone, Copy)]
+struct Figures {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+}
+
+/// Runs `call` from `concurrency` tasks for `secs`.
+async fn measure<F, Fut>(concurrency: usize, secs: f64, call: F) -> Figures
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = bool> + Send,
+{
+    let latencies = Arc::new(Mutex::new(Vec::<f64>::new()));
+    let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // Warm-up, not counted.
+    for _ in 0..50 {
+        call().await;
+    }
+    let started = Instant::now();
+    let until = started + Duration::from_secs_f64(secs);
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (call, latencies, errors) = (call.clone(), latencies.clone(), errors.clone());
+            tokio::spawn(async move {
+                let mut mine = Vec::new();
+                while Instant::now() < until {
+                    let t = Instant::now();
+                    if !call().await {
+                        errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    mine.push(t.elapsed().as_secs_f64() * 1000.0);
+                }
+                if let Ok(mut all) = latencies.lock() {
+                    all.extend(mine);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut all = latencies.lock().map(|l| l.clone()).unwrap_or_default();
+    all.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        all.get(((all.len() as f64 * q) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    Figures {
+        rps: all.len() as f64 / elapsed,
+        p50_ms: at(0.50),
+        p99_ms: at(0.99),
+        errors: errors.load(std::sync::atomic::Ordering::Relaxed),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if let Some(addr) = &args.serve_echo {
+        return serve_echo(addr).await;
+    }
+    cio_client::install_crypto_provider();
+    let dir = tempfile::tempdir()?;
+    let database_url = args
+        .database_url
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}/bench.db?mode=rwc", dir.path().display()));
+    let backend = if database_url.starts_with("postgres") {
+        "PostgreSQL"
+    } else {
+        "SQLite"
+    };
+
+    let sim_addr = free_addr()?;
+    let sim_url = format!("http://{sim_addr}");
+    let _sim: Child = Command::new(bin("cio-sim")?)
+        .args(["--listen", &sim_addr, "--app-rate-limit", "1000"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    wait_tcp(&sim_addr).await?;
+
+    let echo_addr = free_addr()?;
+    let _echo: Child = Command::new(std::env::current_exe()?)
+        .args(["--serve-echo", &echo_addr])
+        .kill_on_drop(true)
+        .spawn()?;
+
+    let server_bin = bin("sharpsend-server")?;
+    let migrated = service(&server_bin, &database_url, &sim_url)
+        .arg("migrate")
+        .status()
+        .await?;
+    ensure!(migrated.success(), "migrate failed");
+    let grpc = free_addr()?;
+    let server = service(&server_bin, &database_url, &sim_url)
+        .env("SHARPSEND_LISTEN", &grpc)
+        .spawn()?;
+    let scheduler = service(&bin("sharpsend-scheduler")?, &database_url, &sim_url).spawn()?;
+    wait_tcp(&grpc).await?;
+    wait_tcp(&echo_addr).await?;
+
+    // Seed: 60 more segments in Customer.io, synced; a profile; a send.
+    let http = reqwest::Client::new();
+    for i in 0..60 {
+        http.post(format!("{sim_url}/v1/segments"))
+            .bearer_auth(APP_KEY)
+            .json(&json!({"segment": {"name": format!("Bench segment {i:02}")}}))
+            .send()
+            .await?
+            .error_for_status()?;
+    }
+    let channel = Channel::from_shared(format!("http://{grpc}"))?
+        .connect()
+        .await?;
+    let mut segments = SegmentServiceClient::new(channel.clone());
+    segments
+        .sync_segments(authed(pb::SyncSegmentsRequest {}))
+        .await?;
+    let listed = segments
+        .list_segments(authed(pb::ListSegmentsRequest {
+            page_size: 50,
+            ..Default::default()
+        }))
+        .await?
+        .into_inner();
+    ensure!(
+        listed.segments.len() == 50,
+        "{} segments",
+        listed.segments.len()
+    );
+    let segment_id = listed
+        .segments
+        .iter()
+        .find(|s| s.member_count.unwrap_or(0) > 0)
+        .map(|s| s.id)
+        .context("a segment with members")?;
+    let mut profiles = ProfileServiceClient::new(channel.clone());
+    let attributes = prost_types::Struct {
+        fields: [(
+            "plan".to_string(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue("pro".into())),
+            },
+        )]
+        .into(),
+    };
+    profiles
+        .update_attributes(authed(pb::UpdateAttributesRequest {
+            customer_id: "u00001".into(),
+            attributes: Some(attributes),
+        }))
+        .await?;
+    let mut campaigns = CampaignServiceClient::new(channel.clone());
+    let send = campaigns
+        .send_assignment(authed(pb::SendAssignmentRequest {
+            assignment_id: "bench-1".into(),
+            title: "Bench".into(),
+            subject: "Bench".into(),
+            segment_ids: vec![segment_id],
+            variations: vec![pb::ContentVariation {
+                segment_id,
+                body: "<p>bench</p>".into(),
+                ..Default::default()
+            }],
+            delivery: Some(pb::send_assignment_request::Delivery::Newsletter(
+                pb::NewsletterDelivery { from_id: 0 },
+            )),
+            ..Default::default()
+        }))
+        .await?
+        .into_inner()
+        .send
+        .context("send")?;
+    tokio::time::sleep(Duration::from_secs(2)).await; // idle before measuring memory
+    let server_idle = rss_kib(server.id().unwrap_or(0), "VmRSS:");
+    let scheduler_idle = rss_kib(scheduler.id().unwrap_or(0), "VmRSS:");
+
+    let echo_channel = Channel::from_shared(format!("http://{echo_addr}"))?
+        .connect()
+        .await?;
+    let mut rows = Vec::new();
+    for &c in &args.concurrency {
+        let echo = {
+            let ch = echo_channel.clone();
+            move || {
+                let mut client = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+                async move {
+                    client
+                        .check(tonic_health::pb::HealthCheckRequest::default())
+                        .await
+                        .is_ok()
+                }
+            }
+        };
+        let anchor = measure(c, args.secs, echo).await;
+        rows.push(("echo (anchor)".to_string(), c, anchor, anchor));
+
+        let get_segment = {
+            let ch = channel.clone();
+            move || {
+                let mut client = SegmentServiceClient::new(ch.clone());
+                async move {
+                    client
+                        .get_segment(authed(pb::GetSegmentRequest { segment_id }))
+                        .await
+                        .is_ok()
+                }
+            }
+        };
+        rows.push((
+            "SegmentService/GetSegment".into(),
+            c,
+            measure(c, args.secs, get_segment).await,
+            anchor,
+        ));
+        let list = {
+            let ch = channel.clone();
+            move || {
+                let mut client = SegmentServiceClient::new(ch.clone());
+                async move {
+                    client
+                        .list_segments(authed(pb::ListSegmentsRequest {
+                            page_size: 50,
+                            ..Default::default()
+                        }))
+                        .await
+                        .is_ok()
+                }
+            }
+        };
+        rows.push((
+            "SegmentService/ListSegments (50)".into(),
+            c,
+            measure(c, args.secs, list).await,
+            anchor,
+        ));
+        let profile = {
+            let ch = channel.clone();
+            move || {
+                let mut client = ProfileServiceClient::new(ch.clone());
+                async move {
+                    client
+                        .get_profile(authed(pb::GetProfileRequest {
+                            customer: Some(pb::CustomerRef {
+                                identifier: Some(pb::customer_ref::Identifier::Id("u00001".into())),
+                            }),
+                            fresh: false,
+                        }))
+                        .await
+                        .is_ok()
+                }
+            }
+        };
+        rows.push((
+            "ProfileService/GetProfile (mirror)".into(),
+            c,
+            measure(c, args.secs, profile).await,
+            anchor,
+        ));
+        let get_send = {
+            let (ch, id) = (channel.clone(), send.id.clone());
+            move || {
+                let mut client = CampaignServiceClient::new(ch.clone());
+                let id = id.clone();
+                async move {
+                    client
+                        .get_send(authed(pb::GetSendRequest {
+                            send_id: id,
+                            ..Default::default()
+                        }))
+                        .await
+                        .is_ok()
+                }
+            }
+        };
+        rows.push((
+            "CampaignService/GetSend".into(),
+            c,
+            measure(c, args.secs, get_send).await,
+            anchor,
+        ));
+    }
+    let server_peak = rss_kib(server.id().unwrap_or(0), "VmHWM:");
+    let scheduler_peak = rss_kib(scheduler.id().unwrap_or(0), "VmHWM:");
+
+    println!(
+        "### Reads on {backend} (one connection, {} s per figure)\n",
+        args.secs
+    );
+    println!("| call | in flight | requests/s | p50 | p99 | vs echo (rps) | errors |");
+    println!("|---|---|---|---|---|---|---|");
+    for (name, c, f, anchor) in &rows {
+        println!(
+            "| {name} | {c} | {:.0} | {:.2} ms | {:.2} ms | {:.0}% | {} |",
+            f.rps,
+            f.p50_ms,
+            f.p99_ms,
+            100.0 * f.rps / anchor.rps,
+            f.errors
+        );
+    }
+    println!(
+        "\nRSS: server {} idle, {} peak; scheduler {} idle, {} peak.\n",
+        mib(server_idle),
+        mib(server_peak),
+        mib(scheduler_idle),
+        mib(scheduler_peak)
+    );
+    Ok(())
+}
