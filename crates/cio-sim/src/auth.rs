@@ -8,7 +8,7 @@ use base64::Engine as _;
 use subtle::ConstantTimeEq as _;
 
 use crate::Simulator;
-use crate::errors::{app_error, track_error};
+use crate::error_bodies::{app_error, track_error};
 
 fn same(a: &str, b: &str) -> bool {
     a.as_bytes().ct_eq(b.as_bytes()).into()

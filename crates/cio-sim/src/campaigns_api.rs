@@ -54,7 +54,7 @@ use serde_json::{Map, Value, json};
 
 use crate::Simulator;
 use crate::auth::require_app;
-use crate::errors::{ApiError, app_error};
+use crate::error_bodies::{ApiError, app_error};
 use crate::metrics;
 use crate::sends::{
     Campaign, CampaignKind, CampaignState, Scope, SendStore, TriggerError, trigger_status_json,

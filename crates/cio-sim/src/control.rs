@@ -42,7 +42,7 @@ use serde_json::{Map, Value, json};
 use crate::Simulator;
 use crate::audience::AudienceFilter;
 use crate::config::SimApi;
-use crate::errors::ApiError;
+use crate::error_bodies::ApiError;
 use crate::faults::{Chaos, Fault};
 use crate::sends::{CampaignState, DeliveryFilter, DeliveryRates, NewBroadcast, RatesKey};
 use crate::state::Predicate;

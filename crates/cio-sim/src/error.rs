@@ -1,4 +1,5 @@
-//! The crate's error type (state operations used by tests and by the HTTP handlers).
+//! [`SimError`], the crate's error type (state operations used by tests and by the HTTP
+//! handlers). The HTTP error bodies answered to clients are in `error_bodies`.
 
 /// Errors of the simulator's state operations.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

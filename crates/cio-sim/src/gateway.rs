@@ -24,7 +24,7 @@ use serde_json::Value;
 use crate::Simulator;
 use crate::config::{MAX_LOGGED_BODIES_TOTAL, MAX_LOGGED_BODY_BYTES, SimApi};
 use crate::conn::ConnCtl;
-use crate::errors::{api_error, fault_response, rate_limited};
+use crate::error_bodies::{api_error, fault_response, rate_limited};
 use crate::faults::Action;
 
 /// Largest request body accepted (Customer.io's largest documented one is ~1 MB).

@@ -47,7 +47,7 @@ use crate::Simulator;
 use crate::audience::AudienceFilter;
 use crate::auth::require_app;
 use crate::campaigns_api::{not_found, path_id, query_map};
-use crate::errors::ApiError;
+use crate::error_bodies::ApiError;
 use crate::metrics;
 use crate::sends::{Newsletter, NewsletterSpec, Scope, SendStore};
 

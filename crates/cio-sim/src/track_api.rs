@@ -25,7 +25,7 @@ use serde_json::{Map, Value, json};
 
 use crate::Simulator;
 use crate::auth::require_track;
-use crate::errors::{ApiError, Violation};
+use crate::error_bodies::{ApiError, Violation};
 use crate::events::{NewEvent, parse_event};
 use crate::state::{IdType, parse_identifier};
 use crate::track_v2;

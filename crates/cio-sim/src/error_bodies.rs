@@ -1,4 +1,5 @@
-//! Error bodies in Customer.io's shapes.
+//! Error BODIES in Customer.io's shapes: what the simulated APIs answer on failure (not to be
+//! confused with `error::SimError`, the error of the simulator's own state operations).
 //!
 //! - App API: `{"errors":[{"detail":..,"status":"404","source":{..}}]}`.
 //! - Track API v1: `{"meta":{"errors":["..."]}}` (merge_customers: `{"meta":{"error":".."}}`).
