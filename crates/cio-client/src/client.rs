@@ -227,6 +227,18 @@ impl CioClient {
             .trim_end_matches('/');
         let mut url = Url::parse(&format!("{base}{path}"))
             .map_err(|e| config_error(format!("URL for {}: {e}", endpoint.template)))?;
+        // Defence in depth: URL parsing resolves dot segments (WHATWG rules treat `%2E` and
+        // `%2E%2E` as `.` and `..` too), so an id like `..` would silently address another
+        // resource. Refuse anything whose path is not the template filled in as encoded.
+        let base_path = self.target(endpoint.api).base.path().trim_end_matches('/');
+        if url.path().strip_prefix(base_path) != Some(path.as_str()) {
+            return Err(config_error(format!(
+                "{}: a path parameter cannot be addressed in a URL (`.` and `..` are dot \
+                 segments that URLs collapse); nothing was sent. Ids like these can only travel \
+                 in a request body (Track v2 entity/batch, POST /v1/customers/attributes)",
+                endpoint.template
+            )));
+        }
         if !query.is_empty() {
             url.query_pairs_mut()
                 .extend_pairs(query.iter().map(|(k, v)| (*k, v.as_str())));
@@ -750,6 +762,28 @@ mod tests {
                 .as_str(),
             "https://api.customer.io/v1/segments"
         );
+    }
+
+    #[test]
+    fn refuses_urls_whose_path_left_the_template() {
+        let cfg = config().with_base_url(Url::parse("http://127.0.0.1:9/prefix/").unwrap());
+        let client = CioClient::new(cfg).unwrap();
+        for id in [".", ".."] {
+            let err = client
+                .url(&endpoints::CUSTOMER_ATTRIBUTES, &[id], &[])
+                .unwrap_err();
+            assert!(matches!(err, CioError::Config { .. }), "{err:?}");
+            assert!(err.to_string().contains("{customer_id}"), "{err}");
+        }
+        for (id, path) in [
+            ("../x", "/prefix/api/v1/customers/..%2Fx"),
+            ("a/b c", "/prefix/api/v1/customers/a%2Fb%20c"),
+            ("...", "/prefix/api/v1/customers/..."),
+            (".x.", "/prefix/api/v1/customers/.x."),
+        ] {
+            let url = client.url(&endpoints::IDENTIFY, &[id], &[]).unwrap();
+            assert_eq!(url.path(), path);
+        }
     }
 
     #[test]

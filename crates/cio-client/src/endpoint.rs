@@ -42,9 +42,19 @@ const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
-/// Percent-encodes one path segment (`1/` → `1%2F`, `a b` → `a%20b`, `x@y` → `x%40y`).
+/// Percent-encodes one path segment (`1/` → `1%2F`, `a b` → `a%20b`, `x@y` → `x%40y`). A
+/// segment that is exactly `.` or `..` becomes `%2E` / `%2E%2E`: left as is it would be a dot
+/// segment that URL resolution removes, taking the path out of its template.
+///
+/// Note that `url::Url` (WHATWG URL rules, what reqwest sends) treats `%2E` and `%2E%2E` as dot
+/// segments too, so such an id still cannot travel in a path through this client: the request
+/// is refused before anything is sent, with a [`CioError::Config`].
 pub fn encode_path_segment(segment: &str) -> String {
-    utf8_percent_encode(segment, PATH_SEGMENT).to_string()
+    match segment {
+        "." => "%2E".to_owned(),
+        ".." => "%2E%2E".to_owned(),
+        _ => utf8_percent_encode(segment, PATH_SEGMENT).to_string(),
+    }
 }
 
 impl Endpoint {
@@ -264,6 +274,19 @@ mod tests {
         assert_eq!(encode_path_segment("a?b#c%d+e"), "a%3Fb%23c%25d%2Be");
         assert_eq!(encode_path_segment("Az09-._~"), "Az09-._~");
         assert_eq!(encode_path_segment("é"), "%C3%A9");
+    }
+
+    #[test]
+    fn encodes_whole_dot_segments_only() {
+        assert_eq!(encode_path_segment("."), "%2E");
+        assert_eq!(encode_path_segment(".."), "%2E%2E");
+        assert_eq!(encode_path_segment("..."), "...");
+        assert_eq!(encode_path_segment("../x"), "..%2Fx");
+        assert_eq!(encode_path_segment("a.b"), "a.b");
+        assert_eq!(
+            endpoints::IDENTIFY.path(&[".."]).unwrap(),
+            "/api/v1/customers/%2E%2E"
+        );
     }
 
     #[test]

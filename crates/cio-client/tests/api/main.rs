@@ -7,6 +7,7 @@
 //! - `segment_members`: manual segment membership (add/remove customers, 400s, limits).
 //! - `resilience`: retries, Retry-After, timeouts, dropped connections, NeverRetry endpoints.
 //! - `limiter`: pacing shared across clients of one workspace, pauses after a 429.
+//! - `paths`: ids in path segments (encoded exactly; dot segments refused, nothing sent).
 //! - `wire`: the exact headers on the wire (a raw TCP listener captures them).
 
 #![allow(clippy::unwrap_used)]
@@ -16,6 +17,7 @@ mod campaigns;
 mod customers;
 mod helpers;
 mod limiter;
+mod paths;
 mod people;
 mod resilience;
 mod segment_members;

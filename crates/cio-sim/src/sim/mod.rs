@@ -21,6 +21,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
+use tower::ServiceExt as _;
 
 pub use running::RunningSim;
 
@@ -87,8 +88,12 @@ impl Simulator {
     /// Router serving both APIs and `/_sim/`. [`Simulator::serve`] adds a per-connection kill
     /// switch that makes `Fault::Drop` certain; under a plain `axum::serve` a drop relies on the
     /// response body failing before hyper writes the head (what hyper 1.x does today).
+    ///
+    /// Like any HTTP server, it resolves literal `.` and `..` path segments before routing
+    /// (`/api/v1/customers/..` is `/api/v1/`); percent-encoded ones (`%2E`, `%2E%2E`) are data,
+    /// so `/api/v1/customers/%2E%2E` addresses the person whose id is `..`.
     pub fn router(&self) -> Router {
-        Router::new()
+        let routes = Router::new()
             .merge(track_api::routes(self))
             .merge(app_api::routes(self))
             .merge(campaigns_api::routes(self))
@@ -96,7 +101,9 @@ impl Simulator {
             .merge(control::routes())
             .fallback(fallback)
             .layer(from_fn_with_state(self.clone(), gateway::gateway))
-            .with_state(self.clone())
+            .with_state(self.clone());
+        // Layers on a Router run after routing: the path is rewritten outside it.
+        Router::new().fallback_service(routes.map_request(gateway::resolve_dot_segments))
     }
 
     /// Serves on `listener` until `shutdown` completes (then drains open connections).
