@@ -429,11 +429,12 @@ impl CioClient {
         Ok(r.newsletter)
     }
 
-    /// `POST /v1/newsletters/{newsletter_id}/send`. Never retried.
+    /// `POST /v1/newsletters/{newsletter_id}/send` with the body `{}` (no options: the request
+    /// is JSON, and an empty body is not a JSON document). Never retried.
     pub async fn send_newsletter(&self, newsletter_id: i64) -> Result<(), CioError> {
         let id = newsletter_id.to_string();
         let _: serde::de::IgnoredAny = self
-            .request(&endpoints::SEND_NEWSLETTER, &[&id], &[], None::<&()>)
+            .request(&endpoints::SEND_NEWSLETTER, &[&id], &[], Some(&Map::new()))
             .await?;
         Ok(())
     }

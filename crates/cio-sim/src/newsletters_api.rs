@@ -27,6 +27,8 @@
 //! `source.pointer`.
 //!
 //! Send and schedule: 404 unknown; 400 when it is not a draft (already sent or scheduled).
+//! The send body is `{}` or rate-limit options; an empty body is accepted too (no spec says
+//! Customer.io refuses it), and the request log shows which one a client sent.
 //! A scheduled newsletter goes out (recipients evaluated then) once the clock passes its time.
 
 use std::collections::HashMap;

@@ -148,6 +148,15 @@ async fn a_newsletter_is_created_sent_and_its_metrics_match_the_ledger() {
             .any(|n| n.id == created.id && n.name == "sharpsend send s-4")
     );
     client.send_newsletter(created.id).await.unwrap();
+    let send = format!("/v1/newsletters/{}/send", created.id);
+    let logged = requests_to(&running, &send);
+    assert_eq!(logged.len(), 1);
+    assert_eq!(logged[0].method, "POST");
+    assert_eq!(
+        logged[0].body,
+        Some(json!({})),
+        "the send's body is the JSON `{{}}`"
+    );
     running.sim.advance(Duration::from_secs(3 * 86_400));
 
     let now = std::time::SystemTime::now()
