@@ -59,7 +59,7 @@ pub use people::{
     BATCH_ENVELOPE_BYTES, BatchFailure, BatchOutcome, EncodedOp, Event, IdType, Identifier,
     MAX_BATCH_BYTES, MAX_OP_BYTES, PersonAction, PersonOp, batch_body_len, is_ulid,
 };
-pub use retry::{MAX_HONOURED_RETRY_AFTER, parse_retry_after};
+pub use retry::{MAX_HONOURED_RETRY_AFTER, parse_retry_after, parse_retry_after_at};
 pub use secrecy::SecretString;
 pub use segment_members::MAX_SEGMENT_MEMBERS_PER_CALL;
 pub use segments::{
