@@ -439,12 +439,26 @@ impl CioClient {
         Ok(())
     }
 
-    /// `GET /v1/{campaigns|broadcasts|newsletters}/{id}/metrics?version=2&res=&start=&end=`.
+    /// `GET /v1/{campaigns|broadcasts|newsletters}/{id}/metrics?version=2&res=&start=&end=&tz=`,
+    /// bucketed in the client's [`metrics_tz`](Self::metrics_tz).
     pub async fn metrics(
         &self,
         of: MetricsOf,
         query: MetricsQuery,
     ) -> Result<MetricSeries, CioError> {
+        self.metrics_in(of, query, self.metrics_tz()).await
+    }
+
+    /// [`metrics`](Self::metrics) bucketed in the IANA time zone `tz` (e.g. a workspace or
+    /// user setting) instead of the client's default. An unknown zone is a
+    /// [`CioError::Config`], nothing sent.
+    pub async fn metrics_in(
+        &self,
+        of: MetricsOf,
+        query: MetricsQuery,
+        tz: &str,
+    ) -> Result<MetricSeries, CioError> {
+        crate::client::check_time_zone(tz)?;
         let (endpoint, id) = match of {
             MetricsOf::Campaign(id) => (&endpoints::CAMPAIGN_METRICS, id),
             MetricsOf::Broadcast(id) => (&endpoints::BROADCAST_METRICS, id),
@@ -456,6 +470,7 @@ impl CioClient {
             ("res", query.res.as_str().to_string()),
             ("start", query.start.to_string()),
             ("end", query.end.to_string()),
+            ("tz", tz.to_string()),
         ];
         let r: MetricsResponse = self.request(endpoint, &[&id], &params, None::<&()>).await?;
         Ok(r.metric)

@@ -45,6 +45,7 @@ struct Inner {
     region: Region,
     retry: RetryConfig,
     timeout: Duration,
+    metrics_tz: String,
     track: Target,
     app: Target,
 }
@@ -74,6 +75,7 @@ impl fmt::Debug for CioClient {
             .field("track_base_url", &redacted(&i.track.base))
             .field("app_base_url", &redacted(&i.app.base))
             .field("timeout", &i.timeout)
+            .field("metrics_tz", &i.metrics_tz)
             .field("retry", &i.retry)
             .field("track_requests_per_sec", &i.track.limiter.per_sec())
             .field("app_requests_per_sec", &i.app.limiter.per_sec())
@@ -95,6 +97,15 @@ fn check_base_url(api: Api, url: &Url) -> Result<(), CioError> {
         )));
     }
     Ok(())
+}
+
+/// An IANA time zone name Customer.io's metrics accept (region format, e.g. `Europe/Paris`).
+pub(crate) fn check_time_zone(tz: &str) -> Result<(), CioError> {
+    tz.parse::<chrono_tz::Tz>().map(|_| ()).map_err(|_| {
+        config_error(format!(
+            "metrics time zone {tz:?} is not an IANA time zone (e.g. America/New_York)"
+        ))
+    })
 }
 
 fn sensitive_header(value: String, what: &str) -> Result<HeaderValue, CioError> {
@@ -124,6 +135,8 @@ impl CioClient {
         if config.track_requests_per_sec == 0 {
             return Err(config_error("track_requests_per_sec must be at least 1"));
         }
+
+        check_time_zone(&config.metrics_tz)?;
 
         let creds = &config.credentials;
         let basic = BASE64.encode(format!(
@@ -185,6 +198,7 @@ impl CioClient {
                 region: config.region,
                 retry: config.retry,
                 timeout: config.timeout,
+                metrics_tz: config.metrics_tz,
                 track,
                 app,
             }),
@@ -199,6 +213,11 @@ impl CioClient {
     /// The configured region.
     pub fn region(&self) -> Region {
         self.inner.region
+    }
+
+    /// The time zone metrics series are bucketed in ([`ClientConfig::metrics_tz`]).
+    pub fn metrics_tz(&self) -> &str {
+        &self.inner.metrics_tz
     }
 
     /// The base URL used for `api`.
@@ -730,6 +749,15 @@ mod tests {
         let mut cfg = config();
         cfg.app_base_url = Some(Url::parse("mailto:x@y").unwrap());
         assert!(CioClient::new(cfg).is_err());
+        for bad in ["", "EST5EDT/x", "Nowhere/Land", "America/New York"] {
+            let mut cfg = config();
+            cfg.metrics_tz = bad.into();
+            let err = CioClient::new(cfg).unwrap_err();
+            assert!(err.to_string().contains("time zone"), "{err}");
+        }
+        let mut cfg = config();
+        cfg.metrics_tz = "Asia/Tokyo".into();
+        assert_eq!(CioClient::new(cfg).unwrap().metrics_tz(), "Asia/Tokyo");
     }
 
     #[test]

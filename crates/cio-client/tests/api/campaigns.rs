@@ -224,3 +224,65 @@ async fn newsletters_are_listed_across_pages_and_newest_first_on_request() {
         .unwrap();
     assert_eq!(second.items[0].name, "bulk 224");
 }
+
+#[tokio::test]
+async fn metrics_are_bucketed_in_the_configured_time_zone() {
+    let running = spawn_sim().await;
+    let newsletter = MetricsOf::Newsletter(running.sim.newsletters()[0].id);
+    // 2026-01-01 10:00 to 20:00 UTC: one day in New York (05:00 to 15:00) and in UTC, two in
+    // Tokyo (19:00 to 05:00 the next day).
+    let query = MetricsQuery {
+        res: Resolution::Days,
+        start: 1_767_261_600,
+        end: 1_767_297_600,
+    };
+    let days = |series: cio_client::MetricSeries| series.series["sent"].len();
+
+    let default = client(&running);
+    assert_eq!(default.metrics_tz(), "America/New_York");
+    assert_eq!(days(default.metrics(newsletter, query).await.unwrap()), 1);
+    assert_eq!(
+        days(default.metrics_in(newsletter, query, "UTC").await.unwrap()),
+        1
+    );
+    assert_eq!(
+        days(
+            default
+                .metrics_in(newsletter, query, "Asia/Tokyo")
+                .await
+                .unwrap()
+        ),
+        2
+    );
+    let mut cfg = config(&running);
+    cfg.metrics_tz = "Asia/Tokyo".into();
+    let tokyo = CioClient::new(cfg).unwrap();
+    assert_eq!(days(tokyo.metrics(newsletter, query).await.unwrap()), 2);
+
+    let sent_tz: Vec<String> = requests_to(&running, "/v1/newsletters/")
+        .into_iter()
+        .map(|r| {
+            let query = r.query.unwrap_or_default();
+            query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("tz="))
+                .unwrap_or("(none)")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        sent_tz,
+        ["America%2FNew_York", "UTC", "Asia%2FTokyo", "Asia%2FTokyo"]
+    );
+
+    let err = default
+        .metrics_in(newsletter, query, "Mars/Olympus")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CioError::Config { .. }), "{err:?}");
+    assert_eq!(
+        requests_to(&running, "/v1/newsletters/").len(),
+        4,
+        "nothing sent"
+    );
+}
