@@ -290,6 +290,19 @@ enum TriggerStatusResponse {
     Flat(TriggerStatus),
 }
 
+/// A page of `GET /v1/campaigns/{broadcast_id}/triggers/{trigger_id}/errors` (2022 App spec:
+/// `{"errors":["line <x>: <error text>",..],"next":<integer>}`).
+#[derive(Deserialize)]
+struct TriggerErrorsResponse {
+    #[serde(default, deserialize_with = "serde_util::null_as_default")]
+    errors: Vec<String>,
+    #[serde(default, deserialize_with = "serde_util::opt_string")]
+    next: Option<String>,
+}
+
+/// Trigger errors per page when listing them all.
+pub const TRIGGER_ERRORS_PAGE: u32 = 100;
+
 #[derive(Deserialize)]
 struct MetricsResponse {
     metric: MetricSeries,
@@ -405,6 +418,51 @@ impl CioClient {
         })
     }
 
+    /// `GET /v1/campaigns/{broadcast_id}/triggers/{trigger_id}/errors?start=&limit=`: one
+    /// page of a processed trigger's errors, each a line like `line 3: customer id "x" does not
+    /// exist` (ids or emails not found, data file problems). `start` is the previous page's
+    /// `next` (an opaque cursor; Customer.io sends an integer).
+    pub async fn trigger_errors_page(
+        &self,
+        broadcast_id: i64,
+        trigger_id: i64,
+        start: Option<&str>,
+        limit: u32,
+    ) -> Result<Page<String>, CioError> {
+        let (b, t) = (broadcast_id.to_string(), trigger_id.to_string());
+        let mut params = vec![("limit", limit.to_string())];
+        if let Some(start) = start {
+            params.push(("start", start.to_string()));
+        }
+        let r: TriggerErrorsResponse = self
+            .request(&endpoints::TRIGGER_ERRORS, &[&b, &t], &params, None::<&()>)
+            .await?;
+        Ok(Page {
+            items: r.errors,
+            next: r.next,
+        })
+    }
+
+    /// Every error of a processed trigger, following `next` ([`TRIGGER_ERRORS_PAGE`] per
+    /// page). Empty for a trigger without errors; [`CioError::NotFound`] for an unknown
+    /// broadcast or trigger.
+    pub async fn trigger_errors(
+        &self,
+        broadcast_id: i64,
+        trigger_id: i64,
+    ) -> Result<Vec<String>, CioError> {
+        let pages = paginate(move |start: Option<String>| async move {
+            self.trigger_errors_page(
+                broadcast_id,
+                trigger_id,
+                start.as_deref(),
+                TRIGGER_ERRORS_PAGE,
+            )
+            .await
+        });
+        pages.try_collect().await
+    }
+
     /// `GET /v1/broadcasts/{broadcast_id}/triggers`: every trigger of a broadcast (used to find
     /// out whether a trigger whose answer was lost did arrive).
     pub async fn broadcast_triggers(
@@ -496,6 +554,7 @@ mod tests {
         }
         for e in [
             &endpoints::TRIGGER_STATUS,
+            &endpoints::TRIGGER_ERRORS,
             &endpoints::BROADCAST_TRIGGERS,
             &endpoints::CAMPAIGN_METRICS,
             &endpoints::LIST_NEWSLETTERS,
@@ -554,6 +613,14 @@ mod tests {
             campaigns.campaigns[0].kind.as_deref(),
             Some("triggered_broadcast")
         );
+        let errors: TriggerErrorsResponse = serde_json::from_str(
+            r#"{"errors":["line 1: customer id \"x\" does not exist"],"next":1}"#,
+        )
+        .unwrap();
+        assert_eq!(errors.errors.len(), 1);
+        assert_eq!(errors.next.as_deref(), Some("1"));
+        let last: TriggerErrorsResponse = serde_json::from_str(r#"{"errors":null}"#).unwrap();
+        assert!(last.errors.is_empty() && last.next.is_none());
         let metrics: MetricsResponse =
             serde_json::from_str(r#"{"metric":{"series":{"sent":[1,2,3],"opened":[0,1,1]}}}"#)
                 .unwrap();

@@ -212,6 +212,12 @@ pub mod endpoints {
         Api::App,
         "/v1/campaigns/{broadcast_id}/triggers/{trigger_id}",
     );
+    /// `GET /v1/campaigns/{broadcast_id}/triggers/{trigger_id}/errors?start=&limit=`: the
+    /// `line N: ...` errors of a processed trigger, paged.
+    pub const TRIGGER_ERRORS: Endpoint = get(
+        Api::App,
+        "/v1/campaigns/{broadcast_id}/triggers/{trigger_id}/errors",
+    );
     /// `GET /v1/broadcasts/{broadcast_id}/triggers`.
     pub const BROADCAST_TRIGGERS: Endpoint =
         get(Api::App, "/v1/broadcasts/{broadcast_id}/triggers");

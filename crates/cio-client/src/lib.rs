@@ -22,7 +22,7 @@
 //!   per-op [`BatchFailure`]s); [`Identifier`], [`IdType`], size limits.
 //! - [`customers`]: App API customer reads: attributes of one or up to 100 people, a person's
 //!   segments, lookup by email.
-//! - [`campaigns`]: campaigns, API-triggered broadcasts (trigger, status, trigger list),
+//! - [`campaigns`]: campaigns, API-triggered broadcasts (trigger, status, errors, trigger list),
 //!   newsletters (create with content, send) and metrics series ([`MetricSeries::totals`]).
 //!
 //! Calls on endpoints with [`RetryPolicy::NeverRetry`] (creating resources, and later every
@@ -47,7 +47,7 @@ mod serde_util;
 pub use account::AccountRegion;
 pub use campaigns::{
     Campaign, MetricSeries, MetricsOf, MetricsQuery, NEWSLETTERS_PAGE, NewNewsletter, Newsletter,
-    Recipients, Resolution, Trigger, TriggerStatus,
+    Recipients, Resolution, TRIGGER_ERRORS_PAGE, Trigger, TriggerStatus,
 };
 pub use client::{CioClient, USER_AGENT, install_crypto_provider};
 pub use config::{Api, ClientConfig, Credentials, ParseRegionError, Region, RetryConfig};

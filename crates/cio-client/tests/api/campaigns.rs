@@ -286,3 +286,79 @@ async fn metrics_are_bucketed_in_the_configured_time_zone() {
         "nothing sent"
     );
 }
+
+#[tokio::test]
+async fn a_trigger_with_missing_ids_has_paged_errors() {
+    let running = spawn_sim().await;
+    let client = client(&running);
+    let broadcast = alert_broadcast(&running);
+    let mut ids: Vec<String> = vec!["u00001".into()];
+    ids.extend((0..5).map(|i| format!("nobody-{i}")));
+    let err = client
+        .trigger_broadcast(
+            broadcast,
+            &Trigger {
+                recipients: Recipients::Ids(ids),
+                data: data("s-errors"),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, CioError::Rejected { status: 422, .. }),
+        "{err:?}"
+    );
+    // Recorded with its errors, nothing sent; the newest trigger of the broadcast.
+    let trigger = client.broadcast_triggers(broadcast).await.unwrap()[0].id;
+    assert_eq!(running.sim.trigger(trigger).unwrap().recipients_count, 0);
+
+    let first = client
+        .trigger_errors_page(broadcast, trigger, None, 2)
+        .await
+        .unwrap();
+    assert_eq!(first.items.len(), 2);
+    assert!(first.items[0].starts_with("line 2:"), "{:?}", first.items);
+    assert!(first.items[0].contains("nobody-0"), "{:?}", first.items);
+    let second = client
+        .trigger_errors_page(broadcast, trigger, first.next.as_deref(), 2)
+        .await
+        .unwrap();
+    assert!(second.items[0].contains("nobody-2"), "{:?}", second.items);
+
+    let all = client.trigger_errors(broadcast, trigger).await.unwrap();
+    assert_eq!(all.len(), 5);
+    assert!(
+        all.iter().all(|line| line.contains("does not exist")),
+        "{all:?}"
+    );
+    assert_eq!(
+        all[..2],
+        first.items[..],
+        "pages are consecutive slices of the list"
+    );
+
+    // A clean trigger has none; an unknown one is not found.
+    running.sim.set_trigger_interval(Duration::ZERO);
+    let clean = client
+        .trigger_broadcast(
+            broadcast,
+            &Trigger {
+                recipients: Recipients::Ids(vec!["u00001".into()]),
+                data: data("s-clean"),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(
+        client
+            .trigger_errors(broadcast, clean)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let missing = client
+        .trigger_errors(broadcast, clean + 1000)
+        .await
+        .unwrap_err();
+    assert!(matches!(missing, CioError::NotFound { .. }), "{missing:?}");
+}
