@@ -142,6 +142,11 @@ pub struct NewNewsletter {
     pub from: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub from_id: Option<i64>,
+    /// The audience's subscription topic. Required when the workspace's subscription center
+    /// is enabled (Customer.io answers `subscription_topic_id is required` without it);
+    /// otherwise the newsletter goes to globally subscribed people. Not sent when `None`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subscription_topic_id: Option<i64>,
     pub send_now: bool,
 }
 
@@ -161,6 +166,7 @@ impl NewNewsletter {
             body: body.into(),
             from: None,
             from_id: None,
+            subscription_topic_id: None,
             send_now: false,
         }
     }
@@ -584,6 +590,17 @@ mod tests {
             data: Map::new(),
         };
         assert_eq!(serde_json::to_value(&default).unwrap(), json!({}));
+    }
+
+    #[test]
+    fn newsletter_bodies_carry_a_topic_only_when_set() {
+        let mut new = NewNewsletter::email("n", json!({"segment": {"id": 1}}), "s", "<p>b</p>");
+        let body = serde_json::to_value(&new).unwrap();
+        assert!(body.get("subscription_topic_id").is_none(), "{body}");
+        new.subscription_topic_id = Some(3);
+        let body = serde_json::to_value(&new).unwrap();
+        assert_eq!(body["subscription_topic_id"], 3);
+        assert_eq!(body["type"], "email");
     }
 
     #[test]

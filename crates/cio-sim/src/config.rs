@@ -27,6 +27,30 @@ impl SimApi {
     }
 }
 
+/// What one broadcast-trigger window covers (see [`SimConfig::trigger_scope`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TriggerScope {
+    /// One trigger per interval across the whole workspace, whatever the broadcast: what
+    /// Customer.io documents ("API-triggered broadcasts are limited to 1 request every 10
+    /// seconds", not said to be per broadcast).
+    #[default]
+    Workspace,
+    /// One trigger per interval per broadcast; triggers of different broadcasts do not wait
+    /// for each other.
+    PerBroadcast,
+}
+
+impl TriggerScope {
+    /// `"workspace"` or `"per_broadcast"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TriggerScope::Workspace => "workspace",
+            TriggerScope::PerBroadcast => "per_broadcast",
+        }
+    }
+}
+
 /// Start-up configuration of a [`crate::Simulator`].
 ///
 /// Rate limits given here are the initial values; they can be changed at run time with
@@ -53,9 +77,17 @@ pub struct SimConfig {
     /// How many most recent App/Track requests the request log keeps (0 = none); request
     /// counters are kept regardless. Default [`DEFAULT_REQUEST_LOG_CAPACITY`].
     pub request_log_capacity: usize,
-    /// Per broadcast, a trigger is refused (429) until this long after the previous one.
-    /// Customer.io: 10 s. Changeable at run time ([`crate::Simulator::set_trigger_interval`]).
+    /// A trigger is refused (429) until this long after the previous accepted one in its
+    /// [`SimConfig::trigger_scope`]. Customer.io: 10 s. Changeable at run time
+    /// ([`crate::Simulator::set_trigger_interval`]).
     pub trigger_interval: Duration,
+    /// Whether the trigger interval holds per workspace (default) or per broadcast.
+    /// Changeable at run time ([`crate::Simulator::set_trigger_scope`]).
+    pub trigger_scope: TriggerScope,
+    /// The workspace's subscription center is enabled: `POST /v1/newsletters` then requires
+    /// `subscription_topic_id` (400 `subscription_topic_id is required`). Default off.
+    /// Changeable at run time ([`crate::Simulator::set_subscription_center`]).
+    pub subscription_center: bool,
     /// Outcome rates of deliveries no [`crate::RatesKey`] rule matches.
     pub default_rates: DeliveryRates,
 }
@@ -68,7 +100,7 @@ pub const DEFAULT_TRACK_API_KEY: &str = "sim-track-key";
 pub const DEFAULT_APP_API_KEY: &str = "sim-app-key";
 /// Number of people in the default demo workspace.
 pub const DEFAULT_DEMO_PEOPLE: usize = 5000;
-/// Default [`SimConfig::trigger_interval`]: Customer.io's one trigger per 10 s per broadcast.
+/// Default [`SimConfig::trigger_interval`]: Customer.io's one trigger per 10 s.
 pub const DEFAULT_TRIGGER_INTERVAL: Duration = Duration::from_secs(10);
 /// Default [`SimConfig::request_log_capacity`].
 pub const DEFAULT_REQUEST_LOG_CAPACITY: usize = 10_000;
@@ -93,6 +125,8 @@ impl SimConfig {
             demo_people: DEFAULT_DEMO_PEOPLE,
             request_log_capacity: DEFAULT_REQUEST_LOG_CAPACITY,
             trigger_interval: DEFAULT_TRIGGER_INTERVAL,
+            trigger_scope: TriggerScope::Workspace,
+            subscription_center: false,
             default_rates: DeliveryRates::default(),
         }
     }

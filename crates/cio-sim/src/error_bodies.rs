@@ -29,6 +29,16 @@ pub(crate) fn app_error(
     (status, Json(json!({ "errors": [error] }))).into_response()
 }
 
+/// A newsletter endpoint's error as the 2026 spec's `newsletterErrorResponse` shows it:
+/// `{"errors":[{"detail":".."}]}` (no `status`, no `source`).
+pub(crate) fn newsletter_error(status: StatusCode, detail: impl Into<String>) -> Response {
+    (
+        status,
+        Json(json!({ "errors": [{ "detail": detail.into() }] })),
+    )
+        .into_response()
+}
+
 /// Track API v1 error.
 pub(crate) fn track_error(status: StatusCode, messages: Vec<String>) -> Response {
     (status, Json(json!({ "meta": { "errors": messages } }))).into_response()

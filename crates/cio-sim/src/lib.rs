@@ -59,7 +59,7 @@ mod track_api;
 mod track_v2;
 
 pub use audience::{AttributeOperator, AudienceFilter};
-pub use config::{SimApi, SimConfig};
+pub use config::{SimApi, SimConfig, TriggerScope};
 pub use error::SimError;
 pub use events::SimEvent;
 pub use faults::{Chaos, Fault};

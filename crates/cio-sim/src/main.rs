@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use anyhow::Context as _;
-use cio_sim::{SimConfig, Simulator};
+use cio_sim::{SimConfig, Simulator, TriggerScope};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
@@ -44,12 +44,25 @@ struct Args {
     /// How many most recent requests the request log keeps (counters are kept regardless).
     #[arg(long, env = "CIO_SIM_REQUEST_LOG_CAPACITY", default_value_t = cio_sim::config::DEFAULT_REQUEST_LOG_CAPACITY)]
     request_log_capacity: usize,
-    /// Per broadcast, milliseconds a trigger must wait after the previous one (Customer.io: 10 s).
+    /// Milliseconds a trigger must wait after the previous one in its scope (Customer.io: 10 s).
     #[arg(long, env = "CIO_SIM_TRIGGER_INTERVAL_MS", default_value_t = 10_000)]
     trigger_interval_ms: u64,
+    /// What the trigger interval covers: the whole workspace or each broadcast.
+    #[arg(long, env = "CIO_SIM_TRIGGER_SCOPE", value_enum, default_value_t = TriggerScopeArg::Workspace)]
+    trigger_scope: TriggerScopeArg,
+    /// The workspace's subscription center is on: creating a newsletter requires
+    /// subscription_topic_id.
+    #[arg(long, env = "CIO_SIM_SUBSCRIPTION_CENTER")]
+    subscription_center: bool,
     /// Log as JSON lines.
     #[arg(long, env = "CIO_SIM_LOG_JSON")]
     log_json: bool,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum TriggerScopeArg {
+    Workspace,
+    PerBroadcast,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -75,6 +88,11 @@ impl Args {
             demo_people: if self.empty { 0 } else { self.people },
             request_log_capacity: self.request_log_capacity,
             trigger_interval: std::time::Duration::from_millis(self.trigger_interval_ms),
+            trigger_scope: match self.trigger_scope {
+                TriggerScopeArg::Workspace => TriggerScope::Workspace,
+                TriggerScopeArg::PerBroadcast => TriggerScope::PerBroadcast,
+            },
+            subscription_center: self.subscription_center,
             ..SimConfig::demo()
         }
     }
@@ -140,6 +158,8 @@ async fn main() -> anyhow::Result<()> {
         campaigns = sim.campaigns().len(),
         newsletters = sim.newsletters().len(),
         trigger_interval_ms = config.trigger_interval.as_millis() as u64,
+        trigger_scope = config.trigger_scope.as_str(),
+        subscription_center = config.subscription_center,
         app_rate_limit = config.app_rate_limit_per_sec,
         track_rate_limit = config.track_rate_limit_per_sec,
         "cio-sim listening: Track API {base_url}/api, App API {base_url}/v1, control {base_url}/_sim"

@@ -362,3 +362,54 @@ async fn a_trigger_with_missing_ids_has_paged_errors() {
         .unwrap_err();
     assert!(matches!(missing, CioError::NotFound { .. }), "{missing:?}");
 }
+
+#[tokio::test]
+async fn with_the_subscription_center_on_a_newsletter_needs_a_topic() {
+    let running = spawn_sim().await;
+    let client = client(&running);
+    let segment = running.sim.segments()[0].id;
+    let before = running.sim.newsletters().len();
+    let mut new = NewNewsletter::email(
+        "sharpsend send s-topic",
+        json!({"segment": {"id": segment}}),
+        "Subject",
+        "<p>Body</p>",
+    );
+    // Off (the default): no topic needed, none sent.
+    let plain = client.create_newsletter(&new).await.unwrap();
+    let logged = requests_to(&running, "/v1/newsletters");
+    assert!(
+        logged[0]
+            .body
+            .as_ref()
+            .unwrap()
+            .get("subscription_topic_id")
+            .is_none()
+    );
+
+    running.sim.set_subscription_center(true);
+    let err = client.create_newsletter(&new).await.unwrap_err();
+    assert!(
+        matches!(err, CioError::Rejected { status: 400, .. }),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.details()[0].message,
+        "subscription_topic_id is required"
+    );
+    assert_eq!(
+        running.sim.newsletters().len(),
+        before + 1,
+        "nothing created"
+    );
+
+    new.subscription_topic_id = Some(2);
+    let created = client.create_newsletter(&new).await.unwrap();
+    assert!(created.id > plain.id);
+    assert_eq!(running.sim.newsletters().len(), before + 2);
+    let logged = requests_to(&running, "/v1/newsletters");
+    assert_eq!(
+        logged.last().unwrap().body.as_ref().unwrap()["subscription_topic_id"],
+        2
+    );
+}

@@ -64,9 +64,7 @@ impl Simulator {
     /// Builds the workspace (demo data when `config.demo_people > 0`).
     pub fn new(config: SimConfig) -> Self {
         let mut world = World::new();
-        world
-            .sends
-            .configure(config.seed, config.trigger_interval, config.default_rates);
+        world.sends.configure(&config);
         demo::populate(&mut world, config.seed, config.demo_people);
         let traffic = Traffic::new(&config);
         let log = RequestLog::new(config.request_log_capacity);

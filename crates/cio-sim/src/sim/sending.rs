@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use super::Simulator;
+use crate::config::TriggerScope;
 use crate::error::SimError;
 use crate::sends::{
     self, CampaignKind, CampaignState, DeliveryFilter, DeliveryRates, MetricTotals, NewBroadcast,
@@ -27,14 +28,36 @@ impl Simulator {
         Duration::from_millis(u64::try_from(age).unwrap_or(0))
     }
 
-    /// Changes the per-broadcast trigger interval (Customer.io: 10 s); open windows are kept.
+    /// Changes the trigger interval (Customer.io: 10 s); open windows are kept.
     pub fn set_trigger_interval(&self, interval: Duration) {
         self.with_world(|w| w.sends.set_trigger_interval(interval));
     }
 
-    /// Current per-broadcast trigger interval.
+    /// Current trigger interval.
     pub fn trigger_interval(&self) -> Duration {
         self.with_world(|w| w.sends.trigger_interval())
+    }
+
+    /// Whether the trigger interval holds across the workspace or per broadcast. Both windows
+    /// are tracked all along, so a change applies to the next trigger.
+    pub fn set_trigger_scope(&self, scope: TriggerScope) {
+        self.with_world(|w| w.sends.set_trigger_scope(scope));
+    }
+
+    /// Current trigger scope.
+    pub fn trigger_scope(&self) -> TriggerScope {
+        self.with_world(|w| w.sends.trigger_scope())
+    }
+
+    /// Turns the workspace's subscription center on or off: while on, `POST /v1/newsletters`
+    /// requires `subscription_topic_id`.
+    pub fn set_subscription_center(&self, enabled: bool) {
+        self.with_world(|w| w.sends.set_subscription_center(enabled));
+    }
+
+    /// Whether the subscription center is on.
+    pub fn subscription_center(&self) -> bool {
+        self.with_world(|w| w.sends.subscription_center())
     }
 
     /// Campaigns and broadcasts, by id.
