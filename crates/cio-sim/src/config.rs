@@ -5,6 +5,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
+use crate::faults::RateLimitMode;
 use crate::sends::DeliveryRates;
 
 /// Which of the two Customer.io APIs a request belongs to.
@@ -69,6 +70,10 @@ pub struct SimConfig {
     pub app_rate_limit_per_sec: u32,
     /// Track API requests per second; 0 = unlimited. Customer.io: 1000.
     pub track_rate_limit_per_sec: u32,
+    /// How both APIs' limits are enforced: a rolling one-second window (default: never more
+    /// than the limit in any second) or a token bucket that allows an initial burst.
+    /// Changeable per API at run time ([`crate::Simulator::set_rate_limit_mode`]).
+    pub rate_limit_mode: RateLimitMode,
     /// Seed for the demo data, chaos decisions and delivery outcomes.
     pub seed: u64,
     /// Number of demo people; 0 = empty workspace (no people, segments, campaigns, broadcasts or
@@ -121,6 +126,7 @@ impl SimConfig {
             region: "us".to_owned(),
             app_rate_limit_per_sec: 10,
             track_rate_limit_per_sec: 1000,
+            rate_limit_mode: RateLimitMode::Rolling,
             seed: 42,
             demo_people: DEFAULT_DEMO_PEOPLE,
             request_log_capacity: DEFAULT_REQUEST_LOG_CAPACITY,

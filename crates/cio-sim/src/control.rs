@@ -9,7 +9,7 @@
 //! | `GET /_sim/requests[?api=app\|track]` / `DELETE /_sim/requests` | request log / clear it |
 //! | `POST /_sim/faults` | `{"api":"app"\|"track"\|null,"faults":[..],"chaos":{..}}` (see below) |
 //! | `DELETE /_sim/faults` | clear queued faults and chaos |
-//! | `GET /_sim/rate-limits`, `POST /_sim/rate-limits` | `{"app":10,"track":1000,"trigger_interval_ms":10000,"trigger_scope":"workspace"\|"per_broadcast"}` (each key optional) |
+//! | `GET /_sim/rate-limits`, `POST /_sim/rate-limits` | `{"app":10,"track":1000,"app_mode":"rolling"\|"token_bucket","track_mode":..,"trigger_interval_ms":10000,"trigger_scope":"workspace"\|"per_broadcast"}` (each key optional) |
 //! | `GET /_sim/workspace`, `POST /_sim/workspace` | `{"region":"us","subscription_center":false}`; set `{"subscription_center":bool}` |
 //! | `GET /_sim/segments`, `POST /_sim/segments` | list; create `{"name","description","predicate"?}` (no predicate = manual) |
 //! | `GET /_sim/segments/{id}`, `DELETE /_sim/segments/{id}` | segment with member ids; delete (any kind) |
@@ -44,7 +44,7 @@ use crate::Simulator;
 use crate::audience::AudienceFilter;
 use crate::config::{SimApi, TriggerScope};
 use crate::error_bodies::ApiError;
-use crate::faults::{Chaos, Fault};
+use crate::faults::{Chaos, Fault, RateLimitMode};
 use crate::sends::{CampaignState, DeliveryFilter, DeliveryRates, NewBroadcast, RatesKey};
 use crate::state::Predicate;
 
@@ -278,6 +278,8 @@ fn limits_json(sim: &Simulator) -> Value {
     json!({
         "app": sim.rate_limit(SimApi::App),
         "track": sim.rate_limit(SimApi::Track),
+        "app_mode": sim.rate_limit_mode(SimApi::App),
+        "track_mode": sim.rate_limit_mode(SimApi::Track),
         "trigger_interval_ms": sim.trigger_interval().as_millis() as u64,
         "trigger_scope": sim.trigger_scope(),
     })
@@ -292,6 +294,8 @@ async fn rate_limits(State(sim): State<Simulator>) -> Response {
 struct RateLimitsRequest {
     app: Option<u32>,
     track: Option<u32>,
+    app_mode: Option<RateLimitMode>,
+    track_mode: Option<RateLimitMode>,
     trigger_interval_ms: Option<u64>,
     trigger_scope: Option<TriggerScope>,
 }
@@ -306,6 +310,12 @@ async fn set_rate_limits(State(sim): State<Simulator>, body: Bytes) -> Response 
     }
     if let Some(track) = request.track {
         sim.set_rate_limit(SimApi::Track, track);
+    }
+    if let Some(mode) = request.app_mode {
+        sim.set_rate_limit_mode(SimApi::App, mode);
+    }
+    if let Some(mode) = request.track_mode {
+        sim.set_rate_limit_mode(SimApi::Track, mode);
     }
     if let Some(ms) = request.trigger_interval_ms {
         sim.set_trigger_interval(Duration::from_millis(ms));

@@ -62,7 +62,7 @@ pub use audience::{AttributeOperator, AudienceFilter};
 pub use config::{SimApi, SimConfig, TriggerScope};
 pub use error::SimError;
 pub use events::SimEvent;
-pub use faults::{Chaos, Fault};
+pub use faults::{Chaos, Fault, RateLimitMode};
 pub use gateway::LoggedRequest;
 pub use sends::{
     CampaignKind, CampaignState, CampaignTrigger, DeliveryFilter, DeliveryMetric, DeliveryRates,

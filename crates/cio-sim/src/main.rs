@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use anyhow::Context as _;
-use cio_sim::{SimConfig, Simulator, TriggerScope};
+use cio_sim::{RateLimitMode, SimConfig, Simulator, TriggerScope};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
@@ -44,6 +44,9 @@ struct Args {
     /// How many most recent requests the request log keeps (counters are kept regardless).
     #[arg(long, env = "CIO_SIM_REQUEST_LOG_CAPACITY", default_value_t = cio_sim::config::DEFAULT_REQUEST_LOG_CAPACITY)]
     request_log_capacity: usize,
+    /// How the rate limits are enforced: a rolling one-second window or a token bucket.
+    #[arg(long, env = "CIO_SIM_RATE_LIMIT_MODE", value_enum, default_value_t = RateLimitModeArg::Rolling)]
+    rate_limit_mode: RateLimitModeArg,
     /// Milliseconds a trigger must wait after the previous one in its scope (Customer.io: 10 s).
     #[arg(long, env = "CIO_SIM_TRIGGER_INTERVAL_MS", default_value_t = 10_000)]
     trigger_interval_ms: u64,
@@ -57,6 +60,12 @@ struct Args {
     /// Log as JSON lines.
     #[arg(long, env = "CIO_SIM_LOG_JSON")]
     log_json: bool,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum RateLimitModeArg {
+    Rolling,
+    TokenBucket,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -84,6 +93,10 @@ impl Args {
             region: region.to_owned(),
             app_rate_limit_per_sec: self.app_rate_limit,
             track_rate_limit_per_sec: self.track_rate_limit,
+            rate_limit_mode: match self.rate_limit_mode {
+                RateLimitModeArg::Rolling => RateLimitMode::Rolling,
+                RateLimitModeArg::TokenBucket => RateLimitMode::TokenBucket,
+            },
             seed: self.seed,
             demo_people: if self.empty { 0 } else { self.people },
             request_log_capacity: self.request_log_capacity,

@@ -4,12 +4,23 @@ use std::time::Duration;
 
 use super::{Simulator, lock};
 use crate::config::SimApi;
-use crate::faults::{Action, Chaos, Fault};
+use crate::faults::{Action, Chaos, Fault, RateLimitMode};
 
 impl Simulator {
-    /// Changes an API's rate limit (requests per second, 0 = unlimited); the bucket starts full.
+    /// Changes an API's rate limit (requests per second, 0 = unlimited); its window starts
+    /// empty (a token bucket: full).
     pub fn set_rate_limit(&self, api: SimApi, per_sec: u32) {
         lock(&self.inner.traffic).set_rate_limit(api, per_sec);
+    }
+
+    /// Changes how an API's limit is enforced (rolling window or token bucket); starts afresh.
+    pub fn set_rate_limit_mode(&self, api: SimApi, mode: RateLimitMode) {
+        lock(&self.inner.traffic).set_rate_limit_mode(api, mode);
+    }
+
+    /// How an API's limit is enforced.
+    pub fn rate_limit_mode(&self, api: SimApi) -> RateLimitMode {
+        lock(&self.inner.traffic).rate_limit_mode(api)
     }
 
     /// Current rate limit of an API.
