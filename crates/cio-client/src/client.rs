@@ -338,13 +338,17 @@ impl CioClient {
     ) -> Result<Answer, CioError> {
         let api = endpoint.api;
         let target = self.target(api);
+        let scope = endpoint.throttle_scope();
         let span = tracing::Span::current();
         let mut limiter_wait = Duration::ZERO;
         let mut attempt: u32 = 0;
         let mut sends: u32 = 0;
         let mut throttled = Duration::ZERO;
         loop {
-            let waited = target.limiter.acquire().await;
+            // Held until the answer is in: the request counts in the limiter's window from
+            // its start until a second after its answer.
+            let slot = target.limiter.acquire_slot(scope).await;
+            let waited = slot.waited();
             metrics::limiter_wait(api, waited);
             limiter_wait += waited;
             sends += 1;
@@ -355,6 +359,7 @@ impl CioClient {
             let sent = self
                 .send_once(endpoint, target, &url, body.as_deref())
                 .await;
+            drop(slot);
             metrics::request(endpoint, &sent, sent_at.elapsed());
             let (error, server_hint) = match sent {
                 Ok((status, retry_after, bytes)) => {
@@ -374,11 +379,14 @@ impl CioClient {
                     if status == 429
                         && let Some(pause) = retry_after
                     {
-                        // Hold back every caller of this API of this workspace (bounded, so
-                        // a bogus header cannot stall the process).
-                        target
-                            .limiter
-                            .pause_for(pause.min(MAX_HONOURED_RETRY_AFTER));
+                        // Hold back every caller of what was throttled, in this workspace:
+                        // the endpoint's own limit (triggers) or the whole API (bounded, so a
+                        // bogus header cannot stall the process).
+                        let pause = pause.min(MAX_HONOURED_RETRY_AFTER);
+                        match scope {
+                            Some(scope) => target.limiter.pause_scope_for(scope, pause),
+                            None => target.limiter.pause_for(pause),
+                        }
                     }
                     (
                         status_error(endpoint, status, retry_after, &bytes),

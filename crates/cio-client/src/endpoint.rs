@@ -35,6 +35,9 @@ pub struct Endpoint {
     pub retry: RetryPolicy,
 }
 
+/// Throttle scope of broadcast triggers (see [`Endpoint::throttle_scope`]).
+pub const TRIGGER_SCOPE: &str = "broadcast triggers";
+
 /// RFC 3986 unreserved characters stay; everything else in a segment is percent-encoded.
 const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'-')
@@ -79,6 +82,14 @@ impl Endpoint {
             return Err(self.template_error("too many path parameters"));
         }
         Ok(out)
+    }
+
+    /// The part of its API's rate limits this endpoint has to itself, if any. Broadcast
+    /// triggers are limited to one per 10 s on top of the App API's 10 requests/s: a 429 on a
+    /// trigger pauses only later triggers ([`TRIGGER_SCOPE`]), not metrics polling, segment
+    /// sync or profile reads. `None`: a 429 speaks for the whole API.
+    pub fn throttle_scope(&self) -> Option<&'static str> {
+        (*self == endpoints::TRIGGER_BROADCAST).then_some(TRIGGER_SCOPE)
     }
 
     fn template_error(&self, what: &str) -> CioError {
@@ -316,6 +327,23 @@ mod tests {
         );
         let err = ep.path(&[]).unwrap_err().to_string();
         assert!(err.contains("{identifier}"), "{err}");
+    }
+
+    #[test]
+    fn only_triggers_have_their_own_throttle_scope() {
+        assert_eq!(
+            endpoints::TRIGGER_BROADCAST.throttle_scope(),
+            Some(TRIGGER_SCOPE)
+        );
+        for ep in [
+            &endpoints::TRIGGER_STATUS,
+            &endpoints::LIST_SEGMENTS,
+            &endpoints::CREATE_NEWSLETTER,
+            &endpoints::SEND_NEWSLETTER,
+            &endpoints::IDENTIFY,
+        ] {
+            assert_eq!(ep.throttle_scope(), None, "{}", ep.template);
+        }
     }
 
     #[test]

@@ -11,8 +11,10 @@
 //!   endpoint constant + a few-line method.
 //! - [`error`]: [`CioError`] and parsing of Customer.io's error bodies into [`ErrorDetail`]s.
 //! - [`retry`]: jittered exponential backoff, `Retry-After` parsing, retry decisions.
-//! - [`limiter`]: smooth per-(API, workspace, base URL) pacing shared process-wide; a 429 with
-//!   `Retry-After` pauses everyone using that API.
+//! - [`limiter`]: per-(API, workspace, base URL) pacing shared process-wide: smooth starts,
+//!   and never more than the rate within any rolling second at Customer.io (a request holds a
+//!   place until a second after its answer). A 429 with `Retry-After` pauses what was
+//!   throttled: the whole API, or only broadcast triggers ([`Endpoint::throttle_scope`]).
 //! - [`pagination`]: [`paginate`], the cursor stream helper for every `next`-style endpoint.
 //! - [`account`]: `account_region()`; [`segments`]: segment reads, membership, manual segments.
 //! - [`segment_members`]: manual segment membership (Track `add_customers` /
@@ -52,7 +54,7 @@ pub use campaigns::{
 pub use client::{CioClient, USER_AGENT, install_crypto_provider};
 pub use config::{Api, ClientConfig, Credentials, ParseRegionError, Region, RetryConfig};
 pub use customers::{CustomerAttributes, CustomerSegment, MAX_CUSTOMERS_PER_LOOKUP};
-pub use endpoint::{Endpoint, RetryPolicy, encode_path_segment, endpoints};
+pub use endpoint::{Endpoint, RetryPolicy, TRIGGER_SCOPE, encode_path_segment, endpoints};
 pub use error::{CioError, ErrorDetail, parse_error_details};
 pub use pagination::{Page, paginate};
 pub use people::{

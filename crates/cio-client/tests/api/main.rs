@@ -6,7 +6,8 @@
 //! - `customers`: App API customer reads (attributes, bulk attributes, segments, email lookup).
 //! - `segment_members`: manual segment membership (add/remove customers, 400s, limits).
 //! - `resilience`: retries, Retry-After, timeouts, dropped connections, NeverRetry endpoints.
-//! - `limiter`: pacing shared across clients of one workspace, pauses after a 429.
+//! - `limiter`: pacing shared across clients of one workspace (never over the limit in any
+//!   rolling second), pauses after a 429 scoped to what was throttled.
 //! - `paths`: ids in path segments (encoded exactly; dot segments refused, nothing sent).
 //! - `wire`: the exact headers on the wire (a raw TCP listener captures them).
 
