@@ -16,7 +16,8 @@
 //!   place until a second after its answer). A 429 with `Retry-After` pauses what was
 //!   throttled: the whole API, or only broadcast triggers ([`Endpoint::throttle_scope`]).
 //! - [`pagination`]: [`paginate`], the cursor stream helper for every `next`-style endpoint.
-//! - [`account`]: `account_region()`; [`segments`]: segment reads, membership, manual segments.
+//! - [`account`]: `account_region()`, `check_account()` ([`AccountCheckError`]: wrong Track
+//!   credentials vs wrong region); [`segments`]: segment reads, membership, manual segments.
 //! - [`segment_members`]: manual segment membership (Track `add_customers` /
 //!   `remove_customers`, at most [`MAX_SEGMENT_MEMBERS_PER_CALL`] ids per call).
 //! - [`people`]: Track writes about people: v1 `identify` / `track_event` (what the official
@@ -46,7 +47,7 @@ pub mod segment_members;
 pub mod segments;
 mod serde_util;
 
-pub use account::AccountRegion;
+pub use account::{AccountCheckError, AccountRegion};
 pub use campaigns::{
     Campaign, MetricSeries, MetricsOf, MetricsQuery, NEWSLETTERS_PAGE, NewNewsletter, Newsletter,
     Recipients, Resolution, TRIGGER_ERRORS_PAGE, Trigger, TriggerStatus,

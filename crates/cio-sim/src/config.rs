@@ -64,8 +64,17 @@ pub struct SimConfig {
     pub track_api_key: String,
     /// App API key (Bearer token).
     pub app_api_key: String,
-    /// `"us"` or `"eu"`: reported by `GET /api/v1/accounts/region`.
+    /// The workspace's region, `"us"` or `"eu"` (anything but `eu` reads as `us`): reported by
+    /// `GET /api/v1/accounts/region`.
     pub region: String,
+    /// The regional endpoint this simulator plays, i.e. the hosts a client believes it is
+    /// calling (`"us"`: track/api.customer.io, `"eu"`: the `-eu` hosts); `None`: the
+    /// workspace's own region. When it differs from [`SimConfig::region`] the simulator answers
+    /// like Customer.io's wrong region: the region check still answers (it works on either
+    /// region's Track host), other Track calls on the US host are redirected (307 to the EU
+    /// host), Track calls on the EU host and every App call are refused (401). Changeable at
+    /// run time ([`crate::Simulator::set_endpoint_region`]).
+    pub endpoint_region: Option<String>,
     /// App API requests per second; 0 = unlimited. Customer.io: 10.
     pub app_rate_limit_per_sec: u32,
     /// Track API requests per second; 0 = unlimited. Customer.io: 1000.
@@ -124,6 +133,7 @@ impl SimConfig {
             track_api_key: DEFAULT_TRACK_API_KEY.to_owned(),
             app_api_key: DEFAULT_APP_API_KEY.to_owned(),
             region: "us".to_owned(),
+            endpoint_region: None,
             app_rate_limit_per_sec: 10,
             track_rate_limit_per_sec: 1000,
             rate_limit_mode: RateLimitMode::Rolling,
@@ -169,11 +179,24 @@ impl SimConfig {
     }
 
     pub(crate) fn track_url(&self) -> &'static str {
-        if self.region.eq_ignore_ascii_case("eu") {
-            "https://track-eu.customer.io"
-        } else {
-            "https://track.customer.io"
-        }
+        track_host(&self.region)
+    }
+}
+
+/// `"eu"` for an EU region name (any case), `"us"` for anything else.
+pub(crate) fn normal_region(region: &str) -> &'static str {
+    if region.trim().eq_ignore_ascii_case("eu") {
+        "eu"
+    } else {
+        "us"
+    }
+}
+
+/// The Track API base URL of a region.
+pub(crate) fn track_host(region: &str) -> &'static str {
+    match normal_region(region) {
+        "eu" => "https://track-eu.customer.io",
+        _ => "https://track.customer.io",
     }
 }
 

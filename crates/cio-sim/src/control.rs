@@ -10,7 +10,7 @@
 //! | `POST /_sim/faults` | `{"api":"app"\|"track"\|null,"faults":[..],"chaos":{..}}` (see below) |
 //! | `DELETE /_sim/faults` | clear queued faults and chaos |
 //! | `GET /_sim/rate-limits`, `POST /_sim/rate-limits` | `{"app":10,"track":1000,"app_mode":"rolling"\|"token_bucket","track_mode":..,"trigger_interval_ms":10000,"trigger_scope":"workspace"\|"per_broadcast"}` (each key optional) |
-//! | `GET /_sim/workspace`, `POST /_sim/workspace` | `{"region":"us","subscription_center":false}`; set `{"subscription_center":bool}` |
+//! | `GET /_sim/workspace`, `POST /_sim/workspace` | `{"region":"us","endpoint_region":"us","subscription_center":false}`; set `{"endpoint_region":"us"\|"eu"\|null,"subscription_center":bool}` (each optional; `null`: the workspace's region) |
 //! | `GET /_sim/segments`, `POST /_sim/segments` | list; create `{"name","description","predicate"?}` (no predicate = manual) |
 //! | `GET /_sim/segments/{id}`, `DELETE /_sim/segments/{id}` | segment with member ids; delete (any kind) |
 //! | `GET /_sim/people/{id}`, `PUT /_sim/people/{id}`, `DELETE /_sim/people/{id}` | read; upsert attributes (JSON object); remove |
@@ -328,7 +328,8 @@ async fn set_rate_limits(State(sim): State<Simulator>, body: Bytes) -> Response 
 
 fn workspace_json(sim: &Simulator) -> Value {
     json!({
-        "region": sim.config().region,
+        "region": sim.region(),
+        "endpoint_region": sim.endpoint_region(),
         "subscription_center": sim.subscription_center(),
     })
 }
@@ -340,7 +341,15 @@ async fn workspace(State(sim): State<Simulator>) -> Response {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct WorkspaceRequest {
+    /// Absent: unchanged; `null`: the workspace's own region.
+    #[serde(default, deserialize_with = "present")]
+    endpoint_region: Option<Option<String>>,
     subscription_center: Option<bool>,
+}
+
+/// Tells an explicit `null` (`Some(None)`) from an absent key (`None`, via `default`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
 }
 
 async fn set_workspace(State(sim): State<Simulator>, body: Bytes) -> Response {
@@ -348,6 +357,11 @@ async fn set_workspace(State(sim): State<Simulator>, body: Bytes) -> Response {
         Ok(r) => r,
         Err(err) => return err.into_response(),
     };
+    if let Some(region) = request.endpoint_region
+        && let Err(err) = sim.set_endpoint_region(region.as_deref())
+    {
+        return error(StatusCode::BAD_REQUEST, err.to_string());
+    }
     if let Some(enabled) = request.subscription_center {
         sim.set_subscription_center(enabled);
     }

@@ -25,6 +25,9 @@ pub enum SimError {
     /// A rate outside `0..=1`.
     #[error("invalid delivery rates: {0}")]
     InvalidRates(String),
+    /// A region other than `us` or `eu`.
+    #[error("unknown region {0:?}: expected \"us\" or \"eu\"")]
+    InvalidRegion(String),
     /// An audience filter referring to a segment that does not exist.
     #[error("the audience filter refers to segment {0}, which does not exist")]
     UnknownSegment(i64),

@@ -32,6 +32,10 @@ struct Args {
     /// Region reported by /api/v1/accounts/region.
     #[arg(long, env = "CIO_SIM_REGION", value_enum, default_value_t = Region::Us)]
     region: Region,
+    /// The regional endpoint to play when it differs from the workspace's region (to see a
+    /// client configured for the wrong region fail); default: the workspace's.
+    #[arg(long, env = "CIO_SIM_ENDPOINT_REGION", value_enum)]
+    endpoint_region: Option<Region>,
     /// Track API site id accepted.
     #[arg(long, env = "CIO_SIM_SITE_ID", default_value = cio_sim::config::DEFAULT_SITE_ID)]
     site_id: String,
@@ -91,6 +95,10 @@ impl Args {
             track_api_key: self.track_api_key.clone(),
             app_api_key: self.app_api_key.clone(),
             region: region.to_owned(),
+            endpoint_region: self.endpoint_region.map(|r| match r {
+                Region::Us => "us".to_owned(),
+                Region::Eu => "eu".to_owned(),
+            }),
             app_rate_limit_per_sec: self.app_rate_limit,
             track_rate_limit_per_sec: self.track_rate_limit,
             rate_limit_mode: match self.rate_limit_mode {
@@ -166,6 +174,7 @@ async fn main() -> anyhow::Result<()> {
         track_api_key = %config.track_api_key,
         app_api_key = %config.app_api_key,
         region = %config.region,
+        endpoint_region = sim.endpoint_region(),
         people = sim.people_count(),
         segments = sim.segments().len(),
         campaigns = sim.campaigns().len(),

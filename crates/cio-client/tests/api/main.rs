@@ -1,6 +1,7 @@
 //! Integration tests of `cio-client` against the `cio-sim` simulator over real HTTP (port 0).
 //!
 //! - `helpers`: simulator + client set-up.
+//! - `account`: `check_account` (wrong Track credentials vs wrong region).
 //! - `calls`: the typed calls and how each status maps to `CioError`.
 //! - `people`: Track writes: v1 identify/events, v2 entity and batch (200, 207), safe retries.
 //! - `customers`: App API customer reads (attributes, bulk attributes, segments, email lookup).
@@ -13,6 +14,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod account;
 mod calls;
 mod campaigns;
 mod customers;

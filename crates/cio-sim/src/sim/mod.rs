@@ -25,8 +25,9 @@ use tower::ServiceExt as _;
 
 pub use running::RunningSim;
 
-use crate::config::SimConfig;
+use crate::config::{SimConfig, normal_region};
 use crate::conn::{ConnCtl, SimListener};
+use crate::error::SimError;
 use crate::error_bodies;
 use crate::faults::Traffic;
 use crate::gateway::{self, RequestLog};
@@ -39,6 +40,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 struct Inner {
     config: SimConfig,
+    /// The regional endpoint played (`"us"`/`"eu"`), see [`SimConfig::endpoint_region`].
+    endpoint_region: Mutex<&'static str>,
     world: Mutex<World>,
     traffic: Mutex<Traffic>,
     log: Mutex<RequestLog>,
@@ -56,6 +59,7 @@ impl std::fmt::Debug for Simulator {
         f.debug_struct("Simulator")
             .field("site_id", &self.inner.config.site_id)
             .field("region", &self.inner.config.region)
+            .field("endpoint_region", &self.endpoint_region())
             .finish_non_exhaustive()
     }
 }
@@ -68,8 +72,12 @@ impl Simulator {
         demo::populate(&mut world, config.seed, config.demo_people);
         let traffic = Traffic::new(&config);
         let log = RequestLog::new(config.request_log_capacity);
+        let endpoint_region = Mutex::new(normal_region(
+            config.endpoint_region.as_deref().unwrap_or(&config.region),
+        ));
         Self {
             inner: Arc::new(Inner {
+                endpoint_region,
                 config,
                 world: Mutex::new(world),
                 traffic: Mutex::new(traffic),
@@ -138,6 +146,36 @@ impl Simulator {
             shutdown: Some(tx),
             task: Some(task),
         })
+    }
+
+    /// The workspace's region (`"us"` or `"eu"`).
+    pub fn region(&self) -> &'static str {
+        normal_region(&self.inner.config.region)
+    }
+
+    /// The regional endpoint the simulator plays (`"us"` or `"eu"`; see
+    /// [`SimConfig::endpoint_region`]).
+    pub fn endpoint_region(&self) -> &'static str {
+        *lock(&self.inner.endpoint_region)
+    }
+
+    /// Plays the `region` endpoint (`"us"` or `"eu"`, any case; `None`: the workspace's own),
+    /// e.g. to see how a client configured for the wrong region fails.
+    pub fn set_endpoint_region(&self, region: Option<&str>) -> Result<(), SimError> {
+        let region = match region {
+            None => self.region(),
+            Some(r) if ["us", "eu"].contains(&r.trim().to_ascii_lowercase().as_str()) => {
+                normal_region(r)
+            }
+            Some(other) => return Err(SimError::InvalidRegion(other.to_owned())),
+        };
+        *lock(&self.inner.endpoint_region) = region;
+        Ok(())
+    }
+
+    /// Whether clients are calling the other region's endpoint.
+    pub(crate) fn wrong_region(&self) -> bool {
+        self.endpoint_region() != self.region()
     }
 
     pub(crate) fn with_world<R>(&self, f: impl FnOnce(&mut World) -> R) -> R {

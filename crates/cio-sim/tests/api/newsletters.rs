@@ -436,7 +436,7 @@ async fn the_subscription_center_requires_a_topic() -> anyhow::Result<()> {
     assert_eq!(status, 200);
     assert_eq!(
         settings,
-        json!({"region": "us", "subscription_center": true})
+        json!({"region": "us", "endpoint_region": "us", "subscription_center": true})
     );
     assert!(t.sim().subscription_center());
 
