@@ -11,8 +11,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use futures::TryStreamExt as _;
+use tokio::time::Instant;
 
 use crate::client::CioClient;
+use crate::deadline::SendError;
 use crate::endpoint::endpoints;
 use crate::error::CioError;
 use crate::pagination::{Page, paginate};
@@ -395,14 +397,34 @@ impl CioClient {
 
     /// `POST /v1/campaigns/{broadcast_id}/triggers`: sends the broadcast. Never retried: a
     /// timeout comes back with [`CioError::is_outcome_unknown`] true. Answers the trigger id.
+    ///
+    /// To fence the whole attempt (rate-limiter wait and 429 pauses included) by a deadline,
+    /// use [`CioClient::with_deadline`].
     pub async fn trigger_broadcast(
         &self,
         broadcast_id: i64,
         trigger: &Trigger,
     ) -> Result<i64, CioError> {
+        Ok(self
+            .trigger_broadcast_by(broadcast_id, trigger, None)
+            .await?)
+    }
+
+    pub(crate) async fn trigger_broadcast_by(
+        &self,
+        broadcast_id: i64,
+        trigger: &Trigger,
+        deadline: Option<Instant>,
+    ) -> Result<i64, SendError> {
         let id = broadcast_id.to_string();
         let r: TriggerCreated = self
-            .request(&endpoints::TRIGGER_BROADCAST, &[&id], &[], Some(trigger))
+            .request_by(
+                &endpoints::TRIGGER_BROADCAST,
+                &[&id],
+                &[],
+                Some(trigger),
+                deadline,
+            )
             .await?;
         Ok(r.id)
     }
@@ -482,23 +504,53 @@ impl CioClient {
         Ok(r.triggers)
     }
 
-    /// `POST /v1/newsletters`: creates a newsletter with its content. Never retried.
+    /// `POST /v1/newsletters`: creates a newsletter with its content. Never retried. With a
+    /// deadline: [`CioClient::with_deadline`].
     pub async fn create_newsletter(
         &self,
         newsletter: &NewNewsletter,
     ) -> Result<Newsletter, CioError> {
+        Ok(self.create_newsletter_by(newsletter, None).await?)
+    }
+
+    pub(crate) async fn create_newsletter_by(
+        &self,
+        newsletter: &NewNewsletter,
+        deadline: Option<Instant>,
+    ) -> Result<Newsletter, SendError> {
         let r: NewsletterResponse = self
-            .request(&endpoints::CREATE_NEWSLETTER, &[], &[], Some(newsletter))
+            .request_by(
+                &endpoints::CREATE_NEWSLETTER,
+                &[],
+                &[],
+                Some(newsletter),
+                deadline,
+            )
             .await?;
         Ok(r.newsletter)
     }
 
     /// `POST /v1/newsletters/{newsletter_id}/send` with the body `{}` (no options: the request
     /// is JSON, and an empty body is not a JSON document). Never retried.
+    /// With a deadline: [`CioClient::with_deadline`].
     pub async fn send_newsletter(&self, newsletter_id: i64) -> Result<(), CioError> {
+        Ok(self.send_newsletter_by(newsletter_id, None).await?)
+    }
+
+    pub(crate) async fn send_newsletter_by(
+        &self,
+        newsletter_id: i64,
+        deadline: Option<Instant>,
+    ) -> Result<(), SendError> {
         let id = newsletter_id.to_string();
         let _: serde::de::IgnoredAny = self
-            .request(&endpoints::SEND_NEWSLETTER, &[&id], &[], Some(&Map::new()))
+            .request_by(
+                &endpoints::SEND_NEWSLETTER,
+                &[&id],
+                &[],
+                Some(&Map::new()),
+                deadline,
+            )
             .await?;
         Ok(())
     }

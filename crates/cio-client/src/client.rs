@@ -11,10 +11,12 @@ use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, 
 use secrecy::ExposeSecret as _;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::time::Instant;
 use tracing::Instrument as _;
 use url::Url;
 
 use crate::config::{Api, ClientConfig, Region, RetryConfig};
+use crate::deadline::{NotSent, SendError};
 use crate::endpoint::Endpoint;
 use crate::error::{CioError, parse_error_details};
 use crate::limiter::{RateLimiter, shared_limiter};
@@ -215,6 +217,11 @@ impl CioClient {
         self.inner.region
     }
 
+    /// The whole-request timeout ([`ClientConfig::timeout`]).
+    pub fn timeout(&self) -> Duration {
+        self.inner.timeout
+    }
+
     /// The time zone metrics series are bucketed in ([`ClientConfig::metrics_tz`]).
     pub fn metrics_tz(&self) -> &str {
         &self.inner.metrics_tz
@@ -281,6 +288,25 @@ impl CioClient {
         T: DeserializeOwned,
         B: Serialize + ?Sized,
     {
+        self.request_by(endpoint, path_params, query, body, None)
+            .await
+            .map_err(CioError::from)
+    }
+
+    /// [`request`](Self::request) fenced by an absolute `deadline` (see [`crate::deadline`]):
+    /// [`SendError::NotSent`] when it cannot start by `deadline - timeout`.
+    pub(crate) async fn request_by<T, B>(
+        &self,
+        endpoint: &Endpoint,
+        path_params: &[&str],
+        query: &[(&str, String)],
+        body: Option<&B>,
+        deadline: Option<Instant>,
+    ) -> Result<T, SendError>
+    where
+        T: DeserializeOwned,
+        B: Serialize + ?Sized,
+    {
         let body = body.map(serde_json::to_vec).transpose().map_err(|e| {
             config_error(format!(
                 "serialising the body for {}: {e}",
@@ -288,9 +314,9 @@ impl CioClient {
             ))
         })?;
         let answer = self
-            .request_bytes(endpoint, path_params, query, body)
+            .request_bytes_by(endpoint, path_params, query, body, deadline)
             .await?;
-        decode(endpoint, &answer.body)
+        Ok(decode(endpoint, &answer.body)?)
     }
 
     /// [`request`](Self::request) for a body that is already JSON bytes, answering the 2xx
@@ -303,6 +329,19 @@ impl CioClient {
         query: &[(&str, String)],
         body: Option<Vec<u8>>,
     ) -> Result<Answer, CioError> {
+        self.request_bytes_by(endpoint, path_params, query, body, None)
+            .await
+            .map_err(CioError::from)
+    }
+
+    async fn request_bytes_by(
+        &self,
+        endpoint: &Endpoint,
+        path_params: &[&str],
+        query: &[(&str, String)],
+        body: Option<Vec<u8>>,
+        deadline: Option<Instant>,
+    ) -> Result<Answer, SendError> {
         let url = self.url(endpoint, path_params, query)?;
         // The endpoint TEMPLATE only: the filled-in path holds ids and emails.
         let span = tracing::info_span!(
@@ -320,12 +359,16 @@ impl CioClient {
             error = tracing::field::Empty,
         );
         let result = self
-            .execute(endpoint, url, body)
+            .execute(endpoint, url, body, deadline)
             .instrument(span.clone())
             .await;
         if let Err(error) = &result {
             span.record("otel.status_code", "error");
-            span.record("error", metrics::error_kind(error));
+            let kind = match error {
+                SendError::NotSent(_) => "not_sent",
+                SendError::Failed(error) => metrics::error_kind(error),
+            };
+            span.record("error", kind);
         }
         result
     }
@@ -335,10 +378,13 @@ impl CioClient {
         endpoint: &Endpoint,
         url: Url,
         body: Option<Vec<u8>>,
-    ) -> Result<Answer, CioError> {
+        deadline: Option<Instant>,
+    ) -> Result<Answer, SendError> {
         let api = endpoint.api;
         let target = self.target(api);
         let scope = endpoint.throttle_scope();
+        // A request that starts by then is answered or timed out by the deadline.
+        let latest_start = deadline.map(|d| d.checked_sub(self.inner.timeout));
         let span = tracing::Span::current();
         let mut limiter_wait = Duration::ZERO;
         let mut attempt: u32 = 0;
@@ -347,7 +393,31 @@ impl CioClient {
         loop {
             // Held until the answer is in: the request counts in the limiter's window from
             // its start until a second after its answer.
-            let slot = target.limiter.acquire_slot(scope).await;
+            let slot = match latest_start {
+                None => target.limiter.acquire_slot(scope).await,
+                Some(latest) => {
+                    let refused = |earliest: Option<Instant>| NotSent {
+                        api,
+                        endpoint: endpoint.template,
+                        earliest_start_in: earliest.map(|at| at - Instant::now()),
+                    };
+                    let Some(latest) = latest else {
+                        return Err(refused(None).into());
+                    };
+                    match target.limiter.acquire_by(scope, Some(latest)).await {
+                        Ok(slot) => slot,
+                        Err(too_late) => {
+                            tracing::debug!(
+                                earliest_in_ms = too_late
+                                    .earliest
+                                    .map(|at| (at - Instant::now()).as_millis() as u64),
+                                "not sent: no turn in the rate limiter before the deadline"
+                            );
+                            return Err(refused(too_late.earliest).into());
+                        }
+                    }
+                }
+            };
             let waited = slot.waited();
             metrics::limiter_wait(api, waited);
             limiter_wait += waited;
@@ -423,7 +493,7 @@ impl CioClient {
                 server_hint,
                 attempt,
             ) {
-                Decision::GiveUp => return Err(error),
+                Decision::GiveUp => return Err(error.into()),
                 Decision::RetryAfter(delay) => {
                     tracing::debug!(
                         attempt,

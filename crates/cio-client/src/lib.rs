@@ -28,6 +28,10 @@
 //! - [`campaigns`]: campaigns, API-triggered broadcasts (trigger, status, errors, trigger list),
 //!   newsletters (create with content, send) and metrics series ([`MetricSeries::totals`]).
 //!
+//! - [`deadline`]: [`CioClient::with_deadline`] fences a sending call (trigger, newsletter
+//!   create/send) by an absolute deadline covering its rate-limiter wait and 429 pauses:
+//!   [`SendError::NotSent`] when it could not start by `deadline - timeout` (nothing left).
+//!
 //! Calls on endpoints with [`RetryPolicy::NeverRetry`] (creating resources, and later every
 //! message send) are never repeated once they may have left; a timeout then yields an error with
 //! [`CioError::is_outcome_unknown`] true. Keys never appear in `Debug`/`Display` output.
@@ -37,6 +41,7 @@ pub mod campaigns;
 pub mod client;
 pub mod config;
 pub mod customers;
+pub mod deadline;
 pub mod endpoint;
 pub mod error;
 pub mod limiter;
@@ -55,6 +60,7 @@ pub use campaigns::{
 pub use client::{CioClient, USER_AGENT, install_crypto_provider};
 pub use config::{Api, ClientConfig, Credentials, ParseRegionError, Region, RetryConfig};
 pub use customers::{CustomerAttributes, CustomerSegment, MAX_CUSTOMERS_PER_LOOKUP};
+pub use deadline::{DeadlineClient, NotSent, SendError};
 pub use endpoint::{Endpoint, RetryPolicy, TRIGGER_SCOPE, encode_path_segment, endpoints};
 pub use error::{CioError, ErrorDetail, parse_error_details};
 pub use pagination::{Page, paginate};

@@ -1,5 +1,6 @@
 //! Integration tests of `cio-client` against the `cio-sim` simulator over real HTTP (port 0).
 //!
+//! - `deadline`: sending calls fenced by a deadline (NotSent before anything leaves).
 //! - `helpers`: simulator + client set-up.
 //! - `account`: `check_account` (wrong Track credentials vs wrong region).
 //! - `calls`: the typed calls and how each status maps to `CioError`.
@@ -18,6 +19,7 @@ mod account;
 mod calls;
 mod campaigns;
 mod customers;
+mod deadline;
 mod helpers;
 mod limiter;
 mod paths;
