@@ -248,7 +248,7 @@ impl MetricSeries {
 }
 
 #[derive(Deserialize)]
-struct CampaignsResponse {
+pub(crate) struct CampaignsResponse {
     #[serde(
         default,
         alias = "broadcasts",
@@ -258,13 +258,13 @@ struct CampaignsResponse {
 }
 
 #[derive(Deserialize)]
-struct CampaignResponse {
+pub(crate) struct CampaignResponse {
     #[serde(alias = "broadcast")]
     campaign: Campaign,
 }
 
 #[derive(Deserialize)]
-struct NewslettersResponse {
+pub(crate) struct NewslettersResponse {
     #[serde(default, deserialize_with = "serde_util::null_as_default")]
     newsletters: Vec<Newsletter>,
     #[serde(default, deserialize_with = "serde_util::opt_string")]
@@ -275,25 +275,25 @@ struct NewslettersResponse {
 pub const NEWSLETTERS_PAGE: u32 = 100;
 
 #[derive(Deserialize)]
-struct NewsletterResponse {
+pub(crate) struct NewsletterResponse {
     newsletter: Newsletter,
 }
 
 #[derive(Deserialize)]
-struct TriggerCreated {
+pub(crate) struct TriggerCreated {
     #[serde(deserialize_with = "serde_util::i64_lenient")]
     id: i64,
 }
 
 #[derive(Deserialize)]
-struct TriggersResponse {
+pub(crate) struct TriggersResponse {
     #[serde(default, deserialize_with = "serde_util::null_as_default")]
     triggers: Vec<TriggerStatus>,
 }
 
 #[derive(Deserialize)]
 #[serde(untagged)]
-enum TriggerStatusResponse {
+pub(crate) enum TriggerStatusResponse {
     Wrapped { trigger: TriggerStatus },
     Flat(TriggerStatus),
 }
@@ -301,7 +301,7 @@ enum TriggerStatusResponse {
 /// A page of `GET /v1/campaigns/{broadcast_id}/triggers/{trigger_id}/errors` (2022 App spec:
 /// `{"errors":["line <x>: <error text>",..],"next":<integer>}`).
 #[derive(Deserialize)]
-struct TriggerErrorsResponse {
+pub(crate) struct TriggerErrorsResponse {
     #[serde(default, deserialize_with = "serde_util::null_as_default")]
     errors: Vec<String>,
     #[serde(default, deserialize_with = "serde_util::opt_string")]
@@ -312,8 +312,8 @@ struct TriggerErrorsResponse {
 pub const TRIGGER_ERRORS_PAGE: u32 = 100;
 
 #[derive(Deserialize)]
-struct MetricsResponse {
-    metric: MetricSeries,
+pub(crate) struct MetricsResponse {
+    pub(crate) metric: MetricSeries,
 }
 
 impl CioClient {

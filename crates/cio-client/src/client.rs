@@ -552,7 +552,10 @@ pub(crate) struct Answer {
 }
 
 /// Decodes a 2xx body into `T`; an empty body decodes as JSON `null`.
-fn decode<T: DeserializeOwned>(endpoint: &Endpoint, bytes: &[u8]) -> Result<T, CioError> {
+pub(crate) fn decode<T: DeserializeOwned>(
+    endpoint: &Endpoint,
+    bytes: &[u8],
+) -> Result<T, CioError> {
     let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
         b"null"
     } else {
@@ -566,7 +569,7 @@ fn decode<T: DeserializeOwned>(endpoint: &Endpoint, bytes: &[u8]) -> Result<T, C
 }
 
 /// Maps a non-2xx answer to its error.
-fn status_error(
+pub(crate) fn status_error(
     endpoint: &Endpoint,
     status: u16,
     retry_after: Option<Duration>,

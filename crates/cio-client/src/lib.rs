@@ -47,6 +47,8 @@ pub mod error;
 pub mod limiter;
 pub mod pagination;
 pub mod people;
+#[cfg(test)]
+mod proptests;
 pub mod retry;
 pub mod segment_members;
 pub mod segments;
