@@ -5,17 +5,19 @@
 //! (Bearer auth), `/_sim/...` an unauthenticated control API.
 //!
 //! Layout:
-//! - [`config`]: [`SimConfig`] (credentials, region, rate limits, demo size, request log
-//!   capacity, broadcast trigger interval, default delivery rates) and [`SimApi`].
+//! - [`config`]: [`SimConfig`] (credentials, the workspace's region and the regional endpoint
+//!   played, rate limits and their [`RateLimitMode`], demo size, request log capacity,
+//!   broadcast trigger interval and [`TriggerScope`], subscription center, default delivery
+//!   rates) and [`SimApi`].
 //! - `state`: people, segments ([`Predicate`] for dynamic segments), suppressed identifiers;
 //!   `events`: recorded events ([`SimEvent`]) with deduplication by event id, and the event
 //!   field checks; `demo`: the deterministic demo workspace (a financial newsletter's ~5000
 //!   readers and their segments, campaigns, broadcasts and newsletters).
-//! - `gateway`: the layer in front of both APIs: request counters, the bounded [`LoggedRequest`]
-//!   log, faults, rate limits.
-//!   `faults`: [`Fault`], [`Chaos`], token buckets. `conn`: the listener whose connections can be
-//!   dropped without a response.
-//! - `auth`: credential checks; `error_bodies`: the error BODIES Customer.io answers, per API
+//! - `gateway`: the layer in front of both APIs: dot-segment resolution before routing, request
+//!   counters, the bounded [`LoggedRequest`] log, faults, rate limits.
+//!   `faults`: [`Fault`], [`Chaos`], rolling-window or token-bucket limits. `conn`: the listener
+//!   whose connections can be dropped without a response.
+//! - `auth`: credential checks and wrong-region answers (redirect / 401); `error_bodies`: the error BODIES Customer.io answers, per API
 //!   (HTTP responses); `error`: [`SimError`], the error of the simulator's own state operations.
 //! - `track_api` (Track v1), `track_v2` (`/api/v2/entity`, `/api/v2/batch`), `app_api`
 //!   (segments, customers): the endpoints; `control`: `/_sim/` (route table in its docs).
