@@ -65,9 +65,9 @@ impl CioClient {
 
     /// Checks the Track credentials and the region in one call
     /// ([`account_region`](Self::account_region)): `Ok` with the workspace when both fit,
-    /// otherwise which one is wrong. Use it at start-up, and to explain a 401 from another call. (The App API key is
-    /// not covered: with the Track credentials and region right, an App API 401 means that
-    /// key is wrong.)
+    /// otherwise which one is wrong. Use it at start-up, and to explain a 401 from another
+    /// call. (The App API key is not covered: with the Track credentials and region right, an
+    /// App API 401 means that key is wrong.)
     pub async fn check_account(&self) -> Result<AccountRegion, AccountCheckError> {
         match self.account_region().await {
             Ok(account) if account.region == self.region() => Ok(account),

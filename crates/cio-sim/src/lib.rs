@@ -17,8 +17,9 @@
 //!   counters, the bounded [`LoggedRequest`] log, faults, rate limits.
 //!   `faults`: [`Fault`], [`Chaos`], rolling-window or token-bucket limits. `conn`: the listener
 //!   whose connections can be dropped without a response.
-//! - `auth`: credential checks and wrong-region answers (redirect / 401); `error_bodies`: the error BODIES Customer.io answers, per API
-//!   (HTTP responses); `error`: [`SimError`], the error of the simulator's own state operations.
+//! - `auth`: credential checks and wrong-region answers (redirect / 401); `error_bodies`: the
+//!   error BODIES Customer.io answers, per API (HTTP responses); `error`: [`SimError`], the
+//!   error of the simulator's own state operations.
 //! - `track_api` (Track v1), `track_v2` (`/api/v2/entity`, `/api/v2/batch`), `app_api`
 //!   (segments, customers): the endpoints; `control`: `/_sim/` (route table in its docs).
 //! - Sends: `audience` ([`AudienceFilter`], the `recipients` filter); `sends` (campaigns,

@@ -26,9 +26,9 @@
 //! subscription center is on (`SimConfig::subscription_center`), `subscription_topic_id` is
 //! required: without it, 400 `{"errors":[{"detail":"subscription_topic_id is required"}]}` (the
 //! 2026 spec's `newsletterErrorResponse` example; the spec names no status, 400 is this
-//! endpoint's status for every other invalid body), nothing created. The API has no `tags` (ignored):
-//! to find a newsletter again, put a unique marker in its `name`. Errors are 400 with
-//! `source.pointer`.
+//! endpoint's status for every other invalid body), nothing created. The API has no `tags`
+//! (ignored): to find a newsletter again, put a unique marker in its `name`. Errors are 400
+//! with `source.pointer`.
 //!
 //! Send and schedule: 404 unknown; 400 when it is not a draft (already sent or scheduled).
 //! The send body is `{}` or rate-limit options; an empty body is accepted too (no spec says
