@@ -11,8 +11,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use futures::TryStreamExt as _;
+use tokio::time::Instant;
 
 use crate::client::CioClient;
+use crate::deadline::SendError;
 use crate::endpoint::endpoints;
 use crate::error::CioError;
 use crate::pagination::{Page, paginate};
@@ -142,6 +144,11 @@ pub struct NewNewsletter {
     pub from: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub from_id: Option<i64>,
+    /// The audience's subscription topic. Required when the workspace's subscription center
+    /// is enabled (Customer.io answers `subscription_topic_id is required` without it);
+    /// otherwise the newsletter goes to globally subscribed people. Not sent when `None`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subscription_topic_id: Option<i64>,
     pub send_now: bool,
 }
 
@@ -161,6 +168,7 @@ impl NewNewsletter {
             body: body.into(),
             from: None,
             from_id: None,
+            subscription_topic_id: None,
             send_now: false,
         }
     }
@@ -240,7 +248,7 @@ impl MetricSeries {
 }
 
 #[derive(Deserialize)]
-struct CampaignsResponse {
+pub(crate) struct CampaignsResponse {
     #[serde(
         default,
         alias = "broadcasts",
@@ -250,13 +258,13 @@ struct CampaignsResponse {
 }
 
 #[derive(Deserialize)]
-struct CampaignResponse {
+pub(crate) struct CampaignResponse {
     #[serde(alias = "broadcast")]
     campaign: Campaign,
 }
 
 #[derive(Deserialize)]
-struct NewslettersResponse {
+pub(crate) struct NewslettersResponse {
     #[serde(default, deserialize_with = "serde_util::null_as_default")]
     newsletters: Vec<Newsletter>,
     #[serde(default, deserialize_with = "serde_util::opt_string")]
@@ -267,32 +275,45 @@ struct NewslettersResponse {
 pub const NEWSLETTERS_PAGE: u32 = 100;
 
 #[derive(Deserialize)]
-struct NewsletterResponse {
+pub(crate) struct NewsletterResponse {
     newsletter: Newsletter,
 }
 
 #[derive(Deserialize)]
-struct TriggerCreated {
+pub(crate) struct TriggerCreated {
     #[serde(deserialize_with = "serde_util::i64_lenient")]
     id: i64,
 }
 
 #[derive(Deserialize)]
-struct TriggersResponse {
+pub(crate) struct TriggersResponse {
     #[serde(default, deserialize_with = "serde_util::null_as_default")]
     triggers: Vec<TriggerStatus>,
 }
 
 #[derive(Deserialize)]
 #[serde(untagged)]
-enum TriggerStatusResponse {
+pub(crate) enum TriggerStatusResponse {
     Wrapped { trigger: TriggerStatus },
     Flat(TriggerStatus),
 }
 
+/// A page of `GET /v1/campaigns/{broadcast_id}/triggers/{trigger_id}/errors` (2022 App spec:
+/// `{"errors":["line <x>: <error text>",..],"next":<integer>}`).
 #[derive(Deserialize)]
-struct MetricsResponse {
-    metric: MetricSeries,
+pub(crate) struct TriggerErrorsResponse {
+    #[serde(default, deserialize_with = "serde_util::null_as_default")]
+    errors: Vec<String>,
+    #[serde(default, deserialize_with = "serde_util::opt_string")]
+    next: Option<String>,
+}
+
+/// Trigger errors per page when listing them all.
+pub const TRIGGER_ERRORS_PAGE: u32 = 100;
+
+#[derive(Deserialize)]
+pub(crate) struct MetricsResponse {
+    pub(crate) metric: MetricSeries,
 }
 
 impl CioClient {
@@ -376,14 +397,34 @@ impl CioClient {
 
     /// `POST /v1/campaigns/{broadcast_id}/triggers`: sends the broadcast. Never retried: a
     /// timeout comes back with [`CioError::is_outcome_unknown`] true. Answers the trigger id.
+    ///
+    /// To fence the whole attempt (rate-limiter wait and 429 pauses included) by a deadline,
+    /// use [`CioClient::with_deadline`].
     pub async fn trigger_broadcast(
         &self,
         broadcast_id: i64,
         trigger: &Trigger,
     ) -> Result<i64, CioError> {
+        Ok(self
+            .trigger_broadcast_by(broadcast_id, trigger, None)
+            .await?)
+    }
+
+    pub(crate) async fn trigger_broadcast_by(
+        &self,
+        broadcast_id: i64,
+        trigger: &Trigger,
+        deadline: Option<Instant>,
+    ) -> Result<i64, SendError> {
         let id = broadcast_id.to_string();
         let r: TriggerCreated = self
-            .request(&endpoints::TRIGGER_BROADCAST, &[&id], &[], Some(trigger))
+            .request_by(
+                &endpoints::TRIGGER_BROADCAST,
+                &[&id],
+                &[],
+                Some(trigger),
+                deadline,
+            )
             .await?;
         Ok(r.id)
     }
@@ -405,6 +446,51 @@ impl CioClient {
         })
     }
 
+    /// `GET /v1/campaigns/{broadcast_id}/triggers/{trigger_id}/errors?start=&limit=`: one
+    /// page of a processed trigger's errors, each a line like `line 3: customer id "x" does not
+    /// exist` (ids or emails not found, data file problems). `start` is the previous page's
+    /// `next` (an opaque cursor; Customer.io sends an integer).
+    pub async fn trigger_errors_page(
+        &self,
+        broadcast_id: i64,
+        trigger_id: i64,
+        start: Option<&str>,
+        limit: u32,
+    ) -> Result<Page<String>, CioError> {
+        let (b, t) = (broadcast_id.to_string(), trigger_id.to_string());
+        let mut params = vec![("limit", limit.to_string())];
+        if let Some(start) = start {
+            params.push(("start", start.to_string()));
+        }
+        let r: TriggerErrorsResponse = self
+            .request(&endpoints::TRIGGER_ERRORS, &[&b, &t], &params, None::<&()>)
+            .await?;
+        Ok(Page {
+            items: r.errors,
+            next: r.next,
+        })
+    }
+
+    /// Every error of a processed trigger, following `next` ([`TRIGGER_ERRORS_PAGE`] per
+    /// page). Empty for a trigger without errors; [`CioError::NotFound`] for an unknown
+    /// broadcast or trigger.
+    pub async fn trigger_errors(
+        &self,
+        broadcast_id: i64,
+        trigger_id: i64,
+    ) -> Result<Vec<String>, CioError> {
+        let pages = paginate(move |start: Option<String>| async move {
+            self.trigger_errors_page(
+                broadcast_id,
+                trigger_id,
+                start.as_deref(),
+                TRIGGER_ERRORS_PAGE,
+            )
+            .await
+        });
+        pages.try_collect().await
+    }
+
     /// `GET /v1/broadcasts/{broadcast_id}/triggers`: every trigger of a broadcast (used to find
     /// out whether a trigger whose answer was lost did arrive).
     pub async fn broadcast_triggers(
@@ -418,32 +504,77 @@ impl CioClient {
         Ok(r.triggers)
     }
 
-    /// `POST /v1/newsletters`: creates a newsletter with its content. Never retried.
+    /// `POST /v1/newsletters`: creates a newsletter with its content. Never retried. With a
+    /// deadline: [`CioClient::with_deadline`].
     pub async fn create_newsletter(
         &self,
         newsletter: &NewNewsletter,
     ) -> Result<Newsletter, CioError> {
+        Ok(self.create_newsletter_by(newsletter, None).await?)
+    }
+
+    pub(crate) async fn create_newsletter_by(
+        &self,
+        newsletter: &NewNewsletter,
+        deadline: Option<Instant>,
+    ) -> Result<Newsletter, SendError> {
         let r: NewsletterResponse = self
-            .request(&endpoints::CREATE_NEWSLETTER, &[], &[], Some(newsletter))
+            .request_by(
+                &endpoints::CREATE_NEWSLETTER,
+                &[],
+                &[],
+                Some(newsletter),
+                deadline,
+            )
             .await?;
         Ok(r.newsletter)
     }
 
-    /// `POST /v1/newsletters/{newsletter_id}/send`. Never retried.
+    /// `POST /v1/newsletters/{newsletter_id}/send` with the body `{}` (no options: the request
+    /// is JSON, and an empty body is not a JSON document). Never retried.
+    /// With a deadline: [`CioClient::with_deadline`].
     pub async fn send_newsletter(&self, newsletter_id: i64) -> Result<(), CioError> {
+        Ok(self.send_newsletter_by(newsletter_id, None).await?)
+    }
+
+    pub(crate) async fn send_newsletter_by(
+        &self,
+        newsletter_id: i64,
+        deadline: Option<Instant>,
+    ) -> Result<(), SendError> {
         let id = newsletter_id.to_string();
         let _: serde::de::IgnoredAny = self
-            .request(&endpoints::SEND_NEWSLETTER, &[&id], &[], None::<&()>)
+            .request_by(
+                &endpoints::SEND_NEWSLETTER,
+                &[&id],
+                &[],
+                Some(&Map::new()),
+                deadline,
+            )
             .await?;
         Ok(())
     }
 
-    /// `GET /v1/{campaigns|broadcasts|newsletters}/{id}/metrics?version=2&res=&start=&end=`.
+    /// `GET /v1/{campaigns|broadcasts|newsletters}/{id}/metrics?version=2&res=&start=&end=&tz=`,
+    /// bucketed in the client's [`metrics_tz`](Self::metrics_tz).
     pub async fn metrics(
         &self,
         of: MetricsOf,
         query: MetricsQuery,
     ) -> Result<MetricSeries, CioError> {
+        self.metrics_in(of, query, self.metrics_tz()).await
+    }
+
+    /// [`metrics`](Self::metrics) bucketed in the IANA time zone `tz` (e.g. a workspace or
+    /// user setting) instead of the client's default. An unknown zone is a
+    /// [`CioError::Config`], nothing sent.
+    pub async fn metrics_in(
+        &self,
+        of: MetricsOf,
+        query: MetricsQuery,
+        tz: &str,
+    ) -> Result<MetricSeries, CioError> {
+        crate::client::check_time_zone(tz)?;
         let (endpoint, id) = match of {
             MetricsOf::Campaign(id) => (&endpoints::CAMPAIGN_METRICS, id),
             MetricsOf::Broadcast(id) => (&endpoints::BROADCAST_METRICS, id),
@@ -455,6 +586,7 @@ impl CioClient {
             ("res", query.res.as_str().to_string()),
             ("start", query.start.to_string()),
             ("end", query.end.to_string()),
+            ("tz", tz.to_string()),
         ];
         let r: MetricsResponse = self.request(endpoint, &[&id], &params, None::<&()>).await?;
         Ok(r.metric)
@@ -480,6 +612,7 @@ mod tests {
         }
         for e in [
             &endpoints::TRIGGER_STATUS,
+            &endpoints::TRIGGER_ERRORS,
             &endpoints::BROADCAST_TRIGGERS,
             &endpoints::CAMPAIGN_METRICS,
             &endpoints::LIST_NEWSLETTERS,
@@ -512,6 +645,17 @@ mod tests {
     }
 
     #[test]
+    fn newsletter_bodies_carry_a_topic_only_when_set() {
+        let mut new = NewNewsletter::email("n", json!({"segment": {"id": 1}}), "s", "<p>b</p>");
+        let body = serde_json::to_value(&new).unwrap();
+        assert!(body.get("subscription_topic_id").is_none(), "{body}");
+        new.subscription_topic_id = Some(3);
+        let body = serde_json::to_value(&new).unwrap();
+        assert_eq!(body["subscription_topic_id"], 3);
+        assert_eq!(body["type"], "email");
+    }
+
+    #[test]
     fn resolutions_round_trip_and_order_finest_first() {
         for res in Resolution::ALL {
             assert_eq!(res.as_str().parse::<Resolution>(), Ok(res));
@@ -538,6 +682,14 @@ mod tests {
             campaigns.campaigns[0].kind.as_deref(),
             Some("triggered_broadcast")
         );
+        let errors: TriggerErrorsResponse = serde_json::from_str(
+            r#"{"errors":["line 1: customer id \"x\" does not exist"],"next":1}"#,
+        )
+        .unwrap();
+        assert_eq!(errors.errors.len(), 1);
+        assert_eq!(errors.next.as_deref(), Some("1"));
+        let last: TriggerErrorsResponse = serde_json::from_str(r#"{"errors":null}"#).unwrap();
+        assert!(last.errors.is_empty() && last.next.is_none());
         let metrics: MetricsResponse =
             serde_json::from_str(r#"{"metric":{"series":{"sent":[1,2,3],"opened":[0,1,1]}}}"#)
                 .unwrap();

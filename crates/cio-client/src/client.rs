@@ -11,10 +11,12 @@ use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, 
 use secrecy::ExposeSecret as _;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::time::Instant;
 use tracing::Instrument as _;
 use url::Url;
 
 use crate::config::{Api, ClientConfig, Region, RetryConfig};
+use crate::deadline::{NotSent, SendError};
 use crate::endpoint::Endpoint;
 use crate::error::{CioError, parse_error_details};
 use crate::limiter::{RateLimiter, shared_limiter};
@@ -45,6 +47,7 @@ struct Inner {
     region: Region,
     retry: RetryConfig,
     timeout: Duration,
+    metrics_tz: String,
     track: Target,
     app: Target,
 }
@@ -74,6 +77,7 @@ impl fmt::Debug for CioClient {
             .field("track_base_url", &redacted(&i.track.base))
             .field("app_base_url", &redacted(&i.app.base))
             .field("timeout", &i.timeout)
+            .field("metrics_tz", &i.metrics_tz)
             .field("retry", &i.retry)
             .field("track_requests_per_sec", &i.track.limiter.per_sec())
             .field("app_requests_per_sec", &i.app.limiter.per_sec())
@@ -95,6 +99,15 @@ fn check_base_url(api: Api, url: &Url) -> Result<(), CioError> {
         )));
     }
     Ok(())
+}
+
+/// An IANA time zone name Customer.io's metrics accept (region format, e.g. `Europe/Paris`).
+pub(crate) fn check_time_zone(tz: &str) -> Result<(), CioError> {
+    tz.parse::<chrono_tz::Tz>().map(|_| ()).map_err(|_| {
+        config_error(format!(
+            "metrics time zone {tz:?} is not an IANA time zone (e.g. America/New_York)"
+        ))
+    })
 }
 
 fn sensitive_header(value: String, what: &str) -> Result<HeaderValue, CioError> {
@@ -124,6 +137,8 @@ impl CioClient {
         if config.track_requests_per_sec == 0 {
             return Err(config_error("track_requests_per_sec must be at least 1"));
         }
+
+        check_time_zone(&config.metrics_tz)?;
 
         let creds = &config.credentials;
         let basic = BASE64.encode(format!(
@@ -185,6 +200,7 @@ impl CioClient {
                 region: config.region,
                 retry: config.retry,
                 timeout: config.timeout,
+                metrics_tz: config.metrics_tz,
                 track,
                 app,
             }),
@@ -199,6 +215,16 @@ impl CioClient {
     /// The configured region.
     pub fn region(&self) -> Region {
         self.inner.region
+    }
+
+    /// The whole-request timeout ([`ClientConfig::timeout`]).
+    pub fn timeout(&self) -> Duration {
+        self.inner.timeout
+    }
+
+    /// The time zone metrics series are bucketed in ([`ClientConfig::metrics_tz`]).
+    pub fn metrics_tz(&self) -> &str {
+        &self.inner.metrics_tz
     }
 
     /// The base URL used for `api`.
@@ -227,6 +253,18 @@ impl CioClient {
             .trim_end_matches('/');
         let mut url = Url::parse(&format!("{base}{path}"))
             .map_err(|e| config_error(format!("URL for {}: {e}", endpoint.template)))?;
+        // Defence in depth: URL parsing resolves dot segments (WHATWG rules treat `%2E` and
+        // `%2E%2E` as `.` and `..` too), so an id like `..` would silently address another
+        // resource. Refuse anything whose path is not the template filled in as encoded.
+        let base_path = self.target(endpoint.api).base.path().trim_end_matches('/');
+        if url.path().strip_prefix(base_path) != Some(path.as_str()) {
+            return Err(config_error(format!(
+                "{}: a path parameter cannot be addressed in a URL (`.` and `..` are dot \
+                 segments that URLs collapse); nothing was sent. Ids like these can only travel \
+                 in a request body (Track v2 entity/batch, POST /v1/customers/attributes)",
+                endpoint.template
+            )));
+        }
         if !query.is_empty() {
             url.query_pairs_mut()
                 .extend_pairs(query.iter().map(|(k, v)| (*k, v.as_str())));
@@ -250,6 +288,25 @@ impl CioClient {
         T: DeserializeOwned,
         B: Serialize + ?Sized,
     {
+        self.request_by(endpoint, path_params, query, body, None)
+            .await
+            .map_err(CioError::from)
+    }
+
+    /// [`request`](Self::request) fenced by an absolute `deadline` (see [`crate::deadline`]):
+    /// [`SendError::NotSent`] when it cannot start by `deadline - timeout`.
+    pub(crate) async fn request_by<T, B>(
+        &self,
+        endpoint: &Endpoint,
+        path_params: &[&str],
+        query: &[(&str, String)],
+        body: Option<&B>,
+        deadline: Option<Instant>,
+    ) -> Result<T, SendError>
+    where
+        T: DeserializeOwned,
+        B: Serialize + ?Sized,
+    {
         let body = body.map(serde_json::to_vec).transpose().map_err(|e| {
             config_error(format!(
                 "serialising the body for {}: {e}",
@@ -257,9 +314,9 @@ impl CioClient {
             ))
         })?;
         let answer = self
-            .request_bytes(endpoint, path_params, query, body)
+            .request_bytes_by(endpoint, path_params, query, body, deadline)
             .await?;
-        decode(endpoint, &answer.body)
+        Ok(decode(endpoint, &answer.body)?)
     }
 
     /// [`request`](Self::request) for a body that is already JSON bytes, answering the 2xx
@@ -272,6 +329,19 @@ impl CioClient {
         query: &[(&str, String)],
         body: Option<Vec<u8>>,
     ) -> Result<Answer, CioError> {
+        self.request_bytes_by(endpoint, path_params, query, body, None)
+            .await
+            .map_err(CioError::from)
+    }
+
+    async fn request_bytes_by(
+        &self,
+        endpoint: &Endpoint,
+        path_params: &[&str],
+        query: &[(&str, String)],
+        body: Option<Vec<u8>>,
+        deadline: Option<Instant>,
+    ) -> Result<Answer, SendError> {
         let url = self.url(endpoint, path_params, query)?;
         // The endpoint TEMPLATE only: the filled-in path holds ids and emails.
         let span = tracing::info_span!(
@@ -289,12 +359,16 @@ impl CioClient {
             error = tracing::field::Empty,
         );
         let result = self
-            .execute(endpoint, url, body)
+            .execute(endpoint, url, body, deadline)
             .instrument(span.clone())
             .await;
         if let Err(error) = &result {
             span.record("otel.status_code", "error");
-            span.record("error", metrics::error_kind(error));
+            let kind = match error {
+                SendError::NotSent(_) => "not_sent",
+                SendError::Failed(error) => metrics::error_kind(error),
+            };
+            span.record("error", kind);
         }
         result
     }
@@ -304,16 +378,47 @@ impl CioClient {
         endpoint: &Endpoint,
         url: Url,
         body: Option<Vec<u8>>,
-    ) -> Result<Answer, CioError> {
+        deadline: Option<Instant>,
+    ) -> Result<Answer, SendError> {
         let api = endpoint.api;
         let target = self.target(api);
+        let scope = endpoint.throttle_scope();
+        // A request that starts by then is answered or timed out by the deadline.
+        let latest_start = deadline.map(|d| d.checked_sub(self.inner.timeout));
         let span = tracing::Span::current();
         let mut limiter_wait = Duration::ZERO;
         let mut attempt: u32 = 0;
         let mut sends: u32 = 0;
         let mut throttled = Duration::ZERO;
         loop {
-            let waited = target.limiter.acquire().await;
+            // Held until the answer is in: the request counts in the limiter's window from
+            // its start until a second after its answer.
+            let slot = match latest_start {
+                None => target.limiter.acquire_slot(scope).await,
+                Some(latest) => {
+                    let refused = |earliest: Option<Instant>| NotSent {
+                        api,
+                        endpoint: endpoint.template,
+                        earliest_start_in: earliest.map(|at| at - Instant::now()),
+                    };
+                    let Some(latest) = latest else {
+                        return Err(refused(None).into());
+                    };
+                    match target.limiter.acquire_by(scope, Some(latest)).await {
+                        Ok(slot) => slot,
+                        Err(too_late) => {
+                            tracing::debug!(
+                                earliest_in_ms = too_late
+                                    .earliest
+                                    .map(|at| (at - Instant::now()).as_millis() as u64),
+                                "not sent: no turn in the rate limiter before the deadline"
+                            );
+                            return Err(refused(too_late.earliest).into());
+                        }
+                    }
+                }
+            };
+            let waited = slot.waited();
             metrics::limiter_wait(api, waited);
             limiter_wait += waited;
             sends += 1;
@@ -324,6 +429,7 @@ impl CioClient {
             let sent = self
                 .send_once(endpoint, target, &url, body.as_deref())
                 .await;
+            drop(slot);
             metrics::request(endpoint, &sent, sent_at.elapsed());
             let (error, server_hint) = match sent {
                 Ok((status, retry_after, bytes)) => {
@@ -343,11 +449,14 @@ impl CioClient {
                     if status == 429
                         && let Some(pause) = retry_after
                     {
-                        // Hold back every caller of this API of this workspace (bounded, so
-                        // a bogus header cannot stall the process).
-                        target
-                            .limiter
-                            .pause_for(pause.min(MAX_HONOURED_RETRY_AFTER));
+                        // Hold back every caller of what was throttled, in this workspace:
+                        // the endpoint's own limit (triggers) or the whole API (bounded, so a
+                        // bogus header cannot stall the process).
+                        let pause = pause.min(MAX_HONOURED_RETRY_AFTER);
+                        match scope {
+                            Some(scope) => target.limiter.pause_scope_for(scope, pause),
+                            None => target.limiter.pause_for(pause),
+                        }
                     }
                     (
                         status_error(endpoint, status, retry_after, &bytes),
@@ -384,7 +493,7 @@ impl CioClient {
                 server_hint,
                 attempt,
             ) {
-                Decision::GiveUp => return Err(error),
+                Decision::GiveUp => return Err(error.into()),
                 Decision::RetryAfter(delay) => {
                     tracing::debug!(
                         attempt,
@@ -443,7 +552,10 @@ pub(crate) struct Answer {
 }
 
 /// Decodes a 2xx body into `T`; an empty body decodes as JSON `null`.
-fn decode<T: DeserializeOwned>(endpoint: &Endpoint, bytes: &[u8]) -> Result<T, CioError> {
+pub(crate) fn decode<T: DeserializeOwned>(
+    endpoint: &Endpoint,
+    bytes: &[u8],
+) -> Result<T, CioError> {
     let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
         b"null"
     } else {
@@ -457,7 +569,7 @@ fn decode<T: DeserializeOwned>(endpoint: &Endpoint, bytes: &[u8]) -> Result<T, C
 }
 
 /// Maps a non-2xx answer to its error.
-fn status_error(
+pub(crate) fn status_error(
     endpoint: &Endpoint,
     status: u16,
     retry_after: Option<Duration>,
@@ -718,6 +830,15 @@ mod tests {
         let mut cfg = config();
         cfg.app_base_url = Some(Url::parse("mailto:x@y").unwrap());
         assert!(CioClient::new(cfg).is_err());
+        for bad in ["", "EST5EDT/x", "Nowhere/Land", "America/New York"] {
+            let mut cfg = config();
+            cfg.metrics_tz = bad.into();
+            let err = CioClient::new(cfg).unwrap_err();
+            assert!(err.to_string().contains("time zone"), "{err}");
+        }
+        let mut cfg = config();
+        cfg.metrics_tz = "Asia/Tokyo".into();
+        assert_eq!(CioClient::new(cfg).unwrap().metrics_tz(), "Asia/Tokyo");
     }
 
     #[test]
@@ -750,6 +871,28 @@ mod tests {
                 .as_str(),
             "https://api.customer.io/v1/segments"
         );
+    }
+
+    #[test]
+    fn refuses_urls_whose_path_left_the_template() {
+        let cfg = config().with_base_url(Url::parse("http://127.0.0.1:9/prefix/").unwrap());
+        let client = CioClient::new(cfg).unwrap();
+        for id in [".", ".."] {
+            let err = client
+                .url(&endpoints::CUSTOMER_ATTRIBUTES, &[id], &[])
+                .unwrap_err();
+            assert!(matches!(err, CioError::Config { .. }), "{err:?}");
+            assert!(err.to_string().contains("{customer_id}"), "{err}");
+        }
+        for (id, path) in [
+            ("../x", "/prefix/api/v1/customers/..%2Fx"),
+            ("a/b c", "/prefix/api/v1/customers/a%2Fb%20c"),
+            ("...", "/prefix/api/v1/customers/..."),
+            (".x.", "/prefix/api/v1/customers/.x."),
+        ] {
+            let url = client.url(&endpoints::IDENTIFY, &[id], &[]).unwrap();
+            assert_eq!(url.path(), path);
+        }
     }
 
     #[test]

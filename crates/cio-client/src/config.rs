@@ -214,6 +214,11 @@ pub struct ClientConfig {
     pub track_requests_per_sec: u32,
     /// Automatic retries for idempotent endpoints.
     pub retry: RetryConfig,
+    /// IANA time zone sent as `tz` with every metrics request: the series' hour, day, week and
+    /// month buckets are aligned to it. No Customer.io page states the default, so the client
+    /// always sends one. Default [`ClientConfig::DEFAULT_METRICS_TZ`]; checked by
+    /// [`CioClient::new`](crate::CioClient::new).
+    pub metrics_tz: String,
 }
 
 impl ClientConfig {
@@ -223,6 +228,9 @@ impl ClientConfig {
     pub const DEFAULT_APP_REQUESTS_PER_SEC: u32 = 10;
     /// Customer.io's Track API limit (2026 spec): 1000 requests/s.
     pub const DEFAULT_TRACK_REQUESTS_PER_SEC: u32 = 1000;
+    /// Default [`ClientConfig::metrics_tz`]: Eastern time, what the series were aligned to
+    /// before the client sent `tz` (Customer.io's "EST").
+    pub const DEFAULT_METRICS_TZ: &'static str = "America/New_York";
 
     /// A configuration with the region's hosts and every default.
     pub fn new(credentials: Credentials, region: Region) -> Self {
@@ -235,6 +243,7 @@ impl ClientConfig {
             app_requests_per_sec: Self::DEFAULT_APP_REQUESTS_PER_SEC,
             track_requests_per_sec: Self::DEFAULT_TRACK_REQUESTS_PER_SEC,
             retry: RetryConfig::default(),
+            metrics_tz: Self::DEFAULT_METRICS_TZ.to_owned(),
         }
     }
 
@@ -299,6 +308,7 @@ mod tests {
         assert_eq!(cfg.track_requests_per_sec, 1000);
         assert_eq!(cfg.retry.max_retries, 3);
         assert_eq!(cfg.retry.base_delay, Duration::from_millis(200));
+        assert_eq!(cfg.metrics_tz, "America/New_York");
         assert_eq!(
             cfg.base_url(Api::App).unwrap().as_str(),
             "https://api-eu.customer.io/"

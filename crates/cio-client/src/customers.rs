@@ -82,12 +82,12 @@ pub struct CustomerSegment {
 }
 
 #[derive(Deserialize)]
-struct CustomerResponse {
+pub(crate) struct CustomerResponse {
     customer: CustomerAttributes,
 }
 
 #[derive(Deserialize)]
-struct CustomersResponse {
+pub(crate) struct CustomersResponse {
     #[serde(default, deserialize_with = "serde_util::null_as_default")]
     customers: Vec<CustomersItem>,
 }
@@ -106,13 +106,13 @@ struct CustomersRequest<'a> {
 }
 
 #[derive(Deserialize)]
-struct CustomerSegmentsResponse {
+pub(crate) struct CustomerSegmentsResponse {
     #[serde(default, deserialize_with = "serde_util::null_as_default")]
     segments: Vec<CustomerSegment>,
 }
 
 #[derive(Deserialize)]
-struct EmailSearchResponse {
+pub(crate) struct EmailSearchResponse {
     #[serde(default, deserialize_with = "serde_util::null_as_default")]
     results: Vec<CustomerIdentifiers>,
 }

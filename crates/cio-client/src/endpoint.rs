@@ -35,6 +35,9 @@ pub struct Endpoint {
     pub retry: RetryPolicy,
 }
 
+/// Throttle scope of broadcast triggers (see [`Endpoint::throttle_scope`]).
+pub const TRIGGER_SCOPE: &str = "broadcast triggers";
+
 /// RFC 3986 unreserved characters stay; everything else in a segment is percent-encoded.
 const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'-')
@@ -42,9 +45,19 @@ const PATH_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
-/// Percent-encodes one path segment (`1/` → `1%2F`, `a b` → `a%20b`, `x@y` → `x%40y`).
+/// Percent-encodes one path segment (`1/` → `1%2F`, `a b` → `a%20b`, `x@y` → `x%40y`). A
+/// segment that is exactly `.` or `..` becomes `%2E` / `%2E%2E`: left as is it would be a dot
+/// segment that URL resolution removes, taking the path out of its template.
+///
+/// Note that `url::Url` (WHATWG URL rules, what reqwest sends) treats `%2E` and `%2E%2E` as dot
+/// segments too, so such an id still cannot travel in a path through this client: the request
+/// is refused before anything is sent, with a [`CioError::Config`].
 pub fn encode_path_segment(segment: &str) -> String {
-    utf8_percent_encode(segment, PATH_SEGMENT).to_string()
+    match segment {
+        "." => "%2E".to_owned(),
+        ".." => "%2E%2E".to_owned(),
+        _ => utf8_percent_encode(segment, PATH_SEGMENT).to_string(),
+    }
 }
 
 impl Endpoint {
@@ -69,6 +82,14 @@ impl Endpoint {
             return Err(self.template_error("too many path parameters"));
         }
         Ok(out)
+    }
+
+    /// The part of its API's rate limits this endpoint has to itself, if any. Broadcast
+    /// triggers are limited to one per 10 s on top of the App API's 10 requests/s: a 429 on a
+    /// trigger pauses only later triggers ([`TRIGGER_SCOPE`]), not metrics polling, segment
+    /// sync or profile reads. `None`: a 429 speaks for the whole API.
+    pub fn throttle_scope(&self) -> Option<&'static str> {
+        (*self == endpoints::TRIGGER_BROADCAST).then_some(TRIGGER_SCOPE)
     }
 
     fn template_error(&self, what: &str) -> CioError {
@@ -202,6 +223,12 @@ pub mod endpoints {
         Api::App,
         "/v1/campaigns/{broadcast_id}/triggers/{trigger_id}",
     );
+    /// `GET /v1/campaigns/{broadcast_id}/triggers/{trigger_id}/errors?start=&limit=`: the
+    /// `line N: ...` errors of a processed trigger, paged.
+    pub const TRIGGER_ERRORS: Endpoint = get(
+        Api::App,
+        "/v1/campaigns/{broadcast_id}/triggers/{trigger_id}/errors",
+    );
     /// `GET /v1/broadcasts/{broadcast_id}/triggers`.
     pub const BROADCAST_TRIGGERS: Endpoint =
         get(Api::App, "/v1/broadcasts/{broadcast_id}/triggers");
@@ -267,6 +294,19 @@ mod tests {
     }
 
     #[test]
+    fn encodes_whole_dot_segments_only() {
+        assert_eq!(encode_path_segment("."), "%2E");
+        assert_eq!(encode_path_segment(".."), "%2E%2E");
+        assert_eq!(encode_path_segment("..."), "...");
+        assert_eq!(encode_path_segment("../x"), "..%2Fx");
+        assert_eq!(encode_path_segment("a.b"), "a.b");
+        assert_eq!(
+            endpoints::IDENTIFY.path(&[".."]).unwrap(),
+            "/api/v1/customers/%2E%2E"
+        );
+    }
+
+    #[test]
     fn fills_templates() {
         let ep = Endpoint {
             api: Api::Track,
@@ -287,6 +327,23 @@ mod tests {
         );
         let err = ep.path(&[]).unwrap_err().to_string();
         assert!(err.contains("{identifier}"), "{err}");
+    }
+
+    #[test]
+    fn only_triggers_have_their_own_throttle_scope() {
+        assert_eq!(
+            endpoints::TRIGGER_BROADCAST.throttle_scope(),
+            Some(TRIGGER_SCOPE)
+        );
+        for ep in [
+            &endpoints::TRIGGER_STATUS,
+            &endpoints::LIST_SEGMENTS,
+            &endpoints::CREATE_NEWSLETTER,
+            &endpoints::SEND_NEWSLETTER,
+            &endpoints::IDENTIFY,
+        ] {
+            assert_eq!(ep.throttle_scope(), None, "{}", ep.template);
+        }
     }
 
     #[test]

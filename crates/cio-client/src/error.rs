@@ -127,7 +127,8 @@ pub fn parse_error_details(body: &[u8]) -> Vec<ErrorDetail> {
 /// path, so errors carry no ids or emails; no variant ever holds a key or an auth header.
 #[derive(Debug, thiserror::Error)]
 pub enum CioError {
-    /// 401 or 403: bad or insufficient credentials (or the wrong region).
+    /// 401 or 403: bad or insufficient credentials, or the wrong region (Customer.io refuses
+    /// both alike; [`CioClient::check_account`](crate::CioClient::check_account) tells which).
     #[error("Customer.io {api} API refused the credentials (HTTP {status})")]
     Unauthorized {
         /// Which API answered.

@@ -11,10 +11,13 @@
 //!   endpoint constant + a few-line method.
 //! - [`error`]: [`CioError`] and parsing of Customer.io's error bodies into [`ErrorDetail`]s.
 //! - [`retry`]: jittered exponential backoff, `Retry-After` parsing, retry decisions.
-//! - [`limiter`]: smooth per-(API, workspace, base URL) pacing shared process-wide; a 429 with
-//!   `Retry-After` pauses everyone using that API.
+//! - [`limiter`]: per-(API, workspace, base URL) pacing shared process-wide: smooth starts,
+//!   and never more than the rate within any rolling second at Customer.io (a request holds a
+//!   place until a second after its answer). A 429 with `Retry-After` pauses what was
+//!   throttled: the whole API, or only broadcast triggers ([`Endpoint::throttle_scope`]).
 //! - [`pagination`]: [`paginate`], the cursor stream helper for every `next`-style endpoint.
-//! - [`account`]: `account_region()`; [`segments`]: segment reads, membership, manual segments.
+//! - [`account`]: `account_region()`, `check_account()` ([`AccountCheckError`]: wrong Track
+//!   credentials vs wrong region); [`segments`]: segment reads, membership, manual segments.
 //! - [`segment_members`]: manual segment membership (Track `add_customers` /
 //!   `remove_customers`, at most [`MAX_SEGMENT_MEMBERS_PER_CALL`] ids per call).
 //! - [`people`]: Track writes about people: v1 `identify` / `track_event` (what the official
@@ -22,8 +25,12 @@
 //!   per-op [`BatchFailure`]s); [`Identifier`], [`IdType`], size limits.
 //! - [`customers`]: App API customer reads: attributes of one or up to 100 people, a person's
 //!   segments, lookup by email.
-//! - [`campaigns`]: campaigns, API-triggered broadcasts (trigger, status, trigger list),
+//! - [`campaigns`]: campaigns, API-triggered broadcasts (trigger, status, errors, trigger list),
 //!   newsletters (create with content, send) and metrics series ([`MetricSeries::totals`]).
+//!
+//! - [`deadline`]: [`CioClient::with_deadline`] fences a sending call (trigger, newsletter
+//!   create/send) by an absolute deadline covering its rate-limiter wait and 429 pauses:
+//!   [`SendError::NotSent`] when it could not start by `deadline - timeout` (nothing left).
 //!
 //! Calls on endpoints with [`RetryPolicy::NeverRetry`] (creating resources, and later every
 //! message send) are never repeated once they may have left; a timeout then yields an error with
@@ -34,32 +41,36 @@ pub mod campaigns;
 pub mod client;
 pub mod config;
 pub mod customers;
+pub mod deadline;
 pub mod endpoint;
 pub mod error;
 pub mod limiter;
 pub mod pagination;
 pub mod people;
+#[cfg(test)]
+mod proptests;
 pub mod retry;
 pub mod segment_members;
 pub mod segments;
 mod serde_util;
 
-pub use account::AccountRegion;
+pub use account::{AccountCheckError, AccountRegion};
 pub use campaigns::{
     Campaign, MetricSeries, MetricsOf, MetricsQuery, NEWSLETTERS_PAGE, NewNewsletter, Newsletter,
-    Recipients, Resolution, Trigger, TriggerStatus,
+    Recipients, Resolution, TRIGGER_ERRORS_PAGE, Trigger, TriggerStatus,
 };
 pub use client::{CioClient, USER_AGENT, install_crypto_provider};
 pub use config::{Api, ClientConfig, Credentials, ParseRegionError, Region, RetryConfig};
 pub use customers::{CustomerAttributes, CustomerSegment, MAX_CUSTOMERS_PER_LOOKUP};
-pub use endpoint::{Endpoint, RetryPolicy, encode_path_segment, endpoints};
+pub use deadline::{DeadlineClient, NotSent, SendError};
+pub use endpoint::{Endpoint, RetryPolicy, TRIGGER_SCOPE, encode_path_segment, endpoints};
 pub use error::{CioError, ErrorDetail, parse_error_details};
 pub use pagination::{Page, paginate};
 pub use people::{
     BATCH_ENVELOPE_BYTES, BatchFailure, BatchOutcome, EncodedOp, Event, IdType, Identifier,
     MAX_BATCH_BYTES, MAX_OP_BYTES, PersonAction, PersonOp, batch_body_len, is_ulid,
 };
-pub use retry::{MAX_HONOURED_RETRY_AFTER, parse_retry_after};
+pub use retry::{MAX_HONOURED_RETRY_AFTER, parse_retry_after, parse_retry_after_at};
 pub use secrecy::SecretString;
 pub use segment_members::MAX_SEGMENT_MEMBERS_PER_CALL;
 pub use segments::{

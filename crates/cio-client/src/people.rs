@@ -338,7 +338,7 @@ pub fn batch_body_len(ops: &[EncodedOp]) -> usize {
         + ops.len().saturating_sub(1)
 }
 
-fn batch_body(ops: &[EncodedOp]) -> Vec<u8> {
+pub(crate) fn batch_body(ops: &[EncodedOp]) -> Vec<u8> {
     let mut body = Vec::with_capacity(batch_body_len(ops));
     body.extend_from_slice(BATCH_PREFIX.as_bytes());
     for (i, op) in ops.iter().enumerate() {
@@ -439,7 +439,10 @@ struct RawFailure {
 
 /// Parses a 207 body for a batch of `op_count` ops. A 207 that does not say which ops failed
 /// is an error: the caller then treats the whole batch as failed, which is safe to retry.
-fn parse_batch_failures(body: &[u8], op_count: usize) -> Result<Vec<BatchFailure>, String> {
+pub(crate) fn parse_batch_failures(
+    body: &[u8],
+    op_count: usize,
+) -> Result<Vec<BatchFailure>, String> {
     let parsed: BatchErrors = serde_json::from_slice(body).map_err(|e| format!("207 body: {e}"))?;
     if parsed.errors.is_empty() {
         return Err("207 without errors".to_owned());

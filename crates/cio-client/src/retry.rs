@@ -1,7 +1,7 @@
 //! Retry decisions: which failures are retried for which endpoints, jittered exponential
 //! backoff, and `Retry-After` parsing.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rand::Rng;
 
@@ -18,19 +18,28 @@ pub(crate) fn is_retryable_status(status: u16) -> bool {
     status == 408 || status == 429 || (500..=599).contains(&status)
 }
 
-/// Parses `Retry-After` given in (possibly fractional) seconds. HTTP dates are not used by
-/// Customer.io and give `None` (the caller then falls back to backoff).
+/// Parses `Retry-After` (RFC 7231 §7.1.3): delay-seconds (possibly fractional, which
+/// Customer.io never sends but costs nothing to accept) or an HTTP-date (IMF-fixdate such as
+/// `Wed, 21 Oct 2015 07:28:00 GMT`, and the obsolete RFC 850 and asctime forms), measured from
+/// now; a date in the past gives zero. Anything else gives `None` (the caller then falls back
+/// to its backoff).
 pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    parse_retry_after_at(value, SystemTime::now())
+}
+
+/// [`parse_retry_after`] with an explicit "now" for HTTP-dates.
+pub fn parse_retry_after_at(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
     if let Ok(secs) = value.parse::<u64>() {
         return Some(Duration::from_secs(secs));
     }
-    let secs = value.parse::<f64>().ok()?;
-    if secs.is_finite() && secs >= 0.0 {
-        Duration::try_from_secs_f64(secs).ok()
-    } else {
-        None
+    if let Ok(secs) = value.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0)
+            .then(|| Duration::try_from_secs_f64(secs).ok())
+            .flatten();
     }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 /// The uncapped-then-capped exponential step for `attempt` (0 for the first retry):
@@ -49,9 +58,15 @@ pub(crate) fn backoff_delay(cfg: &RetryConfig, attempt: u32, rng: &mut impl Rng)
     half + Duration::from_nanos(rng.random_range(0..=spread))
 }
 
+/// Shortest wait after a 429, even when its `Retry-After` is zero or a date in the past: the
+/// server did refuse, and without a floor such answers would be retried without bound (the
+/// throttle budget would never fill up).
+pub(crate) const MIN_THROTTLE_WAIT: Duration = Duration::from_secs(1);
+
 /// For a 429 with a `Retry-After` on an idempotent call: how long to wait before trying again
-/// without counting a retry, if the call's 429 waits (`throttled_so_far`) stay within
-/// [`RetryConfig::max_throttle_wait`]. `None`: treat the 429 as an ordinary failure.
+/// without counting a retry (at least [`MIN_THROTTLE_WAIT`]), if the call's 429 waits
+/// (`throttled_so_far`) stay within [`RetryConfig::max_throttle_wait`]. `None`: treat the 429 as
+/// an ordinary failure.
 pub(crate) fn throttle_wait(
     cfg: &RetryConfig,
     policy: RetryPolicy,
@@ -59,7 +74,7 @@ pub(crate) fn throttle_wait(
     server_hint: Option<Duration>,
     throttled_so_far: Duration,
 ) -> Option<Duration> {
-    let hint = server_hint?;
+    let hint = server_hint?.max(MIN_THROTTLE_WAIT);
     let throttled = matches!(error, CioError::RateLimited { .. });
     (throttled
         && policy == RetryPolicy::Idempotent
@@ -136,9 +151,63 @@ mod tests {
         assert_eq!(parse_retry_after("1.5"), Some(Duration::from_millis(1500)));
         assert_eq!(parse_retry_after("-1"), None);
         assert_eq!(parse_retry_after("soon"), None);
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
         assert_eq!(parse_retry_after("NaN"), None);
+        assert_eq!(parse_retry_after("inf"), None);
         assert_eq!(parse_retry_after(""), None);
+    }
+
+    #[test]
+    fn retry_after_as_an_http_date() {
+        // 2015-10-21T07:28:00Z
+        let date = SystemTime::UNIX_EPOCH + Duration::from_secs(1_445_412_480);
+        let now = date - Duration::from_secs(90);
+        let in_90s = Some(Duration::from_secs(90));
+        assert_eq!(
+            parse_retry_after_at("Wed, 21 Oct 2015 07:28:00 GMT", now),
+            in_90s
+        );
+        // The obsolete forms a recipient must still accept (RFC 7231 §7.1.1.1).
+        assert_eq!(
+            parse_retry_after_at("Wednesday, 21-Oct-15 07:28:00 GMT", now),
+            in_90s
+        );
+        assert_eq!(
+            parse_retry_after_at("Wed Oct 21 07:28:00 2015", now),
+            in_90s
+        );
+        assert_eq!(
+            parse_retry_after_at(" Wed, 21 Oct 2015 07:28:00 GMT ", now),
+            in_90s
+        );
+        // Past (and present) dates: no wait.
+        let later = date + Duration::from_secs(3600);
+        assert_eq!(
+            parse_retry_after_at("Wed, 21 Oct 2015 07:28:00 GMT", later),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(
+            parse_retry_after_at("Wed, 21 Oct 2015 07:28:00 GMT", date),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(
+            parse_retry_after("Thu, 01 Jan 1970 00:00:01 GMT"),
+            Some(Duration::ZERO)
+        );
+        // A future date against the real clock.
+        let ahead = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(120));
+        let wait = parse_retry_after(&ahead).unwrap();
+        assert!(
+            wait > Duration::from_secs(110) && wait <= Duration::from_secs(120),
+            "{wait:?}"
+        );
+        for bad in [
+            "Wed, 21 Oct 2015 07:28:00",
+            "Wed, 32 Oct 2015 07:28:00 GMT",
+            "2015-10-21T07:28:00Z",
+            "tomorrow",
+        ] {
+            assert_eq!(parse_retry_after_at(bad, now), None, "{bad}");
+        }
     }
 
     #[test]
@@ -317,5 +386,15 @@ mod tests {
             ..c
         };
         assert_eq!(throttle_wait(&off, p, &rl, one, Duration::ZERO), None);
+        // "Retry-After: 0" (or a past date) still waits, so the budget runs out eventually.
+        let zero = Some(Duration::ZERO);
+        assert_eq!(
+            throttle_wait(&c, p, &rl, zero, Duration::ZERO),
+            Some(MIN_THROTTLE_WAIT)
+        );
+        assert_eq!(
+            throttle_wait(&c, p, &rl, zero, Duration::from_secs(3)),
+            None
+        );
     }
 }

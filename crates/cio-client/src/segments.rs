@@ -81,7 +81,7 @@ pub struct MembershipPage {
 }
 
 #[derive(Deserialize)]
-struct MembershipResponse {
+pub(crate) struct MembershipResponse {
     #[serde(default, deserialize_with = "serde_util::null_as_default")]
     identifiers: Vec<CustomerIdentifiers>,
     #[serde(default, deserialize_with = "serde_util::null_as_default")]
@@ -116,18 +116,18 @@ impl From<MembershipResponse> for MembershipPage {
 }
 
 #[derive(Deserialize)]
-struct SegmentsResponse {
+pub(crate) struct SegmentsResponse {
     #[serde(default, deserialize_with = "serde_util::null_as_default")]
     segments: Vec<Segment>,
 }
 
 #[derive(Deserialize)]
-struct SegmentResponse {
+pub(crate) struct SegmentResponse {
     segment: Segment,
 }
 
 #[derive(Deserialize)]
-struct CountResponse {
+pub(crate) struct CountResponse {
     #[serde(deserialize_with = "serde_util::u64_lenient")]
     count: u64,
 }

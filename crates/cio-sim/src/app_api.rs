@@ -27,7 +27,7 @@ use serde_json::{Map, Value, json};
 
 use crate::Simulator;
 use crate::auth::require_app;
-use crate::errors::ApiError;
+use crate::error_bodies::ApiError;
 use crate::state::{IdType, Membership, Person, Segment, SegmentKind};
 
 /// Most ids of one `POST /v1/customers/attributes`.

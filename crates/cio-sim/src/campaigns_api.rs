@@ -19,9 +19,11 @@
 //! most 50,000 bytes serialized), `id_ignore_missing`, `email_ignore_missing`,
 //! `email_add_duplicates` (booleans). Checked in this order:
 //! 1. unknown id, or the id of a campaign or newsletter: 404;
-//! 2. within `trigger_interval` (10 s) of the previous trigger request of the same broadcast
-//!    that got past this check (accepted or 422): 429 with `Retry-After` (whole seconds, at least
-//!    1), nothing recorded; other broadcasts are not affected;
+//! 2. within `trigger_interval` (10 s) of the previous trigger request that got past this check
+//!    (accepted or 422) in the trigger scope: by default any broadcast of the workspace
+//!    (`TriggerScope::Workspace`), or only the same broadcast (`TriggerScope::PerBroadcast`,
+//!    other broadcasts not affected): 429 with `Retry-After` (whole seconds, at least 1),
+//!    nothing recorded;
 //! 3. broadcast not `running`, two audience keys, an invalid or empty filter (`{}`,
 //!    `{"and":[]}`, a bad operator...), a filter naming a segment that does not exist, `ids`/
 //!    `emails`/`per_user_data` empty, over 10,000 entries or malformed, `data` not an object or
@@ -54,7 +56,8 @@ use serde_json::{Map, Value, json};
 
 use crate::Simulator;
 use crate::auth::require_app;
-use crate::errors::{ApiError, app_error};
+use crate::config::TriggerScope;
+use crate::error_bodies::{ApiError, app_error};
 use crate::metrics;
 use crate::sends::{
     Campaign, CampaignKind, CampaignState, Scope, SendStore, TriggerError, trigger_status_json,
@@ -327,13 +330,14 @@ async fn trigger(
         Err(TriggerError::NotFound) => not_found("broadcast").into_response(),
         Err(TriggerError::RateLimited(wait_ms)) => {
             let secs = u64::try_from(wait_ms).unwrap_or(0).div_ceil(1000).max(1);
-            let interval = sim.trigger_interval();
+            let interval = sim.trigger_interval().as_secs_f64();
+            let scope = match sim.trigger_scope() {
+                TriggerScope::Workspace => "in this workspace".to_owned(),
+                TriggerScope::PerBroadcast => format!("for broadcast {id}"),
+            };
             let mut response = app_error(
                 StatusCode::TOO_MANY_REQUESTS,
-                format!(
-                    "rate limited to 1 trigger per {}s for broadcast {id}, retry after {secs}s",
-                    interval.as_secs_f64()
-                ),
+                format!("rate limited to 1 trigger per {interval}s {scope}, retry after {secs}s"),
                 None,
             );
             response

@@ -5,6 +5,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
+use crate::faults::RateLimitMode;
 use crate::sends::DeliveryRates;
 
 /// Which of the two Customer.io APIs a request belongs to.
@@ -27,6 +28,30 @@ impl SimApi {
     }
 }
 
+/// What one broadcast-trigger window covers (see [`SimConfig::trigger_scope`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TriggerScope {
+    /// One trigger per interval across the whole workspace, whatever the broadcast: what
+    /// Customer.io documents ("API-triggered broadcasts are limited to 1 request every 10
+    /// seconds", not said to be per broadcast).
+    #[default]
+    Workspace,
+    /// One trigger per interval per broadcast; triggers of different broadcasts do not wait
+    /// for each other.
+    PerBroadcast,
+}
+
+impl TriggerScope {
+    /// `"workspace"` or `"per_broadcast"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TriggerScope::Workspace => "workspace",
+            TriggerScope::PerBroadcast => "per_broadcast",
+        }
+    }
+}
+
 /// Start-up configuration of a [`crate::Simulator`].
 ///
 /// Rate limits given here are the initial values; they can be changed at run time with
@@ -39,12 +64,25 @@ pub struct SimConfig {
     pub track_api_key: String,
     /// App API key (Bearer token).
     pub app_api_key: String,
-    /// `"us"` or `"eu"`: reported by `GET /api/v1/accounts/region`.
+    /// The workspace's region, `"us"` or `"eu"` (anything but `eu` reads as `us`): reported by
+    /// `GET /api/v1/accounts/region`.
     pub region: String,
+    /// The regional endpoint this simulator plays, i.e. the hosts a client believes it is
+    /// calling (`"us"`: track/api.customer.io, `"eu"`: the `-eu` hosts); `None`: the
+    /// workspace's own region. When it differs from [`SimConfig::region`] the simulator answers
+    /// like Customer.io's wrong region: the region check still answers (it works on either
+    /// region's Track host), other Track calls on the US host are redirected (307 to the EU
+    /// host), Track calls on the EU host and every App call are refused (401). Changeable at
+    /// run time ([`crate::Simulator::set_endpoint_region`]).
+    pub endpoint_region: Option<String>,
     /// App API requests per second; 0 = unlimited. Customer.io: 10.
     pub app_rate_limit_per_sec: u32,
     /// Track API requests per second; 0 = unlimited. Customer.io: 1000.
     pub track_rate_limit_per_sec: u32,
+    /// How both APIs' limits are enforced: a rolling one-second window (default: never more
+    /// than the limit in any second) or a token bucket that allows an initial burst.
+    /// Changeable per API at run time ([`crate::Simulator::set_rate_limit_mode`]).
+    pub rate_limit_mode: RateLimitMode,
     /// Seed for the demo data, chaos decisions and delivery outcomes.
     pub seed: u64,
     /// Number of demo people; 0 = empty workspace (no people, segments, campaigns, broadcasts or
@@ -53,9 +91,17 @@ pub struct SimConfig {
     /// How many most recent App/Track requests the request log keeps (0 = none); request
     /// counters are kept regardless. Default [`DEFAULT_REQUEST_LOG_CAPACITY`].
     pub request_log_capacity: usize,
-    /// Per broadcast, a trigger is refused (429) until this long after the previous one.
-    /// Customer.io: 10 s. Changeable at run time ([`crate::Simulator::set_trigger_interval`]).
+    /// A trigger is refused (429) until this long after the previous accepted one in its
+    /// [`SimConfig::trigger_scope`]. Customer.io: 10 s. Changeable at run time
+    /// ([`crate::Simulator::set_trigger_interval`]).
     pub trigger_interval: Duration,
+    /// Whether the trigger interval holds per workspace (default) or per broadcast.
+    /// Changeable at run time ([`crate::Simulator::set_trigger_scope`]).
+    pub trigger_scope: TriggerScope,
+    /// The workspace's subscription center is enabled: `POST /v1/newsletters` then requires
+    /// `subscription_topic_id` (400 `subscription_topic_id is required`). Default off.
+    /// Changeable at run time ([`crate::Simulator::set_subscription_center`]).
+    pub subscription_center: bool,
     /// Outcome rates of deliveries no [`crate::RatesKey`] rule matches.
     pub default_rates: DeliveryRates,
 }
@@ -68,7 +114,7 @@ pub const DEFAULT_TRACK_API_KEY: &str = "sim-track-key";
 pub const DEFAULT_APP_API_KEY: &str = "sim-app-key";
 /// Number of people in the default demo workspace.
 pub const DEFAULT_DEMO_PEOPLE: usize = 5000;
-/// Default [`SimConfig::trigger_interval`]: Customer.io's one trigger per 10 s per broadcast.
+/// Default [`SimConfig::trigger_interval`]: Customer.io's one trigger per 10 s.
 pub const DEFAULT_TRIGGER_INTERVAL: Duration = Duration::from_secs(10);
 /// Default [`SimConfig::request_log_capacity`].
 pub const DEFAULT_REQUEST_LOG_CAPACITY: usize = 10_000;
@@ -87,12 +133,16 @@ impl SimConfig {
             track_api_key: DEFAULT_TRACK_API_KEY.to_owned(),
             app_api_key: DEFAULT_APP_API_KEY.to_owned(),
             region: "us".to_owned(),
+            endpoint_region: None,
             app_rate_limit_per_sec: 10,
             track_rate_limit_per_sec: 1000,
+            rate_limit_mode: RateLimitMode::Rolling,
             seed: 42,
             demo_people: DEFAULT_DEMO_PEOPLE,
             request_log_capacity: DEFAULT_REQUEST_LOG_CAPACITY,
             trigger_interval: DEFAULT_TRIGGER_INTERVAL,
+            trigger_scope: TriggerScope::Workspace,
+            subscription_center: false,
             default_rates: DeliveryRates::default(),
         }
     }
@@ -129,11 +179,24 @@ impl SimConfig {
     }
 
     pub(crate) fn track_url(&self) -> &'static str {
-        if self.region.eq_ignore_ascii_case("eu") {
-            "https://track-eu.customer.io"
-        } else {
-            "https://track.customer.io"
-        }
+        track_host(&self.region)
+    }
+}
+
+/// `"eu"` for an EU region name (any case), `"us"` for anything else.
+pub(crate) fn normal_region(region: &str) -> &'static str {
+    if region.trim().eq_ignore_ascii_case("eu") {
+        "eu"
+    } else {
+        "us"
+    }
+}
+
+/// The Track API base URL of a region.
+pub(crate) fn track_host(region: &str) -> &'static str {
+    match normal_region(region) {
+        "eu" => "https://track-eu.customer.io",
+        _ => "https://track.customer.io",
     }
 }
 

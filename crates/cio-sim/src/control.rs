@@ -9,7 +9,8 @@
 //! | `GET /_sim/requests[?api=app\|track]` / `DELETE /_sim/requests` | request log / clear it |
 //! | `POST /_sim/faults` | `{"api":"app"\|"track"\|null,"faults":[..],"chaos":{..}}` (see below) |
 //! | `DELETE /_sim/faults` | clear queued faults and chaos |
-//! | `GET /_sim/rate-limits`, `POST /_sim/rate-limits` | `{"app":10,"track":1000,"trigger_interval_ms":10000}` (each key optional) |
+//! | `GET /_sim/rate-limits`, `POST /_sim/rate-limits` | `{"app":10,"track":1000,"app_mode":"rolling"\|"token_bucket","track_mode":..,"trigger_interval_ms":10000,"trigger_scope":"workspace"\|"per_broadcast"}` (each key optional) |
+//! | `GET /_sim/workspace`, `POST /_sim/workspace` | `{"region":"us","endpoint_region":"us","subscription_center":false}`; set `{"endpoint_region":"us"\|"eu"\|null,"subscription_center":bool}` (each optional; `null`: the workspace's region) |
 //! | `GET /_sim/segments`, `POST /_sim/segments` | list; create `{"name","description","predicate"?}` (no predicate = manual) |
 //! | `GET /_sim/segments/{id}`, `DELETE /_sim/segments/{id}` | segment with member ids; delete (any kind) |
 //! | `GET /_sim/people/{id}`, `PUT /_sim/people/{id}`, `DELETE /_sim/people/{id}` | read; upsert attributes (JSON object); remove |
@@ -41,9 +42,9 @@ use serde_json::{Map, Value, json};
 
 use crate::Simulator;
 use crate::audience::AudienceFilter;
-use crate::config::SimApi;
-use crate::errors::ApiError;
-use crate::faults::{Chaos, Fault};
+use crate::config::{SimApi, TriggerScope};
+use crate::error_bodies::ApiError;
+use crate::faults::{Chaos, Fault, RateLimitMode};
 use crate::sends::{CampaignState, DeliveryFilter, DeliveryRates, NewBroadcast, RatesKey};
 use crate::state::Predicate;
 
@@ -58,6 +59,7 @@ pub(crate) fn routes() -> Router<Simulator> {
             get(faults).post(push_faults).delete(clear_faults),
         )
         .route("/_sim/rate-limits", get(rate_limits).post(set_rate_limits))
+        .route("/_sim/workspace", get(workspace).post(set_workspace))
         .route("/_sim/segments", get(segments).post(create_segment))
         .route("/_sim/segments/{id}", get(segment).delete(delete_segment))
         .route(
@@ -276,7 +278,10 @@ fn limits_json(sim: &Simulator) -> Value {
     json!({
         "app": sim.rate_limit(SimApi::App),
         "track": sim.rate_limit(SimApi::Track),
+        "app_mode": sim.rate_limit_mode(SimApi::App),
+        "track_mode": sim.rate_limit_mode(SimApi::Track),
         "trigger_interval_ms": sim.trigger_interval().as_millis() as u64,
+        "trigger_scope": sim.trigger_scope(),
     })
 }
 
@@ -289,7 +294,10 @@ async fn rate_limits(State(sim): State<Simulator>) -> Response {
 struct RateLimitsRequest {
     app: Option<u32>,
     track: Option<u32>,
+    app_mode: Option<RateLimitMode>,
+    track_mode: Option<RateLimitMode>,
     trigger_interval_ms: Option<u64>,
+    trigger_scope: Option<TriggerScope>,
 }
 
 async fn set_rate_limits(State(sim): State<Simulator>, body: Bytes) -> Response {
@@ -303,10 +311,61 @@ async fn set_rate_limits(State(sim): State<Simulator>, body: Bytes) -> Response 
     if let Some(track) = request.track {
         sim.set_rate_limit(SimApi::Track, track);
     }
+    if let Some(mode) = request.app_mode {
+        sim.set_rate_limit_mode(SimApi::App, mode);
+    }
+    if let Some(mode) = request.track_mode {
+        sim.set_rate_limit_mode(SimApi::Track, mode);
+    }
     if let Some(ms) = request.trigger_interval_ms {
         sim.set_trigger_interval(Duration::from_millis(ms));
     }
+    if let Some(scope) = request.trigger_scope {
+        sim.set_trigger_scope(scope);
+    }
     Json(limits_json(&sim)).into_response()
+}
+
+fn workspace_json(sim: &Simulator) -> Value {
+    json!({
+        "region": sim.region(),
+        "endpoint_region": sim.endpoint_region(),
+        "subscription_center": sim.subscription_center(),
+    })
+}
+
+async fn workspace(State(sim): State<Simulator>) -> Response {
+    Json(workspace_json(&sim)).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WorkspaceRequest {
+    /// Absent: unchanged; `null`: the workspace's own region.
+    #[serde(default, deserialize_with = "present")]
+    endpoint_region: Option<Option<String>>,
+    subscription_center: Option<bool>,
+}
+
+/// Tells an explicit `null` (`Some(None)`) from an absent key (`None`, via `default`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
+async fn set_workspace(State(sim): State<Simulator>, body: Bytes) -> Response {
+    let request: WorkspaceRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(err) => return err.into_response(),
+    };
+    if let Some(region) = request.endpoint_region
+        && let Err(err) = sim.set_endpoint_region(region.as_deref())
+    {
+        return error(StatusCode::BAD_REQUEST, err.to_string());
+    }
+    if let Some(enabled) = request.subscription_center {
+        sim.set_subscription_center(enabled);
+    }
+    Json(workspace_json(&sim)).into_response()
 }
 
 async fn segments(State(sim): State<Simulator>) -> Response {

@@ -1,4 +1,5 @@
-//! The crate's error type (state operations used by tests and by the HTTP handlers).
+//! [`SimError`], the crate's error type (state operations used by tests and by the HTTP
+//! handlers). The HTTP error bodies answered to clients are in `error_bodies`.
 
 /// Errors of the simulator's state operations.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -24,6 +25,9 @@ pub enum SimError {
     /// A rate outside `0..=1`.
     #[error("invalid delivery rates: {0}")]
     InvalidRates(String),
+    /// A region other than `us` or `eu`.
+    #[error("unknown region {0:?}: expected \"us\" or \"eu\"")]
+    InvalidRegion(String),
     /// An audience filter referring to a segment that does not exist.
     #[error("the audience filter refers to segment {0}, which does not exist")]
     UnknownSegment(i64),

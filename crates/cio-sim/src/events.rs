@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::errors::Violation;
+use crate::error_bodies::Violation;
 
 /// Longest event name (bytes, after trimming leading and trailing spaces as Customer.io does).
 pub(crate) const MAX_EVENT_NAME_BYTES: usize = 100;

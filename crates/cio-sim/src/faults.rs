@@ -1,10 +1,12 @@
-//! Fault injection (one-shot queue and standing chaos) and per-API rate limiting.
+//! Fault injection (one-shot queue and standing chaos) and per-API rate limiting (a rolling
+//! one-second window by default, or a token bucket: [`RateLimitMode`]).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
 
 use crate::config::{SimApi, SimConfig};
 
@@ -57,6 +59,20 @@ impl Default for Chaos {
     }
 }
 
+/// How a per-API rate limit of N requests per second is enforced (see
+/// [`crate::Simulator::set_rate_limit_mode`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RateLimitMode {
+    /// At most N requests in any rolling second, counted at arrival ("rate limited to 10
+    /// requests per 1s"): no burst above N, even at the start or after an idle period.
+    #[default]
+    Rolling,
+    /// A token bucket of N tokens refilled at N per second, starting full: a burst of N, then
+    /// N per second (up to 2N-1 within the first second).
+    TokenBucket,
+}
+
 /// What the gateway does with one request, decided before it is processed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Action {
@@ -70,36 +86,69 @@ pub(crate) enum Action {
     AcceptThenDelay(Duration),
 }
 
+/// The span of a rolling-window limit: "N requests per 1s".
+const WINDOW: Duration = Duration::from_secs(1);
+
+/// One API's rate limit in either [`RateLimitMode`].
 struct Bucket {
     per_sec: u32,
+    mode: RateLimitMode,
+    /// Token bucket: tokens left and when they were counted.
     tokens: f64,
     last: Instant,
+    /// Rolling window: arrival times of the accepted requests of the last second.
+    arrivals: VecDeque<Instant>,
 }
 
 impl Bucket {
-    fn new(per_sec: u32) -> Self {
+    fn new(per_sec: u32, mode: RateLimitMode) -> Self {
         Self {
             per_sec,
+            mode,
             tokens: f64::from(per_sec),
             last: Instant::now(),
+            arrivals: VecDeque::new(),
         }
     }
 
-    /// Takes a token; on refusal returns the whole seconds until one is available (at least 1).
+    /// Admits one request arriving at `now`; on refusal returns the whole seconds until one
+    /// would be admitted (at least 1).
     fn take(&mut self, now: Instant) -> Result<(), u64> {
         if self.per_sec == 0 {
             return Ok(());
         }
-        let rate = f64::from(self.per_sec);
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * rate).min(rate);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            Ok(())
-        } else {
-            let wait = (1.0 - self.tokens) / rate;
-            Err((wait.ceil() as u64).max(1))
+        match self.mode {
+            RateLimitMode::TokenBucket => {
+                let rate = f64::from(self.per_sec);
+                let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+                self.tokens = (self.tokens + elapsed * rate).min(rate);
+                self.last = now;
+                if self.tokens >= 1.0 {
+                    self.tokens -= 1.0;
+                    Ok(())
+                } else {
+                    let wait = (1.0 - self.tokens) / rate;
+                    Err((wait.ceil() as u64).max(1))
+                }
+            }
+            RateLimitMode::Rolling => {
+                while self
+                    .arrivals
+                    .front()
+                    .is_some_and(|at| now.saturating_duration_since(*at) >= WINDOW)
+                {
+                    self.arrivals.pop_front();
+                }
+                if self.arrivals.len() < self.per_sec as usize {
+                    self.arrivals.push_back(now);
+                    return Ok(());
+                }
+                // Full: the oldest arrival in the window leaves it first.
+                let leaves = self.arrivals.front().map_or(WINDOW, |oldest| {
+                    WINDOW.saturating_sub(now.saturating_duration_since(*oldest))
+                });
+                Err(leaves.as_secs_f64().ceil().max(1.0) as u64)
+            }
         }
     }
 }
@@ -120,8 +169,8 @@ impl Traffic {
             queue: VecDeque::new(),
             chaos_app: Chaos::default(),
             chaos_track: Chaos::default(),
-            app: Bucket::new(config.app_rate_limit_per_sec),
-            track: Bucket::new(config.track_rate_limit_per_sec),
+            app: Bucket::new(config.app_rate_limit_per_sec, config.rate_limit_mode),
+            track: Bucket::new(config.track_rate_limit_per_sec, config.rate_limit_mode),
             rng: StdRng::seed_from_u64(config.seed ^ 0x5EED_CA05),
         }
     }
@@ -141,7 +190,20 @@ impl Traffic {
     }
 
     pub(crate) fn set_rate_limit(&mut self, api: SimApi, per_sec: u32) {
-        *self.bucket(api) = Bucket::new(per_sec);
+        let bucket = self.bucket(api);
+        *bucket = Bucket::new(per_sec, bucket.mode);
+    }
+
+    pub(crate) fn rate_limit_mode(&self, api: SimApi) -> RateLimitMode {
+        match api {
+            SimApi::App => self.app.mode,
+            SimApi::Track => self.track.mode,
+        }
+    }
+
+    pub(crate) fn set_rate_limit_mode(&mut self, api: SimApi, mode: RateLimitMode) {
+        let bucket = self.bucket(api);
+        *bucket = Bucket::new(bucket.per_sec, mode);
     }
 
     /// Takes a rate-limit token: `Err((limit, retry_after_secs))` when over the limit.
@@ -228,14 +290,53 @@ mod tests {
     use super::*;
 
     #[test]
+    fn rolling_window_admits_n_in_any_second() {
+        let start = Instant::now();
+        let ms = |n: u64| start + Duration::from_millis(n);
+        let mut b = Bucket::new(3, RateLimitMode::Rolling);
+        assert!(b.take(ms(0)).is_ok());
+        assert!(b.take(ms(10)).is_ok());
+        assert!(b.take(ms(500)).is_ok());
+        // A 4th within the second of the first is refused until the first leaves.
+        assert_eq!(b.take(ms(999)), Err(1));
+        assert!(b.take(ms(1000)).is_ok());
+        assert_eq!(b.take(ms(1009)), Err(1));
+        assert!(b.take(ms(1010)).is_ok());
+        // Refusals are not counted: after a quiet second everything is admitted again.
+        assert!((0..3).all(|i| b.take(ms(2600 + i)).is_ok()));
+        assert!(b.take(ms(2603)).is_err());
+        // Unlike a token bucket, idle time never allows more than N at once.
+        let mut b = Bucket::new(2, RateLimitMode::Rolling);
+        assert!(b.take(ms(5000)).is_ok() && b.take(ms(5000)).is_ok());
+        assert!(b.take(ms(5500)).is_err());
+        let mut unlimited = Bucket::new(0, RateLimitMode::Rolling);
+        assert!((0..10_000).all(|_| unlimited.take(start).is_ok()));
+    }
+
+    #[test]
+    fn a_full_token_bucket_allows_nearly_two_n_in_the_first_second() {
+        let start = Instant::now();
+        let mut b = Bucket::new(10, RateLimitMode::TokenBucket);
+        let admitted = (0..100)
+            .filter(|i| b.take(start + Duration::from_millis(10 * i)).is_ok())
+            .count();
+        assert_eq!(admitted, 19);
+        let mut b = Bucket::new(10, RateLimitMode::Rolling);
+        let admitted = (0..100)
+            .filter(|i| b.take(start + Duration::from_millis(10 * i)).is_ok())
+            .count();
+        assert_eq!(admitted, 10);
+    }
+
+    #[test]
     fn bucket_refuses_after_burst_and_refills() {
         let start = Instant::now();
-        let mut b = Bucket::new(2);
+        let mut b = Bucket::new(2, RateLimitMode::TokenBucket);
         assert!(b.take(start).is_ok());
         assert!(b.take(start).is_ok());
         assert_eq!(b.take(start), Err(1));
         assert!(b.take(start + Duration::from_millis(600)).is_ok());
-        let mut unlimited = Bucket::new(0);
+        let mut unlimited = Bucket::new(0, RateLimitMode::TokenBucket);
         assert!((0..10_000).all(|_| unlimited.take(start).is_ok()));
     }
 

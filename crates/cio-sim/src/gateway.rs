@@ -24,7 +24,7 @@ use serde_json::Value;
 use crate::Simulator;
 use crate::config::{MAX_LOGGED_BODIES_TOTAL, MAX_LOGGED_BODY_BYTES, SimApi};
 use crate::conn::ConnCtl;
-use crate::errors::{api_error, fault_response, rate_limited};
+use crate::error_bodies::{api_error, fault_response, rate_limited};
 use crate::faults::Action;
 
 /// Largest request body accepted (Customer.io's largest documented one is ~1 MB).
@@ -39,7 +39,8 @@ pub struct LoggedRequest {
     pub api: SimApi,
     /// HTTP method, e.g. `PUT`.
     pub method: String,
-    /// Path as received (percent-encoding kept), e.g. `/api/v1/customers/a%40b.com`.
+    /// Path as received (percent-encoding kept), e.g. `/api/v1/customers/a%40b.com`, with
+    /// literal `.`/`..` segments resolved as for routing.
     pub path: String,
     /// Raw query string without `?`.
     pub query: Option<String>,
@@ -180,6 +181,58 @@ impl RequestLog {
     }
 }
 
+/// Resolves literal `.` and `..` segments of the request path (RFC 3986 `remove_dot_segments`),
+/// as an HTTP server in front of Customer.io would before routing; percent-encoded dots are
+/// left alone (they are data, e.g. an id `..` sent as `%2E%2E`).
+pub(crate) fn resolve_dot_segments(mut req: Request) -> Request {
+    let Some(path) = without_dot_segments(req.uri().path()) else {
+        return req;
+    };
+    let path_and_query = match req.uri().query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path,
+    };
+    let mut parts = req.uri().clone().into_parts();
+    match path_and_query.parse() {
+        Ok(pq) => parts.path_and_query = Some(pq),
+        Err(_) => return req,
+    }
+    if let Ok(uri) = axum::http::Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
+    req
+}
+
+/// `path` with its literal dot segments resolved; `None` when it has none.
+fn without_dot_segments(path: &str) -> Option<String> {
+    if !path.starts_with('/') {
+        return None;
+    }
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    if !segments.iter().any(|s| *s == "." || *s == "..") {
+        return None;
+    }
+    let last = segments.len().saturating_sub(1);
+    let mut out: Vec<&str> = Vec::with_capacity(segments.len());
+    for (i, segment) in segments.into_iter().enumerate() {
+        match segment {
+            "." => {}
+            ".." => {
+                out.pop();
+            }
+            other => {
+                out.push(other);
+                continue;
+            }
+        }
+        // A trailing dot segment leaves a trailing slash.
+        if i == last {
+            out.push("");
+        }
+    }
+    Some(format!("/{}", out.join("/")))
+}
+
 /// Which API a path belongs to (`None` for control and unknown paths).
 pub(crate) fn classify(path: &str) -> Option<SimApi> {
     if path == "/api" || path.starts_with("/api/") {
@@ -311,5 +364,31 @@ mod tests {
         assert_eq!(classify("/v10/x"), None);
         assert_eq!(classify("/apix"), None);
         assert_eq!(classify("/_sim/health"), None);
+    }
+
+    #[test]
+    fn literal_dot_segments_are_resolved_encoded_ones_kept() {
+        let cases = [
+            ("/api/v1/customers/..", Some("/api/v1/")),
+            ("/api/v1/customers/.", Some("/api/v1/customers/")),
+            ("/api/v1/customers/../x/events", Some("/api/v1/x/events")),
+            ("/a/./b", Some("/a/b")),
+            ("/..", Some("/")),
+            ("/../..", Some("/")),
+            ("/api/v1/customers/%2E%2E", None),
+            ("/api/v1/customers/..%2Fx", None),
+            ("/api/v1/customers/...", None),
+            ("*", None),
+        ];
+        for (path, want) in cases {
+            assert_eq!(without_dot_segments(path).as_deref(), want, "{path}");
+        }
+        let req = Request::builder()
+            .uri("/api/v1/customers/x/../y?id_type=id")
+            .body(Body::empty())
+            .unwrap_or_default();
+        let req = resolve_dot_segments(req);
+        assert_eq!(req.uri().path(), "/api/v1/customers/y");
+        assert_eq!(req.uri().query(), Some("id_type=id"));
     }
 }

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use anyhow::Context as _;
-use cio_sim::{SimConfig, Simulator};
+use cio_sim::{RateLimitMode, SimConfig, Simulator, TriggerScope};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
@@ -32,6 +32,10 @@ struct Args {
     /// Region reported by /api/v1/accounts/region.
     #[arg(long, env = "CIO_SIM_REGION", value_enum, default_value_t = Region::Us)]
     region: Region,
+    /// The regional endpoint to play when it differs from the workspace's region (to see a
+    /// client configured for the wrong region fail); default: the workspace's.
+    #[arg(long, env = "CIO_SIM_ENDPOINT_REGION", value_enum)]
+    endpoint_region: Option<Region>,
     /// Track API site id accepted.
     #[arg(long, env = "CIO_SIM_SITE_ID", default_value = cio_sim::config::DEFAULT_SITE_ID)]
     site_id: String,
@@ -44,12 +48,34 @@ struct Args {
     /// How many most recent requests the request log keeps (counters are kept regardless).
     #[arg(long, env = "CIO_SIM_REQUEST_LOG_CAPACITY", default_value_t = cio_sim::config::DEFAULT_REQUEST_LOG_CAPACITY)]
     request_log_capacity: usize,
-    /// Per broadcast, milliseconds a trigger must wait after the previous one (Customer.io: 10 s).
+    /// How the rate limits are enforced: a rolling one-second window or a token bucket.
+    #[arg(long, env = "CIO_SIM_RATE_LIMIT_MODE", value_enum, default_value_t = RateLimitModeArg::Rolling)]
+    rate_limit_mode: RateLimitModeArg,
+    /// Milliseconds a trigger must wait after the previous one in its scope (Customer.io: 10 s).
     #[arg(long, env = "CIO_SIM_TRIGGER_INTERVAL_MS", default_value_t = 10_000)]
     trigger_interval_ms: u64,
+    /// What the trigger interval covers: the whole workspace or each broadcast.
+    #[arg(long, env = "CIO_SIM_TRIGGER_SCOPE", value_enum, default_value_t = TriggerScopeArg::Workspace)]
+    trigger_scope: TriggerScopeArg,
+    /// The workspace's subscription center is on: creating a newsletter requires
+    /// subscription_topic_id.
+    #[arg(long, env = "CIO_SIM_SUBSCRIPTION_CENTER")]
+    subscription_center: bool,
     /// Log as JSON lines.
     #[arg(long, env = "CIO_SIM_LOG_JSON")]
     log_json: bool,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum RateLimitModeArg {
+    Rolling,
+    TokenBucket,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum TriggerScopeArg {
+    Workspace,
+    PerBroadcast,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -69,12 +95,25 @@ impl Args {
             track_api_key: self.track_api_key.clone(),
             app_api_key: self.app_api_key.clone(),
             region: region.to_owned(),
+            endpoint_region: self.endpoint_region.map(|r| match r {
+                Region::Us => "us".to_owned(),
+                Region::Eu => "eu".to_owned(),
+            }),
             app_rate_limit_per_sec: self.app_rate_limit,
             track_rate_limit_per_sec: self.track_rate_limit,
+            rate_limit_mode: match self.rate_limit_mode {
+                RateLimitModeArg::Rolling => RateLimitMode::Rolling,
+                RateLimitModeArg::TokenBucket => RateLimitMode::TokenBucket,
+            },
             seed: self.seed,
             demo_people: if self.empty { 0 } else { self.people },
             request_log_capacity: self.request_log_capacity,
             trigger_interval: std::time::Duration::from_millis(self.trigger_interval_ms),
+            trigger_scope: match self.trigger_scope {
+                TriggerScopeArg::Workspace => TriggerScope::Workspace,
+                TriggerScopeArg::PerBroadcast => TriggerScope::PerBroadcast,
+            },
+            subscription_center: self.subscription_center,
             ..SimConfig::demo()
         }
     }
@@ -135,11 +174,14 @@ async fn main() -> anyhow::Result<()> {
         track_api_key = %config.track_api_key,
         app_api_key = %config.app_api_key,
         region = %config.region,
+        endpoint_region = sim.endpoint_region(),
         people = sim.people_count(),
         segments = sim.segments().len(),
         campaigns = sim.campaigns().len(),
         newsletters = sim.newsletters().len(),
         trigger_interval_ms = config.trigger_interval.as_millis() as u64,
+        trigger_scope = config.trigger_scope.as_str(),
+        subscription_center = config.subscription_center,
         app_rate_limit = config.app_rate_limit_per_sec,
         track_rate_limit = config.track_rate_limit_per_sec,
         "cio-sim listening: Track API {base_url}/api, App API {base_url}/v1, control {base_url}/_sim"

@@ -34,7 +34,7 @@ use chrono::{
 use chrono_tz::Tz;
 use serde_json::{Map, Value, json};
 
-use crate::errors::ApiError;
+use crate::error_bodies::ApiError;
 use crate::sends::{DeliveryMetric, Scope, SendStore};
 
 /// Resolution of a series.

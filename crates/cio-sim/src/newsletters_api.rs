@@ -22,11 +22,17 @@
 //! `body_plain`, `layout_id`, `subscription_topic_id`, `send_now` (boolean) or `scheduled_at`
 //! (future unix seconds) but not both, and the rate-limit options `rate_limit_email_rate` (>= 1)
 //! with `rate_limit_time_period` (60, 3600, 86400) together, `rate_limit_spread` (accepted, not
-//! applied). Without `send_now`/`scheduled_at` it is a draft. The API has no `tags` (ignored):
-//! to find a newsletter again, put a unique marker in its `name`. Errors are 400 with
-//! `source.pointer`.
+//! applied). Without `send_now`/`scheduled_at` it is a draft. When the workspace's
+//! subscription center is on (`SimConfig::subscription_center`), `subscription_topic_id` is
+//! required: without it, 400 `{"errors":[{"detail":"subscription_topic_id is required"}]}` (the
+//! 2026 spec's `newsletterErrorResponse` example; the spec names no status, 400 is this
+//! endpoint's status for every other invalid body), nothing created. The API has no `tags`
+//! (ignored): to find a newsletter again, put a unique marker in its `name`. Errors are 400
+//! with `source.pointer`.
 //!
 //! Send and schedule: 404 unknown; 400 when it is not a draft (already sent or scheduled).
+//! The send body is `{}` or rate-limit options; an empty body is accepted too (no spec says
+//! Customer.io refuses it), and the request log shows which one a client sent.
 //! A scheduled newsletter goes out (recipients evaluated then) once the clock passes its time.
 
 use std::collections::HashMap;
@@ -47,7 +53,7 @@ use crate::Simulator;
 use crate::audience::AudienceFilter;
 use crate::auth::require_app;
 use crate::campaigns_api::{not_found, path_id, query_map};
-use crate::errors::ApiError;
+use crate::error_bodies::{ApiError, newsletter_error};
 use crate::metrics;
 use crate::sends::{Newsletter, NewsletterSpec, Scope, SendStore};
 
@@ -426,6 +432,12 @@ async fn create(State(sim): State<Simulator>, body: Bytes) -> AppResult {
     }
     let body = parse_object(&body, false)?;
     let (spec, timing) = parse_create(&body)?;
+    if spec.subscription_topic_id.is_none() && sim.subscription_center() {
+        return Ok(newsletter_error(
+            StatusCode::BAD_REQUEST,
+            "subscription_topic_id is required",
+        ));
+    }
     let created = sim.with_world(|w| {
         w.settle_sends();
         if let Some(missing) = w.unknown_segment(&spec.recipients) {

@@ -25,7 +25,7 @@ use serde_json::{Map, Value, json};
 
 use crate::Simulator;
 use crate::auth::require_track;
-use crate::errors::{ApiError, Violation};
+use crate::error_bodies::{ApiError, Violation};
 use crate::events::{NewEvent, parse_event};
 use crate::state::{IdType, parse_identifier};
 use crate::track_v2;
@@ -91,11 +91,7 @@ fn object_body(body: &Bytes, empty_ok: bool) -> Result<Map<String, Value>, ApiEr
 
 async fn region(State(sim): State<Simulator>) -> Response {
     let config = sim.config();
-    let region = if config.region.eq_ignore_ascii_case("eu") {
-        "eu"
-    } else {
-        "us"
-    };
+    let region = sim.region();
     Json(json!({
         "url": config.track_url(),
         "region": region,

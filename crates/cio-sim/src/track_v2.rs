@@ -31,7 +31,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use crate::Simulator;
-use crate::errors::{ApiError, Violation};
+use crate::error_bodies::{ApiError, Violation};
 use crate::events::{NewEvent, parse_event};
 use crate::state::{IdType, World};
 use crate::track_api::{attribute_violations, person_reference};

@@ -148,6 +148,15 @@ async fn a_newsletter_is_created_sent_and_its_metrics_match_the_ledger() {
             .any(|n| n.id == created.id && n.name == "sharpsend send s-4")
     );
     client.send_newsletter(created.id).await.unwrap();
+    let send = format!("/v1/newsletters/{}/send", created.id);
+    let logged = requests_to(&running, &send);
+    assert_eq!(logged.len(), 1);
+    assert_eq!(logged[0].method, "POST");
+    assert_eq!(
+        logged[0].body,
+        Some(json!({})),
+        "the send's body is the JSON `{{}}`"
+    );
     running.sim.advance(Duration::from_secs(3 * 86_400));
 
     let now = std::time::SystemTime::now()
@@ -214,4 +223,193 @@ async fn newsletters_are_listed_across_pages_and_newest_first_on_request() {
         .await
         .unwrap();
     assert_eq!(second.items[0].name, "bulk 224");
+}
+
+#[tokio::test]
+async fn metrics_are_bucketed_in_the_configured_time_zone() {
+    let running = spawn_sim().await;
+    let newsletter = MetricsOf::Newsletter(running.sim.newsletters()[0].id);
+    // 2026-01-01 10:00 to 20:00 UTC: one day in New York (05:00 to 15:00) and in UTC, two in
+    // Tokyo (19:00 to 05:00 the next day).
+    let query = MetricsQuery {
+        res: Resolution::Days,
+        start: 1_767_261_600,
+        end: 1_767_297_600,
+    };
+    let days = |series: cio_client::MetricSeries| series.series["sent"].len();
+
+    let default = client(&running);
+    assert_eq!(default.metrics_tz(), "America/New_York");
+    assert_eq!(days(default.metrics(newsletter, query).await.unwrap()), 1);
+    assert_eq!(
+        days(default.metrics_in(newsletter, query, "UTC").await.unwrap()),
+        1
+    );
+    assert_eq!(
+        days(
+            default
+                .metrics_in(newsletter, query, "Asia/Tokyo")
+                .await
+                .unwrap()
+        ),
+        2
+    );
+    let mut cfg = config(&running);
+    cfg.metrics_tz = "Asia/Tokyo".into();
+    let tokyo = CioClient::new(cfg).unwrap();
+    assert_eq!(days(tokyo.metrics(newsletter, query).await.unwrap()), 2);
+
+    let sent_tz: Vec<String> = requests_to(&running, "/v1/newsletters/")
+        .into_iter()
+        .map(|r| {
+            let query = r.query.unwrap_or_default();
+            query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("tz="))
+                .unwrap_or("(none)")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        sent_tz,
+        ["America%2FNew_York", "UTC", "Asia%2FTokyo", "Asia%2FTokyo"]
+    );
+
+    let err = default
+        .metrics_in(newsletter, query, "Mars/Olympus")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CioError::Config { .. }), "{err:?}");
+    assert_eq!(
+        requests_to(&running, "/v1/newsletters/").len(),
+        4,
+        "nothing sent"
+    );
+}
+
+#[tokio::test]
+async fn a_trigger_with_missing_ids_has_paged_errors() {
+    let running = spawn_sim().await;
+    let client = client(&running);
+    let broadcast = alert_broadcast(&running);
+    let mut ids: Vec<String> = vec!["u00001".into()];
+    ids.extend((0..5).map(|i| format!("nobody-{i}")));
+    let err = client
+        .trigger_broadcast(
+            broadcast,
+            &Trigger {
+                recipients: Recipients::Ids(ids),
+                data: data("s-errors"),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, CioError::Rejected { status: 422, .. }),
+        "{err:?}"
+    );
+    // Recorded with its errors, nothing sent; the newest trigger of the broadcast.
+    let trigger = client.broadcast_triggers(broadcast).await.unwrap()[0].id;
+    assert_eq!(running.sim.trigger(trigger).unwrap().recipients_count, 0);
+
+    let first = client
+        .trigger_errors_page(broadcast, trigger, None, 2)
+        .await
+        .unwrap();
+    assert_eq!(first.items.len(), 2);
+    assert!(first.items[0].starts_with("line 2:"), "{:?}", first.items);
+    assert!(first.items[0].contains("nobody-0"), "{:?}", first.items);
+    let second = client
+        .trigger_errors_page(broadcast, trigger, first.next.as_deref(), 2)
+        .await
+        .unwrap();
+    assert!(second.items[0].contains("nobody-2"), "{:?}", second.items);
+
+    let all = client.trigger_errors(broadcast, trigger).await.unwrap();
+    assert_eq!(all.len(), 5);
+    assert!(
+        all.iter().all(|line| line.contains("does not exist")),
+        "{all:?}"
+    );
+    assert_eq!(
+        all[..2],
+        first.items[..],
+        "pages are consecutive slices of the list"
+    );
+
+    // A clean trigger has none; an unknown one is not found.
+    running.sim.set_trigger_interval(Duration::ZERO);
+    let clean = client
+        .trigger_broadcast(
+            broadcast,
+            &Trigger {
+                recipients: Recipients::Ids(vec!["u00001".into()]),
+                data: data("s-clean"),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(
+        client
+            .trigger_errors(broadcast, clean)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let missing = client
+        .trigger_errors(broadcast, clean + 1000)
+        .await
+        .unwrap_err();
+    assert!(matches!(missing, CioError::NotFound { .. }), "{missing:?}");
+}
+
+#[tokio::test]
+async fn with_the_subscription_center_on_a_newsletter_needs_a_topic() {
+    let running = spawn_sim().await;
+    let client = client(&running);
+    let segment = running.sim.segments()[0].id;
+    let before = running.sim.newsletters().len();
+    let mut new = NewNewsletter::email(
+        "sharpsend send s-topic",
+        json!({"segment": {"id": segment}}),
+        "Subject",
+        "<p>Body</p>",
+    );
+    // Off (the default): no topic needed, none sent.
+    let plain = client.create_newsletter(&new).await.unwrap();
+    let logged = requests_to(&running, "/v1/newsletters");
+    assert!(
+        logged[0]
+            .body
+            .as_ref()
+            .unwrap()
+            .get("subscription_topic_id")
+            .is_none()
+    );
+
+    running.sim.set_subscription_center(true);
+    let err = client.create_newsletter(&new).await.unwrap_err();
+    assert!(
+        matches!(err, CioError::Rejected { status: 400, .. }),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.details()[0].message,
+        "subscription_topic_id is required"
+    );
+    assert_eq!(
+        running.sim.newsletters().len(),
+        before + 1,
+        "nothing created"
+    );
+
+    new.subscription_topic_id = Some(2);
+    let created = client.create_newsletter(&new).await.unwrap();
+    assert!(created.id > plain.id);
+    assert_eq!(running.sim.newsletters().len(), before + 2);
+    let logged = requests_to(&running, "/v1/newsletters");
+    assert_eq!(
+        logged.last().unwrap().body.as_ref().unwrap()["subscription_topic_id"],
+        2
+    );
 }

@@ -91,3 +91,92 @@ async fn a_429_with_retry_after_pauses_every_caller() {
         assert!(gap >= 950, "request {gap} ms after the 429");
     }
 }
+
+#[tokio::test]
+async fn a_trigger_429_holds_back_triggers_only() {
+    let running = crate::helpers::spawn_sim().await;
+    let client = crate::helpers::client(&running);
+    let broadcast = running
+        .sim
+        .broadcasts()
+        .into_iter()
+        .find(|b| b.name == "Assignment Alert")
+        .unwrap()
+        .id;
+    let trigger = cio_client::Trigger {
+        recipients: cio_client::Recipients::Default,
+        data: serde_json::Map::new(),
+    };
+    client.trigger_broadcast(broadcast, &trigger).await.unwrap();
+    // Customer.io's one-trigger-per-10-s window: a 429 with Retry-After 10.
+    let err = client
+        .trigger_broadcast(broadcast, &trigger)
+        .await
+        .unwrap_err();
+    let retry_after = err.retry_after().unwrap();
+    assert!(retry_after >= Duration::from_secs(9), "{err:?}");
+
+    // Reads of the same API go out at once...
+    let started = Instant::now();
+    client.list_segments().await.unwrap();
+    client.segment_customer_count(1).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(800),
+        "reads waited {:?} behind the trigger's 429",
+        started.elapsed()
+    );
+    // ...while a further trigger, even through another client, waits out the pause.
+    let other = crate::helpers::client(&running);
+    let waiting = tokio::spawn(async move { other.trigger_broadcast(broadcast, &trigger).await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!waiting.is_finished());
+    waiting.abort();
+    let trigger_posts: Vec<u16> = requests_to(&running, "/v1/campaigns/")
+        .into_iter()
+        .filter(|r| r.method == "POST")
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(trigger_posts, [200, 429], "the third trigger was held back");
+}
+
+#[tokio::test]
+async fn reads_never_exceed_ten_in_any_rolling_second() {
+    // The simulator's App limit: 10 requests in any rolling second (its default mode).
+    let running = crate::helpers::spawn_sim().await;
+    assert_eq!(running.sim.rate_limit(SimApi::App), 10);
+    assert_eq!(
+        running.sim.rate_limit_mode(SimApi::App),
+        cio_sim::RateLimitMode::Rolling
+    );
+    let client = crate::helpers::client(&running);
+    let segments: Vec<i64> = running.sim.segments().iter().map(|s| s.id).collect();
+    // The first request reaches the server late (a slow connection set-up): paced starts
+    // alone would put eleven arrivals within one second.
+    running.sim.push_faults(
+        Some(SimApi::App),
+        [Fault::Delay(Duration::from_millis(300))],
+    );
+    const READS: usize = 35;
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..READS)
+        .map(|i| {
+            let client = client.clone();
+            let id = segments[i % segments.len()];
+            tokio::spawn(async move { client.segment_customer_count(id).await })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    let took = started.elapsed();
+
+    let logged = requests_to(&running, "/v1/segments/");
+    let limited = logged.iter().filter(|r| r.status == 429).count();
+    assert_eq!(limited, 0, "429s: {limited}");
+    assert_eq!(logged.len(), READS, "no request was sent twice");
+    // About N / limit: 35 reads at 10/s, plus the slow first answer's window.
+    assert!(
+        took >= Duration::from_millis(3300) && took < Duration::from_millis(4800),
+        "{READS} reads took {took:?}"
+    );
+}

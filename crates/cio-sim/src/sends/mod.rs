@@ -38,6 +38,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
 use crate::audience::AudienceFilter;
+use crate::config::{SimConfig, TriggerScope};
 use crate::state::{Person, loose_eq};
 
 pub use model::{
@@ -239,6 +240,8 @@ impl Recipient {
 pub(crate) struct SendStore {
     age_ms: i64,
     trigger_interval_ms: i64,
+    trigger_scope: TriggerScope,
+    subscription_center: bool,
     seed: u64,
     default_rates: DeliveryRates,
     rate_rules: Vec<(RatesKey, DeliveryRates)>,
@@ -250,7 +253,9 @@ pub(crate) struct SendStore {
     next_content_id: i64,
     triggers: BTreeMap<i64, Trigger>,
     next_trigger_id: i64,
-    last_trigger_ms: HashMap<i64, i64>,
+    /// Last accepted trigger, per broadcast (`Some(id)`) and across the workspace (`None`);
+    /// both are kept so the scope can change at run time.
+    last_trigger_ms: HashMap<Option<i64>, i64>,
     deliveries: Vec<Delivery>,
     by_campaign: HashMap<i64, Vec<usize>>,
     by_trigger: HashMap<i64, Vec<usize>>,
@@ -262,6 +267,8 @@ impl Default for SendStore {
         Self {
             age_ms: 0,
             trigger_interval_ms: 10_000,
+            trigger_scope: TriggerScope::Workspace,
+            subscription_center: false,
             seed: 0,
             default_rates: DeliveryRates::default(),
             rate_rules: Vec::new(),
@@ -287,15 +294,12 @@ fn ms(d: Duration) -> i64 {
 }
 
 impl SendStore {
-    pub(crate) fn configure(
-        &mut self,
-        seed: u64,
-        trigger_interval: Duration,
-        rates: DeliveryRates,
-    ) {
-        self.seed = seed;
-        self.trigger_interval_ms = ms(trigger_interval);
-        self.default_rates = rates;
+    pub(crate) fn configure(&mut self, config: &SimConfig) {
+        self.seed = config.seed;
+        self.trigger_interval_ms = ms(config.trigger_interval);
+        self.trigger_scope = config.trigger_scope;
+        self.subscription_center = config.subscription_center;
+        self.default_rates = config.default_rates;
     }
 
     // ----- clock -----
@@ -334,6 +338,22 @@ impl SendStore {
 
     pub(crate) fn set_trigger_interval(&mut self, interval: Duration) {
         self.trigger_interval_ms = ms(interval);
+    }
+
+    pub(crate) fn trigger_scope(&self) -> TriggerScope {
+        self.trigger_scope
+    }
+
+    pub(crate) fn set_trigger_scope(&mut self, scope: TriggerScope) {
+        self.trigger_scope = scope;
+    }
+
+    pub(crate) fn subscription_center(&self) -> bool {
+        self.subscription_center
+    }
+
+    pub(crate) fn set_subscription_center(&mut self, enabled: bool) {
+        self.subscription_center = enabled;
     }
 
     // ----- rates -----
@@ -568,15 +588,21 @@ impl SendStore {
         }
     }
 
-    /// Takes the broadcast's trigger window: `Err(retry_after_ms)` while it is closed.
+    /// Takes the trigger window of the broadcast's scope (the workspace's, or the broadcast's
+    /// own): `Err(retry_after_ms)` while it is closed.
     fn take_trigger_window(&mut self, broadcast_id: i64, now: i64) -> Result<(), i64> {
-        if let Some(last) = self.last_trigger_ms.get(&broadcast_id) {
+        let key = match self.trigger_scope {
+            TriggerScope::Workspace => None,
+            TriggerScope::PerBroadcast => Some(broadcast_id),
+        };
+        if let Some(last) = self.last_trigger_ms.get(&key) {
             let open_at = last.saturating_add(self.trigger_interval_ms);
             if now < open_at {
                 return Err(open_at - now);
             }
         }
-        self.last_trigger_ms.insert(broadcast_id, now);
+        self.last_trigger_ms.insert(None, now);
+        self.last_trigger_ms.insert(Some(broadcast_id), now);
         Ok(())
     }
 
@@ -778,11 +804,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn trigger_window_is_per_broadcast() {
+    fn trigger_window_is_per_workspace_by_default() {
         let mut s = SendStore::default();
+        assert_eq!(s.take_trigger_window(1, 0), Ok(()));
+        assert_eq!(s.take_trigger_window(2, 4_000), Err(6_000));
+        assert_eq!(s.take_trigger_window(1, 9_999), Err(1));
+        assert_eq!(s.take_trigger_window(2, 10_000), Ok(()));
+        assert_eq!(s.take_trigger_window(1, 12_000), Err(8_000));
+    }
+
+    #[test]
+    fn trigger_window_per_broadcast() {
+        let mut s = SendStore::default();
+        s.set_trigger_scope(TriggerScope::PerBroadcast);
         assert_eq!(s.take_trigger_window(1, 0), Ok(()));
         assert_eq!(s.take_trigger_window(1, 4_000), Err(6_000));
         assert_eq!(s.take_trigger_window(2, 4_000), Ok(()));
         assert_eq!(s.take_trigger_window(1, 10_000), Ok(()));
+        // Switching back to the workspace window counts the most recent trigger of any.
+        s.set_trigger_scope(TriggerScope::Workspace);
+        assert_eq!(s.take_trigger_window(3, 12_000), Err(8_000));
     }
 }

@@ -130,7 +130,14 @@ async fn faults_and_rate_limits_over_http() -> anyhow::Result<()> {
     assert_eq!(status, 200);
     assert_eq!(
         body,
-        json!({"app": 1, "track": 0, "trigger_interval_ms": 10_000})
+        json!({
+            "app": 1,
+            "track": 0,
+            "app_mode": "rolling",
+            "track_mode": "rolling",
+            "trigger_interval_ms": 10_000,
+            "trigger_scope": "workspace",
+        })
     );
     assert_eq!(t.sim().rate_limit(SimApi::App), 1);
     assert_eq!(status_of(t.app(Method::GET, "/v1/segments")).await?, 200);

@@ -6,7 +6,7 @@ use reqwest::Method;
 use serde_json::json;
 
 use crate::helpers::{empty_unlimited, send, spawn, status_of};
-use cio_sim::{Chaos, Fault, SimApi, SimConfig};
+use cio_sim::{Chaos, Fault, RateLimitMode, SimApi, SimConfig};
 
 #[tokio::test]
 async fn app_rate_limit_answers_429_with_retry_after() -> anyhow::Result<()> {
@@ -39,7 +39,34 @@ async fn app_rate_limit_answers_429_with_retry_after() -> anyhow::Result<()> {
     let statuses: Vec<u16> = t.sim().requests().iter().map(|r| r.status).collect();
     assert_eq!(statuses, vec![200, 200, 200, 429]);
 
-    // After waiting, tokens come back.
+    // A rolling window (the default): refused until the first request is a second old.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(status_of(t.app(Method::GET, "/v1/segments")).await?, 429);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(status_of(t.app(Method::GET, "/v1/segments")).await?, 200);
+
+    // A token bucket starts full and refills continuously: a token is back after 1/3 s.
+    let (status, limits) = send(
+        t.control(Method::POST, "/_sim/rate-limits")
+            .json(&serde_json::json!({"app_mode": "token_bucket"})),
+    )
+    .await?;
+    assert_eq!(
+        (status, &limits["app_mode"]),
+        (200, &serde_json::json!("token_bucket"))
+    );
+    assert_eq!(
+        t.sim().rate_limit_mode(SimApi::App),
+        RateLimitMode::TokenBucket
+    );
+    assert_eq!(
+        t.sim().rate_limit_mode(SimApi::Track),
+        RateLimitMode::Rolling
+    );
+    for _ in 0..3 {
+        assert_eq!(status_of(t.app(Method::GET, "/v1/segments")).await?, 200);
+    }
+    assert_eq!(status_of(t.app(Method::GET, "/v1/segments")).await?, 429);
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(status_of(t.app(Method::GET, "/v1/segments")).await?, 200);
 

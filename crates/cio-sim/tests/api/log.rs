@@ -7,8 +7,8 @@ use reqwest::Method;
 use serde_json::json;
 
 use crate::events::ulid;
-use crate::helpers::{empty_unlimited, send, spawn, status_of};
-use cio_sim::{SimApi, SimConfig};
+use crate::helpers::{TestSim, empty_unlimited, send, spawn, status_of};
+use cio_sim::{RateLimitMode, SimApi, SimConfig};
 
 #[tokio::test]
 async fn request_log_is_a_ring_buffer_and_counters_never_drop() -> anyhow::Result<()> {
@@ -178,10 +178,9 @@ async fn stats_and_events_over_http() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn track_rate_limit_holds_a_steady_100_per_second() -> anyhow::Result<()> {
-    let t = spawn(empty_unlimited()).await?;
-    t.sim().set_rate_limit(SimApi::Track, 100);
+/// Eight workers hammer `GET /api/v1/accounts/region` for 1.5 s; returns (accepted, limited,
+/// seconds taken).
+async fn hammer_track(t: &TestSim) -> anyhow::Result<(u64, u64, f64)> {
     let started = Instant::now();
     let deadline = started + Duration::from_millis(1500);
     let mut workers = Vec::new();
@@ -218,7 +217,16 @@ async fn track_rate_limit_holds_a_steady_100_per_second() -> anyhow::Result<()> 
         ok += o;
         limited += l;
     }
-    let elapsed = started.elapsed().as_secs_f64();
+    Ok((ok, limited, started.elapsed().as_secs_f64()))
+}
+
+#[tokio::test]
+async fn track_token_bucket_holds_a_steady_100_per_second() -> anyhow::Result<()> {
+    let t = spawn(empty_unlimited()).await?;
+    t.sim().set_rate_limit(SimApi::Track, 100);
+    t.sim()
+        .set_rate_limit_mode(SimApi::Track, RateLimitMode::TokenBucket);
+    let (ok, limited, elapsed) = hammer_track(&t).await?;
     // A full bucket of 100, then 100 per second.
     let expected = 100.0 + 100.0 * elapsed;
     assert!(limited > 0, "the limit was never hit");
@@ -227,5 +235,44 @@ async fn track_rate_limit_holds_a_steady_100_per_second() -> anyhow::Result<()> 
         "{ok} accepted in {elapsed:.2}s, expected about {expected:.0} ({limited} limited)"
     );
     assert_eq!(t.sim().request_count(SimApi::Track), ok + limited);
+    Ok(())
+}
+
+#[tokio::test]
+async fn track_rolling_window_never_admits_more_than_100_in_a_second() -> anyhow::Result<()> {
+    let t = spawn(empty_unlimited()).await?;
+    t.sim().set_rate_limit(SimApi::Track, 100);
+    assert_eq!(
+        t.sim().rate_limit_mode(SimApi::Track),
+        RateLimitMode::Rolling
+    );
+    let (ok, limited, elapsed) = hammer_track(&t).await?;
+    assert!(limited > 0, "the limit was never hit");
+    // 100 at once, then (as the first ones age out after 1 s) up to 100 more.
+    assert!(
+        (100..=200).contains(&ok) && elapsed < 2.0,
+        "{ok} accepted in {elapsed:.2}s"
+    );
+    // No second of the log holds more than 100 accepted requests (the log's clock is read
+    // a moment before the limiter's: allow 5 ms).
+    let accepted: Vec<_> = t
+        .sim()
+        .requests()
+        .into_iter()
+        .filter(|r| r.status == 200)
+        .map(|r| r.at)
+        .collect();
+    assert_eq!(accepted.len() as u64, ok);
+    let window = chrono::TimeDelta::milliseconds(995);
+    let busiest = (0..accepted.len())
+        .map(|i| {
+            accepted[i..]
+                .iter()
+                .take_while(|at| **at - accepted[i] < window)
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(busiest <= 100, "{busiest} accepted within one second");
     Ok(())
 }

@@ -11,6 +11,7 @@ mod faults;
 mod log;
 mod metrics;
 mod newsletters;
+mod paths;
 mod sends_control;
 mod track;
 mod triggers;

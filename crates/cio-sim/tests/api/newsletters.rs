@@ -418,3 +418,49 @@ async fn accept_then_drop_on_create_and_send() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn the_subscription_center_requires_a_topic() -> anyhow::Result<()> {
+    let t = spawn(demo_unlimited()).await?;
+    let before = t.sim().newsletters().len();
+    assert_eq!(
+        create(&t, &newsletter("no topic, center off")).await?.0,
+        200
+    );
+
+    let (status, settings) = send(
+        t.control(Method::POST, "/_sim/workspace")
+            .json(&json!({"subscription_center": true})),
+    )
+    .await?;
+    assert_eq!(status, 200);
+    assert_eq!(
+        settings,
+        json!({"region": "us", "endpoint_region": "us", "subscription_center": true})
+    );
+    assert!(t.sim().subscription_center());
+
+    let (status, body) = create(&t, &newsletter("no topic, center on")).await?;
+    assert_eq!(status, 400);
+    assert_eq!(
+        body,
+        json!({"errors": [{"detail": "subscription_topic_id is required"}]})
+    );
+    assert_eq!(t.sim().newsletters().len(), before + 1);
+    // Other faults are still reported first.
+    let (status, body) = create(&t, &without(newsletter("no subject"), "subject")).await?;
+    assert_eq!(status, 400);
+    assert_eq!(body["errors"][0]["source"]["pointer"], "/subject");
+
+    let with_topic = with(newsletter("topic 4"), "subscription_topic_id", json!(4));
+    let (status, body) = create(&t, &with_topic).await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["newsletter"]["subscription_topic_id"], 4);
+    let bad_topic = with(newsletter("topic 0"), "subscription_topic_id", json!(0));
+    assert_eq!(create(&t, &bad_topic).await?.0, 400);
+
+    t.sim().set_subscription_center(false);
+    assert_eq!(create(&t, &newsletter("off again")).await?.0, 200);
+    assert_eq!(t.sim().newsletters().len(), before + 3);
+    Ok(())
+}

@@ -38,6 +38,85 @@ async fn track_requires_basic_auth() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn a_client_on_the_wrong_region_is_redirected_or_refused() -> anyhow::Result<()> {
+    let t = spawn(SimConfig {
+        region: "eu".into(),
+        endpoint_region: Some("us".into()),
+        ..empty_unlimited()
+    })
+    .await?;
+    assert_eq!((t.sim().region(), t.sim().endpoint_region()), ("eu", "us"));
+    // The region check answers on either region's host, with valid credentials only.
+    let (status, body) = send(t.track(Method::GET, "/api/v1/accounts/region")).await?;
+    assert_eq!((status, &body["region"]), (200, &json!("eu")));
+    let bad = t
+        .client
+        .get(t.url("/api/v1/accounts/region"))
+        .basic_auth(&t.sim().config().site_id, Some("wrong-key"));
+    assert_eq!(status_of(bad).await?, 401);
+    // Track on the US host: redirected to the EU host (not followed), nothing stored.
+    let no_redirects = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let config = t.sim().config();
+    let response = no_redirects
+        .put(t.url("/api/v1/customers/u1?x=1"))
+        .basic_auth(&config.site_id, Some(&config.track_api_key))
+        .json(&json!({"plan": "gold"}))
+        .send()
+        .await?;
+    assert_eq!(response.status().as_u16(), 307);
+    assert_eq!(
+        response.headers()["location"],
+        "https://track-eu.customer.io/api/v1/customers/u1?x=1"
+    );
+    assert!(t.sim().person("u1").is_none());
+    // Bad credentials are still a 401, not a redirect.
+    let bad = no_redirects
+        .put(t.url("/api/v1/customers/u1"))
+        .basic_auth(&config.site_id, Some("wrong-key"))
+        .json(&json!({}));
+    assert_eq!(status_of(bad).await?, 401);
+    // The App API key is unknown on the other region's host.
+    let (status, body) = send(t.app(Method::GET, "/v1/segments")).await?;
+    assert_eq!(status, 401, "{body}");
+
+    // Back on the workspace's own region (null): everything answers.
+    let (status, settings) = send(
+        t.control(Method::POST, "/_sim/workspace")
+            .json(&json!({"endpoint_region": null})),
+    )
+    .await?;
+    assert_eq!((status, &settings["endpoint_region"]), (200, &json!("eu")));
+    assert_eq!(status_of(t.app(Method::GET, "/v1/segments")).await?, 200);
+
+    // Playing the EU host for a US workspace: Track is refused, not redirected.
+    let us = spawn(SimConfig {
+        endpoint_region: Some("EU".into()),
+        ..empty_unlimited()
+    })
+    .await?;
+    let put = us
+        .track(Method::PUT, "/api/v1/customers/u1")
+        .json(&json!({}));
+    assert_eq!(status_of(put).await?, 401);
+    let (status, body) = send(us.track(Method::GET, "/api/v1/accounts/region")).await?;
+    assert_eq!((status, &body["region"]), (200, &json!("us")));
+    let (status, _) = send(
+        us.control(Method::POST, "/_sim/workspace")
+            .json(&json!({"endpoint_region": "mars"})),
+    )
+    .await?;
+    assert_eq!(status, 400);
+    us.sim().set_endpoint_region(Some("us"))?;
+    let put = us
+        .track(Method::PUT, "/api/v1/customers/u1")
+        .json(&json!({}));
+    assert_eq!(status_of(put).await?, 200);
+    Ok(())
+}
+
+#[tokio::test]
 async fn region_reports_configured_region() -> anyhow::Result<()> {
     let us = spawn(empty_unlimited()).await?;
     let (status, body) = send(us.track(Method::GET, "/api/v1/accounts/region")).await?;

@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use crate::helpers::{TestSim, demo_unlimited, eligible, retry_after, send, spawn, status_of};
 use cio_sim::{
     AudienceFilter, CampaignKind, DeliveryFilter, Fault, NewBroadcast, SimApi, SimError,
+    TriggerScope,
 };
 
 /// Demo ids (see the simulator's `demo` docs).
@@ -496,9 +497,49 @@ async fn unknown_broadcasts_are_404() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn one_trigger_per_window_across_the_workspace_by_default() -> anyhow::Result<()> {
+    let t = spawn(demo_unlimited()).await?;
+    assert_eq!(t.sim().trigger_scope(), TriggerScope::Workspace);
+    let (status, _) = trigger(&t, ASSIGNMENT_ALERT, json!({"ids": ["u00001"]})).await?;
+    assert_eq!(status, 200);
+    // Another broadcast waits for the same window.
+    let response = t
+        .app(
+            Method::POST,
+            &format!("/v1/campaigns/{BREAKING_NEWS}/triggers"),
+        )
+        .json(&json!({"ids": ["u00002"]}))
+        .send()
+        .await?;
+    assert_eq!(response.status().as_u16(), 429);
+    assert!(retry_after(&response).is_some_and(|w| (9..=10).contains(&w)));
+    let body: Value = response.json().await?;
+    let detail = body["errors"][0]["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("in this workspace"), "{detail}");
+    assert!(t.sim().triggers(Some(BREAKING_NEWS)).is_empty());
+    t.sim().advance(Duration::from_secs(10));
+    let (status, _) = trigger(&t, BREAKING_NEWS, json!({"ids": ["u00002"]})).await?;
+    assert_eq!(status, 200);
+    // ... and now the first one waits for it.
+    let (status, _) = trigger(&t, ASSIGNMENT_ALERT, json!({"ids": ["u00003"]})).await?;
+    assert_eq!(status, 429);
+    Ok(())
+}
+
+#[tokio::test]
 async fn one_trigger_per_window_per_broadcast() -> anyhow::Result<()> {
     let t = spawn(demo_unlimited()).await?;
     assert_eq!(t.sim().trigger_interval(), Duration::from_secs(10));
+    let (status, limits) = send(
+        t.control(Method::POST, "/_sim/rate-limits")
+            .json(&json!({"trigger_scope": "per_broadcast"})),
+    )
+    .await?;
+    assert_eq!(
+        (status, &limits["trigger_scope"]),
+        (200, &json!("per_broadcast"))
+    );
+    assert_eq!(t.sim().trigger_scope(), TriggerScope::PerBroadcast);
     let (status, _) = trigger(&t, ASSIGNMENT_ALERT, json!({"ids": ["u00001"]})).await?;
     assert_eq!(status, 200);
 

@@ -1,4 +1,5 @@
-//! Error bodies in Customer.io's shapes.
+//! Error BODIES in Customer.io's shapes: what the simulated APIs answer on failure (not to be
+//! confused with `error::SimError`, the error of the simulator's own state operations).
 //!
 //! - App API: `{"errors":[{"detail":..,"status":"404","source":{..}}]}`.
 //! - Track API v1: `{"meta":{"errors":["..."]}}` (merge_customers: `{"meta":{"error":".."}}`).
@@ -26,6 +27,16 @@ pub(crate) fn app_error(
         obj.insert("source".to_owned(), source);
     }
     (status, Json(json!({ "errors": [error] }))).into_response()
+}
+
+/// A newsletter endpoint's error as the 2026 spec's `newsletterErrorResponse` shows it:
+/// `{"errors":[{"detail":".."}]}` (no `status`, no `source`).
+pub(crate) fn newsletter_error(status: StatusCode, detail: impl Into<String>) -> Response {
+    (
+        status,
+        Json(json!({ "errors": [{ "detail": detail.into() }] })),
+    )
+        .into_response()
 }
 
 /// Track API v1 error.
