@@ -161,6 +161,8 @@ pub(crate) struct Traffic {
     app: Bucket,
     track: Bucket,
     rng: StdRng,
+    /// Time [`Traffic::advance`]d: rate limits see `now + skew`.
+    skew: Duration,
 }
 
 impl Traffic {
@@ -172,6 +174,7 @@ impl Traffic {
             app: Bucket::new(config.app_rate_limit_per_sec, config.rate_limit_mode),
             track: Bucket::new(config.track_rate_limit_per_sec, config.rate_limit_mode),
             rng: StdRng::seed_from_u64(config.seed ^ 0x5EED_CA05),
+            skew: Duration::ZERO,
         }
     }
 
@@ -208,10 +211,14 @@ impl Traffic {
 
     /// Takes a rate-limit token: `Err((limit, retry_after_secs))` when over the limit.
     pub(crate) fn take_token(&mut self, api: SimApi) -> Result<(), (u32, u64)> {
+        let now = Instant::now() + self.skew;
         let bucket = self.bucket(api);
-        bucket
-            .take(Instant::now())
-            .map_err(|wait| (bucket.per_sec, wait))
+        bucket.take(now).map_err(|wait| (bucket.per_sec, wait))
+    }
+
+    /// Makes `by` pass for the rate limits (windows empty, buckets refill), without waiting.
+    pub(crate) fn advance(&mut self, by: Duration) {
+        self.skew += by;
     }
 
     pub(crate) fn push(&mut self, api: Option<SimApi>, faults: impl IntoIterator<Item = Fault>) {

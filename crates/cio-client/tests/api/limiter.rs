@@ -77,8 +77,13 @@ async fn a_429_with_retry_after_pauses_every_caller() {
     );
     // `b` calls while `a` is waiting out the 429's Retry-After.
     let a_task = tokio::spawn(async move { a.list_segments().await });
-    // Let `a` receive its 429 first.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Once `a` has received its 429.
+    while !requests_to(&running, "/v1/")
+        .iter()
+        .any(|r| r.status == 429)
+    {
+        tokio::task::yield_now().await;
+    }
     b.list_segments().await.unwrap();
     a_task.await.unwrap().unwrap();
 
@@ -125,12 +130,17 @@ async fn a_trigger_429_holds_back_triggers_only() {
         "reads waited {:?} behind the trigger's 429",
         started.elapsed()
     );
-    // ...while a further trigger, even through another client, waits out the pause.
+    // ...while a further trigger, even through another client, must wait out the pause: with a
+    // deadline 3 s away it cannot start in time and is refused before anything leaves.
     let other = crate::helpers::client(&running);
-    let waiting = tokio::spawn(async move { other.trigger_broadcast(broadcast, &trigger).await });
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(!waiting.is_finished());
-    waiting.abort();
+    let refused = other
+        .with_deadline(tokio::time::Instant::now() + Duration::from_secs(3))
+        .trigger_broadcast(broadcast, &trigger)
+        .await;
+    assert!(
+        refused.as_ref().is_err_and(|e| e.is_not_sent()),
+        "{refused:?}"
+    );
     let trigger_posts: Vec<u16> = requests_to(&running, "/v1/campaigns/")
         .into_iter()
         .filter(|r| r.method == "POST")

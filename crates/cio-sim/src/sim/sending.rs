@@ -12,14 +12,16 @@ use crate::sends::{
 };
 
 impl Simulator {
-    /// Makes `by` pass for everything send-related: recorded times (triggers, newsletters,
-    /// deliveries) look `by` older, delivery events drawn for the next `by` happen, trigger
-    /// windows and scheduled newsletters come `by` closer. The wall clock is untouched.
+    /// Makes `by` pass for everything send-related and for the rate limits: recorded times
+    /// (triggers, newsletters, deliveries) look `by` older, delivery events drawn for the next
+    /// `by` happen, trigger windows and scheduled newsletters come `by` closer, rate-limit
+    /// windows move on. The wall clock is untouched.
     pub fn advance(&self, by: Duration) {
         self.with_world(|w| {
             w.sends.advance(by);
             w.settle_sends();
         });
+        super::lock(&self.inner.traffic).advance(by);
     }
 
     /// Total time [`Simulator::advance`]d so far.

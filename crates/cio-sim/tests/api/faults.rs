@@ -40,9 +40,9 @@ async fn app_rate_limit_answers_429_with_retry_after() -> anyhow::Result<()> {
     assert_eq!(statuses, vec![200, 200, 200, 429]);
 
     // A rolling window (the default): refused until the first request is a second old.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    t.sim().advance(Duration::from_millis(400));
     assert_eq!(status_of(t.app(Method::GET, "/v1/segments")).await?, 429);
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    t.sim().advance(Duration::from_millis(700));
     assert_eq!(status_of(t.app(Method::GET, "/v1/segments")).await?, 200);
 
     // A token bucket starts full and refills continuously: a token is back after 1/3 s.
@@ -67,7 +67,7 @@ async fn app_rate_limit_answers_429_with_retry_after() -> anyhow::Result<()> {
         assert_eq!(status_of(t.app(Method::GET, "/v1/segments")).await?, 200);
     }
     assert_eq!(status_of(t.app(Method::GET, "/v1/segments")).await?, 429);
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    t.sim().advance(Duration::from_millis(400));
     assert_eq!(status_of(t.app(Method::GET, "/v1/segments")).await?, 200);
 
     // Control requests are never limited.

@@ -598,7 +598,7 @@ async fn one_trigger_per_window_per_broadcast() -> anyhow::Result<()> {
             .0,
         429
     );
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    t.sim().advance(Duration::from_millis(350));
     assert_eq!(
         trigger(&t, ASSIGNMENT_ALERT, json!({"ids": ["u00003"]}))
             .await?
