@@ -109,6 +109,38 @@ impl AppContext {
     }
 }
 
+/// Checks the Customer.io credentials and region once at start-up (`GET
+/// /api/v1/accounts/region`): a wrong site id or Track key, or a workspace in another region,
+/// stops start-up with an error naming the variables (never their values). Customer.io being
+/// unreachable only warns: the service starts and retries on its own.
+pub async fn check_customer_io(ctx: &AppContext) -> Result<(), crate::settings::ConfigError> {
+    use cio_client::AccountCheckError;
+
+    use crate::settings::ConfigError;
+    match ctx.cio.check_account().await {
+        Ok(account) => {
+            tracing::info!(region = ?account.region, "Customer.io credentials and region checked");
+            Ok(())
+        }
+        Err(AccountCheckError::TrackCredentials { status }) => Err(ConfigError::new(
+            "CIO_SITE_ID / CIO_TRACK_API_KEY",
+            format!("Customer.io refused these credentials (HTTP {status})"),
+        )),
+        Err(AccountCheckError::WrongRegion {
+            configured,
+            workspace,
+            ..
+        }) => Err(ConfigError::new(
+            "CIO_REGION",
+            format!("the workspace is in the {workspace} region, not {configured}"),
+        )),
+        Err(AccountCheckError::Unavailable(e)) => {
+            tracing::warn!(error = %crate::error::error_chain(&e), "could not check the Customer.io credentials at start-up; going on");
+            Ok(())
+        }
+    }
+}
+
 /// Applies pending migrations to `database_url` (`sharpsend-server migrate`); answers their
 /// names.
 pub async fn migrate(database_url: &str) -> Result<Vec<String>, sharpsend_db::DbError> {

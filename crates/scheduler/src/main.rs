@@ -95,6 +95,7 @@ async fn run(args: Args, settings: Settings) -> anyhow::Result<ExitCode> {
     let ctx = AppContext::bootstrap(settings, Migrations::RequireCurrent, Clock::system())
         .await
         .context("start-up failed")?;
+    sharpsend_core::context::check_customer_io(&ctx).await?;
     let holder = ctx.holder("scheduler");
 
     if let Some(job) = args.once {

@@ -304,3 +304,49 @@ db_test!(
         Ok::<(), anyhow::Error>(())
     }
 );
+
+db_test!(
+    wrong_credentials_or_region_stop_start_up_naming_the_variable,
+    |db: TestDatabase| async move {
+        // The workspace is in the EU; the scheduler is configured for the US (the default).
+        let sim = Simulator::spawn(SimConfig {
+            region: "eu".into(),
+            ..SimConfig::demo()
+        })
+        .await?;
+        let config = sim.sim.config().clone();
+        let wrong_region = scheduler(&db.url, &sim.base_url(), &config)
+            .args(["--once", "segment-sync"])
+            .output()
+            .await?;
+        ensure!(!wrong_region.status.success(), "{}", text(&wrong_region));
+        ensure!(
+            text(&wrong_region).contains("CIO_REGION"),
+            "{}",
+            text(&wrong_region)
+        );
+
+        let wrong_key = scheduler(&db.url, &sim.base_url(), &config)
+            .env("CIO_REGION", "eu")
+            .env("CIO_TRACK_API_KEY", "not-the-key-7d1e")
+            .args(["--once", "segment-sync"])
+            .output()
+            .await?;
+        ensure!(!wrong_key.status.success(), "{}", text(&wrong_key));
+        let shown = text(&wrong_key);
+        ensure!(shown.contains("CIO_TRACK_API_KEY"), "{shown}");
+        ensure!(
+            !shown.contains("not-the-key-7d1e"),
+            "the key was echoed: {shown}"
+        );
+
+        let right = scheduler(&db.url, &sim.base_url(), &config)
+            .env("CIO_REGION", "eu")
+            .args(["--once", "segment-sync"])
+            .output()
+            .await?;
+        ensure!(right.status.success(), "{}", text(&right));
+        sim.shutdown().await;
+        Ok(())
+    }
+);

@@ -97,6 +97,7 @@ async fn run(args: Args, settings: Settings) -> anyhow::Result<()> {
     let ctx = AppContext::bootstrap(settings, Migrations::RequireCurrent, Clock::system())
         .await
         .context("start-up failed")?;
+    sharpsend_core::context::check_customer_io(&ctx).await?;
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
