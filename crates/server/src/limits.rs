@@ -266,13 +266,24 @@ mod tests {
         assert_eq!(response.ok().and_then(|r| code_of(&r)), None);
     }
 
-    #[tokio::test]
-    async fn a_call_past_the_deadline_is_deadline_exceeded() {
-        let inner = tower::service_fn(|_request: http::Request<()>| async {
+    /// A service that answers after a minute.
+    fn slow_service() -> impl Service<
+        http::Request<()>,
+        Response = http::Response<tonic::body::Body>,
+        Error = Infallible,
+        Future = impl Future<Output = Result<http::Response<tonic::body::Body>, Infallible>>
+                 + Send
+                 + 'static,
+    > {
+        tower::service_fn(|_request: http::Request<()>| async {
             tokio::time::sleep(Duration::from_secs(60)).await;
             Ok::<_, Infallible>(http::Response::new(tonic::body::Body::default()))
-        });
-        let mut service = DeadlineLayer::new(Duration::from_millis(50)).layer(inner);
+        })
+    }
+
+    #[tokio::test]
+    async fn a_call_past_the_deadline_is_deadline_exceeded() {
+        let mut service = DeadlineLayer::new(Duration::from_millis(50)).layer(slow_service());
         let response = service
             .call(http::Request::new(()))
             .await
@@ -280,7 +291,7 @@ mod tests {
         assert_eq!(code_of(&response), Some(Code::DeadlineExceeded));
 
         // The caller's shorter deadline wins.
-        let mut service = DeadlineLayer::new(Duration::from_secs(30)).layer(inner_clone());
+        let mut service = DeadlineLayer::new(Duration::from_secs(30)).layer(slow_service());
         let mut request = http::Request::new(());
         request
             .headers_mut()
@@ -289,19 +300,5 @@ mod tests {
         let response = service.call(request).await.unwrap_or_default();
         assert_eq!(code_of(&response), Some(Code::DeadlineExceeded));
         assert!(started.elapsed() < Duration::from_secs(5));
-    }
-
-    fn inner_clone() -> impl Service<
-        http::Request<()>,
-        Response = http::Response<tonic::body::Body>,
-        Error = Infallible,
-        Future = impl Future<Output = Result<http::Response<tonic::body::Body>, Infallible>>
-                 + Send
-                 + 'static,
-    > + Clone {
-        tower::service_fn(|_request: http::Request<()>| async {
-            tokio::time::sleep(Duration::from_secs(60)).await;
-            Ok::<_, Infallible>(http::Response::new(tonic::body::Body::default()))
-        })
     }
 }
