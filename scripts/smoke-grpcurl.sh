@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Smoke test of `sharpsend-server --dev` with a real grpcurl: list, describe, health, ListSegments
-# with the dev key, SendAssignment (twice: one send), and the same call without a key must fail
-# with Unauthenticated. Then SIGTERM
-# must stop the server cleanly.
+# with the dev key (and a lower-case `bearer`), SendAssignment (twice: one send), a refused one
+# with readable field violations and ErrorInfo reason, criteria in the message form (`all_of`), a
+# padded job name refused, and the same call without a key must fail with Unauthenticated. Then
+# SIGTERM must stop the server cleanly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,7 +15,7 @@ fail() { echo "smoke: FAIL: $*"; echo "--- server log ---"; tail -n 50 "${LOG}" 
 
 cargo build --quiet --bin sharpsend-server
 DATABASE_URL="sqlite://${WORK}/smoke.db?mode=rwc" SHARPSEND_LISTEN="${ADDR}" \
-  ./target/debug/sharpsend-server --dev >"${LOG}" 2>&1 &
+  "${CARGO_TARGET_DIR:-target}/debug/sharpsend-server" --dev >"${LOG}" 2>&1 &
 PID=$!
 cleanup() { kill "${PID}" 2>/dev/null || true; rm -rf "${WORK}"; }
 trap cleanup EXIT
@@ -45,6 +46,10 @@ grep -q '"Growth Investors"' "${WORK}/segments" || fail "ListSegments lacks Grow
 grep -q '"memberCount"' "${WORK}/segments" || fail "ListSegments lacks member counts"
 echo "smoke: ListSegments with key ok ($(grep -c '"id"' "${WORK}/segments") segments)"
 
+grpcurl -plaintext -H 'authorization: bearer dev-key' -d '{"page_size": 1}' \
+  "${ADDR}" sharpsend.cio.v1.SegmentService/ListSegments >/dev/null || fail "a lower-case bearer scheme was refused"
+echo "smoke: lower-case bearer ok"
+
 SEND='{"assignment_id":"smoke-1","title":"Smoke","subject":"Smoke test","segment_ids":[4],
   "variations":[{"segment_id":4,"body":"<p>Hello</p>"}],"broadcast":{"broadcast_id":3}}'
 grpcurl -plaintext -H 'authorization: Bearer dev-key' -d "${SEND}" \
@@ -65,7 +70,22 @@ fi
 grep -q "InvalidArgument" "${WORK}/bad" || fail "bad SendAssignment: $(cat "${WORK}/bad")"
 grep -q '"field": "assignment_id"\|"field":"assignment_id"' "${WORK}/bad" \
   || fail "field violations not readable through reflection: $(cat "${WORK}/bad")"
-echo "smoke: InvalidArgument with readable field violations ok"
+grep -q '"reason": "INVALID_FIELD"\|"reason":"INVALID_FIELD"' "${WORK}/bad" \
+  || fail "ErrorInfo reason not readable through reflection: $(cat "${WORK}/bad")"
+echo "smoke: InvalidArgument with readable field violations and ErrorInfo ok"
+
+grpcurl -plaintext -H 'authorization: Bearer dev-key' \
+  -d '{"criteria":{"all_of":{"criteria":[{"segment":{"id":4}},{"negate":{"attribute":{"field":"unsubscribed","operator":"ATTRIBUTE_OPERATOR_EQ","value":{"bool_value":true}}}}]}},"sample_size":1}' \
+  "${ADDR}" sharpsend.cio.v1.SegmentService/PreviewSegment >"${WORK}/preview" 2>&1 || fail "PreviewSegment (message form): $(cat "${WORK}/preview")"
+grep -q '"evaluatedAt"' "${WORK}/preview" || fail "PreviewSegment answered oddly: $(cat "${WORK}/preview")"
+echo "smoke: criteria message form (all_of / negate) ok"
+
+if grpcurl -plaintext -H 'authorization: Bearer dev-key' -d '{"job":" segment-sync"}' \
+  "${ADDR}" sharpsend.cio.v1.OpsService/RunJob >"${WORK}/job" 2>&1; then
+  fail "RunJob ran a padded job name"
+fi
+grep -q "InvalidArgument" "${WORK}/job" || fail "padded RunJob: $(cat "${WORK}/job")"
+echo "smoke: padded job name refused ok"
 
 if grpcurl -plaintext "${ADDR}" sharpsend.cio.v1.SegmentService/ListSegments >"${WORK}/nokey" 2>&1; then
   fail "ListSegments without a key succeeded"
@@ -78,4 +98,4 @@ for _ in $(seq 1 40); do kill -0 "${PID}" 2>/dev/null || break; sleep 0.25; done
 kill -0 "${PID}" 2>/dev/null && fail "server did not stop on SIGTERM"
 wait "${PID}" || fail "server exited non-zero after SIGTERM"
 echo "smoke: graceful shutdown ok"
-echo "smoke: 8 passed, 0 failed"
+echo "smoke: 11 passed, 0 failed"

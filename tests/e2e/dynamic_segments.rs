@@ -750,7 +750,7 @@ db_test!(
             (
                 CreateSegmentRequest {
                     criteria: Some(pb::Criteria {
-                        criterion: Some(pb::criteria::Criterion::And(pb::CriteriaGroup {
+                        criterion: Some(pb::criteria::Criterion::AllOf(pb::CriteriaGroup {
                             criteria: vec![pb::Criteria {
                                 criterion: Some(pb::criteria::Criterion::Attribute(
                                     pb::AttributeCondition {
@@ -765,7 +765,7 @@ db_test!(
                     }),
                     ..create("")
                 },
-                vec!["criteria.and[0].attribute.values"],
+                vec!["criteria.all_of[0].attribute.values"],
             ),
         ];
         let segments_before = app.sim.sim.segments().len();

@@ -315,7 +315,7 @@ db_test!(
         };
         for (request, field) in [
             (event("", json!({})), "name"),
-            (event("ok", json!({"note": "a\u{0}b"})), "data"),
+            (event("ok", json!({"note": "a\u{0}b"})), "data.note"),
             (event(&"e".repeat(101), json!({})), "name"),
             (event("big", json!({"blob": "x".repeat(100_001)})), "data"),
             (

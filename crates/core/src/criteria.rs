@@ -5,8 +5,10 @@
 //! Requests arrive as [`RawCriteria`] — from the protobuf message (mapped by the server) or
 //! from the JSON form ([`parse_json`]) — which can hold anything a caller may send (unknown
 //! operators, missing values, wrong types). [`validate`] turns it into [`Criteria`] or a list
-//! of [`FieldViolation`]s whose fields are paths in the JSON form's shape, e.g.
-//! `criteria.and[2].attribute.operator`.
+//! of [`FieldViolation`]s whose fields are paths in the shape of the form the caller used
+//! ([`Form`]): `criteria_json.and[2].attribute.operator` for the JSON form,
+//! `criteria.all_of[2].attribute.operator` for the protobuf message (whose group fields are
+//! `all_of` / `any_of` / `negate`: `and` / `or` / `not` are keywords in Python and C++).
 //!
 //! # JSON form
 //!
@@ -50,6 +52,7 @@ use serde_json::{Map, Number, Value as Json, json};
 use sharpsend_db::criteria_sql::{Comparison, Filter, TextOp};
 
 use crate::FieldViolation;
+use crate::error::shown;
 
 /// Documented limits of criteria.
 pub mod limits {
@@ -296,9 +299,41 @@ pub enum RawCriteria {
     Malformed(String),
 }
 
-/// Validates `raw`; `path` names it in violations (e.g. `criteria`).
+/// The form criteria came in, which names the groups in violation paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Form {
+    /// The JSON form: `and`, `or`, `not`.
+    #[default]
+    Json,
+    /// The protobuf message: `all_of`, `any_of`, `negate`.
+    Message,
+}
+
+impl Form {
+    /// The names of the and / or / not groups in this form.
+    pub fn group_names(self) -> [&'static str; 3] {
+        match self {
+            Form::Json => ["and", "or", "not"],
+            Form::Message => ["all_of", "any_of", "negate"],
+        }
+    }
+}
+
+/// Validates `raw` given in the JSON form; `path` names it in violations (e.g. `criteria`).
 pub fn validate(raw: &RawCriteria, path: &str) -> Result<Criteria, Vec<FieldViolation>> {
-    let mut v = Validator::default();
+    validate_in(raw, path, Form::Json)
+}
+
+/// Validates `raw` given in `form`; `path` names it in violations.
+pub fn validate_in(
+    raw: &RawCriteria,
+    path: &str,
+    form: Form,
+) -> Result<Criteria, Vec<FieldViolation>> {
+    let mut v = Validator {
+        form,
+        ..Validator::default()
+    };
     let criteria = v.node(raw, path, 1);
     if v.conditions > limits::MAX_CONDITIONS {
         v.violations.push(FieldViolation::new(
@@ -314,8 +349,9 @@ pub fn validate(raw: &RawCriteria, path: &str) -> Result<Criteria, Vec<FieldViol
         v.violations.push(FieldViolation::new(
             path,
             format!(
-                "is nested more than {} levels deep (and / or / not)",
-                limits::MAX_DEPTH
+                "is nested more than {} levels deep ({})",
+                limits::MAX_DEPTH,
+                form.group_names().join(" / ")
             ),
         ));
     }
@@ -330,6 +366,7 @@ struct Validator {
     violations: Vec<FieldViolation>,
     conditions: usize,
     too_deep: bool,
+    form: Form,
 }
 
 impl Validator {
@@ -343,18 +380,19 @@ impl Validator {
             self.too_deep = true;
             return None;
         }
+        let [and, or, not] = self.form.group_names();
         match raw {
             RawCriteria::And(items) => self
-                .group(items, &format!("{path}.and"), "and", depth)
+                .group(items, &format!("{path}.{and}"), and, depth)
                 .map(Criteria::And),
             RawCriteria::Or(items) => self
-                .group(items, &format!("{path}.or"), "or", depth)
+                .group(items, &format!("{path}.{or}"), or, depth)
                 .map(Criteria::Or),
             RawCriteria::Not(None) => {
-                self.fail(format!("{path}.not"), "needs the condition to negate")
+                self.fail(format!("{path}.{not}"), "needs the condition to negate")
             }
             RawCriteria::Not(Some(inner)) => self
-                .node(inner, &format!("{path}.not"), depth + 1)
+                .node(inner, &format!("{path}.{not}"), depth + 1)
                 .map(|c| Criteria::Not(Box::new(c))),
             RawCriteria::Segment(id) => {
                 self.conditions += 1;
@@ -374,7 +412,7 @@ impl Validator {
             }
             RawCriteria::Empty => self.fail(
                 path,
-                "is empty; give one of and, or, not, attribute, segment",
+                format!("is empty; give one of {and}, {or}, {not}, attribute, segment"),
             ),
             RawCriteria::Malformed(why) => self.fail(path, why.clone()),
         }
@@ -428,7 +466,8 @@ impl Validator {
                 return self.fail(
                     format!("{path}.operator"),
                     format!(
-                        "unknown operator `{name}`; expected one of {}",
+                        "unknown operator `{}`; expected one of {}",
+                        shown(name),
                         Operator::names()
                     ),
                 );
@@ -552,6 +591,11 @@ impl Validator {
             ))
         } else if field.contains(['"', '\\']) || field.chars().any(char::is_control) {
             Some("must not contain `\"`, `\\` or control characters".to_owned())
+        } else if field.trim() != field {
+            Some(
+                "must not begin or end with whitespace (names are taken exactly as given)"
+                    .to_owned(),
+            )
         } else {
             None
         };
@@ -644,7 +688,7 @@ fn raw_from_json(value: &Json, depth: usize) -> RawCriteria {
         let keys: Vec<&str> = map.keys().map(String::as_str).collect();
         return RawCriteria::Malformed(format!(
             "give exactly one of {KEYS}; got {}",
-            keys.join(", ")
+            shown(&keys.join(", "))
         ));
     }
     let Some((key, inner)) = map.iter().next() else {
@@ -684,7 +728,8 @@ fn raw_from_json(value: &Json, depth: usize) -> RawCriteria {
                 .find(|k| !matches!(k.as_str(), "field" | "operator" | "value"))
             {
                 Some(extra) => RawCriteria::Malformed(format!(
-                    "unknown key `{extra}` in an attribute condition; expected field, operator, value"
+                    "unknown key `{}` in an attribute condition; expected field, operator, value",
+                    shown(extra)
                 )),
                 None => RawCriteria::Attribute(condition_from_json(o)),
             },
@@ -692,7 +737,10 @@ fn raw_from_json(value: &Json, depth: usize) -> RawCriteria {
                 "`attribute` takes {\"field\", \"operator\", \"value\"}".to_owned(),
             ),
         },
-        other => RawCriteria::Malformed(format!("unknown key `{other}`; expected one of {KEYS}")),
+        other => RawCriteria::Malformed(format!(
+            "unknown key `{}`; expected one of {KEYS}",
+            shown(other)
+        )),
     }
 }
 
@@ -745,12 +793,12 @@ fn value_from_json(v: &Json) -> RawValue {
             match o.iter().next() {
                 Some((k, Json::String(t))) if k == "timestamp" => match DateTime::parse_from_rfc3339(t) {
                     Ok(t) => RawValue::Known(Value::Timestamp(TimeValue::At(t.with_timezone(&Utc)))),
-                    Err(_) => RawValue::Malformed(format!("`{t}` is not an RFC 3339 time such as 2026-01-01T00:00:00Z")),
+                    Err(_) => RawValue::Malformed(format!("`{}` is not an RFC 3339 time such as 2026-01-01T00:00:00Z", shown(t))),
                 },
                 Some((k, Json::String(d))) if k == "ago" || k == "from_now" => match parse_duration(d) {
                     Some(d) if k == "ago" => RawValue::Known(Value::Timestamp(TimeValue::Ago(d))),
                     Some(d) => RawValue::Known(Value::Timestamp(TimeValue::FromNow(d))),
-                    None => RawValue::Malformed(format!("`{d}` is not a duration such as 30d, 12h, 90m, 45s or 2w")),
+                    None => RawValue::Malformed(format!("`{}` is not a duration such as 30d, 12h, 90m, 45s or 2w", shown(d))),
                 },
                 _ => RawValue::Malformed("a time is {\"timestamp\": \"<RFC 3339>\"}, {\"ago\": \"30d\"} or {\"from_now\": \"7d\"}".to_owned()),
             }
@@ -869,24 +917,32 @@ impl Criteria {
 
     /// Each segment condition with its path in the JSON form (e.g. `criteria.and[0].segment.id`).
     pub fn segment_paths(&self, path: &str) -> Vec<(i64, String)> {
+        self.segment_paths_in(path, Form::Json)
+    }
+
+    /// Each segment condition with its path in `form` (e.g. `criteria.all_of[0].segment.id`).
+    pub fn segment_paths_in(&self, path: &str, form: Form) -> Vec<(i64, String)> {
         let mut out = Vec::new();
-        self.collect_segment_paths(path, &mut out);
+        self.collect_segment_paths(path, form, &mut out);
         out
     }
 
-    fn collect_segment_paths(&self, path: &str, out: &mut Vec<(i64, String)>) {
+    fn collect_segment_paths(&self, path: &str, form: Form, out: &mut Vec<(i64, String)>) {
+        let [and, or, not] = form.group_names();
         match self {
             Criteria::And(items) | Criteria::Or(items) => {
                 let key = if matches!(self, Criteria::And(_)) {
-                    "and"
+                    and
                 } else {
-                    "or"
+                    or
                 };
                 for (i, item) in items.iter().enumerate() {
-                    item.collect_segment_paths(&format!("{path}.{key}[{i}]"), out);
+                    item.collect_segment_paths(&format!("{path}.{key}[{i}]"), form, out);
                 }
             }
-            Criteria::Not(inner) => inner.collect_segment_paths(&format!("{path}.not"), out),
+            Criteria::Not(inner) => {
+                inner.collect_segment_paths(&format!("{path}.{not}"), form, out)
+            }
             Criteria::Segment(id) => out.push((*id, format!("{path}.segment.id"))),
             Criteria::Attribute(_) => {}
         }
@@ -1200,6 +1256,69 @@ mod tests {
         assert_eq!(fields(&group(101)), vec!["criteria_json.or"]);
         let two_groups = format!(r#"{{"and": [{}, {}]}}"#, group(60), group(60));
         assert_eq!(fields(&two_groups), vec!["criteria_json"]);
+    }
+
+    #[test]
+    fn message_form_paths_use_its_field_names_and_numbers_must_be_finite() {
+        let attribute = |field: &str, value: f64| {
+            RawCriteria::Attribute(RawCondition {
+                field: field.into(),
+                operator: RawOperator::Known(Operator::Gt),
+                value: Some(RawValue::Known(Value::Number(value))),
+                values: None,
+                list_field: "values",
+            })
+        };
+        let raw = RawCriteria::And(vec![
+            attribute("score", 1.0),
+            RawCriteria::Not(Some(Box::new(RawCriteria::Or(vec![
+                attribute("score", f64::NAN),
+                attribute(" score", 2.0),
+                attribute("score", f64::NEG_INFINITY),
+            ])))),
+        ]);
+        let fields: Vec<String> = validate_in(&raw, "criteria", Form::Message)
+            .err()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|v| v.field)
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "criteria.all_of[1].negate.any_of[0].attribute.value",
+                "criteria.all_of[1].negate.any_of[1].attribute.field",
+                "criteria.all_of[1].negate.any_of[2].attribute.value",
+            ]
+        );
+        let criteria = parse(r#"{"and": [{"not": {"segment": 3}}]}"#);
+        assert_eq!(
+            criteria.segment_paths_in("criteria", Form::Message),
+            vec![(3, "criteria.all_of[0].negate.segment.id".to_string())]
+        );
+        assert_eq!(
+            criteria.segment_paths("criteria_json"),
+            vec![(3, "criteria_json.and[0].not.segment.id".to_string())]
+        );
+    }
+
+    #[test]
+    fn echoed_values_are_cut() {
+        let huge = "x".repeat(60_000);
+        for json in [
+            format!(r#"{{"attribute": {{"field": "a", "operator": "{huge}", "value": 1}}}}"#),
+            format!(r#"{{"{huge}": 1}}"#),
+            format!(
+                r#"{{"attribute": {{"field": "a", "operator": "gt", "value": {{"timestamp": "{huge}"}}}}}}"#
+            ),
+        ] {
+            let raw = parse_json(&json, "criteria_json").unwrap_or(RawCriteria::Empty);
+            let violations = validate(&raw, "criteria_json").err().unwrap_or_default();
+            assert!(!violations.is_empty());
+            for v in violations {
+                assert!(v.description.len() < 300, "{}", v.description.len());
+            }
+        }
     }
 
     #[test]

@@ -10,6 +10,10 @@ pub struct FieldViolation {
     pub field: String,
     /// What is wrong with it, for the caller.
     pub description: String,
+    /// A stable, machine-readable cause (UPPER_SNAKE_CASE, e.g. [`reasons::UNKNOWN_SEGMENT`]);
+    /// `None`: the error kind's general reason. Callers see it as `google.rpc.ErrorInfo.reason`
+    /// (the first violation's) and as each precondition violation's `type`.
+    pub reason: Option<&'static str>,
 }
 
 impl FieldViolation {
@@ -17,7 +21,43 @@ impl FieldViolation {
         Self {
             field: field.into(),
             description: description.into(),
+            reason: None,
         }
+    }
+
+    /// The same violation with a stable reason.
+    pub fn because(mut self, reason: &'static str) -> Self {
+        self.reason = Some(reason);
+        self
+    }
+}
+
+/// Stable error reasons (`google.rpc.ErrorInfo.reason`, domain `sharpsend.cio.v1`) that core
+/// attaches to violations. The server adds the general ones of each error kind.
+pub mod reasons {
+    /// A targeted segment is not in the mirror (never seen in Customer.io).
+    pub const UNKNOWN_SEGMENT: &str = "UNKNOWN_SEGMENT";
+    /// A targeted segment was removed in Customer.io.
+    pub const REMOVED_SEGMENT: &str = "REMOVED_SEGMENT";
+    /// A targeted segment has no members.
+    pub const EMPTY_SEGMENT: &str = "EMPTY_SEGMENT";
+    /// The broadcast to trigger is not active in Customer.io.
+    pub const BROADCAST_INACTIVE: &str = "BROADCAST_INACTIVE";
+    /// ResolveSend on a send with nothing uncertain.
+    pub const SEND_NOT_UNCERTAIN: &str = "SEND_NOT_UNCERTAIN";
+    /// A page token from another listing, or from the same listing with other filters.
+    pub const INVALID_PAGE_TOKEN: &str = "INVALID_PAGE_TOKEN";
+}
+
+/// At most this many characters of a caller's value are repeated in an error message.
+pub const SHOWN_CHARS: usize = 64;
+
+/// `value` as an error message may repeat it: at most [`SHOWN_CHARS`] characters, then `…`
+/// (errors never echo unbounded input).
+pub fn shown(value: &str) -> String {
+    match value.char_indices().nth(SHOWN_CHARS) {
+        None => value.to_owned(),
+        Some((end, _)) => format!("{}…", &value[..end]),
     }
 }
 
@@ -72,4 +112,18 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shown_values_are_cut_at_a_character_boundary() {
+        assert_eq!(shown("snd_1"), "snd_1");
+        let long = "é".repeat(1000);
+        let cut = shown(&long);
+        assert_eq!(cut.chars().count(), SHOWN_CHARS + 1);
+        assert!(cut.ends_with('…'));
+    }
 }

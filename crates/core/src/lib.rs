@@ -22,13 +22,15 @@
 //! - [`telemetry`]: logs, and OpenTelemetry traces and metrics over OTLP when configured, shared
 //!   by the binaries (with this crate's job and outbox instruments).
 //! - [`error`]: [`CoreError`], the one error type callers map to their protocol, and
-//!   [`error::error_chain`] for logs.
+//!   [`error::error_chain`] for logs; [`input`]: the bounds every request string is held to
+//!   (bounded, no NUL, identifiers never trimmed).
 
 pub mod campaigns;
 pub mod clock;
 pub mod context;
 pub mod criteria;
 pub mod error;
+pub mod input;
 pub mod jobs;
 pub mod journey;
 pub mod managed_segments;

@@ -151,6 +151,14 @@ impl CriteriaInput {
         }
     }
 
+    /// The form, which names the groups in violation paths.
+    fn form(&self) -> criteria::Form {
+        match self {
+            CriteriaInput::Message(..) => criteria::Form::Message,
+            CriteriaInput::Json(..) => criteria::Form::Json,
+        }
+    }
+
     /// Parses and validates, adding problems to `violations`.
     fn validate(&self, violations: &mut Vec<FieldViolation>) -> Option<Criteria> {
         let raw = match self {
@@ -163,7 +171,7 @@ impl CriteriaInput {
                 }
             },
         };
-        match criteria::validate(&raw, self.field()) {
+        match criteria::validate_in(&raw, self.field(), self.form()) {
             Ok(c) => Some(c),
             Err(v) => {
                 violations.extend(v);
@@ -220,11 +228,11 @@ fn not_managed(segment_id: i64) -> CoreError {
 async fn check_references(
     ctx: &AppContext,
     criteria: &Criteria,
-    field: &str,
+    input: &CriteriaInput,
     self_id: Option<i64>,
     violations: &mut Vec<FieldViolation>,
 ) -> Result<(), CoreError> {
-    let refs = criteria.segment_paths(field);
+    let refs = criteria.segment_paths_in(input.field(), input.form());
     if refs.is_empty() {
         return Ok(());
     }
@@ -335,7 +343,7 @@ pub async fn create_segment(ctx: &AppContext, new: NewSegment) -> Result<Managed
         .as_ref()
         .and_then(|c| c.validate(&mut violations));
     if let (Some(c), Some(input)) = (&criteria, &new.criteria) {
-        check_references(ctx, c, input.field(), None, &mut violations).await?;
+        check_references(ctx, c, input, None, &mut violations).await?;
     }
     if !violations.is_empty() {
         return Err(CoreError::InvalidArgument(violations));
@@ -671,7 +679,7 @@ pub async fn update_segment(
         .as_ref()
         .and_then(|c| c.validate(&mut violations));
     if let (Some(c), Some(input)) = (&criteria, &changes.criteria) {
-        check_references(ctx, c, input.field(), Some(segment_id), &mut violations).await?;
+        check_references(ctx, c, input, Some(segment_id), &mut violations).await?;
     }
     if !violations.is_empty() {
         return Err(CoreError::InvalidArgument(violations));
@@ -755,7 +763,7 @@ pub async fn preview(
     };
     let criteria = input.validate(&mut violations);
     if let Some(c) = &criteria {
-        check_references(ctx, c, input.field(), None, &mut violations).await?;
+        check_references(ctx, c, &input, None, &mut violations).await?;
     }
     let Some(criteria) = criteria.filter(|_| violations.is_empty()) else {
         return Err(CoreError::InvalidArgument(violations));
@@ -828,24 +836,8 @@ async fn change_members(
         ));
     }
     for (i, id) in customer_ids.iter().enumerate() {
-        let field = format!("customer_ids[{i}]");
-        if id.contains('\0') {
-            violations.push(FieldViolation::new(
-                field,
-                "must not contain NUL characters",
-            ));
-        } else if id.trim().is_empty() {
-            violations.push(FieldViolation::new(field, "must not be empty"));
-        } else if id.len() > limits::CUSTOMER_ID_BYTES {
-            violations.push(FieldViolation::new(
-                field,
-                format!(
-                    "is {} bytes; Customer.io allows at most {}",
-                    id.len(),
-                    limits::CUSTOMER_ID_BYTES
-                ),
-            ));
-        }
+        // The same rule as every customer id (ProfileService's).
+        crate::profiles::check_customer_id(&mut violations, &format!("customer_ids[{i}]"), id);
     }
     if !violations.is_empty() {
         return Err(CoreError::InvalidArgument(violations));

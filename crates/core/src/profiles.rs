@@ -14,7 +14,7 @@ use sharpsend_db::{
     profiles::{self, FetchedProfile, Lookup, Profile, ProfileSegment},
 };
 
-use crate::{AppContext, CoreError, FieldViolation};
+use crate::{AppContext, CoreError, FieldViolation, input};
 
 /// Customer.io's limits (Track API) and ours.
 pub mod limits {
@@ -36,6 +36,9 @@ pub mod limits {
     pub const BATCH_ITEMS: usize = 1000;
     /// Ids in one import.
     pub const IMPORT_IDS: usize = 10_000;
+    /// How far after the server's clock an event's timestamp may be (clock skew); earlier than
+    /// 1970 is refused too (Customer.io takes unix seconds).
+    pub const EVENT_FUTURE_SKEW: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 }
 
 /// Attribute keys Customer.io reserves that SharpSend may not set as plain attributes.
@@ -72,15 +75,11 @@ pub(crate) fn json_has_nul(value: &Value) -> bool {
     }
 }
 
+/// A customer id (or email, or cio_id): 1 to 150 bytes, taken exactly as given
+/// ([`crate::input::identifier_problem`]: no NUL or control characters, no surrounding
+/// whitespace).
 pub(crate) fn check_customer_id(violations: &mut Vec<FieldViolation>, field: &str, id: &str) {
-    if has_nul(id) {
-        violations.push(FieldViolation::new(
-            field,
-            "must not contain NUL characters",
-        ));
-    } else if id.trim().is_empty() {
-        violations.push(FieldViolation::new(field, "must not be empty"));
-    } else if id.len() > limits::CUSTOMER_ID_BYTES {
+    if id.len() > limits::CUSTOMER_ID_BYTES {
         violations.push(FieldViolation::new(
             field,
             format!(
@@ -89,6 +88,10 @@ pub(crate) fn check_customer_id(violations: &mut Vec<FieldViolation>, field: &st
                 limits::CUSTOMER_ID_BYTES
             ),
         ));
+    } else if id.is_empty() {
+        violations.push(FieldViolation::new(field, "must not be empty"));
+    } else {
+        input::identifier(violations, field, id, limits::CUSTOMER_ID_BYTES, true);
     }
 }
 
@@ -145,6 +148,10 @@ fn check_attributes(
                     limits::ATTRIBUTE_NAME_BYTES
                 ),
             ));
+            continue;
+        }
+        if let Some(problem) = input::identifier_problem(name, limits::ATTRIBUTE_NAME_BYTES, true) {
+            violations.push(FieldViolation::new(at, format!("(the name) {problem}")));
             continue;
         }
         if RESERVED_KEYS.contains(&name.as_str()) || name.starts_with('_') {
@@ -260,6 +267,10 @@ pub async fn track_events(
     if let Some(field) = field {
         check_batch_size(field, events.len())?;
     }
+    let latest_event_time = chrono::Duration::from_std(limits::EVENT_FUTURE_SKEW)
+        .ok()
+        .and_then(|skew| ctx.now().checked_add_signed(skew))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC);
     let mut violations = Vec::new();
     for (i, event) in events.iter().enumerate() {
         let prefix = field.map(|f| format!("{f}[{i}].")).unwrap_or_default();
@@ -268,17 +279,7 @@ pub async fn track_events(
             &format!("{prefix}customer_id"),
             &event.customer_id,
         );
-        if has_nul(&event.name) {
-            violations.push(FieldViolation::new(
-                format!("{prefix}name"),
-                "must not contain NUL characters",
-            ));
-        } else if event.name.trim().is_empty() {
-            violations.push(FieldViolation::new(
-                format!("{prefix}name"),
-                "must not be empty",
-            ));
-        } else if event.name.len() > limits::EVENT_NAME_BYTES {
+        if event.name.len() > limits::EVENT_NAME_BYTES {
             violations.push(FieldViolation::new(
                 format!("{prefix}name"),
                 format!(
@@ -287,6 +288,19 @@ pub async fn track_events(
                     limits::EVENT_NAME_BYTES
                 ),
             ));
+        } else if event.name.is_empty() {
+            violations.push(FieldViolation::new(
+                format!("{prefix}name"),
+                "must not be empty",
+            ));
+        } else {
+            input::identifier(
+                &mut violations,
+                &format!("{prefix}name"),
+                &event.name,
+                limits::EVENT_NAME_BYTES,
+                true,
+            );
         }
         let data = Value::Object(event.data.clone());
         let data_len = json_len(&data);
@@ -305,29 +319,29 @@ pub async fn track_events(
             ));
         }
         if let Some(key) = &event.idempotency_key {
-            if has_nul(key) {
+            input::identifier(
+                &mut violations,
+                &format!("{prefix}idempotency_key"),
+                key,
+                limits::IDEMPOTENCY_KEY_BYTES,
+                false,
+            );
+        }
+        if let Some(ts) = event.timestamp {
+            if ts.timestamp() < 0 {
                 violations.push(FieldViolation::new(
-                    format!("{prefix}idempotency_key"),
-                    "must not contain NUL characters",
+                    format!("{prefix}timestamp"),
+                    "must not be before 1970-01-01T00:00:00Z (Customer.io takes unix seconds)",
                 ));
-            } else if key.len() > limits::IDEMPOTENCY_KEY_BYTES {
+            } else if ts > latest_event_time {
                 violations.push(FieldViolation::new(
-                    format!("{prefix}idempotency_key"),
+                    format!("{prefix}timestamp"),
                     format!(
-                        "is {} bytes; at most {}",
-                        key.len(),
-                        limits::IDEMPOTENCY_KEY_BYTES
+                        "must not be more than {} hours after the server's clock",
+                        limits::EVENT_FUTURE_SKEW.as_secs() / 3600
                     ),
                 ));
             }
-        }
-        if let Some(ts) = event.timestamp
-            && ts.timestamp() < 0
-        {
-            violations.push(FieldViolation::new(
-                format!("{prefix}timestamp"),
-                "must not be before 1970",
-            ));
         }
     }
     if !violations.is_empty() {

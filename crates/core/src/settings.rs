@@ -171,10 +171,16 @@ pub const VARIABLES: &[Variable] = &[
         "server-wide deadline per call",
     ),
     var(
-        "SHARPSEND_CONCURRENCY_PER_CONNECTION",
-        "64",
+        "SHARPSEND_MAX_CONCURRENT_STREAMS",
+        "256",
         Server,
-        "concurrent calls per connection",
+        "HTTP/2 streams (calls) open at once per connection; a client's further calls wait in its HTTP/2 flow control (none are refused)",
+    ),
+    var(
+        "SHARPSEND_MAX_IN_FLIGHT",
+        "1024",
+        Server,
+        "calls handled at once across all connections (health checks aside); beyond it calls are shed at once with UNAVAILABLE and google.rpc.RetryInfo (retry after 1 s)",
     ),
     var(
         "SHARPSEND_LOG_JSON",
@@ -460,7 +466,12 @@ pub struct ServerSettings {
     /// The keys are dev mode's well-known `dev-key` (`SHARPSEND_API_KEYS` unset in `--dev`).
     pub dev_api_key: bool,
     pub request_timeout: Duration,
-    pub concurrency_per_connection: usize,
+    /// HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`: calls a connection may have open at once; a
+    /// client queues its further calls (HTTP/2 flow control) instead of having them refused.
+    pub max_concurrent_streams: u32,
+    /// Calls handled at once across all connections; beyond it a call is shed at once with
+    /// `UNAVAILABLE` + `RetryInfo` (health checks are never shed).
+    pub max_in_flight: usize,
 }
 
 impl Default for ServerSettings {
@@ -470,7 +481,8 @@ impl Default for ServerSettings {
             api_keys: Vec::new(),
             dev_api_key: false,
             request_timeout: Duration::from_secs(30),
-            concurrency_per_connection: 64,
+            max_concurrent_streams: 256,
+            max_in_flight: 1024,
         }
     }
 }
@@ -738,7 +750,8 @@ impl ServerSettings {
             api_keys,
             dev_api_key,
             request_timeout: Duration::from_secs(r.positive("SHARPSEND_REQUEST_TIMEOUT_SECS")?),
-            concurrency_per_connection: r.positive_as("SHARPSEND_CONCURRENCY_PER_CONNECTION")?,
+            max_concurrent_streams: r.positive_as("SHARPSEND_MAX_CONCURRENT_STREAMS")?,
+            max_in_flight: r.positive_as("SHARPSEND_MAX_IN_FLIGHT")?,
         })
     }
 }
@@ -927,9 +940,10 @@ mod tests {
             defaults.server.request_timeout
         );
         assert_eq!(
-            settings.server.concurrency_per_connection,
-            defaults.server.concurrency_per_connection
+            settings.server.max_concurrent_streams,
+            defaults.server.max_concurrent_streams
         );
+        assert_eq!(settings.server.max_in_flight, defaults.server.max_in_flight);
     }
 
     #[test]
@@ -943,7 +957,8 @@ mod tests {
             ("CIO_TIMEOUT_SECS", "soon"),
             ("SHARPSEND_LISTEN", "localhost"),
             ("SHARPSEND_REQUEST_TIMEOUT_SECS", "0"),
-            ("SHARPSEND_CONCURRENCY_PER_CONNECTION", "many"),
+            ("SHARPSEND_MAX_CONCURRENT_STREAMS", "many"),
+            ("SHARPSEND_MAX_IN_FLIGHT", "0"),
             ("SHARPSEND_API_KEYS", " , "),
             ("SHARPSEND_OUTBOX_CLAIM_LIMIT", "lots"),
             ("SHARPSEND_SEND_CLAIM_TTL_SECS", "0"),

@@ -1,25 +1,43 @@
 //! Assembles the gRPC server: health and reflection (v1 and v1alpha) open to all, business
-//! services behind the API-key interceptor, a server-wide timeout, a per-connection concurrency
-//! limit with load shedding, a span and metrics per call (`telemetry`: the caller's `traceparent`
-//! is honoured), and graceful shutdown that reports NOT_SERVING before draining.
+//! services behind the API-key interceptor, a span and metrics per call (`telemetry`: the
+//! caller's `traceparent` is honoured), the serving limits ([`crate::limits`]: a global in-flight
+//! limit that sheds with `UNAVAILABLE` + `RetryInfo`, and a deadline answered
+//! `DEADLINE_EXCEEDED`), and graceful shutdown that reports NOT_SERVING before draining.
+//!
+//! One connection is never limited by shedding: internal services multiplex their calls on one
+//! channel, and HTTP/2's `SETTINGS_MAX_CONCURRENT_STREAMS` (`SHARPSEND_MAX_CONCURRENT_STREAMS`)
+//! makes the client queue calls beyond it. Accepted connections get `TCP_NODELAY` (an answer
+//! written in several pieces must not wait ~40 ms for the client's delayed ACK) and TCP
+//! keepalive (tonic's builder settings for these do not apply to `serve_with_incoming`).
 
 use sharpsend_core::AppContext;
 use sharpsend_proto::v1::{
     campaign_service_server::CampaignServiceServer, ops_service_server::OpsServiceServer,
     profile_service_server::ProfileServiceServer, segment_service_server::SegmentServiceServer,
 };
+use std::time::Duration;
+
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
+use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::ServingStatus;
 
 use crate::{
     auth::{ApiKeys, Authenticator},
     campaigns::Campaigns,
+    limits::{DeadlineLayer, InFlightLayer},
     ops::Ops,
     profiles::Profiles,
     segments::Segments,
 };
+
+/// Idle time before TCP keepalive probes on accepted connections (a peer that vanished without a
+/// FIN is noticed instead of holding its calls forever).
+pub const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// Request metadata (HTTP/2 header list) a call may carry; a larger one is refused by HTTP/2
+/// itself (the caller sees `RESOURCE_EXHAUSTED`, as gRPC specifies for oversized metadata), and
+/// the connection goes on serving.
+pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
 /// Why serving failed.
 #[derive(Debug, thiserror::Error)]
@@ -84,10 +102,12 @@ pub async fn serve(
             .await;
     };
 
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(TCP_KEEPALIVE));
     Server::builder()
-        .timeout(options.request_timeout)
-        .concurrency_limit_per_connection(options.concurrency_per_connection)
-        .load_shed(true)
+        .max_concurrent_streams(options.max_concurrent_streams)
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
         .layer(crate::telemetry::GrpcTelemetryLayer::new(
             &[
                 sharpsend_proto::FILE_DESCRIPTOR_SET,
@@ -97,6 +117,8 @@ pub async fn serve(
             ],
             options.request_timeout,
         ))
+        .layer(InFlightLayer::new(options.max_in_flight))
+        .layer(DeadlineLayer::new(options.request_timeout))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -104,7 +126,7 @@ pub async fn serve(
         .add_service(profiles)
         .add_service(ops)
         .add_service(campaigns)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+        .serve_with_incoming_shutdown(incoming, signal)
         .await?;
     tracing::info!("server stopped");
     Ok(())

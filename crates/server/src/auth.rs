@@ -1,8 +1,11 @@
 //! API-key authentication for the business services (health and reflection stay open).
 //!
-//! Callers send `authorization: Bearer <key>`. Keys come from `SHARPSEND_API_KEYS`: comma-separated,
-//! each `key` or `name=key` (the name identifies the caller in logs). Every configured key is
-//! compared in constant time; the caller's identity goes into the request's extensions.
+//! Callers send `authorization: Bearer <key>`; the scheme is case-insensitive (RFC 7235:
+//! `bearer`, `BEARER` are the same) and may be followed by more than one space; the key is
+//! compared exactly. Keys come from `SHARPSEND_API_KEYS`: comma-separated, each `key` or
+//! `name=key` (the name identifies the caller in logs). Every configured key is compared in
+//! constant time; the caller's identity goes into the request's extensions. Refusals are
+//! `UNAUTHENTICATED` with a reason (`API_KEY_MISSING`, `API_KEY_MALFORMED`, `API_KEY_INVALID`).
 
 use std::{fmt, sync::Arc};
 
@@ -10,6 +13,8 @@ use secrecy::ExposeSecret;
 use sharpsend_core::settings::{ApiKeySetting, parse_api_keys};
 use subtle::ConstantTimeEq;
 use tonic::{Request, Status, service::Interceptor};
+
+use crate::status::{reasons, unauthenticated};
 
 /// The accepted keys. `Debug` shows names only.
 #[derive(Clone)]
@@ -75,19 +80,36 @@ impl Authenticator {
     }
 }
 
+/// The credentials of `authorization: <scheme> <credentials>` when the scheme is `Bearer` in any
+/// case, followed by one or more spaces (RFC 7235 `1*SP`).
+fn bearer_credentials(header: &[u8]) -> Option<&[u8]> {
+    const SCHEME: &[u8] = b"bearer";
+    if header.len() <= SCHEME.len() || !header[..SCHEME.len()].eq_ignore_ascii_case(SCHEME) {
+        return None;
+    }
+    let rest = &header[SCHEME.len()..];
+    let start = rest.iter().position(|b| *b != b' ')?;
+    (start > 0).then(|| &rest[start..])
+}
+
 impl Interceptor for Authenticator {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         let header = request.metadata().get("authorization").ok_or_else(|| {
-            Status::unauthenticated("missing `authorization: Bearer <key>` metadata")
+            unauthenticated(
+                reasons::API_KEY_MISSING,
+                "missing `authorization: Bearer <key>` metadata",
+            )
         })?;
-        let presented = header
-            .as_bytes()
-            .strip_prefix(b"Bearer ")
-            .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <key>`"))?;
+        let presented = bearer_credentials(header.as_bytes()).ok_or_else(|| {
+            unauthenticated(
+                reasons::API_KEY_MALFORMED,
+                "authorization must be `Bearer <key>`",
+            )
+        })?;
         let caller = self
             .keys
             .identify(presented)
-            .ok_or_else(|| Status::unauthenticated("invalid API key"))?;
+            .ok_or_else(|| unauthenticated(reasons::API_KEY_INVALID, "invalid API key"))?;
         request.extensions_mut().insert(caller);
         Ok(request)
     }
@@ -128,6 +150,31 @@ mod tests {
                 name: "key-2".into()
             })
         );
+    }
+
+    #[test]
+    fn the_scheme_is_case_insensitive_and_the_key_is_not() {
+        let keys = ApiKeys::parse("svc=alpha-secret").unwrap_or_else(|e| panic!("{e}"));
+        for header in [
+            "bearer alpha-secret",
+            "BEARER alpha-secret",
+            "BeArEr alpha-secret",
+            "Bearer   alpha-secret",
+        ] {
+            assert!(call(&keys, Some(header)).is_ok(), "{header}");
+        }
+        for header in [
+            "bearer ALPHA-SECRET",
+            "bearer",
+            "bearer ",
+            "bearers alpha-secret",
+        ] {
+            assert_eq!(
+                call(&keys, Some(header)),
+                Err(tonic::Code::Unauthenticated),
+                "{header}"
+            );
+        }
     }
 
     #[test]

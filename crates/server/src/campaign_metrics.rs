@@ -5,6 +5,7 @@
 use sharpsend_core::{
     AppContext, CoreError,
     campaigns::{self as core_campaigns, CampaignKind, CampaignView},
+    input::{self, limits::ID_BYTES},
     metrics::{self as core_metrics, CampaignMetrics, MetricsSubject, MetricsTarget},
 };
 use sharpsend_proto::v1::{
@@ -35,7 +36,8 @@ pub async fn list_campaigns(
         MAX_PAGE_SIZE,
     )
     .or_status()?;
-    let after = decode_page_token(&request.page_token).or_status()?;
+    let filters = format!("kind={}", request.kind);
+    let after = decode_page_token(&filters, &request.page_token).or_status()?;
     let kind = kind_filter(request.kind).or_status()?;
     let page = core_campaigns::list_campaigns(ctx, kind, after, page_size)
         .await
@@ -44,7 +46,7 @@ pub async fn list_campaigns(
         campaigns: page.items.iter().map(to_proto).collect(),
         next_page_token: page
             .next
-            .map(|(kind, id)| encode_page_token(kind, id))
+            .map(|(kind, id)| encode_page_token(&filters, kind, id))
             .unwrap_or_default(),
     })
 }
@@ -78,7 +80,12 @@ pub async fn get_campaign_metrics(
         Some(Target::CampaignId(id)) => MetricsSubject::Target(MetricsTarget::Campaign(id)),
         Some(Target::BroadcastId(id)) => MetricsSubject::Target(MetricsTarget::Broadcast(id)),
         Some(Target::NewsletterId(id)) => MetricsSubject::Target(MetricsTarget::Newsletter(id)),
-        Some(Target::SendId(id)) => MetricsSubject::Send(id),
+        Some(Target::SendId(id)) => {
+            let mut violations = Vec::new();
+            input::identifier(&mut violations, "send_id", &id, ID_BYTES, false);
+            input::finish(violations).or_status()?;
+            MetricsSubject::Send(id)
+        }
     };
     let metrics = core_metrics::get_metrics(ctx, &subject, request.refresh)
         .await
@@ -107,12 +114,12 @@ fn kind_to_proto(kind: CampaignKind) -> pb::CampaignKind {
     }
 }
 
-fn encode_page_token(kind: CampaignKind, cio_id: i64) -> String {
-    convert::encode_page_token("campaigns", format!("{}:{cio_id}", kind.as_str()))
+fn encode_page_token(filters: &str, kind: CampaignKind, cio_id: i64) -> String {
+    convert::encode_page_token("campaigns", filters, format!("{}:{cio_id}", kind.as_str()))
 }
 
-fn decode_page_token(token: &str) -> Result<Option<(CampaignKind, i64)>, CoreError> {
-    convert::decode_page_token("campaigns", "ListCampaigns", token, |position| {
+fn decode_page_token(filters: &str, token: &str) -> Result<Option<(CampaignKind, i64)>, CoreError> {
+    convert::decode_page_token("campaigns", "ListCampaigns", filters, token, |position| {
         let (kind, id) = position.split_once(':')?;
         Some((kind.parse::<CampaignKind>().ok()?, id.parse::<i64>().ok()?))
     })
@@ -174,22 +181,27 @@ mod tests {
 
     #[test]
     fn page_tokens_round_trip_and_reject_garbage() {
-        let token = encode_page_token(CampaignKind::Broadcast, 42);
+        let filters = "kind=0";
+        let token = encode_page_token(filters, CampaignKind::Broadcast, 42);
         assert_eq!(
-            decode_page_token(&token).ok(),
+            decode_page_token(filters, &token).ok(),
             Some(Some((CampaignKind::Broadcast, 42)))
         );
-        assert_eq!(decode_page_token("").ok(), Some(None));
+        assert_eq!(decode_page_token(filters, "").ok(), Some(None));
         for bad in [
             "not base64!",
-            &convert::encode_page_token("segments", 3),
-            &convert::encode_page_token("campaigns", "fax:3"),
+            &convert::encode_page_token("segments", filters, 3),
+            &convert::encode_page_token("campaigns", filters, "fax:3"),
         ] {
             assert!(
-                matches!(decode_page_token(bad), Err(CoreError::InvalidArgument(_))),
+                matches!(
+                    decode_page_token(filters, bad),
+                    Err(CoreError::InvalidArgument(_))
+                ),
                 "{bad}"
             );
         }
+        assert!(decode_page_token("kind=2", &token).is_err());
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! [`crate::journey`]; sends here.
 
 use sharpsend_core::{
-    AppContext, CoreError,
+    AppContext, CoreError, FieldViolation,
+    input::{self, limits::ID_BYTES},
     sends::{
         self, Delivery, DeliveryMode, HistoryView, Resolution, SendFilter, SendKey, SendRequest,
         SendState, SendView, SubmissionView, Variation,
@@ -61,6 +62,50 @@ impl CampaignService for Campaigns {
     ) -> Result<Response<pb::SendAssignmentResponse>, Status> {
         let caller = caller_name(&request);
         let req = request.into_inner();
+        // Bounds the send's own validation does not cover: ids taken exactly as given, no NUL in
+        // a body, finite numbers and no NUL in data.
+        let mut violations = Vec::new();
+        input::identifier(
+            &mut violations,
+            "assignment_id",
+            &req.assignment_id,
+            ID_BYTES,
+            false,
+        );
+        input::identifier(
+            &mut violations,
+            "request_id",
+            &req.request_id,
+            ID_BYTES,
+            false,
+        );
+        let mut variations = Vec::with_capacity(req.variations.len());
+        for (i, v) in req.variations.into_iter().enumerate() {
+            input::text(
+                &mut violations,
+                &format!("variations[{i}].body"),
+                &v.body,
+                sends::MAX_NEWSLETTER_BODY_BYTES,
+            );
+            let data = match v.data {
+                None => None,
+                Some(s) => match struct_to_json(&format!("variations[{i}].data"), s) {
+                    Ok(data) => Some(data),
+                    Err(CoreError::InvalidArgument(v)) => {
+                        violations.extend(v);
+                        None
+                    }
+                    Err(e) => return Err(to_status(e)),
+                },
+            };
+            variations.push(Variation {
+                segment_id: v.segment_id,
+                subject: v.subject,
+                body: v.body,
+                data,
+            });
+        }
+        input::finish(violations).or_status()?;
         let delivery = match req.delivery {
             Some(pb::send_assignment_request::Delivery::Broadcast(b)) => {
                 Some(DeliveryMode::Broadcast {
@@ -78,16 +123,7 @@ impl CampaignService for Campaigns {
             title: req.title,
             subject: req.subject,
             segment_ids: req.segment_ids,
-            variations: req
-                .variations
-                .into_iter()
-                .map(|v| Variation {
-                    segment_id: v.segment_id,
-                    subject: v.subject,
-                    body: v.body,
-                    data: v.data.map(struct_to_json),
-                })
-                .collect(),
+            variations,
             delivery,
             created_by: caller,
         };
@@ -105,9 +141,26 @@ impl CampaignService for Campaigns {
         request: Request<pb::GetSendRequest>,
     ) -> Result<Response<pb::GetSendResponse>, Status> {
         let req = request.into_inner();
-        let key = if !req.send_id.trim().is_empty() {
-            SendKey::Id(req.send_id.trim().to_string())
-        } else if !req.assignment_id.trim().is_empty() {
+        let mut violations = Vec::new();
+        input::identifier(&mut violations, "send_id", &req.send_id, ID_BYTES, false);
+        input::identifier(
+            &mut violations,
+            "assignment_id",
+            &req.assignment_id,
+            ID_BYTES,
+            false,
+        );
+        input::identifier(
+            &mut violations,
+            "request_id",
+            &req.request_id,
+            ID_BYTES,
+            false,
+        );
+        input::finish(violations).or_status()?;
+        let key = if !req.send_id.is_empty() {
+            SendKey::Id(req.send_id)
+        } else if !req.assignment_id.is_empty() {
             SendKey::Assignment {
                 assignment_id: req.assignment_id,
                 request_id: req.request_id,
@@ -146,17 +199,30 @@ impl CampaignService for Campaigns {
                 )));
             }
         };
+        let mut violations = Vec::new();
+        input::identifier(
+            &mut violations,
+            "assignment_id",
+            &req.assignment_id,
+            ID_BYTES,
+            false,
+        );
+        input::finish(violations).or_status()?;
+        let filters = format!("assignment={}|state={}", req.assignment_id, req.state);
+        let before = decode_page_token(&filters, &req.page_token).or_status()?;
         let filter = SendFilter {
             assignment_id: Some(req.assignment_id),
             state,
         };
-        let before = decode_page_token(&req.page_token).or_status()?;
         let page = sends::list_sends(&self.ctx, &filter, before, limit)
             .await
             .or_status()?;
         Ok(Response::new(pb::ListSendsResponse {
             sends: page.items.iter().map(send_to_proto).collect(),
-            next_page_token: page.next.map(encode_page_token).unwrap_or_default(),
+            next_page_token: page
+                .next
+                .map(|before| encode_page_token(&filters, before))
+                .unwrap_or_default(),
         }))
     }
 
@@ -165,6 +231,16 @@ impl CampaignService for Campaigns {
         request: Request<pb::ResolveSendRequest>,
     ) -> Result<Response<pb::ResolveSendResponse>, Status> {
         let req = request.into_inner();
+        let mut violations: Vec<FieldViolation> = Vec::new();
+        input::identifier(&mut violations, "send_id", &req.send_id, ID_BYTES, false);
+        input::text(&mut violations, "actor", &req.actor, sends::MAX_ACTOR_CHARS);
+        input::text(
+            &mut violations,
+            "reason",
+            &req.reason,
+            sends::MAX_REASON_CHARS,
+        );
+        input::finish(violations).or_status()?;
         let resolution = match pb::Resolution::try_from(req.resolution) {
             Ok(pb::Resolution::MarkSent) => Some(Resolution::MarkSent),
             Ok(pb::Resolution::AllowRetry) => Some(Resolution::AllowRetry),
@@ -173,7 +249,7 @@ impl CampaignService for Campaigns {
         let segment = (req.segment_id != 0).then_some(req.segment_id);
         let view = sends::resolve(
             &self.ctx,
-            req.send_id.trim(),
+            &req.send_id,
             segment,
             resolution,
             req.actor.trim(),
@@ -213,12 +289,12 @@ fn caller_name<T>(request: &Request<T>) -> String {
         .unwrap_or_else(|| "unknown".to_string())
 }
 
-fn encode_page_token(before_id: i64) -> String {
-    crate::convert::encode_page_token("sends", before_id)
+fn encode_page_token(filters: &str, before_id: i64) -> String {
+    crate::convert::encode_page_token("sends", filters, before_id)
 }
 
-fn decode_page_token(token: &str) -> Result<Option<i64>, CoreError> {
-    crate::convert::decode_page_token("sends", "ListSends", token, |p| p.parse().ok())
+fn decode_page_token(filters: &str, token: &str) -> Result<Option<i64>, CoreError> {
+    crate::convert::decode_page_token("sends", "ListSends", filters, token, |p| p.parse().ok())
 }
 
 fn state_to_proto(state: SendState) -> pb::SendState {
@@ -306,12 +382,16 @@ mod tests {
 
     #[test]
     fn page_tokens_round_trip_and_garbage_is_rejected() {
+        let filters = "assignment=a-1|state=0";
         assert_eq!(
-            decode_page_token(&encode_page_token(42)).ok(),
+            decode_page_token(filters, &encode_page_token(filters, 42)).ok(),
             Some(Some(42))
         );
-        assert_eq!(decode_page_token("").ok(), Some(None));
-        assert!(decode_page_token("bm9wZQ").is_err());
+        assert_eq!(decode_page_token(filters, "").ok(), Some(None));
+        assert!(decode_page_token(filters, "bm9wZQ").is_err());
+        assert!(
+            decode_page_token("assignment=a-2|state=0", &encode_page_token(filters, 42)).is_err()
+        );
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //!   reads in [`campaign_metrics`], journey events in [`journey`]).
 //! - [`ops`] serves `sharpsend.cio.v1.OpsService` (jobs: list, runs, run now).
 //! - [`telemetry`]: the per-call span (honouring `traceparent`) and gRPC metrics layer.
-//! - [`app`]: assembling and serving everything (health, reflection, limits, graceful shutdown).
+//! - [`app`]: assembling and serving everything (health, reflection, limits, graceful shutdown);
+//!   [`limits`]: the global in-flight limit (shedding with `UNAVAILABLE` + `RetryInfo`) and the
+//!   deadline (`DEADLINE_EXCEEDED`).
 //! - `dev` (feature `dev`, on by default): `--dev` mode: SQLite + in-process simulator +
 //!   in-process scheduler. Production builds (`--no-default-features`) do not link the simulator.
 
@@ -21,6 +23,7 @@ pub mod convert;
 #[cfg(feature = "dev")]
 pub mod dev;
 pub mod journey;
+pub mod limits;
 pub mod ops;
 pub mod profiles;
 pub mod segments;

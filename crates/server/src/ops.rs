@@ -4,6 +4,7 @@
 
 use sharpsend_core::{
     AppContext, CoreError,
+    input::{self, limits::JOB_NAME_BYTES},
     jobs::{self, Job, JobRunView, RunState},
 };
 use sharpsend_proto::v1::{self as pb, ops_service_server::OpsService};
@@ -29,9 +30,13 @@ impl Ops {
     }
 }
 
+/// A job name, exactly as ListJobs lists it: like every enum-like name it is never trimmed
+/// (`" segment-sync"` is refused, not run).
 fn parse_job(name: &str) -> Result<Job, CoreError> {
-    name.trim()
-        .parse::<Job>()
+    if let Some(problem) = input::identifier_problem(name, JOB_NAME_BYTES, true) {
+        return Err(CoreError::invalid("job", problem));
+    }
+    name.parse::<Job>()
         .map_err(|e| CoreError::invalid("job", e.to_string()))
 }
 
@@ -93,7 +98,7 @@ impl OpsService for Ops {
         request: Request<pb::ListJobRunsRequest>,
     ) -> Result<Response<pb::ListJobRunsResponse>, Status> {
         let req = request.into_inner();
-        let job = if req.job.trim().is_empty() {
+        let job = if req.job.is_empty() {
             None
         } else {
             Some(parse_job(&req.job).or_status()?)
@@ -188,9 +193,21 @@ mod tests {
             "{}",
             status.message()
         );
-        assert_eq!(
-            parse_job(" outbox-delivery ").ok(),
-            Some(Job::OutboxDelivery)
+        assert_eq!(parse_job("outbox-delivery").ok(), Some(Job::OutboxDelivery));
+        for padded in [" segment-sync", "segment-sync ", "segment-sync\n", "   "] {
+            let status = to_status(
+                parse_job(padded)
+                    .err()
+                    .unwrap_or_else(|| panic!("{padded:?} was accepted")),
+            );
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{padded:?}");
+        }
+        let huge = "x".repeat(1_000_000);
+        let status = to_status(
+            parse_job(&huge)
+                .err()
+                .unwrap_or_else(|| CoreError::invalid("x", "y")),
         );
+        assert!(status.message().len() < 200, "{}", status.message());
     }
 }

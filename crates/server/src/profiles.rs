@@ -5,7 +5,8 @@ use std::pin::Pin;
 
 use futures::Stream;
 use sharpsend_core::{
-    AppContext, CoreError,
+    AppContext, CoreError, FieldViolation,
+    input::{self, limits::OUTBOX_IDS},
     outbox::{self, OutboxItem},
     profiles::{self, AttributeUpdate, CustomerRef, EventInput, ImportSource},
 };
@@ -34,24 +35,67 @@ impl Profiles {
     }
 }
 
-fn attribute_update(req: pb::UpdateAttributesRequest) -> AttributeUpdate {
-    AttributeUpdate {
-        customer_id: req.customer_id,
-        attributes: req.attributes.map(struct_to_json).unwrap_or_default(),
+/// Maps every item with `convert`, which may refuse it; all refusals are reported together.
+fn map_all<T, U>(
+    items: Vec<T>,
+    mut convert: impl FnMut(usize, T) -> Result<U, CoreError>,
+) -> Result<Vec<U>, CoreError> {
+    let mut out = Vec::with_capacity(items.len());
+    let mut violations: Vec<FieldViolation> = Vec::new();
+    for (i, item) in items.into_iter().enumerate() {
+        match convert(i, item) {
+            Ok(u) => out.push(u),
+            Err(CoreError::InvalidArgument(v)) => violations.extend(v),
+            Err(e) => return Err(e),
+        }
     }
+    input::finish(violations).map(|()| out)
 }
 
-fn event_input(req: pb::TrackEventRequest, field: &str) -> Result<EventInput, CoreError> {
+/// An update; `prefix` names it in violations (`updates[3].`).
+fn attribute_update(
+    req: pb::UpdateAttributesRequest,
+    prefix: &str,
+) -> Result<AttributeUpdate, CoreError> {
+    Ok(AttributeUpdate {
+        customer_id: req.customer_id,
+        attributes: match req.attributes {
+            Some(s) => struct_to_json(&format!("{prefix}attributes"), s)?,
+            None => Default::default(),
+        },
+    })
+}
+
+/// An event; `prefix` names it in violations (`events[3].`).
+fn event_input(req: pb::TrackEventRequest, prefix: &str) -> Result<EventInput, CoreError> {
+    let mut violations = Vec::new();
     let timestamp = match &req.timestamp {
         None => None,
-        Some(ts) => Some(datetime(ts).ok_or_else(|| {
-            CoreError::invalid(format!("{field}timestamp"), "is not a valid time")
-        })?),
+        Some(ts) => match datetime(&format!("{prefix}timestamp"), ts) {
+            Ok(at) => Some(at),
+            Err(CoreError::InvalidArgument(v)) => {
+                violations.extend(v);
+                None
+            }
+            Err(e) => return Err(e),
+        },
     };
+    let data = match req.data {
+        None => Default::default(),
+        Some(s) => match struct_to_json(&format!("{prefix}data"), s) {
+            Ok(data) => data,
+            Err(CoreError::InvalidArgument(v)) => {
+                violations.extend(v);
+                Default::default()
+            }
+            Err(e) => return Err(e),
+        },
+    };
+    input::finish(violations)?;
     Ok(EventInput {
         customer_id: req.customer_id,
         name: req.name,
-        data: req.data.map(struct_to_json).unwrap_or_default(),
+        data,
         timestamp,
         idempotency_key: Some(req.idempotency_key).filter(|k| !k.is_empty()),
     })
@@ -161,13 +205,10 @@ impl ProfileService for Profiles {
         &self,
         request: Request<pb::UpdateAttributesRequest>,
     ) -> Result<Response<pb::UpdateAttributesResponse>, Status> {
-        profiles::update_attributes(
-            &self.ctx,
-            vec![attribute_update(request.into_inner())],
-            None,
-        )
-        .await
-        .or_status()?;
+        let update = attribute_update(request.into_inner(), "").or_status()?;
+        profiles::update_attributes(&self.ctx, vec![update], None)
+            .await
+            .or_status()?;
         Ok(Response::new(pb::UpdateAttributesResponse {}))
     }
 
@@ -175,12 +216,10 @@ impl ProfileService for Profiles {
         &self,
         request: Request<pb::BatchUpdateAttributesRequest>,
     ) -> Result<Response<pb::BatchUpdateAttributesResponse>, Status> {
-        let updates = request
-            .into_inner()
-            .updates
-            .into_iter()
-            .map(attribute_update)
-            .collect();
+        let updates = map_all(request.into_inner().updates, |i, u| {
+            attribute_update(u, &format!("updates[{i}]."))
+        })
+        .or_status()?;
         let accepted = profiles::update_attributes(&self.ctx, updates, Some("updates"))
             .await
             .or_status()?;
@@ -211,14 +250,10 @@ impl ProfileService for Profiles {
         &self,
         request: Request<pb::BatchTrackEventsRequest>,
     ) -> Result<Response<pb::BatchTrackEventsResponse>, Status> {
-        let events = request
-            .into_inner()
-            .events
-            .into_iter()
-            .enumerate()
-            .map(|(i, e)| event_input(e, &format!("events[{i}].")))
-            .collect::<Result<Vec<_>, _>>()
-            .or_status()?;
+        let events = map_all(request.into_inner().events, |i, e| {
+            event_input(e, &format!("events[{i}]."))
+        })
+        .or_status()?;
         let accepted = profiles::track_events(&self.ctx, events, Some("events"))
             .await
             .or_status()?;
@@ -263,7 +298,14 @@ impl ProfileService for Profiles {
         &self,
         request: Request<pb::RetryDeadLettersRequest>,
     ) -> Result<Response<pb::RetryDeadLettersResponse>, Status> {
-        let requeued = outbox::retry_dead_letters(&self.ctx, &request.into_inner().ids)
+        let ids = request.into_inner().ids;
+        if ids.len() > OUTBOX_IDS {
+            return Err(to_status(CoreError::invalid(
+                "ids",
+                format!("holds {} ids; at most {OUTBOX_IDS}", ids.len()),
+            )));
+        }
+        let requeued = outbox::retry_dead_letters(&self.ctx, &ids)
             .await
             .or_status()?;
         Ok(Response::new(pb::RetryDeadLettersResponse { requeued }))

@@ -11,6 +11,7 @@ use sharpsend_core::{
         Criteria, Operand, Operator, RawCondition, RawCriteria, RawOperator, RawValue, TimeValue,
         Value,
     },
+    input::{self, limits::SEARCH_CHARS},
     managed_segments::{self as managed, CriteriaInput, ManagedView, NewSegment, SegmentChanges},
     segments::{
         self as core_segments, SegmentFilter, SegmentKind, SegmentView, TargetingWarning as Warning,
@@ -20,7 +21,7 @@ use sharpsend_proto::v1::{self as pb, segment_service_server::SegmentService};
 use tonic::{Request, Response, Status};
 
 use crate::{
-    convert::{self, datetime, limit, timestamp},
+    convert::{self, limit, timestamp},
     status::{OrStatus, to_status},
 };
 
@@ -47,7 +48,16 @@ impl SegmentService for Segments {
     ) -> Result<Response<pb::ListSegmentsResponse>, Status> {
         let req = request.into_inner();
         let limit = page_size(req.page_size).or_status()?;
-        let after = decode_page_token(&req.page_token).or_status()?;
+        let mut violations = Vec::new();
+        input::text(
+            &mut violations,
+            "name_contains",
+            &req.name_contains,
+            SEARCH_CHARS,
+        );
+        input::finish(violations).or_status()?;
+        let filters = list_filters(&req);
+        let after = decode_page_token(&filters, &req.page_token).or_status()?;
         let kind = match pb::SegmentType::try_from(req.r#type) {
             Ok(pb::SegmentType::Unspecified) => None,
             Ok(pb::SegmentType::Dynamic) => Some(SegmentKind::Dynamic),
@@ -69,7 +79,10 @@ impl SegmentService for Segments {
             .or_status()?;
         Ok(Response::new(pb::ListSegmentsResponse {
             segments: page.items.iter().map(to_proto).collect(),
-            next_page_token: page.next.map(encode_page_token).unwrap_or_default(),
+            next_page_token: page
+                .next
+                .map(|after| encode_page_token(&filters, after))
+                .unwrap_or_default(),
         }))
     }
 
@@ -104,14 +117,9 @@ impl SegmentService for Segments {
         request: Request<pb::ValidateTargetingRequest>,
     ) -> Result<Response<pb::ValidateTargetingResponse>, Status> {
         let req = request.into_inner();
-        let max_age = match req.max_count_age {
+        let max_age = match &req.max_count_age {
             None => core_segments::DEFAULT_MAX_COUNT_AGE,
-            Some(d) => Duration::try_from(d).map_err(|_| {
-                to_status(CoreError::invalid(
-                    "max_count_age",
-                    "must be a non-negative duration",
-                ))
-            })?,
+            Some(d) => convert::duration("max_count_age", d).or_status()?,
         };
         let report =
             core_segments::validate_targeting(&self.ctx, &req.segment_ids, max_age, self.ctx.now())
@@ -288,13 +296,13 @@ pub fn raw_criteria(c: pb::Criteria) -> RawCriteria {
     use pb::criteria::Criterion;
     match c.criterion {
         None => RawCriteria::Empty,
-        Some(Criterion::And(g)) => {
+        Some(Criterion::AllOf(g)) => {
             RawCriteria::And(g.criteria.into_iter().map(raw_criteria).collect())
         }
-        Some(Criterion::Or(g)) => {
+        Some(Criterion::AnyOf(g)) => {
             RawCriteria::Or(g.criteria.into_iter().map(raw_criteria).collect())
         }
-        Some(Criterion::Not(inner)) => RawCriteria::Not(Some(Box::new(raw_criteria(*inner)))),
+        Some(Criterion::Negate(inner)) => RawCriteria::Not(Some(Box::new(raw_criteria(*inner)))),
         Some(Criterion::Segment(s)) => RawCriteria::Segment(Some(s.id)),
         Some(Criterion::Attribute(a)) => {
             let operator = match pb::AttributeOperator::try_from(a.operator) {
@@ -335,33 +343,45 @@ fn raw_value(v: pb::ConditionValue) -> RawValue {
         Some(V::BoolValue(b)) => RawValue::Known(Value::Bool(b)),
         Some(V::TimeValue(t)) => match t.time {
             None => RawValue::Empty,
-            Some(Time::At(ts)) => match datetime(&ts) {
-                Some(at) => RawValue::Known(Value::Timestamp(TimeValue::At(at))),
-                None => RawValue::Malformed("is not a valid timestamp".into()),
+            Some(Time::At(ts)) => match convert::datetime("at", &ts) {
+                Ok(at) => RawValue::Known(Value::Timestamp(TimeValue::At(at))),
+                Err(_) => RawValue::Malformed(format!(
+                    "`time_value.at` {}",
+                    convert::datetime_problem(&ts)
+                        .unwrap_or_else(|| "is not a valid timestamp".into())
+                )),
             },
-            Some(Time::Ago(d)) => match Duration::try_from(d) {
-                Ok(d) => RawValue::Known(Value::Timestamp(TimeValue::Ago(d))),
-                Err(_) => RawValue::Malformed("`ago` must be a non-negative duration".into()),
+            Some(Time::Ago(d)) => match convert::duration_problem(&d) {
+                None => RawValue::Known(Value::Timestamp(TimeValue::Ago(proto_duration(&d)))),
+                Some(why) => RawValue::Malformed(format!("`time_value.ago` {why}")),
             },
-            Some(Time::FromNow(d)) => match Duration::try_from(d) {
-                Ok(d) => RawValue::Known(Value::Timestamp(TimeValue::FromNow(d))),
-                Err(_) => RawValue::Malformed("`from_now` must be a non-negative duration".into()),
+            Some(Time::FromNow(d)) => match convert::duration_problem(&d) {
+                None => RawValue::Known(Value::Timestamp(TimeValue::FromNow(proto_duration(&d)))),
+                Some(why) => RawValue::Malformed(format!("`time_value.from_now` {why}")),
             },
         },
     }
+}
+
+/// A duration [`convert::duration_problem`] found nothing wrong with.
+fn proto_duration(d: &prost_types::Duration) -> Duration {
+    Duration::new(
+        u64::try_from(d.seconds).unwrap_or(0),
+        u32::try_from(d.nanos).unwrap_or(0),
+    )
 }
 
 /// Validated criteria as the protobuf message.
 pub fn criteria_to_proto(c: &Criteria) -> pb::Criteria {
     use pb::criteria::Criterion;
     let criterion = match c {
-        Criteria::And(items) => Criterion::And(pb::CriteriaGroup {
+        Criteria::And(items) => Criterion::AllOf(pb::CriteriaGroup {
             criteria: items.iter().map(criteria_to_proto).collect(),
         }),
-        Criteria::Or(items) => Criterion::Or(pb::CriteriaGroup {
+        Criteria::Or(items) => Criterion::AnyOf(pb::CriteriaGroup {
             criteria: items.iter().map(criteria_to_proto).collect(),
         }),
-        Criteria::Not(inner) => Criterion::Not(Box::new(criteria_to_proto(inner))),
+        Criteria::Not(inner) => Criterion::Negate(Box::new(criteria_to_proto(inner))),
         Criteria::Segment(id) => Criterion::Segment(pb::SegmentCondition { id: *id }),
         Criteria::Attribute(a) => {
             let operator = match a.operator {
@@ -458,12 +478,24 @@ fn page_size(requested: i32) -> Result<u64, CoreError> {
     )
 }
 
-fn encode_page_token(after_cio_id: i64) -> String {
-    convert::encode_page_token("segments", after_cio_id)
+/// The filters a ListSegments page token is bound to, normalised as the listing reads them.
+fn list_filters(req: &pb::ListSegmentsRequest) -> String {
+    format!(
+        "name={}|type={}|removed={}",
+        req.name_contains.trim(),
+        req.r#type,
+        req.include_removed
+    )
 }
 
-fn decode_page_token(token: &str) -> Result<Option<i64>, CoreError> {
-    convert::decode_page_token("segments", "ListSegments", token, |p| p.parse().ok())
+fn encode_page_token(filters: &str, after_cio_id: i64) -> String {
+    convert::encode_page_token("segments", filters, after_cio_id)
+}
+
+fn decode_page_token(filters: &str, token: &str) -> Result<Option<i64>, CoreError> {
+    convert::decode_page_token("segments", "ListSegments", filters, token, |p| {
+        p.parse().ok()
+    })
 }
 
 fn to_proto(s: &SegmentView) -> pb::Segment {
@@ -491,17 +523,27 @@ mod tests {
 
     #[test]
     fn page_tokens_round_trip_and_garbage_is_rejected_by_field() {
-        assert_eq!(
-            decode_page_token(&encode_page_token(42)).ok(),
-            Some(Some(42))
-        );
-        assert_eq!(decode_page_token("").ok(), Some(None));
-        for bad in [
-            "!!!",
-            "bm9wZQ",
-            &convert::encode_page_token("segments", "x"),
+        let dynamic = list_filters(&pb::ListSegmentsRequest {
+            r#type: pb::SegmentType::Dynamic as i32,
+            ..Default::default()
+        });
+        let manual = list_filters(&pb::ListSegmentsRequest {
+            r#type: pb::SegmentType::Manual as i32,
+            ..Default::default()
+        });
+        let token = encode_page_token(&dynamic, 42);
+        assert_eq!(decode_page_token(&dynamic, &token).ok(), Some(Some(42)));
+        assert_eq!(decode_page_token(&dynamic, "").ok(), Some(None));
+        for (filters, bad) in [
+            (&dynamic, "!!!".to_string()),
+            (&dynamic, "bm9wZQ".to_string()),
+            (
+                &dynamic,
+                convert::encode_page_token("segments", &dynamic, "x"),
+            ),
+            (&manual, token.clone()),
         ] {
-            match decode_page_token(bad) {
+            match decode_page_token(filters, &bad) {
                 Err(CoreError::InvalidArgument(v)) => assert_eq!(v[0].field, "page_token"),
                 other => panic!("{bad}: {other:?}"),
             }

@@ -270,7 +270,6 @@ async fn calls_arrive_as_linked_spans_and_metrics_without_secrets() -> anyhow::R
                 name: "telemetry-test".into(),
                 key: API_KEY.to_string().into(),
             }],
-            concurrency_per_connection: 16,
             ..ServerSettings::default()
         },
         ..Settings::default()

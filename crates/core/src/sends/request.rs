@@ -16,6 +16,7 @@ use super::{
     MAX_SUBJECT_CHARS, MAX_TARGETS, MAX_TITLE_CHARS, MAX_TRIGGER_DATA_BYTES, RESERVED_DATA_KEYS,
     SendFilter, SendRequest, SendView, TriggerData, Variation,
 };
+use crate::error::reasons;
 use crate::paging::Page;
 use crate::segments::{self, TargetingWarning};
 use crate::{AppContext, CoreError, FieldViolation};
@@ -348,18 +349,24 @@ async fn check_targeting(ctx: &AppContext, segment_ids: &[i64]) -> Result<(), Co
     let mut refusals = Vec::new();
     for (i, t) in report.segments.iter().enumerate() {
         for warning in t.warnings.iter().filter(|w| w.blocks_sending()) {
-            let why = match warning {
-                TargetingWarning::UnknownSegment => {
-                    "is not a known Customer.io segment (sync segments if it is new)"
+            let (why, reason) = match warning {
+                TargetingWarning::UnknownSegment => (
+                    "is not a known Customer.io segment (sync segments if it is new)",
+                    reasons::UNKNOWN_SEGMENT,
+                ),
+                TargetingWarning::RemovedSegment => {
+                    ("was removed in Customer.io", reasons::REMOVED_SEGMENT)
                 }
-                TargetingWarning::RemovedSegment => "was removed in Customer.io",
-                TargetingWarning::EmptySegment => "has no members",
+                TargetingWarning::EmptySegment => ("has no members", reasons::EMPTY_SEGMENT),
                 _ => continue,
             };
-            refusals.push(FieldViolation::new(
-                format!("segment_ids[{i}]"),
-                format!("segment {} {why}", t.segment_id),
-            ));
+            refusals.push(
+                FieldViolation::new(
+                    format!("segment_ids[{i}]"),
+                    format!("segment {} {why}", t.segment_id),
+                )
+                .because(reason),
+            );
         }
     }
     if refusals.is_empty() {
@@ -379,7 +386,8 @@ async fn check_broadcast(ctx: &AppContext, broadcast_id: i64) -> Result<(), Core
                     "broadcast {broadcast_id} is not active in Customer.io (state {}); it cannot be triggered",
                     b.state.as_deref().unwrap_or("unknown")
                 ),
-            )]))
+            )
+            .because(reasons::BROADCAST_INACTIVE)]))
         }
         Ok(_) => Ok(()),
         Err(CioError::NotFound { .. }) => Err(CoreError::NotFound {
@@ -550,13 +558,16 @@ pub async fn resolve(
             .iter()
             .map(|s| format!("segment {}: {}", s.segment_id, s.state))
             .collect();
-        return Err(CoreError::FailedPrecondition(vec![FieldViolation::new(
-            "send_id",
-            format!(
-                "send {send_id} has nothing uncertain to resolve ({})",
-                states.join(", ")
-            ),
-        )]));
+        return Err(CoreError::FailedPrecondition(vec![
+            FieldViolation::new(
+                "send_id",
+                format!(
+                    "send {send_id} has nothing uncertain to resolve ({})",
+                    states.join(", ")
+                ),
+            )
+            .because(reasons::SEND_NOT_UNCERTAIN),
+        ]));
     }
     let now = ctx.now();
     for s in chosen {
