@@ -1630,6 +1630,17 @@ db_test!(
                 prof.track_event(event(id)).await,
             );
         }
+        // A large event for `..` could only go through the v1 URL, which cannot hold that id.
+        p.check(
+            "TrackEvent",
+            "customer_id \"..\" with 20 KB of data",
+            Refused(Code::InvalidArgument),
+            prof.track_event(pb::TrackEventRequest {
+                data: Some(one("blob", string(&"x".repeat(20_000)))),
+                ..event("..")
+            })
+            .await,
+        );
         p.check(
             "AddSegmentMembers",
             "dot-segment ids",

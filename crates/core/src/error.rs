@@ -45,6 +45,8 @@ pub mod reasons {
     pub const BROADCAST_INACTIVE: &str = "BROADCAST_INACTIVE";
     /// ResolveSend on a send with nothing uncertain.
     pub const SEND_NOT_UNCERTAIN: &str = "SEND_NOT_UNCERTAIN";
+    /// A person whose id (`.` or `..`) Customer.io's URL-path endpoints cannot address.
+    pub const ID_NOT_ADDRESSABLE: &str = "ID_NOT_ADDRESSABLE";
     /// A page token from another listing, or from the same listing with other filters.
     pub const INVALID_PAGE_TOKEN: &str = "INVALID_PAGE_TOKEN";
 }

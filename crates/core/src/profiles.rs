@@ -41,6 +41,12 @@ pub mod limits {
     pub const EVENT_FUTURE_SKEW: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 }
 
+/// Whether Customer.io's URL-path endpoints can address `id`: URLs collapse the dot segments
+/// `.` and `..`, so people with those ids are reachable only through request bodies.
+pub fn addressable_in_path(id: &str) -> bool {
+    !matches!(id, "." | "..")
+}
+
 /// Attribute keys Customer.io reserves that SharpSend may not set as plain attributes.
 const RESERVED_KEYS: &[&str] = &["id", "cio_id", "anonymous_id", "cio_relationships"];
 
@@ -317,6 +323,19 @@ pub async fn track_events(
                     limits::EVENT_DATA_BYTES
                 ),
             ));
+        } else if !addressable_in_path(&event.customer_id)
+            && data_len > cio_client::MAX_OP_BYTES / 2
+        {
+            // A large event can only go through the v1 endpoint, whose URL holds the id; the
+            // ids `.` and `..` cannot be addressed there (URLs collapse them).
+            violations.push(FieldViolation::new(
+                format!("{prefix}data"),
+                format!(
+                    "is {data_len} bytes as JSON; for a person whose id is `.` or `..` at most {} \
+                     (Customer.io's API cannot take that id in a URL)",
+                    cio_client::MAX_OP_BYTES / 2
+                ),
+            ));
         }
         if let Some(key) = &event.idempotency_key {
             input::identifier(
@@ -410,6 +429,16 @@ pub async fn get_profile(
         what: "customer",
         id: who.value().to_string(),
     };
+    if fresh && !addressable_in_path(who.value()) {
+        return Err(CoreError::FailedPrecondition(vec![
+            FieldViolation::new(
+                who.field(),
+                "Customer.io's API cannot address the ids `.` and `..` in a URL; read this \
+                 person from the mirror (fresh: false)",
+            )
+            .because(crate::error::reasons::ID_NOT_ADDRESSABLE),
+        ]));
+    }
     if fresh {
         let id_type = match &who {
             CustomerRef::Id(_) => IdType::Id,
