@@ -44,6 +44,7 @@ pub fn to_status(error: CoreError) -> Status {
             Status::with_error_details(Code::FailedPrecondition, message, details)
         }
         CoreError::AlreadyExists(message) => Status::already_exists(message),
+        CoreError::Aborted(message) => Status::aborted(message),
         CoreError::NotFound { what, id } => Status::not_found(format!("{what} {id} not found")),
         CoreError::Upstream(e) => upstream(e),
         CoreError::Database(e) => {

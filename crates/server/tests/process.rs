@@ -208,7 +208,9 @@ db_test!(
             let mut command = server(&db.url, &url, &config);
             command
                 .env("SHARPSEND_LISTEN", &addr)
-                .env("SHARPSEND_SEND_CLAIM_TTL_SECS", "2")
+                .env("SHARPSEND_SEND_CLAIM_TTL_SECS", "3")
+                .env("CIO_TIMEOUT_SECS", "1")
+                .env("SHARPSEND_MAX_CLOCK_SKEW_MS", "100")
                 .env("SHARPSEND_SEND_RECONCILE_GRACE_SECS", "1")
                 .env("SHARPSEND_TRIGGER_SPACING_MS", "350")
                 .kill_on_drop(true);
@@ -289,7 +291,7 @@ db_test!(
             .into_inner();
         check(!retried.created, "a second send was created".into())?;
         let send_id = retried.send.ok_or("no send")?.id;
-        tokio::time::sleep(Duration::from_millis(2200)).await; // the dead server's claim expires
+        tokio::time::sleep(Duration::from_millis(3200)).await; // the dead server's claim expires
         let run = OpsServiceClient::new(channel)
             .run_job(authed(pb::RunJobRequest {
                 job: "send-reconcile".into(),
