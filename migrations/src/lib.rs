@@ -24,6 +24,9 @@ mod m20261128_000007_create_managed_segments;
 mod m20261128_000008_outbox_segment_kinds;
 mod m20261128_000009_create_sends;
 mod m20261128_000010_create_campaigns_and_metrics;
+mod m20261206_000015_send_attempt_window;
+mod m20261206_000016_send_subscription_topic;
+mod m20261206_000017_send_trigger_errors;
 
 /// All migrations of the project, oldest first.
 pub struct Migrator;
@@ -42,6 +45,9 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000008_outbox_segment_kinds::Migration),
             Box::new(m20261128_000009_create_sends::Migration),
             Box::new(m20261128_000010_create_campaigns_and_metrics::Migration),
+            Box::new(m20261206_000015_send_attempt_window::Migration),
+            Box::new(m20261206_000016_send_subscription_topic::Migration),
+            Box::new(m20261206_000017_send_trigger_errors::Migration),
         ]
     }
 }

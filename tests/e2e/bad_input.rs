@@ -1855,7 +1855,10 @@ db_test!(
             camp.send_assignment(pb::SendAssignmentRequest {
                 assignment_id: assignment.into(),
                 delivery: Some(pb::send_assignment_request::Delivery::Newsletter(
-                    pb::NewsletterDelivery { from_id: 0 },
+                    pb::NewsletterDelivery {
+                        from_id: 0,
+                        ..Default::default()
+                    },
                 )),
                 ..send_request()
             })
@@ -1991,7 +1994,10 @@ db_test!(errors_carry_stable_reasons, |db: TestDatabase| async move {
     let send = camp
         .send_assignment(pb::SendAssignmentRequest {
             delivery: Some(pb::send_assignment_request::Delivery::Newsletter(
-                pb::NewsletterDelivery { from_id: 0 },
+                pb::NewsletterDelivery {
+                    from_id: 0,
+                    ..Default::default()
+                },
             )),
             ..send_request()
         })

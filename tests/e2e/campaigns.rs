@@ -990,7 +990,10 @@ db_test!(
                     variation(5, "<p>premium</p>"),
                 ],
                 delivery: Some(pb::send_assignment_request::Delivery::Newsletter(
-                    pb::NewsletterDelivery { from_id: 0 },
+                    pb::NewsletterDelivery {
+                        from_id: 0,
+                        ..Default::default()
+                    },
                 )),
                 ..Default::default()
             })

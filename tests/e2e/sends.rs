@@ -10,6 +10,7 @@ use anyhow::{Context as _, bail, ensure};
 use cio_sim::{Fault, SimApi};
 use serde_json::json;
 use sharpsend_core::jobs::Job;
+use sharpsend_core::{AppContext, context::Migrations};
 use sharpsend_db::sends::{self as store, SendState as DbState};
 use sharpsend_db::{db_test, testing::TestDatabase};
 use sharpsend_proto::v1::{self as pb, SendState};
@@ -67,7 +68,10 @@ fn broadcast_send(assignment: &str, targets: &[(i64, &str)]) -> pb::SendAssignme
 fn newsletter_send(assignment: &str, targets: &[(i64, &str)]) -> pb::SendAssignmentRequest {
     pb::SendAssignmentRequest {
         delivery: Some(pb::send_assignment_request::Delivery::Newsletter(
-            pb::NewsletterDelivery { from_id: 0 },
+            pb::NewsletterDelivery {
+                from_id: 0,
+                ..Default::default()
+            },
         )),
         ..broadcast_send(assignment, targets)
     }
@@ -388,15 +392,11 @@ db_test!(
     |db: TestDatabase| async move {
         let app = synced(&db).await?;
         let engaged = segment(&app, "High Engagement")?;
-        // Recorded but not dispatched: the broadcast window is held elsewhere for a moment.
-        let ws = app.ctx.workspace_id();
-        store::hold_window(&app.ctx.db, ws, BROADCAST, app.ctx.now()).await?;
+        // Customer.io holds the trigger a moment before processing it (it shows up late).
+        let held = Duration::from_secs(4);
         app.sim.sim.push_faults(
             Some(SimApi::App),
-            [
-                Fault::Delay(Duration::ZERO),
-                Fault::Delay(Duration::from_secs(30)),
-            ],
+            [Fault::Delay(Duration::ZERO), Fault::Delay(held)],
         );
         let mut client = app.campaigns().await?;
         let call = tokio::spawn(async move {
@@ -404,17 +404,19 @@ db_test!(
                 .send_assignment(broadcast_send("asg-died", &[(engaged, "<p>x</p>")]))
                 .await
         });
-        // The request is out (the simulator holds it), the submission is `submitting`...
+        // The request is out (the simulator holds it: it took the second fault), the submission
+        // is `submitting`...
+        let sub = wait_for_state(&app, DbState::Submitting).await?;
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let sub = loop {
-            let subs = store::in_state(&app.ctx.db, ws, DbState::Submitting, 10).await?;
-            if let Some(s) = subs.into_iter().next() {
-                break s;
-            }
-            ensure!(std::time::Instant::now() < deadline, "never submitting");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        // ...and its dispatcher dies (the call is abandoned; in production: the process is killed).
+        while app.sim.sim.queued_faults() > 0 {
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "the trigger never left"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // ...and its dispatcher is gone for us (the call is abandoned; in production: the process
+        // is killed after its request reached Customer.io).
         call.abort();
         ensure!(sub.claimed_by.is_some());
         // Before the claim expires the reconciler leaves it alone.
@@ -422,30 +424,35 @@ db_test!(
         let still = store::submission(&app.ctx.db, sub.id)
             .await?
             .context("row")?;
-        ensure!(
-            still.state == DbState::Submitting || still.state == DbState::Submitted,
-            "{still:?}"
-        );
-        // The aborted call's request stays in the simulator until the delay ends: the simulator
-        // then processes it (as Customer.io would). Move past the claim expiry.
+        ensure!(still.state == DbState::Submitting, "{still:?}");
+        // The claim lapses while Customer.io has not shown the trigger yet: uncertain, and not
+        // judged absent before the grace has passed since the END of the attempt window. (On a
+        // slow machine the held request may already be answered: then it is simply settled.)
         app.advance(app.ctx.settings.sends.claim_ttl + Duration::from_millis(200));
         app.run_job(Job::SendReconcile).await?;
         let after = store::submission(&app.ctx.db, sub.id)
             .await?
             .context("row")?;
-        // Either the request reached the simulator (found → submitted) or it did not (uncertain
-        // until the grace passes, then sent once); never two triggers.
         ensure!(
             matches!(
                 after.state,
-                DbState::Uncertain | DbState::Submitted | DbState::Completed | DbState::Pending
-            ),
+                DbState::Uncertain | DbState::Submitted | DbState::Completed
+            ) && after.attempts == 1,
             "{after:?}"
         );
         let send = store::get_by_id(&app.ctx.db, sub.send_id)
             .await?
             .context("send")?;
-        app.advance(app.ctx.settings.sends.reconcile_grace);
+        // Customer.io processes the held request.
+        let deadline = std::time::Instant::now() + held + Duration::from_secs(10);
+        while our_triggers(&app, &send.public_id).is_empty() {
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "the held trigger never landed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        app.advance(app.ctx.settings.sends.reconcile_grace + Duration::from_secs(5));
         app.run_job(Job::SendReconcile).await?;
         let done = wait_for(&app, &send.public_id, "settled", |s| {
             matches!(
@@ -464,6 +471,113 @@ db_test!(
             "{} triggers",
             our_triggers(&app, &send.public_id).len()
         );
+        app.stop().await
+    }
+);
+
+/// Waits until some submission of the workspace is in `state`.
+async fn wait_for_state(app: &TestApp, state: DbState) -> anyhow::Result<store::Submission> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let subs = store::in_state(&app.ctx.db, app.ctx.workspace_id(), state, 10).await?;
+        if let Some(s) = subs.into_iter().next() {
+            return Ok(s);
+        }
+        ensure!(std::time::Instant::now() < deadline, "never {state}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A second process on the same database and simulator, as the scheduler is to the server: an
+/// application context with a Customer.io client of its own (reaching the simulator as
+/// `localhost`, so its rate limiter is not the server's) and the same clock (so `advance` moves
+/// both).
+async fn second_process(app: &TestApp) -> anyhow::Result<AppContext> {
+    let mut cio = sharpsend_tests::sim_settings(&app.sim);
+    let port = url::Url::parse(&app.sim.base_url())?
+        .port()
+        .context("simulator port")?;
+    let localhost = url::Url::parse(&format!("http://localhost:{port}"))?;
+    cio.app_base_url = Some(localhost.clone());
+    cio.track_base_url = Some(localhost);
+    Ok(AppContext::bootstrap(
+        sharpsend_tests::test_settings(&app.database_url, cio),
+        Migrations::RequireCurrent,
+        app.ctx.clock.clone(),
+    )
+    .await?)
+}
+
+/// The server's process-wide App API limiter.
+fn server_limiter(
+    app: &TestApp,
+) -> anyhow::Result<std::sync::Arc<cio_client::limiter::RateLimiter>> {
+    let base = url::Url::parse(&app.sim.base_url())?;
+    Ok(cio_client::limiter::shared_limiter(
+        cio_client::Api::App,
+        &app.sim.sim.config().site_id,
+        &base,
+        10,
+    ))
+}
+
+db_test!(
+    a_trigger_held_in_one_process_limiter_past_its_claim_never_leaves_after_another_process_sent_it,
+    |db: TestDatabase| async move {
+        let app = synced(&db).await?;
+        let engaged = segment(&app, "High Engagement")?;
+        let scheduler = second_process(&app).await?;
+        let sends = app.ctx.settings.sends.clone();
+        // A 429 paused the server's triggers (its limiter is process-wide) for longer than the
+        // claim and the grace together.
+        let paused = sends.claim_ttl + sends.reconcile_grace + Duration::from_secs(1);
+        server_limiter(&app)?.pause_scope_for(cio_client::TRIGGER_SCOPE, paused);
+
+        let mut client = app.campaigns().await?;
+        let call = tokio::spawn(async move {
+            client
+                .send_assignment(broadcast_send("asg-held", &[(engaged, "<p>x</p>")]))
+                .await
+        });
+        // The server recorded the send and claimed its submission.
+        let ws = app.ctx.workspace_id();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let send = loop {
+            if let Some(send) = store::get_by_key(&app.ctx.db, ws, "asg-held", "").await?
+                && store::history(&app.ctx.db, send.id)
+                    .await?
+                    .iter()
+                    .any(|h| h.to_state == DbState::Submitting)
+            {
+                break send;
+            }
+            ensure!(std::time::Instant::now() < deadline, "never claimed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+
+        // Time passes beyond the claim and the grace; the scheduler reconciles and dispatches.
+        app.advance(paused);
+        sharpsend_core::jobs::run_job(&scheduler, Job::SendReconcile, "scheduler").await?;
+        sharpsend_core::jobs::run_job(&scheduler, Job::SendDispatch, "scheduler").await?;
+        // The server's call ends: its limiter lets the trigger go, or it gave up long before.
+        let answered = tokio::time::timeout(paused + Duration::from_secs(15), call).await;
+        ensure!(answered.is_ok(), "the server's call never ended");
+
+        let done = wait_for(&app, &send.public_id, "sent once", |s| {
+            matches!(
+                states(s)[..],
+                [SendState::Submitted] | [SendState::Completed]
+            )
+        })
+        .await?;
+        let triggers = our_triggers(&app, &send.public_id);
+        ensure!(
+            triggers.len() == 1,
+            "{} triggers: {:#?}",
+            triggers.len(),
+            done.history
+        );
+        ensure!(done.submissions[0].cio_trigger_id == triggers[0].id);
         app.stop().await
     }
 );
@@ -608,8 +722,24 @@ db_test!(
             "created, answer lost"
         );
 
+        // Found unsent: within the grace after the attempt it is left alone (a send of it could
+        // still be on its way), then sent.
         app.run_job(Job::SendReconcile).await?;
-        let sent = get_send(&app, &send.id).await?;
+        let waiting = get_send(&app, &send.id).await?;
+        ensure!(
+            states(&waiting) == [SendState::Uncertain],
+            "{:#?}",
+            waiting.history
+        );
+        app.advance(app.ctx.settings.sends.reconcile_grace + Duration::from_secs(1));
+        app.run_job(Job::SendReconcile).await?;
+        let sent = wait_for(&app, &send.id, "sent", |s| {
+            matches!(
+                states(s)[..],
+                [SendState::Submitted] | [SendState::Completed]
+            )
+        })
+        .await?;
         ensure!(
             matches!(
                 states(&sent)[..],
@@ -1043,6 +1173,620 @@ db_test!(
             settled.history
         );
         ensure!(our_triggers(&app, &send.public_id).len() == 1);
+        app.stop().await
+    }
+);
+
+/// `POST /v1/newsletters/{id}/send` requests the simulator received.
+fn newsletter_sends(app: &TestApp, newsletter_id: i64) -> usize {
+    let path = format!("/v1/newsletters/{newsletter_id}/send");
+    app.sim
+        .sim
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path == path)
+        .count()
+}
+
+/// Waits until the simulator holds a newsletter created after the first `before`.
+async fn wait_for_newsletter(
+    app: &TestApp,
+    before: usize,
+) -> anyhow::Result<cio_sim::SimNewsletter> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let all = app.sim.sim.newsletters();
+        if all.len() > before {
+            return all.into_iter().max_by_key(|n| n.id).context("newsletter");
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "no newsletter created"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+db_test!(
+    a_newsletter_created_after_its_dispatcher_lost_the_claim_is_not_sent_by_that_dispatcher,
+    |db: TestDatabase| async move {
+        let app = synced(&db).await?;
+        let engaged = segment(&app, "High Engagement")?;
+        let before = app.sim.sim.newsletters().len();
+        // Customer.io creates the newsletter at once but its answer takes a while.
+        let slow = Duration::from_secs(3);
+        app.sim
+            .sim
+            .push_faults(Some(SimApi::App), [Fault::AcceptThenDelay(slow)]);
+        let mut client = app.campaigns().await?;
+        let call = tokio::spawn(async move {
+            client
+                .send_assignment(newsletter_send("asg-news-late", &[(engaged, "<p>x</p>")]))
+                .await
+        });
+        let newsletter = wait_for_newsletter(&app, before).await?;
+        // Meanwhile the claim lapses and the reconciler takes over: it finds the newsletter by
+        // its name, unsent, and (after the grace) sends it.
+        let sends = &app.ctx.settings.sends;
+        app.advance(sends.claim_ttl + sends.reconcile_grace + Duration::from_secs(5));
+        app.run_job(Job::SendReconcile).await?;
+        // The first dispatcher hears of its creation only now.
+        let answered = tokio::time::timeout(slow + Duration::from_secs(15), call).await;
+        ensure!(answered.is_ok(), "the call never ended");
+
+        let ws = app.ctx.workspace_id();
+        let send = store::get_by_key(&app.ctx.db, ws, "asg-news-late", "")
+            .await?
+            .context("send")?;
+        let done = wait_for(&app, &send.public_id, "sent", |s| {
+            matches!(
+                states(s)[..],
+                [SendState::Submitted] | [SendState::Completed]
+            )
+        })
+        .await?;
+        ensure!(
+            newsletter_sends(&app, newsletter.id) == 1,
+            "{} sends of newsletter {}: {:#?}",
+            newsletter_sends(&app, newsletter.id),
+            newsletter.id,
+            done.history
+        );
+        ensure!(app.sim.sim.newsletters().len() == before + 1);
+        ensure!(
+            app.sim
+                .sim
+                .newsletter(newsletter.id)
+                .is_some_and(|n| n.sent_at.is_some())
+        );
+        app.stop().await
+    }
+);
+
+db_test!(
+    a_slow_newsletter_send_found_unsent_is_given_the_grace_and_sent_once,
+    |db: TestDatabase| async move {
+        let app = synced(&db).await?;
+        let engaged = segment(&app, "High Engagement")?;
+        let before = app.sim.sim.newsletters().len();
+        // Created at once; the send is held by Customer.io a moment before it is processed.
+        let held = Duration::from_secs(2);
+        app.sim.sim.push_faults(
+            Some(SimApi::App),
+            [Fault::Delay(Duration::ZERO), Fault::Delay(held)],
+        );
+        let mut client = app.campaigns().await?;
+        let call = tokio::spawn(async move {
+            client
+                .send_assignment(newsletter_send("asg-news-slow", &[(engaged, "<p>x</p>")]))
+                .await
+        });
+        let newsletter = wait_for_newsletter(&app, before).await?;
+        // The send is in the simulator (it took the second fault) and held there.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while app.sim.sim.queued_faults() > 0 {
+            ensure!(std::time::Instant::now() < deadline, "send never started");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The caller gives up; the server's dispatch goes on.
+        drop(call);
+        // The claim lapses while the send is still held: the newsletter is found, unsent. That is
+        // not proof it will not go out: it is left alone within the grace.
+        app.advance(app.ctx.settings.sends.claim_ttl + Duration::from_millis(200));
+        app.run_job(Job::SendReconcile).await?;
+        let ws = app.ctx.workspace_id();
+        let send = store::get_by_key(&app.ctx.db, ws, "asg-news-slow", "")
+            .await?
+            .context("send")?;
+        let waiting = get_send(&app, &send.public_id).await?;
+        ensure!(
+            states(&waiting) == [SendState::Uncertain],
+            "{:#?}",
+            waiting.history
+        );
+        // Customer.io processes the held send.
+        let deadline = std::time::Instant::now() + held + Duration::from_secs(10);
+        while app
+            .sim
+            .sim
+            .newsletter(newsletter.id)
+            .is_none_or(|n| n.sent_at.is_none())
+        {
+            ensure!(std::time::Instant::now() < deadline, "never sent");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        app.advance(app.ctx.settings.sends.reconcile_grace + Duration::from_secs(5));
+        app.run_job(Job::SendReconcile).await?;
+        let done = wait_for(&app, &send.public_id, "found sent", |s| {
+            matches!(
+                states(s)[..],
+                [SendState::Submitted] | [SendState::Completed]
+            )
+        })
+        .await?;
+        ensure!(
+            newsletter_sends(&app, newsletter.id) == 1,
+            "{} sends: {:#?}",
+            newsletter_sends(&app, newsletter.id),
+            done.history
+        );
+        app.stop().await
+    }
+);
+
+db_test!(
+    a_mark_sent_that_loses_to_a_requeue_is_reported_as_aborted,
+    |db: TestDatabase| async move {
+        use sea_orm::{ConnectionTrait as _, TransactionTrait as _};
+        let app = synced(&db).await?;
+        let engaged = segment(&app, "High Engagement")?;
+        app.sim.sim.push_faults(
+            Some(SimApi::App),
+            [Fault::Delay(Duration::ZERO), Fault::AcceptThenDrop],
+        );
+        let send = app
+            .campaigns()
+            .await?
+            .send_assignment(broadcast_send("asg-race", &[(engaged, "<p>x</p>")]))
+            .await?
+            .into_inner()
+            .send
+            .context("send")?;
+        ensure!(send.state() == SendState::Uncertain, "{send:#?}");
+        let ws = app.ctx.workspace_id();
+        let sub = store::in_state(&app.ctx.db, ws, DbState::Uncertain, 1)
+            .await?
+            .into_iter()
+            .next()
+            .context("uncertain submission")?;
+
+        // The reconciler is re-queueing it right now: its write holds the row (uncommitted)...
+        let other = sharpsend_db::connect(&app.database_url).await?;
+        let requeue = other
+            .begin_with_options(sea_orm::TransactionOptions {
+                sqlite_transaction_mode: Some(sea_orm::SqliteTransactionMode::Immediate),
+                ..Default::default()
+            })
+            .await?;
+        requeue
+            .execute_unprepared(&format!(
+                "UPDATE send_submissions SET state = 'pending' WHERE id = {}",
+                sub.id
+            ))
+            .await?;
+        // ...while an operator marks it as sent: ResolveSend reads it uncertain, then waits for
+        // the row.
+        let mut campaigns = app.campaigns().await?;
+        let send_id = send.id.clone();
+        let resolve = tokio::spawn(async move {
+            campaigns
+                .resolve_send(pb::ResolveSendRequest {
+                    send_id,
+                    resolution: pb::Resolution::MarkSent as i32,
+                    actor: "ops@sharpsend.example".into(),
+                    reason: "seen in Customer.io".into(),
+                    ..Default::default()
+                })
+                .await
+        });
+        // Long enough for ResolveSend to read and reach its write (a lock wait, not a timer).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        requeue.commit().await?;
+        let answer = resolve.await?;
+        let status = answer
+            .err()
+            .context("MarkSent answered OK after losing the race")?;
+        ensure!(status.code() == Code::Aborted, "{status:?}");
+        let now = store::submission(&app.ctx.db, sub.id)
+            .await?
+            .context("row")?;
+        ensure!(now.state == DbState::Pending, "{now:?}");
+        let history = store::history(&app.ctx.db, now.send_id).await?;
+        ensure!(
+            !history.iter().any(|h| h.actor == "ops@sharpsend.example"),
+            "{history:?}"
+        );
+        app.stop().await
+    }
+);
+
+/// An application context of its own on `app`'s database and simulator with `adjust`ed
+/// settings, sharing `app`'s clock (core calls, no server).
+async fn context_with(
+    app: &TestApp,
+    adjust: impl FnOnce(&mut sharpsend_core::settings::Settings),
+) -> anyhow::Result<AppContext> {
+    let mut settings =
+        sharpsend_tests::test_settings(&app.database_url, sharpsend_tests::sim_settings(&app.sim));
+    adjust(&mut settings);
+    Ok(AppContext::bootstrap(settings, Migrations::RequireCurrent, app.ctx.clock.clone()).await?)
+}
+
+/// The body of each `POST /v1/newsletters` the simulator answered.
+fn newsletter_creations(app: &TestApp) -> Vec<(u16, serde_json::Value)> {
+    app.sim
+        .sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path == "/v1/newsletters")
+        .map(|r| (r.status, r.body.unwrap_or_default()))
+        .collect()
+}
+
+fn with_topic(mut request: pb::SendAssignmentRequest, topic: i64) -> pb::SendAssignmentRequest {
+    request.delivery = Some(pb::send_assignment_request::Delivery::Newsletter(
+        pb::NewsletterDelivery {
+            from_id: 0,
+            subscription_topic_id: Some(topic),
+        },
+    ));
+    request
+}
+
+db_test!(
+    a_subscription_center_workspace_gets_newsletters_with_the_configured_or_requested_topic,
+    |db: TestDatabase| async move {
+        let app = TestApp::spawn_with(&db, cio_sim::SimConfig::demo(), |cio| {
+            cio.subscription_topic_id = Some(7);
+        })
+        .await?;
+        app.run_job(Job::SegmentSync).await?;
+        app.sim.sim.set_subscription_center(true);
+        let engaged = segment(&app, "High Engagement")?;
+        let mut campaigns = app.campaigns().await?;
+
+        // The service's topic.
+        let a = campaigns
+            .send_assignment(newsletter_send("asg-topic-a", &[(engaged, "<p>a</p>")]))
+            .await?
+            .into_inner()
+            .send
+            .context("a")?;
+        ensure!(states(&a) == [SendState::Submitted], "{a:#?}");
+        // A send's own topic wins over it, and is shown on the send.
+        let b = campaigns
+            .send_assignment(with_topic(
+                newsletter_send("asg-topic-b", &[(engaged, "<p>b</p>")]),
+                9,
+            ))
+            .await?
+            .into_inner()
+            .send
+            .context("b")?;
+        ensure!(states(&b) == [SendState::Submitted], "{b:#?}");
+        ensure!(
+            matches!(
+                b.delivery,
+                Some(pb::send::Delivery::Newsletter(pb::NewsletterDelivery {
+                    subscription_topic_id: Some(9),
+                    ..
+                }))
+            ),
+            "{:?}",
+            b.delivery
+        );
+        let topics: Vec<_> = newsletter_creations(&app)
+            .iter()
+            .map(|(status, body)| (*status, body["subscription_topic_id"].as_i64()))
+            .collect();
+        ensure!(topics == [(200, Some(7)), (200, Some(9))], "{topics:?}");
+        let bad = campaigns
+            .send_assignment(with_topic(
+                newsletter_send("asg-topic-bad", &[(engaged, "<p>x</p>")]),
+                0,
+            ))
+            .await
+            .err()
+            .context("topic 0")?;
+        ensure!(
+            bad_request_fields(&bad) == ["newsletter.subscription_topic_id"],
+            "{bad:?}"
+        );
+        app.stop().await?;
+
+        // Without any topic, Customer.io refuses it: failed, with its reason.
+        let app = synced(&db).await?;
+        app.sim.sim.set_subscription_center(true);
+        let engaged = segment(&app, "High Engagement")?;
+        let c = app
+            .campaigns()
+            .await?
+            .send_assignment(newsletter_send("asg-topic-none", &[(engaged, "<p>c</p>")]))
+            .await?
+            .into_inner()
+            .send
+            .context("c")?;
+        ensure!(states(&c) == [SendState::Failed], "{c:#?}");
+        ensure!(
+            c.submissions[0]
+                .error
+                .contains("subscription_topic_id is required"),
+            "{:?}",
+            c.submissions[0].error
+        );
+        app.stop().await
+    }
+);
+
+/// Adds a second running API-triggered broadcast to the simulator.
+fn second_broadcast(app: &TestApp, segment_id: i64) -> anyhow::Result<i64> {
+    Ok(app.sim.sim.add_broadcast(cio_sim::NewBroadcast::new(
+        "Second alert",
+        cio_sim::AudienceFilter::segment(segment_id),
+    ))?)
+}
+
+fn triggers_refused(app: &TestApp) -> usize {
+    app.sim
+        .sim
+        .requests()
+        .iter()
+        .filter(|r| r.status == 429 && r.path.ends_with("/triggers"))
+        .count()
+}
+
+fn to_broadcast(mut request: pb::SendAssignmentRequest, id: i64) -> pb::SendAssignmentRequest {
+    request.delivery = Some(pb::send_assignment_request::Delivery::Broadcast(
+        pb::BroadcastDelivery { broadcast_id: id },
+    ));
+    request
+}
+
+db_test!(
+    triggers_of_two_broadcasts_are_spaced_workspace_wide_by_default,
+    |db: TestDatabase| async move {
+        let app = synced(&db).await?;
+        let engaged = segment(&app, "High Engagement")?;
+        let other = second_broadcast(&app, engaged)?;
+        // Customer.io limits triggers across the workspace (the simulator's default).
+        let mut campaigns = app.campaigns().await?;
+        let a = campaigns
+            .send_assignment(broadcast_send("asg-scope-a", &[(engaged, "<p>a</p>")]))
+            .await?
+            .into_inner()
+            .send
+            .context("a")?;
+        let b = campaigns
+            .send_assignment(to_broadcast(
+                broadcast_send("asg-scope-b", &[(engaged, "<p>b</p>")]),
+                other,
+            ))
+            .await?
+            .into_inner()
+            .send
+            .context("b")?;
+        ensure!(states(&a) == [SendState::Submitted], "{a:#?}");
+        for id in [&a.id, &b.id] {
+            wait_for(&app, id, "submitted", |s| {
+                states(s) == [SendState::Submitted]
+            })
+            .await?;
+        }
+        ensure!(
+            triggers_refused(&app) == 0,
+            "{} triggers answered 429",
+            triggers_refused(&app)
+        );
+        let mut times: Vec<_> = app
+            .sim
+            .sim
+            .triggers(None)
+            .iter()
+            .map(|t| t.created_at)
+            .collect();
+        times.sort();
+        ensure!(times.len() == 2);
+        ensure!(
+            (times[1] - times[0]).to_std()? >= sharpsend_tests::TEST_TRIGGER_INTERVAL,
+            "{times:?}"
+        );
+        app.stop().await
+    }
+);
+
+db_test!(
+    per_broadcast_trigger_scope_lets_two_broadcasts_go_back_to_back,
+    |db: TestDatabase| async move {
+        let app = synced(&db).await?;
+        let engaged = segment(&app, "High Engagement")?;
+        let other = second_broadcast(&app, engaged)?;
+        app.sim
+            .sim
+            .set_trigger_scope(cio_sim::TriggerScope::PerBroadcast);
+        let ctx = context_with(&app, |s| {
+            s.sends.trigger_scope = sharpsend_core::sends::TriggerScope::Broadcast;
+        })
+        .await?;
+        let request = |assignment: &str, broadcast_id: i64| sharpsend_core::sends::SendRequest {
+            assignment_id: assignment.into(),
+            request_id: String::new(),
+            title: "Q4".into(),
+            subject: "Q4 outlook".into(),
+            segment_ids: vec![engaged],
+            variations: vec![sharpsend_core::sends::Variation {
+                segment_id: engaged,
+                subject: String::new(),
+                body: "<p>x</p>".into(),
+                data: None,
+            }],
+            delivery: Some(sharpsend_core::sends::DeliveryMode::Broadcast { broadcast_id }),
+            created_by: "e2e".into(),
+        };
+        // Both go at once: neither waits for the other's window.
+        for (assignment, broadcast) in [("asg-pb-a", BROADCAST), ("asg-pb-b", other)] {
+            let (view, _) =
+                sharpsend_core::sends::send_assignment(&ctx, request(assignment, broadcast))
+                    .await?;
+            ensure!(
+                view.submissions[0].state == DbState::Submitted,
+                "{assignment}: {view:#?}"
+            );
+        }
+        ensure!(triggers_refused(&app) == 0);
+        ensure!(app.sim.sim.triggers(None).len() == 2);
+        app.stop().await
+    }
+);
+
+db_test!(
+    metrics_are_requested_and_bucketed_in_the_configured_time_zone,
+    |db: TestDatabase| async move {
+        // Kolkata is UTC+5:30: its hours start at half past UTC hours.
+        let app = TestApp::spawn_with(&db, cio_sim::SimConfig::demo(), |cio| {
+            cio.metrics_tz = "Asia/Kolkata".into();
+        })
+        .await?;
+        app.run_job(Job::SegmentSync).await?;
+        let engaged = segment(&app, "High Engagement")?;
+        let send = app
+            .campaigns()
+            .await?
+            .send_assignment(newsletter_send("asg-tz", &[(engaged, "<p>x</p>")]))
+            .await?
+            .into_inner()
+            .send
+            .context("send")?;
+        let metrics = app
+            .campaigns()
+            .await?
+            .get_campaign_metrics(pb::GetCampaignMetricsRequest {
+                target: Some(pb::get_campaign_metrics_request::Target::SendId(
+                    send.id.clone(),
+                )),
+                refresh: true,
+            })
+            .await?
+            .into_inner();
+        let asked: Vec<String> = app
+            .sim
+            .sim
+            .requests()
+            .iter()
+            .filter(|r| r.path.ends_with("/metrics"))
+            .filter_map(|r| r.query.clone())
+            .collect();
+        ensure!(
+            !asked.is_empty() && asked.iter().all(|q| q.contains("tz=Asia%2FKolkata")),
+            "{asked:?}"
+        );
+        let m = metrics;
+        ensure!(m.resolution == "hours", "{m:?}");
+        let start = m.series_start.context("series_start")?;
+        ensure!(
+            start.seconds.rem_euclid(3600) == 1800,
+            "series start {start:?} is not a Kolkata hour"
+        );
+        app.stop().await
+    }
+);
+
+db_test!(
+    a_trigger_processed_with_errors_shows_them_on_the_send,
+    |db: TestDatabase| async move {
+        let app = synced(&db).await?;
+        let engaged = segment(&app, "High Engagement")?;
+        // Our trigger never arrives...
+        app.sim.sim.push_faults(
+            Some(SimApi::App),
+            [Fault::Delay(Duration::ZERO), Fault::Drop],
+        );
+        let send = app
+            .campaigns()
+            .await?
+            .send_assignment(broadcast_send("asg-errors", &[(engaged, "<p>x</p>")]))
+            .await?
+            .into_inner()
+            .send
+            .context("send")?;
+        ensure!(send.state() == SendState::Uncertain, "{send:#?}");
+        // ...but one carrying its marker does (say another sender re-played it by hand) and
+        // Customer.io processes it with errors: 25 of its recipients do not exist.
+        let mut data = serde_json::Map::new();
+        data.insert(
+            "sharpsend_submission".into(),
+            json!(send.submissions[0].marker),
+        );
+        let replay = cio_client::Trigger {
+            recipients: cio_client::Recipients::Ids(
+                (0..25).map(|i| format!("nobody-{i}")).collect(),
+            ),
+            data,
+        };
+        let _ = app.ctx.cio.trigger_broadcast(BROADCAST, &replay).await;
+        let recorded = app.sim.sim.triggers(Some(BROADCAST));
+        ensure!(
+            recorded.len() == 1 && recorded[0].errors.len() == 25,
+            "{recorded:?}"
+        );
+
+        app.run_job(Job::SendReconcile).await?;
+        let done = get_send(&app, &send.id).await?;
+        ensure!(states(&done) == [SendState::Completed], "{done:#?}");
+        let sub = &done.submissions[0];
+        ensure!(
+            sub.trigger_error_count == 25 && sub.trigger_errors.len() == 20,
+            "{} / {:?}",
+            sub.trigger_error_count,
+            sub.trigger_errors
+        );
+        ensure!(
+            sub.trigger_errors[0].contains("nobody-0"),
+            "{:?}",
+            sub.trigger_errors[0]
+        );
+        ensure!(
+            done.history
+                .iter()
+                .any(|h| h.reason.contains("25 error(s)")),
+            "{:#?}",
+            done.history
+        );
+        app.stop().await
+    }
+);
+
+db_test!(
+    a_process_whose_clock_is_off_from_the_database_refuses_to_start,
+    |db: TestDatabase| async move {
+        let app = TestApp::spawn(&db).await?;
+        let clock = sharpsend_core::clock::Clock::adjustable();
+        clock.advance(Duration::from_secs(60));
+        let refused = AppContext::bootstrap(
+            sharpsend_tests::test_settings(
+                &app.database_url,
+                sharpsend_tests::sim_settings(&app.sim),
+            ),
+            Migrations::RequireCurrent,
+            clock,
+        )
+        .await
+        .err()
+        .context("a clock a minute ahead was accepted")?;
+        let text = sharpsend_core::error::error_chain(&refused);
+        ensure!(
+            text.contains("SHARPSEND_MAX_CLOCK_SKEW_MS") && text.contains("ahead of"),
+            "{text}"
+        );
         app.stop().await
     }
 );

@@ -34,13 +34,16 @@ use tonic::{
 pub const TEST_TRIGGER_INTERVAL: Duration = Duration::from_millis(300);
 
 /// Send settings for tests: the trigger spacing just above [`TEST_TRIGGER_INTERVAL`], a short
-/// claim and a short reconciliation grace period.
+/// reconciliation grace period, a small clock skew (one machine), and the shortest claim that
+/// holds a whole request (10 s timeout) plus the fence margin (tests move the clock past it).
 pub fn test_send_config() -> sharpsend_core::sends::SendConfig {
     sharpsend_core::sends::SendConfig {
         trigger_spacing: TEST_TRIGGER_INTERVAL + Duration::from_millis(50),
-        claim_ttl: Duration::from_secs(5),
+        claim_ttl: Duration::from_secs(15),
         reconcile_grace: Duration::from_secs(1),
         max_attempts: 3,
+        max_clock_skew: Duration::from_millis(100),
+        ..sharpsend_core::sends::SendConfig::default()
     }
 }
 

@@ -103,6 +103,7 @@ impl AppContext {
             cio_client::Region::Us => "us",
             cio_client::Region::Eu => "eu",
         };
+        crate::sends::check_start_up(&db, &settings, &clock).await?;
         let workspace = sharpsend_db::workspaces::ensure(&db, &cio.site_id, region).await?;
         let client = CioClient::new(cio.client_config())?;
         Ok(Self::new(db, client, workspace, Arc::new(settings), clock))

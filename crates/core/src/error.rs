@@ -78,6 +78,10 @@ pub enum CoreError {
     /// Something with the same key exists and differs from what was asked.
     #[error("already exists: {0}")]
     AlreadyExists(String),
+    /// A concurrent change won: what the request decided on changed before it was applied (e.g.
+    /// ResolveSend on a submission the reconciler settled meanwhile). Read again, then decide.
+    #[error("aborted: {0}")]
+    Aborted(String),
     /// Customer.io answered with an error or could not be reached.
     #[error("Customer.io request failed")]
     Upstream(#[from] CioError),

@@ -24,16 +24,19 @@
 //! next run. Separate processes (server and scheduler) each pace themselves: `CIO_APP_RATE_LIMIT`
 //! splits the workspace's 10/s between them.
 //!
-//! Buckets are in Customer.io's default time zone for version 2, America/New_York (the client
-//! sends no `tz`); [`eastern`] computes their starts (with the IANA zone rules) to report
-//! `series_start`, slice a broadcast's series from a trigger's bucket, and align newsletters'
-//! series when summing them.
+//! Buckets are in the time zone the client sends as `tz` (`SHARPSEND_METRICS_TZ`, default
+//! America/New_York, Customer.io's own default for version 2); [`zoned`] computes their starts
+//! in that zone (with the IANA zone rules) to report `series_start`, slice a broadcast's series
+//! from a trigger's bucket, and align newsletters' series when summing them ([`eastern`] is the
+//! same for New York). A snapshot polled before the zone was changed is read in the new zone
+//! until its target's next poll replaces it.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
+use chrono_tz::Tz;
 use cio_client::{CioError, MetricSeries, MetricsOf, MetricsQuery, Resolution};
 use futures::StreamExt;
 use sharpsend_db::campaigns::{self as mirror, CampaignKind};
@@ -135,8 +138,23 @@ pub struct Window {
     pub series_start: DateTime<Utc>,
 }
 
-/// The window covering every delivery since `window_start`, up to `now` (whole seconds).
+/// The time zone the client asks Customer.io to bucket metrics in (checked when the client was
+/// built; New York if it somehow does not parse).
+pub fn metrics_zone(ctx: &AppContext) -> Tz {
+    ctx.cio
+        .metrics_tz()
+        .parse()
+        .unwrap_or(chrono_tz::America::New_York)
+}
+
+/// [`window_in`] New York.
 pub fn window(window_start: DateTime<Utc>, now: DateTime<Utc>) -> Window {
+    window_in(chrono_tz::America::New_York, window_start, now)
+}
+
+/// The window covering every delivery since `window_start`, up to `now` (whole seconds), with
+/// buckets in `tz`.
+pub fn window_in(tz: Tz, window_start: DateTime<Utc>, now: DateTime<Utc>) -> Window {
     let end = DateTime::from_timestamp(now.timestamp(), 0).unwrap_or(now);
     let start = DateTime::from_timestamp(window_start.timestamp(), 0)
         .unwrap_or(window_start)
@@ -153,7 +171,7 @@ pub fn window(window_start: DateTime<Utc>, now: DateTime<Utc>) -> Window {
         res,
         start,
         end,
-        series_start: eastern::floor(res, start),
+        series_start: zoned::floor(tz, res, start),
     }
 }
 
@@ -363,7 +381,8 @@ async fn poll_target(
     target: &MetricTarget,
     now: DateTime<Utc>,
 ) -> Result<Snapshot, CoreError> {
-    let w = window(target.window_start, now);
+    let tz = metrics_zone(ctx);
+    let w = window_in(tz, target.window_start, now);
     let query = MetricsQuery {
         res: w.res,
         start: w.start.timestamp(),
@@ -374,7 +393,7 @@ async fn poll_target(
         .metrics(MetricsTarget::from(target).metrics_of(), query)
         .await?;
     let polled_at = ctx.now();
-    let active_since = last_send_bucket(w.res, w.series_start, &polled.series)
+    let active_since = last_send_bucket(tz, w.res, w.series_start, &polled.series)
         .map_or(target.active_since, |at| at.max(target.active_since));
     let cadence = poll_interval((polled_at - active_since).to_std().unwrap_or_default());
     let next = polled_at + TimeDelta::from_std(cadence).unwrap_or(TimeDelta::hours(1));
@@ -399,13 +418,14 @@ async fn poll_target(
 
 /// Start of the newest bucket with something sent.
 fn last_send_bucket(
+    tz: Tz,
     res: Resolution,
     series_start: DateTime<Utc>,
     series: &BTreeMap<String, Vec<u64>>,
 ) -> Option<DateTime<Utc>> {
     let sent = series.get("sent")?;
     let last = sent.iter().rposition(|n| *n > 0)?;
-    eastern::starts(res, series_start, last + 1).pop()
+    zoned::starts(tz, res, series_start, last + 1).pop()
 }
 
 /// Rates from totals; each is 0 when its denominator is 0.
@@ -612,12 +632,17 @@ async fn send_metrics(
         };
         let target = MetricsTarget::Broadcast(broadcast_id);
         let snapshot = current_snapshot(ctx, target, refresh, Some(first_trigger)).await?;
-        return Ok(slice_from(snapshot, first_trigger, |from| {
-            format!(
-                "send {send_id}: broadcast {broadcast_id} since {} (includes other triggers of that broadcast)",
-                from.to_rfc3339_opts(SecondsFormat::Secs, true)
-            )
-        }));
+        return Ok(slice_from(
+            metrics_zone(ctx),
+            snapshot,
+            first_trigger,
+            |from| {
+                format!(
+                    "send {send_id}: broadcast {broadcast_id} since {} (includes other triggers of that broadcast)",
+                    from.to_rfc3339_opts(SecondsFormat::Secs, true)
+                )
+            },
+        ));
     }
     if targets.newsletter_ids.is_empty() {
         return Ok(CampaignMetrics::empty(format!(
@@ -635,6 +660,7 @@ async fn send_metrics(
         "newsletters"
     };
     Ok(merge(
+        metrics_zone(ctx),
         snapshots,
         format!("send {send_id}: {noun} {}", ids.join(", ")),
     ))
@@ -642,6 +668,7 @@ async fn send_metrics(
 
 /// The snapshot's buckets from the one holding `from` on.
 fn slice_from(
+    tz: Tz,
     s: Snapshot,
     from: DateTime<Utc>,
     scope: impl FnOnce(DateTime<Utc>) -> String,
@@ -650,7 +677,7 @@ fn slice_from(
         return from_snapshot(s, scope(from));
     };
     let len = s.series.values().map(Vec::len).max().unwrap_or(0);
-    let starts = eastern::starts(res, s.series_start, len);
+    let starts = zoned::starts(tz, res, s.series_start, len);
     let first = starts.partition_point(|b| *b <= from).saturating_sub(1);
     let series_start = starts.get(first).copied().unwrap_or(s.series_start);
     let series = s
@@ -669,7 +696,7 @@ fn slice_from(
 
 /// Several targets' series summed bucket by bucket, aligned on the coarsest resolution among
 /// them (hours, days and weeks nest; a week is counted in the month holding its start).
-fn merge(snapshots: Vec<Snapshot>, scope: String) -> CampaignMetrics {
+fn merge(tz: Tz, snapshots: Vec<Snapshot>, scope: String) -> CampaignMetrics {
     let resolutions: Vec<Resolution> = snapshots
         .iter()
         .filter_map(|s| s.res.parse::<Resolution>().ok())
@@ -683,14 +710,14 @@ fn merge(snapshots: Vec<Snapshot>, scope: String) -> CampaignMetrics {
     for s in &snapshots {
         let own = s.res.parse::<Resolution>().ok().unwrap_or(res);
         let len = s.series.values().map(Vec::len).max().unwrap_or(0);
-        let starts = eastern::starts(own, s.series_start, len);
+        let starts = zoned::starts(tz, own, s.series_start, len);
         for (name, values) in &s.series {
             if !names.contains(name) {
                 names.push(name.clone());
             }
             for (start, value) in starts.iter().zip(values) {
                 *buckets
-                    .entry(eastern::floor(res, *start))
+                    .entry(zoned::floor(tz, res, *start))
                     .or_default()
                     .entry(name.clone())
                     .or_default() += value;
@@ -711,7 +738,7 @@ fn merge(snapshots: Vec<Snapshot>, scope: String) -> CampaignMetrics {
         for (name, values) in series.iter_mut() {
             values.push(counts.and_then(|c| c.get(name)).copied().unwrap_or(0));
         }
-        let next = eastern::next(res, at);
+        let next = zoned::next(tz, res, at);
         if next <= at {
             break;
         }
@@ -721,39 +748,69 @@ fn merge(snapshots: Vec<Snapshot>, scope: String) -> CampaignMetrics {
 }
 
 /// Bucket boundaries in America/New_York, Customer.io's default time zone for version-2
-/// metrics. Buckets are local hours, days, weeks from Sunday, months; a local time that occurs
-/// twice means its first occurrence, one skipped by the clock change the next valid one.
+/// metrics ([`zoned`] in New York).
 pub mod eastern {
+    use chrono::{DateTime, TimeDelta, Utc};
+    use chrono_tz::America::New_York as ZONE;
+    use cio_client::Resolution;
+
+    use super::zoned;
+
+    /// UTC offset at an instant.
+    pub fn offset(utc: DateTime<Utc>) -> TimeDelta {
+        zoned::offset(ZONE, utc)
+    }
+
+    /// Start of the bucket holding `t`.
+    pub fn floor(res: Resolution, t: DateTime<Utc>) -> DateTime<Utc> {
+        zoned::floor(ZONE, res, t)
+    }
+
+    /// Start of the bucket after the one starting at `bucket_start`.
+    pub fn next(res: Resolution, bucket_start: DateTime<Utc>) -> DateTime<Utc> {
+        zoned::next(ZONE, res, bucket_start)
+    }
+
+    /// The starts of `n` buckets from the one starting at `series_start`.
+    pub fn starts(res: Resolution, series_start: DateTime<Utc>, n: usize) -> Vec<DateTime<Utc>> {
+        zoned::starts(ZONE, res, series_start, n)
+    }
+}
+
+/// Bucket boundaries in a time zone: the one metrics are requested in. Buckets are local hours,
+/// days, weeks from Sunday, months; a local time that occurs twice means its first occurrence,
+/// one skipped by the clock change the next valid one.
+pub mod zoned {
     use chrono::{
         DateTime, Datelike, LocalResult, Months, NaiveDateTime, Offset as _, TimeDelta,
         TimeZone as _, Timelike, Utc,
     };
-    use chrono_tz::America::New_York as ZONE;
+    use chrono_tz::Tz;
     use cio_client::Resolution;
 
     /// UTC offset at an instant.
-    pub fn offset(utc: DateTime<Utc>) -> TimeDelta {
+    pub fn offset(tz: Tz, utc: DateTime<Utc>) -> TimeDelta {
         TimeDelta::seconds(i64::from(
-            ZONE.offset_from_utc_datetime(&utc.naive_utc())
+            tz.offset_from_utc_datetime(&utc.naive_utc())
                 .fix()
                 .local_minus_utc(),
         ))
     }
 
-    fn to_local(utc: DateTime<Utc>) -> NaiveDateTime {
-        utc.with_timezone(&ZONE).naive_local()
+    fn to_local(tz: Tz, utc: DateTime<Utc>) -> NaiveDateTime {
+        utc.with_timezone(&tz).naive_local()
     }
 
-    fn from_local(local: NaiveDateTime) -> DateTime<Utc> {
+    fn from_local(tz: Tz, local: NaiveDateTime) -> DateTime<Utc> {
         let mut candidate = local;
         for _ in 0..4 {
-            match ZONE.from_local_datetime(&candidate) {
+            match tz.from_local_datetime(&candidate) {
                 LocalResult::Single(t) => return t.with_timezone(&Utc),
                 LocalResult::Ambiguous(earlier, _) => return earlier.with_timezone(&Utc),
                 LocalResult::None => candidate += TimeDelta::minutes(30),
             }
         }
-        (local + TimeDelta::hours(5)).and_utc()
+        (local - offset(tz, local.and_utc())).and_utc()
     }
 
     fn floor_local(res: Resolution, local: NaiveDateTime) -> NaiveDateTime {
@@ -772,13 +829,13 @@ pub mod eastern {
     }
 
     /// Start of the bucket holding `t`.
-    pub fn floor(res: Resolution, t: DateTime<Utc>) -> DateTime<Utc> {
-        from_local(floor_local(res, to_local(t)))
+    pub fn floor(tz: Tz, res: Resolution, t: DateTime<Utc>) -> DateTime<Utc> {
+        from_local(tz, floor_local(res, to_local(tz, t)))
     }
 
     /// Start of the bucket after the one starting at `bucket_start`.
-    pub fn next(res: Resolution, bucket_start: DateTime<Utc>) -> DateTime<Utc> {
-        let local = floor_local(res, to_local(bucket_start));
+    pub fn next(tz: Tz, res: Resolution, bucket_start: DateTime<Utc>) -> DateTime<Utc> {
+        let local = floor_local(res, to_local(tz, bucket_start));
         let shifted = match res {
             Resolution::Hours => local.checked_add_signed(TimeDelta::hours(1)),
             Resolution::Days => local.checked_add_signed(TimeDelta::days(1)),
@@ -788,22 +845,27 @@ pub mod eastern {
         let Some(shifted) = shifted else {
             return bucket_start;
         };
-        let next = from_local(shifted);
+        let next = from_local(tz, shifted);
         if next > bucket_start {
             next
         } else {
             // The skipped hour of spring: the bucket after it.
-            from_local(shifted + TimeDelta::hours(1))
+            from_local(tz, shifted + TimeDelta::hours(1))
         }
     }
 
     /// The starts of `n` buckets from the one starting at `series_start`.
-    pub fn starts(res: Resolution, series_start: DateTime<Utc>, n: usize) -> Vec<DateTime<Utc>> {
+    pub fn starts(
+        tz: Tz,
+        res: Resolution,
+        series_start: DateTime<Utc>,
+        n: usize,
+    ) -> Vec<DateTime<Utc>> {
         let mut out = Vec::with_capacity(n);
         let mut at = series_start;
         for _ in 0..n {
             out.push(at);
-            at = next(res, at);
+            at = next(tz, res, at);
         }
         out
     }
@@ -815,6 +877,8 @@ mod tests {
     use chrono::TimeZone;
 
     use super::*;
+
+    const NY: Tz = chrono_tz::America::New_York;
 
     fn utc(y: i32, mo: u32, d: u32, h: u32, mi: u32) -> DateTime<Utc> {
         Utc.with_ymd_and_hms(y, mo, d, h, mi, 0).unwrap()
@@ -906,6 +970,37 @@ mod tests {
         );
     }
 
+    #[test]
+    fn buckets_follow_the_configured_zone() {
+        let paris: Tz = "Europe/Paris".parse().unwrap();
+        // 2026-11-28 15:30Z is 16:30 in Paris: the day starts at 23:00Z the day before.
+        assert_eq!(
+            zoned::floor(paris, Resolution::Days, utc(2026, 11, 28, 15, 30)),
+            utc(2026, 11, 27, 23, 0)
+        );
+        assert_eq!(
+            window_in(paris, utc(2026, 11, 20, 15, 30), utc(2026, 11, 28, 15, 30)).series_start,
+            utc(2026, 11, 19, 23, 0)
+        );
+        // Half-hour offsets: 15:50Z is 21:20 in Kolkata; its hour started at 15:30Z.
+        let kolkata: Tz = "Asia/Kolkata".parse().unwrap();
+        assert_eq!(
+            zoned::floor(kolkata, Resolution::Hours, utc(2026, 11, 28, 15, 50)),
+            utc(2026, 11, 28, 15, 30)
+        );
+        // Summer time in Paris ends on 2026-10-25: that day has 25 hours.
+        let day = zoned::floor(paris, Resolution::Days, utc(2026, 10, 25, 12, 0));
+        assert_eq!(
+            zoned::next(paris, Resolution::Days, day) - day,
+            TimeDelta::hours(25)
+        );
+        // New York's buckets are the same as before.
+        assert_eq!(
+            zoned::floor(NY, Resolution::Days, utc(2026, 11, 28, 15, 30)),
+            eastern::floor(Resolution::Days, utc(2026, 11, 28, 15, 30))
+        );
+    }
+
     fn snapshot(
         res: &str,
         series_start: DateTime<Utc>,
@@ -953,7 +1048,9 @@ mod tests {
     fn a_broadcast_is_sliced_from_the_triggers_bucket() {
         let start = utc(2026, 11, 1, 4, 0); // midnight EDT
         let s = snapshot("days", start, vec![5, 0, 7, 1], vec![1, 2, 3, 4]);
-        let m = slice_from(s, utc(2026, 11, 3, 12, 0), |from| format!("since {from}"));
+        let m = slice_from(NY, s, utc(2026, 11, 3, 12, 0), |from| {
+            format!("since {from}")
+        });
         assert_eq!(m.series["sent"], vec![7, 1]);
         assert_eq!(m.totals["opened"], 7);
         // Nov 3 00:00 EST (after the clock change).
@@ -962,7 +1059,7 @@ mod tests {
         // A trigger before the window: everything.
         let s = snapshot("days", start, vec![5, 0, 7, 1], vec![1, 2, 3, 4]);
         assert_eq!(
-            slice_from(s, start - TimeDelta::days(3), |_| String::new()).totals["sent"],
+            slice_from(NY, s, start - TimeDelta::days(3), |_| String::new()).totals["sent"],
             13
         );
     }
@@ -972,13 +1069,13 @@ mod tests {
         let day = utc(2026, 11, 20, 5, 0); // midnight EST
         let hourly = snapshot("hours", day + TimeDelta::hours(23), vec![3, 4], vec![0, 1]);
         let daily = snapshot("days", day, vec![10, 0, 2], vec![5, 5, 0]);
-        let m = merge(vec![hourly, daily], "both".into());
+        let m = merge(NY, vec![hourly, daily], "both".into());
         assert_eq!(m.resolution, Some(Resolution::Days));
         assert_eq!(m.series_start, Some(day));
         // 23:00 falls on day 0, 00:00 the next day on day 1.
         assert_eq!(m.series["sent"], vec![13, 4, 2]);
         assert_eq!(m.totals["sent"], 19);
         assert_eq!(m.totals["opened"], 11);
-        assert_eq!(merge(Vec::new(), "none".into()).totals, BTreeMap::new());
+        assert_eq!(merge(NY, Vec::new(), "none".into()).totals, BTreeMap::new());
     }
 }

@@ -253,6 +253,18 @@ pub const VARIABLES: &[Variable] = &[
         "per-request timeout to Customer.io",
     ),
     var(
+        "CIO_SUBSCRIPTION_TOPIC_ID",
+        "",
+        Both,
+        "subscription topic of newsletter sends (Customer.io requires one when the workspace's subscription center is on); a send's own topic overrides it; unset: none sent",
+    ),
+    var(
+        "SHARPSEND_METRICS_TZ",
+        cio_client::ClientConfig::DEFAULT_METRICS_TZ,
+        Both,
+        "IANA time zone of metrics buckets, sent to Customer.io as `tz` (e.g. Europe/Paris)",
+    ),
+    var(
         "SHARPSEND_SEGMENT_REEVALUATE_SECS",
         "3600",
         Both,
@@ -293,6 +305,18 @@ pub const VARIABLES: &[Variable] = &[
         "11000",
         Both,
         "time between two broadcast triggers (Customer.io allows one per 10 s)",
+    ),
+    var(
+        "SHARPSEND_TRIGGER_SCOPE",
+        "workspace",
+        Both,
+        "`workspace`: the trigger spacing holds across all broadcasts of the workspace; `broadcast`: per broadcast",
+    ),
+    var(
+        "SHARPSEND_MAX_CLOCK_SKEW_MS",
+        "2000",
+        Both,
+        "largest difference tolerated between this process's clock and the database's: start-up refuses beyond it; send fences allow twice it",
     ),
     var(
         "SHARPSEND_SEND_CLAIM_TTL_SECS",
@@ -574,7 +598,7 @@ impl Settings {
             ));
         }
         telemetry.log_filter = Some(log_filter);
-        Ok(Self {
+        let settings = Self {
             database_url,
             cio,
             server,
@@ -593,6 +617,13 @@ impl Settings {
                     r.positive("SHARPSEND_SEND_RECONCILE_GRACE_SECS")?,
                 ),
                 max_attempts: r.positive_as("SHARPSEND_SEND_MAX_ATTEMPTS")?,
+                trigger_scope: r
+                    .parsed::<crate::sends::TriggerScope>(
+                        "SHARPSEND_TRIGGER_SCOPE",
+                        "`workspace` or `broadcast`",
+                    )?
+                    .unwrap_or_default(),
+                max_clock_skew: Duration::from_millis(r.positive("SHARPSEND_MAX_CLOCK_SKEW_MS")?),
             },
             evaluation: EvaluationConfig {
                 max_age: Duration::from_secs(r.positive("SHARPSEND_SEGMENT_REEVALUATE_SECS")?),
@@ -610,7 +641,18 @@ impl Settings {
                     .filter(|h| !h.is_empty())
                     .unwrap_or_else(|| "localhost".to_string()),
             },
-        })
+        };
+        settings.check()?;
+        Ok(settings)
+    }
+
+    /// The checks across settings: a sending request must be able to start and end inside its
+    /// claim ([`SendConfig::check_fence`], with the Customer.io timeout when a workspace is set).
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if let Some(cio) = &self.cio {
+            self.sends.check_fence(cio.timeout)?;
+        }
+        Ok(())
     }
 
     /// The Customer.io workspace, required outside `--dev`.
@@ -694,6 +736,15 @@ impl Reader<'_> {
     fn positive_as<T: TryFrom<u64>>(&self, name: &'static str) -> Result<T, ConfigError> {
         let n = self.positive(name)?;
         T::try_from(n).map_err(|_| ConfigError::new(name, "is too large"))
+    }
+
+    /// An IANA time zone name (`Europe/Paris`), as Customer.io's `tz` takes it.
+    fn time_zone(&self, name: &'static str) -> Result<String, ConfigError> {
+        let tz = self.required(name)?.trim().to_string();
+        tz.parse::<chrono_tz::Tz>().map_err(|_| {
+            ConfigError::new(name, "expected an IANA time zone such as America/New_York")
+        })?;
+        Ok(tz)
     }
 
     fn url(&self, name: &'static str) -> Result<Option<Url>, ConfigError> {
@@ -794,6 +845,10 @@ pub struct CioSettings {
     pub app_requests_per_sec: u32,
     pub track_requests_per_sec: u32,
     pub timeout: Duration,
+    /// IANA time zone of metrics buckets (sent as `tz`; checked when read).
+    pub metrics_tz: String,
+    /// Subscription topic of newsletter sends that name none themselves.
+    pub subscription_topic_id: Option<i64>,
 }
 
 impl fmt::Debug for CioSettings {
@@ -809,6 +864,8 @@ impl fmt::Debug for CioSettings {
             .field("app_requests_per_sec", &self.app_requests_per_sec)
             .field("track_requests_per_sec", &self.track_requests_per_sec)
             .field("timeout", &self.timeout)
+            .field("metrics_tz", &self.metrics_tz)
+            .field("subscription_topic_id", &self.subscription_topic_id)
             .finish_non_exhaustive()
     }
 }
@@ -827,6 +884,19 @@ impl CioSettings {
             app_requests_per_sec: r.positive_as("CIO_APP_RATE_LIMIT")?,
             track_requests_per_sec: r.positive_as("CIO_TRACK_RATE_LIMIT")?,
             timeout: Duration::from_secs(r.positive("CIO_TIMEOUT_SECS")?),
+            metrics_tz: r.time_zone("SHARPSEND_METRICS_TZ")?,
+            subscription_topic_id: match r.parsed::<i64>(
+                "CIO_SUBSCRIPTION_TOPIC_ID",
+                "a positive whole number (a Customer.io subscription topic id)",
+            )? {
+                Some(id) if id <= 0 => {
+                    return Err(ConfigError::new(
+                        "CIO_SUBSCRIPTION_TOPIC_ID",
+                        "must be greater than 0",
+                    ));
+                }
+                other => other,
+            },
         })
     }
 
@@ -845,6 +915,7 @@ impl CioSettings {
         config.app_requests_per_sec = self.app_requests_per_sec;
         config.track_requests_per_sec = self.track_requests_per_sec;
         config.timeout = self.timeout;
+        config.metrics_tz = self.metrics_tz.clone();
         config
     }
 
@@ -865,6 +936,8 @@ impl CioSettings {
             app_requests_per_sec: 10,
             track_requests_per_sec: 100,
             timeout: Duration::from_secs(10),
+            metrics_tz: ClientConfig::DEFAULT_METRICS_TZ.to_string(),
+            subscription_topic_id: None,
         }
     }
 }
@@ -1003,6 +1076,75 @@ mod tests {
         assert_eq!(settings.sends.trigger_spacing, Duration::from_millis(300));
         assert_eq!(settings.schedules[0].cron, "*/7 * * * * *");
         assert_eq!(settings.server.api_keys[0].name, "ops");
+    }
+
+    #[test]
+    fn send_fidelity_settings_are_read_and_checked() {
+        let settings = production(&env(BASE)).unwrap_or_else(|e| panic!("{e}"));
+        let cio = settings.cio().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cio.metrics_tz, "America/New_York");
+        assert_eq!(cio.client_config().metrics_tz, "America/New_York");
+        assert_eq!(cio.subscription_topic_id, None);
+        assert_eq!(
+            settings.sends.trigger_scope,
+            crate::sends::TriggerScope::Workspace
+        );
+        assert_eq!(settings.sends.max_clock_skew, Duration::from_secs(2));
+
+        let mut vars = env(BASE);
+        for (k, v) in [
+            ("SHARPSEND_METRICS_TZ", "Europe/Paris"),
+            ("CIO_SUBSCRIPTION_TOPIC_ID", "4"),
+            ("SHARPSEND_TRIGGER_SCOPE", "broadcast"),
+            ("SHARPSEND_MAX_CLOCK_SKEW_MS", "500"),
+        ] {
+            vars.insert(k.into(), v.into());
+        }
+        let settings = production(&vars).unwrap_or_else(|e| panic!("{e}"));
+        let cio = settings.cio().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cio.client_config().metrics_tz, "Europe/Paris");
+        assert_eq!(cio.subscription_topic_id, Some(4));
+        assert_eq!(
+            settings.sends.trigger_scope,
+            crate::sends::TriggerScope::Broadcast
+        );
+        assert_eq!(settings.sends.max_clock_skew, Duration::from_millis(500));
+
+        for (variable, value) in [
+            ("SHARPSEND_METRICS_TZ", "Mars/Olympus_Mons"),
+            ("SHARPSEND_METRICS_TZ", "EST5EDT6"),
+            ("CIO_SUBSCRIPTION_TOPIC_ID", "0"),
+            ("CIO_SUBSCRIPTION_TOPIC_ID", "newsletter"),
+            ("SHARPSEND_TRIGGER_SCOPE", "campaign"),
+            ("SHARPSEND_MAX_CLOCK_SKEW_MS", "0"),
+        ] {
+            let mut vars = env(BASE);
+            vars.insert(variable.into(), value.into());
+            let err = production(&vars).err();
+            assert_eq!(
+                err.map(|e| e.variable),
+                Some(variable),
+                "{variable}={value}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_claim_too_short_for_a_request_and_the_skew_refuses_to_start() {
+        // 10 s timeout + 2 × 2 s skew + 1 s of room: 15 s is the shortest claim.
+        let mut vars = env(BASE);
+        vars.insert("SHARPSEND_SEND_CLAIM_TTL_SECS".into(), "14".into());
+        let err = production(&vars).err();
+        assert_eq!(
+            err.as_ref().map(|e| e.variable),
+            Some("SHARPSEND_SEND_CLAIM_TTL_SECS"),
+            "{err:?}"
+        );
+        assert!(err.is_some_and(|e| e.problem.contains("CIO_TIMEOUT_SECS")));
+        vars.insert("SHARPSEND_SEND_CLAIM_TTL_SECS".into(), "15".into());
+        assert!(production(&vars).is_ok());
+        vars.insert("CIO_TIMEOUT_SECS".into(), "30".into());
+        assert!(production(&vars).is_err());
     }
 
     #[test]

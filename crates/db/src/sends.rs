@@ -13,7 +13,9 @@
 //! - Reads: [`get`], [`get_by_key`], [`list`], [`submissions`], [`history`], [`due`],
 //!   [`in_state`].
 //!
-//! All times come from the caller (`now`), truncated to microseconds.
+//! All times come from the caller (`now`), truncated to microseconds. The one exception is
+//! [`database_now`], which reads the database's own clock so that a process can check how far
+//! its clock is from it.
 
 use std::time::Duration;
 
@@ -79,7 +81,11 @@ pub enum Delivery {
     /// Trigger an API-triggered broadcast once per submission.
     Broadcast { broadcast_id: i64 },
     /// Create a newsletter per submission and send it.
-    Newsletter { from_id: Option<i64> },
+    Newsletter {
+        from_id: Option<i64>,
+        /// The subscription topic asked for with the send (`None`: the service's setting).
+        subscription_topic_id: Option<i64>,
+    },
 }
 
 /// A send to record.
@@ -131,7 +137,10 @@ impl TryFrom<sends::Model> for SendRecord {
     fn try_from(m: sends::Model) -> Result<Self, DbErr> {
         let delivery = match (m.delivery.as_str(), m.broadcast_id) {
             ("broadcast", Some(broadcast_id)) => Delivery::Broadcast { broadcast_id },
-            ("newsletter", _) => Delivery::Newsletter { from_id: m.from_id },
+            ("newsletter", _) => Delivery::Newsletter {
+                from_id: m.from_id,
+                subscription_topic_id: m.subscription_topic_id,
+            },
             (other, _) => {
                 return Err(DbErr::Type(format!(
                     "bad delivery `{other}` for send {}",
@@ -174,12 +183,24 @@ pub struct Submission {
     pub claimed_by: Option<String>,
     pub claim_expires_at: Option<DateTime<Utc>>,
     pub attempt_started_at: Option<DateTime<Utc>>,
+    /// When the attempt's window closes (see [`claim`] and [`Transition::ends_attempt`]).
+    pub attempt_ends_at: Option<DateTime<Utc>>,
     pub cio_trigger_id: Option<i64>,
     pub cio_newsletter_id: Option<i64>,
     pub recipients_count: Option<i64>,
     pub submitted_at: Option<DateTime<Utc>>,
     pub completed_at: Option<DateTime<Utc>>,
     pub error: Option<String>,
+    /// Errors Customer.io reported for the processed trigger (`None`: not read).
+    pub trigger_errors: Option<TriggerErrors>,
+}
+
+/// What Customer.io reported as a processed trigger's errors, bounded: the first lines and how
+/// many there were in all.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TriggerErrors {
+    pub first: Vec<String>,
+    pub count: i64,
 }
 
 impl TryFrom<send_submissions::Model> for Submission {
@@ -201,12 +222,20 @@ impl TryFrom<send_submissions::Model> for Submission {
             claimed_by: m.claimed_by,
             claim_expires_at: m.claim_expires_at,
             attempt_started_at: m.attempt_started_at,
+            attempt_ends_at: m.attempt_ends_at,
             cio_trigger_id: m.cio_trigger_id,
             cio_newsletter_id: m.cio_newsletter_id,
             recipients_count: m.recipients_count,
             submitted_at: m.submitted_at,
             completed_at: m.completed_at,
             error: m.error,
+            trigger_errors: m.trigger_error_count.map(|count| TriggerErrors {
+                first: m
+                    .trigger_errors
+                    .and_then(|v| serde_json::from_value(v).ok())
+                    .unwrap_or_default(),
+                count,
+            }),
         })
     }
 }
@@ -243,9 +272,12 @@ pub async fn create(
     now: DateTime<Utc>,
 ) -> Result<Created, DbError> {
     let now = db_time(now);
-    let (delivery, broadcast_id, from_id) = match new.delivery {
-        Delivery::Broadcast { broadcast_id } => ("broadcast", Some(broadcast_id), None),
-        Delivery::Newsletter { from_id } => ("newsletter", None, from_id),
+    let (delivery, broadcast_id, from_id, topic) = match new.delivery {
+        Delivery::Broadcast { broadcast_id } => ("broadcast", Some(broadcast_id), None, None),
+        Delivery::Newsletter {
+            from_id,
+            subscription_topic_id,
+        } => ("newsletter", None, from_id, subscription_topic_id),
     };
     let txn = begin_write(db).await?;
     let row = sends::ActiveModel {
@@ -259,6 +291,7 @@ pub async fn create(
         delivery: Set(delivery.to_string()),
         broadcast_id: Set(broadcast_id),
         from_id: Set(from_id),
+        subscription_topic_id: Set(topic),
         request: Set(new.request.clone()),
         state: Set(SendState::Pending.as_str().to_string()),
         created_by: Set(new.created_by.clone()),
@@ -305,12 +338,15 @@ pub async fn create(
             claimed_by: Set(None),
             claim_expires_at: Set(None),
             attempt_started_at: Set(None),
+            attempt_ends_at: Set(None),
             cio_trigger_id: Set(None),
             cio_newsletter_id: Set(None),
             recipients_count: Set(None),
             submitted_at: Set(None),
             completed_at: Set(None),
             error: Set(None),
+            trigger_errors: Set(None),
+            trigger_error_count: Set(None),
             updated_at: Set(now),
         })
         .collect();
@@ -576,10 +612,14 @@ pub enum Claim {
     Gone,
 }
 
-/// The broadcast window to take with a claim: the broadcast, and how long it stays closed after
-/// this trigger.
+/// The `broadcast_id` of the one trigger window shared by every broadcast of a workspace (when
+/// Customer.io's one-trigger-per-10-s limit is workspace-wide).
+pub const WORKSPACE_WINDOW: i64 = 0;
+
+/// The trigger window to take with a claim, and how long it stays closed after this trigger.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Window {
+    /// The broadcast whose window it is, or [`WORKSPACE_WINDOW`] for the workspace's.
     pub broadcast_id: i64,
     pub spacing: Duration,
 }
@@ -587,7 +627,8 @@ pub struct Window {
 /// Takes submission `id` for `holder`, in one transaction, before the request leaves: for a
 /// broadcast, first its trigger window (open at `now` → closed until `now + spacing`); then
 /// `pending` (and due) → `submitting` with `attempts + 1`, `attempt_started_at = now` and a
-/// claim until `now + claim_ttl`; a history entry; the send's aggregate state.
+/// claim until `now + claim_ttl` (also the end of the attempt's window, `attempt_ends_at`,
+/// until its dispatcher records the outcome); a history entry; the send's aggregate state.
 pub async fn claim(
     db: &impl TransactionTrait,
     workspace_id: i64,
@@ -652,6 +693,10 @@ pub async fn claim(
             Expr::value(add_span(now, claim_ttl)),
         )
         .col_expr(send_submissions::Column::AttemptStartedAt, Expr::value(now))
+        .col_expr(
+            send_submissions::Column::AttemptEndsAt,
+            Expr::value(add_span(now, claim_ttl)),
+        )
         .col_expr(
             send_submissions::Column::Attempts,
             Expr::col(send_submissions::Column::Attempts).add(1),
@@ -731,6 +776,11 @@ pub struct Transition {
     /// The attempt provably never reached Customer.io (refused before processing, or never
     /// connected): it does not count.
     pub uncount_attempt: bool,
+    /// The dispatcher records its attempt's outcome: the attempt's window ends now
+    /// (`attempt_ends_at`), not at its claim's expiry.
+    pub ends_attempt: bool,
+    /// Errors Customer.io reported for the processed trigger.
+    pub trigger_errors: Option<TriggerErrors>,
 }
 
 impl Transition {
@@ -752,6 +802,8 @@ impl Transition {
             next_attempt_at: None,
             error: None,
             uncount_attempt: false,
+            ends_attempt: false,
+            trigger_errors: None,
         }
     }
 
@@ -817,6 +869,17 @@ pub async fn transition(
     if t.uncount_attempt {
         update = update.col_expr(C::Attempts, Expr::col(C::Attempts).sub(1));
     }
+    if t.ends_attempt {
+        update = update.col_expr(C::AttemptEndsAt, Expr::value(now));
+    }
+    if let Some(errors) = &t.trigger_errors {
+        update = update
+            .col_expr(
+                C::TriggerErrors,
+                Expr::value(serde_json::Value::from(errors.first.clone())),
+            )
+            .col_expr(C::TriggerErrorCount, Expr::value(errors.count));
+    }
     if update.exec(&txn).await?.rows_affected == 0 {
         txn.rollback().await?;
         return Ok(false);
@@ -873,6 +936,28 @@ pub async fn expire_claims(
         }
     }
     Ok(expired)
+}
+
+/// The database's own clock (PostgreSQL `clock_timestamp()`, SQLite `julianday('now')`), to
+/// millisecond precision: how a process checks its clock against the one every process shares.
+pub async fn database_now(db: &impl ConnectionTrait) -> Result<DateTime<Utc>, DbError> {
+    let backend = db.get_database_backend();
+    let sql = match backend {
+        sea_orm::DbBackend::Postgres => {
+            "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT) AS ms"
+        }
+        _ => "SELECT CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER) AS ms",
+    };
+    let row = db
+        .query_one_raw(sea_orm::Statement::from_string(backend, sql))
+        .await?
+        .ok_or_else(|| DbErr::RecordNotFound("the database's time".into()))?;
+    let ms: i64 = row.try_get("", "ms")?;
+    DateTime::from_timestamp_millis(ms).ok_or_else(|| {
+        DbError::from(DbErr::Type(format!(
+            "database time {ms} ms is out of range"
+        )))
+    })
 }
 
 async fn refresh_send_state(

@@ -113,7 +113,10 @@ impl CampaignService for Campaigns {
                 })
             }
             Some(pb::send_assignment_request::Delivery::Newsletter(n)) => {
-                Some(DeliveryMode::Newsletter { from_id: n.from_id })
+                Some(DeliveryMode::Newsletter {
+                    from_id: n.from_id,
+                    subscription_topic_id: n.subscription_topic_id,
+                })
             }
             None => None,
         };
@@ -333,6 +336,8 @@ fn submission_to_proto(s: &SubmissionView) -> pb::Submission {
         completed_at: s.completed_at.map(timestamp),
         error: s.error.clone().unwrap_or_default(),
         marker: s.marker.clone(),
+        trigger_errors: s.trigger_errors.clone(),
+        trigger_error_count: s.trigger_error_count,
     }
 }
 
@@ -361,11 +366,13 @@ fn send_to_proto(send: &SendView) -> pb::Send {
             Delivery::Broadcast { broadcast_id } => {
                 pb::send::Delivery::Broadcast(pb::BroadcastDelivery { broadcast_id })
             }
-            Delivery::Newsletter { from_id } => {
-                pb::send::Delivery::Newsletter(pb::NewsletterDelivery {
-                    from_id: from_id.unwrap_or_default(),
-                })
-            }
+            Delivery::Newsletter {
+                from_id,
+                subscription_topic_id,
+            } => pb::send::Delivery::Newsletter(pb::NewsletterDelivery {
+                from_id: from_id.unwrap_or_default(),
+                subscription_topic_id,
+            }),
         }),
         submissions: send.submissions.iter().map(submission_to_proto).collect(),
         history: send.history.iter().map(history_to_proto).collect(),

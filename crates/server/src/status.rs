@@ -49,6 +49,9 @@ pub mod reasons {
     pub const FAILED_PRECONDITION: &str = "FAILED_PRECONDITION";
     /// ALREADY_EXISTS: the key (e.g. assignment_id + request_id) was used with other content.
     pub const KEY_REUSED: &str = "KEY_REUSED";
+    /// ABORTED: the change lost a race with another (e.g. ResolveSend vs reconciliation); read
+    /// the current state and decide again.
+    pub const CONFLICT: &str = "CONFLICT";
     /// NOT_FOUND, by what was not found.
     pub const UNKNOWN_SEGMENT: &str = "UNKNOWN_SEGMENT";
     pub const UNKNOWN_MANAGED_SEGMENT: &str = "UNKNOWN_MANAGED_SEGMENT";
@@ -113,6 +116,12 @@ pub fn to_status(error: CoreError) -> Status {
             Code::AlreadyExists,
             message,
             reasons::KEY_REUSED,
+            ErrorDetails::new(),
+        ),
+        CoreError::Aborted(message) => build(
+            Code::Aborted,
+            message,
+            reasons::CONFLICT,
             ErrorDetails::new(),
         ),
         CoreError::NotFound { what, id } => build(

@@ -321,7 +321,10 @@ async fn main() -> anyhow::Result<()> {
                 ..Default::default()
             }],
             delivery: Some(pb::send_assignment_request::Delivery::Newsletter(
-                pb::NewsletterDelivery { from_id: 0 },
+                pb::NewsletterDelivery {
+                    from_id: 0,
+                    ..Default::default()
+                },
             )),
             ..Default::default()
         }))

@@ -5,13 +5,15 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use cio_client::{CioError, NewNewsletter, Recipients, Trigger};
+use cio_client::{
+    CioError, DeadlineClient, NewNewsletter, NotSent, Recipients, SendError, Trigger,
+};
 use serde_json::{Map, Value};
 use sharpsend_db::sends::{
     self as store, Claim, Delivery, SendRecord, SendState, Submission, Transition, Window,
 };
 
-use super::TriggerData;
+use super::{TriggerData, fence};
 use crate::metrics::MetricsTarget;
 use crate::{AppContext, CoreError};
 
@@ -121,7 +123,8 @@ fn follow_in_background(ctx: &AppContext, send_id: i64) {
     });
 }
 
-/// Claims `submission` and sends it once; records the outcome.
+/// Claims `submission` and sends it once, inside its claim ([`fence::attempt_client`]);
+/// records the outcome.
 async fn submit(
     ctx: &AppContext,
     send: &SendRecord,
@@ -131,7 +134,7 @@ async fn submit(
 ) -> Result<(), CoreError> {
     let window = match send.delivery {
         Delivery::Broadcast { broadcast_id } => Some(Window {
-            broadcast_id,
+            broadcast_id: ctx.settings.sends.trigger_scope.window_of(broadcast_id),
             spacing: ctx.settings.sends.trigger_spacing,
         }),
         Delivery::Newsletter { .. } => None,
@@ -155,30 +158,42 @@ async fn submit(
         Claim::Gone => return Ok(()),
     };
     report.claimed += 1;
+    let cio = fence::attempt_client(ctx, &claimed);
     let outcome = match send.delivery {
         Delivery::Broadcast { broadcast_id } => {
             let trigger = Trigger {
                 recipients: Recipients::Filter(claimed.recipients.clone()),
                 data: trigger_data_of(send, &claimed),
             };
-            ctx.cio
-                .trigger_broadcast(broadcast_id, &trigger)
+            cio.trigger_broadcast(broadcast_id, &trigger)
                 .await
                 .map(Accepted::Trigger)
+                .map_err(Failure::from)
         }
-        Delivery::Newsletter { from_id } => {
-            send_newsletter(ctx, send, &claimed, holder, from_id).await
+        Delivery::Newsletter {
+            from_id,
+            subscription_topic_id,
+        } => {
+            let topic = subscription_topic_id.or_else(|| {
+                ctx.settings
+                    .cio
+                    .as_ref()
+                    .and_then(|c| c.subscription_topic_id)
+            });
+            send_newsletter(ctx, &cio, send, &claimed, holder, from_id, topic).await
         }
     };
     let now = ctx.now();
-    if let Some(window) = window {
+    if let Some(window) = window
+        && !matches!(outcome, Err(Failure::NotSent(_)))
+    {
         // The window was taken before the request; the request may have left later (waiting
         // for the App API rate limit), and Customer.io counts from its arrival.
         store::hold_window(
             &ctx.db,
             ctx.workspace_id(),
             window.broadcast_id,
-            now + chrono::TimeDelta::from_std(window.spacing).unwrap_or_default(),
+            now + fence::span(window.spacing),
         )
         .await?;
     }
@@ -207,9 +222,64 @@ async fn submit(
                 )
             }
         }
-        Err(e) => settle_failure(ctx, send, &e, holder, now, report).await?,
+        Err(Failure::NotSent(not_sent)) => {
+            report.requeued += 1;
+            let wait = not_sent
+                .earliest_start_in
+                .unwrap_or(Duration::from_secs(1))
+                .max(Duration::from_millis(100));
+            let at = now + fence::span(wait);
+            Transition {
+                next_attempt_at: Some(at),
+                uncount_attempt: true,
+                ..Transition::new(
+                    SendState::Submitting,
+                    SendState::Pending,
+                    holder,
+                    format!(
+                        "not sent: the request could not start early enough to end inside its \
+                         claim (waiting for the rate limit); nothing reached Customer.io; \
+                         queued until {at}"
+                    ),
+                )
+                .error(not_sent.to_string())
+            }
+        }
+        Err(Failure::ClaimLost { newsletter_id }) => {
+            report.uncertain += 1;
+            tracing::warn!(
+                submission = claimed.id,
+                newsletter_id,
+                "the claim was lost after the newsletter was created; it is not sent from here \
+                 (the reconciler finds it by name)"
+            );
+            return Ok(());
+        }
+        Err(Failure::NotRecorded {
+            newsletter_id,
+            error,
+        }) => {
+            report.uncertain += 1;
+            Transition::new(
+                SendState::Submitting,
+                SendState::Uncertain,
+                holder,
+                format!(
+                    "newsletter {newsletter_id} was created but could not be recorded; not sent \
+                     from here (the reconciler finds it by name)"
+                ),
+            )
+            .error(crate::error::error_chain(&error))
+        }
+        Err(Failure::Cio(e)) => {
+            settle_failure(ctx, send, &claimed, &e, holder, now, report).await?
+        }
     };
-    let t = t.held_by(holder);
+    let t = Transition {
+        ends_attempt: true,
+        ..t
+    }
+    .held_by(holder);
     if !store::transition(&ctx.db, claimed.id, &t, now).await? {
         tracing::warn!(
             submission = claimed.id,
@@ -243,6 +313,32 @@ enum Accepted {
     Newsletter(i64),
 }
 
+/// Why an attempt did not end in an accepted request.
+enum Failure {
+    /// Nothing left the process: the request could not start early enough to end inside the
+    /// claim.
+    NotSent(NotSent),
+    /// The request failed ([`settle_failure`]).
+    Cio(CioError),
+    /// The newsletter was created, but the claim was lost before its id was recorded: nothing
+    /// more is sent from here; whoever holds the submission now settles it.
+    ClaimLost { newsletter_id: i64 },
+    /// The newsletter was created, but recording its id failed: it is not sent from here.
+    NotRecorded {
+        newsletter_id: i64,
+        error: sharpsend_db::DbError,
+    },
+}
+
+impl From<SendError> for Failure {
+    fn from(error: SendError) -> Self {
+        match error {
+            SendError::NotSent(not_sent) => Failure::NotSent(not_sent),
+            SendError::Failed(e) => Failure::Cio(e),
+        }
+    }
+}
+
 fn trigger_data_of(send: &SendRecord, s: &Submission) -> Map<String, Value> {
     TriggerData {
         extra: s.data.as_ref().and_then(Value::as_object),
@@ -262,14 +358,17 @@ fn newsletter_name(send: &SendRecord, s: &Submission) -> String {
     format!("{} [{}]", send.title, s.marker)
 }
 
-/// Creates the submission's newsletter (unless an earlier attempt did) and sends it.
+/// Creates the submission's newsletter (unless an earlier attempt did), records its id while
+/// still holding the claim, and only then sends it — both requests inside the attempt's fence.
 async fn send_newsletter(
     ctx: &AppContext,
+    cio: &DeadlineClient,
     send: &SendRecord,
     s: &Submission,
     holder: &str,
     from_id: Option<i64>,
-) -> Result<Accepted, CioError> {
+    subscription_topic_id: Option<i64>,
+) -> Result<Accepted, Failure> {
     let newsletter_id = match s.cio_newsletter_id {
         Some(id) => id,
         None => {
@@ -280,7 +379,8 @@ async fn send_newsletter(
                 s.body.clone(),
             );
             new.from_id = from_id;
-            let created = ctx.cio.create_newsletter(&new).await?;
+            new.subscription_topic_id = subscription_topic_id;
+            let created = cio.create_newsletter(&new).await?;
             let t = Transition {
                 cio_newsletter_id: Some(created.id),
                 ..Transition::new(
@@ -291,14 +391,24 @@ async fn send_newsletter(
                 )
             }
             .held_by(holder);
-            if let Err(e) = store::transition(&ctx.db, s.id, &t, ctx.now()).await {
-                // The id is found again by the marker in its name.
-                tracing::warn!(submission = s.id, error = %crate::error::error_chain(&e), "could not record the created newsletter");
+            match store::transition(&ctx.db, s.id, &t, ctx.now()).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(Failure::ClaimLost {
+                        newsletter_id: created.id,
+                    });
+                }
+                Err(error) => {
+                    return Err(Failure::NotRecorded {
+                        newsletter_id: created.id,
+                        error,
+                    });
+                }
             }
             created.id
         }
     };
-    ctx.cio.send_newsletter(newsletter_id).await?;
+    cio.send_newsletter(newsletter_id).await?;
     Ok(Accepted::Newsletter(newsletter_id))
 }
 
@@ -306,6 +416,7 @@ async fn send_newsletter(
 async fn settle_failure(
     ctx: &AppContext,
     send: &SendRecord,
+    claimed: &Submission,
     error: &CioError,
     holder: &str,
     now: DateTime<Utc>,
@@ -318,6 +429,24 @@ async fn settle_failure(
         ..Transition::new(SendState::Submitting, SendState::Pending, holder, why)
             .error(text.clone())
     };
+    if let CioError::Rejected { .. } = error
+        && matches!(send.delivery, Delivery::Newsletter { .. })
+        && let Some(id) = claimed.cio_newsletter_id
+        && already_sent(ctx, id).await
+    {
+        // `/send` refused because the newsletter is no longer a draft: an earlier attempt's
+        // send went out after all.
+        report.submitted += 1;
+        return Ok(Transition {
+            cio_newsletter_id: Some(id),
+            ..Transition::new(
+                SendState::Submitting,
+                SendState::Submitted,
+                holder,
+                format!("newsletter {id} had already been sent"),
+            )
+        });
+    }
     Ok(match error {
         CioError::RateLimited { retry_after, .. } => {
             report.requeued += 1;
@@ -327,7 +456,8 @@ async fn settle_failure(
             let at =
                 now + chrono::TimeDelta::from_std(wait).unwrap_or(chrono::TimeDelta::seconds(10));
             if let Delivery::Broadcast { broadcast_id } = send.delivery {
-                store::hold_window(&ctx.db, ctx.workspace_id(), broadcast_id, at).await?;
+                let window = ctx.settings.sends.trigger_scope.window_of(broadcast_id);
+                store::hold_window(&ctx.db, ctx.workspace_id(), window, at).await?;
             }
             requeue(
                 at,
@@ -370,4 +500,12 @@ async fn settle_failure(
             .error(text)
         }
     })
+}
+
+/// Whether Customer.io shows newsletter `id` as sent (false when it cannot tell).
+async fn already_sent(ctx: &AppContext, id: i64) -> bool {
+    ctx.cio
+        .get_newsletter(id)
+        .await
+        .is_ok_and(|n| n.sent_at.is_some())
 }

@@ -11,16 +11,27 @@
 //! - a submission is claimed (`pending` → `submitting`, and for a broadcast its one-per-window
 //!   trigger slot) in the database BEFORE its request leaves, so concurrent dispatchers (two
 //!   approvals at once, the server and the scheduler) never both send it;
+//! - the whole attempt is fenced inside its claim: every request of it (rate-limiter wait and
+//!   429 pauses included) must be able to start by the claim's expiry minus the request timeout
+//!   minus [`SendConfig::fence_margin`], or it is not sent at all (`cio_client::NotSent`); so
+//!   once the claim has expired — in any process's clock, within the tolerated skew — nothing
+//!   of the attempt can still leave or still be on its way;
 //! - sending calls are never retried by the client; an answer that proves the request was not
 //!   processed (429, 4xx, could not connect) settles it (`pending` again or `failed`); anything
 //!   else that is not a success (timeout, dropped connection, 5xx) makes it `uncertain`, as
 //!   does a dispatcher that died holding it ([`SendConfig::claim_ttl`]);
 //! - [`reconcile`](fn@reconcile) looks for uncertain submissions in Customer.io by the marker
 //!   they carry (the trigger `data` field [`MARKER_FIELD`], echoed by the trigger status; the
-//!   newsletter name) and settles them: found → `submitted`; provably absent after
-//!   [`SendConfig::reconcile_grace`] → not sent, queued again (at most
-//!   [`SendConfig::max_attempts`] attempts, then `failed`); undecidable → left for an
-//!   operator's [`resolve`].
+//!   newsletter name) and settles them: found → `submitted`; absent (or a newsletter found
+//!   unsent) once [`SendConfig::reconcile_grace`] has passed after the END of the attempt's
+//!   window (when its dispatcher recorded the outcome, else its claim's expiry; plus the fence
+//!   margin) → not sent, queued again (at most [`SendConfig::max_attempts`] attempts, then
+//!   `failed`); undecidable → left for an operator's [`resolve`], whose decision only applies
+//!   to a submission still uncertain (else `CoreError::Aborted`).
+//!
+//! Times compared across processes (claim expiry, grace, trigger windows) come from each
+//! process's own clock: [`check_start_up`] refuses to start a process whose clock is more than
+//! [`SendConfig::max_clock_skew`] from the database's, and every fence allows twice that.
 //!
 //! The server dispatches a new send at once ([`send_assignment`]) and follows it in the
 //! background while later submissions wait for their broadcast window; the scheduler's
@@ -43,10 +54,12 @@ use sharpsend_db::sends as store;
 pub use sharpsend_db::sends::{Delivery, SendState};
 
 mod dispatch;
+mod fence;
 mod reconcile;
 mod request;
 
 pub use dispatch::{DispatchReport, dispatch_due};
+pub use fence::{TriggerScope, check_start_up};
 pub use reconcile::{ReconcileReport, SendMetricTargets, metric_targets, reconcile};
 pub use request::{
     Resolution, SendKey, exclusive_audience, get_send, list_sends, resolve, send_assignment,
@@ -68,31 +81,77 @@ pub const MAX_NEWSLETTER_BODY_BYTES: usize = 500_000;
 /// Longest ResolveSend actor and reason, in characters.
 pub const MAX_ACTOR_CHARS: usize = 200;
 pub const MAX_REASON_CHARS: usize = 2_000;
+/// Trigger errors kept per submission (the count is of all of them), and the longest line.
+pub const MAX_TRIGGER_ERRORS_KEPT: usize = 20;
+pub const MAX_TRIGGER_ERROR_CHARS: usize = 500;
 
 /// How sends are dispatched and reconciled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SendConfig {
-    /// Time between two triggers of one broadcast. Customer.io allows one per 10 s; the default
-    /// keeps a second of margin for clock and network jitter.
+    /// Time between two triggers ([`SendConfig::trigger_scope`]). Customer.io allows one per
+    /// 10 s; the default keeps a second of margin for network jitter.
     pub trigger_spacing: Duration,
+    /// Whether the spacing holds across the workspace (the default: Customer.io's docs do not
+    /// say the limit is per broadcast) or per broadcast.
+    pub trigger_scope: TriggerScope,
     /// How long a dispatcher holds a submission; one that has not recorded an outcome by then is
-    /// taken to have died (and the submission becomes uncertain). Longer than any request.
+    /// taken to have died (and the submission becomes uncertain). Every request of the attempt
+    /// must be able to start and end inside it ([`SendConfig::check_fence`]).
     pub claim_ttl: Duration,
-    /// How long after an attempt a submission not found in Customer.io is still given to
-    /// appear before it is settled as not sent.
+    /// How long after the end of an attempt's window a submission not found in Customer.io (or
+    /// a newsletter found unsent) is still given to show up before it is settled as not sent.
     pub reconcile_grace: Duration,
     /// Attempts (requests that may have reached Customer.io) before a submission that keeps
     /// not arriving is failed.
     pub max_attempts: i32,
+    /// Largest difference tolerated between a process's clock and the database's (checked at
+    /// start-up); two processes may then differ by twice it ([`SendConfig::fence_margin`]).
+    pub max_clock_skew: Duration,
+}
+
+/// Room a request must have between the earliest and the latest start the fence allows.
+const MIN_ATTEMPT_ROOM: Duration = Duration::from_secs(1);
+
+impl SendConfig {
+    /// What every fence that compares times of two processes allows: twice the skew each may
+    /// have from the database.
+    pub fn fence_margin(&self) -> Duration {
+        self.max_clock_skew * 2
+    }
+
+    /// The claim must hold a whole request (`request_timeout`) plus the fence margin plus a
+    /// second of room to wait for a turn in the rate limiter.
+    pub fn check_fence(
+        &self,
+        request_timeout: Duration,
+    ) -> Result<(), crate::settings::ConfigError> {
+        let needed = request_timeout + self.fence_margin() + MIN_ATTEMPT_ROOM;
+        if self.claim_ttl < needed {
+            return Err(crate::settings::ConfigError::new(
+                "SHARPSEND_SEND_CLAIM_TTL_SECS",
+                format!(
+                    "must be at least {} s: a request (CIO_TIMEOUT_SECS, {} s) must start and end \
+                     inside its claim, with twice SHARPSEND_MAX_CLOCK_SKEW_MS ({} ms) to spare \
+                     and a second of room",
+                    needed.as_secs_f64().ceil(),
+                    request_timeout.as_secs_f64(),
+                    self.max_clock_skew.as_millis()
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for SendConfig {
     fn default() -> Self {
         Self {
             trigger_spacing: Duration::from_secs(11),
+            trigger_scope: TriggerScope::Workspace,
             claim_ttl: Duration::from_secs(120),
             reconcile_grace: Duration::from_secs(60),
             max_attempts: 3,
+            max_clock_skew: Duration::from_secs(2),
         }
     }
 }
@@ -103,9 +162,11 @@ pub enum DeliveryMode {
     Broadcast {
         broadcast_id: i64,
     },
-    /// `from_id` 0: the workspace's default sender.
+    /// `from_id` 0: the workspace's default sender. `subscription_topic_id` `None`: the
+    /// service's `CIO_SUBSCRIPTION_TOPIC_ID`, if any.
     Newsletter {
         from_id: i64,
+        subscription_topic_id: Option<i64>,
     },
 }
 
@@ -171,6 +232,11 @@ pub struct SubmissionView {
     pub submitted_at: Option<DateTime<Utc>>,
     pub completed_at: Option<DateTime<Utc>>,
     pub error: Option<String>,
+    /// The first errors Customer.io reported for the processed trigger (at most
+    /// [`MAX_TRIGGER_ERRORS_KEPT`]).
+    pub trigger_errors: Vec<String>,
+    /// How many errors it reported in all.
+    pub trigger_error_count: i64,
 }
 
 /// One transition in a send's history.
@@ -218,6 +284,8 @@ impl SendView {
                     submitted_at: s.submitted_at,
                     completed_at: s.completed_at,
                     error: s.error,
+                    trigger_error_count: s.trigger_errors.as_ref().map_or(0, |e| e.count),
+                    trigger_errors: s.trigger_errors.map(|e| e.first).unwrap_or_default(),
                 })
                 .collect(),
             history: history

@@ -4,11 +4,13 @@
 use chrono::{DateTime, Utc};
 use cio_client::CioError;
 use serde_json::Value;
-use sharpsend_db::sends::{self as store, Delivery, SendRecord, SendState, Submission, Transition};
+use sharpsend_db::sends::{
+    self as store, Delivery, SendRecord, SendState, Submission, Transition, TriggerErrors,
+};
 
-use super::MARKER_FIELD;
 use super::dispatch::{dispatch_due, watch_metrics};
 use super::request::{SendKey, get_send};
+use super::{MARKER_FIELD, MAX_TRIGGER_ERROR_CHARS, MAX_TRIGGER_ERRORS_KEPT, fence};
 use crate::{AppContext, CoreError};
 
 /// How far before an attempt Customer.io's clock may put the trigger it created.
@@ -114,6 +116,9 @@ async fn settle_uncertain(
         Delivery::Newsletter { .. } => find_newsletter(ctx, s, started).await?,
     };
     let now = ctx.now();
+    // Absent (or unsent) means "not sent" only once the grace has passed after the END of the
+    // attempt's window: until then its request may still have been on its way.
+    let settle_after = fence::settle_after(&ctx.settings.sends, s, send.created_at);
     let t = match lookup {
         Lookup::Trigger {
             id,
@@ -137,6 +142,25 @@ async fn settle_uncertain(
                 format!("found newsletter {id}, sent"),
             )
         },
+        Lookup::Newsletter { id, sent: false } if now < settle_after => {
+            if s.cio_newsletter_id.is_none() {
+                let t = Transition {
+                    cio_newsletter_id: Some(id),
+                    ..Transition::new(
+                        SendState::Uncertain,
+                        SendState::Uncertain,
+                        RECONCILER,
+                        format!(
+                            "found newsletter {id}, not sent yet; its send may still be on its \
+                             way: waiting until {settle_after}"
+                        ),
+                    )
+                }
+                .error(s.error.clone().unwrap_or_default());
+                store::transition(&ctx.db, s.id, &t, now).await?;
+            }
+            return Ok(Settled::Left);
+        }
         Lookup::Newsletter { id, sent: false } => Transition {
             cio_newsletter_id: Some(id),
             next_attempt_at: Some(now),
@@ -144,7 +168,9 @@ async fn settle_uncertain(
                 SendState::Uncertain,
                 SendState::Pending,
                 RECONCILER,
-                format!("found newsletter {id}, not sent yet: queued to send it"),
+                format!(
+                    "found newsletter {id}, still not sent after the grace period: queued to send it"
+                ),
             )
         },
         Lookup::Undecidable(why) => {
@@ -161,9 +187,7 @@ async fn settle_uncertain(
             return Ok(Settled::Left);
         }
         Lookup::Absent => {
-            let grace = chrono::TimeDelta::from_std(ctx.settings.sends.reconcile_grace)
-                .unwrap_or(chrono::TimeDelta::seconds(60));
-            if now - started < grace {
+            if now < settle_after {
                 return Ok(Settled::Left);
             }
             if s.attempts >= ctx.settings.sends.max_attempts {
@@ -312,15 +336,24 @@ async fn follow_completion(
     send: &SendRecord,
     s: &Submission,
 ) -> Result<bool, CoreError> {
-    let (done, recipients_count, what) =
+    let (done, recipients_count, what, trigger_errors) =
         match (send.delivery, s.cio_trigger_id, s.cio_newsletter_id) {
             (Delivery::Broadcast { broadcast_id }, Some(trigger_id), _) => {
                 let status = ctx.cio.trigger_status(broadcast_id, trigger_id).await?;
-                (
-                    status.processed_at.is_some(),
-                    status.recipients_count,
-                    format!("trigger {trigger_id} processed"),
-                )
+                let processed = status.processed_at.is_some();
+                let errors = if processed {
+                    Some(trigger_errors(ctx, broadcast_id, trigger_id).await?)
+                } else {
+                    None
+                };
+                let what = match &errors {
+                    Some(e) if e.count > 0 => format!(
+                        "trigger {trigger_id} processed with {} error(s) reported by Customer.io",
+                        e.count
+                    ),
+                    _ => format!("trigger {trigger_id} processed"),
+                };
+                (processed, status.recipients_count, what, errors)
             }
             (Delivery::Newsletter { .. }, _, Some(newsletter_id)) => {
                 let n = ctx.cio.get_newsletter(newsletter_id).await?;
@@ -328,6 +361,7 @@ async fn follow_completion(
                     n.sent_at.is_some(),
                     None,
                     format!("newsletter {newsletter_id} sent"),
+                    None,
                 )
             }
             // Marked as sent by an operator without a Customer.io id: nothing to follow.
@@ -338,9 +372,40 @@ async fn follow_completion(
     }
     let t = Transition {
         recipients_count,
+        trigger_errors,
         ..Transition::new(SendState::Submitted, SendState::Completed, RECONCILER, what)
     };
     Ok(store::transition(&ctx.db, s.id, &t, ctx.now()).await?)
+}
+
+/// The errors Customer.io reports for a processed trigger, bounded: the first
+/// [`MAX_TRIGGER_ERRORS_KEPT`] lines (each cut at [`MAX_TRIGGER_ERROR_CHARS`]) and how many there
+/// are in all. A trigger Customer.io no longer knows has none to show.
+async fn trigger_errors(
+    ctx: &AppContext,
+    broadcast_id: i64,
+    trigger_id: i64,
+) -> Result<TriggerErrors, CoreError> {
+    let all = match ctx.cio.trigger_errors(broadcast_id, trigger_id).await {
+        Ok(all) => all,
+        Err(CioError::NotFound { .. }) => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(TriggerErrors {
+        count: i64::try_from(all.len()).unwrap_or(i64::MAX),
+        first: all
+            .into_iter()
+            .take(MAX_TRIGGER_ERRORS_KEPT)
+            .map(|line| {
+                if line.chars().count() > MAX_TRIGGER_ERROR_CHARS {
+                    let cut: String = line.chars().take(MAX_TRIGGER_ERROR_CHARS).collect();
+                    format!("{cut}…")
+                } else {
+                    line
+                }
+            })
+            .collect(),
+    })
 }
 
 /// What a send's metrics are made of.

@@ -50,8 +50,12 @@ pub async fn send_assignment(
         subject: request.subject.clone(),
         delivery: match delivery {
             DeliveryMode::Broadcast { broadcast_id } => Delivery::Broadcast { broadcast_id },
-            DeliveryMode::Newsletter { from_id } => Delivery::Newsletter {
+            DeliveryMode::Newsletter {
+                from_id,
+                subscription_topic_id,
+            } => Delivery::Newsletter {
                 from_id: (from_id > 0).then_some(from_id),
+                subscription_topic_id,
             },
         },
         request: fingerprint.clone(),
@@ -161,10 +165,20 @@ fn validate(r: &SendRequest) -> Result<DeliveryMode, CoreError> {
             ));
             None
         }
-        Some(DeliveryMode::Newsletter { from_id }) if from_id < 0 => {
+        Some(DeliveryMode::Newsletter { from_id, .. }) if from_id < 0 => {
             v.push(FieldViolation::new(
                 "newsletter.from_id",
                 "must not be negative",
+            ));
+            None
+        }
+        Some(DeliveryMode::Newsletter {
+            subscription_topic_id: Some(topic),
+            ..
+        }) if topic <= 0 => {
+            v.push(FieldViolation::new(
+                "newsletter.subscription_topic_id",
+                "must be a positive Customer.io subscription topic id (or left out)",
             ));
             None
         }
@@ -296,7 +310,14 @@ fn fingerprint(r: &SendRequest, delivery: DeliveryMode) -> Value {
         .collect();
     let delivery = match delivery {
         DeliveryMode::Broadcast { broadcast_id } => json!({"broadcast_id": broadcast_id}),
-        DeliveryMode::Newsletter { from_id } => json!({"newsletter_from_id": from_id}),
+        DeliveryMode::Newsletter {
+            from_id,
+            subscription_topic_id: None,
+        } => json!({"newsletter_from_id": from_id}),
+        DeliveryMode::Newsletter {
+            from_id,
+            subscription_topic_id: Some(topic),
+        } => json!({"newsletter_from_id": from_id, "subscription_topic_id": topic}),
     };
     json!({"title": r.title, "subject": r.subject, "segment_ids": r.segment_ids, "variations": variations, "delivery": delivery})
 }
@@ -570,6 +591,10 @@ pub async fn resolve(
         ]));
     }
     let now = ctx.now();
+    // Each decision applies only to a submission still uncertain: one that changed meanwhile (the
+    // reconciler settled or re-queued it) is left as it is and reported.
+    let mut changed = Vec::new();
+    let mut applied = 0;
     for s in chosen {
         let t = match resolution {
             Resolution::MarkSent => Transition::new(
@@ -588,10 +613,33 @@ pub async fn resolve(
                 )
             },
         };
-        store::transition(&ctx.db, s.id, &t, now).await?;
+        if store::transition(&ctx.db, s.id, &t, now).await? {
+            applied += 1;
+        } else {
+            changed.push(s);
+        }
     }
-    if resolution == Resolution::AllowRetry {
+    if resolution == Resolution::AllowRetry && applied > 0 {
         dispatch_now(ctx, send.id).await?;
+    }
+    if !changed.is_empty() {
+        let mut now_states = Vec::new();
+        for s in &changed {
+            let state = store::submission(&ctx.db, s.id)
+                .await?
+                .map_or_else(|| "gone".to_string(), |x| x.state.to_string());
+            now_states.push(format!("segment {}: now {state}", s.segment_id));
+        }
+        return Err(CoreError::Aborted(format!(
+            "send {send_id} changed while it was being resolved ({}); nothing was done to {}; \
+             read it again (GetSend) and decide on what is still uncertain",
+            now_states.join(", "),
+            if changed.len() == 1 {
+                "that submission"
+            } else {
+                "those submissions"
+            }
+        )));
     }
     let send = store::get_by_id(&ctx.db, send.id).await?.unwrap_or(send);
     view(ctx, send, true).await
@@ -703,7 +751,10 @@ mod tests {
         );
         assert_eq!(fields(&r), ["variations[0].data.sharpsend_submission"]);
         let mut r = request();
-        r.delivery = Some(DeliveryMode::Newsletter { from_id: 0 });
+        r.delivery = Some(DeliveryMode::Newsletter {
+            from_id: 0,
+            subscription_topic_id: None,
+        });
         r.variations[0].data = Some(json!({"cta": "Read"}).as_object().cloned().unwrap());
         assert_eq!(fields(&r), ["variations[0].data"]);
         r.variations[0].data = None;

@@ -1,4 +1,5 @@
-//! `broadcast_windows`: when each broadcast may be triggered next.
+//! `broadcast_windows`: when each broadcast (or, `broadcast_id` 0, any broadcast of the
+//! workspace) may be triggered next.
 
 use sea_orm::entity::prelude::*;
 

@@ -31,12 +31,20 @@ pub struct Model {
     pub claimed_by: Option<String>,
     pub claim_expires_at: Option<DateTimeUtc>,
     pub attempt_started_at: Option<DateTimeUtc>,
+    /// When the attempt's window closes: the claim's expiry, or when its dispatcher recorded the
+    /// outcome. The reconciler's grace starts here.
+    pub attempt_ends_at: Option<DateTimeUtc>,
     pub cio_trigger_id: Option<i64>,
     pub cio_newsletter_id: Option<i64>,
     pub recipients_count: Option<i64>,
     pub submitted_at: Option<DateTimeUtc>,
     pub completed_at: Option<DateTimeUtc>,
     pub error: Option<String>,
+    /// The first errors Customer.io reported for the processed trigger (JSON array of strings).
+    #[sea_orm(column_type = "JsonBinary", nullable)]
+    pub trigger_errors: Option<Json>,
+    /// How many errors Customer.io reported in all.
+    pub trigger_error_count: Option<i64>,
     pub updated_at: DateTimeUtc,
 }
 

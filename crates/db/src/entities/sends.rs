@@ -19,6 +19,8 @@ pub struct Model {
     pub delivery: String,
     pub broadcast_id: Option<i64>,
     pub from_id: Option<i64>,
+    /// Newsletter delivery: the subscription topic asked for (NULL: the service's setting).
+    pub subscription_topic_id: Option<i64>,
     /// The normalised request, to tell a repeat from a conflicting reuse of the key.
     #[sea_orm(column_type = "JsonBinary")]
     pub request: Json,

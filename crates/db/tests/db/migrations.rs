@@ -1,7 +1,7 @@
 use sharpsend_db::testing::{TestDatabase, TestResult};
 use sharpsend_db::{DbError, ensure_migrated, migrate, pending_migrations};
 
-const ALL: [&str; 10] = [
+const ALL: [&str; 13] = [
     "m20261128_000001_create_workspaces",
     "m20261128_000002_create_segments",
     "m20261128_000003_create_job_runs",
@@ -12,6 +12,9 @@ const ALL: [&str; 10] = [
     "m20261128_000008_outbox_segment_kinds",
     "m20261128_000009_create_sends",
     "m20261128_000010_create_campaigns_and_metrics",
+    "m20261206_000015_send_attempt_window",
+    "m20261206_000016_send_subscription_topic",
+    "m20261206_000017_send_trigger_errors",
 ];
 
 sharpsend_db::db_test!(
@@ -23,9 +26,10 @@ sharpsend_db::db_test!(
         assert_eq!(pending_migrations(&db.conn).await?.len(), ALL.len());
 
         match ensure_migrated(&db.conn).await {
-            Err(e @ DbError::PendingMigrations { count: 10, .. }) => {
+            Err(e @ DbError::PendingMigrations { count, .. }) if count == ALL.len() => {
                 let msg = e.to_string();
-                assert!(msg.contains("10 pending database migration(s)"), "{msg}");
+                let expected = format!("{} pending database migration(s)", ALL.len());
+                assert!(msg.contains(&expected), "{msg}");
                 assert!(msg.contains(ALL[0]), "{msg}");
                 assert!(msg.contains("sharpsend-server migrate"), "{msg}");
             }

@@ -340,3 +340,167 @@ sharpsend_db::db_test!(
         TestResult::Ok(())
     }
 );
+
+sharpsend_db::db_test!(
+    the_attempt_window_ends_at_the_claim_expiry_or_when_the_dispatcher_records_the_outcome,
+    |db: TestDatabase| async move {
+        let ws = workspace(&db, "site-1").await?;
+        let Created::New(send) =
+            sends::create(&db.conn, ws, &new_send("asg-window", &[4, 5]), ts(0)).await?
+        else {
+            return Err("not new".into());
+        };
+        let subs = sends::submissions(&db.conn, send.id).await?;
+        assert!(subs.iter().all(|s| s.attempt_ends_at.is_none()));
+
+        // Claimed: the attempt may run until the claim expires.
+        let Claim::Claimed(a) =
+            sends::claim(&db.conn, ws, subs[0].id, "alive", TTL, None, ts(1)).await?
+        else {
+            return Err("claim a".into());
+        };
+        assert_eq!(
+            (a.claim_expires_at, a.attempt_ends_at),
+            (Some(ts(61)), Some(ts(61)))
+        );
+        // Its dispatcher records the outcome (a timeout): the window ends then, and stays ended.
+        let timed_out = Transition {
+            ends_attempt: true,
+            ..Transition::new(
+                SendState::Submitting,
+                SendState::Uncertain,
+                "alive",
+                "timeout",
+            )
+            .held_by("alive")
+        };
+        assert!(sends::transition(&db.conn, a.id, &timed_out, ts(12)).await?);
+        let a = sends::submission(&db.conn, a.id).await?.ok_or("a")?;
+        assert_eq!(
+            (a.claim_expires_at, a.attempt_ends_at),
+            (None, Some(ts(12)))
+        );
+
+        // A dispatcher that dies holding its claim: the window ends at the claim's expiry.
+        let Claim::Claimed(b) =
+            sends::claim(&db.conn, ws, subs[1].id, "dead", TTL, None, ts(20)).await?
+        else {
+            return Err("claim b".into());
+        };
+        assert_eq!(sends::expire_claims(&db.conn, ws, ts(81)).await?.len(), 1);
+        let b = sends::submission(&db.conn, b.id).await?.ok_or("b")?;
+        assert_eq!(
+            (b.state, b.claim_expires_at, b.attempt_ends_at),
+            (SendState::Uncertain, None, Some(ts(80)))
+        );
+
+        // A processed trigger's errors are kept, bounded by the caller, with their count.
+        let found = Transition {
+            cio_trigger_id: Some(9),
+            ..Transition::new(
+                SendState::Uncertain,
+                SendState::Submitted,
+                "reconciler",
+                "found",
+            )
+        };
+        assert!(sends::transition(&db.conn, b.id, &found, ts(90)).await?);
+        assert!(
+            sends::submission(&db.conn, b.id)
+                .await?
+                .ok_or("b")?
+                .trigger_errors
+                .is_none()
+        );
+        let errors = sends::TriggerErrors {
+            first: vec!["line 1: customer id \"x\" does not exist".into()],
+            count: 42,
+        };
+        let completed = Transition {
+            trigger_errors: Some(errors.clone()),
+            ..Transition::new(
+                SendState::Submitted,
+                SendState::Completed,
+                "reconciler",
+                "done",
+            )
+        };
+        assert!(sends::transition(&db.conn, b.id, &completed, ts(91)).await?);
+        let b = sends::submission(&db.conn, b.id).await?.ok_or("b")?;
+        assert_eq!(b.trigger_errors, Some(errors));
+        TestResult::Ok(())
+    }
+);
+
+sharpsend_db::db_test!(
+    one_workspace_window_spaces_the_triggers_of_every_broadcast,
+    |db: TestDatabase| async move {
+        let ws = workspace(&db, "site-1").await?;
+        let mut first = new_send("asg-ws-1", &[4]);
+        first.delivery = Delivery::Broadcast { broadcast_id: 3 };
+        let mut second = with_id("snd_asg-ws-2", "asg-ws-2", &[4]);
+        second.delivery = Delivery::Broadcast { broadcast_id: 7 };
+        let mut ids = Vec::new();
+        for new in [&first, &second] {
+            let (Created::New(send) | Created::Existing(send)) =
+                sends::create(&db.conn, ws, new, ts(0)).await?;
+            ids.push(sends::submissions(&db.conn, send.id).await?[0].id);
+        }
+        let window = Some(Window {
+            broadcast_id: sends::WORKSPACE_WINDOW,
+            spacing: SPACING,
+        });
+        assert!(matches!(
+            sends::claim(&db.conn, ws, ids[0], "d", TTL, window, ts(1)).await?,
+            Claim::Claimed(_)
+        ));
+        // Another broadcast, same workspace window: it waits.
+        assert!(matches!(
+            sends::claim(&db.conn, ws, ids[1], "d", TTL, window, ts(2)).await?,
+            Claim::WindowClosed(t) if t == ts(11)
+        ));
+        assert!(matches!(
+            sends::claim(&db.conn, ws, ids[1], "d", TTL, window, ts(11)).await?,
+            Claim::Claimed(_)
+        ));
+        TestResult::Ok(())
+    }
+);
+
+sharpsend_db::db_test!(
+    a_newsletter_send_keeps_its_subscription_topic,
+    |db: TestDatabase| async move {
+        let ws = workspace(&db, "site-1").await?;
+        let mut new = new_send("asg-topic", &[4]);
+        new.delivery = Delivery::Newsletter {
+            from_id: Some(2),
+            subscription_topic_id: Some(5),
+        };
+        let Created::New(send) = sends::create(&db.conn, ws, &new, ts(0)).await? else {
+            return Err("not new".into());
+        };
+        assert_eq!(send.delivery, new.delivery);
+        let read = sends::get(&db.conn, ws, &send.public_id)
+            .await?
+            .ok_or("send")?;
+        assert_eq!(read.delivery, new.delivery);
+        TestResult::Ok(())
+    }
+);
+
+sharpsend_db::db_test!(
+    the_database_clock_is_read_on_both_backends,
+    |db: TestDatabase| async move {
+        #[allow(clippy::disallowed_methods)] // comparing with the system clock is the point
+        let before = chrono::Utc::now();
+        let at = sends::database_now(&db.conn).await?;
+        #[allow(clippy::disallowed_methods)]
+        let after = chrono::Utc::now();
+        let slack = chrono::TimeDelta::seconds(1);
+        assert!(
+            before - slack <= at && at <= after + slack,
+            "{before} ≤ {at} ≤ {after}"
+        );
+        TestResult::Ok(())
+    }
+);
