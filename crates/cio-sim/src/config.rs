@@ -104,6 +104,14 @@ pub struct SimConfig {
     pub subscription_center: bool,
     /// Outcome rates of deliveries no [`crate::RatesKey`] rule matches.
     pub default_rates: DeliveryRates,
+    /// How long a customer export takes to complete on the simulator's clock (default
+    /// [`DEFAULT_EXPORT_DELAY`]). Changeable at run time
+    /// ([`crate::Simulator::set_export_delay`]).
+    pub export_delay: Duration,
+    /// Base URL of the signed download links of exports (e.g. `http://cio-sim:4010` when the
+    /// simulator is reached under another name); `None`: the scheme-less host the App request
+    /// came to, as `http://{Host}`.
+    pub files_base_url: Option<String>,
 }
 
 /// Default site id accepted by the simulator.
@@ -116,6 +124,8 @@ pub const DEFAULT_APP_API_KEY: &str = "sim-app-key";
 pub const DEFAULT_DEMO_PEOPLE: usize = 5000;
 /// Default [`SimConfig::trigger_interval`]: Customer.io's one trigger per 10 s.
 pub const DEFAULT_TRIGGER_INTERVAL: Duration = Duration::from_secs(10);
+/// Default [`SimConfig::export_delay`].
+pub const DEFAULT_EXPORT_DELAY: Duration = Duration::from_secs(2);
 /// Default [`SimConfig::request_log_capacity`].
 pub const DEFAULT_REQUEST_LOG_CAPACITY: usize = 10_000;
 /// Request bodies larger than this are logged as `{"_truncated": <size in bytes>}`.
@@ -144,6 +154,8 @@ impl SimConfig {
             trigger_scope: TriggerScope::Workspace,
             subscription_center: false,
             default_rates: DeliveryRates::default(),
+            export_delay: DEFAULT_EXPORT_DELAY,
+            files_base_url: None,
         }
     }
 

@@ -20,6 +20,7 @@
 //! | `GET /_sim/triggers[?broadcast_id=N]` | `{"triggers":[..]}` oldest first ([`crate::SimTrigger`]) |
 //! | `GET /_sim/deliveries[?campaign_id=&broadcast_id=&trigger_id=&newsletter_id=&content_id=&subject=&person=&limit=100]` | `{"count","totals","eventual_totals","deliveries":[first limit]}` |
 //! | `POST /_sim/advance` | `{"seconds":n}` or `{"ms":n}`: [`crate::Simulator::advance`]; answers `{"advanced_ms":total}` |
+//! | `GET /_sim/exports`, `POST /_sim/exports` | `{"exports":[..],"fail_next":n,"delay_ms":n}`; set `{"fail_next":n,"delay_ms":n}` (each optional): the next n exports fail, exports take this long |
 //! | `GET /_sim/rates`, `POST /_sim/rates`, `DELETE /_sim/rates` | `{"default":{..},"rules":[{"key":{..},"rates":{..}}]}`; set `{"key"?:K,"rates":{..}}` (no key: the default); clear the rules |
 //!
 //! Fault items: `{"kind":"status","status":503,"retry_after_secs":2}`, `{"kind":"delay","ms":1500}`,
@@ -72,6 +73,7 @@ pub(crate) fn routes() -> Router<Simulator> {
         .route("/_sim/triggers", get(triggers))
         .route("/_sim/deliveries", get(deliveries))
         .route("/_sim/advance", post(advance))
+        .route("/_sim/exports", get(exports).post(set_exports))
         .route(
             "/_sim/rates",
             get(rates).post(set_rates).delete(clear_rates),
@@ -623,4 +625,37 @@ async fn set_rates(State(sim): State<Simulator>, body: Bytes) -> Response {
 async fn clear_rates(State(sim): State<Simulator>) -> StatusCode {
     sim.clear_rates();
     StatusCode::NO_CONTENT
+}
+
+fn exports_json(sim: &Simulator) -> Value {
+    json!({
+        "exports": sim.exports(),
+        "fail_next": sim.export_failures_queued(),
+        "delay_ms": sim.export_delay().as_millis() as u64,
+    })
+}
+
+async fn exports(State(sim): State<Simulator>) -> Response {
+    Json(exports_json(&sim)).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportsRequest {
+    fail_next: Option<u32>,
+    delay_ms: Option<u64>,
+}
+
+async fn set_exports(State(sim): State<Simulator>, body: Bytes) -> Response {
+    let request: ExportsRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(err) => return err.into_response(),
+    };
+    if let Some(count) = request.fail_next {
+        sim.fail_next_exports(count);
+    }
+    if let Some(ms) = request.delay_ms {
+        sim.set_export_delay(Duration::from_millis(ms));
+    }
+    Json(exports_json(&sim)).into_response()
 }

@@ -2,7 +2,8 @@
 //!
 //! One HTTP server serves both APIs, as Customer.io's real shapes (see
 //! `docs/customerio-api.md`): `/api/...` is the Track API (Basic auth), `/v1/...` the App API
-//! (Bearer auth), `/_sim/...` an unauthenticated control API.
+//! (Bearer auth), `/_sim/...` an unauthenticated control API, `/_files/...` the files behind
+//! signed download links (no credentials, like an object store).
 //!
 //! Layout:
 //! - [`config`]: [`SimConfig`] (credentials, the workspace's region and the regional endpoint
@@ -27,13 +28,16 @@
 //!   from [`DeliveryRates`], and the clock that [`Simulator::advance`] moves); `metrics` (the
 //!   metrics endpoints' parameters and series); `campaigns_api` (campaigns, broadcasts,
 //!   triggers: route table and rules in its docs) and `newsletters_api` (create, send, read).
+//! - `exports` (customer exports: `/v1/exports*`, the CSV file and its signed, credential-free
+//!   download link under `/_files/`); `signing` (HMAC-SHA256: download links, and
+//!   [`sign_webhook`], Customer.io's reporting-webhook signature).
 //! - `sim`: [`Simulator`], the shared handle (construction, router, serving), its control
 //!   methods grouped by concern (people and segments, sends, traffic, records), and
 //!   [`RunningSim`]: [`Simulator::spawn`] gives one on port 0.
 //!
 //! Time: the simulator never presents a time ahead of the wall clock. [`Simulator::advance`]
 //! makes everything send-related look older (triggers, newsletters, deliveries and their
-//! events, trigger windows, schedules), so delivery events drawn for "hours later" happen now
+//! events, trigger windows, schedules, exports and their download links), so delivery events drawn for "hours later" happen now
 //! and a client asking for metrics up to its own "now" sees them. People and events are not
 //! aged.
 //!
@@ -51,11 +55,13 @@ mod demo;
 mod error;
 mod error_bodies;
 mod events;
+mod exports;
 mod faults;
 mod gateway;
 mod metrics;
 mod newsletters_api;
 mod sends;
+mod signing;
 mod sim;
 mod state;
 mod track_api;
@@ -65,6 +71,7 @@ pub use audience::{AttributeOperator, AudienceFilter};
 pub use config::{SimApi, SimConfig, TriggerScope};
 pub use error::SimError;
 pub use events::SimEvent;
+pub use exports::{DOWNLOAD_LINK_TTL_SECS, ExportStatus, SimExport};
 pub use faults::{Chaos, Fault, RateLimitMode};
 pub use gateway::LoggedRequest;
 pub use sends::{
@@ -72,5 +79,6 @@ pub use sends::{
     MetricTotals, NewBroadcast, NewCampaign, NewNewsletter, RatesKey, SimCampaign, SimDelivery,
     SimNewsletter, SimTrigger,
 };
+pub use signing::sign_webhook;
 pub use sim::{RunningSim, Simulator};
 pub use state::{Predicate, SegmentKind, SimPerson, SimSegment};

@@ -61,6 +61,12 @@ struct Args {
     /// subscription_topic_id.
     #[arg(long, env = "CIO_SIM_SUBSCRIPTION_CENTER")]
     subscription_center: bool,
+    /// Milliseconds a customer export takes to complete on the simulator's clock.
+    #[arg(long, env = "CIO_SIM_EXPORT_DELAY_MS", default_value_t = 2_000)]
+    export_delay_ms: u64,
+    /// Base URL of export download links (default: http://{the Host the App request came to}).
+    #[arg(long, env = "CIO_SIM_FILES_BASE_URL")]
+    files_base_url: Option<String>,
     /// Log as JSON lines.
     #[arg(long, env = "CIO_SIM_LOG_JSON")]
     log_json: bool,
@@ -114,6 +120,8 @@ impl Args {
                 TriggerScopeArg::PerBroadcast => TriggerScope::PerBroadcast,
             },
             subscription_center: self.subscription_center,
+            export_delay: std::time::Duration::from_millis(self.export_delay_ms),
+            files_base_url: self.files_base_url.clone(),
             ..SimConfig::demo()
         }
     }

@@ -11,6 +11,7 @@ use serde_json::{Map, Value};
 
 use crate::error::SimError;
 use crate::events::{EventOutcome, EventStore, NewEvent, SimEvent, StoredEvent};
+use crate::exports::ExportStore;
 use crate::sends::SendStore;
 
 /// Attribute condition defining a dynamic (data-driven) segment.
@@ -260,6 +261,8 @@ pub(crate) struct World {
     suppressed: HashMap<String, Vec<String>>,
     /// Campaigns, broadcasts, newsletters, triggers and the delivery ledger (see `sends`).
     pub(crate) sends: SendStore,
+    /// Customer exports (see `exports`).
+    pub(crate) exports: ExportStore,
 }
 
 /// Reads a v1 path identifier: `cio_<cio_id>`, an email (contains `@`) or an id.

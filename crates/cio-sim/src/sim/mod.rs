@@ -4,6 +4,7 @@
 //! `traffic`: rate limits and faults; `records`: recorded events, the request log and
 //! counters); [`RunningSim`] (`running`) is a simulator serving on a local port.
 
+mod exporting;
 mod people;
 mod records;
 mod running;
@@ -32,7 +33,7 @@ use crate::error_bodies;
 use crate::faults::Traffic;
 use crate::gateway::{self, RequestLog};
 use crate::state::World;
-use crate::{app_api, campaigns_api, control, demo, newsletters_api, track_api};
+use crate::{app_api, campaigns_api, control, demo, exports, newsletters_api, track_api};
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
@@ -69,6 +70,7 @@ impl Simulator {
     pub fn new(config: SimConfig) -> Self {
         let mut world = World::new();
         world.sends.configure(&config);
+        world.exports.set_delay(config.export_delay);
         demo::populate(&mut world, config.seed, config.demo_people);
         let traffic = Traffic::new(&config);
         let log = RequestLog::new(config.request_log_capacity);
@@ -104,6 +106,7 @@ impl Simulator {
             .merge(app_api::routes(self))
             .merge(campaigns_api::routes(self))
             .merge(newsletters_api::routes(self))
+            .merge(exports::routes(self))
             .merge(control::routes())
             .fallback(fallback)
             .layer(from_fn_with_state(self.clone(), gateway::gateway))

@@ -20,6 +20,7 @@ impl Simulator {
         self.with_world(|w| {
             w.sends.advance(by);
             w.settle_sends();
+            w.settle_exports();
         });
         super::lock(&self.inner.traffic).advance(by);
     }

@@ -7,6 +7,7 @@ mod batch;
 mod control;
 mod customers;
 mod events;
+mod exports;
 mod faults;
 mod log;
 mod metrics;
