@@ -260,6 +260,18 @@ pub mod endpoints {
         template: "/v1/segments/{segment_id}",
         retry: RetryPolicy::Idempotent,
     };
+    /// `POST /v1/exports/customers`: starts a customer export. Not idempotent (a repeat starts
+    /// a second export), so never retried automatically.
+    pub const CREATE_CUSTOMER_EXPORT: Endpoint = with(
+        Api::App,
+        Method::POST,
+        "/v1/exports/customers",
+        RetryPolicy::NeverRetry,
+    );
+    /// `GET /v1/exports/{export_id}`.
+    pub const GET_EXPORT: Endpoint = get(Api::App, "/v1/exports/{export_id}");
+    /// `GET /v1/exports/{export_id}/download`: a signed link to the file, valid 15 minutes.
+    pub const EXPORT_DOWNLOAD: Endpoint = get(Api::App, "/v1/exports/{export_id}/download");
     /// `POST /api/v1/segments/{segment_id}/add_customers?id_type=`: adds up to 1000 people to
     /// a manual segment. Idempotent: adding a member again changes nothing.
     pub const ADD_TO_SEGMENT: Endpoint = with(

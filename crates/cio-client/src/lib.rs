@@ -28,6 +28,9 @@
 //! - [`campaigns`]: campaigns, API-triggered broadcasts (trigger, status, errors, trigger list),
 //!   newsletters (create with content, send) and metrics series ([`MetricSeries::totals`]).
 //!
+//! - [`exports`]: customer exports (create, poll, signed link) and the credential-free,
+//!   bounded-memory download of the file as byte chunks or parsed [`ExportRow`]s
+//!   ([`DownloadError`]); [`csv`]: the incremental CSV reader behind it.
 //! - [`deadline`]: [`CioClient::with_deadline`] fences a sending call (trigger, newsletter
 //!   create/send) by an absolute deadline covering its rate-limiter wait and 429 pauses:
 //!   [`SendError::NotSent`] when it could not start by `deadline - timeout` (nothing left).
@@ -40,10 +43,12 @@ pub mod account;
 pub mod campaigns;
 pub mod client;
 pub mod config;
+pub mod csv;
 pub mod customers;
 pub mod deadline;
 pub mod endpoint;
 pub mod error;
+pub mod exports;
 pub mod limiter;
 pub mod pagination;
 pub mod people;
@@ -61,10 +66,12 @@ pub use campaigns::{
 };
 pub use client::{CioClient, USER_AGENT, install_crypto_provider};
 pub use config::{Api, ClientConfig, Credentials, ParseRegionError, Region, RetryConfig};
+pub use csv::{CsvError, CsvReader};
 pub use customers::{CustomerAttributes, CustomerSegment, MAX_CUSTOMERS_PER_LOOKUP};
 pub use deadline::{DeadlineClient, NotSent, SendError};
 pub use endpoint::{Endpoint, RetryPolicy, TRIGGER_SCOPE, encode_path_segment, endpoints};
 pub use error::{CioError, ErrorDetail, parse_error_details};
+pub use exports::{DownloadError, Export, ExportRow};
 pub use pagination::{Page, paginate};
 pub use people::{
     BATCH_ENVELOPE_BYTES, BatchFailure, BatchOutcome, EncodedOp, Event, IdType, Identifier,

@@ -20,6 +20,7 @@ mod calls;
 mod campaigns;
 mod customers;
 mod deadline;
+mod exports;
 mod helpers;
 mod limiter;
 mod paths;
