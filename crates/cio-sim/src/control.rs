@@ -14,6 +14,8 @@
 //! | `GET /_sim/segments`, `POST /_sim/segments` | list; create `{"name","description","predicate"?}` (no predicate = manual) |
 //! | `GET /_sim/segments/{id}`, `DELETE /_sim/segments/{id}` | segment with member ids; delete (any kind) |
 //! | `GET /_sim/people/{id}`, `PUT /_sim/people/{id}`, `DELETE /_sim/people/{id}` | read; upsert attributes (JSON object); remove |
+//! | `POST /_sim/people/{id}/attributes` | change an existing person's attributes without the Track API (a form fill, another system): JSON object; `{id}` is an id, an email or `cio_<cio_id>`; 404 unknown |
+//! | `GET /_sim/activities[?person=id\|email\|cio_x]` | `{"activities":[..]}` the feed, newest first ([`crate::SimActivity`]) |
 //! | `GET /_sim/campaigns` | `{"campaigns":[..]}` campaigns and broadcasts ([`crate::SimCampaign`]) |
 //! | `GET /_sim/broadcasts`, `POST /_sim/broadcasts` | list; create `{"name","recipients":F,"subject"?,"state"?,"tags"?}` (201 `{"broadcast":{..}}`) |
 //! | `GET /_sim/newsletters` | `{"newsletters":[..]}` ([`crate::SimNewsletter`]) |
@@ -67,6 +69,8 @@ pub(crate) fn routes() -> Router<Simulator> {
             "/_sim/people/{id}",
             get(person).put(put_person).delete(delete_person),
         )
+        .route("/_sim/people/{id}/attributes", post(change_attributes))
+        .route("/_sim/activities", get(activities))
         .route("/_sim/campaigns", get(campaigns))
         .route("/_sim/broadcasts", get(broadcasts).post(create_broadcast))
         .route("/_sim/newsletters", get(newsletters))
@@ -442,6 +446,35 @@ async fn put_person(State(sim): State<Simulator>, Path(id): Path<String>, body: 
     };
     sim.upsert_person(&id, attributes);
     Json(json!({ "person": sim.person(&id) })).into_response()
+}
+
+async fn change_attributes(
+    State(sim): State<Simulator>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    let attributes: Map<String, Value> = match parse(&body) {
+        Ok(a) => a,
+        Err(err) => return err.into_response(),
+    };
+    if !sim.change_attributes(&id, attributes) {
+        return error(StatusCode::NOT_FOUND, "person not found");
+    }
+    let (kind, value) = crate::state::parse_identifier(&id);
+    let person = sim.with_world(|w| {
+        w.resolve(value, kind)
+            .and_then(|seq| w.person(seq))
+            .map(crate::state::Person::snapshot)
+    });
+    Json(json!({ "person": person })).into_response()
+}
+
+async fn activities(
+    State(sim): State<Simulator>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let activities = sim.activities(query.get("person").map(String::as_str));
+    Json(json!({ "activities": activities })).into_response()
 }
 
 async fn delete_person(State(sim): State<Simulator>, Path(id): Path<String>) -> Response {

@@ -45,6 +45,7 @@
 
 pub mod config;
 
+mod activities;
 mod app_api;
 mod audience;
 mod auth;
@@ -67,6 +68,7 @@ mod state;
 mod track_api;
 mod track_v2;
 
+pub use activities::{ACTIVITY_WINDOW_SECS, SimActivity};
 pub use audience::{AttributeOperator, AudienceFilter};
 pub use config::{SimApi, SimConfig, TriggerScope};
 pub use error::SimError;

@@ -125,17 +125,22 @@ pub(crate) struct Trigger {
     pub(crate) errors: Vec<String>,
 }
 
-struct Delivery {
-    id: String,
-    source: Source,
-    person_id: String,
-    email: String,
-    subject: Arc<str>,
+pub(crate) struct Delivery {
+    pub(crate) id: String,
+    /// Position in the ledger (0-based).
+    pub(crate) seq: usize,
+    pub(crate) source: Source,
+    /// The recipient's sequence number (the person may have been deleted since).
+    pub(crate) person_seq: u64,
+    /// The recipient's id (`cio_<cio_id>` without one) at send time.
+    pub(crate) person_id: String,
+    pub(crate) email: String,
+    pub(crate) subject: Arc<str>,
     trigger_data: Option<Arc<Value>>,
     user_data: Option<Value>,
-    sent_ms: i64,
+    pub(crate) sent_ms: i64,
     /// Sorted by time.
-    events: Vec<(DeliveryMetric, i64)>,
+    pub(crate) events: Vec<(DeliveryMetric, i64)>,
 }
 
 impl Delivery {
@@ -181,7 +186,7 @@ impl Delivery {
     }
 
     #[allow(clippy::type_complexity)]
-    fn source_ids(
+    pub(crate) fn source_ids(
         &self,
     ) -> (
         Option<i64>,
@@ -207,6 +212,7 @@ impl Delivery {
 
 /// A person about to receive a delivery.
 pub(crate) struct Recipient {
+    pub(crate) seq: u64,
     pub(crate) person_id: String,
     pub(crate) email: String,
     pub(crate) user_data: Option<Value>,
@@ -226,6 +232,7 @@ impl Recipient {
             });
         match (&person.email, unsubscribed) {
             (Some(email), false) => Some(Self {
+                seq: person.seq,
                 person_id: person.public_id(),
                 email: email.clone(),
                 user_data,
@@ -260,6 +267,7 @@ pub(crate) struct SendStore {
     by_campaign: HashMap<i64, Vec<usize>>,
     by_trigger: HashMap<i64, Vec<usize>>,
     by_newsletter: HashMap<i64, Vec<usize>>,
+    by_person: HashMap<u64, Vec<usize>>,
 }
 
 impl Default for SendStore {
@@ -285,6 +293,7 @@ impl Default for SendStore {
             by_campaign: HashMap::new(),
             by_trigger: HashMap::new(),
             by_newsletter: HashMap::new(),
+            by_person: HashMap::new(),
         }
     }
 }
@@ -623,7 +632,9 @@ impl SendStore {
             let seq = self.deliveries.len();
             let mut delivery = Delivery {
                 id: format!("sim-d{:08}", seq + 1),
+                seq,
                 source,
+                person_seq: recipient.seq,
                 person_id: recipient.person_id,
                 email: recipient.email,
                 subject: base_subject.clone(),
@@ -638,6 +649,10 @@ impl SendStore {
             let rates = self.rates_for(&delivery);
             delivery.events = draw_events(self.seed, seq as u64, &rates, at);
             delivered_to.push(delivery.person_id.clone());
+            self.by_person
+                .entry(delivery.person_seq)
+                .or_default()
+                .push(seq);
             match source {
                 Source::Campaign { campaign_id, .. } => {
                     self.by_campaign.entry(campaign_id).or_default().push(seq);
@@ -660,6 +675,25 @@ impl SendStore {
             self.deliveries.push(delivery);
         }
         delivered_to
+    }
+
+    /// Every delivery, in ledger order.
+    pub(crate) fn ledger(&self) -> &[Delivery] {
+        &self.deliveries
+    }
+
+    /// One person's deliveries, in ledger order.
+    pub(crate) fn ledger_of(&self, person_seq: u64) -> impl DoubleEndedIterator<Item = &Delivery> {
+        self.by_person
+            .get(&person_seq)
+            .map_or(&[][..], Vec::as_slice)
+            .iter()
+            .filter_map(|i| self.deliveries.get(*i))
+    }
+
+    /// The seed every draw derives from.
+    pub(crate) fn seed(&self) -> u64 {
+        self.seed
     }
 
     fn scoped(&self, filter: &DeliveryFilter) -> Box<dyn Iterator<Item = &Delivery> + '_> {

@@ -4,6 +4,7 @@
 //! `traffic`: rate limits and faults; `records`: recorded events, the request log and
 //! counters); [`RunningSim`] (`running`) is a simulator serving on a local port.
 
+mod activity;
 mod exporting;
 mod people;
 mod records;
@@ -33,7 +34,9 @@ use crate::error_bodies;
 use crate::faults::Traffic;
 use crate::gateway::{self, RequestLog};
 use crate::state::World;
-use crate::{app_api, campaigns_api, control, demo, exports, newsletters_api, track_api};
+use crate::{
+    activities, app_api, campaigns_api, control, demo, exports, newsletters_api, track_api,
+};
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
@@ -71,7 +74,10 @@ impl Simulator {
         let mut world = World::new();
         world.sends.configure(&config);
         world.exports.set_delay(config.export_delay);
+        // The demo people existed before: their attributes are no recent activity.
+        world.activities.set_recording(false);
         demo::populate(&mut world, config.seed, config.demo_people);
+        world.activities.set_recording(true);
         let traffic = Traffic::new(&config);
         let log = RequestLog::new(config.request_log_capacity);
         let endpoint_region = Mutex::new(normal_region(
@@ -107,6 +113,7 @@ impl Simulator {
             .merge(campaigns_api::routes(self))
             .merge(newsletters_api::routes(self))
             .merge(exports::routes(self))
+            .merge(activities::routes(self))
             .merge(control::routes())
             .fallback(fallback)
             .layer(from_fn_with_state(self.clone(), gateway::gateway))

@@ -2,6 +2,7 @@
 
 mod helpers;
 
+mod activities;
 mod app;
 mod batch;
 mod control;
