@@ -260,6 +260,11 @@ pub mod endpoints {
         template: "/v1/segments/{segment_id}",
         retry: RetryPolicy::Idempotent,
     };
+    /// `GET /v1/activities?type=&name=&customer_id=&id_type=&start=&limit=`: the activity feed.
+    pub const ACTIVITIES: Endpoint = get(Api::App, "/v1/activities");
+    /// `GET /v1/customers/{customer_id}/activities?id_type=&type=&name=&start=&limit=`.
+    pub const CUSTOMER_ACTIVITIES: Endpoint =
+        get(Api::App, "/v1/customers/{customer_id}/activities");
     /// `POST /v1/exports/customers`: starts a customer export. Not idempotent (a repeat starts
     /// a second export), so never retried automatically.
     pub const CREATE_CUSTOMER_EXPORT: Endpoint = with(

@@ -28,6 +28,8 @@
 //! - [`campaigns`]: campaigns, API-triggered broadcasts (trigger, status, errors, trigger list),
 //!   newsletters (create with content, send) and metrics series ([`MetricSeries::totals`]).
 //!
+//! - [`activities`]: the activity feed (`/v1/activities`, one person's
+//!   `/v1/customers/{id}/activities`): [`Activity`], [`ActivityQuery`], pages and streams.
 //! - [`exports`]: customer exports (create, poll, signed link) and the credential-free,
 //!   bounded-memory download of the file as byte chunks or parsed [`ExportRow`]s
 //!   ([`DownloadError`]); [`csv`]: the incremental CSV reader behind it.
@@ -40,6 +42,7 @@
 //! [`CioError::is_outcome_unknown`] true. Keys never appear in `Debug`/`Display` output.
 
 pub mod account;
+pub mod activities;
 pub mod campaigns;
 pub mod client;
 pub mod config;
@@ -60,6 +63,7 @@ pub mod segments;
 mod serde_util;
 
 pub use account::{AccountCheckError, AccountRegion};
+pub use activities::{Activity, ActivityQuery, ActivityType, AttributeChange, MAX_ACTIVITIES_PAGE};
 pub use campaigns::{
     Campaign, MetricSeries, MetricsOf, MetricsQuery, NEWSLETTERS_PAGE, NewNewsletter, Newsletter,
     Recipients, Resolution, TRIGGER_ERRORS_PAGE, Trigger, TriggerStatus,

@@ -16,6 +16,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod account;
+mod activities;
 mod calls;
 mod campaigns;
 mod customers;
