@@ -31,6 +31,9 @@
 //! - `exports` (customer exports: `/v1/exports*`, the CSV file and its signed, credential-free
 //!   download link under `/_files/`); `signing` (HMAC-SHA256: download links, and
 //!   [`sign_webhook`], Customer.io's reporting-webhook signature).
+//! - `activities` (the activity feed: `/v1/activities`, `/v1/customers/{id}/activities`);
+//!   `messages_api` (deliveries as messages: `/v1/{campaigns,broadcasts,newsletters}/{id}/messages`,
+//!   `/v1/customers/{id}/messages`).
 //! - `sim`: [`Simulator`], the shared handle (construction, router, serving), its control
 //!   methods grouped by concern (people and segments, sends, traffic, records), and
 //!   [`RunningSim`]: [`Simulator::spawn`] gives one on port 0.
@@ -59,6 +62,7 @@ mod events;
 mod exports;
 mod faults;
 mod gateway;
+mod messages_api;
 mod metrics;
 mod newsletters_api;
 mod sends;

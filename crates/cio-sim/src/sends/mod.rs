@@ -20,7 +20,7 @@
 //! human opens after ~6 h on average (at most 7 days); clicks after opens, conversions ~1 day
 //! after clicks, spam complaints and unsubscribes. Events later than "now" are scheduled and
 //! count nowhere until the clock reaches them. `opened`/`clicked` are the first open/click of
-//! either kind. Recipients' profiles are not changed by their deliveries.
+//! either kind; a click before any open also opens (Customer.io's synthetic open). Recipients' profiles are not changed by their deliveries.
 //!
 //! Layout: `model` (the public types: inputs, snapshots, rates, ledger filters and totals),
 //! this module (the stored records and [`SendStore`]), `outcomes` (drawing a delivery's
@@ -132,8 +132,9 @@ pub(crate) struct Delivery {
     pub(crate) source: Source,
     /// The recipient's sequence number (the person may have been deleted since).
     pub(crate) person_seq: u64,
-    /// The recipient's id (`cio_<cio_id>` without one) at send time.
+    /// The recipient's id (`cio_<cio_id>` without one) and `cio_id` at send time.
     pub(crate) person_id: String,
+    pub(crate) cio_id: String,
     pub(crate) email: String,
     pub(crate) subject: Arc<str>,
     trigger_data: Option<Arc<Value>>,
@@ -213,6 +214,7 @@ impl Delivery {
 /// A person about to receive a delivery.
 pub(crate) struct Recipient {
     pub(crate) seq: u64,
+    pub(crate) cio_id: String,
     pub(crate) person_id: String,
     pub(crate) email: String,
     pub(crate) user_data: Option<Value>,
@@ -233,6 +235,7 @@ impl Recipient {
         match (&person.email, unsubscribed) {
             (Some(email), false) => Some(Self {
                 seq: person.seq,
+                cio_id: person.cio_id.clone(),
                 person_id: person.public_id(),
                 email: email.clone(),
                 user_data,
@@ -635,6 +638,7 @@ impl SendStore {
                 seq,
                 source,
                 person_seq: recipient.seq,
+                cio_id: recipient.cio_id,
                 person_id: recipient.person_id,
                 email: recipient.email,
                 subject: base_subject.clone(),
@@ -689,6 +693,27 @@ impl SendStore {
             .map_or(&[][..], Vec::as_slice)
             .iter()
             .filter_map(|i| self.deliveries.get(*i))
+    }
+
+    /// The deliveries of a campaign or broadcast (all its triggers), or of a newsletter.
+    pub(crate) fn ledger_of_scope(&self, scope: Scope) -> Vec<&Delivery> {
+        let indices = match scope {
+            Scope::Campaign(id) => self.by_campaign.get(&id),
+            Scope::Newsletter(id) => self.by_newsletter.get(&id),
+            Scope::Content(_) => None,
+        };
+        match (scope, indices) {
+            (Scope::Content(id), _) => self
+                .deliveries
+                .iter()
+                .filter(|d| d.source_ids().4 == Some(id))
+                .collect(),
+            (_, Some(indices)) => indices
+                .iter()
+                .filter_map(|i| self.deliveries.get(*i))
+                .collect(),
+            (_, None) => Vec::new(),
+        }
     }
 
     /// The seed every draw derives from.

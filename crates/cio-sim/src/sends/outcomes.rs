@@ -68,9 +68,6 @@ pub(super) fn draw_events(
         events.push((DeliveryMetric::HumanOpened, human_open_at));
         first_open = Some(first_open.map_or(human_open_at, |t| t.min(human_open_at)));
     }
-    if let Some(at) = first_open {
-        events.push((DeliveryMetric::Opened, at));
-    }
     let mut first_click: Option<i64> = None;
     if machine_click {
         events.push((DeliveryMetric::PrefetchClicked, machine_click_at));
@@ -80,6 +77,15 @@ pub(super) fn draw_events(
     if human_clicked {
         events.push((DeliveryMetric::HumanClicked, human_click_at));
         first_click = Some(first_click.map_or(human_click_at, |t| t.min(human_click_at)));
+    }
+    // A link cannot be clicked unopened: a click before any open counts as the open too
+    // (Customer.io's "synthetic" open).
+    let opened_at = match (first_open, first_click) {
+        (Some(open), Some(click)) => Some(open.min(click)),
+        (open, click) => open.or(click),
+    };
+    if let Some(at) = opened_at {
+        events.push((DeliveryMetric::Opened, at));
     }
     if let Some(at) = first_click {
         events.push((DeliveryMetric::Clicked, at));
@@ -120,7 +126,9 @@ mod tests {
             assert_ne!(has(DeliveryMetric::Delivered), has(DeliveryMetric::Bounced));
             assert_eq!(
                 has(DeliveryMetric::Opened),
-                has(DeliveryMetric::HumanOpened) || has(DeliveryMetric::PrefetchOpened)
+                has(DeliveryMetric::HumanOpened)
+                    || has(DeliveryMetric::PrefetchOpened)
+                    || has(DeliveryMetric::Clicked)
             );
             if has(DeliveryMetric::HumanClicked) {
                 assert!(has(DeliveryMetric::HumanOpened));

@@ -35,7 +35,8 @@ use crate::faults::Traffic;
 use crate::gateway::{self, RequestLog};
 use crate::state::World;
 use crate::{
-    activities, app_api, campaigns_api, control, demo, exports, newsletters_api, track_api,
+    activities, app_api, campaigns_api, control, demo, exports, messages_api, newsletters_api,
+    track_api,
 };
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -114,6 +115,7 @@ impl Simulator {
             .merge(newsletters_api::routes(self))
             .merge(exports::routes(self))
             .merge(activities::routes(self))
+            .merge(messages_api::routes(self))
             .merge(control::routes())
             .fallback(fallback)
             .layer(from_fn_with_state(self.clone(), gateway::gateway))

@@ -11,6 +11,7 @@ mod events;
 mod exports;
 mod faults;
 mod log;
+mod messages;
 mod metrics;
 mod newsletters;
 mod paths;
