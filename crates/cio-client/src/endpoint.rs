@@ -265,6 +265,16 @@ pub mod endpoints {
     /// `GET /v1/customers/{customer_id}/activities?id_type=&type=&name=&start=&limit=`.
     pub const CUSTOMER_ACTIVITIES: Endpoint =
         get(Api::App, "/v1/customers/{customer_id}/activities");
+    /// `GET /v1/campaigns/{campaign_id}/messages?start=&limit=&metric=&type=`: deliveries.
+    pub const CAMPAIGN_MESSAGES: Endpoint = get(Api::App, "/v1/campaigns/{campaign_id}/messages");
+    /// `GET /v1/broadcasts/{broadcast_id}/messages?start=&limit=&metric=&state=&type=`.
+    pub const BROADCAST_MESSAGES: Endpoint =
+        get(Api::App, "/v1/broadcasts/{broadcast_id}/messages");
+    /// `GET /v1/newsletters/{newsletter_id}/messages?start=&limit=&metric=`.
+    pub const NEWSLETTER_MESSAGES: Endpoint =
+        get(Api::App, "/v1/newsletters/{newsletter_id}/messages");
+    /// `GET /v1/customers/{customer_id}/messages?id_type=&start=&limit=`: one person's.
+    pub const CUSTOMER_MESSAGES: Endpoint = get(Api::App, "/v1/customers/{customer_id}/messages");
     /// `POST /v1/exports/customers`: starts a customer export. Not idempotent (a repeat starts
     /// a second export), so never retried automatically.
     pub const CREATE_CUSTOMER_EXPORT: Endpoint = with(

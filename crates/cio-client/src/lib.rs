@@ -30,6 +30,8 @@
 //!
 //! - [`activities`]: the activity feed (`/v1/activities`, one person's
 //!   `/v1/customers/{id}/activities`): [`Activity`], [`ActivityQuery`], pages and streams.
+//! - [`messages`]: deliveries of a campaign, broadcast or newsletter, and one person's
+//!   ([`Message`] with only the metrics that happened), pages and streams.
 //! - [`exports`]: customer exports (create, poll, signed link) and the credential-free,
 //!   bounded-memory download of the file as byte chunks or parsed [`ExportRow`]s
 //!   ([`DownloadError`]); [`csv`]: the incremental CSV reader behind it.
@@ -53,6 +55,7 @@ pub mod endpoint;
 pub mod error;
 pub mod exports;
 pub mod limiter;
+pub mod messages;
 pub mod pagination;
 pub mod people;
 #[cfg(test)]
@@ -76,6 +79,7 @@ pub use deadline::{DeadlineClient, NotSent, SendError};
 pub use endpoint::{Endpoint, RetryPolicy, TRIGGER_SCOPE, encode_path_segment, endpoints};
 pub use error::{CioError, ErrorDetail, parse_error_details};
 pub use exports::{DownloadError, Export, ExportRow};
+pub use messages::{MAX_MESSAGES_PAGE, Message, MessagesOf, MessagesQuery};
 pub use pagination::{Page, paginate};
 pub use people::{
     BATCH_ENVELOPE_BYTES, BatchFailure, BatchOutcome, EncodedOp, Event, IdType, Identifier,

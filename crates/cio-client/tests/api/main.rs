@@ -24,6 +24,7 @@ mod deadline;
 mod exports;
 mod helpers;
 mod limiter;
+mod messages;
 mod paths;
 mod people;
 mod resilience;
