@@ -104,6 +104,12 @@ pub struct SimConfig {
     pub subscription_center: bool,
     /// Outcome rates of deliveries no [`crate::RatesKey`] rule matches.
     pub default_rates: DeliveryRates,
+    /// How strongly a person's opens and clicks follow their own seeded engagement, in
+    /// `0..=1` (0: every delivery drawn independently; default
+    /// [`DEFAULT_ENGAGEMENT_CORRELATION`]). The rates still hold over an audience; the higher
+    /// this is, the more the same people open and click every time. Changeable at run time
+    /// ([`crate::Simulator::set_engagement_correlation`]).
+    pub engagement_correlation: f64,
     /// How long a customer export takes to complete on the simulator's clock (default
     /// [`DEFAULT_EXPORT_DELAY`]). Changeable at run time
     /// ([`crate::Simulator::set_export_delay`]).
@@ -124,6 +130,8 @@ pub const DEFAULT_APP_API_KEY: &str = "sim-app-key";
 pub const DEFAULT_DEMO_PEOPLE: usize = 5000;
 /// Default [`SimConfig::trigger_interval`]: Customer.io's one trigger per 10 s.
 pub const DEFAULT_TRIGGER_INTERVAL: Duration = Duration::from_secs(10);
+/// Default [`SimConfig::engagement_correlation`].
+pub const DEFAULT_ENGAGEMENT_CORRELATION: f64 = 0.7;
 /// Default [`SimConfig::export_delay`].
 pub const DEFAULT_EXPORT_DELAY: Duration = Duration::from_secs(2);
 /// Default [`SimConfig::request_log_capacity`].
@@ -154,6 +162,7 @@ impl SimConfig {
             trigger_scope: TriggerScope::Workspace,
             subscription_center: false,
             default_rates: DeliveryRates::default(),
+            engagement_correlation: DEFAULT_ENGAGEMENT_CORRELATION,
             export_delay: DEFAULT_EXPORT_DELAY,
             files_base_url: None,
         }

@@ -22,6 +22,7 @@
 //! | `GET /_sim/triggers[?broadcast_id=N]` | `{"triggers":[..]}` oldest first ([`crate::SimTrigger`]) |
 //! | `GET /_sim/deliveries[?campaign_id=&broadcast_id=&trigger_id=&newsletter_id=&content_id=&subject=&person=&limit=100]` | `{"count","totals","eventual_totals","deliveries":[first limit]}` |
 //! | `POST /_sim/advance` | `{"seconds":n}` or `{"ms":n}`: [`crate::Simulator::advance`]; answers `{"advanced_ms":total}` |
+//! | `GET /_sim/engagement[?person=id]`, `POST /_sim/engagement` | `{"correlation":0.7}` (with `person`: that person's `{"percentile","prefetches","link_scanned"}`); set `{"correlation":x}` (0..=1) |
 //! | `GET /_sim/exports`, `POST /_sim/exports` | `{"exports":[..],"fail_next":n,"delay_ms":n}`; set `{"fail_next":n,"delay_ms":n}` (each optional): the next n exports fail, exports take this long |
 //! | `GET /_sim/rates`, `POST /_sim/rates`, `DELETE /_sim/rates` | `{"default":{..},"rules":[{"key":{..},"rates":{..}}]}`; set `{"key"?:K,"rates":{..}}` (no key: the default); clear the rules |
 //!
@@ -78,6 +79,7 @@ pub(crate) fn routes() -> Router<Simulator> {
         .route("/_sim/deliveries", get(deliveries))
         .route("/_sim/advance", post(advance))
         .route("/_sim/exports", get(exports).post(set_exports))
+        .route("/_sim/engagement", get(engagement).post(set_engagement))
         .route(
             "/_sim/rates",
             get(rates).post(set_rates).delete(clear_rates),
@@ -691,4 +693,35 @@ async fn set_exports(State(sim): State<Simulator>, body: Bytes) -> Response {
         sim.set_export_delay(Duration::from_millis(ms));
     }
     Json(exports_json(&sim)).into_response()
+}
+
+async fn engagement(
+    State(sim): State<Simulator>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    match query.get("person") {
+        None => Json(json!({ "correlation": sim.engagement_correlation() })).into_response(),
+        Some(person) => match sim.engagement(person) {
+            Some(e) => Json(json!({ "person": person, "engagement": e })).into_response(),
+            None => error(StatusCode::NOT_FOUND, "person not found"),
+        },
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EngagementRequest {
+    correlation: f64,
+}
+
+async fn set_engagement(State(sim): State<Simulator>, body: Bytes) -> Response {
+    let request: EngagementRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(err) => return err.into_response(),
+    };
+    if !(0.0..=1.0).contains(&request.correlation) {
+        return error(StatusCode::BAD_REQUEST, "correlation must be within 0..=1");
+    }
+    sim.set_engagement_correlation(request.correlation);
+    Json(json!({ "correlation": sim.engagement_correlation() })).into_response()
 }

@@ -82,8 +82,8 @@ pub use faults::{Chaos, Fault, RateLimitMode};
 pub use gateway::LoggedRequest;
 pub use sends::{
     CampaignKind, CampaignState, CampaignTrigger, DeliveryFilter, DeliveryMetric, DeliveryRates,
-    MetricTotals, NewBroadcast, NewCampaign, NewNewsletter, RatesKey, SimCampaign, SimDelivery,
-    SimNewsletter, SimTrigger,
+    MetricTotals, NewBroadcast, NewCampaign, NewNewsletter, PersonEngagement, RatesKey,
+    SimCampaign, SimDelivery, SimNewsletter, SimTrigger,
 };
 pub use signing::sign_webhook;
 pub use sim::{RunningSim, Simulator};

@@ -61,6 +61,10 @@ struct Args {
     /// subscription_topic_id.
     #[arg(long, env = "CIO_SIM_SUBSCRIPTION_CENTER")]
     subscription_center: bool,
+    /// How strongly each person's opens and clicks follow their own seeded engagement (0..=1;
+    /// 0: independent draws).
+    #[arg(long, env = "CIO_SIM_ENGAGEMENT_CORRELATION", default_value_t = cio_sim::config::DEFAULT_ENGAGEMENT_CORRELATION)]
+    engagement_correlation: f64,
     /// Milliseconds a customer export takes to complete on the simulator's clock.
     #[arg(long, env = "CIO_SIM_EXPORT_DELAY_MS", default_value_t = 2_000)]
     export_delay_ms: u64,
@@ -120,6 +124,7 @@ impl Args {
                 TriggerScopeArg::PerBroadcast => TriggerScope::PerBroadcast,
             },
             subscription_center: self.subscription_center,
+            engagement_correlation: self.engagement_correlation.clamp(0.0, 1.0),
             export_delay: std::time::Duration::from_millis(self.export_delay_ms),
             files_base_url: self.files_base_url.clone(),
             ..SimConfig::demo()

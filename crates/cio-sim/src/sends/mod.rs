@@ -11,6 +11,10 @@
 //! everything recorded look `d` older, lets scheduled delivery events that fall inside the new
 //! "now" happen, and moves per-broadcast trigger windows and scheduled newsletters `d` closer.
 //!
+//! Engagement: who opens and clicks is per person (a seeded propensity, a prefetching mail
+//! client, a link scanner: see `outcomes`), so the same people engage again and again while the
+//! rates hold over the audience.
+//!
 //! Deliveries: one per eligible recipient (a person with an email and without a truthy
 //! `unsubscribed` attribute) of a trigger, newsletter or recorded campaign send. Its whole
 //! future is drawn when it is created, from [`DeliveryRates`] (the first matching
@@ -43,10 +47,11 @@ use crate::state::{Person, loose_eq};
 
 pub use model::{
     CampaignKind, CampaignState, CampaignTrigger, DeliveryFilter, DeliveryMetric, DeliveryRates,
-    MetricTotals, NewBroadcast, NewCampaign, NewNewsletter, RatesKey, SimCampaign, SimDelivery,
-    SimNewsletter, SimTrigger,
+    MetricTotals, NewBroadcast, NewCampaign, NewNewsletter, PersonEngagement, RatesKey,
+    SimCampaign, SimDelivery, SimNewsletter, SimTrigger,
 };
 pub(crate) use ops::{TriggerError, trigger_status_json};
+pub(crate) use outcomes::Engagement;
 use outcomes::draw_events;
 
 /// Largest serialized trigger `data` (bytes).
@@ -253,6 +258,7 @@ pub(crate) struct SendStore {
     trigger_scope: TriggerScope,
     subscription_center: bool,
     seed: u64,
+    engagement_correlation: f64,
     default_rates: DeliveryRates,
     rate_rules: Vec<(RatesKey, DeliveryRates)>,
     campaigns: BTreeMap<i64, Campaign>,
@@ -281,6 +287,7 @@ impl Default for SendStore {
             trigger_scope: TriggerScope::Workspace,
             subscription_center: false,
             seed: 0,
+            engagement_correlation: crate::config::DEFAULT_ENGAGEMENT_CORRELATION,
             default_rates: DeliveryRates::default(),
             rate_rules: Vec::new(),
             campaigns: BTreeMap::new(),
@@ -308,6 +315,7 @@ fn ms(d: Duration) -> i64 {
 impl SendStore {
     pub(crate) fn configure(&mut self, config: &SimConfig) {
         self.seed = config.seed;
+        self.engagement_correlation = config.engagement_correlation.clamp(0.0, 1.0);
         self.trigger_interval_ms = ms(config.trigger_interval);
         self.trigger_scope = config.trigger_scope;
         self.subscription_center = config.subscription_center;
@@ -651,7 +659,8 @@ impl SendStore {
                 delivery.subject = Arc::from(subject.as_str());
             }
             let rates = self.rates_for(&delivery);
-            delivery.events = draw_events(self.seed, seq as u64, &rates, at);
+            let person = self.engagement(delivery.person_seq);
+            delivery.events = draw_events(self.seed, seq as u64, &rates, at, &person);
             delivered_to.push(delivery.person_id.clone());
             self.by_person
                 .entry(delivery.person_seq)
@@ -714,6 +723,19 @@ impl SendStore {
                 .collect(),
             (_, None) => Vec::new(),
         }
+    }
+
+    /// A person's behaviour towards email.
+    pub(crate) fn engagement(&self, person_seq: u64) -> Engagement {
+        Engagement::of(self.seed, person_seq, self.engagement_correlation)
+    }
+
+    pub(crate) fn engagement_correlation(&self) -> f64 {
+        self.engagement_correlation
+    }
+
+    pub(crate) fn set_engagement_correlation(&mut self, correlation: f64) {
+        self.engagement_correlation = correlation.clamp(0.0, 1.0);
     }
 
     /// The seed every draw derives from.

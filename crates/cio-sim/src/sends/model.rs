@@ -456,6 +456,18 @@ pub enum RatesKey {
     Newsletter(i64),
 }
 
+/// A person's behaviour towards email ([`crate::Simulator::engagement`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct PersonEngagement {
+    /// Engagement as a percentile of the population (0..1): higher opens and clicks more.
+    pub percentile: f64,
+    /// Their mail client prefetches every message (Apple Mail Privacy Protection): machine
+    /// opens, flagged `prefetched`.
+    pub prefetches: bool,
+    /// A link scanner clicks their links: machine clicks, flagged `machine`.
+    pub link_scanned: bool,
+}
+
 /// Which deliveries to return or count ([`crate::Simulator::deliveries`]); `None` fields match
 /// everything, set fields must all match.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -7,6 +7,7 @@ mod app;
 mod batch;
 mod control;
 mod customers;
+mod engagement;
 mod events;
 mod exports;
 mod faults;
