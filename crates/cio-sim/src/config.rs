@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::faults::RateLimitMode;
 use crate::sends::DeliveryRates;
+use crate::webhooks::ReportingWebhook;
 
 /// Which of the two Customer.io APIs a request belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -114,6 +115,10 @@ pub struct SimConfig {
     /// [`DEFAULT_EXPORT_DELAY`]). Changeable at run time
     /// ([`crate::Simulator::set_export_delay`]).
     pub export_delay: Duration,
+    /// Reporting webhooks: where every delivery event is POSTed, signed, as it happens (see
+    /// [`ReportingWebhook`]); `None` (default): none. Changeable at run time
+    /// ([`crate::Simulator::set_reporting_webhook`]).
+    pub reporting_webhook: Option<ReportingWebhook>,
     /// Base URL of the signed download links of exports (e.g. `http://cio-sim:4010` when the
     /// simulator is reached under another name); `None`: the scheme-less host the App request
     /// came to, as `http://{Host}`.
@@ -165,6 +170,7 @@ impl SimConfig {
             engagement_correlation: DEFAULT_ENGAGEMENT_CORRELATION,
             export_delay: DEFAULT_EXPORT_DELAY,
             files_base_url: None,
+            reporting_webhook: None,
         }
     }
 

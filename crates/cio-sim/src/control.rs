@@ -23,6 +23,7 @@
 //! | `GET /_sim/deliveries[?campaign_id=&broadcast_id=&trigger_id=&newsletter_id=&content_id=&subject=&person=&limit=100]` | `{"count","totals","eventual_totals","deliveries":[first limit]}` |
 //! | `POST /_sim/advance` | `{"seconds":n}` or `{"ms":n}`: [`crate::Simulator::advance`]; answers `{"advanced_ms":total}` |
 //! | `GET /_sim/engagement[?person=id]`, `POST /_sim/engagement` | `{"correlation":0.7}` (with `person`: that person's `{"percentile","prefetches","link_scanned"}`); set `{"correlation":x}` (0..=1) |
+//! | `GET /_sim/webhooks`, `POST /_sim/webhooks`, `DELETE /_sim/webhooks` | `{"webhook":{"url","duplicate_rate","timeout_ms"}\|null,"queued":n,"ledger":[..]}` ([`crate::SimWebhook`]); set `{"url","signing_key","duplicate_rate"?,"timeout_ms"?}` (400 when invalid); stop |
 //! | `GET /_sim/exports`, `POST /_sim/exports` | `{"exports":[..],"fail_next":n,"delay_ms":n}`; set `{"fail_next":n,"delay_ms":n}` (each optional): the next n exports fail, exports take this long |
 //! | `GET /_sim/rates`, `POST /_sim/rates`, `DELETE /_sim/rates` | `{"default":{..},"rules":[{"key":{..},"rates":{..}}]}`; set `{"key"?:K,"rates":{..}}` (no key: the default); clear the rules |
 //!
@@ -80,6 +81,10 @@ pub(crate) fn routes() -> Router<Simulator> {
         .route("/_sim/advance", post(advance))
         .route("/_sim/exports", get(exports).post(set_exports))
         .route("/_sim/engagement", get(engagement).post(set_engagement))
+        .route(
+            "/_sim/webhooks",
+            get(webhooks).post(set_webhooks).delete(stop_webhooks),
+        )
         .route(
             "/_sim/rates",
             get(rates).post(set_rates).delete(clear_rates),
@@ -724,4 +729,57 @@ async fn set_engagement(State(sim): State<Simulator>, body: Bytes) -> Response {
     }
     sim.set_engagement_correlation(request.correlation);
     Json(json!({ "correlation": sim.engagement_correlation() })).into_response()
+}
+
+fn webhooks_json(sim: &Simulator) -> Value {
+    let webhook = sim.reporting_webhook().map(|w| {
+        json!({
+            "url": w.url,
+            "duplicate_rate": w.duplicate_rate,
+            "timeout_ms": w.timeout.as_millis() as u64,
+        })
+    });
+    json!({
+        "webhook": webhook,
+        "queued": sim.webhooks_queued(),
+        "ledger": sim.webhook_ledger(),
+    })
+}
+
+async fn webhooks(State(sim): State<Simulator>) -> Response {
+    Json(webhooks_json(&sim)).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WebhookRequest {
+    url: String,
+    signing_key: String,
+    #[serde(default)]
+    duplicate_rate: f64,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+async fn set_webhooks(State(sim): State<Simulator>, body: Bytes) -> Response {
+    let request: WebhookRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(err) => return err.into_response(),
+    };
+    let mut config = crate::ReportingWebhook::new(&request.url, &request.signing_key);
+    config.duplicate_rate = request.duplicate_rate;
+    if let Some(ms) = request.timeout_ms {
+        config.timeout = Duration::from_millis(ms);
+    }
+    match sim.set_reporting_webhook(Some(config)) {
+        Ok(()) => Json(webhooks_json(&sim)).into_response(),
+        Err(err) => error(StatusCode::BAD_REQUEST, err.to_string()),
+    }
+}
+
+async fn stop_webhooks(State(sim): State<Simulator>) -> Response {
+    match sim.set_reporting_webhook(None) {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(err) => error(StatusCode::BAD_REQUEST, err.to_string()),
+    }
 }

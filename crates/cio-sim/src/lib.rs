@@ -34,6 +34,9 @@
 //! - `activities` (the activity feed: `/v1/activities`, `/v1/customers/{id}/activities`);
 //!   `messages_api` (deliveries as messages: `/v1/{campaigns,broadcasts,newsletters}/{id}/messages`,
 //!   `/v1/customers/{id}/messages`).
+//! - `webhooks`: the reporting-webhook sender ([`ReportingWebhook`]): every delivery event
+//!   POSTed signed, at least once, in order, held back behind a failing one, retried with
+//!   backoff on the simulator's clock; its ledger ([`SimWebhook`]).
 //! - `sim`: [`Simulator`], the shared handle (construction, router, serving), its control
 //!   methods grouped by concern (people and segments, sends, traffic, records), and
 //!   [`RunningSim`]: [`Simulator::spawn`] gives one on port 0.
@@ -71,6 +74,7 @@ mod sim;
 mod state;
 mod track_api;
 mod track_v2;
+mod webhooks;
 
 pub use activities::{ACTIVITY_WINDOW_SECS, SimActivity};
 pub use audience::{AttributeOperator, AudienceFilter};
@@ -88,3 +92,7 @@ pub use sends::{
 pub use signing::sign_webhook;
 pub use sim::{RunningSim, Simulator};
 pub use state::{Predicate, SegmentKind, SimPerson, SimSegment};
+pub use webhooks::{
+    DEFAULT_WEBHOOK_TIMEOUT, InvalidWebhook, ReportingWebhook, SimWebhook, WEBHOOK_RETRY_PERIOD,
+    WebhookAttempt,
+};

@@ -34,7 +34,7 @@ mod model;
 mod ops;
 mod outcomes;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -277,6 +277,9 @@ pub(crate) struct SendStore {
     by_trigger: HashMap<i64, Vec<usize>>,
     by_newsletter: HashMap<i64, Vec<usize>>,
     by_person: HashMap<u64, Vec<usize>>,
+    /// Delivery events not yet handed to the reporting webhook sender, by (time, delivery,
+    /// metric); kept only while a webhook is configured.
+    unreported: Option<BTreeSet<(i64, usize, DeliveryMetric)>>,
 }
 
 impl Default for SendStore {
@@ -304,6 +307,7 @@ impl Default for SendStore {
             by_trigger: HashMap::new(),
             by_newsletter: HashMap::new(),
             by_person: HashMap::new(),
+            unreported: None,
         }
     }
 }
@@ -666,6 +670,9 @@ impl SendStore {
                 .entry(delivery.person_seq)
                 .or_default()
                 .push(seq);
+            if let Some(unreported) = &mut self.unreported {
+                unreported.extend(delivery.events.iter().map(|(m, at)| (*at, seq, *m)));
+            }
             match source {
                 Source::Campaign { campaign_id, .. } => {
                     self.by_campaign.entry(campaign_id).or_default().push(seq);
@@ -723,6 +730,41 @@ impl SendStore {
                 .collect(),
             (_, None) => Vec::new(),
         }
+    }
+
+    /// Starts (or stops) keeping the events a reporting webhook has to report: from now on,
+    /// every event that has not happened yet (those of existing deliveries included).
+    pub(crate) fn track_unreported(&mut self, on: bool) {
+        if !on {
+            self.unreported = None;
+            return;
+        }
+        let now = self.now_ms();
+        let ahead = self
+            .deliveries
+            .iter()
+            .flat_map(|d| d.events.iter().map(move |(m, at)| (*at, d.seq, *m)))
+            .filter(|(at, _, _)| *at > now)
+            .collect();
+        self.unreported = Some(ahead);
+    }
+
+    /// The events that have happened by `now` and were not reported yet, in time order (then
+    /// delivery, then metric); they are taken out.
+    pub(crate) fn take_unreported(&mut self, now: i64) -> Vec<(i64, usize, DeliveryMetric)> {
+        let Some(unreported) = &mut self.unreported else {
+            return Vec::new();
+        };
+        let later = unreported.split_off(&(now.saturating_add(1), 0, DeliveryMetric::Sent));
+        std::mem::replace(unreported, later).into_iter().collect()
+    }
+
+    /// When the next unreported event happens.
+    pub(crate) fn next_unreported(&self) -> Option<i64> {
+        self.unreported
+            .as_ref()
+            .and_then(|u| u.first())
+            .map(|(at, _, _)| *at)
     }
 
     /// A person's behaviour towards email.

@@ -8,6 +8,7 @@ mod activity;
 mod exporting;
 mod people;
 mod records;
+mod reporting;
 mod running;
 mod sending;
 mod traffic;
@@ -34,6 +35,7 @@ use crate::error_bodies;
 use crate::faults::Traffic;
 use crate::gateway::{self, RequestLog};
 use crate::state::World;
+use crate::webhooks::WebhookState;
 use crate::{
     activities, app_api, campaigns_api, control, demo, exports, messages_api, newsletters_api,
     track_api,
@@ -45,6 +47,11 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 struct Inner {
     config: SimConfig,
+    /// Reporting webhooks: the sender's state (locked after `world`, never before), its wake-up
+    /// and whether its task was started.
+    webhooks: Mutex<WebhookState>,
+    webhook_wake: Arc<tokio::sync::Notify>,
+    webhook_sender: std::sync::atomic::AtomicBool,
     /// The regional endpoint played (`"us"`/`"eu"`), see [`SimConfig::endpoint_region`].
     endpoint_region: Mutex<&'static str>,
     world: Mutex<World>,
@@ -79,20 +86,31 @@ impl Simulator {
         world.activities.set_recording(false);
         demo::populate(&mut world, config.seed, config.demo_people);
         world.activities.set_recording(true);
+        let mut webhooks = WebhookState::default();
+        if config.reporting_webhook.is_some() {
+            webhooks.configure(&mut world, config.reporting_webhook.clone());
+        }
         let traffic = Traffic::new(&config);
         let log = RequestLog::new(config.request_log_capacity);
         let endpoint_region = Mutex::new(normal_region(
             config.endpoint_region.as_deref().unwrap_or(&config.region),
         ));
-        Self {
+        let sim = Self {
             inner: Arc::new(Inner {
+                webhooks: Mutex::new(webhooks),
+                webhook_wake: Arc::new(tokio::sync::Notify::new()),
+                webhook_sender: std::sync::atomic::AtomicBool::new(false),
                 endpoint_region,
                 config,
                 world: Mutex::new(world),
                 traffic: Mutex::new(traffic),
                 log: Mutex::new(log),
             }),
+        };
+        if sim.inner.config.reporting_webhook.is_some() {
+            sim.ensure_webhook_sender();
         }
+        sim
     }
 
     /// The configuration it was created with (rate limits: initial values).
@@ -130,6 +148,9 @@ impl Simulator {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        if self.reporting_webhook().is_some() {
+            self.ensure_webhook_sender();
+        }
         let app = self
             .router()
             .into_make_service_with_connect_info::<ConnCtl>();

@@ -24,6 +24,7 @@ impl Simulator {
             w.settle_exports();
         });
         super::lock(&self.inner.traffic).advance(by);
+        self.inner.webhook_wake.notify_one();
     }
 
     /// Total time [`Simulator::advance`]d so far.

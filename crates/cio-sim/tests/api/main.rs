@@ -19,3 +19,4 @@ mod paths;
 mod sends_control;
 mod track;
 mod triggers;
+mod webhooks;
