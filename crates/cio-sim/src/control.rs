@@ -25,7 +25,7 @@
 //! | `GET /_sim/engagement[?person=id]`, `POST /_sim/engagement` | `{"correlation":0.7}` (with `person`: that person's `{"percentile","prefetches","link_scanned"}`); set `{"correlation":x}` (0..=1) |
 //! | `GET /_sim/webhooks`, `POST /_sim/webhooks`, `DELETE /_sim/webhooks` | `{"webhook":{"url","duplicate_rate","timeout_ms"}\|null,"queued":n,"ledger":[..]}` ([`crate::SimWebhook`]); set `{"url","signing_key","duplicate_rate"?,"timeout_ms"?}` (400 when invalid); stop |
 //! | `GET /_sim/exports`, `POST /_sim/exports` | `{"exports":[..],"fail_next":n,"delay_ms":n}`; set `{"fail_next":n,"delay_ms":n}` (each optional): the next n exports fail, exports take this long |
-//! | `GET /_sim/rates`, `POST /_sim/rates`, `DELETE /_sim/rates` | `{"default":{..},"rules":[{"key":{..},"rates":{..}}]}`; set `{"key"?:K,"rates":{..}}` (no key: the default); clear the rules |
+//! | `GET /_sim/rates`, `POST /_sim/rates`, `DELETE /_sim/rates` | `{"default":{..},"rules":[{"key":{..},"rates":{..}}],"ledger":[{"key","deliveries","totals","eventual"}]}`; set `{"key"?:K,"rates":{..}}` (no key: the default; K as [`crate::RatesKey`], e.g. `{"subject_contains":"[B]"}`); clear the rules |
 //!
 //! Fault items: `{"kind":"status","status":503,"retry_after_secs":2}`, `{"kind":"delay","ms":1500}`,
 //! `{"kind":"drop"}`, `{"kind":"accept_then_drop"}`, `{"kind":"accept_then_delay","ms":5000}`. Chaos: `{"error_rate":0.1,"error_status":503,
@@ -632,7 +632,7 @@ fn rates_json(sim: &Simulator) -> Value {
         .into_iter()
         .map(|(key, rates)| json!({ "key": key, "rates": rates }))
         .collect();
-    json!({ "default": default, "rules": rules })
+    json!({ "default": default, "rules": rules, "ledger": sim.totals_by_rates_rule() })
 }
 
 async fn rates(State(sim): State<Simulator>) -> Response {

@@ -86,7 +86,7 @@ pub use faults::{Chaos, Fault, RateLimitMode};
 pub use gateway::LoggedRequest;
 pub use sends::{
     CampaignKind, CampaignState, CampaignTrigger, DeliveryFilter, DeliveryMetric, DeliveryRates,
-    MetricTotals, NewBroadcast, NewCampaign, NewNewsletter, PersonEngagement, RatesKey,
+    MetricTotals, NewBroadcast, NewCampaign, NewNewsletter, PersonEngagement, RatesKey, RuleTotals,
     SimCampaign, SimDelivery, SimNewsletter, SimTrigger,
 };
 pub use signing::sign_webhook;

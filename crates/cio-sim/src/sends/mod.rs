@@ -47,7 +47,7 @@ use crate::state::{Person, loose_eq};
 
 pub use model::{
     CampaignKind, CampaignState, CampaignTrigger, DeliveryFilter, DeliveryMetric, DeliveryRates,
-    MetricTotals, NewBroadcast, NewCampaign, NewNewsletter, PersonEngagement, RatesKey,
+    MetricTotals, NewBroadcast, NewCampaign, NewNewsletter, PersonEngagement, RatesKey, RuleTotals,
     SimCampaign, SimDelivery, SimNewsletter, SimTrigger,
 };
 pub(crate) use ops::{TriggerError, trigger_status_json};
@@ -145,6 +145,8 @@ pub(crate) struct Delivery {
     trigger_data: Option<Arc<Value>>,
     user_data: Option<Value>,
     pub(crate) sent_ms: i64,
+    /// The rates rule it was drawn from (`None`: the default rates).
+    pub(crate) rule: Option<RatesKey>,
     /// Sorted by time.
     pub(crate) events: Vec<(DeliveryMetric, i64)>,
 }
@@ -404,7 +406,20 @@ impl SendStore {
         &self.rate_rules
     }
 
-    fn rates_for(&self, delivery: &Delivery) -> DeliveryRates {
+    /// The rule a delivery's rates come from (the most recent matching one) and the rates.
+    fn rates_for(&self, delivery: &Delivery) -> (Option<RatesKey>, DeliveryRates) {
+        let (campaign, broadcast, _, newsletter, _) = delivery.source_ids();
+        let newsletter = newsletter.and_then(|id| self.newsletters.get(&id));
+        let name = match (
+            campaign
+                .or(broadcast)
+                .and_then(|id| self.campaigns.get(&id)),
+            newsletter,
+        ) {
+            (Some(c), _) => Some(c.name.as_str()),
+            (None, Some(n)) => Some(n.name.as_str()),
+            (None, None) => None,
+        };
         let hit = self.rate_rules.iter().rev().find(|(key, _)| match key {
             RatesKey::Subject(s) => **s == *delivery.subject,
             RatesKey::Data { field, value } => delivery
@@ -423,8 +438,55 @@ impl SendStore {
                 delivery.source,
                 Source::Newsletter { newsletter_id, .. } if newsletter_id == *id
             ),
+            RatesKey::SubjectContains(marker) => delivery.subject.contains(marker.as_str()),
+            RatesKey::ContentContains(marker) => match newsletter {
+                Some(n) => n.body.contains(marker.as_str()),
+                None => delivery
+                    .merged_data()
+                    .is_some_and(|d| d.to_string().contains(marker.as_str())),
+            },
+            RatesKey::NameContains(marker) => name.is_some_and(|n| n.contains(marker.as_str())),
         });
-        hit.map_or(self.default_rates, |(_, rates)| *rates)
+        match hit {
+            Some((key, rates)) => (Some(key.clone()), *rates),
+            None => (None, self.default_rates),
+        }
+    }
+
+    /// The ledger counted per rates rule (the default rates first), rules in the order they
+    /// were set; a rule replaced since keeps its own line.
+    pub(crate) fn totals_by_rule(&self) -> Vec<RuleTotals> {
+        let now = self.now_ms();
+        let mut lines: Vec<RuleTotals> = vec![RuleTotals {
+            key: None,
+            deliveries: 0,
+            totals: MetricTotals::default(),
+            eventual: MetricTotals::default(),
+        }];
+        for d in &self.deliveries {
+            let index = match lines.iter().position(|l| l.key == d.rule) {
+                Some(i) => i,
+                None => {
+                    lines.push(RuleTotals {
+                        key: d.rule.clone(),
+                        deliveries: 0,
+                        totals: MetricTotals::default(),
+                        eventual: MetricTotals::default(),
+                    });
+                    lines.len() - 1
+                }
+            };
+            if let Some(line) = lines.get_mut(index) {
+                line.deliveries += 1;
+                for (metric, at) in &d.events {
+                    *line.eventual.slot(*metric) += 1;
+                    if *at <= now {
+                        *line.totals.slot(*metric) += 1;
+                    }
+                }
+            }
+        }
+        lines
     }
 
     // ----- campaigns and broadcasts -----
@@ -657,12 +719,14 @@ impl SendStore {
                 trigger_data: trigger_data.clone(),
                 user_data: recipient.user_data,
                 sent_ms: at,
+                rule: None,
                 events: Vec::new(),
             };
             if let Some(Value::String(subject)) = delivery.data_field("subject") {
                 delivery.subject = Arc::from(subject.as_str());
             }
-            let rates = self.rates_for(&delivery);
+            let (rule, rates) = self.rates_for(&delivery);
+            delivery.rule = rule;
             let person = self.engagement(delivery.person_seq);
             delivery.events = draw_events(self.seed, seq as u64, &rates, at, &person);
             delivered_to.push(delivery.person_id.clone());

@@ -3,10 +3,11 @@
 //!
 //! Each person has a seeded engagement (a standard normal latent `z`) and two fixed traits:
 //! whether their mail client prefetches (Apple Mail Privacy Protection) and whether their mail
-//! goes through a link scanner. A human open is drawn as `1 − Φ(√ρ·z + √(1−ρ)·ε) < open_rate` with
-//! fresh noise `ε`, and a human click (given the open) likewise: the marginal rates are exactly
-//! the configured ones over a population, while the same people open and click again and again
-//! (ρ, the engagement correlation, 0 = independent draws). Machine opens happen to every
+//! goes through a link scanner. Each delivery draws an eagerness `u = 1 − Φ(√ρ·z + √(1−ρ)·ε)`
+//! with fresh noise `ε` (uniform over people): a human open when `u < open_rate`, a human click
+//! when `u < open_rate · click_rate` (so a click implies an open and P(click | open) is the
+//! click rate). The configured rates hold exactly over a population while the same people open
+//! and click again and again (ρ, the engagement correlation; 0 = independent deliveries). Machine opens happen to every
 //! delivery of a prefetching person, machine clicks to every delivery of a scanned one; which
 //! people those are follows `machine_open_rate` / `machine_click_rate` (a person is
 //! prefetching when their trait is below the rate).
@@ -123,12 +124,13 @@ impl Engagement {
         }
     }
 
-    /// Whether a behaviour of probability `rate` happens, given the fresh uniform `u`.
-    fn happens(&self, rate: f64, u: f64) -> bool {
+    /// A uniform draw for one delivery, given fresh noise `u`, pulled low by the person's
+    /// engagement: a behaviour of probability `p` happens when it is below `p` (uniform over
+    /// people, so the rate holds; the higher the latent, the likelier).
+    fn eagerness(&self, u: f64) -> f64 {
         let rho = self.correlation;
         let noise = normal_quantile(u);
-        // Upper tail: the higher the latent, the likelier.
-        1.0 - normal_cdf(rho.sqrt() * self.latent + (1.0 - rho).sqrt() * noise) < rate
+        1.0 - normal_cdf(rho.sqrt() * self.latent + (1.0 - rho).sqrt() * noise)
     }
 
     /// The person's engagement as a percentile of the population (0..1).
@@ -153,10 +155,13 @@ pub(super) fn draw_events(
     let mut times = SplitMix64(seed.rotate_left(17) ^ seq.wrapping_mul(0xC2B2_AE3D_27D4_EB4F));
 
     let bounced = draw() < rates.bounce_rate;
-    let human_open = person.happens(rates.open_rate, draw());
+    // One eagerness for opening and clicking: the eagerest openers click, so a click implies
+    // an open and P(click | open) is exactly the click rate.
+    let eagerness = person.eagerness(draw());
+    let human_open = eagerness < rates.open_rate;
     let _ = draw();
     let machine_open = person.prefetch < rates.machine_open_rate;
-    let human_click = person.happens(rates.click_rate, draw());
+    let human_click = eagerness < rates.open_rate * rates.click_rate;
     let _ = draw();
     let machine_click = person.scanner < rates.machine_click_rate;
     let converted = draw() < rates.conversion_rate;

@@ -8,7 +8,7 @@ use crate::config::TriggerScope;
 use crate::error::SimError;
 use crate::sends::{
     self, CampaignKind, CampaignState, DeliveryFilter, DeliveryRates, MetricTotals, NewBroadcast,
-    NewCampaign, NewNewsletter, PersonEngagement, RatesKey, SimCampaign, SimDelivery,
+    NewCampaign, NewNewsletter, PersonEngagement, RatesKey, RuleTotals, SimCampaign, SimDelivery,
     SimNewsletter, SimTrigger,
 };
 
@@ -268,6 +268,16 @@ impl Simulator {
     /// Removes every rates rule (the default stays).
     pub fn clear_rates(&self) {
         self.with_world(|w| w.sends.clear_rates());
+    }
+
+    /// The ledger counted per rates rule: how many deliveries each rule's rates drew, and
+    /// their metric totals by now and eventually (the default rates first, then each rule
+    /// in the order it was first used). The truth an A/B test's estimate is compared to.
+    pub fn totals_by_rates_rule(&self) -> Vec<RuleTotals> {
+        self.with_world(|w| {
+            w.settle_sends();
+            w.sends.totals_by_rule()
+        })
     }
 
     /// The default rates and the rules, oldest first.

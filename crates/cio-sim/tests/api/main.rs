@@ -2,6 +2,7 @@
 
 mod helpers;
 
+mod ab_rates;
 mod activities;
 mod app;
 mod batch;
