@@ -35,6 +35,9 @@
 //! - [`exports`]: customer exports (create, poll, signed link) and the credential-free,
 //!   bounded-memory download of the file as byte chunks or parsed [`ExportRow`]s
 //!   ([`DownloadError`]); [`csv`]: the incremental CSV reader behind it.
+//! - [`webhooks`]: receiving reporting webhooks: [`verify_signature`] (constant time, replay
+//!   window) and [`parse_reporting_event`] into a [`ReportingEvent`] that keeps unknown metrics,
+//!   object types and fields.
 //! - [`deadline`]: [`CioClient::with_deadline`] fences a sending call (trigger, newsletter
 //!   create/send) by an absolute deadline covering its rate-limiter wait and 429 pauses:
 //!   [`SendError::NotSent`] when it could not start by `deadline - timeout` (nothing left).
@@ -64,6 +67,7 @@ pub mod retry;
 pub mod segment_members;
 pub mod segments;
 mod serde_util;
+pub mod webhooks;
 
 pub use account::{AccountCheckError, AccountRegion};
 pub use activities::{Activity, ActivityQuery, ActivityType, AttributeChange, MAX_ACTIVITIES_PAGE};
@@ -90,4 +94,8 @@ pub use secrecy::SecretString;
 pub use segment_members::MAX_SEGMENT_MEMBERS_PER_CALL;
 pub use segments::{
     CustomerIdentifiers, MAX_MEMBERSHIP_PAGE, MembershipPage, Segment, SegmentType,
+};
+pub use webhooks::{
+    Metric, ObjectType, ReportingData, ReportingEvent, WebhookError, parse_reporting_event,
+    verify_signature,
 };

@@ -29,4 +29,5 @@ mod paths;
 mod people;
 mod resilience;
 mod segment_members;
+mod webhooks;
 mod wire;
