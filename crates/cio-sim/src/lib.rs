@@ -9,7 +9,8 @@
 //! - [`config`]: [`SimConfig`] (credentials, the workspace's region and the regional endpoint
 //!   played, rate limits and their [`RateLimitMode`], demo size, request log capacity,
 //!   broadcast trigger interval and [`TriggerScope`], subscription center, default delivery
-//!   rates) and [`SimApi`].
+//!   rates, engagement correlation, export delay and download base URL, reporting webhook) and
+//!   [`SimApi`].
 //! - `state`: people, segments ([`Predicate`] for dynamic segments), suppressed identifiers;
 //!   `events`: recorded events ([`SimEvent`]) with deduplication by event id, and the event
 //!   field checks; `demo`: the deterministic demo workspace (a financial newsletter's ~5000
@@ -25,7 +26,8 @@
 //!   (segments, customers): the endpoints; `control`: `/_sim/` (route table in its docs).
 //! - Sends: `audience` ([`AudienceFilter`], the `recipients` filter); `sends` (campaigns,
 //!   API-triggered broadcasts, newsletters, triggers, the delivery ledger with outcomes drawn
-//!   from [`DeliveryRates`], and the clock that [`Simulator::advance`] moves); `metrics` (the
+//!   from [`DeliveryRates`] per content rule ([`RatesKey`]) and per-person engagement, and the
+//!   clock that [`Simulator::advance`] moves); `metrics` (the
 //!   metrics endpoints' parameters and series); `campaigns_api` (campaigns, broadcasts,
 //!   triggers: route table and rules in its docs) and `newsletters_api` (create, send, read).
 //! - `exports` (customer exports: `/v1/exports*`, the CSV file and its signed, credential-free
@@ -43,9 +45,11 @@
 //!
 //! Time: the simulator never presents a time ahead of the wall clock. [`Simulator::advance`]
 //! makes everything send-related look older (triggers, newsletters, deliveries and their
-//! events, trigger windows, schedules, exports and their download links), so delivery events drawn for "hours later" happen now
-//! and a client asking for metrics up to its own "now" sees them. People and events are not
-//! aged.
+//! events, trigger windows, schedules, exports and their download links, activities and their
+//! 30-day window, webhook retries), so delivery events drawn for "hours later" happen now (and
+//! are reported by webhook) and a client asking for metrics up to its own "now" sees them.
+//! People and events are not aged; attribute changes and events are recorded as activities at
+//! the simulator's time.
 //!
 //! The simulator never reads the OpenAPI specs at run time; it is written to them.
 

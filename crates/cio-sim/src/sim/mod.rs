@@ -1,8 +1,10 @@
 //! [`Simulator`], the shared handle to one simulated workspace: construction, the router and
 //! serving. Its control methods are grouped by concern in the submodules (`people`: people and
-//! segments; `sending`: campaigns, broadcasts, triggers, newsletters, deliveries and the clock;
-//! `traffic`: rate limits and faults; `records`: recorded events, the request log and
-//! counters); [`RunningSim`] (`running`) is a simulator serving on a local port.
+//! segments; `sending`: campaigns, broadcasts, triggers, newsletters, deliveries, rates,
+//! engagement and the clock; `traffic`: rate limits and faults; `records`: recorded events, the
+//! request log and counters; `activity`: the activity feed and attribute changes from outside
+//! the Track API; `exporting`: customer exports; `reporting`: reporting webhooks and their
+//! sender task); [`RunningSim`] (`running`) is a simulator serving on a local port.
 
 mod activity;
 mod exporting;
