@@ -43,6 +43,9 @@ pub struct CioClient {
 
 struct Inner {
     http: reqwest::Client,
+    /// For signed download links on other hosts: no Customer.io credentials, no JSON headers,
+    /// no whole-request timeout (reads are timed one by one).
+    files: reqwest::Client,
     site_id: String,
     region: Region,
     retry: RetryConfig,
@@ -171,6 +174,12 @@ impl CioClient {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| config_error(format!("building the HTTP client: {e}")))?;
+        let files = reqwest::Client::builder()
+            .user_agent(USER_AGENT)
+            .connect_timeout((config.timeout / 2).min(Duration::from_secs(5)))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| config_error(format!("building the download HTTP client: {e}")))?;
 
         let track = Target {
             limiter: shared_limiter(
@@ -196,6 +205,7 @@ impl CioClient {
         Ok(Self {
             inner: Arc::new(Inner {
                 http,
+                files,
                 site_id: creds.site_id.clone(),
                 region: config.region,
                 retry: config.retry,
@@ -225,6 +235,11 @@ impl CioClient {
     /// The time zone metrics series are bucketed in ([`ClientConfig::metrics_tz`]).
     pub fn metrics_tz(&self) -> &str {
         &self.inner.metrics_tz
+    }
+
+    /// The HTTP client for signed download links (never carries credentials).
+    pub(crate) fn files_http(&self) -> &reqwest::Client {
+        &self.inner.files
     }
 
     /// The base URL used for `api`.

@@ -260,6 +260,33 @@ pub mod endpoints {
         template: "/v1/segments/{segment_id}",
         retry: RetryPolicy::Idempotent,
     };
+    /// `GET /v1/activities?type=&name=&customer_id=&id_type=&start=&limit=`: the activity feed.
+    pub const ACTIVITIES: Endpoint = get(Api::App, "/v1/activities");
+    /// `GET /v1/customers/{customer_id}/activities?id_type=&type=&name=&start=&limit=`.
+    pub const CUSTOMER_ACTIVITIES: Endpoint =
+        get(Api::App, "/v1/customers/{customer_id}/activities");
+    /// `GET /v1/campaigns/{campaign_id}/messages?start=&limit=&metric=&type=`: deliveries.
+    pub const CAMPAIGN_MESSAGES: Endpoint = get(Api::App, "/v1/campaigns/{campaign_id}/messages");
+    /// `GET /v1/broadcasts/{broadcast_id}/messages?start=&limit=&metric=&state=&type=`.
+    pub const BROADCAST_MESSAGES: Endpoint =
+        get(Api::App, "/v1/broadcasts/{broadcast_id}/messages");
+    /// `GET /v1/newsletters/{newsletter_id}/messages?start=&limit=&metric=`.
+    pub const NEWSLETTER_MESSAGES: Endpoint =
+        get(Api::App, "/v1/newsletters/{newsletter_id}/messages");
+    /// `GET /v1/customers/{customer_id}/messages?id_type=&start=&limit=`: one person's.
+    pub const CUSTOMER_MESSAGES: Endpoint = get(Api::App, "/v1/customers/{customer_id}/messages");
+    /// `POST /v1/exports/customers`: starts a customer export. Not idempotent (a repeat starts
+    /// a second export), so never retried automatically.
+    pub const CREATE_CUSTOMER_EXPORT: Endpoint = with(
+        Api::App,
+        Method::POST,
+        "/v1/exports/customers",
+        RetryPolicy::NeverRetry,
+    );
+    /// `GET /v1/exports/{export_id}`.
+    pub const GET_EXPORT: Endpoint = get(Api::App, "/v1/exports/{export_id}");
+    /// `GET /v1/exports/{export_id}/download`: a signed link to the file, valid 15 minutes.
+    pub const EXPORT_DOWNLOAD: Endpoint = get(Api::App, "/v1/exports/{export_id}/download");
     /// `POST /api/v1/segments/{segment_id}/add_customers?id_type=`: adds up to 1000 people to
     /// a manual segment. Idempotent: adding a member again changes nothing.
     pub const ADD_TO_SEGMENT: Endpoint = with(

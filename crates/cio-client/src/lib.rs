@@ -28,6 +28,16 @@
 //! - [`campaigns`]: campaigns, API-triggered broadcasts (trigger, status, errors, trigger list),
 //!   newsletters (create with content, send) and metrics series ([`MetricSeries::totals`]).
 //!
+//! - [`activities`]: the activity feed (`/v1/activities`, one person's
+//!   `/v1/customers/{id}/activities`): [`Activity`], [`ActivityQuery`], pages and streams.
+//! - [`messages`]: deliveries of a campaign, broadcast or newsletter, and one person's
+//!   ([`Message`] with only the metrics that happened), pages and streams.
+//! - [`exports`]: customer exports (create, poll, signed link) and the credential-free,
+//!   bounded-memory download of the file as byte chunks or parsed [`ExportRow`]s
+//!   ([`DownloadError`]); [`csv`]: the incremental CSV reader behind it.
+//! - [`webhooks`]: receiving reporting webhooks: [`verify_signature`] (constant time, replay
+//!   window) and [`parse_reporting_event`] into a [`ReportingEvent`] that keeps unknown metrics,
+//!   object types and fields.
 //! - [`deadline`]: [`CioClient::with_deadline`] fences a sending call (trigger, newsletter
 //!   create/send) by an absolute deadline covering its rate-limiter wait and 429 pauses:
 //!   [`SendError::NotSent`] when it could not start by `deadline - timeout` (nothing left).
@@ -37,14 +47,18 @@
 //! [`CioError::is_outcome_unknown`] true. Keys never appear in `Debug`/`Display` output.
 
 pub mod account;
+pub mod activities;
 pub mod campaigns;
 pub mod client;
 pub mod config;
+pub mod csv;
 pub mod customers;
 pub mod deadline;
 pub mod endpoint;
 pub mod error;
+pub mod exports;
 pub mod limiter;
+pub mod messages;
 pub mod pagination;
 pub mod people;
 #[cfg(test)]
@@ -53,18 +67,23 @@ pub mod retry;
 pub mod segment_members;
 pub mod segments;
 mod serde_util;
+pub mod webhooks;
 
 pub use account::{AccountCheckError, AccountRegion};
+pub use activities::{Activity, ActivityQuery, ActivityType, AttributeChange, MAX_ACTIVITIES_PAGE};
 pub use campaigns::{
     Campaign, MetricSeries, MetricsOf, MetricsQuery, NEWSLETTERS_PAGE, NewNewsletter, Newsletter,
     Recipients, Resolution, TRIGGER_ERRORS_PAGE, Trigger, TriggerStatus,
 };
 pub use client::{CioClient, USER_AGENT, install_crypto_provider};
 pub use config::{Api, ClientConfig, Credentials, ParseRegionError, Region, RetryConfig};
+pub use csv::{CsvError, CsvReader};
 pub use customers::{CustomerAttributes, CustomerSegment, MAX_CUSTOMERS_PER_LOOKUP};
 pub use deadline::{DeadlineClient, NotSent, SendError};
 pub use endpoint::{Endpoint, RetryPolicy, TRIGGER_SCOPE, encode_path_segment, endpoints};
 pub use error::{CioError, ErrorDetail, parse_error_details};
+pub use exports::{DownloadError, Export, ExportRow};
+pub use messages::{MAX_MESSAGES_PAGE, Message, MessagesOf, MessagesQuery};
 pub use pagination::{Page, paginate};
 pub use people::{
     BATCH_ENVELOPE_BYTES, BatchFailure, BatchOutcome, EncodedOp, Event, IdType, Identifier,
@@ -75,4 +94,8 @@ pub use secrecy::SecretString;
 pub use segment_members::MAX_SEGMENT_MEMBERS_PER_CALL;
 pub use segments::{
     CustomerIdentifiers, MAX_MEMBERSHIP_PAGE, MembershipPage, Segment, SegmentType,
+};
+pub use webhooks::{
+    Metric, ObjectType, ReportingData, ReportingEvent, WebhookError, parse_reporting_event,
+    verify_signature,
 };

@@ -15,6 +15,11 @@ pub(crate) fn opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Strin
     })
 }
 
+/// `String` from a string or a number (ids Customer.io sends either way).
+pub(crate) fn i64_or_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    opt_string(d)?.ok_or_else(|| de::Error::custom("expected a string, got null"))
+}
+
 fn value_to_i64<E: de::Error>(value: &Value) -> Result<Option<i64>, E> {
     match value {
         Value::Null => Ok(None),

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::faults::RateLimitMode;
 use crate::sends::DeliveryRates;
+use crate::webhooks::ReportingWebhook;
 
 /// Which of the two Customer.io APIs a request belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -104,6 +105,24 @@ pub struct SimConfig {
     pub subscription_center: bool,
     /// Outcome rates of deliveries no [`crate::RatesKey`] rule matches.
     pub default_rates: DeliveryRates,
+    /// How strongly a person's opens and clicks follow their own seeded engagement, in
+    /// `0..=1` (0: every delivery drawn independently; default
+    /// [`DEFAULT_ENGAGEMENT_CORRELATION`]). The rates still hold over an audience; the higher
+    /// this is, the more the same people open and click every time. Changeable at run time
+    /// ([`crate::Simulator::set_engagement_correlation`]).
+    pub engagement_correlation: f64,
+    /// How long a customer export takes to complete on the simulator's clock (default
+    /// [`DEFAULT_EXPORT_DELAY`]). Changeable at run time
+    /// ([`crate::Simulator::set_export_delay`]).
+    pub export_delay: Duration,
+    /// Reporting webhooks: where every delivery event is POSTed, signed, as it happens (see
+    /// [`ReportingWebhook`]); `None` (default): none. Changeable at run time
+    /// ([`crate::Simulator::set_reporting_webhook`]).
+    pub reporting_webhook: Option<ReportingWebhook>,
+    /// Base URL of the signed download links of exports (e.g. `http://cio-sim:4010` when the
+    /// simulator is reached under another name); `None`: the scheme-less host the App request
+    /// came to, as `http://{Host}`.
+    pub files_base_url: Option<String>,
 }
 
 /// Default site id accepted by the simulator.
@@ -116,6 +135,10 @@ pub const DEFAULT_APP_API_KEY: &str = "sim-app-key";
 pub const DEFAULT_DEMO_PEOPLE: usize = 5000;
 /// Default [`SimConfig::trigger_interval`]: Customer.io's one trigger per 10 s.
 pub const DEFAULT_TRIGGER_INTERVAL: Duration = Duration::from_secs(10);
+/// Default [`SimConfig::engagement_correlation`].
+pub const DEFAULT_ENGAGEMENT_CORRELATION: f64 = 0.7;
+/// Default [`SimConfig::export_delay`].
+pub const DEFAULT_EXPORT_DELAY: Duration = Duration::from_secs(2);
 /// Default [`SimConfig::request_log_capacity`].
 pub const DEFAULT_REQUEST_LOG_CAPACITY: usize = 10_000;
 /// Request bodies larger than this are logged as `{"_truncated": <size in bytes>}`.
@@ -144,6 +167,10 @@ impl SimConfig {
             trigger_scope: TriggerScope::Workspace,
             subscription_center: false,
             default_rates: DeliveryRates::default(),
+            engagement_correlation: DEFAULT_ENGAGEMENT_CORRELATION,
+            export_delay: DEFAULT_EXPORT_DELAY,
+            files_base_url: None,
+            reporting_webhook: None,
         }
     }
 

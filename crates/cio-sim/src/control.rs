@@ -14,13 +14,18 @@
 //! | `GET /_sim/segments`, `POST /_sim/segments` | list; create `{"name","description","predicate"?}` (no predicate = manual) |
 //! | `GET /_sim/segments/{id}`, `DELETE /_sim/segments/{id}` | segment with member ids; delete (any kind) |
 //! | `GET /_sim/people/{id}`, `PUT /_sim/people/{id}`, `DELETE /_sim/people/{id}` | read; upsert attributes (JSON object); remove |
+//! | `POST /_sim/people/{id}/attributes` | change an existing person's attributes without the Track API (a form fill, another system): JSON object; `{id}` is an id, an email or `cio_<cio_id>`; 404 unknown |
+//! | `GET /_sim/activities[?person=id\|email\|cio_x]` | `{"activities":[..]}` the feed, newest first ([`crate::SimActivity`]) |
 //! | `GET /_sim/campaigns` | `{"campaigns":[..]}` campaigns and broadcasts ([`crate::SimCampaign`]) |
 //! | `GET /_sim/broadcasts`, `POST /_sim/broadcasts` | list; create `{"name","recipients":F,"subject"?,"state"?,"tags"?}` (201 `{"broadcast":{..}}`) |
 //! | `GET /_sim/newsletters` | `{"newsletters":[..]}` ([`crate::SimNewsletter`]) |
 //! | `GET /_sim/triggers[?broadcast_id=N]` | `{"triggers":[..]}` oldest first ([`crate::SimTrigger`]) |
 //! | `GET /_sim/deliveries[?campaign_id=&broadcast_id=&trigger_id=&newsletter_id=&content_id=&subject=&person=&limit=100]` | `{"count","totals","eventual_totals","deliveries":[first limit]}` |
 //! | `POST /_sim/advance` | `{"seconds":n}` or `{"ms":n}`: [`crate::Simulator::advance`]; answers `{"advanced_ms":total}` |
-//! | `GET /_sim/rates`, `POST /_sim/rates`, `DELETE /_sim/rates` | `{"default":{..},"rules":[{"key":{..},"rates":{..}}]}`; set `{"key"?:K,"rates":{..}}` (no key: the default); clear the rules |
+//! | `GET /_sim/engagement[?person=id]`, `POST /_sim/engagement` | `{"correlation":0.7}` (with `person`: that person's `{"percentile","prefetches","link_scanned"}`); set `{"correlation":x}` (0..=1) |
+//! | `GET /_sim/webhooks`, `POST /_sim/webhooks`, `DELETE /_sim/webhooks` | `{"webhook":{"url","duplicate_rate","timeout_ms"}\|null,"queued":n,"ledger":[..]}` ([`crate::SimWebhook`]); set `{"url","signing_key","duplicate_rate"?,"timeout_ms"?}` (400 when invalid); stop |
+//! | `GET /_sim/exports`, `POST /_sim/exports` | `{"exports":[..],"fail_next":n,"delay_ms":n}`; set `{"fail_next":n,"delay_ms":n}` (each optional): the next n exports fail, exports take this long |
+//! | `GET /_sim/rates`, `POST /_sim/rates`, `DELETE /_sim/rates` | `{"default":{..},"rules":[{"key":{..},"rates":{..}}],"ledger":[{"key","deliveries","totals","eventual"}]}`; set `{"key"?:K,"rates":{..}}` (no key: the default; K as [`crate::RatesKey`], e.g. `{"subject_contains":"[B]"}`); clear the rules |
 //!
 //! Fault items: `{"kind":"status","status":503,"retry_after_secs":2}`, `{"kind":"delay","ms":1500}`,
 //! `{"kind":"drop"}`, `{"kind":"accept_then_drop"}`, `{"kind":"accept_then_delay","ms":5000}`. Chaos: `{"error_rate":0.1,"error_status":503,
@@ -66,12 +71,20 @@ pub(crate) fn routes() -> Router<Simulator> {
             "/_sim/people/{id}",
             get(person).put(put_person).delete(delete_person),
         )
+        .route("/_sim/people/{id}/attributes", post(change_attributes))
+        .route("/_sim/activities", get(activities))
         .route("/_sim/campaigns", get(campaigns))
         .route("/_sim/broadcasts", get(broadcasts).post(create_broadcast))
         .route("/_sim/newsletters", get(newsletters))
         .route("/_sim/triggers", get(triggers))
         .route("/_sim/deliveries", get(deliveries))
         .route("/_sim/advance", post(advance))
+        .route("/_sim/exports", get(exports).post(set_exports))
+        .route("/_sim/engagement", get(engagement).post(set_engagement))
+        .route(
+            "/_sim/webhooks",
+            get(webhooks).post(set_webhooks).delete(stop_webhooks),
+        )
         .route(
             "/_sim/rates",
             get(rates).post(set_rates).delete(clear_rates),
@@ -442,6 +455,35 @@ async fn put_person(State(sim): State<Simulator>, Path(id): Path<String>, body: 
     Json(json!({ "person": sim.person(&id) })).into_response()
 }
 
+async fn change_attributes(
+    State(sim): State<Simulator>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    let attributes: Map<String, Value> = match parse(&body) {
+        Ok(a) => a,
+        Err(err) => return err.into_response(),
+    };
+    if !sim.change_attributes(&id, attributes) {
+        return error(StatusCode::NOT_FOUND, "person not found");
+    }
+    let (kind, value) = crate::state::parse_identifier(&id);
+    let person = sim.with_world(|w| {
+        w.resolve(value, kind)
+            .and_then(|seq| w.person(seq))
+            .map(crate::state::Person::snapshot)
+    });
+    Json(json!({ "person": person })).into_response()
+}
+
+async fn activities(
+    State(sim): State<Simulator>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let activities = sim.activities(query.get("person").map(String::as_str));
+    Json(json!({ "activities": activities })).into_response()
+}
+
 async fn delete_person(State(sim): State<Simulator>, Path(id): Path<String>) -> Response {
     if sim.remove_person(&id) {
         StatusCode::NO_CONTENT.into_response()
@@ -590,7 +632,7 @@ fn rates_json(sim: &Simulator) -> Value {
         .into_iter()
         .map(|(key, rates)| json!({ "key": key, "rates": rates }))
         .collect();
-    json!({ "default": default, "rules": rules })
+    json!({ "default": default, "rules": rules, "ledger": sim.totals_by_rates_rule() })
 }
 
 async fn rates(State(sim): State<Simulator>) -> Response {
@@ -623,4 +665,121 @@ async fn set_rates(State(sim): State<Simulator>, body: Bytes) -> Response {
 async fn clear_rates(State(sim): State<Simulator>) -> StatusCode {
     sim.clear_rates();
     StatusCode::NO_CONTENT
+}
+
+fn exports_json(sim: &Simulator) -> Value {
+    json!({
+        "exports": sim.exports(),
+        "fail_next": sim.export_failures_queued(),
+        "delay_ms": sim.export_delay().as_millis() as u64,
+    })
+}
+
+async fn exports(State(sim): State<Simulator>) -> Response {
+    Json(exports_json(&sim)).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportsRequest {
+    fail_next: Option<u32>,
+    delay_ms: Option<u64>,
+}
+
+async fn set_exports(State(sim): State<Simulator>, body: Bytes) -> Response {
+    let request: ExportsRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(err) => return err.into_response(),
+    };
+    if let Some(count) = request.fail_next {
+        sim.fail_next_exports(count);
+    }
+    if let Some(ms) = request.delay_ms {
+        sim.set_export_delay(Duration::from_millis(ms));
+    }
+    Json(exports_json(&sim)).into_response()
+}
+
+async fn engagement(
+    State(sim): State<Simulator>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    match query.get("person") {
+        None => Json(json!({ "correlation": sim.engagement_correlation() })).into_response(),
+        Some(person) => match sim.engagement(person) {
+            Some(e) => Json(json!({ "person": person, "engagement": e })).into_response(),
+            None => error(StatusCode::NOT_FOUND, "person not found"),
+        },
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EngagementRequest {
+    correlation: f64,
+}
+
+async fn set_engagement(State(sim): State<Simulator>, body: Bytes) -> Response {
+    let request: EngagementRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(err) => return err.into_response(),
+    };
+    if !(0.0..=1.0).contains(&request.correlation) {
+        return error(StatusCode::BAD_REQUEST, "correlation must be within 0..=1");
+    }
+    sim.set_engagement_correlation(request.correlation);
+    Json(json!({ "correlation": sim.engagement_correlation() })).into_response()
+}
+
+fn webhooks_json(sim: &Simulator) -> Value {
+    let webhook = sim.reporting_webhook().map(|w| {
+        json!({
+            "url": w.url,
+            "duplicate_rate": w.duplicate_rate,
+            "timeout_ms": w.timeout.as_millis() as u64,
+        })
+    });
+    json!({
+        "webhook": webhook,
+        "queued": sim.webhooks_queued(),
+        "ledger": sim.webhook_ledger(),
+    })
+}
+
+async fn webhooks(State(sim): State<Simulator>) -> Response {
+    Json(webhooks_json(&sim)).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WebhookRequest {
+    url: String,
+    signing_key: String,
+    #[serde(default)]
+    duplicate_rate: f64,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+async fn set_webhooks(State(sim): State<Simulator>, body: Bytes) -> Response {
+    let request: WebhookRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(err) => return err.into_response(),
+    };
+    let mut config = crate::ReportingWebhook::new(&request.url, &request.signing_key);
+    config.duplicate_rate = request.duplicate_rate;
+    if let Some(ms) = request.timeout_ms {
+        config.timeout = Duration::from_millis(ms);
+    }
+    match sim.set_reporting_webhook(Some(config)) {
+        Ok(()) => Json(webhooks_json(&sim)).into_response(),
+        Err(err) => error(StatusCode::BAD_REQUEST, err.to_string()),
+    }
+}
+
+async fn stop_webhooks(State(sim): State<Simulator>) -> Response {
+    match sim.set_reporting_webhook(None) {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(err) => error(StatusCode::BAD_REQUEST, err.to_string()),
+    }
 }

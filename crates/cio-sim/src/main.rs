@@ -61,6 +61,28 @@ struct Args {
     /// subscription_topic_id.
     #[arg(long, env = "CIO_SIM_SUBSCRIPTION_CENTER")]
     subscription_center: bool,
+    /// How strongly each person's opens and clicks follow their own seeded engagement (0..=1;
+    /// 0: independent draws).
+    #[arg(long, env = "CIO_SIM_ENGAGEMENT_CORRELATION", default_value_t = cio_sim::config::DEFAULT_ENGAGEMENT_CORRELATION)]
+    engagement_correlation: f64,
+    /// Milliseconds a customer export takes to complete on the simulator's clock.
+    #[arg(long, env = "CIO_SIM_EXPORT_DELAY_MS", default_value_t = 2_000)]
+    export_delay_ms: u64,
+    /// Base URL of export download links (default: http://{the Host the App request came to}).
+    #[arg(long, env = "CIO_SIM_FILES_BASE_URL")]
+    files_base_url: Option<String>,
+    /// Send reporting webhooks (every delivery event, signed) to this URL.
+    #[arg(long, env = "CIO_SIM_WEBHOOK_URL", requires = "webhook_signing_key")]
+    webhook_url: Option<String>,
+    /// Signing key of the reporting webhooks (X-CIO-Signature).
+    #[arg(long, env = "CIO_SIM_WEBHOOK_SIGNING_KEY", hide_env_values = true)]
+    webhook_signing_key: Option<String>,
+    /// Fraction (0..=1) of reporting webhooks delivered twice.
+    #[arg(long, env = "CIO_SIM_WEBHOOK_DUPLICATE_RATE", default_value_t = 0.0)]
+    webhook_duplicate_rate: f64,
+    /// Milliseconds a reporting webhook may take before it is retried (Customer.io: 4000).
+    #[arg(long, env = "CIO_SIM_WEBHOOK_TIMEOUT_MS", default_value_t = 4_000)]
+    webhook_timeout_ms: u64,
     /// Log as JSON lines.
     #[arg(long, env = "CIO_SIM_LOG_JSON")]
     log_json: bool,
@@ -114,6 +136,18 @@ impl Args {
                 TriggerScopeArg::PerBroadcast => TriggerScope::PerBroadcast,
             },
             subscription_center: self.subscription_center,
+            engagement_correlation: self.engagement_correlation.clamp(0.0, 1.0),
+            export_delay: std::time::Duration::from_millis(self.export_delay_ms),
+            files_base_url: self.files_base_url.clone(),
+            reporting_webhook: self.webhook_url.as_ref().map(|url| {
+                let mut webhook = cio_sim::ReportingWebhook::new(
+                    url,
+                    self.webhook_signing_key.as_deref().unwrap_or_default(),
+                );
+                webhook.duplicate_rate = self.webhook_duplicate_rate;
+                webhook.timeout = std::time::Duration::from_millis(self.webhook_timeout_ms);
+                webhook
+            }),
             ..SimConfig::demo()
         }
     }
@@ -161,6 +195,11 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_tracing(args.log_json);
     let config = args.config();
+    if let Some(webhook) = &config.reporting_webhook {
+        webhook
+            .validate()
+            .context("--webhook-url / --webhook-signing-key / --webhook-duplicate-rate")?;
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {} (--listen / CIO_SIM_LISTEN)", args.listen))?;
@@ -184,6 +223,7 @@ async fn main() -> anyhow::Result<()> {
         subscription_center = config.subscription_center,
         app_rate_limit = config.app_rate_limit_per_sec,
         track_rate_limit = config.track_rate_limit_per_sec,
+        reporting_webhook = config.reporting_webhook.as_ref().map_or("", |w| w.url.as_str()),
         "cio-sim listening: Track API {base_url}/api, App API {base_url}/v1, control {base_url}/_sim"
     );
     println!("cio-sim base URL: {base_url}");

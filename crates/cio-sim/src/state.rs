@@ -9,8 +9,10 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::activities::ActivityStore;
 use crate::error::SimError;
 use crate::events::{EventOutcome, EventStore, NewEvent, SimEvent, StoredEvent};
+use crate::exports::ExportStore;
 use crate::sends::SendStore;
 
 /// Attribute condition defining a dynamic (data-driven) segment.
@@ -260,6 +262,10 @@ pub(crate) struct World {
     suppressed: HashMap<String, Vec<String>>,
     /// Campaigns, broadcasts, newsletters, triggers and the delivery ledger (see `sends`).
     pub(crate) sends: SendStore,
+    /// Customer exports (see `exports`).
+    pub(crate) exports: ExportStore,
+    /// Attribute changes and events for the activity feed (see `activities`).
+    pub(crate) activities: ActivityStore,
 }
 
 /// Reads a v1 path identifier: `cio_<cio_id>`, an email (contains `@`) or an id.
@@ -358,11 +364,14 @@ impl World {
         let Some(person) = self.people.get_mut(&seq) else {
             return;
         };
-        if let Some(old) = person.id.replace(id.to_owned()) {
-            self.by_id.remove(&old);
+        let old = person.id.replace(id.to_owned());
+        if let Some(old) = &old {
+            self.by_id.remove(old);
         }
         person.timestamps.insert("id".to_owned(), now);
         self.by_id.insert(id.to_owned(), seq);
+        let old = old.map_or(Value::Null, Value::String);
+        self.record_attribute_change(seq, "id", &old, &Value::String(id.to_owned()));
     }
 
     /// Sets or clears a person's email unless another person holds it (emails are unique,
@@ -380,7 +389,8 @@ impl World {
         let Some(person) = self.people.get_mut(&seq) else {
             return;
         };
-        if let Some(old) = person.email.take() {
+        let old = person.email.take();
+        if let Some(old) = &old {
             self.by_email.remove(&old.to_lowercase());
         }
         match email {
@@ -397,11 +407,14 @@ impl World {
                 person.timestamps.remove("email");
             }
         }
+        let old = old.map_or(Value::Null, Value::String);
+        let new = email.map_or(Value::Null, |e| Value::String(e.to_owned()));
+        self.record_attribute_change(seq, "email", &old, &new);
     }
 
     /// Merges attributes into a person: `null` or `""` removes an attribute (as in Customer.io),
     /// `email` updates the email identifier, reserved keys are not stored.
-    fn merge(&mut self, seq: u64, attributes: Map<String, Value>, now: i64) {
+    pub(crate) fn merge(&mut self, seq: u64, attributes: Map<String, Value>, now: i64) {
         for (key, value) in attributes {
             if NOT_ATTRIBUTES.contains(&key.as_str()) {
                 continue;
@@ -414,13 +427,15 @@ impl World {
                 return;
             };
             let remove = value.is_null() || value.as_str().is_some_and(str::is_empty);
-            if remove {
-                person.attributes.remove(&key);
+            let old = if remove {
                 person.timestamps.remove(&key);
+                person.attributes.remove(&key)
             } else {
                 person.timestamps.insert(key.clone(), now);
-                person.attributes.insert(key, value);
-            }
+                person.attributes.insert(key.clone(), value.clone())
+            };
+            let new = if remove { Value::Null } else { value };
+            self.record_attribute_change(seq, &key, &old.unwrap_or(Value::Null), &new);
         }
     }
 
@@ -552,6 +567,7 @@ impl World {
         }
         // Deleting a person removes "all of their information", activity included.
         self.events.remove_person(seq);
+        self.activities.remove_person(seq);
         true
     }
 
@@ -637,6 +653,7 @@ impl World {
             }
         }
         self.events.reassign(s, p);
+        self.activities.reassign(s, p);
         self.remove(s);
         let Some(prim) = self.people.get(&p) else {
             return false;
@@ -685,7 +702,9 @@ impl World {
             (None, IdType::Id) => self.create(Some(value.to_owned()), None, now.timestamp()),
             (None, IdType::Email) => self.create(None, Some(value.to_owned()), now.timestamp()),
         };
+        let (name, data) = (event.name.clone(), event.data.clone());
         self.events.insert(Some(seq), event, now);
+        self.record_event_activity(seq, &name, &data);
         EventOutcome::Recorded
     }
 

@@ -16,14 +16,18 @@
 #![allow(clippy::unwrap_used)]
 
 mod account;
+mod activities;
 mod calls;
 mod campaigns;
 mod customers;
 mod deadline;
+mod exports;
 mod helpers;
 mod limiter;
+mod messages;
 mod paths;
 mod people;
 mod resilience;
 mod segment_members;
+mod webhooks;
 mod wire;

@@ -11,6 +11,10 @@
 //! everything recorded look `d` older, lets scheduled delivery events that fall inside the new
 //! "now" happen, and moves per-broadcast trigger windows and scheduled newsletters `d` closer.
 //!
+//! Engagement: who opens and clicks is per person (a seeded propensity, a prefetching mail
+//! client, a link scanner: see `outcomes`), so the same people engage again and again while the
+//! rates hold over the audience.
+//!
 //! Deliveries: one per eligible recipient (a person with an email and without a truthy
 //! `unsubscribed` attribute) of a trigger, newsletter or recorded campaign send. Its whole
 //! future is drawn when it is created, from [`DeliveryRates`] (the first matching
@@ -20,7 +24,7 @@
 //! human opens after ~6 h on average (at most 7 days); clicks after opens, conversions ~1 day
 //! after clicks, spam complaints and unsubscribes. Events later than "now" are scheduled and
 //! count nowhere until the clock reaches them. `opened`/`clicked` are the first open/click of
-//! either kind. Recipients' profiles are not changed by their deliveries.
+//! either kind; a click before any open also opens (Customer.io's synthetic open). Recipients' profiles are not changed by their deliveries.
 //!
 //! Layout: `model` (the public types: inputs, snapshots, rates, ledger filters and totals),
 //! this module (the stored records and [`SendStore`]), `outcomes` (drawing a delivery's
@@ -30,7 +34,7 @@ mod model;
 mod ops;
 mod outcomes;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,10 +47,11 @@ use crate::state::{Person, loose_eq};
 
 pub use model::{
     CampaignKind, CampaignState, CampaignTrigger, DeliveryFilter, DeliveryMetric, DeliveryRates,
-    MetricTotals, NewBroadcast, NewCampaign, NewNewsletter, RatesKey, SimCampaign, SimDelivery,
-    SimNewsletter, SimTrigger,
+    MetricTotals, NewBroadcast, NewCampaign, NewNewsletter, PersonEngagement, RatesKey, RuleTotals,
+    SimCampaign, SimDelivery, SimNewsletter, SimTrigger,
 };
 pub(crate) use ops::{TriggerError, trigger_status_json};
+pub(crate) use outcomes::Engagement;
 use outcomes::draw_events;
 
 /// Largest serialized trigger `data` (bytes).
@@ -125,17 +130,25 @@ pub(crate) struct Trigger {
     pub(crate) errors: Vec<String>,
 }
 
-struct Delivery {
-    id: String,
-    source: Source,
-    person_id: String,
-    email: String,
-    subject: Arc<str>,
+pub(crate) struct Delivery {
+    pub(crate) id: String,
+    /// Position in the ledger (0-based).
+    pub(crate) seq: usize,
+    pub(crate) source: Source,
+    /// The recipient's sequence number (the person may have been deleted since).
+    pub(crate) person_seq: u64,
+    /// The recipient's id (`cio_<cio_id>` without one) and `cio_id` at send time.
+    pub(crate) person_id: String,
+    pub(crate) cio_id: String,
+    pub(crate) email: String,
+    pub(crate) subject: Arc<str>,
     trigger_data: Option<Arc<Value>>,
     user_data: Option<Value>,
-    sent_ms: i64,
+    pub(crate) sent_ms: i64,
+    /// The rates rule it was drawn from (`None`: the default rates).
+    pub(crate) rule: Option<RatesKey>,
     /// Sorted by time.
-    events: Vec<(DeliveryMetric, i64)>,
+    pub(crate) events: Vec<(DeliveryMetric, i64)>,
 }
 
 impl Delivery {
@@ -181,7 +194,7 @@ impl Delivery {
     }
 
     #[allow(clippy::type_complexity)]
-    fn source_ids(
+    pub(crate) fn source_ids(
         &self,
     ) -> (
         Option<i64>,
@@ -207,6 +220,8 @@ impl Delivery {
 
 /// A person about to receive a delivery.
 pub(crate) struct Recipient {
+    pub(crate) seq: u64,
+    pub(crate) cio_id: String,
     pub(crate) person_id: String,
     pub(crate) email: String,
     pub(crate) user_data: Option<Value>,
@@ -226,6 +241,8 @@ impl Recipient {
             });
         match (&person.email, unsubscribed) {
             (Some(email), false) => Some(Self {
+                seq: person.seq,
+                cio_id: person.cio_id.clone(),
                 person_id: person.public_id(),
                 email: email.clone(),
                 user_data,
@@ -243,6 +260,7 @@ pub(crate) struct SendStore {
     trigger_scope: TriggerScope,
     subscription_center: bool,
     seed: u64,
+    engagement_correlation: f64,
     default_rates: DeliveryRates,
     rate_rules: Vec<(RatesKey, DeliveryRates)>,
     campaigns: BTreeMap<i64, Campaign>,
@@ -260,6 +278,10 @@ pub(crate) struct SendStore {
     by_campaign: HashMap<i64, Vec<usize>>,
     by_trigger: HashMap<i64, Vec<usize>>,
     by_newsletter: HashMap<i64, Vec<usize>>,
+    by_person: HashMap<u64, Vec<usize>>,
+    /// Delivery events not yet handed to the reporting webhook sender, by (time, delivery,
+    /// metric); kept only while a webhook is configured.
+    unreported: Option<BTreeSet<(i64, usize, DeliveryMetric)>>,
 }
 
 impl Default for SendStore {
@@ -270,6 +292,7 @@ impl Default for SendStore {
             trigger_scope: TriggerScope::Workspace,
             subscription_center: false,
             seed: 0,
+            engagement_correlation: crate::config::DEFAULT_ENGAGEMENT_CORRELATION,
             default_rates: DeliveryRates::default(),
             rate_rules: Vec::new(),
             campaigns: BTreeMap::new(),
@@ -285,6 +308,8 @@ impl Default for SendStore {
             by_campaign: HashMap::new(),
             by_trigger: HashMap::new(),
             by_newsletter: HashMap::new(),
+            by_person: HashMap::new(),
+            unreported: None,
         }
     }
 }
@@ -296,6 +321,7 @@ fn ms(d: Duration) -> i64 {
 impl SendStore {
     pub(crate) fn configure(&mut self, config: &SimConfig) {
         self.seed = config.seed;
+        self.engagement_correlation = config.engagement_correlation.clamp(0.0, 1.0);
         self.trigger_interval_ms = ms(config.trigger_interval);
         self.trigger_scope = config.trigger_scope;
         self.subscription_center = config.subscription_center;
@@ -380,7 +406,20 @@ impl SendStore {
         &self.rate_rules
     }
 
-    fn rates_for(&self, delivery: &Delivery) -> DeliveryRates {
+    /// The rule a delivery's rates come from (the most recent matching one) and the rates.
+    fn rates_for(&self, delivery: &Delivery) -> (Option<RatesKey>, DeliveryRates) {
+        let (campaign, broadcast, _, newsletter, _) = delivery.source_ids();
+        let newsletter = newsletter.and_then(|id| self.newsletters.get(&id));
+        let name = match (
+            campaign
+                .or(broadcast)
+                .and_then(|id| self.campaigns.get(&id)),
+            newsletter,
+        ) {
+            (Some(c), _) => Some(c.name.as_str()),
+            (None, Some(n)) => Some(n.name.as_str()),
+            (None, None) => None,
+        };
         let hit = self.rate_rules.iter().rev().find(|(key, _)| match key {
             RatesKey::Subject(s) => **s == *delivery.subject,
             RatesKey::Data { field, value } => delivery
@@ -399,8 +438,55 @@ impl SendStore {
                 delivery.source,
                 Source::Newsletter { newsletter_id, .. } if newsletter_id == *id
             ),
+            RatesKey::SubjectContains(marker) => delivery.subject.contains(marker.as_str()),
+            RatesKey::ContentContains(marker) => match newsletter {
+                Some(n) => n.body.contains(marker.as_str()),
+                None => delivery
+                    .merged_data()
+                    .is_some_and(|d| d.to_string().contains(marker.as_str())),
+            },
+            RatesKey::NameContains(marker) => name.is_some_and(|n| n.contains(marker.as_str())),
         });
-        hit.map_or(self.default_rates, |(_, rates)| *rates)
+        match hit {
+            Some((key, rates)) => (Some(key.clone()), *rates),
+            None => (None, self.default_rates),
+        }
+    }
+
+    /// The ledger counted per rates rule (the default rates first), rules in the order they
+    /// were set; a rule replaced since keeps its own line.
+    pub(crate) fn totals_by_rule(&self) -> Vec<RuleTotals> {
+        let now = self.now_ms();
+        let mut lines: Vec<RuleTotals> = vec![RuleTotals {
+            key: None,
+            deliveries: 0,
+            totals: MetricTotals::default(),
+            eventual: MetricTotals::default(),
+        }];
+        for d in &self.deliveries {
+            let index = match lines.iter().position(|l| l.key == d.rule) {
+                Some(i) => i,
+                None => {
+                    lines.push(RuleTotals {
+                        key: d.rule.clone(),
+                        deliveries: 0,
+                        totals: MetricTotals::default(),
+                        eventual: MetricTotals::default(),
+                    });
+                    lines.len() - 1
+                }
+            };
+            if let Some(line) = lines.get_mut(index) {
+                line.deliveries += 1;
+                for (metric, at) in &d.events {
+                    *line.eventual.slot(*metric) += 1;
+                    if *at <= now {
+                        *line.totals.slot(*metric) += 1;
+                    }
+                }
+            }
+        }
+        lines
     }
 
     // ----- campaigns and broadcasts -----
@@ -623,21 +709,34 @@ impl SendStore {
             let seq = self.deliveries.len();
             let mut delivery = Delivery {
                 id: format!("sim-d{:08}", seq + 1),
+                seq,
                 source,
+                person_seq: recipient.seq,
+                cio_id: recipient.cio_id,
                 person_id: recipient.person_id,
                 email: recipient.email,
                 subject: base_subject.clone(),
                 trigger_data: trigger_data.clone(),
                 user_data: recipient.user_data,
                 sent_ms: at,
+                rule: None,
                 events: Vec::new(),
             };
             if let Some(Value::String(subject)) = delivery.data_field("subject") {
                 delivery.subject = Arc::from(subject.as_str());
             }
-            let rates = self.rates_for(&delivery);
-            delivery.events = draw_events(self.seed, seq as u64, &rates, at);
+            let (rule, rates) = self.rates_for(&delivery);
+            delivery.rule = rule;
+            let person = self.engagement(delivery.person_seq);
+            delivery.events = draw_events(self.seed, seq as u64, &rates, at, &person);
             delivered_to.push(delivery.person_id.clone());
+            self.by_person
+                .entry(delivery.person_seq)
+                .or_default()
+                .push(seq);
+            if let Some(unreported) = &mut self.unreported {
+                unreported.extend(delivery.events.iter().map(|(m, at)| (*at, seq, *m)));
+            }
             match source {
                 Source::Campaign { campaign_id, .. } => {
                     self.by_campaign.entry(campaign_id).or_default().push(seq);
@@ -660,6 +759,94 @@ impl SendStore {
             self.deliveries.push(delivery);
         }
         delivered_to
+    }
+
+    /// Every delivery, in ledger order.
+    pub(crate) fn ledger(&self) -> &[Delivery] {
+        &self.deliveries
+    }
+
+    /// One person's deliveries, in ledger order.
+    pub(crate) fn ledger_of(&self, person_seq: u64) -> impl DoubleEndedIterator<Item = &Delivery> {
+        self.by_person
+            .get(&person_seq)
+            .map_or(&[][..], Vec::as_slice)
+            .iter()
+            .filter_map(|i| self.deliveries.get(*i))
+    }
+
+    /// The deliveries of a campaign or broadcast (all its triggers), or of a newsletter.
+    pub(crate) fn ledger_of_scope(&self, scope: Scope) -> Vec<&Delivery> {
+        let indices = match scope {
+            Scope::Campaign(id) => self.by_campaign.get(&id),
+            Scope::Newsletter(id) => self.by_newsletter.get(&id),
+            Scope::Content(_) => None,
+        };
+        match (scope, indices) {
+            (Scope::Content(id), _) => self
+                .deliveries
+                .iter()
+                .filter(|d| d.source_ids().4 == Some(id))
+                .collect(),
+            (_, Some(indices)) => indices
+                .iter()
+                .filter_map(|i| self.deliveries.get(*i))
+                .collect(),
+            (_, None) => Vec::new(),
+        }
+    }
+
+    /// Starts (or stops) keeping the events a reporting webhook has to report: from now on,
+    /// every event that has not happened yet (those of existing deliveries included).
+    pub(crate) fn track_unreported(&mut self, on: bool) {
+        if !on {
+            self.unreported = None;
+            return;
+        }
+        let now = self.now_ms();
+        let ahead = self
+            .deliveries
+            .iter()
+            .flat_map(|d| d.events.iter().map(move |(m, at)| (*at, d.seq, *m)))
+            .filter(|(at, _, _)| *at > now)
+            .collect();
+        self.unreported = Some(ahead);
+    }
+
+    /// The events that have happened by `now` and were not reported yet, in time order (then
+    /// delivery, then metric); they are taken out.
+    pub(crate) fn take_unreported(&mut self, now: i64) -> Vec<(i64, usize, DeliveryMetric)> {
+        let Some(unreported) = &mut self.unreported else {
+            return Vec::new();
+        };
+        let later = unreported.split_off(&(now.saturating_add(1), 0, DeliveryMetric::Sent));
+        std::mem::replace(unreported, later).into_iter().collect()
+    }
+
+    /// When the next unreported event happens.
+    pub(crate) fn next_unreported(&self) -> Option<i64> {
+        self.unreported
+            .as_ref()
+            .and_then(|u| u.first())
+            .map(|(at, _, _)| *at)
+    }
+
+    /// A person's behaviour towards email.
+    pub(crate) fn engagement(&self, person_seq: u64) -> Engagement {
+        Engagement::of(self.seed, person_seq, self.engagement_correlation)
+    }
+
+    pub(crate) fn engagement_correlation(&self) -> f64 {
+        self.engagement_correlation
+    }
+
+    pub(crate) fn set_engagement_correlation(&mut self, correlation: f64) {
+        self.engagement_correlation = correlation.clamp(0.0, 1.0);
+    }
+
+    /// The seed every draw derives from.
+    pub(crate) fn seed(&self) -> u64 {
+        self.seed
     }
 
     fn scoped(&self, filter: &DeliveryFilter) -> Box<dyn Iterator<Item = &Delivery> + '_> {

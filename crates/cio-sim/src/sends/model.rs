@@ -412,6 +412,19 @@ impl DeliveryRates {
         }
     }
 
+    /// These rates with human clicks per delivered message (click-through) set to
+    /// `click_through`: `click_rate` (a probability given a human open) becomes
+    /// `click_through / open_rate`. `click_through` above `open_rate` cannot be met: the click
+    /// rate is then 1.
+    pub fn with_click_through(mut self, click_through: f64) -> Self {
+        self.click_rate = if self.open_rate > 0.0 {
+            (click_through / self.open_rate).clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        self
+    }
+
     /// Checks every rate is within `0..=1`; the error names the first that is not.
     pub fn validate(&self) -> Result<(), SimError> {
         let rates = [
@@ -433,10 +446,12 @@ impl DeliveryRates {
     }
 }
 
-/// Which deliveries a rates rule applies to (see [`crate::Simulator::set_rates`]).
+/// Which deliveries a rates rule applies to (see [`crate::Simulator::set_rates`]): the true
+/// rates of a piece of content, e.g. the variants of an A/B test.
 ///
 /// Control API JSON: `{"subject":"..."}`, `{"data":{"field":"variation","value":"a"}}`,
-/// `{"campaign":3}`, `{"newsletter":1}`.
+/// `{"campaign":3}`, `{"newsletter":1}`, `{"subject_contains":"[B]"}`,
+/// `{"content_contains":"hero-v2"}`, `{"name_contains":"Variant C"}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum RatesKey {
@@ -454,6 +469,39 @@ pub enum RatesKey {
     Campaign(i64),
     /// Deliveries of this newsletter.
     Newsletter(i64),
+    /// The delivery's subject contains this text (a marker in the subject line).
+    SubjectContains(String),
+    /// The content contains this text: a newsletter's body, or a broadcast or campaign
+    /// delivery's data (the trigger's `data` with the recipient's per-user data, as JSON: the
+    /// content a broadcast renders from `{{trigger.*}}`).
+    ContentContains(String),
+    /// The newsletter's, campaign's or broadcast's name contains this text.
+    NameContains(String),
+}
+
+/// Per-rule counts of the ledger ([`crate::Simulator::totals_by_rates_rule`]).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RuleTotals {
+    /// The rule whose rates drew these deliveries (`None`: the default rates).
+    pub key: Option<RatesKey>,
+    /// Deliveries drawn from it.
+    pub deliveries: u64,
+    /// What has happened by now.
+    pub totals: MetricTotals,
+    /// Once every drawn event has happened.
+    pub eventual: MetricTotals,
+}
+
+/// A person's behaviour towards email ([`crate::Simulator::engagement`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct PersonEngagement {
+    /// Engagement as a percentile of the population (0..1): higher opens and clicks more.
+    pub percentile: f64,
+    /// Their mail client prefetches every message (Apple Mail Privacy Protection): machine
+    /// opens, flagged `prefetched`.
+    pub prefetches: bool,
+    /// A link scanner clicks their links: machine clicks, flagged `machine`.
+    pub link_scanned: bool,
 }
 
 /// Which deliveries to return or count ([`crate::Simulator::deliveries`]); `None` fields match

@@ -1,11 +1,16 @@
 //! [`Simulator`], the shared handle to one simulated workspace: construction, the router and
 //! serving. Its control methods are grouped by concern in the submodules (`people`: people and
-//! segments; `sending`: campaigns, broadcasts, triggers, newsletters, deliveries and the clock;
-//! `traffic`: rate limits and faults; `records`: recorded events, the request log and
-//! counters); [`RunningSim`] (`running`) is a simulator serving on a local port.
+//! segments; `sending`: campaigns, broadcasts, triggers, newsletters, deliveries, rates,
+//! engagement and the clock; `traffic`: rate limits and faults; `records`: recorded events, the
+//! request log and counters; `activity`: the activity feed and attribute changes from outside
+//! the Track API; `exporting`: customer exports; `reporting`: reporting webhooks and their
+//! sender task); [`RunningSim`] (`running`) is a simulator serving on a local port.
 
+mod activity;
+mod exporting;
 mod people;
 mod records;
+mod reporting;
 mod running;
 mod sending;
 mod traffic;
@@ -32,7 +37,11 @@ use crate::error_bodies;
 use crate::faults::Traffic;
 use crate::gateway::{self, RequestLog};
 use crate::state::World;
-use crate::{app_api, campaigns_api, control, demo, newsletters_api, track_api};
+use crate::webhooks::WebhookState;
+use crate::{
+    activities, app_api, campaigns_api, control, demo, exports, messages_api, newsletters_api,
+    track_api,
+};
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
@@ -40,6 +49,11 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 struct Inner {
     config: SimConfig,
+    /// Reporting webhooks: the sender's state (locked after `world`, never before), its wake-up
+    /// and whether its task was started.
+    webhooks: Mutex<WebhookState>,
+    webhook_wake: Arc<tokio::sync::Notify>,
+    webhook_sender: std::sync::atomic::AtomicBool,
     /// The regional endpoint played (`"us"`/`"eu"`), see [`SimConfig::endpoint_region`].
     endpoint_region: Mutex<&'static str>,
     world: Mutex<World>,
@@ -69,21 +83,36 @@ impl Simulator {
     pub fn new(config: SimConfig) -> Self {
         let mut world = World::new();
         world.sends.configure(&config);
+        world.exports.set_delay(config.export_delay);
+        // The demo people existed before: their attributes are no recent activity.
+        world.activities.set_recording(false);
         demo::populate(&mut world, config.seed, config.demo_people);
+        world.activities.set_recording(true);
+        let mut webhooks = WebhookState::default();
+        if config.reporting_webhook.is_some() {
+            webhooks.configure(&mut world, config.reporting_webhook.clone());
+        }
         let traffic = Traffic::new(&config);
         let log = RequestLog::new(config.request_log_capacity);
         let endpoint_region = Mutex::new(normal_region(
             config.endpoint_region.as_deref().unwrap_or(&config.region),
         ));
-        Self {
+        let sim = Self {
             inner: Arc::new(Inner {
+                webhooks: Mutex::new(webhooks),
+                webhook_wake: Arc::new(tokio::sync::Notify::new()),
+                webhook_sender: std::sync::atomic::AtomicBool::new(false),
                 endpoint_region,
                 config,
                 world: Mutex::new(world),
                 traffic: Mutex::new(traffic),
                 log: Mutex::new(log),
             }),
+        };
+        if sim.inner.config.reporting_webhook.is_some() {
+            sim.ensure_webhook_sender();
         }
+        sim
     }
 
     /// The configuration it was created with (rate limits: initial values).
@@ -104,6 +133,9 @@ impl Simulator {
             .merge(app_api::routes(self))
             .merge(campaigns_api::routes(self))
             .merge(newsletters_api::routes(self))
+            .merge(exports::routes(self))
+            .merge(activities::routes(self))
+            .merge(messages_api::routes(self))
             .merge(control::routes())
             .fallback(fallback)
             .layer(from_fn_with_state(self.clone(), gateway::gateway))
@@ -118,6 +150,9 @@ impl Simulator {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        if self.reporting_webhook().is_some() {
+            self.ensure_webhook_sender();
+        }
         let app = self
             .router()
             .into_make_service_with_connect_info::<ConnCtl>();

@@ -8,7 +8,8 @@ use crate::config::TriggerScope;
 use crate::error::SimError;
 use crate::sends::{
     self, CampaignKind, CampaignState, DeliveryFilter, DeliveryRates, MetricTotals, NewBroadcast,
-    NewCampaign, NewNewsletter, RatesKey, SimCampaign, SimDelivery, SimNewsletter, SimTrigger,
+    NewCampaign, NewNewsletter, PersonEngagement, RatesKey, RuleTotals, SimCampaign, SimDelivery,
+    SimNewsletter, SimTrigger,
 };
 
 impl Simulator {
@@ -20,14 +21,45 @@ impl Simulator {
         self.with_world(|w| {
             w.sends.advance(by);
             w.settle_sends();
+            w.settle_exports();
         });
         super::lock(&self.inner.traffic).advance(by);
+        self.inner.webhook_wake.notify_one();
     }
 
     /// Total time [`Simulator::advance`]d so far.
     pub fn advanced(&self) -> Duration {
         let age = self.with_world(|w| w.sends.age_ms());
         Duration::from_millis(u64::try_from(age).unwrap_or(0))
+    }
+
+    /// How strongly opens and clicks follow each person's engagement, `0..=1` (clamped), for
+    /// deliveries created from now on (see [`crate::SimConfig::engagement_correlation`]).
+    pub fn set_engagement_correlation(&self, correlation: f64) {
+        self.with_world(|w| w.sends.set_engagement_correlation(correlation));
+    }
+
+    /// Current engagement correlation.
+    pub fn engagement_correlation(&self) -> f64 {
+        self.with_world(|w| w.sends.engagement_correlation())
+    }
+
+    /// A person's engagement as a percentile of the population (0..1; higher opens and clicks
+    /// more), and whether their mail client prefetches (machine opens) and their mail is link-
+    /// scanned (machine clicks) at the default rates' `machine_open_rate` /
+    /// `machine_click_rate`. `person_id` is read like a Track v1 path identifier.
+    pub fn engagement(&self, person_id: &str) -> Option<PersonEngagement> {
+        let (kind, value) = crate::state::parse_identifier(person_id);
+        self.with_world(|w| {
+            let seq = w.resolve(value, kind)?;
+            let e = w.sends.engagement(seq);
+            let rates = w.sends.default_rates();
+            Some(PersonEngagement {
+                percentile: e.percentile(),
+                prefetches: e.prefetch < rates.machine_open_rate,
+                link_scanned: e.scanner < rates.machine_click_rate,
+            })
+        })
     }
 
     /// Changes the trigger interval (Customer.io: 10 s); open windows are kept.
@@ -236,6 +268,16 @@ impl Simulator {
     /// Removes every rates rule (the default stays).
     pub fn clear_rates(&self) {
         self.with_world(|w| w.sends.clear_rates());
+    }
+
+    /// The ledger counted per rates rule: how many deliveries each rule's rates drew, and
+    /// their metric totals by now and eventually (the default rates first, then each rule
+    /// in the order it was first used). The truth an A/B test's estimate is compared to.
+    pub fn totals_by_rates_rule(&self) -> Vec<RuleTotals> {
+        self.with_world(|w| {
+            w.settle_sends();
+            w.sends.totals_by_rule()
+        })
     }
 
     /// The default rates and the rules, oldest first.
