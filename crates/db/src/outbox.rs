@@ -4,16 +4,25 @@
 //! - Accepting: [`accept_attribute_updates`] (merged into the profiles mirror and queued in one
 //!   transaction) and [`accept_events`] (queued once per idempotency key).
 //! - Delivering: a worker [`claim_due`]s rows (`pending` → `in_flight`, for a limited time),
-//!   sends them, and settles them with [`mark_delivered`], [`mark_retry`] or [`mark_dead`];
-//!   those only touch rows the worker still holds. A worker that dies leaves its rows
-//!   `in_flight`; once the claim expires another worker claims them again. [`next_due_at`]
-//!   tells an idle worker how long it may sleep.
-//! - Operating: [`stats`], [`dead_letters`], [`recent_failures`], [`requeue_dead`],
-//!   [`purge_delivered`], [`get_many`].
+//!   sends them, and settles them with [`mark_delivered`], [`mark_retry`], [`mark_dead`] or
+//!   [`release`] (given back unsent); [`extend_claim`] renews a claim before a request. Those
+//!   only touch rows the worker still holds. A worker that dies leaves its rows `in_flight`;
+//!   once the claim expires another worker claims them again. [`next_due_at`] tells an idle
+//!   worker how long it may sleep.
+//! - Order: rows are claimed per person (per `customer_id`; `segment:<id>` for a managed
+//!   segment's membership changes) as a prefix of the person's undelivered rows, and nothing of
+//!   a person is claimed while any of its rows is in flight under a live claim or an earlier one
+//!   waits for a retry; see [`claim_due`]. On PostgreSQL the transitions that decide what may be
+//!   claimed (claims, retries, releases, renewals, re-queues) take one advisory lock
+//!   ([`lock_transitions`]), so a claim never reads one of them half done.
+//! - Operating: [`stats`], [`dead_letters`], [`recent_failures`], [`requeue_dead`] (re-queues
+//!   only attributes no later update of the person sets), [`purge_delivered`], [`get_many`].
 //!
 //! Row lifecycle: `pending` → `in_flight` → `delivered` | `pending` (retry, `attempts + 1`,
-//! later `next_attempt_at`) | `dead` (`attempts + 1`); `dead` → `pending` by [`requeue_dead`].
-//! All times come from the caller (`now`), truncated to microseconds.
+//! later `next_attempt_at`; or released, attempts unchanged, due at once) | `dead`
+//! (`attempts + 1`); `dead` → `pending` by [`requeue_dead`] (or `delivered`, unsent, when every
+//! attribute it sets was set again later). All times come from the caller (`now`), truncated to
+//! microseconds.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
@@ -417,17 +426,20 @@ fn new_row(
 /// a prefix of the person's undelivered rows, held by one worker, and nothing of the person is
 /// claimed while anything of it may be on its way to Customer.io. `dead` rows hold nobody back.
 ///
-/// An `in_flight` row's `next_attempt_at` is its claim's expiry (when it is due again), so
-/// that "due" and "waiting" are ranges of one index, `ix_outbox_claim` (`workspace_id, status,
-/// next_attempt_at, id`), never touching delivered rows.
+/// An `in_flight` row's `next_attempt_at` is its claim's expiry (when it is due again), so one
+/// column says when any undelivered row is due. The undelivered rows are one range of
+/// `ix_outbox_claim` (`workspace_id, status, next_attempt_at, id`): delivered rows are never
+/// read.
 ///
 /// Safe with any number of workers and replicas — no row is handed to two claimers and no
-/// person's order is broken: one statement, `WITH waiting AS (…) UPDATE … WHERE id IN (SELECT
-/// … ORDER BY id LIMIT n) RETURNING …`. On PostgreSQL the claim runs under the outbox
-/// transition lock ([`lock_transitions`]), so it reads a snapshot in which no other claim, retry
-/// or release is half done (with `FOR UPDATE SKIP LOCKED` kept as a second guard against a row
-/// being handed out twice); on SQLite the statement is its own write transaction and SQLite runs
-/// one writer at a time (the others wait, up to the connection's busy timeout).
+/// person's order is broken: one statement, `UPDATE … WHERE id IN (SELECT … ORDER BY id LIMIT n)
+/// RETURNING …` (on PostgreSQL `id = ANY(ARRAY(…))`, so the chosen ids are computed once and
+/// the rows found by primary key). On PostgreSQL the claim runs under the outbox transition
+/// lock ([`lock_transitions`]): it reads a snapshot in which no other claim, retry, release or
+/// renewal is half done, and the row conditions are checked again on each row it updates; on
+/// SQLite the statement is its own write transaction and SQLite runs one writer at a time (the
+/// others wait, up to the connection's busy timeout). Cost: one pass and one sort (by person)
+/// over the workspace's undelivered rows, plus a top-`limit` sort by id.
 pub async fn claim_due(
     db: &impl TransactionTrait,
     workspace_id: i64,
@@ -446,20 +458,9 @@ pub async fn claim_due(
     let backend = txn.get_database_backend();
     lock_transitions(&txn).await?;
     let (pending, in_flight) = (Status::Pending.as_str(), Status::InFlight.as_str());
+    let postgres = backend == DbBackend::Postgres;
     let mut b = SqlBuilder::new(backend);
-    // Per person, the first row that holds the others back: an in-flight row under a live
-    // claim holds back every row of the person (0), a waiting pending row those after it.
-    b.sql("WITH waiting AS (SELECT customer_id, MIN(CASE WHEN status = ")
-        .param(in_flight)
-        .sql(" THEN 0 ELSE id END) AS first_id FROM outbox WHERE workspace_id = ")
-        .param(workspace_id)
-        .sql(" AND status IN (")
-        .param(pending)
-        .sql(", ")
-        .param(in_flight)
-        .sql(") AND next_attempt_at > ")
-        .param(now)
-        .sql(" GROUP BY customer_id) UPDATE outbox SET status = ")
+    b.sql("UPDATE outbox SET status = ")
         .param(in_flight)
         .sql(", claimed_by = ")
         .param(worker)
@@ -467,20 +468,41 @@ pub async fn claim_due(
         .param(expires)
         .sql(", next_attempt_at = ")
         .param(expires)
-        .sql(" WHERE id IN (SELECT o.id FROM outbox o LEFT JOIN waiting w ON w.customer_id = o.customer_id WHERE o.workspace_id = ")
+        .sql(if postgres {
+            " WHERE id = ANY(ARRAY("
+        } else {
+            " WHERE id IN ("
+        });
+    // Per person, over its undelivered rows: the first one that holds the others back — any
+    // in-flight row under a live claim holds back every row (0), a waiting pending row the
+    // rows after it. A window, not a join: its cost is one sort of the undelivered rows
+    // whatever the planner believes about their number.
+    b.sql("SELECT q.id FROM (SELECT id, next_attempt_at, MIN(CASE WHEN next_attempt_at <= ")
+        .param(now)
+        .sql(" THEN NULL WHEN status = ")
+        .param(in_flight)
+        .sql(" THEN 0 ELSE id END) OVER (PARTITION BY customer_id) AS held_from FROM outbox WHERE workspace_id = ")
         .param(workspace_id)
-        .sql(" AND o.status IN (")
+        .sql(" AND status IN (")
         .param(pending)
         .sql(", ")
         .param(in_flight)
-        .sql(") AND o.next_attempt_at <= ")
+        .sql(")) q WHERE q.next_attempt_at <= ")
         .param(now)
-        .sql(" AND (w.first_id IS NULL OR o.id < w.first_id) ORDER BY o.id LIMIT ")
-        .param(limit);
-    if backend == DbBackend::Postgres {
-        b.sql(" FOR UPDATE OF o SKIP LOCKED");
-    }
-    b.sql(") RETURNING *");
+        .sql(" AND (q.held_from IS NULL OR q.id < q.held_from) ORDER BY q.id LIMIT ")
+        .param(limit)
+        .sql(if postgres { "))" } else { ")" });
+    // Checked again on the row itself (PostgreSQL re-reads a row changed meanwhile, e.g. settled
+    // by its previous holder after its claim lapsed).
+    b.sql(" AND workspace_id = ")
+        .param(workspace_id)
+        .sql(" AND status IN (")
+        .param(pending)
+        .sql(", ")
+        .param(in_flight)
+        .sql(") AND next_attempt_at <= ")
+        .param(now)
+        .sql(" RETURNING *");
     let mut rows = txn
         .query_all_raw(b.build())
         .await?
@@ -500,12 +522,13 @@ const TRANSITION_LOCK: (i32, i32) = (0x6f75_7462, 0x6f78);
 /// Takes the outbox transition lock until the transaction ends (PostgreSQL; on SQLite the
 /// write transaction already excludes every other writer).
 ///
-/// Why: under READ COMMITTED a claim reads a snapshot. Without the lock, two claims running at
-/// once would both see a person's first row as due; one takes it, the other skips it (locked)
-/// and takes the person's second row — two workers sending one person's writes at once. Or a
-/// retry could put the first row back to waiting just after a claim read it as due-but-locked.
-/// Claims are one short statement, so serialising them costs little; sending (the slow part)
-/// still runs in parallel.
+/// Why: under READ COMMITTED a claim decides from a snapshot. Without the lock, two claims
+/// running at once would both see a person's first row as due and nothing in flight; one takes
+/// the first row, the other (its choice made from the same snapshot, and re-checking only the
+/// rows it updates) the person's second row — two workers sending one person's writes at once.
+/// Or a retry could put the first row back to waiting while a claim takes the second. Claims
+/// are one statement, so serialising them costs little; sending (the slow part) still runs in
+/// parallel.
 pub(crate) async fn lock_transitions(txn: &impl ConnectionTrait) -> Result<(), DbErr> {
     if txn.get_database_backend() == DbBackend::Postgres {
         txn.execute_raw(Statement::from_sql_and_values(
