@@ -432,14 +432,15 @@ fn new_row(
 /// read.
 ///
 /// Safe with any number of workers and replicas — no row is handed to two claimers and no
-/// person's order is broken: one statement, `UPDATE … WHERE id IN (SELECT … ORDER BY id LIMIT n)
-/// RETURNING …` (on PostgreSQL `id = ANY(ARRAY(…))`, so the chosen ids are computed once and
-/// the rows found by primary key). On PostgreSQL the claim runs under the outbox transition
-/// lock ([`lock_transitions`]): it reads a snapshot in which no other claim, retry, release or
+/// person's order is broken: one statement, `UPDATE … WHERE id IN (ids chosen in order, LIMIT
+/// n) RETURNING …`. On PostgreSQL it runs under the outbox transition lock
+/// ([`lock_transitions`]): it reads a snapshot in which no other claim, retry, release or
 /// renewal is half done, and the row conditions are checked again on each row it updates; on
 /// SQLite the statement is its own write transaction and SQLite runs one writer at a time (the
-/// others wait, up to the connection's busy timeout). Cost: one pass and one sort (by person)
-/// over the workspace's undelivered rows, plus a top-`limit` sort by id.
+/// others wait, up to the connection's busy timeout). How the held-back people are found
+/// differs by backend, each in a form whose cost does not depend on statistics: PostgreSQL
+/// takes, per person, a window over the undelivered rows (one sort of them); SQLite joins the
+/// due rows to the set of people with a row in flight or waiting (through an automatic index).
 pub async fn claim_due(
     db: &impl TransactionTrait,
     workspace_id: i64,
@@ -460,38 +461,68 @@ pub async fn claim_due(
     let (pending, in_flight) = (Status::Pending.as_str(), Status::InFlight.as_str());
     let postgres = backend == DbBackend::Postgres;
     let mut b = SqlBuilder::new(backend);
-    b.sql("UPDATE outbox SET status = ")
-        .param(in_flight)
-        .sql(", claimed_by = ")
-        .param(worker)
-        .sql(", claim_expires_at = ")
-        .param(expires)
-        .sql(", next_attempt_at = ")
-        .param(expires)
-        .sql(if postgres {
-            " WHERE id = ANY(ARRAY("
-        } else {
-            " WHERE id IN ("
-        });
-    // Per person, over its undelivered rows: the first one that holds the others back — any
-    // in-flight row under a live claim holds back every row (0), a waiting pending row the
-    // rows after it. A window, not a join: its cost is one sort of the undelivered rows
-    // whatever the planner believes about their number.
-    b.sql("SELECT q.id FROM (SELECT id, next_attempt_at, MIN(CASE WHEN next_attempt_at <= ")
-        .param(now)
-        .sql(" THEN NULL WHEN status = ")
-        .param(in_flight)
-        .sql(" THEN 0 ELSE id END) OVER (PARTITION BY customer_id) AS held_from FROM outbox WHERE workspace_id = ")
-        .param(workspace_id)
-        .sql(" AND status IN (")
-        .param(pending)
-        .sql(", ")
-        .param(in_flight)
-        .sql(")) q WHERE q.next_attempt_at <= ")
-        .param(now)
-        .sql(" AND (q.held_from IS NULL OR q.id < q.held_from) ORDER BY q.id LIMIT ")
-        .param(limit)
-        .sql(if postgres { "))" } else { ")" });
+    // Per person, the first row that holds the others back: any in-flight row under a live
+    // claim holds back every row of the person (0), a waiting pending row the rows after it.
+    if postgres {
+        // A window, not a join: one sort of the undelivered rows whatever the planner believes
+        // about their number (a join planned from missing or stale statistics became a nested
+        // loop, quadratic). The chosen ids are computed once and the rows found by primary key.
+        b.sql("UPDATE outbox SET status = ")
+            .param(in_flight)
+            .sql(", claimed_by = ")
+            .param(worker)
+            .sql(", claim_expires_at = ")
+            .param(expires)
+            .sql(", next_attempt_at = ")
+            .param(expires)
+            .sql(" WHERE id = ANY(ARRAY(SELECT q.id FROM (SELECT id, next_attempt_at, MIN(CASE WHEN next_attempt_at <= ")
+            .param(now)
+            .sql(" THEN NULL WHEN status = ")
+            .param(in_flight)
+            .sql(" THEN 0 ELSE id END) OVER (PARTITION BY customer_id) AS held_from FROM outbox WHERE workspace_id = ")
+            .param(workspace_id)
+            .sql(" AND status IN (")
+            .param(pending)
+            .sql(", ")
+            .param(in_flight)
+            .sql(")) q WHERE q.next_attempt_at <= ")
+            .param(now)
+            .sql(" AND (q.held_from IS NULL OR q.id < q.held_from) ORDER BY q.id LIMIT ")
+            .param(limit)
+            .sql("))");
+    } else {
+        // SQLite joins the (usually small) set of held-back people through an automatic index,
+        // with no statistics involved: close to the cost of reading the due rows alone.
+        b.sql("WITH waiting AS MATERIALIZED (SELECT customer_id, MIN(CASE WHEN status = ")
+            .param(in_flight)
+            .sql(" THEN 0 ELSE id END) AS held_from FROM outbox WHERE workspace_id = ")
+            .param(workspace_id)
+            .sql(" AND status IN (")
+            .param(pending)
+            .sql(", ")
+            .param(in_flight)
+            .sql(") AND next_attempt_at > ")
+            .param(now)
+            .sql(" GROUP BY customer_id) UPDATE outbox SET status = ")
+            .param(in_flight)
+            .sql(", claimed_by = ")
+            .param(worker)
+            .sql(", claim_expires_at = ")
+            .param(expires)
+            .sql(", next_attempt_at = ")
+            .param(expires)
+            .sql(" WHERE id IN (SELECT o.id FROM outbox o LEFT JOIN waiting w ON w.customer_id = o.customer_id WHERE o.workspace_id = ")
+            .param(workspace_id)
+            .sql(" AND o.status IN (")
+            .param(pending)
+            .sql(", ")
+            .param(in_flight)
+            .sql(") AND o.next_attempt_at <= ")
+            .param(now)
+            .sql(" AND (w.held_from IS NULL OR o.id < w.held_from) ORDER BY o.id LIMIT ")
+            .param(limit)
+            .sql(")");
+    }
     // Checked again on the row itself (PostgreSQL re-reads a row changed meanwhile, e.g. settled
     // by its previous holder after its claim lapsed).
     b.sql(" AND workspace_id = ")
