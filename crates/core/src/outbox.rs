@@ -149,6 +149,7 @@ pub async fn run_worker(
                         delivered = report.delivered,
                         retried = report.retried,
                         dead = report.dead,
+                        held_back = report.held_back,
                         requests = report.requests,
                         "outbox delivered"
                     );
@@ -363,7 +364,10 @@ impl ChainClaim<'_> {
         if left_us > ttl_us / 4 * 3 {
             return true;
         }
-        let until = now + chrono::Duration::from_std(self.ttl).unwrap_or(chrono::Duration::MAX);
+        let until = chrono::Duration::from_std(self.ttl)
+            .ok()
+            .and_then(|ttl| now.checked_add_signed(ttl))
+            .unwrap_or(now);
         match outbox::extend_claim(&ctx.db, self.worker, &self.ids, until).await {
             Ok(held) if held == self.ids.len() as u64 => {
                 self.expires_us
