@@ -945,17 +945,29 @@ db_test!(
             })
             .await?;
         // Customer.io is slow to take the add...
-        app.sim
-            .sim
-            .push_faults(Some(SimApi::Track), [Fault::Delay(Duration::from_millis(1500))]);
+        app.sim.sim.push_faults(
+            Some(SimApi::Track),
+            [Fault::Delay(Duration::from_millis(1500))],
+        );
         let a = app.ctx.clone();
         let slow = tokio::spawn(async move {
             sharpsend_core::outbox::drain(&a, "worker-a", &a.settings.delivery).await
         });
         let route = "POST /api/v1/segments/{segment_id}/add_customers";
         let started = std::time::Instant::now();
-        while app.sim.sim.request_counts_by_route().get(route).copied().unwrap_or(0) == 0 {
-            ensure!(started.elapsed() < Duration::from_secs(10), "the add never left");
+        while app
+            .sim
+            .sim
+            .request_counts_by_route()
+            .get(route)
+            .copied()
+            .unwrap_or(0)
+            == 0
+        {
+            ensure!(
+                started.elapsed() < Duration::from_secs(10),
+                "the add never left"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         // ...while the person is removed and another replica's worker looks for work.

@@ -734,7 +734,10 @@ fn track_failing(app: &TestApp, on: bool) {
 }
 
 /// A second context on its own connection pool: another worker or replica.
-async fn another_replica(app: &TestApp, db: &TestDatabase) -> anyhow::Result<sharpsend_core::AppContext> {
+async fn another_replica(
+    app: &TestApp,
+    db: &TestDatabase,
+) -> anyhow::Result<sharpsend_core::AppContext> {
     Ok(sharpsend_core::AppContext::new(
         db.connect_again().await?,
         app.ctx.cio.clone(),
@@ -755,7 +758,9 @@ fn processed_at(app: &TestApp, needle: &str) -> anyhow::Result<(usize, usize)> {
         .enumerate()
         .find_map(|(i, r)| {
             let body = r.body.as_ref().map(Value::to_string).unwrap_or_default();
-            body.find(needle).filter(|_| r.status == 200).map(|at| (i, at))
+            body.find(needle)
+                .filter(|_| r.status == 200)
+                .map(|at| (i, at))
         })
         .with_context(|| format!("no accepted request carries {needle}"))
 }
@@ -873,7 +878,11 @@ db_test!(
         let mut client = app.profiles().await?;
         // Two valid updates of 200 distinct attributes each: 400 once coalesced.
         let wide = |prefix: &str| {
-            Value::Object((0..200).map(|i| (format!("{prefix}{i}"), json!(i))).collect())
+            Value::Object(
+                (0..200)
+                    .map(|i| (format!("{prefix}{i}"), json!(i)))
+                    .collect(),
+            )
         };
         client
             .batch_update_attributes(BatchUpdateAttributesRequest {
@@ -908,7 +917,10 @@ db_test!(
             },
             NewAttributeUpdate {
                 customer_id: "u-mixed".into(),
-                attributes: json!({"plan": "pro"}).as_object().cloned().unwrap_or_default(),
+                attributes: json!({"plan": "pro"})
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default(),
             },
         ];
         sharpsend_db::outbox::accept_attribute_updates(
@@ -920,7 +932,11 @@ db_test!(
         .await?;
         let report = app.deliver_all("w", Duration::from_secs(30)).await?;
         ensure!(report.delivered == 1 && report.dead == 1, "{report:?}");
-        let person = app.sim.sim.person("u-mixed").context("the good update was lost")?;
+        let person = app
+            .sim
+            .sim
+            .person("u-mixed")
+            .context("the good update was lost")?;
         ensure!(person.attributes.get("plan") == Some(&json!("pro")));
         let status = client
             .get_sync_status(GetSyncStatusRequest::default())
@@ -928,7 +944,9 @@ db_test!(
             .into_inner();
         ensure!(
             status.dead == 1
-                && status.dead_letters[0].error.contains("Customer.io rejected"),
+                && status.dead_letters[0]
+                    .error
+                    .contains("Customer.io rejected"),
             "{status:?}"
         );
         // Re-queued, the bad one dies again, alone.
@@ -964,13 +982,17 @@ db_test!(
                     app.advance(Duration::from_secs(1));
                 }
                 track_failing(app, false);
-                let stats = sharpsend_db::outbox::stats(&app.ctx.db, app.ctx.workspace_id()).await?;
+                let stats =
+                    sharpsend_db::outbox::stats(&app.ctx.db, app.ctx.workspace_id()).await?;
                 ensure!(stats.pending == 0, "{what}: {stats:?}");
                 anyhow::Ok(())
             }
         };
         client
-            .update_attributes(attribute_update("u-dl", json!({"plan": "free", "score": 1})))
+            .update_attributes(attribute_update(
+                "u-dl",
+                json!({"plan": "free", "score": 1}),
+            ))
             .await?;
         client
             .update_attributes(attribute_update("u-dl", json!({"color": "red"})))
@@ -978,7 +1000,10 @@ db_test!(
         give_up("outage").await?;
         // Back up: newer values are delivered.
         client
-            .update_attributes(attribute_update("u-dl", json!({"plan": "pro", "color": "blue"})))
+            .update_attributes(attribute_update(
+                "u-dl",
+                json!({"plan": "pro", "color": "blue"}),
+            ))
             .await?;
         app.deliver_all("w", Duration::from_secs(30)).await?;
         // The operator re-queues the dead letters: only what is still the newest goes.

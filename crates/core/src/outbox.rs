@@ -493,13 +493,13 @@ fn send<'a>(
                         // The whole request was refused: find the culprit instead of failing
                         // all. Halves in order; the right one waits if the left must be retried.
                         let right = ops.split_off(ops.len() / 2);
-                        let (mut fates, left_n) = send(ctx, claim, by_id, Planned::Batch(ops)).await;
+                        let (mut fates, left_n) =
+                            send(ctx, claim, by_id, Planned::Batch(ops)).await;
                         if let Some(fate) = blocking(&fates) {
                             fates.push((Planned::Batch(right).rows(), fate));
                             return (fates, 1 + left_n);
                         }
-                        let (more, right_n) =
-                            send(ctx, claim, by_id, Planned::Batch(right)).await;
+                        let (more, right_n) = send(ctx, claim, by_id, Planned::Batch(right)).await;
                         fates.extend(more);
                         (fates, 1 + left_n + right_n)
                     }
@@ -538,7 +538,10 @@ async fn unmerge_rejected(
     if again.is_empty() {
         return (out, 0);
     }
-    let rows: Vec<&OutboxRow> = again.iter().filter_map(|id| by_id.get(id).copied()).collect();
+    let rows: Vec<&OutboxRow> = again
+        .iter()
+        .filter_map(|id| by_id.get(id).copied())
+        .collect();
     tracing::info!(
         rows = rows.len(),
         "Customer.io rejected a coalesced identify; sending its rows one by one"
@@ -774,8 +777,8 @@ fn stages_of(rows: &[&OutboxRow], invalid: &mut Vec<(i64, String)>) -> Vec<Stage
             Kind::Event => {
                 flush(&mut run, &mut ops, &mut stages, invalid, customer_id);
                 match event_request(row) {
-                    Ok(Ok(op)) => ops.push(op),
-                    Ok(Err(alone)) => {
+                    Ok(EventPlan::InBatch(op)) => ops.push(op),
+                    Ok(EventPlan::Alone(alone)) => {
                         close(&mut ops, &mut stages);
                         stages.push(Stage::Alone(alone));
                     }
@@ -821,9 +824,16 @@ fn one_by_one(rows: &[&OutboxRow]) -> (Vec<Planned>, Vec<(i64, String)>) {
     (batches(ops), invalid)
 }
 
-/// An event row as a v2 operation (`Ok(Ok)`), as a v1 request when too big for one
-/// (`Ok(Err)`), or why it cannot be sent.
-fn event_request(row: &OutboxRow) -> Result<Result<PlannedOp, Planned>, String> {
+/// How an event goes out.
+enum EventPlan {
+    /// As a v2 operation, in a batch.
+    InBatch(PlannedOp),
+    /// Through the v1 endpoint, too big for a v2 operation.
+    Alone(Planned),
+}
+
+/// An event row as a v2 operation or a v1 request, or why it cannot be sent.
+fn event_request(row: &OutboxRow) -> Result<EventPlan, String> {
     let name = row
         .payload
         .get("name")
@@ -848,7 +858,7 @@ fn event_request(row: &OutboxRow) -> Result<Result<PlannedOp, Planned>, String> 
         data.clone(),
     );
     if op_size(&op) > MAX_OP_BYTES {
-        return Ok(Err(Planned::V1Event {
+        return Ok(EventPlan::Alone(Planned::V1Event {
             customer_id: row.customer_id.clone(),
             event: Event {
                 name,
@@ -861,7 +871,7 @@ fn event_request(row: &OutboxRow) -> Result<Result<PlannedOp, Planned>, String> 
     }
     op.encode()
         .map(|op| {
-            Ok(PlannedOp {
+            EventPlan::InBatch(PlannedOp {
                 op,
                 rows: vec![row.id],
             })
@@ -891,7 +901,9 @@ fn identify_ops(
 
 /// Bytes of a batch body holding `ops`.
 fn batch_len(ops: &[PlannedOp]) -> usize {
-    BATCH_ENVELOPE_BYTES + ops.iter().map(|o| o.op.len()).sum::<usize>() + ops.len().saturating_sub(1)
+    BATCH_ENVELOPE_BYTES
+        + ops.iter().map(|o| o.op.len()).sum::<usize>()
+        + ops.len().saturating_sub(1)
 }
 
 /// `ops` in order, in as few batches under the request limit as they fit.
@@ -1225,10 +1237,7 @@ mod tests {
             row(3, Kind::Identify, "b", json!({"plan": "pro"})),
         ];
         let (chains, _) = plan(&rows);
-        let a = chains
-            .iter()
-            .find(|c| c.len() == 2)
-            .expect("a's chain");
+        let a = chains.iter().find(|c| c.len() == 2).expect("a's chain");
         assert!(matches!(&a[0], Planned::Batch(ops) if ops.len() == 1 && ops[0].rows == vec![1]));
         assert!(matches!(&a[1], Planned::V1Event { rows, .. } if rows == &vec![2]));
         assert_eq!(chains.len(), 2, "b in a batch of its own chain");
@@ -1335,7 +1344,10 @@ mod tests {
         let segment = chains.iter().find(|c| c.len() == 2).expect("segment chain");
         assert!(matches!(
             segment.as_slice(),
-            [Planned::Segment { add: true, .. }, Planned::Segment { add: false, .. }]
+            [
+                Planned::Segment { add: true, .. },
+                Planned::Segment { add: false, .. }
+            ]
         ));
     }
 

@@ -819,8 +819,7 @@ pub async fn requeue_dead(
             after = last;
             let full = page.len() as u64 == LATER_PAGE;
             for (id, customer_id, payload) in page {
-                if let (Some(list), Some(map)) = (sets.get_mut(&customer_id), payload.as_object())
-                {
+                if let (Some(list), Some(map)) = (sets.get_mut(&customer_id), payload.as_object()) {
                     list.push((id, map.keys().cloned().collect()));
                 }
             }

@@ -384,7 +384,12 @@ async fn in_lock_order(db: &impl ConnectionTrait, workspace_id: i64) -> Result<V
         .await?;
     let reads: HashMap<i64, Vec<i64>> = rows
         .iter()
-        .map(|(_, cio, _, segs)| (*cio, serde_json::from_value(segs.clone()).unwrap_or_default()))
+        .map(|(_, cio, _, segs)| {
+            (
+                *cio,
+                serde_json::from_value(segs.clone()).unwrap_or_default(),
+            )
+        })
         .collect();
     let mut depths: HashMap<i64, usize> = HashMap::new();
     let mut readers: Vec<(usize, Reader)> = rows

@@ -784,7 +784,10 @@ sharpsend_db::db_test!(
         let u2 = queue_one(c, ws, "p", json!({"plan": "pro"}), 1).await?;
 
         // w1 holds p's first row: p's second is nobody's while it is in flight.
-        assert_eq!(ids(&outbox::claim_due(c, ws, "w1", 1, MINUTE, ts(2)).await?), [u1]);
+        assert_eq!(
+            ids(&outbox::claim_due(c, ws, "w1", 1, MINUTE, ts(2)).await?),
+            [u1]
+        );
         assert_eq!(
             ids(&outbox::claim_due(c, ws, "w2", 10, MINUTE, ts(2)).await?),
             [x],
@@ -814,16 +817,33 @@ sharpsend_db::db_test!(
         );
         // A claim that cuts p's rows takes a prefix, never a later row alone.
         outbox::release(c, "w3", &[u1, u2], ts(161)).await?;
-        assert_eq!(ids(&outbox::claim_due(c, ws, "w4", 1, MINUTE, ts(161)).await?), [u1]);
-        assert!(outbox::claim_due(c, ws, "w5", 10, MINUTE, ts(161)).await?.is_empty());
+        assert_eq!(
+            ids(&outbox::claim_due(c, ws, "w4", 1, MINUTE, ts(161)).await?),
+            [u1]
+        );
+        assert!(
+            outbox::claim_due(c, ws, "w5", 10, MINUTE, ts(161))
+                .await?
+                .is_empty()
+        );
         // A dead row does not hold the person back.
         outbox::mark_dead(c, "w4", &[(u1, "rejected".into())], ts(162)).await?;
-        assert_eq!(ids(&outbox::claim_due(c, ws, "w5", 10, MINUTE, ts(162)).await?), [u2]);
+        assert_eq!(
+            ids(&outbox::claim_due(c, ws, "w5", 10, MINUTE, ts(162)).await?),
+            [u2]
+        );
         // A dead letter re-queued while a later row is in flight waits for it.
         assert_eq!(outbox::requeue_dead(c, ws, None, ts(163)).await?, 1);
-        assert!(outbox::claim_due(c, ws, "w6", 10, MINUTE, ts(163)).await?.is_empty());
+        assert!(
+            outbox::claim_due(c, ws, "w6", 10, MINUTE, ts(163))
+                .await?
+                .is_empty()
+        );
         outbox::mark_delivered(c, "w5", &[u2], ts(164)).await?;
-        assert_eq!(ids(&outbox::claim_due(c, ws, "w6", 10, MINUTE, ts(164)).await?), [u1]);
+        assert_eq!(
+            ids(&outbox::claim_due(c, ws, "w6", 10, MINUTE, ts(164)).await?),
+            [u1]
+        );
         TestResult::Ok(())
     }
 );
@@ -885,7 +905,10 @@ sharpsend_db::db_test!(
                     if rows.is_empty() {
                         break;
                     }
-                    mine.extend(rows.into_iter().map(|r| (r.customer_id, r.payload["n"].as_i64().unwrap_or(-1))));
+                    mine.extend(
+                        rows.into_iter()
+                            .map(|r| (r.customer_id, r.payload["n"].as_i64().unwrap_or(-1))),
+                    );
                 }
                 Ok::<_, DbError>((worker, mine))
             }));
@@ -895,8 +918,13 @@ sharpsend_db::db_test!(
         for t in tasks {
             let (worker, mine) = t.await.map_err(join_err)??;
             for (person, n) in mine {
-                let entry = holder.entry(person.clone()).or_insert((worker.clone(), Vec::new()));
-                assert_eq!(entry.0, worker, "{person}'s rows were claimed by two workers");
+                let entry = holder
+                    .entry(person.clone())
+                    .or_insert((worker.clone(), Vec::new()));
+                assert_eq!(
+                    entry.0, worker,
+                    "{person}'s rows were claimed by two workers"
+                );
                 entry.1.push(n);
             }
         }
@@ -917,8 +945,13 @@ sharpsend_db::db_test!(
         let ws = workspace(&db, "site-1").await?;
         let u1 = queue_one(c, ws, "p", json!({"plan": "free", "score": 1}), 0).await?;
         let u2 = queue_one(c, ws, "p", json!({"color": "red"}), 0).await?;
-        outbox::accept_events(c, ws, &[event("p", "01EVENT0000000000000000001", None)], ts(0))
-            .await?;
+        outbox::accept_events(
+            c,
+            ws,
+            &[event("p", "01EVENT0000000000000000001", None)],
+            ts(0),
+        )
+        .await?;
         let e1 = last_id(c, ws).await?;
         let q1 = queue_one(c, ws, "q", json!({"plan": "free"}), 0).await?;
         // An outage: all four given up on.
@@ -951,7 +984,10 @@ sharpsend_db::db_test!(
         );
         assert_eq!(rows[1].delivered_at, Some(ts(6)));
         assert!(
-            rows[1].last_error.as_deref().is_some_and(|e| e.contains("superseded")),
+            rows[1]
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("superseded")),
             "{:?}",
             rows[1].last_error
         );
