@@ -920,3 +920,81 @@ db_test!(
         app.stop().await
     }
 );
+
+db_test!(
+    a_slow_add_and_a_later_remove_never_cross_in_flight,
+    |db: TestDatabase| async move {
+        let app = TestApp::spawn(&db).await?;
+        let mut segments = app.segments().await?;
+        let id = segments
+            .create_segment(CreateSegmentRequest {
+                name: "Crossing".into(),
+                description: String::new(),
+                criteria: None,
+                criteria_json: String::new(),
+            })
+            .await?
+            .into_inner()
+            .segment
+            .context("segment")?
+            .id;
+        segments
+            .add_segment_members(AddSegmentMembersRequest {
+                segment_id: id,
+                customer_ids: vec!["u00007".into()],
+            })
+            .await?;
+        // Customer.io is slow to take the add...
+        app.sim.sim.push_faults(
+            Some(SimApi::Track),
+            [Fault::Delay(Duration::from_millis(1500))],
+        );
+        let a = app.ctx.clone();
+        let slow = tokio::spawn(async move {
+            sharpsend_core::outbox::drain(&a, "worker-a", &a.settings.delivery).await
+        });
+        let route = "POST /api/v1/segments/{segment_id}/add_customers";
+        let started = std::time::Instant::now();
+        while app
+            .sim
+            .sim
+            .request_counts_by_route()
+            .get(route)
+            .copied()
+            .unwrap_or(0)
+            == 0
+        {
+            ensure!(
+                started.elapsed() < Duration::from_secs(10),
+                "the add never left"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // ...while the person is removed and another replica's worker looks for work.
+        segments
+            .remove_segment_members(RemoveSegmentMembersRequest {
+                segment_id: id,
+                customer_ids: vec!["u00007".into()],
+            })
+            .await?;
+        let b = sharpsend_core::AppContext::new(
+            db.connect_again().await?,
+            app.ctx.cio.clone(),
+            (*app.ctx.workspace).clone(),
+            app.ctx.settings.clone(),
+            app.ctx.clock.clone(),
+        );
+        let other = sharpsend_core::outbox::drain(&b, "worker-b", &b.settings.delivery).await?;
+        ensure!(
+            other.delivered == 0,
+            "the remove went out while the add was in flight: {other:?}"
+        );
+        slow.await??;
+        app.deliver_all("worker-a", Duration::from_secs(30)).await?;
+        ensure!(
+            !members_of(&app, id)?.contains("u00007"),
+            "Customer.io kept a member SharpSend removed"
+        );
+        app.stop().await
+    }
+);

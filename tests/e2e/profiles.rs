@@ -708,3 +708,345 @@ db_test!(
         app.stop().await
     }
 );
+
+/// Delivery settings whose retries wait a minute: a failed row stays behind until the test
+/// moves the clock.
+fn slow_retries(app: &TestApp) -> sharpsend_core::outbox::DeliveryConfig {
+    let mut config = app.ctx.settings.delivery.clone();
+    config.retry_base = Duration::from_secs(60);
+    config.retry_max = Duration::from_secs(60);
+    config
+}
+
+/// Every Track request fails with 503 (each of the client's attempts) until `failing(false)`.
+fn track_failing(app: &TestApp, on: bool) {
+    let chaos = if on {
+        Chaos {
+            error_rate: 1.0,
+            error_status: 503,
+            latency: Duration::ZERO,
+            drop_rate: 0.0,
+        }
+    } else {
+        Chaos::default()
+    };
+    app.sim.sim.set_chaos(Some(SimApi::Track), chaos);
+}
+
+/// A second context on its own connection pool: another worker or replica.
+async fn another_replica(
+    app: &TestApp,
+    db: &TestDatabase,
+) -> anyhow::Result<sharpsend_core::AppContext> {
+    Ok(sharpsend_core::AppContext::new(
+        db.connect_again().await?,
+        app.ctx.cio.clone(),
+        (*app.ctx.workspace).clone(),
+        app.ctx.settings.clone(),
+        app.ctx.clock.clone(),
+    ))
+}
+
+/// Where the first accepted Track request whose body contains `needle` stands in the
+/// simulator's log (processing order), and where in that body: a batch's operations are
+/// processed in order.
+fn processed_at(app: &TestApp, needle: &str) -> anyhow::Result<(usize, usize)> {
+    app.sim
+        .sim
+        .requests()
+        .iter()
+        .enumerate()
+        .find_map(|(i, r)| {
+            let body = r.body.as_ref().map(Value::to_string).unwrap_or_default();
+            body.find(needle)
+                .filter(|_| r.status == 200)
+                .map(|at| (i, at))
+        })
+        .with_context(|| format!("no accepted request carries {needle}"))
+}
+
+fn attribute_update(id: &str, attrs: Value) -> UpdateAttributesRequest {
+    UpdateAttributesRequest {
+        customer_id: id.into(),
+        attributes: Some(to_struct(attrs)),
+    }
+}
+
+db_test!(
+    an_older_update_retried_after_a_newer_one_never_overwrites_it,
+    |db: TestDatabase| async move {
+        let app = TestApp::spawn(&db).await?;
+        let mut client = app.profiles().await?;
+        let config = slow_retries(&app);
+        client
+            .update_attributes(attribute_update("u-order", json!({"plan": "free"})))
+            .await?;
+        // U1 meets an outage: retried in a minute.
+        track_failing(&app, true);
+        let first = sharpsend_core::outbox::drain(&app.ctx, "worker-a", &config).await?;
+        ensure!(first.retried == 1, "{first:?}");
+        track_failing(&app, false);
+        // U2 is accepted; another replica's worker looks for work.
+        client
+            .update_attributes(attribute_update("u-order", json!({"plan": "pro"})))
+            .await?;
+        let other = another_replica(&app, &db).await?;
+        let second = sharpsend_core::outbox::drain(&other, "worker-b", &config).await?;
+        ensure!(
+            second.delivered == 0,
+            "U2 went out while U1 waited for its retry: {second:?}"
+        );
+        app.advance(Duration::from_secs(120));
+        app.deliver_all("worker-a", Duration::from_secs(30)).await?;
+        let person = app.sim.sim.person("u-order").context("person")?;
+        ensure!(
+            person.attributes.get("plan") == Some(&json!("pro")),
+            "Customer.io holds {:?}, the mirror pro",
+            person.attributes.get("plan")
+        );
+        app.stop().await
+    }
+);
+
+db_test!(
+    an_event_never_reaches_customer_io_before_an_update_accepted_earlier,
+    |db: TestDatabase| async move {
+        let app = TestApp::spawn(&db).await?;
+        let mut client = app.profiles().await?;
+        let config = slow_retries(&app);
+        // Across steps: the identify waits for its retry; the event accepted after it waits too.
+        client
+            .update_attributes(attribute_update("u-event", json!({"tier": "gold-7"})))
+            .await?;
+        track_failing(&app, true);
+        sharpsend_core::outbox::drain(&app.ctx, "worker-a", &config).await?;
+        track_failing(&app, false);
+        let event = client
+            .track_event(TrackEventRequest {
+                customer_id: "u-event".into(),
+                name: "upgraded".into(),
+                data: None,
+                timestamp: None,
+                idempotency_key: String::new(),
+            })
+            .await?
+            .into_inner();
+        let other = another_replica(&app, &db).await?;
+        sharpsend_core::outbox::drain(&other, "worker-b", &config).await?;
+        app.advance(Duration::from_secs(120));
+        app.deliver_all("worker-a", Duration::from_secs(30)).await?;
+        let identify = processed_at(&app, "gold-7")?;
+        let tracked = processed_at(&app, &event.event_id)?;
+        ensure!(
+            identify < tracked,
+            "the event ({tracked:?}) reached Customer.io before the update accepted earlier ({identify:?})"
+        );
+
+        // Within one step: an event too big for a batch goes through v1, after the batch that
+        // carries the person's earlier update, and not at all while that batch must be retried.
+        client
+            .update_attributes(attribute_update("u-big", json!({"tier": "gold-8"})))
+            .await?;
+        let big = client
+            .track_event(TrackEventRequest {
+                customer_id: "u-big".into(),
+                name: "report_downloaded".into(),
+                data: Some(to_struct(json!({"blob": "z".repeat(40_000)}))),
+                timestamp: None,
+                idempotency_key: String::new(),
+            })
+            .await?
+            .into_inner();
+        track_failing(&app, true);
+        let step = sharpsend_core::outbox::drain(&app.ctx, "worker-a", &config).await?;
+        track_failing(&app, false);
+        ensure!(step.delivered == 0 && step.retried == 1, "{step:?}");
+        ensure!(app.sim.sim.events_for("u-big").is_empty());
+        app.advance(Duration::from_secs(120));
+        app.deliver_all("worker-a", Duration::from_secs(30)).await?;
+        let identify = processed_at(&app, "gold-8")?;
+        let tracked = processed_at(&app, &big.event_id)?;
+        ensure!(identify < tracked, "{identify:?} !< {tracked:?}");
+        app.stop().await
+    }
+);
+
+db_test!(
+    updates_coalesced_past_300_attributes_are_split_and_a_bad_update_dies_alone,
+    |db: TestDatabase| async move {
+        let app = TestApp::spawn(&db).await?;
+        let mut client = app.profiles().await?;
+        // Two valid updates of 200 distinct attributes each: 400 once coalesced.
+        let wide = |prefix: &str| {
+            Value::Object(
+                (0..200)
+                    .map(|i| (format!("{prefix}{i}"), json!(i)))
+                    .collect(),
+            )
+        };
+        client
+            .batch_update_attributes(BatchUpdateAttributesRequest {
+                updates: vec![
+                    attribute_update("u-wide", wide("a")),
+                    attribute_update("u-wide", wide("b")),
+                ],
+            })
+            .await?;
+        let report = app.deliver_all("w", Duration::from_secs(30)).await?;
+        ensure!(report.delivered == 2 && report.dead == 0, "{report:?}");
+        let person = app.sim.sim.person("u-wide").context("person")?;
+        ensure!(
+            person.attributes.len() == 400,
+            "{} attributes in Customer.io",
+            person.attributes.len()
+        );
+        ensure!(
+            app.sim.sim.requests().iter().all(|r| r.status == 200),
+            "an operation was rejected"
+        );
+
+        // A bad update (a 151-byte name, as an older release might have queued it) and a good
+        // one for the same person: only the bad one dies.
+        let rows = vec![
+            NewAttributeUpdate {
+                customer_id: "u-mixed".into(),
+                attributes: json!({ "n".repeat(151): 1 })
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default(),
+            },
+            NewAttributeUpdate {
+                customer_id: "u-mixed".into(),
+                attributes: json!({"plan": "pro"})
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default(),
+            },
+        ];
+        sharpsend_db::outbox::accept_attribute_updates(
+            &app.ctx.db,
+            app.ctx.workspace_id(),
+            &rows,
+            app.ctx.now(),
+        )
+        .await?;
+        let report = app.deliver_all("w", Duration::from_secs(30)).await?;
+        ensure!(report.delivered == 1 && report.dead == 1, "{report:?}");
+        let person = app
+            .sim
+            .sim
+            .person("u-mixed")
+            .context("the good update was lost")?;
+        ensure!(person.attributes.get("plan") == Some(&json!("pro")));
+        let status = client
+            .get_sync_status(GetSyncStatusRequest::default())
+            .await?
+            .into_inner();
+        ensure!(
+            status.dead == 1
+                && status.dead_letters[0]
+                    .error
+                    .contains("Customer.io rejected"),
+            "{status:?}"
+        );
+        // Re-queued, the bad one dies again, alone.
+        client
+            .retry_dead_letters(RetryDeadLettersRequest { ids: vec![] })
+            .await?;
+        let again = app.deliver_all("w", Duration::from_secs(30)).await?;
+        ensure!(again.dead == 1 && again.delivered == 0, "{again:?}");
+        app.stop().await
+    }
+);
+
+db_test!(
+    retried_dead_letters_never_overwrite_newer_values_and_3xx_408_are_retried,
+    |db: TestDatabase| async move {
+        let app = TestApp::spawn(&db).await?;
+        let mut client = app.profiles().await?;
+        let mut config = app.ctx.settings.delivery.clone();
+        config.max_attempts = 2;
+        // An outage long enough to exhaust the attempts.
+        let give_up = |what: &'static str| {
+            let app = &app;
+            let config = config.clone();
+            async move {
+                track_failing(app, true);
+                for _ in 0..20 {
+                    sharpsend_core::outbox::drain(&app.ctx, "w", &config).await?;
+                    let stats =
+                        sharpsend_db::outbox::stats(&app.ctx.db, app.ctx.workspace_id()).await?;
+                    if stats.pending == 0 && stats.in_flight == 0 {
+                        break;
+                    }
+                    app.advance(Duration::from_secs(1));
+                }
+                track_failing(app, false);
+                let stats =
+                    sharpsend_db::outbox::stats(&app.ctx.db, app.ctx.workspace_id()).await?;
+                ensure!(stats.pending == 0, "{what}: {stats:?}");
+                anyhow::Ok(())
+            }
+        };
+        client
+            .update_attributes(attribute_update(
+                "u-dl",
+                json!({"plan": "free", "score": 1}),
+            ))
+            .await?;
+        client
+            .update_attributes(attribute_update("u-dl", json!({"color": "red"})))
+            .await?;
+        give_up("outage").await?;
+        // Back up: newer values are delivered.
+        client
+            .update_attributes(attribute_update(
+                "u-dl",
+                json!({"plan": "pro", "color": "blue"}),
+            ))
+            .await?;
+        app.deliver_all("w", Duration::from_secs(30)).await?;
+        // The operator re-queues the dead letters: only what is still the newest goes.
+        let requeued = client
+            .retry_dead_letters(RetryDeadLettersRequest { ids: vec![] })
+            .await?
+            .into_inner();
+        ensure!(requeued.requeued == 1, "{requeued:?}");
+        app.deliver_all("w", Duration::from_secs(30)).await?;
+        let person = app.sim.sim.person("u-dl").context("person")?;
+        ensure!(
+            person.attributes.get("plan") == Some(&json!("pro"))
+                && person.attributes.get("color") == Some(&json!("blue"))
+                && person.attributes.get("score") == Some(&json!(1)),
+            "{:?}",
+            person.attributes
+        );
+        let status = client
+            .get_sync_status(GetSyncStatusRequest::default())
+            .await?
+            .into_inner();
+        ensure!(status.dead == 0 && status.pending == 0, "{status:?}");
+
+        // 408 (after the client's own retries) and a 3xx are not the row's fault: retried.
+        let slow = slow_retries(&app);
+        for status in [408, 302] {
+            client
+                .update_attributes(attribute_update("u-3xx", json!({"status": status})))
+                .await?;
+            app.sim.sim.push_faults(
+                Some(SimApi::Track),
+                (0..4).map(|_| Fault::Status {
+                    status,
+                    retry_after_secs: None,
+                }),
+            );
+            let step = sharpsend_core::outbox::drain(&app.ctx, "w", &slow).await?;
+            app.sim.sim.clear_faults();
+            ensure!(step.retried == 1 && step.dead == 0, "{status}: {step:?}");
+            app.advance(Duration::from_secs(120));
+            let report = app.deliver_all("w", Duration::from_secs(30)).await?;
+            ensure!(report.delivered == 1, "{status}: {report:?}");
+        }
+        app.stop().await
+    }
+);

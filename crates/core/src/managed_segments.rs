@@ -10,9 +10,10 @@
 //!   `segment_members`), then evaluates each due segment inside the database
 //!   ([`sharpsend_db::managed_segments::apply_evaluation`]): the membership difference is
 //!   recorded and queued in the outbox in one transaction, as `segment_add` / `segment_remove`
-//!   rows of at most 1000 ids, which the outbox worker delivers ([`deliver_change`]).
+//!   rows of at most 1000 ids, which the outbox worker delivers in order per segment
+//!   ([`deliver_change`]).
 //! - [`profiles_changed`], [`profiles_imported`]: a profile change marks due the segments that
-//!   read it.
+//!   read it (after an evaluation running meanwhile, so the mark is never lost under it).
 //!
 //! Evaluation covers the profile mirror: people must be in it (ImportProfiles, or any write
 //! through ProfileService) to be evaluated.
@@ -890,10 +891,13 @@ pub enum DeliverError {
 }
 
 /// Delivers one `segment_add` (`add = true`) / `segment_remove` row: `payload` is
-/// `{"segment_id", "ids"}`. Only the ids whose recorded membership still agrees are sent — an
-/// add for people still members, a remove for people still not members — so a row delivered
-/// late (a retry, a re-queued dead letter) never undoes a newer change; a segment no longer
-/// managed gets nothing. Returns the HTTP requests made (0 or 1).
+/// `{"segment_id", "ids"}`. The outbox hands a segment's rows out in order, one at a time: a
+/// later change is not claimed while an earlier one of the same segment waits for a retry or
+/// is in flight, so an add and a later remove never cross on their way. On top of that only
+/// the ids whose recorded membership still agrees are sent — an add for people still members,
+/// a remove for people still not members — so a row delivered after newer ones (a re-queued
+/// dead letter) never undoes them; a segment no longer managed gets nothing. Returns the HTTP
+/// requests made (0 or 1).
 pub async fn deliver_change(
     ctx: &AppContext,
     add: bool,

@@ -2,23 +2,35 @@
 //! allow, sends them, and records each row's fate.
 //!
 //! - Rows are claimed with `sharpsend_db::outbox::claim_due` (safe with many workers and
-//!   replicas; a crashed worker's claim lapses and the rows are claimed again).
-//! - Attribute updates to the same person claimed together are coalesced into one identify
-//!   (later value wins per attribute, in acceptance order), placed where that person's first
-//!   update stood; events are never coalesced or dropped, each carries its ULID so Customer.io
-//!   drops a repeat.
+//!   replicas; a crashed worker's claim lapses and the rows are claimed again), per person in
+//!   order: a person's later write is not claimed while an earlier one waits for a retry or
+//!   anything of the person is in flight.
+//! - Per person, in acceptance order: consecutive attribute updates (no event of the person
+//!   between them) are coalesced into one identify (later value wins per attribute) at the
+//!   place of the first of them; nothing is moved across an event. Events are never coalesced
+//!   or dropped; each carries its ULID so Customer.io drops a repeat.
 //! - Operations are packed into Track API v2 `/api/v2/batch` requests of at most 500 KB, each
-//!   operation at most 32 KB: a larger identify is split by attributes; a larger event (its data
-//!   may reach 100,000 bytes) goes alone through the v1 event endpoint.
+//!   operation at most 32 KB and an identify at most 300 attributes (a larger one is split by
+//!   attributes); a larger event (its data may reach 100,000 bytes) goes alone through the v1
+//!   event endpoint. A person's operations go in one batch, in order, or — when they cannot —
+//!   in a chain of requests of their own sent one after the other, never two at once; a request
+//!   whose rows must be retried holds the rest of its chain back (given back unsent). See
+//!   `plan`.
 //! - A 207's `batch_index` errors dead-letter exactly their rows with Customer.io's reason; a
 //!   whole-request 4xx is bisected to find the bad operation instead of failing its neighbours;
-//!   429/5xx/timeouts retry the rows later with backoff (or Retry-After); after
-//!   `max_attempts` a row is dead-lettered. Nothing is retried forever and nothing is dropped.
+//!   a rejected identify coalesced from several rows is re-sent row by row so that only a bad
+//!   row dies; 429/5xx/timeouts, 408 and 3xx retry the rows later with backoff (or
+//!   Retry-After); after `max_attempts` a row is dead-lettered. Nothing is retried forever and
+//!   nothing is dropped.
+//! - A chain renews its claim before a request when less than three quarters of the claim TTL
+//!   is left, and sends nothing more once its rows are no longer all its own.
 //! - Managed segment membership changes (`segment_add` / `segment_remove` rows, at most 1000 ids
-//!   each) go one call each to `add_customers` / `remove_customers` through
-//!   `managed_segments::deliver_change`, with the same retry / dead-letter rules.
+//!   each) go one call each, in order per segment, to `add_customers` / `remove_customers`
+//!   through `managed_segments::deliver_change`, with the same retry / dead-letter rules.
 
-use std::{collections::HashMap, time::Duration};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
 
 use chrono::Utc;
 use cio_client::{
@@ -75,7 +87,11 @@ pub struct DeliveryReport {
     pub delivered: u64,
     pub retried: u64,
     pub dead: u64,
-    /// HTTP requests sent to Customer.io (bisection and v1 fallbacks included).
+    /// Rows given back without an attempt: held back behind an earlier write of their person
+    /// that must be retried first.
+    pub held_back: u64,
+    /// HTTP requests sent to Customer.io (bisection, one-by-one re-sends and v1 requests
+    /// included).
     pub requests: u64,
     /// Ids of the rows this worker delivered.
     pub delivered_ids: Vec<i64>,
@@ -88,6 +104,7 @@ impl DeliveryReport {
         self.delivered += other.delivered;
         self.retried += other.retried;
         self.dead += other.dead;
+        self.held_back += other.held_back;
         self.requests += other.requests;
         self.delivered_ids.extend(other.delivered_ids);
     }
@@ -132,6 +149,7 @@ pub async fn run_worker(
                         delivered = report.delivered,
                         retried = report.retried,
                         dead = report.dead,
+                        held_back = report.held_back,
                         requests = report.requests,
                         "outbox delivered"
                     );
@@ -157,7 +175,11 @@ pub async fn run_worker(
     tracing::info!(worker = %worker, "outbox worker stopped");
 }
 
-/// One encoded operation and the outbox rows it carries.
+/// Most attributes Customer.io takes in one identify ("at most 300 unique attributes per
+/// identify call").
+const MAX_ATTRIBUTES_PER_OP: usize = 300;
+
+/// One encoded v2 operation and the outbox rows it carries.
 #[derive(Debug, Clone)]
 struct PlannedOp {
     op: EncodedOp,
@@ -183,10 +205,29 @@ enum Planned {
     },
 }
 
-/// What one request did: each operation's rows with their fate, and the HTTP requests made.
+impl Planned {
+    /// The rows this request carries, each once, in order.
+    fn rows(&self) -> Vec<i64> {
+        match self {
+            Planned::Batch(ops) => {
+                let mut rows: Vec<i64> = ops.iter().flat_map(|o| o.rows.iter().copied()).collect();
+                rows.sort_unstable();
+                rows.dedup();
+                rows
+            }
+            Planned::V1Event { rows, .. } | Planned::Segment { rows, .. } => rows.clone(),
+        }
+    }
+}
+
+/// Requests that go out one after the other, each only once the one before it has been
+/// answered; a request whose rows must be retried holds back the rest (see [`plan`]).
+type Chain = Vec<Planned>;
+
+/// Each request's rows with their fate, and the number of HTTP requests made.
 type Sent = (Vec<(Vec<i64>, OpFate)>, u64);
 
-/// What happened to one operation.
+/// What happened to one operation (and so to the rows it carries).
 #[derive(Debug, Clone)]
 enum OpFate {
     Delivered,
@@ -195,6 +236,12 @@ enum OpFate {
         error: String,
         retry_after: Option<Duration>,
     },
+    /// Not sent: an earlier request of its chain must be retried first. Given back without an
+    /// attempt.
+    Held,
+    /// Not sent: the claim on the rows was lost (it lapsed and another worker took them).
+    /// Left to their new holder.
+    Lost,
 }
 
 /// Claims one chunk of due rows and delivers it. A step that claimed rows is one `outbox_step`
@@ -236,7 +283,9 @@ pub async fn deliver_step(
     Ok(report)
 }
 
-/// Delivers rows this worker claimed and records each row's fate.
+/// Delivers rows this worker claimed: plans them into chains of requests, sends the chains
+/// concurrently (`config.concurrency` at a time, each chain one request at a time), and records
+/// each chain's rows' fates as soon as the chain is done.
 async fn deliver_claimed(
     ctx: &AppContext,
     worker: &str,
@@ -247,291 +296,152 @@ async fn deliver_claimed(
         claimed: rows.len() as u64,
         ..Default::default()
     };
-    let (requests, invalid) = plan(&rows);
-
-    // Send, collecting each row's fates (a row may ride in several ops when split).
-    let mut fates: HashMap<i64, Vec<OpFate>> = HashMap::new();
-    for (row, reason) in invalid {
-        fates.entry(row).or_default().push(OpFate::Dead(reason));
+    let (chains, invalid) = plan(&rows);
+    let by_id: HashMap<i64, &OutboxRow> = rows.iter().map(|r| (r.id, r)).collect();
+    if !invalid.is_empty() {
+        let fates = invalid
+            .into_iter()
+            .map(|(id, reason)| (vec![id], OpFate::Dead(reason)))
+            .collect();
+        report.absorb(settle(ctx, worker, config, &by_id, fates).await?);
     }
-    let results: Vec<Sent> = futures::stream::iter(requests)
-        .map(|request| send(ctx, request))
+    let results: Vec<Result<DeliveryReport, CoreError>> = futures::stream::iter(chains)
+        .map(|chain| run_chain(ctx, worker, config, &by_id, chain))
         .buffer_unordered(config.concurrency.max(1))
         .collect()
         .await;
-    for (outcomes, requests) in results {
-        report.requests += requests;
-        for (rows, fate) in outcomes {
-            for row in rows {
-                fates.entry(row).or_default().push(fate.clone());
-            }
-        }
-    }
-
-    // Fold: dead if any op died, else retry if any must be retried, else delivered.
-    let attempts: HashMap<i64, i32> = rows.iter().map(|r| (r.id, r.attempts)).collect();
-    let mut delivered = Vec::new();
-    let mut dead = Vec::new();
-    let mut retry: HashMap<(String, i64), Vec<i64>> = HashMap::new();
-    let now = ctx.now();
-    for row in &rows {
-        let row_fates = fates.remove(&row.id).unwrap_or_default();
-        if let Some(reason) = row_fates.iter().find_map(|f| {
-            if let OpFate::Dead(r) = f {
-                Some(r.clone())
-            } else {
-                None
-            }
-        }) {
-            dead.push((row.id, reason));
-        } else if let Some((error, retry_after)) = row_fates.iter().find_map(|f| match f {
-            OpFate::Retry { error, retry_after } => Some((error.clone(), *retry_after)),
-            _ => None,
-        }) {
-            let attempt = attempts.get(&row.id).copied().unwrap_or(0) + 1;
-            if attempt >= config.max_attempts {
-                dead.push((
-                    row.id,
-                    format!("gave up after {attempt} attempts; last error: {error}"),
-                ));
-            } else {
-                let delay = retry_after.unwrap_or_else(|| backoff(config, attempt));
-                let at = now
-                    + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::seconds(60));
-                retry
-                    .entry((error, at.timestamp_millis()))
-                    .or_default()
-                    .push(row.id);
-            }
-        } else if row_fates.is_empty() {
-            // Not planned (cannot happen) — keep it safe: retry rather than lose it.
-            retry
-                .entry(("not sent".into(), now.timestamp_millis()))
-                .or_default()
-                .push(row.id);
-        } else {
-            delivered.push(row.id);
-        }
-    }
-    if !delivered.is_empty() {
-        report.delivered = outbox::mark_delivered(&ctx.db, worker, &delivered, ctx.now()).await?;
-        report.delivered_ids = delivered;
-    }
-    if !dead.is_empty() {
-        for (id, reason) in &dead {
-            tracing::warn!(outbox_id = id, reason = %reason, "outbox row dead-lettered");
-        }
-        report.dead = outbox::mark_dead(&ctx.db, worker, &dead, ctx.now()).await?;
-    }
-    for ((error, at_ms), ids) in retry {
-        let at = chrono::DateTime::from_timestamp_millis(at_ms).unwrap_or_else(|| ctx.now());
-        report.retried += outbox::mark_retry(&ctx.db, worker, &ids, &error, at, ctx.now()).await?;
+    for result in results {
+        report.absorb(result?);
     }
     Ok(report)
 }
 
-fn backoff(config: &DeliveryConfig, attempt: i32) -> Duration {
-    let factor = 2u32.saturating_pow(u32::try_from(attempt.saturating_sub(1)).unwrap_or(0));
-    let ceiling = config
-        .retry_base
-        .saturating_mul(factor)
-        .min(config.retry_max);
-    let half = ceiling / 2;
-    half + Duration::from_millis(
-        rand::rng().random_range(0..=u64::try_from(half.as_millis()).unwrap_or(u64::MAX)),
-    )
+/// Sends one chain and settles its rows.
+async fn run_chain(
+    ctx: &AppContext,
+    worker: &str,
+    config: &DeliveryConfig,
+    by_id: &HashMap<i64, &OutboxRow>,
+    chain: Chain,
+) -> Result<DeliveryReport, CoreError> {
+    let mut ids: Vec<i64> = chain.iter().flat_map(Planned::rows).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let expires = ids
+        .iter()
+        .filter_map(|id| by_id.get(id).and_then(|r| r.claim_expires_at))
+        .min()
+        .unwrap_or_else(|| ctx.now());
+    let claim = ChainClaim {
+        worker,
+        ids,
+        ttl: config.claim_ttl,
+        expires_us: AtomicI64::new(expires.timestamp_micros()),
+    };
+    let (fates, requests) = send_all(ctx, &claim, by_id, chain).await;
+    let mut report = settle(ctx, worker, config, by_id, fates).await?;
+    report.requests += requests;
+    Ok(report)
 }
 
-/// Turns claimed rows into requests, plus rows that cannot be sent at all (dead on arrival).
-fn plan(rows: &[OutboxRow]) -> (Vec<Planned>, Vec<(i64, String)>) {
-    enum Item {
-        Identify {
-            customer_id: String,
-            attributes: Map<String, Value>,
-            rows: Vec<i64>,
-        },
-        Event(usize),
-        Segment(usize),
-    }
-    let mut items: Vec<Item> = Vec::new();
-    let mut identify_at: HashMap<&str, usize> = HashMap::new();
-    let mut invalid = Vec::new();
-    for (i, row) in rows.iter().enumerate() {
-        match row.kind {
-            Kind::Identify => {
-                let Some(attributes) = row.payload.as_object() else {
-                    invalid.push((
-                        row.id,
-                        "stored update is not an attribute object".to_string(),
-                    ));
-                    continue;
-                };
-                match identify_at.get(row.customer_id.as_str()) {
-                    Some(&at) => {
-                        if let Item::Identify {
-                            attributes: merged,
-                            rows,
-                            ..
-                        } = &mut items[at]
-                        {
-                            merged.extend(attributes.clone());
-                            rows.push(row.id);
-                        }
-                    }
-                    None => {
-                        identify_at.insert(&row.customer_id, items.len());
-                        items.push(Item::Identify {
-                            customer_id: row.customer_id.clone(),
-                            attributes: attributes.clone(),
-                            rows: vec![row.id],
-                        });
-                    }
-                }
-            }
-            Kind::Event => items.push(Item::Event(i)),
-            Kind::SegmentAdd | Kind::SegmentRemove => items.push(Item::Segment(i)),
-        }
-    }
+/// A chain's hold on its rows. Before each request the claim is renewed if less than three
+/// quarters of the claim TTL is left, so that a request (with the client's own retries) has
+/// most of a TTL before another worker could take its rows; if the rows are no longer all held
+/// (the claim lapsed and someone took them), nothing more is sent.
+struct ChainClaim<'a> {
+    worker: &'a str,
+    ids: Vec<i64>,
+    ttl: Duration,
+    /// When the claim expires, in Unix microseconds.
+    expires_us: AtomicI64,
+}
 
-    let mut ops: Vec<PlannedOp> = Vec::new();
-    let mut singles: Vec<Planned> = Vec::new();
-    for item in items {
-        match item {
-            Item::Identify {
-                customer_id,
-                attributes,
-                rows,
-            } => {
-                for part in split_attributes(&customer_id, attributes) {
-                    match PersonOp::identify(Identifier::Id(customer_id.clone()), part).encode() {
-                        Ok(op) => ops.push(PlannedOp {
-                            op,
-                            rows: rows.clone(),
-                        }),
-                        Err(e) => invalid.extend(
-                            rows.iter()
-                                .map(|&r| (r, format!("cannot be sent to Customer.io: {e}"))),
-                        ),
-                    }
-                }
+impl ChainClaim<'_> {
+    async fn hold(&self, ctx: &AppContext) -> bool {
+        let now = ctx.now();
+        let left_us = self.expires_us.load(Ordering::Relaxed) - now.timestamp_micros();
+        let ttl_us = i64::try_from(self.ttl.as_micros()).unwrap_or(i64::MAX);
+        if left_us > ttl_us / 4 * 3 {
+            return true;
+        }
+        let until = chrono::Duration::from_std(self.ttl)
+            .ok()
+            .and_then(|ttl| now.checked_add_signed(ttl))
+            .unwrap_or(now);
+        match outbox::extend_claim(&ctx.db, self.worker, &self.ids, until).await {
+            Ok(held) if held == self.ids.len() as u64 => {
+                self.expires_us
+                    .store(until.timestamp_micros(), Ordering::Relaxed);
+                true
             }
-            Item::Segment(i) => {
-                let row = &rows[i];
-                singles.push(Planned::Segment {
-                    add: row.kind == Kind::SegmentAdd,
-                    payload: row.payload.clone(),
-                    rows: vec![row.id],
-                });
-            }
-            Item::Event(i) => {
-                let row = &rows[i];
-                let name = row
-                    .payload
-                    .get("name")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_string();
-                let data = row
-                    .payload
-                    .get("data")
-                    .and_then(Value::as_object)
-                    .cloned()
-                    .unwrap_or_default();
-                let timestamp = row.payload.get("timestamp").and_then(Value::as_i64);
-                let Some(event_id) = row.event_id.clone() else {
-                    invalid.push((row.id, "stored event has no id".to_string()));
-                    continue;
-                };
-                let op = PersonOp::event(
-                    Identifier::Id(row.customer_id.clone()),
-                    name.clone(),
-                    event_id.clone(),
-                    timestamp,
-                    data.clone(),
+            Ok(held) => {
+                tracing::warn!(
+                    held,
+                    claimed = self.ids.len(),
+                    "outbox claim lapsed mid-step; the rest is left to the worker that took it"
                 );
-                if op_size(&op) > MAX_OP_BYTES {
-                    singles.push(Planned::V1Event {
-                        customer_id: row.customer_id.clone(),
-                        event: Event {
-                            name,
-                            id: event_id,
-                            timestamp,
-                            data,
-                        },
-                        rows: vec![row.id],
-                    });
-                    continue;
-                }
-                match op.encode() {
-                    Ok(op) => ops.push(PlannedOp {
-                        op,
-                        rows: vec![row.id],
-                    }),
-                    Err(e) => invalid.push((row.id, format!("cannot be sent to Customer.io: {e}"))),
-                }
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %crate::error::error_chain(&e), "could not renew an outbox claim; not sending");
+                false
             }
         }
     }
-
-    // Pack in order into batches under the request limit.
-    let mut requests = Vec::new();
-    let mut current: Vec<PlannedOp> = Vec::new();
-    let mut current_size = BATCH_ENVELOPE_BYTES;
-    for op in ops {
-        let added = op.op.len() + usize::from(!current.is_empty());
-        if !current.is_empty() && current_size + added > MAX_BATCH_BYTES {
-            requests.push(Planned::Batch(std::mem::take(&mut current)));
-            current_size = BATCH_ENVELOPE_BYTES;
-        }
-        current_size += op.op.len() + usize::from(!current.is_empty());
-        current.push(op);
-    }
-    if !current.is_empty() {
-        requests.push(Planned::Batch(current));
-    }
-    requests.extend(singles);
-    (requests, invalid)
 }
 
-fn op_size(op: &PersonOp) -> usize {
-    serde_json::to_vec(op)
-        .map(|v| v.len())
-        .unwrap_or(usize::MAX)
-}
-
-/// Splits one person's attributes into identify operations that each fit in [`MAX_OP_BYTES`]
-/// (an attribute value is at most 1000 bytes, so every single attribute fits).
-fn split_attributes(customer_id: &str, attributes: Map<String, Value>) -> Vec<Map<String, Value>> {
-    let whole = PersonOp::identify(Identifier::Id(customer_id.to_string()), attributes.clone());
-    if op_size(&whole) <= MAX_OP_BYTES {
-        return vec![attributes];
-    }
-    let base = op_size(&PersonOp::identify(
-        Identifier::Id(customer_id.to_string()),
-        Map::new(),
-    ));
-    let mut parts = Vec::new();
-    let mut part = Map::new();
-    let mut size = base;
-    for (name, value) in attributes {
-        let entry = name.len() + serde_json::to_vec(&value).map(|v| v.len()).unwrap_or(0) + 4;
-        if !part.is_empty() && size + entry > MAX_OP_BYTES {
-            parts.push(std::mem::take(&mut part));
-            size = base;
-        }
-        size += entry;
-        part.insert(name, value);
-    }
-    if !part.is_empty() {
-        parts.push(part);
-    }
-    parts
-}
-
-/// Sends one planned request; returns each op's rows with their fate, and the number of HTTP
-/// requests made.
-fn send<'a>(ctx: &'a AppContext, request: Planned) -> BoxFuture<'a, Sent> {
+/// Sends requests one after the other. After a request with a row to retry, the later ones are
+/// [`OpFate::Held`]; after a lost claim, [`OpFate::Lost`].
+fn send_all<'a>(
+    ctx: &'a AppContext,
+    claim: &'a ChainClaim<'a>,
+    by_id: &'a HashMap<i64, &'a OutboxRow>,
+    requests: Vec<Planned>,
+) -> BoxFuture<'a, Sent> {
     Box::pin(async move {
+        let mut out = Vec::new();
+        let mut made = 0;
+        let mut stop: Option<OpFate> = None;
+        for request in requests {
+            if let Some(fate) = &stop {
+                out.push((request.rows(), fate.clone()));
+                continue;
+            }
+            let (fates, n) = send(ctx, claim, by_id, request).await;
+            made += n;
+            stop = blocking(&fates);
+            out.extend(fates);
+        }
+        (out, made)
+    })
+}
+
+/// What the fates of one request impose on the requests after it in its chain.
+fn blocking(fates: &[(Vec<i64>, OpFate)]) -> Option<OpFate> {
+    if fates.iter().any(|(_, f)| matches!(f, OpFate::Lost)) {
+        Some(OpFate::Lost)
+    } else if fates
+        .iter()
+        .any(|(_, f)| matches!(f, OpFate::Retry { .. } | OpFate::Held))
+    {
+        Some(OpFate::Held)
+    } else {
+        None
+    }
+}
+
+/// Sends one planned request; returns each operation's rows with their fate, and the number
+/// of HTTP requests made (bisection and one-by-one re-sends included).
+fn send<'a>(
+    ctx: &'a AppContext,
+    claim: &'a ChainClaim<'a>,
+    by_id: &'a HashMap<i64, &'a OutboxRow>,
+    request: Planned,
+) -> BoxFuture<'a, Sent> {
+    Box::pin(async move {
+        if !claim.hold(ctx).await {
+            return (vec![(request.rows(), OpFate::Lost)], 0);
+        }
         match request {
             Planned::V1Event {
                 customer_id,
@@ -559,42 +469,529 @@ fn send<'a>(ctx: &'a AppContext, request: Planned) -> BoxFuture<'a, Sent> {
                     }
                 }
             }
-            Planned::Batch(ops) => {
+            Planned::Batch(mut ops) => {
                 let payload: Vec<EncodedOp> = ops.iter().map(|o| o.op.clone()).collect();
                 match ctx.cio.batch_encoded(&payload).await {
                     Ok(BatchOutcome { failures }) => {
-                        let mut fates: Vec<(Vec<i64>, OpFate)> = ops
-                            .into_iter()
-                            .map(|o| (o.rows, OpFate::Delivered))
-                            .collect();
+                        let mut fates: Vec<OpFate> = vec![OpFate::Delivered; ops.len()];
                         for failure in failures {
                             if let Some(slot) = fates.get_mut(failure.batch_index) {
-                                slot.1 = OpFate::Dead(describe_failure(
+                                *slot = OpFate::Dead(describe_failure(
                                     failure.reason.as_deref(),
                                     failure.field.as_deref(),
                                     &failure.message,
                                 ));
                             }
                         }
-                        (fates, 1)
+                        let (out, n) =
+                            unmerge_rejected(ctx, claim, by_id, ops.into_iter().zip(fates)).await;
+                        (out, 1 + n)
                     }
-                    Err(CioError::Rejected { .. }) if ops.len() > 1 => {
-                        // The whole request was refused: find the culprit instead of failing all.
-                        let right = ops[ops.len() / 2..].to_vec();
-                        let left = ops[..ops.len() / 2].to_vec();
-                        let (mut a, ra) = send(ctx, Planned::Batch(left)).await;
-                        let (b, rb) = send(ctx, Planned::Batch(right)).await;
-                        a.extend(b);
-                        (a, 1 + ra + rb)
+                    Err(CioError::Rejected { status, .. })
+                        if !not_the_rows_fault(status) && ops.len() > 1 =>
+                    {
+                        // The whole request was refused: find the culprit instead of failing
+                        // all. Halves in order; the right one waits if the left must be retried.
+                        let right = ops.split_off(ops.len() / 2);
+                        let (mut fates, left_n) =
+                            send(ctx, claim, by_id, Planned::Batch(ops)).await;
+                        if let Some(fate) = blocking(&fates) {
+                            fates.push((Planned::Batch(right).rows(), fate));
+                            return (fates, 1 + left_n);
+                        }
+                        let (more, right_n) = send(ctx, claim, by_id, Planned::Batch(right)).await;
+                        fates.extend(more);
+                        (fates, 1 + left_n + right_n)
                     }
                     Err(e) => {
                         let fate = fate_of_error(&e);
-                        (ops.into_iter().map(|o| (o.rows, fate.clone())).collect(), 1)
+                        let fates = vec![fate; ops.len()];
+                        let (out, n) =
+                            unmerge_rejected(ctx, claim, by_id, ops.into_iter().zip(fates)).await;
+                        (out, 1 + n)
                     }
                 }
             }
         }
     })
+}
+
+/// Keeps each operation's fate, except for an identify coalesced from several rows that
+/// Customer.io rejected: the merge must not kill rows that are fine alone, so those rows are
+/// sent again one by one (each in its own operation, in order, right away — nothing of their
+/// person follows them in this chain, see [`plan`]) and only the ones rejected alone die.
+async fn unmerge_rejected(
+    ctx: &AppContext,
+    claim: &ChainClaim<'_>,
+    by_id: &HashMap<i64, &OutboxRow>,
+    ops: impl Iterator<Item = (PlannedOp, OpFate)>,
+) -> Sent {
+    let mut out = Vec::new();
+    let mut again: BTreeSet<i64> = BTreeSet::new();
+    for (op, fate) in ops {
+        if matches!(fate, OpFate::Dead(_)) && op.rows.len() > 1 {
+            again.extend(op.rows);
+        } else {
+            out.push((op.rows, fate));
+        }
+    }
+    if again.is_empty() {
+        return (out, 0);
+    }
+    let rows: Vec<&OutboxRow> = again
+        .iter()
+        .filter_map(|id| by_id.get(id).copied())
+        .collect();
+    tracing::info!(
+        rows = rows.len(),
+        "Customer.io rejected a coalesced identify; sending its rows one by one"
+    );
+    let (requests, invalid) = one_by_one(&rows);
+    out.extend(
+        invalid
+            .into_iter()
+            .map(|(id, reason)| (vec![id], OpFate::Dead(reason))),
+    );
+    let (fates, n) = send_all(ctx, claim, by_id, requests).await;
+    out.extend(fates);
+    (out, n)
+}
+
+/// Records the fates of one chain's rows. A row carried by several operations (a split
+/// identify) takes the worst: lost (left alone), else dead, else retried, else held back
+/// (given back without an attempt), else delivered. Retries go first, so that a person's
+/// held-back rows are never claimable before the row they wait for is back in the queue.
+async fn settle(
+    ctx: &AppContext,
+    worker: &str,
+    config: &DeliveryConfig,
+    by_id: &HashMap<i64, &OutboxRow>,
+    fates: Vec<(Vec<i64>, OpFate)>,
+) -> Result<DeliveryReport, CoreError> {
+    let mut per_row: BTreeMap<i64, Vec<OpFate>> = BTreeMap::new();
+    for (rows, fate) in fates {
+        for row in rows {
+            per_row.entry(row).or_default().push(fate.clone());
+        }
+    }
+    let now = ctx.now();
+    let mut report = DeliveryReport::default();
+    let mut delivered = Vec::new();
+    let mut dead = Vec::new();
+    let mut held = Vec::new();
+    let mut lost = 0;
+    let mut retry: HashMap<(String, i64), Vec<i64>> = HashMap::new();
+    for (id, row_fates) in per_row {
+        let dead_reason = row_fates.iter().find_map(|f| match f {
+            OpFate::Dead(r) => Some(r.clone()),
+            _ => None,
+        });
+        let retry_error = row_fates.iter().find_map(|f| match f {
+            OpFate::Retry { error, retry_after } => Some((error.clone(), *retry_after)),
+            _ => None,
+        });
+        if row_fates.iter().any(|f| matches!(f, OpFate::Lost)) {
+            lost += 1;
+        } else if let Some(reason) = dead_reason {
+            dead.push((id, reason));
+        } else if let Some((error, retry_after)) = retry_error {
+            let attempt = by_id.get(&id).map(|r| r.attempts).unwrap_or(0) + 1;
+            if attempt >= config.max_attempts {
+                dead.push((
+                    id,
+                    format!("gave up after {attempt} attempts; last error: {error}"),
+                ));
+            } else {
+                let delay = retry_after.unwrap_or_else(|| backoff(config, attempt));
+                let at = now
+                    + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::seconds(60));
+                retry
+                    .entry((error, at.timestamp_millis()))
+                    .or_default()
+                    .push(id);
+            }
+        } else if row_fates.iter().any(|f| matches!(f, OpFate::Held)) {
+            held.push(id);
+        } else {
+            delivered.push(id);
+        }
+    }
+    for ((error, at_ms), ids) in retry {
+        let at = chrono::DateTime::from_timestamp_millis(at_ms).unwrap_or_else(|| ctx.now());
+        report.retried += outbox::mark_retry(&ctx.db, worker, &ids, &error, at, ctx.now()).await?;
+    }
+    if !held.is_empty() {
+        report.held_back += outbox::release(&ctx.db, worker, &held, ctx.now()).await?;
+    }
+    if !delivered.is_empty() {
+        report.delivered += outbox::mark_delivered(&ctx.db, worker, &delivered, ctx.now()).await?;
+        report.delivered_ids = delivered;
+    }
+    if !dead.is_empty() {
+        for (id, reason) in &dead {
+            tracing::warn!(outbox_id = id, reason = %reason, "outbox row dead-lettered");
+        }
+        report.dead += outbox::mark_dead(&ctx.db, worker, &dead, ctx.now()).await?;
+    }
+    if lost > 0 {
+        tracing::warn!(
+            rows = lost,
+            "outbox rows left to the worker that took them over"
+        );
+    }
+    Ok(report)
+}
+
+fn backoff(config: &DeliveryConfig, attempt: i32) -> Duration {
+    let factor = 2u32.saturating_pow(u32::try_from(attempt.saturating_sub(1)).unwrap_or(0));
+    let ceiling = config
+        .retry_base
+        .saturating_mul(factor)
+        .min(config.retry_max);
+    let half = ceiling / 2;
+    half + Duration::from_millis(
+        rand::rng().random_range(0..=u64::try_from(half.as_millis()).unwrap_or(u64::MAX)),
+    )
+}
+
+/// What is to be sent for one person (or one segment) at one point of its order.
+enum Stage {
+    /// v2 operations that may share one batch request, in order.
+    Ops(Vec<PlannedOp>),
+    /// A request of its own (a v1 event, a segment change).
+    Alone(Planned),
+}
+
+/// Turns claimed rows into chains of requests, plus rows that cannot be sent at all (dead on
+/// arrival).
+///
+/// Per person (rows with one `customer_id`, claimed as a prefix of the person's queue), in
+/// acceptance order:
+/// - consecutive attribute updates — not separated by an event of the person — are coalesced
+///   into one identify (later value wins per attribute) at the place of the first of them. No
+///   write of the person lies between them, so nothing moves across an event: an event always
+///   follows every update accepted before it and precedes every update accepted after it;
+/// - that identify is split into operations of at most [`MAX_ATTRIBUTES_PER_OP`] attributes
+///   and [`MAX_OP_BYTES`] bytes (each attribute once: parts never overlap);
+/// - an event is one operation; one too big for a v2 operation becomes a v1 request;
+/// - a segment change is one request.
+///
+/// A person whose operations fit in one batch and who needs no request of its own shares a
+/// batch with other people (their operations contiguous, in order; Customer.io applies a
+/// batch's operations in order) — one chain per batch. Anyone else gets a chain of their own:
+/// their stages in order, a new stage after a v1 event or segment change and after an identify
+/// coalesced from several rows when more of the person follows (so that a rejected merge can
+/// be re-sent row by row before anything later of the person goes). So a person's writes are
+/// never in two requests in flight at once, and a request is only sent once the one before it
+/// was answered and needs no retry.
+fn plan(rows: &[OutboxRow]) -> (Vec<Chain>, Vec<(i64, String)>) {
+    let mut order: Vec<&str> = Vec::new();
+    let mut by_person: HashMap<&str, Vec<&OutboxRow>> = HashMap::new();
+    for row in rows {
+        by_person
+            .entry(row.customer_id.as_str())
+            .or_insert_with(|| {
+                order.push(row.customer_id.as_str());
+                Vec::new()
+            })
+            .push(row);
+    }
+    let mut invalid = Vec::new();
+    let mut chains: Vec<Chain> = Vec::new();
+    let mut shared = Packer::default();
+    for person in order {
+        let rows = by_person.remove(person).unwrap_or_default();
+        let mut stages = stages_of(&rows, &mut invalid);
+        let shareable = match stages.as_slice() {
+            [Stage::Ops(ops)] => batch_len(ops) <= MAX_BATCH_BYTES,
+            _ => false,
+        };
+        if shareable {
+            if let Some(Stage::Ops(ops)) = stages.pop() {
+                shared.push_group(ops, &mut chains);
+            }
+            continue;
+        }
+        let mut chain = Vec::new();
+        for stage in stages {
+            match stage {
+                Stage::Ops(ops) => chain.extend(batches(ops)),
+                Stage::Alone(request) => chain.push(request),
+            }
+        }
+        if !chain.is_empty() {
+            chains.push(chain);
+        }
+    }
+    shared.finish(&mut chains);
+    (chains, invalid)
+}
+
+/// One person's rows (in order) as stages (see [`plan`]).
+fn stages_of(rows: &[&OutboxRow], invalid: &mut Vec<(i64, String)>) -> Vec<Stage> {
+    let mut stages = Vec::new();
+    let mut ops: Vec<PlannedOp> = Vec::new();
+    let mut run: Option<(Map<String, Value>, Vec<i64>)> = None;
+    fn close(ops: &mut Vec<PlannedOp>, stages: &mut Vec<Stage>) {
+        if !ops.is_empty() {
+            stages.push(Stage::Ops(std::mem::take(ops)));
+        }
+    }
+    let flush = |run: &mut Option<(Map<String, Value>, Vec<i64>)>,
+                 ops: &mut Vec<PlannedOp>,
+                 stages: &mut Vec<Stage>,
+                 invalid: &mut Vec<(i64, String)>,
+                 customer_id: &str| {
+        let Some((attributes, ids)) = run.take() else {
+            return;
+        };
+        match identify_ops(customer_id, attributes, &ids) {
+            Ok(parts) => {
+                ops.extend(parts);
+                if ids.len() > 1 {
+                    close(ops, stages);
+                }
+            }
+            Err(reason) => invalid.extend(ids.into_iter().map(|id| (id, reason.clone()))),
+        }
+    };
+    for row in rows {
+        let customer_id = row.customer_id.as_str();
+        match row.kind {
+            Kind::Identify => {
+                let Some(attributes) = row.payload.as_object() else {
+                    invalid.push((
+                        row.id,
+                        "stored update is not an attribute object".to_string(),
+                    ));
+                    continue;
+                };
+                match &mut run {
+                    Some((merged, ids)) => {
+                        merged.extend(attributes.clone());
+                        ids.push(row.id);
+                    }
+                    None => run = Some((attributes.clone(), vec![row.id])),
+                }
+            }
+            Kind::Event => {
+                flush(&mut run, &mut ops, &mut stages, invalid, customer_id);
+                match event_request(row) {
+                    Ok(EventPlan::InBatch(op)) => ops.push(op),
+                    Ok(EventPlan::Alone(alone)) => {
+                        close(&mut ops, &mut stages);
+                        stages.push(Stage::Alone(alone));
+                    }
+                    Err(reason) => invalid.push((row.id, reason)),
+                }
+            }
+            Kind::SegmentAdd | Kind::SegmentRemove => {
+                flush(&mut run, &mut ops, &mut stages, invalid, customer_id);
+                close(&mut ops, &mut stages);
+                stages.push(Stage::Alone(Planned::Segment {
+                    add: row.kind == Kind::SegmentAdd,
+                    payload: row.payload.clone(),
+                    rows: vec![row.id],
+                }));
+            }
+        }
+    }
+    if let Some(first) = rows.first() {
+        flush(&mut run, &mut ops, &mut stages, invalid, &first.customer_id);
+    }
+    close(&mut ops, &mut stages);
+    stages
+}
+
+/// Identify rows sent one by one (each its own operations, in order), packed into batches
+/// sent one after the other.
+fn one_by_one(rows: &[&OutboxRow]) -> (Vec<Planned>, Vec<(i64, String)>) {
+    let mut ops = Vec::new();
+    let mut invalid = Vec::new();
+    for row in rows {
+        let Some(attributes) = row.payload.as_object() else {
+            invalid.push((
+                row.id,
+                "stored update is not an attribute object".to_string(),
+            ));
+            continue;
+        };
+        match identify_ops(&row.customer_id, attributes.clone(), &[row.id]) {
+            Ok(parts) => ops.extend(parts),
+            Err(reason) => invalid.push((row.id, reason)),
+        }
+    }
+    (batches(ops), invalid)
+}
+
+/// How an event goes out.
+enum EventPlan {
+    /// As a v2 operation, in a batch.
+    InBatch(PlannedOp),
+    /// Through the v1 endpoint, too big for a v2 operation.
+    Alone(Planned),
+}
+
+/// An event row as a v2 operation or a v1 request, or why it cannot be sent.
+fn event_request(row: &OutboxRow) -> Result<EventPlan, String> {
+    let name = row
+        .payload
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let data = row
+        .payload
+        .get("data")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    let timestamp = row.payload.get("timestamp").and_then(Value::as_i64);
+    let Some(event_id) = row.event_id.clone() else {
+        return Err("stored event has no id".to_string());
+    };
+    let op = PersonOp::event(
+        Identifier::Id(row.customer_id.clone()),
+        name.clone(),
+        event_id.clone(),
+        timestamp,
+        data.clone(),
+    );
+    if op_size(&op) > MAX_OP_BYTES {
+        return Ok(EventPlan::Alone(Planned::V1Event {
+            customer_id: row.customer_id.clone(),
+            event: Event {
+                name,
+                id: event_id,
+                timestamp,
+                data,
+            },
+            rows: vec![row.id],
+        }));
+    }
+    op.encode()
+        .map(|op| {
+            EventPlan::InBatch(PlannedOp {
+                op,
+                rows: vec![row.id],
+            })
+        })
+        .map_err(|e| format!("cannot be sent to Customer.io: {e}"))
+}
+
+/// One person's (coalesced) attributes as identify operations carrying `rows`.
+fn identify_ops(
+    customer_id: &str,
+    attributes: Map<String, Value>,
+    rows: &[i64],
+) -> Result<Vec<PlannedOp>, String> {
+    split_attributes(customer_id, attributes)
+        .into_iter()
+        .map(|part| {
+            PersonOp::identify(Identifier::Id(customer_id.to_string()), part)
+                .encode()
+                .map(|op| PlannedOp {
+                    op,
+                    rows: rows.to_vec(),
+                })
+                .map_err(|e| format!("cannot be sent to Customer.io: {e}"))
+        })
+        .collect()
+}
+
+/// Bytes of a batch body holding `ops`.
+fn batch_len(ops: &[PlannedOp]) -> usize {
+    BATCH_ENVELOPE_BYTES
+        + ops.iter().map(|o| o.op.len()).sum::<usize>()
+        + ops.len().saturating_sub(1)
+}
+
+/// `ops` in order, in as few batches under the request limit as they fit.
+fn batches(ops: Vec<PlannedOp>) -> Vec<Planned> {
+    let mut out = Vec::new();
+    let mut current: Vec<PlannedOp> = Vec::new();
+    let mut size = BATCH_ENVELOPE_BYTES;
+    for op in ops {
+        let added = op.op.len() + usize::from(!current.is_empty());
+        if !current.is_empty() && size + added > MAX_BATCH_BYTES {
+            out.push(Planned::Batch(std::mem::take(&mut current)));
+            size = BATCH_ENVELOPE_BYTES;
+        }
+        size += op.op.len() + usize::from(!current.is_empty());
+        current.push(op);
+    }
+    if !current.is_empty() {
+        out.push(Planned::Batch(current));
+    }
+    out
+}
+
+/// Packs groups of operations (one person's each, kept together) into shared batches, each a
+/// chain of its own.
+#[derive(Default)]
+struct Packer {
+    current: Vec<PlannedOp>,
+    /// `batch_len(&current)` while `current` is not empty.
+    size: usize,
+}
+
+impl Packer {
+    fn push_group(&mut self, ops: Vec<PlannedOp>, chains: &mut Vec<Chain>) {
+        // Each operation adds its bytes and a comma (none before the first of a batch).
+        let added: usize = ops.iter().map(|o| o.op.len() + 1).sum();
+        if !self.current.is_empty() && self.size + added > MAX_BATCH_BYTES {
+            chains.push(vec![Planned::Batch(std::mem::take(&mut self.current))]);
+        }
+        if self.current.is_empty() {
+            self.size = BATCH_ENVELOPE_BYTES + added.saturating_sub(1);
+        } else {
+            self.size += added;
+        }
+        self.current.extend(ops);
+    }
+
+    fn finish(self, chains: &mut Vec<Chain>) {
+        if !self.current.is_empty() {
+            chains.push(vec![Planned::Batch(self.current)]);
+        }
+    }
+}
+
+fn op_size(op: &PersonOp) -> usize {
+    serde_json::to_vec(op)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX)
+}
+
+/// Splits one person's attributes into identify operations that each hold at most
+/// [`MAX_ATTRIBUTES_PER_OP`] attributes and fit in [`MAX_OP_BYTES`] (an attribute value is at
+/// most 1000 bytes, so every single attribute fits).
+fn split_attributes(customer_id: &str, attributes: Map<String, Value>) -> Vec<Map<String, Value>> {
+    let whole = PersonOp::identify(Identifier::Id(customer_id.to_string()), attributes.clone());
+    if attributes.len() <= MAX_ATTRIBUTES_PER_OP && op_size(&whole) <= MAX_OP_BYTES {
+        return vec![attributes];
+    }
+    let base = op_size(&PersonOp::identify(
+        Identifier::Id(customer_id.to_string()),
+        Map::new(),
+    ));
+    let mut parts = Vec::new();
+    let mut part = Map::new();
+    let mut size = base;
+    for (name, value) in attributes {
+        let entry = name.len() + serde_json::to_vec(&value).map(|v| v.len()).unwrap_or(0) + 4;
+        if !part.is_empty() && (size + entry > MAX_OP_BYTES || part.len() >= MAX_ATTRIBUTES_PER_OP)
+        {
+            parts.push(std::mem::take(&mut part));
+            size = base;
+        }
+        size += entry;
+        part.insert(name, value);
+    }
+    if !part.is_empty() {
+        parts.push(part);
+    }
+    parts
 }
 
 fn describe_failure(reason: Option<&str>, field: Option<&str>, message: &str) -> String {
@@ -610,8 +1007,18 @@ fn describe_failure(reason: Option<&str>, field: Option<&str>, message: &str) ->
     format!("Customer.io rejected it: {text}")
 }
 
+/// A status that says nothing about the rows: a redirect (3xx — a proxy, a moved endpoint, a
+/// wrong region) or a request timeout (408, after the client's own retries).
+fn not_the_rows_fault(status: u16) -> bool {
+    (300..=399).contains(&status) || status == 408
+}
+
 fn fate_of_error(error: &CioError) -> OpFate {
     match error {
+        CioError::Rejected { status, .. } if not_the_rows_fault(*status) => OpFate::Retry {
+            error: error.to_string(),
+            retry_after: None,
+        },
         CioError::Rejected { .. } | CioError::NotFound { .. } => {
             OpFate::Dead(format!("Customer.io rejected it: {error}"))
         }
@@ -733,9 +1140,11 @@ mod tests {
         }
     }
 
-    fn batches(planned: &[Planned]) -> Vec<&Vec<PlannedOp>> {
-        planned
+    /// The batches of a plan, whatever their chain.
+    fn all_batches(chains: &[Chain]) -> Vec<&Vec<PlannedOp>> {
+        chains
             .iter()
+            .flatten()
             .filter_map(|p| {
                 if let Planned::Batch(ops) = p {
                     Some(ops)
@@ -746,34 +1155,119 @@ mod tests {
             .collect()
     }
 
+    /// Each chain as the rows of its requests, in order.
+    fn shape(chains: &[Chain]) -> Vec<Vec<Vec<i64>>> {
+        chains
+            .iter()
+            .map(|c| c.iter().map(Planned::rows).collect())
+            .collect()
+    }
+
+    fn event(id: i64, customer: &str) -> OutboxRow {
+        row(
+            id,
+            Kind::Event,
+            customer,
+            json!({"name": "opened", "data": {}, "timestamp": id}),
+        )
+    }
+
     #[test]
-    fn updates_to_one_person_coalesce_later_wins_events_stay_in_order() {
+    fn updates_coalesce_between_a_persons_events_and_each_person_stays_in_order() {
         let rows = vec![
             row(1, Kind::Identify, "a", json!({"plan": "free", "score": 1})),
-            row(
-                2,
-                Kind::Event,
-                "a",
-                json!({"name": "opened", "data": {}, "timestamp": 1}),
-            ),
-            row(3, Kind::Identify, "b", json!({"plan": "pro"})),
-            row(4, Kind::Identify, "a", json!({"plan": "pro"})),
-            row(
-                5,
-                Kind::Event,
-                "a",
-                json!({"name": "opened", "data": {}, "timestamp": 2}),
-            ),
+            row(2, Kind::Identify, "b", json!({"plan": "pro"})),
+            row(3, Kind::Identify, "a", json!({"plan": "pro"})),
+            event(4, "c"),
         ];
-        let (planned, invalid) = plan(&rows);
+        let (chains, invalid) = plan(&rows);
         assert!(invalid.is_empty());
-        let ops = batches(&planned);
-        assert_eq!(ops.len(), 1);
+        // One shared batch: a's coalesced identify, b's, c's event.
+        assert_eq!(chains.len(), 1);
+        let ops = all_batches(&chains);
         let carried: Vec<Vec<i64>> = ops[0].iter().map(|o| o.rows.clone()).collect();
-        assert_eq!(carried, vec![vec![1, 4], vec![2], vec![3], vec![5]]);
+        assert_eq!(carried, vec![vec![1, 3], vec![2], vec![4]]);
         let merged: Value = serde_json::from_str(ops[0][0].op.as_str()).unwrap_or_default();
         assert_eq!(merged.pointer("/attributes/plan"), Some(&json!("pro")));
         assert_eq!(merged.pointer("/attributes/score"), Some(&json!(1)));
+
+        // Updates are not coalesced across an event of the person: the event sees exactly
+        // what was accepted before it. Single-row identifies and events share one batch.
+        let rows = vec![
+            row(1, Kind::Identify, "a", json!({"plan": "free"})),
+            event(2, "a"),
+            row(3, Kind::Identify, "a", json!({"plan": "pro"})),
+            row(4, Kind::Identify, "b", json!({"plan": "pro"})),
+            event(5, "a"),
+        ];
+        let (chains, _) = plan(&rows);
+        assert_eq!(
+            shape(&chains),
+            vec![vec![vec![1, 2, 3, 4, 5]]],
+            "one request, a's writes together"
+        );
+        let carried: Vec<Vec<i64>> = all_batches(&chains)[0]
+            .iter()
+            .map(|o| o.rows.clone())
+            .collect();
+        assert_eq!(carried, vec![vec![1], vec![2], vec![3], vec![5], vec![4]]);
+    }
+
+    #[test]
+    fn a_coalesced_identify_followed_by_more_of_the_person_ends_a_request() {
+        // If Customer.io rejects the merge, its rows are re-sent one by one before the event.
+        let rows = vec![
+            row(1, Kind::Identify, "a", json!({"plan": "free"})),
+            row(2, Kind::Identify, "a", json!({"score": 2})),
+            event(3, "a"),
+            row(4, Kind::Identify, "b", json!({"plan": "pro"})),
+        ];
+        let (chains, _) = plan(&rows);
+        let mut got = shape(&chains);
+        got.sort();
+        assert_eq!(got, vec![vec![vec![1, 2], vec![3]], vec![vec![4]]]);
+    }
+
+    #[test]
+    fn a_persons_v1_event_goes_after_its_earlier_update_in_one_chain() {
+        let big = json!({"name": "big", "data": {"blob": "z".repeat(60_000)}});
+        let rows = vec![
+            row(1, Kind::Identify, "a", json!({"plan": "gold"})),
+            row(2, Kind::Event, "a", big),
+            row(3, Kind::Identify, "b", json!({"plan": "pro"})),
+        ];
+        let (chains, _) = plan(&rows);
+        let a = chains.iter().find(|c| c.len() == 2).expect("a's chain");
+        assert!(matches!(&a[0], Planned::Batch(ops) if ops.len() == 1 && ops[0].rows == vec![1]));
+        assert!(matches!(&a[1], Planned::V1Event { rows, .. } if rows == &vec![2]));
+        assert_eq!(chains.len(), 2, "b in a batch of its own chain");
+    }
+
+    #[test]
+    fn coalesced_identifies_are_split_at_300_attributes() {
+        let wide = |prefix: &str| {
+            Value::Object(
+                (0..200)
+                    .map(|i| (format!("{prefix}{i}"), json!(i)))
+                    .collect(),
+            )
+        };
+        let rows = vec![
+            row(1, Kind::Identify, "p", wide("a")),
+            row(2, Kind::Identify, "p", wide("b")),
+        ];
+        let (chains, _) = plan(&rows);
+        let parts: Vec<&PlannedOp> = all_batches(&chains).into_iter().flatten().collect();
+        assert!(parts.len() >= 2);
+        let mut seen = 0;
+        for part in parts {
+            let op: Value = serde_json::from_str(part.op.as_str()).unwrap_or_default();
+            let n = op["attributes"].as_object().map_or(0, |a| a.len());
+            assert!(n <= MAX_ATTRIBUTES_PER_OP, "{n} attributes in one identify");
+            assert_eq!(part.rows, vec![1, 2]);
+            seen += n;
+        }
+        assert_eq!(seen, 400);
     }
 
     #[test]
@@ -789,13 +1283,14 @@ mod tests {
                 )
             })
             .collect();
-        let (planned, _) = plan(&rows);
-        let ops = batches(&planned);
+        let (chains, _) = plan(&rows);
+        let ops = all_batches(&chains);
         assert!(ops.len() >= 2, "{} batches", ops.len());
         for batch in &ops {
             let payload: Vec<EncodedOp> = batch.iter().map(|o| o.op.clone()).collect();
             let body = cio_client::batch_body_len(&payload);
             assert!(body <= MAX_BATCH_BYTES, "{body} bytes");
+            assert_eq!(body, batch_len(batch));
         }
         assert_eq!(ops.iter().map(|b| b.len()).sum::<usize>(), 3000);
 
@@ -803,9 +1298,8 @@ mod tests {
         let big: Map<String, Value> = (0..100)
             .map(|i| (format!("a{i}"), json!("y".repeat(900))))
             .collect();
-        let (planned, _) = plan(&[row(1, Kind::Identify, "p", Value::Object(big))]);
-        let ops = batches(&planned);
-        let parts: Vec<&PlannedOp> = ops.iter().flat_map(|b| b.iter()).collect();
+        let (chains, _) = plan(&[row(1, Kind::Identify, "p", Value::Object(big))]);
+        let parts: Vec<&PlannedOp> = all_batches(&chains).into_iter().flatten().collect();
         assert!(parts.len() >= 3);
         assert!(
             parts
@@ -814,17 +1308,19 @@ mod tests {
         );
 
         // An event with 60 KB of data goes through the v1 endpoint.
-        let (planned, _) = plan(&[row(
+        let (chains, _) = plan(&[row(
             9,
             Kind::Event,
             "p",
             json!({"name": "big", "data": {"blob": "z".repeat(60_000)}}),
         )]);
-        assert!(matches!(planned.as_slice(), [Planned::V1Event { rows, .. }] if rows == &vec![9]));
+        assert!(
+            matches!(chains.as_slice(), [c] if matches!(c.as_slice(), [Planned::V1Event { rows, .. }] if rows == &vec![9]))
+        );
     }
 
     #[test]
-    fn segment_membership_rows_go_alone_never_into_a_batch() {
+    fn a_segments_membership_changes_go_alone_one_after_the_other() {
         let rows = vec![
             row(1, Kind::Identify, "a", json!({"plan": "pro"})),
             row(
@@ -840,24 +1336,40 @@ mod tests {
                 json!({"segment_id": 7, "ids": ["c"]}),
             ),
         ];
-        let (planned, invalid) = plan(&rows);
+        let (chains, invalid) = plan(&rows);
         assert!(invalid.is_empty());
-        let batched: Vec<i64> = batches(&planned)
-            .iter()
-            .flat_map(|b| b.iter().flat_map(|o| o.rows.clone()))
-            .collect();
-        assert_eq!(batched, vec![1]);
-        let segments: Vec<(bool, Vec<i64>)> = planned
-            .iter()
-            .filter_map(|p| {
-                if let Planned::Segment { add, rows, .. } = p {
-                    Some((*add, rows.clone()))
-                } else {
-                    None
-                }
-            })
-            .collect();
-        assert_eq!(segments, vec![(true, vec![2]), (false, vec![3])]);
+        let mut got = shape(&chains);
+        got.sort();
+        assert_eq!(got, vec![vec![vec![1]], vec![vec![2], vec![3]]]);
+        let segment = chains.iter().find(|c| c.len() == 2).expect("segment chain");
+        assert!(matches!(
+            segment.as_slice(),
+            [
+                Planned::Segment { add: true, .. },
+                Planned::Segment { add: false, .. }
+            ]
+        ));
+    }
+
+    #[test]
+    fn redirects_and_request_timeouts_are_retried_not_dead_lettered() {
+        let rejected = |status| CioError::Rejected {
+            api: cio_client::Api::Track,
+            status,
+            details: Vec::new(),
+        };
+        for status in [301, 302, 307, 408] {
+            assert!(
+                matches!(fate_of_error(&rejected(status)), OpFate::Retry { .. }),
+                "{status}"
+            );
+        }
+        for status in [400, 413, 422] {
+            assert!(
+                matches!(fate_of_error(&rejected(status)), OpFate::Dead(_)),
+                "{status}"
+            );
+        }
     }
 
     #[test]

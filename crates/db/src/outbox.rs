@@ -4,30 +4,41 @@
 //! - Accepting: [`accept_attribute_updates`] (merged into the profiles mirror and queued in one
 //!   transaction) and [`accept_events`] (queued once per idempotency key).
 //! - Delivering: a worker [`claim_due`]s rows (`pending` → `in_flight`, for a limited time),
-//!   sends them, and settles them with [`mark_delivered`], [`mark_retry`] or [`mark_dead`];
-//!   those only touch rows the worker still holds. A worker that dies leaves its rows
-//!   `in_flight`; once the claim expires another worker claims them again. [`next_due_at`]
-//!   tells an idle worker how long it may sleep.
-//! - Operating: [`stats`], [`dead_letters`], [`recent_failures`], [`requeue_dead`],
-//!   [`purge_delivered`], [`get_many`].
+//!   sends them, and settles them with [`mark_delivered`], [`mark_retry`], [`mark_dead`] or
+//!   [`release`] (given back unsent); [`extend_claim`] renews a claim before a request. Those
+//!   only touch rows the worker still holds. A worker that dies leaves its rows `in_flight`;
+//!   once the claim expires another worker claims them again. [`next_due_at`] tells an idle
+//!   worker how long it may sleep.
+//! - Order: rows are claimed per person (per `customer_id`; `segment:<id>` for a managed
+//!   segment's membership changes) as a prefix of the person's undelivered rows, and nothing of
+//!   a person is claimed while any of its rows is in flight under a live claim or an earlier one
+//!   waits for a retry; see [`claim_due`]. On PostgreSQL the transitions that decide what may be
+//!   claimed (claims, retries, releases, renewals, re-queues) take one advisory lock
+//!   ([`lock_transitions`]), so a claim never reads one of them half done.
+//! - Operating: [`stats`], [`dead_letters`], [`recent_failures`], [`requeue_dead`] (re-queues
+//!   only attributes no later update of the person sets), [`purge_delivered`], [`get_many`].
 //!
 //! Row lifecycle: `pending` → `in_flight` → `delivered` | `pending` (retry, `attempts + 1`,
-//! later `next_attempt_at`) | `dead` (`attempts + 1`); `dead` → `pending` by [`requeue_dead`].
-//! All times come from the caller (`now`), truncated to microseconds.
+//! later `next_attempt_at`; or released, attempts unchanged, due at once) | `dead`
+//! (`attempts + 1`); `dead` → `pending` by [`requeue_dead`] (or `delivered`, unsent, when every
+//! attribute it sets was set again later). All times come from the caller (`now`), truncated to
+//! microseconds.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::{Expr, ExprTrait, LockBehavior, LockType, OnConflict, Query};
+use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::{
     ActiveValue::{NotSet, Set},
     ColumnTrait, Condition, ConnectionTrait, DbBackend, DbErr, EntityTrait, FromQueryResult,
-    QueryFilter, QueryOrder, QuerySelect, QueryTrait, TransactionSession, TransactionTrait,
+    QueryFilter, QueryOrder, QuerySelect, QueryTrait, Statement, TransactionSession,
+    TransactionTrait,
 };
 use serde_json::{Map, Value};
 
 use crate::DbError;
+use crate::criteria_sql::SqlBuilder;
 use crate::database::begin_write;
 use crate::entities::outbox::{ActiveModel, Column, Entity, Model};
 use crate::profiles;
@@ -37,8 +48,11 @@ use crate::time::{add_span, db_time};
 /// Rows per multi-row insert (10 values each): well under both backends' bind-parameter limits
 /// (SQLite: 32,766). Lists of ids are bound as one JSON array ([`crate::sql`]).
 const CHUNK: usize = 500;
-/// `(id, reason)` pairs per [`mark_dead`] statement (three values each).
+/// `(id, reason)` pairs per [`mark_dead`] statement (three values each); also `(id, payload)`
+/// pairs per payload rewrite in [`requeue_dead`].
 const DEAD_CHUNK: usize = 300;
+/// Rows per page when [`requeue_dead`] reads the later updates of the people it re-queues.
+const LATER_PAGE: u64 = 5000;
 
 stored_enum! {
     /// What an outbox row asks Customer.io to do.
@@ -400,22 +414,35 @@ fn new_row(
     }
 }
 
-/// Claims up to `limit` due rows of the workspace for `worker`, oldest (lowest id) first:
-/// `pending` rows with `next_attempt_at <= now`, and `in_flight` rows whose claim expired
-/// (their worker died or lost track). They become `in_flight`, `claimed_by = worker`,
-/// `claim_expires_at = now + claim_ttl`. Returned ordered by id.
+/// Claims up to `limit` due rows of the workspace for `worker`, oldest (lowest id) first, in
+/// each person's order: `pending` rows with `next_attempt_at <= now`, and `in_flight` rows
+/// whose claim expired (their worker died or lost track). They become `in_flight`,
+/// `claimed_by = worker`, `claim_expires_at = now + claim_ttl`. Returned ordered by id.
 ///
-/// An `in_flight` row's `next_attempt_at` is its claim's expiry (when it is due again), so
-/// that "due" is one index range for both statuses: `(workspace_id, status IN (pending,
-/// in_flight), next_attempt_at <= now)` on `ix_outbox_claim`, never touching delivered rows.
+/// **Order per person** (per `customer_id`, which for `segment_add` / `segment_remove` rows is
+/// `segment:<id>`, so per segment): a row is claimed only if no earlier row of the same
+/// `customer_id` is waiting (`pending` and not yet due, e.g. backing off after a failure), and
+/// no row of it at all is `in_flight` under a live claim. So a person's claimed rows are always
+/// a prefix of the person's undelivered rows, held by one worker, and nothing of the person is
+/// claimed while anything of it may be on its way to Customer.io. `dead` rows hold nobody back.
 ///
-/// One statement, safe with any number of workers and replicas — no row is handed to two
-/// claimers: on PostgreSQL `UPDATE … WHERE id IN (SELECT id … ORDER BY id LIMIT n FOR UPDATE
-/// SKIP LOCKED) RETURNING …` (concurrent claimers skip each other's rows instead of waiting);
-/// on SQLite the same without the lock clause, SQLite running one writer at a time (the
-/// others wait, up to the connection's busy timeout).
+/// An `in_flight` row's `next_attempt_at` is its claim's expiry (when it is due again), so one
+/// column says when any undelivered row is due. The undelivered rows are one range of
+/// `ix_outbox_claim` (`workspace_id, status, next_attempt_at, id`): delivered rows are never
+/// read.
+///
+/// Safe with any number of workers and replicas — no row is handed to two claimers and no
+/// person's order is broken: one statement, `UPDATE … WHERE id IN (ids chosen in order, LIMIT
+/// n) RETURNING …`. On PostgreSQL it runs under the outbox transition lock
+/// ([`lock_transitions`]): it reads a snapshot in which no other claim, retry, release or
+/// renewal is half done, and the row conditions are checked again on each row it updates; on
+/// SQLite the statement is its own write transaction and SQLite runs one writer at a time (the
+/// others wait, up to the connection's busy timeout). How the held-back people are found
+/// differs by backend, each in a form whose cost does not depend on statistics: PostgreSQL
+/// takes, per person, a window over the undelivered rows (one sort of them); SQLite joins the
+/// due rows to the set of people with a row in flight or waiting (through an automatic index).
 pub async fn claim_due(
-    db: &impl ConnectionTrait,
+    db: &impl TransactionTrait,
     workspace_id: i64,
     worker: &str,
     limit: u64,
@@ -426,36 +453,123 @@ pub async fn claim_due(
         return Ok(Vec::new());
     }
     let now = db_time(now);
-    let due = Entity::find()
-        .select_only()
-        .column(Column::Id)
-        .filter(Column::WorkspaceId.eq(workspace_id))
-        .filter(Column::Status.is_in([Status::Pending.as_str(), Status::InFlight.as_str()]))
-        .filter(Column::NextAttemptAt.lte(now))
-        .order_by_asc(Column::Id)
-        .limit(limit)
-        .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
-        .into_query();
     let expires = add_span(now, claim_ttl);
-    let stmt = Query::update()
-        .table(Entity)
-        .values([
-            (Column::Status, Expr::value(Status::InFlight.as_str())),
-            (Column::ClaimedBy, Expr::value(worker)),
-            (Column::ClaimExpiresAt, Expr::value(expires)),
-            (Column::NextAttemptAt, Expr::value(expires)),
-        ])
-        .and_where(Column::Id.in_subquery(due))
-        .returning_all()
-        .to_owned();
-    let mut rows = db
-        .query_all(&stmt)
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let txn = begin_write(db).await?;
+    let backend = txn.get_database_backend();
+    lock_transitions(&txn).await?;
+    let (pending, in_flight) = (Status::Pending.as_str(), Status::InFlight.as_str());
+    let postgres = backend == DbBackend::Postgres;
+    let mut b = SqlBuilder::new(backend);
+    // Per person, the first row that holds the others back: any in-flight row under a live
+    // claim holds back every row of the person (0), a waiting pending row the rows after it.
+    if postgres {
+        // A window, not a join: one sort of the undelivered rows whatever the planner believes
+        // about their number (a join planned from missing or stale statistics became a nested
+        // loop, quadratic). The chosen ids are computed once and the rows found by primary key.
+        b.sql("UPDATE outbox SET status = ")
+            .param(in_flight)
+            .sql(", claimed_by = ")
+            .param(worker)
+            .sql(", claim_expires_at = ")
+            .param(expires)
+            .sql(", next_attempt_at = ")
+            .param(expires)
+            .sql(" WHERE id = ANY(ARRAY(SELECT q.id FROM (SELECT id, next_attempt_at, MIN(CASE WHEN next_attempt_at <= ")
+            .param(now)
+            .sql(" THEN NULL WHEN status = ")
+            .param(in_flight)
+            .sql(" THEN 0 ELSE id END) OVER (PARTITION BY customer_id) AS held_from FROM outbox WHERE workspace_id = ")
+            .param(workspace_id)
+            .sql(" AND status IN (")
+            .param(pending)
+            .sql(", ")
+            .param(in_flight)
+            .sql(")) q WHERE q.next_attempt_at <= ")
+            .param(now)
+            .sql(" AND (q.held_from IS NULL OR q.id < q.held_from) ORDER BY q.id LIMIT ")
+            .param(limit)
+            .sql("))");
+    } else {
+        // SQLite joins the (usually small) set of held-back people through an automatic index,
+        // with no statistics involved: close to the cost of reading the due rows alone.
+        b.sql("WITH waiting AS MATERIALIZED (SELECT customer_id, MIN(CASE WHEN status = ")
+            .param(in_flight)
+            .sql(" THEN 0 ELSE id END) AS held_from FROM outbox WHERE workspace_id = ")
+            .param(workspace_id)
+            .sql(" AND status IN (")
+            .param(pending)
+            .sql(", ")
+            .param(in_flight)
+            .sql(") AND next_attempt_at > ")
+            .param(now)
+            .sql(" GROUP BY customer_id) UPDATE outbox SET status = ")
+            .param(in_flight)
+            .sql(", claimed_by = ")
+            .param(worker)
+            .sql(", claim_expires_at = ")
+            .param(expires)
+            .sql(", next_attempt_at = ")
+            .param(expires)
+            .sql(" WHERE id IN (SELECT o.id FROM outbox o LEFT JOIN waiting w ON w.customer_id = o.customer_id WHERE o.workspace_id = ")
+            .param(workspace_id)
+            .sql(" AND o.status IN (")
+            .param(pending)
+            .sql(", ")
+            .param(in_flight)
+            .sql(") AND o.next_attempt_at <= ")
+            .param(now)
+            .sql(" AND (w.held_from IS NULL OR o.id < w.held_from) ORDER BY o.id LIMIT ")
+            .param(limit)
+            .sql(")");
+    }
+    // Checked again on the row itself (PostgreSQL re-reads a row changed meanwhile, e.g. settled
+    // by its previous holder after its claim lapsed).
+    b.sql(" AND workspace_id = ")
+        .param(workspace_id)
+        .sql(" AND status IN (")
+        .param(pending)
+        .sql(", ")
+        .param(in_flight)
+        .sql(") AND next_attempt_at <= ")
+        .param(now)
+        .sql(" RETURNING *");
+    let mut rows = txn
+        .query_all_raw(b.build())
         .await?
         .iter()
         .map(|r| Model::from_query_result(r, "").and_then(OutboxRow::try_from))
         .collect::<Result<Vec<_>, DbErr>>()?;
+    txn.commit().await?;
     rows.sort_unstable_by_key(|r| r.id);
     Ok(rows)
+}
+
+/// Key of the PostgreSQL advisory lock that serialises the outbox's row transitions which can
+/// change whom [`claim_due`] may take — claims, retries, releases, claim renewals and
+/// re-queues ("outbox" in ASCII, under the two-key form so it never meets the migration lock).
+const TRANSITION_LOCK: (i32, i32) = (0x6f75_7462, 0x6f78);
+
+/// Takes the outbox transition lock until the transaction ends (PostgreSQL; on SQLite the
+/// write transaction already excludes every other writer).
+///
+/// Why: under READ COMMITTED a claim decides from a snapshot. Without the lock, two claims
+/// running at once would both see a person's first row as due and nothing in flight; one takes
+/// the first row, the other (its choice made from the same snapshot, and re-checking only the
+/// rows it updates) the person's second row — two workers sending one person's writes at once.
+/// Or a retry could put the first row back to waiting while a claim takes the second. Claims
+/// are one statement, so serialising them costs little; sending (the slow part) still runs in
+/// parallel.
+pub(crate) async fn lock_transitions(txn: &impl ConnectionTrait) -> Result<(), DbErr> {
+    if txn.get_database_backend() == DbBackend::Postgres {
+        txn.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT pg_advisory_xact_lock($1, $2)",
+            [TRANSITION_LOCK.0.into(), TRANSITION_LOCK.1.into()],
+        ))
+        .await?;
+    }
+    Ok(())
 }
 
 /// Only rows among `ids` that are still `in_flight` and claimed by `worker`.
@@ -495,7 +609,7 @@ pub async fn mark_delivered(
 /// `next_attempt_at`, `attempts + 1`, `last_error = error`. Only rows `worker` still holds.
 /// Returns how many rows changed.
 pub async fn mark_retry(
-    db: &impl ConnectionTrait,
+    db: &impl TransactionTrait,
     worker: &str,
     ids: &[i64],
     error: &str,
@@ -505,7 +619,9 @@ pub async fn mark_retry(
     if ids.is_empty() {
         return Ok(0);
     }
-    Ok(Entity::update_many()
+    let txn = begin_write(db).await?;
+    lock_transitions(&txn).await?;
+    let changed = Entity::update_many()
         .col_expr(Column::Status, Expr::value(Status::Pending.as_str()))
         .col_expr(Column::Attempts, Expr::col(Column::Attempts).add(1))
         .col_expr(Column::NextAttemptAt, Expr::value(db_time(next_attempt_at)))
@@ -513,10 +629,66 @@ pub async fn mark_retry(
         .col_expr(Column::LastAttemptAt, Expr::value(db_time(now)))
         .col_expr(Column::ClaimedBy, Expr::value(None::<String>))
         .col_expr(Column::ClaimExpiresAt, Expr::value(None::<DateTime<Utc>>))
-        .filter(held_by(db.get_database_backend(), worker, ids))
-        .exec(db)
+        .filter(held_by(txn.get_database_backend(), worker, ids))
+        .exec(&txn)
         .await?
-        .rows_affected)
+        .rows_affected;
+    txn.commit().await?;
+    Ok(changed)
+}
+
+/// Gives rows back without an attempt: `pending`, due at `now`, `attempts` unchanged, no
+/// longer claimed. For rows a worker claimed but did not send (e.g. a person's later writes
+/// held back behind an earlier one that must be retried first). Only rows `worker` still holds.
+/// Returns how many rows changed.
+pub async fn release(
+    db: &impl TransactionTrait,
+    worker: &str,
+    ids: &[i64],
+    now: DateTime<Utc>,
+) -> Result<u64, DbError> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let txn = begin_write(db).await?;
+    lock_transitions(&txn).await?;
+    let changed = Entity::update_many()
+        .col_expr(Column::Status, Expr::value(Status::Pending.as_str()))
+        .col_expr(Column::NextAttemptAt, Expr::value(db_time(now)))
+        .col_expr(Column::ClaimedBy, Expr::value(None::<String>))
+        .col_expr(Column::ClaimExpiresAt, Expr::value(None::<DateTime<Utc>>))
+        .filter(held_by(txn.get_database_backend(), worker, ids))
+        .exec(&txn)
+        .await?
+        .rows_affected;
+    txn.commit().await?;
+    Ok(changed)
+}
+
+/// Renews `worker`'s claim on rows it still holds until `until` (their `claim_expires_at` and
+/// `next_attempt_at`). Returns how many it still held: fewer than `ids.len()` means some were
+/// settled or, their claim having lapsed, taken by another worker.
+pub async fn extend_claim(
+    db: &impl TransactionTrait,
+    worker: &str,
+    ids: &[i64],
+    until: DateTime<Utc>,
+) -> Result<u64, DbError> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let until = db_time(until);
+    let txn = begin_write(db).await?;
+    lock_transitions(&txn).await?;
+    let changed = Entity::update_many()
+        .col_expr(Column::ClaimExpiresAt, Expr::value(until))
+        .col_expr(Column::NextAttemptAt, Expr::value(until))
+        .filter(held_by(txn.get_database_backend(), worker, ids))
+        .exec(&txn)
+        .await?
+        .rows_affected;
+    txn.commit().await?;
+    Ok(changed)
 }
 
 /// Gives up on rows (each with its reason, stored as `last_error`): `dead`, `attempts + 1`.
@@ -555,35 +727,194 @@ pub async fn mark_dead(
     Ok(changed)
 }
 
-/// Brings `dead` rows of the workspace back: `pending`, due at `now`, `attempts = 0`,
-/// `last_error` cleared. `ids = None` requeues every dead row; ids of rows that are not dead
-/// (or not in the workspace) are ignored. Returns how many rows changed.
+/// Why a re-queued dead letter was settled without being sent (its `last_error`).
+pub const SUPERSEDED: &str =
+    "superseded: every attribute it sets was set again by a later update; not sent";
+
+/// Brings `dead` rows of the workspace back — `pending`, due at `now`, `attempts = 0`,
+/// `last_error` cleared — re-queueing only what is still the newest. `ids = None` re-queues
+/// every dead row; ids of rows that are not dead (or not in the workspace) are ignored.
+/// Returns how many rows were re-queued to be sent.
+///
+/// An `identify` row loses the attributes that a later `identify` of the same person sets (a
+/// later row delivered, pending or in flight, or another dead row re-queued in the same call):
+/// Customer.io already has, or will get, the newer value, so re-sending the old one would
+/// overwrite it. The stored payload is changed accordingly. A row left with no attribute is
+/// settled as `delivered` (at `now`, [`SUPERSEDED`] in `last_error`) without being sent. Events
+/// and segment changes are re-queued as they are (Customer.io drops an event it has seen; a
+/// segment change sends only the ids whose recorded membership still agrees).
+///
+/// One transaction under the transition lock. Reads the re-queued rows and, for the people with
+/// re-queued updates, the attribute names of their later updates (a scan of the rows after the
+/// oldest re-queued update, in pages).
 pub async fn requeue_dead(
-    db: &impl ConnectionTrait,
+    db: &impl TransactionTrait,
     workspace_id: i64,
     ids: Option<&[i64]>,
     now: DateTime<Utc>,
 ) -> Result<u64, DbError> {
+    if ids.is_some_and(<[i64]>::is_empty) {
+        return Ok(0);
+    }
+    let now = db_time(now);
+    let txn = begin_write(db).await?;
+    lock_transitions(&txn).await?;
+    let backend = txn.get_database_backend();
     let mut cond = Condition::all()
         .add(Column::WorkspaceId.eq(workspace_id))
         .add(Column::Status.eq(Status::Dead.as_str()));
     if let Some(ids) = ids {
-        if ids.is_empty() {
-            return Ok(0);
-        }
-        cond = cond.add(id_in(db.get_database_backend(), Column::Id, ids));
+        cond = cond.add(id_in(backend, Column::Id, ids));
     }
-    Ok(Entity::update_many()
-        .col_expr(Column::Status, Expr::value(Status::Pending.as_str()))
-        .col_expr(Column::Attempts, Expr::value(0))
-        .col_expr(Column::NextAttemptAt, Expr::value(db_time(now)))
-        .col_expr(Column::LastError, Expr::value(None::<String>))
-        .col_expr(Column::ClaimedBy, Expr::value(None::<String>))
-        .col_expr(Column::ClaimExpiresAt, Expr::value(None::<DateTime<Utc>>))
+    let dead: Vec<(i64, String, String, Value)> = Entity::find()
+        .select_only()
+        .column(Column::Id)
+        .column(Column::Kind)
+        .column(Column::CustomerId)
+        .column(Column::Payload)
         .filter(cond)
-        .exec(db)
-        .await?
-        .rows_affected)
+        .order_by_asc(Column::Id)
+        .into_tuple()
+        .all(&txn)
+        .await?;
+    // Per person: (id, attribute names) of the re-queued updates and of the later ones that
+    // will be (or were) delivered.
+    let mut sets: HashMap<String, Vec<(i64, Vec<String>)>> = HashMap::new();
+    for (id, kind, customer_id, payload) in &dead {
+        if kind == Kind::Identify.as_str()
+            && let Some(map) = payload.as_object()
+        {
+            sets.entry(customer_id.clone())
+                .or_default()
+                .push((*id, map.keys().cloned().collect()));
+        }
+    }
+    if let Some(oldest) = sets.values().flatten().map(|(id, _)| *id).min() {
+        let people: Vec<String> = sets.keys().cloned().collect();
+        let people: Vec<&str> = people.iter().map(String::as_str).collect();
+        let mut after = oldest;
+        loop {
+            let page: Vec<(i64, String, Value)> = Entity::find()
+                .select_only()
+                .column(Column::Id)
+                .column(Column::CustomerId)
+                .column(Column::Payload)
+                .filter(Column::WorkspaceId.eq(workspace_id))
+                .filter(Column::Id.gt(after))
+                .filter(Column::Kind.eq(Kind::Identify.as_str()))
+                .filter(Column::Status.is_in([
+                    Status::Pending.as_str(),
+                    Status::InFlight.as_str(),
+                    Status::Delivered.as_str(),
+                ]))
+                .filter(text_in(backend, Column::CustomerId, &people))
+                .order_by_asc(Column::Id)
+                .limit(LATER_PAGE)
+                .into_tuple()
+                .all(&txn)
+                .await?;
+            let Some(last) = page.last().map(|(id, _, _)| *id) else {
+                break;
+            };
+            after = last;
+            let full = page.len() as u64 == LATER_PAGE;
+            for (id, customer_id, payload) in page {
+                if let (Some(list), Some(map)) = (sets.get_mut(&customer_id), payload.as_object()) {
+                    list.push((id, map.keys().cloned().collect()));
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+    }
+    // Newest first per person: each update is paired with what the ones after it set.
+    let mut set_later: HashMap<i64, HashSet<String>> = HashMap::new();
+    for list in sets.values_mut() {
+        list.sort_unstable_by_key(|(id, _)| std::cmp::Reverse(*id));
+        let mut seen: HashSet<String> = HashSet::new();
+        for (id, names) in list.iter() {
+            set_later.insert(*id, seen.clone());
+            seen.extend(names.iter().cloned());
+        }
+    }
+    let mut requeue: Vec<i64> = Vec::with_capacity(dead.len());
+    let mut rewrite: Vec<(i64, Value)> = Vec::new();
+    let mut superseded: Vec<i64> = Vec::new();
+    for (id, kind, _, payload) in dead {
+        let later = set_later.remove(&id).unwrap_or_default();
+        match payload {
+            Value::Object(map)
+                if kind == Kind::Identify.as_str() && map.keys().any(|k| later.contains(k)) =>
+            {
+                let kept: Map<String, Value> = map
+                    .into_iter()
+                    .filter(|(k, _)| !later.contains(k))
+                    .collect();
+                if kept.is_empty() {
+                    superseded.push(id);
+                } else {
+                    requeue.push(id);
+                    rewrite.push((id, Value::Object(kept)));
+                }
+            }
+            _ => requeue.push(id),
+        }
+    }
+    for chunk in rewrite.chunks(DEAD_CHUNK) {
+        let Some(((first_id, first), rest)) = chunk.split_first() else {
+            continue;
+        };
+        let payload = rest.iter().fold(
+            Expr::case(Column::Id.eq(*first_id), Expr::value(first.clone())),
+            |case, (id, payload)| case.case(Column::Id.eq(*id), Expr::value(payload.clone())),
+        );
+        let ids: Vec<i64> = chunk.iter().map(|(id, _)| *id).collect();
+        Entity::update_many()
+            .col_expr(
+                Column::Payload,
+                payload.finally(Expr::col(Column::Payload)).into(),
+            )
+            .filter(id_in(backend, Column::Id, &ids))
+            .exec(&txn)
+            .await?;
+    }
+    let mut requeued = 0;
+    if !requeue.is_empty() {
+        requeued = Entity::update_many()
+            .col_expr(Column::Status, Expr::value(Status::Pending.as_str()))
+            .col_expr(Column::Attempts, Expr::value(0))
+            .col_expr(Column::NextAttemptAt, Expr::value(now))
+            .col_expr(Column::LastError, Expr::value(None::<String>))
+            .col_expr(Column::ClaimedBy, Expr::value(None::<String>))
+            .col_expr(Column::ClaimExpiresAt, Expr::value(None::<DateTime<Utc>>))
+            .filter(id_in(backend, Column::Id, &requeue))
+            .exec(&txn)
+            .await?
+            .rows_affected;
+    }
+    if !superseded.is_empty() {
+        Entity::update_many()
+            .col_expr(Column::Status, Expr::value(Status::Delivered.as_str()))
+            .col_expr(Column::DeliveredAt, Expr::value(now))
+            .col_expr(Column::LastError, Expr::value(SUPERSEDED))
+            .col_expr(Column::ClaimedBy, Expr::value(None::<String>))
+            .col_expr(Column::ClaimExpiresAt, Expr::value(None::<DateTime<Utc>>))
+            .filter(id_in(backend, Column::Id, &superseded))
+            .exec(&txn)
+            .await?;
+    }
+    txn.commit().await?;
+    if !superseded.is_empty() || !rewrite.is_empty() {
+        tracing::info!(
+            workspace_id,
+            requeued,
+            trimmed = rewrite.len(),
+            superseded = superseded.len(),
+            "dead letters re-queued without what later updates set"
+        );
+    }
+    Ok(requeued)
 }
 
 /// Row counts per status and the lag indicators of the workspace's outbox (one query).
@@ -666,30 +997,36 @@ async fn latest_attempted(
         .collect::<Result<_, _>>()?)
 }
 
-/// The earliest time at which [`claim_due`] will find something to claim in the workspace:
-/// the earliest `next_attempt_at` of `pending` rows or `claim_expires_at` of `in_flight`
-/// ones (possibly in the past: work is due now). `None` when there is nothing left to
-/// deliver. For a worker deciding how long to sleep. Two index lookups.
+/// The earliest time at which [`claim_due`] will find something to claim in the workspace
+/// (possibly in the past: work is due now); `None` when there is nothing left to deliver. For
+/// a worker deciding how long to sleep, and for diagnostics.
+///
+/// Per person, claiming can start when the person's oldest undelivered row is due and no row
+/// of the person is held under a live claim: the later of that row's `next_attempt_at` and the
+/// latest claim expiry among the person's `in_flight` rows. The earliest of those over all
+/// people. One query, grouping the undelivered rows by person.
 pub async fn next_due_at(
     db: &impl ConnectionTrait,
     workspace_id: i64,
 ) -> Result<Option<DateTime<Utc>>, DbError> {
-    // Per status, so that each is a min() over one range of ix_outbox_claim.
-    let earliest = |status: Status| {
-        Entity::find()
-            .select_only()
-            .column_as(Expr::col(Column::NextAttemptAt).min(), "earliest")
-            .filter(Column::WorkspaceId.eq(workspace_id))
-            .filter(Column::Status.eq(status.as_str()))
-            .into_tuple::<Option<DateTime<Utc>>>()
-            .one(db)
+    let mut b = SqlBuilder::new(db.get_database_backend());
+    b.sql("WITH people AS (SELECT customer_id, MIN(id) AS first_id, MAX(CASE WHEN status = ")
+        .param(Status::InFlight.as_str())
+        .sql(" THEN next_attempt_at END) AS held_until FROM outbox WHERE workspace_id = ")
+        .param(workspace_id)
+        .sql(" AND status IN (")
+        .param(Status::Pending.as_str())
+        .sql(", ")
+        .param(Status::InFlight.as_str())
+        .sql(
+            ") GROUP BY customer_id) SELECT MIN(CASE WHEN p.held_until > o.next_attempt_at \
+             THEN p.held_until ELSE o.next_attempt_at END) AS earliest \
+             FROM people p JOIN outbox o ON o.id = p.first_id",
+        );
+    let Some(row) = db.query_one_raw(b.build()).await? else {
+        return Ok(None);
     };
-    let pending = earliest(Status::Pending).await?.flatten();
-    let expiring = earliest(Status::InFlight).await?.flatten();
-    Ok(match (pending, expiring) {
-        (Some(a), Some(b)) => Some(Ord::min(a, b)),
-        (a, b) => a.or(b),
-    })
+    Ok(row.try_get::<Option<DateTime<Utc>>>("", "earliest")?)
 }
 
 /// Deletes the workspace's rows delivered before `older_than`. Returns how many. (Their

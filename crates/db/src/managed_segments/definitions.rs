@@ -1,7 +1,7 @@
 //! Definitions: creating, reading, updating and deleting managed segments, and marking them due
 //! for evaluation.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, OnConflict};
@@ -301,8 +301,16 @@ pub async fn delete(
 }
 
 /// Marks due every segment with criteria that reads one of `attributes` (after those changed
-/// for some profile). Returns how many were newly marked. A handful of rows: read, filtered
-/// here, one update.
+/// for some profile). Returns how many segments were marked (already due or not).
+///
+/// The marks are unconditional single-row updates, one per segment: on PostgreSQL each waits
+/// for a running evaluation of its segment (which holds the segment's row from before it reads
+/// the profiles until it commits `evaluation_due = false`) and lands after it, so a change
+/// committed while a segment was being evaluated always leaves it due. (Reading "segments not
+/// yet due" first, as before, saw the segment still due from before the evaluation, skipped
+/// it, and the evaluation then cleared the flag: the change waited for the hourly
+/// re-evaluation.) A caller may thus wait for one evaluation of a segment reading the
+/// attribute. One row at a time, so a mark never holds one segment while waiting for another.
 pub async fn mark_due_for_attributes(
     db: &impl ConnectionTrait,
     workspace_id: i64,
@@ -312,40 +320,24 @@ pub async fn mark_due_for_attributes(
         return Ok(0);
     }
     let changed: HashSet<&str> = attributes.iter().copied().collect();
-    let candidates: Vec<(i64, Value)> = Entity::find()
-        .select_only()
-        .column(Column::Id)
-        .column(Column::ReferencedAttributes)
-        .filter(Column::WorkspaceId.eq(workspace_id))
-        .filter(Column::Criteria.is_not_null())
-        .filter(Column::EvaluationDue.eq(false))
-        .into_tuple()
-        .all(db)
-        .await?;
-    let ids: Vec<i64> = candidates
+    let ids: Vec<i64> = in_lock_order(db, workspace_id)
+        .await?
         .into_iter()
-        .filter(|(_, refs)| {
-            refs.as_array().is_some_and(|names| {
-                names
-                    .iter()
-                    .any(|n| n.as_str().is_some_and(|n| changed.contains(n)))
-            })
-        })
-        .map(|(id, _)| id)
+        .filter(|s| s.attributes.iter().any(|a| changed.contains(a.as_str())))
+        .map(|s| s.id)
         .collect();
-    mark_ids_due(db, &ids).await
+    Ok(mark_each_due(db, &ids).await?)
 }
 
-/// Marks due every segment with criteria (after a bulk import replaced profiles).
+/// Marks due every segment with criteria (after a bulk import replaced profiles), one row at a
+/// time and waiting for running evaluations, as [`mark_due_for_attributes`]. Returns how many.
 pub async fn mark_all_due(db: &impl ConnectionTrait, workspace_id: i64) -> Result<u64, DbError> {
-    Ok(Entity::update_many()
-        .col_expr(Column::EvaluationDue, Expr::value(true))
-        .filter(Column::WorkspaceId.eq(workspace_id))
-        .filter(Column::Criteria.is_not_null())
-        .filter(Column::EvaluationDue.eq(false))
-        .exec(db)
+    let ids: Vec<i64> = in_lock_order(db, workspace_id)
         .await?
-        .rows_affected)
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    Ok(mark_each_due(db, &ids).await?)
 }
 
 /// Marks one segment due (if it has criteria). `false` if there is no such segment.
@@ -365,56 +357,111 @@ pub async fn mark_due(
     Ok(found > 0)
 }
 
-async fn mark_ids_due(db: &impl ConnectionTrait, ids: &[i64]) -> Result<u64, DbError> {
-    if ids.is_empty() {
-        return Ok(0);
-    }
-    Ok(Entity::update_many()
-        .col_expr(Column::EvaluationDue, Expr::value(true))
-        .filter(crate::sql::id_in(
-            db.get_database_backend(),
-            Column::Id,
-            ids,
-        ))
-        .exec(db)
-        .await?
-        .rows_affected)
+/// A segment with criteria, as the due marks need it.
+struct Reader {
+    /// Row id.
+    id: i64,
+    attributes: Vec<String>,
+    segments: Vec<i64>,
 }
 
-/// Marks due the segments whose criteria read `cio_segment_id`'s membership (it changed).
+/// The workspace's segments with criteria, in the order every transaction that marks several
+/// locks them: by depth in the graph of criteria reading segments (a segment before the
+/// segments that read it, directly or not), then by row id. An evaluation or membership change
+/// of segment S holds S and then marks S's readers, all deeper than S; so locks are always
+/// taken in this one order, and two such transactions cannot wait for each other in a circle.
+async fn in_lock_order(db: &impl ConnectionTrait, workspace_id: i64) -> Result<Vec<Reader>, DbErr> {
+    let rows: Vec<(i64, i64, Value, Value)> = Entity::find()
+        .select_only()
+        .column(Column::Id)
+        .column(Column::CioSegmentId)
+        .column(Column::ReferencedAttributes)
+        .column(Column::ReferencedSegments)
+        .filter(Column::WorkspaceId.eq(workspace_id))
+        .filter(Column::Criteria.is_not_null())
+        .into_tuple()
+        .all(db)
+        .await?;
+    let reads: HashMap<i64, Vec<i64>> = rows
+        .iter()
+        .map(|(_, cio, _, segs)| {
+            (
+                *cio,
+                serde_json::from_value(segs.clone()).unwrap_or_default(),
+            )
+        })
+        .collect();
+    let mut depths: HashMap<i64, usize> = HashMap::new();
+    let mut readers: Vec<(usize, Reader)> = rows
+        .into_iter()
+        .map(|(id, cio, attrs, segs)| {
+            let depth = depth_of(cio, &reads, &mut depths, 0);
+            let reader = Reader {
+                id,
+                attributes: serde_json::from_value(attrs).unwrap_or_default(),
+                segments: serde_json::from_value(segs).unwrap_or_default(),
+            };
+            (depth, reader)
+        })
+        .collect();
+    readers.sort_unstable_by_key(|(depth, r)| (*depth, r.id));
+    Ok(readers.into_iter().map(|(_, r)| r).collect())
+}
+
+/// Length of the longest chain of managed criteria below `segment` (0: reads no managed
+/// segment). Criteria never form a cycle (refused on write); `guard` stops a corrupt one.
+fn depth_of(
+    segment: i64,
+    reads: &HashMap<i64, Vec<i64>>,
+    memo: &mut HashMap<i64, usize>,
+    guard: usize,
+) -> usize {
+    if let Some(d) = memo.get(&segment) {
+        return *d;
+    }
+    let below = match reads.get(&segment) {
+        Some(refs) if guard < 64 => refs
+            .iter()
+            .filter(|r| reads.contains_key(r))
+            .map(|r| depth_of(*r, reads, memo, guard + 1) + 1)
+            .max()
+            .unwrap_or(0),
+        _ => 0,
+    };
+    memo.insert(segment, below);
+    below
+}
+
+/// `evaluation_due = true` for each of `ids`, one statement per row, in the order given.
+async fn mark_each_due(db: &impl ConnectionTrait, ids: &[i64]) -> Result<u64, DbErr> {
+    let mut marked = 0;
+    for id in ids {
+        marked += Entity::update_many()
+            .col_expr(Column::EvaluationDue, Expr::value(true))
+            .filter(Column::Id.eq(*id))
+            .filter(Column::Criteria.is_not_null())
+            .exec(db)
+            .await?
+            .rows_affected;
+    }
+    Ok(marked)
+}
+
+/// Marks due the segments whose criteria read `cio_segment_id`'s membership (it changed),
+/// inside the caller's transaction (which holds `cio_segment_id`'s row). Unconditional, in
+/// lock order, waiting for running evaluations of those segments, as
+/// [`mark_due_for_attributes`].
 pub(super) async fn mark_dependents_due(
     txn: &impl ConnectionTrait,
     workspace_id: i64,
     cio_segment_id: i64,
 ) -> Result<(), DbErr> {
-    let candidates: Vec<(i64, Value)> = Entity::find()
-        .select_only()
-        .column(Column::Id)
-        .column(Column::ReferencedSegments)
-        .filter(Column::WorkspaceId.eq(workspace_id))
-        .filter(Column::Criteria.is_not_null())
-        .filter(Column::EvaluationDue.eq(false))
-        .into_tuple()
-        .all(txn)
-        .await?;
-    let ids: Vec<i64> = candidates
+    let ids: Vec<i64> = in_lock_order(txn, workspace_id)
+        .await?
         .into_iter()
-        .filter(|(_, refs)| {
-            refs.as_array()
-                .is_some_and(|ids| ids.iter().any(|v| v.as_i64() == Some(cio_segment_id)))
-        })
-        .map(|(id, _)| id)
+        .filter(|s| s.segments.contains(&cio_segment_id))
+        .map(|s| s.id)
         .collect();
-    if !ids.is_empty() {
-        Entity::update_many()
-            .col_expr(Column::EvaluationDue, Expr::value(true))
-            .filter(crate::sql::id_in(
-                txn.get_database_backend(),
-                Column::Id,
-                &ids,
-            ))
-            .exec(txn)
-            .await?;
-    }
+    mark_each_due(txn, &ids).await?;
     Ok(())
 }

@@ -3,7 +3,8 @@
 //!
 //! - Definitions: [`create`], [`get`], [`get_many`], [`list`], [`update`], [`delete`];
 //!   [`due`] lists the segments to evaluate; [`mark_due_for_attributes`], [`mark_all_due`] and
-//!   [`mark_due`] flag them after profile changes.
+//!   [`mark_due`] flag them after profile changes — unconditionally, waiting for an evaluation
+//!   that holds the segment, so a change committed during an evaluation leaves it due.
 //! - Evaluation: [`apply_evaluation`] computes, inside the database, who now matches a
 //!   [`Filter`](crate::criteria_sql::Filter) and who no longer does, and in ONE transaction
 //!   records the new membership (`segment_members`), queues the difference in the outbox as
@@ -14,10 +15,12 @@
 //!   with).
 //! - Manual membership: [`add_members`] / [`remove_members`] (segments without criteria), same
 //!   transaction rule.
-//! - Delivery support: [`members_among`] tells the outbox worker which of a row's ids are still
-//!   members, so that a change delivered late (a retry, a re-queued dead letter) never undoes a
-//!   newer one: an add is sent only for people still members, a remove only for people still
-//!   not members.
+//! - Delivery support: the outbox claims a segment's rows in order (their `customer_id` is
+//!   `segment:<id>`, see [`outbox_label`] and `outbox::claim_due`), so two changes of one
+//!   segment are never in flight at once; [`members_among`] tells the outbox worker which of a
+//!   row's ids are still members, so that a change delivered after newer ones (a re-queued dead
+//!   letter) never undoes them: an add is sent only for people still members, a remove only for
+//!   people still not members.
 //! - Mirrored memberships: [`replace_mirrored_membership`] stores the members of a Customer.io
 //!   segment (read by the caller from Customer.io) for criteria that reference it;
 //!   [`membership_synced_at`] tells when each was last stored.

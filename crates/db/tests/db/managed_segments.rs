@@ -398,7 +398,8 @@ sharpsend_db::db_test!(
             .map(|s| s.cio_segment_id)
             .collect();
         assert_eq!(due, vec![1, 2, 3]);
-        assert_eq!(managed_segments::mark_all_due(&db.conn, ws).await?, 2);
+        // Every segment with criteria, the one already due included.
+        assert_eq!(managed_segments::mark_all_due(&db.conn, ws).await?, 3);
         let due: Vec<i64> = managed_segments::due(&db.conn, ws, ts(0))
             .await?
             .iter()
@@ -466,3 +467,216 @@ sharpsend_db::db_test!(
         TestResult::Ok(())
     }
 );
+
+async fn manual_segment(db: &TestDatabase, ws: i64, id: i64) -> Res<()> {
+    managed_segments::create(
+        &db.conn,
+        ws,
+        &NewManagedSegment {
+            cio_segment_id: id,
+            name: format!("manual {id}"),
+            description: None,
+            criteria: None,
+        },
+        ts(0),
+    )
+    .await?;
+    Ok(())
+}
+
+sharpsend_db::db_test!(
+    a_segments_later_membership_change_is_not_claimed_while_an_earlier_one_is_in_flight,
+    |db: TestDatabase| async move {
+        let ws = workspace(&db, "site-1").await?;
+        let minute = std::time::Duration::from_secs(60);
+        manual_segment(&db, ws, 9).await?;
+        manual_segment(&db, ws, 10).await?;
+        let x = || vec!["x".to_owned()];
+        managed_segments::add_members(&db.conn, ws, 9, &x(), ts(1)).await?;
+        managed_segments::remove_members(&db.conn, ws, 9, &x(), ts(2)).await?;
+        managed_segments::add_members(&db.conn, ws, 10, &x(), ts(3)).await?;
+        let rows = outbox_rows(&db, ws).await?;
+        let (add9, remove9, add10) = (rows[0].id, rows[1].id, rows[2].id);
+
+        let first = outbox::claim_due(&db.conn, ws, "w1", 1, minute, ts(4)).await?;
+        assert_eq!(first.iter().map(|r| r.id).collect::<Vec<_>>(), [add9]);
+        // Another worker must not send the remove while the add may still be on its way.
+        let second = outbox::claim_due(&db.conn, ws, "w2", 10, minute, ts(4)).await?;
+        assert_eq!(second.iter().map(|r| r.id).collect::<Vec<_>>(), [add10]);
+        // Retried later: the remove still waits behind it.
+        outbox::mark_retry(&db.conn, "w1", &[add9], "HTTP 503", ts(30), ts(5)).await?;
+        assert!(
+            outbox::claim_due(&db.conn, ws, "w2", 10, minute, ts(6))
+                .await?
+                .is_empty()
+        );
+        let both = outbox::claim_due(&db.conn, ws, "w2", 10, minute, ts(30)).await?;
+        assert_eq!(
+            both.iter().map(|r| r.id).collect::<Vec<_>>(),
+            [add9, remove9]
+        );
+        TestResult::Ok(())
+    }
+);
+
+/// How many sessions of this database wait for a lock (seen from another session).
+async fn lock_waiters(conn: &sea_orm::DatabaseConnection) -> Res<i64> {
+    let row = conn
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT COUNT(*) AS n FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        ))
+        .await?
+        .ok_or("no row")?;
+    Ok(row.try_get::<i64>("", "n")?)
+}
+
+/// Waits (polling another session, at most 20 s) until `n` sessions wait for a lock or `done`
+/// says the awaited work finished without waiting.
+async fn until_waiting(
+    conn: &sea_orm::DatabaseConnection,
+    n: i64,
+    done: impl Fn() -> bool,
+) -> Res<()> {
+    let started = std::time::Instant::now();
+    while lock_waiters(conn).await? < n && !done() {
+        if started.elapsed() > std::time::Duration::from_secs(20) {
+            return Err(format!("no {n} lock waiters within 20 s").into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+/// PostgreSQL: an evaluation holds its segment row from its start to its commit and reads the
+/// profiles as of one snapshot. A change committed after that snapshot must leave the segment
+/// due once the evaluation has committed — for an attribute the criteria read
+/// (`mark_due_for_attributes`) and for a segment they read (`mark_dependents_due`, through a
+/// membership change). The evaluation is held mid-statement by a second connection locking a
+/// membership row it must delete.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_committed_during_an_evaluation_leaves_the_segment_due_on_postgres() {
+    use sea_orm::TransactionTrait;
+    use sharpsend_db::testing::{Backend, run};
+
+    run(Backend::Postgres, true, |db: TestDatabase| async move {
+        let ws = workspace(&db, "site-1").await?;
+        let watcher = db.connect_again().await?;
+        profiles::upsert_fetched(&db.conn, ws, &[person(1, 90), person(2, 90)], ts(0)).await?;
+        manual_segment(&db, ws, 4).await?;
+        managed_segments::add_members(&db.conn, ws, 4, &["p00001".to_owned()], ts(0)).await?;
+        for (id, stored) in [
+            (5, criteria("score")),
+            (
+                6,
+                StoredCriteria {
+                    criteria: json!({"segment": {"id": 4}}),
+                    referenced_attributes: vec![],
+                    referenced_segments: vec![4],
+                },
+            ),
+        ] {
+            managed_segments::create(
+                &db.conn,
+                ws,
+                &NewManagedSegment {
+                    cio_segment_id: id,
+                    name: format!("s{id}"),
+                    description: None,
+                    criteria: Some(stored),
+                },
+                ts(0),
+            )
+            .await?;
+        }
+        let filters = [
+            (5, score_at_least(50.0), "p00002"),
+            (6, Filter::InSegment { segment_id: 4 }, "p00001"),
+        ];
+        for (id, filter, _) in &filters {
+            let Applied::Done(_) =
+                managed_segments::apply_evaluation(&db.conn, ws, *id, 0, filter, ts(1)).await?
+            else {
+                return Err("stale".into());
+            };
+        }
+        // p00002 drops out of 5 and p00001 out of 4 (so out of 6): both due.
+        outbox::accept_attribute_updates(
+            &db.conn,
+            ws,
+            &[NewAttributeUpdate {
+                customer_id: "p00002".into(),
+                attributes: attrs(json!({"score": 10})),
+            }],
+            ts(2),
+        )
+        .await?;
+        managed_segments::mark_due_for_attributes(&db.conn, ws, &["score"]).await?;
+        managed_segments::remove_members(&db.conn, ws, 4, &["p00001".to_owned()], ts(2)).await?;
+
+        for (id, filter, leaving) in filters {
+            assert!(
+                managed_segments::get(&db.conn, ws, id)
+                    .await?
+                    .ok_or("segment")?
+                    .evaluation_due
+            );
+            // Hold the evaluation after its snapshot: lock the membership row it must delete.
+            let blocker = db.connect_again().await?;
+            let hold = blocker.begin().await?;
+            hold.execute_unprepared(&format!(
+                "SELECT 1 FROM segment_members WHERE segment_id = {id} \
+                 AND customer_id = '{leaving}' FOR UPDATE"
+            ))
+            .await?;
+            let conn = db.connect_again().await?;
+            let evaluation = tokio::spawn(async move {
+                managed_segments::apply_evaluation(&conn, ws, id, 0, &filter, ts(3)).await
+            });
+            until_waiting(&watcher, 1, || evaluation.is_finished()).await?;
+
+            // Committed during the evaluation: p00003 now matches both.
+            let conn = db.connect_again().await?;
+            let change = tokio::spawn(async move {
+                if id == 5 {
+                    outbox::accept_attribute_updates(
+                        &conn,
+                        ws,
+                        &[NewAttributeUpdate {
+                            customer_id: "p00003".into(),
+                            attributes: attrs(json!({"score": 99})),
+                        }],
+                        ts(4),
+                    )
+                    .await?;
+                    managed_segments::mark_due_for_attributes(&conn, ws, &["score"]).await?;
+                } else {
+                    managed_segments::add_members(&conn, ws, 4, &["p00003".to_owned()], ts(4))
+                        .await?;
+                }
+                Ok::<_, sharpsend_db::DbError>(())
+            });
+            until_waiting(&watcher, 2, || change.is_finished()).await?;
+            hold.rollback().await?;
+            let Applied::Done(outcome) = evaluation.await?? else {
+                return Err("stale".into());
+            };
+            change.await??;
+            assert_eq!((outcome.added, outcome.removed), (0, 1), "segment {id}");
+            assert!(
+                !members(&db, ws, id).await?.contains("p00003"),
+                "the evaluation's snapshot predates the change"
+            );
+            assert!(
+                managed_segments::get(&db.conn, ws, id)
+                    .await?
+                    .ok_or("segment")?
+                    .evaluation_due,
+                "segment {id}: the change committed during its evaluation was lost"
+            );
+        }
+        TestResult::Ok(())
+    })
+    .await;
+}

@@ -470,6 +470,9 @@ sharpsend_db::db_test!(
                 .await?
                 .is_empty()
         );
+        // The late rows are p0's and p1's second: they wait for the first to be settled.
+        assert_eq!(outbox::next_due_at(c, ws).await?, Some(ts(110)));
+        outbox::mark_delivered(c, "w", &early[..3], ts(60)).await?;
         assert_eq!(outbox::next_due_at(c, ws).await?, Some(ts(100)));
 
         // A retried row is due again at its next_attempt_at, before younger rows by id.
@@ -743,3 +746,253 @@ fn kinds_and_statuses_round_trip_through_text() {
     assert!("sent".parse::<Status>().is_err());
     assert!("track".parse::<Kind>().is_err());
 }
+
+/// Queues one attribute update and returns its outbox id.
+async fn queue_one(
+    db: &DatabaseConnection,
+    ws: i64,
+    customer_id: &str,
+    a: serde_json::Value,
+    secs: i64,
+) -> Result<i64, DbError> {
+    outbox::accept_attribute_updates(db, ws, &[update(customer_id, a)], ts(secs)).await?;
+    last_id(db, ws).await
+}
+
+/// The newest outbox id of the workspace.
+async fn last_id(db: &DatabaseConnection, ws: i64) -> Result<i64, DbError> {
+    use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+    use sharpsend_db::entities::outbox::{Column, Entity};
+    let id: Option<i64> = Entity::find()
+        .select_only()
+        .column(Column::Id)
+        .filter(Column::WorkspaceId.eq(ws))
+        .order_by_desc(Column::Id)
+        .into_tuple()
+        .one(db)
+        .await?;
+    Ok(id.unwrap_or(0))
+}
+
+sharpsend_db::db_test!(
+    a_persons_later_row_is_not_claimed_while_an_earlier_one_is_pending_or_in_flight,
+    |db: TestDatabase| async move {
+        let c = &db.conn;
+        let ws = workspace(&db, "site-1").await?;
+        let u1 = queue_one(c, ws, "p", json!({"plan": "free", "seats": 1}), 0).await?;
+        let x = queue_one(c, ws, "q", json!({"plan": "free"}), 0).await?;
+        let u2 = queue_one(c, ws, "p", json!({"plan": "pro"}), 1).await?;
+
+        // w1 holds p's first row: p's second is nobody's while it is in flight.
+        assert_eq!(
+            ids(&outbox::claim_due(c, ws, "w1", 1, MINUTE, ts(2)).await?),
+            [u1]
+        );
+        assert_eq!(
+            ids(&outbox::claim_due(c, ws, "w2", 10, MINUTE, ts(2)).await?),
+            [x],
+            "another worker must not take p's later row while the earlier one is in flight"
+        );
+        assert_eq!(outbox::next_due_at(c, ws).await?, Some(ts(62)));
+        outbox::mark_delivered(c, "w2", &[x], ts(3)).await?;
+        // U1 failed and waits for its backoff: U2 still waits behind it.
+        assert_eq!(
+            outbox::mark_retry(c, "w1", &[u1], "HTTP 503", ts(100), ts(3)).await?,
+            1
+        );
+        assert!(
+            outbox::claim_due(c, ws, "w2", 10, MINUTE, ts(50))
+                .await?
+                .is_empty(),
+            "p's later row overtook a retry"
+        );
+        assert_eq!(outbox::next_due_at(c, ws).await?, Some(ts(100)));
+        // When U1 is due, both go together, in order.
+        let both = outbox::claim_due(c, ws, "w2", 10, MINUTE, ts(100)).await?;
+        assert_eq!(ids(&both), [u1, u2]);
+        // Their claim lapses (w2 died): whoever claims next takes both, still in order.
+        assert_eq!(
+            ids(&outbox::claim_due(c, ws, "w3", 10, MINUTE, ts(160)).await?),
+            [u1, u2]
+        );
+        // A claim that cuts p's rows takes a prefix, never a later row alone.
+        outbox::release(c, "w3", &[u1, u2], ts(161)).await?;
+        assert_eq!(
+            ids(&outbox::claim_due(c, ws, "w4", 1, MINUTE, ts(161)).await?),
+            [u1]
+        );
+        assert!(
+            outbox::claim_due(c, ws, "w5", 10, MINUTE, ts(161))
+                .await?
+                .is_empty()
+        );
+        // A dead row does not hold the person back.
+        outbox::mark_dead(c, "w4", &[(u1, "rejected".into())], ts(162)).await?;
+        assert_eq!(
+            ids(&outbox::claim_due(c, ws, "w5", 10, MINUTE, ts(162)).await?),
+            [u2]
+        );
+        // A dead letter re-queued while a later row is in flight waits for it.
+        assert_eq!(outbox::requeue_dead(c, ws, None, ts(163)).await?, 1);
+        assert!(
+            outbox::claim_due(c, ws, "w6", 10, MINUTE, ts(163))
+                .await?
+                .is_empty()
+        );
+        outbox::mark_delivered(c, "w5", &[u2], ts(164)).await?;
+        assert_eq!(
+            ids(&outbox::claim_due(c, ws, "w6", 10, MINUTE, ts(164)).await?),
+            [u1]
+        );
+        TestResult::Ok(())
+    }
+);
+
+sharpsend_db::db_test!(
+    released_rows_keep_their_attempts_and_renewed_claims_hold,
+    |db: TestDatabase| async move {
+        let c = &db.conn;
+        let ws = workspace(&db, "site-1").await?;
+        let all = queue(c, ws, 3, 0).await?;
+        outbox::claim_due(c, ws, "w1", 10, MINUTE, ts(0)).await?;
+        // Renewed before it lapses: still w1's at ts(60).
+        assert_eq!(outbox::extend_claim(c, "w1", &all[..2], ts(100)).await?, 2);
+        assert_eq!(
+            ids(&outbox::claim_due(c, ws, "w2", 10, MINUTE, ts(60)).await?),
+            all[2..]
+        );
+        // Only the holder can renew or release.
+        assert_eq!(outbox::extend_claim(c, "w2", &all[..2], ts(200)).await?, 0);
+        assert_eq!(outbox::release(c, "w2", &all[..2], ts(61)).await?, 0);
+        assert_eq!(outbox::release(c, "w1", &all[..2], ts(61)).await?, 2);
+        let rows = outbox::get_many(c, ws, &all[..2]).await?;
+        assert!(rows.iter().all(|r| r.status == Status::Pending
+            && r.attempts == 0
+            && r.next_attempt_at == ts(61)
+            && r.claimed_by.is_none()));
+        assert_eq!(
+            ids(&outbox::claim_due(c, ws, "w2", 10, MINUTE, ts(61)).await?),
+            all[..2]
+        );
+        TestResult::Ok(())
+    }
+);
+
+sharpsend_db::db_test!(
+    concurrent_claimers_take_whole_prefixes_of_each_persons_rows,
+    |db: TestDatabase| async move {
+        let ws = workspace(&db, "site-1").await?;
+        // 200 people, 10 rows each, interleaved.
+        let updates: Vec<NewAttributeUpdate> = (0..2_000)
+            .map(|i| update(&format!("p{}", i % 200), json!({"n": i / 200})))
+            .collect();
+        outbox::accept_attribute_updates(&db.conn, ws, &updates, ts(0)).await?;
+        let mut pools = vec![db.conn.clone()];
+        for _ in 0..3 {
+            pools.push(db.connect_again().await?);
+        }
+        let start = Arc::new(tokio::sync::Barrier::new(8));
+        let mut tasks = Vec::new();
+        for w in 0..8 {
+            let conn = pools[w % 4].clone();
+            let start = start.clone();
+            tasks.push(tokio::spawn(async move {
+                let worker = format!("worker-{w}");
+                let mut mine = Vec::new();
+                start.wait().await;
+                loop {
+                    let rows = outbox::claim_due(&conn, ws, &worker, 37, MINUTE, ts(1)).await?;
+                    if rows.is_empty() {
+                        break;
+                    }
+                    mine.extend(
+                        rows.into_iter()
+                            .map(|r| (r.customer_id, r.payload["n"].as_i64().unwrap_or(-1))),
+                    );
+                }
+                Ok::<_, DbError>((worker, mine))
+            }));
+        }
+        let mut holder: std::collections::HashMap<String, (String, Vec<i64>)> =
+            std::collections::HashMap::new();
+        for t in tasks {
+            let (worker, mine) = t.await.map_err(join_err)??;
+            for (person, n) in mine {
+                let entry = holder
+                    .entry(person.clone())
+                    .or_insert((worker.clone(), Vec::new()));
+                assert_eq!(
+                    entry.0, worker,
+                    "{person}'s rows were claimed by two workers"
+                );
+                entry.1.push(n);
+            }
+        }
+        assert_eq!(holder.len(), 200);
+        for (person, (_, mut ns)) in holder {
+            ns.sort_unstable();
+            let prefix: Vec<i64> = (0..ns.len() as i64).collect();
+            assert_eq!(ns, prefix, "{person}: claimed rows are not a prefix");
+        }
+        TestResult::Ok(())
+    }
+);
+
+sharpsend_db::db_test!(
+    requeued_dead_letters_leave_out_what_later_updates_set,
+    |db: TestDatabase| async move {
+        let c = &db.conn;
+        let ws = workspace(&db, "site-1").await?;
+        let u1 = queue_one(c, ws, "p", json!({"plan": "free", "score": 1}), 0).await?;
+        let u2 = queue_one(c, ws, "p", json!({"color": "red"}), 0).await?;
+        outbox::accept_events(
+            c,
+            ws,
+            &[event("p", "01EVENT0000000000000000001", None)],
+            ts(0),
+        )
+        .await?;
+        let e1 = last_id(c, ws).await?;
+        let q1 = queue_one(c, ws, "q", json!({"plan": "free"}), 0).await?;
+        // An outage: all four given up on.
+        outbox::claim_due(c, ws, "w", 10, MINUTE, ts(1)).await?;
+        let dead: Vec<(i64, String)> = [u1, u2, e1, q1]
+            .iter()
+            .map(|id| (*id, "gave up after 10 attempts".to_owned()))
+            .collect();
+        assert_eq!(outbox::mark_dead(c, "w", &dead, ts(2)).await?, 4);
+        // Back up: newer values for p were delivered (plan) or are on their way (color).
+        let u3 = queue_one(c, ws, "p", json!({"plan": "pro"}), 3).await?;
+        outbox::claim_due(c, ws, "w", 10, MINUTE, ts(3)).await?;
+        outbox::mark_delivered(c, "w", &[u3], ts(4)).await?;
+        let u4 = queue_one(c, ws, "p", json!({"color": "blue", "size": null}), 5).await?;
+
+        // Re-queued: what is still p's newest (score) goes; red is settled, not sent.
+        assert_eq!(outbox::requeue_dead(c, ws, None, ts(6)).await?, 3);
+        let rows = outbox::get_many(c, ws, &[u1, u2, e1, q1, u4]).await?;
+        let state: Vec<(i64, Status, &serde_json::Value)> =
+            rows.iter().map(|r| (r.id, r.status, &r.payload)).collect();
+        assert_eq!(
+            state,
+            [
+                (u1, Status::Pending, &json!({"score": 1})),
+                (u2, Status::Delivered, &json!({"color": "red"})),
+                (e1, Status::Pending, &rows[2].payload),
+                (q1, Status::Pending, &json!({"plan": "free"})),
+                (u4, Status::Pending, &json!({"color": "blue", "size": null})),
+            ]
+        );
+        assert_eq!(rows[1].delivered_at, Some(ts(6)));
+        assert!(
+            rows[1]
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("superseded")),
+            "{:?}",
+            rows[1].last_error
+        );
+        assert_eq!(rows[2].payload["name"], json!("article_read"));
+        assert_eq!(outbox::stats(c, ws).await?.dead, 0);
+        TestResult::Ok(())
+    }
+);
