@@ -1386,4 +1386,139 @@ mod tests {
         assert!(backoff(&config, 3) >= Duration::from_secs(4));
         assert!(backoff(&config, 30) <= Duration::from_secs(60));
     }
+
+    /// What one of a person's requests does, in plan order: an identify's attributes, or an
+    /// event, with the rows it carries.
+    #[derive(Debug, Clone)]
+    enum Effect {
+        Identify(Map<String, Value>, Vec<i64>),
+        Event(i64),
+    }
+
+    /// Each person's effects in the order Customer.io would apply them (chains in plan order,
+    /// requests in chain order, operations in batch order), and the chains each person is in.
+    fn effects(chains: &[Chain]) -> HashMap<String, (Vec<Effect>, Vec<usize>)> {
+        let mut out: HashMap<String, (Vec<Effect>, Vec<usize>)> = HashMap::new();
+        for (c, chain) in chains.iter().enumerate() {
+            for request in chain {
+                let mut push = |person: String, effect: Effect| {
+                    let entry = out.entry(person).or_default();
+                    entry.0.push(effect);
+                    if entry.1.last() != Some(&c) {
+                        entry.1.push(c);
+                    }
+                };
+                match request {
+                    Planned::Batch(ops) => {
+                        assert!(batch_len(ops) <= MAX_BATCH_BYTES, "batch over 500 KB");
+                        for op in ops {
+                            assert!(op.op.len() <= MAX_OP_BYTES, "operation over 32 KB");
+                            let v: Value = serde_json::from_str(op.op.as_str()).unwrap_or_default();
+                            let person = v
+                                .pointer("/identifiers/id")
+                                .and_then(Value::as_str)
+                                .unwrap_or_default()
+                                .to_string();
+                            match v.get("action").and_then(Value::as_str) {
+                                Some("identify") => {
+                                    let attributes = v
+                                        .get("attributes")
+                                        .and_then(Value::as_object)
+                                        .cloned()
+                                        .unwrap_or_default();
+                                    assert!(attributes.len() <= MAX_ATTRIBUTES_PER_OP);
+                                    push(person, Effect::Identify(attributes, op.rows.clone()));
+                                }
+                                _ => push(person, Effect::Event(op.rows[0])),
+                            }
+                        }
+                    }
+                    Planned::V1Event {
+                        customer_id, rows, ..
+                    } => push(customer_id.clone(), Effect::Event(rows[0])),
+                    Planned::Segment { .. } => {}
+                }
+            }
+        }
+        out
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+        /// Whatever is claimed, the plan loses nothing, respects every size limit, keeps each
+        /// person in one chain, applies later values over earlier ones, and never moves an
+        /// update across an event of the same person.
+        #[test]
+        fn plans_keep_limits_order_and_later_wins(
+            writes in proptest::collection::vec(
+                (0usize..4, proptest::option::of(
+                    proptest::collection::btree_map(0usize..400, (0usize..60, 0usize..1000), 1..160)
+                ), 0usize..40_000),
+                1..60,
+            )
+        ) {
+            let people = ["ann", "bob", "cy", "dee"];
+            let mut rows = Vec::new();
+            for (i, (who, update, event_bytes)) in writes.iter().enumerate() {
+                let id = i64::try_from(i).unwrap_or(0) + 1;
+                rows.push(match update {
+                    Some(attributes) => {
+                        let attributes: Map<String, Value> = attributes
+                            .iter()
+                            .map(|(name, (value, len))| {
+                                (format!("attr_{name}"), json!(format!("{value}{}", "v".repeat(*len))))
+                            })
+                            .collect();
+                        row(id, Kind::Identify, people[*who], Value::Object(attributes))
+                    }
+                    None => row(
+                        id,
+                        Kind::Event,
+                        people[*who],
+                        json!({"name": "opened", "data": {"blob": "x".repeat(*event_bytes)}, "timestamp": id}),
+                    ),
+                });
+            }
+            let (chains, invalid) = plan(&rows);
+            proptest::prop_assert!(invalid.is_empty(), "{invalid:?}");
+
+            // Every row is carried.
+            let mut carried: Vec<i64> = chains.iter().flatten().flat_map(Planned::rows).collect();
+            carried.sort_unstable();
+            carried.dedup();
+            proptest::prop_assert_eq!(carried, rows.iter().map(|r| r.id).collect::<Vec<_>>());
+
+            for (person, (effects, in_chains)) in effects(&chains) {
+                proptest::prop_assert_eq!(in_chains.len(), 1, "{} is in several chains", person);
+                // Applying the plan gives what applying the rows one by one gives.
+                let mut expected = Map::new();
+                let mut applied = Map::new();
+                let mut events_expected = Vec::new();
+                let mut events_applied = Vec::new();
+                for r in rows.iter().filter(|r| r.customer_id == person) {
+                    match r.kind {
+                        Kind::Identify => expected.extend(r.payload.as_object().cloned().unwrap_or_default()),
+                        _ => events_expected.push((r.id, expected.clone())),
+                    }
+                }
+                let mut newest_update = 0;
+                for effect in &effects {
+                    match effect {
+                        Effect::Identify(attributes, ids) => {
+                            applied.extend(attributes.clone());
+                            newest_update = newest_update.max(*ids.iter().max().unwrap_or(&0));
+                        }
+                        Effect::Event(id) => {
+                            // An event sees exactly the updates accepted before it.
+                            proptest::prop_assert!(newest_update < *id, "an update accepted after event {} went before it", id);
+                            events_applied.push((*id, applied.clone()));
+                        }
+                    }
+                }
+                proptest::prop_assert_eq!(&applied, &expected, "{}: later values must win", person);
+                proptest::prop_assert_eq!(events_applied, events_expected, "{}: events out of order", person);
+            }
+        }
+    }
 }
