@@ -25,6 +25,7 @@
 //!   [`error::error_chain`] for logs; [`input`]: the bounds every request string is held to
 //!   (bounded, no NUL, identifiers never trimmed).
 
+pub mod abtest;
 pub mod campaigns;
 pub mod clock;
 pub mod context;
