@@ -35,6 +35,7 @@
 #[macro_use]
 mod stored;
 
+pub mod abtests;
 pub mod campaigns;
 pub mod criteria_sql;
 mod database;

@@ -4,6 +4,7 @@
 //! [`crate::outbox`], [`crate::managed_segments`], [`crate::sends`], [`crate::campaigns`],
 //! [`crate::metrics`]) instead.
 
+pub mod ab_tests;
 pub mod broadcast_windows;
 pub mod campaigns;
 pub mod job_leases;

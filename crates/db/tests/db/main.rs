@@ -1,6 +1,7 @@
 //! Integration tests of `sharpsend-db`: every test runs on SQLite and, when
 //! `SHARPSEND_TEST_POSTGRES_URL` is set, on PostgreSQL (see `sharpsend_db::testing`).
 
+mod abtests;
 mod campaigns;
 mod criteria;
 mod helpers;
