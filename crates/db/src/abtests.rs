@@ -1,5 +1,5 @@
 //! A/B tests: [`create`] records one or finds the one already recorded under the same request
-//! id (race-safe through the unique index); [`get`], [`list`] read them; [`decide`] sets the
+//! id (race-safe through the unique index); [`get`], [`get_by_request`], [`list`] read them; [`decide`] sets the
 //! state and decision once, only from an expected state, so that two deciders (the evaluation
 //! job and an operator) cannot both win. The spec, warnings and decision are JSON that core
 //! owns; this module stores them as given.
@@ -127,13 +127,9 @@ pub async fn create(
         )
         .exec_without_returning(db)
         .await?;
-    let record = ab_tests::Entity::find()
-        .filter(ab_tests::Column::WorkspaceId.eq(workspace_id))
-        .filter(ab_tests::Column::RequestId.eq(new.request_id.as_str()))
-        .one(db)
+    let record = get_by_request(db, workspace_id, &new.request_id)
         .await?
         .ok_or_else(|| DbErr::RecordNotFound("test just recorded".into()))?;
-    let record = TestRecord::try_from(record)?;
     Ok(if inserted == 0 {
         Created::Existing(record)
     } else {
@@ -150,6 +146,20 @@ pub async fn get(
     let row = ab_tests::Entity::find()
         .filter(ab_tests::Column::WorkspaceId.eq(workspace_id))
         .filter(ab_tests::Column::PublicId.eq(public_id))
+        .one(db)
+        .await?;
+    Ok(row.map(TestRecord::try_from).transpose()?)
+}
+
+/// The test recorded under this request id in the workspace.
+pub async fn get_by_request(
+    db: &impl ConnectionTrait,
+    workspace_id: i64,
+    request_id: &str,
+) -> Result<Option<TestRecord>, DbError> {
+    let row = ab_tests::Entity::find()
+        .filter(ab_tests::Column::WorkspaceId.eq(workspace_id))
+        .filter(ab_tests::Column::RequestId.eq(request_id))
         .one(db)
         .await?;
     Ok(row.map(TestRecord::try_from).transpose()?)

@@ -1,6 +1,10 @@
-//! A/B tests over an assignment's variants (the parts that need no database yet):
-//! [`stats`] holds the sequential decision rule, the rates with intervals and the sample planner;
-//! [`allocation`] the deterministic split of an audience into variants and the remainder.
+//! A/B tests over an assignment's variants.
+//!
+//! - [`manage`]: creating (validated, planned, idempotent), reading, listing, cancelling tests
+//!   and declaring a winner.
+//! - [`stats`]: the sequential decision rule, rates with intervals, the sample planner.
+//! - [`allocation`]: the deterministic split of an audience into variants and the remainder.
 
 pub mod allocation;
+pub mod manage;
 pub mod stats;
