@@ -1,6 +1,7 @@
 //! End-to-end tests: simulator + gRPC server + scheduler jobs + a real database. Each test runs
 //! on SQLite and, when `SHARPSEND_TEST_POSTGRES_URL` is set, on PostgreSQL (`db_test!`).
 
+mod abtests;
 mod bad_input;
 mod campaigns;
 mod dynamic_segments;

@@ -12,8 +12,9 @@
 
 use sharpsend_core::AppContext;
 use sharpsend_proto::v1::{
-    campaign_service_server::CampaignServiceServer, ops_service_server::OpsServiceServer,
-    profile_service_server::ProfileServiceServer, segment_service_server::SegmentServiceServer,
+    ab_test_service_server::AbTestServiceServer, campaign_service_server::CampaignServiceServer,
+    ops_service_server::OpsServiceServer, profile_service_server::ProfileServiceServer,
+    segment_service_server::SegmentServiceServer,
 };
 use std::time::Duration;
 
@@ -22,6 +23,7 @@ use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::ServingStatus;
 
 use crate::{
+    abtests::AbTests,
     auth::{ApiKeys, Authenticator},
     campaigns::Campaigns,
     limits::{DeadlineLayer, InFlightLayer},
@@ -61,6 +63,7 @@ pub async fn serve(
     health.set_serving::<SegmentServiceServer<Segments>>().await;
     health.set_serving::<ProfileServiceServer<Profiles>>().await;
     health.set_serving::<OpsServiceServer<Ops>>().await;
+    health.set_serving::<AbTestServiceServer<AbTests>>().await;
     health
         .set_serving::<CampaignServiceServer<Campaigns>>()
         .await;
@@ -82,6 +85,7 @@ pub async fn serve(
     let ops = OpsServiceServer::with_interceptor(Ops::new(ctx.clone()), auth.clone());
     let campaigns =
         CampaignServiceServer::with_interceptor(Campaigns::new(ctx.clone()), auth.clone());
+    let abtests = AbTestServiceServer::with_interceptor(AbTests::new(ctx.clone()), auth.clone());
     let profiles = ProfileServiceServer::with_interceptor(Profiles::new(ctx), auth);
 
     let signal = async move {
@@ -94,6 +98,9 @@ pub async fn serve(
             .set_not_serving::<ProfileServiceServer<Profiles>>()
             .await;
         health.set_not_serving::<OpsServiceServer<Ops>>().await;
+        health
+            .set_not_serving::<AbTestServiceServer<AbTests>>()
+            .await;
         health
             .set_not_serving::<CampaignServiceServer<Campaigns>>()
             .await;
@@ -126,6 +133,7 @@ pub async fn serve(
         .add_service(profiles)
         .add_service(ops)
         .add_service(campaigns)
+        .add_service(abtests)
         .serve_with_incoming_shutdown(incoming, signal)
         .await?;
     tracing::info!("server stopped");

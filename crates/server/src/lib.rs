@@ -15,6 +15,7 @@
 //! - `dev` (feature `dev`, on by default): `--dev` mode: SQLite + in-process simulator +
 //!   in-process scheduler. Production builds (`--no-default-features`) do not link the simulator.
 
+pub mod abtests;
 pub mod app;
 pub mod auth;
 pub mod campaign_metrics;
