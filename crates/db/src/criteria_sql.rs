@@ -12,7 +12,12 @@
 //! - number (and timestamp, as Unix seconds) conditions match JSON numbers and numeric strings:
 //!   digits only (`"87"`, `"007"`) or JSON number syntax with spaces around (`" -1.5e3 "`); any
 //!   other value never matches. PostgreSQL casts text to `numeric` only once it has been checked
-//!   (digits only, or a regular expression), so a bad value cannot raise;
+//!   (digits only, or a regular expression), so a bad value cannot raise.
+//!   Precision: a condition's value is a double, and attribute values of at most 15
+//!   significant digits compare the same on both backends. Beyond that they may not:
+//!   PostgreSQL compares exact decimals (`"0.10000000000000001"` is greater than 0.1), SQLite
+//!   reads text with a fraction or an exponent, and integers beyond 64 bits, as a double
+//!   (`"0.10000000000000001"` equals 0.1) and compares 64-bit integers exactly;
 //! - boolean conditions match `true`/`false` and the strings `"true"`/`"false"`;
 //! - `exists`: the attribute is present and not null;
 //! - segment membership: an `EXISTS` probe of `segment_members` (primary key).
