@@ -36,6 +36,7 @@
 mod stored;
 
 pub mod campaigns;
+pub mod engagement;
 pub mod criteria_sql;
 mod database;
 pub mod entities;
