@@ -4,6 +4,7 @@
 mod bad_input;
 mod campaigns;
 mod dynamic_segments;
+mod engagement;
 mod jobs;
 mod journey;
 mod ops;

@@ -558,8 +558,12 @@ struct FactsRow {
     delivery_id: String,
     send_id: i64,
     delivered: i32,
-    human_open: i32,
-    human_click: i32,
+    webhook_human_open: i32,
+    webhook_open: i32,
+    poll_open: i32,
+    webhook_human_click: i32,
+    webhook_click: i32,
+    poll_click: i32,
     bounced: i32,
     unsubscribed: i32,
 }
@@ -600,8 +604,12 @@ pub async fn delivery_facts(
     let sql = format!(
         "SELECT customer_id, delivery_id, send_id, \
          MAX(CASE WHEN metric IN ('delivered','opened','clicked','converted') THEN 1 ELSE 0 END) AS delivered, \
-         MAX(CASE WHEN (metric = 'opened' AND NOT prefetched) OR (metric = 'clicked' AND NOT machine) THEN 1 ELSE 0 END) AS human_open, \
-         MAX(CASE WHEN metric = 'clicked' AND NOT machine THEN 1 ELSE 0 END) AS human_click, \
+         MAX(CASE WHEN source = 'webhook' AND metric = 'opened' AND NOT prefetched THEN 1 ELSE 0 END) AS webhook_human_open, \
+         MAX(CASE WHEN source = 'webhook' AND metric = 'opened' THEN 1 ELSE 0 END) AS webhook_open, \
+         MAX(CASE WHEN source = 'poll' AND metric = 'opened' THEN 1 ELSE 0 END) AS poll_open, \
+         MAX(CASE WHEN source = 'webhook' AND metric = 'clicked' AND NOT machine THEN 1 ELSE 0 END) AS webhook_human_click, \
+         MAX(CASE WHEN source = 'webhook' AND metric = 'clicked' THEN 1 ELSE 0 END) AS webhook_click, \
+         MAX(CASE WHEN source = 'poll' AND metric = 'clicked' THEN 1 ELSE 0 END) AS poll_click, \
          MAX(CASE WHEN metric IN ('bounced','failed','dropped','undeliverable') THEN 1 ELSE 0 END) AS bounced, \
          MAX(CASE WHEN metric = 'unsubscribed' THEN 1 ELSE 0 END) AS unsubscribed \
          FROM delivery_events \
@@ -655,6 +663,12 @@ pub async fn delivery_facts(
         .into_iter()
         .map(|r| {
             let key = (r.customer_id.clone(), r.delivery_id.clone());
+            // A webhook's flags win; a polled metric (no flags) counts when no webhook told.
+            let human_click =
+                r.webhook_human_click != 0 || (r.poll_click != 0 && r.webhook_click == 0);
+            let human_open = human_click
+                || r.webhook_human_open != 0
+                || (r.poll_open != 0 && r.webhook_open == 0);
             DeliveryFacts {
                 first_at: first.get(&key).copied().unwrap_or(0),
                 last_interaction_at: last_human.get(&key).copied(),
@@ -662,8 +676,8 @@ pub async fn delivery_facts(
                 delivery_id: r.delivery_id,
                 send_id: r.send_id,
                 delivered: r.delivered != 0,
-                human_open: r.human_open != 0,
-                human_click: r.human_click != 0,
+                human_open,
+                human_click,
                 bounced: r.bounced != 0,
                 unsubscribed: r.unsubscribed != 0,
             }
