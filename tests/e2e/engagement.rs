@@ -52,6 +52,18 @@ fn segment(app: &TestApp, name: &str) -> anyhow::Result<i64> {
         .with_context(|| format!("no demo segment {name}"))
 }
 
+/// A manual segment of `n` engaged demo readers (small, so the simulator's one-at-a-time
+/// webhook sender finishes quickly on a busy machine), synced into the mirror.
+async fn small_segment(app: &TestApp, n: usize) -> anyhow::Result<i64> {
+    let engaged = segment(app, "High Engagement")?;
+    let members = app.sim.sim.segment_members(engaged).context("members")?;
+    let ids: Vec<&str> = members.iter().take(n).map(String::as_str).collect();
+    let id = app.sim.sim.create_manual_segment("Engagement e2e", "a few engaged readers");
+    app.sim.sim.add_to_manual_segment(id, &ids)?;
+    app.run_job(Job::SegmentSync).await?;
+    Ok(id)
+}
+
 /// Sends `assignment` to `segment_id` through the broadcast and waits until Customer.io has
 /// the trigger; answers the trigger id.
 async fn send(app: &TestApp, assignment: &str, segment_id: i64) -> anyhow::Result<i64> {
@@ -171,8 +183,7 @@ db_test!(
     signed_events_are_stored_once_under_duplicates_and_retries_and_attributed,
     |db: TestDatabase| async move {
         let app = TestApp::spawn(&db).await?;
-        app.run_job(Job::SegmentSync).await?;
-        let target = segment(&app, "High Engagement")?;
+        let target = small_segment(&app, 60).await?;
         // The endpoint's port is taken but nothing answers yet: the first attempts time out
         // and Customer.io (the simulator) holds every later event back and retries.
         let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -307,8 +318,7 @@ db_test!(
     polling_finds_the_same_events_as_webhooks_and_nothing_counts_twice,
     |db: TestDatabase| async move {
         let app = TestApp::spawn(&db).await?;
-        app.run_job(Job::SegmentSync).await?;
-        let target = segment(&app, "High Engagement")?;
+        let target = small_segment(&app, 150).await?;
         // Webhooks are configured, but the endpoint answers only after the poll ran.
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let url = format!(
