@@ -58,7 +58,10 @@ async fn small_segment(app: &TestApp, n: usize) -> anyhow::Result<i64> {
     let engaged = segment(app, "High Engagement")?;
     let members = app.sim.sim.segment_members(engaged).context("members")?;
     let ids: Vec<&str> = members.iter().take(n).map(String::as_str).collect();
-    let id = app.sim.sim.create_manual_segment("Engagement e2e", "a few engaged readers");
+    let id = app
+        .sim
+        .sim
+        .create_manual_segment("Engagement e2e", "a few engaged readers");
     app.sim.sim.add_to_manual_segment(id, &ids)?;
     app.run_job(Job::SegmentSync).await?;
     Ok(id)
@@ -163,12 +166,10 @@ async fn post(
         .header("content-type", "application/json")
         .body(body.to_string());
     if let Some(at) = signed_at {
-        request = request
-            .header("X-CIO-Timestamp", at.to_string())
-            .header(
-                "X-CIO-Signature",
-                cio_sim::sign_webhook(key, at, body.as_bytes()),
-            );
+        request = request.header("X-CIO-Timestamp", at.to_string()).header(
+            "X-CIO-Signature",
+            cio_sim::sign_webhook(key, at, body.as_bytes()),
+        );
     }
     let response = request.send().await?;
     let status = response.status().as_u16();
@@ -243,9 +244,10 @@ db_test!(
             .collect();
         ensure!(!ours.is_empty(), "no event of trigger {trigger}");
         ensure!(
-            ours.iter().all(|e| e.assignment_id.as_deref() == Some("asg-webhooks")
-                && e.segment_id == Some(target)
-                && e.send_id.is_some()),
+            ours.iter()
+                .all(|e| e.assignment_id.as_deref() == Some("asg-webhooks")
+                    && e.segment_id == Some(target)
+                    && e.send_id.is_some()),
             "{:?}",
             ours.first()
         );
@@ -287,13 +289,19 @@ db_test!(
             .send()
             .await?;
         ensure!(tampered.status().as_u16() == 401);
-        ensure!(all_events(&app).await?.is_empty(), "a refused event was stored");
+        ensure!(
+            all_events(&app).await?.is_empty(),
+            "a refused event was stored"
+        );
         ensure!(engagement::quarantined(&app.ctx, 0, 10).await?.is_empty());
 
         // Signed and understood: stored once, however often it comes.
         for _ in 0..3 {
             let (status, answer) = post(&url, KEY, Some(now), &body).await?;
-            ensure!(status == 200 && answer["status"] == "stored", "{status} {answer}");
+            ensure!(
+                status == 200 && answer["status"] == "stored",
+                "{status} {answer}"
+            );
         }
         ensure!(all_events(&app).await?.len() == 1);
 
@@ -302,14 +310,20 @@ db_test!(
             "metric": "teleported", "timestamp": now, "data": {}})
         .to_string();
         let (status, answer) = post(&url, KEY, Some(now), &odd).await?;
-        ensure!(status == 200 && answer["status"] == "quarantined", "{status} {answer}");
+        ensure!(
+            status == 200 && answer["status"] == "quarantined",
+            "{status} {answer}"
+        );
         let (status, _) = post(&url, KEY, Some(now), "not json at all").await?;
         ensure!(status == 200);
         let kept = engagement::quarantined(&app.ctx, 0, 10).await?;
         ensure!(kept.len() == 2, "{kept:?}");
         ensure!(kept[0].reason.contains("teleported") && kept[0].body == odd);
         ensure!(kept[1].body == "not json at all");
-        ensure!(all_events(&app).await?.len() == 1, "a quarantined body became an event");
+        ensure!(
+            all_events(&app).await?.len() == 1,
+            "a quarantined body became an event"
+        );
         app.stop().await
     }
 );
@@ -379,9 +393,13 @@ db_test!(
 
 /// (delivered deliveries, human-opened, human-clicked) over everyone.
 async fn facts_summary(app: &TestApp) -> anyhow::Result<(usize, usize, usize)> {
-    let facts =
-        sharpsend_db::engagement::delivery_facts(&app.ctx.db, app.ctx.workspace_id(), "", 1_000_000)
-            .await?;
+    let facts = sharpsend_db::engagement::delivery_facts(
+        &app.ctx.db,
+        app.ctx.workspace_id(),
+        "",
+        1_000_000,
+    )
+    .await?;
     Ok((
         facts.iter().filter(|f| f.delivered).count(),
         facts.iter().filter(|f| f.human_open).count(),
@@ -396,7 +414,9 @@ fn summary_of_webhooks(events: &[engagement::DeliveryEvent]) -> (usize, usize, u
         .iter()
         .filter(|e| e.source == EventSource::Webhook && e.send_id.is_some())
     {
-        let Some(d) = e.delivery_id.as_deref() else { continue };
+        let Some(d) = e.delivery_id.as_deref() else {
+            continue;
+        };
         let entry = per.entry(d).or_default();
         match e.metric.as_str() {
             "delivered" | "converted" => entry.0 = true,
@@ -488,17 +508,13 @@ db_test!(
             ensure!(status == 200);
         }
         refresh(&app).await?;
-        let attributes = app
-            .sim
-            .sim
-            .person(&person)
-            .context("person")?
-            .attributes;
+        let attributes = app.sim.sim.person(&person).context("person")?.attributes;
         ensure!(
             attributes.get("sharpsend_engagement_score") == Some(&json!(50))
                 && attributes.get("assignment_click_rate") == Some(&json!(1.0))
                 && attributes.get("sharpsend_assignment_interactions") == Some(&json!(1))
-                && attributes.get("preferred_content_types") == Some(&json!(["dividends", "growth"])),
+                && attributes.get("preferred_content_types")
+                    == Some(&json!(["dividends", "growth"])),
             "{attributes:?}"
         );
         ensure!(in_segment(&app)?, "the engaged person did not join");
@@ -511,11 +527,21 @@ db_test!(
         };
         ensure!(details["changed"] == 0, "{details}");
         app.deliver_all("e2e", Duration::from_secs(30)).await?;
-        ensure!(identify_calls(&app, &person) == calls, "an unchanged score was sent again");
+        ensure!(
+            identify_calls(&app, &person) == calls,
+            "an unchanged score was sent again"
+        );
 
         // Three more deliveries go unread: 100 × 1 / (4 + 1) = 20 — the person leaves.
         for d in 0..3 {
-            let body = event(&format!("ev-b{d}"), "delivered", &format!("dl-b{d}"), &person, trigger, now);
+            let body = event(
+                &format!("ev-b{d}"),
+                "delivered",
+                &format!("dl-b{d}"),
+                &person,
+                trigger,
+                now,
+            );
             let (status, _) = post(&url, KEY, Some(now), &body).await?;
             ensure!(status == 200);
         }
@@ -526,7 +552,10 @@ db_test!(
                 && attributes.get("assignment_open_rate") == Some(&json!(0.25)),
             "{attributes:?}"
         );
-        ensure!(!in_segment(&app)?, "the person stayed after engagement dropped");
+        ensure!(
+            !in_segment(&app)?,
+            "the person stayed after engagement dropped"
+        );
         app.stop().await
     }
 );

@@ -587,8 +587,10 @@ impl std::fmt::Debug for EngagementSettings {
 
 impl EngagementSettings {
     fn read(r: &Reader<'_>, binary: Binary) -> Result<Self, ConfigError> {
-        let poll_window =
-            Duration::from_secs(r.positive("SHARPSEND_DELIVERY_POLL_DAYS")?.saturating_mul(86_400));
+        let poll_window = Duration::from_secs(
+            r.positive("SHARPSEND_DELIVERY_POLL_DAYS")?
+                .saturating_mul(86_400),
+        );
         if binary != Binary::Server {
             return Ok(Self {
                 poll_window,

@@ -552,6 +552,16 @@ pub struct DeliveryFacts {
     pub last_interaction_at: Option<i64>,
 }
 
+/// (customer, delivery, metric, prefetched, machine, occurred at) of one event.
+type EventTime = (
+    Option<String>,
+    Option<String>,
+    String,
+    bool,
+    bool,
+    DateTime<Utc>,
+);
+
 #[derive(Debug, FromQueryResult)]
 struct FactsRow {
     customer_id: String,
@@ -629,22 +639,21 @@ pub async fn delivery_facts(
     let rows = FactsRow::find_by_statement(stmt).all(db).await?;
     // Times are read per page in a second statement (portable: no aggregate over timestamps,
     // which SQLite keeps as text).
-    let times: Vec<(Option<String>, Option<String>, String, bool, bool, DateTime<Utc>)> =
-        Entity::find()
-            .select_only()
-            .column(Column::CustomerId)
-            .column(Column::DeliveryId)
-            .column(Column::Metric)
-            .column(Column::Prefetched)
-            .column(Column::Machine)
-            .column(Column::OccurredAt)
-            .filter(Column::WorkspaceId.eq(workspace_id))
-            .filter(Column::CustomerId.gt(after_customer))
-            .filter(Column::CustomerId.lte(last.as_str()))
-            .filter(Column::SendId.is_not_null())
-            .into_tuple()
-            .all(db)
-            .await?;
+    let times: Vec<EventTime> = Entity::find()
+        .select_only()
+        .column(Column::CustomerId)
+        .column(Column::DeliveryId)
+        .column(Column::Metric)
+        .column(Column::Prefetched)
+        .column(Column::Machine)
+        .column(Column::OccurredAt)
+        .filter(Column::WorkspaceId.eq(workspace_id))
+        .filter(Column::CustomerId.gt(after_customer))
+        .filter(Column::CustomerId.lte(last.as_str()))
+        .filter(Column::SendId.is_not_null())
+        .into_tuple()
+        .all(db)
+        .await?;
     let mut first: HashMap<(String, String), i64> = HashMap::new();
     let mut last_human: HashMap<(String, String), i64> = HashMap::new();
     for (c, d, metric, prefetched, machine, at) in times {

@@ -36,9 +36,9 @@
 mod stored;
 
 pub mod campaigns;
-pub mod engagement;
 pub mod criteria_sql;
 mod database;
+pub mod engagement;
 pub mod entities;
 mod error;
 pub mod jobs;

@@ -52,7 +52,8 @@ pub async fn run(
     let scheduler = sharpsend_scheduler::start(ctx.clone(), holder).await?;
     // The loop of issue #13: the simulator sends signed reporting webhooks to our endpoint.
     let webhook_key = secrecy::SecretString::from(format!("dev-webhook-{}", ulid::Ulid::new()));
-    let webhook_addr = webhook_listen.unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    let webhook_addr =
+        webhook_listen.unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
     let (webhook_addr, _webhooks) = crate::webhooks::spawn(
         ctx.clone(),
         webhook_addr,

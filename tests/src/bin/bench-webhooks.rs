@@ -125,7 +125,12 @@ async fn send(app: &TestApp) -> anyhow::Result<i64> {
             .into_inner()
             .send
             .context("send")?;
-        if let Some(t) = got.submissions.iter().map(|s| s.cio_trigger_id).find(|t| *t > 0) {
+        if let Some(t) = got
+            .submissions
+            .iter()
+            .map(|s| s.cio_trigger_id)
+            .find(|t| *t > 0)
+        {
             return Ok(t);
         }
         ensure!(Instant::now() < deadline, "send not submitted");
@@ -215,7 +220,11 @@ async fn ingest(args: &Args, app: &TestApp, trigger: i64) -> anyhow::Result<()> 
         latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
         stored
     );
-    ensure!(stored == args.events, "stored {stored} of {} distinct events", args.events);
+    ensure!(
+        stored == args.events,
+        "stored {stored} of {} distinct events",
+        args.events
+    );
     Ok(())
 }
 
@@ -238,13 +247,25 @@ async fn scoring(app: &TestApp, trigger: i64, n: usize, offset: usize) -> anyhow
             ..NewDeliveryEvent::default()
         });
         if batch.len() == 5000 {
-            store::insert_events(&app.ctx.db, app.ctx.workspace_id(), EventSource::Webhook, &batch, now)
-                .await?;
+            store::insert_events(
+                &app.ctx.db,
+                app.ctx.workspace_id(),
+                EventSource::Webhook,
+                &batch,
+                now,
+            )
+            .await?;
             batch.clear();
         }
     }
-    store::insert_events(&app.ctx.db, app.ctx.workspace_id(), EventSource::Webhook, &batch, now)
-        .await?;
+    store::insert_events(
+        &app.ctx.db,
+        app.ctx.workspace_id(),
+        EventSource::Webhook,
+        &batch,
+        now,
+    )
+    .await?;
     let inserted = insert_started.elapsed();
     reset_peak_rss();
     let started = Instant::now();

@@ -130,9 +130,18 @@ pub fn attributes_of(
         })
         .collect();
     let mut out = Map::new();
-    out.insert("assignment_open_rate".into(), json!(rate(opened, delivered.len())));
-    out.insert("assignment_click_rate".into(), json!(rate(clicked, delivered.len())));
-    out.insert("sharpsend_assignment_interactions".into(), json!(interactions));
+    out.insert(
+        "assignment_open_rate".into(),
+        json!(rate(opened, delivered.len())),
+    );
+    out.insert(
+        "assignment_click_rate".into(),
+        json!(rate(clicked, delivered.len())),
+    );
+    out.insert(
+        "sharpsend_assignment_interactions".into(),
+        json!(interactions),
+    );
     if let Some(last) = last {
         out.insert("last_assignment_interaction".into(), json!(last));
     }
@@ -260,7 +269,11 @@ mod tests {
         assert!(engagement_score(&recent_click) > engagement_score(&old_click));
         // Bounded.
         assert!(engagement_score(&[d(0.0, true, true); 10_000]) <= 100);
-        assert_eq!(engagement_score(&[d(-5.0, true, true)]), 50, "future ages count as now");
+        assert_eq!(
+            engagement_score(&[d(-5.0, true, true)]),
+            50,
+            "future ages count as now"
+        );
     }
 
     fn facts(delivery: &str, send_id: i64, open: bool, click: bool, at: i64) -> DeliveryFacts {

@@ -16,7 +16,9 @@
 
 use std::time::{Duration, SystemTime};
 
-use cio_client::webhooks::{self as cio_webhooks, Metric, ObjectType, ReportingEvent, WebhookError};
+use cio_client::webhooks::{
+    self as cio_webhooks, Metric, ObjectType, ReportingEvent, WebhookError,
+};
 use secrecy::{ExposeSecret as _, SecretString};
 use sharpsend_db::engagement::{self as store, EventSource, NewDeliveryEvent};
 use tokio::sync::{mpsc, oneshot};
@@ -171,11 +173,8 @@ pub(crate) fn to_new_event(
     now: chrono::DateTime<chrono::Utc>,
 ) -> NewDeliveryEvent {
     let d = &e.data;
-    let customer_id = non_empty(&d.customer_id).or_else(|| {
-        d.identifiers
-            .as_ref()
-            .and_then(|i| non_empty(&i.id))
-    });
+    let customer_id =
+        non_empty(&d.customer_id).or_else(|| d.identifiers.as_ref().and_then(|i| non_empty(&i.id)));
     NewDeliveryEvent {
         event_id: e.event_id.clone(),
         metric: e.metric.as_str().to_string(),
@@ -192,9 +191,7 @@ pub(crate) fn to_new_event(
         prefetched: d.prefetched == Some(true),
         machine: d.machine == Some(true),
         synthetic: e.is_synthetic(),
-        occurred_at: e
-            .timestamp
-            .map_or(now, |t| super::from_unix(t, now)),
+        occurred_at: e.timestamp.map_or(now, |t| super::from_unix(t, now)),
         submission_id: None,
     }
 }
@@ -232,9 +229,13 @@ mod tests {
 
     #[test]
     fn unknown_metrics_and_bodies_are_not_understood() {
-        assert!(understand(br#"{"event_id":"e1","object_type":"email","metric":"opened","data":{}}"#).is_ok());
-        let reason = understand(br#"{"event_id":"e1","object_type":"email","metric":"teleported"}"#)
-            .unwrap_err();
+        assert!(
+            understand(br#"{"event_id":"e1","object_type":"email","metric":"opened","data":{}}"#)
+                .is_ok()
+        );
+        let reason =
+            understand(br#"{"event_id":"e1","object_type":"email","metric":"teleported"}"#)
+                .unwrap_err();
         assert_eq!(reason, "unknown metric `teleported`");
         assert!(understand(b"not json").is_err());
         assert!(understand(br#"{"event_id":"","object_type":"email","metric":"sent"}"#).is_err());
@@ -242,7 +243,8 @@ mod tests {
 
     #[test]
     fn stored_form_keeps_flags_and_falls_back_to_identifiers() {
-        let body = br#"{"event_id":"e2","object_type":"email","metric":"opened","timestamp":1700000000,
+        let body =
+            br#"{"event_id":"e2","object_type":"email","metric":"opened","timestamp":1700000000,
             "data":{"delivery_id":"d1","customer_id":"","identifiers":{"id":"p7"},"prefetched":true,
             "broadcast_id":3,"trigger_id":9}}"#;
         let event = understand(body).unwrap();

@@ -12,9 +12,10 @@ use sharpsend_db::sends::{
 
 use super::dispatch::dispatch_now;
 use super::{
-    DeliveryMode, MAX_ACTOR_CHARS, MAX_ID_CHARS, MAX_NEWSLETTER_BODY_BYTES, MAX_REASON_CHARS,
-    MAX_CONTENT_TYPE_CHARS, MAX_CONTENT_TYPES, MAX_SUBJECT_CHARS, MAX_TARGETS, MAX_TITLE_CHARS, MAX_TRIGGER_DATA_BYTES, RESERVED_DATA_KEYS,
-    SendFilter, SendRequest, SendView, TriggerData, Variation,
+    DeliveryMode, MAX_ACTOR_CHARS, MAX_CONTENT_TYPE_CHARS, MAX_CONTENT_TYPES, MAX_ID_CHARS,
+    MAX_NEWSLETTER_BODY_BYTES, MAX_REASON_CHARS, MAX_SUBJECT_CHARS, MAX_TARGETS, MAX_TITLE_CHARS,
+    MAX_TRIGGER_DATA_BYTES, RESERVED_DATA_KEYS, SendFilter, SendRequest, SendView, TriggerData,
+    Variation,
 };
 use crate::error::reasons;
 use crate::paging::Page;
@@ -113,7 +114,12 @@ fn validate(r: &SendRequest) -> Result<DeliveryMode, CoreError> {
     text("request_id", &r.request_id, false, MAX_ID_CHARS);
     text("title", &r.title, true, MAX_TITLE_CHARS);
     for (i, kind) in r.content_types.iter().enumerate() {
-        text(&format!("content_types[{i}]"), kind, true, MAX_CONTENT_TYPE_CHARS);
+        text(
+            &format!("content_types[{i}]"),
+            kind,
+            true,
+            MAX_CONTENT_TYPE_CHARS,
+        );
     }
     let every_variation_has_subject =
         !r.variations.is_empty() && r.variations.iter().all(|x| !x.subject.trim().is_empty());
