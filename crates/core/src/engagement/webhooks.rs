@@ -28,7 +28,9 @@ use crate::error::error_chain;
 
 /// Events stored by one insert at most.
 const BATCH: usize = 500;
-/// Requests waiting for the insert task at most (beyond it requests wait to be queued).
+/// Inserts running at once (each takes the requests waiting when it starts).
+const INSERTERS: usize = 4;
+/// Requests waiting for the insert tasks at most (beyond it requests wait to be queued).
 const QUEUE: usize = 10_000;
 
 /// What happened to a validly signed request.
@@ -78,7 +80,10 @@ impl WebhookReceiver {
     /// tokio runtime (it ends when the last clone of the receiver is dropped).
     pub fn start(ctx: AppContext, signing_key: SecretString) -> Self {
         let (queue, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(insert_task(ctx.clone(), rx));
+        let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
+        for _ in 0..INSERTERS {
+            tokio::spawn(insert_task(ctx.clone(), rx.clone()));
+        }
         let tolerance = ctx.settings.engagement.webhook_tolerance;
         Self {
             ctx,
@@ -196,10 +201,18 @@ pub(crate) fn to_new_event(
     }
 }
 
-/// Stores the events of concurrent requests together; answers each after its insert.
-async fn insert_task(ctx: AppContext, mut rx: mpsc::Receiver<Pending>) {
+/// Stores the events of concurrent requests together; answers each after its insert. Several
+/// run at once: each takes what is waiting, then inserts while the next one collects.
+async fn insert_task(
+    ctx: AppContext,
+    rx: std::sync::Arc<tokio::sync::Mutex<mpsc::Receiver<Pending>>>,
+) {
     let mut batch: Vec<Pending> = Vec::with_capacity(BATCH);
-    while rx.recv_many(&mut batch, BATCH).await > 0 {
+    loop {
+        let received = rx.lock().await.recv_many(&mut batch, BATCH).await;
+        if received == 0 {
+            return;
+        }
         let events: Vec<NewDeliveryEvent> = batch.iter().map(|p| p.event.clone()).collect();
         let stored = match store::insert_events(
             &ctx.db,
