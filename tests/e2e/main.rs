@@ -5,6 +5,7 @@ mod abtests;
 mod bad_input;
 mod campaigns;
 mod dynamic_segments;
+mod engagement;
 mod jobs;
 mod journey;
 mod ops;

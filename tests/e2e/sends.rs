@@ -1630,6 +1630,7 @@ db_test!(
                 data: None,
             }],
             delivery: Some(sharpsend_core::sends::DeliveryMode::Broadcast { broadcast_id }),
+            content_types: Vec::new(),
             created_by: "e2e".into(),
         };
         // Both go at once: neither waits for the other's window.

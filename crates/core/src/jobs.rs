@@ -34,6 +34,12 @@ pub enum Job {
     /// Settle uncertain submissions by looking for them in Customer.io, and follow submitted
     /// ones to completion.
     SendReconcile,
+    /// Read the per-delivery records of recent sends into delivery events (the path without
+    /// reporting webhooks; nothing is counted twice when both run).
+    DeliveryPoll,
+    /// Score each person's engagement from delivery events and write the scores that changed
+    /// to the mirror and the outbox.
+    EngagementScoring,
 }
 
 impl Job {
@@ -45,6 +51,8 @@ impl Job {
         Job::MetricsPoll,
         Job::SendDispatch,
         Job::SendReconcile,
+        Job::DeliveryPoll,
+        Job::EngagementScoring,
     ];
 
     /// The name used on the command line, in job runs and in leases.
@@ -57,6 +65,8 @@ impl Job {
             Job::MetricsPoll => "metrics-poll",
             Job::SendDispatch => "send-dispatch",
             Job::SendReconcile => "send-reconcile",
+            Job::DeliveryPoll => "delivery-poll",
+            Job::EngagementScoring => "engagement-scoring",
         }
     }
 
@@ -79,6 +89,10 @@ impl Job {
             Job::SendReconcile => {
                 "settle uncertain sends from Customer.io's records; follow submitted ones to completion"
             }
+            Job::DeliveryPoll => "read per-delivery records of recent sends into delivery events",
+            Job::EngagementScoring => {
+                "score engagement per person; write changed scores to the mirror and Customer.io"
+            }
         }
     }
 
@@ -93,6 +107,8 @@ impl Job {
             Job::MetricsPoll => "SHARPSEND_METRICS_POLL_CRON",
             Job::SendDispatch => "SHARPSEND_SEND_DISPATCH_CRON",
             Job::SendReconcile => "SHARPSEND_SEND_RECONCILE_CRON",
+            Job::DeliveryPoll => "SHARPSEND_DELIVERY_POLL_CRON",
+            Job::EngagementScoring => "SHARPSEND_ENGAGEMENT_SCORING_CRON",
         }
     }
 }
@@ -313,6 +329,8 @@ async fn execute(ctx: &AppContext, job: Job) -> Result<serde_json::Value, CoreEr
         Job::MetricsPoll => Ok(report_details(&crate::metrics::poll_due(ctx).await?)),
         Job::SendDispatch => Ok(report_details(&crate::sends::dispatch_due(ctx).await?)),
         Job::SendReconcile => Ok(report_details(&crate::sends::reconcile(ctx).await?)),
+        Job::DeliveryPoll => Ok(report_details(&crate::engagement::poll(ctx).await?)),
+        Job::EngagementScoring => Ok(report_details(&crate::engagement::score(ctx).await?)),
     }
 }
 

@@ -30,6 +30,7 @@ pub mod campaigns;
 pub mod clock;
 pub mod context;
 pub mod criteria;
+pub mod engagement;
 pub mod error;
 pub mod input;
 pub mod jobs;

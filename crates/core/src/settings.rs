@@ -378,6 +378,42 @@ pub const VARIABLES: &[Variable] = &[
         Jobs,
         "schedule of send-reconcile",
     ),
+    // Engagement flowing back (issue #13): reporting webhooks, delivery polling, scoring.
+    var(
+        "SHARPSEND_WEBHOOK_LISTEN",
+        "",
+        Server,
+        "host:port of the HTTP listener for Customer.io reporting webhooks (POST /webhooks/customerio); unset: off (in --dev: on, on a free port, wired to the simulator)",
+    ),
+    secret(
+        "CIO_WEBHOOK_SIGNING_KEY",
+        Server,
+        "the reporting webhook's signing key (X-CIO-Signature); required when SHARPSEND_WEBHOOK_LISTEN is set",
+    ),
+    var(
+        "SHARPSEND_WEBHOOK_TOLERANCE_SECS",
+        "300",
+        Server,
+        "how far a webhook's X-CIO-Timestamp may be from the server's clock, either way, in seconds",
+    ),
+    var(
+        "SHARPSEND_DELIVERY_POLL_DAYS",
+        "3",
+        Jobs,
+        "delivery-poll reads the per-delivery records of sends submitted within this many days",
+    ),
+    var(
+        "SHARPSEND_DELIVERY_POLL_CRON",
+        "0 */5 * * * *",
+        Jobs,
+        "schedule of delivery-poll",
+    ),
+    var(
+        "SHARPSEND_ENGAGEMENT_SCORING_CRON",
+        "30 */10 * * * *",
+        Jobs,
+        "schedule of engagement-scoring",
+    ),
     var(
         "OTEL_EXPORTER_OTLP_ENDPOINT",
         "",
@@ -511,6 +547,79 @@ impl Default for ServerSettings {
     }
 }
 
+/// Reporting webhooks and delivery polling (issue #13).
+#[derive(Clone)]
+pub struct EngagementSettings {
+    /// Where the webhook listener binds; `None`: no listener (dev mode picks one).
+    pub webhook_listen: Option<SocketAddr>,
+    /// The reporting webhook's signing key; set whenever `webhook_listen` is.
+    pub webhook_signing_key: Option<SecretString>,
+    /// How far `X-CIO-Timestamp` may be from the clock, either way.
+    pub webhook_tolerance: Duration,
+    /// `delivery-poll` reads sends submitted within this.
+    pub poll_window: Duration,
+}
+
+impl Default for EngagementSettings {
+    fn default() -> Self {
+        Self {
+            webhook_listen: None,
+            webhook_signing_key: None,
+            webhook_tolerance: Duration::from_secs(300),
+            poll_window: Duration::from_secs(3 * 24 * 3600),
+        }
+    }
+}
+
+impl std::fmt::Debug for EngagementSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngagementSettings")
+            .field("webhook_listen", &self.webhook_listen)
+            .field(
+                "webhook_signing_key",
+                &self.webhook_signing_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field("webhook_tolerance", &self.webhook_tolerance)
+            .field("poll_window", &self.poll_window)
+            .finish()
+    }
+}
+
+impl EngagementSettings {
+    fn read(r: &Reader<'_>, binary: Binary) -> Result<Self, ConfigError> {
+        let poll_window = Duration::from_secs(
+            r.positive("SHARPSEND_DELIVERY_POLL_DAYS")?
+                .saturating_mul(86_400),
+        );
+        if binary != Binary::Server {
+            return Ok(Self {
+                poll_window,
+                ..Self::default()
+            });
+        }
+        let webhook_listen = r.parsed::<SocketAddr>(
+            "SHARPSEND_WEBHOOK_LISTEN",
+            "a socket address such as 0.0.0.0:8080",
+        )?;
+        let webhook_signing_key = r
+            .value("CIO_WEBHOOK_SIGNING_KEY")?
+            .filter(|k| !k.is_empty())
+            .map(SecretString::from);
+        if webhook_listen.is_some() && webhook_signing_key.is_none() {
+            return Err(ConfigError::new(
+                "CIO_WEBHOOK_SIGNING_KEY",
+                "is required when SHARPSEND_WEBHOOK_LISTEN is set",
+            ));
+        }
+        Ok(Self {
+            webhook_listen,
+            webhook_signing_key,
+            webhook_tolerance: Duration::from_secs(r.positive("SHARPSEND_WEBHOOK_TOLERANCE_SECS")?),
+            poll_window,
+        })
+    }
+}
+
 /// A job and when it runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Schedule {
@@ -529,6 +638,8 @@ pub struct Settings {
     pub delivery: DeliveryConfig,
     pub sends: SendConfig,
     pub evaluation: EvaluationConfig,
+    /// Reporting webhooks and delivery polling (issue #13).
+    pub engagement: EngagementSettings,
     /// Each job's cron schedule (six fields, seconds first), in [`Job::ALL`] order.
     pub schedules: Vec<Schedule>,
     pub telemetry: TelemetryConfig,
@@ -547,6 +658,7 @@ impl Default for Settings {
             delivery: DeliveryConfig::default(),
             sends: SendConfig::default(),
             evaluation: EvaluationConfig::default(),
+            engagement: EngagementSettings::default(),
             schedules: Job::ALL
                 .iter()
                 .map(|&job| Schedule {
@@ -628,6 +740,7 @@ impl Settings {
             evaluation: EvaluationConfig {
                 max_age: Duration::from_secs(r.positive("SHARPSEND_SEGMENT_REEVALUATE_SECS")?),
             },
+            engagement: EngagementSettings::read(&r, binary)?,
             schedules: Job::ALL
                 .iter()
                 .map(|&job| r.cron(job))

@@ -39,6 +39,7 @@ pub mod abtests;
 pub mod campaigns;
 pub mod criteria_sql;
 mod database;
+pub mod engagement;
 pub mod entities;
 mod error;
 pub mod jobs;

@@ -128,6 +128,7 @@ impl CampaignService for Campaigns {
             segment_ids: req.segment_ids,
             variations,
             delivery,
+            content_types: req.content_types,
             created_by: caller,
         };
         let (view, created) = sends::send_assignment(&self.ctx, request)

@@ -34,6 +34,7 @@ pub async fn run(
         &sim_config.app_api_key,
     ));
     let listen = settings.server.listen;
+    let webhook_listen = settings.engagement.webhook_listen;
     let database_url = settings.database_url.clone();
     let key_hint = if settings.server.dev_api_key {
         DEV_API_KEY
@@ -49,6 +50,29 @@ pub async fn run(
         tracing::warn!(error = %error_chain(&e), "first segment sync failed; the scheduler retries");
     }
     let scheduler = sharpsend_scheduler::start(ctx.clone(), holder).await?;
+    // The loop of issue #13: the simulator sends signed reporting webhooks to our endpoint.
+    let webhook_key = secrecy::SecretString::from(format!("dev-webhook-{}", ulid::Ulid::new()));
+    let webhook_addr =
+        webhook_listen.unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    let (webhook_addr, _webhooks) = crate::webhooks::spawn(
+        ctx.clone(),
+        webhook_addr,
+        webhook_key.clone(),
+        sharpsend_core::context::shutdown_signal(),
+    )
+    .await
+    .with_context(|| format!("binding {webhook_addr} (webhooks)"))?;
+    {
+        use secrecy::ExposeSecret as _;
+        let url = format!("http://{webhook_addr}{}", crate::webhooks::WEBHOOK_PATH);
+        sim.sim
+            .set_reporting_webhook(Some(cio_sim::ReportingWebhook::new(
+                &url,
+                webhook_key.expose_secret(),
+            )))
+            .context("configuring the simulator's reporting webhook")?;
+        tracing::info!(%url, "simulator reporting webhooks → this server");
+    }
 
     let listener = TcpListener::bind(listen)
         .await

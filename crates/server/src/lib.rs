@@ -12,6 +12,8 @@
 //! - [`app`]: assembling and serving everything (health, reflection, limits, graceful shutdown);
 //!   [`limits`]: the global in-flight limit (shedding with `UNAVAILABLE` + `RetryInfo`) and the
 //!   deadline (`DEADLINE_EXCEEDED`).
+//! - [`webhooks`]: the HTTP endpoint for Customer.io's reporting webhooks
+//!   (`SHARPSEND_WEBHOOK_LISTEN`).
 //! - `dev` (feature `dev`, on by default): `--dev` mode: SQLite + in-process simulator +
 //!   in-process scheduler. Production builds (`--no-default-features`) do not link the simulator.
 
@@ -30,5 +32,6 @@ pub mod profiles;
 pub mod segments;
 pub mod status;
 pub mod telemetry;
+pub mod webhooks;
 
 pub use app::serve;

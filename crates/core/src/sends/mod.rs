@@ -72,6 +72,9 @@ pub const MAX_ID_CHARS: usize = 200;
 pub const MAX_TITLE_CHARS: usize = 200;
 /// Longest subject, in characters.
 pub const MAX_SUBJECT_CHARS: usize = 250;
+/// Most content types of one assignment, and the longest, in characters.
+pub const MAX_CONTENT_TYPES: usize = 10;
+pub const MAX_CONTENT_TYPE_CHARS: usize = 50;
 /// Most target segments of one send.
 pub const MAX_TARGETS: usize = 20;
 /// Customer.io's limit on a trigger's `data`, in bytes of JSON.
@@ -191,6 +194,8 @@ pub struct SendRequest {
     pub segment_ids: Vec<i64>,
     pub variations: Vec<Variation>,
     pub delivery: Option<DeliveryMode>,
+    /// What kind of content the assignment is (engagement scoring's `preferred_content_types`).
+    pub content_types: Vec<String>,
     /// Caller identity (API key name).
     pub created_by: String,
 }

@@ -12,9 +12,10 @@ use sharpsend_db::sends::{
 
 use super::dispatch::dispatch_now;
 use super::{
-    DeliveryMode, MAX_ACTOR_CHARS, MAX_ID_CHARS, MAX_NEWSLETTER_BODY_BYTES, MAX_REASON_CHARS,
-    MAX_SUBJECT_CHARS, MAX_TARGETS, MAX_TITLE_CHARS, MAX_TRIGGER_DATA_BYTES, RESERVED_DATA_KEYS,
-    SendFilter, SendRequest, SendView, TriggerData, Variation,
+    DeliveryMode, MAX_ACTOR_CHARS, MAX_CONTENT_TYPE_CHARS, MAX_CONTENT_TYPES, MAX_ID_CHARS,
+    MAX_NEWSLETTER_BODY_BYTES, MAX_REASON_CHARS, MAX_SUBJECT_CHARS, MAX_TARGETS, MAX_TITLE_CHARS,
+    MAX_TRIGGER_DATA_BYTES, RESERVED_DATA_KEYS, SendFilter, SendRequest, SendView, TriggerData,
+    Variation,
 };
 use crate::error::reasons;
 use crate::paging::Page;
@@ -112,6 +113,14 @@ fn validate(r: &SendRequest) -> Result<DeliveryMode, CoreError> {
     text("assignment_id", &r.assignment_id, true, MAX_ID_CHARS);
     text("request_id", &r.request_id, false, MAX_ID_CHARS);
     text("title", &r.title, true, MAX_TITLE_CHARS);
+    for (i, kind) in r.content_types.iter().enumerate() {
+        text(
+            &format!("content_types[{i}]"),
+            kind,
+            true,
+            MAX_CONTENT_TYPE_CHARS,
+        );
+    }
     let every_variation_has_subject =
         !r.variations.is_empty() && r.variations.iter().all(|x| !x.subject.trim().is_empty());
     text(
@@ -121,6 +130,12 @@ fn validate(r: &SendRequest) -> Result<DeliveryMode, CoreError> {
         MAX_SUBJECT_CHARS,
     );
 
+    if r.content_types.len() > MAX_CONTENT_TYPES {
+        v.push(FieldViolation::new(
+            "content_types",
+            format!("at most {MAX_CONTENT_TYPES}, got {}", r.content_types.len()),
+        ));
+    }
     if r.segment_ids.is_empty() {
         v.push(FieldViolation::new(
             "segment_ids",
@@ -319,7 +334,14 @@ fn fingerprint(r: &SendRequest, delivery: DeliveryMode) -> Value {
             subscription_topic_id: Some(topic),
         } => json!({"newsletter_from_id": from_id, "subscription_topic_id": topic}),
     };
-    json!({"title": r.title, "subject": r.subject, "segment_ids": r.segment_ids, "variations": variations, "delivery": delivery})
+    let mut normalised = json!({"title": r.title, "subject": r.subject, "segment_ids": r.segment_ids, "variations": variations, "delivery": delivery});
+    // Only when given, so sends recorded before the field existed keep their fingerprint.
+    if !r.content_types.is_empty()
+        && let Some(map) = normalised.as_object_mut()
+    {
+        map.insert("content_types".into(), json!(r.content_types));
+    }
+    normalised
 }
 
 /// One submission per target, in target order; each one's audience excludes earlier targets.
@@ -672,6 +694,7 @@ mod tests {
                 },
             ],
             delivery: Some(DeliveryMode::Broadcast { broadcast_id: 3 }),
+            content_types: vec!["growth".into()],
             created_by: "e2e".into(),
         }
     }

@@ -1,0 +1,313 @@
+//! Reporting-webhook ingest and engagement-scoring benchmark: prints figures, asserts nothing
+//! about time.
+//!
+//! ```sh
+//! SHARPSEND_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test \
+//!   cargo run --release -p sharpsend-tests --bin bench-webhooks
+//! ```
+//!
+//! On a fresh test database (PostgreSQL when `SHARPSEND_TEST_POSTGRES_URL` is set, else SQLite)
+//! with the simulator and a real send (so events are attributed):
+//!
+//! 1. Ingest: `--senders` concurrent HTTP clients (50) POST `--events` signed reporting
+//!    webhooks (10% of them a second time, as Customer.io's at-least-once delivery does) to
+//!    `POST /webhooks/customerio`; prints events/s and the latency p50/p99/max of the answers,
+//!    and checks every distinct event was stored once.
+//! 2. Scoring: stores `--scoring-events` delivery events (10 per person) directly, then runs
+//!    the `engagement-scoring` job; prints its time and this process's peak RSS during the job
+//!    (VmHWM reset before it), at each of `--sizes` so memory can be compared across N.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use clap::Parser;
+use secrecy::SecretString;
+use sharpsend_core::engagement::webhooks::WebhookReceiver;
+use sharpsend_core::jobs::Job;
+use sharpsend_db::engagement::{self as store, EventSource, NewDeliveryEvent};
+use sharpsend_db::testing::{Backend, TestDatabase};
+use sharpsend_proto::v1 as pb;
+use sharpsend_tests::TestApp;
+
+const KEY: &str = "bench-webhook-key";
+const BROADCAST: i64 = 3;
+
+#[derive(Debug, Parser)]
+#[command(about = "Reporting-webhook ingest and engagement-scoring benchmark")]
+struct Args {
+    /// Distinct webhook events to send.
+    #[arg(long, default_value_t = 50_000)]
+    events: usize,
+    /// Concurrent senders.
+    #[arg(long, default_value_t = 50)]
+    senders: usize,
+    /// Delivery events to score (largest size).
+    #[arg(long, default_value_t = 1_000_000)]
+    scoring_events: usize,
+    /// Smaller scoring sizes to compare memory against.
+    #[arg(long, value_delimiter = ',', default_value = "100000")]
+    sizes: Vec<usize>,
+}
+
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Resets VmHWM to the current RSS (Linux).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+async fn database() -> anyhow::Result<(TestDatabase, &'static str)> {
+    if let Some(db) = TestDatabase::create_migrated(Backend::Postgres).await? {
+        return Ok((db, "PostgreSQL"));
+    }
+    let db = TestDatabase::create_migrated(Backend::Sqlite)
+        .await?
+        .context("SQLite test database")?;
+    Ok((db, "SQLite"))
+}
+
+/// A real send through the demo broadcast; answers its trigger id.
+async fn send(app: &TestApp) -> anyhow::Result<i64> {
+    app.run_job(Job::SegmentSync).await?;
+    let segment = app
+        .sim
+        .sim
+        .segments()
+        .iter()
+        .find(|s| s.name == "High Engagement")
+        .map(|s| s.id)
+        .context("demo segment")?;
+    let sent = app
+        .campaigns()
+        .await?
+        .send_assignment(pb::SendAssignmentRequest {
+            assignment_id: "bench".into(),
+            title: "Bench".into(),
+            subject: "Bench".into(),
+            segment_ids: vec![segment],
+            variations: vec![pb::ContentVariation {
+                segment_id: segment,
+                body: "<p>bench</p>".into(),
+                ..Default::default()
+            }],
+            delivery: Some(pb::send_assignment_request::Delivery::Broadcast(
+                pb::BroadcastDelivery {
+                    broadcast_id: BROADCAST,
+                },
+            )),
+            content_types: vec!["growth".into()],
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .send
+        .context("send")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        app.run_job(Job::SendDispatch).await?;
+        let got = app
+            .campaigns()
+            .await?
+            .get_send(pb::GetSendRequest {
+                send_id: sent.id.clone(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .send
+            .context("send")?;
+        if let Some(t) = got
+            .submissions
+            .iter()
+            .map(|s| s.cio_trigger_id)
+            .find(|t| *t > 0)
+        {
+            return Ok(t);
+        }
+        ensure!(Instant::now() < deadline, "send not submitted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn body(i: usize, trigger: i64, now: i64) -> String {
+    let metric = ["delivered", "opened", "clicked", "sent"][i % 4];
+    serde_json::json!({
+        "event_id": format!("bench-{i:09}"), "object_type": "email", "metric": metric,
+        "timestamp": now,
+        "data": {"delivery_id": format!("dl-{}", i / 4), "customer_id": format!("p{:07}", i / 40),
+                 "broadcast_id": BROADCAST, "trigger_id": trigger, "action_id": 1,
+                 "identifiers": {"id": format!("p{:07}", i / 40)}, "prefetched": false}
+    })
+    .to_string()
+}
+
+async fn ingest(args: &Args, app: &TestApp, trigger: i64) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!(
+        "http://{}{}",
+        listener.local_addr()?,
+        sharpsend_server::webhooks::WEBHOOK_PATH
+    );
+    let receiver = WebhookReceiver::start(app.ctx.clone(), SecretString::from(KEY));
+    tokio::spawn(sharpsend_server::webhooks::serve(
+        listener,
+        receiver,
+        std::future::pending(),
+    ));
+    // Every 10th event is sent twice.
+    let total = args.events + args.events / 10;
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.senders {
+        let (next, url) = (next.clone(), url.clone());
+        let now = app.ctx.now().timestamp();
+        let events = args.events;
+        tasks.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut latencies = Vec::new();
+            loop {
+                let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if n >= total {
+                    return anyhow::Ok(latencies);
+                }
+                let i = if n < events { n } else { (n - events) * 10 };
+                let body = body(i, trigger, now);
+                let t = Instant::now();
+                let answer = http
+                    .post(&url)
+                    .header("X-CIO-Timestamp", now.to_string())
+                    .header(
+                        "X-CIO-Signature",
+                        cio_sim::sign_webhook(KEY, now, body.as_bytes()),
+                    )
+                    .body(body)
+                    .send()
+                    .await?;
+                ensure!(answer.status().is_success(), "answered {}", answer.status());
+                latencies.push(t.elapsed());
+            }
+        }));
+    }
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await??);
+    }
+    let elapsed = started.elapsed();
+    latencies.sort();
+    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+    let stored = store::events_after(&app.ctx.db, app.ctx.workspace_id(), 0, None, u64::MAX >> 1)
+        .await?
+        .len();
+    println!(
+        "ingest: {} requests ({} distinct events) from {} senders in {:.2}s: {:.0} events/s; latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; stored {}",
+        latencies.len(),
+        args.events,
+        args.senders,
+        elapsed.as_secs_f64(),
+        latencies.len() as f64 / elapsed.as_secs_f64(),
+        at(0.5).as_secs_f64() * 1000.0,
+        at(0.99).as_secs_f64() * 1000.0,
+        latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
+        stored
+    );
+    ensure!(
+        stored == args.events,
+        "stored {stored} of {} distinct events",
+        args.events
+    );
+    Ok(())
+}
+
+async fn scoring(app: &TestApp, trigger: i64, n: usize, offset: usize) -> anyhow::Result<()> {
+    let now = app.ctx.now();
+    let insert_started = Instant::now();
+    let mut batch = Vec::with_capacity(5000);
+    for i in 0..n {
+        let person = format!("s{offset}-{:07}", i / 10);
+        batch.push(NewDeliveryEvent {
+            event_id: format!("score-{offset}-{i}"),
+            metric: ["delivered", "opened", "delivered", "clicked", "delivered"][i % 5].into(),
+            object_type: "email".into(),
+            delivery_id: Some(format!("sd-{offset}-{}", i / 2)),
+            customer_id: Some(person),
+            broadcast_id: Some(BROADCAST),
+            trigger_id: Some(trigger),
+            occurred_at: now - chrono::TimeDelta::days((i % 90) as i64),
+            prefetched: i % 7 == 0,
+            ..NewDeliveryEvent::default()
+        });
+        if batch.len() == 5000 {
+            store::insert_events(
+                &app.ctx.db,
+                app.ctx.workspace_id(),
+                EventSource::Webhook,
+                &batch,
+                now,
+            )
+            .await?;
+            batch.clear();
+        }
+    }
+    store::insert_events(
+        &app.ctx.db,
+        app.ctx.workspace_id(),
+        EventSource::Webhook,
+        &batch,
+        now,
+    )
+    .await?;
+    let inserted = insert_started.elapsed();
+    reset_peak_rss();
+    let started = Instant::now();
+    let outcome = app.run_job(Job::EngagementScoring).await?;
+    let elapsed = started.elapsed();
+    println!(
+        "scoring: {n} new events ({} people) stored in {:.1}s; engagement-scoring took {:.1}s, peak RSS during it {:.1} MiB; {outcome:?}",
+        n / 10,
+        inserted.as_secs_f64(),
+        elapsed.as_secs_f64(),
+        peak_rss_kib().unwrap_or(0) as f64 / 1024.0
+    );
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    cio_client::install_crypto_provider();
+    let (db, backend) = database().await?;
+    println!(
+        "bench-webhooks on {backend}, {} cores (shared machine: figures vary with other load)",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let app = TestApp::spawn(&db).await?;
+    let result = async {
+        let trigger = send(&app).await?;
+        ingest(&args, &app, trigger).await?;
+        let mut sizes: Vec<usize> = args
+            .sizes
+            .iter()
+            .copied()
+            .filter(|&s| s > 0 && s < args.scoring_events)
+            .collect();
+        sizes.push(args.scoring_events);
+        for (k, n) in sizes.into_iter().enumerate() {
+            scoring(&app, trigger, n, k).await?;
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    app.stop().await?;
+    db.cleanup().await;
+    result
+}
