@@ -34,6 +34,9 @@ pub enum Job {
     /// Settle uncertain submissions by looking for them in Customer.io, and follow submitted
     /// ones to completion.
     SendReconcile,
+    /// Bring Customer.io's changes into the profile mirror: the activity feed, or a backfill
+    /// by export when the feed cannot tell (see [`crate::profile_sync`]).
+    ProfileSync,
 }
 
 impl Job {
@@ -45,6 +48,7 @@ impl Job {
         Job::MetricsPoll,
         Job::SendDispatch,
         Job::SendReconcile,
+        Job::ProfileSync,
     ];
 
     /// The name used on the command line, in job runs and in leases.
@@ -57,6 +61,7 @@ impl Job {
             Job::MetricsPoll => "metrics-poll",
             Job::SendDispatch => "send-dispatch",
             Job::SendReconcile => "send-reconcile",
+            Job::ProfileSync => "profile-sync",
         }
     }
 
@@ -79,6 +84,9 @@ impl Job {
             Job::SendReconcile => {
                 "settle uncertain sends from Customer.io's records; follow submitted ones to completion"
             }
+            Job::ProfileSync => {
+                "bring Customer.io's attribute changes into the profile mirror (feed, or backfill by export)"
+            }
         }
     }
 
@@ -93,6 +101,7 @@ impl Job {
             Job::MetricsPoll => "SHARPSEND_METRICS_POLL_CRON",
             Job::SendDispatch => "SHARPSEND_SEND_DISPATCH_CRON",
             Job::SendReconcile => "SHARPSEND_SEND_RECONCILE_CRON",
+            Job::ProfileSync => "SHARPSEND_PROFILE_SYNC_CRON",
         }
     }
 }
@@ -313,6 +322,7 @@ async fn execute(ctx: &AppContext, job: Job) -> Result<serde_json::Value, CoreEr
         Job::MetricsPoll => Ok(report_details(&crate::metrics::poll_due(ctx).await?)),
         Job::SendDispatch => Ok(report_details(&crate::sends::dispatch_due(ctx).await?)),
         Job::SendReconcile => Ok(report_details(&crate::sends::reconcile(ctx).await?)),
+        Job::ProfileSync => Ok(report_details(&crate::profile_sync::sync(ctx).await?)),
     }
 }
 
