@@ -7,6 +7,7 @@ mod dynamic_segments;
 mod jobs;
 mod journey;
 mod ops;
+mod profile_sync;
 mod profiles;
 mod segments;
 mod sends;

@@ -145,8 +145,7 @@ pub async fn backfill(ctx: &AppContext, reason: &str) -> Result<ProfileSyncRepor
     tracing::info!(reason, segments = ?segments.ids, people = ?segments.people, "profile backfill");
     if segments.ids.is_empty() {
         let counts =
-            store::apply_changes(&ctx.db, ctx.workspace_id(), &[], top.as_ref(), ctx.now())
-                .await?;
+            store::apply_changes(&ctx.db, ctx.workspace_id(), &[], top.as_ref(), ctx.now()).await?;
         return Ok(ProfileSyncReport {
             mode: "backfill-paging".into(),
             reason: format!("{reason}; no segment to read"),
@@ -162,14 +161,17 @@ pub async fn backfill(ctx: &AppContext, reason: &str) -> Result<ProfileSyncRepor
         _ => {
             let attributes = export_attributes(ctx).await?;
             let filter = audience_filter(&segments.ids);
-            let export = ctx
-                .cio
-                .create_customer_export(&filter, &attributes)
-                .await?;
+            let export = ctx.cio.create_customer_export(&filter, &attributes).await?;
             requests += 1;
             let started = ctx.now();
-            store::start_backfill(&ctx.db, ctx.workspace_id(), export.id, top.as_ref(), started)
-                .await?;
+            store::start_backfill(
+                &ctx.db,
+                ctx.workspace_id(),
+                export.id,
+                top.as_ref(),
+                started,
+            )
+            .await?;
             let backfill = BackfillInProgress {
                 export_id: export.id,
                 requested_at: started,
@@ -182,10 +184,7 @@ pub async fn backfill(ctx: &AppContext, reason: &str) -> Result<ProfileSyncRepor
 }
 
 /// The newest `attribute_change` activity (one request), if any.
-async fn feed_top(
-    ctx: &AppContext,
-    requests: &mut u64,
-) -> Result<Option<FeedPosition>, CoreError> {
+async fn feed_top(ctx: &AppContext, requests: &mut u64) -> Result<Option<FeedPosition>, CoreError> {
     let query = ActivityQuery::new()
         .of_type(ActivityType::AttributeChange)
         .with_limit(1);
@@ -260,9 +259,7 @@ async fn export_attributes(ctx: &AppContext) -> Result<Vec<String>, CoreError> {
             .await?
             .into_iter()
             .collect();
-        for segment in
-            sharpsend_db::managed_segments::list(&ctx.db, ctx.workspace_id()).await?
-        {
+        for segment in sharpsend_db::managed_segments::list(&ctx.db, ctx.workspace_id()).await? {
             names.extend(segment.referenced_attributes);
         }
         names
@@ -364,8 +361,7 @@ where
             }
         }
         let counts =
-            store::load_snapshot(&ctx.db, ctx.workspace_id(), &batch, taken_at, ctx.now())
-                .await?;
+            store::load_snapshot(&ctx.db, ctx.workspace_id(), &batch, taken_at, ctx.now()).await?;
         loaded.counts.absorb(counts);
         chunks += 1;
         if chunks.is_multiple_of(10) {
@@ -534,9 +530,14 @@ async fn follow_feed(
             });
         }
     }
-    let counts =
-        store::apply_changes(&ctx.db, ctx.workspace_id(), &changes, top.as_ref(), ctx.now())
-            .await?;
+    let counts = store::apply_changes(
+        &ctx.db,
+        ctx.workspace_id(),
+        &changes,
+        top.as_ref(),
+        ctx.now(),
+    )
+    .await?;
     let mut report = ProfileSyncReport {
         mode: "incremental".into(),
         requests,

@@ -192,14 +192,7 @@ pub async fn record_backfill_progress(
         backfill_loaded: Set(i64::try_from(loaded).unwrap_or(i64::MAX)),
         ..Default::default()
     };
-    save(
-        db,
-        workspace_id,
-        row,
-        &[state::Column::BackfillLoaded],
-        now,
-    )
-    .await?;
+    save(db, workspace_id, row, &[state::Column::BackfillLoaded], now).await?;
     Ok(())
 }
 
@@ -221,7 +214,12 @@ pub async fn abandon_backfill(
         db,
         workspace_id,
         row,
-        &[C::ExportId, C::ExportRequestedAt, C::ExportTopId, C::ExportTopAt],
+        &[
+            C::ExportId,
+            C::ExportRequestedAt,
+            C::ExportTopId,
+            C::ExportTopAt,
+        ],
         now,
     )
     .await?;
@@ -404,12 +402,10 @@ async fn write_back(
     if fetched {
         columns.push(profiles::Column::FetchedAt);
     }
-    let on_conflict = OnConflict::columns([
-        profiles::Column::WorkspaceId,
-        profiles::Column::CustomerId,
-    ])
-    .update_columns(columns)
-    .to_owned();
+    let on_conflict =
+        OnConflict::columns([profiles::Column::WorkspaceId, profiles::Column::CustomerId])
+            .update_columns(columns)
+            .to_owned();
     let mut rows = rows.into_iter().peekable();
     while rows.peek().is_some() {
         let models: Vec<profiles::ActiveModel> = rows
@@ -506,9 +502,8 @@ pub async fn load_snapshot(
             attributes: Map::new(),
         });
         let pending_of = pending.get(id);
-        let wins = |key: &str| {
-            customer_io_wins(pending_of.and_then(|p| p.get(key)).copied(), taken_at)
-        };
+        let wins =
+            |key: &str| customer_io_wins(pending_of.and_then(|p| p.get(key)).copied(), taken_at);
         let mut changed = created;
         if person.cio_id != row.cio_id && row.cio_id.is_some() {
             person.cio_id = row.cio_id.clone();
@@ -519,7 +514,11 @@ pub async fn load_snapshot(
             .chain(row.attributes.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         for (key, text) in values {
             if !wins(key) {
-                if !person.attributes.get(key).is_some_and(|v| same_text(v, text)) {
+                if !person
+                    .attributes
+                    .get(key)
+                    .is_some_and(|v| same_text(v, text))
+                {
                     counts.kept_pending += 1;
                 }
                 continue;
@@ -592,9 +591,8 @@ pub async fn apply_changes(
             if change.attribute == "id" {
                 continue;
             }
-            let entry = people
-                .entry(change.customer_id.clone())
-                .or_insert_with(|| match current.remove(&change.customer_id) {
+            let entry = people.entry(change.customer_id.clone()).or_insert_with(|| {
+                match current.remove(&change.customer_id) {
                     Some(c) => (false, false, c),
                     None => (
                         true,
@@ -605,7 +603,8 @@ pub async fn apply_changes(
                             attributes: Map::new(),
                         },
                     ),
-                });
+                }
+            });
             let pending_since = pending
                 .get(&change.customer_id)
                 .and_then(|p| p.get(&change.attribute))
