@@ -281,7 +281,9 @@ fn same_text(value: &Value, text: &str) -> bool {
     match value {
         Value::String(s) => s == text,
         Value::Null => text.is_empty(),
-        other => other.to_string() == text,
+        // JSON text of a number, boolean, array or object (not `Value == str`, which only
+        // matches strings).
+        other => serde_json::to_string(other).is_ok_and(|json| json == text),
     }
 }
 
@@ -675,4 +677,40 @@ pub async fn known_attributes(
         names.push(row.try_get::<String>("", "name")?);
     }
     Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone as _;
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn an_undelivered_write_wins_unless_customer_io_changed_later() {
+        let at = |s: i64| Utc.timestamp_opt(s, 0).single().unwrap_or_default();
+        let changed = at(1_000);
+        assert!(customer_io_wins(None, changed));
+        assert!(customer_io_wins(Some(at(999)), changed));
+        // Customer.io has whole seconds: the same second counts as older than the write.
+        let same_second = at(1_000) + chrono::TimeDelta::milliseconds(300);
+        assert!(!customer_io_wins(Some(same_second), changed));
+        assert!(!customer_io_wins(Some(at(1_001)), changed));
+    }
+
+    #[test]
+    fn text_values_keep_typed_equals_and_empty_removes() {
+        let mut attributes = Map::new();
+        attributes.insert("score".into(), json!(80));
+        attributes.insert("plan".into(), json!("pro"));
+        assert!(!set_text(&mut attributes, "score", "80"));
+        assert_eq!(attributes["score"], json!(80));
+        assert!(set_text(&mut attributes, "score", "81"));
+        assert_eq!(attributes["score"], json!("81"));
+        assert!(set_text(&mut attributes, "plan", ""));
+        assert!(!attributes.contains_key("plan"));
+        assert!(!set_text(&mut attributes, "absent", ""));
+        assert!(set_text(&mut attributes, "flag", "true"));
+        assert!(!set_text(&mut attributes, "flag", "true"));
+    }
 }
