@@ -29,7 +29,7 @@ use std::{
 
 use anyhow::{Context, ensure};
 use chrono::Utc;
-use cio_sim::{SimApi, SimConfig, Simulator};
+use cio_sim::{SimConfig, Simulator};
 use clap::Parser;
 use sharpsend_core::{
     AppContext,
@@ -198,7 +198,7 @@ async fn request_count(args: &Args) -> anyhow::Result<()> {
     }
     println!(
         "  total App API requests: {} (the paging path would need about {} for the same people)",
-        sim.sim.request_count(SimApi::App),
+        used.values().sum::<u64>(),
         details["read"].as_u64().unwrap_or(0).div_ceil(100)
             + details["read"].as_u64().unwrap_or(0).div_ceil(1000)
     );
