@@ -9,6 +9,7 @@ mod engagement;
 mod jobs;
 mod journey;
 mod ops;
+mod profile_sync;
 mod profiles;
 mod segments;
 mod sends;

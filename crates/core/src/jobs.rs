@@ -40,6 +40,9 @@ pub enum Job {
     /// Score each person's engagement from delivery events and write the scores that changed
     /// to the mirror and the outbox.
     EngagementScoring,
+    /// Bring Customer.io's changes into the profile mirror: the activity feed, or a backfill
+    /// by export when the feed cannot tell (see [`crate::profile_sync`]).
+    ProfileSync,
 }
 
 impl Job {
@@ -53,6 +56,7 @@ impl Job {
         Job::SendReconcile,
         Job::DeliveryPoll,
         Job::EngagementScoring,
+        Job::ProfileSync,
     ];
 
     /// The name used on the command line, in job runs and in leases.
@@ -67,6 +71,7 @@ impl Job {
             Job::SendReconcile => "send-reconcile",
             Job::DeliveryPoll => "delivery-poll",
             Job::EngagementScoring => "engagement-scoring",
+            Job::ProfileSync => "profile-sync",
         }
     }
 
@@ -93,6 +98,9 @@ impl Job {
             Job::EngagementScoring => {
                 "score engagement per person; write changed scores to the mirror and Customer.io"
             }
+            Job::ProfileSync => {
+                "bring Customer.io's attribute changes into the profile mirror (feed, or backfill by export)"
+            }
         }
     }
 
@@ -109,6 +117,7 @@ impl Job {
             Job::SendReconcile => "SHARPSEND_SEND_RECONCILE_CRON",
             Job::DeliveryPoll => "SHARPSEND_DELIVERY_POLL_CRON",
             Job::EngagementScoring => "SHARPSEND_ENGAGEMENT_SCORING_CRON",
+            Job::ProfileSync => "SHARPSEND_PROFILE_SYNC_CRON",
         }
     }
 }
@@ -331,6 +340,7 @@ async fn execute(ctx: &AppContext, job: Job) -> Result<serde_json::Value, CoreEr
         Job::SendReconcile => Ok(report_details(&crate::sends::reconcile(ctx).await?)),
         Job::DeliveryPoll => Ok(report_details(&crate::engagement::poll(ctx).await?)),
         Job::EngagementScoring => Ok(report_details(&crate::engagement::score(ctx).await?)),
+        Job::ProfileSync => Ok(report_details(&crate::profile_sync::sync(ctx).await?)),
     }
 }
 

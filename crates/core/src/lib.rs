@@ -39,6 +39,7 @@ pub mod managed_segments;
 pub mod metrics;
 pub mod outbox;
 pub mod paging;
+pub mod profile_sync;
 pub mod profiles;
 pub mod segments;
 pub mod sends;

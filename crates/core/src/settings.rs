@@ -415,6 +415,42 @@ pub const VARIABLES: &[Variable] = &[
         "schedule of engagement-scoring",
     ),
     var(
+        "SHARPSEND_PROFILE_SYNC_CRON",
+        "45 * * * * *",
+        Jobs,
+        "schedule of profile-sync (Customer.io changes into the profile mirror)",
+    ),
+    var(
+        "SHARPSEND_PROFILE_SYNC_SEGMENTS",
+        "",
+        Jobs,
+        "comma-separated Customer.io segment ids whose people profile-sync backfills; unset: every mirrored segment",
+    ),
+    var(
+        "SHARPSEND_PROFILE_SYNC_ATTRIBUTES",
+        "",
+        Jobs,
+        "comma-separated attributes a profile backfill reads; unset: those the mirror holds and managed criteria read",
+    ),
+    var(
+        "SHARPSEND_PROFILE_SYNC_MAX_FEED_PAGES",
+        "50",
+        Jobs,
+        "most activity-feed pages (100 changes each) one profile-sync run reads; more waiting: a backfill instead",
+    ),
+    var(
+        "SHARPSEND_PROFILE_SYNC_PAGING_MAX",
+        "1000",
+        Jobs,
+        "audiences of at most this many people are backfilled by membership pages and attribute lookups, larger ones by an export",
+    ),
+    var(
+        "SHARPSEND_PROFILE_SYNC_EXPORT_WAIT_SECS",
+        "60",
+        Jobs,
+        "how long one profile-sync run waits for Customer.io to build an export before leaving it to the next run",
+    ),
+    var(
         "OTEL_EXPORTER_OTLP_ENDPOINT",
         "",
         Both,
@@ -640,6 +676,7 @@ pub struct Settings {
     pub evaluation: EvaluationConfig,
     /// Reporting webhooks and delivery polling (issue #13).
     pub engagement: EngagementSettings,
+    pub profile_sync: crate::profile_sync::ProfileSyncConfig,
     /// Each job's cron schedule (six fields, seconds first), in [`Job::ALL`] order.
     pub schedules: Vec<Schedule>,
     pub telemetry: TelemetryConfig,
@@ -659,6 +696,7 @@ impl Default for Settings {
             sends: SendConfig::default(),
             evaluation: EvaluationConfig::default(),
             engagement: EngagementSettings::default(),
+            profile_sync: crate::profile_sync::ProfileSyncConfig::default(),
             schedules: Job::ALL
                 .iter()
                 .map(|&job| Schedule {
@@ -741,6 +779,19 @@ impl Settings {
                 max_age: Duration::from_secs(r.positive("SHARPSEND_SEGMENT_REEVALUATE_SECS")?),
             },
             engagement: EngagementSettings::read(&r, binary)?,
+            profile_sync: crate::profile_sync::ProfileSyncConfig {
+                segments: r.list("SHARPSEND_PROFILE_SYNC_SEGMENTS", |id: &str| {
+                    id.parse::<i64>().ok().filter(|n| *n > 0)
+                })?,
+                attributes: r.list("SHARPSEND_PROFILE_SYNC_ATTRIBUTES", |name: &str| {
+                    Some(name.to_string())
+                })?,
+                max_feed_pages: r.positive_as("SHARPSEND_PROFILE_SYNC_MAX_FEED_PAGES")?,
+                paging_max: r.number("SHARPSEND_PROFILE_SYNC_PAGING_MAX")?,
+                export_wait: Duration::from_secs(
+                    r.number("SHARPSEND_PROFILE_SYNC_EXPORT_WAIT_SECS")?,
+                ),
+            },
             schedules: Job::ALL
                 .iter()
                 .map(|&job| r.cron(job))
@@ -844,6 +895,28 @@ impl Reader<'_> {
             Some(n) => Ok(n),
             None => Err(ConfigError::new(name, "is required but not set")),
         }
+    }
+
+    /// A whole number, 0 allowed (declared with a default).
+    fn number(&self, name: &'static str) -> Result<u64, ConfigError> {
+        self.parsed::<u64>(name, "a whole number")?
+            .ok_or_else(|| ConfigError::new(name, "is required but not set"))
+    }
+
+    /// A comma-separated list (empty when unset); `item` parses one entry (`None`: invalid).
+    fn list<T>(
+        &self,
+        name: &'static str,
+        item: impl Fn(&str) -> Option<T>,
+    ) -> Result<Vec<T>, ConfigError> {
+        let raw = self.value(name)?.unwrap_or_default();
+        raw.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                item(s).ok_or_else(|| ConfigError::new(name, format!("`{s}` is not valid here")))
+            })
+            .collect()
     }
 
     fn positive_as<T: TryFrom<u64>>(&self, name: &'static str) -> Result<T, ConfigError> {

@@ -46,6 +46,7 @@ pub mod jobs;
 pub mod managed_segments;
 pub mod metrics;
 pub mod outbox;
+pub mod profile_sync;
 pub mod profiles;
 pub mod segments;
 pub mod sends;
