@@ -351,7 +351,7 @@ db_test!(
     |db: TestDatabase| async move {
         let app = TestApp::spawn(&db).await?;
         let (mut seg, mut prof, mut ops, mut camp) = clients(&app).await?;
-        seg.sync_segments(pb::SyncSegmentsRequest {}).await?;
+        app.sync_segments().await?;
         // A managed segment without criteria, so its updates reach validation.
         let managed = seg
             .create_segment(pb::CreateSegmentRequest {
@@ -1104,7 +1104,11 @@ db_test!(
                 rpc,
                 label,
                 INVALID,
-                ops.run_job(pb::RunJobRequest { job }).await,
+                ops.run_job(pb::RunJobRequest {
+                    job,
+                    ..Default::default()
+                })
+                .await,
             );
             p.names(label, status, "job");
         }
@@ -1758,11 +1762,17 @@ db_test!(
     |db: TestDatabase| async move {
         let app = TestApp::spawn(&db).await?;
         let (mut seg, _, mut ops, mut camp) = clients(&app).await?;
-        seg.sync_segments(pb::SyncSegmentsRequest {}).await?;
-        ops.run_job(pb::RunJobRequest {
-            job: "campaign-sync".into(),
-        })
-        .await?;
+        app.sync_segments().await?;
+        let run = ops
+            .run_job(pb::RunJobRequest {
+                job: "campaign-sync".into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .run
+            .context("RunJob answered no run")?;
+        sharpsend_tests::wait_for_run(&mut ops, run.id, sharpsend_tests::RUN_WAIT).await?;
 
         let refused = |status: Status, rpc: &str| -> anyhow::Result<()> {
             let reason = status
@@ -1952,7 +1962,7 @@ db_test!(
 db_test!(errors_carry_stable_reasons, |db: TestDatabase| async move {
     let app = TestApp::spawn(&db).await?;
     let (mut seg, _, _, mut camp) = clients(&app).await?;
-    seg.sync_segments(pb::SyncSegmentsRequest {}).await?;
+    app.sync_segments().await?;
     let reason = |status: &Status| {
         status
             .get_error_details()
@@ -2057,10 +2067,13 @@ db_test!(errors_carry_stable_reasons, |db: TestDatabase| async move {
         ),
     );
     let status = seg
-        .sync_segments(pb::SyncSegmentsRequest {})
+        .create_segment(pb::CreateSegmentRequest {
+            name: "against a dead Customer.io".into(),
+            ..Default::default()
+        })
         .await
         .err()
-        .context("synced against a dead Customer.io")?;
+        .context("created a segment in a dead Customer.io")?;
     app.sim.sim.clear_faults();
     want(&status, Code::Unavailable, "CUSTOMERIO_UNAVAILABLE")?;
     app.stop().await

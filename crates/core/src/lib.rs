@@ -30,6 +30,7 @@ pub mod clock;
 pub mod context;
 pub mod criteria;
 pub mod error;
+pub mod idempotency;
 pub mod input;
 pub mod jobs;
 pub mod journey;

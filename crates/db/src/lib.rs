@@ -40,6 +40,7 @@ pub mod criteria_sql;
 mod database;
 pub mod entities;
 mod error;
+pub mod idempotency;
 pub mod jobs;
 pub mod managed_segments;
 pub mod metrics;

@@ -6,6 +6,7 @@
 
 pub mod broadcast_windows;
 pub mod campaigns;
+pub mod idempotency_keys;
 pub mod job_leases;
 pub mod job_runs;
 pub mod managed_segments;
