@@ -851,3 +851,54 @@ db_test!(
         app.stop().await
     }
 );
+
+db_test!(
+    a_create_segment_that_died_after_customer_io_created_it_is_adopted_by_a_retry,
+    |db: TestDatabase| async move {
+        let app = TestApp::spawn(&db).await?;
+        // A first call claimed its request id and Customer.io created the segment; then the
+        // server died before recording it.
+        let request = serde_json::json!({"name": "Survivor", "description": "", "criteria": null});
+        let claim = sharpsend_db::idempotency::claim(
+            &app.ctx.db,
+            app.ctx.workspace_id(),
+            sharpsend_core::segments::CREATE_SEGMENT_OPERATION,
+            "create-dead",
+            &request,
+            app.ctx.now(),
+        )
+        .await?;
+        ensure!(claim == sharpsend_db::idempotency::Claim::New);
+        let orphan = app.sim.sim.create_manual_segment("Survivor", "");
+        let in_cio = app.sim.sim.segments().len();
+
+        // Once the key is stale, the retry takes it over and adopts the orphan.
+        app.advance(sharpsend_core::idempotency::STALE_AFTER + Duration::from_secs(1));
+        let mut client = app.segments().await?;
+        let request = CreateSegmentRequest {
+            name: "Survivor".into(),
+            request_id: "create-dead".into(),
+            ..Default::default()
+        };
+        let adopted = client
+            .create_segment(request.clone())
+            .await?
+            .into_inner()
+            .segment
+            .context("no segment")?;
+        ensure!(
+            adopted.id == orphan,
+            "{adopted:?} is not the orphan {orphan}"
+        );
+        ensure!(adopted.managed.is_some(), "{adopted:?}");
+        ensure!(app.sim.sim.segments().len() == in_cio, "a second segment");
+        let again = client
+            .create_segment(request)
+            .await?
+            .into_inner()
+            .segment
+            .context("no segment")?;
+        ensure!(again.id == orphan && app.sim.sim.segments().len() == in_cio);
+        app.stop().await
+    }
+);

@@ -7,7 +7,9 @@
 //! completed with the id of what was made. A first call that fails forgets its key (a retry tries
 //! again). A call that died between the two (e.g. after Customer.io created a segment, before it
 //! was recorded here) leaves its key without a result: a duplicate waits up to [`WAIT`] for it,
-//! and once the key is older than [`STALE_AFTER`] a retry takes it over and does the work again.
+//! and once the key is older than [`STALE_AFTER`] a retry takes it over and does the work again,
+//! told so, so that it can look for what the dead call made first (CreateSegment adopts the
+//! orphan Customer.io segment).
 
 use std::time::Duration;
 
@@ -81,7 +83,8 @@ pub struct Made {
 /// Runs `create` at most once per (`operation`, `request_id`): see the module doc. `request`
 /// is what the call asks for, normalised (compared field by field with a retry's); `describe`
 /// names what an id is in an error (`|id| format!("segment {id}")`). An empty `request_id`
-/// simply runs `create`.
+/// simply runs `create`. `create` is told when it takes over the key of a call that died (the
+/// time that call began): it may find what that call made and answer it instead of creating.
 pub async fn once<F, Fut>(
     ctx: &AppContext,
     operation: &str,
@@ -91,15 +94,16 @@ pub async fn once<F, Fut>(
     create: F,
 ) -> Result<Made, CoreError>
 where
-    F: FnOnce() -> Fut,
+    F: FnOnce(Option<chrono::DateTime<chrono::Utc>>) -> Fut,
     Fut: Future<Output = Result<i64, CoreError>>,
 {
     check_request_id(request_id)?;
     if request_id.is_empty() {
-        return create().await.map(|id| Made { id, created: true });
+        return create(None).await.map(|id| Made { id, created: true });
     }
     let ws = ctx.workspace_id();
     let waited = std::time::Instant::now();
+    let mut taken_over = None;
     loop {
         let key = match store::claim(&ctx.db, ws, operation, request_id, request, ctx.now()).await?
         {
@@ -131,6 +135,7 @@ where
                 operation,
                 "taking over a request_id whose first call never finished"
             );
+            taken_over = Some(key.created_at);
             break;
         }
         if waited.elapsed() >= WAIT {
@@ -141,7 +146,7 @@ where
         }
         tokio::time::sleep(POLL).await;
     }
-    match create().await {
+    match create(taken_over).await {
         Ok(id) => {
             store::complete(&ctx.db, ws, operation, request_id, id, ctx.now()).await?;
             Ok(Made { id, created: true })

@@ -485,11 +485,31 @@ async fn with_lease_renewal<T>(
 
 /// A short, caller-safe description of a failure for the job-run record: upstream errors in full
 /// (they carry no secrets), database errors without their text (that goes to the log only).
+///
+/// Customer.io's refusals say what to do, as the gRPC statuses do: rejected credentials name the
+/// variable to check, an outage or a rate limit says so.
 fn summarize(error: &CoreError) -> String {
+    use cio_client::{Api, CioError};
     match error {
         CoreError::Database(e) => {
             tracing::error!(error = %error_chain(e), "database failure in job");
-            "database failure (see the scheduler's log)".to_string()
+            "database failure (see the log)".to_string()
+        }
+        CoreError::Upstream(CioError::Unauthorized { api, .. }) => format!(
+            "Customer.io rejected this workspace's {api} API credentials; check {} (and CIO_REGION)",
+            match api {
+                Api::Track => "CIO_SITE_ID / CIO_TRACK_API_KEY",
+                Api::App => "CIO_APP_API_KEY",
+            }
+        ),
+        CoreError::Upstream(
+            e @ (CioError::Server { .. } | CioError::Timeout { .. } | CioError::Transport { .. }),
+        ) => format!("Customer.io is unavailable: {}", error_chain(e)),
+        CoreError::Upstream(e @ CioError::RateLimited { .. }) => {
+            format!(
+                "Customer.io is rate limiting this workspace: {}",
+                error_chain(e)
+            )
         }
         other => error_chain(other),
     }

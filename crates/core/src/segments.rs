@@ -477,7 +477,18 @@ pub async fn create_segment_once(
         request_id,
         &request,
         |id| format!("segment {id}"),
-        || async move {
+        |taken_over| async move {
+            if let Some(since) = taken_over
+                && let Some(orphan) = find_orphan(ctx, &new.name, since).await?
+            {
+                tracing::warn!(
+                    segment_id = orphan,
+                    "adopting the Customer.io segment of a CreateSegment that died"
+                );
+                return managed::adopt_segment(ctx, new, orphan)
+                    .await
+                    .map(|view| view.segment_id);
+            }
             managed::create_segment(ctx, new)
                 .await
                 .map(|view| view.segment_id)
@@ -485,6 +496,34 @@ pub async fn create_segment_once(
     )
     .await?;
     Ok((managed::get(ctx, made.id).await?, made.created))
+}
+
+/// A manual segment named `name` in Customer.io that no managed segment records, created (when
+/// Customer.io says) no earlier than a few minutes before `since`: what a CreateSegment that died
+/// between Customer.io's create and the local record left behind. The newest, if several.
+async fn find_orphan(
+    ctx: &AppContext,
+    name: &str,
+    since: DateTime<Utc>,
+) -> Result<Option<i64>, CoreError> {
+    let earliest = (since - chrono::Duration::minutes(5)).timestamp();
+    let candidates: Vec<i64> = ctx
+        .cio
+        .list_segments()
+        .await?
+        .into_iter()
+        .filter(|s| {
+            s.segment_type == SegmentType::Manual
+                && s.name == name.trim()
+                && s.created_at.is_none_or(|at| at >= earliest)
+        })
+        .map(|s| s.id)
+        .collect();
+    let managed = managed::get_many(ctx, &candidates).await?;
+    Ok(candidates
+        .into_iter()
+        .filter(|id| !managed.contains_key(id))
+        .max())
 }
 
 /// The criteria of a create request in a comparable form: the canonical JSON of valid criteria
