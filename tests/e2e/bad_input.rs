@@ -1566,7 +1566,11 @@ db_test!(
             .await?
             .into_inner()
             .runs;
-        ensure!(runs.is_empty(), "a refused RunJob ran: {runs:?}");
+        // Only the two segment-syncs this test started (setup and the SyncSegments probe).
+        ensure!(
+            runs.len() == 2 && runs.iter().all(|r| r.job == "segment-sync"),
+            "a refused RunJob ran: {runs:?}"
+        );
         let members = seg
             .get_segment(pb::GetSegmentRequest {
                 segment_id: managed,

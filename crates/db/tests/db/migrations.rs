@@ -15,6 +15,7 @@ const ALL: [&str; 13] = [
     "m20261206_000015_send_attempt_window",
     "m20261206_000016_send_subscription_topic",
     "m20261206_000017_send_trigger_errors",
+    "m20261206_000018_create_idempotency_keys",
 ];
 
 sharpsend_db::db_test!(
