@@ -1091,7 +1091,37 @@ db_test!(
             );
             p.names(label, status, "job");
         }
+        let rpc = "GetJobRun";
+        for (label, run_id, want) in [
+            ("zero run id", 0, INVALID),
+            ("negative run id", -1, INVALID),
+            ("unknown run id", i64::MAX, Refused(Code::NotFound)),
+        ] {
+            p.check(
+                rpc,
+                label,
+                want,
+                ops.get_job_run(pb::GetJobRunRequest { run_id }).await,
+            );
+        }
         let rpc = "RunJob";
+        for (label, request_id) in [
+            ("1 MB request_id", big(MB)),
+            ("NUL request_id", "a\0b".to_string()),
+            ("padded request_id", " r-1".to_string()),
+        ] {
+            let status = p.check(
+                rpc,
+                label,
+                INVALID,
+                ops.run_job(pb::RunJobRequest {
+                    job: "segment-sync".into(),
+                    request_id,
+                })
+                .await,
+            );
+            p.names(label, status, "request_id");
+        }
         for (label, job) in [
             ("empty", String::new()),
             ("1 MB job", big(MB)),

@@ -307,7 +307,6 @@ db_test!(
         let app = TestApp::spawn_with(&db, SimConfig::empty(), |_| {}).await?;
         let sim = &app.sim.sim;
         let mut campaigns = app.campaigns().await?;
-        let mut segments = app.segments().await?;
         sim.upsert_person("p1", Map::new());
         let known = sim.create_manual_segment("Known", "");
         sim.add_to_manual_segment(known, &["p1"])?;
