@@ -763,7 +763,6 @@ db_test!(
                                         operator: pb::AttributeOperator::In as i32,
                                         value: None,
                                         values: vec![],
-                                        ..Default::default()
                                     },
                                 )),
                             }],
