@@ -351,7 +351,8 @@ db_test!(
 async fn finished(
     channel: &tonic::transport::Channel,
     run_id: i64,
-) -> Result<pb::JobRun, Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<sharpsend_proto::v1::JobRun, Box<dyn std::error::Error + Send + Sync>> {
+    use sharpsend_proto::v1::{self as pb, ops_service_client::OpsServiceClient};
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let run = OpsServiceClient::new(channel.clone())

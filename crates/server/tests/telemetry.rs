@@ -313,13 +313,31 @@ async fn calls_arrive_as_linked_spans_and_metrics_without_secrets() -> anyhow::R
         })
         .await?;
     let mut ops = OpsServiceClient::with_interceptor(channel.clone(), Meta(None));
-    let run = ops
+    let started = ops
         .run_job(pb::RunJobRequest {
             job: "outbox-delivery".into(),
+            ..Default::default()
         })
         .await?
         .into_inner()
         .run;
+    // RunJob answers at once; follow the run until it has ended.
+    let run_id = started.map(|r| r.id).unwrap_or_default();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let run = loop {
+        let run = ops
+            .get_job_run(pb::GetJobRunRequest { run_id })
+            .await?
+            .into_inner()
+            .run;
+        let running = run
+            .as_ref()
+            .is_some_and(|r| r.outcome == pb::JobRunOutcome::Running as i32);
+        if !running || std::time::Instant::now() > deadline {
+            break run;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     ensure!(
         run.as_ref()
             .is_some_and(|r| r.outcome == pb::JobRunOutcome::Succeeded as i32),
