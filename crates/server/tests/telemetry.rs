@@ -418,12 +418,18 @@ async fn calls_arrive_as_linked_spans_and_metrics_without_secrets() -> anyhow::R
         "{:?}",
         sync.attributes
     );
-    // ...and its Customer.io requests are its children, named by endpoint template.
-    let list = children_of(sync);
+    // ...its job run is its child (the sync answers at once and goes on in a task), and the
+    // run's Customer.io requests are the run's children, named by endpoint template.
+    let job = children_of(sync);
+    let job = job
+        .iter()
+        .find(|s| s.name == "job segment-sync")
+        .context("job span child of SyncSegments")?;
+    let list = children_of(job);
     let list = list
         .iter()
         .find(|s| s.name == "GET /v1/segments")
-        .context("GET /v1/segments child of SyncSegments")?;
+        .context("GET /v1/segments child of the segment-sync job")?;
     ensure!(list.kind == SpanKind::Client as i32);
     for (key, want) in [
         ("api", "app"),
@@ -453,8 +459,8 @@ async fn calls_arrive_as_linked_spans_and_metrics_without_secrets() -> anyhow::R
         "no member-count requests in the SyncSegments trace"
     );
     ensure!(
-        counts.iter().all(|s| s.parent_span_id == sync.span_id),
-        "member-count requests not under the gRPC span"
+        counts.iter().all(|s| s.parent_span_id == job.span_id),
+        "member-count requests not under the job run's span"
     );
 
     // RunJob: a new trace (no traceparent): gRPC span → job span → delivery step → batch request.
