@@ -27,6 +27,7 @@ mod m20261128_000010_create_campaigns_and_metrics;
 mod m20261206_000015_send_attempt_window;
 mod m20261206_000016_send_subscription_topic;
 mod m20261206_000017_send_trigger_errors;
+mod m20261206_000018_create_idempotency_keys;
 mod m20261206_000021_create_profile_sync_state;
 mod m20261206_000026_create_delivery_events;
 mod m20261206_000035_create_ab_tests;
@@ -51,6 +52,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261206_000015_send_attempt_window::Migration),
             Box::new(m20261206_000016_send_subscription_topic::Migration),
             Box::new(m20261206_000017_send_trigger_errors::Migration),
+            Box::new(m20261206_000018_create_idempotency_keys::Migration),
             Box::new(m20261206_000021_create_profile_sync_state::Migration),
             Box::new(m20261206_000026_create_delivery_events::Migration),
             Box::new(m20261206_000035_create_ab_tests::Migration),

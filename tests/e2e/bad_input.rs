@@ -351,7 +351,7 @@ db_test!(
     |db: TestDatabase| async move {
         let app = TestApp::spawn(&db).await?;
         let (mut seg, mut prof, mut ops, mut camp) = clients(&app).await?;
-        seg.sync_segments(pb::SyncSegmentsRequest {}).await?;
+        app.sync_segments().await?;
         // A managed segment without criteria, so its updates reach validation.
         let managed = seg
             .create_segment(pb::CreateSegmentRequest {
@@ -1091,7 +1091,37 @@ db_test!(
             );
             p.names(label, status, "job");
         }
+        let rpc = "GetJobRun";
+        for (label, run_id, want) in [
+            ("zero run id", 0, INVALID),
+            ("negative run id", -1, INVALID),
+            ("unknown run id", i64::MAX, Refused(Code::NotFound)),
+        ] {
+            p.check(
+                rpc,
+                label,
+                want,
+                ops.get_job_run(pb::GetJobRunRequest { run_id }).await,
+            );
+        }
         let rpc = "RunJob";
+        for (label, request_id) in [
+            ("1 MB request_id", big(MB)),
+            ("NUL request_id", "a\0b".to_string()),
+            ("padded request_id", " r-1".to_string()),
+        ] {
+            let status = p.check(
+                rpc,
+                label,
+                INVALID,
+                ops.run_job(pb::RunJobRequest {
+                    job: "segment-sync".into(),
+                    request_id,
+                })
+                .await,
+            );
+            p.names(label, status, "request_id");
+        }
         for (label, job) in [
             ("empty", String::new()),
             ("1 MB job", big(MB)),
@@ -1104,7 +1134,11 @@ db_test!(
                 rpc,
                 label,
                 INVALID,
-                ops.run_job(pb::RunJobRequest { job }).await,
+                ops.run_job(pb::RunJobRequest {
+                    job,
+                    ..Default::default()
+                })
+                .await,
             );
             p.names(label, status, "job");
         }
@@ -1562,7 +1596,11 @@ db_test!(
             .await?
             .into_inner()
             .runs;
-        ensure!(runs.is_empty(), "a refused RunJob ran: {runs:?}");
+        // Only the two segment-syncs this test started (setup and the SyncSegments probe).
+        ensure!(
+            runs.len() == 2 && runs.iter().all(|r| r.job == "segment-sync"),
+            "a refused RunJob ran: {runs:?}"
+        );
         let members = seg
             .get_segment(pb::GetSegmentRequest {
                 segment_id: managed,
@@ -1758,11 +1796,17 @@ db_test!(
     |db: TestDatabase| async move {
         let app = TestApp::spawn(&db).await?;
         let (mut seg, _, mut ops, mut camp) = clients(&app).await?;
-        seg.sync_segments(pb::SyncSegmentsRequest {}).await?;
-        ops.run_job(pb::RunJobRequest {
-            job: "campaign-sync".into(),
-        })
-        .await?;
+        app.sync_segments().await?;
+        let run = ops
+            .run_job(pb::RunJobRequest {
+                job: "campaign-sync".into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .run
+            .context("RunJob answered no run")?;
+        sharpsend_tests::wait_for_run(&mut ops, run.id, sharpsend_tests::RUN_WAIT).await?;
 
         let refused = |status: Status, rpc: &str| -> anyhow::Result<()> {
             let reason = status
@@ -1952,7 +1996,7 @@ db_test!(
 db_test!(errors_carry_stable_reasons, |db: TestDatabase| async move {
     let app = TestApp::spawn(&db).await?;
     let (mut seg, _, _, mut camp) = clients(&app).await?;
-    seg.sync_segments(pb::SyncSegmentsRequest {}).await?;
+    app.sync_segments().await?;
     let reason = |status: &Status| {
         status
             .get_error_details()
@@ -2057,10 +2101,13 @@ db_test!(errors_carry_stable_reasons, |db: TestDatabase| async move {
         ),
     );
     let status = seg
-        .sync_segments(pb::SyncSegmentsRequest {})
+        .create_segment(pb::CreateSegmentRequest {
+            name: "against a dead Customer.io".into(),
+            ..Default::default()
+        })
         .await
         .err()
-        .context("synced against a dead Customer.io")?;
+        .context("created a segment in a dead Customer.io")?;
     app.sim.sim.clear_faults();
     want(&status, Code::Unavailable, "CUSTOMERIO_UNAVAILABLE")?;
     app.stop().await

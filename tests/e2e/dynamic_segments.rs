@@ -16,7 +16,7 @@ use sharpsend_db::{db_test, testing::TestDatabase};
 use sharpsend_proto::v1::{
     self as pb, AddSegmentMembersRequest, BatchUpdateAttributesRequest, CreateSegmentRequest,
     DeleteSegmentRequest, GetSegmentRequest, GetSyncStatusRequest, ImportProfilesRequest,
-    ListSegmentsRequest, PreviewSegmentRequest, RemoveSegmentMembersRequest, SyncSegmentsRequest,
+    ListSegmentsRequest, PreviewSegmentRequest, RemoveSegmentMembersRequest,
     UpdateAttributesRequest, UpdateSegmentRequest,
 };
 use sharpsend_tests::{TestApp, bad_request_fields};
@@ -112,7 +112,7 @@ db_test!(
         let app = spawn_fast(&db).await?;
         let mut segments = app.segments().await?;
         let mut profiles = app.profiles().await?;
-        segments.sync_segments(SyncSegmentsRequest {}).await?;
+        app.sync_segments().await?;
         let growth = app
             .sim
             .sim
@@ -201,6 +201,7 @@ db_test!(
                 description: "growth, engaged, interacting".into(),
                 criteria: None,
                 criteria_json: criteria_json.clone(),
+                ..Default::default()
             })
             .await?
             .into_inner()
@@ -358,6 +359,7 @@ db_test!(
                 criteria_json:
                     r#"{"attribute": {"field": "cohort", "operator": "eq", "value": "spring"}}"#
                         .into(),
+                ..Default::default()
             })
             .await?
             .into_inner()
@@ -478,6 +480,7 @@ db_test!(
                 description: String::new(),
                 criteria: None,
                 criteria_json: String::new(),
+                ..Default::default()
             })
             .await?
             .into_inner()
@@ -554,6 +557,7 @@ db_test!(
                 description: String::new(),
                 criteria: None,
                 criteria_json: String::new(),
+                ..Default::default()
             })
             .await?
             .into_inner()
@@ -673,7 +677,7 @@ db_test!(
     |db: TestDatabase| async move {
         let app = TestApp::spawn(&db).await?;
         let mut segments = app.segments().await?;
-        segments.sync_segments(SyncSegmentsRequest {}).await?;
+        app.sync_segments().await?;
         let growth = app
             .sim
             .sim
@@ -687,6 +691,7 @@ db_test!(
             description: String::new(),
             criteria: None,
             criteria_json: json.into(),
+            ..Default::default()
         };
         let cases: Vec<(CreateSegmentRequest, Vec<&str>)> = vec![
             (create("{not json"), vec!["criteria_json"]),
@@ -811,6 +816,7 @@ db_test!(
             description: String::new(),
             criteria: None,
             criteria_json: json,
+            ..Default::default()
         };
         let a = segments
             .create_segment(with_criteria(
@@ -932,6 +938,7 @@ db_test!(
                 description: String::new(),
                 criteria: None,
                 criteria_json: String::new(),
+                ..Default::default()
             })
             .await?
             .into_inner()

@@ -485,6 +485,7 @@ db_test!(
                 criteria_json: json!({"attribute": {"field": "sharpsend_engagement_score",
                     "operator": "gte", "value": 50}})
                 .to_string(),
+                request_id: String::new(),
             })
             .await?
             .into_inner()

@@ -14,8 +14,8 @@ use serde_json::{Map, Value, json};
 use sharpsend_core::journey::{DEFAULT_EVENT_NAME, journey_event_id};
 use sharpsend_db::{db_test, testing::TestDatabase};
 use sharpsend_proto::v1::{
-    AddSegmentMembersRequest, CreateSegmentRequest, SyncSegmentsRequest,
-    TriggerJourneyEventRequest, TriggerJourneyEventResponse,
+    AddSegmentMembersRequest, CreateSegmentRequest, TriggerJourneyEventRequest,
+    TriggerJourneyEventResponse,
 };
 use sharpsend_tests::{TestApp, bad_request_fields};
 use tonic::Code;
@@ -102,7 +102,7 @@ db_test!(
             Predicate::Eq("cohort".into(), json!("spring")),
         );
         ensure!(sim.segment_members(seg_c).is_some_and(|m| m.len() == 11));
-        segments.sync_segments(SyncSegmentsRequest {}).await?;
+        app.sync_segments().await?;
 
         // Managed segment B (SharpSend's own, created after the sync): p150-p299. Its membership is
         // not delivered to Customer.io yet: SharpSend's record is what counts.
@@ -240,10 +240,7 @@ db_test!(
         let app = TestApp::spawn(&db).await?;
         let sim = &app.sim.sim;
         let mut campaigns = app.campaigns().await?;
-        app.segments()
-            .await?
-            .sync_segments(SyncSegmentsRequest {})
-            .await?;
+        app.sync_segments().await?;
         let targets: Vec<i64> = sim
             .segments()
             .into_iter()
@@ -310,14 +307,13 @@ db_test!(
         let app = TestApp::spawn_with(&db, SimConfig::empty(), |_| {}).await?;
         let sim = &app.sim.sim;
         let mut campaigns = app.campaigns().await?;
-        let mut segments = app.segments().await?;
         sim.upsert_person("p1", Map::new());
         let known = sim.create_manual_segment("Known", "");
         sim.add_to_manual_segment(known, &["p1"])?;
         let removed = sim.create_manual_segment("Removed later", "");
-        segments.sync_segments(SyncSegmentsRequest {}).await?;
+        app.sync_segments().await?;
         sim.delete_segment(removed);
-        segments.sync_segments(SyncSegmentsRequest {}).await?;
+        app.sync_segments().await?;
 
         let cases: Vec<(TriggerJourneyEventRequest, Vec<&str>)> = vec![
             (trigger("", "", &[known], json!({})), vec!["assignment_id"]),
@@ -382,7 +378,7 @@ db_test!(
 
         // Deleted in Customer.io since the last sync: its members cannot be read.
         let gone = sim.create_manual_segment("Gone", "");
-        segments.sync_segments(SyncSegmentsRequest {}).await?;
+        app.sync_segments().await?;
         sim.delete_segment(gone);
         let status = campaigns
             .trigger_journey_event(trigger("a-1", "", &[gone], json!({})))

@@ -239,6 +239,7 @@ db_test!(
                 criteria_json:
                     r#"{"attribute": {"field": "cohort", "operator": "eq", "value": "spring"}}"#
                         .into(),
+                request_id: String::new(),
             })
             .await?
             .into_inner()

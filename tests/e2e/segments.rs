@@ -4,14 +4,15 @@ use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::{Context, ensure};
 use cio_sim::{Fault, SegmentKind, SimApi, SimConfig};
+use prost_types::value::Kind;
 use secrecy::SecretString;
 use sharpsend_core::jobs::{Job, JobOutcome};
 use sharpsend_db::{db_test, testing::TestDatabase};
 use sharpsend_proto::v1::{
-    GetSegmentRequest, ListSegmentsRequest, Segment, SegmentType, SyncSegmentsRequest,
-    TargetingWarning, ValidateTargetingRequest,
+    CreateSegmentRequest, GetSegmentRequest, JobRun, JobRunOutcome, ListSegmentsRequest, Segment,
+    SegmentType, SyncSegmentsRequest, TargetingWarning, ValidateTargetingRequest,
 };
-use sharpsend_tests::{TestApp, bad_request_fields};
+use sharpsend_tests::{RUN_WAIT, TestApp, bad_request_fields, wait_for_run};
 use tonic::Code;
 
 type Client = sharpsend_proto::v1::segment_service_client::SegmentServiceClient<
@@ -20,6 +21,31 @@ type Client = sharpsend_proto::v1::segment_service_client::SegmentServiceClient<
         sharpsend_tests::Bearer,
     >,
 >;
+
+/// A number from a run's details.
+fn detail(run: &JobRun, key: &str) -> Option<f64> {
+    match run.details.as_ref()?.fields.get(key)?.kind {
+        Some(Kind::NumberValue(n)) => Some(n),
+        _ => None,
+    }
+}
+
+/// Calls SyncSegments (which answers at once with its run) and follows the run to its end.
+async fn start_and_follow(app: &TestApp) -> anyhow::Result<JobRun> {
+    let run = app
+        .segments()
+        .await?
+        .sync_segments(SyncSegmentsRequest {})
+        .await?
+        .into_inner()
+        .run
+        .context("SyncSegments answered no run")?;
+    ensure!(
+        run.outcome == JobRunOutcome::Running as i32 && run.job == "segment-sync",
+        "{run:?}"
+    );
+    wait_for_run(&mut app.ops().await?, run.id, RUN_WAIT).await
+}
 
 async fn list_all(
     client: &mut Client,
@@ -44,18 +70,18 @@ db_test!(
         let expected = app.sim.sim.segments();
         ensure!(expected.len() >= 6, "demo data has too few segments");
 
-        let report = client
-            .sync_segments(SyncSegmentsRequest {})
-            .await?
-            .into_inner();
+        let report = app.sync_segments().await?;
         ensure!(
-            report.created as usize == expected.len(),
-            "created {} of {}",
-            report.created,
+            detail(&report, "created") == Some(expected.len() as f64),
+            "created {:?} of {}",
+            detail(&report, "created"),
             expected.len()
         );
-        ensure!(report.updated == 0 && report.removed == 0, "{report:?}");
-        ensure!(report.duration.is_some());
+        ensure!(
+            detail(&report, "updated") == Some(0.0) && detail(&report, "removed") == Some(0.0),
+            "{report:?}"
+        );
+        ensure!(report.duration.is_some() && report.finished_at.is_some());
 
         let listed = list_all(
             &mut client,
@@ -94,12 +120,11 @@ db_test!(
         ensure!(got.values().any(|(name, _, _)| name == "Growth Investors"));
 
         // A second sync changes nothing; a changed count is an update.
-        let again = client
-            .sync_segments(SyncSegmentsRequest {})
-            .await?
-            .into_inner();
+        let again = app.sync_segments().await?;
         ensure!(
-            again.created == 0 && again.updated == 0 && again.unchanged as usize == expected.len(),
+            detail(&again, "created") == Some(0.0)
+                && detail(&again, "updated") == Some(0.0)
+                && detail(&again, "unchanged") == Some(expected.len() as f64),
             "{again:?}"
         );
         let manual = expected
@@ -112,11 +137,8 @@ db_test!(
         app.sim
             .sim
             .add_to_manual_segment(manual.id, &["e2e-new-person"])?;
-        let third = client
-            .sync_segments(SyncSegmentsRequest {})
-            .await?
-            .into_inner();
-        ensure!(third.updated == 1, "{third:?}");
+        let third = app.sync_segments().await?;
+        ensure!(detail(&third, "updated") == Some(1.0), "{third:?}");
         let got = client
             .get_segment(GetSegmentRequest {
                 segment_id: manual.id,
@@ -197,19 +219,15 @@ db_test!(
     sync_completes_under_a_429_storm_and_honours_retry_after,
     |db: TestDatabase| async move {
         let app = TestApp::spawn(&db).await?;
-        let mut client = app.segments().await?;
         let storm = (0..5).map(|_| Fault::Status {
             status: 429,
             retry_after_secs: Some(1),
         });
         app.sim.sim.push_faults(Some(SimApi::App), storm);
 
-        let report = client
-            .sync_segments(SyncSegmentsRequest {})
-            .await?
-            .into_inner();
+        let report = app.sync_segments().await?;
         ensure!(
-            report.created as usize == app.sim.sim.segments().len(),
+            detail(&report, "created") == Some(app.sim.sim.segments().len() as f64),
             "{report:?}"
         );
 
@@ -251,20 +269,12 @@ db_test!(
         })
         .await?;
         let mut client = app.segments().await?;
-        let status = client
-            .sync_segments(SyncSegmentsRequest {})
-            .await
-            .err()
-            .context("sync succeeded")?;
-        ensure!(status.code() == Code::FailedPrecondition, "{status:?}");
+        let run = start_and_follow(&app).await?;
+        ensure!(run.outcome == JobRunOutcome::Failed as i32, "{run:?}");
+        ensure!(run.error.contains("CIO_APP_API_KEY"), "{}", run.error);
         ensure!(
-            status.message().contains("CIO_APP_API_KEY"),
-            "{}",
-            status.message()
-        );
-        ensure!(
-            !format!("{status:?}").contains(wrong),
-            "the key leaked: {status:?}"
+            !format!("{run:?}").contains(wrong),
+            "the key leaked: {run:?}"
         );
         // The failed sync wrote nothing.
         let listed = list_all(
@@ -284,7 +294,6 @@ db_test!(
     customer_io_unavailable_is_unavailable,
     |db: TestDatabase| async move {
         let app = TestApp::spawn(&db).await?;
-        let mut client = app.segments().await?;
         app.sim.sim.push_faults(
             Some(SimApi::App),
             (0..10).map(|_| Fault::Status {
@@ -292,12 +301,13 @@ db_test!(
                 retry_after_secs: None,
             }),
         );
-        let status = client
-            .sync_segments(SyncSegmentsRequest {})
-            .await
-            .err()
-            .context("sync succeeded")?;
-        ensure!(status.code() == Code::Unavailable, "{status:?}");
+        let run = start_and_follow(&app).await?;
+        ensure!(run.outcome == JobRunOutcome::Failed as i32, "{run:?}");
+        ensure!(
+            run.error.to_lowercase().contains("unavailable") && !run.error.contains("SELECT"),
+            "{}",
+            run.error
+        );
         app.stop().await
     }
 );
@@ -307,7 +317,7 @@ db_test!(
     |db: TestDatabase| async move {
         let app = TestApp::spawn(&db).await?;
         let mut client = app.segments().await?;
-        client.sync_segments(SyncSegmentsRequest {}).await?;
+        app.sync_segments().await?;
         let sim_segments = app.sim.sim.segments();
 
         // Small pages walk every segment once, in id order.
@@ -454,7 +464,7 @@ db_test!(
     |db: TestDatabase| async move {
         let app = TestApp::spawn(&db).await?;
         let mut client = app.segments().await?;
-        client.sync_segments(SyncSegmentsRequest {}).await?;
+        app.sync_segments().await?;
         let segments = app.sim.sim.segments();
         let growth = segments
             .iter()
@@ -622,7 +632,14 @@ db_test!(
             [Fault::Delay(Duration::from_millis(800))],
         );
         let before = app.sim.sim.request_count(SimApi::App);
-        let call = tokio::spawn(async move { client.sync_segments(SyncSegmentsRequest {}).await });
+        let call = tokio::spawn(async move {
+            client
+                .create_segment(CreateSegmentRequest {
+                    name: "in flight".into(),
+                    ..Default::default()
+                })
+                .await
+        });
         // Shut down once the call is in flight (its Customer.io request has arrived).
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while app.sim.sim.request_count(SimApi::App) == before {
@@ -635,6 +652,253 @@ db_test!(
         app.begin_shutdown();
         let answer = call.await?;
         ensure!(answer.is_ok(), "in-flight call was cut off: {answer:?}");
+        app.stop().await
+    }
+);
+
+db_test!(
+    a_workspace_with_1000_segments_syncs_and_a_failure_partway_keeps_what_was_committed,
+    |db: TestDatabase| async move {
+        // 1,000 segments take 1,001 App API requests: 100 s at Customer.io's 10 per second, so
+        // the simulator and the client allow 400 per second here (the pacing is the same code).
+        let app = TestApp::spawn_with(&db, SimConfig::empty(), |cio| {
+            cio.app_requests_per_sec = 400;
+        })
+        .await?;
+        app.sim.sim.set_rate_limit(SimApi::App, 400);
+        for i in 0..1000 {
+            app.sim
+                .sim
+                .create_manual_segment(&format!("Segment {i:04}"), "");
+        }
+        let mut client = app.segments().await?;
+
+        // Customer.io starts refusing the key once about 300 segments have been counted.
+        let before = app.sim.sim.request_count(SimApi::App);
+        let run = client
+            .sync_segments(SyncSegmentsRequest {})
+            .await?
+            .into_inner()
+            .run
+            .context("SyncSegments answered no run")?;
+        ensure!(run.outcome == JobRunOutcome::Running as i32, "{run:?}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while app.sim.sim.request_count(SimApi::App) < before + 300 {
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "the sync never got going"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        app.sim.sim.push_faults(
+            Some(SimApi::App),
+            [Fault::Status {
+                status: 401,
+                retry_after_secs: None,
+            }],
+        );
+        let failed = wait_for_run(&mut app.ops().await?, run.id, RUN_WAIT).await?;
+        ensure!(failed.outcome == JobRunOutcome::Failed as i32, "{failed:?}");
+        ensure!(failed.error.contains("CIO_APP_API_KEY"), "{}", failed.error);
+        let synced = detail(&failed, "synced").context("no progress recorded")?;
+        ensure!(detail(&failed, "listed") == Some(1000.0), "{failed:?}");
+        ensure!(
+            (250.0..1000.0).contains(&synced),
+            "the failed run says it synced {synced}"
+        );
+        // What was counted before the failure is committed, and nothing was marked removed.
+        let kept = list_all(
+            &mut client,
+            ListSegmentsRequest {
+                page_size: 500,
+                include_removed: true,
+                ..Default::default()
+            },
+        )
+        .await?;
+        ensure!(
+            kept.len() as f64 == synced,
+            "the mirror holds {} segments, the run says {synced}",
+            kept.len()
+        );
+        ensure!(kept.iter().all(|s| !s.removed && s.member_count == Some(0)));
+
+        // The next sync goes over all of them.
+        let done = app.sync_segments().await?;
+        ensure!(
+            detail(&done, "listed") == Some(1000.0)
+                && detail(&done, "synced") == Some(1000.0)
+                && detail(&done, "created") == Some(1000.0 - synced)
+                && detail(&done, "unchanged") == Some(synced)
+                && detail(&done, "removed") == Some(0.0),
+            "{done:?}"
+        );
+        let all = list_all(
+            &mut client,
+            ListSegmentsRequest {
+                page_size: 500,
+                ..Default::default()
+            },
+        )
+        .await?;
+        ensure!(all.len() == 1000, "{} segments mirrored", all.len());
+        app.stop().await
+    }
+);
+
+db_test!(
+    create_segment_with_a_request_id_creates_one_segment_in_customer_io,
+    |db: TestDatabase| async move {
+        let app = TestApp::spawn(&db).await?;
+        let mut client = app.segments().await?;
+        let in_cio = |app: &TestApp| app.sim.sim.segments().len();
+        let before = in_cio(&app);
+        let request = |name: &str, request_id: &str| CreateSegmentRequest {
+            name: name.into(),
+            description: "idempotent".into(),
+            request_id: request_id.into(),
+            ..Default::default()
+        };
+
+        // A retry answers the first segment and creates nothing.
+        let first = client
+            .create_segment(request("Retried", "create-1"))
+            .await?
+            .into_inner()
+            .segment
+            .context("no segment")?;
+        let retry = client
+            .create_segment(request("Retried", "create-1"))
+            .await?
+            .into_inner()
+            .segment
+            .context("no segment")?;
+        ensure!(retry.id == first.id, "{retry:?} vs {first:?}");
+        ensure!(in_cio(&app) == before + 1, "a second Customer.io segment");
+
+        // The same request id with another name: ALREADY_EXISTS naming the field.
+        let reused = client
+            .create_segment(request("Renamed", "create-1"))
+            .await
+            .err()
+            .context("a reused request id was accepted")?;
+        ensure!(reused.code() == Code::AlreadyExists, "{reused:?}");
+        ensure!(
+            reused.message().contains("name")
+                && !reused.message().contains("description")
+                && reused.message().contains(&format!("segment {}", first.id)),
+            "{}",
+            reused.message()
+        );
+
+        // Concurrent duplicates: one segment, every call answers it.
+        let calls = (0..6).map(|_| {
+            let mut client = client.clone();
+            let request = request("Concurrent", "create-2");
+            tokio::spawn(async move { client.create_segment(request).await })
+        });
+        let mut ids = Vec::new();
+        for call in futures::future::join_all(calls).await {
+            ids.push(call??.into_inner().segment.context("no segment")?.id);
+        }
+        ids.dedup();
+        ensure!(ids.len() == 1, "several segments: {ids:?}");
+        ensure!(in_cio(&app) == before + 2, "duplicates reached Customer.io");
+
+        // A first call that fails (Customer.io down) creates nothing and leaves the key free.
+        app.sim.sim.push_faults(
+            Some(SimApi::App),
+            (0..10).map(|_| Fault::Status {
+                status: 503,
+                retry_after_secs: None,
+            }),
+        );
+        let down = client
+            .create_segment(request("After outage", "create-3"))
+            .await;
+        ensure!(
+            down.as_ref().err().map(|s| s.code()) == Some(Code::Unavailable),
+            "{down:?}"
+        );
+        app.sim.sim.clear_faults();
+        let after = client
+            .create_segment(request("After outage", "create-3"))
+            .await?
+            .into_inner()
+            .segment
+            .context("no segment")?;
+        ensure!(in_cio(&app) == before + 3 && after.name == "After outage");
+
+        // Bad request ids name the field and create nothing.
+        for bad in ["x".repeat(201), "a\0b".into(), "trailing ".into()] {
+            let status = client
+                .create_segment(request("Bad id", &bad))
+                .await
+                .err()
+                .context("a bad request id was accepted")?;
+            ensure!(status.code() == Code::InvalidArgument, "{status:?}");
+            ensure!(bad_request_fields(&status) == ["request_id"], "{status:?}");
+        }
+        ensure!(in_cio(&app) == before + 3);
+        // Without a request id every call creates.
+        for _ in 0..2 {
+            client
+                .create_segment(request("No key", ""))
+                .await?
+                .into_inner();
+        }
+        ensure!(in_cio(&app) == before + 5);
+        app.stop().await
+    }
+);
+
+db_test!(
+    a_create_segment_that_died_after_customer_io_created_it_is_adopted_by_a_retry,
+    |db: TestDatabase| async move {
+        let app = TestApp::spawn(&db).await?;
+        // A first call claimed its request id and Customer.io created the segment; then the
+        // server died before recording it.
+        let request = serde_json::json!({"name": "Survivor", "description": "", "criteria": null});
+        let claim = sharpsend_db::idempotency::claim(
+            &app.ctx.db,
+            app.ctx.workspace_id(),
+            sharpsend_core::segments::CREATE_SEGMENT_OPERATION,
+            "create-dead",
+            &request,
+            app.ctx.now(),
+        )
+        .await?;
+        ensure!(claim == sharpsend_db::idempotency::Claim::New);
+        let orphan = app.sim.sim.create_manual_segment("Survivor", "");
+        let in_cio = app.sim.sim.segments().len();
+
+        // Once the key is stale, the retry takes it over and adopts the orphan.
+        app.advance(sharpsend_core::idempotency::STALE_AFTER + Duration::from_secs(1));
+        let mut client = app.segments().await?;
+        let request = CreateSegmentRequest {
+            name: "Survivor".into(),
+            request_id: "create-dead".into(),
+            ..Default::default()
+        };
+        let adopted = client
+            .create_segment(request.clone())
+            .await?
+            .into_inner()
+            .segment
+            .context("no segment")?;
+        ensure!(
+            adopted.id == orphan,
+            "{adopted:?} is not the orphan {orphan}"
+        );
+        ensure!(adopted.managed.is_some(), "{adopted:?}");
+        ensure!(app.sim.sim.segments().len() == in_cio, "a second segment");
+        let again = client
+            .create_segment(request)
+            .await?
+            .into_inner()
+            .segment
+            .context("no segment")?;
+        ensure!(again.id == orphan && app.sim.sim.segments().len() == in_cio);
         app.stop().await
     }
 );

@@ -159,16 +159,20 @@ db_test!(
     |db: TestDatabase| async move {
         let served = Served::start(&db, |s| s.max_in_flight = 1).await?;
         let client = served.segments().await?;
-        // One slow call holds the only slot: Customer.io takes 2 s to list segments.
+        // One slow call holds the only slot: Customer.io takes 2 s to create a segment.
         served
             .sim
             .sim
             .push_faults(Some(SimApi::App), [Fault::Delay(Duration::from_secs(2))]);
         let mut slow_client = client.clone();
-        let slow =
-            tokio::spawn(
-                async move { slow_client.sync_segments(pb::SyncSegmentsRequest {}).await },
-            );
+        let slow = tokio::spawn(async move {
+            slow_client
+                .create_segment(pb::CreateSegmentRequest {
+                    name: "slow".into(),
+                    ..Default::default()
+                })
+                .await
+        });
         tokio::time::sleep(Duration::from_millis(300)).await;
         let status = client
             .clone()
@@ -214,7 +218,10 @@ db_test!(
             .push_faults(Some(SimApi::App), [Fault::Delay(Duration::from_secs(3))]);
         let started = Instant::now();
         let status = client
-            .sync_segments(pb::SyncSegmentsRequest {})
+            .create_segment(pb::CreateSegmentRequest {
+                name: "slow".into(),
+                ..Default::default()
+            })
             .await
             .err()
             .context("a 3 s call finished within a 300 ms deadline")?;

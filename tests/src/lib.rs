@@ -18,6 +18,7 @@ use sharpsend_core::{
 };
 use sharpsend_db::testing::TestDatabase;
 use sharpsend_proto::v1::{
+    GetJobRunRequest, JobRun, JobRunOutcome, SyncSegmentsRequest,
     ab_test_service_client::AbTestServiceClient, campaign_service_client::CampaignServiceClient,
     ops_service_client::OpsServiceClient, profile_service_client::ProfileServiceClient,
     segment_service_client::SegmentServiceClient,
@@ -216,6 +217,28 @@ impl TestApp {
         self.sim.sim.advance(by);
     }
 
+    /// Calls SegmentService/SyncSegments and follows its run (OpsService/GetJobRun) until it has
+    /// ended; fails unless it SUCCEEDED. Answers the run (its counts are in `details`).
+    pub async fn sync_segments(&self) -> anyhow::Result<JobRun> {
+        let run = self
+            .segments()
+            .await?
+            .sync_segments(SyncSegmentsRequest {})
+            .await?
+            .into_inner()
+            .run
+            .ok_or_else(|| anyhow::anyhow!("SyncSegments answered no run"))?;
+        let run = wait_for_run(&mut self.ops().await?, run.id, RUN_WAIT).await?;
+        anyhow::ensure!(
+            run.outcome == JobRunOutcome::Succeeded as i32,
+            "segment-sync run {} ended {:?}: {}",
+            run.id,
+            run.outcome(),
+            run.error
+        );
+        Ok(run)
+    }
+
     /// Runs one background job to completion, as the scheduler would.
     pub async fn run_job(&self, job: Job) -> Result<JobOutcome, RunError> {
         jobs::run_job(&self.ctx, job, "e2e-test").await
@@ -266,6 +289,36 @@ pub fn test_delivery_config() -> DeliveryConfig {
         retry_max: Duration::from_millis(200),
         poll_interval: Duration::from_millis(50),
         ..DeliveryConfig::default()
+    }
+}
+
+/// How long [`TestApp::sync_segments`] follows a run before giving up.
+pub const RUN_WAIT: Duration = Duration::from_secs(120);
+
+/// Polls OpsService/GetJobRun until run `run_id` is no longer RUNNING, for at most `limit`;
+/// answers the run as it ended.
+pub async fn wait_for_run(
+    ops: &mut OpsServiceClient<InterceptedService<Channel, Bearer>>,
+    run_id: i64,
+    limit: Duration,
+) -> anyhow::Result<JobRun> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let run = ops
+            .get_job_run(GetJobRunRequest { run_id })
+            .await?
+            .into_inner()
+            .run
+            .ok_or_else(|| anyhow::anyhow!("GetJobRun answered no run"))?;
+        if run.outcome != JobRunOutcome::Running as i32 {
+            return Ok(run);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "run {run_id} still running after {limit:?}: {:?}",
+            run.details
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

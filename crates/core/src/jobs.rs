@@ -1,16 +1,19 @@
 //! Background jobs. Each job is one step: a plain async function over an [`AppContext`]. The
 //! scheduler's cron, `sharpsend-scheduler --once <job>`, dev mode and tests all run it through
 //! [`run_job`], which takes the job's lease in the database (so two scheduler replicas never run
-//! the same job at once) and records the run (start, end, outcome, counts, error).
+//! the same job at once) and records the run (start, end, outcome, counts, error). Callers that
+//! must not wait (OpsService/RunJob, SegmentService/SyncSegments) use [`start`], which answers
+//! the run at once and lets the work go on in this process; [`get_run`] follows it, and a job
+//! may record its [`Progress`] in the run as it goes.
 
 use std::{fmt, str::FromStr, time::Duration};
 
 use serde_json::json;
-use sharpsend_db::jobs::{self as job_store, RunOutcome};
+use sharpsend_db::jobs::{self as job_store, RunOutcome, StartedRun};
 
 use tracing::Instrument as _;
 
-use crate::{AppContext, CoreError, error::error_chain, segments};
+use crate::{AppContext, CoreError, error::error_chain, idempotency, segments};
 
 /// Every background job the service has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -178,25 +181,91 @@ pub struct JobFailed {
     pub source: CoreError,
 }
 
-/// Runs `job` once under its lease, recording the run. `holder` names this process.
+/// Runs `job` once under its lease, recording the run, and answers when it has ended. `holder`
+/// names this process. (The scheduler and tests; a caller that must not wait uses [`start`].)
 ///
-/// The whole run (lease, work, record) is one `job` span, a child of the caller's span (e.g. an
-/// `OpsService/RunJob` call) or a root span under the scheduler; its outcome and duration are
-/// counted in `sharpsend.job.runs` / `sharpsend.job.duration`.
+/// The whole run (lease, work, record) is one `job` span, a child of the caller's span or a root
+/// span under the scheduler; its outcome and duration are counted in `sharpsend.job.runs` /
+/// `sharpsend.job.duration`.
 pub async fn run_job(ctx: &AppContext, job: Job, holder: &str) -> Result<JobOutcome, RunError> {
-    let span = tracing::info_span!(
+    let span = job_span(job);
+    let started = std::time::Instant::now();
+    let result = async {
+        match begin(ctx, job, holder).await? {
+            Begun::Skipped(run_id) => Ok(JobOutcome::Skipped { run_id }),
+            Begun::Leased(run_id) => work_and_record(ctx, job, holder, run_id).await,
+        }
+    }
+    .instrument(span.clone())
+    .await;
+    record_outcome(&span, job, &result, started);
+    result
+}
+
+/// Starts `job` under its lease and answers its run at once: RUNNING (the work goes on in a task
+/// of this process, which records its end, counts and progress in the run), or SKIPPED when
+/// another holder has the lease. Callers follow the run with [`get_run`].
+pub async fn start(ctx: &AppContext, job: Job, holder: &str) -> Result<JobRunView, CoreError> {
+    let run_id =
+        job_store::start_run(&ctx.db, ctx.workspace_id(), job.name(), holder, ctx.now()).await?;
+    launch(ctx, job, holder, run_id).await
+}
+
+/// Takes the lease for the recorded run `run_id` and lets the work go on in a task of its own
+/// (or records the run as skipped); answers the run as it stands.
+async fn launch(
+    ctx: &AppContext,
+    job: Job,
+    holder: &str,
+    run_id: i64,
+) -> Result<JobRunView, CoreError> {
+    let span = job_span(job);
+    let started = std::time::Instant::now();
+    let begun = lease_or_skip(ctx, job, holder, run_id)
+        .instrument(span.clone())
+        .await;
+    match begun {
+        Ok(Begun::Skipped(run_id)) => {
+            record_outcome(&span, job, &Ok(JobOutcome::Skipped { run_id }), started);
+        }
+        Ok(Begun::Leased(run_id)) => {
+            let ctx = ctx.clone();
+            let holder = holder.to_string();
+            tokio::spawn(async move {
+                let result = work_and_record(&ctx, job, &holder, run_id)
+                    .instrument(span.clone())
+                    .await;
+                record_outcome(&span, job, &result, started);
+            });
+        }
+        Err(e) => {
+            span.record("outcome", "not_recorded");
+            span.record("otel.status_code", "error");
+            crate::telemetry::metrics::job_run(job.name(), "not_recorded", started.elapsed());
+            return Err(e.into());
+        }
+    }
+    get_run(ctx, run_id).await
+}
+
+fn job_span(job: Job) -> tracing::Span {
+    tracing::info_span!(
         "job",
         otel.name = %format_args!("job {}", job.name()),
         job = job.name(),
         run_id = tracing::field::Empty,
         outcome = tracing::field::Empty,
         otel.status_code = tracing::field::Empty,
-    );
-    let started = std::time::Instant::now();
-    let result = run_job_recorded(ctx, job, holder)
-        .instrument(span.clone())
-        .await;
-    let outcome = match &result {
+    )
+}
+
+fn record_outcome(
+    span: &tracing::Span,
+    job: Job,
+    result: &Result<JobOutcome, RunError>,
+    started: std::time::Instant,
+) {
+    let outcome = match result {
         Ok(JobOutcome::Succeeded { .. }) => RunOutcome::Succeeded.as_str(),
         Ok(JobOutcome::Skipped { .. }) => RunOutcome::Skipped.as_str(),
         Err(RunError::Failed(_)) => RunOutcome::Failed.as_str(),
@@ -207,80 +276,141 @@ pub async fn run_job(ctx: &AppContext, job: Job, holder: &str) -> Result<JobOutc
         span.record("otel.status_code", "error");
     }
     crate::telemetry::metrics::job_run(job.name(), outcome, started.elapsed());
-    result
 }
 
-async fn run_job_recorded(
-    ctx: &AppContext,
-    job: Job,
-    holder: &str,
-) -> Result<JobOutcome, RunError> {
+/// How [`begin`] left a run.
+enum Begun {
+    /// Recorded and leased: the work may go on.
+    Leased(i64),
+    /// Recorded as skipped: another holder has the lease.
+    Skipped(i64),
+}
+
+/// Records the start of a run and takes the job's lease (or records the run as skipped).
+async fn begin(ctx: &AppContext, job: Job, holder: &str) -> Result<Begun, sharpsend_db::DbError> {
     let ws = ctx.workspace_id();
     let started_at = ctx.now();
     let run_id = job_store::start_run(&ctx.db, ws, job.name(), holder, started_at).await?;
+    lease_or_skip(ctx, job, holder, run_id).await
+}
+
+/// Takes the lease for the recorded run `run_id`, or records it as skipped.
+async fn lease_or_skip(
+    ctx: &AppContext,
+    job: Job,
+    holder: &str,
+    run_id: i64,
+) -> Result<Begun, sharpsend_db::DbError> {
+    let ws = ctx.workspace_id();
     tracing::Span::current().record("run_id", run_id);
     let acquired =
-        job_store::try_acquire_lease(&ctx.db, ws, job.name(), holder, LEASE_TTL, started_at)
-            .await?;
-    if !acquired {
-        job_store::finish_run(
-            &ctx.db,
-            run_id,
-            RunOutcome::Skipped,
-            ctx.now(),
-            json!({"reason": "lease held by another holder"}),
-            None,
-        )
-        .await?;
-        tracing::info!(
-            job = job.name(),
-            run_id,
-            "skipped: another holder has the lease"
-        );
-        return Ok(JobOutcome::Skipped { run_id });
+        job_store::try_acquire_lease(&ctx.db, ws, job.name(), holder, LEASE_TTL, ctx.now()).await?;
+    if acquired {
+        return Ok(Begun::Leased(run_id));
     }
+    job_store::finish_run(
+        &ctx.db,
+        run_id,
+        RunOutcome::Skipped,
+        ctx.now(),
+        json!({"reason": "lease held by another holder"}),
+        None,
+    )
+    .await?;
+    tracing::info!(
+        job = job.name(),
+        run_id,
+        "skipped: another holder has the lease"
+    );
+    Ok(Begun::Skipped(run_id))
+}
 
+/// Does the work of a leased run, records how it ended and releases the lease.
+async fn work_and_record(
+    ctx: &AppContext,
+    job: Job,
+    holder: &str,
+    run_id: i64,
+) -> Result<JobOutcome, RunError> {
     tracing::info!(job = job.name(), run_id, "job started");
-    let result = with_lease_renewal(ctx, job, holder, execute(ctx, job)).await;
+    let progress = Progress {
+        run_id: Some(run_id),
+    };
+    let result = with_lease_renewal(ctx, job, holder, execute(ctx, job, &progress)).await;
     let finished_at = ctx.now();
     let outcome = match result {
-        Ok(details) => {
-            job_store::finish_run(
-                &ctx.db,
-                run_id,
-                RunOutcome::Succeeded,
-                finished_at,
-                details.clone(),
-                None,
-            )
-            .await?;
+        Ok(details) => job_store::finish_run(
+            &ctx.db,
+            run_id,
+            RunOutcome::Succeeded,
+            finished_at,
+            details.clone(),
+            None,
+        )
+        .await
+        .map_err(RunError::Bookkeeping)
+        .map(|()| {
             tracing::info!(job = job.name(), run_id, %details, "job succeeded");
-            Ok(JobOutcome::Succeeded { run_id, details })
-        }
+            JobOutcome::Succeeded { run_id, details }
+        }),
         Err(source) => {
             let summary = summarize(&source);
             tracing::warn!(job = job.name(), run_id, error = %summary, "job failed");
-            job_store::finish_run(
+            // A failed run keeps the progress it recorded (how far it got).
+            let details = match job_store::get_run(&ctx.db, ctx.workspace_id(), run_id).await {
+                Ok(Some(run)) => run.details,
+                _ => json!({}),
+            };
+            match job_store::finish_run(
                 &ctx.db,
                 run_id,
                 RunOutcome::Failed,
                 finished_at,
-                json!({}),
+                details,
                 Some(&summary),
             )
-            .await?;
-            Err(RunError::Failed(JobFailed {
-                job,
-                run_id,
-                summary,
-                source,
-            }))
+            .await
+            {
+                Ok(()) => Err(RunError::Failed(JobFailed {
+                    job,
+                    run_id,
+                    summary,
+                    source,
+                })),
+                Err(e) => Err(RunError::Bookkeeping(e)),
+            }
         }
     };
-    if let Err(e) = job_store::release_lease(&ctx.db, ws, job.name(), holder).await {
+    if let Err(e) = job_store::release_lease(&ctx.db, ctx.workspace_id(), job.name(), holder).await
+    {
         tracing::warn!(job = job.name(), error = %error_chain(&e), "could not release lease; it lapses by itself");
     }
     outcome
+}
+
+/// Where a job reports how far it has got: its run's details while it runs (a failed run keeps
+/// the last ones). A job run outside any recorded run (a direct call) reports nowhere.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Progress {
+    run_id: Option<i64>,
+}
+
+impl Progress {
+    /// Reports nowhere.
+    pub fn untracked() -> Self {
+        Self::default()
+    }
+
+    /// Records `details` as the run's progress (best effort: a failure is logged, and the run's
+    /// end is recorded anyway).
+    pub async fn report(&self, ctx: &AppContext, details: serde_json::Value) {
+        let Some(run_id) = self.run_id else {
+            return;
+        };
+        if let Err(e) = job_store::record_progress(&ctx.db, run_id, details).await {
+            tracing::warn!(run_id, error = %error_chain(&e), "could not record a job's progress");
+        }
+    }
 }
 
 /// Why [`run_job`] returned an error.
@@ -295,18 +425,13 @@ pub enum RunError {
 }
 
 /// The one step of each job.
-async fn execute(ctx: &AppContext, job: Job) -> Result<serde_json::Value, CoreError> {
+async fn execute(
+    ctx: &AppContext,
+    job: Job,
+    progress: &Progress,
+) -> Result<serde_json::Value, CoreError> {
     match job {
-        Job::SegmentSync => {
-            let report = segments::sync_segments(ctx).await?;
-            Ok(json!({
-                "created": report.counts.created,
-                "updated": report.counts.updated,
-                "removed": report.counts.removed,
-                "unchanged": report.counts.unchanged,
-                "duration_ms": report.duration.as_millis() as u64,
-            }))
-        }
+        Job::SegmentSync => Ok(segments::sync_segments(ctx, progress).await?.details()),
         Job::OutboxDelivery => {
             let report =
                 crate::outbox::drain(ctx, &ctx.holder("outbox-job"), &ctx.settings.delivery)
@@ -388,11 +513,31 @@ async fn with_lease_renewal<T>(
 
 /// A short, caller-safe description of a failure for the job-run record: upstream errors in full
 /// (they carry no secrets), database errors without their text (that goes to the log only).
+///
+/// Customer.io's refusals say what to do, as the gRPC statuses do: rejected credentials name the
+/// variable to check, an outage or a rate limit says so.
 fn summarize(error: &CoreError) -> String {
+    use cio_client::{Api, CioError};
     match error {
         CoreError::Database(e) => {
             tracing::error!(error = %error_chain(e), "database failure in job");
-            "database failure (see the scheduler's log)".to_string()
+            "database failure (see the log)".to_string()
+        }
+        CoreError::Upstream(CioError::Unauthorized { api, .. }) => format!(
+            "Customer.io rejected this workspace's {api} API credentials; check {} (and CIO_REGION)",
+            match api {
+                Api::Track => "CIO_SITE_ID / CIO_TRACK_API_KEY",
+                Api::App => "CIO_APP_API_KEY",
+            }
+        ),
+        CoreError::Upstream(
+            e @ (CioError::Server { .. } | CioError::Timeout { .. } | CioError::Transport { .. }),
+        ) => format!("Customer.io is unavailable: {}", error_chain(e)),
+        CoreError::Upstream(e @ CioError::RateLimited { .. }) => {
+            format!(
+                "Customer.io is rate limiting this workspace: {}",
+                error_chain(e)
+            )
         }
         other => error_chain(other),
     }
@@ -482,34 +627,67 @@ pub async fn recent_runs(
     Ok(runs.into_iter().map(JobRunView::from).collect())
 }
 
-/// Runs `job` now for `caller` (through its lease, as the scheduler would) and answers the run
-/// as recorded. The run goes on in a task of its own, so it finishes (releasing its lease and
-/// recording its end) even if the caller stops waiting.
-pub async fn run_now(ctx: &AppContext, job: Job, caller: &str) -> Result<JobRunView, CoreError> {
-    let holder = ctx.holder(&format!("server-ops({caller})"));
-    tracing::info!(job = job.name(), caller = %caller, "job run requested");
-    let task = tokio::spawn({
-        let ctx = ctx.clone();
-        async move { run_job(&ctx, job, &holder).await }.instrument(tracing::Span::current())
-    });
-    let result = match task.await {
-        Ok(result) => result,
-        Err(e) => {
-            tracing::error!(job = job.name(), error = %e, "job task ended abnormally");
-            return Err(CoreError::Internal(format!(
-                "the {job} run ended abnormally"
-            )));
-        }
-    };
-    let run_id = match result {
-        Ok(JobOutcome::Succeeded { run_id, .. } | JobOutcome::Skipped { run_id }) => run_id,
-        Err(RunError::Failed(failed)) => failed.run_id,
-        Err(RunError::Bookkeeping(e)) => return Err(e.into()),
-    };
+/// One run by id; `NotFound` for a run this workspace does not have.
+pub async fn get_run(ctx: &AppContext, run_id: i64) -> Result<JobRunView, CoreError> {
     job_store::get_run(&ctx.db, ctx.workspace_id(), run_id)
         .await?
         .map(JobRunView::from)
-        .ok_or_else(|| CoreError::Internal(format!("the {job} run {run_id} was not recorded")))
+        .ok_or_else(|| CoreError::NotFound {
+            what: "job run",
+            id: run_id.to_string(),
+        })
+}
+
+/// The operation name of RunJob's idempotency keys.
+pub const RUN_JOB_OPERATION: &str = "RunJob";
+
+/// Starts `job` now for `caller` (through its lease, as the scheduler would) and answers its run
+/// at once (see [`start`]); the caller follows it with [`get_run`].
+///
+/// With a `request_id` (see [`crate::idempotency`]) at most one run is started per request id,
+/// even by concurrent calls: a retry answers the first call's run as it stands now (`false`: not
+/// started by this call); the request id used for another job is `AlreadyExists`.
+pub async fn run_now(
+    ctx: &AppContext,
+    job: Job,
+    caller: &str,
+    request_id: &str,
+) -> Result<(JobRunView, bool), CoreError> {
+    idempotency::check_request_id(request_id)?;
+    let holder = ctx.holder(&format!("server-ops({caller})"));
+    tracing::info!(job = job.name(), caller = %caller, "job run requested");
+    if request_id.is_empty() {
+        return Ok((start(ctx, job, &holder).await?, true));
+    }
+    let request = json!({ "job": job.name() });
+    let started = job_store::start_run_once(
+        &ctx.db,
+        ctx.workspace_id(),
+        job.name(),
+        &holder,
+        ctx.now(),
+        RUN_JOB_OPERATION,
+        request_id,
+        &request,
+    )
+    .await?;
+    match started {
+        StartedRun::New(run_id) => Ok((launch(ctx, job, &holder, run_id).await?, true)),
+        StartedRun::Existing(key) => {
+            let describe = |id: i64| format!("job run {id}");
+            idempotency::same_request(
+                RUN_JOB_OPERATION,
+                request_id,
+                &key.request,
+                &request,
+                key.result_id.map(describe),
+            )?;
+            let run_id = key.result_id.ok_or_else(|| {
+                CoreError::Internal("a RunJob request_id was recorded without its run".into())
+            })?;
+            Ok((get_run(ctx, run_id).await?, false))
+        }
+    }
 }
 
 /// A holder name for this process: `component@host:pid:ulid`, unique among replicas.

@@ -32,6 +32,7 @@ pub mod context;
 pub mod criteria;
 pub mod engagement;
 pub mod error;
+pub mod idempotency;
 pub mod input;
 pub mod jobs;
 pub mod journey;

@@ -330,6 +330,24 @@ pub struct NewSegment {
 /// Customer.io through the outbox). If that first evaluation fails (e.g. Customer.io cannot be
 /// read), the segment is still created, stays due, and carries the error.
 pub async fn create_segment(ctx: &AppContext, new: NewSegment) -> Result<ManagedView, CoreError> {
+    create_or_adopt(ctx, new, None).await
+}
+
+/// As [`create_segment`], but records an existing manual segment of Customer.io (`cio_id`, one a
+/// call that died created, see `crate::segments::create_segment_once`) instead of creating one.
+pub async fn adopt_segment(
+    ctx: &AppContext,
+    new: NewSegment,
+    cio_id: i64,
+) -> Result<ManagedView, CoreError> {
+    create_or_adopt(ctx, new, Some(cio_id)).await
+}
+
+async fn create_or_adopt(
+    ctx: &AppContext,
+    new: NewSegment,
+    adopt: Option<i64>,
+) -> Result<ManagedView, CoreError> {
     let mut violations = Vec::new();
     check_text(&mut violations, "name", &new.name, limits::NAME_CHARS, true);
     check_text(
@@ -351,12 +369,17 @@ pub async fn create_segment(ctx: &AppContext, new: NewSegment) -> Result<Managed
     }
     let name = new.name.trim().to_owned();
     let description = Some(new.description.trim().to_owned()).filter(|d| !d.is_empty());
-    let created = ctx
-        .cio
-        .create_manual_segment(&name, description.as_deref())
-        .await?;
+    let cio_segment_id = match adopt {
+        Some(id) => id,
+        None => {
+            ctx.cio
+                .create_manual_segment(&name, description.as_deref())
+                .await?
+                .id
+        }
+    };
     let record = NewManagedSegment {
-        cio_segment_id: created.id,
+        cio_segment_id,
         name,
         description,
         criteria: criteria.as_ref().map(stored),
@@ -365,8 +388,10 @@ pub async fn create_segment(ctx: &AppContext, new: NewSegment) -> Result<Managed
         Ok(saved) => saved,
         Err(e) => {
             // Do not leave an orphan in Customer.io (best effort; the error is what matters).
-            if let Err(cleanup) = ctx.cio.delete_segment(created.id).await {
-                tracing::warn!(segment_id = created.id, error = %crate::error::error_chain(&cleanup), "could not delete the Customer.io segment of a failed create");
+            if adopt.is_none()
+                && let Err(cleanup) = ctx.cio.delete_segment(cio_segment_id).await
+            {
+                tracing::warn!(segment_id = cio_segment_id, error = %crate::error::error_chain(&cleanup), "could not delete the Customer.io segment of a failed create");
             }
             return Err(e.into());
         }

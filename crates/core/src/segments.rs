@@ -9,13 +9,14 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use cio_client::{CioError, SegmentType};
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use sharpsend_db::segments::{
     self, ListFilter, SegmentRecord, SyncCounts, SyncedSegment, TypeFilter,
 };
 
 use crate::{
     AppContext, CoreError, FieldViolation,
+    jobs::Progress,
     managed_segments::{self as managed, ManagedView},
     paging::Page,
 };
@@ -165,22 +166,58 @@ pub async fn get_segment(ctx: &AppContext, id: i64) -> Result<SegmentView, CoreE
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SyncReport {
     pub counts: SyncCounts,
+    /// Segments Customer.io listed.
+    pub listed: u32,
+    /// Segments written to the mirror (listed ones deleted before they could be counted are
+    /// not).
+    pub synced: u32,
     pub duration: Duration,
+}
+
+impl SyncReport {
+    /// The report as a job run's details (also its progress while it runs).
+    pub fn details(&self) -> serde_json::Value {
+        serde_json::json!({
+            "listed": self.listed,
+            "synced": self.synced,
+            "created": self.counts.created,
+            "updated": self.counts.updated,
+            "removed": self.counts.removed,
+            "unchanged": self.counts.unchanged,
+            "duration_ms": u64::try_from(self.duration.as_millis()).unwrap_or(u64::MAX),
+        })
+    }
 }
 
 /// How many member counts are requested at once. They all pass the client's shared App API rate
 /// limiter, so this only overlaps network latency; it cannot exceed the limit.
 const COUNT_CONCURRENCY: usize = 4;
 
-/// Pulls every segment and its member count from Customer.io and applies them to the mirror in
-/// one transaction: new ones created, changed ones updated, missing ones marked removed.
+/// Segments written to the mirror per transaction during a sync.
+pub const SYNC_BATCH: usize = 25;
+
+/// Pulls every segment and its member count from Customer.io into the mirror, committing as it
+/// goes: every [`SYNC_BATCH`] counted segments are written (created or updated) in a transaction
+/// of their own, and `progress` hears how far the sync has got. Only once every listed segment
+/// has been counted are the segments Customer.io no longer lists marked removed.
 ///
-/// Nothing is written unless every count was read (a segment deleted between the list and its
-/// count is treated as gone), so a failed sync leaves the mirror as it was.
-pub async fn sync_segments(ctx: &AppContext) -> Result<SyncReport, CoreError> {
+/// A failure (Customer.io unavailable at segment 900) first commits every segment counted
+/// before it, then answers the error: the mirror keeps the first 899, nothing is marked removed,
+/// and the next sync goes over them again. A segment deleted between the listing and its count
+/// is treated as gone.
+pub async fn sync_segments(ctx: &AppContext, progress: &Progress) -> Result<SyncReport, CoreError> {
     let started = Instant::now();
     let listed = ctx.cio.list_segments().await?;
-    let seen: Vec<Option<SyncedSegment>> = futures::stream::iter(listed)
+    let synced_at = ctx.now();
+    let mut report = SyncReport {
+        counts: SyncCounts::default(),
+        listed: u32::try_from(listed.len()).unwrap_or(u32::MAX),
+        synced: 0,
+        duration: Duration::ZERO,
+    };
+    progress.report(ctx, report.details()).await;
+    let mut seen_ids = HashSet::with_capacity(listed.len());
+    let mut counted = futures::stream::iter(listed)
         .map(|segment| async move {
             match ctx.cio.segment_customer_count(segment.id).await {
                 Ok(count) => Ok(Some(SyncedSegment {
@@ -195,16 +232,41 @@ pub async fn sync_segments(ctx: &AppContext) -> Result<SyncReport, CoreError> {
                 Err(e) => Err(e),
             }
         })
-        .buffered(COUNT_CONCURRENCY)
-        .try_collect()
-        .await?;
-    let seen: Vec<SyncedSegment> = seen.into_iter().flatten().collect();
-    let counts = segments::apply_sync(&ctx.db, ctx.workspace_id(), &seen, ctx.now()).await?;
-    let report = SyncReport {
-        counts,
-        duration: started.elapsed(),
-    };
+        .buffered(COUNT_CONCURRENCY);
+    let mut batch = Vec::with_capacity(SYNC_BATCH);
+    let mut failure = None;
+    while let Some(next) = counted.next().await {
+        match next {
+            Ok(Some(segment)) => batch.push(segment),
+            Ok(None) => {}
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+        if batch.len() >= SYNC_BATCH {
+            commit_batch(ctx, &mut batch, synced_at, &mut seen_ids, &mut report).await?;
+            report.duration = started.elapsed();
+            progress.report(ctx, report.details()).await;
+        }
+    }
+    drop(counted);
+    commit_batch(ctx, &mut batch, synced_at, &mut seen_ids, &mut report).await?;
+    report.duration = started.elapsed();
+    if let Some(e) = failure {
+        progress.report(ctx, report.details()).await;
+        tracing::warn!(
+            listed = report.listed,
+            synced = report.synced,
+            "segment sync stopped partway; the segments counted so far are kept"
+        );
+        return Err(e.into());
+    }
+    report.counts.removed =
+        segments::mark_unseen_removed(&ctx.db, ctx.workspace_id(), &seen_ids, synced_at).await?;
+    report.duration = started.elapsed();
     tracing::info!(
+        listed = report.listed,
         created = report.counts.created,
         updated = report.counts.updated,
         removed = report.counts.removed,
@@ -213,6 +275,29 @@ pub async fn sync_segments(ctx: &AppContext) -> Result<SyncReport, CoreError> {
         "segments synced"
     );
     Ok(report)
+}
+
+/// Writes `batch` (emptying it) in one transaction and adds it to the report.
+async fn commit_batch(
+    ctx: &AppContext,
+    batch: &mut Vec<SyncedSegment>,
+    synced_at: DateTime<Utc>,
+    seen_ids: &mut HashSet<i64>,
+    report: &mut SyncReport,
+) -> Result<(), CoreError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let counts = segments::apply_sync_batch(&ctx.db, ctx.workspace_id(), batch, synced_at).await?;
+    seen_ids.extend(batch.iter().map(|s| s.cio_id));
+    report.synced = report
+        .synced
+        .saturating_add(u32::try_from(batch.len()).unwrap_or(u32::MAX));
+    report.counts.created += counts.created;
+    report.counts.updated += counts.updated;
+    report.counts.unchanged += counts.unchanged;
+    batch.clear();
+    Ok(())
 }
 
 fn type_name(kind: SegmentType) -> &'static str {
@@ -366,4 +451,93 @@ pub async fn validate_targeting(
         segments: verdicts,
         total_member_count,
     })
+}
+
+/// The operation name of CreateSegment's idempotency keys.
+pub const CREATE_SEGMENT_OPERATION: &str = "CreateSegment";
+
+/// Creates a SharpSend-managed segment ([`managed::create_segment`]) at most once per
+/// `request_id` (see [`crate::idempotency`]): a retry with the same request answers the segment
+/// the first call created (`false`: not created by this call) and creates nothing in
+/// Customer.io; the same request_id with another name, description or criteria is
+/// `AlreadyExists` naming them. An empty `request_id` always creates.
+pub async fn create_segment_once(
+    ctx: &AppContext,
+    new: managed::NewSegment,
+    request_id: &str,
+) -> Result<(ManagedView, bool), CoreError> {
+    let request = serde_json::json!({
+        "name": new.name.trim(),
+        "description": new.description.trim(),
+        "criteria": criteria_fingerprint(new.criteria.as_ref()),
+    });
+    let made = crate::idempotency::once(
+        ctx,
+        CREATE_SEGMENT_OPERATION,
+        request_id,
+        &request,
+        |id| format!("segment {id}"),
+        |taken_over| async move {
+            if let Some(since) = taken_over
+                && let Some(orphan) = find_orphan(ctx, &new.name, since).await?
+            {
+                tracing::warn!(
+                    segment_id = orphan,
+                    "adopting the Customer.io segment of a CreateSegment that died"
+                );
+                return managed::adopt_segment(ctx, new, orphan)
+                    .await
+                    .map(|view| view.segment_id);
+            }
+            managed::create_segment(ctx, new)
+                .await
+                .map(|view| view.segment_id)
+        },
+    )
+    .await?;
+    Ok((managed::get(ctx, made.id).await?, made.created))
+}
+
+/// A manual segment named `name` in Customer.io that no managed segment records, created (when
+/// Customer.io says) no earlier than a few minutes before `since`: what a CreateSegment that died
+/// between Customer.io's create and the local record left behind. The newest, if several.
+async fn find_orphan(
+    ctx: &AppContext,
+    name: &str,
+    since: DateTime<Utc>,
+) -> Result<Option<i64>, CoreError> {
+    let earliest = (since - chrono::Duration::minutes(5)).timestamp();
+    let candidates: Vec<i64> = ctx
+        .cio
+        .list_segments()
+        .await?
+        .into_iter()
+        .filter(|s| {
+            s.segment_type == SegmentType::Manual
+                && s.name == name.trim()
+                && s.created_at.is_none_or(|at| at >= earliest)
+        })
+        .map(|s| s.id)
+        .collect();
+    let managed = managed::get_many(ctx, &candidates).await?;
+    Ok(candidates
+        .into_iter()
+        .filter(|id| !managed.contains_key(id))
+        .max())
+}
+
+/// The criteria of a create request in a comparable form: the canonical JSON of valid criteria
+/// (a message), the parsed JSON text, or the raw input when it does not parse (such a request
+/// fails anyway, and its key is forgotten).
+fn criteria_fingerprint(input: Option<&managed::CriteriaInput>) -> serde_json::Value {
+    use managed::CriteriaInput;
+    match input {
+        None => serde_json::Value::Null,
+        Some(CriteriaInput::Message(raw, field)) => crate::criteria::validate(raw, field)
+            .map(|c| c.to_json())
+            .unwrap_or_else(|_| serde_json::Value::String(format!("{raw:?}"))),
+        Some(CriteriaInput::Json(text, _)) => {
+            serde_json::from_str(text).unwrap_or_else(|_| serde_json::Value::String(text.clone()))
+        }
+    }
 }

@@ -11,11 +11,13 @@ use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Alias, Expr, ExprTrait, OnConflict};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect,
+    QuerySelect, TransactionSession, TransactionTrait,
 };
 
 use crate::DbError;
+use crate::database::begin_write;
 use crate::entities::{job_leases, job_runs};
+use crate::idempotency::{self, Claim, StoredKey};
 use crate::time::{add_span, db_time};
 
 stored_enum! {
@@ -282,4 +284,74 @@ pub async fn get_run(
         .one(db)
         .await?;
     Ok(row.map(JobRun::try_from).transpose()?)
+}
+
+/// Records how far a running run has got (its `details` so far), so that callers following it
+/// (and a failed run's record) show the progress. Does nothing once the run has ended: returns
+/// whether the run was still running.
+pub async fn record_progress(
+    db: &impl ConnectionTrait,
+    run_id: i64,
+    details: serde_json::Value,
+) -> Result<bool, DbError> {
+    use job_runs::{Column, Entity};
+
+    let res = Entity::update_many()
+        .col_expr(Column::Details, Expr::value(details))
+        .filter(Column::Id.eq(run_id))
+        .filter(Column::Outcome.eq(RunOutcome::Running.as_str()))
+        .exec(db)
+        .await?;
+    Ok(res.rows_affected == 1)
+}
+
+/// What [`start_run_once`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StartedRun {
+    /// A new run was recorded under the key.
+    New(i64),
+    /// The key was there already: the run it started is its `result_id`.
+    Existing(StoredKey),
+}
+
+/// Records the start of a run (as [`start_run`]) under the idempotency key (`operation`,
+/// `request_id`) with `request`, in one transaction: of any number of calls with one key, even
+/// concurrent ones, exactly one records a run; the others find the key (and its run).
+#[allow(clippy::too_many_arguments)]
+pub async fn start_run_once<C: TransactionTrait>(
+    db: &C,
+    workspace_id: i64,
+    job: &str,
+    holder: &str,
+    started_at: DateTime<Utc>,
+    operation: &str,
+    request_id: &str,
+    request: &serde_json::Value,
+) -> Result<StartedRun, DbError> {
+    let txn = begin_write(db).await?;
+    let claim = idempotency::claim(
+        &txn,
+        workspace_id,
+        operation,
+        request_id,
+        request,
+        started_at,
+    )
+    .await?;
+    if let Claim::Existing(key) = claim {
+        txn.commit().await?;
+        return Ok(StartedRun::Existing(key));
+    }
+    let run_id = start_run(&txn, workspace_id, job, holder, started_at).await?;
+    idempotency::complete(
+        &txn,
+        workspace_id,
+        operation,
+        request_id,
+        run_id,
+        started_at,
+    )
+    .await?;
+    txn.commit().await?;
+    Ok(StartedRun::New(run_id))
 }

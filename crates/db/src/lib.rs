@@ -42,6 +42,7 @@ mod database;
 pub mod engagement;
 pub mod entities;
 mod error;
+pub mod idempotency;
 pub mod jobs;
 pub mod managed_segments;
 pub mod metrics;

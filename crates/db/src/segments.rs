@@ -1,9 +1,10 @@
 //! The segments mirror: Customer.io segments of a workspace as last seen by a sync.
 //!
-//! [`apply_sync`] writes a full listing from Customer.io; [`list`], [`get`] and [`get_many`]
+//! [`apply_sync`] writes a full listing from Customer.io (or [`apply_sync_batch`] one part at a
+//! time, then [`mark_unseen_removed`]); [`list`], [`get`] and [`get_many`]
 //! read the mirror (serving reads without touching Customer.io's rate-limited API).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, LikeExpr};
@@ -126,6 +127,9 @@ pub struct ListFilter {
 /// If `seen` lists a `cio_id` twice, the last entry wins. Fails with
 /// `DbError::Db(DbErr::RecordNotFound)` if the workspace does not exist. Concurrent syncs of one
 /// workspace run one after the other (row lock on PostgreSQL, `BEGIN IMMEDIATE` on SQLite).
+///
+/// A long sync writes its listing in parts instead: [`apply_sync_batch`] as each part is
+/// fetched, then [`mark_unseen_removed`] once the whole listing has been read.
 pub async fn apply_sync<C>(
     db: &C,
     workspace_id: i64,
@@ -137,33 +141,73 @@ where
 {
     let synced_at = db_time(synced_at);
     let txn = begin_write(db).await?;
-    let counts = apply_sync_in(&txn, workspace_id, seen, synced_at).await?;
+    lock_workspace(&txn, workspace_id).await?;
+    let mut counts = upsert_in(&txn, workspace_id, seen, synced_at).await?;
+    let seen_ids: HashSet<i64> = seen.iter().map(|s| s.cio_id).collect();
+    counts.removed = remove_unseen_in(&txn, workspace_id, &seen_ids, synced_at).await?;
+    txn.commit().await?;
+    tracing::debug!(workspace_id, ?counts, "segments sync applied");
+    Ok(counts)
+}
+
+/// Writes one part of a listing, in one transaction committed at once: creates unseen segments,
+/// updates changed ones and refreshes `synced_at` of the others (as [`apply_sync`], but marks
+/// nothing removed; `removed` in the answer is 0). A sync that fails later keeps what its
+/// earlier parts wrote.
+pub async fn apply_sync_batch<C>(
+    db: &C,
+    workspace_id: i64,
+    batch: &[SyncedSegment],
+    synced_at: DateTime<Utc>,
+) -> Result<SyncCounts, DbError>
+where
+    C: TransactionTrait,
+{
+    let synced_at = db_time(synced_at);
+    let txn = begin_write(db).await?;
+    lock_workspace(&txn, workspace_id).await?;
+    let counts = upsert_in(&txn, workspace_id, batch, synced_at).await?;
     txn.commit().await?;
     Ok(counts)
 }
 
-async fn apply_sync_in(
-    txn: &impl ConnectionTrait,
+/// Ends a sync written with [`apply_sync_batch`]: marks every known, not yet removed segment of
+/// the workspace whose id is not in `seen` (the complete listing) as removed at `synced_at`.
+/// Returns how many were newly marked.
+pub async fn mark_unseen_removed<C>(
+    db: &C,
     workspace_id: i64,
-    seen: &[SyncedSegment],
+    seen: &HashSet<i64>,
     synced_at: DateTime<Utc>,
-) -> Result<SyncCounts, DbError> {
-    // Serialises syncs of this workspace on PostgreSQL (no-op on SQLite, whose IMMEDIATE
-    // transaction already holds the write lock), and checks that the workspace exists.
+) -> Result<u32, DbError>
+where
+    C: TransactionTrait,
+{
+    let synced_at = db_time(synced_at);
+    let txn = begin_write(db).await?;
+    lock_workspace(&txn, workspace_id).await?;
+    let removed = remove_unseen_in(&txn, workspace_id, seen, synced_at).await?;
+    txn.commit().await?;
+    Ok(removed)
+}
+
+/// Serialises syncs of this workspace on PostgreSQL (no-op on SQLite, whose IMMEDIATE
+/// transaction already holds the write lock), and checks that the workspace exists.
+async fn lock_workspace(txn: &impl ConnectionTrait, workspace_id: i64) -> Result<(), DbError> {
     workspaces::Entity::find_by_id(workspace_id)
         .lock_exclusive()
         .one(txn)
         .await?
         .ok_or_else(|| sea_orm::DbErr::RecordNotFound(format!("workspace {workspace_id}")))?;
+    Ok(())
+}
 
-    let mut existing: HashMap<i64, Model> = Entity::find()
-        .filter(Column::WorkspaceId.eq(workspace_id))
-        .all(txn)
-        .await?
-        .into_iter()
-        .map(|m| (m.cio_id, m))
-        .collect();
-
+async fn upsert_in(
+    txn: &impl ConnectionTrait,
+    workspace_id: i64,
+    seen: &[SyncedSegment],
+    synced_at: DateTime<Utc>,
+) -> Result<SyncCounts, DbError> {
     // Last entry per cio_id wins; keep first-seen order for deterministic inserts.
     let mut latest: HashMap<i64, &SyncedSegment> = HashMap::with_capacity(seen.len());
     let mut order = Vec::with_capacity(seen.len());
@@ -171,6 +215,16 @@ async fn apply_sync_in(
         if latest.insert(s.cio_id, s).is_none() {
             order.push(s.cio_id);
         }
+    }
+
+    let mut existing: HashMap<i64, Model> = HashMap::with_capacity(order.len());
+    for chunk in order.chunks(CHUNK) {
+        let rows = Entity::find()
+            .filter(Column::WorkspaceId.eq(workspace_id))
+            .filter(Column::CioId.is_in(chunk.iter().copied()))
+            .all(txn)
+            .await?;
+        existing.extend(rows.into_iter().map(|m| (m.cio_id, m)));
     }
 
     let mut counts = SyncCounts::default();
@@ -239,12 +293,37 @@ async fn apply_sync_in(
             .await?;
     }
 
-    // Whatever is left in `existing` was not seen in this sync.
-    let vanished: Vec<i64> = existing
-        .values()
-        .filter(|m| !m.removed)
-        .map(|m| m.id)
+    let mut inserts = inserts.into_iter().peekable();
+    while inserts.peek().is_some() {
+        let chunk: Vec<ActiveModel> = inserts.by_ref().take(INSERT_CHUNK).collect();
+        Entity::insert_many(chunk)
+            .exec_without_returning(txn)
+            .await?;
+    }
+    Ok(counts)
+}
+
+async fn remove_unseen_in(
+    txn: &impl ConnectionTrait,
+    workspace_id: i64,
+    seen: &HashSet<i64>,
+    synced_at: DateTime<Utc>,
+) -> Result<u32, DbError> {
+    let known: Vec<(i64, i64)> = Entity::find()
+        .select_only()
+        .column(Column::Id)
+        .column(Column::CioId)
+        .filter(Column::WorkspaceId.eq(workspace_id))
+        .filter(Column::Removed.eq(false))
+        .into_tuple()
+        .all(txn)
+        .await?;
+    let vanished: Vec<i64> = known
+        .into_iter()
+        .filter(|(_, cio_id)| !seen.contains(cio_id))
+        .map(|(id, _)| id)
         .collect();
+    let mut removed = 0u32;
     for chunk in vanished.chunks(CHUNK) {
         let res = Entity::update_many()
             .col_expr(Column::Removed, Expr::value(true))
@@ -253,19 +332,9 @@ async fn apply_sync_in(
             .filter(Column::Id.is_in(chunk.iter().copied()))
             .exec(txn)
             .await?;
-        counts.removed += u32::try_from(res.rows_affected).unwrap_or(u32::MAX);
+        removed = removed.saturating_add(u32::try_from(res.rows_affected).unwrap_or(u32::MAX));
     }
-
-    let mut inserts = inserts.into_iter().peekable();
-    while inserts.peek().is_some() {
-        let chunk: Vec<ActiveModel> = inserts.by_ref().take(INSERT_CHUNK).collect();
-        Entity::insert_many(chunk)
-            .exec_without_returning(txn)
-            .await?;
-    }
-
-    tracing::debug!(workspace_id, ?counts, "segments sync applied");
-    Ok(counts)
+    Ok(removed)
 }
 
 /// Segments of a workspace, ordered by `cio_id`, at most `limit`, starting after

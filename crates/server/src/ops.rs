@@ -1,5 +1,5 @@
 //! `sharpsend.cio.v1.OpsService`: the background jobs for operators — list them with their
-//! schedules, list recent runs, run one now. Mapping only: `sharpsend_core::jobs` runs them
+//! schedules, list recent runs, start one now, follow one run. Mapping only: `sharpsend_core::jobs` runs them
 //! (lease + run record, exactly as the scheduler runs them) and reads their runs.
 
 use sharpsend_core::{
@@ -49,7 +49,8 @@ fn outcome(state: RunState) -> pb::JobRunOutcome {
     }
 }
 
-fn to_proto(run: &JobRunView) -> pb::JobRun {
+/// A run as the API shows it (also SegmentService/SyncSegments' answer).
+pub(crate) fn to_proto(run: &JobRunView) -> pb::JobRun {
     let duration = run.finished_at.map(|end| {
         let d = end - run.started_at;
         let seconds = d.num_seconds();
@@ -125,9 +126,29 @@ impl OpsService for Ops {
             .get::<Caller>()
             .map(|c| c.name.clone())
             .unwrap_or_else(|| "unknown".into());
-        let job = parse_job(&request.into_inner().job).or_status()?;
-        let run = jobs::run_now(&self.ctx, job, &caller).await.or_status()?;
+        let req = request.into_inner();
+        let job = parse_job(&req.job).or_status()?;
+        let (run, _) = jobs::run_now(&self.ctx, job, &caller, &req.request_id)
+            .await
+            .or_status()?;
         Ok(Response::new(pb::RunJobResponse {
+            run: Some(to_proto(&run)),
+        }))
+    }
+
+    async fn get_job_run(
+        &self,
+        request: Request<pb::GetJobRunRequest>,
+    ) -> Result<Response<pb::GetJobRunResponse>, Status> {
+        let run_id = request.into_inner().run_id;
+        if run_id <= 0 {
+            return Err(crate::status::to_status(CoreError::invalid(
+                "run_id",
+                "must be a positive job run id",
+            )));
+        }
+        let run = jobs::get_run(&self.ctx, run_id).await.or_status()?;
+        Ok(Response::new(pb::GetJobRunResponse {
             run: Some(to_proto(&run)),
         }))
     }

@@ -12,6 +12,7 @@ use sharpsend_core::{
         Value,
     },
     input::{self, limits::SEARCH_CHARS},
+    jobs::{self, Job},
     managed_segments::{self as managed, CriteriaInput, ManagedView, NewSegment, SegmentChanges},
     segments::{
         self as core_segments, SegmentFilter, SegmentKind, SegmentView, TargetingWarning as Warning,
@@ -21,6 +22,7 @@ use sharpsend_proto::v1::{self as pb, segment_service_server::SegmentService};
 use tonic::{Request, Response, Status};
 
 use crate::{
+    auth::Caller,
     convert::{self, limit, timestamp},
     status::{OrStatus, to_status},
 };
@@ -100,15 +102,18 @@ impl SegmentService for Segments {
 
     async fn sync_segments(
         &self,
-        _request: Request<pb::SyncSegmentsRequest>,
+        request: Request<pb::SyncSegmentsRequest>,
     ) -> Result<Response<pb::SyncSegmentsResponse>, Status> {
-        let report = core_segments::sync_segments(&self.ctx).await.or_status()?;
+        let caller = request
+            .extensions()
+            .get::<Caller>()
+            .map(|c| c.name.clone())
+            .unwrap_or_else(|| "unknown".into());
+        let (run, _) = jobs::run_now(&self.ctx, Job::SegmentSync, &caller, "")
+            .await
+            .or_status()?;
         Ok(Response::new(pb::SyncSegmentsResponse {
-            created: report.counts.created,
-            updated: report.counts.updated,
-            removed: report.counts.removed,
-            unchanged: report.counts.unchanged,
-            duration: prost_types::Duration::try_from(report.duration).ok(),
+            run: Some(crate::ops::to_proto(&run)),
         }))
     }
 
@@ -152,13 +157,14 @@ impl SegmentService for Segments {
     ) -> Result<Response<pb::CreateSegmentResponse>, Status> {
         let req = request.into_inner();
         let criteria = criteria_input(req.criteria, req.criteria_json, false).or_status()?;
-        let view = managed::create_segment(
+        let (view, _created) = core_segments::create_segment_once(
             &self.ctx,
             NewSegment {
                 name: req.name,
                 description: req.description,
                 criteria,
             },
+            &req.request_id,
         )
         .await
         .or_status()?;

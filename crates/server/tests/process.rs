@@ -227,11 +227,14 @@ db_test!(
         let channel = tonic::transport::Channel::from_shared(endpoint.clone())?
             .connect()
             .await?;
-        OpsServiceClient::new(channel.clone())
+        let sync = OpsServiceClient::new(channel.clone())
             .run_job(authed(pb::RunJobRequest {
                 job: "segment-sync".into(),
+                ..Default::default()
             }))
-            .await?;
+            .await?
+            .into_inner();
+        finished(&channel, sync.run.ok_or("no run")?.id).await?;
         let engaged = sim
             .sim
             .segments()
@@ -297,12 +300,16 @@ db_test!(
         check(!retried.created, "a second send was created".into())?;
         let send_id = retried.send.ok_or("no send")?.id;
         tokio::time::sleep(Duration::from_millis(3200)).await; // the dead server's claim expires
-        let run = OpsServiceClient::new(channel)
+        let started = OpsServiceClient::new(channel.clone())
             .run_job(authed(pb::RunJobRequest {
                 job: "send-reconcile".into(),
+                ..Default::default()
             }))
             .await?
             .into_inner();
+        let run = pb::RunJobResponse {
+            run: Some(finished(&channel, started.run.ok_or("no run")?.id).await?),
+        };
         check(
             run.run
                 .as_ref()
@@ -339,3 +346,27 @@ db_test!(
         Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
     }
 );
+
+/// Follows a job run (RunJob answers at once) with GetJobRun until it has ended.
+async fn finished(
+    channel: &tonic::transport::Channel,
+    run_id: i64,
+) -> Result<sharpsend_proto::v1::JobRun, Box<dyn std::error::Error + Send + Sync>> {
+    use sharpsend_proto::v1::{self as pb, ops_service_client::OpsServiceClient};
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let run = OpsServiceClient::new(channel.clone())
+            .get_job_run(authed(pb::GetJobRunRequest { run_id }))
+            .await?
+            .into_inner()
+            .run
+            .ok_or("no run")?;
+        if run.outcome != pb::JobRunOutcome::Running as i32 {
+            return Ok(run);
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!("run {run_id} still running").into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -313,13 +313,31 @@ async fn calls_arrive_as_linked_spans_and_metrics_without_secrets() -> anyhow::R
         })
         .await?;
     let mut ops = OpsServiceClient::with_interceptor(channel.clone(), Meta(None));
-    let run = ops
+    let started = ops
         .run_job(pb::RunJobRequest {
             job: "outbox-delivery".into(),
+            ..Default::default()
         })
         .await?
         .into_inner()
         .run;
+    // RunJob answers at once; follow the run until it has ended.
+    let run_id = started.map(|r| r.id).unwrap_or_default();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let run = loop {
+        let run = ops
+            .get_job_run(pb::GetJobRunRequest { run_id })
+            .await?
+            .into_inner()
+            .run;
+        let running = run
+            .as_ref()
+            .is_some_and(|r| r.outcome == pb::JobRunOutcome::Running as i32);
+        if !running || std::time::Instant::now() > deadline {
+            break run;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     ensure!(
         run.as_ref()
             .is_some_and(|r| r.outcome == pb::JobRunOutcome::Succeeded as i32),
@@ -400,12 +418,18 @@ async fn calls_arrive_as_linked_spans_and_metrics_without_secrets() -> anyhow::R
         "{:?}",
         sync.attributes
     );
-    // ...and its Customer.io requests are its children, named by endpoint template.
-    let list = children_of(sync);
+    // ...its job run is its child (the sync answers at once and goes on in a task), and the
+    // run's Customer.io requests are the run's children, named by endpoint template.
+    let job = children_of(sync);
+    let job = job
+        .iter()
+        .find(|s| s.name == "job segment-sync")
+        .context("job span child of SyncSegments")?;
+    let list = children_of(job);
     let list = list
         .iter()
         .find(|s| s.name == "GET /v1/segments")
-        .context("GET /v1/segments child of SyncSegments")?;
+        .context("GET /v1/segments child of the segment-sync job")?;
     ensure!(list.kind == SpanKind::Client as i32);
     for (key, want) in [
         ("api", "app"),
@@ -435,8 +459,8 @@ async fn calls_arrive_as_linked_spans_and_metrics_without_secrets() -> anyhow::R
         "no member-count requests in the SyncSegments trace"
     );
     ensure!(
-        counts.iter().all(|s| s.parent_span_id == sync.span_id),
-        "member-count requests not under the gRPC span"
+        counts.iter().all(|s| s.parent_span_id == job.span_id),
+        "member-count requests not under the job run's span"
     );
 
     // RunJob: a new trace (no traceparent): gRPC span → job span → delivery step → batch request.

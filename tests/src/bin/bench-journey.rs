@@ -114,7 +114,7 @@ async fn bench(backend: Backend, members: usize) -> anyhow::Result<()> {
     let in_cio: Vec<&str> = ids[..members].iter().map(String::as_str).collect();
     let cio_segment = sim.sim.create_manual_segment("Bench readers", "");
     sim.sim.add_to_manual_segment(cio_segment, &in_cio)?;
-    segments::sync_segments(&ctx).await?;
+    segments::sync_segments(&ctx, &sharpsend_core::jobs::Progress::untracked()).await?;
     let managed = managed_segments::create_segment(
         &ctx,
         NewSegment {

@@ -26,7 +26,8 @@ use clap::Parser;
 use serde_json::json;
 use sharpsend_proto::v1::{
     self as pb, campaign_service_client::CampaignServiceClient,
-    profile_service_client::ProfileServiceClient, segment_service_client::SegmentServiceClient,
+    ops_service_client::OpsServiceClient, profile_service_client::ProfileServiceClient,
+    segment_service_client::SegmentServiceClient,
 };
 use tokio::process::{Child, Command};
 use tonic::{Request, metadata::MetadataValue, transport::Channel};
@@ -271,9 +272,34 @@ async fn main() -> anyhow::Result<()> {
         .connect()
         .await?;
     let mut segments = SegmentServiceClient::new(channel.clone());
-    segments
+    // SyncSegments answers at once with its run; follow it until the mirror is filled.
+    let run = segments
         .sync_segments(authed(pb::SyncSegmentsRequest {}))
-        .await?;
+        .await?
+        .into_inner()
+        .run
+        .context("SyncSegments answered no run")?;
+    let mut ops = OpsServiceClient::new(channel.clone());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let state = ops
+            .get_job_run(authed(pb::GetJobRunRequest { run_id: run.id }))
+            .await?
+            .into_inner()
+            .run
+            .context("GetJobRun answered no run")?;
+        if state.outcome == pb::JobRunOutcome::Succeeded as i32 {
+            break;
+        }
+        ensure!(
+            state.outcome == pb::JobRunOutcome::Running as i32 && Instant::now() < deadline,
+            "segment-sync run {}: {:?} {}",
+            run.id,
+            state.outcome(),
+            state.error
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let listed = segments
         .list_segments(authed(pb::ListSegmentsRequest {
             page_size: 50,

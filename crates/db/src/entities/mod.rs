@@ -7,6 +7,7 @@
 pub mod ab_tests;
 pub mod broadcast_windows;
 pub mod campaigns;
+pub mod idempotency_keys;
 pub mod job_leases;
 pub mod job_runs;
 pub mod managed_segments;

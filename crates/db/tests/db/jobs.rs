@@ -231,3 +231,131 @@ fn run_outcome_round_trips_through_text() {
     }
     assert!("done".parse::<RunOutcome>().is_err());
 }
+
+sharpsend_db::db_test!(
+    racing_duplicates_of_one_request_id_record_one_run,
+    |db: TestDatabase| async move {
+        let ws = workspace(&db, "site-1").await?;
+        let other = db.connect_again().await?;
+        let request = json!({"job": "segment-sync"});
+        let start = std::sync::Arc::new(tokio::sync::Barrier::new(12));
+        let mut tasks = Vec::new();
+        for i in 0..12 {
+            let conn = if i % 2 == 0 {
+                db.conn.clone()
+            } else {
+                other.clone()
+            };
+            let start = start.clone();
+            let request = request.clone();
+            tasks.push(tokio::spawn(async move {
+                start.wait().await;
+                jobs::start_run_once(
+                    &conn,
+                    ws,
+                    "segment-sync",
+                    &format!("caller-{i}"),
+                    ts(0),
+                    "RunJob",
+                    "run-1",
+                    &request,
+                )
+                .await
+            }));
+        }
+        let mut new = Vec::new();
+        let mut existing = Vec::new();
+        for t in tasks {
+            match t.await?? {
+                jobs::StartedRun::New(id) => new.push(id),
+                jobs::StartedRun::Existing(key) => existing.push(key),
+            }
+        }
+        assert_eq!(new.len(), 1, "{new:?}");
+        assert!(
+            existing
+                .iter()
+                .all(|k| k.result_id == Some(new[0]) && k.request == request),
+            "{existing:?}"
+        );
+        let runs = jobs::recent_runs(&db.conn, ws, None, 50).await?;
+        assert_eq!(runs.len(), 1);
+        // Another request id, or another workspace, is another run.
+        let again = jobs::start_run_once(
+            &db.conn,
+            ws,
+            "segment-sync",
+            "c",
+            ts(1),
+            "RunJob",
+            "run-2",
+            &request,
+        )
+        .await?;
+        assert!(matches!(again, jobs::StartedRun::New(id) if id != new[0]));
+        TestResult::Ok(())
+    }
+);
+
+sharpsend_db::db_test!(
+    an_idempotency_key_is_claimed_once_released_on_failure_and_taken_over_when_stale,
+    |db: TestDatabase| async move {
+        use sharpsend_db::idempotency::{self, Claim};
+        let c = &db.conn;
+        let ws = workspace(&db, "site-1").await?;
+        let request = json!({"name": "VIPs"});
+        let claim = idempotency::claim(c, ws, "CreateSegment", "k1", &request, ts(0)).await?;
+        assert_eq!(claim, Claim::New);
+        let Claim::Existing(key) =
+            idempotency::claim(c, ws, "CreateSegment", "k1", &json!({"name": "x"}), ts(1)).await?
+        else {
+            panic!("claimed twice")
+        };
+        assert_eq!((key.request, key.result_id), (request.clone(), None));
+        // The same request id of another operation is another key.
+        assert_eq!(
+            idempotency::claim(c, ws, "RunJob", "k1", &request, ts(1)).await?,
+            Claim::New
+        );
+
+        // A failed first call frees the key.
+        idempotency::release(c, ws, "CreateSegment", "k1").await?;
+        assert_eq!(
+            idempotency::claim(c, ws, "CreateSegment", "k1", &request, ts(2)).await?,
+            Claim::New
+        );
+        // Not stale yet: no take-over; stale: exactly one.
+        assert!(!idempotency::take_over(c, ws, "CreateSegment", "k1", ts(1), ts(3)).await?);
+        assert!(idempotency::take_over(c, ws, "CreateSegment", "k1", ts(2), ts(200)).await?);
+        assert!(!idempotency::take_over(c, ws, "CreateSegment", "k1", ts(2), ts(201)).await?);
+
+        // Completed: it answers its result; release no longer forgets it.
+        idempotency::complete(c, ws, "CreateSegment", "k1", 77, ts(210)).await?;
+        idempotency::release(c, ws, "CreateSegment", "k1").await?;
+        let key = idempotency::get(c, ws, "CreateSegment", "k1")
+            .await?
+            .ok_or("key gone")?;
+        assert_eq!(key.result_id, Some(77));
+        assert!(
+            !idempotency::take_over(c, ws, "CreateSegment", "k1", ts(10_000), ts(10_000)).await?
+        );
+        TestResult::Ok(())
+    }
+);
+
+sharpsend_db::db_test!(
+    progress_is_recorded_only_while_a_run_is_running,
+    |db: TestDatabase| async move {
+        let c = &db.conn;
+        let ws = workspace(&db, "site-1").await?;
+        let run = jobs::start_run(c, ws, "segment-sync", "h", ts(0)).await?;
+        assert!(jobs::record_progress(c, run, json!({"synced": 25})).await?);
+        let got = jobs::get_run(c, ws, run).await?.ok_or("no run")?;
+        assert_eq!(got.details, json!({"synced": 25}));
+        jobs::finish_run(c, run, RunOutcome::Failed, ts(5), got.details, Some("x")).await?;
+        assert!(!jobs::record_progress(c, run, json!({"synced": 50})).await?);
+        let got = jobs::get_run(c, ws, run).await?.ok_or("no run")?;
+        assert_eq!(got.details, json!({"synced": 25}));
+        TestResult::Ok(())
+    }
+);

@@ -450,3 +450,45 @@ sharpsend_db::db_test!(
         TestResult::Ok(())
     }
 );
+
+sharpsend_db::db_test!(
+    a_sync_written_in_parts_keeps_each_part_and_removes_only_at_the_end,
+    |db: TestDatabase| async move {
+        let ws = workspace(&db, "site-1").await?;
+        segments::apply_sync(
+            &db.conn,
+            ws,
+            &[seg(1, "Old", "manual"), seg(2, "Kept", "manual")],
+            ts(0),
+        )
+        .await?;
+
+        // Part one commits at once; nothing is marked removed by a part.
+        let first = segments::apply_sync_batch(
+            &db.conn,
+            ws,
+            &[seg(2, "Kept", "manual"), seg(3, "New", "manual")],
+            ts(10),
+        )
+        .await?;
+        assert_eq!(first, counts(1, 0, 0, 1));
+        let after_part = all(&db.conn, ws).await?;
+        assert_eq!(after_part.len(), 3);
+        assert!(after_part.iter().all(|s| !s.removed));
+
+        // The end of the listing marks what was not seen (1) as removed, once.
+        let seen: std::collections::HashSet<i64> = [2, 3].into();
+        assert_eq!(
+            segments::mark_unseen_removed(&db.conn, ws, &seen, ts(20)).await?,
+            1
+        );
+        assert_eq!(
+            segments::mark_unseen_removed(&db.conn, ws, &seen, ts(30)).await?,
+            0
+        );
+        let end = all(&db.conn, ws).await?;
+        let removed: Vec<i64> = end.iter().filter(|s| s.removed).map(|s| s.cio_id).collect();
+        assert_eq!(removed, [1]);
+        TestResult::Ok(())
+    }
+);
