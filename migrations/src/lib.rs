@@ -27,6 +27,7 @@ mod m20261128_000010_create_campaigns_and_metrics;
 mod m20261206_000015_send_attempt_window;
 mod m20261206_000016_send_subscription_topic;
 mod m20261206_000017_send_trigger_errors;
+mod m20261206_000031_read_versions;
 
 /// All migrations of the project, oldest first.
 pub struct Migrator;
@@ -48,6 +49,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261206_000015_send_attempt_window::Migration),
             Box::new(m20261206_000016_send_subscription_topic::Migration),
             Box::new(m20261206_000017_send_trigger_errors::Migration),
+            Box::new(m20261206_000031_read_versions::Migration),
         ]
     }
 }

@@ -8,6 +8,7 @@ mod jobs;
 mod journey;
 mod ops;
 mod profiles;
+mod read_cache;
 mod segments;
 mod sends;
 mod serving;

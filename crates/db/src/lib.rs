@@ -45,6 +45,7 @@ pub mod managed_segments;
 pub mod metrics;
 pub mod outbox;
 pub mod profiles;
+pub mod read_versions;
 pub mod segments;
 pub mod sends;
 mod sql;

@@ -11,12 +11,14 @@
 //! - [`telemetry`]: the per-call span (honouring `traceparent`) and gRPC metrics layer.
 //! - [`app`]: assembling and serving everything (health, reflection, limits, graceful shutdown);
 //!   [`limits`]: the global in-flight limit (shedding with `UNAVAILABLE` + `RetryInfo`) and the
-//!   deadline (`DEADLINE_EXCEEDED`).
+//!   deadline (`DEADLINE_EXCEEDED`); [`cache_layer`]: forgets cached reads after every call that
+//!   may write, so the caller's next read sees its write.
 //! - `dev` (feature `dev`, on by default): `--dev` mode: SQLite + in-process simulator +
 //!   in-process scheduler. Production builds (`--no-default-features`) do not link the simulator.
 
 pub mod app;
 pub mod auth;
+pub mod cache_layer;
 pub mod campaign_metrics;
 pub mod campaigns;
 pub mod convert;
