@@ -1,7 +1,7 @@
 use sharpsend_db::testing::{TestDatabase, TestResult};
 use sharpsend_db::{DbError, ensure_migrated, migrate, pending_migrations};
 
-const ALL: [&str; 13] = [
+const ALL: [&str; 14] = [
     "m20261128_000001_create_workspaces",
     "m20261128_000002_create_segments",
     "m20261128_000003_create_job_runs",
@@ -15,6 +15,7 @@ const ALL: [&str; 13] = [
     "m20261206_000015_send_attempt_window",
     "m20261206_000016_send_subscription_topic",
     "m20261206_000017_send_trigger_errors",
+    "m20261206_000031_read_versions",
 ];
 
 sharpsend_db::db_test!(
