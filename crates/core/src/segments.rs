@@ -116,7 +116,9 @@ pub async fn list_segments(
         limit,
     };
     ctx.read_cache
-        .segment_page(&ctx.db, key, || load_segment_page(ctx, filter, after, limit))
+        .segment_page(&ctx.db, key, || {
+            load_segment_page(ctx, filter, after, limit)
+        })
         .await
 }
 

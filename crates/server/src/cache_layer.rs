@@ -106,8 +106,12 @@ mod tests {
     fn only_listed_reads_skip_invalidation() {
         assert!(is_read_only("/sharpsend.cio.v1.SegmentService/GetSegment"));
         assert!(is_read_only("/grpc.health.v1.Health/Check"));
-        assert!(!is_read_only("/sharpsend.cio.v1.SegmentService/SyncSegments"));
-        assert!(!is_read_only("/sharpsend.cio.v1.ProfileService/UpdateAttributes"));
+        assert!(!is_read_only(
+            "/sharpsend.cio.v1.SegmentService/SyncSegments"
+        ));
+        assert!(!is_read_only(
+            "/sharpsend.cio.v1.ProfileService/UpdateAttributes"
+        ));
         assert!(!is_read_only("/sharpsend.cio.v1.SomeService/NewCall"));
     }
 }

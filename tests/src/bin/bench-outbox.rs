@@ -27,8 +27,8 @@ use clap::Parser;
 use futures::StreamExt;
 use serde_json::{Map, Value, json};
 use sharpsend_proto::v1::{
-    BatchTrackEventsRequest, BatchUpdateAttributesRequest, GetSyncStatusRequest,
-    TrackEventRequest, UpdateAttributesRequest, profile_service_client::ProfileServiceClient,
+    BatchTrackEventsRequest, BatchUpdateAttributesRequest, GetSyncStatusRequest, TrackEventRequest,
+    UpdateAttributesRequest, profile_service_client::ProfileServiceClient,
 };
 use tokio::process::{Child, Command};
 use tonic::{metadata::MetadataValue, transport::Channel};
