@@ -30,6 +30,7 @@ mod m20261206_000017_send_trigger_errors;
 mod m20261206_000018_create_idempotency_keys;
 mod m20261206_000021_create_profile_sync_state;
 mod m20261206_000026_create_delivery_events;
+mod m20261206_000031_read_versions;
 mod m20261206_000035_create_ab_tests;
 
 /// All migrations of the project, oldest first.
@@ -55,6 +56,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261206_000018_create_idempotency_keys::Migration),
             Box::new(m20261206_000021_create_profile_sync_state::Migration),
             Box::new(m20261206_000026_create_delivery_events::Migration),
+            Box::new(m20261206_000031_read_versions::Migration),
             Box::new(m20261206_000035_create_ab_tests::Migration),
         ]
     }

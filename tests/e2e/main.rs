@@ -11,6 +11,7 @@ mod journey;
 mod ops;
 mod profile_sync;
 mod profiles;
+mod read_cache;
 mod segments;
 mod sends;
 mod serving;

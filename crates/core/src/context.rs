@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use cio_client::CioClient;
 use sharpsend_db::{DatabaseConnection, workspaces::Workspace};
 
-use crate::{clock::Clock, settings::Settings};
+use crate::{cache::ReadCache, clock::Clock, settings::Settings};
 
 /// The database, the Customer.io client, the workspace they serve, the settings (read once at
 /// start-up) and the clock.
@@ -23,6 +23,8 @@ pub struct AppContext {
     pub outbox_wakeup: Arc<tokio::sync::Notify>,
     pub settings: Arc<Settings>,
     pub clock: Clock,
+    /// Hot reads served from memory while the server runs ([`crate::cache`]).
+    pub read_cache: ReadCache,
 }
 
 impl AppContext {
@@ -40,6 +42,7 @@ impl AppContext {
             outbox_wakeup: Arc::new(tokio::sync::Notify::new()),
             settings,
             clock,
+            read_cache: ReadCache::default(),
         }
     }
 

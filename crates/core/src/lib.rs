@@ -7,6 +7,7 @@
 //! - [`profiles`]: validating and accepting writes (mirror + outbox in one transaction),
 //!   reading and importing profiles.
 //! - [`outbox`]: delivering accepted writes to Customer.io in as few requests as the limits allow.
+//! - [`cache`]: the read-through cache of the hot reads, never stale after a committed write.
 //! - [`segments`]: the segment sync (Customer.io → mirror) and targeting validation.
 //! - [`criteria`]: segment criteria (model, JSON form, validation with paths, database filter);
 //!   [`managed_segments`]: SharpSend-managed segments kept in Customer.io as manual segments
@@ -26,6 +27,7 @@
 //!   (bounded, no NUL, identifiers never trimmed).
 
 pub mod abtest;
+pub mod cache;
 pub mod campaigns;
 pub mod clock;
 pub mod context;

@@ -384,7 +384,7 @@ pub async fn track_events(
 }
 
 /// Which person to read.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum CustomerRef {
     Id(String),
     Email(String),
@@ -452,6 +452,7 @@ pub async fn get_profile(
         };
         let customer_id = fetched.customer_id.clone();
         profiles::upsert_fetched(&ctx.db, ctx.workspace_id(), &[fetched], ctx.now()).await?;
+        ctx.read_cache.invalidate_all();
         let profile = profiles::get(&ctx.db, ctx.workspace_id(), Lookup::Id(&customer_id))
             .await?
             .ok_or_else(not_found)?;
@@ -465,9 +466,14 @@ pub async fn get_profile(
         CustomerRef::Email(v) => Lookup::Email(v),
         CustomerRef::CioId(v) => Lookup::CioId(v),
     };
-    let profile = profiles::get(&ctx.db, ctx.workspace_id(), lookup)
-        .await?
-        .ok_or_else(not_found)?;
+    let profile = ctx
+        .read_cache
+        .profile(&ctx.db, who.clone(), || async {
+            profiles::get(&ctx.db, ctx.workspace_id(), lookup)
+                .await?
+                .ok_or_else(not_found)
+        })
+        .await?;
     Ok(ProfileView {
         profile,
         fresh: false,

@@ -22,7 +22,7 @@ use crate::{
 };
 
 /// Customer.io's two kinds of segment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SegmentKind {
     /// Data-driven, built in Customer.io's UI.
     Dynamic,
@@ -95,7 +95,7 @@ impl SegmentView {
 }
 
 /// Which segments [`list_segments`] answers.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct SegmentFilter {
     /// Case-insensitive substring of the name (`%` and `_` match themselves).
     pub name_contains: Option<String>,
@@ -106,6 +106,24 @@ pub struct SegmentFilter {
 
 /// One page of mirrored segments in id order, after the segment id `after`.
 pub async fn list_segments(
+    ctx: &AppContext,
+    filter: &SegmentFilter,
+    after: Option<i64>,
+    limit: u64,
+) -> Result<Page<SegmentView, i64>, CoreError> {
+    let key = crate::cache::PageKey {
+        filter: filter.clone(),
+        after,
+        limit,
+    };
+    ctx.read_cache
+        .segment_page(&ctx.db, key, || {
+            load_segment_page(ctx, filter, after, limit)
+        })
+        .await
+}
+
+async fn load_segment_page(
     ctx: &AppContext,
     filter: &SegmentFilter,
     after: Option<i64>,
@@ -150,6 +168,12 @@ pub async fn get_segment(ctx: &AppContext, id: i64) -> Result<SegmentView, CoreE
             "must be a positive Customer.io segment id",
         ));
     }
+    ctx.read_cache
+        .segment(&ctx.db, id, || load_segment(ctx, id))
+        .await
+}
+
+async fn load_segment(ctx: &AppContext, id: i64) -> Result<SegmentView, CoreError> {
     let record = segments::get(&ctx.db, ctx.workspace_id(), id).await?;
     let managed = managed::get_many(ctx, &[id]).await?.remove(&id);
     match (record, managed) {

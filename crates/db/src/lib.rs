@@ -49,6 +49,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod profile_sync;
 pub mod profiles;
+pub mod read_versions;
 pub mod segments;
 pub mod sends;
 mod sql;

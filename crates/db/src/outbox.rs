@@ -192,8 +192,11 @@ pub struct SyncStats {
 /// [`profiles`]) and queues one `identify` row per update, in order, due at `now`. All or
 /// nothing: on error nothing is written. Returns how many rows were queued.
 ///
-/// A handful of statements whatever the size: per 500 people an insert of missing profiles, a
-/// locking read and an upsert; per 500 updates one multi-row insert.
+/// A handful of statements whatever the size. PostgreSQL: three (lock-or-create every person
+/// and read them, write the merged attributes back, queue every row), each binding its rows as
+/// one JSON array so the statement text is the same for any size (prepared once, no planning
+/// of thousands of parameters). SQLite: per 500 people a locking upsert and a write-back, per
+/// 500 updates one multi-row insert.
 pub async fn accept_attribute_updates(
     db: &impl TransactionTrait,
     workspace_id: i64,
@@ -208,6 +211,21 @@ pub async fn accept_attribute_updates(
         .iter()
         .map(|u| (u.customer_id.as_str(), &u.attributes))
         .collect();
+    let txn = begin_write(db).await?;
+    if txn.get_database_backend() == DbBackend::Postgres {
+        let rows = updates
+            .iter()
+            .map(|u| serde_json::json!({ "c": u.customer_id, "p": u.attributes }))
+            .collect();
+        profiles::merge_attributes(&txn, workspace_id, &pairs, now).await?;
+        let queued = txn
+            .execute_raw(pg_queue(workspace_id, Kind::Identify, rows, now, false))
+            .await?
+            .rows_affected();
+        txn.commit().await?;
+        tracing::debug!(workspace_id, queued, "attribute updates accepted");
+        return Ok(queued);
+    }
     let rows: Vec<ActiveModel> = updates
         .iter()
         .map(|u| {
@@ -222,8 +240,6 @@ pub async fn accept_attribute_updates(
             )
         })
         .collect();
-
-    let txn = begin_write(db).await?;
     profiles::merge_attributes(&txn, workspace_id, &pairs, now).await?;
     let mut queued = 0;
     let mut rows = rows.into_iter().peekable();
@@ -276,7 +292,8 @@ pub async fn accept_events(
             });
         duplicate_of.push(first);
     }
-    let rows: Vec<ActiveModel> = events
+    // The events to queue, in order: (event, payload).
+    let queue: Vec<(&NewEvent, Value)> = events
         .iter()
         .zip(&duplicate_of)
         .filter(|(_, dup)| dup.is_none())
@@ -286,15 +303,7 @@ pub async fn accept_events(
                 "data": e.data,
                 "timestamp": e.timestamp.unwrap_or_else(|| now.timestamp()),
             });
-            new_row(
-                workspace_id,
-                Kind::Event,
-                &e.customer_id,
-                payload,
-                Some(e.event_id.clone()),
-                e.idempotency_key.clone(),
-                now,
-            )
+            (e, payload)
         })
         .collect();
     let customer_ids: Vec<&str> = events
@@ -312,6 +321,43 @@ pub async fn accept_events(
     let backend = txn.get_database_backend();
     profiles::ensure_exist(&txn, workspace_id, &customer_ids, now).await?;
     let mut queued_keys: HashSet<String> = HashSet::new();
+    let mut rows: Vec<ActiveModel> = Vec::new();
+    if backend == DbBackend::Postgres {
+        let json_rows = queue
+            .into_iter()
+            .map(|(e, payload)| {
+                serde_json::json!({
+                    "c": e.customer_id,
+                    "p": payload,
+                    "e": e.event_id,
+                    "i": e.idempotency_key,
+                })
+            })
+            .collect();
+        for row in txn
+            .query_all_raw(pg_queue(workspace_id, Kind::Event, json_rows, now, true))
+            .await?
+        {
+            if let Some(key) = row.try_get::<Option<String>>("", "idempotency_key")? {
+                queued_keys.insert(key);
+            }
+        }
+    } else {
+        rows = queue
+            .into_iter()
+            .map(|(e, payload)| {
+                new_row(
+                    workspace_id,
+                    Kind::Event,
+                    &e.customer_id,
+                    payload,
+                    Some(e.event_id.clone()),
+                    e.idempotency_key.clone(),
+                    now,
+                )
+            })
+            .collect();
+    }
     let mut rows = rows.into_iter().peekable();
     while rows.peek().is_some() {
         let chunk: Vec<ActiveModel> = rows.by_ref().take(CHUNK).collect();
@@ -382,6 +428,43 @@ pub async fn accept_events(
         "events accepted"
     );
     Ok(out)
+}
+
+/// PostgreSQL: queues `rows` (`{"c": customer id, "p": payload, "e": event id, "i":
+/// idempotency key}`) of one `kind` as `pending` rows due at `now`, in order (ids follow it),
+/// in ONE statement whatever their number: the rows are bound as one JSON array, so the
+/// statement text never changes (prepared once per connection, no planning of thousands of
+/// parameters). With `skip_taken_keys`, a row whose idempotency key is already queued is
+/// skipped and the keys queued are returned.
+fn pg_queue(
+    workspace_id: i64,
+    kind: Kind,
+    rows: Vec<Value>,
+    now: DateTime<Utc>,
+    skip_taken_keys: bool,
+) -> Statement {
+    let conflict = if skip_taken_keys {
+        " ON CONFLICT (workspace_id, idempotency_key) WHERE idempotency_key IS NOT NULL \
+         DO NOTHING RETURNING idempotency_key"
+    } else {
+        ""
+    };
+    Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        format!(
+            "INSERT INTO outbox (workspace_id, kind, customer_id, payload, event_id, \
+             idempotency_key, status, attempts, next_attempt_at, created_at) \
+             SELECT $1, $2, r.v->>'c', r.v->'p', r.v->>'e', r.v->>'i', $3, 0, $4, $4 \
+             FROM jsonb_array_elements($5) WITH ORDINALITY AS r(v, n) ORDER BY r.n{conflict}"
+        ),
+        [
+            workspace_id.into(),
+            kind.as_str().into(),
+            Status::Pending.as_str().into(),
+            now.into(),
+            Value::Array(rows).into(),
+        ],
+    )
 }
 
 /// A new `pending` row due at `now`.

@@ -12,8 +12,8 @@ use chrono::{DateTime, Utc};
 use sea_orm::sea_query::OnConflict;
 use sea_orm::{
     ActiveValue::{NotSet, Set},
-    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
-    QueryTrait, TransactionSession, TransactionTrait,
+    ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, FromQueryResult, QueryFilter,
+    QueryOrder, QueryTrait, Statement, TransactionSession, TransactionTrait,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -211,6 +211,11 @@ pub(crate) async fn ensure_exist(
     customer_ids: &[&str],
     now: DateTime<Utc>,
 ) -> Result<(), DbErr> {
+    if txn.get_database_backend() == DbBackend::Postgres {
+        txn.execute_raw(pg_insert_missing(workspace_id, customer_ids, now, false))
+            .await?;
+        return Ok(());
+    }
     for chunk in customer_ids.chunks(CHUNK) {
         let rows = chunk.iter().map(|id| new_profile(workspace_id, id, now));
         let stmt = Entity::insert_many(rows)
@@ -247,6 +252,9 @@ pub(crate) async fn merge_attributes(
         per_person.entry(customer_id).or_default().push(attributes);
     }
     let customer_ids: Vec<&str> = per_person.keys().copied().collect();
+    if txn.get_database_backend() == DbBackend::Postgres {
+        return pg_merge_attributes(txn, workspace_id, &per_person, &customer_ids, now).await;
+    }
     let key = [Column::WorkspaceId, Column::CustomerId];
     let lock = OnConflict::columns(key)
         .update_column(Column::UpdatedAt)
@@ -277,23 +285,11 @@ pub(crate) async fn merge_attributes(
             let model = current
                 .remove(*customer_id)
                 .ok_or_else(|| DbErr::RecordNotFound(format!("profile {customer_id}")))?;
-            let mut attributes = match model.attributes {
-                Value::Object(map) => map,
-                _ => Map::new(),
-            };
-            let mut email = model.email;
-            for update in per_person.get(customer_id).into_iter().flatten() {
-                for (key, value) in update.iter() {
-                    if key == EMAIL_ATTRIBUTE {
-                        email = value.as_str().map(str::to_owned);
-                    }
-                    if value.is_null() {
-                        attributes.remove(key);
-                    } else {
-                        attributes.insert(key.clone(), value.clone());
-                    }
-                }
-            }
+            let (attributes, email) = merge_one(
+                model.attributes,
+                model.email,
+                per_person.get(customer_id).into_iter().flatten(),
+            );
             merged.push(ActiveModel {
                 id: NotSet,
                 workspace_id: Set(workspace_id),
@@ -312,6 +308,110 @@ pub(crate) async fn merge_attributes(
             .into_query();
         txn.execute(&stmt).await?;
     }
+    Ok(())
+}
+
+/// One person's merge: `updates` applied in order to the stored attributes and email.
+fn merge_one<'a>(
+    stored: Value,
+    mut email: Option<String>,
+    updates: impl Iterator<Item = &'a &'a Map<String, Value>>,
+) -> (Map<String, Value>, Option<String>) {
+    let mut attributes = match stored {
+        Value::Object(map) => map,
+        _ => Map::new(),
+    };
+    for update in updates {
+        for (key, value) in update.iter() {
+            if key == EMAIL_ATTRIBUTE {
+                email = value.as_str().map(str::to_owned);
+            }
+            if value.is_null() {
+                attributes.remove(key);
+            } else {
+                attributes.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    (attributes, email)
+}
+
+/// PostgreSQL: inserts the missing profiles among `customer_ids` (sorted, distinct) in that
+/// order, in ONE statement whatever their number: the ids are bound as one JSON array, so the
+/// statement text never changes (prepared once per connection, planned trivially). With
+/// `lock`, existing rows are touched (`updated_at`) too, which locks them until commit, and
+/// every row's `customer_id`, `email` and `attributes` are returned.
+fn pg_insert_missing(
+    workspace_id: i64,
+    customer_ids: &[&str],
+    now: DateTime<Utc>,
+    lock: bool,
+) -> Statement {
+    let conflict = if lock {
+        "DO UPDATE SET updated_at = EXCLUDED.updated_at RETURNING customer_id, email, attributes"
+    } else {
+        "DO NOTHING"
+    };
+    Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        format!(
+            "INSERT INTO profiles (workspace_id, customer_id, attributes, updated_at) \
+             SELECT $1, c.id, '{{}}'::jsonb, $2 \
+             FROM jsonb_array_elements_text($3) WITH ORDINALITY AS c(id, n) ORDER BY c.n \
+             ON CONFLICT (workspace_id, customer_id) {conflict}"
+        ),
+        [
+            workspace_id.into(),
+            now.into(),
+            Value::from(customer_ids.to_vec()).into(),
+        ],
+    )
+}
+
+/// PostgreSQL [`merge_attributes`]: two statements whatever the number of people (lock and read
+/// every row, then write every merged row back), each binding its rows as one JSON array.
+async fn pg_merge_attributes(
+    txn: &impl ConnectionTrait,
+    workspace_id: i64,
+    per_person: &BTreeMap<&str, Vec<&Map<String, Value>>>,
+    customer_ids: &[&str],
+    now: DateTime<Utc>,
+) -> Result<(), DbErr> {
+    let rows = txn
+        .query_all_raw(pg_insert_missing(workspace_id, customer_ids, now, true))
+        .await?;
+    let mut merged = Vec::with_capacity(rows.len());
+    for row in rows {
+        let customer_id: String = row.try_get("", "customer_id")?;
+        let stored: Value = row.try_get("", "attributes")?;
+        let email: Option<String> = row.try_get("", "email")?;
+        let updates = per_person
+            .get(customer_id.as_str())
+            .ok_or_else(|| DbErr::RecordNotFound(format!("profile {customer_id}")))?;
+        let (attributes, email) = merge_one(stored, email, updates.iter());
+        merged.push(serde_json::json!({
+            "c": customer_id,
+            "e": email,
+            "l": email.as_deref().map(str::to_lowercase),
+            "a": attributes,
+        }));
+    }
+    if merged.len() != customer_ids.len() {
+        return Err(DbErr::RecordNotFound(format!(
+            "{} of {} profiles",
+            merged.len(),
+            customer_ids.len()
+        )));
+    }
+    txn.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "UPDATE profiles AS p SET email = r.v->>'e', email_lower = r.v->>'l', \
+         attributes = r.v->'a', updated_at = $2 \
+         FROM jsonb_array_elements($3) AS r(v) \
+         WHERE p.workspace_id = $1 AND p.customer_id = r.v->>'c'",
+        [workspace_id.into(), now.into(), Value::Array(merged).into()],
+    ))
+    .await?;
     Ok(())
 }
 

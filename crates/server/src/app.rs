@@ -25,6 +25,7 @@ use tonic_health::ServingStatus;
 use crate::{
     abtests::AbTests,
     auth::{ApiKeys, Authenticator},
+    cache_layer::InvalidateAfterWritesLayer,
     campaigns::Campaigns,
     limits::{DeadlineLayer, InFlightLayer},
     ops::Ops,
@@ -80,6 +81,12 @@ pub async fn serve(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
+    // Cached reads while serving (`sharpsend_core::cache`); on PostgreSQL a task listens for
+    // committed changes until serving ends.
+    let cache = ctx.read_cache.clone();
+    let cache_listener = cache.start(&ctx.db);
+    let invalidate_after_writes = InvalidateAfterWritesLayer::new(cache.clone());
+
     let auth = Authenticator::new(ApiKeys::new(&options.api_keys));
     let segments = SegmentServiceServer::with_interceptor(Segments::new(ctx.clone()), auth.clone());
     let ops = OpsServiceServer::with_interceptor(Ops::new(ctx.clone()), auth.clone());
@@ -112,7 +119,7 @@ pub async fn serve(
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(TCP_KEEPALIVE));
-    Server::builder()
+    let served = Server::builder()
         .max_concurrent_streams(options.max_concurrent_streams)
         .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
         .layer(crate::telemetry::GrpcTelemetryLayer::new(
@@ -126,6 +133,7 @@ pub async fn serve(
         ))
         .layer(InFlightLayer::new(options.max_in_flight))
         .layer(DeadlineLayer::new(options.request_timeout))
+        .layer(invalidate_after_writes)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -135,7 +143,12 @@ pub async fn serve(
         .add_service(campaigns)
         .add_service(abtests)
         .serve_with_incoming_shutdown(incoming, signal)
-        .await?;
+        .await;
+    if let Some(listener) = cache_listener {
+        listener.abort();
+    }
+    cache.stop();
+    served?;
     tracing::info!("server stopped");
     Ok(())
 }

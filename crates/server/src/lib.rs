@@ -11,7 +11,8 @@
 //! - [`telemetry`]: the per-call span (honouring `traceparent`) and gRPC metrics layer.
 //! - [`app`]: assembling and serving everything (health, reflection, limits, graceful shutdown);
 //!   [`limits`]: the global in-flight limit (shedding with `UNAVAILABLE` + `RetryInfo`) and the
-//!   deadline (`DEADLINE_EXCEEDED`).
+//!   deadline (`DEADLINE_EXCEEDED`); [`cache_layer`]: forgets cached reads after every call that
+//!   may write, so the caller's next read sees its write.
 //! - [`webhooks`]: the HTTP endpoint for Customer.io's reporting webhooks
 //!   (`SHARPSEND_WEBHOOK_LISTEN`).
 //! - `dev` (feature `dev`, on by default): `--dev` mode: SQLite + in-process simulator +
@@ -20,6 +21,7 @@
 pub mod abtests;
 pub mod app;
 pub mod auth;
+pub mod cache_layer;
 pub mod campaign_metrics;
 pub mod campaigns;
 pub mod convert;

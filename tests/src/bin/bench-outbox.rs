@@ -27,8 +27,8 @@ use clap::Parser;
 use futures::StreamExt;
 use serde_json::{Map, Value, json};
 use sharpsend_proto::v1::{
-    BatchUpdateAttributesRequest, GetSyncStatusRequest, UpdateAttributesRequest,
-    profile_service_client::ProfileServiceClient,
+    BatchTrackEventsRequest, BatchUpdateAttributesRequest, GetSyncStatusRequest, TrackEventRequest,
+    UpdateAttributesRequest, profile_service_client::ProfileServiceClient,
 };
 use tokio::process::{Child, Command};
 use tonic::{metadata::MetadataValue, transport::Channel};
@@ -57,6 +57,10 @@ struct Args {
     /// BatchUpdateAttributes calls in flight at once (SharpSend's services call concurrently).
     #[arg(long, default_value_t = 4)]
     concurrency: usize,
+    /// Single calls of 1,000 updates (and of 1,000 events) timed one after another, for the
+    /// latency of one call (p50, p99).
+    #[arg(long, default_value_t = 20)]
+    call_samples: usize,
 }
 
 const API_KEY: &str = "bench-key-0123456789";
@@ -303,6 +307,67 @@ async fn pipeline_run(args: &Args, updates: usize) -> anyhow::Result<(RunFigures
     ))
 }
 
+/// Milliseconds at the `q` quantile of sorted `ms`.
+fn quantile(ms: &[f64], q: f64) -> f64 {
+    if ms.is_empty() {
+        return f64::NAN;
+    }
+    ms[((ms.len() - 1) as f64 * q).round() as usize]
+}
+
+/// Times `samples` single calls of 1,000 updates and of 1,000 events, one after another
+/// (people shared with the pipeline run, so profiles exist as in steady state). Returns the
+/// sorted milliseconds of each.
+async fn call_latency(args: &Args, grpc: &str) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let channel = Channel::from_shared(format!("http://{grpc}"))?
+        .connect()
+        .await?;
+    let key: MetadataValue<_> = format!("Bearer {API_KEY}").parse()?;
+    let mut client =
+        ProfileServiceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+            req.metadata_mut().insert("authorization", key.clone());
+            Ok(req)
+        });
+    let (mut updates_ms, mut events_ms) = (Vec::new(), Vec::new());
+    for sample in 0..args.call_samples {
+        let updates = (0..1000)
+            .map(|i| {
+                let (customer_id, attrs) = update(sample * 1000 + i, args.people);
+                UpdateAttributesRequest {
+                    customer_id,
+                    attributes: Some(sharpsend_server::convert::json_to_struct(&attrs)),
+                }
+            })
+            .collect();
+        let started = Instant::now();
+        client
+            .batch_update_attributes(BatchUpdateAttributesRequest { updates })
+            .await?;
+        updates_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+
+        let events = (0..1000)
+            .map(|i| {
+                let (customer_id, attrs) = update(sample * 1000 + i, args.people);
+                TrackEventRequest {
+                    customer_id,
+                    name: "bench_event".into(),
+                    data: Some(sharpsend_server::convert::json_to_struct(&attrs)),
+                    timestamp: None,
+                    idempotency_key: format!("bench-{sample}-{i}"),
+                }
+            })
+            .collect();
+        let started = Instant::now();
+        client
+            .batch_track_events(BatchTrackEventsRequest { events })
+            .await?;
+        events_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    updates_ms.sort_by(f64::total_cmp);
+    events_ms.sort_by(f64::total_cmp);
+    Ok((updates_ms, events_ms))
+}
+
 async fn sdk_way(args: &Args, sim_url: &str) -> anyhow::Result<(f64, u64)> {
     let before = track_requests(sim_url).await?;
     let mut config = ClientConfig::new(Credentials::new(SITE, TRACK_KEY, APP_KEY), Region::Us)
@@ -362,6 +427,20 @@ async fn main() -> anyhow::Result<()> {
         last = Some((figures, stack));
     }
     let (figures, stack) = last.context("no run")?;
+    if args.call_samples > 0 {
+        let (updates_ms, events_ms) = call_latency(&args, &stack.grpc).await?;
+        for (what, ms) in [
+            ("BatchUpdateAttributes", &updates_ms),
+            ("BatchTrackEvents", &events_ms),
+        ] {
+            println!(
+                "one {what} call of 1000, {} calls one at a time: p50 {:.1} ms, p99 {:.1} ms",
+                ms.len(),
+                quantile(ms, 0.5),
+                quantile(ms, 0.99)
+            );
+        }
+    }
     let (sdk_rate, sdk_requests) = sdk_way(&args, &stack.sim_url).await?;
     let ours = figures.updates as f64 / figures.seconds;
     println!(

@@ -459,7 +459,7 @@ async fn view(
 }
 
 /// How to find a send.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum SendKey {
     Id(String),
     Assignment {
@@ -470,6 +470,12 @@ pub enum SendKey {
 
 /// One send with its submissions and history.
 pub async fn get_send(ctx: &AppContext, key: &SendKey) -> Result<SendView, CoreError> {
+    ctx.read_cache
+        .send(&ctx.db, key.clone(), || load_send(ctx, key))
+        .await
+}
+
+async fn load_send(ctx: &AppContext, key: &SendKey) -> Result<SendView, CoreError> {
     let ws = ctx.workspace_id();
     let (found, shown) = match key {
         SendKey::Id(id) => (store::get(&ctx.db, ws, id).await?, id.clone()),

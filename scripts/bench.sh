@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Runs every benchmark and writes their figures to docs/benchmarks.md (with the machine and the
+# date). Nothing is asserted about time: the figures are for reading, next to the anchors each
+# benchmark measures in the same run (the echo server for reads, the SDK way for ingest).
+#
+#   scripts/bench.sh            # full sizes (tens of minutes on 2 cores)
+#   scripts/bench.sh --quick    # laptop sizes (a few minutes)
+#   scripts/bench.sh --smoke    # CI: tiny sizes, output to target/bench-smoke.md, docs untouched
+#
+# PostgreSQL runs use SHARPSEND_TEST_POSTGRES_URL (default postgres://postgres@127.0.0.1:5432/test);
+# each benchmark gets a fresh database under it, dropped afterwards.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mode="${1:-full}"
+case "$mode" in
+  full|--full) mode=full ;;
+  --quick) mode=quick ;;
+  --smoke) mode=smoke ;;
+  *) echo "usage: $0 [--quick|--smoke]" >&2; exit 2 ;;
+esac
+
+case "$mode" in
+  full)
+    reads=(--secs 3); outbox=(--updates 100000 --people 20000 --sizes 20000 --call-samples 20)
+    rates=(100 1000); criteria=(--profiles 1000000 --runs 3); metrics=(--targets 200 --app-rate 10)
+    journey=(--members 50000) ;;
+  quick)
+    reads=(--secs 1); outbox=(--updates 20000 --people 5000 --sizes 0 --call-samples 10)
+    rates=(1000); criteria=(--profiles 100000 --runs 1); metrics=(--targets 50 --app-rate 10)
+    journey=(--members 5000) ;;
+  smoke)
+    reads=(--secs 0.2); outbox=(--updates 2000 --people 500 --sizes 0 --call-samples 2 --sdk-sample 20)
+    rates=(1000); criteria=(--profiles 2000 --runs 1); metrics=(--targets 5 --app-rate 50)
+    journey=(--members 200) ;;
+esac
+
+export SHARPSEND_TEST_POSTGRES_URL="${SHARPSEND_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}"
+target="${CARGO_TARGET_DIR:-target}"
+packages=(-p sharpsend-tests -p sharpsend-server -p sharpsend-scheduler -p cio-sim)
+if [[ $mode == smoke ]]; then
+  # CI: the debug build `cargo test` already made; only that the benchmarks run is checked.
+  cargo build --locked --bins "${packages[@]}"
+  bin="$target/debug"
+else
+  cargo build --release --locked --bins "${packages[@]}"
+  bin="$target/release"
+fi
+
+if [[ $mode == smoke ]]; then out="$target/bench-smoke.md"; else out=docs/benchmarks.md; fi
+body="$(mktemp)"
+
+# A fresh PostgreSQL database for one benchmark: prints its URL.
+pg_base="${SHARPSEND_TEST_POSTGRES_URL%/*}"
+created=()
+fresh_pg() {
+  local name="sharpsend_bench_$$_${#created[@]}"
+  psql -q "$SHARPSEND_TEST_POSTGRES_URL" -c "CREATE DATABASE $name" >/dev/null
+  created+=("$name")
+  echo "$pg_base/$name"
+}
+drop_pg() {
+  for name in "${created[@]}"; do
+    psql -q "$SHARPSEND_TEST_POSTGRES_URL" -c "DROP DATABASE IF EXISTS $name WITH (FORCE)" >/dev/null || true
+  done
+}
+trap 'rm -f "$body"; drop_pg' EXIT
+
+section() { printf '\n## %s\n\n' "$1" >>"$body"; echo "=== $1" >&2; }
+# Runs a benchmark, its output (stdout) into the report as a code block unless it is markdown.
+run() {
+  local markdown="$1"; shift
+  if [[ $markdown == md ]]; then
+    "$@" | tee -a "$body"
+  else
+    { echo '```'; "$@"; echo '```'; } | tee -a "$body"
+  fi
+}
+
+section "Reads vs a bare tonic echo server (SQLite)"
+run md "$bin/bench-reads" "${reads[@]}"
+section "Reads vs a bare tonic echo server (PostgreSQL)"
+run md "$bin/bench-reads" "${reads[@]}" --database-url "$(fresh_pg)"
+
+for rate in "${rates[@]}"; do
+  section "Ingest, Track API at $rate requests/s (SQLite)"
+  run text "$bin/bench-outbox" "${outbox[@]}" --track-rate "$rate"
+  section "Ingest, Track API at $rate requests/s (PostgreSQL)"
+  run text "$bin/bench-outbox" "${outbox[@]}" --track-rate "$rate" --database-url "$(fresh_pg)"
+done
+
+section "Metrics sweep (SQLite)"
+run text "$bin/bench-metrics" "${metrics[@]}"
+section "Journey fan-out"
+run text "$bin/bench-journey" "${journey[@]}"
+section "Criteria over profiles"
+run text "$bin/bench-criteria" "${criteria[@]}"
+
+{
+  echo "# Benchmarks"
+  echo
+  echo "Written by \`scripts/bench.sh$([[ $mode == full ]] || echo " --$mode")\` on $(date -u '+%Y-%m-%d %H:%M UTC')."
+  echo "Machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'))," \
+    "$(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo) RAM, $(uname -sr)," \
+    "load average at the start: $(cut -d' ' -f1-3 /proc/loadavg)."
+  echo
+  echo "Figures are for reading, not asserted. Compare each with the anchor measured in the same"
+  echo "run (the echo server for reads, the one-request-per-update SDK way for ingest): on a shared"
+  echo "machine absolute figures move with the load."
+  cat "$body"
+} >"$out"
+echo "wrote $out" >&2
