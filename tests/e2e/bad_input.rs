@@ -1143,6 +1143,181 @@ db_test!(
             p.names(label, status, "job");
         }
 
+        // ----- ABTestService -----
+        let mut ab = app.abtests().await?;
+        let rpc = "PlanTest";
+        for (label, request, field) in [
+            (
+                "NaN baseline",
+                pb::PlanTestRequest {
+                    baseline_rate: f64::NAN,
+                    minimum_detectable_effect: 0.01,
+                    ..Default::default()
+                },
+                "baseline_rate",
+            ),
+            (
+                "infinite effect",
+                pb::PlanTestRequest {
+                    baseline_rate: 0.03,
+                    minimum_detectable_effect: f64::INFINITY,
+                    ..Default::default()
+                },
+                "minimum_detectable_effect",
+            ),
+            (
+                "negative power",
+                pb::PlanTestRequest {
+                    baseline_rate: 0.03,
+                    minimum_detectable_effect: 0.01,
+                    power: -1.0,
+                    ..Default::default()
+                },
+                "power",
+            ),
+            (
+                "variants i32::MIN",
+                pb::PlanTestRequest {
+                    baseline_rate: 0.03,
+                    minimum_detectable_effect: 0.01,
+                    variants: i32::MIN,
+                    ..Default::default()
+                },
+                "variants",
+            ),
+        ] {
+            let status = p.check(rpc, label, INVALID, ab.plan_test(request).await);
+            p.names(label, status, field);
+        }
+        let rpc = "CreateTest";
+        let good_test = || pb::CreateTestRequest {
+            assignment_id: "bad-input-ab".into(),
+            request_id: "ab-1".into(),
+            title: "Probe".into(),
+            audience_segment_ids: vec![4],
+            variants: vec![
+                pb::TestVariant {
+                    name: "a".into(),
+                    subject: "A".into(),
+                    body: "a".into(),
+                    data_json: String::new(),
+                },
+                pb::TestVariant {
+                    name: "b".into(),
+                    subject: "B".into(),
+                    body: "b".into(),
+                    data_json: String::new(),
+                },
+            ],
+            test_fraction: 0.5,
+            delivery: Some(pb::create_test_request::Delivery::BroadcastId(3)),
+            baseline_rate: 0.03,
+            minimum_detectable_effect: 0.015,
+            minimum_sample_per_variant: 100,
+            ..Default::default()
+        };
+        let mut cases: Vec<(&str, pb::CreateTestRequest, &str)> = Vec::new();
+        let mut r = good_test();
+        r.request_id = big(MB);
+        cases.push(("1 MB request_id", r, "request_id"));
+        let mut r = good_test();
+        r.assignment_id = "..".into();
+        r.title = "a\0b".into();
+        cases.push(("NUL title", r, "title"));
+        let mut r = good_test();
+        r.test_fraction = f64::NAN;
+        cases.push(("NaN fraction", r, "test_fraction"));
+        let mut r = good_test();
+        r.variants[1].body = big(MB);
+        cases.push(("1 MB body", r, "variants[1].body"));
+        let mut r = good_test();
+        r.variants[0].data_json = "{".into();
+        cases.push(("broken data_json", r, "variants[0].data_json"));
+        let mut r = good_test();
+        r.metric = 99;
+        cases.push(("metric 99", r, "metric"));
+        let mut r = good_test();
+        r.audience_segment_ids = vec![0];
+        cases.push(("segment 0", r, "audience_segment_ids[0]"));
+        for (label, request, field) in cases {
+            let status = p.check(rpc, label, INVALID, ab.create_test(request).await);
+            p.names(label, status, field);
+        }
+        for (rpc, label, id) in [
+            ("GetTest", "dot-segment id", ".."),
+            ("GetTest", "path id", "a/b c"),
+            ("CancelTest", "unknown id", "abt_missing"),
+            ("DeclareWinner", "unknown id", "abt_missing"),
+        ] {
+            let result = match rpc {
+                "GetTest" => ab
+                    .get_test(pb::GetTestRequest { id: id.into() })
+                    .await
+                    .map(|_| ()),
+                "CancelTest" => ab
+                    .cancel_test(pb::CancelTestRequest {
+                        id: id.into(),
+                        reason: "probe".into(),
+                    })
+                    .await
+                    .map(|_| ()),
+                _ => ab
+                    .declare_winner(pb::DeclareWinnerRequest {
+                        id: id.into(),
+                        variant: "a".into(),
+                        reason: "probe".into(),
+                    })
+                    .await
+                    .map(|_| ()),
+            };
+            p.check(
+                rpc,
+                label,
+                Refused(Code::NotFound),
+                result.map(tonic::Response::new),
+            );
+        }
+        let status = p.check(
+            "GetTest",
+            "1 MB id",
+            INVALID,
+            ab.get_test(pb::GetTestRequest { id: big(MB) }).await,
+        );
+        p.names("1 MB id", status, "id");
+        let status = p.check(
+            "CancelTest",
+            "NUL reason",
+            INVALID,
+            ab.cancel_test(pb::CancelTestRequest {
+                id: "abt_x".into(),
+                reason: "\0".into(),
+            })
+            .await,
+        );
+        p.names("NUL reason", status, "reason");
+        let status = p.check(
+            "ListTests",
+            "foreign page token",
+            INVALID,
+            ab.list_tests(pb::ListTestsRequest {
+                page_token: "bm9wZQ".into(),
+                ..Default::default()
+            })
+            .await,
+        );
+        p.names("foreign page token", status, "page_token");
+        let status = p.check(
+            "ListTests",
+            "page_size -1",
+            INVALID,
+            ab.list_tests(pb::ListTestsRequest {
+                page_size: -1,
+                ..Default::default()
+            })
+            .await,
+        );
+        p.names("page_size -1", status, "page_size");
+
         // ----- CampaignService -----
         let rpc = "ListCampaigns";
         p.check(
