@@ -10,7 +10,7 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, TransactionTrait};
 use serde_json::{Map, Value, json};
 use sharpsend_db::{db_test, testing::TestDatabase};
 use sharpsend_proto::v1::{
-    CustomerRef, GetProfileRequest, GetSegmentRequest, ListSegmentsRequest, SyncSegmentsRequest,
+    CustomerRef, GetProfileRequest, GetSegmentRequest, ListSegmentsRequest,
     UpdateAttributesRequest, customer_ref::Identifier,
 };
 use sharpsend_tests::TestApp;
@@ -58,7 +58,7 @@ db_test!(
     |db: TestDatabase| async move {
         let app = TestApp::spawn(&db).await?;
         let mut client = app.segments().await?;
-        client.sync_segments(SyncSegmentsRequest {}).await?;
+        app.sync_segments().await?;
         let id = app.sim.sim.segments().first().context("demo segment")?.id;
         let get = GetSegmentRequest { segment_id: id };
         let list = ListSegmentsRequest {
