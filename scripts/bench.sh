@@ -50,14 +50,15 @@ fi
 if [[ $mode == smoke ]]; then out="$target/bench-smoke.md"; else out=docs/benchmarks.md; fi
 body="$(mktemp)"
 
-# A fresh PostgreSQL database for one benchmark: prints its URL.
+# A fresh PostgreSQL database for one benchmark: sets $pg_url. Not called in a subshell, so that
+# the counter advances and the exit trap knows every database to drop.
 pg_base="${SHARPSEND_TEST_POSTGRES_URL%/*}"
 created=()
 fresh_pg() {
   local name="sharpsend_bench_$$_${#created[@]}"
   psql -q "$SHARPSEND_TEST_POSTGRES_URL" -c "CREATE DATABASE $name" >/dev/null
   created+=("$name")
-  echo "$pg_base/$name"
+  pg_url="$pg_base/$name"
 }
 drop_pg() {
   for name in "${created[@]}"; do
@@ -80,13 +81,15 @@ run() {
 section "Reads vs a bare tonic echo server (SQLite)"
 run md "$bin/bench-reads" "${reads[@]}"
 section "Reads vs a bare tonic echo server (PostgreSQL)"
-run md "$bin/bench-reads" "${reads[@]}" --database-url "$(fresh_pg)"
+fresh_pg
+run md "$bin/bench-reads" "${reads[@]}" --database-url "$pg_url"
 
 for rate in "${rates[@]}"; do
   section "Ingest, Track API at $rate requests/s (SQLite)"
   run text "$bin/bench-outbox" "${outbox[@]}" --track-rate "$rate"
   section "Ingest, Track API at $rate requests/s (PostgreSQL)"
-  run text "$bin/bench-outbox" "${outbox[@]}" --track-rate "$rate" --database-url "$(fresh_pg)"
+  fresh_pg
+  run text "$bin/bench-outbox" "${outbox[@]}" --track-rate "$rate" --database-url "$pg_url"
 done
 
 section "Metrics sweep (SQLite)"
