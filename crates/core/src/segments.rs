@@ -387,6 +387,42 @@ impl TargetingReport {
     pub fn sendable(&self) -> bool {
         self.segments.iter().all(SegmentTargeting::sendable)
     }
+
+    /// `FailedPrecondition` naming `field[i]` for every segment that cannot be sent to (unknown,
+    /// removed, empty), with a stable reason each; `Ok` when all can.
+    pub fn refuse_unsendable(&self, field: &str) -> Result<(), CoreError> {
+        let mut refusals = Vec::new();
+        for (i, t) in self.segments.iter().enumerate() {
+            for warning in t.warnings.iter().filter(|w| w.blocks_sending()) {
+                let (why, reason) = match warning {
+                    TargetingWarning::UnknownSegment => (
+                        "is not a known Customer.io segment (sync segments if it is new)",
+                        crate::error::reasons::UNKNOWN_SEGMENT,
+                    ),
+                    TargetingWarning::RemovedSegment => (
+                        "was removed in Customer.io",
+                        crate::error::reasons::REMOVED_SEGMENT,
+                    ),
+                    TargetingWarning::EmptySegment => {
+                        ("has no members", crate::error::reasons::EMPTY_SEGMENT)
+                    }
+                    _ => continue,
+                };
+                refusals.push(
+                    FieldViolation::new(
+                        format!("{field}[{i}]"),
+                        format!("segment {} {why}", t.segment_id),
+                    )
+                    .because(reason),
+                );
+            }
+        }
+        if refusals.is_empty() {
+            Ok(())
+        } else {
+            Err(CoreError::FailedPrecondition(refusals))
+        }
+    }
 }
 
 /// Checks the segments an assignment targets against the mirror, as of `now`.

@@ -10,7 +10,7 @@ use sharpsend_core::abtest::manage::{
 use sharpsend_proto::v1::{self as pb, ab_test_service_server::AbTestService};
 use tonic::{Request, Response, Status};
 
-use crate::auth::Caller;
+use crate::auth::caller_name;
 use crate::convert::{limit, timestamp};
 use crate::status::OrStatus;
 
@@ -26,14 +26,6 @@ impl AbTests {
     pub fn new(ctx: AppContext) -> Self {
         Self { ctx }
     }
-}
-
-fn caller_name<T>(request: &Request<T>) -> String {
-    request
-        .extensions()
-        .get::<Caller>()
-        .map(|c| c.name.clone())
-        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 fn metric_from_proto(value: i32) -> Result<Metric, CoreError> {

@@ -68,6 +68,15 @@ pub struct Caller {
     pub name: String,
 }
 
+/// The API key name the interceptor attached to `request` (`unknown` if none).
+pub fn caller_name<T>(request: &tonic::Request<T>) -> String {
+    request
+        .extensions()
+        .get::<Caller>()
+        .map(|c| c.name.clone())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
 /// The interceptor checking `authorization: Bearer <key>`.
 #[derive(Clone)]
 pub struct Authenticator {

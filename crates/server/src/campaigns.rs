@@ -15,7 +15,7 @@ use sharpsend_proto::v1::{self as pb, campaign_service_server::CampaignService};
 use tonic::{Request, Response, Status};
 
 use crate::{
-    auth::Caller,
+    auth::caller_name,
     campaign_metrics,
     convert::{limit, struct_to_json, timestamp},
     journey,
@@ -283,14 +283,6 @@ impl CampaignService for Campaigns {
             .await
             .map(Response::new)
     }
-}
-
-fn caller_name<T>(request: &Request<T>) -> String {
-    request
-        .extensions()
-        .get::<Caller>()
-        .map(|c| c.name.clone())
-        .unwrap_or_else(|| "unknown".to_string())
 }
 
 fn encode_page_token(filters: &str, before_id: i64) -> String {

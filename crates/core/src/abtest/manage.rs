@@ -13,7 +13,7 @@ pub use sharpsend_db::abtests::TestState;
 use super::stats::{self, Arm, Plan, PlanError};
 use crate::input::{self, limits::ID_BYTES};
 use crate::paging::Page;
-use crate::segments::{self, TargetingWarning};
+use crate::segments;
 use crate::{AppContext, CoreError, FieldViolation};
 
 const MAX_AUDIENCE_SEGMENTS: usize = 20;
@@ -458,26 +458,7 @@ async fn check_audience(ctx: &AppContext, segment_ids: &[i64]) -> Result<u64, Co
     let report =
         segments::validate_targeting(ctx, segment_ids, segments::DEFAULT_MAX_COUNT_AGE, ctx.now())
             .await?;
-    let mut refusals = Vec::new();
-    for (i, t) in report.segments.iter().enumerate() {
-        for warning in t.warnings.iter().filter(|w| w.blocks_sending()) {
-            let why = match warning {
-                TargetingWarning::UnknownSegment => {
-                    "is not a known Customer.io segment (sync segments if it is new)"
-                }
-                TargetingWarning::RemovedSegment => "was removed in Customer.io",
-                TargetingWarning::EmptySegment => "has no members",
-                _ => continue,
-            };
-            refusals.push(FieldViolation::new(
-                format!("audience_segment_ids[{i}]"),
-                format!("segment {} {why}", t.segment_id),
-            ));
-        }
-    }
-    if !refusals.is_empty() {
-        return Err(CoreError::FailedPrecondition(refusals));
-    }
+    report.refuse_unsendable("audience_segment_ids")?;
     Ok(u64::try_from(report.total_member_count).unwrap_or(0))
 }
 

@@ -19,7 +19,7 @@ use super::{
 };
 use crate::error::reasons;
 use crate::paging::Page;
-use crate::segments::{self, TargetingWarning};
+use crate::segments;
 use crate::{AppContext, CoreError, FieldViolation};
 
 /// Records the send of an approved assignment (or finds the one already recorded under the same
@@ -389,34 +389,7 @@ async fn check_targeting(ctx: &AppContext, segment_ids: &[i64]) -> Result<(), Co
     let report =
         segments::validate_targeting(ctx, segment_ids, segments::DEFAULT_MAX_COUNT_AGE, ctx.now())
             .await?;
-    let mut refusals = Vec::new();
-    for (i, t) in report.segments.iter().enumerate() {
-        for warning in t.warnings.iter().filter(|w| w.blocks_sending()) {
-            let (why, reason) = match warning {
-                TargetingWarning::UnknownSegment => (
-                    "is not a known Customer.io segment (sync segments if it is new)",
-                    reasons::UNKNOWN_SEGMENT,
-                ),
-                TargetingWarning::RemovedSegment => {
-                    ("was removed in Customer.io", reasons::REMOVED_SEGMENT)
-                }
-                TargetingWarning::EmptySegment => ("has no members", reasons::EMPTY_SEGMENT),
-                _ => continue,
-            };
-            refusals.push(
-                FieldViolation::new(
-                    format!("segment_ids[{i}]"),
-                    format!("segment {} {why}", t.segment_id),
-                )
-                .because(reason),
-            );
-        }
-    }
-    if refusals.is_empty() {
-        Ok(())
-    } else {
-        Err(CoreError::FailedPrecondition(refusals))
-    }
+    report.refuse_unsendable("segment_ids")
 }
 
 /// The broadcast must exist in Customer.io and be active.
