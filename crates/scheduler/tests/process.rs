@@ -350,3 +350,213 @@ db_test!(
         Ok(())
     }
 );
+
+/// Makes a lease a killed process left behind lapse now, instead of waiting its 120 s out.
+async fn expire_lease(db: &TestDatabase, job: &str) -> anyhow::Result<()> {
+    use sea_orm::{ActiveModelTrait as _, ActiveValue::Set, ColumnTrait as _, EntityTrait as _};
+    use sea_orm::{IntoActiveModel as _, QueryFilter as _};
+    use sharpsend_db::entities::job_leases;
+
+    let lease = job_leases::Entity::find()
+        .filter(job_leases::Column::Job.eq(job))
+        .one(&db.conn)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no lease of {job}"))?;
+    let mut lease = lease.into_active_model();
+    lease.expires_at = Set(chrono::Utc::now() - chrono::TimeDelta::seconds(1));
+    lease.update(&db.conn).await?;
+    Ok(())
+}
+
+async fn mirrored_profiles(db: &TestDatabase) -> anyhow::Result<u64> {
+    use sea_orm::{EntityTrait as _, PaginatorTrait as _};
+    Ok(sharpsend_db::entities::profiles::Entity::find()
+        .count(&db.conn)
+        .await?)
+}
+
+db_test!(
+    profile_sync_killed_mid_backfill_and_mid_feed_loses_nothing_and_applies_in_order,
+    |db: TestDatabase| async move {
+        use std::collections::{BTreeMap, BTreeSet};
+        use std::time::{Duration, Instant};
+
+        use serde_json::{Value, json};
+        use sharpsend_db::profiles::{self, Lookup};
+
+        const PEOPLE: usize = 20_000;
+        let sim = Simulator::spawn(SimConfig {
+            demo_people: PEOPLE,
+            export_delay: Duration::from_secs(2),
+            ..SimConfig::demo()
+        })
+        .await?;
+        let config = sim.sim.config().clone();
+        let url = sim.base_url();
+        sharpsend_db::migrate(&db.conn).await?;
+        let names: BTreeSet<String> = (1..=PEOPLE)
+            .filter_map(|i| sim.sim.person(&format!("u{i:05}")))
+            .flat_map(|p| p.attributes.keys().cloned().collect::<Vec<_>>())
+            .filter(|name| name != "email")
+            .collect();
+        let names = names.into_iter().collect::<Vec<_>>().join(",");
+        let sync = || {
+            let mut c = scheduler(&db.url, &url, &config);
+            // The export path, whatever the audience's size, asking for every attribute.
+            c.env("SHARPSEND_PROFILE_SYNC_PAGING_MAX", "0")
+                .env("SHARPSEND_PROFILE_SYNC_ATTRIBUTES", &names)
+                .env("SHARPSEND_PROFILE_SYNC_EXPORT_WAIT_SECS", "60")
+                .args(["--once", "profile-sync"])
+                .kill_on_drop(true);
+            c
+        };
+        let segments = scheduler(&db.url, &url, &config)
+            .args(["--once", "segment-sync"])
+            .output()
+            .await?;
+        ensure!(segments.status.success(), "{}", text(&segments));
+        let audience: BTreeSet<String> = sim
+            .sim
+            .segments()
+            .iter()
+            .flat_map(|s| sim.sim.segment_members(s.id).unwrap_or_default())
+            .collect();
+        ensure!(audience.len() > 10_000, "{} people", audience.len());
+
+        let ws = sharpsend_db::workspaces::ensure(&db.conn, &config.site_id, "us").await?;
+
+        // 1. Killed while Customer.io prepares the export (once its id is recorded).
+        let mut first = sync().spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while sharpsend_db::profile_sync::state(&db.conn, ws.id)
+            .await?
+            .backfill
+            .is_none()
+        {
+            ensure!(Instant::now() < deadline, "no export was recorded");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        first.kill().await?;
+        ensure!(mirrored_profiles(&db).await? == 0);
+        expire_lease(&db, "profile-sync").await?;
+
+        // 2. Killed half-way through loading the file.
+        let mut second = sync().spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let at_kill = loop {
+            let n = mirrored_profiles(&db).await?;
+            if n >= 2_000 {
+                break n;
+            }
+            ensure!(Instant::now() < deadline, "the load never started ({n})");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        second.kill().await?;
+        let after_kill = mirrored_profiles(&db).await?;
+        ensure!(
+            after_kill < audience.len() as u64,
+            "the load finished before the kill ({at_kill} at the kill, {after_kill} after)"
+        );
+        expire_lease(&db, "profile-sync").await?;
+
+        // 3. The next run takes up the same export and completes the mirror.
+        let third = sync().output().await?;
+        ensure!(third.status.success(), "{}", text(&third));
+        ensure!(
+            sim.sim.exports().len() == 1,
+            "{} exports requested: the killed runs' export was not taken up",
+            sim.sim.exports().len()
+        );
+        let as_text = |attributes: &serde_json::Map<String, Value>| -> BTreeMap<String, String> {
+            attributes
+                .iter()
+                .map(|(k, v)| match v {
+                    Value::String(s) => (k.clone(), s.clone()),
+                    other => (k.clone(), other.to_string()),
+                })
+                .collect()
+        };
+        for id in &audience {
+            let person = sim.sim.person(id).expect("sim person");
+            let profile = profiles::get(&db.conn, ws.id, Lookup::Id(id))
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("{id} not mirrored"))?;
+            ensure!(
+                as_text(&profile.attributes) == as_text(&person.attributes),
+                "{id}: mirror {:?} != simulator {:?}",
+                profile.attributes,
+                person.attributes
+            );
+        }
+        ensure!(mirrored_profiles(&db).await? == audience.len() as u64);
+
+        // 4. Killed while reading the activity feed: 300 people changed three times each
+        // (9 pages of 100), read slowly.
+        let changed: Vec<&String> = audience.iter().take(300).collect();
+        for round in 1..=3 {
+            for id in &changed {
+                let mut attrs = serde_json::Map::new();
+                attrs.insert("sync_round".into(), json!(round));
+                ensure!(sim.sim.change_attributes(id, attrs));
+            }
+        }
+        let feed_reads = || -> u64 {
+            sim.sim
+                .request_counts_by_route()
+                .iter()
+                .filter(|(route, _)| route.contains("/activities"))
+                .map(|(_, n)| *n)
+                .sum()
+        };
+        sim.sim.set_chaos(
+            Some(SimApi::App),
+            cio_sim::Chaos {
+                latency: Duration::from_millis(300),
+                ..Default::default()
+            },
+        );
+        let before = feed_reads();
+        let mut fourth = sync().spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while feed_reads() < before + 4 {
+            ensure!(Instant::now() < deadline, "the feed was not read");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        fourth.kill().await?;
+        sim.sim
+            .set_chaos(Some(SimApi::App), cio_sim::Chaos::default());
+        for id in &changed {
+            let profile = profiles::get(&db.conn, ws.id, Lookup::Id(id)).await?;
+            ensure!(
+                profile.is_some_and(|p| !p.attributes.contains_key("sync_round")),
+                "{id}: a change of the killed run was applied"
+            );
+        }
+        expire_lease(&db, "profile-sync").await?;
+
+        // 5. The next run applies every change, oldest first: the last value wins everywhere;
+        // the one after finds nothing new.
+        let fifth = sync().output().await?;
+        ensure!(fifth.status.success(), "{}", text(&fifth));
+        for id in &changed {
+            let profile = profiles::get(&db.conn, ws.id, Lookup::Id(id))
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("{id} not mirrored"))?;
+            let round = profile.attributes.get("sync_round").cloned();
+            ensure!(
+                round == Some(json!("3")) || round == Some(json!(3)),
+                "{id}: sync_round {round:?}, expected the last change (3)"
+            );
+        }
+        let reads = feed_reads();
+        let sixth = sync().output().await?;
+        ensure!(sixth.status.success(), "{}", text(&sixth));
+        ensure!(
+            feed_reads() == reads + 1,
+            "the run after read {} feed pages",
+            feed_reads() - reads
+        );
+        sim.shutdown().await;
+        Ok::<(), anyhow::Error>(())
+    }
+);
