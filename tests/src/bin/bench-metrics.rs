@@ -1,4 +1,4 @@
-//! Metrics sweep benchmark: prints figures, asserts nothing about time.
+//! Sweep benchmark (metrics-poll and segment-sync): prints figures, asserts nothing about time.
 //!
 //! ```sh
 //! cargo build --release --bins
@@ -11,14 +11,16 @@
 //! manual segment so its metrics are not empty, mirrors them with the `campaign-sync` step, then
 //! runs one full `metrics-poll` sweep (every newsletter due, the per-run cap lifted) and prints
 //! the number of targets N, the sweep's time against the ideal N / rate, the 429s the simulator
-//! answered, and the App API requests the sweep made.
+//! answered, and the App API requests the sweep made. Then, with `--segments` S > 0, one
+//! `segment-sync` of S more manual segments (one member count request each), with the same
+//! figures against the ideal requests / rate.
 
 use std::time::Instant;
 
 use anyhow::ensure;
 use cio_sim::{AudienceFilter, NewNewsletter, SimApi, SimConfig, Simulator};
 use clap::Parser;
-use sharpsend_core::{AppContext, campaigns, context::Migrations, metrics};
+use sharpsend_core::{AppContext, campaigns, context::Migrations, jobs::Progress, metrics};
 
 #[derive(Debug, Parser)]
 #[command(about = "One metrics-poll sweep of N targets against the simulator's App API limit")]
@@ -32,6 +34,9 @@ struct Args {
     /// Metrics requests in flight at once during the sweep.
     #[arg(long, default_value_t = metrics::PollOptions::default().concurrency)]
     concurrency: usize,
+    /// Segments for the segment-sync sweep (0: skip it).
+    #[arg(long, default_value_t = 0)]
+    segments: usize,
     /// Database; default a fresh SQLite file.
     #[arg(long)]
     database_url: Option<String>,
@@ -129,5 +134,56 @@ async fn main() -> anyhow::Result<()> {
     let sample =
         sharpsend_db::metrics::due(&ctx.db, ctx.workspace_id(), chrono::Utc::now(), 1).await?;
     println!("left due after the sweep: {}", sample.len());
+
+    if args.segments > 0 {
+        segment_sync_sweep(&sim, &ctx, &args).await?;
+    }
+    Ok(())
+}
+
+/// One segment-sync of `--segments` more segments, timed against requests / rate.
+async fn segment_sync_sweep(
+    sim: &cio_sim::Simulator,
+    ctx: &AppContext,
+    args: &Args,
+) -> anyhow::Result<()> {
+    for i in 0..args.segments {
+        sim.create_manual_segment(&format!("Bench segment {i}"), "");
+    }
+    sim.clear_requests();
+    let before = sim.request_count(SimApi::App);
+    let started = Instant::now();
+    let report = sharpsend_core::segments::sync_segments(ctx, &Progress::untracked()).await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let requests = sim.request_count(SimApi::App) - before;
+    let limited = sim
+        .requests()
+        .iter()
+        .filter(|r| r.api == SimApi::App && r.status == 429)
+        .count();
+    ensure!(
+        report.synced as usize > args.segments,
+        "only {} segments synced",
+        report.synced
+    );
+    let ideal = requests as f64 / f64::from(args.app_rate);
+    println!();
+    println!(
+        "segment-sync sweep: App API limited to {} requests/s",
+        args.app_rate
+    );
+    println!(
+        "{:>8} {:>10} {:>14} {:>8} {:>6} {:>9}",
+        "N", "elapsed s", "requests/rate", "ratio", "429s", "requests"
+    );
+    println!(
+        "{:>8} {:>10.2} {:>14.2} {:>8.3} {:>6} {:>9}",
+        report.synced,
+        elapsed,
+        ideal,
+        elapsed / ideal,
+        limited,
+        requests
+    );
     Ok(())
 }
