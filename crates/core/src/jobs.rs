@@ -306,6 +306,19 @@ async fn lease_or_skip(
     let acquired =
         job_store::try_acquire_lease(&ctx.db, ws, job.name(), holder, LEASE_TTL, ctx.now()).await?;
     if acquired {
+        // Holding the lease, no other run of this job is alive: older runs still recorded as
+        // running died without recording their end.
+        let started_before = ctx.now() - chrono::TimeDelta::seconds(LEASE_TTL.as_secs() as i64);
+        let abandoned =
+            job_store::abandon_stale_runs(&ctx.db, ws, job.name(), started_before, ctx.now())
+                .await?;
+        if abandoned > 0 {
+            tracing::warn!(
+                job = job.name(),
+                abandoned,
+                "closed runs whose process stopped without recording their end"
+            );
+        }
         return Ok(Begun::Leased(run_id));
     }
     job_store::finish_run(

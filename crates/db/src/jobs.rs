@@ -246,6 +246,36 @@ pub async fn finish_run(
     Ok(())
 }
 
+/// Why [`abandon_stale_runs`] closed a run.
+pub const ABANDONED: &str =
+    "abandoned: the process running it stopped before recording how it ended (its lease lapsed)";
+
+/// Closes as failed ([`ABANDONED`]) the runs of `job` still recorded as running that started
+/// before `started_before`: runs whose process died (kill -9, a lost machine) and so never
+/// recorded how they ended. Called by the holder of the job's lease with `started_before` one
+/// lease term ago: a run that old and alive would still hold the lease. Returns how many.
+pub async fn abandon_stale_runs(
+    db: &impl ConnectionTrait,
+    workspace_id: i64,
+    job: &str,
+    started_before: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<u64, DbError> {
+    use job_runs::{Column, Entity};
+
+    let res = Entity::update_many()
+        .col_expr(Column::Outcome, Expr::value(RunOutcome::Failed.as_str()))
+        .col_expr(Column::FinishedAt, Expr::value(db_time(now)))
+        .col_expr(Column::Error, Expr::value(ABANDONED))
+        .filter(Column::WorkspaceId.eq(workspace_id))
+        .filter(Column::Job.eq(job))
+        .filter(Column::Outcome.eq(RunOutcome::Running.as_str()))
+        .filter(Column::StartedAt.lt(db_time(started_before)))
+        .exec(db)
+        .await?;
+    Ok(res.rows_affected)
+}
+
 /// The latest runs of a workspace (of one job, or of all), newest first, at most `limit`.
 pub async fn recent_runs(
     db: &impl ConnectionTrait,

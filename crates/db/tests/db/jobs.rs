@@ -359,3 +359,46 @@ sharpsend_db::db_test!(
         TestResult::Ok(())
     }
 );
+
+sharpsend_db::db_test!(
+    runs_left_running_by_a_dead_process_are_abandoned_once_old,
+    |db: TestDatabase| async move {
+        let ws = workspace(&db, "site-1").await?;
+        let dead = jobs::start_run(&db.conn, ws, "profile-sync", "dead", ts(0)).await?;
+        let other_job = jobs::start_run(&db.conn, ws, "segment-sync", "dead", ts(0)).await?;
+        let young = jobs::start_run(&db.conn, ws, "profile-sync", "alive", ts(200)).await?;
+        let done = jobs::start_run(&db.conn, ws, "profile-sync", "old", ts(0)).await?;
+        jobs::finish_run(
+            &db.conn,
+            done,
+            RunOutcome::Succeeded,
+            ts(10),
+            json!({}),
+            None,
+        )
+        .await?;
+
+        // One lease term (120 s) before t = 240: only the run started at 0 and still running.
+        let closed =
+            jobs::abandon_stale_runs(&db.conn, ws, "profile-sync", ts(120), ts(240)).await?;
+        assert_eq!(closed, 1);
+        let run = |id| jobs::get_run(&db.conn, ws, id);
+        let dead = run(dead).await?.ok_or("dead run")?;
+        assert_eq!(dead.outcome, RunOutcome::Failed);
+        assert_eq!(dead.error.as_deref(), Some(jobs::ABANDONED));
+        assert_eq!(dead.finished_at, Some(ts(240)));
+        for (id, outcome) in [
+            (other_job, RunOutcome::Running),
+            (young, RunOutcome::Running),
+            (done, RunOutcome::Succeeded),
+        ] {
+            assert_eq!(run(id).await?.ok_or("run")?.outcome, outcome, "run {id}");
+        }
+        // Nothing twice.
+        assert_eq!(
+            jobs::abandon_stale_runs(&db.conn, ws, "profile-sync", ts(120), ts(250)).await?,
+            0
+        );
+        TestResult::Ok(())
+    }
+);
