@@ -538,3 +538,58 @@ db_test!(
         app.stop().await
     }
 );
+
+db_test!(
+    a_revocation_reaches_another_replica_within_the_key_cache_time,
+    |db: TestDatabase| async move {
+        let app = TestApp::spawn(&db).await?;
+        // A second server on the same database: a replica with a key cache of its own.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let replica_addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let replica = tokio::spawn(sharpsend_server::serve(
+            listener,
+            app.ctx.clone(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        let replica_channel = Channel::from_shared(format!("http://{replica_addr}"))?
+            .connect()
+            .await?;
+
+        let mut admin = app.admin().await?;
+        let (key_id, secret) = create_key(&mut admin, "replicated", pb::Role::Reader).await?;
+        let mut on_replica =
+            SegmentServiceClient::with_interceptor(replica_channel, Bearer::new(Some(&secret)));
+        on_replica
+            .list_segments(pb::ListSegmentsRequest::default())
+            .await?;
+
+        admin
+            .revoke_api_key(pb::RevokeApiKeyRequest { key_id })
+            .await?;
+        let revoked_at = std::time::Instant::now();
+        let limit = sharpsend_server::auth::KEY_CACHE_TTL + Duration::from_secs(1);
+        loop {
+            match on_replica
+                .list_segments(pb::ListSegmentsRequest::default())
+                .await
+            {
+                Err(status) if status.code() == Code::Unauthenticated => break,
+                Err(status) => anyhow::bail!("replica answered {status:?}"),
+                Ok(_) => {
+                    ensure!(
+                        revoked_at.elapsed() < limit,
+                        "the replica still accepts the key {:?} after revocation",
+                        revoked_at.elapsed()
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        let _ = stop.send(());
+        replica.await??;
+        app.stop().await
+    }
+);

@@ -1307,6 +1307,46 @@ mod tests {
     }
 
     #[test]
+    fn tls_needs_certificate_and_key_together() {
+        let with = |pairs: &[(&str, &str)]| {
+            let mut vars = env(BASE);
+            for (k, v) in pairs {
+                vars.insert((*k).into(), (*v).into());
+            }
+            production(&vars)
+        };
+        let plain = with(&[]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(plain.server.tls, None);
+        let tls = with(&[
+            ("SHARPSEND_TLS_CERT", "/etc/tls/server.pem"),
+            ("SHARPSEND_TLS_KEY", "/etc/tls/server.key"),
+            ("SHARPSEND_TLS_CLIENT_CA", "/etc/tls/clients.pem"),
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            tls.server.tls,
+            Some(TlsSettings {
+                cert: "/etc/tls/server.pem".into(),
+                key: "/etc/tls/server.key".into(),
+                client_ca: Some("/etc/tls/clients.pem".into()),
+            })
+        );
+        for (pairs, named) in [
+            (&[("SHARPSEND_TLS_CERT", "/c.pem")][..], "SHARPSEND_TLS_KEY"),
+            (&[("SHARPSEND_TLS_KEY", "/k.pem")][..], "SHARPSEND_TLS_CERT"),
+            (
+                &[("SHARPSEND_TLS_CLIENT_CA", "/ca.pem")][..],
+                "SHARPSEND_TLS_CLIENT_CA",
+            ),
+        ] {
+            let err = with(pairs)
+                .err()
+                .unwrap_or_else(|| panic!("{pairs:?} accepted"));
+            assert_eq!(err.variable, named);
+        }
+    }
+
+    #[test]
     fn overrides_apply() {
         let mut vars = env(BASE);
         for (k, v) in [
