@@ -1889,6 +1889,221 @@ db_test!(
                 }
             }
         }
+        // ----- AdminService -----
+        let mut admin = app.admin().await?;
+        let key = |name: &str, role: pb::Role| pb::CreateApiKeyRequest {
+            name: name.into(),
+            role: role as i32,
+            ..Default::default()
+        };
+        for (label, name) in [
+            ("empty name", String::new()),
+            ("1 MB name", big(MB)),
+            ("NUL name", "a\0b".to_string()),
+            ("101-character name", big(101)),
+        ] {
+            let status = p.check(
+                "CreateApiKey",
+                label,
+                INVALID,
+                admin.create_api_key(key(&name, pb::Role::Reader)).await,
+            );
+            p.names(label, status, "name");
+        }
+        for (label, role) in [("role unspecified", 0), ("role 99", 99), ("role -1", -1)] {
+            let status = p.check(
+                "CreateApiKey",
+                label,
+                INVALID,
+                admin
+                    .create_api_key(pb::CreateApiKeyRequest {
+                        role,
+                        ..key("probe", pb::Role::Reader)
+                    })
+                    .await,
+            );
+            p.names(label, status, "role");
+        }
+        for (label, request, field) in [
+            (
+                "all_workspaces for a reader",
+                pb::CreateApiKeyRequest {
+                    all_workspaces: true,
+                    ..key("probe", pb::Role::Reader)
+                },
+                "all_workspaces",
+            ),
+            (
+                "negative workspace_id",
+                pb::CreateApiKeyRequest {
+                    workspace_id: -1,
+                    ..key("probe", pb::Role::Reader)
+                },
+                "workspace_id",
+            ),
+            (
+                "workspace_id with all_workspaces",
+                pb::CreateApiKeyRequest {
+                    workspace_id: 1,
+                    all_workspaces: true,
+                    ..key("probe", pb::Role::Admin)
+                },
+                "workspace_id",
+            ),
+        ] {
+            let status = p.check(
+                "CreateApiKey",
+                label,
+                INVALID,
+                admin.create_api_key(request).await,
+            );
+            p.names(label, status, field);
+        }
+        p.check(
+            "CreateApiKey",
+            "unknown workspace",
+            Refused(Code::NotFound),
+            admin
+                .create_api_key(pb::CreateApiKeyRequest {
+                    workspace_id: i64::MAX,
+                    ..key("probe", pb::Role::Reader)
+                })
+                .await,
+        );
+        p.check(
+            "CreateApiKey",
+            "good",
+            Answered,
+            admin.create_api_key(key("probe", pb::Role::Reader)).await,
+        );
+        p.check(
+            "ListApiKeys",
+            "empty",
+            Answered,
+            admin.list_api_keys(pb::ListApiKeysRequest::default()).await,
+        );
+        for (label, key_id) in [
+            ("empty key_id", String::new()),
+            ("1 MB key_id", big(MB)),
+            ("NUL key_id", "a\0b".to_string()),
+            (" padded key_id", " abc".to_string()),
+        ] {
+            let status = p.check(
+                "RevokeApiKey",
+                label,
+                INVALID,
+                admin
+                    .revoke_api_key(pb::RevokeApiKeyRequest { key_id })
+                    .await,
+            );
+            p.names(label, status, "key_id");
+        }
+        p.check(
+            "RevokeApiKey",
+            "unknown key",
+            Refused(Code::NotFound),
+            admin
+                .revoke_api_key(pb::RevokeApiKeyRequest {
+                    key_id: "0123456789abcdef".into(),
+                })
+                .await,
+        );
+        let rpc = "ListAuditEvents";
+        p.check(
+            rpc,
+            "empty",
+            Answered,
+            admin
+                .list_audit_events(pb::ListAuditEventsRequest::default())
+                .await,
+        );
+        for (label, request, field) in [
+            (
+                "page_size -1",
+                pb::ListAuditEventsRequest {
+                    page_size: -1,
+                    ..Default::default()
+                },
+                "page_size",
+            ),
+            (
+                "garbage page_token",
+                pb::ListAuditEventsRequest {
+                    page_token: "!!".into(),
+                    ..Default::default()
+                },
+                "page_token",
+            ),
+            (
+                "1 MB key_id",
+                pb::ListAuditEventsRequest {
+                    key_id: big(MB),
+                    ..Default::default()
+                },
+                "key_id",
+            ),
+            (
+                "NUL action",
+                pb::ListAuditEventsRequest {
+                    action: "a\0".into(),
+                    ..Default::default()
+                },
+                "action",
+            ),
+            (
+                "until before since",
+                pb::ListAuditEventsRequest {
+                    since: Some(ts(1_700_000_100, 0)),
+                    until: Some(ts(1_700_000_000, 0)),
+                    ..Default::default()
+                },
+                "until",
+            ),
+        ] {
+            let status = p.check(rpc, label, INVALID, admin.list_audit_events(request).await);
+            p.names(label, status, field);
+        }
+        // (Before 1970 is a valid protobuf time, and a harmless lower bound.)
+        for (label, bad) in bad_timestamps()
+            .into_iter()
+            .filter(|(l, _)| *l != "before 1970")
+        {
+            let status = p.check(
+                rpc,
+                &format!("since {label}"),
+                INVALID,
+                admin
+                    .list_audit_events(pb::ListAuditEventsRequest {
+                        since: Some(bad),
+                        ..Default::default()
+                    })
+                    .await,
+            );
+            p.names(label, status, "since");
+        }
+        // A token of other filters is refused.
+        let paged = admin
+            .list_audit_events(pb::ListAuditEventsRequest {
+                page_size: 1,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        ensure!(!paged.next_page_token.is_empty(), "audit has one page only");
+        p.check(
+            rpc,
+            "foreign page_token",
+            INVALID,
+            admin
+                .list_audit_events(pb::ListAuditEventsRequest {
+                    page_size: 1,
+                    key_id: "other".into(),
+                    page_token: paged.next_page_token,
+                    ..Default::default()
+                })
+                .await,
+        );
+
         // The accepted writes deliver without dead letters.
         app.deliver_all("bad-input", Duration::from_secs(30))
             .await?;

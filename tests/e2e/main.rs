@@ -12,6 +12,8 @@ mod ops;
 mod profile_sync;
 mod profiles;
 mod read_cache;
+mod security;
 mod segments;
 mod sends;
 mod serving;
+mod tls;

@@ -19,9 +19,9 @@ use sharpsend_core::{
 use sharpsend_db::testing::TestDatabase;
 use sharpsend_proto::v1::{
     GetJobRunRequest, JobRun, JobRunOutcome, SyncSegmentsRequest,
-    ab_test_service_client::AbTestServiceClient, campaign_service_client::CampaignServiceClient,
-    ops_service_client::OpsServiceClient, profile_service_client::ProfileServiceClient,
-    segment_service_client::SegmentServiceClient,
+    ab_test_service_client::AbTestServiceClient, admin_service_client::AdminServiceClient,
+    campaign_service_client::CampaignServiceClient, ops_service_client::OpsServiceClient,
+    profile_service_client::ProfileServiceClient, segment_service_client::SegmentServiceClient,
 };
 use sharpsend_server::serve;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
@@ -180,6 +180,24 @@ impl TestApp {
         ))
     }
 
+    /// An AdminService client presenting `key` (`None`: no authorization metadata).
+    pub async fn admin_with_key(
+        &self,
+        key: Option<&str>,
+    ) -> anyhow::Result<AdminServiceClient<InterceptedService<Channel, Bearer>>> {
+        Ok(AdminServiceClient::with_interceptor(
+            self.channel().await?,
+            Bearer(key.map(str::to_string)),
+        ))
+    }
+
+    /// An AdminService client with the test API key (an admin key of the default workspace).
+    pub async fn admin(
+        &self,
+    ) -> anyhow::Result<AdminServiceClient<InterceptedService<Channel, Bearer>>> {
+        self.admin_with_key(Some(TEST_API_KEY)).await
+    }
+
     /// An OpsService client with the test API key.
     pub async fn ops(
         &self,
@@ -325,6 +343,13 @@ pub async fn wait_for_run(
 /// Adds `authorization: Bearer <key>` when a key is set.
 #[derive(Clone)]
 pub struct Bearer(Option<String>);
+
+impl Bearer {
+    /// Presents `key` (`None`: no authorization metadata).
+    pub fn new(key: Option<&str>) -> Self {
+        Self(key.map(str::to_string))
+    }
+}
 
 impl Interceptor for Bearer {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {

@@ -165,6 +165,24 @@ pub const VARIABLES: &[Variable] = &[
         "comma-separated API keys, each `key` or `name=key`; required outside --dev (dev-key)",
     ),
     var(
+        "SHARPSEND_TLS_CERT",
+        "",
+        Server,
+        "PEM certificate chain: serve gRPC over TLS (with SHARPSEND_TLS_KEY); re-read when the file changes",
+    ),
+    var(
+        "SHARPSEND_TLS_KEY",
+        "",
+        Server,
+        "PEM private key of SHARPSEND_TLS_CERT; re-read when the file changes",
+    ),
+    var(
+        "SHARPSEND_TLS_CLIENT_CA",
+        "",
+        Server,
+        "PEM CA certificate(s): require client certificates signed by them (mTLS); needs SHARPSEND_TLS_CERT",
+    ),
+    var(
         "SHARPSEND_REQUEST_TIMEOUT_SECS",
         "30",
         Server,
@@ -568,6 +586,19 @@ pub struct ServerSettings {
     /// Calls handled at once across all connections; beyond it a call is shed at once with
     /// `UNAVAILABLE` + `RetryInfo` (health checks are never shed).
     pub max_in_flight: usize,
+    /// TLS for the gRPC listener; `None`: plaintext.
+    pub tls: Option<TlsSettings>,
+}
+
+/// The files of the gRPC listener's TLS (`SHARPSEND_TLS_*`), read when connections arrive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// PEM certificate chain, leaf first.
+    pub cert: std::path::PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: std::path::PathBuf,
+    /// PEM CA certificates client certificates must chain to (mTLS); `None`: no client auth.
+    pub client_ca: Option<std::path::PathBuf>,
 }
 
 impl Default for ServerSettings {
@@ -579,6 +610,7 @@ impl Default for ServerSettings {
             request_timeout: Duration::from_secs(30),
             max_concurrent_streams: 256,
             max_in_flight: 1024,
+            tls: None,
         }
     }
 }
@@ -989,7 +1021,42 @@ impl ServerSettings {
             request_timeout: Duration::from_secs(r.positive("SHARPSEND_REQUEST_TIMEOUT_SECS")?),
             max_concurrent_streams: r.positive_as("SHARPSEND_MAX_CONCURRENT_STREAMS")?,
             max_in_flight: r.positive_as("SHARPSEND_MAX_IN_FLIGHT")?,
+            tls: read_tls(r)?,
         })
+    }
+}
+
+/// `SHARPSEND_TLS_CERT` and `SHARPSEND_TLS_KEY` (both or neither), `SHARPSEND_TLS_CLIENT_CA`.
+fn read_tls(r: &Reader<'_>) -> Result<Option<TlsSettings>, ConfigError> {
+    let path = |name: &'static str| -> Result<Option<std::path::PathBuf>, ConfigError> {
+        Ok(r.value(name)?
+            .filter(|v| !v.trim().is_empty())
+            .map(std::path::PathBuf::from))
+    };
+    let (cert, key, client_ca) = (
+        path("SHARPSEND_TLS_CERT")?,
+        path("SHARPSEND_TLS_KEY")?,
+        path("SHARPSEND_TLS_CLIENT_CA")?,
+    );
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(TlsSettings {
+            cert,
+            key,
+            client_ca,
+        })),
+        (None, None) if client_ca.is_none() => Ok(None),
+        (None, None) => Err(ConfigError::new(
+            "SHARPSEND_TLS_CLIENT_CA",
+            "needs SHARPSEND_TLS_CERT and SHARPSEND_TLS_KEY (client certificates are asked for over TLS)",
+        )),
+        (Some(_), None) => Err(ConfigError::new(
+            "SHARPSEND_TLS_KEY",
+            "is required with SHARPSEND_TLS_CERT",
+        )),
+        (None, Some(_)) => Err(ConfigError::new(
+            "SHARPSEND_TLS_CERT",
+            "is required with SHARPSEND_TLS_KEY",
+        )),
     }
 }
 
@@ -1236,6 +1303,46 @@ mod tests {
                 !err.to_string().contains(value) || value == "0",
                 "{err} echoes the value"
             );
+        }
+    }
+
+    #[test]
+    fn tls_needs_certificate_and_key_together() {
+        let with = |pairs: &[(&str, &str)]| {
+            let mut vars = env(BASE);
+            for (k, v) in pairs {
+                vars.insert((*k).into(), (*v).into());
+            }
+            production(&vars)
+        };
+        let plain = with(&[]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(plain.server.tls, None);
+        let tls = with(&[
+            ("SHARPSEND_TLS_CERT", "/etc/tls/server.pem"),
+            ("SHARPSEND_TLS_KEY", "/etc/tls/server.key"),
+            ("SHARPSEND_TLS_CLIENT_CA", "/etc/tls/clients.pem"),
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            tls.server.tls,
+            Some(TlsSettings {
+                cert: "/etc/tls/server.pem".into(),
+                key: "/etc/tls/server.key".into(),
+                client_ca: Some("/etc/tls/clients.pem".into()),
+            })
+        );
+        for (pairs, named) in [
+            (&[("SHARPSEND_TLS_CERT", "/c.pem")][..], "SHARPSEND_TLS_KEY"),
+            (&[("SHARPSEND_TLS_KEY", "/k.pem")][..], "SHARPSEND_TLS_CERT"),
+            (
+                &[("SHARPSEND_TLS_CLIENT_CA", "/ca.pem")][..],
+                "SHARPSEND_TLS_CLIENT_CA",
+            ),
+        ] {
+            let err = with(pairs)
+                .err()
+                .unwrap_or_else(|| panic!("{pairs:?} accepted"));
+            assert_eq!(err.variable, named);
         }
     }
 

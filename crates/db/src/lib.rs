@@ -25,6 +25,8 @@
 //!   (claims and broadcast trigger windows taken before a request leaves, guarded transitions,
 //!   history); [`campaigns`]: the Customer.io campaign / broadcast / newsletter mirror;
 //!   [`metrics`]: metrics poll targets (cadence, failures) and snapshots.
+//! - [`api_keys`]: API keys (hashed secrets, role, workspace, revocation); [`audit`]: the
+//!   append-only audit record and its filtered, paged listing.
 //! - `testing` (feature `test-support`): a fresh database per test on SQLite and PostgreSQL
 //!   and the `db_test!` macro that runs one test body on both.
 //!
@@ -36,6 +38,8 @@
 mod stored;
 
 pub mod abtests;
+pub mod api_keys;
+pub mod audit;
 pub mod campaigns;
 pub mod criteria_sql;
 mod database;

@@ -1,5 +1,6 @@
 //! Assembles the gRPC server: health and reflection (v1 and v1alpha) open to all, business
-//! services behind the API-key interceptor, a span and metrics per call (`telemetry`: the
+//! services behind the access layer ([`crate::auth`]: API keys, the role each RPC needs from
+//! [`crate::access`], the audit record), TLS / mTLS when configured ([`crate::tls`]), a span and metrics per call (`telemetry`: the
 //! caller's `traceparent` is honoured), the serving limits ([`crate::limits`]: a global in-flight
 //! limit that sheds with `UNAVAILABLE` + `RetryInfo`, and a deadline answered
 //! `DEADLINE_EXCEEDED`), and graceful shutdown that reports NOT_SERVING before draining.
@@ -12,9 +13,9 @@
 
 use sharpsend_core::AppContext;
 use sharpsend_proto::v1::{
-    ab_test_service_server::AbTestServiceServer, campaign_service_server::CampaignServiceServer,
-    ops_service_server::OpsServiceServer, profile_service_server::ProfileServiceServer,
-    segment_service_server::SegmentServiceServer,
+    ab_test_service_server::AbTestServiceServer, admin_service_server::AdminServiceServer,
+    campaign_service_server::CampaignServiceServer, ops_service_server::OpsServiceServer,
+    profile_service_server::ProfileServiceServer, segment_service_server::SegmentServiceServer,
 };
 use std::time::Duration;
 
@@ -24,7 +25,8 @@ use tonic_health::ServingStatus;
 
 use crate::{
     abtests::AbTests,
-    auth::{ApiKeys, Authenticator},
+    admin::Admin,
+    auth::{AccessLayer, KeyStore},
     cache_layer::InvalidateAfterWritesLayer,
     campaigns::Campaigns,
     limits::{DeadlineLayer, InFlightLayer},
@@ -49,6 +51,8 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC transport failed")]
     Transport(#[from] tonic::transport::Error),
+    #[error("TLS set-up failed")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Serves every service on `listener` until `shutdown` resolves, then flips health to
@@ -65,6 +69,7 @@ pub async fn serve(
     health.set_serving::<ProfileServiceServer<Profiles>>().await;
     health.set_serving::<OpsServiceServer<Ops>>().await;
     health.set_serving::<AbTestServiceServer<AbTests>>().await;
+    health.set_serving::<AdminServiceServer<Admin>>().await;
     health
         .set_serving::<CampaignServiceServer<Campaigns>>()
         .await;
@@ -87,13 +92,24 @@ pub async fn serve(
     let cache_listener = cache.start(&ctx.db);
     let invalidate_after_writes = InvalidateAfterWritesLayer::new(cache.clone());
 
-    let auth = Authenticator::new(ApiKeys::new(&options.api_keys));
-    let segments = SegmentServiceServer::with_interceptor(Segments::new(ctx.clone()), auth.clone());
-    let ops = OpsServiceServer::with_interceptor(Ops::new(ctx.clone()), auth.clone());
-    let campaigns =
-        CampaignServiceServer::with_interceptor(Campaigns::new(ctx.clone()), auth.clone());
-    let abtests = AbTestServiceServer::with_interceptor(AbTests::new(ctx.clone()), auth.clone());
-    let profiles = ProfileServiceServer::with_interceptor(Profiles::new(ctx), auth);
+    // TLS is set up (and its files read) before anything is served: a bad file stops start-up.
+    let tls = options
+        .tls
+        .as_ref()
+        .map(crate::tls::server_config)
+        .transpose()?;
+    if tls.is_none() {
+        tracing::info!("serving gRPC in plaintext (SHARPSEND_TLS_CERT / SHARPSEND_TLS_KEY unset)");
+    }
+
+    let keys = KeyStore::new(&ctx);
+    let access = AccessLayer::new(&ctx, keys.clone(), &[sharpsend_proto::FILE_DESCRIPTOR_SET]);
+    let segments = SegmentServiceServer::new(Segments::new(ctx.clone()));
+    let ops = OpsServiceServer::new(Ops::new(ctx.clone()));
+    let campaigns = CampaignServiceServer::new(Campaigns::new(ctx.clone()));
+    let abtests = AbTestServiceServer::new(AbTests::new(ctx.clone()));
+    let admin = AdminServiceServer::new(Admin::new(ctx.clone(), keys));
+    let profiles = ProfileServiceServer::new(Profiles::new(ctx));
 
     let signal = async move {
         shutdown.await;
@@ -108,6 +124,7 @@ pub async fn serve(
         health
             .set_not_serving::<AbTestServiceServer<AbTests>>()
             .await;
+        health.set_not_serving::<AdminServiceServer<Admin>>().await;
         health
             .set_not_serving::<CampaignServiceServer<Campaigns>>()
             .await;
@@ -119,7 +136,7 @@ pub async fn serve(
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(TCP_KEEPALIVE));
-    let served = Server::builder()
+    let router = Server::builder()
         .max_concurrent_streams(options.max_concurrent_streams)
         .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
         .layer(crate::telemetry::GrpcTelemetryLayer::new(
@@ -133,6 +150,7 @@ pub async fn serve(
         ))
         .layer(InFlightLayer::new(options.max_in_flight))
         .layer(DeadlineLayer::new(options.request_timeout))
+        .layer(access)
         .layer(invalidate_after_writes)
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -142,8 +160,16 @@ pub async fn serve(
         .add_service(ops)
         .add_service(campaigns)
         .add_service(abtests)
-        .serve_with_incoming_shutdown(incoming, signal)
-        .await;
+        .add_service(admin);
+    let served = match tls {
+        Some(config) => {
+            let (incoming, acceptor) = crate::tls::incoming(incoming, config);
+            let served = router.serve_with_incoming_shutdown(incoming, signal).await;
+            acceptor.abort();
+            served
+        }
+        None => router.serve_with_incoming_shutdown(incoming, signal).await,
+    };
     if let Some(listener) = cache_listener {
         listener.abort();
     }

@@ -1,7 +1,11 @@
 //! `sharpsend-server`: the gRPC face of the service. It maps requests to `sharpsend_core` calls and
 //! domain errors to gRPC status; business logic lives in `sharpsend-core`.
 //!
-//! - [`auth`]: the API-key interceptor (constant-time comparison; caller identity in extensions).
+//! - [`auth`]: the access layer: API keys (configured and created; constant-time comparison;
+//!   caller identity in extensions), roles checked against [`access`] (THE table of the role each
+//!   RPC needs), and the audit record ([`audit`]: the ids of each audited request).
+//! - [`admin`] serves `sharpsend.cio.v1.AdminService` (API keys, audit events).
+//! - [`tls`]: TLS / mTLS on the gRPC listener with certificates reloaded when their files change.
 //! - [`status`]: the ONE place where domain errors become `tonic::Status`.
 //! - [`segments`] serves `sharpsend.cio.v1.SegmentService`; [`profiles`] serves
 //!   `sharpsend.cio.v1.ProfileService`; [`convert`] maps protobuf well-known types.
@@ -19,7 +23,10 @@
 //!   in-process scheduler. Production builds (`--no-default-features`) do not link the simulator.
 
 pub mod abtests;
+pub mod access;
+pub mod admin;
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod cache_layer;
 pub mod campaign_metrics;
@@ -34,6 +41,7 @@ pub mod profiles;
 pub mod segments;
 pub mod status;
 pub mod telemetry;
+pub mod tls;
 pub mod webhooks;
 
 pub use app::serve;

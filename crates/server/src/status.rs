@@ -2,7 +2,7 @@
 //! Customer.io credentials; the full cause chain goes to the log.
 //!
 //! Handlers write `core_call().await.or_status()?` ([`OrStatus`]) or `to_status(error)`; no other
-//! module builds a `Status`: the authentication interceptor, the load shedding and the deadline
+//! module builds a `Status`: the access layer (authentication, roles), the load shedding and the deadline
 //! of the serving stack use the constructors here too ([`unauthenticated`], [`overloaded`],
 //! [`deadline_exceeded`]).
 //!
@@ -160,6 +160,18 @@ pub fn unauthenticated(reason: &'static str, message: &str) -> Status {
         reason,
         ErrorDetails::new(),
     )
+}
+
+/// `PERMISSION_DENIED` with no details (nothing about what the key could do instead): the
+/// caller's role is below what the RPC needs, or the RPC has no rule.
+pub fn permission_denied() -> Status {
+    Status::permission_denied("permission denied")
+}
+
+/// `RESOURCE_EXHAUSTED`: an audited request body over `limit` bytes (as tonic refuses a message
+/// over its limit).
+pub fn request_too_large(limit: usize) -> Status {
+    Status::resource_exhausted(format!("the request is larger than {limit} bytes"))
 }
 
 /// `UNAVAILABLE` + `RetryInfo(retry_after)`, reason `OVERLOADED`: a call shed because the server

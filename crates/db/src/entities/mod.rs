@@ -5,6 +5,8 @@
 //! [`crate::metrics`]) instead.
 
 pub mod ab_tests;
+pub mod api_keys;
+pub mod audit_events;
 pub mod broadcast_windows;
 pub mod campaigns;
 pub mod idempotency_keys;
