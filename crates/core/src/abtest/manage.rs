@@ -715,6 +715,16 @@ fn validate(new: &NewTest) -> Result<TestSpec, CoreError> {
             ));
         }
         let data = parse_data(&mut v, &field("data_json"), &variant.data_json);
+        // The variant goes out as a send whose trigger data sets these keys itself.
+        if let Some(key) = data.as_ref().and_then(|d| {
+            d.keys()
+                .find(|k| crate::sends::RESERVED_DATA_KEYS.contains(&k.as_str()))
+        }) {
+            v.push(FieldViolation::new(
+                field("data_json"),
+                format!("key `{key}` is set by the service"),
+            ));
+        }
         if data.is_some() && matches!(delivery, Some(TestDelivery::Newsletter { .. })) {
             v.push(FieldViolation::new(
                 field("data_json"),
@@ -913,6 +923,7 @@ mod tests {
         bad.variants[0].subject = String::new();
         bad.variants[1].body = "x".repeat(BODY_BYTES + 1);
         bad.variants[1].data_json = "[1]".into();
+        bad.variants[0].data_json = "{\"subject\":\"x\"}".into();
         bad.test_fraction = f64::NAN;
         bad.confidence = 1.5;
         bad.baseline_rate = f64::INFINITY;
@@ -930,6 +941,7 @@ mod tests {
             "variants[0].subject",
             "variants[1].body",
             "variants[1].data_json",
+            "variants[0].data_json",
             "test_fraction",
             "confidence",
             "baseline_rate",
