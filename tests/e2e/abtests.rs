@@ -1,10 +1,21 @@
-//! ABTestService end to end (what exists this round): planning, creating a test validated field
-//! by field and idempotent on its request id, reading and listing it, cancelling it and
-//! declaring a winner once — through a real tonic client against a real server, on both
-//! databases, with the audience checked against the segment mirror synced from the simulator.
+//! ABTestService end to end: planning, creating a test validated field by field and idempotent
+//! on its request id, reading and listing it, cancelling it and declaring a winner once; then
+//! running tests: StartTest's stored allocation, the `abtest-evaluation` job sending each
+//! variant through its own manual segment, finding the best of three variants whose true click
+//! rates the simulator is told (its delivery behaviour keyed on the subject), sending the winner
+//! to the remainder exactly once, and surviving a crashed job — through a real tonic client
+//! against a real server and the simulator over HTTP, on both databases.
+
+use std::collections::{BTreeSet, HashSet};
+use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
-use sharpsend_core::jobs::Job;
+use cio_sim::{DeliveryFilter, DeliveryMetric, DeliveryRates, RatesKey};
+use sharpsend_core::AppContext;
+use sharpsend_core::abtest::allocation::{Allocation, allocate};
+use sharpsend_core::context::Migrations;
+use sharpsend_core::jobs::{self, Job};
+use sharpsend_core::sends::{self, SendKey};
 use sharpsend_db::{db_test, testing::TestDatabase};
 use sharpsend_proto::v1::{self as pb, TestState};
 use sharpsend_tests::{TestApp, bad_request_fields};
@@ -297,6 +308,547 @@ db_test!(
                 .tests
                 .is_empty(),
             "nothing refused was recorded"
+        );
+        app.stop().await
+    }
+);
+
+/// Three variants with the true click rates (per delivered email) the simulator draws from.
+const VARIANTS: [(&str, &str, f64); 3] = [
+    ("control", "Your Q4 outlook", 0.04),
+    ("teaser", "Three names for Q4", 0.08),
+    ("urgent", "Read before Monday's open", 0.30),
+];
+
+/// A manual segment in the simulator holding the first `people` demo readers, synced into the
+/// mirror; the simulator's delivery behaviour keyed on each variant's subject (every delivery
+/// opened by its reader, clicked at the variant's rate, no machine opens or clicks).
+async fn audience(app: &TestApp, people: usize) -> anyhow::Result<i64> {
+    let sim = &app.sim.sim;
+    let id = sim.create_manual_segment("A/B audience", "readers for the e2e A/B test");
+    let ids: Vec<String> = (1..=people).map(|n| format!("u{n:05}")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    sim.add_to_manual_segment(id, &refs)?;
+    for (_, subject, click_rate) in VARIANTS {
+        sim.set_rates(
+            RatesKey::Subject(subject.into()),
+            DeliveryRates {
+                bounce_rate: 0.0,
+                open_rate: 1.0,
+                machine_open_rate: 0.0,
+                click_rate,
+                machine_click_rate: 0.0,
+                ..DeliveryRates::default()
+            },
+        )?;
+    }
+    app.run_job(Job::SegmentSync).await?;
+    Ok(id)
+}
+
+fn three_variants(request_id: &str, audience: i64) -> pb::CreateTestRequest {
+    pb::CreateTestRequest {
+        assignment_id: format!("asg-{request_id}"),
+        request_id: request_id.into(),
+        title: "Q4 outlook, three subject lines".into(),
+        audience_segment_ids: vec![audience],
+        variants: VARIANTS
+            .iter()
+            .map(|(name, subject, _)| variant(name, subject))
+            .collect(),
+        test_fraction: 0.3,
+        delivery: Some(pb::create_test_request::Delivery::BroadcastId(BROADCAST)),
+        baseline_rate: 0.04,
+        minimum_detectable_effect: 0.1,
+        minimum_sample_per_variant: 100,
+        max_duration_hours: 72,
+        ..Default::default()
+    }
+}
+
+async fn get(app: &TestApp, id: &str) -> anyhow::Result<pb::AbTest> {
+    app.abtests()
+        .await?
+        .get_test(pb::GetTestRequest { id: id.into() })
+        .await?
+        .into_inner()
+        .test
+        .context("GetTest answered no test")
+}
+
+/// The broadcast's triggers so far.
+fn triggers(app: &TestApp) -> Vec<cio_sim::SimTrigger> {
+    app.sim.sim.triggers(Some(BROADCAST))
+}
+
+/// Runs the evaluation job (as `ctx`'s scheduler), delivers the outbox and dispatches sends,
+/// moving time a second each round, until `done` holds for the test (at most 60 rounds).
+async fn drive(
+    app: &TestApp,
+    ctx: &AppContext,
+    id: &str,
+    done: impl Fn(&pb::AbTest) -> bool,
+) -> anyhow::Result<pb::AbTest> {
+    for _ in 0..60 {
+        jobs::run_job(ctx, Job::AbTestEvaluation, "e2e-scheduler").await?;
+        app.deliver_all("e2e-outbox", Duration::from_secs(30))
+            .await?;
+        jobs::run_job(ctx, Job::SendDispatch, "e2e-scheduler").await?;
+        let test = get(app, id).await?;
+        if done(&test) {
+            return Ok(test);
+        }
+        app.advance(Duration::from_secs(1));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    anyhow::bail!("test {id} did not get there: {:?}", get(app, id).await?)
+}
+
+/// Dispatches sends (as `ctx`'s scheduler), moving time on, until the broadcast has `n`
+/// triggers; then a few more rounds, to see that no more come.
+async fn settle_triggers(app: &TestApp, ctx: &AppContext, n: usize) -> anyhow::Result<()> {
+    for _ in 0..100 {
+        if triggers(app).len() >= n {
+            break;
+        }
+        jobs::run_job(ctx, Job::SendDispatch, "e2e-scheduler").await?;
+        app.advance(Duration::from_millis(500));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..3 {
+        jobs::run_job(ctx, Job::AbTestEvaluation, "e2e-scheduler").await?;
+        jobs::run_job(ctx, Job::SendDispatch, "e2e-scheduler").await?;
+        app.advance(Duration::from_secs(1));
+    }
+    let got = triggers(app).len();
+    ensure!(got == n, "{got} triggers, expected {n}");
+    Ok(())
+}
+
+fn variants_sent(test: &pb::AbTest) -> bool {
+    test.results.iter().all(|r| !r.send_id.is_empty())
+}
+
+fn remainder_sent(test: &pb::AbTest) -> bool {
+    test.completed_at.is_some()
+        && test
+            .remainder
+            .as_ref()
+            .is_some_and(|r| !r.send_id.is_empty())
+}
+
+/// The trigger of send `send_id` (its only submission).
+async fn trigger_of(app: &TestApp, send_id: &str) -> anyhow::Result<i64> {
+    let send = sends::get_send(&app.ctx, &SendKey::Id(send_id.into())).await?;
+    send.submissions
+        .first()
+        .and_then(|s| s.cio_trigger_id)
+        .with_context(|| format!("send {send_id} has no trigger yet"))
+}
+
+/// Every Customer.io segment the test created (named after it).
+fn test_segments(app: &TestApp, id: &str) -> Vec<i64> {
+    app.sim
+        .sim
+        .segments()
+        .iter()
+        .filter(|s| s.name.starts_with(&format!("A/B {id} ")))
+        .map(|s| s.id)
+        .collect()
+}
+
+db_test!(
+    three_variants_find_the_best_and_the_winner_goes_to_the_rest_once,
+    |db: TestDatabase| async move {
+        let app = TestApp::spawn(&db).await?;
+        let people = 3_000;
+        let audience = audience(&app, people).await?;
+        let mut client = app.abtests().await?;
+        let created = client
+            .create_test(three_variants("three", audience))
+            .await?
+            .into_inner()
+            .test
+            .context("created")?;
+        let id = created.id.clone();
+
+        // StartTest: the audience allocated and stored; a second start answers the same.
+        let started = client
+            .start_test(pb::StartTestRequest { id: id.clone() })
+            .await?
+            .into_inner()
+            .test
+            .context("started")?;
+        ensure!(started.state == TestState::Running as i32, "{started:?}");
+        ensure!(started.started_at.is_some());
+        let remainder = started.remainder.clone().context("remainder")?;
+        let allocated: i64 = started.results.iter().map(|r| r.allocated).sum();
+        ensure!(
+            allocated + remainder.allocated == people as i64,
+            "everyone is allocated once: {allocated} + {}",
+            remainder.allocated
+        );
+        for r in &started.results {
+            // 30% of 3,000 over three variants: about 300 each.
+            ensure!((220..=380).contains(&r.allocated), "{r:?}");
+        }
+        let again = client
+            .start_test(pb::StartTestRequest { id: id.clone() })
+            .await?
+            .into_inner()
+            .test
+            .context("again")?;
+        ensure!(again.started_at == started.started_at && again.results == started.results);
+
+        // The job: segments, their members, then one send per variant.
+        let sent = drive(&app, &app.ctx, &id, variants_sent).await?;
+        ensure!(sent.state == TestState::Running as i32);
+        settle_triggers(&app, &app.ctx, 3).await?;
+        ensure!(test_segments(&app, &id).len() == 3);
+        for (result, (name, _, _)) in sent.results.iter().zip(VARIANTS) {
+            ensure!(result.name == name && result.segment_id > 0);
+            let members = app
+                .sim
+                .sim
+                .segment_members(result.segment_id)
+                .context("variant segment")?;
+            ensure!(
+                members.len() as i64 == result.allocated,
+                "the variant's segment holds its allocation"
+            );
+        }
+
+        // Results come back; the job looks every run (here every 3 hours of simulated time).
+        let mut decided = None;
+        let mut last = None;
+        for _ in 0..16 {
+            app.advance(Duration::from_secs(3 * 3600));
+            app.run_job(Job::DeliveryPoll).await?;
+            app.run_job(Job::AbTestEvaluation).await?;
+            let test = get(&app, &id).await?;
+            if test.state == TestState::Decided as i32 {
+                decided = Some(test);
+                break;
+            }
+            last = Some(test);
+        }
+        let decided = decided.with_context(|| format!("no decision within 48 h: {last:?}"))?;
+        let decision = decided.decision.clone().context("decision")?;
+        ensure!(
+            decision.winner == 2 && decision.actor == "sequential-test",
+            "the best variant wins: {decision:?} {:?}",
+            decided.results
+        );
+        ensure!(decided.looks >= 1, "{}", decided.looks);
+        ensure!(
+            decided.results[2].p_value_vs_control < 0.05 / 3.0,
+            "{:?}",
+            decided.results
+        );
+        let (low, high) = (decided.results[2].rate_low, decided.results[2].rate_high);
+        ensure!(low < decided.results[2].rate && decided.results[2].rate < high);
+
+        // The winner goes to the remainder, once.
+        let done = drive(&app, &app.ctx, &id, remainder_sent).await?;
+        settle_triggers(&app, &app.ctx, 4).await?;
+        let remainder = done.remainder.clone().context("remainder")?;
+        let remainder_trigger = trigger_of(&app, &remainder.send_id).await?;
+        let winner_subject = VARIANTS[2].1;
+        let remainder_deliveries = app.sim.sim.deliveries(&DeliveryFilter {
+            trigger_id: Some(remainder_trigger),
+            ..DeliveryFilter::default()
+        });
+        ensure!(
+            !remainder_deliveries.is_empty()
+                && remainder_deliveries
+                    .iter()
+                    .all(|d| d.subject == winner_subject),
+            "the remainder got the winner"
+        );
+
+        // Per-variant counts equal the simulator's ledger; nobody got two variants.
+        app.run_job(Job::DeliveryPoll).await?;
+        let last = get(&app, &id).await?;
+        let mut seen: HashSet<String> = HashSet::new();
+        for result in &last.results {
+            let trigger = trigger_of(&app, &result.send_id).await?;
+            let deliveries = app.sim.sim.deliveries(&DeliveryFilter {
+                trigger_id: Some(trigger),
+                ..DeliveryFilter::default()
+            });
+            let delivered = deliveries
+                .iter()
+                .filter(|d| d.events.contains_key(&DeliveryMetric::Delivered))
+                .count() as i64;
+            let clicked = deliveries
+                .iter()
+                .filter(|d| d.events.contains_key(&DeliveryMetric::HumanClicked))
+                .count() as i64;
+            let opened = deliveries
+                .iter()
+                .filter(|d| d.events.contains_key(&DeliveryMetric::HumanOpened))
+                .count() as i64;
+            ensure!(
+                result.recipients == delivered
+                    && result.human_clicks == clicked
+                    && result.human_opens == opened,
+                "{} counts {result:?} vs the ledger: {delivered} delivered, {opened} opened, {clicked} clicked",
+                result.name
+            );
+            for d in &deliveries {
+                ensure!(
+                    seen.insert(d.person_id.clone()),
+                    "{} received two variants",
+                    d.person_id
+                );
+            }
+        }
+        for d in &remainder_deliveries {
+            ensure!(
+                !seen.contains(&d.person_id),
+                "{} got a variant and the remainder",
+                d.person_id
+            );
+        }
+        app.stop().await
+    }
+);
+
+db_test!(
+    a_crashed_evaluation_loses_nothing_and_sends_nothing_twice,
+    |db: TestDatabase| async move {
+        let app = TestApp::spawn(&db).await?;
+        let audience = audience(&app, 1_500).await?;
+        // The scheduler that takes over after the crash: its own context on the same database
+        // and simulator, sharing the clock.
+        let restarted = AppContext::bootstrap(
+            sharpsend_tests::test_settings(
+                &app.database_url,
+                sharpsend_tests::sim_settings(&app.sim),
+            ),
+            Migrations::RequireCurrent,
+            app.ctx.clock.clone(),
+        )
+        .await?;
+        let mut client = app.abtests().await?;
+        let mut request = three_variants("crash", audience);
+        request.test_fraction = 0.6;
+        let id = client
+            .create_test(request)
+            .await?
+            .into_inner()
+            .test
+            .context("created")?
+            .id;
+        client
+            .start_test(pb::StartTestRequest { id: id.clone() })
+            .await?;
+
+        // The evaluation dies at arbitrary points, again and again (the outbox keeps going). A
+        // run that dies inside a segment creation leaves its idempotency key without a result:
+        // later runs wait on it until it is stale (2 minutes), then take it over and adopt the
+        // segment the dead run created in Customer.io, if it got that far. (Time moves once per
+        // crash phase, and by less than the adoption window of 5 minutes: the simulator presents
+        // its times on the wall clock while the service's clock runs ahead by every `advance`.)
+        for delay_ms in [0, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233] {
+            let ctx = app.ctx.clone();
+            let task =
+                tokio::spawn(async move { sharpsend_core::abtest::run::evaluate(&ctx).await });
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            task.abort();
+            let _ = task.await;
+            app.deliver_all("e2e-outbox", Duration::from_secs(30))
+                .await?;
+        }
+        ensure!(triggers(&app).len() <= 3, "no variant sent twice");
+        app.advance(Duration::from_secs(130));
+        let sent = drive(&app, &restarted, &id, variants_sent).await?;
+        settle_triggers(&app, &restarted, 3).await?;
+        let segments = test_segments(&app, &id);
+        ensure!(segments.len() == 3, "no orphan segment: {segments:?}");
+        let recipients: Vec<BTreeSet<String>> = triggers(&app)
+            .iter()
+            .map(|t| t.recipients.iter().cloned().collect())
+            .collect();
+        for (i, a) in recipients.iter().enumerate() {
+            for b in &recipients[i + 1..] {
+                ensure!(a.is_disjoint(b), "nobody gets two variants");
+            }
+        }
+        for result in &sent.results {
+            let members = app
+                .sim
+                .sim
+                .segment_members(result.segment_id)
+                .context("segment")?;
+            ensure!(members.len() as i64 == result.allocated, "{result:?}");
+        }
+
+        // An operator's winner goes to the remainder, once, whoever runs the job.
+        let declared = client
+            .declare_winner(pb::DeclareWinnerRequest {
+                id: id.clone(),
+                variant: "teaser".into(),
+                reason: "the editor prefers it".into(),
+            })
+            .await?
+            .into_inner()
+            .test
+            .context("declared")?;
+        ensure!(declared.state == TestState::Decided as i32);
+        let again = client
+            .declare_winner(pb::DeclareWinnerRequest {
+                id: id.clone(),
+                variant: "urgent".into(),
+                reason: "second thoughts".into(),
+            })
+            .await
+            .expect_err("decided once");
+        ensure!(again.code() == Code::FailedPrecondition, "{again:?}");
+        for delay_ms in [0, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89] {
+            let ctx = app.ctx.clone();
+            let task =
+                tokio::spawn(async move { sharpsend_core::abtest::run::evaluate(&ctx).await });
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            task.abort();
+            let _ = task.await;
+            app.deliver_all("e2e-outbox", Duration::from_secs(30))
+                .await?;
+        }
+        ensure!(triggers(&app).len() <= 4, "no remainder sent twice");
+        app.advance(Duration::from_secs(130));
+        let done = drive(&app, &restarted, &id, remainder_sent).await?;
+        settle_triggers(&app, &restarted, 4).await?;
+        let all = triggers(&app);
+        ensure!(test_segments(&app, &id).len() == 4);
+        let remainder_trigger =
+            trigger_of(&app, &done.remainder.context("remainder")?.send_id).await?;
+        let remainder = all
+            .iter()
+            .find(|t| t.id == remainder_trigger)
+            .context("remainder trigger")?;
+        ensure!(
+            remainder
+                .data
+                .as_ref()
+                .and_then(|d| d.get("subject"))
+                .and_then(|s| s.as_str())
+                == Some(VARIANTS[1].1),
+            "the declared winner went out"
+        );
+        let variant_people: BTreeSet<&String> = recipients.iter().flat_map(|r| r.iter()).collect();
+        ensure!(
+            remainder
+                .recipients
+                .iter()
+                .all(|p| !variant_people.contains(p)),
+            "the remainder never gets a test variant"
+        );
+        app.stop().await
+    }
+);
+
+db_test!(
+    a_cancelled_test_sends_nothing_more_and_leavers_get_no_winner,
+    |db: TestDatabase| async move {
+        let app = TestApp::spawn(&db).await?;
+        let audience = audience(&app, 600).await?;
+        let mut client = app.abtests().await?;
+
+        // Cancelled after the job created the segments, before any variant went out.
+        let mut request = three_variants("cancel", audience);
+        request.test_fraction = 0.9;
+        let id = client
+            .create_test(request)
+            .await?
+            .into_inner()
+            .test
+            .context("created")?
+            .id;
+        client
+            .start_test(pb::StartTestRequest { id: id.clone() })
+            .await?;
+        app.run_job(Job::AbTestEvaluation).await?;
+        let cancelled = client
+            .cancel_test(pb::CancelTestRequest {
+                id: id.clone(),
+                reason: "wrong assignment".into(),
+            })
+            .await?
+            .into_inner()
+            .test
+            .context("cancelled")?;
+        ensure!(cancelled.state == TestState::Cancelled as i32);
+        for _ in 0..3 {
+            app.run_job(Job::AbTestEvaluation).await?;
+            app.deliver_all("e2e-outbox", Duration::from_secs(30))
+                .await?;
+            app.run_job(Job::SendDispatch).await?;
+        }
+        ensure!(triggers(&app).is_empty(), "a cancelled test sends nothing");
+        let restart = client
+            .start_test(pb::StartTestRequest { id: id.clone() })
+            .await
+            .expect_err("cancelled");
+        ensure!(restart.code() == Code::FailedPrecondition, "{restart:?}");
+
+        // A second test: people who leave the audience before the winner is known do not get it.
+        let mut request = three_variants("leavers", audience);
+        request.test_fraction = 0.5;
+        let created = client
+            .create_test(request)
+            .await?
+            .into_inner()
+            .test
+            .context("created")?;
+        let test = client
+            .start_test(pb::StartTestRequest { id: created.id })
+            .await?
+            .into_inner()
+            .test
+            .context("started")?;
+        let id = test.id.clone();
+        drive(&app, &app.ctx, &id, variants_sent).await?;
+        settle_triggers(&app, &app.ctx, 3).await?;
+        let variant_people: BTreeSet<String> = triggers(&app)
+            .iter()
+            .flat_map(|t| t.recipients.iter().cloned())
+            .collect();
+        let leavers: Vec<String> = (1..=600)
+            .map(|n| format!("u{n:05}"))
+            .filter(|p| allocate(&id, p, 3, 0.5) == Allocation::Remainder)
+            .take(40)
+            .collect();
+        ensure!(leavers.iter().all(|p| !variant_people.contains(p)));
+        let refs: Vec<&str> = leavers.iter().map(String::as_str).collect();
+        app.sim.sim.remove_from_manual_segment(audience, &refs)?;
+        client
+            .declare_winner(pb::DeclareWinnerRequest {
+                id: id.clone(),
+                variant: "control".into(),
+                reason: "house style".into(),
+            })
+            .await?;
+        let done = drive(&app, &app.ctx, &id, remainder_sent).await?;
+        settle_triggers(&app, &app.ctx, 4).await?;
+        let remainder = done.remainder.context("remainder")?;
+        let trigger = trigger_of(&app, &remainder.send_id).await?;
+        let got: BTreeSet<String> = app
+            .sim
+            .sim
+            .trigger(trigger)
+            .context("trigger")?
+            .recipients
+            .into_iter()
+            .collect();
+        ensure!(
+            leavers.iter().all(|p| !got.contains(p)),
+            "people who left the audience get no winner"
+        );
+        ensure!(
+            remainder.allocated == test.remainder.context("at start")?.allocated - 40,
+            "the remainder was re-checked: {}",
+            remainder.allocated
         );
         app.stop().await
     }

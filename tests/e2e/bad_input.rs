@@ -1248,8 +1248,13 @@ db_test!(
             ("GetTest", "path id", "a/b c"),
             ("CancelTest", "unknown id", "abt_missing"),
             ("DeclareWinner", "unknown id", "abt_missing"),
+            ("StartTest", "unknown id", "abt_missing"),
         ] {
             let result = match rpc {
+                "StartTest" => ab
+                    .start_test(pb::StartTestRequest { id: id.into() })
+                    .await
+                    .map(|_| ()),
                 "GetTest" => ab
                     .get_test(pb::GetTestRequest { id: id.into() })
                     .await
@@ -1284,6 +1289,20 @@ db_test!(
             ab.get_test(pb::GetTestRequest { id: big(MB) }).await,
         );
         p.names("1 MB id", status, "id");
+        for (label, id) in [
+            ("1 MB id", big(MB)),
+            ("empty id", String::new()),
+            ("NUL id", "abt_\0".to_owned()),
+            ("padded id", " abt_x".to_owned()),
+        ] {
+            let status = p.check(
+                "StartTest",
+                label,
+                INVALID,
+                ab.start_test(pb::StartTestRequest { id }).await,
+            );
+            p.names(label, status, "id");
+        }
         let status = p.check(
             "CancelTest",
             "NUL reason",

@@ -46,6 +46,10 @@ pub enum Job {
     /// Bring Customer.io's changes into the profile mirror: the activity feed, or a backfill
     /// by export when the feed cannot tell (see [`crate::profile_sync`]).
     ProfileSync,
+    /// Advance running A/B tests (variant segments and sends), look at their results with the
+    /// sequential rule, decide, and send the winner to the remainder (see
+    /// [`crate::abtest::run`]).
+    AbTestEvaluation,
 }
 
 impl Job {
@@ -60,6 +64,7 @@ impl Job {
         Job::DeliveryPoll,
         Job::EngagementScoring,
         Job::ProfileSync,
+        Job::AbTestEvaluation,
     ];
 
     /// The name used on the command line, in job runs and in leases.
@@ -75,6 +80,7 @@ impl Job {
             Job::DeliveryPoll => "delivery-poll",
             Job::EngagementScoring => "engagement-scoring",
             Job::ProfileSync => "profile-sync",
+            Job::AbTestEvaluation => "abtest-evaluation",
         }
     }
 
@@ -104,6 +110,9 @@ impl Job {
             Job::ProfileSync => {
                 "bring Customer.io's attribute changes into the profile mirror (feed, or backfill by export)"
             }
+            Job::AbTestEvaluation => {
+                "advance A/B tests: variant segments and sends, sequential looks, decisions, the winner to the remainder"
+            }
         }
     }
 
@@ -121,6 +130,7 @@ impl Job {
             Job::DeliveryPoll => "SHARPSEND_DELIVERY_POLL_CRON",
             Job::EngagementScoring => "SHARPSEND_ENGAGEMENT_SCORING_CRON",
             Job::ProfileSync => "SHARPSEND_PROFILE_SYNC_CRON",
+            Job::AbTestEvaluation => "SHARPSEND_ABTEST_EVALUATION_CRON",
         }
     }
 }
@@ -479,6 +489,7 @@ async fn execute(
         Job::DeliveryPoll => Ok(report_details(&crate::engagement::poll(ctx).await?)),
         Job::EngagementScoring => Ok(report_details(&crate::engagement::score(ctx).await?)),
         Job::ProfileSync => Ok(report_details(&crate::profile_sync::sync(ctx).await?)),
+        Job::AbTestEvaluation => Ok(report_details(&crate::abtest::run::evaluate(ctx).await?)),
     }
 }
 

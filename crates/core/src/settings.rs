@@ -439,6 +439,12 @@ pub const VARIABLES: &[Variable] = &[
         "schedule of profile-sync (Customer.io changes into the profile mirror)",
     ),
     var(
+        "SHARPSEND_ABTEST_EVALUATION_CRON",
+        "15 */5 * * * *",
+        Jobs,
+        "schedule of abtest-evaluation (each run is one look of every running A/B test)",
+    ),
+    var(
         "SHARPSEND_PROFILE_SYNC_SEGMENTS",
         "",
         Jobs,

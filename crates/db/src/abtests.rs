@@ -3,17 +3,27 @@
 //! state and decision once, only from an expected state, so that two deciders (the evaluation
 //! job and an operator) cannot both win. The spec, warnings and decision are JSON that core
 //! owns; this module stores them as given.
+//!
+//! Running tests: [`start`] stores the allocation of the audience snapshot and the arms and
+//! moves the test from draft to running in ONE transaction (guarded: a second start finds it
+//! running and stores nothing). [`arms`], [`arm_members_page`] read them; [`set_arm_segment`],
+//! [`set_arm_members`], [`set_arm_send`] record the evaluation job's progress, each only once
+//! (a column set when still empty), so two advancers agree; [`record_look`] continues the
+//! sequential state; [`arm_results`] counts an arm's delivery events of its send, attributed by
+//! the stored allocation; [`active`] lists the tests the job still has work on.
 
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::{Expr, OnConflict};
+use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::{
     ActiveValue::{NotSet, Set},
-    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
+    QuerySelect, TransactionSession,
 };
 use serde_json::Value;
 
 use crate::DbError;
-use crate::entities::ab_tests;
+use crate::database::begin_write;
+use crate::entities::{ab_test_allocations, ab_test_arms, ab_tests};
 use crate::time::db_time;
 
 stored_enum! {
@@ -48,6 +58,10 @@ pub struct TestRecord {
     pub created_by: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub sequential: Option<Value>,
+    pub looks: i64,
+    pub completed_at: Option<DateTime<Utc>>,
 }
 
 impl TryFrom<ab_tests::Model> for TestRecord {
@@ -68,6 +82,10 @@ impl TryFrom<ab_tests::Model> for TestRecord {
             created_by: m.created_by,
             created_at: m.created_at,
             updated_at: m.updated_at,
+            started_at: m.started_at,
+            sequential: m.sequential,
+            looks: m.looks,
+            completed_at: m.completed_at,
         })
     }
 }
@@ -118,6 +136,10 @@ pub async fn create(
         created_by: Set(new.created_by.clone()),
         created_at: Set(now),
         updated_at: Set(now),
+        started_at: Set(None),
+        sequential: Set(None),
+        looks: Set(0),
+        completed_at: Set(None),
     };
     let inserted = ab_tests::Entity::insert(row)
         .on_conflict(
@@ -213,4 +235,376 @@ pub async fn decide(
         .exec(db)
         .await?;
     Ok(result.rows_affected == 1)
+}
+
+/// The remainder's arm number.
+pub const REMAINDER: i32 = -1;
+
+/// Rows per multi-row insert of allocations (three values each).
+const ALLOCATION_CHUNK: usize = 1000;
+
+/// Starts draft test `id`: in one transaction, moves it to running (only from draft), records
+/// `sequential` as its rule's initial state, stores every `(customer id, arm)` of `allocations`
+/// and one arm row per variant (`0..variants`) and the remainder ([`REMAINDER`]) with its
+/// member count. Returns whether this call started it (false: it was no longer a draft, and
+/// nothing was stored).
+pub async fn start(
+    db: &impl sea_orm::TransactionTrait,
+    workspace_id: i64,
+    id: i64,
+    variants: usize,
+    allocations: &[(String, i32)],
+    sequential: &Value,
+    now: DateTime<Utc>,
+) -> Result<bool, DbError> {
+    let now = db_time(now);
+    let txn = begin_write(db).await?;
+    let moved = ab_tests::Entity::update_many()
+        .col_expr(
+            ab_tests::Column::State,
+            Expr::value(TestState::Running.as_str()),
+        )
+        .col_expr(ab_tests::Column::StartedAt, Expr::value(now))
+        .col_expr(
+            ab_tests::Column::Sequential,
+            Expr::value(sequential.clone()),
+        )
+        .col_expr(ab_tests::Column::UpdatedAt, Expr::value(now))
+        .filter(ab_tests::Column::WorkspaceId.eq(workspace_id))
+        .filter(ab_tests::Column::Id.eq(id))
+        .filter(ab_tests::Column::State.eq(TestState::Draft.as_str()))
+        .exec(&txn)
+        .await?
+        .rows_affected;
+    if moved != 1 {
+        txn.rollback().await?;
+        return Ok(false);
+    }
+    for chunk in allocations.chunks(ALLOCATION_CHUNK) {
+        let rows = chunk
+            .iter()
+            .map(|(customer_id, arm)| ab_test_allocations::ActiveModel {
+                test_id: Set(id),
+                customer_id: Set(customer_id.clone()),
+                arm: Set(*arm),
+            });
+        ab_test_allocations::Entity::insert_many(rows)
+            .on_conflict(
+                OnConflict::columns([
+                    ab_test_allocations::Column::TestId,
+                    ab_test_allocations::Column::CustomerId,
+                ])
+                .do_nothing()
+                .to_owned(),
+            )
+            .exec_without_returning(&txn)
+            .await?;
+    }
+    let arms = (0..variants)
+        .filter_map(|v| i32::try_from(v).ok())
+        .chain(std::iter::once(REMAINDER))
+        .map(|arm| ab_test_arms::ActiveModel {
+            test_id: Set(id),
+            arm: Set(arm),
+            members: Set(allocations.iter().filter(|(_, a)| *a == arm).count() as i64),
+            cio_segment_id: Set(None),
+            members_queued_at: Set(None),
+            send_id: Set(None),
+            send_public_id: Set(None),
+            note: Set(None),
+        });
+    ab_test_arms::Entity::insert_many(arms)
+        .exec_without_returning(&txn)
+        .await?;
+    txn.commit().await?;
+    Ok(true)
+}
+
+/// One arm of a started test.
+pub type ArmRecord = ab_test_arms::Model;
+
+/// The arms of test `id` (variants in order, the remainder first as -1).
+pub async fn arms(db: &impl ConnectionTrait, id: i64) -> Result<Vec<ArmRecord>, DbError> {
+    Ok(ab_test_arms::Entity::find()
+        .filter(ab_test_arms::Column::TestId.eq(id))
+        .order_by_asc(ab_test_arms::Column::Arm)
+        .all(db)
+        .await?)
+}
+
+/// Customer ids allocated to `arm` of test `id`, in order, after `after`, at most `limit`.
+pub async fn arm_members_page(
+    db: &impl ConnectionTrait,
+    id: i64,
+    arm: i32,
+    after: Option<&str>,
+    limit: u64,
+) -> Result<Vec<String>, DbError> {
+    let mut query = ab_test_allocations::Entity::find()
+        .select_only()
+        .column(ab_test_allocations::Column::CustomerId)
+        .filter(ab_test_allocations::Column::TestId.eq(id))
+        .filter(ab_test_allocations::Column::Arm.eq(arm));
+    if let Some(after) = after {
+        query = query.filter(ab_test_allocations::Column::CustomerId.gt(after));
+    }
+    Ok(query
+        .order_by_asc(ab_test_allocations::Column::CustomerId)
+        .limit(limit)
+        .into_tuple()
+        .all(db)
+        .await?)
+}
+
+/// How many people of test `id` are in each arm (from the allocation; arms without anyone are
+/// absent).
+pub async fn allocation_counts(
+    db: &impl ConnectionTrait,
+    id: i64,
+) -> Result<Vec<(i32, i64)>, DbError> {
+    Ok(ab_test_allocations::Entity::find()
+        .select_only()
+        .column(ab_test_allocations::Column::Arm)
+        .column_as(
+            Expr::col(ab_test_allocations::Column::CustomerId).count(),
+            "n",
+        )
+        .filter(ab_test_allocations::Column::TestId.eq(id))
+        .group_by(ab_test_allocations::Column::Arm)
+        .into_tuple()
+        .all(db)
+        .await?)
+}
+
+/// Records the manual segment of an arm, unless one is recorded. Returns the one recorded.
+pub async fn set_arm_segment(
+    db: &impl ConnectionTrait,
+    id: i64,
+    arm: i32,
+    cio_segment_id: i64,
+) -> Result<Option<i64>, DbError> {
+    ab_test_arms::Entity::update_many()
+        .col_expr(
+            ab_test_arms::Column::CioSegmentId,
+            Expr::value(cio_segment_id),
+        )
+        .filter(ab_test_arms::Column::TestId.eq(id))
+        .filter(ab_test_arms::Column::Arm.eq(arm))
+        .filter(ab_test_arms::Column::CioSegmentId.is_null())
+        .exec(db)
+        .await?;
+    Ok(arm_of(db, id, arm).await?.and_then(|a| a.cio_segment_id))
+}
+
+/// Records that an arm's `members` were queued for its segment (once).
+pub async fn set_arm_members(
+    db: &impl ConnectionTrait,
+    id: i64,
+    arm: i32,
+    members: i64,
+    now: DateTime<Utc>,
+) -> Result<(), DbError> {
+    ab_test_arms::Entity::update_many()
+        .col_expr(ab_test_arms::Column::Members, Expr::value(members))
+        .col_expr(
+            ab_test_arms::Column::MembersQueuedAt,
+            Expr::value(db_time(now)),
+        )
+        .filter(ab_test_arms::Column::TestId.eq(id))
+        .filter(ab_test_arms::Column::Arm.eq(arm))
+        .filter(ab_test_arms::Column::MembersQueuedAt.is_null())
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
+/// Records an arm's send (or, with `send` `None`, why it has none), unless one is recorded.
+pub async fn set_arm_send(
+    db: &impl ConnectionTrait,
+    id: i64,
+    arm: i32,
+    send: Option<(i64, &str)>,
+    note: Option<&str>,
+) -> Result<(), DbError> {
+    ab_test_arms::Entity::update_many()
+        .col_expr(ab_test_arms::Column::SendId, Expr::value(send.map(|s| s.0)))
+        .col_expr(
+            ab_test_arms::Column::SendPublicId,
+            Expr::value(send.map(|s| s.1.to_owned())),
+        )
+        .col_expr(
+            ab_test_arms::Column::Note,
+            Expr::value(note.map(str::to_owned)),
+        )
+        .filter(ab_test_arms::Column::TestId.eq(id))
+        .filter(ab_test_arms::Column::Arm.eq(arm))
+        .filter(ab_test_arms::Column::SendId.is_null())
+        .filter(ab_test_arms::Column::Note.is_null())
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
+async fn arm_of(
+    db: &impl ConnectionTrait,
+    id: i64,
+    arm: i32,
+) -> Result<Option<ArmRecord>, DbError> {
+    Ok(ab_test_arms::Entity::find()
+        .filter(ab_test_arms::Column::TestId.eq(id))
+        .filter(ab_test_arms::Column::Arm.eq(arm))
+        .one(db)
+        .await?)
+}
+
+/// Stores the sequential state after a look and counts the look, only while the test runs.
+pub async fn record_look(
+    db: &impl ConnectionTrait,
+    id: i64,
+    sequential: &Value,
+) -> Result<bool, DbError> {
+    let result = ab_tests::Entity::update_many()
+        .col_expr(
+            ab_tests::Column::Sequential,
+            Expr::value(sequential.clone()),
+        )
+        .col_expr(
+            ab_tests::Column::Looks,
+            Expr::col(ab_tests::Column::Looks).add(1),
+        )
+        .filter(ab_tests::Column::Id.eq(id))
+        .filter(ab_tests::Column::State.eq(TestState::Running.as_str()))
+        .exec(db)
+        .await?;
+    Ok(result.rows_affected == 1)
+}
+
+/// Marks the job's work on test `id` done.
+pub async fn complete(
+    db: &impl ConnectionTrait,
+    id: i64,
+    now: DateTime<Utc>,
+) -> Result<(), DbError> {
+    ab_tests::Entity::update_many()
+        .col_expr(ab_tests::Column::CompletedAt, Expr::value(db_time(now)))
+        .filter(ab_tests::Column::Id.eq(id))
+        .filter(ab_tests::Column::CompletedAt.is_null())
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
+/// Tests the evaluation job still has work on: running ones, and decided ones not completed.
+pub async fn active(
+    db: &impl ConnectionTrait,
+    workspace_id: i64,
+) -> Result<Vec<TestRecord>, DbError> {
+    let rows = ab_tests::Entity::find()
+        .filter(ab_tests::Column::WorkspaceId.eq(workspace_id))
+        .filter(
+            ab_tests::Column::State
+                .is_in([TestState::Running.as_str(), TestState::Decided.as_str()]),
+        )
+        .filter(ab_tests::Column::CompletedAt.is_null())
+        .order_by_asc(ab_tests::Column::Id)
+        .all(db)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(TestRecord::try_from)
+        .collect::<Result<_, _>>()?)
+}
+
+/// What an arm's recipients did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromQueryResult)]
+pub struct ArmCounts {
+    /// People delivered (or who opened/clicked/converted, which implies it).
+    pub recipients: i64,
+    /// People who opened (by a person: prefetched opens excluded; a click counts).
+    pub human_opens: i64,
+    /// People who clicked (by a person: link scanners excluded).
+    pub human_clicks: i64,
+    pub conversions: i64,
+}
+
+/// Counts, per person, what the delivery events of the test's variant sends (`send_ids`) show
+/// for the people the stored allocation put in `arm` of test `id` (a person counts once
+/// whatever the number of events). Attribution is by the allocation: a person of one arm only
+/// ever receives that arm's send, so an event the delivery poll tied to a sibling variant's
+/// send (the App API's messages carry no trigger id; two triggers in one second look alike)
+/// still counts for the right variant. Webhook flags decide human vs machine; a polled open or
+/// click (no flags) counts when no webhook told, as in [`crate::engagement::delivery_facts`].
+pub async fn arm_results(
+    db: &impl ConnectionTrait,
+    workspace_id: i64,
+    id: i64,
+    arm: i32,
+    send_ids: &[i64],
+) -> Result<ArmCounts, DbError> {
+    if send_ids.is_empty() {
+        return Ok(ArmCounts::default());
+    }
+    // Integers only: safe to inline.
+    let sends = send_ids
+        .iter()
+        .map(i64::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let backend = db.get_database_backend();
+    let p: Vec<String> = (1..=3)
+        .map(|n| match backend {
+            sea_orm::DbBackend::Postgres => format!("${n}"),
+            _ => "?".to_owned(),
+        })
+        .collect();
+    let sql = format!(
+        "SELECT COUNT(*) AS recipients, \
+         COALESCE(SUM(CASE WHEN human_click = 1 OR webhook_human_open = 1 OR (poll_open = 1 AND webhook_open = 0) THEN 1 ELSE 0 END), 0) AS human_opens, \
+         COALESCE(SUM(CASE WHEN human_click = 1 THEN 1 ELSE 0 END), 0) AS human_clicks, \
+         COALESCE(SUM(converted), 0) AS conversions \
+         FROM (SELECT e.customer_id, \
+           MAX(CASE WHEN e.metric IN ('delivered','opened','clicked','converted') THEN 1 ELSE 0 END) AS delivered, \
+           MAX(CASE WHEN e.source = 'webhook' AND e.metric = 'opened' AND NOT e.prefetched THEN 1 ELSE 0 END) AS webhook_human_open, \
+           MAX(CASE WHEN e.source = 'webhook' AND e.metric = 'opened' THEN 1 ELSE 0 END) AS webhook_open, \
+           MAX(CASE WHEN e.source = 'poll' AND e.metric = 'opened' THEN 1 ELSE 0 END) AS poll_open, \
+           CASE WHEN MAX(CASE WHEN e.source = 'webhook' AND e.metric = 'clicked' AND NOT e.machine THEN 1 ELSE 0 END) = 1 \
+             OR (MAX(CASE WHEN e.source = 'poll' AND e.metric = 'clicked' THEN 1 ELSE 0 END) = 1 \
+                 AND MAX(CASE WHEN e.source = 'webhook' AND e.metric = 'clicked' THEN 1 ELSE 0 END) = 0) \
+             THEN 1 ELSE 0 END AS human_click, \
+           MAX(CASE WHEN e.metric = 'converted' THEN 1 ELSE 0 END) AS converted \
+           FROM delivery_events e \
+           JOIN ab_test_allocations a ON a.customer_id = e.customer_id \
+           WHERE e.workspace_id = {} AND e.send_id IN ({sends}) AND a.test_id = {} AND a.arm = {} \
+           GROUP BY e.customer_id) per_person \
+         WHERE delivered = 1",
+        p[0], p[1], p[2]
+    );
+    let stmt = sea_orm::Statement::from_sql_and_values(
+        backend,
+        sql,
+        [workspace_id.into(), id.into(), arm.into()],
+    );
+    Ok(ArmCounts::find_by_statement(stmt)
+        .one(db)
+        .await?
+        .unwrap_or_default())
+}
+
+/// Membership changes of managed segment `cio_segment_id` not yet delivered to Customer.io
+/// (pending, in flight or dead-lettered): the segment's membership has arrived when none is.
+pub async fn segment_changes_outstanding(
+    db: &impl ConnectionTrait,
+    workspace_id: i64,
+    cio_segment_id: i64,
+) -> Result<u64, DbError> {
+    use crate::entities::outbox;
+    use sea_orm::PaginatorTrait;
+    Ok(outbox::Entity::find()
+        .filter(outbox::Column::WorkspaceId.eq(workspace_id))
+        .filter(
+            outbox::Column::CustomerId.eq(crate::managed_segments::outbox_label(cio_segment_id)),
+        )
+        .filter(outbox::Column::Status.ne(crate::outbox::Status::Delivered.as_str()))
+        .count(db)
+        .await?)
 }

@@ -293,7 +293,7 @@ db_test!(
             );
         }
         let ws = sharpsend_db::workspaces::ensure(&db.conn, &config.site_id, "us").await?;
-        let runs = sharpsend_db::jobs::recent_runs(&db.conn, ws.id, None, 10).await?;
+        let runs = sharpsend_db::jobs::recent_runs(&db.conn, ws.id, None, 50).await?;
         ensure!(runs.len() == Job::ALL.len(), "{runs:?}");
         ensure!(
             runs.iter()

@@ -1,5 +1,5 @@
-//! `sharpsend.cio.v1.ABTestService`: planning, creating, reading, listing, cancelling A/B tests
-//! and declaring their winner. Mapping only: `sharpsend_core::abtest` holds the rules and the
+//! `sharpsend.cio.v1.ABTestService`: planning, creating, starting, reading, listing,
+//! cancelling A/B tests and declaring their winner. Mapping only: `sharpsend_core::abtest` holds the rules and the
 //! statistics.
 
 use sharpsend_core::AppContext;
@@ -7,6 +7,7 @@ use sharpsend_core::CoreError;
 use sharpsend_core::abtest::manage::{
     self, Metric, NewTest, NewVariant, NoWinnerPolicy, TestDelivery, TestState, TestView,
 };
+use sharpsend_core::abtest::run;
 use sharpsend_proto::v1::{self as pb, ab_test_service_server::AbTestService};
 use tonic::{Request, Response, Status};
 
@@ -133,6 +134,9 @@ fn test_to_proto(test: &TestView) -> pb::AbTest {
                 rate_low: r.interval.0,
                 rate_high: r.interval.1,
                 p_value_vs_control: r.p_value_vs_control,
+                allocated: i64::try_from(r.allocated).unwrap_or(i64::MAX),
+                segment_id: r.segment_id.unwrap_or(0),
+                send_id: r.send_id.clone().unwrap_or_default(),
             })
             .collect(),
         decision: test.decision.as_ref().map(|d| pb::TestDecision {
@@ -145,6 +149,15 @@ fn test_to_proto(test: &TestView) -> pb::AbTest {
         created_by: test.created_by.clone(),
         created_at: Some(timestamp(test.created_at)),
         updated_at: Some(timestamp(test.updated_at)),
+        started_at: test.started_at.map(timestamp),
+        looks: i64::try_from(test.looks).unwrap_or(i64::MAX),
+        remainder: test.remainder.as_ref().map(|r| pb::TestRemainder {
+            allocated: i64::try_from(r.allocated).unwrap_or(i64::MAX),
+            segment_id: r.segment_id.unwrap_or(0),
+            send_id: r.send_id.clone().unwrap_or_default(),
+            note: r.note.clone().unwrap_or_default(),
+        }),
+        completed_at: test.completed_at.map(timestamp),
     }
 }
 
@@ -221,6 +234,17 @@ impl AbTestService for AbTests {
         Ok(Response::new(pb::CreateTestResponse {
             test: Some(test_to_proto(&test)),
             created,
+        }))
+    }
+
+    async fn start_test(
+        &self,
+        request: Request<pb::StartTestRequest>,
+    ) -> Result<Response<pb::StartTestResponse>, Status> {
+        let req = request.into_inner();
+        let test = run::start_test(&self.ctx, &req.id).await.or_status()?;
+        Ok(Response::new(pb::StartTestResponse {
+            test: Some(test_to_proto(&test)),
         }))
     }
 

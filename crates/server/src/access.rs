@@ -136,6 +136,7 @@ pub const RULES: &[Rule] = &[
     change("/sharpsend.cio.v1.ABTestService/CreateTest", Sender, &[]),
     read("/sharpsend.cio.v1.ABTestService/GetTest", Reader),
     read("/sharpsend.cio.v1.ABTestService/ListTests", Reader),
+    change("/sharpsend.cio.v1.ABTestService/StartTest", Sender, &[]),
     change("/sharpsend.cio.v1.ABTestService/CancelTest", Sender, &[]),
     change(
         "/sharpsend.cio.v1.ABTestService/DeclareWinner",

@@ -10,7 +10,7 @@ use sharpsend_db::abtests::{self as store, Created, TestRecord};
 
 pub use sharpsend_db::abtests::TestState;
 
-use super::stats::{self, Arm, Plan, PlanError};
+use super::stats::{self, Arm, Plan, PlanError, SequentialState};
 use crate::input::{self, limits::ID_BYTES};
 use crate::paging::Page;
 use crate::segments;
@@ -146,6 +146,25 @@ pub struct VariantResult {
     pub interval: (f64, f64),
     /// The always-valid p-value against the control (1 for the control and before results).
     pub p_value_vs_control: f64,
+    /// People the allocation put in this variant (0 before the start).
+    pub allocated: u64,
+    /// The variant's manual segment in Customer.io, once created.
+    pub segment_id: Option<i64>,
+    /// The variant's send (`snd_…`), once recorded.
+    pub send_id: Option<String>,
+}
+
+/// The remainder of a started test.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RemainderView {
+    /// People allocated to it at the start; once the winner is known, those still in the
+    /// audience (who get the winner).
+    pub allocated: u64,
+    pub segment_id: Option<i64>,
+    /// The winner's send to the remainder, once recorded.
+    pub send_id: Option<String>,
+    /// Why it has no send (e.g. nobody left).
+    pub note: Option<String>,
 }
 
 /// A test as callers see it.
@@ -165,6 +184,13 @@ pub struct TestView {
     pub created_by: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// When StartTest started it.
+    pub started_at: Option<DateTime<Utc>>,
+    /// Looks the sequential rule has taken.
+    pub looks: u64,
+    /// When the evaluation job finished with it (remainder sent, or nothing to send).
+    pub completed_at: Option<DateTime<Utc>>,
+    pub remainder: Option<RemainderView>,
 }
 
 /// The sample a test needs, from the fields of a PlanTest call (zero: the default).
@@ -265,12 +291,12 @@ fn answer_existing(
     Ok((view(existing)?, false))
 }
 
-/// One test by its id.
+/// One test by its id, with its results so far.
 pub async fn get_test(ctx: &AppContext, id: &str) -> Result<TestView, CoreError> {
-    view(find(ctx, id).await?)
+    view_with_results(ctx, find(ctx, id).await?).await
 }
 
-async fn find(ctx: &AppContext, id: &str) -> Result<TestRecord, CoreError> {
+pub(crate) async fn find(ctx: &AppContext, id: &str) -> Result<TestRecord, CoreError> {
     if let Some(problem) = input::identifier_problem(id, ID_BYTES, true) {
         return Err(CoreError::invalid("id", problem));
     }
@@ -303,11 +329,10 @@ pub async fn list_tests(
     )
     .await?;
     let page = Page::cut(rows, limit, |t| t.id);
-    let items = page
-        .items
-        .into_iter()
-        .map(view)
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut items = Vec::with_capacity(page.items.len());
+    for record in page.items {
+        items.push(view_with_results(ctx, record).await?);
+    }
     Ok(Page {
         items,
         next: page.next,
@@ -399,24 +424,105 @@ async fn settle(
             .because("TEST_FINISHED"),
         ]));
     }
-    view(now)
+    view_with_results(ctx, now).await
 }
 
-fn view(record: TestRecord) -> Result<TestView, CoreError> {
-    let corrupt = |what: &str| CoreError::Internal(format!("test {} has a bad {what}", record.id));
-    let spec: TestSpec = record
+fn corrupt(record: &TestRecord, what: &str) -> CoreError {
+    CoreError::Internal(format!("test {} has a bad {what}", record.id))
+}
+
+/// The stored spec of a test.
+pub(crate) fn spec_of(record: &TestRecord) -> Result<TestSpec, CoreError> {
+    record
         .spec
         .get("spec")
         .cloned()
         .and_then(|s| serde_json::from_value(s).ok())
-        .ok_or_else(|| corrupt("spec"))?;
-    let warnings: Vec<String> =
-        serde_json::from_value(record.warnings.clone()).map_err(|_| corrupt("warnings"))?;
-    let decision: Option<Decision> = match &record.decision {
-        None => None,
-        Some(d) => Some(serde_json::from_value(d.clone()).map_err(|_| corrupt("decision"))?),
-    };
-    // No variant has been sent before the test starts: every variant has no results yet.
+        .ok_or_else(|| corrupt(record, "spec"))
+}
+
+/// The stored decision of a test.
+pub(crate) fn decision_of(record: &TestRecord) -> Result<Option<Decision>, CoreError> {
+    match &record.decision {
+        None => Ok(None),
+        Some(d) => serde_json::from_value(d.clone())
+            .map(Some)
+            .map_err(|_| corrupt(record, "decision")),
+    }
+}
+
+/// The sequential rule's state so far (a fresh one before the first look, or if unreadable).
+pub(crate) fn sequential_of(record: &TestRecord, variants: usize) -> SequentialState {
+    record
+        .sequential
+        .clone()
+        .and_then(|s| serde_json::from_value::<SequentialState>(s).ok())
+        .filter(|s| s.variants() == variants)
+        .unwrap_or_else(|| SequentialState::new(variants))
+}
+
+/// The view of a test with its results: per variant, what the delivery events of its send show
+/// for the people allocated to it, the metric's rate with its 95% Wilson interval, and the
+/// always-valid p-value against the control from the looks taken so far.
+pub(crate) async fn view_with_results(
+    ctx: &AppContext,
+    record: TestRecord,
+) -> Result<TestView, CoreError> {
+    if record.started_at.is_none() {
+        return view(record);
+    }
+    let spec = spec_of(&record)?;
+    let counts = super::run::variant_counts(ctx, &record, spec.variants.len()).await?;
+    let sequential = sequential_of(&record, spec.variants.len());
+    let arms = sharpsend_db::abtests::arms(&ctx.db, record.id).await?;
+    let mut view = view(record)?;
+    for (index, (result, c)) in view.results.iter_mut().zip(counts).enumerate() {
+        let successes = match spec.metric {
+            Metric::ClickRate => c.human_clicks,
+            Metric::HumanOpenRate => c.human_opens,
+            Metric::ConversionRate => c.conversions,
+        };
+        let arm = Arm::new(
+            u64::try_from(c.recipients).unwrap_or(0),
+            u64::try_from(successes).unwrap_or(0),
+        );
+        result.recipients = arm.recipients;
+        result.human_opens = u64::try_from(c.human_opens).unwrap_or(0);
+        result.human_clicks = u64::try_from(c.human_clicks).unwrap_or(0);
+        result.conversions = u64::try_from(c.conversions).unwrap_or(0);
+        result.rate = arm.rate();
+        result.interval = arm.interval(0.95);
+        result.p_value_vs_control = if index == 0 {
+            1.0
+        } else {
+            sequential.pair(index, 0).0
+        };
+        if let Some(stored) = arms.iter().find(|a| a.arm as usize == index && a.arm >= 0) {
+            result.allocated = u64::try_from(stored.members).unwrap_or(0);
+            result.segment_id = stored.cio_segment_id;
+            result.send_id = stored.send_public_id.clone();
+        }
+    }
+    if let Some(remainder) = arms
+        .iter()
+        .find(|a| a.arm == sharpsend_db::abtests::REMAINDER)
+    {
+        view.remainder = Some(RemainderView {
+            allocated: u64::try_from(remainder.members).unwrap_or(0),
+            segment_id: remainder.cio_segment_id,
+            send_id: remainder.send_public_id.clone(),
+            note: remainder.note.clone(),
+        });
+    }
+    Ok(view)
+}
+
+pub(crate) fn view(record: TestRecord) -> Result<TestView, CoreError> {
+    let spec = spec_of(&record)?;
+    let warnings: Vec<String> = serde_json::from_value(record.warnings.clone())
+        .map_err(|_| corrupt(&record, "warnings"))?;
+    let decision = decision_of(&record)?;
+    // Before the start (and for a variant not sent yet) there are no results.
     let results = spec
         .variants
         .iter()
@@ -431,6 +537,9 @@ fn view(record: TestRecord) -> Result<TestView, CoreError> {
                 rate: arm.rate(),
                 interval: arm.interval(0.95),
                 p_value_vs_control: 1.0,
+                allocated: 0,
+                segment_id: None,
+                send_id: None,
             }
         })
         .collect();
@@ -449,6 +558,10 @@ fn view(record: TestRecord) -> Result<TestView, CoreError> {
         created_by: record.created_by,
         created_at: record.created_at,
         updated_at: record.updated_at,
+        started_at: record.started_at,
+        looks: u64::try_from(record.looks).unwrap_or(0),
+        completed_at: record.completed_at,
+        remainder: None,
     })
 }
 
@@ -602,6 +715,16 @@ fn validate(new: &NewTest) -> Result<TestSpec, CoreError> {
             ));
         }
         let data = parse_data(&mut v, &field("data_json"), &variant.data_json);
+        // The variant goes out as a send whose trigger data sets these keys itself.
+        if let Some(key) = data.as_ref().and_then(|d| {
+            d.keys()
+                .find(|k| crate::sends::RESERVED_DATA_KEYS.contains(&k.as_str()))
+        }) {
+            v.push(FieldViolation::new(
+                field("data_json"),
+                format!("key `{key}` is set by the service"),
+            ));
+        }
         if data.is_some() && matches!(delivery, Some(TestDelivery::Newsletter { .. })) {
             v.push(FieldViolation::new(
                 field("data_json"),
@@ -800,6 +923,7 @@ mod tests {
         bad.variants[0].subject = String::new();
         bad.variants[1].body = "x".repeat(BODY_BYTES + 1);
         bad.variants[1].data_json = "[1]".into();
+        bad.variants[0].data_json = "{\"subject\":\"x\"}".into();
         bad.test_fraction = f64::NAN;
         bad.confidence = 1.5;
         bad.baseline_rate = f64::INFINITY;
@@ -817,6 +941,7 @@ mod tests {
             "variants[0].subject",
             "variants[1].body",
             "variants[1].data_json",
+            "variants[0].data_json",
             "test_fraction",
             "confidence",
             "baseline_rate",

@@ -149,6 +149,11 @@ impl SequentialState {
         self.min_p.len()
     }
 
+    /// How many variants it compares.
+    pub fn variants(&self) -> usize {
+        self.variants
+    }
+
     /// The always-valid p-value of variant `i` against `j` so far (before multiplicity
     /// correction), and whether `i` was the one ahead.
     pub fn pair(&self, i: usize, j: usize) -> (f64, bool) {

@@ -321,7 +321,7 @@ pub struct SendFilter {
 }
 
 /// Trigger data keys the service sets itself.
-const RESERVED_DATA_KEYS: [&str; 7] = [
+pub const RESERVED_DATA_KEYS: [&str; 7] = [
     MARKER_FIELD,
     "assignment_id",
     "send_id",

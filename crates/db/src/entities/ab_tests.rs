@@ -28,6 +28,15 @@ pub struct Model {
     pub created_by: String,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
+    /// When StartTest moved it to `running`.
+    pub started_at: Option<DateTimeUtc>,
+    /// The sequential rule's running state (core's `SequentialState`).
+    #[sea_orm(column_type = "JsonBinary", nullable)]
+    pub sequential: Option<Json>,
+    /// Looks the evaluation job has taken.
+    pub looks: i64,
+    /// When the evaluation job finished with the test (remainder sent, or nothing to send).
+    pub completed_at: Option<DateTimeUtc>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

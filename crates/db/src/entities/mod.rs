@@ -4,6 +4,8 @@
 //! [`crate::outbox`], [`crate::managed_segments`], [`crate::sends`], [`crate::campaigns`],
 //! [`crate::metrics`]) instead.
 
+pub mod ab_test_allocations;
+pub mod ab_test_arms;
 pub mod ab_tests;
 pub mod api_keys;
 pub mod audit_events;
