@@ -19,9 +19,9 @@ use sharpsend_core::{
 use sharpsend_db::testing::TestDatabase;
 use sharpsend_proto::v1::{
     GetJobRunRequest, JobRun, JobRunOutcome, SyncSegmentsRequest,
-    ab_test_service_client::AbTestServiceClient, campaign_service_client::CampaignServiceClient,
-    ops_service_client::OpsServiceClient, profile_service_client::ProfileServiceClient,
-    segment_service_client::SegmentServiceClient,
+    ab_test_service_client::AbTestServiceClient, analytics_service_client::AnalyticsServiceClient,
+    campaign_service_client::CampaignServiceClient, ops_service_client::OpsServiceClient,
+    profile_service_client::ProfileServiceClient, segment_service_client::SegmentServiceClient,
 };
 use sharpsend_server::serve;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
@@ -175,6 +175,16 @@ impl TestApp {
         &self,
     ) -> anyhow::Result<AbTestServiceClient<InterceptedService<Channel, Bearer>>> {
         Ok(AbTestServiceClient::with_interceptor(
+            self.channel().await?,
+            Bearer(Some(TEST_API_KEY.to_string())),
+        ))
+    }
+
+    /// An AnalyticsService client with the test API key.
+    pub async fn analytics(
+        &self,
+    ) -> anyhow::Result<AnalyticsServiceClient<InterceptedService<Channel, Bearer>>> {
+        Ok(AnalyticsServiceClient::with_interceptor(
             self.channel().await?,
             Bearer(Some(TEST_API_KEY.to_string())),
         ))

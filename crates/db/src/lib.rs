@@ -36,6 +36,7 @@
 mod stored;
 
 pub mod abtests;
+pub mod analytics;
 pub mod campaigns;
 pub mod criteria_sql;
 mod database;

@@ -12,9 +12,9 @@
 
 use sharpsend_core::AppContext;
 use sharpsend_proto::v1::{
-    ab_test_service_server::AbTestServiceServer, campaign_service_server::CampaignServiceServer,
-    ops_service_server::OpsServiceServer, profile_service_server::ProfileServiceServer,
-    segment_service_server::SegmentServiceServer,
+    ab_test_service_server::AbTestServiceServer, analytics_service_server::AnalyticsServiceServer,
+    campaign_service_server::CampaignServiceServer, ops_service_server::OpsServiceServer,
+    profile_service_server::ProfileServiceServer, segment_service_server::SegmentServiceServer,
 };
 use std::time::Duration;
 
@@ -24,6 +24,7 @@ use tonic_health::ServingStatus;
 
 use crate::{
     abtests::AbTests,
+    analytics::Analytics,
     auth::{ApiKeys, Authenticator},
     cache_layer::InvalidateAfterWritesLayer,
     campaigns::Campaigns,
@@ -66,6 +67,9 @@ pub async fn serve(
     health.set_serving::<OpsServiceServer<Ops>>().await;
     health.set_serving::<AbTestServiceServer<AbTests>>().await;
     health
+        .set_serving::<AnalyticsServiceServer<Analytics>>()
+        .await;
+    health
         .set_serving::<CampaignServiceServer<Campaigns>>()
         .await;
     health.set_service_status("", ServingStatus::Serving).await;
@@ -93,11 +97,18 @@ pub async fn serve(
     let campaigns =
         CampaignServiceServer::with_interceptor(Campaigns::new(ctx.clone()), auth.clone());
     let abtests = AbTestServiceServer::with_interceptor(AbTests::new(ctx.clone()), auth.clone());
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+    let analytics = AnalyticsServiceServer::with_interceptor(
+        Analytics::new(ctx.clone(), stopping),
+        auth.clone(),
+    );
     let profiles = ProfileServiceServer::with_interceptor(Profiles::new(ctx), auth);
 
     let signal = async move {
         shutdown.await;
         tracing::info!("shutdown requested: reporting NOT_SERVING and draining in-flight calls");
+        // Endless streams (WatchEngagement) end now; their callers resume elsewhere.
+        let _ = stopping_tx.send(true);
         health
             .set_not_serving::<SegmentServiceServer<Segments>>()
             .await;
@@ -110,6 +121,9 @@ pub async fn serve(
             .await;
         health
             .set_not_serving::<CampaignServiceServer<Campaigns>>()
+            .await;
+        health
+            .set_not_serving::<AnalyticsServiceServer<Analytics>>()
             .await;
         health
             .set_service_status("", ServingStatus::NotServing)
@@ -142,6 +156,7 @@ pub async fn serve(
         .add_service(ops)
         .add_service(campaigns)
         .add_service(abtests)
+        .add_service(analytics)
         .serve_with_incoming_shutdown(incoming, signal)
         .await;
     if let Some(listener) = cache_listener {

@@ -7,6 +7,8 @@
 //!   `sharpsend.cio.v1.ProfileService`; [`convert`] maps protobuf well-known types.
 //! - [`campaigns`] serves `sharpsend.cio.v1.CampaignService` (sends here; the campaign and metrics
 //!   reads in [`campaign_metrics`], journey events in [`journey`]).
+//! - [`analytics`] serves `sharpsend.cio.v1.AnalyticsService` (engagement watch, quarantine,
+//!   assignment analytics, reports, segment suggestions).
 //! - [`ops`] serves `sharpsend.cio.v1.OpsService` (jobs: list, runs, run now).
 //! - [`telemetry`]: the per-call span (honouring `traceparent`) and gRPC metrics layer.
 //! - [`app`]: assembling and serving everything (health, reflection, limits, graceful shutdown);
@@ -19,6 +21,7 @@
 //!   in-process scheduler. Production builds (`--no-default-features`) do not link the simulator.
 
 pub mod abtests;
+pub mod analytics;
 pub mod app;
 pub mod auth;
 pub mod cache_layer;
