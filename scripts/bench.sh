@@ -24,15 +24,15 @@ case "$mode" in
   full)
     reads=(--secs 3); outbox=(--updates 100000 --people 20000 --sizes 20000 --call-samples 20)
     rates=(100 1000); criteria=(--profiles 1000000 --runs 3); metrics=(--targets 200 --app-rate 10)
-    journey=(--members 50000) ;;
+    journey=(--members 50000); analytics=(--analytics-events 1000000) ;;
   quick)
     reads=(--secs 1); outbox=(--updates 20000 --people 5000 --sizes 0 --call-samples 10)
     rates=(1000); criteria=(--profiles 100000 --runs 1); metrics=(--targets 50 --app-rate 10)
-    journey=(--members 5000) ;;
+    journey=(--members 5000); analytics=(--analytics-events 100000) ;;
   smoke)
     reads=(--secs 0.2); outbox=(--updates 2000 --people 500 --sizes 0 --call-samples 2 --sdk-sample 20)
     rates=(1000); criteria=(--profiles 2000 --runs 1); metrics=(--targets 5 --app-rate 50)
-    journey=(--members 200) ;;
+    journey=(--members 200); analytics=(--analytics-events 2000 --analytics-runs 2) ;;
 esac
 
 export SHARPSEND_TEST_POSTGRES_URL="${SHARPSEND_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}"
@@ -98,6 +98,8 @@ section "Journey fan-out"
 run text "$bin/bench-journey" "${journey[@]}"
 section "Criteria over profiles"
 run text "$bin/bench-criteria" "${criteria[@]}"
+section "Assignment analytics and report export (PostgreSQL; its own test database)"
+run text "$bin/bench-webhooks" --only-analytics "${analytics[@]}"
 
 {
   echo "# Benchmarks"
