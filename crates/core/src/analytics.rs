@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
 use serde_json::{Value, json};
-use sharpsend_db::analytics::{self as store, BucketCount, DeliveryRow, RowOrder, Scope, Totals};
+use sharpsend_db::analytics::{self as store, BucketCount, DeliveryRow, Scope, Totals};
 
 use crate::metrics::{self, MetricsSubject};
 use crate::{AppContext, CoreError, FieldViolation, input};
@@ -703,19 +703,19 @@ pub fn write_row(out: &mut String, format: ReportFormat, r: &DeliveryRow, send_p
     }
 }
 
-/// One export page: rows after delivery `after`, and the sends' public ids (`cache` grows by
-/// the sends met, a few per report).
+/// One export page: the rows after delivery `after` with their sends' public ids (`cache`
+/// grows by the sends met, a few per report), and where the next page starts (`None`: done).
 pub async fn export_page(
     ctx: &AppContext,
     scope: &ExportScope,
     after: Option<&str>,
     cache: &mut HashMap<i64, String>,
-) -> Result<Vec<(DeliveryRow, String)>, CoreError> {
-    let rows = store::delivery_rows(
+) -> Result<(Vec<(DeliveryRow, String)>, Option<String>), CoreError> {
+    let (rows, next) = store::delivery_page(
         &ctx.db,
         ctx.workspace_id(),
         &scope.scope(),
-        RowOrder::ByDelivery { after },
+        after,
         EXPORT_CHUNK_ROWS,
     )
     .await?;
@@ -729,13 +729,14 @@ pub async fn export_page(
     if !missing.is_empty() {
         cache.extend(store::send_public_ids(&ctx.db, ctx.workspace_id(), &missing).await?);
     }
-    Ok(rows
+    let rows = rows
         .into_iter()
         .map(|r| {
             let public = cache.get(&r.send_id).cloned().unwrap_or_default();
             (r, public)
         })
-        .collect())
+        .collect();
+    Ok((rows, next))
 }
 
 /// A 95% Wilson score interval of `k` successes in `n` (`(0, 0)` for `n` = 0).

@@ -12,8 +12,8 @@
 //! opened, clicked or converted; as bounced when it bounced, failed, was dropped or was
 //! undeliverable.
 //!
-//! - [`delivery_rows`]: the per-delivery rows of a [`Scope`], keyset-paged (a person's history,
-//!   exports).
+//! - [`delivery_rows`]: a person's deliveries, newest first; [`delivery_page`]: a report's
+//!   deliveries in id order, a page at a time.
 //! - [`bucket_counts`]: per (send, segment, metric, time bucket) counts, with totals and the
 //!   people who engaged, in one statement (GetAssignmentAnalytics).
 //! - [`assignment_counts`]: per assignment (and segment) totals over a period
@@ -83,11 +83,14 @@ fn epoch(backend: DbBackend, column: &str) -> String {
     }
 }
 
-/// `WITH … deliveries AS (…)`: the per-delivery view of the module doc over `scope`, plus
-/// `extra_where` (already bound) on the events. `after_delivery` keyset-pages by delivery id.
-fn deliveries_cte(sql: &mut Sql, workspace_id: i64, scope: &Scope, after_delivery: Option<&str>) {
+/// The `WHERE` of the events a scope reads (bound into `sql`).
+fn event_filter(
+    sql: &mut Sql,
+    workspace_id: i64,
+    scope: &Scope,
+    after_delivery: Option<&str>,
+) -> String {
     let backend = sql.backend;
-    let t = epoch(backend, "occurred_at");
     let mut filter = format!(
         "workspace_id = {} AND delivery_id IS NOT NULL AND send_id IS NOT NULL",
         sql.bind(workspace_id)
@@ -122,6 +125,27 @@ fn deliveries_cte(sql: &mut Sql, workspace_id: i64, scope: &Scope, after_deliver
         filter.push_str(&format!(
             " AND delivery_id > {}",
             sql.bind(after.to_string())
+        ));
+    }
+    filter
+}
+
+/// `WITH … deliveries AS (…)`: the per-delivery view of the module doc over `scope`, plus
+/// `extra_where` (already bound) on the events. `after_delivery` keyset-pages by delivery id.
+fn deliveries_cte(
+    sql: &mut Sql,
+    workspace_id: i64,
+    scope: &Scope,
+    after_delivery: Option<&str>,
+    up_to_delivery: Option<&str>,
+) {
+    let backend = sql.backend;
+    let t = epoch(backend, "occurred_at");
+    let mut filter = event_filter(sql, workspace_id, scope, after_delivery);
+    if let Some(upper) = up_to_delivery {
+        filter.push_str(&format!(
+            " AND delivery_id <= {}",
+            sql.bind(upper.to_string())
         ));
     }
     let mut having = Vec::new();
@@ -193,50 +217,76 @@ pub struct DeliveryRow {
     pub poll: i32,
 }
 
-/// How [`delivery_rows`] pages.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RowOrder<'a> {
-    /// Newest first by first event id, before this id (`None`: from the newest).
-    NewestFirst { before_first_id: Option<i64> },
-    /// By delivery id, after this one (exports).
-    ByDelivery { after: Option<&'a str> },
-}
-
-/// Up to `limit` per-delivery rows of `scope` in `order`.
+/// Up to `limit` per-delivery rows of `scope`, newest first by first event id, before
+/// `before_first_id` (`None`: from the newest). For one person's history (their events only).
 pub async fn delivery_rows(
     db: &impl ConnectionTrait,
     workspace_id: i64,
     scope: &Scope,
-    order: RowOrder<'_>,
+    before_first_id: Option<i64>,
     limit: u64,
 ) -> Result<Vec<DeliveryRow>, DbError> {
     let mut sql = Sql::new(db.get_database_backend());
-    let after = match &order {
-        RowOrder::ByDelivery { after } => *after,
-        RowOrder::NewestFirst { .. } => None,
+    deliveries_cte(&mut sql, workspace_id, scope, None, None);
+    let cut = match before_first_id {
+        Some(b) => format!(" WHERE first_id < {}", sql.bind(b)),
+        None => String::new(),
     };
-    deliveries_cte(&mut sql, workspace_id, scope, after);
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let tail = match order {
-        RowOrder::NewestFirst { before_first_id } => {
-            let cut = match before_first_id {
-                Some(b) => format!(" WHERE first_id < {}", sql.bind(b)),
-                None => String::new(),
-            };
-            format!(
-                "SELECT * FROM deliveries{cut} ORDER BY first_id DESC LIMIT {}",
-                sql.bind(limit)
-            )
-        }
-        RowOrder::ByDelivery { .. } => format!(
-            "SELECT * FROM deliveries ORDER BY delivery_id, send_id LIMIT {}",
-            sql.bind(limit)
-        ),
-    };
+    let tail = format!(
+        "SELECT * FROM deliveries{cut} ORDER BY first_id DESC LIMIT {}",
+        sql.bind(limit)
+    );
     sql.push(&tail);
     Ok(DeliveryRow::find_by_statement(sql.statement())
         .all(db)
         .await?)
+}
+
+#[derive(Debug, FromQueryResult)]
+struct PageBound {
+    n: i64,
+    upper: Option<String>,
+}
+
+/// One page of `scope`'s deliveries in delivery id order after `after`: the next `limit`
+/// delivery ids are found first (an ordered index scan that stops there: the
+/// `(workspace, assignment_id | segment_id | —, delivery_id)` indexes), then only their events
+/// are grouped, so each page costs the same however far into a large report it is. Answers the
+/// rows (fewer than `limit` when the period drops some) and where the next page starts
+/// (`None`: this was the last).
+pub async fn delivery_page(
+    db: &impl ConnectionTrait,
+    workspace_id: i64,
+    scope: &Scope,
+    after: Option<&str>,
+    limit: u64,
+) -> Result<(Vec<DeliveryRow>, Option<String>), DbError> {
+    let backend = db.get_database_backend();
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let mut probe = Sql::new(backend);
+    let filter = event_filter(&mut probe, workspace_id, scope, after);
+    let bound = probe.bind(limit);
+    probe.push(&format!(
+        "SELECT COUNT(*) AS n, MAX(delivery_id) AS upper FROM (SELECT DISTINCT delivery_id \
+         FROM delivery_events WHERE {filter} ORDER BY delivery_id LIMIT {bound}) p"
+    ));
+    let Some(page) = PageBound::find_by_statement(probe.statement())
+        .one(db)
+        .await?
+    else {
+        return Ok((Vec::new(), None));
+    };
+    let Some(upper) = page.upper else {
+        return Ok((Vec::new(), None));
+    };
+    let mut sql = Sql::new(backend);
+    deliveries_cte(&mut sql, workspace_id, scope, after, Some(&upper));
+    sql.push("SELECT * FROM deliveries ORDER BY delivery_id, send_id");
+    let rows = DeliveryRow::find_by_statement(sql.statement())
+        .all(db)
+        .await?;
+    Ok((rows, (page.n >= limit).then_some(upper)))
 }
 
 /// The metrics [`bucket_counts`] counts, by the per-delivery time that places them.
@@ -273,7 +323,7 @@ pub async fn bucket_counts(
     hourly_until: i64,
 ) -> Result<Vec<BucketCount>, DbError> {
     let mut sql = Sql::new(db.get_database_backend());
-    deliveries_cte(&mut sql, workspace_id, scope, None);
+    deliveries_cte(&mut sql, workspace_id, scope, None, None);
     let mut branches = Vec::new();
     for (metric, column) in BUCKET_METRICS {
         let until = sql.bind(hourly_until);
@@ -330,7 +380,7 @@ pub async fn assignment_counts(
     per_segment: bool,
 ) -> Result<Vec<Totals>, DbError> {
     let mut sql = Sql::new(db.get_database_backend());
-    deliveries_cte(&mut sql, workspace_id, scope, None);
+    deliveries_cte(&mut sql, workspace_id, scope, None, None);
     let (segment, group) = if per_segment {
         ("segment_id", "assignment_id, segment_id")
     } else {
@@ -478,7 +528,7 @@ mod tests {
             sent_from: Some(DateTime::from_timestamp(10, 0).unwrap_or_default()),
             ..Default::default()
         };
-        deliveries_cte(&mut sql, 1, &scope, Some("d"));
+        deliveries_cte(&mut sql, 1, &scope, Some("d"), None);
         assert_eq!(sql.values.len(), 5);
         for n in 1..=5 {
             assert_eq!(

@@ -419,19 +419,19 @@ impl AnalyticsService for Analytics {
             let mut after: Option<String> = None;
             let mut chunk = core::report_header(format);
             loop {
-                let rows = match core::export_page(&ctx, &scope, after.as_deref(), &mut cache).await
-                {
-                    Ok(rows) => rows,
-                    Err(e) => {
-                        let _ = tx.send(Err(to_status(e))).await;
-                        return;
-                    }
-                };
-                let done = (rows.len() as u64) < core::EXPORT_CHUNK_ROWS;
+                let (rows, next) =
+                    match core::export_page(&ctx, &scope, after.as_deref(), &mut cache).await {
+                        Ok(page) => page,
+                        Err(e) => {
+                            let _ = tx.send(Err(to_status(e))).await;
+                            return;
+                        }
+                    };
+                let done = next.is_none();
                 for (row, send) in &rows {
                     core::write_row(&mut chunk, format, row, send);
                 }
-                after = rows.last().map(|(r, _)| r.delivery_id.clone());
+                after = next;
                 let message = pb::ExportReportResponse {
                     data: std::mem::take(&mut chunk).into_bytes(),
                     rows: i32::try_from(rows.len()).unwrap_or(i32::MAX),

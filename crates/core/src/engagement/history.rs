@@ -7,7 +7,7 @@
 
 pub use cio_client::IdType;
 use cio_client::{Activity, ActivityQuery, ActivityType, Message};
-use sharpsend_db::analytics::{self, DeliveryRow, RowOrder, Scope};
+use sharpsend_db::analytics::{self, DeliveryRow, Scope};
 
 use crate::input;
 use crate::{AppContext, CoreError, FieldViolation};
@@ -120,9 +120,7 @@ pub async fn history(
         &ctx.db,
         ctx.workspace_id(),
         &scope,
-        RowOrder::NewestFirst {
-            before_first_id: query.before_first_id,
-        },
+        query.before_first_id,
         limit + 1,
     )
     .await?;
