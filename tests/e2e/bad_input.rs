@@ -766,6 +766,7 @@ db_test!(
                 identifier: Some(identifier),
             }),
             fresh,
+            ..Default::default()
         };
         p.check(
             rpc,
@@ -2123,6 +2124,408 @@ db_test!(
                 .await,
         );
 
+        // ----- AnalyticsService -----
+        let mut an = app.analytics().await?;
+        let rpc = "WatchEngagement";
+        for (label, request, field) in [
+            (
+                "negative cursor",
+                pb::WatchEngagementRequest {
+                    after_event_id: -1,
+                    ..Default::default()
+                },
+                "after_event_id",
+            ),
+            (
+                "cursor with from_beginning",
+                pb::WatchEngagementRequest {
+                    after_event_id: 5,
+                    from_beginning: true,
+                    ..Default::default()
+                },
+                "after_event_id",
+            ),
+            (
+                "1 MB assignment_id",
+                pb::WatchEngagementRequest {
+                    assignment_id: big(MB),
+                    ..Default::default()
+                },
+                "assignment_id",
+            ),
+            (
+                "NUL assignment_id",
+                pb::WatchEngagementRequest {
+                    assignment_id: "a\0".into(),
+                    ..Default::default()
+                },
+                "assignment_id",
+            ),
+        ] {
+            let status = p.check(rpc, label, INVALID, an.watch_engagement(request).await);
+            p.names(label, status, field);
+        }
+        p.check(
+            rpc,
+            "unknown assignment (nothing yet, still a stream)",
+            Answered,
+            an.watch_engagement(pb::WatchEngagementRequest {
+                assignment_id: "no-such-assignment".into(),
+                ..Default::default()
+            })
+            .await,
+        );
+
+        let rpc = "ListQuarantinedWebhooks";
+        p.check(
+            rpc,
+            "empty",
+            Answered,
+            an.list_quarantined_webhooks(pb::ListQuarantinedWebhooksRequest::default())
+                .await,
+        );
+        for (label, request, field) in [
+            (
+                "page_size -1",
+                pb::ListQuarantinedWebhooksRequest {
+                    page_size: -1,
+                    ..Default::default()
+                },
+                "page_size",
+            ),
+            (
+                "garbage token",
+                pb::ListQuarantinedWebhooksRequest {
+                    page_token: "!!".into(),
+                    ..Default::default()
+                },
+                "page_token",
+            ),
+            (
+                "1 MB token",
+                pb::ListQuarantinedWebhooksRequest {
+                    page_token: big(MB),
+                    ..Default::default()
+                },
+                "page_token",
+            ),
+        ] {
+            let status = p.check(
+                rpc,
+                label,
+                INVALID,
+                an.list_quarantined_webhooks(request).await,
+            );
+            p.names(label, status, field);
+        }
+
+        let rpc = "GetAssignmentAnalytics";
+        for (label, id) in [
+            ("empty", String::new()),
+            ("1 MB id", big(MB)),
+            ("NUL id", "a\0".to_string()),
+            ("padded id", " asg".to_string()),
+        ] {
+            let status = p.check(
+                rpc,
+                label,
+                INVALID,
+                an.get_assignment_analytics(pb::GetAssignmentAnalyticsRequest {
+                    assignment_id: id,
+                })
+                .await,
+            );
+            p.names(label, status, "assignment_id");
+        }
+        p.check(
+            rpc,
+            "unknown assignment",
+            Refused(Code::NotFound),
+            an.get_assignment_analytics(pb::GetAssignmentAnalyticsRequest {
+                assignment_id: "no-such-assignment".into(),
+            })
+            .await,
+        );
+
+        let rpc = "ListAssignmentPerformance";
+        let period = |start: i64, end: i64| pb::ListAssignmentPerformanceRequest {
+            start_time: Some(ts(start, 0)),
+            end_time: Some(ts(end, 0)),
+            ..Default::default()
+        };
+        p.check(
+            rpc,
+            "a day with no data",
+            Answered,
+            an.list_assignment_performance(period(1_700_000_000, 1_700_086_400))
+                .await,
+        );
+        let mut cases = vec![
+            (
+                "no period".to_string(),
+                pb::ListAssignmentPerformanceRequest::default(),
+                "start_time",
+            ),
+            ("end before start".into(), period(10, 5), "end_time"),
+            ("367 days".into(), period(0, 367 * 86_400), "end_time"),
+            (
+                "rank_by 99".into(),
+                pb::ListAssignmentPerformanceRequest {
+                    rank_by: 99,
+                    ..period(0, 10)
+                },
+                "rank_by",
+            ),
+            (
+                "segment -1".into(),
+                pb::ListAssignmentPerformanceRequest {
+                    segment_id: -1,
+                    ..period(0, 10)
+                },
+                "segment_id",
+            ),
+            (
+                "NUL content_type".into(),
+                pb::ListAssignmentPerformanceRequest {
+                    content_type: "cry\0pto".into(),
+                    ..period(0, 10)
+                },
+                "content_type",
+            ),
+            (
+                "page_size -1".into(),
+                pb::ListAssignmentPerformanceRequest {
+                    page_size: -1,
+                    ..period(0, 10)
+                },
+                "page_size",
+            ),
+            (
+                "foreign token".into(),
+                pb::ListAssignmentPerformanceRequest {
+                    page_token: "c2VuZHMudjI6MDA6MQ".into(),
+                    ..period(0, 10)
+                },
+                "page_token",
+            ),
+        ];
+        for (label, t) in bad_timestamps() {
+            cases.push((
+                format!("start_time {label}"),
+                pb::ListAssignmentPerformanceRequest {
+                    start_time: Some(t),
+                    end_time: Some(ts(10, 0)),
+                    ..Default::default()
+                },
+                "start_time",
+            ));
+        }
+        for (label, request, field) in cases {
+            let status = p.check(
+                rpc,
+                &label,
+                INVALID,
+                an.list_assignment_performance(request).await,
+            );
+            p.names(&label, status, field);
+        }
+
+        let rpc = "ExportReport";
+        let export = |format: pb::ReportFormat| pb::ExportReportRequest {
+            format: format as i32,
+            assignment_id: "no-such-assignment".into(),
+            ..Default::default()
+        };
+        p.check(
+            rpc,
+            "unknown assignment: an empty report",
+            Answered,
+            an.export_report(export(pb::ReportFormat::Csv)).await,
+        );
+        for (label, request, field) in [
+            ("no format", export(pb::ReportFormat::Unspecified), "format"),
+            (
+                "format 7",
+                pb::ExportReportRequest {
+                    format: 7,
+                    ..export(pb::ReportFormat::Csv)
+                },
+                "format",
+            ),
+            (
+                "no scope",
+                pb::ExportReportRequest {
+                    format: pb::ReportFormat::Csv as i32,
+                    ..Default::default()
+                },
+                "assignment_id",
+            ),
+            (
+                "1 MB assignment",
+                pb::ExportReportRequest {
+                    assignment_id: big(MB),
+                    ..export(pb::ReportFormat::JsonLines)
+                },
+                "assignment_id",
+            ),
+            (
+                "start without end",
+                pb::ExportReportRequest {
+                    start_time: Some(ts(0, 0)),
+                    ..export(pb::ReportFormat::Csv)
+                },
+                "end_time",
+            ),
+            (
+                "bad end_time",
+                pb::ExportReportRequest {
+                    start_time: Some(ts(0, 0)),
+                    end_time: Some(ts(1_700_000_059, 2_000_000_000)),
+                    ..export(pb::ReportFormat::Csv)
+                },
+                "end_time",
+            ),
+            (
+                "segment -4",
+                pb::ExportReportRequest {
+                    segment_id: -4,
+                    ..export(pb::ReportFormat::Csv)
+                },
+                "segment_id",
+            ),
+        ] {
+            let status = p.check(rpc, label, INVALID, an.export_report(request).await);
+            p.names(label, status, field);
+        }
+
+        let rpc = "SuggestSegments";
+        p.check(
+            rpc,
+            "no history: answered, nothing ranked",
+            Answered,
+            an.suggest_segments(pb::SuggestSegmentsRequest {
+                content_types: vec!["crypto".into()],
+                ..Default::default()
+            })
+            .await,
+        );
+        for (label, request, field) in [
+            (
+                "no content types",
+                pb::SuggestSegmentsRequest::default(),
+                "content_types",
+            ),
+            (
+                "21 content types",
+                pb::SuggestSegmentsRequest {
+                    content_types: vec!["a".into(); 21],
+                    ..Default::default()
+                },
+                "content_types",
+            ),
+            (
+                "NUL content type",
+                pb::SuggestSegmentsRequest {
+                    content_types: vec!["a\0".into()],
+                    ..Default::default()
+                },
+                "content_types[0]",
+            ),
+            (
+                "1 MB title",
+                pb::SuggestSegmentsRequest {
+                    content_types: vec!["crypto".into()],
+                    title: big(MB),
+                    ..Default::default()
+                },
+                "title",
+            ),
+            (
+                "limit -1",
+                pb::SuggestSegmentsRequest {
+                    content_types: vec!["crypto".into()],
+                    limit: -1,
+                    ..Default::default()
+                },
+                "limit",
+            ),
+        ] {
+            let status = p.check(rpc, label, INVALID, an.suggest_segments(request).await);
+            p.names(label, status, field);
+        }
+
+        // GetProfile's engagement history fields.
+        let history = |f: fn(&mut pb::GetProfileRequest)| {
+            let mut r = pb::GetProfileRequest {
+                customer: Some(pb::CustomerRef {
+                    identifier: Some(pb::customer_ref::Identifier::Id("nobody-here".into())),
+                }),
+                fresh: true,
+                ..Default::default()
+            };
+            f(&mut r);
+            r
+        };
+        for (label, request, field) in [
+            (
+                "history_page_size -1",
+                history(|r| r.history_page_size = -1),
+                "history_page_size",
+            ),
+            (
+                "garbage history token",
+                history(|r| r.history_page_token = "!!".into()),
+                "history_page_token",
+            ),
+            (
+                "cio_messages_limit 1001",
+                history(|r| r.cio_messages_limit = 1001),
+                "cio_messages_limit",
+            ),
+            (
+                "cio_messages_limit -1",
+                history(|r| r.cio_messages_limit = -1),
+                "cio_messages_limit",
+            ),
+            (
+                "cio_activities_limit 101",
+                history(|r| r.cio_activities_limit = 101),
+                "cio_activities_limit",
+            ),
+            (
+                "cio messages without fresh",
+                history(|r| {
+                    r.fresh = false;
+                    r.cio_messages_limit = 10;
+                }),
+                "cio_messages_limit",
+            ),
+            (
+                "NUL activity type",
+                history(|r| {
+                    r.cio_activities_limit = 10;
+                    r.cio_activities_type = "clicked\0".into();
+                }),
+                "cio_activities_type",
+            ),
+            (
+                "1 MB messages cursor",
+                history(|r| {
+                    r.cio_messages_limit = 10;
+                    r.cio_messages_start = big(MB);
+                }),
+                "cio_messages_start",
+            ),
+        ] {
+            let status = p.check(
+                "GetProfile",
+                label,
+                INVALID,
+                prof.get_profile(request).await,
+            );
+            p.names(label, status, field);
+        }
+
         // The accepted writes deliver without dead letters.
         app.deliver_all("bad-input", Duration::from_secs(30))
             .await?;
@@ -2174,6 +2577,7 @@ db_test!(
                     identifier: Some(pb::customer_ref::Identifier::Id("nan-1".into())),
                 }),
                 fresh: false,
+                ..Default::default()
             })
             .await?
             .into_inner()

@@ -2,6 +2,7 @@
 //! on SQLite and, when `SHARPSEND_TEST_POSTGRES_URL` is set, on PostgreSQL (`db_test!`).
 
 mod abtests;
+mod analytics;
 mod bad_input;
 mod campaigns;
 mod dynamic_segments;

@@ -375,6 +375,7 @@ db_test!(
                     identifier: Some(Identifier::Id("ok-1".into())),
                 }),
                 fresh: false,
+                ..Default::default()
             })
             .await;
         ensure!(missing.err().map(|s| s.code()) == Some(Code::NotFound));
@@ -428,6 +429,7 @@ db_test!(
                 identifier: Some(identifier),
             }),
             fresh,
+            ..Default::default()
         };
 
         // Fresh from Customer.io: attributes and segments, then in the mirror by each identifier.
@@ -509,6 +511,7 @@ db_test!(
                 GetProfileRequest {
                     customer: None,
                     fresh: false,
+                    ..Default::default()
                 },
                 Code::InvalidArgument,
             ),
@@ -573,6 +576,7 @@ db_test!(
                     identifier: Some(Identifier::Id(member.clone())),
                 }),
                 fresh: false,
+                ..Default::default()
             })
             .await?
             .into_inner();

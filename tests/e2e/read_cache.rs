@@ -123,6 +123,7 @@ db_test!(
                 identifier: Some(Identifier::Id("cache-1".into())),
             }),
             fresh: false,
+            ..Default::default()
         };
         for plan in ["basic", "pro", "team", "enterprise"] {
             client

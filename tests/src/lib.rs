@@ -20,6 +20,7 @@ use sharpsend_db::testing::TestDatabase;
 use sharpsend_proto::v1::{
     GetJobRunRequest, JobRun, JobRunOutcome, SyncSegmentsRequest,
     ab_test_service_client::AbTestServiceClient, admin_service_client::AdminServiceClient,
+    analytics_service_client::AnalyticsServiceClient,
     campaign_service_client::CampaignServiceClient, ops_service_client::OpsServiceClient,
     profile_service_client::ProfileServiceClient, segment_service_client::SegmentServiceClient,
 };
@@ -196,6 +197,16 @@ impl TestApp {
         &self,
     ) -> anyhow::Result<AdminServiceClient<InterceptedService<Channel, Bearer>>> {
         self.admin_with_key(Some(TEST_API_KEY)).await
+    }
+
+    /// An AnalyticsService client with the test API key.
+    pub async fn analytics(
+        &self,
+    ) -> anyhow::Result<AnalyticsServiceClient<InterceptedService<Channel, Bearer>>> {
+        Ok(AnalyticsServiceClient::with_interceptor(
+            self.channel().await?,
+            Bearer(Some(TEST_API_KEY.to_string())),
+        ))
     }
 
     /// An OpsService client with the test API key.

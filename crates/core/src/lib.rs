@@ -18,6 +18,9 @@
 //!   segments through the outbox.
 //! - [`campaigns`]: the campaign / broadcast / newsletter mirror; [`metrics`]: polling their
 //!   metrics series into snapshots and answering totals, rates and series.
+//! - [`engagement`]: delivery events from Customer.io (webhooks, delivery-poll), scores and a
+//!   person's history; [`analytics`]: assignment analytics, rankings, reports, segment
+//!   suggestions and the engagement watch.
 //! - [`jobs`]: the background jobs as plain one-step async functions, run under a database lease
 //!   and recorded as job runs; the scheduler's cron and `--once` both call [`jobs::run_job`].
 //! - [`telemetry`]: logs, and OpenTelemetry traces and metrics over OTLP when configured, shared
@@ -27,6 +30,7 @@
 //!   (bounded, no NUL, identifiers never trimmed).
 
 pub mod abtest;
+pub mod analytics;
 pub mod cache;
 pub mod campaigns;
 pub mod clock;

@@ -38,6 +38,7 @@
 mod stored;
 
 pub mod abtests;
+pub mod analytics;
 pub mod api_keys;
 pub mod audit;
 pub mod campaigns;

@@ -143,6 +143,23 @@ pub const RULES: &[Rule] = &[
         Sender,
         &["variant"],
     ),
+    // AnalyticsService: reads and metrics; the quarantine holds raw webhook bodies (people's
+    // addresses), so only operators list it.
+    read("/sharpsend.cio.v1.AnalyticsService/WatchEngagement", Reader),
+    read(
+        "/sharpsend.cio.v1.AnalyticsService/ListQuarantinedWebhooks",
+        Admin,
+    ),
+    read(
+        "/sharpsend.cio.v1.AnalyticsService/GetAssignmentAnalytics",
+        Reader,
+    ),
+    read(
+        "/sharpsend.cio.v1.AnalyticsService/ListAssignmentPerformance",
+        Reader,
+    ),
+    read("/sharpsend.cio.v1.AnalyticsService/ExportReport", Reader),
+    read("/sharpsend.cio.v1.AnalyticsService/SuggestSegments", Reader),
     // OpsService: following a run is a read (a writer's SyncSegments answers a run to follow).
     read("/sharpsend.cio.v1.OpsService/ListJobs", Reader),
     read("/sharpsend.cio.v1.OpsService/ListJobRuns", Reader),

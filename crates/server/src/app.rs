@@ -14,6 +14,7 @@
 use sharpsend_core::AppContext;
 use sharpsend_proto::v1::{
     ab_test_service_server::AbTestServiceServer, admin_service_server::AdminServiceServer,
+    analytics_service_server::AnalyticsServiceServer,
     campaign_service_server::CampaignServiceServer, ops_service_server::OpsServiceServer,
     profile_service_server::ProfileServiceServer, segment_service_server::SegmentServiceServer,
 };
@@ -26,6 +27,7 @@ use tonic_health::ServingStatus;
 use crate::{
     abtests::AbTests,
     admin::Admin,
+    analytics::Analytics,
     auth::{AccessLayer, KeyStore},
     cache_layer::InvalidateAfterWritesLayer,
     campaigns::Campaigns,
@@ -71,6 +73,9 @@ pub async fn serve(
     health.set_serving::<AbTestServiceServer<AbTests>>().await;
     health.set_serving::<AdminServiceServer<Admin>>().await;
     health
+        .set_serving::<AnalyticsServiceServer<Analytics>>()
+        .await;
+    health
         .set_serving::<CampaignServiceServer<Campaigns>>()
         .await;
     health.set_service_status("", ServingStatus::Serving).await;
@@ -109,11 +114,15 @@ pub async fn serve(
     let campaigns = CampaignServiceServer::new(Campaigns::new(ctx.clone()));
     let abtests = AbTestServiceServer::new(AbTests::new(ctx.clone()));
     let admin = AdminServiceServer::new(Admin::new(ctx.clone(), keys));
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+    let analytics = AnalyticsServiceServer::new(Analytics::new(ctx.clone(), stopping));
     let profiles = ProfileServiceServer::new(Profiles::new(ctx));
 
     let signal = async move {
         shutdown.await;
         tracing::info!("shutdown requested: reporting NOT_SERVING and draining in-flight calls");
+        // Endless streams (WatchEngagement) end now; their callers resume elsewhere.
+        let _ = stopping_tx.send(true);
         health
             .set_not_serving::<SegmentServiceServer<Segments>>()
             .await;
@@ -127,6 +136,9 @@ pub async fn serve(
         health.set_not_serving::<AdminServiceServer<Admin>>().await;
         health
             .set_not_serving::<CampaignServiceServer<Campaigns>>()
+            .await;
+        health
+            .set_not_serving::<AnalyticsServiceServer<Analytics>>()
             .await;
         health
             .set_service_status("", ServingStatus::NotServing)
@@ -160,7 +172,8 @@ pub async fn serve(
         .add_service(ops)
         .add_service(campaigns)
         .add_service(abtests)
-        .add_service(admin);
+        .add_service(admin)
+        .add_service(analytics);
     let served = match tls {
         Some(config) => {
             let (incoming, acceptor) = crate::tls::incoming(incoming, config);

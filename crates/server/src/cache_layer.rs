@@ -24,6 +24,12 @@ const READ_ONLY: &[&str] = &[
     "/sharpsend.cio.v1.ProfileService/GetProfile",
     "/sharpsend.cio.v1.CampaignService/GetSend",
     "/sharpsend.cio.v1.CampaignService/ListSends",
+    "/sharpsend.cio.v1.AnalyticsService/WatchEngagement",
+    "/sharpsend.cio.v1.AnalyticsService/ListQuarantinedWebhooks",
+    "/sharpsend.cio.v1.AnalyticsService/GetAssignmentAnalytics",
+    "/sharpsend.cio.v1.AnalyticsService/ListAssignmentPerformance",
+    "/sharpsend.cio.v1.AnalyticsService/ExportReport",
+    "/sharpsend.cio.v1.AnalyticsService/SuggestSegments",
 ];
 
 fn is_read_only(path: &str) -> bool {

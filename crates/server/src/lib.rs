@@ -11,6 +11,8 @@
 //!   `sharpsend.cio.v1.ProfileService`; [`convert`] maps protobuf well-known types.
 //! - [`campaigns`] serves `sharpsend.cio.v1.CampaignService` (sends here; the campaign and metrics
 //!   reads in [`campaign_metrics`], journey events in [`journey`]).
+//! - [`analytics`] serves `sharpsend.cio.v1.AnalyticsService` (engagement watch, quarantine,
+//!   assignment analytics, reports, segment suggestions).
 //! - [`ops`] serves `sharpsend.cio.v1.OpsService` (jobs: list, runs, run now).
 //! - [`telemetry`]: the per-call span (honouring `traceparent`) and gRPC metrics layer.
 //! - [`app`]: assembling and serving everything (health, reflection, limits, graceful shutdown);
@@ -25,6 +27,7 @@
 pub mod abtests;
 pub mod access;
 pub mod admin;
+pub mod analytics;
 pub mod app;
 pub mod audit;
 pub mod auth;

@@ -6,6 +6,7 @@ use std::pin::Pin;
 use futures::Stream;
 use sharpsend_core::{
     AppContext, CoreError, FieldViolation,
+    engagement::history::{self, History, HistoryQuery, IdType},
     input::{self, limits::OUTBOX_IDS},
     outbox::{self, OutboxItem},
     profiles::{self, AttributeUpdate, CustomerRef, EventInput, ImportSource},
@@ -17,7 +18,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    convert::{datetime, json_to_struct, limit, struct_to_json, timestamp},
+    convert::{
+        datetime, decode_page_token, encode_page_token, json_to_struct, limit, struct_to_json,
+        timestamp,
+    },
     status::{OrStatus, to_status},
 };
 
@@ -101,6 +105,114 @@ fn event_input(req: pb::TrackEventRequest, prefix: &str) -> Result<EventInput, C
     })
 }
 
+/// The history part of a GetProfileRequest. The page token is bound to the person asked for.
+fn history_query(req: &pb::GetProfileRequest) -> Result<HistoryQuery, CoreError> {
+    let page_size = limit(
+        "history_page_size",
+        i64::from(req.history_page_size),
+        history::DEFAULT_HISTORY_PAGE,
+        history::MAX_HISTORY_PAGE,
+    )?;
+    let filters = customer_filter(req);
+    let before_first_id = decode_page_token(
+        "history",
+        "GetProfile",
+        &filters,
+        &req.history_page_token,
+        |p| p.parse::<i64>().ok(),
+    )
+    .map_err(|e| match e {
+        CoreError::InvalidArgument(mut v) => {
+            for violation in &mut v {
+                violation.field = "history_page_token".to_string();
+            }
+            CoreError::InvalidArgument(v)
+        }
+        other => other,
+    })?;
+    let count = |field: &str, n: i32| -> Result<u32, CoreError> {
+        u32::try_from(n).map_err(|_| CoreError::invalid(field, "must not be negative"))
+    };
+    let messages = count("cio_messages_limit", req.cio_messages_limit)?;
+    let activities = count("cio_activities_limit", req.cio_activities_limit)?;
+    let some = |s: &str| Some(s.to_string()).filter(|s| !s.is_empty());
+    Ok(HistoryQuery {
+        page_size,
+        before_first_id,
+        cio_messages: (messages > 0).then(|| (messages, some(&req.cio_messages_start))),
+        cio_activities: (activities > 0).then(|| {
+            (
+                activities,
+                some(&req.cio_activities_type),
+                some(&req.cio_activities_start),
+            )
+        }),
+    })
+}
+
+/// Who a history page token belongs to.
+fn customer_filter(req: &pb::GetProfileRequest) -> String {
+    match req.customer.as_ref().and_then(|c| c.identifier.as_ref()) {
+        Some(Identifier::Id(v)) => format!("id={v}"),
+        Some(Identifier::Email(v)) => format!("email={v}"),
+        Some(Identifier::CioId(v)) => format!("cio_id={v}"),
+        None => String::new(),
+    }
+}
+
+fn history_to_proto(h: History, filters: &str) -> pb::EngagementHistory {
+    let at = |t: Option<i64>| {
+        t.and_then(|s| chrono::DateTime::from_timestamp(s, 0))
+            .map(timestamp)
+    };
+    pb::EngagementHistory {
+        deliveries: h
+            .deliveries
+            .into_iter()
+            .map(|d| pb::DeliveryEngagement {
+                delivery_id: d.delivery_id,
+                assignment_id: d.assignment_id.unwrap_or_default(),
+                segment_id: d.segment_id.unwrap_or_default(),
+                first_seen_at: at(Some(d.first_at)),
+                delivered_at: at(d.delivered_at),
+                human_opened_at: at(d.open_at),
+                human_clicked_at: at(d.click_at),
+                bounced_at: at(d.bounced_at),
+                unsubscribed_at: at(d.unsubscribed_at),
+            })
+            .collect(),
+        next_page_token: h
+            .next
+            .map(|n| encode_page_token("history", filters, n))
+            .unwrap_or_default(),
+        cio_messages: h
+            .cio_messages
+            .into_iter()
+            .map(|m| pb::CustomerIoMessage {
+                id: m.id,
+                broadcast_id: m.broadcast_id.unwrap_or_default(),
+                newsletter_id: m.newsletter_id.unwrap_or_default(),
+                campaign_id: m.campaign_id.unwrap_or_default(),
+                subject: m.subject.unwrap_or_default(),
+                metrics: m.metrics.into_iter().collect(),
+            })
+            .collect(),
+        cio_messages_next: h.cio_messages_next.unwrap_or_default(),
+        cio_activities: h
+            .cio_activities
+            .into_iter()
+            .map(|a| pb::CustomerIoActivity {
+                id: a.id,
+                r#type: a.activity_type.as_str().to_string(),
+                name: a.name.unwrap_or_default(),
+                timestamp: a.timestamp.unwrap_or_default(),
+                delivery_id: a.delivery_id.unwrap_or_default(),
+            })
+            .collect(),
+        cio_activities_next: h.cio_activities_next.unwrap_or_default(),
+    }
+}
+
 fn item(row: &OutboxItem) -> pb::OutboxItem {
     pb::OutboxItem {
         id: row.id,
@@ -124,6 +236,8 @@ impl ProfileService for Profiles {
         request: Request<pb::GetProfileRequest>,
     ) -> Result<Response<pb::GetProfileResponse>, Status> {
         let req = request.into_inner();
+        let filters = customer_filter(&req);
+        let query = history_query(&req).or_status()?;
         let who = match req.customer.and_then(|c| c.identifier) {
             Some(Identifier::Id(v)) => CustomerRef::Id(v),
             Some(Identifier::Email(v)) => CustomerRef::Email(v),
@@ -135,11 +249,21 @@ impl ProfileService for Profiles {
                 )));
             }
         };
+        let (identifier, id_type) = match &who {
+            CustomerRef::Id(v) => (v.clone(), IdType::Id),
+            CustomerRef::Email(v) => (v.clone(), IdType::Email),
+            CustomerRef::CioId(v) => (v.clone(), IdType::CioId),
+        };
+        query.validate(req.fresh).or_status()?;
         let view = profiles::get_profile(&self.ctx, who, req.fresh)
             .await
             .or_status()?;
         let p = view.profile;
+        let history = history::history(&self.ctx, &p.customer_id, &identifier, id_type, &query)
+            .await
+            .or_status()?;
         Ok(Response::new(pb::GetProfileResponse {
+            history: Some(history_to_proto(history, &filters)),
             profile: Some(pb::Profile {
                 id: p.customer_id,
                 email: p.email.unwrap_or_default(),

@@ -432,6 +432,7 @@ async fn main() -> anyhow::Result<()> {
                                 identifier: Some(pb::customer_ref::Identifier::Id("u00001".into())),
                             }),
                             fresh: false,
+                            ..Default::default()
                         }))
                         .await
                         .is_ok()

@@ -16,6 +16,10 @@
 //! 2. Scoring: stores `--scoring-events` delivery events (10 per person) directly, then runs
 //!    the `engagement-scoring` job; prints its time and this process's peak RSS during the job
 //!    (VmHWM reset before it), at each of `--sizes` so memory can be compared across N.
+//! 3. Analytics (issue #15): one assignment with `--analytics-events` / 4 deliveries (each
+//!    sent and delivered; half opened, a quarter clicked: 2.75 stored events a delivery), then times `GetAssignmentAnalytics` over gRPC (`--analytics-runs`, p50 and max)
+//!    and streams `ExportReport` as CSV (rows/s, bytes, peak RSS of this process, which serves
+//!    the call, with VmHWM reset before it). `--only-analytics` skips 1 and 2.
 
 use std::time::{Duration, Instant};
 
@@ -47,6 +51,15 @@ struct Args {
     /// Smaller scoring sizes to compare memory against.
     #[arg(long, value_delimiter = ',', default_value = "100000")]
     sizes: Vec<usize>,
+    /// Delivery events of the analytics phase (0: skip it).
+    #[arg(long, default_value_t = 1_000_000)]
+    analytics_events: usize,
+    /// GetAssignmentAnalytics calls timed.
+    #[arg(long, default_value_t = 5)]
+    analytics_runs: usize,
+    /// Run only the analytics phase.
+    #[arg(long)]
+    only_analytics: bool,
 }
 
 fn peak_rss_kib() -> Option<u64> {
@@ -281,6 +294,105 @@ async fn scoring(app: &TestApp, trigger: i64, n: usize, offset: usize) -> anyhow
     Ok(())
 }
 
+async fn analytics(args: &Args, app: &TestApp, trigger: i64) -> anyhow::Result<()> {
+    let n = args.analytics_events;
+    let now = app.ctx.now();
+    let insert_started = Instant::now();
+    let mut batch = Vec::with_capacity(5000);
+    let mut stored = 0usize;
+    for i in 0..n {
+        let d = i / 4;
+        let metric = ["sent", "delivered", "opened", "clicked"][i % 4];
+        // Every delivery is sent and delivered; every 2nd opened, every 4th clicked (events
+        // that did not happen are not stored).
+        if (metric == "opened" && d % 2 != 0) || (metric == "clicked" && d % 4 != 0) {
+            continue;
+        }
+        stored += 1;
+        batch.push(NewDeliveryEvent {
+            event_id: format!("an-{i}"),
+            metric: metric.into(),
+            object_type: "email".into(),
+            delivery_id: Some(format!("ad-{d:09}")),
+            customer_id: Some(format!("a{:08}", d)),
+            broadcast_id: Some(BROADCAST),
+            trigger_id: Some(trigger),
+            occurred_at: now - chrono::TimeDelta::seconds(((d * 37) % (5 * 86_400)) as i64),
+            ..NewDeliveryEvent::default()
+        });
+        if batch.len() == 5000 {
+            store::insert_events(
+                &app.ctx.db,
+                app.ctx.workspace_id(),
+                EventSource::Webhook,
+                &batch,
+                now,
+            )
+            .await?;
+            batch.clear();
+        }
+    }
+    store::insert_events(
+        &app.ctx.db,
+        app.ctx.workspace_id(),
+        EventSource::Webhook,
+        &batch,
+        now,
+    )
+    .await?;
+    println!(
+        "analytics: {stored} events of {} deliveries stored in {:.1}s",
+        n.div_ceil(4),
+        insert_started.elapsed().as_secs_f64()
+    );
+    let mut client = app.analytics().await?;
+    let mut times = Vec::new();
+    let mut delivered = 0;
+    for _ in 0..args.analytics_runs.max(1) {
+        let t = Instant::now();
+        let got = client
+            .get_assignment_analytics(pb::GetAssignmentAnalyticsRequest {
+                assignment_id: "bench".into(),
+            })
+            .await?
+            .into_inner();
+        times.push(t.elapsed());
+        delivered = got.counts.map_or(0, |c| c.delivered);
+    }
+    times.sort();
+    println!(
+        "GetAssignmentAnalytics over {stored} events ({delivered} delivered): p50 {:.0} ms, max {:.0} ms ({} runs)",
+        times[times.len() / 2].as_secs_f64() * 1000.0,
+        times.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
+        times.len()
+    );
+    reset_peak_rss();
+    let t = Instant::now();
+    let mut stream = client
+        .export_report(pb::ExportReportRequest {
+            format: pb::ReportFormat::Csv as i32,
+            assignment_id: "bench".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let (mut rows, mut bytes) = (0u64, 0u64);
+    while let Some(chunk) = stream.message().await? {
+        rows += u64::try_from(chunk.rows).unwrap_or(0);
+        bytes += chunk.data.len() as u64;
+    }
+    let elapsed = t.elapsed();
+    println!(
+        "ExportReport CSV: {rows} rows, {:.1} MiB in {:.1}s: {:.0} rows/s; peak RSS during it {:.1} MiB",
+        bytes as f64 / 1_048_576.0,
+        elapsed.as_secs_f64(),
+        rows as f64 / elapsed.as_secs_f64(),
+        peak_rss_kib().unwrap_or(0) as f64 / 1024.0
+    );
+    ensure!(rows == (n as u64).div_ceil(4), "exported {rows} rows");
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -293,6 +405,9 @@ async fn main() -> anyhow::Result<()> {
     let app = TestApp::spawn(&db).await?;
     let result = async {
         let trigger = send(&app).await?;
+        if args.only_analytics {
+            return analytics(&args, &app, trigger).await;
+        }
         ingest(&args, &app, trigger).await?;
         let mut sizes: Vec<usize> = args
             .sizes
@@ -303,6 +418,9 @@ async fn main() -> anyhow::Result<()> {
         sizes.push(args.scoring_events);
         for (k, n) in sizes.into_iter().enumerate() {
             scoring(&app, trigger, n, k).await?;
+        }
+        if args.analytics_events > 0 {
+            analytics(&args, &app, trigger).await?;
         }
         anyhow::Ok(())
     }
