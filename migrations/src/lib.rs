@@ -32,6 +32,7 @@ mod m20261206_000021_create_profile_sync_state;
 mod m20261206_000026_create_delivery_events;
 mod m20261206_000031_read_versions;
 mod m20261206_000035_create_ab_tests;
+mod m20261206_000045_profile_changes;
 
 /// All migrations of the project, oldest first.
 pub struct Migrator;
@@ -58,6 +59,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261206_000026_create_delivery_events::Migration),
             Box::new(m20261206_000031_read_versions::Migration),
             Box::new(m20261206_000035_create_ab_tests::Migration),
+            Box::new(m20261206_000045_profile_changes::Migration),
         ]
     }
 }

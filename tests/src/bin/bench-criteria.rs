@@ -32,7 +32,7 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, Transac
 use serde_json::{Value, json};
 use sharpsend_core::criteria::{self, Criteria};
 use sharpsend_db::criteria_sql::{self, Filter};
-use sharpsend_db::managed_segments::{self, Applied, NewManagedSegment, StoredCriteria};
+use sharpsend_db::managed_segments::{self, Applied, NewManagedSegment, Scope, StoredCriteria};
 use sharpsend_db::testing::{Backend, TestDatabase};
 
 #[derive(Debug, Parser)]
@@ -357,9 +357,16 @@ async fn bench(label: &str, db: &DatabaseConnection, args: &Args) -> anyhow::Res
     can_reset &= reset_peak();
     for pass in ["first evaluation (all new)", "re-evaluation (no change)"] {
         let started = Instant::now();
-        let Applied::Done(outcome) =
-            managed_segments::apply_evaluation(db, ws, MANAGED_SEGMENT, 0, &filter, Utc::now())
-                .await?
+        let Applied::Done(outcome) = managed_segments::apply_evaluation(
+            db,
+            ws,
+            MANAGED_SEGMENT,
+            0,
+            &filter,
+            &Scope::Full,
+            Utc::now(),
+        )
+        .await?
         else {
             bail!("evaluation was stale");
         };

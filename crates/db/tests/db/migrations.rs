@@ -1,7 +1,7 @@
 use sharpsend_db::testing::{TestDatabase, TestResult};
 use sharpsend_db::{DbError, ensure_migrated, migrate, pending_migrations};
 
-const ALL: [&str; 18] = [
+const ALL: [&str; 19] = [
     "m20261128_000001_create_workspaces",
     "m20261128_000002_create_segments",
     "m20261128_000003_create_job_runs",
@@ -20,6 +20,7 @@ const ALL: [&str; 18] = [
     "m20261206_000026_create_delivery_events",
     "m20261206_000031_read_versions",
     "m20261206_000035_create_ab_tests",
+    "m20261206_000045_profile_changes",
 ];
 
 sharpsend_db::db_test!(
