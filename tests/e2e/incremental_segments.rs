@@ -342,11 +342,13 @@ db_test!(
                 max_shrink_iters: 50,
                 ..Config::default()
             });
-            runner.run(&case(), |case| {
-                handle
-                    .block_on(run_case(&app, &case, &tally))
-                    .map_err(|e| TestCaseError::fail(format!("{e:#}")))
-            })
+            runner
+                .run(&case(), |case| {
+                    handle
+                        .block_on(run_case(&app, &case, &tally))
+                        .map_err(|e| TestCaseError::fail(format!("{e:#}")))
+                })
+                .map_err(|e| e.to_string())
         });
         if let Err(e) = result {
             panic!("{e}");

@@ -413,18 +413,22 @@ async fn incremental(
     profiles: usize,
 ) -> anyhow::Result<()> {
     let backend = db.get_database_backend();
-    let mut round = 0_usize;
-    for changed in [0_usize, 100, 1_000, 10_000] {
+    for (round, changed) in [0_usize, 100, 1_000, 10_000].into_iter().enumerate() {
         if changed > profiles {
             break;
         }
-        round += 1;
         let stride = (profiles / changed.max(1)).max(1);
         let ids: Vec<String> = (0..changed)
             .map(|i| format!("p{:07}", (i * stride + round) % profiles))
             .collect();
         let scores: Vec<i64> = (0..changed)
-            .map(|i| if (i + round) % 2 == 0 { 95 } else { 10 })
+            .map(|i| {
+                if (i + round).is_multiple_of(2) {
+                    95
+                } else {
+                    10
+                }
+            })
             .collect();
         let rows = json!(
             ids.iter()
