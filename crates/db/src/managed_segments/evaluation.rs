@@ -143,14 +143,18 @@ pub async fn apply_evaluation(
     };
     let incremental = changes.is_some() && matches!(scope, Scope::Incremental { .. });
     let check = changes.is_some() && matches!(scope, Scope::Check { .. });
-    let ctx = DiffContext {
+    let mut ctx = DiffContext {
         workspace_id,
         segment_id: cio_segment_id,
         now,
         changes,
         full: !incremental,
+        recheck: None,
     };
+    ctx.recheck = recheck_set(&txn, &ctx).await?;
+    let nothing_to_do = incremental && ctx.recheck.as_ref().is_some_and(Vec::is_empty);
     let (added, removed, outbox_rows, drift) = match txn.get_database_backend() {
+        _ if nothing_to_do => (0, 0, 0, 0),
         DbBackend::Postgres => apply_postgres(&txn, &ctx, filter).await?,
         _ => apply_sqlite(&txn, &ctx, filter).await?,
     };
@@ -332,6 +336,30 @@ pub async fn has_changes(
     Ok(db.query_one_raw(b.build()).await?.is_some())
 }
 
+/// The ids of the re-check set (`None` without one), read in their own statement so that
+/// the difference is planned for a list of known size (a subquery over the log is estimated
+/// from the log's statistics, and a large log made PostgreSQL scan every profile). Changes
+/// committed after this read and before the difference are not seen by the watermark either:
+/// they are re-checked next time.
+async fn recheck_set(
+    txn: &impl ConnectionTrait,
+    ctx: &DiffContext,
+) -> Result<Option<Vec<String>>, DbErr> {
+    if ctx.changes.is_none() {
+        return Ok(None);
+    }
+    let mut b = SqlBuilder::new(txn.get_database_backend());
+    b.sql("SELECT DISTINCT c.customer_id FROM (");
+    ctx.candidates(&mut b);
+    b.sql(") c");
+    let rows = txn.query_all_raw(b.build()).await?;
+    let mut ids = Vec::with_capacity(rows.len());
+    for row in rows {
+        ids.push(row.try_get::<String>("", "customer_id")?);
+    }
+    Ok(Some(ids))
+}
+
 /// What an incremental evaluation re-checks.
 struct Changes {
     /// The segment's watermark: the log rows it has not seen.
@@ -349,31 +377,47 @@ struct DiffContext {
     changes: Option<Changes>,
     /// Every profile is evaluated (`changes` then only counts drift).
     full: bool,
+    /// The ids of the re-check set ([`recheck_set`]).
+    recheck: Option<Vec<String>>,
 }
 
 impl DiffContext {
     /// ` AND <column> IN (people who may have changed)` for an incremental evaluation; nothing
     /// for a full one.
     fn scope(&self, b: &mut SqlBuilder, column: &str) {
-        if self.full || self.changes.is_none() {
+        if self.full || self.recheck.is_none() {
             return;
         }
         b.sql(" AND ").sql(column).sql(" IN (");
-        self.candidates(b);
+        self.recheck_list(b);
         b.sql(")");
+    }
+
+    /// `SELECT` of the re-check set's ids, bound as one JSON array.
+    fn recheck_list(&self, b: &mut SqlBuilder) {
+        let ids = serde_json::Value::from(self.recheck.clone().unwrap_or_default()).to_string();
+        if b.backend() == DbBackend::Postgres {
+            b.sql("SELECT jsonb_array_elements_text(CAST(")
+                .param(ids)
+                .sql(" AS jsonb)) AS id");
+        } else {
+            b.sql("SELECT value AS id FROM json_each(")
+                .param(ids)
+                .sql(")");
+        }
     }
 
     /// `(SELECT COUNT(*) FROM <source> d WHERE d.<column> NOT IN (re-check set))`: the changes
     /// an incremental evaluation would have missed (0 without a re-check set).
     fn drift(&self, b: &mut SqlBuilder, source: impl FnOnce(&mut SqlBuilder), column: &str) {
-        if self.changes.is_none() {
+        if self.recheck.is_none() || !self.full {
             b.sql("CAST(0 AS BIGINT)");
             return;
         }
         b.sql("(SELECT COUNT(*) FROM (");
         source(b);
         b.sql(") d WHERE d.").sql(column).sql(" NOT IN (");
-        self.candidates(b);
+        self.recheck_list(b);
         b.sql("))");
     }
 
