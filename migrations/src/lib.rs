@@ -33,6 +33,7 @@ mod m20261206_000026_create_delivery_events;
 mod m20261206_000031_read_versions;
 mod m20261206_000035_create_ab_tests;
 mod m20261206_000040_ab_test_runs;
+mod m20261206_000045_profile_changes;
 mod m20261206_000050_delivery_events_analytics;
 mod m20261206_000055_create_api_keys;
 mod m20261206_000056_create_audit_events;
@@ -63,6 +64,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261206_000031_read_versions::Migration),
             Box::new(m20261206_000035_create_ab_tests::Migration),
             Box::new(m20261206_000040_ab_test_runs::Migration),
+            Box::new(m20261206_000045_profile_changes::Migration),
             Box::new(m20261206_000050_delivery_events_analytics::Migration),
             Box::new(m20261206_000055_create_api_keys::Migration),
             Box::new(m20261206_000056_create_audit_events::Migration),

@@ -7,6 +7,7 @@ mod bad_input;
 mod campaigns;
 mod dynamic_segments;
 mod engagement;
+mod incremental_segments;
 mod jobs;
 mod journey;
 mod ops;

@@ -49,7 +49,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Map, Number, Value as Json, json};
-use sharpsend_db::criteria_sql::{Comparison, Filter, TextOp};
+use sharpsend_db::criteria_sql::{Comparison, Filter, TextOp, TimeWindow};
 
 use crate::FieldViolation;
 use crate::error::shown;
@@ -910,6 +910,44 @@ impl Criteria {
         self.walk(&mut |c| {
             if let Criteria::Segment(id) = c {
                 out.insert(*id);
+            }
+        });
+        out
+    }
+
+    /// Whether a condition is relative to the evaluation time (`ago` / `from_now`): the
+    /// membership then moves with the clock, with no profile changing.
+    pub fn is_time_relative(&self) -> bool {
+        !self
+            .time_windows(DateTime::<Utc>::UNIX_EPOCH, DateTime::<Utc>::UNIX_EPOCH)
+            .is_empty()
+    }
+
+    /// For each condition relative to the evaluation time, the attribute values whose
+    /// condition may hold at `before` and not at `now` or the other way round: the values
+    /// between the condition's time resolved at `before` and at `now` (both included, widened
+    /// by a second for rounding of stored times). A value outside every window compares the
+    /// same with both thresholds (a threshold moves monotonically with the clock), so a
+    /// profile whose values all lie outside keeps its membership.
+    pub fn time_windows(&self, before: DateTime<Utc>, now: DateTime<Utc>) -> Vec<TimeWindow> {
+        let mut out = Vec::new();
+        self.walk(&mut |c| {
+            if let Criteria::Attribute(cond) = c {
+                let values: &[Value] = match &cond.operand {
+                    Operand::None => &[],
+                    Operand::One(v) => std::slice::from_ref(v),
+                    Operand::Many(vs) => vs,
+                };
+                for v in values {
+                    if let Value::Timestamp(t @ (TimeValue::Ago(_) | TimeValue::FromNow(_))) = v {
+                        let (a, b) = (t.resolve(before), t.resolve(now));
+                        out.push(TimeWindow {
+                            attribute: cond.field.clone(),
+                            from: a.min(b) - 1.0,
+                            to: a.max(b) + 1.0,
+                        });
+                    }
+                }
             }
         });
         out

@@ -478,6 +478,8 @@ async fn execute(
                 "outbox_rows": report.outbox_rows,
                 "memberships_refreshed": report.memberships_refreshed,
                 "failed": report.failed,
+                "incremental": report.incremental,
+                "drift_found": report.drift_found,
             }))
         }
         Job::CampaignSync => Ok(report_details(

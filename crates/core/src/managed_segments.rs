@@ -28,7 +28,7 @@ use serde_json::Value;
 use sharpsend_db::criteria_sql::{self, MatchingProfile};
 use sharpsend_db::managed_segments::{
     self as store, Applied, EvaluationOutcome, ManagedSegment, ManualChange, NewManagedSegment,
-    SegmentUpdate, StoredCriteria,
+    Scope, SegmentUpdate, StoredCriteria,
 };
 use sharpsend_db::segments as mirror;
 
@@ -62,12 +62,18 @@ pub struct EvaluationConfig {
     /// Customer.io (`SHARPSEND_SEGMENT_REEVALUATE_SECS`, default 3600). Also the age beyond
     /// which a preview re-reads a referenced Customer.io segment's membership.
     pub max_age: Duration,
+    /// Evaluations are incremental (only people who changed are re-checked); a segment not
+    /// fully evaluated for this long gets a full evaluation instead, which checks the
+    /// incremental ones and reports any drift (`SHARPSEND_SEGMENT_FULL_CHECK_SECS`, default
+    /// 86400).
+    pub full_check_every: Duration,
 }
 
 impl Default for EvaluationConfig {
     fn default() -> Self {
         Self {
             max_age: Duration::from_secs(3600),
+            full_check_every: Duration::from_secs(86_400),
         }
     }
 }
@@ -520,12 +526,14 @@ async fn evaluate_one(
         };
         let now = ctx.now();
         let filter = criteria.to_filter(now);
+        let scope = scope_of(&current, &criteria, &ctx.settings.evaluation, now);
         match store::apply_evaluation(
             &ctx.db,
             ctx.workspace_id(),
             current.cio_segment_id,
             current.revision,
             &filter,
+            &scope,
             now,
         )
         .await?
@@ -534,12 +542,22 @@ async fn evaluate_one(
                 if outcome.outbox_rows > 0 {
                     ctx.wake_outbox();
                 }
+                if let Some(drift) = outcome.drift.filter(|n| *n > 0) {
+                    tracing::warn!(
+                        segment_id = current.cio_segment_id,
+                        corrected = drift,
+                        added = outcome.added,
+                        removed = outcome.removed,
+                        "full check of an incrementally evaluated segment found drift"
+                    );
+                }
                 tracing::info!(
                     segment_id = current.cio_segment_id,
                     added = outcome.added,
                     removed = outcome.removed,
                     members = outcome.member_count,
                     duration_ms = outcome.duration_ms,
+                    incremental = outcome.incremental,
                     "segment evaluated"
                 );
                 return Ok(Some(outcome));
@@ -555,6 +573,32 @@ async fn evaluate_one(
     Ok(None)
 }
 
+/// Who an evaluation of `segment` at `now` re-checks: only the people who changed; everyone if
+/// it was never evaluated or has no change-log watermark (new criteria); everyone, counting
+/// drift, when its last full evaluation is older than `config.full_check_every` (the periodic
+/// check).
+fn scope_of(
+    segment: &ManagedSegment,
+    criteria: &Criteria,
+    config: &EvaluationConfig,
+    now: DateTime<Utc>,
+) -> Scope {
+    let (Some(last), Some(_), Some(full)) = (
+        &segment.last_evaluation,
+        segment.change_watermark,
+        segment.last_full_at,
+    ) else {
+        return Scope::Full;
+    };
+    let since = last.evaluated_at;
+    let windows = criteria.time_windows(since, now);
+    if full < before(now, config.full_check_every) {
+        Scope::Check { since, windows }
+    } else {
+        Scope::Incremental { since, windows }
+    }
+}
+
 /// What one run of the evaluation job did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EvaluationReport {
@@ -566,10 +610,16 @@ pub struct EvaluationReport {
     pub memberships_refreshed: u64,
     /// Segments that could not be evaluated (their error is recorded; they stay due).
     pub failed: u64,
+    /// Of `evaluated`: those that re-checked only the people who changed.
+    pub incremental: u64,
+    /// Full checks of incrementally evaluated segments that corrected memberships.
+    pub drift_found: u64,
 }
 
 /// The `segment-evaluation` job: evaluates every due segment (marked due, never evaluated, or
-/// older than `config.max_age`). Memberships of the Customer.io segments they read are re-read
+/// older than `config.max_age`) and every segment with conditions relative to the evaluation
+/// time (their membership moves with the clock), incrementally where it can (see
+/// [`scope_of`]), then prunes the change log. Memberships of the Customer.io segments they read are re-read
 /// first (once each). A segment whose inputs cannot be read is skipped with its error
 /// recorded; the run then fails with the first such error after doing all it could.
 pub async fn evaluate_due(
@@ -577,14 +627,35 @@ pub async fn evaluate_due(
     config: &EvaluationConfig,
 ) -> Result<EvaluationReport, CoreError> {
     let now = ctx.now();
-    let due = store::due(&ctx.db, ctx.workspace_id(), before(now, config.max_age)).await?;
-    let mut report = EvaluationReport::default();
-    let mut first_error: Option<CoreError> = None;
-    let mut unreadable: HashMap<i64, String> = HashMap::new();
+    let mut due = store::due(&ctx.db, ctx.workspace_id(), before(now, config.max_age)).await?;
+    // The Customer.io memberships read by segments due by the marks or by age are re-read.
     let referenced: BTreeSet<i64> = due
         .iter()
         .flat_map(|s| s.referenced_segments.iter().copied())
         .collect();
+    // Not due by the marks, but changed: the log holds a profile write (a new person can match
+    // criteria reading none of the written attributes, e.g. a negation) or a membership change
+    // it reads, or the clock moved a relative-time condition. Cheap to find, cheap to evaluate.
+    let due_ids: HashSet<i64> = due.iter().map(|s| s.cio_segment_id).collect();
+    for segment in store::list(&ctx.db, ctx.workspace_id()).await? {
+        if due_ids.contains(&segment.cio_segment_id) {
+            continue;
+        }
+        let Some(criteria) = segment
+            .criteria
+            .as_ref()
+            .and_then(|c| Criteria::from_stored(c).ok())
+        else {
+            continue;
+        };
+        if criteria.is_time_relative() || store::has_changes(&ctx.db, &segment).await? {
+            due.push(segment);
+        }
+    }
+    due.sort_by_key(|s| s.cio_segment_id);
+    let mut report = EvaluationReport::default();
+    let mut first_error: Option<CoreError> = None;
+    let mut unreadable: HashMap<i64, String> = HashMap::new();
     for id in referenced {
         match refresh_memberships(ctx, &BTreeSet::from([id]), None).await {
             Ok(n) => report.memberships_refreshed += n as u64,
@@ -614,11 +685,15 @@ pub async fn evaluate_due(
         }
         if let Some(outcome) = evaluate_one(ctx, segment).await? {
             report.evaluated += 1;
+            report.incremental += u64::from(outcome.incremental);
+            report.drift_found += u64::from(outcome.drift.is_some_and(|n| n > 0));
             report.added += outcome.added;
             report.removed += outcome.removed;
             report.outbox_rows += outcome.outbox_rows;
         }
     }
+    let pruned = store::prune_changes(&ctx.db, ctx.workspace_id()).await?;
+    tracing::debug!(pruned, "change log pruned");
     match first_error {
         Some(e) => {
             tracing::warn!(?report, "segment evaluation finished with failures");

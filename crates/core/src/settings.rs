@@ -289,6 +289,12 @@ pub const VARIABLES: &[Variable] = &[
         "a managed segment with criteria is re-evaluated at least this often",
     ),
     var(
+        "SHARPSEND_SEGMENT_FULL_CHECK_SECS",
+        "86400",
+        Both,
+        "segments are evaluated incrementally; one not fully evaluated for this long gets a full evaluation that checks for drift",
+    ),
+    var(
         "SHARPSEND_OUTBOX_CLAIM_LIMIT",
         "5000",
         Jobs,
@@ -815,6 +821,9 @@ impl Settings {
             },
             evaluation: EvaluationConfig {
                 max_age: Duration::from_secs(r.positive("SHARPSEND_SEGMENT_REEVALUATE_SECS")?),
+                full_check_every: Duration::from_secs(
+                    r.positive("SHARPSEND_SEGMENT_FULL_CHECK_SECS")?,
+                ),
             },
             engagement: EngagementSettings::read(&r, binary)?,
             profile_sync: crate::profile_sync::ProfileSyncConfig {
@@ -1295,6 +1304,7 @@ mod tests {
             ("SHARPSEND_OUTBOX_CLAIM_LIMIT", "lots"),
             ("SHARPSEND_SEND_CLAIM_TTL_SECS", "0"),
             ("SHARPSEND_SEGMENT_REEVALUATE_SECS", "hourly"),
+            ("SHARPSEND_SEGMENT_FULL_CHECK_SECS", "0"),
             ("SHARPSEND_SEGMENT_SYNC_CRON", "every five minutes"),
             ("SHARPSEND_LOG_JSON", "yes please"),
             ("RUST_LOG", "info,[[["),

@@ -103,6 +103,56 @@ pub enum Filter {
     InSegment { segment_id: i64 },
 }
 
+/// Values of a number attribute between `from` and `to` (both included): where a condition
+/// relative to the evaluation time can change its answer as the clock moves (see
+/// `sharpsend_core::criteria::Criteria::time_windows`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TimeWindow {
+    pub attribute: String,
+    pub from: f64,
+    pub to: f64,
+}
+
+impl TimeWindow {
+    /// The window as a filter: the attribute's number within `from..=to`.
+    pub fn filter(&self) -> Filter {
+        Filter::All(vec![
+            Filter::Number {
+                attribute: self.attribute.clone(),
+                op: Comparison::Gte,
+                value: self.from,
+            },
+            Filter::Number {
+                attribute: self.attribute.clone(),
+                op: Comparison::Lte,
+                value: self.to,
+            },
+        ])
+    }
+}
+
+impl Filter {
+    /// The segments whose membership the filter reads.
+    pub fn segments(&self) -> Vec<i64> {
+        let mut out = Vec::new();
+        self.collect_segments(&mut out);
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    fn collect_segments(&self, out: &mut Vec<i64>) {
+        match self {
+            Filter::All(items) | Filter::Any(items) => {
+                items.iter().for_each(|f| f.collect_segments(out));
+            }
+            Filter::Not(inner) => inner.collect_segments(out),
+            Filter::InSegment { segment_id } => out.push(*segment_id),
+            _ => {}
+        }
+    }
+}
+
 /// Digits, removed by `ltrim` to recognise the most common numeric text — a non-negative whole
 /// number, what Customer.io holds for scores, counts and Unix times — without a regular
 /// expression (about half the cost per row).

@@ -19,7 +19,9 @@
 //! checks that the sets are equal, and prints the best of `--runs` timings of each and their
 //! ratio (target: within 1.5×). Finally it runs a full evaluation of a managed segment (the
 //! membership difference written to `segment_members` and the outbox in one transaction), first
-//! with every member new and then with nothing changed, and prints the evaluator's peak memory
+//! with every member new and then with nothing changed; then incremental re-evaluations (issue
+//! #18) with nothing changed and after 100 / 1,000 / 10,000 changed profiles, and a full check
+//! that must find no drift; and prints the evaluator's peak memory
 //! (VmHWM of this process, reset before the evaluator runs; PostgreSQL works in its own
 //! process, SQLite in this one).
 
@@ -32,7 +34,7 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, Transac
 use serde_json::{Value, json};
 use sharpsend_core::criteria::{self, Criteria};
 use sharpsend_db::criteria_sql::{self, Filter};
-use sharpsend_db::managed_segments::{self, Applied, NewManagedSegment, StoredCriteria};
+use sharpsend_db::managed_segments::{self, Applied, NewManagedSegment, Scope, StoredCriteria};
 use sharpsend_db::testing::{Backend, TestDatabase};
 
 #[derive(Debug, Parser)]
@@ -357,9 +359,16 @@ async fn bench(label: &str, db: &DatabaseConnection, args: &Args) -> anyhow::Res
     can_reset &= reset_peak();
     for pass in ["first evaluation (all new)", "re-evaluation (no change)"] {
         let started = Instant::now();
-        let Applied::Done(outcome) =
-            managed_segments::apply_evaluation(db, ws, MANAGED_SEGMENT, 0, &filter, Utc::now())
-                .await?
+        let Applied::Done(outcome) = managed_segments::apply_evaluation(
+            db,
+            ws,
+            MANAGED_SEGMENT,
+            0,
+            &filter,
+            &Scope::Full,
+            Utc::now(),
+        )
+        .await?
         else {
             bail!("evaluation was stale");
         };
@@ -372,6 +381,7 @@ async fn bench(label: &str, db: &DatabaseConnection, args: &Args) -> anyhow::Res
             outcome.outbox_rows
         );
     }
+    incremental(db, ws, &filter, args.profiles).await?;
     if can_reset {
         println!(
             "evaluator peak RSS: {:.1} MiB (process RSS before: {:.1} MiB; +{:.1} MiB){}",
@@ -390,6 +400,126 @@ async fn bench(label: &str, db: &DatabaseConnection, args: &Args) -> anyhow::Res
             mib(peak_kib)
         );
     }
+    Ok(())
+}
+
+/// Incremental re-evaluations of the managed segment (issue #18): nothing changed, then 100,
+/// 1,000 and 10,000 changed profiles (`engagement_score` moved across the criteria's threshold
+/// for every other one, in one statement, logged by the change-log triggers).
+async fn incremental(
+    db: &DatabaseConnection,
+    ws: i64,
+    filter: &Filter,
+    profiles: usize,
+) -> anyhow::Result<()> {
+    let backend = db.get_database_backend();
+    for (round, changed) in [0_usize, 100, 1_000, 10_000].into_iter().enumerate() {
+        if changed > profiles {
+            break;
+        }
+        let stride = (profiles / changed.max(1)).max(1);
+        let ids: Vec<String> = (0..changed)
+            .map(|i| format!("p{:07}", (i * stride + round) % profiles))
+            .collect();
+        let scores: Vec<i64> = (0..changed)
+            .map(|i| {
+                if (i + round).is_multiple_of(2) {
+                    95
+                } else {
+                    10
+                }
+            })
+            .collect();
+        let rows = json!(
+            ids.iter()
+                .zip(&scores)
+                .map(|(id, score)| json!({"c": id, "s": score}))
+                .collect::<Vec<_>>()
+        );
+        let sql = match backend {
+            DbBackend::Postgres => {
+                "UPDATE profiles AS p SET attributes = jsonb_set(p.attributes, '{engagement_score}', r.v->'s') \
+                 FROM jsonb_array_elements($2::jsonb) AS r(v) \
+                 WHERE p.workspace_id = $1 AND p.customer_id = r.v->>'c'"
+            }
+            _ => {
+                "UPDATE profiles SET attributes = json_set(attributes, '$.engagement_score', \
+                 (SELECT json_extract(r.value, '$.s') FROM json_each(?2) r \
+                  WHERE json_extract(r.value, '$.c') = profiles.customer_id)) \
+                 WHERE workspace_id = ?1 AND customer_id IN \
+                 (SELECT json_extract(value, '$.c') FROM json_each(?2))"
+            }
+        };
+        if changed > 0 {
+            db.execute_raw(Statement::from_sql_and_values(
+                backend,
+                sql,
+                [ws.into(), rows.to_string().into()],
+            ))
+            .await?;
+        }
+        let segment = managed_segments::get(db, ws, MANAGED_SEGMENT)
+            .await?
+            .context("managed segment")?;
+        let since = segment
+            .last_evaluation
+            .context("evaluated before")?
+            .evaluated_at;
+        let started = Instant::now();
+        let Applied::Done(outcome) = managed_segments::apply_evaluation(
+            db,
+            ws,
+            MANAGED_SEGMENT,
+            0,
+            filter,
+            &Scope::Incremental {
+                since,
+                windows: Vec::new(),
+            },
+            Utc::now(),
+        )
+        .await?
+        else {
+            bail!("incremental evaluation was stale");
+        };
+        ensure!(outcome.incremental, "the evaluation was not incremental");
+        println!(
+            "incremental re-evaluation after {changed} changed profiles: {:.1} ms, +{} -{} members",
+            started.elapsed().as_secs_f64() * 1000.0,
+            outcome.added,
+            outcome.removed,
+        );
+    }
+    // The result must equal a full evaluation: a check finds no drift.
+    let segment = managed_segments::get(db, ws, MANAGED_SEGMENT)
+        .await?
+        .context("managed segment")?;
+    let since = segment.last_evaluation.context("evaluated")?.evaluated_at;
+    let started = Instant::now();
+    let Applied::Done(outcome) = managed_segments::apply_evaluation(
+        db,
+        ws,
+        MANAGED_SEGMENT,
+        0,
+        filter,
+        &Scope::Check {
+            since,
+            windows: Vec::new(),
+        },
+        Utc::now(),
+    )
+    .await?
+    else {
+        bail!("check was stale");
+    };
+    ensure!(
+        outcome.drift == Some(0) && outcome.added + outcome.removed == 0,
+        "the full check found drift: {outcome:?}"
+    );
+    println!(
+        "full check after the incremental ones: {:.1} ms, no drift",
+        started.elapsed().as_secs_f64() * 1000.0
+    );
     Ok(())
 }
 

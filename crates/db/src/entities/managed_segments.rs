@@ -32,6 +32,14 @@ pub struct Model {
     pub last_added: Option<i64>,
     pub last_removed: Option<i64>,
     pub last_evaluation_error: Option<String>,
+    /// Position in `profile_changes` from which the recorded membership may be stale; `None`:
+    /// unknown (the next evaluation is a full one).
+    pub change_watermark: Option<i64>,
+    /// PostgreSQL: the snapshot taken with the watermark (`pg_snapshot` text): changes of the
+    /// transactions it shows as committed were seen.
+    pub change_snapshot: Option<String>,
+    /// When the last full evaluation ran.
+    pub last_full_at: Option<DateTimeUtc>,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
 }

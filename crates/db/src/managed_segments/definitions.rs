@@ -53,6 +53,9 @@ pub async fn create(
         last_added: Set(None),
         last_removed: Set(None),
         last_evaluation_error: Set(None),
+        change_watermark: Set(None),
+        change_snapshot: Set(None),
+        last_full_at: Set(None),
         created_at: Set(now),
         updated_at: Set(now),
     };
@@ -252,6 +255,9 @@ pub async fn update(
             }
         }
         row.last_evaluation_error = Set(None);
+        // New criteria: the recorded membership says nothing about them (full evaluation).
+        row.change_watermark = Set(None);
+        row.change_snapshot = Set(None);
     }
     row.updated_at = Set(now);
     let stmt = Entity::update(row)

@@ -1,20 +1,30 @@
 //! Evaluation: the membership difference computed inside the database and applied, with its
 //! outbox rows and counts, in one transaction (one statement on PostgreSQL, a write transaction
 //! on SQLite).
+//!
+//! An evaluation is full (every profile of the workspace) or incremental ([`Scope`]): only the
+//! people who may have changed since the segment's last evaluation are re-checked — those in
+//! the `profile_changes` log from the segment's watermark on (profile writes, and membership
+//! changes of the segments the criteria read), and those whose time attribute lies in a window
+//! the clock moved a relative-time condition across. Everyone else keeps their membership.
+//! Each evaluation records the log position it read up to ([`current_watermark`]).
+//! [`Scope::Check`] is a full evaluation that also counts as drift the membership changes an
+//! incremental one would have missed (people outside its re-check set).
+//! [`prune_changes`] drops the log below every segment's watermark.
 
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryFilter, Statement,
-    TransactionSession, TransactionTrait,
+    ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryFilter, QuerySelect,
+    Statement, TransactionSession, TransactionTrait,
 };
 
 use super::definitions::{lock, mark_dependents_due};
 use super::{IDS_PER_ROW, outbox_label};
 use crate::DbError;
-use crate::criteria_sql::{Filter, SqlBuilder};
+use crate::criteria_sql::{Filter, SqlBuilder, TimeWindow};
 use crate::database::begin_write;
 use crate::entities::managed_segments::{Column, Entity};
 use crate::entities::segments;
@@ -49,14 +59,43 @@ pub struct EvaluationOutcome {
     /// Outbox rows queued (`segment_add` and `segment_remove`, at most 1000 ids each).
     pub outbox_rows: u64,
     pub duration_ms: i64,
+    /// Whether only the changed people were re-checked.
+    pub incremental: bool,
+    /// [`Scope::Check`]: how many memberships it changed for people an incremental evaluation
+    /// would not have re-checked (0: no drift). `None` for other evaluations.
+    pub drift: Option<u64>,
+}
+
+/// Which people an evaluation re-checks.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Scope {
+    /// Every profile of the workspace.
+    Full,
+    /// Only people who may have changed since the segment's last evaluation, which ran at
+    /// `since` (the segment's `last_evaluated_at`): those logged in `profile_changes` from the
+    /// segment's watermark on, and those with a value in one of `windows`. Falls back to a
+    /// full evaluation when the segment has no watermark; answers [`Applied::Stale`] when the
+    /// segment was evaluated again since `since` (`windows` would be wrong).
+    Incremental {
+        since: DateTime<Utc>,
+        windows: Vec<TimeWindow>,
+    },
+    /// A full evaluation that checks the incremental ones: as [`Scope::Full`], and counts as
+    /// drift the changes of people [`Scope::Incremental`] with the same `since` and `windows`
+    /// would not have re-checked.
+    Check {
+        since: DateTime<Utc>,
+        windows: Vec<TimeWindow>,
+    },
 }
 
 /// What [`apply_evaluation`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
     Done(EvaluationOutcome),
-    /// The segment was deleted, lost its criteria, or its criteria changed (`revision`) since
-    /// `filter` was built: nothing was written.
+    /// The segment was deleted, lost its criteria, its criteria changed (`revision`) since
+    /// `filter` was built, or (incremental) it was evaluated since `since`: nothing was
+    /// written.
     Stale,
 }
 
@@ -67,13 +106,14 @@ pub enum Applied {
 /// member counts (managed segment and segments mirror), clears `evaluation_due`, records the
 /// evaluation, and marks due the segments whose criteria read this one. A crash before the
 /// commit leaves everything as it was (the segment still due); after it, every change is in
-/// the outbox.
+/// the outbox. `scope` chooses who is re-checked (see [`Scope`]).
 pub async fn apply_evaluation(
     db: &impl TransactionTrait,
     workspace_id: i64,
     cio_segment_id: i64,
     revision: i64,
     filter: &Filter,
+    scope: &Scope,
     now: DateTime<Utc>,
 ) -> Result<Applied, DbError> {
     let started = Instant::now();
@@ -83,12 +123,38 @@ pub async fn apply_evaluation(
         Some(m) if m.revision == revision && m.criteria.as_ref().is_some_and(|c| !c.is_null()) => m,
         _ => return Ok(Applied::Stale),
     };
-    let ctx = DiffContext {
+    // Read before the difference: every change below it is visible to what follows.
+    let watermark = current_watermark(&txn).await?;
+    let changes = match (scope, current.change_watermark) {
+        (Scope::Incremental { since, windows } | Scope::Check { since, windows }, Some(from)) => {
+            if current.last_evaluated_at != Some(db_time(*since)) {
+                return Ok(Applied::Stale);
+            }
+            Some(Changes {
+                from: Watermark {
+                    position: from,
+                    snapshot: current.change_snapshot.clone(),
+                },
+                segments: filter.segments(),
+                windows: windows.clone(),
+            })
+        }
+        _ => None,
+    };
+    let incremental = changes.is_some() && matches!(scope, Scope::Incremental { .. });
+    let check = changes.is_some() && matches!(scope, Scope::Check { .. });
+    let mut ctx = DiffContext {
         workspace_id,
         segment_id: cio_segment_id,
         now,
+        changes,
+        full: !incremental,
+        recheck: None,
     };
-    let (added, removed, outbox_rows) = match txn.get_database_backend() {
+    ctx.recheck = recheck_set(&txn, &ctx).await?;
+    let nothing_to_do = incremental && ctx.recheck.as_ref().is_some_and(Vec::is_empty);
+    let (added, removed, outbox_rows, drift) = match txn.get_database_backend() {
+        _ if nothing_to_do => (0, 0, 0, 0),
         DbBackend::Postgres => apply_postgres(&txn, &ctx, filter).await?,
         _ => apply_sqlite(&txn, &ctx, filter).await?,
     };
@@ -102,6 +168,16 @@ pub async fn apply_evaluation(
         .col_expr(Column::LastAdded, Expr::value(to_i64(added)))
         .col_expr(Column::LastRemoved, Expr::value(to_i64(removed)))
         .col_expr(Column::LastEvaluationError, Expr::value(None::<String>))
+        .col_expr(Column::ChangeWatermark, Expr::value(watermark.position))
+        .col_expr(Column::ChangeSnapshot, Expr::value(watermark.snapshot))
+        .col_expr(
+            Column::LastFullAt,
+            Expr::value(if incremental {
+                current.last_full_at
+            } else {
+                Some(now)
+            }),
+        )
         .filter(Column::Id.eq(current.id))
         .exec(&txn)
         .await?;
@@ -116,6 +192,8 @@ pub async fn apply_evaluation(
         member_count,
         outbox_rows,
         duration_ms,
+        incremental,
+        drift: check.then_some(drift),
     };
     tracing::debug!(workspace_id, cio_segment_id, ?outcome, "segment evaluated");
     Ok(Applied::Done(outcome))
@@ -143,18 +221,233 @@ pub(super) async fn set_mirror_count(
     Ok(())
 }
 
+/// Where a reader stands in the change log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Watermark {
+    /// Changes below it were all seen.
+    pub position: i64,
+    /// PostgreSQL: of the changes at or above `position`, those of the transactions this
+    /// snapshot shows as committed were seen too.
+    pub snapshot: Option<String>,
+}
+
+impl Watermark {
+    /// ` AND <alias>.pos …`: the log rows not yet seen from this watermark.
+    fn unseen(&self, b: &mut SqlBuilder, alias: &str) {
+        b.sql(" AND ")
+            .sql(alias)
+            .sql(".pos >= ")
+            .param(self.position);
+        if let Some(snapshot) = &self.snapshot {
+            b.sql(" AND NOT pg_visible_in_snapshot(")
+                .sql(alias)
+                .sql(".pos::text::xid8, CAST(")
+                .param(snapshot.as_str())
+                .sql(" AS pg_snapshot))");
+        }
+    }
+}
+
+/// Where a statement that starts after this read stands in the change log: PostgreSQL, the
+/// oldest transaction still running (every older one has ended, and every one that may still
+/// commit logs at or above it) with the current snapshot; SQLite (one writer at a time, and
+/// this one holds the write lock), the next log id.
+pub(super) async fn current_watermark(txn: &impl ConnectionTrait) -> Result<Watermark, DbErr> {
+    let backend = txn.get_database_backend();
+    let sql = match backend {
+        DbBackend::Postgres => {
+            "SELECT pg_snapshot_xmin(s)::text::bigint AS w, s::text AS snapshot \
+             FROM (SELECT pg_current_snapshot() AS s) x"
+        }
+        _ => {
+            "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'profile_changes'), 0) \
+             + 1 AS w, NULL AS snapshot"
+        }
+    };
+    let row = txn
+        .query_one_raw(Statement::from_string(backend, sql))
+        .await?
+        .ok_or_else(|| DbErr::RecordNotFound("change-log watermark".into()))?;
+    Ok(Watermark {
+        position: row.try_get("", "w")?,
+        snapshot: row.try_get("", "snapshot")?,
+    })
+}
+
+/// Drops the workspace's `profile_changes` below every managed segment's watermark (no
+/// incremental evaluation reads them again). Holds off evaluations meanwhile (PostgreSQL: an
+/// `EXCLUSIVE` lock on `managed_segments`, which waits for running evaluations — they hold a
+/// segment row — and makes new ones wait; SQLite: the write lock): a full evaluation that has
+/// read its watermark but not yet recorded it could otherwise lose rows it needs. A segment
+/// without a watermark evaluates fully next, so it needs none. Returns the rows dropped.
+pub async fn prune_changes(db: &impl TransactionTrait, workspace_id: i64) -> Result<u64, DbError> {
+    let txn = begin_write(db).await?;
+    let backend = txn.get_database_backend();
+    if backend == DbBackend::Postgres {
+        txn.execute_unprepared("LOCK TABLE managed_segments IN EXCLUSIVE MODE")
+            .await?;
+    }
+    let mut bound = current_watermark(&txn).await?.position;
+    let lowest: Option<i64> = Entity::find()
+        .select_only()
+        .column_as(Column::ChangeWatermark.min(), "w")
+        .filter(Column::WorkspaceId.eq(workspace_id))
+        .filter(Column::Criteria.is_not_null())
+        .into_tuple::<Option<i64>>()
+        .one(&txn)
+        .await?
+        .flatten();
+    if let Some(lowest) = lowest {
+        bound = bound.min(lowest);
+    }
+    let mut b = SqlBuilder::new(backend);
+    b.sql("DELETE FROM profile_changes WHERE workspace_id = ")
+        .param(workspace_id)
+        .sql(" AND pos < ")
+        .param(bound);
+    let dropped = txn.execute_raw(b.build()).await?.rows_affected();
+    txn.commit().await?;
+    Ok(dropped)
+}
+
+/// Whether the change log holds anything `segment` would re-check from its watermark on: a
+/// profile write, or a membership change of a segment its criteria read (always `true` without
+/// a watermark). Clock-relative conditions are not considered (the caller knows them).
+pub async fn has_changes(
+    db: &impl ConnectionTrait,
+    segment: &super::ManagedSegment,
+) -> Result<bool, DbError> {
+    let Some(position) = segment.change_watermark else {
+        return Ok(true);
+    };
+    let from = Watermark {
+        position,
+        snapshot: segment.change_snapshot.clone(),
+    };
+    let mut b = SqlBuilder::new(db.get_database_backend());
+    b.sql("SELECT 1 AS found FROM profile_changes pc WHERE pc.workspace_id = ")
+        .param(segment.workspace_id);
+    from.unseen(&mut b, "pc");
+    b.sql(" AND pc.segment_id IN (0");
+    for id in &segment.referenced_segments {
+        b.sql(", ").param(*id);
+    }
+    b.sql(") LIMIT 1");
+    Ok(db.query_one_raw(b.build()).await?.is_some())
+}
+
+/// The ids of the re-check set (`None` without one), read in their own statement so that
+/// the difference is planned for a list of known size (a subquery over the log is estimated
+/// from the log's statistics, and a large log made PostgreSQL scan every profile). Changes
+/// committed after this read and before the difference are not seen by the watermark either:
+/// they are re-checked next time.
+async fn recheck_set(
+    txn: &impl ConnectionTrait,
+    ctx: &DiffContext,
+) -> Result<Option<Vec<String>>, DbErr> {
+    if ctx.changes.is_none() {
+        return Ok(None);
+    }
+    let mut b = SqlBuilder::new(txn.get_database_backend());
+    b.sql("SELECT DISTINCT c.customer_id FROM (");
+    ctx.candidates(&mut b);
+    b.sql(") c");
+    let rows = txn.query_all_raw(b.build()).await?;
+    let mut ids = Vec::with_capacity(rows.len());
+    for row in rows {
+        ids.push(row.try_get::<String>("", "customer_id")?);
+    }
+    Ok(Some(ids))
+}
+
+/// What an incremental evaluation re-checks.
+struct Changes {
+    /// The segment's watermark: the log rows it has not seen.
+    from: Watermark,
+    /// Segments whose membership changes count (besides profile writes).
+    segments: Vec<i64>,
+    windows: Vec<TimeWindow>,
+}
+
 struct DiffContext {
     workspace_id: i64,
     segment_id: i64,
     now: DateTime<Utc>,
+    /// The re-check set of an incremental evaluation (or of the one a check checks).
+    changes: Option<Changes>,
+    /// Every profile is evaluated (`changes` then only counts drift).
+    full: bool,
+    /// The ids of the re-check set ([`recheck_set`]).
+    recheck: Option<Vec<String>>,
 }
 
 impl DiffContext {
+    /// ` AND <column> IN (people who may have changed)` for an incremental evaluation; nothing
+    /// for a full one.
+    fn scope(&self, b: &mut SqlBuilder, column: &str) {
+        if self.full || self.recheck.is_none() {
+            return;
+        }
+        b.sql(" AND ").sql(column).sql(" IN (");
+        self.recheck_list(b);
+        b.sql(")");
+    }
+
+    /// `SELECT` of the re-check set's ids, bound as one JSON array.
+    fn recheck_list(&self, b: &mut SqlBuilder) {
+        let ids = serde_json::Value::from(self.recheck.clone().unwrap_or_default()).to_string();
+        if b.backend() == DbBackend::Postgres {
+            b.sql("SELECT jsonb_array_elements_text(CAST(")
+                .param(ids)
+                .sql(" AS jsonb)) AS id");
+        } else {
+            b.sql("SELECT value AS id FROM json_each(")
+                .param(ids)
+                .sql(")");
+        }
+    }
+
+    /// `(SELECT COUNT(*) FROM <source> d WHERE d.<column> NOT IN (re-check set))`: the changes
+    /// an incremental evaluation would have missed (0 without a re-check set).
+    fn drift(&self, b: &mut SqlBuilder, source: impl FnOnce(&mut SqlBuilder), column: &str) {
+        if self.recheck.is_none() || !self.full {
+            b.sql("CAST(0 AS BIGINT)");
+            return;
+        }
+        b.sql("(SELECT COUNT(*) FROM (");
+        source(b);
+        b.sql(") d WHERE d.").sql(column).sql(" NOT IN (");
+        self.recheck_list(b);
+        b.sql("))");
+    }
+
+    /// `SELECT customer_id …`: who an incremental evaluation re-checks.
+    fn candidates(&self, b: &mut SqlBuilder) {
+        let Some(changes) = &self.changes else {
+            return;
+        };
+        b.sql("SELECT pc.customer_id FROM profile_changes pc WHERE pc.workspace_id = ")
+            .param(self.workspace_id);
+        changes.from.unseen(b, "pc");
+        b.sql(" AND pc.segment_id IN (0");
+        for id in &changes.segments {
+            b.sql(", ").param(*id);
+        }
+        b.sql(")");
+        for window in &changes.windows {
+            b.sql(" UNION SELECT w.customer_id FROM profiles w WHERE w.workspace_id = ")
+                .param(self.workspace_id)
+                .sql(" AND ");
+            b.filter(&window.filter(), "w");
+        }
+    }
+
     /// `SELECT p.customer_id FROM profiles p WHERE … matches AND NOT a member`.
     fn additions(&self, b: &mut SqlBuilder, filter: &Filter) {
         b.sql("SELECT p.customer_id FROM profiles p WHERE p.workspace_id = ")
-            .param(self.workspace_id)
-            .sql(" AND ");
+            .param(self.workspace_id);
+        self.scope(b, "p.customer_id");
+        b.sql(" AND ");
         b.filter(filter, "p");
         b.sql(" AND NOT EXISTS (SELECT 1 FROM segment_members x WHERE x.workspace_id = ")
             .param(self.workspace_id)
@@ -179,8 +472,9 @@ impl DiffContext {
         b.sql("SELECT x.customer_id FROM segment_members x WHERE x.workspace_id = ")
             .param(self.workspace_id)
             .sql(" AND x.segment_id = ")
-            .param(self.segment_id)
-            .sql(" AND ");
+            .param(self.segment_id);
+        self.scope(b, "x.customer_id");
+        b.sql(" AND ");
         self.no_longer_matches(b, filter, "x");
     }
 
@@ -226,7 +520,7 @@ async fn apply_postgres(
     txn: &impl ConnectionTrait,
     ctx: &DiffContext,
     filter: &Filter,
-) -> Result<(u64, u64, u64), DbErr> {
+) -> Result<(u64, u64, u64, u64), DbErr> {
     let mut b = SqlBuilder::new(DbBackend::Postgres);
     b.sql("WITH added AS (INSERT INTO segment_members (workspace_id, segment_id, customer_id) SELECT ")
         .param(ctx.workspace_id)
@@ -237,8 +531,9 @@ async fn apply_postgres(
     b.sql(") a RETURNING customer_id), removed AS (DELETE FROM segment_members x WHERE x.workspace_id = ")
         .param(ctx.workspace_id)
         .sql(" AND x.segment_id = ")
-        .param(ctx.segment_id)
-        .sql(" AND ");
+        .param(ctx.segment_id);
+    ctx.scope(&mut b, "x.customer_id");
+    b.sql(" AND ");
     ctx.no_longer_matches(&mut b, filter, "x");
     b.sql(" RETURNING x.customer_id), queued_adds AS (");
     ctx.queue(&mut b, Kind::SegmentAdd, |b| {
@@ -251,8 +546,16 @@ async fn apply_postgres(
     b.sql(
         " RETURNING id) SELECT (SELECT COUNT(*) FROM added) AS added, \
          (SELECT COUNT(*) FROM removed) AS removed, \
-         (SELECT COUNT(*) FROM queued_adds) + (SELECT COUNT(*) FROM queued_removes) AS rows",
+         (SELECT COUNT(*) FROM queued_adds) + (SELECT COUNT(*) FROM queued_removes) AS rows, ",
     );
+    ctx.drift(
+        &mut b,
+        |b| {
+            b.sql("SELECT customer_id FROM added UNION ALL SELECT customer_id FROM removed");
+        },
+        "customer_id",
+    );
+    b.sql(" AS drift");
     let row = txn
         .query_one_raw(b.build())
         .await?
@@ -261,7 +564,12 @@ async fn apply_postgres(
         let n: i64 = row.try_get("", name)?;
         Ok(u64::try_from(n).unwrap_or(0))
     };
-    Ok((count("added")?, count("removed")?, count("rows")?))
+    Ok((
+        count("added")?,
+        count("removed")?,
+        count("rows")?,
+        count("drift")?,
+    ))
 }
 
 /// SQLite: the write transaction keeps every other writer out, so its statements all see the
@@ -272,7 +580,7 @@ async fn apply_sqlite(
     txn: &impl ConnectionTrait,
     ctx: &DiffContext,
     filter: &Filter,
-) -> Result<(u64, u64, u64), DbErr> {
+) -> Result<(u64, u64, u64, u64), DbErr> {
     let backend = DbBackend::Sqlite;
     let before: i64 = txn
         .query_one_raw(Statement::from_string(
@@ -301,6 +609,29 @@ async fn apply_sqlite(
             .sql(" AND o.customer_id = ")
             .param(outbox_label(ctx.segment_id));
     };
+    // Drift, before the membership changes (the re-check set reads the change log, which
+    // those write to).
+    let mut b = SqlBuilder::new(backend);
+    b.sql("SELECT ");
+    ctx.drift(
+        &mut b,
+        |b| {
+            b.sql("SELECT q.value AS customer_id FROM (");
+            queued(b, Kind::SegmentAdd);
+            b.sql(" UNION ALL ");
+            queued(b, Kind::SegmentRemove);
+            b.sql(") q");
+        },
+        "customer_id",
+    );
+    b.sql(" AS drift");
+    let drift: i64 = txn
+        .query_one_raw(b.build())
+        .await?
+        .map(|row| row.try_get("", "drift"))
+        .transpose()?
+        .unwrap_or(0);
+
     let mut b = SqlBuilder::new(backend);
     b.sql("INSERT INTO segment_members (workspace_id, segment_id, customer_id) SELECT ")
         .param(ctx.workspace_id)
@@ -320,5 +651,5 @@ async fn apply_sqlite(
     queued(&mut b, Kind::SegmentRemove);
     b.sql(")");
     let removed = txn.execute_raw(b.build()).await?.rows_affected();
-    Ok((added, removed, rows))
+    Ok((added, removed, rows, u64::try_from(drift).unwrap_or(0)))
 }

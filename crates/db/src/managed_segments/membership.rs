@@ -7,8 +7,8 @@ use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::{
     ActiveValue::{NotSet, Set},
-    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait,
-    TransactionSession, TransactionTrait,
+    ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    QueryTrait, TransactionSession, TransactionTrait,
 };
 use serde_json::json;
 
@@ -16,6 +16,7 @@ use super::definitions::{lock, mark_dependents_due};
 use super::evaluation::{set_mirror_count, to_i64};
 use super::{IDS_PER_ROW, outbox_label};
 use crate::DbError;
+use crate::criteria_sql::SqlBuilder;
 use crate::database::begin_write;
 use crate::entities::managed_segments::{Column, Entity};
 use crate::entities::{outbox, segment_member_syncs, segment_members};
@@ -272,18 +273,40 @@ pub async fn replace_mirrored_membership(
     if lock(&txn, workspace_id, segment_id).await?.is_some() {
         return Ok(None);
     }
-    segment_members::Entity::delete_many()
-        .filter(segment_members::Column::WorkspaceId.eq(workspace_id))
-        .filter(segment_members::Column::SegmentId.eq(segment_id))
-        .exec(&txn)
-        .await?;
+    // Only the difference is written: every membership row written lands in the change log,
+    // and criteria reading this segment re-check exactly those people (issue #18).
+    let list = json!(ids).to_string();
+    let mut b = SqlBuilder::new(txn.get_database_backend());
+    b.sql("DELETE FROM segment_members WHERE workspace_id = ")
+        .param(workspace_id)
+        .sql(" AND segment_id = ")
+        .param(segment_id)
+        .sql(" AND customer_id NOT IN (");
+    if b.backend() == DbBackend::Postgres {
+        b.sql("SELECT jsonb_array_elements_text(CAST(")
+            .param(list)
+            .sql(" AS jsonb)))");
+    } else {
+        b.sql("SELECT value FROM json_each(").param(list).sql("))");
+    }
+    txn.execute_raw(b.build()).await?;
     for chunk in ids.chunks(MEMBER_CHUNK) {
         let rows = chunk.iter().map(|id| segment_members::ActiveModel {
             workspace_id: Set(workspace_id),
             segment_id: Set(segment_id),
             customer_id: Set((*id).to_owned()),
         });
-        let stmt = segment_members::Entity::insert_many(rows).into_query();
+        let stmt = segment_members::Entity::insert_many(rows)
+            .on_conflict(
+                OnConflict::columns([
+                    segment_members::Column::WorkspaceId,
+                    segment_members::Column::SegmentId,
+                    segment_members::Column::CustomerId,
+                ])
+                .do_nothing()
+                .to_owned(),
+            )
+            .into_query();
         txn.execute(&stmt).await?;
     }
     let count = ids.len() as u64;

@@ -47,7 +47,10 @@ pub use definitions::{
     SegmentUpdate, create, delete, due, get, get_many, list, mark_all_due, mark_due,
     mark_due_for_attributes, update,
 };
-pub use evaluation::{Applied, EvaluationOutcome, apply_evaluation, record_evaluation_error};
+pub use evaluation::{
+    Applied, EvaluationOutcome, Scope, apply_evaluation, has_changes, prune_changes,
+    record_evaluation_error,
+};
 pub use membership::{
     ManualChange, MembershipChange, add_members, members_among, members_page, membership_synced_at,
     remove_members, replace_mirrored_membership,
@@ -91,6 +94,13 @@ pub struct ManagedSegment {
     pub last_evaluation: Option<Evaluation>,
     /// Why the last attempt to evaluate failed (cleared by a successful evaluation).
     pub last_evaluation_error: Option<String>,
+    /// Position in the change log from which the recorded membership may be stale; `None`:
+    /// unknown, the next evaluation is a full one.
+    pub change_watermark: Option<i64>,
+    /// PostgreSQL: the snapshot taken with the watermark.
+    pub change_snapshot: Option<String>,
+    /// When the last full evaluation ran.
+    pub last_full_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -122,6 +132,9 @@ impl TryFrom<Model> for ManagedSegment {
             evaluation_due: m.evaluation_due,
             last_evaluation,
             last_evaluation_error: m.last_evaluation_error,
+            change_watermark: m.change_watermark,
+            change_snapshot: m.change_snapshot,
+            last_full_at: m.last_full_at,
             created_at: m.created_at,
             updated_at: m.updated_at,
         })

@@ -7,7 +7,7 @@ use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use serde_json::json;
 use sharpsend_db::criteria_sql::{Comparison, Filter};
 use sharpsend_db::managed_segments::{
-    self, Applied, ManualChange, NewManagedSegment, SegmentUpdate, StoredCriteria,
+    self, Applied, ManualChange, NewManagedSegment, Scope, SegmentUpdate, StoredCriteria,
 };
 use sharpsend_db::outbox::{self, Kind, NewAttributeUpdate, OutboxRow, Status};
 use sharpsend_db::profiles::{self, FetchedProfile};
@@ -112,9 +112,16 @@ sharpsend_db::db_test!(
             .filter(|i| i % 100 >= 50)
             .map(|i| format!("p{i:05}"))
             .collect();
-        let Applied::Done(first) =
-            managed_segments::apply_evaluation(&db.conn, ws, 77, 0, &score_at_least(50.0), ts(2))
-                .await?
+        let Applied::Done(first) = managed_segments::apply_evaluation(
+            &db.conn,
+            ws,
+            77,
+            0,
+            &score_at_least(50.0),
+            &Scope::Full,
+            ts(2),
+        )
+        .await?
         else {
             return Err("stale".into());
         };
@@ -147,9 +154,16 @@ sharpsend_db::db_test!(
         );
 
         // Nothing changed: nothing queued.
-        let Applied::Done(again) =
-            managed_segments::apply_evaluation(&db.conn, ws, 77, 0, &score_at_least(50.0), ts(3))
-                .await?
+        let Applied::Done(again) = managed_segments::apply_evaluation(
+            &db.conn,
+            ws,
+            77,
+            0,
+            &score_at_least(50.0),
+            &Scope::Full,
+            ts(3),
+        )
+        .await?
         else {
             return Err("stale".into());
         };
@@ -169,9 +183,16 @@ sharpsend_db::db_test!(
         ];
         outbox::accept_attribute_updates(&db.conn, ws, &updates, ts(4)).await?;
         let before = outbox_rows(&db, ws).await?.len();
-        let Applied::Done(moved) =
-            managed_segments::apply_evaluation(&db.conn, ws, 77, 0, &score_at_least(50.0), ts(5))
-                .await?
+        let Applied::Done(moved) = managed_segments::apply_evaluation(
+            &db.conn,
+            ws,
+            77,
+            0,
+            &score_at_least(50.0),
+            &Scope::Full,
+            ts(5),
+        )
+        .await?
         else {
             return Err("stale".into());
         };
@@ -200,9 +221,16 @@ sharpsend_db::db_test!(
 
         // A new threshold removes 1000+ people: removals are chunked too.
         let before = outbox_rows(&db, ws).await?.len();
-        let Applied::Done(shrunk) =
-            managed_segments::apply_evaluation(&db.conn, ws, 77, 0, &score_at_least(99.0), ts(6))
-                .await?
+        let Applied::Done(shrunk) = managed_segments::apply_evaluation(
+            &db.conn,
+            ws,
+            77,
+            0,
+            &score_at_least(99.0),
+            &Scope::Full,
+            ts(6),
+        )
+        .await?
         else {
             return Err("stale".into());
         };
@@ -231,9 +259,16 @@ sharpsend_db::db_test!(
             ts(7),
         )
         .await?;
-        let stale =
-            managed_segments::apply_evaluation(&db.conn, ws, 77, 0, &score_at_least(0.0), ts(8))
-                .await?;
+        let stale = managed_segments::apply_evaluation(
+            &db.conn,
+            ws,
+            77,
+            0,
+            &score_at_least(0.0),
+            &Scope::Full,
+            ts(8),
+        )
+        .await?;
         assert_eq!(stale, Applied::Stale);
         assert_eq!(members(&db, ws, 77).await?.len(), 27);
         let seg = managed_segments::get(&db.conn, ws, 77)
@@ -241,8 +276,16 @@ sharpsend_db::db_test!(
             .ok_or("segment")?;
         assert!(seg.evaluation_due && seg.revision == 1);
         assert_eq!(
-            managed_segments::apply_evaluation(&db.conn, ws, 999, 0, &score_at_least(0.0), ts(8))
-                .await?,
+            managed_segments::apply_evaluation(
+                &db.conn,
+                ws,
+                999,
+                0,
+                &score_at_least(0.0),
+                &Scope::Full,
+                ts(8)
+            )
+            .await?,
             Applied::Stale
         );
         TestResult::Ok(())
@@ -361,6 +404,7 @@ sharpsend_db::db_test!(
                 id,
                 0,
                 &score_at_least(0.0),
+                &Scope::Full,
                 ts(1),
             )
             .await?
@@ -595,8 +639,16 @@ async fn a_change_committed_during_an_evaluation_leaves_the_segment_due_on_postg
             (6, Filter::InSegment { segment_id: 4 }, "p00001"),
         ];
         for (id, filter, _) in &filters {
-            let Applied::Done(_) =
-                managed_segments::apply_evaluation(&db.conn, ws, *id, 0, filter, ts(1)).await?
+            let Applied::Done(_) = managed_segments::apply_evaluation(
+                &db.conn,
+                ws,
+                *id,
+                0,
+                filter,
+                &Scope::Full,
+                ts(1),
+            )
+            .await?
             else {
                 return Err("stale".into());
             };
@@ -632,7 +684,8 @@ async fn a_change_committed_during_an_evaluation_leaves_the_segment_due_on_postg
             .await?;
             let conn = db.connect_again().await?;
             let evaluation = tokio::spawn(async move {
-                managed_segments::apply_evaluation(&conn, ws, id, 0, &filter, ts(3)).await
+                managed_segments::apply_evaluation(&conn, ws, id, 0, &filter, &Scope::Full, ts(3))
+                    .await
             });
             until_waiting(&watcher, 1, || evaluation.is_finished()).await?;
 
