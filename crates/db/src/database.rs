@@ -114,6 +114,12 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection, DbError> {
             opts.max_connections(POSTGRES_MAX_CONNECTIONS)
                 .min_connections(POSTGRES_MIN_CONNECTIONS)
                 .idle_timeout(IDLE_TIMEOUT);
+            // Statements are prepared once per connection and their texts never change with
+            // the data (rows are bound as one JSON array). A generic plan PostgreSQL caches
+            // while a table is small (a fresh mirror) keeps scanning it once it is large: a
+            // 1,000-row lock of a 300,000-row table went from ~1.5 ms to 84 s that way. Plan
+            // each execution for the table as it is now; planning costs well under a ms.
+            opts.map_sqlx_postgres_opts(|o| o.options([("plan_cache_mode", "force_custom_plan")]));
         }
     }
     let db = Database::connect(opts).await?;

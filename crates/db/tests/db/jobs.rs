@@ -402,3 +402,27 @@ sharpsend_db::db_test!(
         TestResult::Ok(())
     }
 );
+
+sharpsend_db::db_test!(
+    postgres_plans_each_execution_for_the_table_as_it_is,
+    |db: TestDatabase| async move {
+        use sea_orm::{ConnectionTrait, DbBackend, Statement};
+
+        // A connection from `connect` (the product's pools): a generic plan cached while a
+        // table was empty would keep scanning it once it is large.
+        let conn = db.connect_again().await?;
+        if conn.get_database_backend() != DbBackend::Postgres {
+            return TestResult::Ok(());
+        }
+        let row = conn
+            .query_one_raw(Statement::from_string(
+                DbBackend::Postgres,
+                "SHOW plan_cache_mode",
+            ))
+            .await?
+            .ok_or("no answer")?;
+        let mode: String = row.try_get_by_index(0)?;
+        assert_eq!(mode, "force_custom_plan");
+        TestResult::Ok(())
+    }
+);
