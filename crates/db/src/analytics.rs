@@ -412,14 +412,7 @@ pub async fn sends_of(
         .all(db)
         .await?
         .into_iter()
-        .map(|s| SendInfo {
-            id: s.id,
-            public_id: s.public_id,
-            assignment_id: s.assignment_id,
-            title: s.title,
-            request: s.request,
-            created_at: s.created_at,
-        })
+        .map(SendInfo::from)
         .collect())
 }
 
@@ -455,6 +448,19 @@ pub struct SendInfo {
     pub created_at: DateTime<Utc>,
 }
 
+impl From<crate::entities::sends::Model> for SendInfo {
+    fn from(s: crate::entities::sends::Model) -> Self {
+        Self {
+            id: s.id,
+            public_id: s.public_id,
+            assignment_id: s.assignment_id,
+            title: s.title,
+            request: s.request,
+            created_at: s.created_at,
+        }
+    }
+}
+
 /// Every assignment with a send (id, title of its first send), in id order, at most `limit`:
 /// the candidates "similar past assignments" are chosen from.
 pub async fn assignments_with_sends(
@@ -471,14 +477,7 @@ pub async fn assignments_with_sends(
         .all(db)
         .await?
         .into_iter()
-        .map(|s| SendInfo {
-            id: s.id,
-            public_id: s.public_id,
-            assignment_id: s.assignment_id,
-            title: s.title,
-            request: s.request,
-            created_at: s.created_at,
-        })
+        .map(SendInfo::from)
         .collect())
 }
 
