@@ -13,7 +13,6 @@ use cio_sim::{
 };
 use secrecy::SecretString;
 use serde_json::Value;
-use sharpsend_core::engagement::webhooks::WebhookReceiver;
 use sharpsend_core::jobs::Job;
 use sharpsend_db::{db_test, testing::TestDatabase};
 use sharpsend_proto::v1 as pb;
@@ -31,10 +30,10 @@ async fn webhooks_on(app: &TestApp) -> anyhow::Result<()> {
         listener.local_addr()?,
         sharpsend_server::webhooks::WEBHOOK_PATH
     );
-    let receiver = WebhookReceiver::start(app.ctx.clone(), SecretString::from(KEY));
     tokio::spawn(sharpsend_server::webhooks::serve(
         listener,
-        receiver,
+        app.ctx.clone(),
+        SecretString::from(KEY),
         std::future::pending(),
     ));
     app.sim.sim.set_reporting_webhook(Some(ReportingWebhook {

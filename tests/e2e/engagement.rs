@@ -10,7 +10,7 @@ use anyhow::{Context as _, bail, ensure};
 use cio_sim::ReportingWebhook;
 use secrecy::SecretString;
 use serde_json::{Value, json};
-use sharpsend_core::engagement::{self, EventSource, webhooks::WebhookReceiver};
+use sharpsend_core::engagement::{self, EventSource};
 use sharpsend_core::jobs::{Job, JobOutcome};
 use sharpsend_db::{db_test, testing::TestDatabase};
 use sharpsend_proto::v1::{self as pb, CreateSegmentRequest};
@@ -23,10 +23,10 @@ const BROADCAST: i64 = 3;
 
 /// The webhook endpoint of `app`, served on `listener` until the test ends.
 fn serve_webhooks(app: &TestApp, listener: TcpListener) {
-    let receiver = WebhookReceiver::start(app.ctx.clone(), SecretString::from(KEY));
     tokio::spawn(sharpsend_server::webhooks::serve(
         listener,
-        receiver,
+        app.ctx.clone(),
+        SecretString::from(KEY),
         std::future::pending(),
     ));
 }

@@ -18,4 +18,5 @@ mod security;
 mod segments;
 mod sends;
 mod serving;
+mod tenancy;
 mod tls;

@@ -66,10 +66,11 @@ struct Inner {
     /// PostgreSQL: the listener is connected (nothing is cached otherwise).
     listening: AtomicBool,
     generations: [AtomicU64; 3],
-    segments: Shelf<i64, SegmentView>,
-    segment_pages: Shelf<PageKey, Page<SegmentView, i64>>,
-    profiles: Shelf<CustomerRef, sharpsend_db::profiles::Profile>,
-    sends: Shelf<SendKey, SendView>,
+    // Keys start with the workspace id: one cache serves every workspace of the process.
+    segments: Shelf<(i64, i64), SegmentView>,
+    segment_pages: Shelf<(i64, PageKey), Page<SegmentView, i64>>,
+    profiles: Shelf<(i64, CustomerRef), sharpsend_db::profiles::Profile>,
+    sends: Shelf<(i64, SendKey), SendView>,
 }
 
 /// One kind of cached read: values with the stamp they were loaded under.
@@ -192,6 +193,7 @@ impl ReadCache {
     pub(crate) async fn segment<F, Fut>(
         &self,
         db: &DatabaseConnection,
+        workspace: i64,
         id: i64,
         load: F,
     ) -> Result<SegmentView, CoreError>
@@ -199,13 +201,14 @@ impl ReadCache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<SegmentView, CoreError>>,
     {
-        self.read_through(db, Area::Segments, |i| &i.segments, id, load)
+        self.read_through(db, Area::Segments, |i| &i.segments, (workspace, id), load)
             .await
     }
 
     pub(crate) async fn segment_page<F, Fut>(
         &self,
         db: &DatabaseConnection,
+        workspace: i64,
         key: PageKey,
         load: F,
     ) -> Result<Page<SegmentView, i64>, CoreError>
@@ -213,13 +216,20 @@ impl ReadCache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Page<SegmentView, i64>, CoreError>>,
     {
-        self.read_through(db, Area::Segments, |i| &i.segment_pages, key, load)
-            .await
+        self.read_through(
+            db,
+            Area::Segments,
+            |i| &i.segment_pages,
+            (workspace, key),
+            load,
+        )
+        .await
     }
 
     pub(crate) async fn profile<F, Fut>(
         &self,
         db: &DatabaseConnection,
+        workspace: i64,
         who: CustomerRef,
         load: F,
     ) -> Result<sharpsend_db::profiles::Profile, CoreError>
@@ -227,13 +237,14 @@ impl ReadCache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<sharpsend_db::profiles::Profile, CoreError>>,
     {
-        self.read_through(db, Area::Profiles, |i| &i.profiles, who, load)
+        self.read_through(db, Area::Profiles, |i| &i.profiles, (workspace, who), load)
             .await
     }
 
     pub(crate) async fn send<F, Fut>(
         &self,
         db: &DatabaseConnection,
+        workspace: i64,
         key: SendKey,
         load: F,
     ) -> Result<SendView, CoreError>
@@ -241,7 +252,7 @@ impl ReadCache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<SendView, CoreError>>,
     {
-        self.read_through(db, Area::Sends, |i| &i.sends, key, load)
+        self.read_through(db, Area::Sends, |i| &i.sends, (workspace, key), load)
             .await
     }
 }

@@ -52,6 +52,8 @@ pub mod segments;
 pub mod sends;
 pub mod settings;
 pub mod telemetry;
+pub mod tenants;
+pub mod workspaces;
 
 /// Per-test databases and `db_test!` (feature `test-support`), for crates that build on core.
 #[cfg(feature = "test-support")]

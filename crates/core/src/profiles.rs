@@ -468,7 +468,7 @@ pub async fn get_profile(
     };
     let profile = ctx
         .read_cache
-        .profile(&ctx.db, who.clone(), || async {
+        .profile(&ctx.db, ctx.workspace_id(), who.clone(), || async {
             profiles::get(&ctx.db, ctx.workspace_id(), lookup)
                 .await?
                 .ok_or_else(not_found)

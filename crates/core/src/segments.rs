@@ -117,7 +117,7 @@ pub async fn list_segments(
         limit,
     };
     ctx.read_cache
-        .segment_page(&ctx.db, key, || {
+        .segment_page(&ctx.db, ctx.workspace_id(), key, || {
             load_segment_page(ctx, filter, after, limit)
         })
         .await
@@ -169,7 +169,7 @@ pub async fn get_segment(ctx: &AppContext, id: i64) -> Result<SegmentView, CoreE
         ));
     }
     ctx.read_cache
-        .segment(&ctx.db, id, || load_segment(ctx, id))
+        .segment(&ctx.db, ctx.workspace_id(), id, || load_segment(ctx, id))
         .await
 }
 

@@ -10,7 +10,7 @@
 //! database lease keeps other replicas from running it at the same time.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
 };
 
@@ -19,6 +19,7 @@ use sharpsend_core::{
     error::error_chain,
     jobs::{self, Job, JobOutcome, RunError},
     settings::Schedule,
+    tenants::Tenants,
 };
 use tokio_cron_scheduler::{JobScheduler, JobSchedulerError};
 
@@ -27,51 +28,55 @@ use tokio_cron_scheduler::{JobScheduler, JobSchedulerError};
 #[error("could not start the job scheduler: {0}")]
 pub struct StartError(#[from] JobSchedulerError);
 
-/// The running scheduler: cron jobs plus the continuous outbox worker.
+/// How often the outbox supervisor looks for workspaces created (or enabled) since it started.
+pub const WORKSPACE_SCAN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The running scheduler: cron jobs plus one continuous outbox worker per workspace.
 pub struct RunningScheduler {
     scheduler: JobScheduler,
-    worker: tokio::task::JoinHandle<()>,
-    stop_worker: Option<tokio::sync::oneshot::Sender<()>>,
+    supervisor: tokio::task::JoinHandle<()>,
+    stop_workers: tokio::sync::watch::Sender<bool>,
 }
 
 impl RunningScheduler {
-    /// Stops the outbox worker (it finishes the step in progress) and the cron scheduler.
+    /// Stops the outbox workers (each finishes the step in progress) and the cron scheduler.
     pub async fn shutdown(mut self) -> Result<(), JobSchedulerError> {
-        if let Some(stop) = self.stop_worker.take() {
-            let _ = stop.send(());
-        }
-        if let Err(e) = (&mut self.worker).await {
-            tracing::warn!(error = %e, "outbox worker task ended abnormally");
+        let _ = self.stop_workers.send(true);
+        if let Err(e) = (&mut self.supervisor).await {
+            tracing::warn!(error = %e, "outbox supervisor task ended abnormally");
         }
         self.scheduler.shutdown().await
     }
 }
 
-/// Registers every schedule of `ctx.settings`, starts the scheduler and the continuous outbox
-/// worker (which wakes on in-process writes and polls for writes from other processes). Jobs run
-/// as `holder`.
-pub async fn start(ctx: AppContext, holder: String) -> Result<RunningScheduler, StartError> {
-    let (stop_worker, stopped) = tokio::sync::oneshot::channel::<()>();
-    let worker = tokio::spawn(sharpsend_core::outbox::run_worker(
-        ctx.clone(),
+/// Registers every schedule of the settings, starts the scheduler and an outbox worker per
+/// workspace (each wakes on in-process writes of its workspace and polls for writes from other
+/// processes). Each tick runs its job for every enabled workspace ([`Tenants::all`]) at once, so a
+/// long run in one workspace does not hold back another's. Jobs run as `holder`.
+pub async fn start(
+    tenants: impl Into<Tenants>,
+    holder: String,
+) -> Result<RunningScheduler, StartError> {
+    let tenants: Tenants = tenants.into();
+    let settings = tenants.default_context().settings.clone();
+    let (stop_workers, stopped) = tokio::sync::watch::channel(false);
+    let supervisor = tokio::spawn(supervise_workers(
+        tenants.clone(),
         format!("{holder}/outbox"),
-        ctx.settings.delivery.clone(),
-        async move {
-            let _ = stopped.await;
-        },
+        stopped,
     ));
     let scheduler = JobScheduler::new().await?;
-    let running: Arc<Mutex<HashSet<Job>>> = Arc::default();
-    for Schedule { job, cron } in ctx.settings.schedules.clone() {
-        let ctx = ctx.clone();
+    let running: Running = Arc::default();
+    for Schedule { job, cron } in settings.schedules.clone() {
+        let tenants = tenants.clone();
         let holder = holder.clone();
         let running = running.clone();
         let cron_job = tokio_cron_scheduler::Job::new_async(cron.as_str(), move |_, _| {
-            let ctx = ctx.clone();
+            let tenants = tenants.clone();
             let holder = holder.clone();
             let running = running.clone();
             Box::pin(async move {
-                run_unless_running(&ctx, job, &holder, &running).await;
+                run_everywhere(&tenants, job, &holder, &running).await;
             })
         })?;
         scheduler.add(cron_job).await?;
@@ -80,9 +85,78 @@ pub async fn start(ctx: AppContext, holder: String) -> Result<RunningScheduler, 
     scheduler.start().await?;
     Ok(RunningScheduler {
         scheduler,
-        worker,
-        stop_worker: Some(stop_worker),
+        supervisor,
+        stop_workers,
     })
+}
+
+/// The (job, workspace) pairs this process is running.
+type Running = Arc<Mutex<HashSet<(Job, i64)>>>;
+
+/// Runs `job` in every enabled workspace concurrently.
+async fn run_everywhere(tenants: &Tenants, job: Job, holder: &str, running: &Running) {
+    let contexts = match tenants.all().await {
+        Ok(contexts) => contexts,
+        Err(e) => {
+            tracing::error!(job = job.name(), error = %error_chain(&e), "could not list the workspaces; this tick is skipped");
+            return;
+        }
+    };
+    let runs = contexts
+        .iter()
+        .map(|ctx| run_unless_running(ctx, job, holder, running));
+    futures::future::join_all(runs).await;
+}
+
+/// Keeps one outbox worker per enabled workspace until `stop` says so, then waits for them.
+async fn supervise_workers(
+    tenants: Tenants,
+    worker: String,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut workers: HashMap<i64, tokio::task::JoinHandle<()>> = HashMap::new();
+    loop {
+        match tenants.all().await {
+            Ok(contexts) => {
+                for ctx in contexts {
+                    let workspace = ctx.workspace_id();
+                    if workers.get(&workspace).is_some_and(|w| !w.is_finished()) {
+                        continue;
+                    }
+                    let mut stop = stop.clone();
+                    let delivery = ctx.settings.delivery.clone();
+                    let name = if workspace == tenants.default_context().workspace_id() {
+                        worker.clone()
+                    } else {
+                        format!("{worker}/{workspace}")
+                    };
+                    workers.insert(
+                        workspace,
+                        tokio::spawn(sharpsend_core::outbox::run_worker(
+                            ctx,
+                            name,
+                            delivery,
+                            async move {
+                                let _ = stop.wait_for(|stopped| *stopped).await;
+                            },
+                        )),
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "could not list the workspaces; outbox workers unchanged");
+            }
+        }
+        tokio::select! {
+            _ = stop.wait_for(|stopped| *stopped) => break,
+            _ = tokio::time::sleep(WORKSPACE_SCAN) => {}
+        }
+    }
+    for (_, worker) in workers {
+        if let Err(e) = worker.await {
+            tracing::warn!(error = %e, "outbox worker task ended abnormally");
+        }
+    }
 }
 
 /// Runs `job` unless this process is already running it; answers whether it ran.
@@ -90,15 +164,17 @@ async fn run_unless_running(
     ctx: &AppContext,
     job: Job,
     holder: &str,
-    running: &Mutex<HashSet<Job>>,
+    running: &Mutex<HashSet<(Job, i64)>>,
 ) -> bool {
+    let key = (job, ctx.workspace_id());
     let newly_started = running
         .lock()
-        .map(|mut set| set.insert(job))
+        .map(|mut set| set.insert(key))
         .unwrap_or(false);
     if !newly_started {
         tracing::info!(
             job = job.name(),
+            workspace = ctx.workspace_id(),
             "previous run still going; this tick is skipped"
         );
         return false;
@@ -112,7 +188,7 @@ async fn run_unless_running(
         }
     }
     if let Ok(mut set) = running.lock() {
-        set.remove(&job);
+        set.remove(&key);
     }
     true
 }
@@ -153,7 +229,7 @@ mod tests {
                 Some(SimApi::App),
                 [Fault::Delay(Duration::from_millis(1200))],
             );
-            let running: Arc<Mutex<HashSet<Job>>> = Arc::default();
+            let running: Running = Arc::default();
 
             let first = tokio::spawn({
                 let (ctx, running) = (ctx.clone(), running.clone());

@@ -2,12 +2,12 @@
 //! cancelling A/B tests and declaring their winner. Mapping only: `sharpsend_core::abtest` holds the rules and the
 //! statistics.
 
-use sharpsend_core::AppContext;
 use sharpsend_core::CoreError;
 use sharpsend_core::abtest::manage::{
     self, Metric, NewTest, NewVariant, NoWinnerPolicy, TestDelivery, TestState, TestView,
 };
 use sharpsend_core::abtest::run;
+use sharpsend_core::tenants::Tenants;
 use sharpsend_proto::v1::{self as pb, ab_test_service_server::AbTestService};
 use tonic::{Request, Response, Status};
 
@@ -20,12 +20,12 @@ pub const DEFAULT_TESTS_PAGE: u64 = 50;
 pub const MAX_TESTS_PAGE: u64 = 200;
 
 pub struct AbTests {
-    ctx: AppContext,
+    tenants: Tenants,
 }
 
 impl AbTests {
-    pub fn new(ctx: AppContext) -> Self {
-        Self { ctx }
+    pub fn new(tenants: Tenants) -> Self {
+        Self { tenants }
     }
 }
 
@@ -194,6 +194,7 @@ impl AbTestService for AbTests {
         &self,
         request: Request<pb::CreateTestRequest>,
     ) -> Result<Response<pb::CreateTestResponse>, Status> {
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
         let created_by = caller_name(&request);
         let req = request.into_inner();
         let delivery = req.delivery.map(|d| match d {
@@ -230,7 +231,7 @@ impl AbTestService for AbTests {
             no_winner_policy: policy_from_proto(req.no_winner_policy).or_status()?,
             created_by,
         };
-        let (test, created) = manage::create_test(&self.ctx, new).await.or_status()?;
+        let (test, created) = manage::create_test(&ctx, new).await.or_status()?;
         Ok(Response::new(pb::CreateTestResponse {
             test: Some(test_to_proto(&test)),
             created,
@@ -241,8 +242,9 @@ impl AbTestService for AbTests {
         &self,
         request: Request<pb::StartTestRequest>,
     ) -> Result<Response<pb::StartTestResponse>, Status> {
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
         let req = request.into_inner();
-        let test = run::start_test(&self.ctx, &req.id).await.or_status()?;
+        let test = run::start_test(&ctx, &req.id).await.or_status()?;
         Ok(Response::new(pb::StartTestResponse {
             test: Some(test_to_proto(&test)),
         }))
@@ -252,8 +254,9 @@ impl AbTestService for AbTests {
         &self,
         request: Request<pb::GetTestRequest>,
     ) -> Result<Response<pb::GetTestResponse>, Status> {
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
         let req = request.into_inner();
-        let test = manage::get_test(&self.ctx, &req.id).await.or_status()?;
+        let test = manage::get_test(&ctx, &req.id).await.or_status()?;
         Ok(Response::new(pb::GetTestResponse {
             test: Some(test_to_proto(&test)),
         }))
@@ -263,6 +266,7 @@ impl AbTestService for AbTests {
         &self,
         request: Request<pb::ListTestsRequest>,
     ) -> Result<Response<pb::ListTestsResponse>, Status> {
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
         let req = request.into_inner();
         let limit = limit(
             "page_size",
@@ -281,7 +285,7 @@ impl AbTestService for AbTests {
         )
         .or_status()?;
         let assignment = (!req.assignment_id.is_empty()).then_some(req.assignment_id.as_str());
-        let page = manage::list_tests(&self.ctx, assignment, limit, after)
+        let page = manage::list_tests(&ctx, assignment, limit, after)
             .await
             .or_status()?;
         Ok(Response::new(pb::ListTestsResponse {
@@ -297,9 +301,10 @@ impl AbTestService for AbTests {
         &self,
         request: Request<pb::CancelTestRequest>,
     ) -> Result<Response<pb::CancelTestResponse>, Status> {
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
         let actor = caller_name(&request);
         let req = request.into_inner();
-        let test = manage::cancel_test(&self.ctx, &req.id, &req.reason, &actor)
+        let test = manage::cancel_test(&ctx, &req.id, &req.reason, &actor)
             .await
             .or_status()?;
         Ok(Response::new(pb::CancelTestResponse {
@@ -311,9 +316,10 @@ impl AbTestService for AbTests {
         &self,
         request: Request<pb::DeclareWinnerRequest>,
     ) -> Result<Response<pb::DeclareWinnerResponse>, Status> {
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
         let actor = caller_name(&request);
         let req = request.into_inner();
-        let test = manage::declare_winner(&self.ctx, &req.id, &req.variant, &req.reason, &actor)
+        let test = manage::declare_winner(&ctx, &req.id, &req.variant, &req.reason, &actor)
             .await
             .or_status()?;
         Ok(Response::new(pb::DeclareWinnerResponse {

@@ -11,8 +11,9 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use futures::Stream;
+use sharpsend_core::tenants::Tenants;
 use sharpsend_core::{
-    AppContext, CoreError,
+    CoreError,
     analytics::{
         self as core, Bucket, Counts, ExportScope, Flag, PerformanceQuery, Period, RankBy, Rates,
         ReportFormat, Source,
@@ -39,15 +40,15 @@ const DEFAULT_SUGGESTIONS: u64 = 20;
 const MAX_SUGGESTIONS: u64 = 100;
 
 pub struct Analytics {
-    ctx: AppContext,
+    tenants: Tenants,
     /// Becomes true when the server begins to shut down: watches end then (their callers resume
     /// from their last event id elsewhere), so draining never waits on an endless stream.
     stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Analytics {
-    pub fn new(ctx: AppContext, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
-        Self { ctx, stopping }
+    pub fn new(tenants: Tenants, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
+        Self { tenants, stopping }
     }
 }
 
@@ -161,6 +162,7 @@ impl AnalyticsService for Analytics {
         &self,
         request: Request<pb::WatchEngagementRequest>,
     ) -> Result<Response<Self::WatchEngagementStream>, Status> {
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
         let req = request.into_inner();
         assignment_id("assignment_id", &req.assignment_id, false).or_status()?;
         if req.after_event_id < 0 {
@@ -178,13 +180,13 @@ impl AnalyticsService for Analytics {
         let after = if req.from_beginning {
             0
         } else if req.after_event_id == 0 {
-            engagement::last_event_id(&self.ctx).await.or_status()?
+            engagement::last_event_id(&ctx).await.or_status()?
         } else {
             req.after_event_id
         };
         let assignment = Some(req.assignment_id).filter(|a| !a.is_empty());
         let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let ctx = self.ctx.clone();
+        let ctx = ctx.clone();
         let mut stopping = self.stopping.clone();
         tokio::spawn(async move {
             let mut cursor = core::WatchCursor::new(after);
@@ -225,6 +227,7 @@ impl AnalyticsService for Analytics {
         &self,
         request: Request<pb::ListQuarantinedWebhooksRequest>,
     ) -> Result<Response<pb::ListQuarantinedWebhooksResponse>, Status> {
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
         let req = request.into_inner();
         let size = limit(
             "page_size",
@@ -242,7 +245,7 @@ impl AnalyticsService for Analytics {
         )
         .or_status()?
         .unwrap_or(0);
-        let mut rows = engagement::quarantined(&self.ctx, after, size + 1)
+        let mut rows = engagement::quarantined(&ctx, after, size + 1)
             .await
             .or_status()?;
         let next = if rows.len() as u64 > size {
@@ -270,8 +273,9 @@ impl AnalyticsService for Analytics {
         &self,
         request: Request<pb::GetAssignmentAnalyticsRequest>,
     ) -> Result<Response<pb::GetAssignmentAnalyticsResponse>, Status> {
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
         let req = request.into_inner();
-        let a = core::assignment_analytics(&self.ctx, &req.assignment_id)
+        let a = core::assignment_analytics(&ctx, &req.assignment_id)
             .await
             .or_status()?;
         let d = &a.deliverability;
@@ -311,6 +315,7 @@ impl AnalyticsService for Analytics {
         &self,
         request: Request<pb::ListAssignmentPerformanceRequest>,
     ) -> Result<Response<pb::ListAssignmentPerformanceResponse>, Status> {
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
         let req = request.into_inner();
         let size = limit(
             "page_size",
@@ -364,7 +369,7 @@ impl AnalyticsService for Analytics {
             segment_id,
             content_type: Some(req.content_type).filter(|c| !c.is_empty()),
         };
-        let page = core::performance(&self.ctx, &query, offset, size)
+        let page = core::performance(&ctx, &query, offset, size)
             .await
             .or_status()?;
         Ok(Response::new(pb::ListAssignmentPerformanceResponse {
@@ -394,6 +399,7 @@ impl AnalyticsService for Analytics {
         &self,
         request: Request<pb::ExportReportRequest>,
     ) -> Result<Response<Self::ExportReportStream>, Status> {
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
         let req = request.into_inner();
         let format = match pb::ReportFormat::try_from(req.format) {
             Ok(pb::ReportFormat::Csv) => ReportFormat::Csv,
@@ -413,7 +419,7 @@ impl AnalyticsService for Analytics {
         };
         scope.validate().or_status()?;
         let (tx, rx) = tokio::sync::mpsc::channel(2);
-        let ctx = self.ctx.clone();
+        let ctx = ctx.clone();
         tokio::spawn(async move {
             let mut cache = HashMap::new();
             let mut after: Option<String> = None;
@@ -449,6 +455,7 @@ impl AnalyticsService for Analytics {
         &self,
         request: Request<pb::SuggestSegmentsRequest>,
     ) -> Result<Response<pb::SuggestSegmentsResponse>, Status> {
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
         let req = request.into_inner();
         let n = limit(
             "limit",
@@ -458,7 +465,7 @@ impl AnalyticsService for Analytics {
         )
         .or_status()?;
         let (list, similar) = core::suggest_segments(
-            &self.ctx,
+            &ctx,
             &req.content_types,
             &req.title,
             usize::try_from(n).unwrap_or(usize::MAX),

@@ -11,7 +11,7 @@
 //! written in several pieces must not wait ~40 ms for the client's delayed ACK) and TCP
 //! keepalive (tonic's builder settings for these do not apply to `serve_with_incoming`).
 
-use sharpsend_core::AppContext;
+use sharpsend_core::tenants::Tenants;
 use sharpsend_proto::v1::{
     ab_test_service_server::AbTestServiceServer, admin_service_server::AdminServiceServer,
     analytics_service_server::AnalyticsServiceServer,
@@ -58,13 +58,15 @@ pub enum ServeError {
 }
 
 /// Serves every service on `listener` until `shutdown` resolves, then flips health to
-/// NOT_SERVING and drains in-flight calls. Keys, deadline and limits come from
-/// `ctx.settings.server`.
+/// NOT_SERVING and drains in-flight calls. Keys, deadline and limits come from the settings;
+/// each call is served by its workspace's context ([`crate::tenancy`]).
 pub async fn serve(
     listener: TcpListener,
-    ctx: AppContext,
+    tenants: impl Into<Tenants>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let tenants: Tenants = tenants.into();
+    let ctx = tenants.default_context().clone();
     let options = ctx.settings.server.clone();
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<SegmentServiceServer<Segments>>().await;
@@ -109,14 +111,14 @@ pub async fn serve(
 
     let keys = KeyStore::new(&ctx);
     let access = AccessLayer::new(&ctx, keys.clone(), &[sharpsend_proto::FILE_DESCRIPTOR_SET]);
-    let segments = SegmentServiceServer::new(Segments::new(ctx.clone()));
-    let ops = OpsServiceServer::new(Ops::new(ctx.clone()));
-    let campaigns = CampaignServiceServer::new(Campaigns::new(ctx.clone()));
-    let abtests = AbTestServiceServer::new(AbTests::new(ctx.clone()));
+    let segments = SegmentServiceServer::new(Segments::new(tenants.clone()));
+    let ops = OpsServiceServer::new(Ops::new(tenants.clone()));
+    let campaigns = CampaignServiceServer::new(Campaigns::new(tenants.clone()));
+    let abtests = AbTestServiceServer::new(AbTests::new(tenants.clone()));
     let admin = AdminServiceServer::new(Admin::new(ctx.clone(), keys));
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
-    let analytics = AnalyticsServiceServer::new(Analytics::new(ctx.clone(), stopping));
-    let profiles = ProfileServiceServer::new(Profiles::new(ctx));
+    let analytics = AnalyticsServiceServer::new(Analytics::new(tenants.clone(), stopping));
+    let profiles = ProfileServiceServer::new(Profiles::new(tenants));
 
     let signal = async move {
         shutdown.await;

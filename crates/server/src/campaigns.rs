@@ -3,8 +3,9 @@
 //! The campaign and metrics reads are mapped in [`crate::campaign_metrics`], journey events in
 //! [`crate::journey`]; sends here.
 
+use sharpsend_core::tenants::Tenants;
 use sharpsend_core::{
-    AppContext, CoreError, FieldViolation,
+    CoreError, FieldViolation,
     input::{self, limits::ID_BYTES},
     sends::{
         self, Delivery, DeliveryMode, HistoryView, Resolution, SendFilter, SendKey, SendRequest,
@@ -27,12 +28,12 @@ pub const DEFAULT_SENDS_PAGE: u64 = 50;
 pub const MAX_SENDS_PAGE: u64 = 500;
 
 pub struct Campaigns {
-    ctx: AppContext,
+    tenants: Tenants,
 }
 
 impl Campaigns {
-    pub fn new(ctx: AppContext) -> Self {
-        Self { ctx }
+    pub fn new(tenants: Tenants) -> Self {
+        Self { tenants }
     }
 }
 
@@ -42,7 +43,8 @@ impl CampaignService for Campaigns {
         &self,
         request: Request<pb::ListCampaignsRequest>,
     ) -> Result<Response<pb::ListCampaignsResponse>, Status> {
-        campaign_metrics::list_campaigns(&self.ctx, request.into_inner())
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
+        campaign_metrics::list_campaigns(&ctx, request.into_inner())
             .await
             .map(Response::new)
     }
@@ -51,7 +53,8 @@ impl CampaignService for Campaigns {
         &self,
         request: Request<pb::GetCampaignRequest>,
     ) -> Result<Response<pb::GetCampaignResponse>, Status> {
-        campaign_metrics::get_campaign(&self.ctx, request.into_inner())
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
+        campaign_metrics::get_campaign(&ctx, request.into_inner())
             .await
             .map(Response::new)
     }
@@ -60,6 +63,7 @@ impl CampaignService for Campaigns {
         &self,
         request: Request<pb::SendAssignmentRequest>,
     ) -> Result<Response<pb::SendAssignmentResponse>, Status> {
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
         let caller = caller_name(&request);
         let req = request.into_inner();
         // Bounds the send's own validation does not cover: ids taken exactly as given, no NUL in
@@ -131,9 +135,7 @@ impl CampaignService for Campaigns {
             content_types: req.content_types,
             created_by: caller,
         };
-        let (view, created) = sends::send_assignment(&self.ctx, request)
-            .await
-            .or_status()?;
+        let (view, created) = sends::send_assignment(&ctx, request).await.or_status()?;
         Ok(Response::new(pb::SendAssignmentResponse {
             send: Some(send_to_proto(&view)),
             created,
@@ -144,6 +146,7 @@ impl CampaignService for Campaigns {
         &self,
         request: Request<pb::GetSendRequest>,
     ) -> Result<Response<pb::GetSendResponse>, Status> {
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
         let req = request.into_inner();
         let mut violations = Vec::new();
         input::identifier(&mut violations, "send_id", &req.send_id, ID_BYTES, false);
@@ -175,7 +178,7 @@ impl CampaignService for Campaigns {
                 "give send_id, or assignment_id (and request_id)",
             )));
         };
-        let view = sends::get_send(&self.ctx, &key).await.or_status()?;
+        let view = sends::get_send(&ctx, &key).await.or_status()?;
         Ok(Response::new(pb::GetSendResponse {
             send: Some(send_to_proto(&view)),
         }))
@@ -185,6 +188,7 @@ impl CampaignService for Campaigns {
         &self,
         request: Request<pb::ListSendsRequest>,
     ) -> Result<Response<pb::ListSendsResponse>, Status> {
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
         let req = request.into_inner();
         let limit = limit(
             "page_size",
@@ -218,7 +222,7 @@ impl CampaignService for Campaigns {
             assignment_id: Some(req.assignment_id),
             state,
         };
-        let page = sends::list_sends(&self.ctx, &filter, before, limit)
+        let page = sends::list_sends(&ctx, &filter, before, limit)
             .await
             .or_status()?;
         Ok(Response::new(pb::ListSendsResponse {
@@ -234,6 +238,7 @@ impl CampaignService for Campaigns {
         &self,
         request: Request<pb::ResolveSendRequest>,
     ) -> Result<Response<pb::ResolveSendResponse>, Status> {
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
         let req = request.into_inner();
         let mut violations: Vec<FieldViolation> = Vec::new();
         input::identifier(&mut violations, "send_id", &req.send_id, ID_BYTES, false);
@@ -252,7 +257,7 @@ impl CampaignService for Campaigns {
         };
         let segment = (req.segment_id != 0).then_some(req.segment_id);
         let view = sends::resolve(
-            &self.ctx,
+            &ctx,
             &req.send_id,
             segment,
             resolution,
@@ -270,7 +275,8 @@ impl CampaignService for Campaigns {
         &self,
         request: Request<pb::TriggerJourneyEventRequest>,
     ) -> Result<Response<pb::TriggerJourneyEventResponse>, Status> {
-        journey::trigger_journey_event(&self.ctx, request.into_inner())
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
+        journey::trigger_journey_event(&ctx, request.into_inner())
             .await
             .map(Response::new)
     }
@@ -279,7 +285,8 @@ impl CampaignService for Campaigns {
         &self,
         request: Request<pb::GetCampaignMetricsRequest>,
     ) -> Result<Response<pb::GetCampaignMetricsResponse>, Status> {
-        campaign_metrics::get_campaign_metrics(&self.ctx, request.into_inner())
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
+        campaign_metrics::get_campaign_metrics(&ctx, request.into_inner())
             .await
             .map(Response::new)
     }

@@ -49,13 +49,16 @@ pub async fn run(
     if let Err(e) = sharpsend_core::jobs::run_job(&ctx, Job::SegmentSync, &holder).await {
         tracing::warn!(error = %error_chain(&e), "first segment sync failed; the scheduler retries");
     }
-    let scheduler = sharpsend_scheduler::start(ctx.clone(), holder).await?;
+    // One registry for the scheduler, the webhooks and gRPC: a write in any workspace wakes that
+    // workspace's outbox worker at once.
+    let tenants = sharpsend_core::tenants::Tenants::new(ctx.clone());
+    let scheduler = sharpsend_scheduler::start(tenants.clone(), holder).await?;
     // The loop of issue #13: the simulator sends signed reporting webhooks to our endpoint.
     let webhook_key = secrecy::SecretString::from(format!("dev-webhook-{}", ulid::Ulid::new()));
     let webhook_addr =
         webhook_listen.unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
     let (webhook_addr, _webhooks) = crate::webhooks::spawn(
-        ctx.clone(),
+        tenants.clone(),
         webhook_addr,
         webhook_key.clone(),
         sharpsend_core::context::shutdown_signal(),
@@ -83,7 +86,7 @@ pub async fn run(
         database = %database_url,
         "dev server ready. Try:\n  grpcurl -plaintext {addr} list\n  grpcurl -plaintext {addr} grpc.health.v1.Health/Check\n  grpcurl -plaintext -H 'authorization: Bearer {key_hint}' {addr} sharpsend.cio.v1.SegmentService/ListSegments\n  grpcurl -plaintext -H 'authorization: Bearer {key_hint}' -d '{{\"segment_ids\":[1,2,999]}}' {addr} sharpsend.cio.v1.SegmentService/ValidateTargeting\n  grpcurl -plaintext -H 'authorization: Bearer {key_hint}' -d '{{\"assignment_id\":\"a-1\",\"title\":\"Q4\",\"subject\":\"Q4 outlook\",\"segment_ids\":[4],\"variations\":[{{\"segment_id\":4,\"body\":\"<p>Q4</p>\"}}],\"broadcast\":{{\"broadcast_id\":3}}}}' {addr} sharpsend.cio.v1.CampaignService/SendAssignment"
     );
-    let served = serve(listener, ctx, shutdown).await;
+    let served = serve(listener, tenants, shutdown).await;
     if let Err(e) = scheduler.shutdown().await {
         tracing::warn!(error = %e, "scheduler shutdown");
     }

@@ -44,6 +44,7 @@ pub mod profiles;
 pub mod segments;
 pub mod status;
 pub mod telemetry;
+pub mod tenancy;
 pub mod tls;
 pub mod webhooks;
 

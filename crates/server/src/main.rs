@@ -101,19 +101,20 @@ async fn run(args: Args, settings: Settings) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
+    let tenants = sharpsend_core::tenants::Tenants::new(ctx.clone());
     // Reporting webhooks: a listener of their own when configured (the key is required then).
     if let (Some(addr), Some(key)) = (
         ctx.settings.engagement.webhook_listen,
         ctx.settings.engagement.webhook_signing_key.clone(),
     ) {
         let (bound, _task) =
-            sharpsend_server::webhooks::spawn(ctx.clone(), addr, key, shutdown_signal())
+            sharpsend_server::webhooks::spawn(tenants.clone(), addr, key, shutdown_signal())
                 .await
                 .with_context(|| format!("binding {addr} (SHARPSEND_WEBHOOK_LISTEN)"))?;
         tracing::info!(addr = %bound, path = sharpsend_server::webhooks::WEBHOOK_PATH, "serving Customer.io reporting webhooks");
     }
     tracing::info!(addr = %listener.local_addr()?, workspace = %ctx.workspace.cio_site_id, "serving gRPC");
-    serve(listener, ctx, shutdown_signal()).await?;
+    serve(listener, tenants, shutdown_signal()).await?;
     Ok(())
 }
 

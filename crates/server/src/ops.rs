@@ -2,8 +2,9 @@
 //! schedules, list recent runs, start one now, follow one run. Mapping only: `sharpsend_core::jobs` runs them
 //! (lease + run record, exactly as the scheduler runs them) and reads their runs.
 
+use sharpsend_core::tenants::Tenants;
 use sharpsend_core::{
-    AppContext, CoreError,
+    CoreError,
     input::{self, limits::JOB_NAME_BYTES},
     jobs::{self, Job, JobRunView, RunState},
 };
@@ -21,12 +22,12 @@ pub const DEFAULT_RUNS_LIMIT: u64 = 20;
 pub const MAX_RUNS_LIMIT: u64 = 500;
 
 pub struct Ops {
-    ctx: AppContext,
+    tenants: Tenants,
 }
 
 impl Ops {
-    pub fn new(ctx: AppContext) -> Self {
-        Self { ctx }
+    pub fn new(tenants: Tenants) -> Self {
+        Self { tenants }
     }
 }
 
@@ -81,7 +82,8 @@ impl OpsService for Ops {
         &self,
         _request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
-        let jobs = jobs::list_jobs(&self.ctx)
+        let ctx = crate::tenancy::context(&self.tenants, &_request).await?;
+        let jobs = jobs::list_jobs(&ctx)
             .into_iter()
             .map(|info| pb::JobInfo {
                 name: info.job.name().to_string(),
@@ -98,6 +100,7 @@ impl OpsService for Ops {
         &self,
         request: Request<pb::ListJobRunsRequest>,
     ) -> Result<Response<pb::ListJobRunsResponse>, Status> {
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
         let req = request.into_inner();
         let job = if req.job.is_empty() {
             None
@@ -111,7 +114,7 @@ impl OpsService for Ops {
             MAX_RUNS_LIMIT,
         )
         .or_status()?;
-        let runs = jobs::recent_runs(&self.ctx, job, limit).await.or_status()?;
+        let runs = jobs::recent_runs(&ctx, job, limit).await.or_status()?;
         Ok(Response::new(pb::ListJobRunsResponse {
             runs: runs.iter().map(to_proto).collect(),
         }))
@@ -121,6 +124,7 @@ impl OpsService for Ops {
         &self,
         request: Request<pb::RunJobRequest>,
     ) -> Result<Response<pb::RunJobResponse>, Status> {
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
         let caller = request
             .extensions()
             .get::<Caller>()
@@ -128,7 +132,7 @@ impl OpsService for Ops {
             .unwrap_or_else(|| "unknown".into());
         let req = request.into_inner();
         let job = parse_job(&req.job).or_status()?;
-        let (run, _) = jobs::run_now(&self.ctx, job, &caller, &req.request_id)
+        let (run, _) = jobs::run_now(&ctx, job, &caller, &req.request_id)
             .await
             .or_status()?;
         Ok(Response::new(pb::RunJobResponse {
@@ -140,6 +144,7 @@ impl OpsService for Ops {
         &self,
         request: Request<pb::GetJobRunRequest>,
     ) -> Result<Response<pb::GetJobRunResponse>, Status> {
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
         let run_id = request.into_inner().run_id;
         if run_id <= 0 {
             return Err(crate::status::to_status(CoreError::invalid(
@@ -147,7 +152,7 @@ impl OpsService for Ops {
                 "must be a positive job run id",
             )));
         }
-        let run = jobs::get_run(&self.ctx, run_id).await.or_status()?;
+        let run = jobs::get_run(&ctx, run_id).await.or_status()?;
         Ok(Response::new(pb::GetJobRunResponse {
             run: Some(to_proto(&run)),
         }))

@@ -4,8 +4,9 @@
 use std::pin::Pin;
 
 use futures::Stream;
+use sharpsend_core::tenants::Tenants;
 use sharpsend_core::{
-    AppContext, CoreError, FieldViolation,
+    CoreError, FieldViolation,
     engagement::history::{self, History, HistoryQuery, IdType},
     input::{self, limits::OUTBOX_IDS},
     outbox::{self, OutboxItem},
@@ -30,12 +31,12 @@ const DEFAULT_STATUS_LIMIT: u64 = 20;
 const MAX_STATUS_LIMIT: u64 = 200;
 
 pub struct Profiles {
-    ctx: AppContext,
+    tenants: Tenants,
 }
 
 impl Profiles {
-    pub fn new(ctx: AppContext) -> Self {
-        Self { ctx }
+    pub fn new(tenants: Tenants) -> Self {
+        Self { tenants }
     }
 }
 
@@ -235,6 +236,7 @@ impl ProfileService for Profiles {
         &self,
         request: Request<pb::GetProfileRequest>,
     ) -> Result<Response<pb::GetProfileResponse>, Status> {
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
         let req = request.into_inner();
         let filters = customer_filter(&req);
         let query = history_query(&req).or_status()?;
@@ -255,11 +257,11 @@ impl ProfileService for Profiles {
             CustomerRef::CioId(v) => (v.clone(), IdType::CioId),
         };
         query.validate(req.fresh).or_status()?;
-        let view = profiles::get_profile(&self.ctx, who, req.fresh)
+        let view = profiles::get_profile(&ctx, who, req.fresh)
             .await
             .or_status()?;
         let p = view.profile;
-        let history = history::history(&self.ctx, &p.customer_id, &identifier, id_type, &query)
+        let history = history::history(&ctx, &p.customer_id, &identifier, id_type, &query)
             .await
             .or_status()?;
         Ok(Response::new(pb::GetProfileResponse {
@@ -295,6 +297,7 @@ impl ProfileService for Profiles {
         &self,
         request: Request<pb::ImportProfilesRequest>,
     ) -> Result<Response<Self::ImportProfilesStream>, Status> {
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
         let req = request.into_inner();
         let source = if req.customer_ids.is_empty() {
             ImportSource::Segment(req.segment_id)
@@ -303,7 +306,7 @@ impl ProfileService for Profiles {
         };
         profiles::validate_import(&source).or_status()?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
-        let ctx = self.ctx.clone();
+        let ctx = ctx.clone();
         tokio::spawn(async move {
             let progress_tx = tx.clone();
             let result = profiles::import_profiles(&ctx, source, move |p| {
@@ -329,8 +332,9 @@ impl ProfileService for Profiles {
         &self,
         request: Request<pb::UpdateAttributesRequest>,
     ) -> Result<Response<pb::UpdateAttributesResponse>, Status> {
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
         let update = attribute_update(request.into_inner(), "").or_status()?;
-        profiles::update_attributes(&self.ctx, vec![update], None)
+        profiles::update_attributes(&ctx, vec![update], None)
             .await
             .or_status()?;
         Ok(Response::new(pb::UpdateAttributesResponse {}))
@@ -340,11 +344,12 @@ impl ProfileService for Profiles {
         &self,
         request: Request<pb::BatchUpdateAttributesRequest>,
     ) -> Result<Response<pb::BatchUpdateAttributesResponse>, Status> {
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
         let updates = map_all(request.into_inner().updates, |i, u| {
             attribute_update(u, &format!("updates[{i}]."))
         })
         .or_status()?;
-        let accepted = profiles::update_attributes(&self.ctx, updates, Some("updates"))
+        let accepted = profiles::update_attributes(&ctx, updates, Some("updates"))
             .await
             .or_status()?;
         Ok(Response::new(pb::BatchUpdateAttributesResponse {
@@ -356,8 +361,9 @@ impl ProfileService for Profiles {
         &self,
         request: Request<pb::TrackEventRequest>,
     ) -> Result<Response<pb::TrackEventResponse>, Status> {
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
         let event = event_input(request.into_inner(), "").or_status()?;
-        let accepted = profiles::track_events(&self.ctx, vec![event], None)
+        let accepted = profiles::track_events(&ctx, vec![event], None)
             .await
             .or_status()?;
         let first = accepted
@@ -374,11 +380,12 @@ impl ProfileService for Profiles {
         &self,
         request: Request<pb::BatchTrackEventsRequest>,
     ) -> Result<Response<pb::BatchTrackEventsResponse>, Status> {
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
         let events = map_all(request.into_inner().events, |i, e| {
             event_input(e, &format!("events[{i}]."))
         })
         .or_status()?;
-        let accepted = profiles::track_events(&self.ctx, events, Some("events"))
+        let accepted = profiles::track_events(&ctx, events, Some("events"))
             .await
             .or_status()?;
         Ok(Response::new(pb::BatchTrackEventsResponse {
@@ -396,6 +403,7 @@ impl ProfileService for Profiles {
         &self,
         request: Request<pb::GetSyncStatusRequest>,
     ) -> Result<Response<pb::GetSyncStatusResponse>, Status> {
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
         let limit = limit(
             "limit",
             i64::from(request.into_inner().limit),
@@ -403,7 +411,7 @@ impl ProfileService for Profiles {
             MAX_STATUS_LIMIT,
         )
         .or_status()?;
-        let status = outbox::sync_status(&self.ctx, limit).await.or_status()?;
+        let status = outbox::sync_status(&ctx, limit).await.or_status()?;
         Ok(Response::new(pb::GetSyncStatusResponse {
             pending: status.pending,
             in_flight: status.in_flight,
@@ -422,6 +430,7 @@ impl ProfileService for Profiles {
         &self,
         request: Request<pb::RetryDeadLettersRequest>,
     ) -> Result<Response<pb::RetryDeadLettersResponse>, Status> {
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
         let ids = request.into_inner().ids;
         if ids.len() > OUTBOX_IDS {
             return Err(to_status(CoreError::invalid(
@@ -429,9 +438,7 @@ impl ProfileService for Profiles {
                 format!("holds {} ids; at most {OUTBOX_IDS}", ids.len()),
             )));
         }
-        let requeued = outbox::retry_dead_letters(&self.ctx, &ids)
-            .await
-            .or_status()?;
+        let requeued = outbox::retry_dead_letters(&ctx, &ids).await.or_status()?;
         Ok(Response::new(pb::RetryDeadLettersResponse { requeued }))
     }
 }

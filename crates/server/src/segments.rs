@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use sharpsend_core::tenants::Tenants;
 use sharpsend_core::{
     AppContext, CoreError,
     criteria::{
@@ -33,12 +34,12 @@ pub const DEFAULT_PAGE_SIZE: u64 = 50;
 pub const MAX_PAGE_SIZE: u64 = 500;
 
 pub struct Segments {
-    ctx: AppContext,
+    tenants: Tenants,
 }
 
 impl Segments {
-    pub fn new(ctx: AppContext) -> Self {
-        Self { ctx }
+    pub fn new(tenants: Tenants) -> Self {
+        Self { tenants }
     }
 }
 
@@ -48,6 +49,7 @@ impl SegmentService for Segments {
         &self,
         request: Request<pb::ListSegmentsRequest>,
     ) -> Result<Response<pb::ListSegmentsResponse>, Status> {
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
         let req = request.into_inner();
         let limit = page_size(req.page_size).or_status()?;
         let mut violations = Vec::new();
@@ -76,7 +78,7 @@ impl SegmentService for Segments {
             kind,
             include_removed: req.include_removed,
         };
-        let page = core_segments::list_segments(&self.ctx, &filter, after, limit)
+        let page = core_segments::list_segments(&ctx, &filter, after, limit)
             .await
             .or_status()?;
         Ok(Response::new(pb::ListSegmentsResponse {
@@ -92,7 +94,8 @@ impl SegmentService for Segments {
         &self,
         request: Request<pb::GetSegmentRequest>,
     ) -> Result<Response<pb::GetSegmentResponse>, Status> {
-        let segment = core_segments::get_segment(&self.ctx, request.into_inner().segment_id)
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
+        let segment = core_segments::get_segment(&ctx, request.into_inner().segment_id)
             .await
             .or_status()?;
         Ok(Response::new(pb::GetSegmentResponse {
@@ -104,12 +107,13 @@ impl SegmentService for Segments {
         &self,
         request: Request<pb::SyncSegmentsRequest>,
     ) -> Result<Response<pb::SyncSegmentsResponse>, Status> {
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
         let caller = request
             .extensions()
             .get::<Caller>()
             .map(|c| c.name.clone())
             .unwrap_or_else(|| "unknown".into());
-        let (run, _) = jobs::run_now(&self.ctx, Job::SegmentSync, &caller, "")
+        let (run, _) = jobs::run_now(&ctx, Job::SegmentSync, &caller, "")
             .await
             .or_status()?;
         Ok(Response::new(pb::SyncSegmentsResponse {
@@ -121,15 +125,15 @@ impl SegmentService for Segments {
         &self,
         request: Request<pb::ValidateTargetingRequest>,
     ) -> Result<Response<pb::ValidateTargetingResponse>, Status> {
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
         let req = request.into_inner();
         let max_age = match &req.max_count_age {
             None => core_segments::DEFAULT_MAX_COUNT_AGE,
             Some(d) => convert::duration("max_count_age", d).or_status()?,
         };
-        let report =
-            core_segments::validate_targeting(&self.ctx, &req.segment_ids, max_age, self.ctx.now())
-                .await
-                .or_status()?;
+        let report = core_segments::validate_targeting(&ctx, &req.segment_ids, max_age, ctx.now())
+            .await
+            .or_status()?;
         let sendable = report.sendable();
         Ok(Response::new(pb::ValidateTargetingResponse {
             segments: report
@@ -155,10 +159,11 @@ impl SegmentService for Segments {
         &self,
         request: Request<pb::CreateSegmentRequest>,
     ) -> Result<Response<pb::CreateSegmentResponse>, Status> {
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
         let req = request.into_inner();
         let criteria = criteria_input(req.criteria, req.criteria_json, false).or_status()?;
         let (view, _created) = core_segments::create_segment_once(
-            &self.ctx,
+            &ctx,
             NewSegment {
                 name: req.name,
                 description: req.description,
@@ -168,7 +173,7 @@ impl SegmentService for Segments {
         )
         .await
         .or_status()?;
-        let segment = self.managed_segment(view).await?;
+        let segment = managed_segment(&ctx, view).await?;
         Ok(Response::new(pb::CreateSegmentResponse {
             segment: Some(segment),
         }))
@@ -178,6 +183,7 @@ impl SegmentService for Segments {
         &self,
         request: Request<pb::PreviewSegmentRequest>,
     ) -> Result<Response<pb::PreviewSegmentResponse>, Status> {
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
         let req = request.into_inner();
         let input = criteria_input(req.criteria, req.criteria_json, true)
             .or_status()?
@@ -187,7 +193,7 @@ impl SegmentService for Segments {
                     "is required (or criteria_json)",
                 ))
             })?;
-        let preview = managed::preview(&self.ctx, input, req.sample_size)
+        let preview = managed::preview(&ctx, input, req.sample_size)
             .await
             .or_status()?;
         Ok(Response::new(pb::PreviewSegmentResponse {
@@ -209,6 +215,7 @@ impl SegmentService for Segments {
         &self,
         request: Request<pb::UpdateSegmentRequest>,
     ) -> Result<Response<pb::UpdateSegmentResponse>, Status> {
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
         let req = request.into_inner();
         let criteria = criteria_input(req.criteria, req.criteria_json, false).or_status()?;
         let changes = SegmentChanges {
@@ -217,10 +224,10 @@ impl SegmentService for Segments {
             criteria,
             remove_criteria: req.remove_criteria,
         };
-        let view = managed::update_segment(&self.ctx, req.segment_id, changes)
+        let view = managed::update_segment(&ctx, req.segment_id, changes)
             .await
             .or_status()?;
-        let segment = self.managed_segment(view).await?;
+        let segment = managed_segment(&ctx, view).await?;
         Ok(Response::new(pb::UpdateSegmentResponse {
             segment: Some(segment),
         }))
@@ -230,7 +237,8 @@ impl SegmentService for Segments {
         &self,
         request: Request<pb::DeleteSegmentRequest>,
     ) -> Result<Response<pb::DeleteSegmentResponse>, Status> {
-        managed::delete_segment(&self.ctx, request.into_inner().segment_id)
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
+        managed::delete_segment(&ctx, request.into_inner().segment_id)
             .await
             .or_status()?;
         Ok(Response::new(pb::DeleteSegmentResponse {}))
@@ -240,8 +248,9 @@ impl SegmentService for Segments {
         &self,
         request: Request<pb::AddSegmentMembersRequest>,
     ) -> Result<Response<pb::AddSegmentMembersResponse>, Status> {
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
         let req = request.into_inner();
-        let change = managed::add_members(&self.ctx, req.segment_id, &req.customer_ids)
+        let change = managed::add_members(&ctx, req.segment_id, &req.customer_ids)
             .await
             .or_status()?;
         Ok(Response::new(pb::AddSegmentMembersResponse {
@@ -254,8 +263,9 @@ impl SegmentService for Segments {
         &self,
         request: Request<pb::RemoveSegmentMembersRequest>,
     ) -> Result<Response<pb::RemoveSegmentMembersResponse>, Status> {
+        let ctx = crate::tenancy::context(&self.tenants, &request).await?;
         let req = request.into_inner();
-        let change = managed::remove_members(&self.ctx, req.segment_id, &req.customer_ids)
+        let change = managed::remove_members(&ctx, req.segment_id, &req.customer_ids)
             .await
             .or_status()?;
         Ok(Response::new(pb::RemoveSegmentMembersResponse {
@@ -265,14 +275,12 @@ impl SegmentService for Segments {
     }
 }
 
-impl Segments {
-    /// A managed segment as a `Segment`, with its mirrored part.
-    async fn managed_segment(&self, view: ManagedView) -> Result<pb::Segment, Status> {
-        let segment = core_segments::get_segment(&self.ctx, view.segment_id)
-            .await
-            .or_status()?;
-        Ok(to_proto(&segment))
-    }
+/// A managed segment as a `Segment`, with its mirrored part.
+async fn managed_segment(ctx: &AppContext, view: ManagedView) -> Result<pb::Segment, Status> {
+    let segment = core_segments::get_segment(ctx, view.segment_id)
+        .await
+        .or_status()?;
+    Ok(to_proto(&segment))
 }
 
 /// The criteria a request carries: the message, or the JSON text (not both). `required`: one

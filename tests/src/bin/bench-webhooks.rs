@@ -26,7 +26,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use clap::Parser;
 use secrecy::SecretString;
-use sharpsend_core::engagement::webhooks::WebhookReceiver;
 use sharpsend_core::jobs::Job;
 use sharpsend_db::engagement::{self as store, EventSource, NewDeliveryEvent};
 use sharpsend_db::testing::{Backend, TestDatabase};
@@ -170,10 +169,10 @@ async fn ingest(args: &Args, app: &TestApp, trigger: i64) -> anyhow::Result<()> 
         listener.local_addr()?,
         sharpsend_server::webhooks::WEBHOOK_PATH
     );
-    let receiver = WebhookReceiver::start(app.ctx.clone(), SecretString::from(KEY));
     tokio::spawn(sharpsend_server::webhooks::serve(
         listener,
-        receiver,
+        app.ctx.clone(),
+        SecretString::from(KEY),
         std::future::pending(),
     ));
     // Every 10th event is sent twice.

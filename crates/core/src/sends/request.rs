@@ -444,7 +444,9 @@ pub enum SendKey {
 /// One send with its submissions and history.
 pub async fn get_send(ctx: &AppContext, key: &SendKey) -> Result<SendView, CoreError> {
     ctx.read_cache
-        .send(&ctx.db, key.clone(), || load_send(ctx, key))
+        .send(&ctx.db, ctx.workspace_id(), key.clone(), || {
+            load_send(ctx, key)
+        })
         .await
 }
 

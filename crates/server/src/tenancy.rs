@@ -1,0 +1,52 @@
+//! Which workspace a call works in, and so which [`AppContext`] serves it.
+//!
+//! - A key bound to a workspace works in that workspace only.
+//! - An all-workspaces key (a configured `SHARPSEND_API_KEYS` key, or a created admin key with
+//!   no workspace) works in the workspace named by the `x-sharpsend-workspace` metadata (a
+//!   workspace id, as `AdminService/CreateWorkspace` answers it), or in the default one (the
+//!   `CIO_*` workspace) without it.
+//! - A bound key naming another workspace is `PERMISSION_DENIED`; an unknown workspace is
+//!   `NOT_FOUND`, a disabled one `FAILED_PRECONDITION`, a malformed header `INVALID_ARGUMENT`.
+
+use sharpsend_core::{AppContext, CoreError, tenants::Tenants};
+use tonic::{Request, Status};
+
+use crate::{auth, status::OrStatus};
+
+/// The metadata an all-workspaces key names its workspace with.
+pub const WORKSPACE_HEADER: &str = "x-sharpsend-workspace";
+
+/// The workspace `request` works in (see the module doc).
+pub fn workspace_of<T>(tenants: &Tenants, request: &Request<T>) -> Result<i64, Status> {
+    let caller = auth::caller(request)?;
+    let asked = match request.metadata().get(WORKSPACE_HEADER) {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<i64>().ok())
+                .filter(|id| *id > 0)
+                .ok_or_else(|| {
+                    crate::status::to_status(CoreError::invalid(
+                        WORKSPACE_HEADER,
+                        "must be a workspace id (a positive integer)",
+                    ))
+                })?,
+        ),
+    };
+    let all_workspaces = caller.configured || caller.workspace_id.is_none();
+    match (all_workspaces, caller.workspace_id, asked) {
+        (true, _, Some(asked)) => Ok(asked),
+        (true, _, None) => Ok(tenants.default_context().workspace_id()),
+        (false, Some(bound), None) => Ok(bound),
+        (false, Some(bound), Some(asked)) if asked == bound => Ok(bound),
+        _ => Err(auth::permission_denied()),
+    }
+}
+
+/// The context serving `request`'s workspace.
+pub async fn context<T>(tenants: &Tenants, request: &Request<T>) -> Result<AppContext, Status> {
+    let workspace = workspace_of(tenants, request)?;
+    tenants.context(workspace).await.or_status()
+}
