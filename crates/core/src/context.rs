@@ -11,8 +11,8 @@ use crate::{cache::ReadCache, clock::Clock, settings::Settings};
 /// The database, the Customer.io client, the workspace they serve, the settings (read once at
 /// start-up) and the clock.
 ///
-/// The service runs one workspace per process (bootstrapped from `CIO_SITE_ID`); every table row
-/// carries its id so that several can share a database.
+/// A context serves one workspace: the process's own (bootstrapped from `CIO_SITE_ID`) or one
+/// stored as data ([`crate::tenants`] builds those). Every query filters by its workspace id.
 #[derive(Clone)]
 pub struct AppContext {
     pub db: DatabaseConnection,

@@ -452,10 +452,11 @@ where
                 Err(status) => return refuse(status),
             };
             let rule = access::rule(&path);
+            let workspace_id = crate::tenancy::audited_workspace(&caller, request.headers());
             let pending = |ids: serde_json::Value| PendingAudit {
                 event: Some(NewAuditEvent {
                     at: layer.ctx.now(),
-                    workspace_id: caller.workspace_id,
+                    workspace_id,
                     key_id: caller.key_id.clone(),
                     key_name: caller.name.clone(),
                     role: caller.role.as_str().to_owned(),

@@ -22,11 +22,7 @@ pub fn workspace_of<T>(tenants: &Tenants, request: &Request<T>) -> Result<i64, S
     let asked = match request.metadata().get(WORKSPACE_HEADER) {
         None => None,
         Some(value) => Some(
-            value
-                .to_str()
-                .ok()
-                .and_then(|v| v.trim().parse::<i64>().ok())
-                .filter(|id| *id > 0)
+            parse_workspace(value.as_bytes())
                 .ok_or_else(|| {
                     crate::status::to_status(CoreError::invalid(
                         WORKSPACE_HEADER,
@@ -42,6 +38,24 @@ pub fn workspace_of<T>(tenants: &Tenants, request: &Request<T>) -> Result<i64, S
         (false, Some(bound), None) => Ok(bound),
         (false, Some(bound), Some(asked)) if asked == bound => Ok(bound),
         _ => Err(auth::permission_denied()),
+    }
+}
+
+/// The workspace id in an `x-sharpsend-workspace` value, if it is one.
+fn parse_workspace(value: &[u8]) -> Option<i64> {
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .filter(|id| *id > 0)
+}
+
+/// The workspace an audit event of `caller`'s call names: the one the call works in when it can
+/// be known from the headers alone, else the key's.
+pub fn audited_workspace(caller: &auth::Caller, headers: &http::HeaderMap) -> Option<i64> {
+    let all_workspaces = caller.configured || caller.workspace_id.is_none();
+    match headers.get(WORKSPACE_HEADER) {
+        Some(value) if all_workspaces => parse_workspace(value.as_bytes()).or(caller.workspace_id),
+        _ => caller.workspace_id,
     }
 }
 
