@@ -37,6 +37,7 @@ mod m20261206_000045_profile_changes;
 mod m20261206_000050_delivery_events_analytics;
 mod m20261206_000055_create_api_keys;
 mod m20261206_000056_create_audit_events;
+mod m20261206_000060_workspace_credentials;
 
 /// All migrations of the project, oldest first.
 pub struct Migrator;
@@ -68,6 +69,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261206_000050_delivery_events_analytics::Migration),
             Box::new(m20261206_000055_create_api_keys::Migration),
             Box::new(m20261206_000056_create_audit_events::Migration),
+            Box::new(m20261206_000060_workspace_credentials::Migration),
         ]
     }
 }

@@ -50,6 +50,10 @@ pub enum Job {
     /// sequential rule, decide, and send the winner to the remainder (see
     /// [`crate::abtest::run`]).
     AbTestEvaluation,
+    /// Re-seal stored workspace credentials sealed under an older master key with the current
+    /// one (`SHARPSEND_MASTER_KEY`'s first), one guarded update per workspace (see
+    /// [`crate::workspaces::rekey`]).
+    SecretsRekey,
 }
 
 impl Job {
@@ -65,6 +69,7 @@ impl Job {
         Job::EngagementScoring,
         Job::ProfileSync,
         Job::AbTestEvaluation,
+        Job::SecretsRekey,
     ];
 
     /// The name used on the command line, in job runs and in leases.
@@ -81,6 +86,7 @@ impl Job {
             Job::EngagementScoring => "engagement-scoring",
             Job::ProfileSync => "profile-sync",
             Job::AbTestEvaluation => "abtest-evaluation",
+            Job::SecretsRekey => "secrets-rekey",
         }
     }
 
@@ -113,6 +119,9 @@ impl Job {
             Job::AbTestEvaluation => {
                 "advance A/B tests: variant segments and sends, sequential looks, decisions, the winner to the remainder"
             }
+            Job::SecretsRekey => {
+                "re-seal stored workspace credentials under the current master key"
+            }
         }
     }
 
@@ -131,6 +140,7 @@ impl Job {
             Job::EngagementScoring => "SHARPSEND_ENGAGEMENT_SCORING_CRON",
             Job::ProfileSync => "SHARPSEND_PROFILE_SYNC_CRON",
             Job::AbTestEvaluation => "SHARPSEND_ABTEST_EVALUATION_CRON",
+            Job::SecretsRekey => "SHARPSEND_SECRETS_REKEY_CRON",
         }
     }
 }
@@ -492,6 +502,7 @@ async fn execute(
         Job::EngagementScoring => Ok(report_details(&crate::engagement::score(ctx).await?)),
         Job::ProfileSync => Ok(report_details(&crate::profile_sync::sync(ctx).await?)),
         Job::AbTestEvaluation => Ok(report_details(&crate::abtest::run::evaluate(ctx).await?)),
+        Job::SecretsRekey => Ok(report_details(&crate::workspaces::rekey(ctx).await?)),
     }
 }
 

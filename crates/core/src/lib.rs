@@ -25,6 +25,9 @@
 //!   and recorded as job runs; the scheduler's cron and `--once` both call [`jobs::run_job`].
 //! - [`telemetry`]: logs, and OpenTelemetry traces and metrics over OTLP when configured, shared
 //!   by the binaries (with this crate's job and outbox instruments).
+//! - [`workspaces`]: workspaces as data (create, update, list, disable; credentials checked with
+//!   Customer.io, sealed at rest by [`secrets`] under `SHARPSEND_MASTER_KEY`) and
+//!   [`workspaces::access`], a stored workspace with its credentials opened.
 //! - [`error`]: [`CoreError`], the one error type callers map to their protocol, and
 //!   [`error::error_chain`] for logs; [`input`]: the bounds every request string is held to
 //!   (bounded, no NUL, identifiers never trimmed).
@@ -48,6 +51,7 @@ pub mod outbox;
 pub mod paging;
 pub mod profile_sync;
 pub mod profiles;
+pub mod secrets;
 pub mod segments;
 pub mod sends;
 pub mod settings;

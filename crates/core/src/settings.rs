@@ -16,8 +16,8 @@ use secrecy::SecretString;
 use url::Url;
 
 use crate::{
-    jobs::Job, managed_segments::EvaluationConfig, outbox::DeliveryConfig, sends::SendConfig,
-    telemetry::TelemetryConfig,
+    jobs::Job, managed_segments::EvaluationConfig, outbox::DeliveryConfig, secrets::MasterKeys,
+    sends::SendConfig, telemetry::TelemetryConfig,
 };
 
 /// Where settings come from: the process environment, or a map in tests.
@@ -181,6 +181,11 @@ pub const VARIABLES: &[Variable] = &[
         "",
         Server,
         "PEM CA certificate(s): require client certificates signed by them (mTLS); needs SHARPSEND_TLS_CERT",
+    ),
+    secret(
+        "SHARPSEND_MASTER_KEY",
+        Both,
+        "master keys sealing stored workspace credentials: `<key id>:<base64 of 32 bytes>,…`, the first seals, the others still open (rotation; the secrets-rekey job re-seals); unset: workspaces cannot be created (--dev: an ephemeral key)",
     ),
     var(
         "SHARPSEND_REQUEST_TIMEOUT_SECS",
@@ -451,6 +456,12 @@ pub const VARIABLES: &[Variable] = &[
         "schedule of abtest-evaluation (each run is one look of every running A/B test)",
     ),
     var(
+        "SHARPSEND_SECRETS_REKEY_CRON",
+        "0 40 * * * *",
+        Jobs,
+        "schedule of secrets-rekey (re-seals stored workspace credentials under the current master key)",
+    ),
+    var(
         "SHARPSEND_PROFILE_SYNC_SEGMENTS",
         "",
         Jobs,
@@ -714,6 +725,9 @@ pub struct Settings {
     /// The Customer.io workspace; `None` in `--dev` (the simulator provides it) and for one-shot
     /// commands.
     pub cio: Option<CioSettings>,
+    /// `SHARPSEND_MASTER_KEY`: the keys sealing stored workspace credentials ([`crate::secrets`]);
+    /// `None`: unset (workspaces with stored credentials cannot be created or opened).
+    pub master_keys: Option<MasterKeys>,
     pub server: ServerSettings,
     pub delivery: DeliveryConfig,
     pub sends: SendConfig,
@@ -735,6 +749,7 @@ impl Default for Settings {
         Self {
             database_url: DEFAULT_DATABASE_URL.to_string(),
             cio: None,
+            master_keys: None,
             server: ServerSettings::default(),
             delivery: DeliveryConfig::default(),
             sends: SendConfig::default(),
@@ -792,9 +807,17 @@ impl Settings {
             ));
         }
         telemetry.log_filter = Some(log_filter);
+        let master_keys = match env.var(crate::secrets::MASTER_KEY_VARIABLE) {
+            Some(raw) => Some(
+                MasterKeys::parse(&raw)
+                    .map_err(|e| ConfigError::new("SHARPSEND_MASTER_KEY", e.0))?,
+            ),
+            None => None,
+        };
         let settings = Self {
             database_url,
             cio,
+            master_keys,
             server,
             delivery: DeliveryConfig {
                 claim_limit: r.positive("SHARPSEND_OUTBOX_CLAIM_LIMIT")?,

@@ -1,10 +1,10 @@
 //! Workspaces: one per Customer.io site SharpSend talks to. Every other row points at one.
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use sea_orm::sea_query::OnConflict;
 use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, IntoActiveModel,
-    QueryFilter,
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, EntityTrait,
+    IntoActiveModel, QueryFilter, QueryOrder, QuerySelect, TransactionSession, TransactionTrait,
 };
 
 use crate::DbError;
@@ -21,6 +21,17 @@ pub struct Workspace {
     pub region: String,
     /// Display name; the site id until something better is known.
     pub name: String,
+    /// Set once disabled (DisableWorkspace).
+    pub disabled_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    /// The last change (the creation time until changed).
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Workspace {
+    pub fn disabled(&self) -> bool {
+        self.disabled_at.is_some()
+    }
 }
 
 impl From<Model> for Workspace {
@@ -30,6 +41,9 @@ impl From<Model> for Workspace {
             cio_site_id: m.cio_site_id,
             region: m.region,
             name: m.name,
+            disabled_at: m.disabled_at,
+            created_at: m.created_at,
+            updated_at: m.updated_at.unwrap_or(m.created_at),
         }
     }
 }
@@ -84,7 +98,6 @@ pub async fn find_by_site_id(
 
 /// Every workspace, by id.
 pub async fn list(db: &impl ConnectionTrait) -> Result<Vec<Workspace>, DbError> {
-    use sea_orm::QueryOrder;
     Ok(Entity::find()
         .order_by_asc(Column::Id)
         .all(db)
@@ -102,4 +115,278 @@ async fn get_by_site_id(
         .filter(Column::CioSiteId.eq(cio_site_id))
         .one(db)
         .await
+}
+
+/// A workspace's credentials as stored: sealed text (`v1:<key id>:<base64>`), never plaintext.
+/// `Debug` shows the key id only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SealedCredentials {
+    pub track_api_key: String,
+    pub app_api_key: String,
+    pub webhook_signing_key: Option<String>,
+    /// The master key id that sealed them.
+    pub key_id: String,
+}
+
+impl std::fmt::Debug for SealedCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedCredentials")
+            .field("key_id", &self.key_id)
+            .field("webhook_signing_key", &self.webhook_signing_key.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A workspace with what is stored for it beyond the basics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkspaceRecord {
+    pub workspace: Workspace,
+    /// `None`: the env-configured default (credentials in `CIO_*`).
+    pub credentials: Option<SealedCredentials>,
+    /// `None`: the process defaults.
+    pub track_requests_per_sec: Option<u32>,
+    pub app_requests_per_sec: Option<u32>,
+    /// `None`: the region's base URL.
+    pub track_base_url: Option<String>,
+    pub app_base_url: Option<String>,
+}
+
+impl From<Model> for WorkspaceRecord {
+    fn from(m: Model) -> Self {
+        let credentials = match (
+            &m.track_api_key_sealed,
+            &m.app_api_key_sealed,
+            &m.secrets_key_id,
+        ) {
+            (Some(track), Some(app), Some(key_id)) => Some(SealedCredentials {
+                track_api_key: track.clone(),
+                app_api_key: app.clone(),
+                webhook_signing_key: m.webhook_signing_key_sealed.clone(),
+                key_id: key_id.clone(),
+            }),
+            _ => None,
+        };
+        let rate = |r: Option<i32>| r.and_then(|r| u32::try_from(r).ok());
+        Self {
+            credentials,
+            track_requests_per_sec: rate(m.track_requests_per_sec),
+            app_requests_per_sec: rate(m.app_requests_per_sec),
+            track_base_url: m.track_base_url.clone(),
+            app_base_url: m.app_base_url.clone(),
+            workspace: m.into(),
+        }
+    }
+}
+
+/// What a new workspace is made of (its credentials come from the sealing function of
+/// [`create`], which knows the new id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewWorkspace {
+    pub cio_site_id: String,
+    pub region: String,
+    pub name: String,
+    pub track_requests_per_sec: Option<u32>,
+    pub app_requests_per_sec: Option<u32>,
+    pub track_base_url: Option<String>,
+    pub app_base_url: Option<String>,
+}
+
+fn rate_column(rate: Option<u32>) -> Option<i32> {
+    rate.map(|r| i32::try_from(r).unwrap_or(i32::MAX))
+}
+
+/// Stores a new workspace with credentials sealed by `seal` (given the new row's id, since the
+/// sealed values are bound to it), in one transaction. `Ok(None)`: the site id is already stored.
+pub async fn create<C, F>(
+    db: &C,
+    new: NewWorkspace,
+    seal: F,
+    now: DateTime<Utc>,
+) -> Result<Option<WorkspaceRecord>, DbError>
+where
+    C: TransactionTrait,
+    F: FnOnce(i64) -> SealedCredentials,
+{
+    let txn = db.begin().await?;
+    let now = db_time(now);
+    let insert = ActiveModel {
+        cio_site_id: Set(new.cio_site_id.clone()),
+        region: Set(new.region),
+        name: Set(new.name),
+        created_at: Set(now),
+        updated_at: Set(Some(now)),
+        track_requests_per_sec: Set(rate_column(new.track_requests_per_sec)),
+        app_requests_per_sec: Set(rate_column(new.app_requests_per_sec)),
+        track_base_url: Set(new.track_base_url),
+        app_base_url: Set(new.app_base_url),
+        ..Default::default()
+    };
+    let inserted = Entity::insert(insert)
+        .on_conflict(
+            OnConflict::column(Column::CioSiteId)
+                .do_nothing()
+                .to_owned(),
+        )
+        .exec_without_returning(&txn)
+        .await?;
+    if inserted == 0 {
+        txn.rollback().await?;
+        return Ok(None);
+    }
+    let Some(model) = get_by_site_id(&txn, &new.cio_site_id).await? else {
+        txn.rollback().await?;
+        return Ok(None);
+    };
+    let sealed = seal(model.id);
+    let mut active = model.into_active_model();
+    set_credentials(&mut active, sealed);
+    let model = active.update(&txn).await?;
+    txn.commit().await?;
+    Ok(Some(model.into()))
+}
+
+fn set_credentials(active: &mut ActiveModel, sealed: SealedCredentials) {
+    active.track_api_key_sealed = Set(Some(sealed.track_api_key));
+    active.app_api_key_sealed = Set(Some(sealed.app_api_key));
+    active.webhook_signing_key_sealed = Set(sealed.webhook_signing_key);
+    active.secrets_key_id = Set(Some(sealed.key_id));
+}
+
+/// The workspace with this id and what is stored for it.
+pub async fn get_record(
+    db: &impl ConnectionTrait,
+    id: i64,
+) -> Result<Option<WorkspaceRecord>, DbError> {
+    Ok(Entity::find_by_id(id).one(db).await?.map(Into::into))
+}
+
+/// Workspaces by id, after `after_id`, at most `limit`; disabled ones only when asked.
+pub async fn list_records(
+    db: &impl ConnectionTrait,
+    after_id: Option<i64>,
+    limit: u64,
+    include_disabled: bool,
+) -> Result<Vec<WorkspaceRecord>, DbError> {
+    let mut query = Entity::find().order_by_asc(Column::Id).limit(limit);
+    if let Some(after) = after_id {
+        query = query.filter(Column::Id.gt(after));
+    }
+    if !include_disabled {
+        query = query.filter(Column::DisabledAt.is_null());
+    }
+    Ok(query.all(db).await?.into_iter().map(Into::into).collect())
+}
+
+/// A change to a stored workspace: `None` fields stay as they are.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkspaceChange {
+    pub name: Option<String>,
+    /// Replaces every sealed credential (sealed for this workspace's id).
+    pub credentials: Option<SealedCredentials>,
+    pub track_requests_per_sec: Option<u32>,
+    pub app_requests_per_sec: Option<u32>,
+    pub track_base_url: Option<String>,
+    pub app_base_url: Option<String>,
+}
+
+/// Applies `change` to workspace `id`; `Ok(None)` if there is no such workspace.
+pub async fn update(
+    db: &impl ConnectionTrait,
+    id: i64,
+    change: WorkspaceChange,
+    now: DateTime<Utc>,
+) -> Result<Option<WorkspaceRecord>, DbError> {
+    let Some(model) = Entity::find_by_id(id).one(db).await? else {
+        return Ok(None);
+    };
+    let mut active = model.into_active_model();
+    if let Some(name) = change.name {
+        active.name = Set(name);
+    }
+    if let Some(sealed) = change.credentials {
+        set_credentials(&mut active, sealed);
+    }
+    if let Some(rate) = change.track_requests_per_sec {
+        active.track_requests_per_sec = Set(rate_column(Some(rate)));
+    }
+    if let Some(rate) = change.app_requests_per_sec {
+        active.app_requests_per_sec = Set(rate_column(Some(rate)));
+    }
+    if let Some(url) = change.track_base_url {
+        active.track_base_url = Set(Some(url));
+    }
+    if let Some(url) = change.app_base_url {
+        active.app_base_url = Set(Some(url));
+    }
+    active.updated_at = Set(Some(db_time(now)));
+    Ok(Some(active.update(db).await?.into()))
+}
+
+/// Disables workspace `id` (a disabled one keeps its first `disabled_at`); `Ok(None)` if there
+/// is no such workspace.
+pub async fn disable(
+    db: &impl ConnectionTrait,
+    id: i64,
+    now: DateTime<Utc>,
+) -> Result<Option<WorkspaceRecord>, DbError> {
+    let now = db_time(now);
+    Entity::update_many()
+        .col_expr(Column::DisabledAt, sea_orm::sea_query::Expr::value(now))
+        .col_expr(Column::UpdatedAt, sea_orm::sea_query::Expr::value(now))
+        .filter(Column::Id.eq(id))
+        .filter(Column::DisabledAt.is_null())
+        .exec(db)
+        .await?;
+    get_record(db, id).await
+}
+
+/// Workspaces with credentials sealed under another key than `current_key_id`, by id, after
+/// `after_id`, at most `limit`.
+pub async fn sealed_under_other_keys(
+    db: &impl ConnectionTrait,
+    current_key_id: &str,
+    after_id: Option<i64>,
+    limit: u64,
+) -> Result<Vec<WorkspaceRecord>, DbError> {
+    let mut query = Entity::find()
+        .filter(Column::SecretsKeyId.is_not_null())
+        .filter(Column::SecretsKeyId.ne(current_key_id))
+        .order_by_asc(Column::Id)
+        .limit(limit);
+    if let Some(after) = after_id {
+        query = query.filter(Column::Id.gt(after));
+    }
+    Ok(query.all(db).await?.into_iter().map(Into::into).collect())
+}
+
+/// Replaces the sealed credentials of workspace `id` with `new` only if they are still exactly
+/// `old` (compare-and-set: a concurrent change wins). Answers whether the row was replaced.
+/// `updated_at` is left alone: re-sealing changes nothing an operator set.
+pub async fn replace_sealed(
+    db: &impl ConnectionTrait,
+    id: i64,
+    old: &SealedCredentials,
+    new: SealedCredentials,
+) -> Result<bool, DbError> {
+    use sea_orm::sea_query::Expr;
+    let webhook_was = match &old.webhook_signing_key {
+        Some(v) => Condition::all().add(Column::WebhookSigningKeySealed.eq(v.clone())),
+        None => Condition::all().add(Column::WebhookSigningKeySealed.is_null()),
+    };
+    let result = Entity::update_many()
+        .col_expr(Column::TrackApiKeySealed, Expr::value(new.track_api_key))
+        .col_expr(Column::AppApiKeySealed, Expr::value(new.app_api_key))
+        .col_expr(
+            Column::WebhookSigningKeySealed,
+            Expr::value(new.webhook_signing_key),
+        )
+        .col_expr(Column::SecretsKeyId, Expr::value(new.key_id))
+        .filter(Column::Id.eq(id))
+        .filter(Column::TrackApiKeySealed.eq(old.track_api_key.clone()))
+        .filter(Column::AppApiKeySealed.eq(old.app_api_key.clone()))
+        .filter(Column::SecretsKeyId.eq(old.key_id.clone()))
+        .filter(webhook_was)
+        .exec(db)
+        .await?;
+    Ok(result.rows_affected == 1)
 }

@@ -174,6 +174,24 @@ pub const RULES: &[Rule] = &[
     read("/sharpsend.cio.v1.AdminService/ListApiKeys", Admin),
     change("/sharpsend.cio.v1.AdminService/RevokeApiKey", Admin, &[]),
     read("/sharpsend.cio.v1.AdminService/ListAuditEvents", Admin),
+    // Workspaces: the audit records `id` / `site_id` and the name, never a key field.
+    change(
+        "/sharpsend.cio.v1.AdminService/CreateWorkspace",
+        Admin,
+        &["name", "region"],
+    ),
+    change(
+        "/sharpsend.cio.v1.AdminService/UpdateWorkspace",
+        Admin,
+        &["name"],
+    ),
+    read("/sharpsend.cio.v1.AdminService/GetWorkspace", Admin),
+    read("/sharpsend.cio.v1.AdminService/ListWorkspaces", Admin),
+    change(
+        "/sharpsend.cio.v1.AdminService/DisableWorkspace",
+        Admin,
+        &[],
+    ),
 ];
 
 /// Paths open to every caller without a key: health checks and reflection.

@@ -1,8 +1,10 @@
-//! `sharpsend.cio.v1.AdminService`: API keys (create — the secret shown once —, list, revoke)
-//! and the audit record. Every RPC needs an admin key ([`crate::access`]). An admin bound to a
+//! `sharpsend.cio.v1.AdminService`: workspaces (create, update, get, list, disable — see
+//! [`sharpsend_core::workspaces`]; answers never carry a secret), API keys (create — the secret
+//! shown once —, list, revoke) and the audit record. Every RPC needs an admin key ([`crate::access`]). An admin bound to a
 //! workspace sees and manages that workspace only: a key of another workspace is `NOT_FOUND`.
 //! Keys from `SHARPSEND_API_KEYS` (the deployment's own) and all-workspace admins see everything
-//! and are the only ones who may create all-workspace keys.
+//! and are the only ones who may create all-workspace keys, and create, list or disable
+//! workspaces; a workspace-bound admin may get and update its own workspace only.
 
 use sharpsend_core::{
     AppContext, CoreError, FieldViolation,
@@ -11,7 +13,7 @@ use sharpsend_core::{
 use sharpsend_db::{
     api_keys::{self, ApiKey, NewApiKey, Role},
     audit::{self, AuditEvent, AuditQuery},
-    workspaces,
+    workspaces::{self, WorkspaceRecord},
 };
 use sharpsend_proto::v1::{self as pb, admin_service_server::AdminService};
 use tonic::{Request, Response, Status};
@@ -27,6 +29,9 @@ pub const KEY_NAME_CHARS: usize = 100;
 /// Audit events per page unless asked otherwise, and the most per page.
 pub const DEFAULT_AUDIT_PAGE: u64 = 50;
 pub const MAX_AUDIT_PAGE: u64 = 500;
+/// Workspaces per page unless asked otherwise, and the most per page.
+pub const DEFAULT_WORKSPACE_PAGE: u64 = 50;
+pub const MAX_WORKSPACE_PAGE: u64 = 500;
 
 pub struct Admin {
     ctx: AppContext,
@@ -46,6 +51,50 @@ fn scope(caller: &Caller) -> Option<i64> {
         return None;
     }
     caller.workspace_id
+}
+
+/// Only an all-workspaces admin may: `PERMISSION_DENIED` for one bound to a workspace.
+fn require_all_workspaces(caller: &Caller) -> Result<(), Status> {
+    match scope(caller) {
+        None => Ok(()),
+        Some(_) => Err(crate::status::permission_denied()),
+    }
+}
+
+/// The workspace `id` as `caller` may see it: another workspace than a bound caller's own is
+/// `NOT_FOUND`, like one that does not exist.
+fn visible_workspace(caller: &Caller, id: i64) -> Result<(), CoreError> {
+    match scope(caller) {
+        Some(own) if own != id => Err(CoreError::NotFound {
+            what: "workspace",
+            id: id.to_string(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// A workspace as answered: which secrets are set and the key id sealing them, never a secret.
+fn workspace_to_proto(record: &WorkspaceRecord) -> pb::Workspace {
+    let w = &record.workspace;
+    let sealed = record.credentials.as_ref();
+    pb::Workspace {
+        id: w.id,
+        site_id: w.cio_site_id.clone(),
+        region: w.region.clone(),
+        name: w.name.clone(),
+        stored_credentials: sealed.is_some(),
+        has_track_api_key: sealed.is_some(),
+        has_app_api_key: sealed.is_some(),
+        has_webhook_signing_key: sealed.is_some_and(|c| c.webhook_signing_key.is_some()),
+        secrets_key_id: sealed.map(|c| c.key_id.clone()).unwrap_or_default(),
+        track_requests_per_sec: record.track_requests_per_sec.unwrap_or(0),
+        app_requests_per_sec: record.app_requests_per_sec.unwrap_or(0),
+        track_base_url: record.track_base_url.clone().unwrap_or_default(),
+        app_base_url: record.app_base_url.clone().unwrap_or_default(),
+        created_at: Some(timestamp(w.created_at)),
+        updated_at: Some(timestamp(w.updated_at)),
+        disabled_at: w.disabled_at.map(timestamp),
+    }
 }
 
 fn role_from_proto(field: &str, value: i32) -> Result<Role, CoreError> {
@@ -331,6 +380,130 @@ impl AdminService for Admin {
         Ok(Response::new(pb::ListAuditEventsResponse {
             events: events.iter().map(event_to_proto).collect(),
             next_page_token,
+        }))
+    }
+
+    async fn create_workspace(
+        &self,
+        request: Request<pb::CreateWorkspaceRequest>,
+    ) -> Result<Response<pb::CreateWorkspaceResponse>, Status> {
+        let caller = auth::caller(&request)?;
+        require_all_workspaces(&caller)?;
+        let r = request.into_inner();
+        let record = sharpsend_core::workspaces::create(
+            &self.ctx,
+            sharpsend_core::workspaces::NewWorkspaceRequest {
+                site_id: r.site_id,
+                region: r.region,
+                name: r.name,
+                track_api_key: r.track_api_key.into(),
+                app_api_key: r.app_api_key.into(),
+                webhook_signing_key: r.webhook_signing_key.into(),
+                track_requests_per_sec: i64::from(r.track_requests_per_sec),
+                app_requests_per_sec: i64::from(r.app_requests_per_sec),
+                track_base_url: r.track_base_url,
+                app_base_url: r.app_base_url,
+            },
+        )
+        .await
+        .or_status()?;
+        Ok(Response::new(pb::CreateWorkspaceResponse {
+            workspace: Some(workspace_to_proto(&record)),
+        }))
+    }
+
+    async fn update_workspace(
+        &self,
+        request: Request<pb::UpdateWorkspaceRequest>,
+    ) -> Result<Response<pb::UpdateWorkspaceResponse>, Status> {
+        let caller = auth::caller(&request)?;
+        let r = request.into_inner();
+        visible_workspace(&caller, r.id).or_status()?;
+        let record = sharpsend_core::workspaces::update(
+            &self.ctx,
+            r.id,
+            sharpsend_core::workspaces::WorkspaceUpdate {
+                name: r.name,
+                track_api_key: r.track_api_key.into(),
+                app_api_key: r.app_api_key.into(),
+                webhook_signing_key: r.webhook_signing_key.into(),
+                track_requests_per_sec: i64::from(r.track_requests_per_sec),
+                app_requests_per_sec: i64::from(r.app_requests_per_sec),
+                track_base_url: r.track_base_url,
+                app_base_url: r.app_base_url,
+            },
+        )
+        .await
+        .or_status()?;
+        Ok(Response::new(pb::UpdateWorkspaceResponse {
+            workspace: Some(workspace_to_proto(&record)),
+        }))
+    }
+
+    async fn get_workspace(
+        &self,
+        request: Request<pb::GetWorkspaceRequest>,
+    ) -> Result<Response<pb::GetWorkspaceResponse>, Status> {
+        let caller = auth::caller(&request)?;
+        let id = request.get_ref().id;
+        visible_workspace(&caller, id).or_status()?;
+        let record = sharpsend_core::workspaces::get(&self.ctx, id)
+            .await
+            .or_status()?;
+        Ok(Response::new(pb::GetWorkspaceResponse {
+            workspace: Some(workspace_to_proto(&record)),
+        }))
+    }
+
+    async fn list_workspaces(
+        &self,
+        request: Request<pb::ListWorkspacesRequest>,
+    ) -> Result<Response<pb::ListWorkspacesResponse>, Status> {
+        let caller = auth::caller(&request)?;
+        require_all_workspaces(&caller)?;
+        let r = request.into_inner();
+        let limit = convert::limit(
+            "page_size",
+            i64::from(r.page_size),
+            DEFAULT_WORKSPACE_PAGE,
+            MAX_WORKSPACE_PAGE,
+        )
+        .or_status()?;
+        let filters = format!("disabled={}", r.include_disabled);
+        let after = convert::decode_page_token(
+            "workspaces",
+            "ListWorkspaces",
+            &filters,
+            &r.page_token,
+            |p| p.parse::<i64>().ok(),
+        )
+        .or_status()?;
+        let records = sharpsend_core::workspaces::list(&self.ctx, after, limit, r.include_disabled)
+            .await
+            .or_status()?;
+        let next_page_token = match records.last() {
+            Some(last) if records.len() as u64 == limit => {
+                convert::encode_page_token("workspaces", &filters, last.workspace.id)
+            }
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListWorkspacesResponse {
+            workspaces: records.iter().map(workspace_to_proto).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn disable_workspace(
+        &self,
+        request: Request<pb::DisableWorkspaceRequest>,
+    ) -> Result<Response<pb::DisableWorkspaceResponse>, Status> {
+        let caller = auth::caller(&request)?;
+        require_all_workspaces(&caller)?;
+        let record = sharpsend_core::workspaces::disable(&self.ctx, request.get_ref().id)
+            .await
+            .or_status()?;
+        Ok(Response::new(pb::DisableWorkspaceResponse {
+            workspace: Some(workspace_to_proto(&record)),
         }))
     }
 }

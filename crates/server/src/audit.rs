@@ -259,6 +259,43 @@ mod tests {
     }
 
     #[test]
+    fn workspace_audits_record_ids_and_names_never_a_credential() {
+        let create = pb::CreateWorkspaceRequest {
+            site_id: "site-9".into(),
+            region: "eu".into(),
+            track_api_key: "TRACK-SECRET".into(),
+            app_api_key: "APP-SECRET".into(),
+            webhook_signing_key: "HOOK-SECRET".into(),
+            name: "Pub".into(),
+            ..Default::default()
+        };
+        let update = pb::UpdateWorkspaceRequest {
+            id: 7,
+            track_api_key: "TRACK-SECRET".into(),
+            app_api_key: "APP-SECRET".into(),
+            webhook_signing_key: "HOOK-SECRET".into(),
+            ..Default::default()
+        };
+        let f = fields();
+        let created = f.extract(
+            "/sharpsend.cio.v1.AdminService/CreateWorkspace",
+            &create.encode_to_vec(),
+        );
+        assert_eq!(
+            created,
+            serde_json::json!({"site_id": "site-9", "region": "eu", "name": "Pub"})
+        );
+        let updated = f.extract(
+            "/sharpsend.cio.v1.AdminService/UpdateWorkspace",
+            &update.encode_to_vec(),
+        );
+        assert_eq!(updated, serde_json::json!({"id": 7}));
+        for text in [created.to_string(), updated.to_string()] {
+            assert!(!text.contains("SECRET"), "{text}");
+        }
+    }
+
+    #[test]
     fn garbage_reads_and_unaudited_rpcs_give_no_ids() {
         let f = fields();
         assert_eq!(

@@ -33,6 +33,14 @@ pub async fn run(
         &sim_config.track_api_key,
         &sim_config.app_api_key,
     ));
+    if settings.master_keys.is_none() {
+        settings.master_keys = Some(sharpsend_core::secrets::MasterKeys::generate(
+            "dev-ephemeral",
+        ));
+        tracing::warn!(
+            "SHARPSEND_MASTER_KEY is not set: using an ephemeral master key (`dev-ephemeral`) for this run; workspaces created now cannot be opened after a restart"
+        );
+    }
     let listen = settings.server.listen;
     let webhook_listen = settings.engagement.webhook_listen;
     let database_url = settings.database_url.clone();

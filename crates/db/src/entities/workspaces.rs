@@ -12,6 +12,21 @@ pub struct Model {
     pub region: String,
     pub name: String,
     pub created_at: DateTimeUtc,
+    /// Sealed credentials (`v1:<key id>:<base64>`); NULL for the env-configured default.
+    pub track_api_key_sealed: Option<String>,
+    pub app_api_key_sealed: Option<String>,
+    pub webhook_signing_key_sealed: Option<String>,
+    /// The master key id sealing the credentials.
+    pub secrets_key_id: Option<String>,
+    /// NULL: the process defaults.
+    pub track_requests_per_sec: Option<i32>,
+    pub app_requests_per_sec: Option<i32>,
+    /// NULL: the region's base URL.
+    pub track_base_url: Option<String>,
+    pub app_base_url: Option<String>,
+    pub disabled_at: Option<DateTimeUtc>,
+    /// NULL: unchanged since created.
+    pub updated_at: Option<DateTimeUtc>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
