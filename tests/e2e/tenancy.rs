@@ -3,10 +3,25 @@
 //! works in the default one; unknown, malformed and foreign workspaces are refused with the
 //! right code and nothing else happens.
 
+use std::{
+    collections::HashSet,
+    time::{Duration, Instant},
+};
+
 use anyhow::{Context, ensure};
+use cio_sim::{Fault, RunningSim, SimApi, SimConfig, Simulator};
+use serde_json::json;
+use sharpsend_core::{
+    jobs::{self, Job},
+    outbox,
+    tenants::{RECHECK_AFTER, Tenants},
+};
 use sharpsend_db::{db_test, testing::TestDatabase};
-use sharpsend_proto::v1::{self as pb, segment_service_client::SegmentServiceClient};
-use sharpsend_server::tenancy::WORKSPACE_HEADER;
+use sharpsend_proto::v1::{
+    self as pb, profile_service_client::ProfileServiceClient,
+    segment_service_client::SegmentServiceClient,
+};
+use sharpsend_server::{convert::json_to_struct, tenancy::WORKSPACE_HEADER};
 use sharpsend_tests::{TEST_API_KEY, TestApp};
 use tonic::{Code, Request, transport::Channel};
 
@@ -112,6 +127,280 @@ db_test!(
             );
         }
         let _ = created.key.context("the created key")?;
+        app.stop().await
+    }
+);
+
+/// A second publisher: its own simulator (other site id and keys) stored as a workspace by the
+/// test's all-workspaces key; answers (simulator, workspace id, a writer key bound to it).
+async fn second_publisher(app: &TestApp) -> anyhow::Result<(RunningSim, i64, String)> {
+    let sim = Simulator::spawn(SimConfig {
+        site_id: "publisher-b".into(),
+        track_api_key: "track-key-of-publisher-b".into(),
+        app_api_key: "app-key-of-publisher-b".into(),
+        ..SimConfig::demo()
+    })
+    .await?;
+    let mut admin = app.admin().await?;
+    let workspace = admin
+        .create_workspace(pb::CreateWorkspaceRequest {
+            site_id: "publisher-b".into(),
+            region: "us".into(),
+            track_api_key: "track-key-of-publisher-b".into(),
+            app_api_key: "app-key-of-publisher-b".into(),
+            track_base_url: sim.base_url(),
+            app_base_url: sim.base_url(),
+            name: "Publisher B".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .workspace
+        .context("no workspace")?;
+    let key = admin
+        .create_api_key(pb::CreateApiKeyRequest {
+            name: "publisher-b writer".into(),
+            role: pb::Role::Writer as i32,
+            workspace_id: workspace.id,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .secret;
+    Ok((sim, workspace.id, key))
+}
+
+fn with_key<T>(message: T, key: &str, workspace: Option<i64>) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {key}").parse().expect("ascii key"),
+    );
+    if let Some(workspace) = workspace {
+        request.metadata_mut().insert(
+            WORKSPACE_HEADER,
+            workspace.to_string().parse().expect("digits"),
+        );
+    }
+    request
+}
+
+db_test!(
+    two_publishers_on_one_deployment_read_and_write_only_their_own,
+    |db: TestDatabase| async move {
+        let app = TestApp::spawn(&db).await?;
+        app.sync_segments().await?;
+        let (sim_b, b, key_b) = second_publisher(&app).await?;
+        let tenants = Tenants::new(app.ctx.clone());
+        let ctx_b = tenants.context(b).await?;
+        ensure!(ctx_b.workspace_id() == b && ctx_b.workspace_id() != app.ctx.workspace_id());
+        // B's Customer.io has a segment A's does not (both simulators hand out the same ids to
+        // the same demo data, so ids alone tell nothing).
+        let only_b = sim_b.sim.create_manual_segment("Only at publisher B", "");
+        ensure!(app.sim.sim.segments().iter().all(|s| s.id != only_b));
+        // B's mirror comes from B's Customer.io.
+        jobs::run_job(&ctx_b, Job::SegmentSync, "e2e").await?;
+
+        let channel = app.channel().await?;
+        let mut segments = SegmentServiceClient::new(channel.clone());
+        let list = |key: &str, workspace: Option<i64>| {
+            with_key(
+                pb::ListSegmentsRequest {
+                    page_size: 500,
+                    ..Default::default()
+                },
+                key,
+                workspace,
+            )
+        };
+        let names = |segments: &[pb::Segment]| -> HashSet<String> {
+            segments
+                .iter()
+                .map(|s| format!("{}:{}", s.id, s.name))
+                .collect()
+        };
+        let a_list = segments
+            .list_segments(list(TEST_API_KEY, None))
+            .await?
+            .into_inner()
+            .segments;
+        let b_list = segments
+            .list_segments(list(&key_b, None))
+            .await?
+            .into_inner()
+            .segments;
+        let expect = |sim: &RunningSim| -> HashSet<String> {
+            sim.sim
+                .segments()
+                .iter()
+                .map(|s| format!("{}:{}", s.id, s.name))
+                .collect()
+        };
+        ensure!(
+            names(&a_list) == expect(&app.sim),
+            "A lists A's Customer.io segments"
+        );
+        ensure!(
+            names(&b_list) == expect(&sim_b),
+            "B lists B's Customer.io segments"
+        );
+        // The all-workspaces key sees B's when it names B.
+        let named = segments
+            .list_segments(list(TEST_API_KEY, Some(b)))
+            .await?
+            .into_inner()
+            .segments;
+        ensure!(named == b_list);
+
+        // B's own segment, read (and cached) as B, is not found as A, before and after.
+        let get = |key: &str| with_key(pb::GetSegmentRequest { segment_id: only_b }, key, None);
+        for _ in 0..2 {
+            segments.get_segment(get(&key_b)).await?;
+            let status = segments
+                .get_segment(get(TEST_API_KEY))
+                .await
+                .expect_err("B's segment as A");
+            ensure!(status.code() == Code::NotFound, "{status:?}");
+        }
+
+        // A write as B reaches B's Customer.io, and only B's.
+        let mut profiles = ProfileServiceClient::new(channel.clone());
+        profiles
+            .update_attributes(with_key(
+                pb::UpdateAttributesRequest {
+                    customer_id: "reader-of-b".into(),
+                    attributes: Some(json_to_struct(
+                        json!({"plan": "pro"}).as_object().context("object")?,
+                    )),
+                },
+                &key_b,
+                None,
+            ))
+            .await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            outbox::drain(&ctx_b, "e2e-b", &ctx_b.settings.delivery).await?;
+            if sim_b.sim.person("reader-of-b").is_some() {
+                break;
+            }
+            ensure!(Instant::now() < deadline, "B's write never reached B");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        app.deliver_all("e2e-a", Duration::from_secs(10)).await?;
+        ensure!(
+            app.sim.sim.person("reader-of-b").is_none(),
+            "B's write reached A"
+        );
+        let profile = |key: &str, workspace: Option<i64>| {
+            with_key(
+                pb::GetProfileRequest {
+                    customer: Some(pb::CustomerRef {
+                        identifier: Some(pb::customer_ref::Identifier::Id("reader-of-b".into())),
+                    }),
+                    ..Default::default()
+                },
+                key,
+                workspace,
+            )
+        };
+        profiles.get_profile(profile(&key_b, None)).await?;
+        profiles.get_profile(profile(TEST_API_KEY, Some(b))).await?;
+        let status = profiles
+            .get_profile(profile(TEST_API_KEY, None))
+            .await
+            .expect_err("B's reader in A");
+        ensure!(status.code() == Code::NotFound, "{status:?}");
+
+        // Disabled: B's key stops working within the recheck time; A goes on.
+        app.admin()
+            .await?
+            .disable_workspace(pb::DisableWorkspaceRequest { id: b })
+            .await?;
+        let deadline = Instant::now() + RECHECK_AFTER + Duration::from_secs(5);
+        loop {
+            match segments
+                .list_segments(with_key(pb::ListSegmentsRequest::default(), &key_b, None))
+                .await
+            {
+                Err(status) if status.code() == Code::FailedPrecondition => break,
+                other => ensure!(Instant::now() < deadline, "still served: {other:?}"),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        segments
+            .list_segments(with_key(
+                pb::ListSegmentsRequest::default(),
+                TEST_API_KEY,
+                None,
+            ))
+            .await?;
+        sim_b.shutdown().await;
+        app.stop().await
+    }
+);
+
+db_test!(
+    one_publishers_backlog_does_not_hold_back_anothers_single_update,
+    |db: TestDatabase| async move {
+        let app = TestApp::spawn(&db).await?;
+        let (sim_b, b, key_b) = second_publisher(&app).await?;
+        // A's Customer.io is slow: every Track request takes five seconds.
+        app.sim.sim.push_faults(
+            Some(SimApi::Track),
+            (0..40).map(|_| Fault::Delay(Duration::from_secs(5))),
+        );
+        let scheduler =
+            sharpsend_scheduler::start(Tenants::new(app.ctx.clone()), "e2e-fair".into()).await?;
+        let channel = app.channel().await?;
+        let mut profiles = ProfileServiceClient::new(channel.clone());
+        let updates = (0..2000)
+            .map(|i| pb::UpdateAttributesRequest {
+                customer_id: format!("reader-{}", i % 500),
+                attributes: Some(json_to_struct(json!({"n": i}).as_object().expect("object"))),
+            })
+            .collect::<Vec<_>>();
+        for chunk in updates.chunks(500) {
+            profiles
+                .batch_update_attributes(with_key(
+                    pb::BatchUpdateAttributesRequest {
+                        updates: chunk.to_vec(),
+                    },
+                    TEST_API_KEY,
+                    None,
+                ))
+                .await?;
+        }
+        let started = Instant::now();
+        profiles
+            .update_attributes(with_key(
+                pb::UpdateAttributesRequest {
+                    customer_id: "reader-of-b".into(),
+                    attributes: Some(json_to_struct(
+                        json!({"plan": "pro"}).as_object().context("object")?,
+                    )),
+                },
+                &key_b,
+                None,
+            ))
+            .await?;
+        // B's update arrives while A's backlog is still going out.
+        while sim_b.sim.person("reader-of-b").is_none() {
+            ensure!(
+                started.elapsed() < Duration::from_secs(20),
+                "B's single update waited behind A's backlog"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let waited = started.elapsed();
+        let a_left = sharpsend_db::outbox::stats(&app.ctx.db, app.ctx.workspace_id()).await?;
+        ensure!(
+            a_left.pending + a_left.in_flight > 0,
+            "A's backlog was already delivered ({waited:?}): the test proves nothing"
+        );
+        eprintln!("B's update delivered after {waited:?} with A's backlog at {a_left:?}");
+        scheduler.shutdown().await?;
+        sim_b.shutdown().await;
+        let _ = b;
         app.stop().await
     }
 );

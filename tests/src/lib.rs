@@ -306,6 +306,7 @@ pub fn test_settings(database_url: &str, cio: CioSettings) -> Settings {
         },
         delivery: test_delivery_config(),
         sends: test_send_config(),
+        master_keys: Some(sharpsend_core::secrets::MasterKeys::generate("e2e")),
         ..Settings::default()
     }
 }

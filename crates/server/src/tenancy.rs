@@ -21,15 +21,12 @@ pub fn workspace_of<T>(tenants: &Tenants, request: &Request<T>) -> Result<i64, S
     let caller = auth::caller(request)?;
     let asked = match request.metadata().get(WORKSPACE_HEADER) {
         None => None,
-        Some(value) => Some(
-            parse_workspace(value.as_bytes())
-                .ok_or_else(|| {
-                    crate::status::to_status(CoreError::invalid(
-                        WORKSPACE_HEADER,
-                        "must be a workspace id (a positive integer)",
-                    ))
-                })?,
-        ),
+        Some(value) => Some(parse_workspace(value.as_bytes()).ok_or_else(|| {
+            crate::status::to_status(CoreError::invalid(
+                WORKSPACE_HEADER,
+                "must be a workspace id (a positive integer)",
+            ))
+        })?),
     };
     let all_workspaces = caller.configured || caller.workspace_id.is_none();
     match (all_workspaces, caller.workspace_id, asked) {
