@@ -1,7 +1,8 @@
 //! Which workspace a call works in (issue #17, `sharpsend_server::tenancy`): a key bound to a
 //! workspace works there only; an all-workspaces key names one with `x-sharpsend-workspace` or
-//! works in the default one; unknown, malformed and foreign workspaces are refused with the
-//! right code and nothing else happens.
+//! works in the default one; unknown and foreign workspaces are `NOT_FOUND` alike, malformed ids
+//! `INVALID_ARGUMENT`; two publishers on one deployment read and write only their own; one
+//! publisher's backlog does not hold back another's update.
 
 use std::{
     collections::HashSet,
@@ -18,8 +19,10 @@ use sharpsend_core::{
 };
 use sharpsend_db::{db_test, testing::TestDatabase};
 use sharpsend_proto::v1::{
-    self as pb, profile_service_client::ProfileServiceClient,
-    segment_service_client::SegmentServiceClient,
+    self as pb, admin_service_client::AdminServiceClient,
+    analytics_service_client::AnalyticsServiceClient,
+    campaign_service_client::CampaignServiceClient, ops_service_client::OpsServiceClient,
+    profile_service_client::ProfileServiceClient, segment_service_client::SegmentServiceClient,
 };
 use sharpsend_server::{convert::json_to_struct, tenancy::WORKSPACE_HEADER};
 use sharpsend_tests::{TEST_API_KEY, TestApp};
@@ -95,7 +98,7 @@ db_test!(
 );
 
 db_test!(
-    a_workspace_bound_key_cannot_name_another_workspace,
+    a_workspace_bound_key_naming_another_workspace_finds_nothing,
     |db: TestDatabase| async move {
         let app = TestApp::spawn(&db).await?;
         app.sync_segments().await?;
@@ -121,10 +124,8 @@ db_test!(
             let status = list_segments(channel.clone(), &key, Some(&workspace))
                 .await
                 .expect_err("another workspace");
-            ensure!(
-                status.code() == Code::PermissionDenied,
-                "{workspace}: {status:?}"
-            );
+            // Not found, like a workspace that does not exist: nothing learnt about others.
+            ensure!(status.code() == Code::NotFound, "{workspace}: {status:?}");
         }
         let _ = created.key.context("the created key")?;
         app.stop().await
@@ -401,6 +402,251 @@ db_test!(
         scheduler.shutdown().await?;
         sim_b.shutdown().await;
         let _ = b;
+        app.stop().await
+    }
+);
+
+/// `message` as publisher A (the test's all-workspaces key, default workspace).
+fn as_a<T>(message: T) -> Request<T> {
+    with_key(message, TEST_API_KEY, None)
+}
+
+/// `NOT_FOUND` (the same answer as for an id that exists nowhere), or the call's error.
+fn not_found<T: std::fmt::Debug>(
+    what: &str,
+    answer: Result<T, tonic::Status>,
+) -> anyhow::Result<()> {
+    match answer {
+        Err(status) if status.code() == Code::NotFound => Ok(()),
+        other => anyhow::bail!("{what}: {other:?}"),
+    }
+}
+
+db_test!(
+    an_admin_of_one_publisher_finds_nothing_of_another_by_its_ids,
+    |db: TestDatabase| async move {
+        let app = TestApp::spawn(&db).await?;
+        app.sync_segments().await?;
+        let (sim_b, b, _) = second_publisher(&app).await?;
+        let key_b = app
+            .admin()
+            .await?
+            .create_api_key(pb::CreateApiKeyRequest {
+                name: "publisher-b admin".into(),
+                role: pb::Role::Admin as i32,
+                workspace_id: b,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .secret;
+        let channel = app.channel().await?;
+        macro_rules! as_b {
+            ($message:expr) => {
+                with_key($message, &key_b, None)
+            };
+        }
+
+        // Things of publisher A.
+        let mut segments = SegmentServiceClient::new(channel.clone());
+        let managed = segments
+            .create_segment(as_a(pb::CreateSegmentRequest {
+                name: "Spring cohort of A".into(),
+                criteria_json:
+                    r#"{"attribute": {"field": "cohort", "operator": "eq", "value": "spring"}}"#
+                        .into(),
+                ..Default::default()
+            }))
+            .await?
+            .into_inner()
+            .segment
+            .context("segment")?
+            .id;
+        let mut profiles = ProfileServiceClient::new(channel.clone());
+        profiles
+            .update_attributes(as_a(pb::UpdateAttributesRequest {
+                customer_id: "reader-of-a".into(),
+                attributes: Some(json_to_struct(
+                    json!({"cohort": "spring"}).as_object().context("object")?,
+                )),
+            }))
+            .await?;
+        let mut campaigns = CampaignServiceClient::new(channel.clone());
+        let send = campaigns
+            .send_assignment(as_a(pb::SendAssignmentRequest {
+                assignment_id: "assignment-of-a".into(),
+                title: "A's Q4".into(),
+                subject: "A's Q4".into(),
+                segment_ids: vec![4],
+                variations: vec![pb::ContentVariation {
+                    segment_id: 4,
+                    body: "<p>A</p>".into(),
+                    ..Default::default()
+                }],
+                delivery: Some(pb::send_assignment_request::Delivery::Broadcast(
+                    pb::BroadcastDelivery { broadcast_id: 3 },
+                )),
+                ..Default::default()
+            }))
+            .await?
+            .into_inner()
+            .send
+            .context("send")?;
+        let mut ops = OpsServiceClient::new(channel.clone());
+        let run = segments
+            .sync_segments(as_a(pb::SyncSegmentsRequest::default()))
+            .await?
+            .into_inner()
+            .run
+            .context("run")?;
+        let mut admin = AdminServiceClient::new(channel.clone());
+        let a_key = admin
+            .create_api_key(as_a(pb::CreateApiKeyRequest {
+                name: "A's dashboard".into(),
+                role: pb::Role::Reader as i32,
+                ..Default::default()
+            }))
+            .await?
+            .into_inner();
+        let a_key_id = a_key.key.context("key")?.key_id;
+        let default = app.ctx.workspace_id();
+
+        // Publisher B's admin, by A's ids: nothing, and nothing changes.
+        not_found(
+            "GetSegment",
+            segments
+                .get_segment(as_b!(pb::GetSegmentRequest {
+                    segment_id: managed,
+                }))
+                .await,
+        )?;
+        not_found(
+            "UpdateSegment",
+            segments
+                .update_segment(as_b!(pb::UpdateSegmentRequest {
+                    segment_id: managed,
+                    name: Some("taken".into()),
+                    ..Default::default()
+                }))
+                .await,
+        )?;
+        not_found(
+            "AddSegmentMembers",
+            segments
+                .add_segment_members(as_b!(pb::AddSegmentMembersRequest {
+                    segment_id: managed,
+                    customer_ids: vec!["x".into()],
+                }))
+                .await,
+        )?;
+        not_found(
+            "DeleteSegment",
+            segments
+                .delete_segment(as_b!(pb::DeleteSegmentRequest {
+                    segment_id: managed,
+                }))
+                .await,
+        )?;
+        let reader_a = || pb::GetProfileRequest {
+            customer: Some(pb::CustomerRef {
+                identifier: Some(pb::customer_ref::Identifier::Id("reader-of-a".into())),
+            }),
+            ..Default::default()
+        };
+        not_found("GetProfile", profiles.get_profile(as_b!(reader_a())).await)?;
+        not_found(
+            "GetSend",
+            campaigns
+                .get_send(as_b!(pb::GetSendRequest {
+                    send_id: send.id.clone(),
+                    ..Default::default()
+                }))
+                .await,
+        )?;
+        not_found(
+            "GetSend by assignment",
+            campaigns
+                .get_send(as_b!(pb::GetSendRequest {
+                    assignment_id: "assignment-of-a".into(),
+                    ..Default::default()
+                }))
+                .await,
+        )?;
+        let b_sends = campaigns
+            .list_sends(as_b!(pb::ListSendsRequest::default()))
+            .await?
+            .into_inner();
+        ensure!(b_sends.sends.is_empty(), "B lists A's sends: {b_sends:?}");
+        not_found(
+            "GetJobRun",
+            ops.get_job_run(as_b!(pb::GetJobRunRequest { run_id: run.id }))
+                .await,
+        )?;
+        let b_runs = ops
+            .list_job_runs(as_b!(pb::ListJobRunsRequest::default()))
+            .await?
+            .into_inner();
+        ensure!(
+            b_runs.runs.iter().all(|r| r.id != run.id),
+            "B lists A's runs"
+        );
+        not_found(
+            "RevokeApiKey",
+            admin
+                .revoke_api_key(as_b!(pb::RevokeApiKeyRequest {
+                    key_id: a_key_id.clone(),
+                }))
+                .await,
+        )?;
+        not_found(
+            "GetWorkspace",
+            admin
+                .get_workspace(as_b!(pb::GetWorkspaceRequest { id: default }))
+                .await,
+        )?;
+        let b_keys = admin
+            .list_api_keys(as_b!(pb::ListApiKeysRequest::default()))
+            .await?
+            .into_inner();
+        ensure!(
+            b_keys.keys.iter().all(|k| k.key_id != a_key_id),
+            "B lists A's keys"
+        );
+        not_found(
+            "GetAssignmentAnalytics",
+            AnalyticsServiceClient::new(channel.clone())
+                .get_assignment_analytics(as_b!(pb::GetAssignmentAnalyticsRequest {
+                    assignment_id: "assignment-of-a".into(),
+                }))
+                .await,
+        )?;
+
+        // A's things are as they were.
+        segments
+            .get_segment(as_a(pb::GetSegmentRequest {
+                segment_id: managed,
+            }))
+            .await?;
+        profiles.get_profile(as_a(reader_a())).await?;
+        campaigns
+            .get_send(as_a(pb::GetSendRequest {
+                send_id: send.id.clone(),
+                ..Default::default()
+            }))
+            .await?;
+        let a_keys = admin
+            .list_api_keys(as_a(pb::ListApiKeysRequest::default()))
+            .await?
+            .into_inner();
+        ensure!(
+            a_keys
+                .keys
+                .iter()
+                .any(|k| k.key_id == a_key_id && k.revoked_at.is_none()),
+            "A's key was touched"
+        );
+        ensure!(sim_b.sim.segments().iter().all(|s| s.name != "taken"));
+        sim_b.shutdown().await;
         app.stop().await
     }
 );

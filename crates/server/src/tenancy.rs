@@ -5,8 +5,9 @@
 //!   no workspace) works in the workspace named by the `x-sharpsend-workspace` metadata (a
 //!   workspace id, as `AdminService/CreateWorkspace` answers it), or in the default one (the
 //!   `CIO_*` workspace) without it.
-//! - A bound key naming another workspace is `PERMISSION_DENIED`; an unknown workspace is
-//!   `NOT_FOUND`, a disabled one `FAILED_PRECONDITION`, a malformed header `INVALID_ARGUMENT`.
+//! - A bound key naming another workspace gets `NOT_FOUND`, as for an unknown workspace: it
+//!   learns nothing of what exists elsewhere. A disabled workspace is `FAILED_PRECONDITION`, a
+//!   malformed header `INVALID_ARGUMENT`.
 
 use sharpsend_core::{AppContext, CoreError, tenants::Tenants};
 use tonic::{Request, Status};
@@ -34,7 +35,13 @@ pub fn workspace_of<T>(tenants: &Tenants, request: &Request<T>) -> Result<i64, S
         (true, _, None) => Ok(tenants.default_context().workspace_id()),
         (false, Some(bound), None) => Ok(bound),
         (false, Some(bound), Some(asked)) if asked == bound => Ok(bound),
-        _ => Err(auth::permission_denied()),
+        (false, Some(_), Some(asked)) => Err(crate::status::to_status(CoreError::NotFound {
+            what: "workspace",
+            id: asked.to_string(),
+        })),
+        // Not bound and not all-workspaces: cannot happen (a key without a workspace is an
+        // all-workspaces key).
+        (false, None, _) => Err(auth::permission_denied()),
     }
 }
 
