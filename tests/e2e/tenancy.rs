@@ -268,12 +268,7 @@ db_test!(
         let mut profiles = ProfileServiceClient::new(channel.clone());
         profiles
             .update_attributes(with_key(
-                pb::UpdateAttributesRequest {
-                    customer_id: "reader-of-b".into(),
-                    attributes: Some(json_to_struct(
-                        json!({"plan": "pro"}).as_object().context("object")?,
-                    )),
-                },
+                update("reader-of-b", json!({"plan": "pro"})),
                 &key_b,
                 None,
             ))
@@ -355,10 +350,7 @@ db_test!(
         let channel = app.channel().await?;
         let mut profiles = ProfileServiceClient::new(channel.clone());
         let updates = (0..2000)
-            .map(|i| pb::UpdateAttributesRequest {
-                customer_id: format!("reader-{}", i % 500),
-                attributes: Some(json_to_struct(json!({"n": i}).as_object().expect("object"))),
-            })
+            .map(|i| update(format!("reader-{}", i % 500), json!({"n": i})))
             .collect::<Vec<_>>();
         for chunk in updates.chunks(500) {
             profiles
@@ -374,12 +366,7 @@ db_test!(
         let started = Instant::now();
         profiles
             .update_attributes(with_key(
-                pb::UpdateAttributesRequest {
-                    customer_id: "reader-of-b".into(),
-                    attributes: Some(json_to_struct(
-                        json!({"plan": "pro"}).as_object().context("object")?,
-                    )),
-                },
+                update("reader-of-b", json!({"plan": "pro"})),
                 &key_b,
                 None,
             ))
@@ -405,6 +392,17 @@ db_test!(
         app.stop().await
     }
 );
+
+/// An UpdateAttributes of `customer_id` with the attributes of the JSON object `attributes`.
+fn update(
+    customer_id: impl Into<String>,
+    attributes: serde_json::Value,
+) -> pb::UpdateAttributesRequest {
+    pb::UpdateAttributesRequest {
+        customer_id: customer_id.into(),
+        attributes: attributes.as_object().map(json_to_struct),
+    }
+}
 
 /// `message` as publisher A (the test's all-workspaces key, default workspace).
 fn as_a<T>(message: T) -> Request<T> {
@@ -464,12 +462,7 @@ db_test!(
             .id;
         let mut profiles = ProfileServiceClient::new(channel.clone());
         profiles
-            .update_attributes(as_a(pb::UpdateAttributesRequest {
-                customer_id: "reader-of-a".into(),
-                attributes: Some(json_to_struct(
-                    json!({"cohort": "spring"}).as_object().context("object")?,
-                )),
-            }))
+            .update_attributes(as_a(update("reader-of-a", json!({"cohort": "spring"}))))
             .await?;
         let mut campaigns = CampaignServiceClient::new(channel.clone());
         let send = campaigns
