@@ -643,3 +643,49 @@ db_test!(
         app.stop().await
     }
 );
+
+db_test!(
+    a_disabled_workspace_gets_no_more_deliveries_from_the_scheduler,
+    |db: TestDatabase| async move {
+        let app = TestApp::spawn(&db).await?;
+        let (sim_b, b, key_b) = second_publisher(&app).await?;
+        let ctx_b = Tenants::new(app.ctx.clone()).context(b).await?;
+        let scheduler =
+            sharpsend_scheduler::start(Tenants::new(app.ctx.clone()), "e2e-disable".into()).await?;
+        let mut profiles = ProfileServiceClient::new(app.channel().await?);
+        profiles
+            .update_attributes(with_key(update("before", json!({"n": 1})), &key_b, None))
+            .await?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while sim_b.sim.person("before").is_none() {
+            ensure!(Instant::now() < deadline, "B's worker never delivered");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        app.admin()
+            .await?
+            .disable_workspace(pb::DisableWorkspaceRequest { id: b })
+            .await?;
+        // Once the supervisor has looked again (and the row's recheck time has passed), B's
+        // worker is gone: a write that reached B's outbox anyway stays there.
+        tokio::time::sleep(sharpsend_scheduler::WORKSPACE_SCAN + RECHECK_AFTER).await;
+        sharpsend_core::profiles::update_attributes(
+            &ctx_b,
+            vec![sharpsend_core::profiles::AttributeUpdate {
+                customer_id: "after".into(),
+                attributes: json!({"n": 2}).as_object().cloned().unwrap_or_default(),
+            }],
+            None,
+        )
+        .await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        ensure!(
+            sim_b.sim.person("after").is_none(),
+            "delivered to a disabled workspace"
+        );
+        let left = sharpsend_db::outbox::stats(&app.ctx.db, b).await?;
+        ensure!(left.pending == 1, "{left:?}");
+        scheduler.shutdown().await?;
+        sim_b.shutdown().await;
+        app.stop().await
+    }
+);

@@ -108,39 +108,80 @@ async fn run_everywhere(tenants: &Tenants, job: Job, holder: &str, running: &Run
     futures::future::join_all(runs).await;
 }
 
-/// Keeps one outbox worker per enabled workspace until `stop` says so, then waits for them.
+/// One workspace's outbox worker, with the context it was started with.
+struct Worker {
+    ctx: AppContext,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Worker {
+    fn start(ctx: AppContext, name: String) -> Self {
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(sharpsend_core::outbox::run_worker(
+            ctx.clone(),
+            name,
+            ctx.settings.delivery.clone(),
+            async move {
+                let _ = stopped.wait_for(|stopped| *stopped).await;
+            },
+        ));
+        Self { ctx, stop, task }
+    }
+
+    /// Stops the worker after the step in progress and waits for it.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        if let Err(e) = self.task.await {
+            tracing::warn!(error = %e, "outbox worker task ended abnormally");
+        }
+    }
+}
+
+/// Keeps one outbox worker per enabled workspace until `stop` says so, then waits for them. A
+/// workspace disabled (or gone) has its worker stopped; one whose context was rebuilt (rotated
+/// credentials or limits) has its worker restarted with the new context.
 async fn supervise_workers(
     tenants: Tenants,
     worker: String,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut workers: HashMap<i64, tokio::task::JoinHandle<()>> = HashMap::new();
+    let mut workers: HashMap<i64, Worker> = HashMap::new();
     loop {
         match tenants.all().await {
             Ok(contexts) => {
+                let enabled: HashSet<i64> = contexts.iter().map(AppContext::workspace_id).collect();
+                let gone: Vec<i64> = workers
+                    .keys()
+                    .filter(|id| !enabled.contains(id))
+                    .copied()
+                    .collect();
+                for id in gone {
+                    if let Some(old) = workers.remove(&id) {
+                        tracing::info!(
+                            workspace = id,
+                            "workspace disabled: its outbox worker stops"
+                        );
+                        old.stop().await;
+                    }
+                }
                 for ctx in contexts {
                     let workspace = ctx.workspace_id();
-                    if workers.get(&workspace).is_some_and(|w| !w.is_finished()) {
-                        continue;
+                    if let Some(running) = workers.get(&workspace) {
+                        let same = Arc::ptr_eq(&running.ctx.workspace, &ctx.workspace);
+                        if same && !running.task.is_finished() {
+                            continue;
+                        }
                     }
-                    let mut stop = stop.clone();
-                    let delivery = ctx.settings.delivery.clone();
+                    if let Some(old) = workers.remove(&workspace) {
+                        old.stop().await;
+                    }
                     let name = if workspace == tenants.default_context().workspace_id() {
                         worker.clone()
                     } else {
                         format!("{worker}/{workspace}")
                     };
-                    workers.insert(
-                        workspace,
-                        tokio::spawn(sharpsend_core::outbox::run_worker(
-                            ctx,
-                            name,
-                            delivery,
-                            async move {
-                                let _ = stop.wait_for(|stopped| *stopped).await;
-                            },
-                        )),
-                    );
+                    workers.insert(workspace, Worker::start(ctx, name));
                 }
             }
             Err(e) => {
@@ -152,11 +193,7 @@ async fn supervise_workers(
             _ = tokio::time::sleep(WORKSPACE_SCAN) => {}
         }
     }
-    for (_, worker) in workers {
-        if let Err(e) = worker.await {
-            tracing::warn!(error = %e, "outbox worker task ended abnormally");
-        }
-    }
+    futures::future::join_all(workers.into_values().map(Worker::stop)).await;
 }
 
 /// Runs `job` unless this process is already running it; answers whether it ran.
