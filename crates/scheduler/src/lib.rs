@@ -129,12 +129,11 @@ impl Worker {
         Self { ctx, stop, task }
     }
 
-    /// Stops the worker after the step in progress and waits for it.
-    async fn stop(self) {
+    /// Tells the worker to stop after the step in progress (a drain can be long: nobody waits
+    /// for it here); answers its task.
+    fn stop(self) -> tokio::task::JoinHandle<()> {
         let _ = self.stop.send(true);
-        if let Err(e) = self.task.await {
-            tracing::warn!(error = %e, "outbox worker task ended abnormally");
-        }
+        self.task
     }
 }
 
@@ -147,6 +146,7 @@ async fn supervise_workers(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut workers: HashMap<i64, Worker> = HashMap::new();
+    let mut stopping = Vec::new();
     loop {
         match tenants.all().await {
             Ok(contexts) => {
@@ -174,7 +174,7 @@ async fn supervise_workers(
                         }
                     }
                     if let Some(old) = workers.remove(&workspace) {
-                        old.stop().await;
+                        stopping.push(old.stop());
                     }
                     let name = if workspace == tenants.default_context().workspace_id() {
                         worker.clone()
@@ -193,7 +193,12 @@ async fn supervise_workers(
             _ = tokio::time::sleep(WORKSPACE_SCAN) => {}
         }
     }
-    futures::future::join_all(workers.into_values().map(Worker::stop)).await;
+    stopping.extend(workers.into_values().map(Worker::stop));
+    for task in stopping {
+        if let Err(e) = task.await {
+            tracing::warn!(error = %e, "outbox worker task ended abnormally");
+        }
+    }
 }
 
 /// Runs `job` unless this process is already running it; answers whether it ran.
