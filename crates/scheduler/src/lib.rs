@@ -162,7 +162,7 @@ async fn supervise_workers(
                             workspace = id,
                             "workspace disabled: its outbox worker stops"
                         );
-                        old.stop().await;
+                        stopping.push(old.stop());
                     }
                 }
                 for ctx in contexts {
