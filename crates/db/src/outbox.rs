@@ -13,8 +13,9 @@
 //!   segment's membership changes) as a prefix of the person's undelivered rows, and nothing of
 //!   a person is claimed while any of its rows is in flight under a live claim or an earlier one
 //!   waits for a retry; see [`claim_due`]. On PostgreSQL the transitions that decide what may be
-//!   claimed (claims, retries, releases, renewals, re-queues) take one advisory lock
-//!   ([`lock_transitions`]), so a claim never reads one of them half done.
+//!   claimed (claims, retries, releases, renewals, re-queues) take their workspace's advisory
+//!   lock ([`lock_transitions`]), so a claim never reads one of them half done, and a claim in
+//!   one workspace never waits for another workspace's.
 //! - Operating: [`stats`], [`dead_letters`], [`recent_failures`], [`requeue_dead`] (re-queues
 //!   only attributes no later update of the person sets), [`purge_delivered`], [`get_many`].
 //!
@@ -516,7 +517,7 @@ fn new_row(
 ///
 /// Safe with any number of workers and replicas — no row is handed to two claimers and no
 /// person's order is broken: one statement, `UPDATE … WHERE id IN (ids chosen in order, LIMIT
-/// n) RETURNING …`. On PostgreSQL it runs under the outbox transition lock
+/// n) RETURNING …`. On PostgreSQL it runs under the workspace's outbox transition lock
 /// ([`lock_transitions`]): it reads a snapshot in which no other claim, retry, release or
 /// renewal is half done, and the row conditions are checked again on each row it updates; on
 /// SQLite the statement is its own write transaction and SQLite runs one writer at a time (the
@@ -540,7 +541,7 @@ pub async fn claim_due(
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let txn = begin_write(db).await?;
     let backend = txn.get_database_backend();
-    lock_transitions(&txn).await?;
+    lock_transitions(&txn, workspace_id).await?;
     let (pending, in_flight) = (Status::Pending.as_str(), Status::InFlight.as_str());
     let postgres = backend == DbBackend::Postgres;
     let mut b = SqlBuilder::new(backend);
@@ -628,13 +629,21 @@ pub async fn claim_due(
     Ok(rows)
 }
 
-/// Key of the PostgreSQL advisory lock that serialises the outbox's row transitions which can
-/// change whom [`claim_due`] may take — claims, retries, releases, claim renewals and
-/// re-queues ("outbox" in ASCII, under the two-key form so it never meets the migration lock).
-const TRANSITION_LOCK: (i32, i32) = (0x6f75_7462, 0x6f78);
+/// First key of the PostgreSQL advisory locks that serialise the outbox's row transitions which
+/// can change whom [`claim_due`] may take — claims, retries, releases, claim renewals and
+/// re-queues ("outb" in ASCII, under the two-key form so it never meets the migration lock); the
+/// second key is the workspace's ([`transition_key`]).
+const TRANSITION_LOCK: i32 = 0x6f75_7462;
 
-/// Takes the outbox transition lock until the transaction ends (PostgreSQL; on SQLite the
-/// write transaction already excludes every other writer).
+/// Second key of a workspace's transition lock: its id, folded into `i32` when larger (two
+/// workspaces sharing a key only wait for each other; neither loses its exclusion).
+fn transition_key(workspace_id: i64) -> i32 {
+    i32::try_from(workspace_id.rem_euclid(i64::from(i32::MAX))).unwrap_or(0)
+}
+
+/// Takes `workspace_id`'s outbox transition lock until the transaction ends (PostgreSQL; on
+/// SQLite the write transaction already excludes every other writer). Public so that tests can
+/// hold it; the outbox functions take it themselves.
 ///
 /// Why: under READ COMMITTED a claim decides from a snapshot. Without the lock, two claims
 /// running at once would both see a person's first row as due and nothing in flight; one takes
@@ -643,12 +652,45 @@ const TRANSITION_LOCK: (i32, i32) = (0x6f75_7462, 0x6f78);
 /// Or a retry could put the first row back to waiting while a claim takes the second. Claims
 /// are one statement, so serialising them costs little; sending (the slow part) still runs in
 /// parallel.
-pub(crate) async fn lock_transitions(txn: &impl ConnectionTrait) -> Result<(), DbErr> {
+///
+/// One lock per workspace, not one for the outbox: a person's rows are all in one workspace,
+/// so transitions in different workspaces cannot break each other's order. With one lock, a
+/// claim in a workspace with a million undelivered rows (its window sorts them all, about a
+/// second) made every other workspace's claims wait behind it (issue #17: `bench-fairness`).
+pub async fn lock_transitions(txn: &impl ConnectionTrait, workspace_id: i64) -> Result<(), DbErr> {
     if txn.get_database_backend() == DbBackend::Postgres {
         txn.execute_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
             "SELECT pg_advisory_xact_lock($1, $2)",
-            [TRANSITION_LOCK.0.into(), TRANSITION_LOCK.1.into()],
+            [TRANSITION_LOCK.into(), transition_key(workspace_id).into()],
+        ))
+        .await?;
+    }
+    Ok(())
+}
+
+/// Takes the transition locks of the workspaces of rows `ids` (a row's workspace never
+/// changes), in ascending order so that two transactions never wait for each other in a cycle.
+async fn lock_transitions_of_rows(txn: &impl ConnectionTrait, ids: &[i64]) -> Result<(), DbErr> {
+    let backend = txn.get_database_backend();
+    if backend != DbBackend::Postgres {
+        return Ok(());
+    }
+    let workspaces: Vec<i64> = Entity::find()
+        .select_only()
+        .column(Column::WorkspaceId)
+        .distinct()
+        .filter(id_in(backend, Column::Id, ids))
+        .order_by_asc(Column::WorkspaceId)
+        .into_tuple()
+        .all(txn)
+        .await?;
+    let keys: BTreeSet<i32> = workspaces.into_iter().map(transition_key).collect();
+    for key in keys {
+        txn.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT pg_advisory_xact_lock($1, $2)",
+            [TRANSITION_LOCK.into(), key.into()],
         ))
         .await?;
     }
@@ -703,7 +745,7 @@ pub async fn mark_retry(
         return Ok(0);
     }
     let txn = begin_write(db).await?;
-    lock_transitions(&txn).await?;
+    lock_transitions_of_rows(&txn, ids).await?;
     let changed = Entity::update_many()
         .col_expr(Column::Status, Expr::value(Status::Pending.as_str()))
         .col_expr(Column::Attempts, Expr::col(Column::Attempts).add(1))
@@ -734,7 +776,7 @@ pub async fn release(
         return Ok(0);
     }
     let txn = begin_write(db).await?;
-    lock_transitions(&txn).await?;
+    lock_transitions_of_rows(&txn, ids).await?;
     let changed = Entity::update_many()
         .col_expr(Column::Status, Expr::value(Status::Pending.as_str()))
         .col_expr(Column::NextAttemptAt, Expr::value(db_time(now)))
@@ -762,7 +804,7 @@ pub async fn extend_claim(
     }
     let until = db_time(until);
     let txn = begin_write(db).await?;
-    lock_transitions(&txn).await?;
+    lock_transitions_of_rows(&txn, ids).await?;
     let changed = Entity::update_many()
         .col_expr(Column::ClaimExpiresAt, Expr::value(until))
         .col_expr(Column::NextAttemptAt, Expr::value(until))
@@ -827,9 +869,9 @@ pub const SUPERSEDED: &str =
 /// and segment changes are re-queued as they are (Customer.io drops an event it has seen; a
 /// segment change sends only the ids whose recorded membership still agrees).
 ///
-/// One transaction under the transition lock. Reads the re-queued rows and, for the people with
-/// re-queued updates, the attribute names of their later updates (a scan of the rows after the
-/// oldest re-queued update, in pages).
+/// One transaction under the workspace's transition lock. Reads the re-queued rows and, for the
+/// people with re-queued updates, the attribute names of their later updates (a scan of the rows
+/// after the oldest re-queued update, in pages).
 pub async fn requeue_dead(
     db: &impl TransactionTrait,
     workspace_id: i64,
@@ -841,7 +883,7 @@ pub async fn requeue_dead(
     }
     let now = db_time(now);
     let txn = begin_write(db).await?;
-    lock_transitions(&txn).await?;
+    lock_transitions(&txn, workspace_id).await?;
     let backend = txn.get_database_backend();
     let mut cond = Condition::all()
         .add(Column::WorkspaceId.eq(workspace_id))

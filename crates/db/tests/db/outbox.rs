@@ -996,3 +996,74 @@ sharpsend_db::db_test!(
         TestResult::Ok(())
     }
 );
+
+sharpsend_db::db_test!(
+    one_workspaces_transitions_never_wait_for_anothers,
+    |db: TestDatabase| async move {
+        use sea_orm::{DbBackend, TransactionTrait};
+
+        let a = workspace(&db, "site-a").await?;
+        let b = workspace(&db, "site-b").await?;
+        let a_rows = queue(&db.conn, a, 3, 10).await?;
+        let b_rows = queue(&db.conn, b, 3, 10).await?;
+        if db.conn.get_database_backend() != DbBackend::Postgres {
+            // SQLite runs one writer at a time for the whole file: nothing per workspace to show.
+            return TestResult::Ok(());
+        }
+        // Another process holds A's transition lock (as a claim over a huge backlog of A's
+        // would, for as long as its statement runs).
+        let other = db.connect_again().await?;
+        let holder = other.begin().await?;
+        outbox::lock_transitions(&holder, a).await?;
+
+        // B's claim, retry, release and renewal go on meanwhile.
+        let within = Duration::from_secs(10);
+        let claimed = tokio::time::timeout(
+            within,
+            outbox::claim_due(&db.conn, b, "wb", 10, MINUTE, ts(20)),
+        )
+        .await
+        .map_err(|_| "B's claim waited for A's lock")??;
+        assert_eq!(ids(&claimed), b_rows);
+        let renewed = tokio::time::timeout(
+            within,
+            outbox::extend_claim(&db.conn, "wb", &b_rows, ts(100)),
+        )
+        .await
+        .map_err(|_| "B's renewal waited for A's lock")??;
+        assert_eq!(renewed, 3);
+        let retried = tokio::time::timeout(
+            within,
+            outbox::mark_retry(&db.conn, "wb", &b_rows[..1], "HTTP 503", ts(30), ts(21)),
+        )
+        .await
+        .map_err(|_| "B's retry waited for A's lock")??;
+        assert_eq!(retried, 1);
+        let released = tokio::time::timeout(
+            within,
+            outbox::release(&db.conn, "wb", &b_rows[1..], ts(21)),
+        )
+        .await
+        .map_err(|_| "B's release waited for A's lock")??;
+        assert_eq!(released, 2);
+
+        // A's own claim still waits for A's lock: the exclusion within a workspace holds.
+        let conn = db.conn.clone();
+        let a_claim =
+            tokio::spawn(
+                async move { outbox::claim_due(&conn, a, "wa", 10, MINUTE, ts(20)).await },
+            );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !a_claim.is_finished(),
+            "A's claim did not wait for A's lock"
+        );
+        holder.rollback().await?;
+        let claimed = tokio::time::timeout(within, a_claim)
+            .await
+            .map_err(|_| "A's claim never ran")?
+            .map_err(join_err)??;
+        assert_eq!(ids(&claimed), a_rows);
+        TestResult::Ok(())
+    }
+);
