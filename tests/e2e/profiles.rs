@@ -1054,3 +1054,50 @@ db_test!(
         app.stop().await
     }
 );
+
+db_test!(
+    a_worker_told_to_stop_finishes_its_step_and_leaves_the_backlog,
+    |db: TestDatabase| async move {
+        let app = TestApp::spawn(&db).await?;
+        let updates = (0..100)
+            .map(|i| sharpsend_core::profiles::AttributeUpdate {
+                customer_id: format!("backlog-{i}"),
+                attributes: json!({"n": i}).as_object().cloned().unwrap_or_default(),
+            })
+            .collect();
+        sharpsend_core::profiles::update_attributes(&app.ctx, updates, None).await?;
+        // Ten rows a step, each step's request a second long: the backlog is ten steps.
+        app.sim.sim.push_faults(
+            Some(SimApi::Track),
+            (0..20).map(|_| Fault::Delay(Duration::from_secs(1))),
+        );
+        let config = sharpsend_core::outbox::DeliveryConfig {
+            claim_limit: 10,
+            ..sharpsend_tests::test_delivery_config()
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let worker = tokio::spawn(sharpsend_core::outbox::run_worker(
+            app.ctx.clone(),
+            "stopping-worker".into(),
+            config,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while app.sim.sim.request_count(SimApi::Track) == 0 {
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "the worker never sent"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = stop.send(());
+        tokio::time::timeout(Duration::from_secs(5), worker)
+            .await
+            .context("the worker went on draining after it was told to stop")??;
+        let left = sharpsend_db::outbox::stats(&app.ctx.db, app.ctx.workspace_id()).await?;
+        ensure!(left.pending >= 70, "{left:?}");
+        app.stop().await
+    }
+);

@@ -127,33 +127,55 @@ pub async fn drain(
     }
 }
 
-/// Delivers until `shutdown`: drains, then sleeps until woken by an in-process write or the poll
-/// interval passes. Errors are logged and retried after a pause.
+/// Delivers until `shutdown`: runs steps until nothing is due, then sleeps until woken by an
+/// in-process write or the poll interval passes. Errors are logged and retried after a pause.
+/// `shutdown` is looked at between steps too, so a large backlog does not hold it back for more
+/// than the step in progress (which is finished, never cut off: its requests are in flight).
 pub async fn run_worker(
     ctx: AppContext,
     worker: String,
     config: DeliveryConfig,
     shutdown: impl Future<Output = ()>,
 ) {
+    use futures::FutureExt as _;
+
     tokio::pin!(shutdown);
     tracing::info!(worker = %worker, "outbox worker started");
-    loop {
+    let mut stopping = false;
+    while !stopping {
         let woken = ctx.outbox_wakeup.notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
-        let pause = match drain(&ctx, &worker, &config).await {
-            Ok(report) => {
-                if report.claimed > 0 {
-                    tracing::info!(
-                        claimed = report.claimed,
-                        delivered = report.delivered,
-                        retried = report.retried,
-                        dead = report.dead,
-                        held_back = report.held_back,
-                        requests = report.requests,
-                        "outbox delivered"
-                    );
+        let mut report = DeliveryReport::default();
+        let drained = loop {
+            match deliver_step(&ctx, &worker, &config).await {
+                Ok(step) => {
+                    let claimed = step.claimed;
+                    report.absorb(step);
+                    if claimed == 0 {
+                        break Ok(());
+                    }
                 }
+                Err(e) => break Err(e),
+            }
+            if shutdown.as_mut().now_or_never().is_some() {
+                stopping = true;
+                break Ok(());
+            }
+        };
+        if report.claimed > 0 {
+            tracing::info!(
+                claimed = report.claimed,
+                delivered = report.delivered,
+                retried = report.retried,
+                dead = report.dead,
+                held_back = report.held_back,
+                requests = report.requests,
+                "outbox delivered"
+            );
+        }
+        let pause = match drained {
+            Ok(()) => {
                 crate::telemetry::metrics::refresh_outbox_gauges_every(
                     &ctx,
                     crate::telemetry::metrics::OUTBOX_GAUGE_INTERVAL,
@@ -166,8 +188,11 @@ pub async fn run_worker(
                 config.poll_interval.max(Duration::from_secs(2))
             }
         };
+        if stopping {
+            break;
+        }
         tokio::select! {
-            _ = &mut shutdown => break,
+            _ = &mut shutdown => stopping = true,
             _ = &mut woken => {}
             _ = tokio::time::sleep(pause) => {}
         }
