@@ -19,3 +19,4 @@ mod segments;
 mod sends;
 mod serving;
 mod tls;
+mod workspaces;
