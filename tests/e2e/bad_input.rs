@@ -2124,6 +2124,198 @@ db_test!(
                 .await,
         );
 
+        // Workspaces: every bad field is refused before Customer.io is asked.
+        let workspace = || pb::CreateWorkspaceRequest {
+            site_id: "probe-site".into(),
+            track_api_key: "t".into(),
+            app_api_key: "a".into(),
+            ..Default::default()
+        };
+        for (label, request, field) in [
+            ("empty", pb::CreateWorkspaceRequest::default(), "site_id"),
+            (
+                "1 MB site_id",
+                pb::CreateWorkspaceRequest {
+                    site_id: big(MB),
+                    ..workspace()
+                },
+                "site_id",
+            ),
+            (
+                "dot-segment site_id",
+                pb::CreateWorkspaceRequest {
+                    site_id: "..".into(),
+                    ..workspace()
+                },
+                "site_id",
+            ),
+            (
+                "region mars",
+                pb::CreateWorkspaceRequest {
+                    region: "mars".into(),
+                    ..workspace()
+                },
+                "region",
+            ),
+            (
+                "NUL track key",
+                pb::CreateWorkspaceRequest {
+                    track_api_key: "t\0".into(),
+                    ..workspace()
+                },
+                "track_api_key",
+            ),
+            (
+                "1 MB app key",
+                pb::CreateWorkspaceRequest {
+                    app_api_key: big(MB),
+                    ..workspace()
+                },
+                "app_api_key",
+            ),
+            (
+                "rate 1001",
+                pb::CreateWorkspaceRequest {
+                    track_requests_per_sec: 1001,
+                    ..workspace()
+                },
+                "track_requests_per_sec",
+            ),
+            (
+                "javascript: URL",
+                pb::CreateWorkspaceRequest {
+                    app_base_url: "javascript:alert(1)".into(),
+                    ..workspace()
+                },
+                "app_base_url",
+            ),
+            (
+                "1 MB name",
+                pb::CreateWorkspaceRequest {
+                    name: big(MB),
+                    ..workspace()
+                },
+                "name",
+            ),
+        ] {
+            let status = p.check(
+                "CreateWorkspace",
+                label,
+                INVALID,
+                admin.create_workspace(request).await,
+            );
+            p.names(label, status, field);
+        }
+        for (label, request, field) in [
+            ("id 0", pb::UpdateWorkspaceRequest::default(), "id"),
+            (
+                "NUL name",
+                pb::UpdateWorkspaceRequest {
+                    id: app.ctx.workspace_id(),
+                    name: "a\0b".into(),
+                    ..Default::default()
+                },
+                "name",
+            ),
+            (
+                "rate -> u32::MAX",
+                pb::UpdateWorkspaceRequest {
+                    id: app.ctx.workspace_id(),
+                    app_requests_per_sec: u32::MAX,
+                    ..Default::default()
+                },
+                "app_requests_per_sec",
+            ),
+        ] {
+            let status = p.check(
+                "UpdateWorkspace",
+                label,
+                INVALID,
+                admin.update_workspace(request).await,
+            );
+            p.names(label, status, field);
+        }
+        p.check(
+            "UpdateWorkspace",
+            "unknown id",
+            Refused(Code::NotFound),
+            admin
+                .update_workspace(pb::UpdateWorkspaceRequest {
+                    id: i64::MAX,
+                    name: "x".into(),
+                    ..Default::default()
+                })
+                .await,
+        );
+        for (label, id, want) in [
+            ("id -1", -1, INVALID),
+            ("id i64::MIN", i64::MIN, INVALID),
+            ("unknown id", i64::MAX, Refused(Code::NotFound)),
+            ("own", app.ctx.workspace_id(), Answered),
+        ] {
+            p.check(
+                "GetWorkspace",
+                label,
+                want,
+                admin.get_workspace(pb::GetWorkspaceRequest { id }).await,
+            );
+        }
+        for (label, id, want) in [
+            ("id 0", 0, INVALID),
+            ("unknown id", i64::MAX, Refused(Code::NotFound)),
+        ] {
+            p.check(
+                "DisableWorkspace",
+                label,
+                want,
+                admin
+                    .disable_workspace(pb::DisableWorkspaceRequest { id })
+                    .await,
+            );
+        }
+        p.check(
+            "ListWorkspaces",
+            "empty",
+            Answered,
+            admin
+                .list_workspaces(pb::ListWorkspacesRequest::default())
+                .await,
+        );
+        for (label, request, field) in [
+            (
+                "page_size -1",
+                pb::ListWorkspacesRequest {
+                    page_size: -1,
+                    ..Default::default()
+                },
+                "page_size",
+            ),
+            (
+                "garbage page_token",
+                pb::ListWorkspacesRequest {
+                    page_token: "!!".into(),
+                    ..Default::default()
+                },
+                "page_token",
+            ),
+            (
+                "1 MB page_token",
+                pb::ListWorkspacesRequest {
+                    page_token: big(MB),
+                    ..Default::default()
+                },
+                "page_token",
+            ),
+        ] {
+            let status = p.check(
+                "ListWorkspaces",
+                label,
+                INVALID,
+                admin.list_workspaces(request).await,
+            );
+            p.names(label, status, field);
+        }
+
         // ----- AnalyticsService -----
         let mut an = app.analytics().await?;
         let rpc = "WatchEngagement";

@@ -20,3 +20,4 @@ mod sends;
 mod serving;
 mod tenancy;
 mod tls;
+mod workspaces;

@@ -50,6 +50,9 @@ pub fn test_send_config() -> sharpsend_core::sends::SendConfig {
     }
 }
 
+/// The master key (`SHARPSEND_MASTER_KEY`) of every [`TestApp`]: id `e2e-1`.
+pub const TEST_MASTER_KEY: &str = "e2e-1:ZTJlLW1hc3Rlci1rZXktMzItYnl0ZXMtZXhhY3RseSE=";
+
 /// The API key every [`TestApp`] accepts.
 pub const TEST_API_KEY: &str = "e2e-test-key-0123456789";
 
@@ -304,6 +307,7 @@ pub fn test_settings(database_url: &str, cio: CioSettings) -> Settings {
             }],
             ..ServerSettings::default()
         },
+        master_keys: sharpsend_core::secrets::MasterKeys::parse(TEST_MASTER_KEY).ok(),
         delivery: test_delivery_config(),
         sends: test_send_config(),
         master_keys: Some(sharpsend_core::secrets::MasterKeys::generate("e2e")),

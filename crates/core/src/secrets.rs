@@ -362,7 +362,7 @@ mod tests {
         for raw in [
             format!("main:{short}"),
             format!("main:{secret_b64},main:{secret_b64}"),
-            format!("{secret_b64}"),
+            secret_b64.clone(),
             format!("bad id:{secret_b64}"),
             "main:not base64!".to_owned(),
             " , ".to_owned(),

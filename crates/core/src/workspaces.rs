@@ -636,9 +636,9 @@ async fn rename_only(ctx: &AppContext, id: i64, name: &str) -> Result<WorkspaceR
         name: (!name.is_empty()).then(|| name.to_owned()),
         ..WorkspaceChange::default()
     };
-    Ok(store::update(&ctx.db, id, change, ctx.now())
+    store::update(&ctx.db, id, change, ctx.now())
         .await?
-        .ok_or_else(|| not_found(id))?)
+        .ok_or_else(|| not_found(id))
 }
 
 /// `Ok(None)`: no such workspace, or one without stored credentials (the env default).

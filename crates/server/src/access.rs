@@ -194,6 +194,15 @@ pub const RULES: &[Rule] = &[
     ),
 ];
 
+/// RPCs that, beyond their role, need a key bound to every workspace (a `SHARPSEND_API_KEYS`
+/// key or an all-workspaces admin): a workspace-bound admin is answered `PERMISSION_DENIED` by
+/// the handler ([`crate::admin`]), with nothing more said.
+pub const ALL_WORKSPACES_ONLY: &[&str] = &[
+    "/sharpsend.cio.v1.AdminService/CreateWorkspace",
+    "/sharpsend.cio.v1.AdminService/ListWorkspaces",
+    "/sharpsend.cio.v1.AdminService/DisableWorkspace",
+];
+
 /// Paths open to every caller without a key: health checks and reflection.
 pub fn is_open(path: &str) -> bool {
     path.starts_with("/grpc.health.") || path.starts_with("/grpc.reflection.")
@@ -252,6 +261,16 @@ mod tests {
         ));
         assert!(!is_open("/sharpsend.cio.v1.AdminService/ListApiKeys"));
         assert!(rule("/sharpsend.cio.v1.SegmentService/NewCall").is_none());
+    }
+
+    #[test]
+    fn all_workspaces_only_rpcs_are_admin_rpcs() {
+        for path in ALL_WORKSPACES_ONLY {
+            assert!(
+                rule(path).is_some_and(|r| r.role == Admin),
+                "{path} needs an Admin rule"
+            );
+        }
     }
 
     #[test]

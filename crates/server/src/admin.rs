@@ -53,7 +53,8 @@ fn scope(caller: &Caller) -> Option<i64> {
     caller.workspace_id
 }
 
-/// Only an all-workspaces admin may: `PERMISSION_DENIED` for one bound to a workspace.
+/// Only an all-workspaces admin may ([`crate::access::ALL_WORKSPACES_ONLY`]): `PERMISSION_DENIED`
+/// for one bound to a workspace.
 fn require_all_workspaces(caller: &Caller) -> Result<(), Status> {
     match scope(caller) {
         None => Ok(()),

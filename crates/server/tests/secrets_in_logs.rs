@@ -1,6 +1,8 @@
 //! No API key in any log line, even at TRACE level for every crate (sqlx, h2, tonic, hyper
 //! included): a configured key, a created key's secret, a wrong key, all used in real calls,
-//! then revoked. The log subscriber is per process, so this file is its own test binary with
+//! then revoked; and a stored workspace's credentials (issue #17: a refused key, accepted keys,
+//! a rotation, a master key rotation with `secrets-rekey`) and the master keys themselves. The
+//! log subscriber is per process, so this file is its own test binary with
 //! ONE test.
 
 use std::sync::{Arc, Mutex};
@@ -24,6 +26,12 @@ use tonic::{Request, transport::Channel};
 
 const CONFIGURED_KEY: &str = "configured-key-never-logged-4d1e";
 const WRONG_KEY: &str = "wrong-key-never-logged-77a0";
+const MASTER_KEY_B64: &str = "bWFzdGVyLWtleS1uZXZlci1sb2dnZWQtMzJieXRlcyE=";
+const NEW_MASTER_KEY_B64: &str = "bmV3LW1hc3Rlci1rZXktbmV2ZXItbG9nZ2VkLTMyYiE=";
+const TRACK_B: &str = "track-b-never-logged-61c2";
+const APP_B: &str = "app-b-never-logged-9e04";
+const HOOK_B: &str = "hook-b-never-logged-3a7d";
+const WRONG_TRACK: &str = "wrong-track-never-logged-58f1";
 
 /// Every log line written, as text.
 #[derive(Clone, Default)]
@@ -81,6 +89,9 @@ async fn no_api_key_appears_in_trace_logs() -> anyhow::Result<()> {
             }],
             ..ServerSettings::default()
         },
+        master_keys: Some(sharpsend_core::secrets::MasterKeys::parse(&format!(
+            "m1:{MASTER_KEY_B64}"
+        ))?),
         ..Settings::default()
     };
     let ctx = AppContext::bootstrap(settings, Migrations::Apply, Clock::system()).await?;
@@ -134,6 +145,57 @@ async fn no_api_key_appears_in_trace_logs() -> anyhow::Result<()> {
         )?)
         .await;
     ensure!(revoked.is_err());
+
+    // A stored workspace: a refused key, accepted keys, a rotation, a master key rotation.
+    let sim_b = Simulator::spawn(SimConfig {
+        site_id: "site-b".into(),
+        track_api_key: TRACK_B.into(),
+        app_api_key: APP_B.into(),
+        demo_people: 0,
+        ..SimConfig::demo()
+    })
+    .await?;
+    let request = |track: &str| pb::CreateWorkspaceRequest {
+        site_id: "site-b".into(),
+        track_api_key: track.into(),
+        app_api_key: APP_B.into(),
+        track_base_url: sim_b.base_url(),
+        app_base_url: sim_b.base_url(),
+        ..Default::default()
+    };
+    let refused = admin
+        .create_workspace(with_key(request(WRONG_TRACK), CONFIGURED_KEY)?)
+        .await;
+    ensure!(refused.is_err());
+    let workspace = admin
+        .create_workspace(with_key(request(TRACK_B), CONFIGURED_KEY)?)
+        .await?
+        .into_inner()
+        .workspace
+        .context("no workspace")?;
+    admin
+        .update_workspace(with_key(
+            pb::UpdateWorkspaceRequest {
+                id: workspace.id,
+                webhook_signing_key: HOOK_B.into(),
+                ..Default::default()
+            },
+            CONFIGURED_KEY,
+        )?)
+        .await?;
+    let mut rotated_settings = (*ctx.settings).clone();
+    rotated_settings.master_keys = Some(sharpsend_core::secrets::MasterKeys::parse(&format!(
+        "m2:{NEW_MASTER_KEY_B64},m1:{MASTER_KEY_B64}"
+    ))?);
+    let mut rotated = ctx.clone();
+    rotated.settings = std::sync::Arc::new(rotated_settings);
+    sharpsend_core::jobs::run_job(&rotated, sharpsend_core::jobs::Job::SecretsRekey, "logs")
+        .await?;
+    let opened = sharpsend_core::workspaces::access(&rotated, workspace.id)
+        .await?
+        .context("stored")?;
+    tracing::debug!(?opened, "opened workspace");
+    sim_b.shutdown().await;
     let _ = stop.send(());
     server.await??;
     sim.shutdown().await;
@@ -141,12 +203,22 @@ async fn no_api_key_appears_in_trace_logs() -> anyhow::Result<()> {
     let text = String::from_utf8_lossy(&captured.0.lock().map_err(|_| anyhow::anyhow!("lock"))?)
         .into_owned();
     ensure!(text.len() > 10_000, "hardly anything was logged: {text}");
+    ensure!(
+        text.contains("workspace created") && text.contains("opened workspace"),
+        "the workspace steps were logged"
+    );
     let secret_part = created.secret.rsplit('_').next().unwrap_or_default();
     for (what, secret) in [
         ("the configured key", CONFIGURED_KEY),
         ("a wrong key", WRONG_KEY),
         ("a created key", created.secret.as_str()),
         ("a created key's secret", secret_part),
+        ("a workspace's Track key", TRACK_B),
+        ("a workspace's App key", APP_B),
+        ("a workspace's webhook signing key", HOOK_B),
+        ("a refused Track key", WRONG_TRACK),
+        ("the master key", MASTER_KEY_B64),
+        ("the new master key", NEW_MASTER_KEY_B64),
     ] {
         ensure!(!text.contains(secret), "{what} appears in the trace log");
     }
