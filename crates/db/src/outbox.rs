@@ -192,11 +192,11 @@ pub struct SyncStats {
 /// [`profiles`]) and queues one `identify` row per update, in order, due at `now`. All or
 /// nothing: on error nothing is written. Returns how many rows were queued.
 ///
-/// A handful of statements whatever the size. PostgreSQL: three (lock-or-create every person
-/// and read them, write the merged attributes back, queue every row), each binding its rows as
-/// one JSON array so the statement text is the same for any size (prepared once, no planning
-/// of thousands of parameters). SQLite: per 500 people a locking upsert and a write-back, per
-/// 500 updates one multi-row insert.
+/// A handful of statements whatever the size. PostgreSQL: one (see
+/// [`pg_accept_attribute_updates`]: the merge happens in the database under the row lock, and
+/// the rows are queued by the same statement), binding its rows as JSON so the statement text is
+/// the same for any size (prepared once, no planning of thousands of parameters). SQLite: per
+/// 500 people a locking upsert and a write-back, per 500 updates one multi-row insert.
 pub async fn accept_attribute_updates(
     db: &impl TransactionTrait,
     workspace_id: i64,
@@ -213,15 +213,7 @@ pub async fn accept_attribute_updates(
         .collect();
     let txn = begin_write(db).await?;
     if txn.get_database_backend() == DbBackend::Postgres {
-        let rows = updates
-            .iter()
-            .map(|u| serde_json::json!({ "c": u.customer_id, "p": u.attributes }))
-            .collect();
-        profiles::merge_attributes(&txn, workspace_id, &pairs, now).await?;
-        let queued = txn
-            .execute_raw(pg_queue(workspace_id, Kind::Identify, rows, now, false))
-            .await?
-            .rows_affected();
+        let queued = pg_accept_attribute_updates(&txn, workspace_id, updates, &pairs, now).await?;
         txn.commit().await?;
         tracing::debug!(workspace_id, queued, "attribute updates accepted");
         return Ok(queued);
@@ -251,6 +243,75 @@ pub async fn accept_attribute_updates(
     txn.commit().await?;
     tracing::debug!(workspace_id, queued, "attribute updates accepted");
     Ok(queued)
+}
+
+/// One outbox row of [`pg_accept_attribute_updates`]'s `$4`.
+#[derive(serde::Serialize)]
+struct QueueInput<'a> {
+    c: &'a str,
+    p: &'a Map<String, Value>,
+}
+
+/// PostgreSQL [`accept_attribute_updates`] inside `txn`: ONE statement merges every person
+/// ([`profiles::PG_MERGE_CTE`]) and queues every update (in call order: ids follow it), then,
+/// only if the call created people with a removal in their patch, one more strips those nulls.
+/// Both inputs are bound as the text of a JSON array serialised from the borrowed updates (no
+/// copy of the attributes into a `Value` tree), so the statement text never changes.
+async fn pg_accept_attribute_updates(
+    txn: &impl ConnectionTrait,
+    workspace_id: i64,
+    updates: &[NewAttributeUpdate],
+    pairs: &[(&str, &Map<String, Value>)],
+    now: DateTime<Utc>,
+) -> Result<u64, DbError> {
+    let per_person = profiles::per_person(pairs);
+    let merge_input = profiles::pg_merge_input(&per_person)?;
+    let queue_input: Vec<QueueInput<'_>> = updates
+        .iter()
+        .map(|u| QueueInput {
+            c: &u.customer_id,
+            p: &u.attributes,
+        })
+        .collect();
+    let queue_input =
+        serde_json::to_string(&queue_input).map_err(|e| DbErr::Json(e.to_string()))?;
+    let row = txn
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            format!(
+                "WITH {merge}, queued AS (\
+                 INSERT INTO outbox (workspace_id, kind, customer_id, payload, status, attempts, \
+                 next_attempt_at, created_at) \
+                 SELECT $1, $5, r.c, r.p, $6, 0, $2, $2 \
+                 FROM ROWS FROM (jsonb_to_recordset($4::text::jsonb) AS (c text, p jsonb)) \
+                 WITH ORDINALITY AS r(c, p, n) ORDER BY r.n RETURNING 1) \
+                 SELECT (SELECT count(*) FROM merged) AS people, \
+                 (SELECT count(*) FROM queued) AS queued, {nulls} AS created_with_nulls",
+                merge = profiles::PG_MERGE_CTE,
+                nulls = profiles::PG_CREATED_WITH_NULLS,
+            ),
+            [
+                workspace_id.into(),
+                now.into(),
+                merge_input.into(),
+                queue_input.into(),
+                Kind::Identify.as_str().into(),
+                Status::Pending.as_str().into(),
+            ],
+        ))
+        .await?
+        .ok_or_else(|| DbErr::RecordNotFound("accepted attribute updates".into()))?;
+    let people: i64 = row.try_get("", "people")?;
+    let queued: i64 = row.try_get("", "queued")?;
+    if usize::try_from(people).ok() != Some(per_person.len()) {
+        return Err(
+            DbErr::RecordNotFound(format!("{people} of {} profiles", per_person.len())).into(),
+        );
+    }
+    if let Some(ids) = row.try_get::<Option<Value>>("", "created_with_nulls")? {
+        profiles::pg_strip_created_nulls(txn, ids).await?;
+    }
+    Ok(u64::try_from(queued).unwrap_or_default())
 }
 
 /// Accepts events, in ONE transaction: queues one `event` row per event (payload
