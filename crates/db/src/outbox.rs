@@ -509,7 +509,8 @@ struct EventPayload<'a> {
 }
 
 /// PostgreSQL [`accept_events`] inside `txn`, in ONE statement: creates the missing profiles
-/// among `customer_ids` (sorted, distinct), queues `events` in order (ids follow it) except
+/// among `customer_ids` (sorted, distinct; a data-modifying CTE runs whether or not it is
+/// referenced), queues `events` in order (ids follow it) except
 /// those whose idempotency key is already taken (`ON CONFLICT … DO NOTHING` against the unique
 /// index: of concurrent calls with one key exactly one queues it), and answers only those taken
 /// keys (usually none) instead of every queued row.
@@ -528,7 +529,7 @@ async fn pg_queue_events(
              INSERT INTO profiles (workspace_id, customer_id, attributes, updated_at) \
              SELECT $1, c.id, '{}'::jsonb, $2 \
              FROM jsonb_array_elements_text($3) WITH ORDINALITY AS c(id, n) ORDER BY c.n \
-             ON CONFLICT (workspace_id, customer_id) DO NOTHING RETURNING 1), \
+             ON CONFLICT (workspace_id, customer_id) DO NOTHING), \
              input AS (SELECT * FROM ROWS FROM (jsonb_to_recordset($4::text::jsonb) \
              AS (c text, p jsonb, e text, i text)) WITH ORDINALITY AS r(c, p, e, i, n)), \
              queued AS (\
@@ -537,8 +538,7 @@ async fn pg_queue_events(
              SELECT $1, $5, r.c, r.p, r.e, r.i, $6, 0, $2, $2 FROM input r ORDER BY r.n \
              ON CONFLICT (workspace_id, idempotency_key) WHERE idempotency_key IS NOT NULL \
              DO NOTHING RETURNING idempotency_key) \
-             SELECT (SELECT count(*) FROM created) AS created, \
-             (SELECT jsonb_agg(r.i) FROM input r WHERE r.i IS NOT NULL AND NOT EXISTS \
+             SELECT (SELECT jsonb_agg(r.i) FROM input r WHERE r.i IS NOT NULL AND NOT EXISTS \
              (SELECT 1 FROM queued q WHERE q.idempotency_key = r.i)) AS taken",
             [
                 workspace_id.into(),
