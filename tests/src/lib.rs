@@ -310,7 +310,6 @@ pub fn test_settings(database_url: &str, cio: CioSettings) -> Settings {
         master_keys: sharpsend_core::secrets::MasterKeys::parse(TEST_MASTER_KEY).ok(),
         delivery: test_delivery_config(),
         sends: test_send_config(),
-        master_keys: Some(sharpsend_core::secrets::MasterKeys::generate("e2e")),
         ..Settings::default()
     }
 }

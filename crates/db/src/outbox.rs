@@ -193,11 +193,11 @@ pub struct SyncStats {
 /// [`profiles`]) and queues one `identify` row per update, in order, due at `now`. All or
 /// nothing: on error nothing is written. Returns how many rows were queued.
 ///
-/// A handful of statements whatever the size. PostgreSQL: three (lock-or-create every person
-/// and read them, write the merged attributes back, queue every row), each binding its rows as
-/// one JSON array so the statement text is the same for any size (prepared once, no planning
-/// of thousands of parameters). SQLite: per 500 people a locking upsert and a write-back, per
-/// 500 updates one multi-row insert.
+/// A handful of statements whatever the size. PostgreSQL: one (see
+/// [`pg_accept_attribute_updates`]: the merge happens in the database under the row lock, and
+/// the rows are queued by the same statement), binding its rows as JSON so the statement text is
+/// the same for any size (prepared once, no planning of thousands of parameters). SQLite: per
+/// 500 people a locking upsert and a write-back, per 500 updates one multi-row insert.
 pub async fn accept_attribute_updates(
     db: &impl TransactionTrait,
     workspace_id: i64,
@@ -214,15 +214,7 @@ pub async fn accept_attribute_updates(
         .collect();
     let txn = begin_write(db).await?;
     if txn.get_database_backend() == DbBackend::Postgres {
-        let rows = updates
-            .iter()
-            .map(|u| serde_json::json!({ "c": u.customer_id, "p": u.attributes }))
-            .collect();
-        profiles::merge_attributes(&txn, workspace_id, &pairs, now).await?;
-        let queued = txn
-            .execute_raw(pg_queue(workspace_id, Kind::Identify, rows, now, false))
-            .await?
-            .rows_affected();
+        let queued = pg_accept_attribute_updates(&txn, workspace_id, updates, &pairs, now).await?;
         txn.commit().await?;
         tracing::debug!(workspace_id, queued, "attribute updates accepted");
         return Ok(queued);
@@ -252,6 +244,75 @@ pub async fn accept_attribute_updates(
     txn.commit().await?;
     tracing::debug!(workspace_id, queued, "attribute updates accepted");
     Ok(queued)
+}
+
+/// One outbox row of [`pg_accept_attribute_updates`]'s `$4`.
+#[derive(serde::Serialize)]
+struct QueueInput<'a> {
+    c: &'a str,
+    p: &'a Map<String, Value>,
+}
+
+/// PostgreSQL [`accept_attribute_updates`] inside `txn`: ONE statement merges every person
+/// ([`profiles::PG_MERGE_CTE`]) and queues every update (in call order: ids follow it), then,
+/// only if the call created people with a removal in their patch, one more strips those nulls.
+/// Both inputs are bound as the text of a JSON array serialised from the borrowed updates (no
+/// copy of the attributes into a `Value` tree), so the statement text never changes.
+async fn pg_accept_attribute_updates(
+    txn: &impl ConnectionTrait,
+    workspace_id: i64,
+    updates: &[NewAttributeUpdate],
+    pairs: &[(&str, &Map<String, Value>)],
+    now: DateTime<Utc>,
+) -> Result<u64, DbError> {
+    let per_person = profiles::per_person(pairs);
+    let merge_input = profiles::pg_merge_input(&per_person)?;
+    let queue_input: Vec<QueueInput<'_>> = updates
+        .iter()
+        .map(|u| QueueInput {
+            c: &u.customer_id,
+            p: &u.attributes,
+        })
+        .collect();
+    let queue_input =
+        serde_json::to_string(&queue_input).map_err(|e| DbErr::Json(e.to_string()))?;
+    let row = txn
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            format!(
+                "WITH {merge}, queued AS (\
+                 INSERT INTO outbox (workspace_id, kind, customer_id, payload, status, attempts, \
+                 next_attempt_at, created_at) \
+                 SELECT $1, $5, r.c, r.p, $6, 0, $2, $2 \
+                 FROM ROWS FROM (jsonb_to_recordset($4::text::jsonb) AS (c text, p jsonb)) \
+                 WITH ORDINALITY AS r(c, p, n) ORDER BY r.n RETURNING 1) \
+                 SELECT (SELECT count(*) FROM merged) AS people, \
+                 (SELECT count(*) FROM queued) AS queued, {nulls} AS created_with_nulls",
+                merge = profiles::PG_MERGE_CTE,
+                nulls = profiles::PG_CREATED_WITH_NULLS,
+            ),
+            [
+                workspace_id.into(),
+                now.into(),
+                merge_input.into(),
+                queue_input.into(),
+                Kind::Identify.as_str().into(),
+                Status::Pending.as_str().into(),
+            ],
+        ))
+        .await?
+        .ok_or_else(|| DbErr::RecordNotFound("accepted attribute updates".into()))?;
+    let people: i64 = row.try_get("", "people")?;
+    let queued: i64 = row.try_get("", "queued")?;
+    if usize::try_from(people).ok() != Some(per_person.len()) {
+        return Err(
+            DbErr::RecordNotFound(format!("{people} of {} profiles", per_person.len())).into(),
+        );
+    }
+    if let Some(ids) = row.try_get::<Option<Value>>("", "created_with_nulls")? {
+        profiles::pg_strip_created_nulls(txn, ids).await?;
+    }
+    Ok(u64::try_from(queued).unwrap_or_default())
 }
 
 /// Accepts events, in ONE transaction: queues one `event` row per event (payload
@@ -293,20 +354,14 @@ pub async fn accept_events(
             });
         duplicate_of.push(first);
     }
-    // The events to queue, in order: (event, payload).
-    let queue: Vec<(&NewEvent, Value)> = events
+    // The events to queue, in order.
+    let queue: Vec<&NewEvent> = events
         .iter()
         .zip(&duplicate_of)
         .filter(|(_, dup)| dup.is_none())
-        .map(|(e, _)| {
-            let payload = serde_json::json!({
-                "name": e.name,
-                "data": e.data,
-                "timestamp": e.timestamp.unwrap_or_else(|| now.timestamp()),
-            });
-            (e, payload)
-        })
+        .map(|(e, _)| e)
         .collect();
+    let timestamp_of = |e: &NewEvent| e.timestamp.unwrap_or_else(|| now.timestamp());
     let customer_ids: Vec<&str> = events
         .iter()
         .map(|e| e.customer_id.as_str())
@@ -320,33 +375,39 @@ pub async fn accept_events(
 
     let txn = begin_write(db).await?;
     let backend = txn.get_database_backend();
-    profiles::ensure_exist(&txn, workspace_id, &customer_ids, now).await?;
     let mut queued_keys: HashSet<String> = HashSet::new();
     let mut rows: Vec<ActiveModel> = Vec::new();
     if backend == DbBackend::Postgres {
-        let json_rows = queue
-            .into_iter()
-            .map(|(e, payload)| {
-                serde_json::json!({
-                    "c": e.customer_id,
-                    "p": payload,
-                    "e": e.event_id,
-                    "i": e.idempotency_key,
-                })
+        let input: Vec<QueueEvent<'_>> = queue
+            .iter()
+            .map(|e| QueueEvent {
+                c: &e.customer_id,
+                p: EventPayload {
+                    name: &e.name,
+                    data: &e.data,
+                    timestamp: timestamp_of(e),
+                },
+                e: &e.event_id,
+                i: e.idempotency_key.as_deref(),
             })
             .collect();
-        for row in txn
-            .query_all_raw(pg_queue(workspace_id, Kind::Event, json_rows, now, true))
-            .await?
-        {
-            if let Some(key) = row.try_get::<Option<String>>("", "idempotency_key")? {
-                queued_keys.insert(key);
-            }
-        }
+        let taken = pg_queue_events(&txn, workspace_id, &customer_ids, &input, now).await?;
+        queued_keys.extend(
+            first_with_key
+                .keys()
+                .filter(|k| !taken.contains(**k))
+                .map(|k| (*k).to_owned()),
+        );
     } else {
+        profiles::ensure_exist(&txn, workspace_id, &customer_ids, now).await?;
         rows = queue
             .into_iter()
-            .map(|(e, payload)| {
+            .map(|e| {
+                let payload = serde_json::json!({
+                    "name": e.name,
+                    "data": e.data,
+                    "timestamp": timestamp_of(e),
+                });
                 new_row(
                     workspace_id,
                     Kind::Event,
@@ -431,41 +492,72 @@ pub async fn accept_events(
     Ok(out)
 }
 
-/// PostgreSQL: queues `rows` (`{"c": customer id, "p": payload, "e": event id, "i":
-/// idempotency key}`) of one `kind` as `pending` rows due at `now`, in order (ids follow it),
-/// in ONE statement whatever their number: the rows are bound as one JSON array, so the
-/// statement text never changes (prepared once per connection, no planning of thousands of
-/// parameters). With `skip_taken_keys`, a row whose idempotency key is already queued is
-/// skipped and the keys queued are returned.
-fn pg_queue(
+/// An event row of [`pg_queue_events`]'s input: the payload `{"name", "data", "timestamp"}`
+/// with the event id and idempotency key, serialised straight from the borrowed event.
+#[derive(serde::Serialize)]
+struct QueueEvent<'a> {
+    c: &'a str,
+    p: EventPayload<'a>,
+    e: &'a str,
+    i: Option<&'a str>,
+}
+
+#[derive(serde::Serialize)]
+struct EventPayload<'a> {
+    name: &'a str,
+    data: &'a Value,
+    timestamp: i64,
+}
+
+/// PostgreSQL [`accept_events`] inside `txn`, in ONE statement: creates the missing profiles
+/// among `customer_ids` (sorted, distinct; a data-modifying CTE runs whether or not it is
+/// referenced), queues `events` in order (ids follow it) except
+/// those whose idempotency key is already taken (`ON CONFLICT … DO NOTHING` against the unique
+/// index: of concurrent calls with one key exactly one queues it), and answers only those taken
+/// keys (usually none) instead of every queued row.
+async fn pg_queue_events(
+    txn: &impl ConnectionTrait,
     workspace_id: i64,
-    kind: Kind,
-    rows: Vec<Value>,
+    customer_ids: &[&str],
+    events: &[QueueEvent<'_>],
     now: DateTime<Utc>,
-    skip_taken_keys: bool,
-) -> Statement {
-    let conflict = if skip_taken_keys {
-        " ON CONFLICT (workspace_id, idempotency_key) WHERE idempotency_key IS NOT NULL \
-         DO NOTHING RETURNING idempotency_key"
-    } else {
-        ""
-    };
-    Statement::from_sql_and_values(
-        DbBackend::Postgres,
-        format!(
-            "INSERT INTO outbox (workspace_id, kind, customer_id, payload, event_id, \
+) -> Result<HashSet<String>, DbError> {
+    let input = serde_json::to_string(events).map_err(|e| DbErr::Json(e.to_string()))?;
+    let row = txn
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "WITH created AS (\
+             INSERT INTO profiles (workspace_id, customer_id, attributes, updated_at) \
+             SELECT $1, c.id, '{}'::jsonb, $2 \
+             FROM jsonb_array_elements_text($3) WITH ORDINALITY AS c(id, n) ORDER BY c.n \
+             ON CONFLICT (workspace_id, customer_id) DO NOTHING), \
+             input AS (SELECT * FROM ROWS FROM (jsonb_to_recordset($4::text::jsonb) \
+             AS (c text, p jsonb, e text, i text)) WITH ORDINALITY AS r(c, p, e, i, n)), \
+             queued AS (\
+             INSERT INTO outbox (workspace_id, kind, customer_id, payload, event_id, \
              idempotency_key, status, attempts, next_attempt_at, created_at) \
-             SELECT $1, $2, r.v->>'c', r.v->'p', r.v->>'e', r.v->>'i', $3, 0, $4, $4 \
-             FROM jsonb_array_elements($5) WITH ORDINALITY AS r(v, n) ORDER BY r.n{conflict}"
-        ),
-        [
-            workspace_id.into(),
-            kind.as_str().into(),
-            Status::Pending.as_str().into(),
-            now.into(),
-            Value::Array(rows).into(),
-        ],
-    )
+             SELECT $1, $5, r.c, r.p, r.e, r.i, $6, 0, $2, $2 FROM input r ORDER BY r.n \
+             ON CONFLICT (workspace_id, idempotency_key) WHERE idempotency_key IS NOT NULL \
+             DO NOTHING RETURNING idempotency_key) \
+             SELECT (SELECT jsonb_agg(r.i) FROM input r WHERE r.i IS NOT NULL AND NOT EXISTS \
+             (SELECT 1 FROM queued q WHERE q.idempotency_key = r.i)) AS taken",
+            [
+                workspace_id.into(),
+                now.into(),
+                Value::from(customer_ids.to_vec()).into(),
+                input.into(),
+                Kind::Event.as_str().into(),
+                Status::Pending.as_str().into(),
+            ],
+        ))
+        .await?
+        .ok_or_else(|| DbErr::RecordNotFound("accepted events".into()))?;
+    let taken: Option<Vec<String>> = row
+        .try_get::<Option<Value>>("", "taken")?
+        .map(serde_json::from_value)
+        .transpose()
+        .map_err(|e| DbErr::Json(e.to_string()))?;
+    Ok(taken.unwrap_or_default().into_iter().collect())
 }
 
 /// A new `pending` row due at `now`.

@@ -212,7 +212,7 @@ pub(crate) async fn ensure_exist(
     now: DateTime<Utc>,
 ) -> Result<(), DbErr> {
     if txn.get_database_backend() == DbBackend::Postgres {
-        txn.execute_raw(pg_insert_missing(workspace_id, customer_ids, now, false))
+        txn.execute_raw(pg_insert_missing(workspace_id, customer_ids, now))
             .await?;
         return Ok(());
     }
@@ -230,16 +230,15 @@ pub(crate) async fn ensure_exist(
     Ok(())
 }
 
-/// Merges attribute updates into the profiles, in order (a later update of the same attribute
-/// wins; a `null` value removes the attribute), creating missing profiles. An update that sets
-/// `email` also sets the `email` column (to `None` if the value is not a string). Must run in a
-/// write transaction.
+/// SQLite: merges attribute updates into the profiles, in order (a later update of the same
+/// attribute wins; a `null` value removes the attribute), creating missing profiles. An update
+/// that sets `email` also sets the `email` column (to `None` if the value is not a string). Must
+/// run in a write transaction (SQLite runs one at a time). PostgreSQL merges in the database
+/// instead: [`PG_MERGE_CTE`].
 ///
 /// Two statements per [`CHUNK`] people, both multi-row upserts in `customer_id` order:
 /// 1. `INSERT … ON CONFLICT DO UPDATE SET updated_at … RETURNING *` creates missing profiles
-///    and returns every row current — locked until commit on PostgreSQL (waiting for a
-///    concurrent merge of the same person to commit first), so that concurrent merges do not
-///    lose each other's attributes; SQLite runs one write transaction at a time anyway;
+///    and returns every row current;
 /// 2. the merged attributes are written back with `ON CONFLICT DO UPDATE`.
 pub(crate) async fn merge_attributes(
     txn: &impl ConnectionTrait,
@@ -247,14 +246,8 @@ pub(crate) async fn merge_attributes(
     updates: &[(&str, &Map<String, Value>)],
     now: DateTime<Utc>,
 ) -> Result<(), DbErr> {
-    let mut per_person: BTreeMap<&str, Vec<&Map<String, Value>>> = BTreeMap::new();
-    for (customer_id, attributes) in updates {
-        per_person.entry(customer_id).or_default().push(attributes);
-    }
+    let per_person = per_person(updates);
     let customer_ids: Vec<&str> = per_person.keys().copied().collect();
-    if txn.get_database_backend() == DbBackend::Postgres {
-        return pg_merge_attributes(txn, workspace_id, &per_person, &customer_ids, now).await;
-    }
     let key = [Column::WorkspaceId, Column::CustomerId];
     let lock = OnConflict::columns(key)
         .update_column(Column::UpdatedAt)
@@ -338,28 +331,14 @@ fn merge_one<'a>(
 
 /// PostgreSQL: inserts the missing profiles among `customer_ids` (sorted, distinct) in that
 /// order, in ONE statement whatever their number: the ids are bound as one JSON array, so the
-/// statement text never changes (prepared once per connection, planned trivially). With
-/// `lock`, existing rows are touched (`updated_at`) too, which locks them until commit, and
-/// every row's `customer_id`, `email` and `attributes` are returned.
-fn pg_insert_missing(
-    workspace_id: i64,
-    customer_ids: &[&str],
-    now: DateTime<Utc>,
-    lock: bool,
-) -> Statement {
-    let conflict = if lock {
-        "DO UPDATE SET updated_at = EXCLUDED.updated_at RETURNING customer_id, email, attributes"
-    } else {
-        "DO NOTHING"
-    };
+/// statement text never changes (prepared once per connection, planned trivially).
+fn pg_insert_missing(workspace_id: i64, customer_ids: &[&str], now: DateTime<Utc>) -> Statement {
     Statement::from_sql_and_values(
         DbBackend::Postgres,
-        format!(
-            "INSERT INTO profiles (workspace_id, customer_id, attributes, updated_at) \
-             SELECT $1, c.id, '{{}}'::jsonb, $2 \
-             FROM jsonb_array_elements_text($3) WITH ORDINALITY AS c(id, n) ORDER BY c.n \
-             ON CONFLICT (workspace_id, customer_id) {conflict}"
-        ),
+        "INSERT INTO profiles (workspace_id, customer_id, attributes, updated_at) \
+         SELECT $1, c.id, '{}'::jsonb, $2 \
+         FROM jsonb_array_elements_text($3) WITH ORDINALITY AS c(id, n) ORDER BY c.n \
+         ON CONFLICT (workspace_id, customer_id) DO NOTHING",
         [
             workspace_id.into(),
             now.into(),
@@ -368,48 +347,111 @@ fn pg_insert_missing(
     )
 }
 
-/// PostgreSQL [`merge_attributes`]: two statements whatever the number of people (lock and read
-/// every row, then write every merged row back), each binding its rows as one JSON array.
-async fn pg_merge_attributes(
-    txn: &impl ConnectionTrait,
-    workspace_id: i64,
+/// PostgreSQL, the profile half of accepting attribute updates: a data-modifying CTE named
+/// `merged` that merges every person's patch ([`pg_merge_input`], bound as `$3`, text of a JSON
+/// array; `$1` the workspace, `$2` now) into the profiles mirror in ONE upsert, in the input's
+/// (`customer_id`) order, returning `id`, `inserted` and the new `attributes` of every row.
+///
+/// The merge happens in the database, on the row version current when the row is locked:
+/// `ON CONFLICT DO UPDATE` locks each existing row (waiting for a concurrent merge of the same
+/// person to commit, then merging onto ITS result), so concurrent merges lose nothing, and the
+/// rows are not first read back into the application and written again (the former
+/// read-modify-write took three statements, two row versions per person and a round trip of
+/// every row's attributes). Attributes: `stored - <keys whose last value is null> || <the other
+/// keys' last values>`; `email` / `email_lower` change only if the patch holds `email`.
+///
+/// A person created by the statement is stored with its patch as is, nulls included (the
+/// conflict branch is the only one that sees both the stored row and the patch):
+/// [`pg_strip_created_nulls`] removes those top-level nulls afterwards for the rows `merged`
+/// reports `inserted` with a null in `attributes` (only calls creating people with a removal).
+pub(crate) const PG_MERGE_CTE: &str = "merged AS (\
+     INSERT INTO profiles AS p (workspace_id, customer_id, email, email_lower, attributes, updated_at) \
+     SELECT $1, u.c, u.e, u.l, u.a, $2 \
+     FROM ROWS FROM (jsonb_to_recordset($3::text::jsonb) AS (c text, a jsonb, e text, l text)) \
+     WITH ORDINALITY AS u(c, a, e, l, n) ORDER BY u.n \
+     ON CONFLICT (workspace_id, customer_id) DO UPDATE SET \
+     attributes = CASE WHEN jsonb_path_exists(EXCLUDED.attributes, '$.* ? (@ == null)') \
+       THEN (CASE jsonb_typeof(p.attributes) WHEN 'object' THEN p.attributes ELSE '{}'::jsonb END \
+             - ARRAY(SELECT x.k FROM jsonb_each(EXCLUDED.attributes) AS x(k, v) \
+                     WHERE jsonb_typeof(x.v) = 'null')) \
+            || (SELECT coalesce(jsonb_object_agg(x.k, x.v), '{}'::jsonb) \
+                FROM jsonb_each(EXCLUDED.attributes) AS x(k, v) WHERE jsonb_typeof(x.v) <> 'null') \
+       ELSE CASE jsonb_typeof(p.attributes) WHEN 'object' THEN p.attributes ELSE '{}'::jsonb END \
+            || EXCLUDED.attributes END, \
+     email = CASE WHEN EXCLUDED.attributes -> 'email' IS NULL THEN p.email ELSE EXCLUDED.email END, \
+     email_lower = CASE WHEN EXCLUDED.attributes -> 'email' IS NULL THEN p.email_lower \
+       ELSE EXCLUDED.email_lower END, \
+     updated_at = EXCLUDED.updated_at \
+     RETURNING p.id, p.xmax = 0 AS inserted, p.attributes)";
+
+/// The rows of `merged` ([`PG_MERGE_CTE`]) that [`pg_strip_created_nulls`] must clean, as a
+/// JSON array of ids (SQL `NULL` if none).
+pub(crate) const PG_CREATED_WITH_NULLS: &str = "(SELECT jsonb_agg(id) FROM merged \
+     WHERE inserted AND jsonb_path_exists(attributes, '$.* ? (@ == null)'))";
+
+/// One person's patch for [`PG_MERGE_CTE`]: the keys of its updates in this call, each with its
+/// last value (`null`: remove), and the email that patch leaves (`e`, `l`; meaningful only if
+/// `a` holds `email`).
+#[derive(Serialize)]
+struct MergeInput<'a> {
+    c: &'a str,
+    a: BTreeMap<&'a str, &'a Value>,
+    e: Option<&'a str>,
+    l: Option<String>,
+}
+
+/// The updates of a call grouped per person, in `customer_id` order (the order rows are
+/// locked in, so concurrent calls wait for each other instead of deadlocking), each person's
+/// updates in call order.
+pub(crate) fn per_person<'a>(
+    updates: &[(&'a str, &'a Map<String, Value>)],
+) -> BTreeMap<&'a str, Vec<&'a Map<String, Value>>> {
+    let mut per_person: BTreeMap<&str, Vec<&Map<String, Value>>> = BTreeMap::new();
+    for (customer_id, attributes) in updates {
+        per_person.entry(customer_id).or_default().push(attributes);
+    }
+    per_person
+}
+
+/// `$3` of [`PG_MERGE_CTE`]: one patch per person (later updates win per attribute, as
+/// [`merge_one`] applies them), serialised straight from the borrowed updates.
+pub(crate) fn pg_merge_input(
     per_person: &BTreeMap<&str, Vec<&Map<String, Value>>>,
-    customer_ids: &[&str],
-    now: DateTime<Utc>,
+) -> Result<String, DbErr> {
+    let rows: Vec<MergeInput<'_>> = per_person
+        .iter()
+        .map(|(customer_id, updates)| {
+            let mut a: BTreeMap<&str, &Value> = BTreeMap::new();
+            for update in updates {
+                for (key, value) in update.iter() {
+                    a.insert(key.as_str(), value);
+                }
+            }
+            let e = a.get(EMAIL_ATTRIBUTE).and_then(|v| v.as_str());
+            MergeInput {
+                c: customer_id,
+                l: e.map(str::to_lowercase),
+                e,
+                a,
+            }
+        })
+        .collect();
+    serde_json::to_string(&rows).map_err(|e| DbErr::Json(e.to_string()))
+}
+
+/// Removes the top-level `null` attributes of the profiles `ids` (a JSON array, as
+/// [`PG_CREATED_WITH_NULLS`] returns it): people just created by [`PG_MERGE_CTE`] from a
+/// patch that removes attributes they never had.
+pub(crate) async fn pg_strip_created_nulls(
+    txn: &impl ConnectionTrait,
+    ids: Value,
 ) -> Result<(), DbErr> {
-    let rows = txn
-        .query_all_raw(pg_insert_missing(workspace_id, customer_ids, now, true))
-        .await?;
-    let mut merged = Vec::with_capacity(rows.len());
-    for row in rows {
-        let customer_id: String = row.try_get("", "customer_id")?;
-        let stored: Value = row.try_get("", "attributes")?;
-        let email: Option<String> = row.try_get("", "email")?;
-        let updates = per_person
-            .get(customer_id.as_str())
-            .ok_or_else(|| DbErr::RecordNotFound(format!("profile {customer_id}")))?;
-        let (attributes, email) = merge_one(stored, email, updates.iter());
-        merged.push(serde_json::json!({
-            "c": customer_id,
-            "e": email,
-            "l": email.as_deref().map(str::to_lowercase),
-            "a": attributes,
-        }));
-    }
-    if merged.len() != customer_ids.len() {
-        return Err(DbErr::RecordNotFound(format!(
-            "{} of {} profiles",
-            merged.len(),
-            customer_ids.len()
-        )));
-    }
     txn.execute_raw(Statement::from_sql_and_values(
         DbBackend::Postgres,
-        "UPDATE profiles AS p SET email = r.v->>'e', email_lower = r.v->>'l', \
-         attributes = r.v->'a', updated_at = $2 \
-         FROM jsonb_array_elements($3) AS r(v) \
-         WHERE p.workspace_id = $1 AND p.customer_id = r.v->>'c'",
-        [workspace_id.into(), now.into(), Value::Array(merged).into()],
+        "UPDATE profiles SET attributes = (SELECT coalesce(jsonb_object_agg(x.k, x.v), '{}'::jsonb) \
+         FROM jsonb_each(attributes) AS x(k, v) WHERE jsonb_typeof(x.v) <> 'null') \
+         WHERE id IN (SELECT jsonb_array_elements_text($1)::bigint)",
+        [ids.into()],
     ))
     .await?;
     Ok(())

@@ -1064,6 +1064,72 @@ sharpsend_db::db_test!(
             .map_err(|_| "A's claim never ran")?
             .map_err(join_err)??;
         assert_eq!(ids(&claimed), a_rows);
+
+    merges_remove_set_and_keep_attributes_of_new_and_existing_people_alike,
+    |db: TestDatabase| async move {
+        let c = &db.conn;
+        let ws = workspace(&db, "site-1").await?;
+        // An imported person whose stored attributes hold a null and a nested null.
+        profiles::upsert_fetched(
+            c,
+            ws,
+            &[profiles::FetchedProfile {
+                customer_id: "known".to_owned(),
+                email: Some("Known@Example.com".to_owned()),
+                cio_id: None,
+                attributes: attrs(json!({"kept": null, "n": {"x": null}, "gone": 1, "email": "Known@Example.com"})),
+                cio_segments: None,
+            }],
+            ts(0),
+        )
+        .await?;
+        let updates = vec![
+            update("fresh", json!({"a": 1, "gone": null})),
+            update("known", json!({"gone": null, "a": 1})),
+            update("fresh", json!({"a": null, "b": {"y": null}, "email": 7})),
+            update("known", json!({"a": 2, "email": "NEW@example.com"})),
+            update("other", json!({"c": null})),
+        ];
+        assert_eq!(
+            outbox::accept_attribute_updates(c, ws, &updates, ts(1)).await?,
+            5
+        );
+        let fresh = profiles::get(c, ws, Lookup::Id("fresh"))
+            .await?
+            .ok_or("fresh missing")?;
+        // Removals of attributes a new person never had leave nothing; nested nulls stay.
+        assert_eq!(
+            fresh.attributes,
+            attrs(json!({"b": {"y": null}, "email": 7}))
+        );
+        assert_eq!(fresh.email, None, "a non-string email clears the column");
+        let other = profiles::get(c, ws, Lookup::Id("other"))
+            .await?
+            .ok_or("other missing")?;
+        assert_eq!(other.attributes, attrs(json!({})));
+        let known = profiles::get(c, ws, Lookup::Email("new@example.com"))
+            .await?
+            .ok_or("known not found by its new email")?;
+        assert_eq!(
+            known.attributes,
+            attrs(json!({"kept": null, "n": {"x": null}, "a": 2, "email": "NEW@example.com"})),
+            "attributes the call does not touch are kept as stored, nulls included"
+        );
+        assert_eq!(
+            (
+                known.customer_id.as_str(),
+                known.updated_at,
+                known.fetched_at
+            ),
+            ("known", ts(1), Some(ts(0)))
+        );
+        // A later call without email leaves the column alone.
+        outbox::accept_attribute_updates(c, ws, &[update("known", json!({"a": 3}))], ts(2)).await?;
+        let known = profiles::get(c, ws, Lookup::Id("known"))
+            .await?
+            .ok_or("known missing")?;
+        assert_eq!(known.email.as_deref(), Some("NEW@example.com"));
+        assert_eq!(known.attributes["a"], json!(3));
         TestResult::Ok(())
     }
 );
