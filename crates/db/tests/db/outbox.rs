@@ -1064,7 +1064,11 @@ sharpsend_db::db_test!(
             .map_err(|_| "A's claim never ran")?
             .map_err(join_err)??;
         assert_eq!(ids(&claimed), a_rows);
+        TestResult::Ok(())
+    }
+);
 
+sharpsend_db::db_test!(
     merges_remove_set_and_keep_attributes_of_new_and_existing_people_alike,
     |db: TestDatabase| async move {
         let c = &db.conn;
