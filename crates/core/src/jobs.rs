@@ -72,6 +72,12 @@ impl Job {
         Job::SecretsRekey,
     ];
 
+    /// Whether one run covers every workspace (secrets-rekey re-seals all stored credentials),
+    /// so the scheduler runs it once, in the default workspace's context, not once per workspace.
+    pub fn spans_workspaces(self) -> bool {
+        matches!(self, Job::SecretsRekey)
+    }
+
     /// The name used on the command line, in job runs and in leases.
     pub fn name(self) -> &'static str {
         match self {

@@ -95,6 +95,10 @@ type Running = Arc<Mutex<HashSet<(Job, i64)>>>;
 
 /// Runs `job` in every enabled workspace concurrently.
 async fn run_everywhere(tenants: &Tenants, job: Job, holder: &str, running: &Running) {
+    if job.spans_workspaces() {
+        run_unless_running(tenants.default_context(), job, holder, running).await;
+        return;
+    }
     let contexts = match tenants.all().await {
         Ok(contexts) => contexts,
         Err(e) => {
