@@ -502,6 +502,22 @@ db_test!(
                 .await,
             Code::NotFound,
         )?;
+        expect_code(
+            "disable the default",
+            admin
+                .disable_workspace(pb::DisableWorkspaceRequest {
+                    id: app.ctx.workspace_id(),
+                })
+                .await,
+            Code::FailedPrecondition,
+        )?;
+        ensure!(
+            workspaces::get(&app.ctx, app.ctx.workspace_id())
+                .await?
+                .workspace
+                .disabled_at
+                .is_none()
+        );
 
         // The audit record has the ids, never a key.
         let events = admin

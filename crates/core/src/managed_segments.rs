@@ -616,6 +616,10 @@ pub struct EvaluationReport {
     pub drift_found: u64,
 }
 
+/// Evaluation rounds per run: the due segments, then those whose segment conditions read a
+/// membership that the round before changed, and so on.
+const MAX_ROUNDS: usize = 8;
+
 /// The `segment-evaluation` job: evaluates every due segment (marked due, never evaluated, or
 /// older than `config.max_age`) and every segment with conditions relative to the evaluation
 /// time (their membership moves with the clock), incrementally where it can (see
@@ -666,30 +670,52 @@ pub async fn evaluate_due(
             }
         }
     }
-    for segment in &due {
-        if let Some((id, why)) = segment
-            .referenced_segments
-            .iter()
-            .find_map(|id| unreadable.get(id).map(|w| (id, w)))
-        {
-            report.failed += 1;
-            let text = format!("could not read segment {id}: {why}");
-            store::record_evaluation_error(
-                &ctx.db,
-                ctx.workspace_id(),
-                segment.cio_segment_id,
-                &text,
-            )
-            .await?;
-            continue;
+    let mut round = due;
+    for _ in 0..MAX_ROUNDS {
+        let mut evaluated_any = false;
+        for segment in &round {
+            if let Some((id, why)) = segment
+                .referenced_segments
+                .iter()
+                .find_map(|id| unreadable.get(id).map(|w| (id, w)))
+            {
+                report.failed += 1;
+                let text = format!("could not read segment {id}: {why}");
+                store::record_evaluation_error(
+                    &ctx.db,
+                    ctx.workspace_id(),
+                    segment.cio_segment_id,
+                    &text,
+                )
+                .await?;
+                continue;
+            }
+            if let Some(outcome) = evaluate_one(ctx, segment).await? {
+                evaluated_any = true;
+                report.evaluated += 1;
+                report.incremental += u64::from(outcome.incremental);
+                report.drift_found += u64::from(outcome.drift.is_some_and(|n| n > 0));
+                report.added += outcome.added;
+                report.removed += outcome.removed;
+                report.outbox_rows += outcome.outbox_rows;
+            }
         }
-        if let Some(outcome) = evaluate_one(ctx, segment).await? {
-            report.evaluated += 1;
-            report.incremental += u64::from(outcome.incremental);
-            report.drift_found += u64::from(outcome.drift.is_some_and(|n| n > 0));
-            report.added += outcome.added;
-            report.removed += outcome.removed;
-            report.outbox_rows += outcome.outbox_rows;
+        if !evaluated_any {
+            break;
+        }
+        // A segment reading another's membership (`{"segment": {"id": A}}`) changes when A's
+        // evaluation just changed A: evaluate those too, until nothing moves (chains deeper
+        // than MAX_ROUNDS finish in the next run).
+        round = Vec::new();
+        for segment in store::list(&ctx.db, ctx.workspace_id()).await? {
+            if !segment.referenced_segments.is_empty()
+                && store::has_changes(&ctx.db, &segment).await?
+            {
+                round.push(segment);
+            }
+        }
+        if round.is_empty() {
+            break;
         }
     }
     let pruned = store::prune_changes(&ctx.db, ctx.workspace_id()).await?;

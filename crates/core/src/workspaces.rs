@@ -480,6 +480,13 @@ pub async fn disable(ctx: &AppContext, id: i64) -> Result<WorkspaceRecord, CoreE
     if id <= 0 {
         return Err(CoreError::invalid("id", "must be a positive workspace id"));
     }
+    if id == ctx.workspace_id() {
+        // Its credentials come from CIO_* and its process serves it whatever a row says.
+        return Err(CoreError::FailedPrecondition(vec![FieldViolation::new(
+            "id",
+            "the default workspace (CIO_* variables) cannot be disabled; change the configuration",
+        )]));
+    }
     let record = store::disable(&ctx.db, id, ctx.now())
         .await?
         .ok_or_else(|| not_found(id))?;
