@@ -28,6 +28,12 @@ use sharpsend_server::{convert::json_to_struct, tenancy::WORKSPACE_HEADER};
 use sharpsend_tests::{TEST_API_KEY, TestApp};
 use tonic::{Code, Request, transport::Channel};
 
+/// `text` as a metadata value (an invalid one becomes `invalid`, which no check accepts).
+fn metadata(text: &str) -> tonic::metadata::AsciiMetadataValue {
+    text.parse()
+        .unwrap_or_else(|_| tonic::metadata::AsciiMetadataValue::from_static("invalid"))
+}
+
 /// ListSegments as `key`, naming `workspace` when given.
 async fn list_segments(
     channel: Channel,
@@ -35,15 +41,13 @@ async fn list_segments(
     workspace: Option<&str>,
 ) -> Result<pb::ListSegmentsResponse, tonic::Status> {
     let mut request = Request::new(pb::ListSegmentsRequest::default());
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {key}").parse().expect("ascii key"),
-    );
+    request
+        .metadata_mut()
+        .insert("authorization", metadata(&format!("Bearer {key}")));
     if let Some(workspace) = workspace {
-        request.metadata_mut().insert(
-            WORKSPACE_HEADER,
-            workspace.parse().expect("ascii workspace"),
-        );
+        request
+            .metadata_mut()
+            .insert(WORKSPACE_HEADER, metadata(workspace));
     }
     SegmentServiceClient::new(channel)
         .list_segments(request)
@@ -173,15 +177,13 @@ async fn second_publisher(app: &TestApp) -> anyhow::Result<(RunningSim, i64, Str
 
 fn with_key<T>(message: T, key: &str, workspace: Option<i64>) -> Request<T> {
     let mut request = Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {key}").parse().expect("ascii key"),
-    );
+    request
+        .metadata_mut()
+        .insert("authorization", metadata(&format!("Bearer {key}")));
     if let Some(workspace) = workspace {
-        request.metadata_mut().insert(
-            WORKSPACE_HEADER,
-            workspace.to_string().parse().expect("digits"),
-        );
+        request
+            .metadata_mut()
+            .insert(WORKSPACE_HEADER, metadata(&workspace.to_string()));
     }
     request
 }
