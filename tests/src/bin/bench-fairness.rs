@@ -480,9 +480,8 @@ async fn run(args: &Args, database_url: &str, backend: &str) -> anyhow::Result<(
     let window_secs = window.elapsed().as_secs_f64();
     let (remaining, delivered_after) = a_outbox(&stack.ctx).await?;
     let track_requests = stack.sim_a.sim.request_count(SimApi::Track) - track_before;
-    // Not shut down: a worker looks at its stop signal only between drains, and A's drain lasts
-    // until A's backlog is gone (minutes at a million). The process ends instead.
-    drop(scheduler);
+    // A worker finishes the step in progress and stops, whatever A still has pending.
+    scheduler.shutdown().await?;
 
     println!();
     println!(
