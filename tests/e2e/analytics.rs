@@ -13,7 +13,6 @@ use cio_sim::{
 };
 use secrecy::SecretString;
 use serde_json::Value;
-use sharpsend_core::jobs::Job;
 use sharpsend_db::{db_test, testing::TestDatabase};
 use sharpsend_proto::v1 as pb;
 use sharpsend_tests::TestApp;
@@ -115,37 +114,21 @@ async fn send(
         .into_inner()
         .send
         .context("no send")?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        app.run_job(Job::SendDispatch).await?;
-        let got = app
-            .campaigns()
-            .await?
-            .get_send(pb::GetSendRequest {
-                send_id: sent.id.clone(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .send
-            .context("no send")?;
-        let triggers: Vec<(i64, i64)> = got
-            .submissions
-            .iter()
-            .filter(|s| s.cio_trigger_id > 0)
-            .map(|s| (s.segment_id, s.cio_trigger_id))
-            .collect();
-        if triggers.len() == segments.len() {
-            return Ok((sent.id, triggers));
-        }
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "send not submitted: {got:?}"
-        );
-        app.advance(Duration::from_secs(11));
-        app.sim.sim.advance(Duration::from_secs(11));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let got = app
+        .dispatch_until_submitted(
+            &sent.id,
+            segments.len(),
+            Duration::from_secs(11),
+            Duration::from_secs(60),
+        )
+        .await?;
+    let triggers: Vec<(i64, i64)> = got
+        .submissions
+        .iter()
+        .filter(|s| s.cio_trigger_id > 0)
+        .map(|s| (s.segment_id, s.cio_trigger_id))
+        .collect();
+    Ok((sent.id, triggers))
 }
 
 /// What a ledger delivery did, as the service counts it (unix seconds).

@@ -95,33 +95,14 @@ async fn send(app: &TestApp, assignment: &str, segment_id: i64) -> anyhow::Resul
         .into_inner()
         .send
         .context("no send")?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        app.run_job(Job::SendDispatch).await?;
-        let got = app
-            .campaigns()
-            .await?
-            .get_send(pb::GetSendRequest {
-                send_id: sent.id.clone(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .send
-            .context("no send")?;
-        if let Some(trigger) = got
-            .submissions
-            .iter()
-            .map(|s| s.cio_trigger_id)
-            .find(|t| *t > 0)
-        {
-            return Ok(trigger);
-        }
-        if std::time::Instant::now() > deadline {
-            bail!("send not submitted: {got:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let got = app
+        .dispatch_until_submitted(&sent.id, 1, Duration::ZERO, Duration::from_secs(20))
+        .await?;
+    got.submissions
+        .iter()
+        .map(|s| s.cio_trigger_id)
+        .find(|t| *t > 0)
+        .context("a submission with a trigger")
 }
 
 async fn all_events(app: &TestApp) -> anyhow::Result<Vec<engagement::DeliveryEvent>> {

@@ -271,6 +271,51 @@ impl TestApp {
         Ok(run)
     }
 
+    /// Runs `send-dispatch` until `submissions` of send `send_id`'s submissions have reached
+    /// Customer.io (a trigger id), within `within`; between tries the service's and the
+    /// simulator's clocks move by `advance` (a broadcast window still closed opens). Answers the
+    /// send as it then stands.
+    pub async fn dispatch_until_submitted(
+        &self,
+        send_id: &str,
+        submissions: usize,
+        advance: Duration,
+        within: Duration,
+    ) -> anyhow::Result<sharpsend_proto::v1::Send> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            self.run_job(Job::SendDispatch).await?;
+            let send = self
+                .campaigns()
+                .await?
+                .get_send(sharpsend_proto::v1::GetSendRequest {
+                    send_id: send_id.to_owned(),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .send
+                .ok_or_else(|| anyhow::anyhow!("GetSend answered no send"))?;
+            let triggered = send
+                .submissions
+                .iter()
+                .filter(|s| s.cio_trigger_id > 0)
+                .count();
+            if triggered >= submissions {
+                return Ok(send);
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "send not submitted within {within:?}: {send:?}"
+            );
+            if !advance.is_zero() {
+                self.advance(advance);
+                self.sim.sim.advance(advance);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Runs one background job to completion, as the scheduler would.
     pub async fn run_job(&self, job: Job) -> Result<JobOutcome, RunError> {
         jobs::run_job(&self.ctx, job, "e2e-test").await

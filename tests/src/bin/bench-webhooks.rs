@@ -123,31 +123,14 @@ async fn send(app: &TestApp) -> anyhow::Result<i64> {
         .into_inner()
         .send
         .context("send")?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        app.run_job(Job::SendDispatch).await?;
-        let got = app
-            .campaigns()
-            .await?
-            .get_send(pb::GetSendRequest {
-                send_id: sent.id.clone(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .send
-            .context("send")?;
-        if let Some(t) = got
-            .submissions
-            .iter()
-            .map(|s| s.cio_trigger_id)
-            .find(|t| *t > 0)
-        {
-            return Ok(t);
-        }
-        ensure!(Instant::now() < deadline, "send not submitted");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let got = app
+        .dispatch_until_submitted(&sent.id, 1, Duration::ZERO, Duration::from_secs(60))
+        .await?;
+    got.submissions
+        .iter()
+        .map(|s| s.cio_trigger_id)
+        .find(|t| *t > 0)
+        .context("a submission with a trigger")
 }
 
 fn body(i: usize, trigger: i64, now: i64) -> String {
