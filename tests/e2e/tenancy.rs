@@ -34,13 +34,9 @@ fn metadata(text: &str) -> tonic::metadata::AsciiMetadataValue {
         .unwrap_or_else(|_| tonic::metadata::AsciiMetadataValue::from_static("invalid"))
 }
 
-/// ListSegments as `key`, naming `workspace` when given.
-async fn list_segments(
-    channel: Channel,
-    key: &str,
-    workspace: Option<&str>,
-) -> Result<pb::ListSegmentsResponse, tonic::Status> {
-    let mut request = Request::new(pb::ListSegmentsRequest::default());
+/// `message` as `key`, naming `workspace` (any text, valid or not) when given.
+fn request_as<T>(message: T, key: &str, workspace: Option<&str>) -> Request<T> {
+    let mut request = Request::new(message);
     request
         .metadata_mut()
         .insert("authorization", metadata(&format!("Bearer {key}")));
@@ -49,8 +45,21 @@ async fn list_segments(
             .metadata_mut()
             .insert(WORKSPACE_HEADER, metadata(workspace));
     }
+    request
+}
+
+/// ListSegments as `key`, naming `workspace` when given.
+async fn list_segments(
+    channel: Channel,
+    key: &str,
+    workspace: Option<&str>,
+) -> Result<pb::ListSegmentsResponse, tonic::Status> {
     SegmentServiceClient::new(channel)
-        .list_segments(request)
+        .list_segments(request_as(
+            pb::ListSegmentsRequest::default(),
+            key,
+            workspace,
+        ))
         .await
         .map(tonic::Response::into_inner)
 }
@@ -175,17 +184,9 @@ async fn second_publisher(app: &TestApp) -> anyhow::Result<(RunningSim, i64, Str
     Ok((sim, workspace.id, key))
 }
 
+/// `message` as `key`, naming workspace `workspace` when given.
 fn with_key<T>(message: T, key: &str, workspace: Option<i64>) -> Request<T> {
-    let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", metadata(&format!("Bearer {key}")));
-    if let Some(workspace) = workspace {
-        request
-            .metadata_mut()
-            .insert(WORKSPACE_HEADER, metadata(&workspace.to_string()));
-    }
-    request
+    request_as(message, key, workspace.map(|w| w.to_string()).as_deref())
 }
 
 db_test!(
