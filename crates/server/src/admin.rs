@@ -47,7 +47,7 @@ impl Admin {
 
 /// The workspace whose keys and events `caller` sees; `None`: all of them.
 fn scope(caller: &Caller) -> Option<i64> {
-    if caller.configured {
+    if caller.all_workspaces() {
         return None;
     }
     caller.workspace_id

@@ -123,6 +123,14 @@ pub struct Caller {
     pub configured: bool,
 }
 
+impl Caller {
+    /// Whether the key may work in every workspace: a configured `SHARPSEND_API_KEYS` key (the
+    /// deployment's own) or a created key bound to none.
+    pub fn all_workspaces(&self) -> bool {
+        self.configured || self.workspace_id.is_none()
+    }
+}
+
 /// The API key name the access layer attached to `request` (`unknown` if none).
 pub fn caller_name<T>(request: &tonic::Request<T>) -> String {
     request

@@ -29,8 +29,7 @@ pub fn workspace_of<T>(tenants: &Tenants, request: &Request<T>) -> Result<i64, S
             ))
         })?),
     };
-    let all_workspaces = caller.configured || caller.workspace_id.is_none();
-    match (all_workspaces, caller.workspace_id, asked) {
+    match (caller.all_workspaces(), caller.workspace_id, asked) {
         (true, _, Some(asked)) => Ok(asked),
         (true, _, None) => Ok(tenants.default_context().workspace_id()),
         (false, Some(bound), None) => Ok(bound),
@@ -56,9 +55,10 @@ fn parse_workspace(value: &[u8]) -> Option<i64> {
 /// The workspace an audit event of `caller`'s call names: the one the call works in when it can
 /// be known from the headers alone, else the key's.
 pub fn audited_workspace(caller: &auth::Caller, headers: &http::HeaderMap) -> Option<i64> {
-    let all_workspaces = caller.configured || caller.workspace_id.is_none();
     match headers.get(WORKSPACE_HEADER) {
-        Some(value) if all_workspaces => parse_workspace(value.as_bytes()).or(caller.workspace_id),
+        Some(value) if caller.all_workspaces() => {
+            parse_workspace(value.as_bytes()).or(caller.workspace_id)
+        }
         _ => caller.workspace_id,
     }
 }
