@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use anyhow::{Context as _, ensure};
-use cio_sim::{RunningSim, SimConfig, Simulator};
+use cio_sim::{Fault, RunningSim, SimConfig, Simulator};
 use prost::Message as _;
 use sea_orm::{ConnectionTrait as _, Statement};
 use secrecy::ExposeSecret as _;
@@ -529,6 +529,219 @@ db_test!(
             .into_inner();
         ensure!(events.events.len() >= 4, "{events:?}");
         assert_no_secret("audit events", &events.encode_to_vec())?;
+        assert_nothing_stored_in_clear(&app.ctx).await?;
+        app.stop().await
+    }
+);
+
+db_test!(
+    update_clears_overrides_follows_etags_and_keeps_a_concurrent_rotation,
+    |db: TestDatabase| async move {
+        let app = TestApp::spawn(&db).await?;
+        let sim_b = other_sim(TRACK_B, APP_B).await?;
+        let sim_c = other_sim(TRACK_C, APP_C).await?;
+        let mut admin = app.admin().await?;
+        let created = create_b(&mut admin, &sim_b).await?;
+        let id = created.id;
+        ensure!(!created.etag.is_empty(), "{created:?}");
+        let get = |mut admin: Admin| async move {
+            admin
+                .get_workspace(pb::GetWorkspaceRequest { id })
+                .await?
+                .into_inner()
+                .workspace
+                .context("no workspace")
+        };
+
+        // An etag names the version read: a change made from an older one is ABORTED and
+        // changes nothing; a malformed one is refused by field.
+        let renamed = admin
+            .update_workspace(pb::UpdateWorkspaceRequest {
+                id,
+                name: "B one".into(),
+                etag: created.etag.clone(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .workspace
+            .context("no workspace")?;
+        ensure!(renamed.etag != created.etag, "{renamed:?}");
+        expect_code(
+            "stale etag",
+            admin
+                .update_workspace(pb::UpdateWorkspaceRequest {
+                    id,
+                    name: "B lost".into(),
+                    etag: created.etag.clone(),
+                    ..Default::default()
+                })
+                .await,
+            Code::Aborted,
+        )?;
+        let status = expect_code(
+            "malformed etag",
+            admin
+                .update_workspace(pb::UpdateWorkspaceRequest {
+                    id,
+                    name: "B lost".into(),
+                    etag: "../1".into(),
+                    ..Default::default()
+                })
+                .await,
+            Code::InvalidArgument,
+        )?;
+        ensure!(status.message().contains("etag"), "{status:?}");
+        ensure!(get(admin.clone()).await?.name == "B one");
+        // GetWorkspace answers the etag the last change left.
+        ensure!(get(admin.clone()).await?.etag == renamed.etag);
+
+        // Clearing: unknown names and a field both set and cleared are refused by position.
+        for (clear, set_url, field) in [
+            (vec!["nope"], false, "clear_fields[0]"),
+            (
+                vec!["track_requests_per_sec", "app_base_url"],
+                true,
+                "clear_fields[1]",
+            ),
+        ] {
+            let status = expect_code(
+                field,
+                admin
+                    .update_workspace(pb::UpdateWorkspaceRequest {
+                        id,
+                        clear_fields: clear.into_iter().map(str::to_owned).collect(),
+                        app_base_url: if set_url {
+                            sim_b.base_url()
+                        } else {
+                            String::new()
+                        },
+                        ..Default::default()
+                    })
+                    .await,
+                Code::InvalidArgument,
+            )?;
+            ensure!(status.message().contains(field), "{status:?}");
+        }
+        let cleared = admin
+            .update_workspace(pb::UpdateWorkspaceRequest {
+                id,
+                clear_fields: vec![
+                    "webhook_signing_key".into(),
+                    "track_requests_per_sec".into(),
+                ],
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .workspace
+            .context("no workspace")?;
+        ensure!(!cleared.has_webhook_signing_key, "{cleared:?}");
+        ensure!(cleared.track_requests_per_sec == 0 && cleared.app_requests_per_sec == 5);
+        let access = workspaces::access(&app.ctx, id).await?.context("stored")?;
+        ensure!(access.webhook_signing_key.is_none());
+        ensure!(access.cio.track_api_key.expose_secret() == TRACK_B);
+        ensure!(
+            access.cio.track_requests_per_sec
+                == app
+                    .ctx
+                    .settings
+                    .cio
+                    .as_ref()
+                    .map_or(100, |c| c.track_requests_per_sec)
+        );
+        assert_nothing_stored_in_clear(&app.ctx).await?;
+
+        // The region is checked with Customer.io like the keys: this site is in the US.
+        let status = expect_code(
+            "wrong region",
+            admin
+                .update_workspace(pb::UpdateWorkspaceRequest {
+                    id,
+                    region: "eu".into(),
+                    ..Default::default()
+                })
+                .await,
+            Code::InvalidArgument,
+        )?;
+        ensure!(status.message().contains("region"), "{status:?}");
+        ensure!(get(admin.clone()).await?.region == "us");
+        let status = expect_code(
+            "no region",
+            admin
+                .update_workspace(pb::UpdateWorkspaceRequest {
+                    id,
+                    region: "mars".into(),
+                    ..Default::default()
+                })
+                .await,
+            Code::InvalidArgument,
+        )?;
+        ensure!(status.message().contains("region"), "{status:?}");
+        // The same site served from the EU: region and endpoints move together.
+        let sim_eu = Simulator::spawn(SimConfig {
+            site_id: SITE_B.into(),
+            track_api_key: TRACK_B.into(),
+            app_api_key: APP_B.into(),
+            demo_people: 0,
+            region: "eu".into(),
+            ..SimConfig::demo()
+        })
+        .await?;
+        let moved = admin
+            .update_workspace(pb::UpdateWorkspaceRequest {
+                id,
+                region: "eu".into(),
+                track_base_url: sim_eu.base_url(),
+                app_base_url: sim_eu.base_url(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .workspace
+            .context("no workspace")?;
+        ensure!(moved.region == "eu", "{moved:?}");
+
+        // Two rotations at once, without etags: a new webhook key while the Track and App keys
+        // move to another endpoint (its account check held back, so the webhook rotation lands
+        // in between). Neither is lost.
+        sim_c
+            .sim
+            .push_faults(None, [Fault::Delay(std::time::Duration::from_millis(400))]);
+        let mut admin_keys = admin.clone();
+        let keys = tokio::spawn(async move {
+            admin_keys
+                .update_workspace(pb::UpdateWorkspaceRequest {
+                    id,
+                    region: "us".into(),
+                    track_api_key: TRACK_C.into(),
+                    app_api_key: APP_C.into(),
+                    track_base_url: sim_c.base_url(),
+                    app_base_url: sim_c.base_url(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| sim_c)
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        admin
+            .update_workspace(pb::UpdateWorkspaceRequest {
+                id,
+                webhook_signing_key: HOOK_B.into(),
+                ..Default::default()
+            })
+            .await?;
+        let _sim_c = keys.await??;
+        let access = workspaces::access(&app.ctx, id).await?.context("stored")?;
+        ensure!(access.cio.track_api_key.expose_secret() == TRACK_C);
+        ensure!(access.cio.app_api_key.expose_secret() == APP_C);
+        ensure!(
+            access
+                .webhook_signing_key
+                .map(|k| k.expose_secret().to_owned())
+                == Some(HOOK_B.to_owned()),
+            "the webhook key rotated meanwhile was lost"
+        );
         assert_nothing_stored_in_clear(&app.ctx).await?;
         app.stop().await
     }

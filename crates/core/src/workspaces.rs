@@ -88,10 +88,15 @@ pub struct NewWorkspaceRequest {
     pub app_base_url: String,
 }
 
-/// An UpdateWorkspace request: empty / 0 fields stay as they are. `Debug` never shows a key.
+/// An UpdateWorkspace request: empty / 0 fields stay as they are; the fields named in `clear`
+/// go back to their defaults. `Debug` never shows a key.
 #[derive(Default)]
 pub struct WorkspaceUpdate {
+    /// Non-empty: apply only if the workspace is still at this etag (else `ABORTED`).
+    pub etag: String,
     pub name: String,
+    /// `us` or `eu`; empty: unchanged.
+    pub region: String,
     pub track_api_key: SecretString,
     pub app_api_key: SecretString,
     pub webhook_signing_key: SecretString,
@@ -99,7 +104,26 @@ pub struct WorkspaceUpdate {
     pub app_requests_per_sec: i64,
     pub track_base_url: String,
     pub app_base_url: String,
+    /// Fields to reset: any of [`CLEARABLE`].
+    pub clear: Vec<String>,
 }
+
+/// The fields an update can reset to their defaults (`UpdateWorkspaceRequest.clear_fields`).
+pub const CLEARABLE: [&str; 5] = [
+    fields::WEBHOOK_SIGNING_KEY,
+    "track_requests_per_sec",
+    "app_requests_per_sec",
+    "track_base_url",
+    "app_base_url",
+];
+
+/// The etag of a workspace as answered (its version).
+pub fn etag(record: &WorkspaceRecord) -> String {
+    record.version.to_string()
+}
+
+/// Concurrent changes an update re-applies itself to before answering `ABORTED`.
+const UPDATE_ATTEMPTS: usize = 3;
 
 fn check_site_id(violations: &mut Vec<FieldViolation>, site_id: &str) {
     if site_id.is_empty() {
@@ -521,19 +545,80 @@ fn open_all(
     Ok((track, app, webhook))
 }
 
-/// Applies `change` to workspace `id`. Changed keys are checked with Customer.io (with the
-/// others as stored) before anything is saved; every credential is then sealed again under the
-/// current master key. The env default workspace may only be renamed.
-pub async fn update(
-    ctx: &AppContext,
-    id: i64,
-    change: WorkspaceUpdate,
-) -> Result<WorkspaceRecord, CoreError> {
+/// An update validated: what to set (`Some`) or reset (`Some(None)`); `None` stays.
+struct Validated {
+    etag: Option<i64>,
+    name: Option<String>,
+    region: Option<Region>,
+    track_api_key: Option<SecretString>,
+    app_api_key: Option<SecretString>,
+    webhook_signing_key: Option<Option<SecretString>>,
+    track_requests_per_sec: Option<Option<u32>>,
+    app_requests_per_sec: Option<Option<u32>>,
+    track_base_url: Option<Option<String>>,
+    app_base_url: Option<Option<String>>,
+}
+
+impl Validated {
+    /// The fields this update changes, by request field name.
+    fn changed(&self) -> Vec<&'static str> {
+        [
+            ("region", self.region.is_some()),
+            ("track_api_key", self.track_api_key.is_some()),
+            ("app_api_key", self.app_api_key.is_some()),
+            (
+                fields::WEBHOOK_SIGNING_KEY,
+                self.webhook_signing_key.is_some(),
+            ),
+            (
+                "track_requests_per_sec",
+                self.track_requests_per_sec.is_some(),
+            ),
+            ("app_requests_per_sec", self.app_requests_per_sec.is_some()),
+            ("track_base_url", self.track_base_url.is_some()),
+            ("app_base_url", self.app_base_url.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(f, set)| set.then_some(f))
+        .collect()
+    }
+
+    /// Whether Customer.io must be asked again: a key, the region or a base URL changes.
+    fn connection_changes(&self) -> bool {
+        self.region.is_some()
+            || self.track_api_key.is_some()
+            || self.app_api_key.is_some()
+            || self.track_base_url.is_some()
+            || self.app_base_url.is_some()
+    }
+
+    fn keys_change(&self) -> bool {
+        self.track_api_key.is_some()
+            || self.app_api_key.is_some()
+            || self.webhook_signing_key.is_some()
+    }
+}
+
+fn validate_update(id: i64, change: WorkspaceUpdate) -> Result<Validated, CoreError> {
     let mut violations = Vec::new();
     if id <= 0 {
         violations.push(FieldViolation::new("id", "must be a positive workspace id"));
     }
+    let etag = match change.etag.as_str() {
+        "" => None,
+        raw => match raw.parse::<i64>() {
+            Ok(v) if v > 0 => Some(v),
+            _ => {
+                violations.push(FieldViolation::new(
+                    "etag",
+                    "is not an etag this service answered (GetWorkspace's `etag`)",
+                ));
+                None
+            }
+        },
+    };
     check_name(&mut violations, &change.name);
+    let region = (!change.region.is_empty()).then(|| parse_region(&mut violations, &change.region));
     check_key(
         &mut violations,
         "track_api_key",
@@ -543,7 +628,7 @@ pub async fn update(
     check_key(&mut violations, "app_api_key", &change.app_api_key, false);
     check_key(
         &mut violations,
-        "webhook_signing_key",
+        fields::WEBHOOK_SIGNING_KEY,
         &change.webhook_signing_key,
         false,
     );
@@ -559,93 +644,186 @@ pub async fn update(
     );
     let track_url = check_url(&mut violations, "track_base_url", &change.track_base_url);
     let app_url = check_url(&mut violations, "app_base_url", &change.app_base_url);
-    crate::input::finish(violations)?;
-    let record = store::get_record(&ctx.db, id)
-        .await?
-        .ok_or_else(|| not_found(id))?;
     let given = |s: &SecretString| (!s.expose_secret().is_empty()).then(|| s.clone());
-    let (new_track, new_app, new_webhook) = (
-        given(&change.track_api_key),
-        given(&change.app_api_key),
-        given(&change.webhook_signing_key),
-    );
-    let keys_change = new_track.is_some() || new_app.is_some() || new_webhook.is_some();
-    let connection_change = keys_change || track_url.is_some() || app_url.is_some();
+    let webhook = given(&change.webhook_signing_key);
+    let mut cleared = Vec::new();
+    for (i, name) in change.clear.iter().enumerate() {
+        let field = format!("clear_fields[{i}]");
+        let Some(known) = CLEARABLE.iter().find(|c| **c == name.as_str()) else {
+            violations.push(FieldViolation::new(
+                field,
+                format!("must be one of {}", CLEARABLE.join(", ")),
+            ));
+            continue;
+        };
+        let also_set = match *known {
+            fields::WEBHOOK_SIGNING_KEY => webhook.is_some(),
+            "track_requests_per_sec" => track_rps.is_some(),
+            "app_requests_per_sec" => app_rps.is_some(),
+            "track_base_url" => track_url.is_some(),
+            _ => app_url.is_some(),
+        };
+        if also_set {
+            violations.push(FieldViolation::new(
+                field,
+                format!("names {known}, which this request also sets"),
+            ));
+        }
+        cleared.push(*known);
+    }
+    crate::input::finish(violations)?;
+    let set_or_clear = |name: &str, value: Option<u32>| {
+        value
+            .map(Some)
+            .or_else(|| cleared.contains(&name).then_some(None))
+    };
+    let url_or_clear = |name: &str, value: Option<String>| {
+        value
+            .map(Some)
+            .or_else(|| cleared.contains(&name).then_some(None))
+    };
+    Ok(Validated {
+        etag,
+        name: (!change.name.is_empty()).then_some(change.name),
+        region,
+        track_api_key: given(&change.track_api_key),
+        app_api_key: given(&change.app_api_key),
+        webhook_signing_key: webhook.map(Some).or_else(|| {
+            cleared
+                .contains(&fields::WEBHOOK_SIGNING_KEY)
+                .then_some(None)
+        }),
+        track_requests_per_sec: set_or_clear("track_requests_per_sec", track_rps),
+        app_requests_per_sec: set_or_clear("app_requests_per_sec", app_rps),
+        track_base_url: url_or_clear("track_base_url", track_url),
+        app_base_url: url_or_clear("app_base_url", app_url),
+    })
+}
+
+fn etag_mismatch(id: i64) -> CoreError {
+    CoreError::Aborted(format!(
+        "workspace {id} changed since the etag given was read: read it again and retry"
+    ))
+}
+
+/// Applies `change` to workspace `id`. Changed keys, region or URLs are checked with
+/// Customer.io (with the rest as stored) before anything is saved; every credential is then
+/// sealed again under the current master key. The env default workspace may only be renamed.
+///
+/// The change is computed from the row as read and stored only if the row is still at that
+/// version: with an etag, a newer row is `ABORTED`; without one, the change is made again from
+/// the newer row (a concurrent rotation of another key is never lost), up to
+/// [`UPDATE_ATTEMPTS`] times.
+pub async fn update(
+    ctx: &AppContext,
+    id: i64,
+    change: WorkspaceUpdate,
+) -> Result<WorkspaceRecord, CoreError> {
+    let change = validate_update(id, change)?;
+    for _ in 0..UPDATE_ATTEMPTS {
+        let record = store::get_record(&ctx.db, id)
+            .await?
+            .ok_or_else(|| not_found(id))?;
+        if change.etag.is_some_and(|etag| etag != record.version) {
+            return Err(etag_mismatch(id));
+        }
+        let db_change = workspace_change(ctx, &record, &change).await?;
+        match store::update(&ctx.db, id, record.version, db_change, ctx.now()).await? {
+            store::WorkspaceUpdated::Updated(updated) => {
+                tracing::info!(
+                    workspace_id = id,
+                    credentials_rotated = change.keys_change(),
+                    "workspace updated"
+                );
+                return Ok(*updated);
+            }
+            store::WorkspaceUpdated::NotFound => return Err(not_found(id)),
+            store::WorkspaceUpdated::Conflict if change.etag.is_some() => {
+                return Err(etag_mismatch(id));
+            }
+            store::WorkspaceUpdated::Conflict => {}
+        }
+    }
+    Err(CoreError::Aborted(format!(
+        "workspace {id} kept changing while this update was applied: retry"
+    )))
+}
+
+/// What `change` makes of `record` (credentials checked with Customer.io when they, the region
+/// or a URL change).
+async fn workspace_change(
+    ctx: &AppContext,
+    record: &WorkspaceRecord,
+    change: &Validated,
+) -> Result<WorkspaceChange, CoreError> {
+    let id = record.workspace.id;
     let Some(sealed) = &record.credentials else {
-        let what: Vec<&str> = [
-            ("track_api_key", new_track.is_some()),
-            ("app_api_key", new_app.is_some()),
-            ("webhook_signing_key", new_webhook.is_some()),
-            ("track_requests_per_sec", track_rps.is_some()),
-            ("app_requests_per_sec", app_rps.is_some()),
-            ("track_base_url", track_url.is_some()),
-            ("app_base_url", app_url.is_some()),
-        ]
-        .into_iter()
-        .filter_map(|(f, set)| set.then_some(f))
-        .collect();
-        if let Some(first) = what.first() {
+        if let Some(first) = change.changed().first() {
             return Err(CoreError::FailedPrecondition(vec![FieldViolation::new(
                 *first,
-                "the env-configured default workspace takes its credentials, limits and URLs from the CIO_* variables; only its name can change here",
+                "the env-configured default workspace takes its credentials, region, limits and URLs from the CIO_* variables; only its name can change here",
             )]));
         }
-        return rename_only(ctx, id, &change.name).await;
+        return Ok(WorkspaceChange {
+            name: change.name.clone(),
+            ..WorkspaceChange::default()
+        });
     };
     let mut db_change = WorkspaceChange {
-        name: (!change.name.is_empty()).then(|| change.name.clone()),
-        track_requests_per_sec: track_rps,
-        app_requests_per_sec: app_rps,
-        track_base_url: track_url.clone(),
-        app_base_url: app_url.clone(),
+        name: change.name.clone(),
+        region: change.region.map(|r| region_name(r).to_owned()),
         credentials: None,
+        track_requests_per_sec: change.track_requests_per_sec,
+        app_requests_per_sec: change.app_requests_per_sec,
+        track_base_url: change.track_base_url.clone(),
+        app_base_url: change.app_base_url.clone(),
     };
-    if connection_change {
-        let keys = master_keys(ctx)?;
-        let (track, app, webhook) = open_all(keys, id, sealed)?;
-        let track = new_track.unwrap_or(track);
-        let app = new_app.unwrap_or(app);
-        let webhook = new_webhook.or(webhook);
-        let region = record
-            .workspace
-            .region
-            .parse::<Region>()
-            .unwrap_or(Region::Us);
+    if !change.connection_changes() && !change.keys_change() {
+        return Ok(db_change);
+    }
+    let keys = master_keys(ctx)?;
+    let (track, app, webhook) = open_all(keys, id, sealed)?;
+    let track = change.track_api_key.clone().unwrap_or(track);
+    let app = change.app_api_key.clone().unwrap_or(app);
+    let webhook = match &change.webhook_signing_key {
+        Some(new) => new.clone(),
+        None => webhook,
+    };
+    if change.connection_changes() {
+        let region = change.region.unwrap_or_else(|| {
+            record
+                .workspace
+                .region
+                .parse::<Region>()
+                .unwrap_or(Region::Us)
+        });
+        let pick = |new: &Option<Option<String>>, old: &Option<String>| match new {
+            Some(new) => new.clone(),
+            None => old.clone(),
+        };
+        let track_url = pick(&change.track_base_url, &record.track_base_url);
+        let app_url = pick(&change.app_base_url, &record.app_base_url);
         let cio = cio_settings(
             ctx,
             &record.workspace.cio_site_id,
             region,
             track.clone(),
             app.clone(),
-            track_rps.or(record.track_requests_per_sec),
-            app_rps.or(record.app_requests_per_sec),
-            track_url.as_deref().or(record.track_base_url.as_deref()),
-            app_url.as_deref().or(record.app_base_url.as_deref()),
+            change
+                .track_requests_per_sec
+                .unwrap_or(record.track_requests_per_sec),
+            change
+                .app_requests_per_sec
+                .unwrap_or(record.app_requests_per_sec),
+            track_url.as_deref(),
+            app_url.as_deref(),
         );
         check_credentials(&cio).await?;
-        if keys_change {
-            db_change.credentials = Some(seal_all(keys, id, &track, &app, webhook.as_ref()));
-        }
     }
-    let updated = store::update(&ctx.db, id, db_change, ctx.now())
-        .await?
-        .ok_or_else(|| not_found(id))?;
-    tracing::info!(
-        workspace_id = id,
-        credentials_rotated = keys_change,
-        "workspace updated"
-    );
-    Ok(updated)
-}
-
-async fn rename_only(ctx: &AppContext, id: i64, name: &str) -> Result<WorkspaceRecord, CoreError> {
-    let change = WorkspaceChange {
-        name: (!name.is_empty()).then(|| name.to_owned()),
-        ..WorkspaceChange::default()
-    };
-    store::update(&ctx.db, id, change, ctx.now())
-        .await?
-        .ok_or_else(|| not_found(id))
+    if change.keys_change() {
+        db_change.credentials = Some(seal_all(keys, id, &track, &app, webhook.as_ref()));
+    }
+    Ok(db_change)
 }
 
 /// `Ok(None)`: no such workspace, or one without stored credentials (the env default).

@@ -1,7 +1,7 @@
 //! Workspaces: one per Customer.io site SharpSend talks to. Every other row points at one.
 
 use chrono::{DateTime, Utc};
-use sea_orm::sea_query::OnConflict;
+use sea_orm::sea_query::{ExprTrait as _, OnConflict};
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, EntityTrait,
     IntoActiveModel, QueryFilter, QueryOrder, QuerySelect, TransactionSession, TransactionTrait,
@@ -149,6 +149,8 @@ pub struct WorkspaceRecord {
     /// `None`: the region's base URL.
     pub track_base_url: Option<String>,
     pub app_base_url: Option<String>,
+    /// Bumped by every update and disable: what [`update`] compares and sets.
+    pub version: i64,
 }
 
 impl From<Model> for WorkspaceRecord {
@@ -173,6 +175,7 @@ impl From<Model> for WorkspaceRecord {
             app_requests_per_sec: rate(m.app_requests_per_sec),
             track_base_url: m.track_base_url.clone(),
             app_base_url: m.app_base_url.clone(),
+            version: m.version,
             workspace: m.into(),
         }
     }
@@ -277,49 +280,81 @@ pub async fn list_records(
     Ok(query.all(db).await?.into_iter().map(Into::into).collect())
 }
 
-/// A change to a stored workspace: `None` fields stay as they are.
+/// A change to a stored workspace: `None` fields stay as they are; `Some(None)` resets an
+/// override to its default.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WorkspaceChange {
     pub name: Option<String>,
+    pub region: Option<String>,
     /// Replaces every sealed credential (sealed for this workspace's id).
     pub credentials: Option<SealedCredentials>,
-    pub track_requests_per_sec: Option<u32>,
-    pub app_requests_per_sec: Option<u32>,
-    pub track_base_url: Option<String>,
-    pub app_base_url: Option<String>,
+    pub track_requests_per_sec: Option<Option<u32>>,
+    pub app_requests_per_sec: Option<Option<u32>>,
+    pub track_base_url: Option<Option<String>>,
+    pub app_base_url: Option<Option<String>>,
 }
 
-/// Applies `change` to workspace `id`; `Ok(None)` if there is no such workspace.
+/// What [`update`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkspaceUpdated {
+    Updated(Box<WorkspaceRecord>),
+    NotFound,
+    /// The row is no longer at the version the change was made from (someone else changed it).
+    Conflict,
+}
+
+/// Applies `change` to workspace `id` if it is still at `version` (compare-and-set), bumping
+/// the version: a change computed from an older read never overwrites a newer one.
 pub async fn update(
     db: &impl ConnectionTrait,
     id: i64,
+    version: i64,
     change: WorkspaceChange,
     now: DateTime<Utc>,
-) -> Result<Option<WorkspaceRecord>, DbError> {
-    let Some(model) = Entity::find_by_id(id).one(db).await? else {
-        return Ok(None);
-    };
-    let mut active = model.into_active_model();
+) -> Result<WorkspaceUpdated, DbError> {
+    use sea_orm::sea_query::Expr;
+    let now = db_time(now);
+    let mut query = Entity::update_many()
+        .col_expr(Column::UpdatedAt, Expr::value(now))
+        .col_expr(Column::Version, Expr::col(Column::Version).add(1));
     if let Some(name) = change.name {
-        active.name = Set(name);
+        query = query.col_expr(Column::Name, Expr::value(name));
+    }
+    if let Some(region) = change.region {
+        query = query.col_expr(Column::Region, Expr::value(region));
     }
     if let Some(sealed) = change.credentials {
-        set_credentials(&mut active, sealed);
+        query = query
+            .col_expr(Column::TrackApiKeySealed, Expr::value(sealed.track_api_key))
+            .col_expr(Column::AppApiKeySealed, Expr::value(sealed.app_api_key))
+            .col_expr(
+                Column::WebhookSigningKeySealed,
+                Expr::value(sealed.webhook_signing_key),
+            )
+            .col_expr(Column::SecretsKeyId, Expr::value(sealed.key_id));
     }
     if let Some(rate) = change.track_requests_per_sec {
-        active.track_requests_per_sec = Set(rate_column(Some(rate)));
+        query = query.col_expr(Column::TrackRequestsPerSec, Expr::value(rate_column(rate)));
     }
     if let Some(rate) = change.app_requests_per_sec {
-        active.app_requests_per_sec = Set(rate_column(Some(rate)));
+        query = query.col_expr(Column::AppRequestsPerSec, Expr::value(rate_column(rate)));
     }
     if let Some(url) = change.track_base_url {
-        active.track_base_url = Set(Some(url));
+        query = query.col_expr(Column::TrackBaseUrl, Expr::value(url));
     }
     if let Some(url) = change.app_base_url {
-        active.app_base_url = Set(Some(url));
+        query = query.col_expr(Column::AppBaseUrl, Expr::value(url));
     }
-    active.updated_at = Set(Some(db_time(now)));
-    Ok(Some(active.update(db).await?.into()))
+    let result = query
+        .filter(Column::Id.eq(id))
+        .filter(Column::Version.eq(version))
+        .exec(db)
+        .await?;
+    Ok(match get_record(db, id).await? {
+        None => WorkspaceUpdated::NotFound,
+        Some(record) if result.rows_affected == 1 => WorkspaceUpdated::Updated(Box::new(record)),
+        Some(_) => WorkspaceUpdated::Conflict,
+    })
 }
 
 /// Disables workspace `id` (a disabled one keeps its first `disabled_at`); `Ok(None)` if there
@@ -333,6 +368,10 @@ pub async fn disable(
     Entity::update_many()
         .col_expr(Column::DisabledAt, sea_orm::sea_query::Expr::value(now))
         .col_expr(Column::UpdatedAt, sea_orm::sea_query::Expr::value(now))
+        .col_expr(
+            Column::Version,
+            sea_orm::sea_query::Expr::col(Column::Version).add(1),
+        )
         .filter(Column::Id.eq(id))
         .filter(Column::DisabledAt.is_null())
         .exec(db)

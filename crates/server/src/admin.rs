@@ -95,6 +95,7 @@ fn workspace_to_proto(record: &WorkspaceRecord) -> pb::Workspace {
         created_at: Some(timestamp(w.created_at)),
         updated_at: Some(timestamp(w.updated_at)),
         disabled_at: w.disabled_at.map(timestamp),
+        etag: sharpsend_core::workspaces::etag(record),
     }
 }
 
@@ -424,7 +425,9 @@ impl AdminService for Admin {
             &self.ctx,
             r.id,
             sharpsend_core::workspaces::WorkspaceUpdate {
+                etag: r.etag,
                 name: r.name,
+                region: r.region,
                 track_api_key: r.track_api_key.into(),
                 app_api_key: r.app_api_key.into(),
                 webhook_signing_key: r.webhook_signing_key.into(),
@@ -432,6 +435,7 @@ impl AdminService for Admin {
                 app_requests_per_sec: i64::from(r.app_requests_per_sec),
                 track_base_url: r.track_base_url,
                 app_base_url: r.app_base_url,
+                clear: r.clear_fields,
             },
         )
         .await

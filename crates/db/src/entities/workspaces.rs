@@ -27,6 +27,8 @@ pub struct Model {
     pub disabled_at: Option<DateTimeUtc>,
     /// NULL: unchanged since created.
     pub updated_at: Option<DateTimeUtc>,
+    /// Bumped by every change (the compare-and-set of UpdateWorkspace; its etag).
+    pub version: i64,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -137,27 +137,71 @@ sharpsend_db::db_test!(
             ids.push(r.workspace.id);
         }
         let t1 = t0 + chrono::TimeDelta::seconds(5);
+        let created_version = workspaces::get_record(&db.conn, ids[0])
+            .await?
+            .expect("stored")
+            .version;
         let updated = workspaces::update(
             &db.conn,
             ids[0],
+            created_version,
             workspaces::WorkspaceChange {
                 name: Some("renamed".into()),
-                app_requests_per_sec: Some(7),
+                app_requests_per_sec: Some(Some(7)),
+                track_base_url: Some(Some("http://proxy.test".into())),
                 credentials: Some(sealed("s1b", "new")),
                 ..Default::default()
             },
             t1,
         )
-        .await?
-        .expect("updated");
+        .await?;
+        let workspaces::WorkspaceUpdated::Updated(updated) = updated else {
+            panic!("not updated: {updated:?}");
+        };
         assert_eq!(updated.workspace.name, "renamed");
         assert_eq!(updated.app_requests_per_sec, Some(7));
         assert_eq!(updated.track_requests_per_sec, Some(50));
+        assert_eq!(updated.track_base_url.as_deref(), Some("http://proxy.test"));
         assert_eq!(updated.credentials, Some(sealed("s1b", "new")));
+        assert_eq!(updated.version, created_version + 1);
         assert!(updated.workspace.updated_at > updated.workspace.created_at);
+
+        // A change made from the version before is refused and changes nothing.
+        let stale = workspaces::update(
+            &db.conn,
+            ids[0],
+            created_version,
+            workspaces::WorkspaceChange {
+                name: Some("lost".into()),
+                ..Default::default()
+            },
+            t1,
+        )
+        .await?;
+        assert_eq!(stale, workspaces::WorkspaceUpdated::Conflict);
+        // Overrides go back to their defaults when cleared.
+        let cleared = workspaces::update(
+            &db.conn,
+            ids[0],
+            updated.version,
+            workspaces::WorkspaceChange {
+                app_requests_per_sec: Some(None),
+                track_base_url: Some(None),
+                ..Default::default()
+            },
+            t1,
+        )
+        .await?;
+        let workspaces::WorkspaceUpdated::Updated(cleared) = cleared else {
+            panic!("not updated: {cleared:?}");
+        };
+        assert_eq!(cleared.workspace.name, "renamed");
+        assert_eq!(cleared.app_requests_per_sec, None);
+        assert_eq!(cleared.track_base_url, None);
+        assert_eq!(cleared.track_requests_per_sec, Some(50));
         assert_eq!(
-            workspaces::update(&db.conn, 9_999, Default::default(), t1).await?,
-            None
+            workspaces::update(&db.conn, 9_999, 1, Default::default(), t1).await?,
+            workspaces::WorkspaceUpdated::NotFound
         );
 
         // Only rows under another key than the current one need re-sealing.
