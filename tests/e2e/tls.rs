@@ -1,7 +1,7 @@
 //! gRPC over TLS and mTLS with certificates made in the test (rcgen): a TLS call works,
 //! plaintext to the TLS port is refused, mTLS refuses a client without a certificate (or with
-//! one from another CA), and a rewritten certificate is served to the next connection without a
-//! restart.
+//! one from another CA), a rewritten certificate or client CA is used for the next connection
+//! without a restart, and `sharpsend-server health` works over TLS and mTLS.
 
 use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
@@ -14,6 +14,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use sharpsend_core::{AppContext, clock::Clock, context::Migrations, settings::TlsSettings};
 use sharpsend_db::{db_test, testing::TestDatabase};
 use sharpsend_proto::v1::{self as pb, segment_service_client::SegmentServiceClient};
+use sharpsend_server::{app::check_health, tls::ClientTls};
 use sharpsend_tests::{Bearer, TEST_API_KEY, sim_settings, test_settings};
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tokio_rustls::TlsConnector;
@@ -250,11 +251,70 @@ db_test!(
             "no client certificate was accepted"
         );
         let stranger = Ca::new("stranger CA")?;
-        let (_, _, other_cert, other_key) = stranger.leaf()?;
+        let (stranger_pem, stranger_key_pem, other_cert, other_key) = stranger.leaf()?;
         ensure!(
-            !works(server.addr, ca.der(), Some((other_cert, other_key))).await,
+            !works(
+                server.addr,
+                ca.der(),
+                Some((other_cert.clone(), other_key.clone_key()))
+            )
+            .await,
             "a client certificate of another CA was accepted"
         );
+
+        // `sharpsend-server health` over mTLS: with the service CA and a client certificate.
+        std::fs::write(dir.path().join("service-ca.pem"), ca.pem())?;
+        let (client_pem, client_key_pem, _, _) = clients.leaf()?;
+        std::fs::write(dir.path().join("client.pem"), client_pem)?;
+        std::fs::write(dir.path().join("client.key"), client_key_pem)?;
+        let probe = |identity: Option<(&str, &str)>| ClientTls {
+            ca: dir.path().join("service-ca.pem"),
+            server_name: "localhost".into(),
+            identity: identity.map(|(c, k)| (dir.path().join(c), dir.path().join(k))),
+        };
+        check_health(
+            server.addr,
+            Some(&probe(Some(("client.pem", "client.key")))),
+        )
+        .await?;
+        ensure!(
+            check_health(server.addr, Some(&probe(None))).await.is_err(),
+            "health answered without a client certificate"
+        );
+        ensure!(
+            check_health(server.addr, None).await.is_err(),
+            "health answered in plaintext"
+        );
+
+        // Client CA rotation without a restart: the stranger's CA replaces the file; the next
+        // connection is judged by it.
+        let ca_file = dir.path().join("clients.pem");
+        let tmp = dir.path().join("clients.pem.tmp");
+        std::fs::write(&tmp, stranger.pem())?;
+        std::fs::rename(&tmp, &ca_file)?;
+        ensure!(
+            works(
+                server.addr,
+                ca.der(),
+                Some((other_cert.clone(), other_key.clone_key()))
+            )
+            .await,
+            "a client of the new CA was refused"
+        );
+        let (_, _, old_cert, old_key) = clients.leaf()?;
+        ensure!(
+            !works(server.addr, ca.der(), Some((old_cert, old_key))).await,
+            "a client of the replaced CA was still accepted"
+        );
+        // A CA file that does not load keeps the previous CA.
+        std::fs::write(&ca_file, "not a certificate")?;
+        std::fs::write(dir.path().join("client.pem"), stranger_pem)?;
+        std::fs::write(dir.path().join("client.key"), stranger_key_pem)?;
+        check_health(
+            server.addr,
+            Some(&probe(Some(("client.pem", "client.key")))),
+        )
+        .await?;
         server.stop().await
     }
 );

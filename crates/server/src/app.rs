@@ -103,7 +103,7 @@ pub async fn serve(
     let tls = options
         .tls
         .as_ref()
-        .map(crate::tls::server_config)
+        .map(crate::tls::ServerTls::new)
         .transpose()?;
     if tls.is_none() {
         tracing::info!("serving gRPC in plaintext (SHARPSEND_TLS_CERT / SHARPSEND_TLS_KEY unset)");
@@ -191,5 +191,40 @@ pub async fn serve(
     cache.stop();
     served?;
     tracing::info!("server stopped");
+    Ok(())
+}
+
+/// Asks the gRPC health service at `addr` (over TLS when `tls` is given) whether the server is
+/// SERVING: `sharpsend-server health`, for container health checks.
+pub async fn check_health(
+    addr: std::net::SocketAddr,
+    tls: Option<&crate::tls::ClientTls>,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let timeout = std::time::Duration::from_secs(3);
+    let channel = match tls {
+        Some(tls) => crate::tls::channel(addr, tls, timeout).await,
+        None => tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .connect()
+            .await
+            .map_err(anyhow::Error::from),
+    }
+    .with_context(|| format!("connecting to {addr}"))?;
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await?
+        .into_inner()
+        .status;
+    anyhow::ensure!(
+        status == ServingStatus::Serving as i32,
+        "server at {addr} is not serving (status {status})"
+    );
     Ok(())
 }

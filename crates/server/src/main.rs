@@ -42,7 +42,26 @@ enum Command {
         /// Address of the server.
         #[arg(long, default_value = settings::DEFAULT_LISTEN)]
         addr: std::net::SocketAddr,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
+}
+
+/// How `health` reaches a server serving TLS (`SHARPSEND_TLS_CERT`); plaintext without `--tls-ca`.
+#[derive(Debug, clap::Args)]
+struct TlsArgs {
+    /// Connect over TLS, trusting this PEM CA (the server's certificate must chain to it).
+    #[arg(long = "tls-ca")]
+    ca: Option<std::path::PathBuf>,
+    /// The name the server's certificate must carry.
+    #[arg(long = "tls-server-name", default_value = "localhost", requires = "ca")]
+    server_name: String,
+    /// Client certificate (PEM) for a server requiring mTLS (`SHARPSEND_TLS_CLIENT_CA`).
+    #[arg(long = "tls-cert", requires_all = ["ca", "key"])]
+    cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long = "tls-key", requires = "cert")]
+    key: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
@@ -87,7 +106,7 @@ async fn main() -> ExitCode {
 async fn run(args: Args, settings: Settings) -> anyhow::Result<()> {
     match args.command {
         Some(Command::Migrate) => return migrate(&settings.database_url).await,
-        Some(Command::Health { addr }) => return health_check(addr).await,
+        Some(Command::Health { addr, tls }) => return health_check(addr, tls).await,
         None => {}
     }
     if args.dev {
@@ -142,30 +161,13 @@ async fn migrate(database_url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn health_check(addr: std::net::SocketAddr) -> anyhow::Result<()> {
-    use tonic_health::pb::{
-        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-    };
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(std::time::Duration::from_secs(3))
-        .timeout(std::time::Duration::from_secs(3));
-    let mut client = HealthClient::new(
-        endpoint
-            .connect()
-            .await
-            .with_context(|| format!("connecting to {addr}"))?,
-    );
-    let status = client
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await?
-        .into_inner()
-        .status;
-    anyhow::ensure!(
-        status == ServingStatus::Serving as i32,
-        "server at {addr} is not serving (status {status})"
-    );
+async fn health_check(addr: std::net::SocketAddr, tls: TlsArgs) -> anyhow::Result<()> {
+    let tls = tls.ca.map(|ca| sharpsend_server::tls::ClientTls {
+        ca,
+        server_name: tls.server_name,
+        identity: tls.cert.zip(tls.key),
+    });
+    sharpsend_server::app::check_health(addr, tls.as_ref()).await?;
     println!("SERVING");
     Ok(())
 }

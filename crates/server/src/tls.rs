@@ -5,12 +5,15 @@
 //! Rotation without a restart: [`ReloadingCert`] is rustls' certificate resolver; at each
 //! handshake it compares the files' modification times and sizes with those it loaded and
 //! re-reads them when they changed. A pair that does not load (half-written, key not matching
-//! the certificate) is logged and the previous certificate keeps serving. The client CA is read
-//! once at start-up.
+//! the certificate) is logged and the previous certificate keeps serving. The client CA file is
+//! looked at the same way for each new connection ([`ServerTls::acceptor`]): a changed one
+//! takes effect for the next handshake; one that does not load keeps the previous CA.
 //!
 //! [`incoming`] turns accepted TCP connections (with `TCP_NODELAY` and keepalive, see
 //! [`crate::app`]) into TLS connections for `serve_with_incoming`; each handshake runs in a task
 //! of its own with a time limit, so a slow or silent client holds back no one.
+//!
+//! [`channel`] is the client side, for `sharpsend-server health` against a TLS server.
 
 use std::{
     fs, io,
@@ -139,33 +142,134 @@ impl ResolvesServerCert for ReloadingCert {
     }
 }
 
-/// The rustls server configuration of `settings`.
-pub fn server_config(settings: &TlsSettings) -> Result<ServerConfig, TlsError> {
+/// The CA client certificates must chain to, from its PEM file.
+fn client_verifier(
+    path: &Path,
+    provider: Arc<CryptoProvider>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(path).map_err(|e| read_err("client CA", path, e))? {
+        roots
+            .add(cert.map_err(|e| read_err("client CA", path, e))?)
+            .map_err(|e| read_err("client CA", path, e))?;
+    }
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+        .build()
+        .map_err(|e| read_err("client CA", path, e))
+}
+
+/// The rustls server configuration of `settings`, serving `cert`.
+fn server_config(
+    settings: &TlsSettings,
+    cert: Arc<ReloadingCert>,
+) -> Result<ServerConfig, TlsError> {
     let provider = provider();
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let builder = match &settings.client_ca {
         None => builder.with_no_client_auth(),
-        Some(path) => {
-            let mut roots = RootCertStore::empty();
-            for cert in
-                CertificateDer::pem_file_iter(path).map_err(|e| read_err("client CA", path, e))?
-            {
-                roots
-                    .add(cert.map_err(|e| read_err("client CA", path, e))?)
-                    .map_err(|e| read_err("client CA", path, e))?;
-            }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| read_err("client CA", path, e))?;
-            builder.with_client_cert_verifier(verifier)
-        }
+        Some(path) => builder.with_client_cert_verifier(client_verifier(path, provider)?),
     };
-    let mut config =
-        builder.with_cert_resolver(Arc::new(ReloadingCert::new(&settings.cert, &settings.key)?));
+    let mut config = builder.with_cert_resolver(cert);
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
+}
+
+/// The server's TLS: its configuration, rebuilt when the client CA file changes.
+pub struct ServerTls {
+    settings: TlsSettings,
+    cert: Arc<ReloadingCert>,
+    ca_stamp: Option<Stamp>,
+    acceptor: TlsAcceptor,
+}
+
+impl ServerTls {
+    /// Reads every file now; an error here stops start-up.
+    pub fn new(settings: &TlsSettings) -> Result<Self, TlsError> {
+        let cert = Arc::new(ReloadingCert::new(&settings.cert, &settings.key)?);
+        let ca_stamp = settings.client_ca.as_deref().map(stamp);
+        let config = server_config(settings, cert.clone())?;
+        Ok(Self {
+            settings: settings.clone(),
+            cert,
+            ca_stamp,
+            acceptor: TlsAcceptor::from(Arc::new(config)),
+        })
+    }
+
+    /// The acceptor for the next connection, with the client CA re-read first if its file
+    /// changed (the certificate pair is looked at by [`ReloadingCert`] at each handshake).
+    pub fn acceptor(&mut self) -> TlsAcceptor {
+        let now = self.settings.client_ca.as_deref().map(stamp);
+        if now != self.ca_stamp {
+            match server_config(&self.settings, self.cert.clone()) {
+                Ok(config) => {
+                    tracing::info!("TLS client CA reloaded");
+                    self.acceptor = TlsAcceptor::from(Arc::new(config));
+                    self.ca_stamp = now;
+                }
+                Err(e) => {
+                    // Keep the previous CA; retry at the next connection.
+                    tracing::warn!(error = %e, "TLS client CA changed but did not load; keeping the previous one");
+                }
+            }
+        }
+        self.acceptor.clone()
+    }
+}
+
+/// What a client needs to reach a TLS server: the CA its certificate chains to, the name it
+/// carries, and a client certificate and key when the server requires mTLS.
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    pub ca: PathBuf,
+    pub server_name: String,
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
+/// A gRPC channel to `addr` over TLS as `tls` says.
+pub async fn channel(
+    addr: std::net::SocketAddr,
+    tls: &ClientTls,
+    timeout: Duration,
+) -> Result<tonic::transport::Channel, anyhow::Error> {
+    let provider = provider();
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(&tls.ca).map_err(|e| read_err("CA", &tls.ca, e))? {
+        roots
+            .add(cert.map_err(|e| read_err("CA", &tls.ca, e))?)
+            .map_err(|e| read_err("CA", &tls.ca, e))?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    let mut config = match &tls.identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let pair = load_pair(cert, key, &provider)?;
+            let der = PrivateKeyDer::from_pem_file(key)
+                .map_err(|_| read_err("private key", key, "no readable PEM private key in it"))?;
+            builder.with_client_auth_cert(pair.cert, der)?
+        }
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = rustls_pki_types::ServerName::try_from(tls.server_name.clone())
+        .map_err(|e| TlsError::Config(format!("server name {:?}: {e}", tls.server_name)))?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .connect_with_connector(tower::service_fn(move |_uri| {
+            let (connector, name) = (connector.clone(), name.clone());
+            async move {
+                let tcp = TcpStream::connect(addr).await?;
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        }))
+        .await?;
+    Ok(channel)
 }
 
 /// A TLS connection to the server.
@@ -223,9 +327,8 @@ impl AsyncWrite for TlsConn {
 /// when the stream is dropped (abort the handle when serving ends).
 pub fn incoming(
     mut tcp: TcpIncoming,
-    config: ServerConfig,
+    mut tls: ServerTls,
 ) -> (ReceiverStream<io::Result<TlsConn>>, JoinHandle<()>) {
-    let acceptor = TlsAcceptor::from(Arc::new(config));
     let (tx, rx) = mpsc::channel(64);
     let task = tokio::spawn(async move {
         while let Some(accepted) = tcp.next().await {
@@ -239,7 +342,7 @@ pub fn incoming(
             if tx.is_closed() {
                 break;
             }
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            let (acceptor, tx) = (tls.acceptor(), tx.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => {
