@@ -14,7 +14,7 @@ use secrecy::ExposeSecret as _;
 use sharpsend_core::{
     AppContext, CoreError,
     jobs::{Job, JobOutcome},
-    secrets::MasterKeys,
+    secrets::{MasterKeyring, MasterKeys},
     workspaces,
 };
 use sharpsend_db::{db_test, testing::TestDatabase};
@@ -143,10 +143,27 @@ fn expect_code<T: std::fmt::Debug>(
     }
 }
 
+/// A context like `ctx` with its master keys read from `file` (and re-read when it changes).
+fn with_key_file(ctx: &AppContext, file: &std::path::Path) -> anyhow::Result<AppContext> {
+    let mut settings = (*ctx.settings).clone();
+    settings.master_keys = Some(MasterKeyring::from_file(file)?);
+    let mut ctx = ctx.clone();
+    ctx.settings = Arc::new(settings);
+    Ok(ctx)
+}
+
+/// Replaces `file` whole with `text` (as an operator's `mv` would).
+fn replace_file(file: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    let tmp = file.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, file)?;
+    Ok(())
+}
+
 /// A context like `ctx` with other master keys.
 fn with_keys(ctx: &AppContext, keys: &str) -> anyhow::Result<AppContext> {
     let mut settings = (*ctx.settings).clone();
-    settings.master_keys = Some(MasterKeys::parse(keys)?);
+    settings.master_keys = Some(MasterKeys::parse(keys)?.into());
     let mut ctx = ctx.clone();
     ctx.settings = Arc::new(settings);
     Ok(ctx)
@@ -1125,6 +1142,56 @@ db_test!(
                 other.map(|a| a.is_some())
             ),
         }
+        app.stop().await
+    }
+);
+
+db_test!(
+    a_master_key_file_rotates_the_master_key_without_a_restart,
+    |db: TestDatabase| async move {
+        let app = TestApp::spawn(&db).await?;
+        let sim_b = other_sim(TRACK_B, APP_B).await?;
+        let mut admin = app.admin().await?;
+        let b = create_b(&mut admin, &sim_b).await?;
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("master.keys");
+        replace_file(&file, TEST_MASTER_KEY)?;
+        // One context for the whole test: what a running process holds.
+        let ctx = with_key_file(&app.ctx, &file)?;
+        ensure!(workspaces::access(&ctx, b.id).await?.is_some());
+
+        // A new key put first in the file: sealing uses it and the rekey job moves every row,
+        // while the old key still opens what it sealed.
+        let new_entry = MasterKeys::generate_entry("e2e-file-2");
+        replace_file(
+            &file,
+            &format!("{},{TEST_MASTER_KEY}\n", new_entry.expose_secret()),
+        )?;
+        match sharpsend_core::jobs::run_job(&ctx, Job::SecretsRekey, "test").await? {
+            JobOutcome::Succeeded { details, .. } => {
+                ensure!(details["resealed"] == 1, "{details}");
+                ensure!(details["current_key_id"] == "e2e-file-2", "{details}");
+            }
+            other => anyhow::bail!("{other:?}"),
+        }
+        // The old key dropped from the file: everything still opens, under the new key only.
+        replace_file(&file, new_entry.expose_secret())?;
+        let access = workspaces::access(&ctx, b.id).await?.context("stored")?;
+        ensure!(access.cio.track_api_key.expose_secret() == TRACK_B);
+        ensure!(access.cio.app_api_key.expose_secret() == APP_B);
+        // A file that does not parse keeps the keys read before (and its error names no key).
+        replace_file(&file, "e2e-file-3:not base64")?;
+        ensure!(workspaces::access(&ctx, b.id).await?.is_some());
+        match MasterKeyring::from_file(&file) {
+            Err(e) => {
+                ensure!(e.0.contains("SHARPSEND_MASTER_KEY_FILE"), "{e}");
+                assert_no_secret("key file error", e.0.as_bytes())?;
+                ensure!(!e.0.contains(new_entry.expose_secret()), "{e}");
+            }
+            Ok(_) => anyhow::bail!("a malformed key file was accepted"),
+        }
+        // The server's own context (SHARPSEND_MASTER_KEY, the old key only) no longer opens it.
+        ensure!(workspaces::access(&app.ctx, b.id).await.is_err());
         app.stop().await
     }
 );

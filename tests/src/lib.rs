@@ -352,7 +352,9 @@ pub fn test_settings(database_url: &str, cio: CioSettings) -> Settings {
             }],
             ..ServerSettings::default()
         },
-        master_keys: sharpsend_core::secrets::MasterKeys::parse(TEST_MASTER_KEY).ok(),
+        master_keys: sharpsend_core::secrets::MasterKeys::parse(TEST_MASTER_KEY)
+            .ok()
+            .map(Into::into),
         delivery: test_delivery_config(),
         sends: test_send_config(),
         ..Settings::default()

@@ -4,12 +4,20 @@
 //! - [`MasterKeys`]: `<key id>:<base64 of 32 bytes>,…`; the FIRST key seals, the others still
 //!   open (rotation: put the new key first, run the `secrets-rekey` job, then drop the old one).
 //!   Its `Debug` shows key ids only.
+//! - [`MasterKeyring`]: the keys a process uses, fixed from `SHARPSEND_MASTER_KEY`, or read from
+//!   `SHARPSEND_MASTER_KEY_FILE` and read again whenever that file changes, so a new master key
+//!   is introduced (and an old one dropped) without a restart.
 //! - A sealed value is text: `v1:<key id>:<base64(nonce || ciphertext)>`, a fresh random 24-byte
 //!   nonce per seal. The associated data binds it to its row and column (`workspace id`, field
 //!   name), so a value copied to another workspace or field does not open.
 //! - Errors ([`SecretError`]) name the key id or the variable, never a key or a plaintext.
 
-use std::fmt;
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::SystemTime,
+};
 
 use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
 use chacha20poly1305::{
@@ -21,6 +29,8 @@ use secrecy::{ExposeSecret, SecretString};
 
 /// The variable holding the master keys.
 pub const MASTER_KEY_VARIABLE: &str = "SHARPSEND_MASTER_KEY";
+/// The variable naming a file holding the master keys instead (re-read when it changes).
+pub const MASTER_KEY_FILE_VARIABLE: &str = "SHARPSEND_MASTER_KEY_FILE";
 /// The version prefix of a sealed value.
 const VERSION: &str = "v1";
 const NONCE_BYTES: usize = 24;
@@ -246,6 +256,102 @@ impl MasterKey {
         Self {
             id: id.to_owned(),
             cipher: XChaCha20Poly1305::new(&(*bytes).into()),
+        }
+    }
+}
+
+/// Modification time and size: what tells a rewritten file.
+type Stamp = (Option<SystemTime>, u64);
+
+fn stamp(path: &Path) -> Stamp {
+    std::fs::metadata(path).map_or((None, 0), |m| (m.modified().ok(), m.len()))
+}
+
+fn read_key_file(path: &Path) -> Result<MasterKeys, MasterKeyError> {
+    let raw = std::fs::read_to_string(path).map_err(|e| {
+        MasterKeyError(format!(
+            "{MASTER_KEY_FILE_VARIABLE} {}: {}",
+            path.display(),
+            e.kind()
+        ))
+    })?;
+    MasterKeys::parse(raw.trim()).map_err(|e| {
+        MasterKeyError(format!(
+            "{MASTER_KEY_FILE_VARIABLE} {}: {}",
+            path.display(),
+            e.0
+        ))
+    })
+}
+
+/// Where a process's master keys come from (see the module doc). Cheap to clone; clones share
+/// what was read.
+#[derive(Clone)]
+pub struct MasterKeyring(Arc<Source>);
+
+enum Source {
+    Fixed(Arc<MasterKeys>),
+    File {
+        path: PathBuf,
+        read: Mutex<(Stamp, Arc<MasterKeys>)>,
+    },
+}
+
+impl fmt::Debug for MasterKeyring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &*self.0 {
+            Source::Fixed(keys) => f.debug_tuple("Fixed").field(keys).finish(),
+            Source::File { path, .. } => f.debug_struct("File").field("path", path).finish(),
+        }
+    }
+}
+
+impl From<MasterKeys> for MasterKeyring {
+    fn from(keys: MasterKeys) -> Self {
+        Self(Arc::new(Source::Fixed(Arc::new(keys))))
+    }
+}
+
+impl MasterKeyring {
+    /// Reads the keys from `path` now (an error here stops start-up) and again whenever the
+    /// file's modification time or size changes.
+    pub fn from_file(path: &Path) -> Result<Self, MasterKeyError> {
+        let at = stamp(path);
+        let keys = read_key_file(path)?;
+        Ok(Self(Arc::new(Source::File {
+            path: path.to_owned(),
+            read: Mutex::new((at, Arc::new(keys))),
+        })))
+    }
+
+    /// The keys now: a changed file is read first; one that does not read or parse is logged
+    /// (without any key) and the keys read before stay in use.
+    pub fn keys(&self) -> Arc<MasterKeys> {
+        match &*self.0 {
+            Source::Fixed(keys) => keys.clone(),
+            Source::File { path, read } => {
+                let mut read = read
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let now = stamp(path);
+                if now != read.0 {
+                    match read_key_file(path) {
+                        Ok(keys) => {
+                            tracing::info!(
+                                key_ids = ?keys.key_ids(),
+                                "master keys re-read from {MASTER_KEY_FILE_VARIABLE}"
+                            );
+                            *read = (now, Arc::new(keys));
+                        }
+                        Err(e) => {
+                            // Logged once per change of the file, not at every use.
+                            read.0 = now;
+                            tracing::warn!(error = %e, "master key file changed but does not read; keeping the keys read before");
+                        }
+                    }
+                }
+                read.1.clone()
+            }
         }
     }
 }

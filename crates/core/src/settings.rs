@@ -16,8 +16,12 @@ use secrecy::SecretString;
 use url::Url;
 
 use crate::{
-    jobs::Job, managed_segments::EvaluationConfig, outbox::DeliveryConfig, secrets::MasterKeys,
-    sends::SendConfig, telemetry::TelemetryConfig,
+    jobs::Job,
+    managed_segments::EvaluationConfig,
+    outbox::DeliveryConfig,
+    secrets::{MasterKeyring, MasterKeys},
+    sends::SendConfig,
+    telemetry::TelemetryConfig,
 };
 
 /// Where settings come from: the process environment, or a map in tests.
@@ -181,6 +185,12 @@ pub const VARIABLES: &[Variable] = &[
         "",
         Server,
         "PEM CA certificate(s): require client certificates signed by them (mTLS); needs SHARPSEND_TLS_CERT",
+    ),
+    var(
+        "SHARPSEND_MASTER_KEY_FILE",
+        "",
+        Both,
+        "a file holding the master keys instead of SHARPSEND_MASTER_KEY (same format), read again whenever it changes: rotate the master key without a restart",
     ),
     secret(
         "SHARPSEND_MASTER_KEY",
@@ -725,9 +735,10 @@ pub struct Settings {
     /// The Customer.io workspace; `None` in `--dev` (the simulator provides it) and for one-shot
     /// commands.
     pub cio: Option<CioSettings>,
-    /// `SHARPSEND_MASTER_KEY`: the keys sealing stored workspace credentials ([`crate::secrets`]);
-    /// `None`: unset (workspaces with stored credentials cannot be created or opened).
-    pub master_keys: Option<MasterKeys>,
+    /// `SHARPSEND_MASTER_KEY` or `SHARPSEND_MASTER_KEY_FILE`: the keys sealing stored workspace
+    /// credentials ([`crate::secrets`]); `None`: unset (workspaces with stored credentials cannot
+    /// be created or opened).
+    pub master_keys: Option<MasterKeyring>,
     pub server: ServerSettings,
     pub delivery: DeliveryConfig,
     pub sends: SendConfig,
@@ -807,12 +818,26 @@ impl Settings {
             ));
         }
         telemetry.log_filter = Some(log_filter);
-        let master_keys = match env.var(crate::secrets::MASTER_KEY_VARIABLE) {
-            Some(raw) => Some(
+        let key_file = r
+            .value(crate::secrets::MASTER_KEY_FILE_VARIABLE)?
+            .filter(|v| !v.trim().is_empty());
+        let master_keys = match (env.var(crate::secrets::MASTER_KEY_VARIABLE), key_file) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    crate::secrets::MASTER_KEY_FILE_VARIABLE,
+                    "is set together with SHARPSEND_MASTER_KEY: set one of them",
+                ));
+            }
+            (Some(raw), None) => Some(
                 MasterKeys::parse(&raw)
-                    .map_err(|e| ConfigError::new("SHARPSEND_MASTER_KEY", e.0))?,
+                    .map_err(|e| ConfigError::new("SHARPSEND_MASTER_KEY", e.0))?
+                    .into(),
             ),
-            None => None,
+            (None, Some(path)) => Some(
+                MasterKeyring::from_file(std::path::Path::new(&path))
+                    .map_err(|e| ConfigError::new(crate::secrets::MASTER_KEY_FILE_VARIABLE, e.0))?,
+            ),
+            (None, None) => None,
         };
         let settings = Self {
             database_url,
@@ -1343,6 +1368,50 @@ mod tests {
                 "{err} echoes the value"
             );
         }
+    }
+
+    #[test]
+    fn master_keys_come_from_the_variable_or_a_file_not_both() {
+        let entry = "k1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+        let file = std::env::temp_dir().join(format!(
+            "sharpsend-master-keys-{}-{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::write(&file, format!("{entry}\n")).unwrap_or_else(|e| panic!("{e}"));
+        let file = file.to_string_lossy().into_owned();
+        let with = |pairs: &[(&str, &str)]| {
+            let mut vars = env(BASE);
+            for (k, v) in pairs {
+                vars.insert((*k).into(), (*v).into());
+            }
+            production(&vars)
+        };
+        let from_file = with(&[("SHARPSEND_MASTER_KEY_FILE", &file)])
+            .unwrap_or_else(|e| panic!("{e}"))
+            .master_keys
+            .unwrap_or_else(|| panic!("no keys"));
+        assert_eq!(from_file.keys().current_id(), "k1");
+        for (pairs, named) in [
+            (
+                &[
+                    ("SHARPSEND_MASTER_KEY_FILE", file.as_str()),
+                    ("SHARPSEND_MASTER_KEY", entry),
+                ][..],
+                "SHARPSEND_MASTER_KEY_FILE",
+            ),
+            (
+                &[("SHARPSEND_MASTER_KEY_FILE", "/no/such/file")][..],
+                "SHARPSEND_MASTER_KEY_FILE",
+            ),
+        ] {
+            let err = with(pairs)
+                .err()
+                .unwrap_or_else(|| panic!("{pairs:?} accepted"));
+            assert_eq!(err.variable, named);
+            assert!(!err.to_string().contains("AAAA"), "{err} shows a key");
+        }
+        let _ = std::fs::remove_file(&file);
     }
 
     #[test]

@@ -247,13 +247,17 @@ fn region_name(region: Region) -> &'static str {
     }
 }
 
-fn master_keys(ctx: &AppContext) -> Result<&MasterKeys, CoreError> {
-    ctx.settings.master_keys.as_ref().ok_or_else(|| {
-        CoreError::FailedPrecondition(vec![FieldViolation::new(
-            MASTER_KEY_VARIABLE,
-            "is not set: stored workspace credentials cannot be sealed or opened",
-        )])
-    })
+fn master_keys(ctx: &AppContext) -> Result<std::sync::Arc<MasterKeys>, CoreError> {
+    ctx.settings
+        .master_keys
+        .as_ref()
+        .map(|ring| ring.keys())
+        .ok_or_else(|| {
+            CoreError::FailedPrecondition(vec![FieldViolation::new(
+                MASTER_KEY_VARIABLE,
+                "is not set: stored workspace credentials cannot be sealed or opened",
+            )])
+        })
 }
 
 /// The process's Customer.io defaults: the `CIO_*` settings, or the declared defaults.
@@ -414,7 +418,7 @@ pub async fn create(
     let track_url = check_url(&mut violations, "track_base_url", &request.track_base_url);
     let app_url = check_url(&mut violations, "app_base_url", &request.app_base_url);
     crate::input::finish(violations)?;
-    let keys = master_keys(ctx)?.clone();
+    let keys = master_keys(ctx)?;
     if store::find_by_site_id(&ctx.db, &request.site_id)
         .await?
         .is_some()
@@ -782,7 +786,7 @@ async fn workspace_change(
         return Ok(db_change);
     }
     let keys = master_keys(ctx)?;
-    let (track, app, webhook) = open_all(keys, id, sealed)?;
+    let (track, app, webhook) = open_all(&keys, id, sealed)?;
     let track = change.track_api_key.clone().unwrap_or(track);
     let app = change.app_api_key.clone().unwrap_or(app);
     let webhook = match &change.webhook_signing_key {
@@ -821,7 +825,7 @@ async fn workspace_change(
         check_credentials(&cio).await?;
     }
     if change.keys_change() {
-        db_change.credentials = Some(seal_all(keys, id, &track, &app, webhook.as_ref()));
+        db_change.credentials = Some(seal_all(&keys, id, &track, &app, webhook.as_ref()));
     }
     Ok(db_change)
 }
@@ -838,7 +842,7 @@ pub async fn access(
         return Ok(None);
     };
     let keys = master_keys(ctx)?;
-    let (track, app, webhook) = open_all(keys, workspace_id, sealed)?;
+    let (track, app, webhook) = open_all(&keys, workspace_id, sealed)?;
     let region = record.workspace.region.parse::<Region>().map_err(|_| {
         CoreError::Internal(format!(
             "workspace {workspace_id}: stored region is not us or eu"
@@ -885,7 +889,7 @@ const REKEY_PAGE: u64 = 100;
 /// UpdateWorkspace wins). Rows that do not open are counted and logged (by id and key id), and
 /// the run goes on.
 pub async fn rekey(ctx: &AppContext) -> Result<RekeyReport, CoreError> {
-    let Some(keys) = ctx.settings.master_keys.as_ref() else {
+    let Some(keys) = ctx.settings.master_keys.as_ref().map(|ring| ring.keys()) else {
         return Ok(RekeyReport::default());
     };
     let mut report = RekeyReport {
@@ -903,8 +907,8 @@ pub async fn rekey(ctx: &AppContext) -> Result<RekeyReport, CoreError> {
             let Some(old) = &record.credentials else {
                 continue;
             };
-            let resealed = open_all(keys, id, old)
-                .map(|(track, app, webhook)| seal_all(keys, id, &track, &app, webhook.as_ref()));
+            let resealed = open_all(&keys, id, old)
+                .map(|(track, app, webhook)| seal_all(&keys, id, &track, &app, webhook.as_ref()));
             match resealed {
                 Ok(new) => {
                     if store::replace_sealed(&ctx.db, id, old, new).await? {

@@ -34,9 +34,8 @@ pub async fn run(
         &sim_config.app_api_key,
     ));
     if settings.master_keys.is_none() {
-        settings.master_keys = Some(sharpsend_core::secrets::MasterKeys::generate(
-            "dev-ephemeral",
-        ));
+        settings.master_keys =
+            Some(sharpsend_core::secrets::MasterKeys::generate("dev-ephemeral").into());
         tracing::warn!(
             "SHARPSEND_MASTER_KEY is not set: using an ephemeral master key (`dev-ephemeral`) for this run; workspaces created now cannot be opened after a restart"
         );

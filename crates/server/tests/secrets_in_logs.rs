@@ -89,9 +89,9 @@ async fn no_api_key_appears_in_trace_logs() -> anyhow::Result<()> {
             }],
             ..ServerSettings::default()
         },
-        master_keys: Some(sharpsend_core::secrets::MasterKeys::parse(&format!(
-            "m1:{MASTER_KEY_B64}"
-        ))?),
+        master_keys: Some(
+            sharpsend_core::secrets::MasterKeys::parse(&format!("m1:{MASTER_KEY_B64}"))?.into(),
+        ),
         ..Settings::default()
     };
     let ctx = AppContext::bootstrap(settings, Migrations::Apply, Clock::system()).await?;
@@ -184,9 +184,12 @@ async fn no_api_key_appears_in_trace_logs() -> anyhow::Result<()> {
         )?)
         .await?;
     let mut rotated_settings = (*ctx.settings).clone();
-    rotated_settings.master_keys = Some(sharpsend_core::secrets::MasterKeys::parse(&format!(
-        "m2:{NEW_MASTER_KEY_B64},m1:{MASTER_KEY_B64}"
-    ))?);
+    rotated_settings.master_keys = Some(
+        sharpsend_core::secrets::MasterKeys::parse(&format!(
+            "m2:{NEW_MASTER_KEY_B64},m1:{MASTER_KEY_B64}"
+        ))?
+        .into(),
+    );
     let mut rotated = ctx.clone();
     rotated.settings = std::sync::Arc::new(rotated_settings);
     sharpsend_core::jobs::run_job(&rotated, sharpsend_core::jobs::Job::SecretsRekey, "logs")
