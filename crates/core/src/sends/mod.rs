@@ -61,6 +61,7 @@ mod request;
 pub use dispatch::{DispatchReport, dispatch_due};
 pub use fence::{TriggerScope, check_start_up};
 pub use reconcile::{ReconcileReport, SendMetricTargets, metric_targets, reconcile};
+pub(crate) use request::{Prepared, finish_send, prepare_send};
 pub use request::{
     Resolution, SendKey, exclusive_audience, get_send, list_sends, resolve, send_assignment,
 };
