@@ -853,3 +853,104 @@ db_test!(
         app.stop().await
     }
 );
+
+db_test!(
+    cancel_test_stops_the_variant_sends_not_yet_claimed,
+    |db: TestDatabase| async move {
+        let app = TestApp::spawn(&db).await?;
+        let audience = audience(&app, 600).await?;
+        let mut client = app.abtests().await?;
+        let mut request = three_variants("stop", audience);
+        request.test_fraction = 0.6;
+        let id = client
+            .create_test(request)
+            .await?
+            .into_inner()
+            .test
+            .context("created")?
+            .id;
+        client
+            .start_test(pb::StartTestRequest { id: id.clone() })
+            .await?;
+
+        // The job records every variant's send; time stands still, so the broadcast's trigger
+        // window lets only the first go out: the other two are pending when the cancel comes.
+        let mut recorded = None;
+        for _ in 0..10 {
+            app.run_job(Job::AbTestEvaluation).await?;
+            app.deliver_all("e2e-outbox", Duration::from_secs(30))
+                .await?;
+            let test = get(&app, &id).await?;
+            if variants_sent(&test) {
+                recorded = Some(test);
+                break;
+            }
+        }
+        let recorded = recorded.context("the variants' sends were not recorded")?;
+        let states: Vec<pb::SendState> = recorded.results.iter().map(|r| r.send_state()).collect();
+        ensure!(
+            states[1..].iter().all(|s| *s == pb::SendState::Pending),
+            "{states:?}"
+        );
+        ensure!(triggers(&app).len() == 1, "one trigger per window");
+
+        let cancelled = client
+            .cancel_test(pb::CancelTestRequest {
+                id: id.clone(),
+                reason: "the offer was withdrawn".into(),
+            })
+            .await?
+            .into_inner()
+            .test
+            .context("cancelled")?;
+        ensure!(cancelled.state == TestState::Cancelled as i32);
+        // The answer says which variants went out: the first did, the others never will.
+        let states: Vec<pb::SendState> = cancelled.results.iter().map(|r| r.send_state()).collect();
+        ensure!(
+            matches!(
+                states[0],
+                pb::SendState::Submitted | pb::SendState::Completed
+            ) && states[1..].iter().all(|s| *s == pb::SendState::Cancelled),
+            "{states:?}"
+        );
+
+        // Nothing more reaches the simulator, whatever runs and however long.
+        for _ in 0..5 {
+            app.advance(Duration::from_secs(30));
+            app.run_job(Job::SendDispatch).await?;
+            app.run_job(Job::AbTestEvaluation).await?;
+            app.run_job(Job::SendReconcile).await?;
+        }
+        let sent = triggers(&app);
+        ensure!(
+            sent.len() == 1,
+            "only the claimed variant went out: {}",
+            sent.len()
+        );
+        let first = trigger_of(&app, &cancelled.results[0].send_id).await?;
+        ensure!(sent[0].id == first);
+        let last = get(&app, &id).await?;
+        ensure!(
+            last.results[1..]
+                .iter()
+                .all(|r| r.send_state() == pb::SendState::Cancelled),
+            "{:?}",
+            last.results
+        );
+        let remainder = last.remainder.context("remainder")?;
+        ensure!(
+            remainder.send_id.is_empty() && remainder.send_state() == pb::SendState::Unspecified,
+            "no remainder send: {remainder:?}"
+        );
+        for r in &last.results[1..] {
+            let send = sends::get_send(&app.ctx, &SendKey::Id(r.send_id.clone())).await?;
+            ensure!(
+                send.submissions
+                    .iter()
+                    .all(|s| s.cio_trigger_id.is_none() && s.attempts == 0),
+                "{send:?}"
+            );
+        }
+        app.stop().await
+    }
+);
