@@ -954,3 +954,225 @@ db_test!(
         app.stop().await
     }
 );
+
+/// The newsletter of send `send_id` (its only submission), once created.
+async fn newsletter_of(app: &TestApp, send_id: &str) -> anyhow::Result<i64> {
+    let send = sends::get_send(&app.ctx, &SendKey::Id(send_id.into())).await?;
+    send.submissions
+        .first()
+        .and_then(|s| s.cio_newsletter_id)
+        .with_context(|| format!("send {send_id} has no newsletter yet"))
+}
+
+/// The simulator's sent newsletters of the three-variant tests (named after their title; the
+/// demo workspace has newsletters of its own).
+fn sent_newsletters(app: &TestApp) -> Vec<cio_sim::SimNewsletter> {
+    app.sim
+        .sim
+        .newsletters()
+        .into_iter()
+        .filter(|n| n.sent_at.is_some() && n.name.starts_with("Q4 outlook, three subject lines "))
+        .collect()
+}
+
+/// A newsletter's deliveries went to members of its segment, each once, and to nearly all of
+/// them (the simulator, like Customer.io, skips people without an email or unsubscribed).
+fn reaches_its_segment(
+    app: &TestApp,
+    deliveries: &[cio_sim::SimDelivery],
+    segment_id: i64,
+    what: &str,
+) -> anyhow::Result<()> {
+    let members: HashSet<String> = app
+        .sim
+        .sim
+        .segment_members(segment_id)
+        .context("segment")?
+        .into_iter()
+        .collect();
+    let people: HashSet<&String> = deliveries.iter().map(|d| &d.person_id).collect();
+    ensure!(
+        people.len() == deliveries.len(),
+        "{what}: someone got it twice"
+    );
+    ensure!(
+        people.iter().all(|p| members.contains(*p)),
+        "{what}: sent beyond its segment"
+    );
+    ensure!(
+        deliveries.len() * 10 >= members.len() * 9,
+        "{what}: {} deliveries for {} members",
+        deliveries.len(),
+        members.len()
+    );
+    Ok(())
+}
+
+db_test!(
+    newsletter_variants_find_the_best_and_the_winner_goes_to_the_rest_once,
+    |db: TestDatabase| async move {
+        let app = TestApp::spawn(&db).await?;
+        let people = 3_000;
+        let audience = audience(&app, people).await?;
+        let mut client = app.abtests().await?;
+        let mut request = three_variants("newsletter", audience);
+        request.delivery = Some(pb::create_test_request::Delivery::NewsletterFromId(0));
+        // The longest title CreateTest takes: a newsletter's name (title and marker) must still
+        // fit Customer.io's 190 characters.
+        request.title = format!("{} {}", request.title, "ü".repeat(200 - 32));
+        ensure!(request.title.chars().count() == 200);
+        let created = client
+            .create_test(request)
+            .await?
+            .into_inner()
+            .test
+            .context("created")?;
+        let id = created.id.clone();
+        ensure!(
+            created.delivery == Some(pb::ab_test::Delivery::NewsletterFromId(0)),
+            "{:?}",
+            created.delivery
+        );
+        client
+            .start_test(pb::StartTestRequest { id: id.clone() })
+            .await?;
+
+        // One newsletter per variant, created with the variant's content and sent; no trigger.
+        let sent = drive(&app, &app.ctx, &id, |t| {
+            variants_sent(t)
+                && t.results
+                    .iter()
+                    .all(|r| r.send_state() == pb::SendState::Submitted)
+        })
+        .await?;
+        ensure!(
+            triggers(&app).is_empty(),
+            "newsletter delivery triggers nothing"
+        );
+        let newsletters = sent_newsletters(&app);
+        ensure!(newsletters.len() == 3, "{} newsletters", newsletters.len());
+        for (result, (name, subject, _)) in sent.results.iter().zip(VARIANTS) {
+            let newsletter_id = newsletter_of(&app, &result.send_id).await?;
+            let newsletter = newsletters
+                .iter()
+                .find(|n| n.id == newsletter_id)
+                .with_context(|| format!("{name}'s newsletter was not sent"))?;
+            ensure!(
+                newsletter.subject == subject && newsletter.body == format!("<p>{name}</p>"),
+                "{name}: {newsletter:?}"
+            );
+            ensure!(
+                newsletter.recipient_segment_ids == [result.segment_id],
+                "{name} goes to its own segment: {newsletter:?}"
+            );
+        }
+
+        // Results come back through the delivery poll; the rule decides.
+        let mut decided = None;
+        let mut last = None;
+        for _ in 0..16 {
+            app.advance(Duration::from_secs(3 * 3600));
+            app.run_job(Job::DeliveryPoll).await?;
+            app.run_job(Job::AbTestEvaluation).await?;
+            let test = get(&app, &id).await?;
+            if test.state == TestState::Decided as i32 {
+                decided = Some(test);
+                break;
+            }
+            last = Some(test);
+        }
+        let decided = decided.with_context(|| format!("no decision within 48 h: {last:?}"))?;
+        let decision = decided.decision.clone().context("decision")?;
+        ensure!(
+            decision.winner == 2 && decision.actor == "sequential-test",
+            "the best variant wins: {decision:?} {:?}",
+            decided.results
+        );
+
+        // The winner goes to the remainder as one more newsletter, once.
+        let done = drive(&app, &app.ctx, &id, |t| {
+            remainder_sent(t)
+                && t.remainder
+                    .as_ref()
+                    .is_some_and(|r| r.send_state() == pb::SendState::Submitted)
+        })
+        .await?;
+        for _ in 0..3 {
+            app.run_job(Job::AbTestEvaluation).await?;
+            app.run_job(Job::SendDispatch).await?;
+            app.advance(Duration::from_secs(1));
+        }
+        let newsletters = sent_newsletters(&app);
+        ensure!(
+            newsletters.len() == 4,
+            "three variants and one remainder: {}",
+            newsletters.len()
+        );
+        let remainder = done.remainder.clone().context("remainder")?;
+        let remainder_newsletter = newsletter_of(&app, &remainder.send_id).await?;
+        let remainder_deliveries = app.sim.sim.deliveries(&DeliveryFilter {
+            newsletter_id: Some(remainder_newsletter),
+            ..DeliveryFilter::default()
+        });
+        ensure!(
+            !remainder_deliveries.is_empty()
+                && remainder_deliveries
+                    .iter()
+                    .all(|d| d.subject == VARIANTS[2].1),
+            "the remainder got the winner"
+        );
+        reaches_its_segment(
+            &app,
+            &remainder_deliveries,
+            remainder.segment_id,
+            "remainder",
+        )?;
+
+        // Per-variant counts equal the simulator's ledger; nobody got two variants.
+        app.run_job(Job::DeliveryPoll).await?;
+        let last = get(&app, &id).await?;
+        let mut seen: HashSet<String> = HashSet::new();
+        for result in &last.results {
+            let newsletter_id = newsletter_of(&app, &result.send_id).await?;
+            let deliveries = app.sim.sim.deliveries(&DeliveryFilter {
+                newsletter_id: Some(newsletter_id),
+                ..DeliveryFilter::default()
+            });
+            reaches_its_segment(&app, &deliveries, result.segment_id, &result.name)?;
+            let delivered = deliveries
+                .iter()
+                .filter(|d| d.events.contains_key(&DeliveryMetric::Delivered))
+                .count() as i64;
+            let clicked = deliveries
+                .iter()
+                .filter(|d| d.events.contains_key(&DeliveryMetric::HumanClicked))
+                .count() as i64;
+            let opened = deliveries
+                .iter()
+                .filter(|d| d.events.contains_key(&DeliveryMetric::HumanOpened))
+                .count() as i64;
+            ensure!(
+                result.recipients == delivered
+                    && result.human_clicks == clicked
+                    && result.human_opens == opened,
+                "{} counts {result:?} vs the ledger: {delivered} delivered, {opened} opened, {clicked} clicked",
+                result.name
+            );
+            for d in &deliveries {
+                ensure!(
+                    seen.insert(d.person_id.clone()),
+                    "{} received two variants",
+                    d.person_id
+                );
+            }
+        }
+        for d in &remainder_deliveries {
+            ensure!(
+                !seen.contains(&d.person_id),
+                "{} got a variant and the remainder",
+                d.person_id
+            );
+        }
+        app.stop().await
+    }
+);
