@@ -854,6 +854,109 @@ db_test!(
     }
 );
 
+/// Runs the job until every variant's send is recorded, without moving time: the broadcast's
+/// trigger window lets only the first go out, the other two stay pending.
+async fn first_variant_out_others_pending(app: &TestApp, id: &str) -> anyhow::Result<()> {
+    for _ in 0..10 {
+        app.run_job(Job::AbTestEvaluation).await?;
+        app.deliver_all("e2e-outbox", Duration::from_secs(30))
+            .await?;
+        let test = get(app, id).await?;
+        if variants_sent(&test) {
+            let states: Vec<pb::SendState> = test.results.iter().map(|r| r.send_state()).collect();
+            ensure!(
+                states[1..].iter().all(|s| *s == pb::SendState::Pending),
+                "{states:?}"
+            );
+            ensure!(triggers(app).len() == 1, "one trigger per window");
+            return Ok(());
+        }
+    }
+    anyhow::bail!("the variants' sends were not recorded")
+}
+
+db_test!(
+    a_declared_winner_stops_pending_variants_and_their_people_get_the_winner,
+    |db: TestDatabase| async move {
+        let app = TestApp::spawn(&db).await?;
+        let audience = audience(&app, 600).await?;
+        let mut client = app.abtests().await?;
+        let mut request = three_variants("declare", audience);
+        request.test_fraction = 0.6;
+        let id = client
+            .create_test(request)
+            .await?
+            .into_inner()
+            .test
+            .context("created")?
+            .id;
+        client
+            .start_test(pb::StartTestRequest { id: id.clone() })
+            .await?;
+        first_variant_out_others_pending(&app, &id).await?;
+        let first_people: BTreeSet<String> = triggers(&app)[0].recipients.iter().cloned().collect();
+
+        let declared = client
+            .declare_winner(pb::DeclareWinnerRequest {
+                id: id.clone(),
+                variant: "teaser".into(),
+                reason: "the editor has seen enough".into(),
+            })
+            .await?
+            .into_inner()
+            .test
+            .context("declared")?;
+        let states: Vec<pb::SendState> = declared.results.iter().map(|r| r.send_state()).collect();
+        ensure!(
+            states[1..].iter().all(|s| *s == pb::SendState::Cancelled),
+            "testing stops: {states:?}"
+        );
+
+        // The winner goes to the rest: the remainder and the people of the stopped variants.
+        let done = drive(&app, &app.ctx, &id, remainder_sent).await?;
+        settle_triggers(&app, &app.ctx, 2).await?;
+        let remainder = done.remainder.context("remainder")?;
+        let trigger = trigger_of(&app, &remainder.send_id).await?;
+        let got = app.sim.sim.trigger(trigger).context("trigger")?;
+        ensure!(
+            got.data
+                .as_ref()
+                .and_then(|d| d.get("subject"))
+                .and_then(|s| s.as_str())
+                == Some(VARIANTS[1].1),
+            "the declared winner went out"
+        );
+        let got: BTreeSet<String> = got.recipients.into_iter().collect();
+        let expected: BTreeSet<String> = (1..=600)
+            .map(|n| format!("u{n:05}"))
+            .filter(|p| allocate(&id, p, 3, 0.6) != Allocation::Variant(0))
+            .collect();
+        ensure!(
+            got.is_disjoint(&first_people),
+            "nobody gets a variant and the winner"
+        );
+        let members: BTreeSet<String> = app
+            .sim
+            .sim
+            .segment_members(remainder.segment_id)
+            .context("remainder segment")?
+            .into_iter()
+            .collect();
+        ensure!(
+            members == expected && got.is_subset(&members),
+            "everyone but the first variant's people: {} members, {} expected, {} got it",
+            members.len(),
+            expected.len(),
+            got.len()
+        );
+        ensure!(
+            remainder.allocated == expected.len() as i64,
+            "{remainder:?}"
+        );
+        app.stop().await
+    }
+);
+
 db_test!(
     cancel_test_stops_the_variant_sends_not_yet_claimed,
     |db: TestDatabase| async move {
@@ -873,26 +976,7 @@ db_test!(
             .start_test(pb::StartTestRequest { id: id.clone() })
             .await?;
 
-        // The job records every variant's send; time stands still, so the broadcast's trigger
-        // window lets only the first go out: the other two are pending when the cancel comes.
-        let mut recorded = None;
-        for _ in 0..10 {
-            app.run_job(Job::AbTestEvaluation).await?;
-            app.deliver_all("e2e-outbox", Duration::from_secs(30))
-                .await?;
-            let test = get(&app, &id).await?;
-            if variants_sent(&test) {
-                recorded = Some(test);
-                break;
-            }
-        }
-        let recorded = recorded.context("the variants' sends were not recorded")?;
-        let states: Vec<pb::SendState> = recorded.results.iter().map(|r| r.send_state()).collect();
-        ensure!(
-            states[1..].iter().all(|s| *s == pb::SendState::Pending),
-            "{states:?}"
-        );
-        ensure!(triggers(&app).len() == 1, "one trigger per window");
+        first_variant_out_others_pending(&app, &id).await?;
 
         let cancelled = client
             .cancel_test(pb::CancelTestRequest {

@@ -279,6 +279,30 @@ pub fn send_key(public_id: &str, arm: i32) -> String {
     }
 }
 
+/// The variants of test `id` whose people got nothing: no send was recorded for them (none can
+/// be once the test is decided, see [`create_arm_send`]) or it was cancelled before any request
+/// left. Their people join the remainder.
+pub async fn unsent_variant_arms(
+    db: &impl ConnectionTrait,
+    workspace_id: i64,
+    id: i64,
+) -> Result<Vec<i32>, DbError> {
+    let test = ab_tests::Entity::find_by_id(id)
+        .one(db)
+        .await?
+        .ok_or_else(|| DbErr::RecordNotFound(format!("test {id}")))?;
+    let mut unsent = Vec::new();
+    for arm in arms(db, id).await?.into_iter().filter(|a| a.arm >= 0) {
+        let key = send_key(&test.public_id, arm.arm);
+        match sends::get_by_key(db, workspace_id, &test.assignment_id, &key).await? {
+            None => unsent.push(arm.arm),
+            Some(send) if send.state == sends::SendState::Cancelled => unsent.push(arm.arm),
+            Some(_) => {}
+        }
+    }
+    Ok(unsent)
+}
+
 /// Records `new` (an arm's send, see [`sends::create`]) only while test `id` is in state
 /// `wanted` (running for a variant, decided for the remainder), in one transaction that holds
 /// the test's row from that check to the commit. Returns `None`, recording nothing, when the

@@ -454,30 +454,39 @@ async fn send_arm(
 }
 
 /// Who an arm's segment gets: a variant's stored allocation; for the remainder, its stored
-/// allocation still in the audience now.
+/// allocation and that of every variant whose send never went out (stopped by the decision, or
+/// never recorded: those people got nothing), still in the audience now.
 async fn arm_audience(
     ctx: &AppContext,
     record: &TestRecord,
     spec: &TestSpec,
     arm: i32,
 ) -> Result<Vec<String>, CoreError> {
-    let current = if arm == REMAINDER {
-        Some(audience_members(ctx, &spec.audience_segment_ids).await?)
+    let (current, arms) = if arm == REMAINDER {
+        let mut arms = vec![REMAINDER];
+        arms.extend(store::unsent_variant_arms(&ctx.db, ctx.workspace_id(), record.id).await?);
+        (
+            Some(audience_members(ctx, &spec.audience_segment_ids).await?),
+            arms,
+        )
     } else {
-        None
+        (None, vec![arm])
     };
     let mut ids = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let page = store::arm_members_page(&ctx.db, record.id, arm, after.as_deref(), PAGE).await?;
-        let full = page.len() as u64 == PAGE;
-        after = page.last().cloned();
-        ids.extend(
-            page.into_iter()
-                .filter(|id| current.as_ref().is_none_or(|c| c.contains(id))),
-        );
-        if !full {
-            break;
+    for arm in arms {
+        let mut after: Option<String> = None;
+        loop {
+            let page =
+                store::arm_members_page(&ctx.db, record.id, arm, after.as_deref(), PAGE).await?;
+            let full = page.len() as u64 == PAGE;
+            after = page.last().cloned();
+            ids.extend(
+                page.into_iter()
+                    .filter(|id| current.as_ref().is_none_or(|c| c.contains(id))),
+            );
+            if !full {
+                break;
+            }
         }
     }
     Ok(ids)
