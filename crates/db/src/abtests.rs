@@ -321,7 +321,7 @@ pub async fn create_arm_send(
     let held = ab_tests::Entity::update_many()
         .col_expr(
             ab_tests::Column::UpdatedAt,
-            Expr::col(ab_tests::Column::UpdatedAt).into(),
+            Expr::col(ab_tests::Column::UpdatedAt),
         )
         .filter(ab_tests::Column::WorkspaceId.eq(workspace_id))
         .filter(ab_tests::Column::Id.eq(id))

@@ -432,7 +432,7 @@ async fn send_arm(
     // row: a cancel or a decision either came first (nothing is recorded) or comes after and
     // stops the send if no dispatcher has claimed it (see `store::decide`).
     let send = match sends::prepare_send(ctx, &request).await? {
-        sends::Prepared::Answered((send, _)) => send,
+        sends::Prepared::Answered(answer) => answer.0,
         sends::Prepared::New(new) => {
             match store::create_arm_send(&ctx.db, ws, record.id, wanted, &new, ctx.now()).await? {
                 Some(created) => sends::finish_send(ctx, created, &new).await?.0,

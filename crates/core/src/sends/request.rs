@@ -29,7 +29,7 @@ pub async fn send_assignment(
     request: SendRequest,
 ) -> Result<(SendView, bool), CoreError> {
     match prepare_send(ctx, &request).await? {
-        Prepared::Answered(answer) => Ok(answer),
+        Prepared::Answered(answer) => Ok(*answer),
         Prepared::New(new) => {
             let created = store::create(&ctx.db, ctx.workspace_id(), &new, ctx.now()).await?;
             finish_send(ctx, created, &new).await
@@ -39,7 +39,7 @@ pub async fn send_assignment(
 
 /// A validated send request: already answered (its key was recorded), or ready to record.
 pub(crate) enum Prepared {
-    Answered((SendView, bool)),
+    Answered(Box<(SendView, bool)>),
     New(Box<NewSend>),
 }
 
@@ -55,9 +55,9 @@ pub(crate) async fn prepare_send(
     if let Some(existing) =
         store::get_by_key(&ctx.db, ws, &request.assignment_id, &request.request_id).await?
     {
-        return Ok(Prepared::Answered(
+        return Ok(Prepared::Answered(Box::new(
             answer_existing(ctx, existing, &fingerprint).await?,
-        ));
+        )));
     }
 
     check_targeting(ctx, &request.segment_ids).await?;
