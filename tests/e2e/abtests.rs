@@ -853,3 +853,410 @@ db_test!(
         app.stop().await
     }
 );
+
+/// Runs the job until every variant's send is recorded, without moving time: the broadcast's
+/// trigger window lets only the first go out, the other two stay pending.
+async fn first_variant_out_others_pending(app: &TestApp, id: &str) -> anyhow::Result<()> {
+    for _ in 0..10 {
+        app.run_job(Job::AbTestEvaluation).await?;
+        app.deliver_all("e2e-outbox", Duration::from_secs(30))
+            .await?;
+        let test = get(app, id).await?;
+        if variants_sent(&test) {
+            let states: Vec<pb::SendState> = test.results.iter().map(|r| r.send_state()).collect();
+            ensure!(
+                states[1..].iter().all(|s| *s == pb::SendState::Pending),
+                "{states:?}"
+            );
+            ensure!(triggers(app).len() == 1, "one trigger per window");
+            return Ok(());
+        }
+    }
+    anyhow::bail!("the variants' sends were not recorded")
+}
+
+db_test!(
+    a_declared_winner_stops_pending_variants_and_their_people_get_the_winner,
+    |db: TestDatabase| async move {
+        let app = TestApp::spawn(&db).await?;
+        let audience = audience(&app, 600).await?;
+        let mut client = app.abtests().await?;
+        let mut request = three_variants("declare", audience);
+        request.test_fraction = 0.6;
+        let id = client
+            .create_test(request)
+            .await?
+            .into_inner()
+            .test
+            .context("created")?
+            .id;
+        client
+            .start_test(pb::StartTestRequest { id: id.clone() })
+            .await?;
+        first_variant_out_others_pending(&app, &id).await?;
+        let first_people: BTreeSet<String> = triggers(&app)[0].recipients.iter().cloned().collect();
+
+        let declared = client
+            .declare_winner(pb::DeclareWinnerRequest {
+                id: id.clone(),
+                variant: "teaser".into(),
+                reason: "the editor has seen enough".into(),
+            })
+            .await?
+            .into_inner()
+            .test
+            .context("declared")?;
+        let states: Vec<pb::SendState> = declared.results.iter().map(|r| r.send_state()).collect();
+        ensure!(
+            states[1..].iter().all(|s| *s == pb::SendState::Cancelled),
+            "testing stops: {states:?}"
+        );
+
+        // The winner goes to the rest: the remainder and the people of the stopped variants.
+        let done = drive(&app, &app.ctx, &id, remainder_sent).await?;
+        settle_triggers(&app, &app.ctx, 2).await?;
+        let remainder = done.remainder.context("remainder")?;
+        let trigger = trigger_of(&app, &remainder.send_id).await?;
+        let got = app.sim.sim.trigger(trigger).context("trigger")?;
+        ensure!(
+            got.data
+                .as_ref()
+                .and_then(|d| d.get("subject"))
+                .and_then(|s| s.as_str())
+                == Some(VARIANTS[1].1),
+            "the declared winner went out"
+        );
+        let got: BTreeSet<String> = got.recipients.into_iter().collect();
+        let expected: BTreeSet<String> = (1..=600)
+            .map(|n| format!("u{n:05}"))
+            .filter(|p| allocate(&id, p, 3, 0.6) != Allocation::Variant(0))
+            .collect();
+        ensure!(
+            got.is_disjoint(&first_people),
+            "nobody gets a variant and the winner"
+        );
+        let members: BTreeSet<String> = app
+            .sim
+            .sim
+            .segment_members(remainder.segment_id)
+            .context("remainder segment")?
+            .into_iter()
+            .collect();
+        ensure!(
+            members == expected && got.is_subset(&members),
+            "everyone but the first variant's people: {} members, {} expected, {} got it",
+            members.len(),
+            expected.len(),
+            got.len()
+        );
+        ensure!(
+            remainder.allocated == expected.len() as i64,
+            "{remainder:?}"
+        );
+        app.stop().await
+    }
+);
+
+db_test!(
+    cancel_test_stops_the_variant_sends_not_yet_claimed,
+    |db: TestDatabase| async move {
+        let app = TestApp::spawn(&db).await?;
+        let audience = audience(&app, 600).await?;
+        let mut client = app.abtests().await?;
+        let mut request = three_variants("stop", audience);
+        request.test_fraction = 0.6;
+        let id = client
+            .create_test(request)
+            .await?
+            .into_inner()
+            .test
+            .context("created")?
+            .id;
+        client
+            .start_test(pb::StartTestRequest { id: id.clone() })
+            .await?;
+
+        first_variant_out_others_pending(&app, &id).await?;
+
+        let cancelled = client
+            .cancel_test(pb::CancelTestRequest {
+                id: id.clone(),
+                reason: "the offer was withdrawn".into(),
+            })
+            .await?
+            .into_inner()
+            .test
+            .context("cancelled")?;
+        ensure!(cancelled.state == TestState::Cancelled as i32);
+        // The answer says which variants went out: the first did, the others never will.
+        let states: Vec<pb::SendState> = cancelled.results.iter().map(|r| r.send_state()).collect();
+        ensure!(
+            matches!(
+                states[0],
+                pb::SendState::Submitted | pb::SendState::Completed
+            ) && states[1..].iter().all(|s| *s == pb::SendState::Cancelled),
+            "{states:?}"
+        );
+
+        // Nothing more reaches the simulator, whatever runs and however long.
+        for _ in 0..5 {
+            app.advance(Duration::from_secs(30));
+            app.run_job(Job::SendDispatch).await?;
+            app.run_job(Job::AbTestEvaluation).await?;
+            app.run_job(Job::SendReconcile).await?;
+        }
+        let sent = triggers(&app);
+        ensure!(
+            sent.len() == 1,
+            "only the claimed variant went out: {}",
+            sent.len()
+        );
+        let first = trigger_of(&app, &cancelled.results[0].send_id).await?;
+        ensure!(sent[0].id == first);
+        let last = get(&app, &id).await?;
+        ensure!(
+            last.results[1..]
+                .iter()
+                .all(|r| r.send_state() == pb::SendState::Cancelled),
+            "{:?}",
+            last.results
+        );
+        let remainder = last.remainder.context("remainder")?;
+        ensure!(
+            remainder.send_id.is_empty() && remainder.send_state() == pb::SendState::Unspecified,
+            "no remainder send: {remainder:?}"
+        );
+        for r in &last.results[1..] {
+            let send = sends::get_send(&app.ctx, &SendKey::Id(r.send_id.clone())).await?;
+            ensure!(
+                send.submissions
+                    .iter()
+                    .all(|s| s.cio_trigger_id.is_none() && s.attempts == 0),
+                "{send:?}"
+            );
+        }
+        app.stop().await
+    }
+);
+
+/// The newsletter of send `send_id` (its only submission), once created.
+async fn newsletter_of(app: &TestApp, send_id: &str) -> anyhow::Result<i64> {
+    let send = sends::get_send(&app.ctx, &SendKey::Id(send_id.into())).await?;
+    send.submissions
+        .first()
+        .and_then(|s| s.cio_newsletter_id)
+        .with_context(|| format!("send {send_id} has no newsletter yet"))
+}
+
+/// The simulator's sent newsletters of the three-variant tests (named after their title; the
+/// demo workspace has newsletters of its own).
+fn sent_newsletters(app: &TestApp) -> Vec<cio_sim::SimNewsletter> {
+    app.sim
+        .sim
+        .newsletters()
+        .into_iter()
+        .filter(|n| n.sent_at.is_some() && n.name.starts_with("Q4 outlook, three subject lines "))
+        .collect()
+}
+
+/// A newsletter's deliveries went to members of its segment, each once, and to nearly all of
+/// them (the simulator, like Customer.io, skips people without an email or unsubscribed).
+fn reaches_its_segment(
+    app: &TestApp,
+    deliveries: &[cio_sim::SimDelivery],
+    segment_id: i64,
+    what: &str,
+) -> anyhow::Result<()> {
+    let members: HashSet<String> = app
+        .sim
+        .sim
+        .segment_members(segment_id)
+        .context("segment")?
+        .into_iter()
+        .collect();
+    let people: HashSet<&String> = deliveries.iter().map(|d| &d.person_id).collect();
+    ensure!(
+        people.len() == deliveries.len(),
+        "{what}: someone got it twice"
+    );
+    ensure!(
+        people.iter().all(|p| members.contains(*p)),
+        "{what}: sent beyond its segment"
+    );
+    ensure!(
+        deliveries.len() * 10 >= members.len() * 9,
+        "{what}: {} deliveries for {} members",
+        deliveries.len(),
+        members.len()
+    );
+    Ok(())
+}
+
+db_test!(
+    newsletter_variants_find_the_best_and_the_winner_goes_to_the_rest_once,
+    |db: TestDatabase| async move {
+        let app = TestApp::spawn(&db).await?;
+        let people = 3_000;
+        let audience = audience(&app, people).await?;
+        let mut client = app.abtests().await?;
+        let mut request = three_variants("newsletter", audience);
+        request.delivery = Some(pb::create_test_request::Delivery::NewsletterFromId(0));
+        // The longest title CreateTest takes: a newsletter's name (title and marker) must still
+        // fit Customer.io's 190 characters.
+        request.title = format!("{} {}", request.title, "ü".repeat(200 - 32));
+        ensure!(request.title.chars().count() == 200);
+        let created = client
+            .create_test(request)
+            .await?
+            .into_inner()
+            .test
+            .context("created")?;
+        let id = created.id.clone();
+        ensure!(
+            created.delivery == Some(pb::ab_test::Delivery::NewsletterFromId(0)),
+            "{:?}",
+            created.delivery
+        );
+        client
+            .start_test(pb::StartTestRequest { id: id.clone() })
+            .await?;
+
+        // One newsletter per variant, created with the variant's content and sent; no trigger.
+        let sent = drive(&app, &app.ctx, &id, |t| {
+            variants_sent(t)
+                && t.results
+                    .iter()
+                    .all(|r| r.send_state() == pb::SendState::Submitted)
+        })
+        .await?;
+        ensure!(
+            triggers(&app).is_empty(),
+            "newsletter delivery triggers nothing"
+        );
+        let newsletters = sent_newsletters(&app);
+        ensure!(newsletters.len() == 3, "{} newsletters", newsletters.len());
+        for (result, (name, subject, _)) in sent.results.iter().zip(VARIANTS) {
+            let newsletter_id = newsletter_of(&app, &result.send_id).await?;
+            let newsletter = newsletters
+                .iter()
+                .find(|n| n.id == newsletter_id)
+                .with_context(|| format!("{name}'s newsletter was not sent"))?;
+            ensure!(
+                newsletter.subject == subject && newsletter.body == format!("<p>{name}</p>"),
+                "{name}: {newsletter:?}"
+            );
+            ensure!(
+                newsletter.recipient_segment_ids == [result.segment_id],
+                "{name} goes to its own segment: {newsletter:?}"
+            );
+        }
+
+        // Results come back through the delivery poll; the rule decides.
+        let mut decided = None;
+        let mut last = None;
+        for _ in 0..16 {
+            app.advance(Duration::from_secs(3 * 3600));
+            app.run_job(Job::DeliveryPoll).await?;
+            app.run_job(Job::AbTestEvaluation).await?;
+            let test = get(&app, &id).await?;
+            if test.state == TestState::Decided as i32 {
+                decided = Some(test);
+                break;
+            }
+            last = Some(test);
+        }
+        let decided = decided.with_context(|| format!("no decision within 48 h: {last:?}"))?;
+        let decision = decided.decision.clone().context("decision")?;
+        ensure!(
+            decision.winner == 2 && decision.actor == "sequential-test",
+            "the best variant wins: {decision:?} {:?}",
+            decided.results
+        );
+
+        // The winner goes to the remainder as one more newsletter, once.
+        let done = drive(&app, &app.ctx, &id, |t| {
+            remainder_sent(t)
+                && t.remainder
+                    .as_ref()
+                    .is_some_and(|r| r.send_state() == pb::SendState::Submitted)
+        })
+        .await?;
+        for _ in 0..3 {
+            app.run_job(Job::AbTestEvaluation).await?;
+            app.run_job(Job::SendDispatch).await?;
+            app.advance(Duration::from_secs(1));
+        }
+        let newsletters = sent_newsletters(&app);
+        ensure!(
+            newsletters.len() == 4,
+            "three variants and one remainder: {}",
+            newsletters.len()
+        );
+        let remainder = done.remainder.clone().context("remainder")?;
+        let remainder_newsletter = newsletter_of(&app, &remainder.send_id).await?;
+        let remainder_deliveries = app.sim.sim.deliveries(&DeliveryFilter {
+            newsletter_id: Some(remainder_newsletter),
+            ..DeliveryFilter::default()
+        });
+        ensure!(
+            !remainder_deliveries.is_empty()
+                && remainder_deliveries
+                    .iter()
+                    .all(|d| d.subject == VARIANTS[2].1),
+            "the remainder got the winner"
+        );
+        reaches_its_segment(
+            &app,
+            &remainder_deliveries,
+            remainder.segment_id,
+            "remainder",
+        )?;
+
+        // Per-variant counts equal the simulator's ledger; nobody got two variants.
+        app.run_job(Job::DeliveryPoll).await?;
+        let last = get(&app, &id).await?;
+        let mut seen: HashSet<String> = HashSet::new();
+        for result in &last.results {
+            let newsletter_id = newsletter_of(&app, &result.send_id).await?;
+            let deliveries = app.sim.sim.deliveries(&DeliveryFilter {
+                newsletter_id: Some(newsletter_id),
+                ..DeliveryFilter::default()
+            });
+            reaches_its_segment(&app, &deliveries, result.segment_id, &result.name)?;
+            let delivered = deliveries
+                .iter()
+                .filter(|d| d.events.contains_key(&DeliveryMetric::Delivered))
+                .count() as i64;
+            let clicked = deliveries
+                .iter()
+                .filter(|d| d.events.contains_key(&DeliveryMetric::HumanClicked))
+                .count() as i64;
+            let opened = deliveries
+                .iter()
+                .filter(|d| d.events.contains_key(&DeliveryMetric::HumanOpened))
+                .count() as i64;
+            ensure!(
+                result.recipients == delivered
+                    && result.human_clicks == clicked
+                    && result.human_opens == opened,
+                "{} counts {result:?} vs the ledger: {delivered} delivered, {opened} opened, {clicked} clicked",
+                result.name
+            );
+            for d in &deliveries {
+                ensure!(
+                    seen.insert(d.person_id.clone()),
+                    "{} received two variants",
+                    d.person_id
+                );
+            }
+        }
+        for d in &remainder_deliveries {
+            ensure!(
+                !seen.contains(&d.person_id),
+                "{} got a variant and the remainder",
+                d.person_id
+            );
+        }
+        app.stop().await
+    }
+);

@@ -1,7 +1,8 @@
 //! A/B tests: [`create`] records one or finds the one already recorded under the same request
 //! id (race-safe through the unique index); [`get`], [`get_by_request`], [`list`] read them; [`decide`] sets the
 //! state and decision once, only from an expected state, so that two deciders (the evaluation
-//! job and an operator) cannot both win. The spec, warnings and decision are JSON that core
+//! job and an operator) cannot both win, and stops the variant sends not yet claimed;
+//! [`create_arm_send`] records an arm's send only while the test still wants it. The spec, warnings and decision are JSON that core
 //! owns; this module stores them as given.
 //!
 //! Running tests: [`start`] stores the allocation of the audience snapshot and the arms and
@@ -24,6 +25,7 @@ use serde_json::Value;
 use crate::DbError;
 use crate::database::begin_write;
 use crate::entities::{ab_test_allocations, ab_test_arms, ab_tests};
+use crate::sends;
 use crate::time::db_time;
 
 stored_enum! {
@@ -215,9 +217,17 @@ pub async fn list(
 }
 
 /// Moves test `id` from one of `from` to `to` with `decision`, only if it is still in one of
-/// `from`. Returns whether it moved (false: someone else moved it first).
+/// `from`, and — in the same transaction — stops every variant send of the test that no
+/// dispatcher has claimed yet ([`sends::cancel`], found by [`send_key`]: the arm may not
+/// record its send yet). Returns whether it moved (false: someone else moved it first, and
+/// nothing was changed).
+///
+/// With [`create_arm_send`] (which creates a variant's send only in a transaction that finds
+/// the test running, holding its row) this is what makes "no variant goes out after the test
+/// was decided or cancelled, unless its request was already claimed" exact: whichever of the
+/// two transactions takes the test's row second sees what the first committed.
 pub async fn decide(
-    db: &impl ConnectionTrait,
+    db: &impl sea_orm::TransactionTrait,
     workspace_id: i64,
     id: i64,
     from: &[TestState],
@@ -225,6 +235,7 @@ pub async fn decide(
     decision: &Value,
     now: DateTime<Utc>,
 ) -> Result<bool, DbError> {
+    let txn = begin_write(db).await?;
     let result = ab_tests::Entity::update_many()
         .col_expr(ab_tests::Column::State, Expr::value(to.as_str()))
         .col_expr(ab_tests::Column::Decision, Expr::value(decision.clone()))
@@ -232,9 +243,99 @@ pub async fn decide(
         .filter(ab_tests::Column::WorkspaceId.eq(workspace_id))
         .filter(ab_tests::Column::Id.eq(id))
         .filter(ab_tests::Column::State.is_in(from.iter().map(|s| s.as_str())))
-        .exec(db)
+        .exec(&txn)
         .await?;
-    Ok(result.rows_affected == 1)
+    if result.rows_affected != 1 {
+        txn.rollback().await?;
+        return Ok(false);
+    }
+    let test = ab_tests::Entity::find_by_id(id)
+        .one(&txn)
+        .await?
+        .ok_or_else(|| DbErr::RecordNotFound(format!("test {id}")))?;
+    let reason = format!(
+        "A/B test {} {}: a variant not yet claimed does not go out",
+        test.public_id,
+        to.as_str()
+    );
+    for arm in arms(&txn, id).await?.into_iter().filter(|a| a.arm >= 0) {
+        let key = send_key(&test.public_id, arm.arm);
+        if let Some(send) = sends::get_by_key(&txn, workspace_id, &test.assignment_id, &key).await?
+        {
+            sends::cancel(&txn, send.id, "abtest", &reason, now).await?;
+        }
+    }
+    txn.commit().await?;
+    Ok(true)
+}
+
+/// The send request id of `arm` of test `public_id` (`abtest:<test>:v<n>` or
+/// `abtest:<test>:remainder`): the send machinery's key, with the test's assignment id.
+pub fn send_key(public_id: &str, arm: i32) -> String {
+    if arm == REMAINDER {
+        format!("abtest:{public_id}:remainder")
+    } else {
+        format!("abtest:{public_id}:v{arm}")
+    }
+}
+
+/// The variants of test `id` whose people got nothing: no send was recorded for them (none can
+/// be once the test is decided, see [`create_arm_send`]) or it was cancelled before any request
+/// left. Their people join the remainder.
+pub async fn unsent_variant_arms(
+    db: &impl ConnectionTrait,
+    workspace_id: i64,
+    id: i64,
+) -> Result<Vec<i32>, DbError> {
+    let test = ab_tests::Entity::find_by_id(id)
+        .one(db)
+        .await?
+        .ok_or_else(|| DbErr::RecordNotFound(format!("test {id}")))?;
+    let mut unsent = Vec::new();
+    for arm in arms(db, id).await?.into_iter().filter(|a| a.arm >= 0) {
+        let key = send_key(&test.public_id, arm.arm);
+        match sends::get_by_key(db, workspace_id, &test.assignment_id, &key).await? {
+            None => unsent.push(arm.arm),
+            Some(send) if send.state == sends::SendState::Cancelled => unsent.push(arm.arm),
+            Some(_) => {}
+        }
+    }
+    Ok(unsent)
+}
+
+/// Records `new` (an arm's send, see [`sends::create`]) only while test `id` is in state
+/// `wanted` (running for a variant, decided for the remainder), in one transaction that holds
+/// the test's row from that check to the commit. Returns `None`, recording nothing, when the
+/// test is no longer in `wanted`.
+pub async fn create_arm_send(
+    db: &impl sea_orm::TransactionTrait,
+    workspace_id: i64,
+    id: i64,
+    wanted: TestState,
+    new: &sends::NewSend,
+    now: DateTime<Utc>,
+) -> Result<Option<sends::Created>, DbError> {
+    let txn = begin_write(db).await?;
+    // A no-op update takes the row (PostgreSQL) as decide's update does; SQLite's writers are
+    // serialised by the transaction itself.
+    let held = ab_tests::Entity::update_many()
+        .col_expr(
+            ab_tests::Column::UpdatedAt,
+            Expr::col(ab_tests::Column::UpdatedAt),
+        )
+        .filter(ab_tests::Column::WorkspaceId.eq(workspace_id))
+        .filter(ab_tests::Column::Id.eq(id))
+        .filter(ab_tests::Column::State.eq(wanted.as_str()))
+        .exec(&txn)
+        .await?
+        .rows_affected;
+    if held != 1 {
+        txn.rollback().await?;
+        return Ok(None);
+    }
+    let created = sends::create(&txn, workspace_id, new, now).await?;
+    txn.commit().await?;
+    Ok(Some(created))
 }
 
 /// The remainder's arm number.

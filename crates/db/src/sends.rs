@@ -8,6 +8,8 @@
 //!   request leaves. [`transition`] moves a submission from one state to another only if it is
 //!   still in the expected state (and, for `submitting`, still held by the caller), records
 //!   the history entry and refreshes the send's aggregate state, in one transaction.
+//! - [`cancel`] stops a send's submissions no dispatcher has claimed (`cancelled`), racing the
+//!   claim on the same row; claimed ones are marked so they are not queued again.
 //! - [`expire_claims`] turns `submitting` submissions whose dispatcher died into `uncertain`:
 //!   the request may have left.
 //! - Reads: [`get`], [`get_by_key`], [`list`], [`submissions`], [`history`], [`due`],
@@ -49,13 +51,15 @@ stored_enum! {
         Failed = "failed",
         /// The request may or may not have arrived.
         Uncertain = "uncertain",
+        /// Stopped before any dispatcher claimed it ([`cancel`]); never sent.
+        Cancelled = "cancelled",
     }
 }
 
 impl SendState {
     /// The state of a send whose submissions are in `states`: uncertain if any is; else failed
-    /// if any is; else submitting / pending while any is; else completed when all are; else
-    /// submitted.
+    /// if any is; else submitting / pending while any is; else cancelled if any is (part of it
+    /// never went out); else completed when all are; else submitted.
     pub fn aggregate(states: impl IntoIterator<Item = SendState>) -> SendState {
         let states: Vec<SendState> = states.into_iter().collect();
         let any = |s: SendState| states.contains(&s);
@@ -67,6 +71,8 @@ impl SendState {
             SendState::Submitting
         } else if any(SendState::Pending) {
             SendState::Pending
+        } else if any(SendState::Cancelled) {
+            SendState::Cancelled
         } else if !states.is_empty() && states.iter().all(|s| *s == SendState::Completed) {
             SendState::Completed
         } else {
@@ -347,6 +353,7 @@ pub async fn create(
             error: Set(None),
             trigger_errors: Set(None),
             trigger_error_count: Set(None),
+            cancel_requested_at: Set(None),
             updated_at: Set(now),
         })
         .collect();
@@ -831,8 +838,14 @@ pub async fn transition(
     use send_submissions::Column as C;
     let now = db_time(now);
     let txn = begin_write(db).await?;
+    // A submission a cancel found claimed or uncertain is not queued again: it is cancelled.
+    let to = if t.to == SendState::Pending {
+        Expr::cust("CASE WHEN cancel_requested_at IS NULL THEN 'pending' ELSE 'cancelled' END")
+    } else {
+        Expr::value(t.to.as_str())
+    };
     let mut update = send_submissions::Entity::update_many()
-        .col_expr(C::State, Expr::value(t.to.as_str()))
+        .col_expr(C::State, to)
         .col_expr(C::Error, Expr::value(t.error.clone()))
         .col_expr(C::UpdatedAt, Expr::value(now))
         .filter(C::Id.eq(id))
@@ -888,20 +901,118 @@ pub async fn transition(
         .one(&txn)
         .await?
         .ok_or_else(|| DbErr::RecordNotFound(format!("submission {id}")))?;
+    let (to, reason) = if t.to == SendState::Pending && row.cancel_requested_at.is_some() {
+        (
+            SendState::Cancelled,
+            format!("{}; cancelled instead of queued again", t.reason),
+        )
+    } else {
+        (t.to, t.reason.clone())
+    };
     record_history(
         &txn,
         row.send_id,
         Some(row.segment_id),
         Some(t.from),
-        t.to,
+        to,
         &t.actor,
-        &t.reason,
+        &reason,
         now,
     )
     .await?;
     refresh_send_state(&txn, row.send_id, now).await?;
     txn.commit().await?;
     Ok(true)
+}
+
+/// What [`cancel`] did to a send's submissions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CancelOutcome {
+    /// `pending` ones, now `cancelled`: they never go out.
+    pub cancelled: u64,
+    /// Claimed (`submitting`) or `uncertain` ones: their attempt may have gone out; marked, so
+    /// that they are cancelled if it did not and they would be queued again.
+    pub marked: u64,
+}
+
+/// Stops what of send `send_id` no dispatcher has claimed, in one transaction, per submission
+/// by one conditional update of its row — the row [`claim`] updates, so of a claim and a cancel
+/// exactly one wins: `pending` → `cancelled`; `submitting` / `uncertain` get
+/// `cancel_requested_at` (a later move back to `pending` makes them `cancelled`, see
+/// [`transition`]); terminal ones are left alone. Records history and the send's state.
+pub async fn cancel(
+    db: &impl TransactionTrait,
+    send_id: i64,
+    actor: &str,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> Result<CancelOutcome, DbError> {
+    use send_submissions::Column as C;
+    let now = db_time(now);
+    let txn = begin_write(db).await?;
+    let ids: Vec<i64> = send_submissions::Entity::find()
+        .select_only()
+        .column(C::Id)
+        .filter(C::SendId.eq(send_id))
+        .order_by_asc(C::Id)
+        .into_tuple()
+        .all(&txn)
+        .await?;
+    let open = [
+        SendState::Pending,
+        SendState::Submitting,
+        SendState::Uncertain,
+    ];
+    let mut outcome = CancelOutcome::default();
+    for id in ids {
+        let changed = send_submissions::Entity::update_many()
+            .col_expr(
+                C::State,
+                Expr::cust("CASE WHEN state = 'pending' THEN 'cancelled' ELSE state END"),
+            )
+            .col_expr(
+                C::CancelRequestedAt,
+                sea_orm::sea_query::Func::coalesce([
+                    Expr::col(C::CancelRequestedAt),
+                    Expr::value(now),
+                ])
+                .into(),
+            )
+            .col_expr(C::UpdatedAt, Expr::value(now))
+            .filter(C::Id.eq(id))
+            .filter(C::State.is_in(open.iter().map(|s| s.as_str())))
+            .exec(&txn)
+            .await?
+            .rows_affected;
+        if changed == 0 {
+            continue;
+        }
+        let row = send_submissions::Entity::find_by_id(id)
+            .one(&txn)
+            .await?
+            .ok_or_else(|| DbErr::RecordNotFound(format!("submission {id}")))?;
+        if row.state == SendState::Cancelled.as_str() {
+            outcome.cancelled += 1;
+            record_history(
+                &txn,
+                send_id,
+                Some(row.segment_id),
+                Some(SendState::Pending),
+                SendState::Cancelled,
+                actor,
+                reason,
+                now,
+            )
+            .await?;
+        } else {
+            outcome.marked += 1;
+        }
+    }
+    if outcome.cancelled > 0 {
+        refresh_send_state(&txn, send_id, now).await?;
+    }
+    txn.commit().await?;
+    Ok(outcome)
 }
 
 /// `submitting` submissions whose claim expired before `now` (their dispatcher stopped while
@@ -1007,6 +1118,9 @@ mod tests {
         assert_eq!(SendState::aggregate([Submitted, Pending]), Pending);
         assert_eq!(SendState::aggregate([Completed, Completed]), Completed);
         assert_eq!(SendState::aggregate([Completed, Submitted]), Submitted);
+        assert_eq!(SendState::aggregate([Cancelled, Pending]), Pending);
+        assert_eq!(SendState::aggregate([Completed, Cancelled]), Cancelled);
+        assert_eq!(SendState::aggregate([Cancelled]), Cancelled);
     }
 
     #[test]

@@ -137,6 +137,7 @@ fn test_to_proto(test: &TestView) -> pb::AbTest {
                 allocated: i64::try_from(r.allocated).unwrap_or(i64::MAX),
                 segment_id: r.segment_id.unwrap_or(0),
                 send_id: r.send_id.clone().unwrap_or_default(),
+                send_state: send_state(r.send_state),
             })
             .collect(),
         decision: test.decision.as_ref().map(|d| pb::TestDecision {
@@ -156,9 +157,14 @@ fn test_to_proto(test: &TestView) -> pb::AbTest {
             segment_id: r.segment_id.unwrap_or(0),
             send_id: r.send_id.clone().unwrap_or_default(),
             note: r.note.clone().unwrap_or_default(),
+            send_state: send_state(r.send_state),
         }),
         completed_at: test.completed_at.map(timestamp),
     }
+}
+
+fn send_state(state: Option<sharpsend_core::sends::SendState>) -> i32 {
+    state.map_or(pb::SendState::Unspecified, crate::campaigns::state_to_proto) as i32
 }
 
 #[tonic::async_trait]

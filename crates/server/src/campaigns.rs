@@ -300,7 +300,7 @@ fn decode_page_token(filters: &str, token: &str) -> Result<Option<i64>, CoreErro
     crate::convert::decode_page_token("sends", "ListSends", filters, token, |p| p.parse().ok())
 }
 
-fn state_to_proto(state: SendState) -> pb::SendState {
+pub(crate) fn state_to_proto(state: SendState) -> pb::SendState {
     match state {
         SendState::Pending => pb::SendState::Pending,
         SendState::Submitting => pb::SendState::Submitting,
@@ -308,6 +308,7 @@ fn state_to_proto(state: SendState) -> pb::SendState {
         SendState::Completed => pb::SendState::Completed,
         SendState::Failed => pb::SendState::Failed,
         SendState::Uncertain => pb::SendState::Uncertain,
+        SendState::Cancelled => pb::SendState::Cancelled,
     }
 }
 
@@ -319,6 +320,7 @@ fn state_from_proto(state: pb::SendState) -> SendState {
         pb::SendState::Completed => SendState::Completed,
         pb::SendState::Failed => SendState::Failed,
         pb::SendState::Uncertain => SendState::Uncertain,
+        pb::SendState::Cancelled => SendState::Cancelled,
     }
 }
 

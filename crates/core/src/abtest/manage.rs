@@ -14,6 +14,7 @@ use super::stats::{self, Arm, Plan, PlanError, SequentialState};
 use crate::input::{self, limits::ID_BYTES};
 use crate::paging::Page;
 use crate::segments;
+use crate::sends::SendState;
 use crate::{AppContext, CoreError, FieldViolation};
 
 const MAX_AUDIENCE_SEGMENTS: usize = 20;
@@ -152,6 +153,10 @@ pub struct VariantResult {
     pub segment_id: Option<i64>,
     /// The variant's send (`snd_…`), once recorded.
     pub send_id: Option<String>,
+    /// Where that send stands (`None`: none recorded): submitted or completed = it went out;
+    /// submitting or uncertain = its request was claimed and may have; cancelled = stopped
+    /// before any request left.
+    pub send_state: Option<SendState>,
 }
 
 /// The remainder of a started test.
@@ -165,6 +170,8 @@ pub struct RemainderView {
     pub send_id: Option<String>,
     /// Why it has no send (e.g. nobody left).
     pub note: Option<String>,
+    /// Where the winner's send stands, once recorded.
+    pub send_state: Option<SendState>,
 }
 
 /// A test as callers see it.
@@ -475,6 +482,22 @@ pub(crate) async fn view_with_results(
     let counts = super::run::variant_counts(ctx, &record, spec.variants.len()).await?;
     let sequential = sequential_of(&record, spec.variants.len());
     let arms = sharpsend_db::abtests::arms(&ctx.db, record.id).await?;
+    // Each arm's send by its key: the arm may not record a send that exists (a run that died
+    // between the two), and a cancel stops such a send too.
+    let mut sends = std::collections::HashMap::new();
+    for arm in &arms {
+        let key = sharpsend_db::abtests::send_key(&record.public_id, arm.arm);
+        if let Some(send) = sharpsend_db::sends::get_by_key(
+            &ctx.db,
+            ctx.workspace_id(),
+            &record.assignment_id,
+            &key,
+        )
+        .await?
+        {
+            sends.insert(arm.arm, send);
+        }
+    }
     let mut view = view(record)?;
     for (index, (result, c)) in view.results.iter_mut().zip(counts).enumerate() {
         let successes = match spec.metric {
@@ -502,6 +525,10 @@ pub(crate) async fn view_with_results(
             result.segment_id = stored.cio_segment_id;
             result.send_id = stored.send_public_id.clone();
         }
+        if let Some(send) = i32::try_from(index).ok().and_then(|arm| sends.get(&arm)) {
+            result.send_id = Some(send.public_id.clone());
+            result.send_state = Some(send.state);
+        }
     }
     if let Some(remainder) = arms
         .iter()
@@ -512,6 +539,9 @@ pub(crate) async fn view_with_results(
             segment_id: remainder.cio_segment_id,
             send_id: remainder.send_public_id.clone(),
             note: remainder.note.clone(),
+            send_state: sends
+                .get(&sharpsend_db::abtests::REMAINDER)
+                .map(|s| s.state),
         });
     }
     Ok(view)
@@ -540,6 +570,7 @@ pub(crate) fn view(record: TestRecord) -> Result<TestView, CoreError> {
                 allocated: 0,
                 segment_id: None,
                 send_id: None,
+                send_state: None,
             }
         })
         .collect();

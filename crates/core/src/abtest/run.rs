@@ -14,8 +14,9 @@
 //!    create and the record adopts the orphan instead of creating another) and its members go
 //!    to Customer.io through the outbox (`segment_add` rows), recorded once;
 //! 2. once every change of that segment has been delivered, the variant is sent through the
-//!    send machinery (`sends::send_assignment`, keyed by (assignment, `abtest:<test>:<arm>`):
-//!    exactly once however often this step runs), and the send is recorded on the arm;
+//!    send machinery (keyed by (assignment, `abtest:<test>:<arm>`): exactly once however often
+//!    this step runs), recorded only while the test still runs (`store::create_arm_send`), and
+//!    the send is recorded on the arm;
 //! 3. once every variant is sent, each run is one look of the sequential rule
 //!    ([`super::stats::SequentialState`], stored with the test and continued by every look) over
 //!    the variants' results ([`sharpsend_db::abtests::arm_results`]: delivery events of the
@@ -25,7 +26,8 @@
 //! 4. a decided test's winner goes to the remainder the same way (a segment, its members, a
 //!    send keyed `abtest:<test>:remainder`), its members re-checked against the audience's
 //!    current membership (people who left are not sent to); then the test is completed.
-//!    A cancelled test is never advanced: no remainder send.
+//!    A cancelled test is never advanced: no remainder send. Cancelling or deciding a test
+//!    stops its variant sends that no dispatcher has claimed (`store::decide`).
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -298,14 +300,6 @@ async fn advance(
     }
 }
 
-fn arm_label(arm: i32) -> String {
-    if arm == REMAINDER {
-        "remainder".to_owned()
-    } else {
-        format!("v{arm}")
-    }
-}
-
 /// Takes arm `arm` one step towards its send of `variant`; answers whether it is done (its
 /// send recorded, or nobody to send to).
 async fn send_arm(
@@ -330,7 +324,7 @@ async fn send_arm(
     if state.send_id.is_some() || state.note.is_some() {
         return Ok(true);
     }
-    let key = format!("abtest:{}:{}", record.public_id, arm_label(arm));
+    let key = store::send_key(&record.public_id, arm);
 
     let segment_id = match state.cio_segment_id {
         Some(id) => id,
@@ -400,7 +394,8 @@ async fn send_arm(
     }
 
     // A variant goes out only while the test runs (a cancel or a winner may have come since
-    // this run read it); the remainder only once decided.
+    // this run read it); the remainder only once decided. (A cheap early exit: the guard that
+    // counts is `store::create_arm_send`'s.)
     let current = manage::find(ctx, &record.public_id).await?;
     let wanted = if arm == REMAINDER {
         TestState::Decided
@@ -433,7 +428,18 @@ async fn send_arm(
         content_types: Vec::new(),
         created_by: ACTOR.to_owned(),
     };
-    let (send, _) = sends::send_assignment(ctx, request).await?;
+    // Recorded only while the test still wants this arm, in one transaction holding the test's
+    // row: a cancel or a decision either came first (nothing is recorded) or comes after and
+    // stops the send if no dispatcher has claimed it (see `store::decide`).
+    let send = match sends::prepare_send(ctx, &request).await? {
+        sends::Prepared::Answered(answer) => answer.0,
+        sends::Prepared::New(new) => {
+            match store::create_arm_send(&ctx.db, ws, record.id, wanted, &new, ctx.now()).await? {
+                Some(created) => sends::finish_send(ctx, created, &new).await?.0,
+                None => return Ok(false),
+            }
+        }
+    };
     store::set_arm_send(
         &ctx.db,
         record.id,
@@ -448,30 +454,39 @@ async fn send_arm(
 }
 
 /// Who an arm's segment gets: a variant's stored allocation; for the remainder, its stored
-/// allocation still in the audience now.
+/// allocation and that of every variant whose send never went out (stopped by the decision, or
+/// never recorded: those people got nothing), still in the audience now.
 async fn arm_audience(
     ctx: &AppContext,
     record: &TestRecord,
     spec: &TestSpec,
     arm: i32,
 ) -> Result<Vec<String>, CoreError> {
-    let current = if arm == REMAINDER {
-        Some(audience_members(ctx, &spec.audience_segment_ids).await?)
+    let (current, arms) = if arm == REMAINDER {
+        let mut arms = vec![REMAINDER];
+        arms.extend(store::unsent_variant_arms(&ctx.db, ctx.workspace_id(), record.id).await?);
+        (
+            Some(audience_members(ctx, &spec.audience_segment_ids).await?),
+            arms,
+        )
     } else {
-        None
+        (None, vec![arm])
     };
     let mut ids = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let page = store::arm_members_page(&ctx.db, record.id, arm, after.as_deref(), PAGE).await?;
-        let full = page.len() as u64 == PAGE;
-        after = page.last().cloned();
-        ids.extend(
-            page.into_iter()
-                .filter(|id| current.as_ref().is_none_or(|c| c.contains(id))),
-        );
-        if !full {
-            break;
+    for arm in arms {
+        let mut after: Option<String> = None;
+        loop {
+            let page =
+                store::arm_members_page(&ctx.db, record.id, arm, after.as_deref(), PAGE).await?;
+            let full = page.len() as u64 == PAGE;
+            after = page.last().cloned();
+            ids.extend(
+                page.into_iter()
+                    .filter(|id| current.as_ref().is_none_or(|c| c.contains(id))),
+            );
+            if !full {
+                break;
+            }
         }
     }
     Ok(ids)
@@ -643,7 +658,10 @@ mod tests {
         let arms = [Arm::new(100, 3), Arm::new(100, 9), Arm::new(100, 9)];
         assert_eq!(best_observed(&arms), Some(1));
         assert_eq!(best_observed(&[]), None);
-        assert_eq!(arm_label(REMAINDER), "remainder");
-        assert_eq!(arm_label(2), "v2");
+        assert_eq!(
+            store::send_key("abt_1", REMAINDER),
+            "abtest:abt_1:remainder"
+        );
+        assert_eq!(store::send_key("abt_1", 2), "abtest:abt_1:v2");
     }
 }

@@ -13,7 +13,7 @@ use sharpsend_db::sends::{
     self as store, Claim, Delivery, SendRecord, SendState, Submission, Transition, Window,
 };
 
-use super::{TriggerData, fence};
+use super::{MAX_NEWSLETTER_NAME_CHARS, TriggerData, fence};
 use crate::metrics::MetricsTarget;
 use crate::{AppContext, CoreError};
 
@@ -353,9 +353,23 @@ fn trigger_data_of(send: &SendRecord, s: &Submission) -> Map<String, Value> {
     .build()
 }
 
-/// The newsletter's name: the title and the marker that finds it again.
+/// The newsletter's name: the title and the marker that finds it again, within Customer.io's
+/// [`MAX_NEWSLETTER_NAME_CHARS`] (a longer name is refused): the title is cut (ending in `…`),
+/// never the marker.
 fn newsletter_name(send: &SendRecord, s: &Submission) -> String {
-    format!("{} [{}]", send.title, s.marker)
+    named(&send.title, &s.marker)
+}
+
+fn named(title: &str, marker: &str) -> String {
+    let tag = format!(" [{marker}]");
+    let room = MAX_NEWSLETTER_NAME_CHARS.saturating_sub(tag.chars().count());
+    let title = if title.chars().count() <= room {
+        title.to_owned()
+    } else {
+        let cut: String = title.chars().take(room.saturating_sub(1)).collect();
+        format!("{}…", cut.trim_end())
+    };
+    format!("{title}{tag}")
 }
 
 /// Creates the submission's newsletter (unless an earlier attempt did), records its id while
@@ -508,4 +522,28 @@ async fn already_sent(ctx: &AppContext, id: i64) -> bool {
         .get_newsletter(id)
         .await
         .is_ok_and(|n| n.sent_at.is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_newsletter_name_fits_customer_io_and_keeps_its_marker() {
+        let marker = "ss:snd_01JZ0000000000000000000000:0";
+        assert_eq!(
+            named("Q4 outlook", marker),
+            format!("Q4 outlook [{marker}]")
+        );
+        let long = "ü".repeat(200);
+        let name = named(&long, marker);
+        assert_eq!(name.chars().count(), MAX_NEWSLETTER_NAME_CHARS);
+        assert!(name.ends_with(&format!("… [{marker}]")), "{name}");
+        let exact = "a".repeat(MAX_NEWSLETTER_NAME_CHARS - marker.len() - 3);
+        assert_eq!(
+            named(&exact, marker).chars().count(),
+            MAX_NEWSLETTER_NAME_CHARS
+        );
+        assert!(!named(&exact, marker).contains('…'));
+    }
 }

@@ -61,6 +61,7 @@ mod request;
 pub use dispatch::{DispatchReport, dispatch_due};
 pub use fence::{TriggerScope, check_start_up};
 pub use reconcile::{ReconcileReport, SendMetricTargets, metric_targets, reconcile};
+pub(crate) use request::{Prepared, finish_send, prepare_send};
 pub use request::{
     Resolution, SendKey, exclusive_audience, get_send, list_sends, resolve, send_assignment,
 };
@@ -79,6 +80,9 @@ pub const MAX_CONTENT_TYPE_CHARS: usize = 50;
 pub const MAX_TARGETS: usize = 20;
 /// Customer.io's limit on a trigger's `data`, in bytes of JSON.
 pub const MAX_TRIGGER_DATA_BYTES: usize = 50_000;
+/// Longest newsletter name Customer.io takes (2026 spec: "190 characters or less"); the title
+/// is cut to fit its marker.
+pub const MAX_NEWSLETTER_NAME_CHARS: usize = 190;
 /// Largest newsletter body we send, in bytes.
 pub const MAX_NEWSLETTER_BODY_BYTES: usize = 500_000;
 /// Longest ResolveSend actor and reason, in characters.

@@ -28,13 +28,36 @@ pub async fn send_assignment(
     ctx: &AppContext,
     request: SendRequest,
 ) -> Result<(SendView, bool), CoreError> {
-    let delivery = validate(&request)?;
-    let fingerprint = fingerprint(&request, delivery);
+    match prepare_send(ctx, &request).await? {
+        Prepared::Answered(answer) => Ok(*answer),
+        Prepared::New(new) => {
+            let created = store::create(&ctx.db, ctx.workspace_id(), &new, ctx.now()).await?;
+            finish_send(ctx, created, &new).await
+        }
+    }
+}
+
+/// A validated send request: already answered (its key was recorded), or ready to record.
+pub(crate) enum Prepared {
+    Answered(Box<(SendView, bool)>),
+    New(Box<NewSend>),
+}
+
+/// Validates `request` and checks its targets; answers the send already recorded under its
+/// key, or what to record ([`finish_send`] completes it once recorded).
+pub(crate) async fn prepare_send(
+    ctx: &AppContext,
+    request: &SendRequest,
+) -> Result<Prepared, CoreError> {
+    let delivery = validate(request)?;
+    let fingerprint = fingerprint(request, delivery);
     let ws = ctx.workspace_id();
     if let Some(existing) =
         store::get_by_key(&ctx.db, ws, &request.assignment_id, &request.request_id).await?
     {
-        return answer_existing(ctx, existing, &fingerprint).await;
+        return Ok(Prepared::Answered(Box::new(
+            answer_existing(ctx, existing, &fingerprint).await?,
+        )));
     }
 
     check_targeting(ctx, &request.segment_ids).await?;
@@ -43,7 +66,7 @@ pub async fn send_assignment(
     }
 
     let public_id = format!("snd_{}", ulid::Ulid::new());
-    let new = NewSend {
+    Ok(Prepared::New(Box::new(NewSend {
         public_id: public_id.clone(),
         assignment_id: request.assignment_id.clone(),
         request_id: request.request_id.clone(),
@@ -59,16 +82,25 @@ pub async fn send_assignment(
                 subscription_topic_id,
             },
         },
-        request: fingerprint.clone(),
+        request: fingerprint,
         created_by: request.created_by.clone(),
-        submissions: submissions_of(&request, &public_id),
-    };
-    match store::create(&ctx.db, ws, &new, ctx.now()).await? {
+        submissions: submissions_of(request, &public_id),
+    })))
+}
+
+/// After `new` was recorded (or its key found taken): dispatches a new send at once; a send
+/// found under the key is answered as [`send_assignment`] answers it.
+pub(crate) async fn finish_send(
+    ctx: &AppContext,
+    created: Created,
+    new: &NewSend,
+) -> Result<(SendView, bool), CoreError> {
+    match created {
         Created::New(send) => {
             dispatch_now(ctx, send.id).await?;
             Ok((view(ctx, send, true).await?, true))
         }
-        Created::Existing(existing) => answer_existing(ctx, existing, &fingerprint).await,
+        Created::Existing(existing) => answer_existing(ctx, existing, &new.request).await,
     }
 }
 

@@ -23,7 +23,7 @@ pub struct Model {
     pub recipients: Json,
     /// What Customer.io keeps of this submission (trigger data, newsletter name).
     pub marker: String,
-    /// `pending`, `submitting`, `submitted`, `completed`, `failed` or `uncertain`.
+    /// `pending`, `submitting`, `submitted`, `completed`, `failed`, `uncertain` or `cancelled`.
     pub state: String,
     /// Requests started for it.
     pub attempts: i32,
@@ -45,6 +45,8 @@ pub struct Model {
     pub trigger_errors: Option<Json>,
     /// How many errors Customer.io reported in all.
     pub trigger_error_count: Option<i64>,
+    /// A cancel found it claimed or uncertain: were it queued again, it is cancelled instead.
+    pub cancel_requested_at: Option<DateTimeUtc>,
     pub updated_at: DateTimeUtc,
 }
 
