@@ -547,6 +547,30 @@ db_test!(
         );
         let (low, high) = (decided.results[2].rate_low, decided.results[2].rate_high);
         ensure!(low < decided.results[2].rate && decided.results[2].rate < high);
+        // The job's decision is in the audit record, with the test and the winner.
+        let audit = app
+            .admin()
+            .await?
+            .list_audit_events(pb::ListAuditEventsRequest {
+                action: sharpsend_core::abtest::run::AUDIT_DECIDE_ACTION.into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .events;
+        let ids = audit
+            .first()
+            .and_then(|e| e.ids.clone())
+            .context("no audit event of the decision")?;
+        let ids = sharpsend_server::convert::struct_to_json("ids", ids)?;
+        ensure!(
+            audit.len() == 1
+                && audit[0].key_id == "job:abtest-evaluation"
+                && audit[0].outcome == "OK"
+                && ids.get("test_id").and_then(|v| v.as_str()) == Some(id.as_str())
+                && ids.get("winner").and_then(|v| v.as_str()) == Some(VARIANTS[2].0),
+            "{audit:?}"
+        );
 
         // The winner goes to the remainder, once.
         let done = drive(&app, &app.ctx, &id, remainder_sent).await?;

@@ -235,6 +235,22 @@ pub async fn decide(
     decision: &Value,
     now: DateTime<Utc>,
 ) -> Result<bool, DbError> {
+    decide_with_audit(db, workspace_id, id, from, to, decision, now, None).await
+}
+
+/// [`decide`], appending `audit` (a decision no call made, such as the evaluation job's) in the
+/// same transaction: the record has the decision if and only if the test does.
+#[allow(clippy::too_many_arguments)]
+pub async fn decide_with_audit(
+    db: &impl sea_orm::TransactionTrait,
+    workspace_id: i64,
+    id: i64,
+    from: &[TestState],
+    to: TestState,
+    decision: &Value,
+    now: DateTime<Utc>,
+    audit: Option<crate::audit::NewAuditEvent>,
+) -> Result<bool, DbError> {
     let txn = begin_write(db).await?;
     let result = ab_tests::Entity::update_many()
         .col_expr(ab_tests::Column::State, Expr::value(to.as_str()))
@@ -264,6 +280,9 @@ pub async fn decide(
         {
             sends::cancel(&txn, send.id, "abtest", &reason, now).await?;
         }
+    }
+    if let Some(event) = audit {
+        crate::audit::append(&txn, event).await?;
     }
     txn.commit().await?;
     Ok(true)

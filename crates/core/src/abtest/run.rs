@@ -51,6 +51,11 @@ use crate::{AppContext, CoreError, FieldViolation, segments};
 pub const ACTOR: &str = "abtest-evaluation";
 /// Who decides when the sequential rule finds a winner.
 pub const RULE_ACTOR: &str = "sequential-test";
+/// The audit record of a decision the evaluation job made (no call, so no key): its key id,
+/// role and action, next to the RPCs' (`ListAuditEvents` with this `action` finds them).
+pub const AUDIT_KEY_ID: &str = "job:abtest-evaluation";
+pub const AUDIT_ROLE: &str = "job";
+pub const AUDIT_DECIDE_ACTION: &str = "/jobs/abtest-evaluation/DecideTest";
 /// Ids per page read from the database and per membership change.
 const PAGE: u64 = 10_000;
 /// Members per Customer.io membership page (its maximum).
@@ -612,7 +617,25 @@ async fn look(
     if let Some(decision) = decision {
         let json = serde_json::to_value(&decision)
             .map_err(|e| CoreError::Internal(format!("decision not serialisable: {e}")))?;
-        let moved = store::decide(
+        let winner = decision
+            .winner
+            .and_then(|i| spec.variants.get(i))
+            .map(|v| v.name.clone());
+        let audit = sharpsend_db::audit::NewAuditEvent {
+            at: now,
+            workspace_id: Some(ctx.workspace_id()),
+            key_id: AUDIT_KEY_ID.to_owned(),
+            key_name: crate::jobs::Job::AbTestEvaluation.name().to_owned(),
+            role: AUDIT_ROLE.to_owned(),
+            action: AUDIT_DECIDE_ACTION.to_owned(),
+            ids: serde_json::json!({
+                "test_id": record.public_id,
+                "assignment_id": record.assignment_id,
+                "winner": winner,
+            }),
+            outcome: "OK".to_owned(),
+        };
+        let moved = store::decide_with_audit(
             &ctx.db,
             ctx.workspace_id(),
             record.id,
@@ -620,6 +643,7 @@ async fn look(
             TestState::Decided,
             &json,
             now,
+            Some(audit),
         )
         .await?;
         if moved {
