@@ -40,6 +40,8 @@ pub struct Scope {
     pub segment_id: Option<i64>,
     pub customer_id: Option<String>,
     pub assignment_ids: Option<Vec<String>>,
+    /// Only these sends (row ids; an A/B test's arms). Empty: nothing.
+    pub send_ids: Option<Vec<i64>>,
     pub sent_from: Option<DateTime<Utc>>,
     pub sent_until: Option<DateTime<Utc>>,
 }
@@ -110,6 +112,15 @@ fn event_filter(
             _ => format!("SELECT value FROM json_each({})", sql.bind(array)),
         };
         filter.push_str(&format!(" AND assignment_id IN ({list})"));
+    }
+    if let Some(ids) = &scope.send_ids {
+        // Integers only: safe to inline (an empty list matches nothing).
+        let list = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+        if list.is_empty() {
+            filter.push_str(" AND 1 = 0");
+        } else {
+            filter.push_str(&format!(" AND send_id IN ({list})"));
+        }
     }
     if let Some(s) = scope.segment_id {
         filter.push_str(&format!(" AND segment_id = {}", sql.bind(s)));
