@@ -38,6 +38,7 @@ mod m20261206_000050_delivery_events_analytics;
 mod m20261206_000055_create_api_keys;
 mod m20261206_000056_create_audit_events;
 mod m20261206_000060_workspace_credentials;
+mod m20261206_000065_analytics_deliveries;
 
 /// All migrations of the project, oldest first.
 pub struct Migrator;
@@ -70,6 +71,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261206_000055_create_api_keys::Migration),
             Box::new(m20261206_000056_create_audit_events::Migration),
             Box::new(m20261206_000060_workspace_credentials::Migration),
+            Box::new(m20261206_000065_analytics_deliveries::Migration),
         ]
     }
 }
