@@ -406,21 +406,21 @@ struct HourCombo {
     h6: Option<i64>,
     h7: Option<i64>,
     n: i64,
+    last_at: i64,
 }
 
 #[derive(Debug, FromQueryResult)]
-struct SendSummary {
+struct Engaged {
     send_id: i64,
     segment_id: Option<i64>,
     engaged: i64,
-    last_at: i64,
 }
 
 /// Per (send, segment, metric, bucket) counts of `scope`: hourly buckets before `hourly_until`
 /// (unix seconds, a UTC midnight), daily UTC buckets from it. The facts are read in one pass
 /// grouped by the hour of every metric at once (deliveries sharing their hours are one row),
-/// then spread over the metrics and buckets here; a second pass counts the people engaged and
-/// the newest event per (send, segment).
+/// then spread over the metrics and buckets here (with the newest event per (send, segment));
+/// a second pass counts the people engaged, over the engaged deliveries only.
 pub async fn bucket_counts(
     db: &impl ConnectionTrait,
     workspace_id: i64,
@@ -440,8 +440,9 @@ pub async fn bucket_counts(
         .collect::<Vec<_>>()
         .join(", ");
     sql.push(&format!(
-        "SELECT send_id, segment_id, {keys}, COUNT(*) AS n FROM (SELECT send_id, segment_id, {} \
-         FROM deliveries) x GROUP BY send_id, segment_id, {keys}",
+        "SELECT send_id, segment_id, {keys}, COUNT(*) AS n, MAX(last_at) AS last_at FROM \
+         (SELECT send_id, segment_id, last_at, {} FROM deliveries) x \
+         GROUP BY send_id, segment_id, {keys}",
         hours.join(", ")
     ));
     let combos = HourCombo::find_by_statement(sql.statement())
@@ -450,6 +451,10 @@ pub async fn bucket_counts(
     let mut counts: std::collections::BTreeMap<(i64, Option<i64>, &str, i64), i64> =
         std::collections::BTreeMap::new();
     for c in &combos {
+        let last = counts
+            .entry((c.send_id, c.segment_id, "last_event_at", 0))
+            .or_insert(c.last_at);
+        *last = (*last).max(c.last_at);
         let hours = [c.h0, c.h1, c.h2, c.h3, c.h4, c.h5, c.h6, c.h7];
         for ((metric, _), hour) in BUCKET_METRICS.iter().zip(hours) {
             let Some(h) = hour else { continue };
@@ -462,18 +467,12 @@ pub async fn bucket_counts(
     let mut sql = Sql::new(backend);
     deliveries_cte(&mut sql, workspace_id, scope, None, None);
     sql.push(
-        "SELECT send_id, segment_id, COUNT(DISTINCT CASE WHEN open_at IS NOT NULL \
-         OR click_at IS NOT NULL THEN customer_id END) AS engaged, MAX(last_at) AS last_at \
-         FROM deliveries GROUP BY send_id, segment_id",
+        "SELECT send_id, segment_id, COUNT(*) AS engaged FROM (SELECT DISTINCT send_id, \
+         segment_id, customer_id FROM deliveries WHERE customer_id IS NOT NULL \
+         AND (open_at IS NOT NULL OR click_at IS NOT NULL)) e GROUP BY send_id, segment_id",
     );
-    for s in SendSummary::find_by_statement(sql.statement())
-        .all(db)
-        .await?
-    {
-        if s.engaged > 0 {
-            counts.insert((s.send_id, s.segment_id, "engaged_people", 0), s.engaged);
-        }
-        counts.insert((s.send_id, s.segment_id, "last_event_at", 0), s.last_at);
+    for e in Engaged::find_by_statement(sql.statement()).all(db).await? {
+        counts.insert((e.send_id, e.segment_id, "engaged_people", 0), e.engaged);
     }
     let mut out: Vec<BucketCount> = counts
         .into_iter()
