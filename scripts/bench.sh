@@ -27,7 +27,7 @@ case "$mode" in
     rates=(100 1000); criteria=(--profiles 1000000 --runs 3)
     metrics=(--targets 1000 --segments 1000 --app-rate 10); journey=(--members 50000)
     backfill=(--profiles 1000000 --sizes 100000); webhooks=(--events 50000 --scoring-events 1000000 --sizes 100000 --analytics-events 0)
-    analytics=(--analytics-events 1000000); fairness=(--backlog 1000000) ;;
+    analytics=(--analytics-events 1456000); fairness=(--backlog 1000000) ;;
   quick)
     reads=(--secs 1); outbox=(--updates 20000 --people 5000 --sizes 0 --call-samples 10)
     rates=(1000); criteria=(--profiles 100000 --runs 1)

@@ -39,6 +39,7 @@ mod m20261206_000055_create_api_keys;
 mod m20261206_000056_create_audit_events;
 mod m20261206_000060_workspace_credentials;
 mod m20261206_000061_workspace_version;
+mod m20261206_000065_analytics_deliveries;
 mod m20261206_000070_send_cancellation;
 
 /// All migrations of the project, oldest first.
@@ -73,6 +74,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261206_000056_create_audit_events::Migration),
             Box::new(m20261206_000060_workspace_credentials::Migration),
             Box::new(m20261206_000061_workspace_version::Migration),
+            Box::new(m20261206_000065_analytics_deliveries::Migration),
             Box::new(m20261206_000070_send_cancellation::Migration),
         ]
     }

@@ -314,7 +314,7 @@ db_test!(
 );
 
 /// Three variants with the true click rates (per delivered email) the simulator draws from.
-const VARIANTS: [(&str, &str, f64); 3] = [
+pub(crate) const VARIANTS: [(&str, &str, f64); 3] = [
     ("control", "Your Q4 outlook", 0.04),
     ("teaser", "Three names for Q4", 0.08),
     ("urgent", "Read before Monday's open", 0.30),
@@ -323,7 +323,7 @@ const VARIANTS: [(&str, &str, f64); 3] = [
 /// A manual segment in the simulator holding the first `people` demo readers, synced into the
 /// mirror; the simulator's delivery behaviour keyed on each variant's subject (every delivery
 /// opened by its reader, clicked at the variant's rate, no machine opens or clicks).
-async fn audience(app: &TestApp, people: usize) -> anyhow::Result<i64> {
+pub(crate) async fn audience(app: &TestApp, people: usize) -> anyhow::Result<i64> {
     let sim = &app.sim.sim;
     let id = sim.create_manual_segment("A/B audience", "readers for the e2e A/B test");
     let ids: Vec<String> = (1..=people).map(|n| format!("u{n:05}")).collect();
@@ -346,7 +346,7 @@ async fn audience(app: &TestApp, people: usize) -> anyhow::Result<i64> {
     Ok(id)
 }
 
-fn three_variants(request_id: &str, audience: i64) -> pb::CreateTestRequest {
+pub(crate) fn three_variants(request_id: &str, audience: i64) -> pb::CreateTestRequest {
     pb::CreateTestRequest {
         assignment_id: format!("asg-{request_id}"),
         request_id: request_id.into(),
@@ -383,7 +383,7 @@ fn triggers(app: &TestApp) -> Vec<cio_sim::SimTrigger> {
 
 /// Runs the evaluation job (as `ctx`'s scheduler), delivers the outbox and dispatches sends,
 /// moving time a second each round, until `done` holds for the test (at most 60 rounds).
-async fn drive(
+pub(crate) async fn drive(
     app: &TestApp,
     ctx: &AppContext,
     id: &str,
@@ -406,7 +406,11 @@ async fn drive(
 
 /// Dispatches sends (as `ctx`'s scheduler), moving time on, until the broadcast has `n`
 /// triggers; then a few more rounds, to see that no more come.
-async fn settle_triggers(app: &TestApp, ctx: &AppContext, n: usize) -> anyhow::Result<()> {
+pub(crate) async fn settle_triggers(
+    app: &TestApp,
+    ctx: &AppContext,
+    n: usize,
+) -> anyhow::Result<()> {
     for _ in 0..100 {
         if triggers(app).len() >= n {
             break;
@@ -425,11 +429,11 @@ async fn settle_triggers(app: &TestApp, ctx: &AppContext, n: usize) -> anyhow::R
     Ok(())
 }
 
-fn variants_sent(test: &pb::AbTest) -> bool {
+pub(crate) fn variants_sent(test: &pb::AbTest) -> bool {
     test.results.iter().all(|r| !r.send_id.is_empty())
 }
 
-fn remainder_sent(test: &pb::AbTest) -> bool {
+pub(crate) fn remainder_sent(test: &pb::AbTest) -> bool {
     test.completed_at.is_some()
         && test
             .remainder
@@ -438,7 +442,7 @@ fn remainder_sent(test: &pb::AbTest) -> bool {
 }
 
 /// The trigger of send `send_id` (its only submission).
-async fn trigger_of(app: &TestApp, send_id: &str) -> anyhow::Result<i64> {
+pub(crate) async fn trigger_of(app: &TestApp, send_id: &str) -> anyhow::Result<i64> {
     let send = sends::get_send(&app.ctx, &SendKey::Id(send_id.into())).await?;
     send.submissions
         .first()

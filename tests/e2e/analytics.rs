@@ -476,7 +476,7 @@ db_test!(
                 == Some(
                     "assignment_id,send_id,segment_id,delivery_id,customer_id,sent_at,\
                      delivered_at,human_opened_at,human_clicked_at,bounced_at,spam_reported_at,\
-                     unsubscribed_at,converted_at,source"
+                     unsubscribed_at,converted_at,source,variant"
                 )
         );
         let segment_of_trigger: BTreeMap<String, i64> = triggers
@@ -499,7 +499,7 @@ db_test!(
         let mut rows = 0;
         for line in lines {
             let cols: Vec<&str> = line.split(',').collect();
-            ensure!(cols.len() == 14, "{line}");
+            ensure!(cols.len() == 15, "{line}");
             let t = all_truth
                 .get(cols[3])
                 .with_context(|| format!("unknown row {line}"))?;
@@ -518,6 +518,8 @@ db_test!(
                 iso(t.unsubscribed),
                 iso(t.converted),
                 "webhook".to_string(),
+                // Not an A/B test's send: no variant.
+                String::new(),
             ];
             ensure!(cols == want, "row {line} vs ledger {want:?}");
             rows += 1;
@@ -895,6 +897,235 @@ db_test!(
         if got.segments.is_empty() {
             bail!("no segments");
         }
+        app.stop().await
+    }
+);
+
+db_test!(
+    ab_test_variants_figures_and_test_reports_match_the_simulators_ledger,
+    |db: TestDatabase| async move {
+        use crate::abtests;
+        let app = TestApp::spawn(&db).await?;
+        let audience = abtests::audience(&app, 400).await?;
+        webhooks_on(&app).await?;
+        let mut client = app.abtests().await?;
+        let mut request = abtests::three_variants("analytics", audience);
+        request.test_fraction = 0.6;
+        let assignment = request.assignment_id.clone();
+        let id = client
+            .create_test(request)
+            .await?
+            .into_inner()
+            .test
+            .context("created")?
+            .id;
+        client
+            .start_test(pb::StartTestRequest { id: id.clone() })
+            .await?;
+        abtests::drive(&app, &app.ctx, &id, abtests::variants_sent).await?;
+        abtests::settle_triggers(&app, &app.ctx, 3).await?;
+        client
+            .declare_winner(pb::DeclareWinnerRequest {
+                id: id.clone(),
+                variant: "urgent".into(),
+                reason: "e2e".into(),
+            })
+            .await?;
+        abtests::drive(&app, &app.ctx, &id, abtests::remainder_sent).await?;
+        abtests::settle_triggers(&app, &app.ctx, 4).await?;
+        app.sim.sim.advance(Duration::from_secs(86_400));
+        settle_webhooks(&app).await?;
+
+        // ----- GetAssignmentAnalytics: the test, each arm against its trigger's ledger -----
+        let got = analytics_of(&app, &assignment).await?;
+        ensure!(got.tests.len() == 1, "{:?}", got.tests);
+        let test = &got.tests[0];
+        ensure!(test.test_id == id && test.state == pb::TestState::Decided as i32);
+        ensure!(test.winner == "urgent", "{test:?}");
+        let names: Vec<&str> = test.variants.iter().map(|v| v.name.as_str()).collect();
+        ensure!(
+            names == ["control", "teaser", "urgent", "remainder"],
+            "{names:?}"
+        );
+        ensure!(test.variants.iter().filter(|v| v.remainder).count() == 1);
+        // delivery id -> (variant, truth)
+        let mut arm_of: BTreeMap<String, (String, Truth)> = BTreeMap::new();
+        let mut clicks = 0;
+        for v in &test.variants {
+            let trigger = abtests::trigger_of(&app, &v.send_id).await?;
+            let truth = ledger(&app, trigger)?;
+            ensure!(!truth.is_empty(), "{} reached nobody", v.name);
+            let rows: Vec<&Truth> = truth.values().collect();
+            let want = ledger_counts(&rows, i64::MIN, i64::MAX);
+            let counts = v.counts.context("counts")?;
+            ensure!(counts == want, "{}: {counts:?} vs ledger {want:?}", v.name);
+            clicks += want.human_clicks;
+            let r = v.rates.context("rates")?;
+            ensure!(r.click_rate == rate(want.human_clicks, want.delivered));
+            ensure!(r.click_to_open_rate == rate(want.human_clicks, want.human_opens));
+            ensure!(v.source == pb::AnalyticsSource::DeliveryEvents as i32);
+            ensure!(v.as_of.is_some() && v.segment_id > 0);
+            let people: BTreeSet<&str> = rows
+                .iter()
+                .filter(|t| t.open.is_some())
+                .map(|t| t.person.as_str())
+                .collect();
+            ensure!(v.engaged_people == people.len() as i64, "{v:?}");
+            // The arm is its send to its own segment among the assignment's segments.
+            let g = got
+                .segments
+                .iter()
+                .find(|g| g.send_id == v.send_id)
+                .with_context(|| format!("{} not among the segments", v.name))?;
+            ensure!(g.segment_id == v.segment_id && g.counts == v.counts);
+            for (delivery, t) in truth {
+                arm_of.insert(delivery, (v.name.clone(), t));
+            }
+        }
+        ensure!(clicks > 0, "nobody clicked");
+        ensure!(got.counts.context("total")?.recipients == arm_of.len() as i64);
+
+        // ----- ExportReport of the test: every row, with its variant -----
+        let iso = |t: Option<i64>| {
+            t.and_then(|s| DateTime::from_timestamp(s, 0))
+                .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                .unwrap_or_default()
+        };
+        let (csv, _) = export(
+            &app,
+            pb::ExportReportRequest {
+                format: pb::ReportFormat::Csv as i32,
+                test_id: id.clone(),
+                ..Default::default()
+            },
+        )
+        .await?;
+        let mut lines = csv.split("\r\n").filter(|l| !l.is_empty());
+        ensure!(
+            lines
+                .next()
+                .is_some_and(|h| h.ends_with(",converted_at,source,variant")),
+            "{csv:.300}"
+        );
+        let mut rows = 0;
+        for line in lines {
+            let cols: Vec<&str> = line.split(',').collect();
+            ensure!(cols.len() == 15, "{line}");
+            let (variant, t) = arm_of
+                .get(cols[3])
+                .with_context(|| format!("row of no arm: {line}"))?;
+            let send = &test
+                .variants
+                .iter()
+                .find(|v| v.name == *variant)
+                .context("arm")?
+                .send_id;
+            let want = [
+                assignment.as_str(),
+                send,
+                cols[3],
+                &t.person,
+                &iso(Some(t.sent)),
+                &iso(t.delivered),
+                &iso(t.open),
+                &iso(t.click),
+                "webhook",
+                variant,
+            ];
+            let have = [
+                cols[0], cols[1], cols[3], cols[4], cols[5], cols[6], cols[7], cols[8], cols[13],
+                cols[14],
+            ];
+            ensure!(have == want, "row {line} vs ledger {want:?}");
+            rows += 1;
+        }
+        ensure!(rows == arm_of.len(), "{rows} rows for {}", arm_of.len());
+        // JSON lines of the test and a period: the same deliveries when the period holds them,
+        // none when it does not.
+        let now = Utc::now().timestamp();
+        let period = |from: i64, to: i64| pb::ExportReportRequest {
+            format: pb::ReportFormat::JsonLines as i32,
+            test_id: id.clone(),
+            start_time: Some(prost_types::Timestamp {
+                seconds: from,
+                nanos: 0,
+            }),
+            end_time: Some(prost_types::Timestamp {
+                seconds: to,
+                nanos: 0,
+            }),
+            ..Default::default()
+        };
+        let (jsonl, _) = export(&app, period(now - 100 * 86_400, now + 100 * 86_400)).await?;
+        let mut variants: BTreeMap<String, String> = BTreeMap::new();
+        for l in jsonl.lines() {
+            let v: Value = serde_json::from_str(l)?;
+            variants.insert(
+                v["delivery_id"].as_str().unwrap_or_default().to_string(),
+                v["variant"].as_str().unwrap_or_default().to_string(),
+            );
+        }
+        let want: BTreeMap<String, String> = arm_of
+            .iter()
+            .map(|(d, (v, _))| (d.clone(), v.clone()))
+            .collect();
+        ensure!(variants == want, "JSON lines of the test differ");
+        let (none, _) = export(&app, period(now + 100 * 86_400, now + 101 * 86_400)).await?;
+        ensure!(none.is_empty(), "{none:.200}");
+        let mut bad = app.analytics().await?;
+
+        // ----- A malformed, an unknown and another workspace's test -----
+        let malformed = bad
+            .export_report(pb::ExportReportRequest {
+                format: pb::ReportFormat::Csv as i32,
+                test_id: " abt_x".into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("malformed");
+        ensure!(
+            malformed.code() == tonic::Code::InvalidArgument,
+            "{malformed:?}"
+        );
+        ensure!(
+            sharpsend_tests::bad_request_fields(&malformed) == ["test_id"],
+            "{malformed:?}"
+        );
+        let other = sharpsend_db::workspaces::ensure(&app.ctx.db, "another-site", "us").await?;
+        let foreign = sharpsend_db::abtests::create(
+            &app.ctx.db,
+            other.id,
+            &sharpsend_db::abtests::NewTest {
+                public_id: "abt_foreign".into(),
+                request_id: "foreign".into(),
+                assignment_id: assignment.clone(),
+                title: "another publisher's".into(),
+                spec: serde_json::json!({}),
+                planned_per_variant: 0,
+                audience_estimate: 0,
+                warnings: serde_json::json!([]),
+                created_by: "e2e".into(),
+            },
+            app.ctx.now(),
+        )
+        .await?;
+        ensure!(matches!(foreign, sharpsend_db::abtests::Created::New(_)));
+        for unknown in ["abt_foreign", "abt_01NOSUCHTEST"] {
+            let status = bad
+                .export_report(pb::ExportReportRequest {
+                    format: pb::ReportFormat::Csv as i32,
+                    test_id: unknown.into(),
+                    ..Default::default()
+                })
+                .await
+                .expect_err("unknown");
+            ensure!(
+                status.code() == tonic::Code::NotFound,
+                "{unknown}: {status:?}"
+            );
+        }
+        // Another workspace's test of the same assignment id is not this assignment's.
+        ensure!(analytics_of(&app, &assignment).await?.tests.len() == 1);
         app.stop().await
     }
 );

@@ -17,7 +17,10 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
 use serde_json::{Value, json};
+use sharpsend_db::abtests::{self, REMAINDER, TestState};
 use sharpsend_db::analytics::{self as store, BucketCount, DeliveryRow, Scope, Totals};
+
+use crate::abtest::manage::{self, TestSpec};
 
 use crate::metrics::{self, MetricsSubject};
 use crate::{AppContext, CoreError, FieldViolation, input};
@@ -184,6 +187,40 @@ pub struct Deliverability {
     pub baseline_recipients: i64,
 }
 
+/// One arm of an A/B test (a variant, or the remainder): its send's figures.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VariantPerformance {
+    /// The variant's name, or [`REMAINDER_NAME`].
+    pub name: String,
+    pub remainder: bool,
+    /// Its send (`snd_…`), once sent.
+    pub send_id: Option<String>,
+    /// Its manual segment in Customer.io, once created.
+    pub segment_id: Option<i64>,
+    pub source: Source,
+    pub counts: Counts,
+    pub engaged_people: i64,
+    pub as_of: Option<DateTime<Utc>>,
+}
+
+/// One A/B test of the assignment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TestPerformance {
+    /// `abt_…`
+    pub test_id: String,
+    pub title: String,
+    pub state: TestState,
+    /// The winning variant's name, once decided with one.
+    pub winner: Option<String>,
+    /// The variants in order, then the remainder (once started).
+    pub variants: Vec<VariantPerformance>,
+}
+
+/// What the remainder arm is called (the report's `variant` column, VariantPerformance).
+pub const REMAINDER_NAME: &str = "remainder";
+/// Most A/B tests of one assignment GetAssignmentAnalytics reports (newest first).
+pub const MAX_TESTS: u64 = 100;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct AssignmentAnalytics {
     pub assignment_id: String,
@@ -191,6 +228,8 @@ pub struct AssignmentAnalytics {
     pub engaged_people: i64,
     pub series: Vec<Bucket>,
     pub segments: Vec<SegmentPerformance>,
+    /// Its A/B tests, newest first, each arm with its send's figures.
+    pub tests: Vec<TestPerformance>,
     pub deliverability: Deliverability,
     pub source: Source,
     pub computed_at: DateTime<Utc>,
@@ -243,6 +282,7 @@ pub async fn assignment_analytics(
         polled.push(polled_send(ctx, &send.public_id).await);
     }
     groups.extend(polled);
+    let tests = tests_of(ctx, assignment_id, &groups).await?;
 
     let mut total = Counts::default();
     let mut engaged = 0;
@@ -299,10 +339,89 @@ pub async fn assignment_analytics(
             })
             .collect(),
         segments: groups,
+        tests,
         deliverability,
         source,
         computed_at: now,
     })
+}
+
+/// The name of `arm` of a test with `spec` (variants by index, [`REMAINDER`] the remainder).
+fn arm_name(spec: &TestSpec, arm: i32) -> String {
+    if arm == REMAINDER {
+        return REMAINDER_NAME.to_string();
+    }
+    usize::try_from(arm)
+        .ok()
+        .and_then(|i| spec.variants.get(i))
+        .map_or_else(|| format!("arm {arm}"), |v| v.name.clone())
+}
+
+/// The A/B tests of `assignment_id`, each arm with the figures of its send (`groups`: the
+/// assignment's per send and segment figures; an arm's send has one segment, its own).
+async fn tests_of(
+    ctx: &AppContext,
+    assignment_id: &str,
+    groups: &[SegmentPerformance],
+) -> Result<Vec<TestPerformance>, CoreError> {
+    let records = abtests::list(
+        &ctx.db,
+        ctx.workspace_id(),
+        Some(assignment_id),
+        None,
+        MAX_TESTS,
+    )
+    .await?;
+    let mut out = Vec::with_capacity(records.len());
+    for record in records {
+        let spec = manage::spec_of(&record)?;
+        let winner = manage::decision_of(&record)?
+            .and_then(|d| d.winner)
+            .and_then(|w| spec.variants.get(w))
+            .map(|v| v.name.clone());
+        let arms = abtests::arms(&ctx.db, record.id).await?;
+        let mut variants = Vec::new();
+        let order = (0..spec.variants.len())
+            .filter_map(|i| i32::try_from(i).ok())
+            .chain(std::iter::once(REMAINDER));
+        for arm in order {
+            let row = arms.iter().find(|a| a.arm == arm);
+            if arm == REMAINDER && row.is_none() {
+                continue;
+            }
+            let send_id = row.and_then(|a| a.send_public_id.clone());
+            let mut v = VariantPerformance {
+                name: arm_name(&spec, arm),
+                remainder: arm == REMAINDER,
+                send_id: send_id.clone(),
+                segment_id: row.and_then(|a| a.cio_segment_id),
+                source: Source::None,
+                counts: Counts::default(),
+                engaged_people: 0,
+                as_of: None,
+            };
+            for g in groups
+                .iter()
+                .filter(|g| Some(&g.send_id) == send_id.as_ref())
+            {
+                v.counts.add(&g.counts);
+                v.engaged_people += g.engaged_people;
+                v.as_of = v.as_of.max(g.as_of);
+                if v.source != Source::DeliveryEvents && g.source != Source::None {
+                    v.source = g.source;
+                }
+            }
+            variants.push(v);
+        }
+        out.push(TestPerformance {
+            test_id: record.public_id,
+            title: record.title,
+            state: record.state,
+            winner,
+            variants,
+        });
+    }
+    Ok(out)
 }
 
 /// Groups bucket counts per (send, segment).
@@ -563,36 +682,50 @@ pub async fn performance(
     Ok(crate::paging::Page::cut(items, limit, |p| p.rank))
 }
 
-/// What an export covers (at least one part set).
+/// What an export covers (at least one part set; together they narrow it).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExportScope {
     pub assignment_id: Option<String>,
     pub period: Option<Period>,
     pub segment_id: Option<i64>,
+    /// An A/B test (`abt_…`): the deliveries of its arms' sends.
+    pub test_id: Option<String>,
 }
 
 impl ExportScope {
-    pub fn validate(&self) -> Result<(), CoreError> {
+    /// Checks the scope and finds its test: a malformed id is `InvalidArgument`, an unknown
+    /// one (or another workspace's) `NotFound`. Answers what the report reads.
+    pub async fn resolve(&self, ctx: &AppContext) -> Result<Scope, CoreError> {
         if let Some(a) = &self.assignment_id {
             check_id("assignment_id", a)?;
         }
-        if self.assignment_id.is_none() && self.period.is_none() && self.segment_id.is_none() {
+        if self.assignment_id.is_none()
+            && self.period.is_none()
+            && self.segment_id.is_none()
+            && self.test_id.is_none()
+        {
             return Err(CoreError::invalid(
                 "assignment_id",
-                "give an assignment, a period (start_time and end_time) or a segment",
+                "give an assignment, a period (start_time and end_time), a segment or a test",
             ));
         }
-        Ok(())
-    }
-
-    fn scope(&self) -> Scope {
-        Scope {
+        let send_ids = match &self.test_id {
+            Some(t) => {
+                check_id("test_id", t)?;
+                let record = manage::find(ctx, t).await?;
+                let arms = abtests::arms(&ctx.db, record.id).await?;
+                Some(arms.iter().filter_map(|a| a.send_id).collect())
+            }
+            None => None,
+        };
+        Ok(Scope {
             assignment_id: self.assignment_id.clone(),
             segment_id: self.segment_id,
+            send_ids,
             sent_from: self.period.map(|p| p.from),
             sent_until: self.period.map(|p| p.until),
             ..Default::default()
-        }
+        })
     }
 }
 
@@ -605,7 +738,7 @@ pub enum ReportFormat {
 
 /// The report's columns, in order (documented in the README; never renamed or reordered,
 /// new ones only appended).
-pub const REPORT_COLUMNS: [&str; 14] = [
+pub const REPORT_COLUMNS: [&str; 15] = [
     "assignment_id",
     "send_id",
     "segment_id",
@@ -620,6 +753,7 @@ pub const REPORT_COLUMNS: [&str; 14] = [
     "unsubscribed_at",
     "converted_at",
     "source",
+    "variant",
 ];
 
 /// The header line of a CSV report (JSON lines have none).
@@ -646,8 +780,16 @@ fn csv_field(out: &mut String, value: &str) {
     }
 }
 
+/// What a report row says of its send: the public id (`snd_…`) and, for an A/B test arm's
+/// send, the variant's name ([`REMAINDER_NAME`] for the remainder; empty otherwise).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SendLabel {
+    pub public_id: String,
+    pub variant: String,
+}
+
 /// One row's values, in [`REPORT_COLUMNS`] order.
-fn row_values(r: &DeliveryRow, send_public_id: &str) -> [String; 14] {
+fn row_values(r: &DeliveryRow, send: &SendLabel) -> [String; 15] {
     let source = match (r.webhook != 0, r.poll != 0) {
         (true, true) => "webhook+poll",
         (true, false) => "webhook",
@@ -655,7 +797,7 @@ fn row_values(r: &DeliveryRow, send_public_id: &str) -> [String; 14] {
     };
     [
         r.assignment_id.clone().unwrap_or_default(),
-        send_public_id.to_string(),
+        send.public_id.clone(),
         r.segment_id.map(|s| s.to_string()).unwrap_or_default(),
         r.delivery_id.clone(),
         r.customer_id.clone().unwrap_or_default(),
@@ -668,12 +810,13 @@ fn row_values(r: &DeliveryRow, send_public_id: &str) -> [String; 14] {
         iso(r.unsubscribed_at),
         iso(r.converted_at),
         source.to_string(),
+        send.variant.clone(),
     ]
 }
 
 /// Appends one row in `format`.
-pub fn write_row(out: &mut String, format: ReportFormat, r: &DeliveryRow, send_public_id: &str) {
-    let values = row_values(r, send_public_id);
+pub fn write_row(out: &mut String, format: ReportFormat, r: &DeliveryRow, send: &SendLabel) {
+    let values = row_values(r, send);
     match format {
         ReportFormat::Csv => {
             for (i, v) in values.iter().enumerate() {
@@ -703,22 +846,17 @@ pub fn write_row(out: &mut String, format: ReportFormat, r: &DeliveryRow, send_p
     }
 }
 
-/// One export page: the rows after delivery `after` with their sends' public ids (`cache`
-/// grows by the sends met, a few per report), and where the next page starts (`None`: done).
+/// One export page of `scope` ([`ExportScope::resolve`]): the rows after delivery `after`
+/// with their sends' labels (`cache` grows by the sends met, a few per report), and where the
+/// next page starts (`None`: done).
 pub async fn export_page(
     ctx: &AppContext,
-    scope: &ExportScope,
+    scope: &Scope,
     after: Option<&str>,
-    cache: &mut HashMap<i64, String>,
-) -> Result<(Vec<(DeliveryRow, String)>, Option<String>), CoreError> {
-    let (rows, next) = store::delivery_page(
-        &ctx.db,
-        ctx.workspace_id(),
-        &scope.scope(),
-        after,
-        EXPORT_CHUNK_ROWS,
-    )
-    .await?;
+    cache: &mut HashMap<i64, SendLabel>,
+) -> Result<(Vec<(DeliveryRow, SendLabel)>, Option<String>), CoreError> {
+    let (rows, next) =
+        store::delivery_page(&ctx.db, ctx.workspace_id(), scope, after, EXPORT_CHUNK_ROWS).await?;
     let missing: Vec<i64> = rows
         .iter()
         .map(|r| r.send_id)
@@ -727,13 +865,28 @@ pub async fn export_page(
         .into_iter()
         .collect();
     if !missing.is_empty() {
-        cache.extend(store::send_public_ids(&ctx.db, ctx.workspace_id(), &missing).await?);
+        let ws = ctx.workspace_id();
+        for (id, public_id) in store::send_public_ids(&ctx.db, ws, &missing).await? {
+            cache.insert(
+                id,
+                SendLabel {
+                    public_id,
+                    variant: String::new(),
+                },
+            );
+        }
+        for (arm, test) in abtests::arms_of_sends(&ctx.db, ws, &missing).await? {
+            let spec = manage::spec_of(&test)?;
+            if let Some(label) = arm.send_id.and_then(|id| cache.get_mut(&id)) {
+                label.variant = arm_name(&spec, arm.arm);
+            }
+        }
     }
     let rows = rows
         .into_iter()
         .map(|r| {
-            let public = cache.get(&r.send_id).cloned().unwrap_or_default();
-            (r, public)
+            let label = cache.get(&r.send_id).cloned().unwrap_or_default();
+            (r, label)
         })
         .collect();
     Ok((rows, next))
@@ -984,9 +1137,9 @@ pub async fn watch_read(
 }
 
 /// The JSON of a report row (for tests and tools reading JSON lines).
-pub fn row_json(r: &DeliveryRow, send_public_id: &str) -> Value {
+pub fn row_json(r: &DeliveryRow, send: &SendLabel) -> Value {
     let mut line = String::new();
-    write_row(&mut line, ReportFormat::JsonLines, r, send_public_id);
+    write_row(&mut line, ReportFormat::JsonLines, r, send);
     serde_json::from_str(line.trim_end()).unwrap_or_else(|_| json!({}))
 }
 
@@ -1087,12 +1240,25 @@ mod tests {
             poll: 0,
         };
         let mut out = String::new();
-        write_row(&mut out, ReportFormat::Csv, &row, "snd_1");
+        let label = SendLabel {
+            public_id: "snd_1".into(),
+            variant: String::new(),
+        };
+        write_row(&mut out, ReportFormat::Csv, &row, &label);
         assert_eq!(
             out,
-            "asg,snd_1,7,\"d,1\",\"a\"\"b\",1970-01-01T00:00:00Z,1970-01-01T01:00:00Z,,,,,,,webhook\r\n"
+            "asg,snd_1,7,\"d,1\",\"a\"\"b\",1970-01-01T00:00:00Z,1970-01-01T01:00:00Z,,,,,,,webhook,\r\n"
         );
-        let j = row_json(&row, "snd_1");
+        let variant = SendLabel {
+            variant: "urgent, v2".into(),
+            ..label.clone()
+        };
+        let mut out = String::new();
+        write_row(&mut out, ReportFormat::Csv, &row, &variant);
+        assert!(out.ends_with(",webhook,\"urgent, v2\"\r\n"), "{out}");
+        assert_eq!(row_json(&row, &variant)["variant"], "urgent, v2");
+        let j = row_json(&row, &label);
+        assert_eq!(j["variant"], Value::Null);
         assert_eq!(j["segment_id"], 7);
         assert_eq!(j["human_opened_at"], Value::Null);
         assert_eq!(j["delivery_id"], "d,1");

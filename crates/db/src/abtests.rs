@@ -10,7 +10,8 @@
 //! running and stores nothing). [`arms`], [`arm_members_page`] read them; [`set_arm_segment`],
 //! [`set_arm_members`], [`set_arm_send`] record the evaluation job's progress, each only once
 //! (a column set when still empty), so two advancers agree; [`record_look`] continues the
-//! sequential state; [`arm_results`] counts an arm's delivery events of its send, attributed by
+//! sequential state; [`arms_of_sends`] tells which arm a send was (analytics);
+//! [`arm_results`] counts an arm's delivery events of its send, attributed by
 //! the stored allocation; [`active`] lists the tests the job still has work on.
 
 use chrono::{DateTime, Utc};
@@ -494,6 +495,34 @@ pub async fn allocation_counts(
         .into_tuple()
         .all(db)
         .await?)
+}
+
+/// The arms whose send is one of `send_ids`, with their test (of the workspace): which
+/// variant of which test each of these sends was.
+pub async fn arms_of_sends(
+    db: &impl ConnectionTrait,
+    workspace_id: i64,
+    send_ids: &[i64],
+) -> Result<Vec<(ArmRecord, TestRecord)>, DbError> {
+    let arms = ab_test_arms::Entity::find()
+        .filter(ab_test_arms::Column::SendId.is_in(send_ids.iter().copied()))
+        .all(db)
+        .await?;
+    if arms.is_empty() {
+        return Ok(Vec::new());
+    }
+    let tests = ab_tests::Entity::find()
+        .filter(ab_tests::Column::WorkspaceId.eq(workspace_id))
+        .filter(ab_tests::Column::Id.is_in(arms.iter().map(|a| a.test_id)))
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|t| Ok((t.id, TestRecord::try_from(t)?)))
+        .collect::<Result<std::collections::HashMap<i64, TestRecord>, DbErr>>()?;
+    Ok(arms
+        .into_iter()
+        .filter_map(|a| tests.get(&a.test_id).cloned().map(|t| (a, t)))
+        .collect())
 }
 
 /// Records the manual segment of an arm, unless one is recorded. Returns the one recorded.

@@ -1,7 +1,9 @@
 //! Analytics over delivery events (issues #13 §3 and #15), aggregated in SQL.
 //!
-//! Everything here reads ONE per-delivery view, written once in [`deliveries_cte`]: the events
-//! of a delivery grouped into what happened to it and when (unix seconds, UTC):
+//! Everything here reads ONE per-delivery view, written once in [`deliveries_cte`] over the
+//! per-delivery facts `analytics_deliveries` that ingest keeps ([`fold`], in the transaction
+//! storing or attributing the events): the events of a delivery aggregated into what happened
+//! to it and when (unix seconds, UTC):
 //! `first_at` (its first event: when it was sent, as far as we know), `delivered_at`,
 //! `open_at` (human), `click_at` (human), `bounced_at`, `spammed_at`, `unsubscribed_at`,
 //! `converted_at`. The counting rule is the engagement scoring's: a webhook's flags win
@@ -15,7 +17,7 @@
 //! - [`delivery_rows`]: a person's deliveries, newest first; [`delivery_page`]: a report's
 //!   deliveries in id order, a page at a time.
 //! - [`bucket_counts`]: per (send, segment, metric, time bucket) counts, with totals and the
-//!   people who engaged, in one statement (GetAssignmentAnalytics).
+//!   people who engaged, in two passes over the facts (GetAssignmentAnalytics).
 //! - [`assignment_counts`]: per assignment (and segment) totals over a period
 //!   (ListAssignmentPerformance, the deliverability baseline, SuggestSegments).
 //!
@@ -26,7 +28,6 @@ use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DbBackend, FromQueryResult, Statement, Value};
 
 use crate::DbError;
-use crate::time::db_time;
 
 /// Which delivery events a query reads. Deliveries are those whose events match; `sent_from` /
 /// `sent_until` bound a delivery's first event (so a delivery sent in a period brings all it
@@ -40,6 +41,8 @@ pub struct Scope {
     pub segment_id: Option<i64>,
     pub customer_id: Option<String>,
     pub assignment_ids: Option<Vec<String>>,
+    /// Only these sends (row ids; an A/B test's arms). Empty: nothing.
+    pub send_ids: Option<Vec<i64>>,
     pub sent_from: Option<DateTime<Utc>>,
     pub sent_until: Option<DateTime<Utc>>,
 }
@@ -83,18 +86,15 @@ fn epoch(backend: DbBackend, column: &str) -> String {
     }
 }
 
-/// The `WHERE` of the events a scope reads (bound into `sql`).
-fn event_filter(
+/// The `WHERE` of the per-delivery facts a scope reads (bound into `sql`).
+fn fact_filter(
     sql: &mut Sql,
     workspace_id: i64,
     scope: &Scope,
     after_delivery: Option<&str>,
 ) -> String {
     let backend = sql.backend;
-    let mut filter = format!(
-        "workspace_id = {} AND delivery_id IS NOT NULL AND send_id IS NOT NULL",
-        sql.bind(workspace_id)
-    );
+    let mut filter = format!("workspace_id = {}", sql.bind(workspace_id));
     if let Some(a) = &scope.assignment_id {
         filter.push_str(&format!(" AND assignment_id = {}", sql.bind(a.clone())));
     }
@@ -111,6 +111,15 @@ fn event_filter(
         };
         filter.push_str(&format!(" AND assignment_id IN ({list})"));
     }
+    if let Some(ids) = &scope.send_ids {
+        // Integers only: safe to inline (an empty list matches nothing).
+        let list = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+        if list.is_empty() {
+            filter.push_str(" AND 1 = 0");
+        } else {
+            filter.push_str(&format!(" AND send_id IN ({list})"));
+        }
+    }
     if let Some(s) = scope.segment_id {
         filter.push_str(&format!(" AND segment_id = {}", sql.bind(s)));
     }
@@ -118,8 +127,10 @@ fn event_filter(
         filter.push_str(&format!(" AND customer_id = {}", sql.bind(c.clone())));
     }
     if let Some(from) = scope.sent_from {
-        // No event of a delivery first seen at `from` or later is older than `from`.
-        filter.push_str(&format!(" AND occurred_at >= {}", sql.bind(db_time(from))));
+        filter.push_str(&format!(" AND first_at >= {}", sql.bind(from.timestamp())));
+    }
+    if let Some(until) = scope.sent_until {
+        filter.push_str(&format!(" AND first_at < {}", sql.bind(until.timestamp())));
     }
     if let Some(after) = after_delivery {
         filter.push_str(&format!(
@@ -130,8 +141,8 @@ fn event_filter(
     filter
 }
 
-/// `WITH … deliveries AS (…)`: the per-delivery view of the module doc over `scope`, plus
-/// `extra_where` (already bound) on the events. `after_delivery` keyset-pages by delivery id.
+/// `WITH … deliveries AS (…)`: the per-delivery view of the module doc over `scope`, read from
+/// the facts ([`fold`]). `after_delivery` / `up_to_delivery` keyset-page by delivery id.
 fn deliveries_cte(
     sql: &mut Sql,
     workspace_id: i64,
@@ -139,50 +150,20 @@ fn deliveries_cte(
     after_delivery: Option<&str>,
     up_to_delivery: Option<&str>,
 ) {
-    let backend = sql.backend;
-    let t = epoch(backend, "occurred_at");
-    let mut filter = event_filter(sql, workspace_id, scope, after_delivery);
+    let mut filter = fact_filter(sql, workspace_id, scope, after_delivery);
     if let Some(upper) = up_to_delivery {
         filter.push_str(&format!(
             " AND delivery_id <= {}",
             sql.bind(upper.to_string())
         ));
     }
-    let mut having = Vec::new();
-    if let Some(from) = scope.sent_from {
-        having.push(format!("MIN({t}) >= {}", sql.bind(from.timestamp())));
-    }
-    if let Some(until) = scope.sent_until {
-        having.push(format!("MIN({t}) < {}", sql.bind(until.timestamp())));
-    }
-    let having = if having.is_empty() {
-        String::new()
-    } else {
-        format!(" HAVING {}", having.join(" AND "))
-    };
     sql.push(&format!(
-        "WITH grouped AS (\
-         SELECT delivery_id, MIN(customer_id) AS customer_id, assignment_id, send_id, segment_id, \
-         MIN(id) AS first_id, MIN({t}) AS first_at, MAX({t}) AS last_at, \
-         MIN(CASE WHEN metric IN ('delivered','opened','clicked','converted') THEN {t} END) AS delivered_at, \
-         MIN(CASE WHEN source = 'webhook' AND metric = 'opened' AND NOT prefetched AND NOT synthetic THEN {t} END) AS wh_open_at, \
-         MAX(CASE WHEN source = 'webhook' AND metric = 'opened' THEN 1 ELSE 0 END) AS wh_open, \
-         MIN(CASE WHEN source = 'poll' AND metric = 'opened' THEN {t} END) AS poll_open_at, \
-         MIN(CASE WHEN source = 'webhook' AND metric = 'clicked' AND NOT machine THEN {t} END) AS wh_click_at, \
-         MAX(CASE WHEN source = 'webhook' AND metric = 'clicked' THEN 1 ELSE 0 END) AS wh_click, \
-         MIN(CASE WHEN source = 'poll' AND metric = 'clicked' THEN {t} END) AS poll_click_at, \
-         MIN(CASE WHEN metric IN ('bounced','failed','dropped','undeliverable') THEN {t} END) AS bounced_at, \
-         MIN(CASE WHEN metric = 'spammed' THEN {t} END) AS spammed_at, \
-         MIN(CASE WHEN metric = 'unsubscribed' THEN {t} END) AS unsubscribed_at, \
-         MIN(CASE WHEN metric = 'converted' THEN {t} END) AS converted_at, \
-         MAX(CASE WHEN source = 'webhook' THEN 1 ELSE 0 END) AS webhook, \
-         MAX(CASE WHEN source = 'poll' THEN 1 ELSE 0 END) AS poll \
-         FROM delivery_events WHERE {filter} \
-         GROUP BY delivery_id, assignment_id, send_id, segment_id{having}), \
-         flagged AS (SELECT g.*, \
+        "WITH flagged AS (SELECT delivery_id, customer_id, assignment_id, send_id, \
+         NULLIF(segment_id, 0) AS segment_id, first_id, first_at, last_at, delivered_at, \
          COALESCE(wh_open_at, CASE WHEN wh_open = 0 THEN poll_open_at END) AS o_at, \
-         COALESCE(wh_click_at, CASE WHEN wh_click = 0 THEN poll_click_at END) AS c_at \
-         FROM grouped g), \
+         COALESCE(wh_click_at, CASE WHEN wh_click = 0 THEN poll_click_at END) AS c_at, \
+         bounced_at, spammed_at, unsubscribed_at, converted_at, webhook, poll \
+         FROM analytics_deliveries WHERE {filter}), \
          deliveries AS (SELECT delivery_id, customer_id, assignment_id, send_id, segment_id, \
          first_id, first_at, last_at, delivered_at, \
          CASE WHEN o_at IS NULL THEN c_at WHEN c_at IS NULL THEN o_at \
@@ -190,6 +171,102 @@ fn deliveries_cte(
          c_at AS click_at, bounced_at, spammed_at, unsubscribed_at, converted_at, webhook, poll \
          FROM flagged) "
     ));
+}
+
+/// Columns of `analytics_deliveries` (migration 000065) that [`fold`] merges, with how: the
+/// smaller (`min`) or the larger (`max`) of the stored value and the events' aggregate; the
+/// key columns and `assignment_id` (one per send) are not merged.
+const FOLDED: [(&str, &str); 18] = [
+    ("customer_id", "min"),
+    ("first_id", "min"),
+    ("first_at", "min"),
+    ("last_at", "max"),
+    ("delivered_at", "min"),
+    ("wh_open_at", "min"),
+    ("wh_open", "max"),
+    ("poll_open_at", "min"),
+    ("wh_click_at", "min"),
+    ("wh_click", "max"),
+    ("poll_click_at", "min"),
+    ("bounced_at", "min"),
+    ("spammed_at", "min"),
+    ("unsubscribed_at", "min"),
+    ("converted_at", "min"),
+    ("webhook", "max"),
+    ("poll", "max"),
+    ("assignment_id", "keep"),
+];
+
+/// Event ids folded per statement (inlined integers).
+const FOLD_CHUNK: usize = 1000;
+
+/// Folds the delivery events `event_ids` (those attributed to a send and with a delivery id;
+/// others are skipped) into `analytics_deliveries`: per (delivery, send, segment), the
+/// aggregate of these events merged into the stored row by MIN / MAX. The merge is commutative
+/// and idempotent, so concurrent folds of one delivery (each under the row's lock) and a fold
+/// repeated (a retried attribution) give the same row as grouping all its events at once: the
+/// read is exact whatever the order events commit in. Call it in the transaction that stores
+/// or attributes the events, so facts and events commit together. Rows are written in key
+/// order (concurrent folds lock shared rows in one order: no deadlock).
+pub async fn fold(db: &impl ConnectionTrait, event_ids: &[i64]) -> Result<(), DbError> {
+    let backend = db.get_database_backend();
+    let t = epoch(backend, "occurred_at");
+    let merge = |how: &str, col: &str| {
+        let (old, new) = (
+            format!("analytics_deliveries.{col}"),
+            format!("excluded.{col}"),
+        );
+        match (how, backend) {
+            ("keep", _) => format!("COALESCE({old}, {new})"),
+            ("min", DbBackend::Postgres) => format!("LEAST({old}, {new})"),
+            ("max", DbBackend::Postgres) => format!("GREATEST({old}, {new})"),
+            // SQLite's scalar MIN/MAX answer NULL when either is NULL.
+            (how, _) => format!(
+                "COALESCE({}({old}, {new}), {old}, {new})",
+                how.to_uppercase()
+            ),
+        }
+    };
+    let set = FOLDED
+        .iter()
+        .map(|(col, how)| format!("{col} = {}", merge(how, col)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    for chunk in event_ids.chunks(FOLD_CHUNK) {
+        let ids = chunk
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let text = format!(
+            "INSERT INTO analytics_deliveries (workspace_id, delivery_id, send_id, segment_id, \
+             assignment_id, customer_id, first_id, first_at, last_at, delivered_at, wh_open_at, \
+             wh_open, poll_open_at, wh_click_at, wh_click, poll_click_at, bounced_at, spammed_at, \
+             unsubscribed_at, converted_at, webhook, poll) \
+             SELECT workspace_id, delivery_id, send_id, COALESCE(segment_id, 0), \
+             MIN(assignment_id), MIN(customer_id), MIN(id), MIN({t}), MAX({t}), \
+             MIN(CASE WHEN metric IN ('delivered','opened','clicked','converted') THEN {t} END), \
+             MIN(CASE WHEN source = 'webhook' AND metric = 'opened' AND NOT prefetched AND NOT synthetic THEN {t} END), \
+             MAX(CASE WHEN source = 'webhook' AND metric = 'opened' THEN 1 ELSE 0 END), \
+             MIN(CASE WHEN source = 'poll' AND metric = 'opened' THEN {t} END), \
+             MIN(CASE WHEN source = 'webhook' AND metric = 'clicked' AND NOT machine THEN {t} END), \
+             MAX(CASE WHEN source = 'webhook' AND metric = 'clicked' THEN 1 ELSE 0 END), \
+             MIN(CASE WHEN source = 'poll' AND metric = 'clicked' THEN {t} END), \
+             MIN(CASE WHEN metric IN ('bounced','failed','dropped','undeliverable') THEN {t} END), \
+             MIN(CASE WHEN metric = 'spammed' THEN {t} END), \
+             MIN(CASE WHEN metric = 'unsubscribed' THEN {t} END), \
+             MIN(CASE WHEN metric = 'converted' THEN {t} END), \
+             MAX(CASE WHEN source = 'webhook' THEN 1 ELSE 0 END), \
+             MAX(CASE WHEN source = 'poll' THEN 1 ELSE 0 END) \
+             FROM delivery_events WHERE id IN ({ids}) AND delivery_id IS NOT NULL \
+             AND send_id IS NOT NULL \
+             GROUP BY workspace_id, delivery_id, send_id, COALESCE(segment_id, 0) \
+             ORDER BY workspace_id, delivery_id, send_id, COALESCE(segment_id, 0) \
+             ON CONFLICT (workspace_id, delivery_id, send_id, segment_id) DO UPDATE SET {set}"
+        );
+        db.execute_unprepared(&text).await?;
+    }
+    Ok(())
 }
 
 /// One delivery as the per-delivery view tells it (times in unix seconds).
@@ -265,11 +342,11 @@ pub async fn delivery_page(
     let backend = db.get_database_backend();
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let mut probe = Sql::new(backend);
-    let filter = event_filter(&mut probe, workspace_id, scope, after);
+    let filter = fact_filter(&mut probe, workspace_id, scope, after);
     let bound = probe.bind(limit);
     probe.push(&format!(
         "SELECT COUNT(*) AS n, MAX(delivery_id) AS upper FROM (SELECT DISTINCT delivery_id \
-         FROM delivery_events WHERE {filter} ORDER BY delivery_id LIMIT {bound}) p"
+         FROM analytics_deliveries WHERE {filter} ORDER BY delivery_id LIMIT {bound}) p"
     ));
     let Some(page) = PageBound::find_by_statement(probe.statement())
         .one(db)
@@ -314,42 +391,110 @@ pub struct BucketCount {
     pub count: i64,
 }
 
+/// Deliveries of one send and segment whose metrics fall in these UTC hours (unix seconds of
+/// the hour; `None`: the metric did not happen), [`BUCKET_METRICS`] order.
+#[derive(Debug, FromQueryResult)]
+struct HourCombo {
+    send_id: i64,
+    segment_id: Option<i64>,
+    h0: Option<i64>,
+    h1: Option<i64>,
+    h2: Option<i64>,
+    h3: Option<i64>,
+    h4: Option<i64>,
+    h5: Option<i64>,
+    h6: Option<i64>,
+    h7: Option<i64>,
+    n: i64,
+    last_at: i64,
+}
+
+#[derive(Debug, FromQueryResult)]
+struct Engaged {
+    send_id: i64,
+    segment_id: Option<i64>,
+    engaged: i64,
+}
+
 /// Per (send, segment, metric, bucket) counts of `scope`: hourly buckets before `hourly_until`
-/// (unix seconds, a UTC midnight), daily UTC buckets from it.
+/// (unix seconds, a UTC midnight), daily UTC buckets from it. The facts are read in one pass
+/// grouped by the hour of every metric at once (deliveries sharing their hours are one row),
+/// then spread over the metrics and buckets here (with the newest event per (send, segment));
+/// a second pass counts the people engaged, over the engaged deliveries only.
 pub async fn bucket_counts(
     db: &impl ConnectionTrait,
     workspace_id: i64,
     scope: &Scope,
     hourly_until: i64,
 ) -> Result<Vec<BucketCount>, DbError> {
-    let mut sql = Sql::new(db.get_database_backend());
+    let backend = db.get_database_backend();
+    let mut sql = Sql::new(backend);
     deliveries_cte(&mut sql, workspace_id, scope, None, None);
-    let mut branches = Vec::new();
-    for (metric, column) in BUCKET_METRICS {
-        let until = sql.bind(hourly_until);
-        branches.push(format!(
-            "SELECT send_id, segment_id, '{metric}' AS metric, \
-             CASE WHEN {column} < {until} THEN {column} - ({column} % 3600) \
-             ELSE {column} - ({column} % 86400) END AS bucket, COUNT(*) AS count \
-             FROM deliveries WHERE {column} IS NOT NULL GROUP BY send_id, segment_id, bucket"
-        ));
-    }
-    branches.push(
-        "SELECT send_id, segment_id, 'engaged_people' AS metric, 0 AS bucket, \
-         COUNT(DISTINCT customer_id) AS count FROM deliveries \
-         WHERE open_at IS NOT NULL OR click_at IS NOT NULL GROUP BY send_id, segment_id"
-            .to_string(),
-    );
-    branches.push(
-        "SELECT send_id, segment_id, 'last_event_at' AS metric, 0 AS bucket, \
-         MAX(last_at) AS count FROM deliveries GROUP BY send_id, segment_id"
-            .to_string(),
-    );
-    sql.push(&branches.join(" UNION ALL "));
-    sql.push(" ORDER BY send_id, segment_id, metric, bucket");
-    Ok(BucketCount::find_by_statement(sql.statement())
+    let hours: Vec<String> = BUCKET_METRICS
+        .iter()
+        .enumerate()
+        .map(|(i, (_, column))| format!("{column} - ({column} % 3600) AS h{i}"))
+        .collect();
+    let keys = (0..BUCKET_METRICS.len())
+        .map(|i| format!("h{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    sql.push(&format!(
+        "SELECT send_id, segment_id, {keys}, COUNT(*) AS n, MAX(last_at) AS last_at FROM \
+         (SELECT send_id, segment_id, last_at, {} FROM deliveries) x \
+         GROUP BY send_id, segment_id, {keys}",
+        hours.join(", ")
+    ));
+    let combos = HourCombo::find_by_statement(sql.statement())
         .all(db)
-        .await?)
+        .await?;
+    let mut counts: std::collections::BTreeMap<(i64, Option<i64>, &str, i64), i64> =
+        std::collections::BTreeMap::new();
+    for c in &combos {
+        let last = counts
+            .entry((c.send_id, c.segment_id, "last_event_at", 0))
+            .or_insert(c.last_at);
+        *last = (*last).max(c.last_at);
+        let hours = [c.h0, c.h1, c.h2, c.h3, c.h4, c.h5, c.h6, c.h7];
+        for ((metric, _), hour) in BUCKET_METRICS.iter().zip(hours) {
+            let Some(h) = hour else { continue };
+            let bucket = if h < hourly_until { h } else { h - h % 86_400 };
+            *counts
+                .entry((c.send_id, c.segment_id, metric, bucket))
+                .or_default() += c.n;
+        }
+    }
+    let mut sql = Sql::new(backend);
+    deliveries_cte(&mut sql, workspace_id, scope, None, None);
+    sql.push(
+        "SELECT send_id, segment_id, COUNT(*) AS engaged FROM (SELECT DISTINCT send_id, \
+         segment_id, customer_id FROM deliveries WHERE customer_id IS NOT NULL \
+         AND (open_at IS NOT NULL OR click_at IS NOT NULL)) e GROUP BY send_id, segment_id",
+    );
+    for e in Engaged::find_by_statement(sql.statement()).all(db).await? {
+        counts.insert((e.send_id, e.segment_id, "engaged_people", 0), e.engaged);
+    }
+    let mut out: Vec<BucketCount> = counts
+        .into_iter()
+        .map(
+            |((send_id, segment_id, metric, bucket), count)| BucketCount {
+                send_id,
+                segment_id,
+                metric: metric.to_string(),
+                bucket,
+                count,
+            },
+        )
+        .collect();
+    out.sort_by(|a, b| {
+        (a.send_id, a.segment_id, &a.metric, a.bucket).cmp(&(
+            b.send_id,
+            b.segment_id,
+            &b.metric,
+            b.bucket,
+        ))
+    });
+    Ok(out)
 }
 
 /// Totals of one assignment and target segment (`segment_id` `None` when grouped over
@@ -528,8 +673,8 @@ mod tests {
             ..Default::default()
         };
         deliveries_cte(&mut sql, 1, &scope, Some("d"), None);
-        assert_eq!(sql.values.len(), 5);
-        for n in 1..=5 {
+        assert_eq!(sql.values.len(), 4);
+        for n in 1..=4 {
             assert_eq!(
                 sql.text.matches(&format!("${n} ")).count()
                     + sql.text.matches(&format!("${n})")).count(),

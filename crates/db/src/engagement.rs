@@ -17,11 +17,12 @@ use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::{
     ActiveValue::{NotSet, Set},
     ColumnTrait, ConnectionTrait, EntityTrait, FromQueryResult, QueryFilter, QueryOrder,
-    QuerySelect, QueryTrait, Statement,
+    QuerySelect, QueryTrait, Statement, TransactionSession, TransactionTrait,
 };
 use serde_json::{Map, Value};
 
 use crate::DbError;
+use crate::database::begin_write;
 use crate::entities::{profiles, send_submissions, sends};
 use crate::time::db_time;
 
@@ -251,7 +252,7 @@ async fn attributions(
 /// are left out). Events are attributed to SharpSend submissions by trigger id, newsletter id
 /// or the given [`NewDeliveryEvent::submission_id`].
 pub async fn insert_events(
-    db: &impl ConnectionTrait,
+    db: &impl TransactionTrait,
     workspace_id: i64,
     source: EventSource,
     events: &[NewDeliveryEvent],
@@ -260,6 +261,21 @@ pub async fn insert_events(
     if events.is_empty() {
         return Ok(Vec::new());
     }
+    let txn = begin_write(db).await?;
+    let inserted = insert_events_in(&txn, workspace_id, source, events, now).await?;
+    crate::analytics::fold(&txn, &inserted).await?;
+    txn.commit().await?;
+    Ok(inserted)
+}
+
+/// [`insert_events`] inside the caller's transaction (the analytics facts are folded by it).
+async fn insert_events_in(
+    db: &impl ConnectionTrait,
+    workspace_id: i64,
+    source: EventSource,
+    events: &[NewDeliveryEvent],
+    now: DateTime<Utc>,
+) -> Result<Vec<i64>, DbError> {
     let now = db_time(now);
     let trigger_ids: Vec<i64> = dedup(events.iter().filter_map(|e| e.trigger_id));
     let newsletter_ids: Vec<i64> = dedup(events.iter().filter_map(|e| e.newsletter_id));
@@ -371,6 +387,19 @@ fn dedup<T: Ord>(items: impl Iterator<Item = T>) -> Vec<T> {
 /// Attributes events stored before their submission's trigger or newsletter id was known.
 /// Returns how many were attributed.
 pub async fn attribute_pending(
+    db: &impl TransactionTrait,
+    workspace_id: i64,
+) -> Result<u64, DbError> {
+    let txn = begin_write(db).await?;
+    let attributed = attribute_pending_in(&txn, workspace_id).await?;
+    txn.commit().await?;
+    Ok(attributed)
+}
+
+/// [`attribute_pending`] inside the caller's transaction; the events it attributes are folded
+/// into the analytics facts (a pending event another run attributed meanwhile is folded
+/// twice, which changes nothing).
+async fn attribute_pending_in(
     db: &impl ConnectionTrait,
     workspace_id: i64,
 ) -> Result<u64, DbError> {
@@ -413,6 +442,10 @@ pub async fn attribute_pending(
             .exec(db)
             .await?
             .rows_affected;
+    }
+    if attributed > 0 {
+        let ids: Vec<i64> = pending.iter().map(|p| p.0).collect();
+        crate::analytics::fold(db, &ids).await?;
     }
     Ok(attributed)
 }

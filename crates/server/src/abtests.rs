@@ -71,7 +71,7 @@ fn policy_to_proto(policy: NoWinnerPolicy) -> pb::NoWinnerPolicy {
     }
 }
 
-fn state_to_proto(state: TestState) -> pb::TestState {
+pub(crate) fn state_to_proto(state: TestState) -> pb::TestState {
     match state {
         TestState::Draft => pb::TestState::Draft,
         TestState::Running => pb::TestState::Running,

@@ -308,6 +308,31 @@ impl AnalyticsService for Analytics {
             }),
             source: source_to_proto(a.source),
             computed_at: Some(timestamp(a.computed_at)),
+            tests: a
+                .tests
+                .iter()
+                .map(|t| pb::TestPerformance {
+                    test_id: t.test_id.clone(),
+                    title: t.title.clone(),
+                    state: crate::abtests::state_to_proto(t.state) as i32,
+                    winner: t.winner.clone().unwrap_or_default(),
+                    variants: t
+                        .variants
+                        .iter()
+                        .map(|v| pb::VariantPerformance {
+                            name: v.name.clone(),
+                            remainder: v.remainder,
+                            send_id: v.send_id.clone().unwrap_or_default(),
+                            segment_id: v.segment_id.unwrap_or_default(),
+                            source: source_to_proto(v.source),
+                            counts: Some(counts_to_proto(&v.counts)),
+                            rates: Some(rates_to_proto(&v.counts.rates())),
+                            engaged_people: v.engaged_people,
+                            as_of: v.as_of.map(timestamp),
+                        })
+                        .collect(),
+                })
+                .collect(),
         }))
     }
 
@@ -416,8 +441,9 @@ impl AnalyticsService for Analytics {
             assignment_id: Some(req.assignment_id).filter(|a| !a.is_empty()),
             period: period(req.start_time.as_ref(), req.end_time.as_ref()).or_status()?,
             segment_id: segment_filter(req.segment_id).or_status()?,
+            test_id: Some(req.test_id).filter(|t| !t.is_empty()),
         };
-        scope.validate().or_status()?;
+        let scope = scope.resolve(&ctx).await.or_status()?;
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let ctx = ctx.clone();
         tokio::spawn(async move {

@@ -2,6 +2,7 @@
 //! `SHARPSEND_TEST_POSTGRES_URL` is set, on PostgreSQL (see `sharpsend_db::testing`).
 
 mod abtests;
+mod analytics;
 mod campaigns;
 mod criteria;
 mod helpers;
