@@ -10,7 +10,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
-use cio_sim::{DeliveryFilter, DeliveryMetric, DeliveryRates, RatesKey};
+use cio_sim::{DeliveryFilter, DeliveryMetric, DeliveryRates, RatesKey, SimDelivery};
 use sharpsend_core::AppContext;
 use sharpsend_core::abtest::allocation::{Allocation, allocate};
 use sharpsend_core::context::Migrations;
@@ -604,40 +604,9 @@ db_test!(
                 trigger_id: Some(trigger),
                 ..DeliveryFilter::default()
             });
-            let delivered = deliveries
-                .iter()
-                .filter(|d| d.events.contains_key(&DeliveryMetric::Delivered))
-                .count() as i64;
-            let clicked = deliveries
-                .iter()
-                .filter(|d| d.events.contains_key(&DeliveryMetric::HumanClicked))
-                .count() as i64;
-            let opened = deliveries
-                .iter()
-                .filter(|d| d.events.contains_key(&DeliveryMetric::HumanOpened))
-                .count() as i64;
-            ensure!(
-                result.recipients == delivered
-                    && result.human_clicks == clicked
-                    && result.human_opens == opened,
-                "{} counts {result:?} vs the ledger: {delivered} delivered, {opened} opened, {clicked} clicked",
-                result.name
-            );
-            for d in &deliveries {
-                ensure!(
-                    seen.insert(d.person_id.clone()),
-                    "{} received two variants",
-                    d.person_id
-                );
-            }
+            matches_the_ledger(result, &deliveries, &mut seen)?;
         }
-        for d in &remainder_deliveries {
-            ensure!(
-                !seen.contains(&d.person_id),
-                "{} got a variant and the remainder",
-                d.person_id
-            );
-        }
+        nobody_got_a_variant_and_the_remainder(&seen, &remainder_deliveries)?;
         app.stop().await
     }
 );
@@ -1251,40 +1220,59 @@ db_test!(
                 ..DeliveryFilter::default()
             });
             reaches_its_segment(&app, &deliveries, result.segment_id, &result.name)?;
-            let delivered = deliveries
-                .iter()
-                .filter(|d| d.events.contains_key(&DeliveryMetric::Delivered))
-                .count() as i64;
-            let clicked = deliveries
-                .iter()
-                .filter(|d| d.events.contains_key(&DeliveryMetric::HumanClicked))
-                .count() as i64;
-            let opened = deliveries
-                .iter()
-                .filter(|d| d.events.contains_key(&DeliveryMetric::HumanOpened))
-                .count() as i64;
-            ensure!(
-                result.recipients == delivered
-                    && result.human_clicks == clicked
-                    && result.human_opens == opened,
-                "{} counts {result:?} vs the ledger: {delivered} delivered, {opened} opened, {clicked} clicked",
-                result.name
-            );
-            for d in &deliveries {
-                ensure!(
-                    seen.insert(d.person_id.clone()),
-                    "{} received two variants",
-                    d.person_id
-                );
-            }
+            matches_the_ledger(result, &deliveries, &mut seen)?;
         }
-        for d in &remainder_deliveries {
-            ensure!(
-                !seen.contains(&d.person_id),
-                "{} got a variant and the remainder",
-                d.person_id
-            );
-        }
+        nobody_got_a_variant_and_the_remainder(&seen, &remainder_deliveries)?;
         app.stop().await
     }
 );
+
+/// A variant's figures equal the simulator's ledger of its `deliveries`, and none of its people
+/// is in `seen` (another variant's); adds them to it.
+fn matches_the_ledger(
+    result: &pb::VariantResult,
+    deliveries: &[SimDelivery],
+    seen: &mut HashSet<String>,
+) -> anyhow::Result<()> {
+    let count = |metric: DeliveryMetric| {
+        deliveries
+            .iter()
+            .filter(|d| d.events.contains_key(&metric))
+            .count() as i64
+    };
+    let (delivered, opened, clicked) = (
+        count(DeliveryMetric::Delivered),
+        count(DeliveryMetric::HumanOpened),
+        count(DeliveryMetric::HumanClicked),
+    );
+    ensure!(
+        result.recipients == delivered
+            && result.human_clicks == clicked
+            && result.human_opens == opened,
+        "{} counts {result:?} vs the ledger: {delivered} delivered, {opened} opened, {clicked} clicked",
+        result.name
+    );
+    for d in deliveries {
+        ensure!(
+            seen.insert(d.person_id.clone()),
+            "{} received two variants",
+            d.person_id
+        );
+    }
+    Ok(())
+}
+
+/// Nobody of the remainder's deliveries got a variant (`seen`).
+fn nobody_got_a_variant_and_the_remainder(
+    seen: &HashSet<String>,
+    remainder: &[SimDelivery],
+) -> anyhow::Result<()> {
+    for d in remainder {
+        ensure!(
+            !seen.contains(&d.person_id),
+            "{} got a variant and the remainder",
+            d.person_id
+        );
+    }
+    Ok(())
+}
