@@ -403,7 +403,8 @@ fn summary_of_webhooks(events: &[engagement::DeliveryEvent]) -> (usize, usize, u
             "delivered" | "converted" => entry.0 = true,
             "opened" => {
                 entry.0 = true;
-                entry.1 |= !e.prefetched;
+                // A synthetic open is as human as the click it was inferred from.
+                entry.1 |= !e.prefetched && !e.synthetic;
             }
             "clicked" => {
                 entry.0 = true;

@@ -572,7 +572,9 @@ pub struct DeliveryFacts {
     pub send_id: i64,
     /// Delivered, or opened/clicked (which implies it).
     pub delivered: bool,
-    /// Opened by a person (not prefetched); a synthetic open counts, it comes from a click.
+    /// Opened by a person: a webhook open neither prefetched nor synthetic, a polled open no
+    /// webhook contradicts, or a human click (a synthetic open is Customer.io inferring an open
+    /// from a click, so it is as human as that click: a link scanner's makes no open).
     pub human_open: bool,
     /// Clicked by a person (not a link scanner).
     pub human_click: bool,
@@ -585,11 +587,12 @@ pub struct DeliveryFacts {
     pub last_interaction_at: Option<i64>,
 }
 
-/// (customer, delivery, metric, prefetched, machine, occurred at) of one event.
+/// (customer, delivery, metric, prefetched, synthetic, machine, occurred at) of one event.
 type EventTime = (
     Option<String>,
     Option<String>,
     String,
+    bool,
     bool,
     bool,
     DateTime<Utc>,
@@ -647,7 +650,7 @@ pub async fn delivery_facts(
     let sql = format!(
         "SELECT customer_id, delivery_id, send_id, \
          MAX(CASE WHEN metric IN ('delivered','opened','clicked','converted') THEN 1 ELSE 0 END) AS delivered, \
-         MAX(CASE WHEN source = 'webhook' AND metric = 'opened' AND NOT prefetched THEN 1 ELSE 0 END) AS webhook_human_open, \
+         MAX(CASE WHEN source = 'webhook' AND metric = 'opened' AND NOT prefetched AND NOT synthetic THEN 1 ELSE 0 END) AS webhook_human_open, \
          MAX(CASE WHEN source = 'webhook' AND metric = 'opened' THEN 1 ELSE 0 END) AS webhook_open, \
          MAX(CASE WHEN source = 'poll' AND metric = 'opened' THEN 1 ELSE 0 END) AS poll_open, \
          MAX(CASE WHEN source = 'webhook' AND metric = 'clicked' AND NOT machine THEN 1 ELSE 0 END) AS webhook_human_click, \
@@ -678,6 +681,7 @@ pub async fn delivery_facts(
         .column(Column::DeliveryId)
         .column(Column::Metric)
         .column(Column::Prefetched)
+        .column(Column::Synthetic)
         .column(Column::Machine)
         .column(Column::OccurredAt)
         .filter(Column::WorkspaceId.eq(workspace_id))
@@ -689,13 +693,14 @@ pub async fn delivery_facts(
         .await?;
     let mut first: HashMap<(String, String), i64> = HashMap::new();
     let mut last_human: HashMap<(String, String), i64> = HashMap::new();
-    for (c, d, metric, prefetched, machine, at) in times {
+    for (c, d, metric, prefetched, synthetic, machine, at) in times {
         let (Some(c), Some(d)) = (c, d) else { continue };
         let at = at.timestamp();
         let key = (c, d);
         let f = first.entry(key.clone()).or_insert(at);
         *f = std::cmp::min(*f, at);
-        let human = (metric == "opened" && !prefetched) || (metric == "clicked" && !machine);
+        let human =
+            (metric == "opened" && !prefetched && !synthetic) || (metric == "clicked" && !machine);
         if human {
             let l = last_human.entry(key).or_insert(at);
             *l = std::cmp::max(*l, at);

@@ -1,6 +1,7 @@
 //! The per-delivery analytics facts (`analytics_deliveries`, folded by ingest): folds racing
 //! on the same deliveries from two pools, in any order and batching, and events attributed
-//! late, give the same facts as folding every event at once; folding again changes nothing.
+//! late, give the same facts as folding every event at once; folding again changes nothing; the
+//! engagement scoring counts human opens and clicks as the analytics do.
 
 use sea_orm::ConnectionTrait;
 use serde_json::json;
@@ -180,6 +181,17 @@ sharpsend_db::db_test!(
         );
         assert!(raced.iter().any(|r| r.poll != 0 && r.click_at.is_some()));
         assert!(raced.iter().any(|r| r.bounced_at.is_some()));
+        // The engagement scoring judges each delivery's human open and click by the same rule
+        // (a link scanner's click and the synthetic open inferred from it are not a person's).
+        let scored = engagement::delivery_facts(&db.conn, ws, "", 10_000).await?;
+        assert_eq!(scored.len(), 240);
+        for f in &scored {
+            let Some(row) = raced.iter().find(|r| r.delivery_id == f.delivery_id) else {
+                panic!("{} scored but not in the analytics", f.delivery_id);
+            };
+            assert_eq!(f.human_open, row.open_at.is_some(), "{f:?} vs {row:?}");
+            assert_eq!(f.human_click, row.click_at.is_some(), "{f:?} vs {row:?}");
+        }
 
         // Every event folded at once, as the migration's backfill groups them.
         let ids: Vec<i64> = engagement::events_after(&db.conn, ws, 0, None, 100_000)
