@@ -366,6 +366,23 @@ pub(crate) fn three_variants(request_id: &str, audience: i64) -> pb::CreateTestR
     }
 }
 
+/// Test `id` once the sequential rule decided it: every 3 hours of simulated time the delivery
+/// poll and the evaluation job run, for at most 48 hours.
+async fn decided_by_the_rule(app: &TestApp, id: &str) -> anyhow::Result<pb::AbTest> {
+    let mut last = None;
+    for _ in 0..16 {
+        app.advance(Duration::from_secs(3 * 3600));
+        app.run_job(Job::DeliveryPoll).await?;
+        app.run_job(Job::AbTestEvaluation).await?;
+        let test = get(app, id).await?;
+        if test.state == TestState::Decided as i32 {
+            return Ok(test);
+        }
+        last = Some(test);
+    }
+    anyhow::bail!("no decision within 48 h: {last:?}")
+}
+
 async fn get(app: &TestApp, id: &str) -> anyhow::Result<pb::AbTest> {
     app.abtests()
         .await?
@@ -523,20 +540,7 @@ db_test!(
         }
 
         // Results come back; the job looks every run (here every 3 hours of simulated time).
-        let mut decided = None;
-        let mut last = None;
-        for _ in 0..16 {
-            app.advance(Duration::from_secs(3 * 3600));
-            app.run_job(Job::DeliveryPoll).await?;
-            app.run_job(Job::AbTestEvaluation).await?;
-            let test = get(&app, &id).await?;
-            if test.state == TestState::Decided as i32 {
-                decided = Some(test);
-                break;
-            }
-            last = Some(test);
-        }
-        let decided = decided.with_context(|| format!("no decision within 48 h: {last:?}"))?;
+        let decided = decided_by_the_rule(&app, &id).await?;
         let decision = decided.decision.clone().context("decision")?;
         ensure!(
             decision.winner == 2 && decision.actor == "sequential-test",
@@ -1149,20 +1153,7 @@ db_test!(
         }
 
         // Results come back through the delivery poll; the rule decides.
-        let mut decided = None;
-        let mut last = None;
-        for _ in 0..16 {
-            app.advance(Duration::from_secs(3 * 3600));
-            app.run_job(Job::DeliveryPoll).await?;
-            app.run_job(Job::AbTestEvaluation).await?;
-            let test = get(&app, &id).await?;
-            if test.state == TestState::Decided as i32 {
-                decided = Some(test);
-                break;
-            }
-            last = Some(test);
-        }
-        let decided = decided.with_context(|| format!("no decision within 48 h: {last:?}"))?;
+        let decided = decided_by_the_rule(&app, &id).await?;
         let decision = decided.decision.clone().context("decision")?;
         ensure!(
             decision.winner == 2 && decision.actor == "sequential-test",

@@ -142,18 +142,23 @@ impl ResolvesServerCert for ReloadingCert {
     }
 }
 
+/// The CA certificates of a PEM file (`what` names it in errors).
+fn roots(what: &'static str, path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(path).map_err(|e| read_err(what, path, e))? {
+        roots
+            .add(cert.map_err(|e| read_err(what, path, e))?)
+            .map_err(|e| read_err(what, path, e))?;
+    }
+    Ok(roots)
+}
+
 /// The CA client certificates must chain to, from its PEM file.
 fn client_verifier(
     path: &Path,
     provider: Arc<CryptoProvider>,
 ) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(path).map_err(|e| read_err("client CA", path, e))? {
-        roots
-            .add(cert.map_err(|e| read_err("client CA", path, e))?)
-            .map_err(|e| read_err("client CA", path, e))?;
-    }
-    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots("client CA", path)?), provider)
         .build()
         .map_err(|e| read_err("client CA", path, e))
 }
@@ -235,15 +240,9 @@ pub async fn channel(
     timeout: Duration,
 ) -> Result<tonic::transport::Channel, anyhow::Error> {
     let provider = provider();
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(&tls.ca).map_err(|e| read_err("CA", &tls.ca, e))? {
-        roots
-            .add(cert.map_err(|e| read_err("CA", &tls.ca, e))?)
-            .map_err(|e| read_err("CA", &tls.ca, e))?;
-    }
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots);
+        .with_root_certificates(roots("CA", &tls.ca)?);
     let mut config = match &tls.identity {
         None => builder.with_no_client_auth(),
         Some((cert, key)) => {
