@@ -474,3 +474,75 @@ db_test!(
         app.stop().await
     }
 );
+
+/// An export row of `id` with `plan`.
+fn export_row(columns: &Arc<[String]>, id: &str, plan: &str) -> cio_client::ExportRow {
+    cio_client::ExportRow::new(
+        columns.clone(),
+        vec![id.to_owned(), format!("{id}@example.com"), plan.to_owned()],
+    )
+}
+
+db_test!(
+    a_large_export_loads_in_lanes_and_a_persons_last_row_wins,
+    |db: TestDatabase| async move {
+        use futures::stream;
+        use sharpsend_core::profile_sync::load_export_rows;
+        let app = spawn(&db, 0).await?;
+        let ws = app.ctx.workspace_id();
+        let columns: Arc<[String]> = ["id", "email", "plan"].map(String::from).into();
+        // 4,000 people (several chunks per lane), then the first 1,000 again with a newer
+        // plan: each must end with its last row, whichever lane and chunk carried it.
+        let rows = (0..5_000).map(|i| {
+            let (person, plan) = if i < 4_000 {
+                (i, "free")
+            } else {
+                (i - 4_000, "pro")
+            };
+            Ok(export_row(&columns, &format!("reader-{person}"), plan))
+        });
+        let loaded = load_export_rows(
+            &app.ctx,
+            stream::iter(rows.collect::<Vec<_>>()),
+            app.ctx.now(),
+        )
+        .await?;
+        ensure!(loaded.counts.read == 5_000, "{:?}", loaded.counts);
+        ensure!(loaded.counts.created == 4_000, "{:?}", loaded.counts);
+        ensure!(loaded.skipped == 0);
+        for (person, plan) in [(0, "pro"), (999, "pro"), (1_000, "free"), (3_999, "free")] {
+            let id = format!("reader-{person}");
+            let profile = profiles::get(&app.ctx.db, ws, Lookup::Id(&id))
+                .await?
+                .with_context(|| format!("{id} not mirrored"))?;
+            ensure!(
+                profile.attributes.get("plan") == Some(&json!(plan)),
+                "{id}: {:?}",
+                profile.attributes
+            );
+            ensure!(profile.email.as_deref() == Some(format!("{id}@example.com").as_str()));
+        }
+
+        // A download that breaks half-way: the error is reported (no hang), naming no link.
+        let broken = (0..3_000).map(|i| {
+            if i == 2_500 {
+                Err(cio_client::DownloadError::Status { status: 502 })
+            } else {
+                Ok(export_row(&columns, &format!("late-{i}"), "premium"))
+            }
+        });
+        let err = load_export_rows(
+            &app.ctx,
+            stream::iter(broken.collect::<Vec<_>>()),
+            app.ctx.now(),
+        )
+        .await
+        .err()
+        .context("a broken download must fail the load")?;
+        ensure!(
+            err.to_string().contains("reading the export file failed"),
+            "{err}"
+        );
+        app.stop().await
+    }
+);

@@ -11,8 +11,8 @@
 //!      (100 people a request);
 //!    - more: an export (`POST /v1/exports/customers`, `GET /v1/exports/{id}` until done, a
 //!      signed download link, the CSV streamed without credentials): a handful of App API
-//!      requests for any number of people. The file is loaded 1,000 rows per transaction in
-//!      bounded memory; progress is kept in the sync state, so a run that waits for the export
+//!      requests for any number of people. The file is loaded 1,000 rows per transaction, two
+//!      transactions at a time (a person's rows always in the same one), in bounded memory; progress is kept in the sync state, so a run that waits for the export
 //!      or dies half-way is taken up by the next run with the same export.
 //!
 //!    The feed's newest activity is read before the audience, and becomes the cursor when the
@@ -32,6 +32,7 @@
 //! API limiter.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
@@ -337,9 +338,14 @@ pub struct LoadedExport {
     pub skipped: u64,
 }
 
+/// Load transactions of a backfill in flight at once. Rows are split between them by customer
+/// id, so all rows of one person go through the same lane, in file order.
+const LOAD_LANES: usize = 2;
+
 /// Loads export rows (taken at `taken_at`) into the mirror, [`LOAD_CHUNK`] rows per
-/// transaction, holding one chunk in memory; progress is recorded in the sync state every ten
-/// chunks. Does not mark segments due (the caller does, once).
+/// transaction, [`LOAD_LANES`] transactions at a time, holding a few chunks in memory (so the
+/// file is read and parsed while the database writes); progress is recorded in the sync state
+/// every ten chunks. Does not mark segments due (the caller does, once).
 pub async fn load_export_rows<S>(
     ctx: &AppContext,
     rows: S,
@@ -348,34 +354,74 @@ pub async fn load_export_rows<S>(
 where
     S: Stream<Item = Result<ExportRow, DownloadError>>,
 {
-    let mut rows = std::pin::pin!(rows.chunks(LOAD_CHUNK));
-    let mut loaded = LoadedExport::default();
-    let mut chunks = 0u64;
-    while let Some(chunk) = rows.next().await {
-        let mut batch = Vec::with_capacity(chunk.len());
-        for row in chunk {
-            let row = row.map_err(download_failed)?;
-            match snapshot_row(&row) {
-                Some(r) => batch.push(r),
-                None => loaded.skipped += 1,
+    let chunks_done = std::sync::atomic::AtomicU64::new(0);
+    let rows_done = std::sync::atomic::AtomicU64::new(0);
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..LOAD_LANES)
+        .map(|_| tokio::sync::mpsc::channel::<Vec<SnapshotRow>>(1))
+        .unzip();
+    let writers = receivers.into_iter().map(|mut batches| {
+        let (chunks_done, rows_done) = (&chunks_done, &rows_done);
+        async move {
+            let mut counts = LoadCounts::default();
+            while let Some(batch) = batches.recv().await {
+                let loaded =
+                    store::load_snapshot(&ctx.db, ctx.workspace_id(), &batch, taken_at, ctx.now())
+                        .await?;
+                let read = loaded.read;
+                counts.absorb(loaded);
+                let total = rows_done.fetch_add(read, Ordering::Relaxed) + read;
+                if (chunks_done.fetch_add(1, Ordering::Relaxed) + 1).is_multiple_of(10) {
+                    store::record_backfill_progress(&ctx.db, ctx.workspace_id(), total, ctx.now())
+                        .await?;
+                    tracing::info!(loaded = total, "profile backfill progress");
+                }
+            }
+            Ok::<_, CoreError>(counts)
+        }
+    });
+    let reader = async move {
+        let mut rows = std::pin::pin!(rows);
+        let mut lanes: Vec<Vec<SnapshotRow>> = vec![Vec::new(); LOAD_LANES];
+        let mut skipped = 0u64;
+        while let Some(row) = rows.next().await {
+            let Some(row) = snapshot_row(&row.map_err(download_failed)?) else {
+                skipped += 1;
+                continue;
+            };
+            let lane = lane_of(&row.customer_id);
+            lanes[lane].push(row);
+            if lanes[lane].len() == LOAD_CHUNK {
+                let batch = std::mem::replace(&mut lanes[lane], Vec::with_capacity(LOAD_CHUNK));
+                if senders[lane].send(batch).await.is_err() {
+                    // The lane's writer failed: its error is the one reported.
+                    return Ok(skipped);
+                }
             }
         }
-        let counts =
-            store::load_snapshot(&ctx.db, ctx.workspace_id(), &batch, taken_at, ctx.now()).await?;
-        loaded.counts.absorb(counts);
-        chunks += 1;
-        if chunks.is_multiple_of(10) {
-            store::record_backfill_progress(
-                &ctx.db,
-                ctx.workspace_id(),
-                loaded.counts.read,
-                ctx.now(),
-            )
-            .await?;
-            tracing::info!(loaded = loaded.counts.read, "profile backfill progress");
+        for (lane, batch) in lanes.into_iter().enumerate() {
+            if !batch.is_empty() && senders[lane].send(batch).await.is_err() {
+                return Ok(skipped);
+            }
         }
+        Ok::<_, CoreError>(skipped)
+    };
+    let (skipped, counts) = tokio::join!(reader, futures::future::try_join_all(writers));
+    let mut loaded = LoadedExport {
+        skipped: skipped?,
+        ..LoadedExport::default()
+    };
+    for lane in counts? {
+        loaded.counts.absorb(lane);
     }
     Ok(loaded)
+}
+
+/// The lane of a customer id (a stable hash; any spread will do).
+fn lane_of(customer_id: &str) -> usize {
+    let hash = customer_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    (hash % LOAD_LANES as u64) as usize
 }
 
 fn download_failed(e: DownloadError) -> CoreError {
