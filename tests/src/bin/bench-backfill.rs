@@ -78,6 +78,18 @@ fn proc_status(field: &str) -> Option<u64> {
         .ok()
 }
 
+/// CPU seconds this process has used (user + system; Linux `/proc/self/stat`, 100 ticks a
+/// second).
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let mut fields = rest.split_whitespace().skip(11);
+    let user: f64 = fields.next()?.parse().ok()?;
+    let system: f64 = fields.next()?.parse().ok()?;
+    Some((user + system) / 100.0)
+}
+
 /// Resets VmHWM to the current RSS (Linux `clear_refs` 5).
 fn reset_peak() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
@@ -216,9 +228,11 @@ async fn load(n: usize, dir: &std::path::Path) -> anyhow::Result<()> {
     let ctx = context(&db, &sim).await?;
     let baseline = rss_kib().unwrap_or(0);
     let peak_measured = reset_peak();
+    let cpu_before = cpu_seconds().unwrap_or(0.0);
     let started = Instant::now();
     let loaded = load_export_rows(&ctx, ctx.cio.export_rows(&url), Utc::now()).await?;
     let elapsed = started.elapsed();
+    let cpu = cpu_seconds().unwrap_or(0.0) - cpu_before;
     let peak = peak_rss_kib().unwrap_or(0);
     ensure!(
         loaded.counts.read == n as u64 && loaded.counts.created == n as u64,
@@ -226,10 +240,13 @@ async fn load(n: usize, dir: &std::path::Path) -> anyhow::Result<()> {
         loaded.counts
     );
     println!(
-        "{n:>9} profiles ({:.0} MiB file): {:.1} s, {:.0} profiles/s; peak RSS {:.1} MiB (before: {:.1} MiB){}",
+        "{n:>9} profiles ({:.0} MiB file): {:.1} s, {:.0} profiles/s; this process's CPU {:.1} s \
+         ({:.1} µs a profile; PostgreSQL's is apart); peak RSS {:.1} MiB (before: {:.1} MiB){}",
         bytes as f64 / 1_048_576.0,
         elapsed.as_secs_f64(),
         n as f64 / elapsed.as_secs_f64(),
+        cpu,
+        cpu * 1e6 / n as f64,
         mib(peak),
         mib(baseline),
         if peak_measured {
@@ -252,7 +269,9 @@ async fn main() -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     request_count(&args).await?;
-    println!("\n== Export file → profile mirror (streamed, 1,000 rows per transaction) ==");
+    println!(
+        "\n== Export file → profile mirror (streamed, 1,000 rows per transaction, 2 at a time) =="
+    );
     let dir = tempfile::tempdir()?;
     let mut sizes = args.sizes.clone();
     sizes.push(args.profiles);
