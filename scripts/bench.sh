@@ -27,19 +27,22 @@ case "$mode" in
     rates=(100 1000); criteria=(--profiles 1000000 --runs 3)
     metrics=(--targets 1000 --segments 1000 --app-rate 10); journey=(--members 50000)
     backfill=(--profiles 1000000 --sizes 100000); webhooks=(--events 50000 --scoring-events 1000000 --sizes 100000 --analytics-events 0)
-    analytics=(--analytics-events 1456000); fairness=(--backlog 1000000) ;;
+    analytics=(--analytics-events 1456000); export=(--rows 1000000,10000000)
+    fairness=(--backlog 1000000) ;;
   quick)
     reads=(--secs 1); outbox=(--updates 20000 --people 5000 --sizes 0 --call-samples 10)
     rates=(1000); criteria=(--profiles 100000 --runs 1)
     metrics=(--targets 50 --segments 100 --app-rate 10); journey=(--members 5000)
     backfill=(--profiles 100000 --sizes 20000); webhooks=(--events 10000 --scoring-events 100000 --sizes 20000 --analytics-events 0)
-    analytics=(--analytics-events 100000); fairness=(--backlog 100000) ;;
+    analytics=(--analytics-events 100000); export=(--rows 100000,1000000)
+    fairness=(--backlog 100000) ;;
   smoke)
     reads=(--secs 0.2); outbox=(--updates 2000 --people 500 --sizes 0 --call-samples 2 --sdk-sample 20)
     rates=(1000); criteria=(--profiles 2000 --runs 1)
     metrics=(--targets 5 --segments 5 --app-rate 50); journey=(--members 200)
     backfill=(--profiles 2000 --sizes 500 --sim-people 200); webhooks=(--events 200 --senders 5 --scoring-events 2000 --sizes 500 --analytics-events 0)
     analytics=(--analytics-events 2000 --analytics-runs 2)
+    export=(--rows 2000,10000 --per-send 1000 --insert-chunk 5000)
     fairness=(--backlog 3000 --people 500 --batch 1000 --repeats 2 --pause-ms 100) ;;
 esac
 
@@ -113,6 +116,8 @@ section "Criteria over profiles"
 run text "$bin/bench-criteria" "${criteria[@]}"
 section "Assignment analytics and report export (PostgreSQL; its own test database)"
 run text "$bin/bench-webhooks" --only-analytics "${analytics[@]}"
+section "Report export at scale over a generated history (PostgreSQL; its own test database)"
+run text "$bin/bench-export" "${export[@]}"
 section "Fairness: one workspace's backlog vs another's update and send (PostgreSQL)"
 fresh_pg
 run text "$bin/bench-fairness" "${fairness[@]}" --database-url "$pg_url"

@@ -13,6 +13,7 @@ use cio_sim::{
 };
 use secrecy::SecretString;
 use serde_json::Value;
+use sharpsend_core::jobs::Job;
 use sharpsend_db::{db_test, testing::TestDatabase};
 use sharpsend_proto::v1 as pb;
 use sharpsend_tests::TestApp;
@@ -897,6 +898,109 @@ db_test!(
         if got.segments.is_empty() {
             bail!("no segments");
         }
+        app.stop().await
+    }
+);
+
+db_test!(
+    ab_test_variants_from_the_delivery_poll_alone_are_their_own_sends,
+    |db: TestDatabase| async move {
+        // No reporting webhooks: every figure comes from `delivery-poll`, whose messages carry
+        // no trigger id. The arms of one test go through ONE broadcast, their triggers seconds
+        // apart: each delivery must still land on its own arm's send.
+        use crate::abtests;
+        let app = TestApp::spawn(&db).await?;
+        let audience = abtests::audience(&app, 400).await?;
+        let mut client = app.abtests().await?;
+        let mut request = abtests::three_variants("polled", audience);
+        request.test_fraction = 0.6;
+        let assignment = request.assignment_id.clone();
+        let id = client
+            .create_test(request)
+            .await?
+            .into_inner()
+            .test
+            .context("created")?
+            .id;
+        client
+            .start_test(pb::StartTestRequest { id: id.clone() })
+            .await?;
+        abtests::drive(&app, &app.ctx, &id, abtests::variants_sent).await?;
+        abtests::settle_triggers(&app, &app.ctx, 3).await?;
+        client
+            .declare_winner(pb::DeclareWinnerRequest {
+                id: id.clone(),
+                variant: "urgent".into(),
+                reason: "e2e".into(),
+            })
+            .await?;
+        abtests::drive(&app, &app.ctx, &id, abtests::remainder_sent).await?;
+        abtests::settle_triggers(&app, &app.ctx, 4).await?;
+        app.advance(Duration::from_secs(86_400));
+        app.run_job(Job::DeliveryPoll).await?;
+
+        let got = analytics_of(&app, &assignment).await?;
+        ensure!(got.tests.len() == 1, "{:?}", got.tests);
+        let test = &got.tests[0];
+        ensure!(test.variants.len() == 4, "{test:?}");
+        // delivery id -> the arm whose trigger sent it (the simulator's ledger)
+        let mut want: BTreeMap<String, String> = BTreeMap::new();
+        for v in &test.variants {
+            let trigger = abtests::trigger_of(&app, &v.send_id).await?;
+            let sent = app.sim.sim.deliveries(&DeliveryFilter::trigger(trigger));
+            ensure!(!sent.is_empty(), "{} reached nobody", v.name);
+            let has = |d: &SimDelivery, m: DeliveryMetric| d.events.contains_key(&m);
+            let counts = v.counts.context("counts")?;
+            let (delivered, bounced) = (
+                sent.iter()
+                    .filter(|d| has(d, DeliveryMetric::Delivered))
+                    .count() as i64,
+                sent.iter()
+                    .filter(|d| has(d, DeliveryMetric::Bounced))
+                    .count() as i64,
+            );
+            ensure!(
+                (counts.recipients, counts.delivered, counts.bounced)
+                    == (sent.len() as i64, delivered, bounced),
+                "{}: recipients/delivered/bounced {:?} vs the ledger's {:?}",
+                v.name,
+                (counts.recipients, counts.delivered, counts.bounced),
+                (sent.len(), delivered, bounced)
+            );
+            ensure!(v.source == pb::AnalyticsSource::DeliveryEvents as i32);
+            for d in sent {
+                want.insert(d.delivery_id.clone(), v.name.clone());
+            }
+        }
+        // The report of the test says the same, delivery by delivery.
+        let (jsonl, _) = export(
+            &app,
+            pb::ExportReportRequest {
+                format: pb::ReportFormat::JsonLines as i32,
+                test_id: id.clone(),
+                ..Default::default()
+            },
+        )
+        .await?;
+        let mut have: BTreeMap<String, String> = BTreeMap::new();
+        for l in jsonl.lines() {
+            let v: Value = serde_json::from_str(l)?;
+            ensure!(v["source"] == "poll", "{l}");
+            have.insert(
+                v["delivery_id"].as_str().unwrap_or_default().to_string(),
+                v["variant"].as_str().unwrap_or_default().to_string(),
+            );
+        }
+        let wrong = want
+            .iter()
+            .filter(|(d, v)| have.get(*d) != Some(*v))
+            .count();
+        ensure!(
+            have.len() == want.len() && wrong == 0,
+            "{wrong} of {} deliveries on another arm's send ({} rows)",
+            want.len(),
+            have.len()
+        );
         app.stop().await
     }
 );

@@ -11,6 +11,7 @@
 //! [`set_arm_members`], [`set_arm_send`] record the evaluation job's progress, each only once
 //! (a column set when still empty), so two advancers agree; [`record_look`] continues the
 //! sequential state; [`arms_of_sends`] tells which arm a send was (analytics);
+//! [`arm_audiences`] which of some submissions sent an arm and to whom (the delivery poll);
 //! [`arm_results`] counts an arm's delivery events of its send, attributed by
 //! the stored allocation; [`active`] lists the tests the job still has work on.
 
@@ -523,6 +524,86 @@ pub async fn arms_of_sends(
         .into_iter()
         .filter_map(|a| tests.get(&a.test_id).cloned().map(|t| (a, t)))
         .collect())
+}
+
+/// What [`arm_audiences`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ArmAudiences {
+    /// The submissions that sent an A/B test's arm (a variant or the remainder): their
+    /// audience is known exactly, the people allocated to that arm.
+    pub arm_submissions: std::collections::BTreeSet<i64>,
+    /// `(submission, customer id)`: the customer was allocated to that submission's arm.
+    pub members: std::collections::HashSet<(i64, String)>,
+}
+
+/// Which of the submissions `submission_ids` (of the workspace) sent an A/B test's arm, and
+/// which of `customer_ids` each such arm was allocated to (the delivery poll: a broadcast's
+/// messages do not say their trigger, the allocation says whose arm a person was).
+pub async fn arm_audiences(
+    db: &impl ConnectionTrait,
+    workspace_id: i64,
+    submission_ids: &[i64],
+    customer_ids: &[String],
+) -> Result<ArmAudiences, DbError> {
+    use sea_orm::{Statement, Value as V};
+    let mut out = ArmAudiences::default();
+    if submission_ids.is_empty() {
+        return Ok(out);
+    }
+    let backend = db.get_database_backend();
+    // Integers only: safe to inline.
+    let subs = submission_ids
+        .iter()
+        .map(i64::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    #[derive(FromQueryResult)]
+    struct Sub {
+        id: i64,
+    }
+    let arm_subs = Sub::find_by_statement(Statement::from_sql_and_values(
+        backend,
+        format!(
+            "SELECT s.id AS id FROM send_submissions s JOIN ab_test_arms a ON a.send_id = s.send_id \
+             WHERE s.workspace_id = $1 AND s.id IN ({subs})"
+        ),
+        [V::from(workspace_id)],
+    ))
+    .all(db)
+    .await?;
+    out.arm_submissions = arm_subs.into_iter().map(|s| s.id).collect();
+    if out.arm_submissions.is_empty() {
+        return Ok(out);
+    }
+    #[derive(FromQueryResult)]
+    struct Member {
+        id: i64,
+        customer_id: String,
+    }
+    for chunk in customer_ids.chunks(500) {
+        let mut values = vec![V::from(workspace_id)];
+        let mut marks = Vec::with_capacity(chunk.len());
+        for c in chunk {
+            values.push(V::from(c.clone()));
+            marks.push(format!("${}", values.len()));
+        }
+        let members = Member::find_by_statement(Statement::from_sql_and_values(
+            backend,
+            format!(
+                "SELECT s.id AS id, al.customer_id AS customer_id FROM send_submissions s \
+                 JOIN ab_test_arms a ON a.send_id = s.send_id \
+                 JOIN ab_test_allocations al ON al.test_id = a.test_id AND al.arm = a.arm \
+                 WHERE s.workspace_id = $1 AND s.id IN ({subs}) AND al.customer_id IN ({})",
+                marks.join(",")
+            ),
+            values,
+        ))
+        .all(db)
+        .await?;
+        out.members
+            .extend(members.into_iter().map(|m| (m.id, m.customer_id)));
+    }
+    Ok(out)
 }
 
 /// Records the manual segment of an arm, unless one is recorded. Returns the one recorded.

@@ -7,15 +7,21 @@
 //! Nothing is counted twice: a (delivery, metric) already stored — by a webhook or an earlier
 //! poll — is not stored again, and scoring counts per delivery anyway.
 //!
-//! Limits of the App API this cannot get around: its messages carry no `trigger_id`, so a
-//! broadcast delivery is attributed to the broadcast's SharpSend submission submitted last at
-//! or before the delivery was created (the first one when none was); and `metrics.opened`
-//! does not say whether a machine (privacy proxy) opened it, so polled opens count as human.
+//! Limits of the App API this cannot get around: its messages carry no `trigger_id`, and
+//! `metrics.opened` does not say whether a machine (privacy proxy) opened it, so polled opens
+//! count as human. A broadcast delivery is attributed by its recipient, then its creation time
+//! ([`submission_for`]): an A/B test's arm goes to its own manual segment of exactly the people
+//! allocated to it, so a delivery goes to the arm its recipient was allocated to (exact, even
+//! with the arms' triggers seconds apart and their deliveries created interleaved), or to a
+//! plain (not A/B) submission of the broadcast submitted last before it. Two plain sends
+//! through one broadcast whose deliveries are created interleaved stay ambiguous (the later
+//! one gets them); webhooks tell exactly.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use cio_client::messages::{Message, MessagesQuery};
 use serde::Serialize;
+use sharpsend_db::abtests::{self, ArmAudiences};
 use sharpsend_db::engagement::{self as store, EventSource, NewDeliveryEvent};
 
 use crate::{AppContext, CoreError};
@@ -112,14 +118,32 @@ pub async fn poll(ctx: &AppContext) -> Result<PollReport, CoreError> {
             };
             report.pages += 1;
             report.messages += page.items.len() as u64;
+            let subs = match &source {
+                Source::Broadcast(b) => broadcasts.get(b).map(Vec::as_slice).unwrap_or_default(),
+                Source::Newsletter(_) => &[],
+            };
+            // Several submissions of one broadcast: whose arm was each recipient?
+            let audiences = if subs.len() > 1 {
+                let ids: Vec<i64> = subs.iter().map(|(_, id)| *id).collect();
+                let customers: Vec<String> = page
+                    .items
+                    .iter()
+                    .filter_map(recipient)
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+                abtests::arm_audiences(&ctx.db, ws, &ids, &customers).await?
+            } else {
+                ArmAudiences::default()
+            };
             let events: Vec<NewDeliveryEvent> = page
                 .items
                 .iter()
                 .flat_map(|m| {
                     let submission = match &source {
-                        Source::Broadcast(b) => broadcasts
-                            .get(b)
-                            .and_then(|subs| submission_at(subs, m.created)),
+                        Source::Broadcast(_) => {
+                            submission_for(subs, m.created, recipient(m).as_deref(), &audiences)
+                        }
                         Source::Newsletter(_) => submission,
                     };
                     events_of(m, submission, ctx.now())
@@ -138,15 +162,45 @@ pub async fn poll(ctx: &AppContext) -> Result<PollReport, CoreError> {
     Ok(report)
 }
 
-/// The submission (of `subs`, sorted by submission time) a delivery created at `created`
-/// belongs to: the last submitted at or before it, else the first.
-fn submission_at(subs: &[(i64, i64)], created: Option<i64>) -> Option<i64> {
+/// The submission (of `subs`: `(submitted at, id)` of one broadcast, sorted by time) a
+/// delivery created at `created` to `customer` belongs to, among those that could have reached
+/// `customer` (an A/B test's arm reaches only the people allocated to it, any other submission
+/// anyone):
+/// 1. the last of them submitted at or before `created` (so the arms of one test, triggered
+///    seconds apart with their deliveries created interleaved, each get their own people's
+///    deliveries, and a later plain send its own);
+/// 2. else the first submitted after it (Customer.io's clock and ours differ; a delivery is
+///    never older than its trigger);
+/// 3. else (nobody could have: an unknown recipient), by time alone: the last submitted at or
+///    before `created`, else the first.
+///
+/// Without arms this is attribution by time alone.
+fn submission_for(
+    subs: &[(i64, i64)],
+    created: Option<i64>,
+    customer: Option<&str>,
+    audiences: &ArmAudiences,
+) -> Option<i64> {
     let created = created.unwrap_or(i64::MAX);
-    subs.iter()
-        .rev()
-        .find(|(at, _)| *at <= created)
+    let reaches = |id: i64| {
+        !audiences.arm_submissions.contains(&id)
+            || customer.is_some_and(|c| audiences.members.contains(&(id, c.to_string())))
+    };
+    let before = || subs.iter().rev().filter(move |(at, _)| *at <= created);
+    before()
+        .find(|(_, id)| reaches(*id))
+        .or_else(|| subs.iter().find(|(at, id)| *at > created && reaches(*id)))
+        .or_else(|| before().next())
         .or_else(|| subs.first())
         .map(|(_, id)| *id)
+}
+
+/// A message's recipient id (the profile's `id`), when it has one.
+fn recipient(m: &Message) -> Option<String> {
+    m.customer_id
+        .clone()
+        .filter(|c| !c.is_empty())
+        .or_else(|| m.customer_identifiers.id.clone().filter(|c| !c.is_empty()))
 }
 
 /// One event per metric the message reached.
@@ -158,11 +212,7 @@ fn events_of(
     if m.id.is_empty() {
         return Vec::new();
     }
-    let customer_id = m
-        .customer_id
-        .clone()
-        .filter(|c| !c.is_empty())
-        .or_else(|| m.customer_identifiers.id.clone().filter(|c| !c.is_empty()));
+    let customer_id = recipient(m);
     METRICS
         .iter()
         .filter_map(|metric| {
@@ -194,13 +244,49 @@ fn events_of(
 mod tests {
     use super::*;
 
+    fn by_time(subs: &[(i64, i64)], created: Option<i64>) -> Option<i64> {
+        submission_for(subs, created, Some("p"), &ArmAudiences::default())
+    }
+
     #[test]
     fn broadcast_deliveries_go_to_the_submission_sent_last_before_them() {
         let subs = [(100, 1), (200, 2), (300, 3)];
-        assert_eq!(submission_at(&subs, Some(250)), Some(2));
-        assert_eq!(submission_at(&subs, Some(300)), Some(3));
-        assert_eq!(submission_at(&subs, Some(50)), Some(1));
-        assert_eq!(submission_at(&subs, None), Some(3));
-        assert_eq!(submission_at(&[], Some(1)), None);
+        assert_eq!(by_time(&subs, Some(250)), Some(2));
+        assert_eq!(by_time(&subs, Some(300)), Some(3));
+        assert_eq!(by_time(&subs, Some(50)), Some(1));
+        assert_eq!(by_time(&subs, None), Some(3));
+        assert_eq!(by_time(&[], Some(1)), None);
+    }
+
+    #[test]
+    fn a_delivery_goes_to_the_arm_its_recipient_was_allocated_to() {
+        // Three arms of one test (10 s apart) and, later, a plain send through the broadcast.
+        let subs = [(100, 1), (110, 2), (120, 3), (500, 4)];
+        let audiences = ArmAudiences {
+            arm_submissions: [1, 2, 3].into(),
+            members: [
+                (1, "a".to_string()),
+                (2, "b".to_string()),
+                (3, "c".to_string()),
+            ]
+            .into(),
+        };
+        let at = |created, who| submission_for(&subs, Some(created), Some(who), &audiences);
+        // Arm 1's person, created after arms 2 and 3 went out: still arm 1.
+        assert_eq!(at(130, "a"), Some(1));
+        assert_eq!(at(130, "b"), Some(2));
+        // Created before our recorded submission times (the clocks differ): its own arm.
+        assert_eq!(at(118, "c"), Some(3));
+        assert_eq!(at(50, "b"), Some(2));
+        // A person of arm 1 also gets the later plain send: that one is the later send's.
+        assert_eq!(at(600, "a"), Some(4));
+        assert_eq!(at(600, "z"), Some(4));
+        // In no arm: only the plain send could have reached them.
+        assert_eq!(at(50, "z"), Some(4));
+        // Nobody could have (no plain send at all): by time alone, as without arms.
+        let arms_only = &subs[..3];
+        let alone = |created, who| submission_for(arms_only, Some(created), Some(who), &audiences);
+        assert_eq!(alone(130, "z"), Some(3));
+        assert_eq!(alone(50, "z"), Some(1));
     }
 }
