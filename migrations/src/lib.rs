@@ -41,6 +41,7 @@ mod m20261206_000060_workspace_credentials;
 mod m20261206_000061_workspace_version;
 mod m20261206_000065_analytics_deliveries;
 mod m20261206_000070_send_cancellation;
+mod m20261207_000080_profile_numbers;
 
 /// All migrations of the project, oldest first.
 pub struct Migrator;
@@ -76,6 +77,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261206_000061_workspace_version::Migration),
             Box::new(m20261206_000065_analytics_deliveries::Migration),
             Box::new(m20261206_000070_send_cancellation::Migration),
+            Box::new(m20261207_000080_profile_numbers::Migration),
         ]
     }
 }

@@ -181,7 +181,9 @@ async fn recorded(app: &TestApp, segment: i64) -> anyhow::Result<BTreeSet<String
     )
 }
 
-/// Who a full evaluation of `segment`'s criteria selects at its last evaluation time.
+/// Who a full evaluation of `segment`'s criteria selects at its last evaluation time, with
+/// number conditions read from the attributes themselves (not the typed shadow the evaluator
+/// reads): a shadow value gone stale makes the recorded membership differ.
 async fn full_evaluation(app: &TestApp, segment: i64) -> anyhow::Result<BTreeSet<String>> {
     let stored = store::get(&app.ctx.db, app.ctx.workspace_id(), segment)
         .await?
@@ -192,15 +194,13 @@ async fn full_evaluation(app: &TestApp, segment: i64) -> anyhow::Result<BTreeSet
         .last_evaluation
         .context("never evaluated")?
         .evaluated_at;
-    let page = criteria_sql::matching_page(
+    let ids = criteria_sql::reference_matching_ids(
         &app.ctx.db,
         app.ctx.workspace_id(),
         &criteria.to_filter(at),
-        None,
-        100_000,
     )
     .await?;
-    Ok(page.into_iter().map(|p| p.customer_id).collect())
+    Ok(ids.into_iter().collect())
 }
 
 async fn run_case(app: &TestApp, case: &Case, tally: &Tally) -> anyhow::Result<()> {

@@ -18,6 +18,7 @@ mod security;
 mod segments;
 mod sends;
 mod serving;
+mod shadow_numbers;
 mod tenancy;
 mod tls;
 mod workspaces;

@@ -11,8 +11,13 @@
 //!   match JSON strings only; `contains` also matches an array holding that string;
 //! - number (and timestamp, as Unix seconds) conditions match JSON numbers and numeric strings:
 //!   digits only (`"87"`, `"007"`) or JSON number syntax with spaces around (`" -1.5e3 "`); any
-//!   other value never matches. PostgreSQL casts text to `numeric` only once it has been checked
-//!   (digits only, or a regular expression), so a bad value cannot raise.
+//!   other value never matches. The check and conversion happen once, on write: number
+//!   conditions read the typed shadow `profiles.numbers` (each attribute's value as a number
+//!   when it is one; a generated column on PostgreSQL, trigger-maintained on SQLite — see
+//!   migration `m20261207_000080_profile_numbers`), not the text of every row at every
+//!   evaluation. [`SqlBuilder::reading_attributes`] keeps the per-row check (PostgreSQL casts
+//!   text to `numeric` only once it has been checked — digits only, or a regular expression —
+//!   so a bad value cannot raise) as the reference tests compare the shadow with.
 //!   Precision: a condition's value is a double, and attribute values of at most 15
 //!   significant digits compare the same on both backends. Beyond that they may not:
 //!   PostgreSQL compares exact decimals (`"0.10000000000000001"` is greater than 0.1), SQLite
@@ -176,6 +181,11 @@ pub struct SqlBuilder {
     backend: DbBackend,
     sql: String,
     values: Vec<Value>,
+    /// PostgreSQL: segment-membership conditions as per-row index probes ([`SqlBuilder::probing`]).
+    probing: bool,
+    /// Number conditions check and convert the attribute's text on every row
+    /// ([`SqlBuilder::reading_attributes`]) instead of reading the typed shadow `numbers`.
+    from_attributes: bool,
 }
 
 impl SqlBuilder {
@@ -184,7 +194,37 @@ impl SqlBuilder {
             backend,
             sql: String::with_capacity(512),
             values: Vec::new(),
+            probing: false,
+            from_attributes: false,
         }
+    }
+
+    /// Number conditions read `attributes` (checking the text before converting it, on every
+    /// row) instead of the typed shadow `profiles.numbers` maintained on write: the reference
+    /// the shadow is tested against, and what a relation without `numbers` needs.
+    pub fn reading_attributes(&mut self, on: bool) -> &mut Self {
+        self.from_attributes = on;
+        self
+    }
+
+    /// PostgreSQL: from now on, write segment-membership conditions (and [`SqlBuilder::probe_fence`])
+    /// so that each is evaluated as an index probe per row (`OFFSET 0` keeps the planner from
+    /// turning the `EXISTS` into a join). For statements over a short list of people: a join
+    /// would be planned from `segment_members`' statistics, and those of a segment just filled
+    /// (a managed segment's first evaluation) still say it is empty — PostgreSQL then walks the
+    /// whole segment instead of probing it once per person. No effect on SQLite.
+    pub fn probing(&mut self, on: bool) -> &mut Self {
+        self.probing = on;
+        self
+    }
+
+    /// ` OFFSET 0` when [`SqlBuilder::probing`] on PostgreSQL: ends a subquery that must stay a
+    /// per-row probe.
+    pub fn probe_fence(&mut self) -> &mut Self {
+        if self.probing && self.backend == DbBackend::Postgres {
+            self.sql(" OFFSET 0");
+        }
+        self
     }
 
     pub fn backend(&self) -> DbBackend {
@@ -252,7 +292,9 @@ impl SqlBuilder {
             .param(segment_id)
             .sql(" AND sm.customer_id = ")
             .sql(alias)
-            .sql(".customer_id)");
+            .sql(".customer_id");
+        self.probe_fence();
+        self.sql(")");
     }
 
     // ----- PostgreSQL -----
@@ -377,6 +419,33 @@ impl SqlBuilder {
                     self.pg_is_string(alias, attribute);
                 }
                 self.sql(")");
+            }
+            Filter::Number {
+                attribute,
+                op,
+                value,
+            } if !self.from_attributes => {
+                // The shadow holds numbers only: jsonb compares two numbers as `numeric`s.
+                self.sql("((")
+                    .sql(alias)
+                    .sql(".numbers -> ")
+                    .param(attribute.as_str())
+                    .sql(") ")
+                    .sql(op.sql())
+                    .sql(" CAST(")
+                    .param(number_text(*value))
+                    .sql(" AS jsonb))");
+            }
+            Filter::NumberIn { attribute, values } if !self.from_attributes => {
+                self.sql("((")
+                    .sql(alias)
+                    .sql(".numbers -> ")
+                    .param(attribute.as_str())
+                    .sql(") IN (SELECT CAST(jsonb_array_elements_text(")
+                    .param(json!(
+                        values.iter().map(|v| number_text(*v)).collect::<Vec<_>>()
+                    ))
+                    .sql("::jsonb) AS jsonb)))");
             }
             Filter::Number {
                 attribute,
@@ -530,6 +599,30 @@ impl SqlBuilder {
                 attribute,
                 op,
                 value,
+            } if !self.from_attributes => {
+                self.sql("(json_extract(")
+                    .sql(alias)
+                    .sql(".numbers, ")
+                    .param(sqlite_path(attribute))
+                    .sql(") ")
+                    .sql(op.sql())
+                    .sql(" ")
+                    .param(*value)
+                    .sql(")");
+            }
+            Filter::NumberIn { attribute, values } if !self.from_attributes => {
+                self.sql("(json_extract(")
+                    .sql(alias)
+                    .sql(".numbers, ")
+                    .param(sqlite_path(attribute))
+                    .sql(") IN (SELECT value FROM json_each(")
+                    .param(json!(values).to_string())
+                    .sql(")))");
+            }
+            Filter::Number {
+                attribute,
+                op,
+                value,
             } => {
                 self.sql("(");
                 self.sqlite_number(alias, attribute);
@@ -609,6 +702,29 @@ pub fn matching_profiles(
         .sql(" AND ");
     b.filter(filter, "p");
     b
+}
+
+/// The ids of the workspace's matching profiles (sorted), with number conditions read from
+/// `attributes` (the text checked and converted on every row) instead of the typed shadow
+/// `numbers`: the reference a test compares the evaluator, and so the shadow, with.
+pub async fn reference_matching_ids(
+    db: &impl ConnectionTrait,
+    workspace_id: i64,
+    filter: &Filter,
+) -> Result<Vec<String>, DbError> {
+    let mut b = SqlBuilder::new(db.get_database_backend());
+    b.reading_attributes(true);
+    b.sql("SELECT p.customer_id FROM profiles p WHERE p.workspace_id = ")
+        .param(workspace_id)
+        .sql(" AND ");
+    b.filter(filter, "p");
+    b.sql(" ORDER BY p.customer_id");
+    let rows = db.query_all_raw(b.build()).await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        out.push(row.try_get::<String>("", "customer_id")?);
+    }
+    Ok(out)
 }
 
 /// How many profiles of the workspace match.

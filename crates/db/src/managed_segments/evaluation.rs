@@ -442,18 +442,55 @@ impl DiffContext {
         }
     }
 
-    /// `SELECT p.customer_id FROM profiles p WHERE … matches AND NOT a member`.
-    fn additions(&self, b: &mut SqlBuilder, filter: &Filter) {
-        b.sql("SELECT p.customer_id FROM profiles p WHERE p.workspace_id = ")
+    /// Whether only the re-check set is evaluated (an incremental evaluation with a list).
+    fn listed(&self) -> bool {
+        !self.full && self.recheck.is_some()
+    }
+
+    /// PostgreSQL, [`DiffContext::listed`]: `(re-check ids) r CROSS JOIN LATERAL (<the row of
+    /// `table` for r.id>) <alias>`, one index probe per listed person (`LIMIT 1` keeps the
+    /// subquery a per-row probe: the planner cannot turn it into a join driven from the table).
+    fn listed_rows(&self, b: &mut SqlBuilder, table: &str, select: &str, key: &str, alias: &str) {
+        b.sql("(");
+        self.recheck_list(b);
+        b.sql(") r CROSS JOIN LATERAL (SELECT ")
+            .sql(select)
+            .sql(" FROM ")
+            .sql(table)
+            .sql(" t WHERE t.workspace_id = ")
             .param(self.workspace_id);
-        self.scope(b, "p.customer_id");
-        b.sql(" AND ");
+        if table == "segment_members" {
+            b.sql(" AND t.segment_id = ").param(self.segment_id);
+        }
+        b.sql(" AND t.")
+            .sql(key)
+            .sql(" = r.id LIMIT 1) ")
+            .sql(alias);
+    }
+
+    /// `SELECT p.customer_id FROM profiles p WHERE … matches AND NOT a member`.
+    ///
+    /// PostgreSQL, incremental: driven from the re-check list (see [`DiffContext::listed_rows`]),
+    /// the membership test a per-row probe.
+    fn additions(&self, b: &mut SqlBuilder, filter: &Filter) {
+        if self.listed() && b.backend() == DbBackend::Postgres {
+            b.sql("SELECT p.customer_id FROM ");
+            self.listed_rows(b, "profiles", "t.*", "customer_id", "p");
+            b.sql(" WHERE ");
+        } else {
+            b.sql("SELECT p.customer_id FROM profiles p WHERE p.workspace_id = ")
+                .param(self.workspace_id);
+            self.scope(b, "p.customer_id");
+            b.sql(" AND ");
+        }
         b.filter(filter, "p");
         b.sql(" AND NOT EXISTS (SELECT 1 FROM segment_members x WHERE x.workspace_id = ")
             .param(self.workspace_id)
             .sql(" AND x.segment_id = ")
             .param(self.segment_id)
-            .sql(" AND x.customer_id = p.customer_id)");
+            .sql(" AND x.customer_id = p.customer_id");
+        b.probe_fence();
+        b.sql(")");
     }
 
     /// `NOT EXISTS (a matching profile for <member>.customer_id)`.
@@ -464,6 +501,7 @@ impl DiffContext {
             .sql(member)
             .sql(".customer_id AND ");
         b.filter(filter, "p");
+        b.probe_fence();
         b.sql(")");
     }
 
@@ -522,19 +560,40 @@ async fn apply_postgres(
     filter: &Filter,
 ) -> Result<(u64, u64, u64, u64), DbErr> {
     let mut b = SqlBuilder::new(DbBackend::Postgres);
+    // Incremental: every part is driven from the re-check list and probes the tables once per
+    // listed person, whatever the statistics say (see `SqlBuilder::probing`).
+    b.probing(ctx.listed());
     b.sql("WITH added AS (INSERT INTO segment_members (workspace_id, segment_id, customer_id) SELECT ")
         .param(ctx.workspace_id)
         .sql(", ")
         .param(ctx.segment_id)
         .sql(", a.customer_id FROM (");
     ctx.additions(&mut b, filter);
-    b.sql(") a RETURNING customer_id), removed AS (DELETE FROM segment_members x WHERE x.workspace_id = ")
-        .param(ctx.workspace_id)
-        .sql(" AND x.segment_id = ")
-        .param(ctx.segment_id);
-    ctx.scope(&mut b, "x.customer_id");
-    b.sql(" AND ");
-    ctx.no_longer_matches(&mut b, filter, "x");
+    b.sql(") a RETURNING customer_id), removed AS (DELETE FROM segment_members x WHERE ");
+    if ctx.listed() {
+        // The listed members who no longer match, found by one probe each and deleted by
+        // their row address (read in this statement's snapshot, which keeps them in place):
+        // a join with the segment's rows could be planned as a walk over all of them.
+        b.sql("x.ctid = ANY(ARRAY(SELECT m.ctid FROM ");
+        ctx.listed_rows(
+            &mut b,
+            "segment_members",
+            "t.ctid, t.customer_id",
+            "customer_id",
+            "m",
+        );
+        b.sql(" WHERE ");
+        ctx.no_longer_matches(&mut b, filter, "m");
+        b.sql("))");
+    } else {
+        b.sql("x.workspace_id = ")
+            .param(ctx.workspace_id)
+            .sql(" AND x.segment_id = ")
+            .param(ctx.segment_id);
+        ctx.scope(&mut b, "x.customer_id");
+        b.sql(" AND ");
+        ctx.no_longer_matches(&mut b, filter, "x");
+    }
     b.sql(" RETURNING x.customer_id), queued_adds AS (");
     ctx.queue(&mut b, Kind::SegmentAdd, |b| {
         b.sql("SELECT customer_id FROM added");

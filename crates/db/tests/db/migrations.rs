@@ -1,7 +1,7 @@
 use sharpsend_db::testing::{TestDatabase, TestResult};
 use sharpsend_db::{DbError, ensure_migrated, migrate, pending_migrations};
 
-const ALL: [&str; 27] = [
+const ALL: [&str; 28] = [
     "m20261128_000001_create_workspaces",
     "m20261128_000002_create_segments",
     "m20261128_000003_create_job_runs",
@@ -29,6 +29,7 @@ const ALL: [&str; 27] = [
     "m20261206_000061_workspace_version",
     "m20261206_000065_analytics_deliveries",
     "m20261206_000070_send_cancellation",
+    "m20261207_000080_profile_numbers",
 ];
 
 sharpsend_db::db_test!(
