@@ -436,10 +436,16 @@ pub(crate) async fn settle_triggers(
         app.advance(Duration::from_millis(500));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Each round opens at least one more trigger window, whatever the app's spacing.
+    let round = ctx
+        .settings
+        .sends
+        .trigger_spacing
+        .max(Duration::from_secs(1));
     for _ in 0..3 {
         jobs::run_job(ctx, Job::AbTestEvaluation, "e2e-scheduler").await?;
         jobs::run_job(ctx, Job::SendDispatch, "e2e-scheduler").await?;
-        app.advance(Duration::from_secs(1));
+        app.advance(round);
     }
     let got = triggers(app).len();
     ensure!(got == n, "{got} triggers, expected {n}");
@@ -857,6 +863,17 @@ db_test!(
 
 /// Runs the job until every variant's send is recorded, without moving time: the broadcast's
 /// trigger window lets only the first go out, the other two stay pending.
+/// An app whose service spaces a broadcast's triggers 30 s apart (on its adjustable clock): the
+/// process that sent the first variant follows the others in the background on the real clock,
+/// so with the usual fraction of a second it could claim the second variant before the test's
+/// next call on a slow machine. Tests move the clock on to open the window.
+async fn spawn_with_a_long_trigger_window(db: &TestDatabase) -> anyhow::Result<TestApp> {
+    TestApp::spawn_with_settings(db, cio_sim::SimConfig::demo(), |s| {
+        s.sends.trigger_spacing = Duration::from_secs(30);
+    })
+    .await
+}
+
 async fn first_variant_out_others_pending(app: &TestApp, id: &str) -> anyhow::Result<()> {
     for _ in 0..10 {
         app.run_job(Job::AbTestEvaluation).await?;
@@ -879,7 +896,7 @@ async fn first_variant_out_others_pending(app: &TestApp, id: &str) -> anyhow::Re
 db_test!(
     a_declared_winner_stops_pending_variants_and_their_people_get_the_winner,
     |db: TestDatabase| async move {
-        let app = TestApp::spawn(&db).await?;
+        let app = spawn_with_a_long_trigger_window(&db).await?;
         let audience = audience(&app, 600).await?;
         let mut client = app.abtests().await?;
         let mut request = three_variants("declare", audience);
@@ -961,7 +978,7 @@ db_test!(
 db_test!(
     cancel_test_stops_the_variant_sends_not_yet_claimed,
     |db: TestDatabase| async move {
-        let app = TestApp::spawn(&db).await?;
+        let app = spawn_with_a_long_trigger_window(&db).await?;
         let audience = audience(&app, 600).await?;
         let mut client = app.abtests().await?;
         let mut request = three_variants("stop", audience);

@@ -91,17 +91,27 @@ impl TestApp {
         sim_config: SimConfig,
         adjust: impl FnOnce(&mut CioSettings),
     ) -> anyhow::Result<Self> {
+        Self::spawn_with_settings(db, sim_config, |settings| {
+            if let Some(cio) = settings.cio.as_mut() {
+                adjust(cio);
+            }
+        })
+        .await
+    }
+
+    /// Simulator from `sim_config`; `adjust` may change any of the service's settings before
+    /// the server starts.
+    pub async fn spawn_with_settings(
+        db: &TestDatabase,
+        sim_config: SimConfig,
+        adjust: impl FnOnce(&mut Settings),
+    ) -> anyhow::Result<Self> {
         init_test_logging();
         let sim = Simulator::spawn(sim_config).await?;
-        let mut cio = sim_settings(&sim);
-        adjust(&mut cio);
+        let mut settings = test_settings(&db.url, sim_settings(&sim));
+        adjust(&mut settings);
         sim.sim.set_trigger_interval(TEST_TRIGGER_INTERVAL);
-        let ctx = AppContext::bootstrap(
-            test_settings(&db.url, cio),
-            Migrations::Apply,
-            Clock::adjustable(),
-        )
-        .await?;
+        let ctx = AppContext::bootstrap(settings, Migrations::Apply, Clock::adjustable()).await?;
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (tx, rx) = oneshot::channel::<()>();
