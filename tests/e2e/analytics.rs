@@ -902,6 +902,43 @@ db_test!(
     }
 );
 
+/// Runs a three-variant A/B test (`request_id`, 60% of `audience` tested) to its end: the
+/// variants' triggers, `urgent` declared the winner, the remainder's trigger. Answers the
+/// test's id and its assignment id.
+async fn three_variants_to_the_remainder(
+    app: &TestApp,
+    request_id: &str,
+    audience: i64,
+) -> anyhow::Result<(String, String)> {
+    use crate::abtests;
+    let mut client = app.abtests().await?;
+    let mut request = abtests::three_variants(request_id, audience);
+    request.test_fraction = 0.6;
+    let assignment = request.assignment_id.clone();
+    let id = client
+        .create_test(request)
+        .await?
+        .into_inner()
+        .test
+        .context("created")?
+        .id;
+    client
+        .start_test(pb::StartTestRequest { id: id.clone() })
+        .await?;
+    abtests::drive(app, &app.ctx, &id, abtests::variants_sent).await?;
+    abtests::settle_triggers(app, &app.ctx, 3).await?;
+    client
+        .declare_winner(pb::DeclareWinnerRequest {
+            id: id.clone(),
+            variant: "urgent".into(),
+            reason: "e2e".into(),
+        })
+        .await?;
+    abtests::drive(app, &app.ctx, &id, abtests::remainder_sent).await?;
+    abtests::settle_triggers(app, &app.ctx, 4).await?;
+    Ok((id, assignment))
+}
+
 db_test!(
     ab_test_variants_from_the_delivery_poll_alone_are_their_own_sends,
     |db: TestDatabase| async move {
@@ -911,31 +948,7 @@ db_test!(
         use crate::abtests;
         let app = TestApp::spawn(&db).await?;
         let audience = abtests::audience(&app, 400).await?;
-        let mut client = app.abtests().await?;
-        let mut request = abtests::three_variants("polled", audience);
-        request.test_fraction = 0.6;
-        let assignment = request.assignment_id.clone();
-        let id = client
-            .create_test(request)
-            .await?
-            .into_inner()
-            .test
-            .context("created")?
-            .id;
-        client
-            .start_test(pb::StartTestRequest { id: id.clone() })
-            .await?;
-        abtests::drive(&app, &app.ctx, &id, abtests::variants_sent).await?;
-        abtests::settle_triggers(&app, &app.ctx, 3).await?;
-        client
-            .declare_winner(pb::DeclareWinnerRequest {
-                id: id.clone(),
-                variant: "urgent".into(),
-                reason: "e2e".into(),
-            })
-            .await?;
-        abtests::drive(&app, &app.ctx, &id, abtests::remainder_sent).await?;
-        abtests::settle_triggers(&app, &app.ctx, 4).await?;
+        let (id, assignment) = three_variants_to_the_remainder(&app, "polled", audience).await?;
         app.advance(Duration::from_secs(86_400));
         app.run_job(Job::DeliveryPoll).await?;
 
@@ -1012,31 +1025,7 @@ db_test!(
         let app = TestApp::spawn(&db).await?;
         let audience = abtests::audience(&app, 400).await?;
         webhooks_on(&app).await?;
-        let mut client = app.abtests().await?;
-        let mut request = abtests::three_variants("analytics", audience);
-        request.test_fraction = 0.6;
-        let assignment = request.assignment_id.clone();
-        let id = client
-            .create_test(request)
-            .await?
-            .into_inner()
-            .test
-            .context("created")?
-            .id;
-        client
-            .start_test(pb::StartTestRequest { id: id.clone() })
-            .await?;
-        abtests::drive(&app, &app.ctx, &id, abtests::variants_sent).await?;
-        abtests::settle_triggers(&app, &app.ctx, 3).await?;
-        client
-            .declare_winner(pb::DeclareWinnerRequest {
-                id: id.clone(),
-                variant: "urgent".into(),
-                reason: "e2e".into(),
-            })
-            .await?;
-        abtests::drive(&app, &app.ctx, &id, abtests::remainder_sent).await?;
-        abtests::settle_triggers(&app, &app.ctx, 4).await?;
+        let (id, assignment) = three_variants_to_the_remainder(&app, "analytics", audience).await?;
         app.sim.sim.advance(Duration::from_secs(86_400));
         settle_webhooks(&app).await?;
 

@@ -5,6 +5,8 @@
 //!
 //! Logs stay silent unless `TEST_LOG` is set.
 
+pub mod proc_stats;
+
 use std::{net::SocketAddr, time::Duration};
 
 use cio_sim::{RunningSim, SimConfig, Simulator};
@@ -279,6 +281,52 @@ impl TestApp {
             run.error
         );
         Ok(run)
+    }
+
+    /// Sends assignment `assignment_id` (of `content_type`) to the demo audience's "High
+    /// Engagement" segment through broadcast `broadcast_id` (segments synced first) and
+    /// dispatches it until its trigger is submitted; answers the send as it then stands.
+    pub async fn send_to_high_engagement(
+        &self,
+        assignment_id: &str,
+        content_type: &str,
+        broadcast_id: i64,
+    ) -> anyhow::Result<sharpsend_proto::v1::Send> {
+        use sharpsend_proto::v1 as pb;
+        self.run_job(Job::SegmentSync).await?;
+        let segment = self
+            .sim
+            .sim
+            .segments()
+            .iter()
+            .find(|s| s.name == "High Engagement")
+            .map(|s| s.id)
+            .ok_or_else(|| anyhow::anyhow!("the demo audience has no High Engagement segment"))?;
+        let sent = self
+            .campaigns()
+            .await?
+            .send_assignment(pb::SendAssignmentRequest {
+                assignment_id: assignment_id.into(),
+                title: assignment_id.into(),
+                subject: assignment_id.into(),
+                segment_ids: vec![segment],
+                variations: vec![pb::ContentVariation {
+                    segment_id: segment,
+                    body: format!("<p>{assignment_id}</p>"),
+                    ..Default::default()
+                }],
+                delivery: Some(pb::send_assignment_request::Delivery::Broadcast(
+                    pb::BroadcastDelivery { broadcast_id },
+                )),
+                content_types: vec![content_type.into()],
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .send
+            .ok_or_else(|| anyhow::anyhow!("SendAssignment answered no send"))?;
+        self.dispatch_until_submitted(&sent.id, 1, Duration::ZERO, Duration::from_secs(60))
+            .await
     }
 
     /// Runs `send-dispatch` until `submissions` of send `send_id`'s submissions have reached

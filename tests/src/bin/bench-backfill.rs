@@ -20,6 +20,7 @@
 //!    and the peak RSS of this process during the load (VmHWM reset before it; PostgreSQL works
 //!    in its own processes), so memory can be compared across N.
 
+use sharpsend_tests::proc_stats::{cpu_seconds, mib, peak_rss_kib, reset_peak_rss, rss_kib};
 use std::{
     collections::BTreeMap,
     io::Write as _,
@@ -57,46 +58,6 @@ struct Args {
     /// Demo people in the simulator for the request count.
     #[arg(long, default_value_t = 5000)]
     sim_people: usize,
-}
-
-fn peak_rss_kib() -> Option<u64> {
-    proc_status("VmHWM:")
-}
-
-fn rss_kib() -> Option<u64> {
-    proc_status("VmRSS:")
-}
-
-fn proc_status(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with(field))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-/// CPU seconds this process has used (user + system; Linux `/proc/self/stat`, 100 ticks a
-/// second).
-fn cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
-    let rest = stat.rsplit_once(')')?.1;
-    let mut fields = rest.split_whitespace().skip(11);
-    let user: f64 = fields.next()?.parse().ok()?;
-    let system: f64 = fields.next()?.parse().ok()?;
-    Some((user + system) / 100.0)
-}
-
-/// Resets VmHWM to the current RSS (Linux `clear_refs` 5).
-fn reset_peak() -> bool {
-    std::fs::write("/proc/self/clear_refs", "5").is_ok()
-}
-
-fn mib(kib: u64) -> f64 {
-    kib as f64 / 1024.0
 }
 
 const INVESTOR_TYPES: [&str; 5] = ["growth", "value", "crypto", "dividend", "index"];
@@ -227,7 +188,7 @@ async fn load(n: usize, dir: &std::path::Path) -> anyhow::Result<()> {
     let sim = Simulator::spawn(SimConfig::empty()).await?;
     let ctx = context(&db, &sim).await?;
     let baseline = rss_kib().unwrap_or(0);
-    let peak_measured = reset_peak();
+    let peak_measured = reset_peak_rss();
     let cpu_before = cpu_seconds().unwrap_or(0.0);
     let started = Instant::now();
     let loaded = load_export_rows(&ctx, ctx.cio.export_rows(&url), Utc::now()).await?;

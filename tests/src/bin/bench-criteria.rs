@@ -26,6 +26,7 @@
 //! (VmHWM of this process, reset before the evaluator runs; PostgreSQL works in its own
 //! process, SQLite in this one).
 
+use sharpsend_tests::proc_stats::{mib, peak_rss_kib, reset_peak_rss, rss_kib};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
@@ -124,37 +125,6 @@ fn person(rng: &mut Rng, n: usize) -> Value {
             "created_at": 1_546_300_800 + rng.below(200_000_000),
         }
     })
-}
-
-fn peak_rss_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-fn rss_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-/// Resets VmHWM to the current RSS (Linux `clear_refs` 5).
-fn reset_peak() -> bool {
-    std::fs::write("/proc/self/clear_refs", "5").is_ok()
-}
-
-fn mib(kib: u64) -> f64 {
-    kib as f64 / 1024.0
 }
 
 async fn load(db: &DatabaseConnection, ws: i64, profiles: usize) -> anyhow::Result<Duration> {
@@ -327,7 +297,7 @@ async fn bench(label: &str, db: &DatabaseConnection, args: &Args) -> anyhow::Res
             )
             .await?;
         }
-        can_reset &= reset_peak();
+        can_reset &= reset_peak_rss();
         let (evaluator, evaluated) = best(args.runs, || {
             let stmt =
                 criteria_sql::matching_profiles(backend, ws, &filter, "p.customer_id").build();
@@ -372,7 +342,7 @@ async fn bench(label: &str, db: &DatabaseConnection, args: &Args) -> anyhow::Res
         }),
     };
     managed_segments::create(db, ws, &new, Utc::now()).await?;
-    can_reset &= reset_peak();
+    can_reset &= reset_peak_rss();
     for pass in ["first evaluation (all new)", "re-evaluation (no change)"] {
         let started = Instant::now();
         let Applied::Done(outcome) = managed_segments::apply_evaluation(

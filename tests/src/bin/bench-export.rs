@@ -30,12 +30,12 @@
 //! largest size, also one send's report (an assignment) to show a small report from a large
 //! table costs what it costs from a small one.
 
+use sharpsend_tests::proc_stats::{peak_rss_kib, reset_peak_rss};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use clap::Parser;
 use sea_orm::{ConnectionTrait, DatabaseConnection, FromQueryResult, Statement, TransactionTrait};
-use sharpsend_core::jobs::Job;
 use sharpsend_db::testing::{Backend, TestDatabase};
 use sharpsend_proto::v1 as pb;
 use sharpsend_tests::TestApp;
@@ -58,59 +58,10 @@ struct Args {
     insert_chunk: u64,
 }
 
-fn peak_rss_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-/// Resets VmHWM to the current RSS (Linux).
-fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
 /// A real send through the demo broadcast: answers its row id.
 async fn template_send(app: &TestApp) -> anyhow::Result<i64> {
-    app.run_job(Job::SegmentSync).await?;
-    let segment = app
-        .sim
-        .sim
-        .segments()
-        .iter()
-        .find(|s| s.name == "High Engagement")
-        .map(|s| s.id)
-        .context("demo segment")?;
     let sent = app
-        .campaigns()
-        .await?
-        .send_assignment(pb::SendAssignmentRequest {
-            assignment_id: "template".into(),
-            title: "Template".into(),
-            subject: "Template".into(),
-            segment_ids: vec![segment],
-            variations: vec![pb::ContentVariation {
-                segment_id: segment,
-                body: "<p>template</p>".into(),
-                ..Default::default()
-            }],
-            delivery: Some(pb::send_assignment_request::Delivery::Broadcast(
-                pb::BroadcastDelivery {
-                    broadcast_id: BROADCAST,
-                },
-            )),
-            content_types: vec!["crypto".into()],
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .send
-        .context("send")?;
-    app.dispatch_until_submitted(&sent.id, 1, Duration::ZERO, Duration::from_secs(60))
+        .send_to_high_engagement("template", "crypto", BROADCAST)
         .await?;
     #[derive(FromQueryResult)]
     struct Id {

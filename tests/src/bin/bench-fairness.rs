@@ -28,6 +28,7 @@
 //! `SHARPSEND_TEST_POSTGRES_URL` (dropped afterwards), or else a fresh SQLite file. Prints the
 //! peak RSS of this process (server, scheduler and both simulators).
 
+use sharpsend_tests::proc_stats::peak_rss_kib;
 use std::{
     net::SocketAddr,
     time::{Duration, Instant},
@@ -90,17 +91,6 @@ const CIO_TRACK_LIMIT: u32 = 1000;
 const BROADCAST: i64 = 3;
 /// Longest wait for one delivery before the benchmark gives up.
 const GIVE_UP: Duration = Duration::from_secs(120);
-
-fn peak_rss_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
 
 fn object(value: Value) -> Map<String, Value> {
     value.as_object().cloned().unwrap_or_default()

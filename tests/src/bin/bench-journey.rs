@@ -16,6 +16,7 @@
 //! growth of each call (VmHWM of this process, reset before it; SQLite works in this process,
 //! PostgreSQL in its own).
 
+use sharpsend_tests::proc_stats::status_kib;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
@@ -39,28 +40,17 @@ struct Args {
     backends: Vec<String>,
 }
 
-fn status_kib(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with(field))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 async fn timed(
     ctx: &AppContext,
     label: &str,
     request: JourneyEventRequest,
 ) -> anyhow::Result<JourneyEventReport> {
     let can_reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
-    let baseline = status_kib("VmRSS:").unwrap_or(0);
+    let baseline = status_kib(None, "VmRSS:").unwrap_or(0);
     let started = Instant::now();
     let report = trigger_journey_event(ctx, request).await?;
     let took = started.elapsed();
-    let peak = status_kib("VmHWM:")
+    let peak = status_kib(None, "VmHWM:")
         .filter(|_| can_reset)
         .map(|p| p.saturating_sub(baseline) as f64 / 1024.0);
     println!(

@@ -14,6 +14,7 @@
 //! and the peak RSS of the server and the scheduler. `--sizes` runs the pipeline at several sizes
 //! so memory can be compared across N.
 
+use sharpsend_tests::proc_stats::status_kib;
 use std::{
     net::TcpListener,
     path::{Path, PathBuf},
@@ -84,17 +85,6 @@ fn bin(name: &str) -> anyhow::Result<PathBuf> {
 
 fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 struct Stack {
@@ -289,8 +279,16 @@ async fn pipeline_run(args: &Args, updates: usize) -> anyhow::Result<(RunFigures
     }
     let seconds = started.elapsed().as_secs_f64();
     let requests = track_requests(&stack.sim_url).await? - before;
-    let server_rss_kib = stack.server.id().and_then(peak_rss_kib).unwrap_or(0);
-    let scheduler_rss_kib = stack.scheduler.id().and_then(peak_rss_kib).unwrap_or(0);
+    let server_rss_kib = stack
+        .server
+        .id()
+        .and_then(|pid| status_kib(Some(pid), "VmHWM:"))
+        .unwrap_or(0);
+    let scheduler_rss_kib = stack
+        .scheduler
+        .id()
+        .and_then(|pid| status_kib(Some(pid), "VmHWM:"))
+        .unwrap_or(0);
     eprintln!(
         "  accepted {updates} updates over gRPC in {:.2}s",
         accepted_after.as_secs_f64()

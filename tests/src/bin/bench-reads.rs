@@ -13,6 +13,7 @@
 //! p50 and p99 next to the anchor's, plus the server's and the scheduler's idle and peak RSS.
 //! Output is a markdown section (for `docs/benchmarks.md`).
 
+use sharpsend_tests::proc_stats::status_kib;
 use std::{
     net::TcpListener,
     path::PathBuf,
@@ -70,17 +71,6 @@ fn bin(name: &str) -> anyhow::Result<PathBuf> {
 
 fn free_addr() -> anyhow::Result<String> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string())
-}
-
-fn rss_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with(field))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 fn mib(kib: Option<u64>) -> String {
@@ -359,8 +349,10 @@ async fn main() -> anyhow::Result<()> {
         .send
         .context("send")?;
     tokio::time::sleep(Duration::from_secs(2)).await; // idle before measuring memory
-    let server_idle = rss_kib(server.id().unwrap_or(0), "VmRSS:");
-    let scheduler_idle = rss_kib(scheduler.id().unwrap_or(0), "VmRSS:");
+    let server_idle = server.id().and_then(|pid| status_kib(Some(pid), "VmRSS:"));
+    let scheduler_idle = scheduler
+        .id()
+        .and_then(|pid| status_kib(Some(pid), "VmRSS:"));
 
     let echo_channel = Channel::from_shared(format!("http://{echo_addr}"))?
         .connect()
@@ -468,8 +460,10 @@ async fn main() -> anyhow::Result<()> {
             anchor,
         ));
     }
-    let server_peak = rss_kib(server.id().unwrap_or(0), "VmHWM:");
-    let scheduler_peak = rss_kib(scheduler.id().unwrap_or(0), "VmHWM:");
+    let server_peak = server.id().and_then(|pid| status_kib(Some(pid), "VmHWM:"));
+    let scheduler_peak = scheduler
+        .id()
+        .and_then(|pid| status_kib(Some(pid), "VmHWM:"));
 
     println!(
         "### Reads on {backend} (one connection, {} s per figure)\n",

@@ -21,7 +21,8 @@
 //!    and streams `ExportReport` as CSV (rows/s, bytes, peak RSS of this process, which serves
 //!    the call, with VmHWM reset before it). `--only-analytics` skips 1 and 2.
 
-use std::time::{Duration, Instant};
+use sharpsend_tests::proc_stats::{peak_rss_kib, reset_peak_rss};
+use std::time::Instant;
 
 use anyhow::{Context, ensure};
 use clap::Parser;
@@ -61,22 +62,6 @@ struct Args {
     only_analytics: bool,
 }
 
-fn peak_rss_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-/// Resets VmHWM to the current RSS (Linux).
-fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
 async fn database() -> anyhow::Result<(TestDatabase, &'static str)> {
     if let Some(db) = TestDatabase::create_migrated(Backend::Postgres).await? {
         return Ok((db, "PostgreSQL"));
@@ -89,42 +74,8 @@ async fn database() -> anyhow::Result<(TestDatabase, &'static str)> {
 
 /// A real send through the demo broadcast; answers its trigger id.
 async fn send(app: &TestApp) -> anyhow::Result<i64> {
-    app.run_job(Job::SegmentSync).await?;
-    let segment = app
-        .sim
-        .sim
-        .segments()
-        .iter()
-        .find(|s| s.name == "High Engagement")
-        .map(|s| s.id)
-        .context("demo segment")?;
-    let sent = app
-        .campaigns()
-        .await?
-        .send_assignment(pb::SendAssignmentRequest {
-            assignment_id: "bench".into(),
-            title: "Bench".into(),
-            subject: "Bench".into(),
-            segment_ids: vec![segment],
-            variations: vec![pb::ContentVariation {
-                segment_id: segment,
-                body: "<p>bench</p>".into(),
-                ..Default::default()
-            }],
-            delivery: Some(pb::send_assignment_request::Delivery::Broadcast(
-                pb::BroadcastDelivery {
-                    broadcast_id: BROADCAST,
-                },
-            )),
-            content_types: vec!["growth".into()],
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .send
-        .context("send")?;
     let got = app
-        .dispatch_until_submitted(&sent.id, 1, Duration::ZERO, Duration::from_secs(60))
+        .send_to_high_engagement("bench", "growth", BROADCAST)
         .await?;
     got.submissions
         .iter()
