@@ -27,14 +27,7 @@ const BROADCAST: i64 = 3;
 async fn synced(db: &TestDatabase) -> anyhow::Result<(TestApp, i64)> {
     let app = TestApp::spawn(db).await?;
     app.run_job(Job::SegmentSync).await?;
-    let engaged = app
-        .sim
-        .sim
-        .segments()
-        .iter()
-        .find(|s| s.name == "High Engagement")
-        .map(|s| s.id)
-        .context("no demo segment High Engagement")?;
+    let engaged = app.sim_segment_id("High Engagement")?;
     Ok((app, engaged))
 }
 

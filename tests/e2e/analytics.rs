@@ -60,14 +60,7 @@ async fn settle_webhooks(app: &TestApp) -> anyhow::Result<()> {
 
 /// A manual segment of demo people `from..to` (in the demo's order), synced into the mirror.
 async fn segment_of(app: &TestApp, name: &str, from: usize, to: usize) -> anyhow::Result<i64> {
-    let engaged = app
-        .sim
-        .sim
-        .segments()
-        .iter()
-        .find(|s| s.name == "High Engagement")
-        .map(|s| s.id)
-        .context("no High Engagement segment")?;
+    let engaged = app.sim_segment_id("High Engagement")?;
     let members = app.sim.sim.segment_members(engaged).context("members")?;
     ensure!(members.len() >= to, "only {} members", members.len());
     let ids: Vec<&str> = members[from..to].iter().map(String::as_str).collect();

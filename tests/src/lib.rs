@@ -283,6 +283,17 @@ impl TestApp {
         Ok(run)
     }
 
+    /// The id of the simulator's segment named `name` (a demo segment).
+    pub fn sim_segment_id(&self, name: &str) -> anyhow::Result<i64> {
+        self.sim
+            .sim
+            .segments()
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.id)
+            .ok_or_else(|| anyhow::anyhow!("the simulator has no segment named {name:?}"))
+    }
+
     /// Sends assignment `assignment_id` (of `content_type`) to the demo audience's "High
     /// Engagement" segment through broadcast `broadcast_id` (segments synced first) and
     /// dispatches it until its trigger is submitted; answers the send as it then stands.
@@ -294,14 +305,7 @@ impl TestApp {
     ) -> anyhow::Result<sharpsend_proto::v1::Send> {
         use sharpsend_proto::v1 as pb;
         self.run_job(Job::SegmentSync).await?;
-        let segment = self
-            .sim
-            .sim
-            .segments()
-            .iter()
-            .find(|s| s.name == "High Engagement")
-            .map(|s| s.id)
-            .ok_or_else(|| anyhow::anyhow!("the demo audience has no High Engagement segment"))?;
+        let segment = self.sim_segment_id("High Engagement")?;
         let sent = self
             .campaigns()
             .await?
