@@ -7,13 +7,15 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
+use cio_client::Resolution;
 use cio_sim::{
     DeliveryFilter, DeliveryMetric, DeliveryRates, RatesKey, ReportingWebhook, SimDelivery,
 };
 use secrecy::SecretString;
 use serde_json::Value;
 use sharpsend_core::jobs::Job;
+use sharpsend_core::metrics::zoned;
 use sharpsend_db::{db_test, testing::TestDatabase};
 use sharpsend_proto::v1 as pb;
 use sharpsend_tests::TestApp;
@@ -408,11 +410,21 @@ db_test!(
             ensure!(g.engaged_people == people.len() as i64);
             // Every bucket against the ledger; together they hold every count.
             let mut summed = pb::DeliveryCounts::default();
+            let tz = sharpsend_core::metrics::metrics_zone(&app.ctx);
             for bucket in &g.series {
                 let start = ts_secs(&bucket.start).context("start")?;
+                let at = DateTime::from_timestamp(start, 0).context("start")?;
+                let res = if bucket.size_seconds == 3600 {
+                    Resolution::Hours
+                } else {
+                    Resolution::Days
+                };
+                // Local hours and days of the workspace's reporting time zone (New York).
                 ensure!(
-                    start % bucket.size_seconds == 0,
-                    "bucket not aligned to UTC"
+                    zoned::floor(tz, res, at) == at
+                        && zoned::next(tz, res, at) == at + TimeDelta::seconds(bucket.size_seconds),
+                    "bucket {at} of {}s is not a local {res:?} of {tz}",
+                    bucket.size_seconds
                 );
                 let want = ledger_counts(&rows, start, start + bucket.size_seconds);
                 let c = bucket.counts.context("bucket counts")?;

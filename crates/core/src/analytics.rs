@@ -1,7 +1,7 @@
 //! Assignment analytics (issue #15) and the engagement watch (issue #13 §5).
 //!
 //! - [`assignment_analytics`]: per send and target segment counts, rates and an hourly-then-daily
-//!   UTC series from delivery events (aggregated in SQL, `sharpsend_db::analytics`), or from the
+//!   series (local hours and days of the workspace's reporting time zone) from delivery events (aggregated in SQL, `sharpsend_db::analytics`), or from the
 //!   polled metric series for a send without events; deliverability against the workspace's
 //!   baseline ([`flag`]).
 //! - [`performance`]: assignments over a period ranked by a rate.
@@ -16,16 +16,19 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
+use chrono_tz::Tz;
+use cio_client::Resolution;
 use serde_json::{Value, json};
 use sharpsend_db::abtests::{self, REMAINDER, TestState};
 use sharpsend_db::analytics::{self as store, BucketCount, DeliveryRow, Scope, Totals};
 
 use crate::abtest::manage::{self, TestSpec};
 
-use crate::metrics::{self, MetricsSubject};
+use crate::metrics::{self, MetricsSubject, zoned};
 use crate::{AppContext, CoreError, FieldViolation, input};
 
-/// Buckets are hourly for this many UTC days from the day of the first send, then daily.
+/// Buckets are hourly for this many local days from the day of the first send, then daily
+/// (in the workspace's reporting time zone).
 pub const HOURLY_DAYS: i64 = 3;
 /// The baseline covers other assignments' deliveries sent in this many days before now.
 pub const BASELINE_DAYS: i64 = 90;
@@ -241,14 +244,55 @@ fn check_id(field: &str, value: &str) -> Result<(), CoreError> {
     input::finish(v)
 }
 
-/// The UTC midnight `days` after the day of `t`.
-fn midnight_after(t: DateTime<Utc>, days: i64) -> i64 {
-    let s = t.timestamp();
-    s - s.rem_euclid(86_400) + days * 86_400
+/// Where an assignment's series buckets fall, in the workspace's reporting time zone (the one
+/// its metrics are polled in, `SHARPSEND_METRICS_TZ`): local hours until the
+/// [`HOURLY_DAYS`]th local midnight after the day of the first send, local days after (23 or 25
+/// hours across a clock change). All in unix seconds.
+#[derive(Debug, Clone, Copy)]
+struct Buckets {
+    tz: Tz,
+    hourly_until: i64,
+    /// How far a local hour starts before a UTC hour: the zone's UTC offset within an hour, at
+    /// the first send (1,800 for UTC+5:30, 0 for whole-hour zones).
+    hour_shift: i64,
 }
 
-fn bucket_size(start: i64, hourly_until: i64) -> i64 {
-    if start < hourly_until { 3600 } else { 86_400 }
+impl Buckets {
+    fn new(tz: Tz, first: DateTime<Utc>) -> Self {
+        let mut until = zoned::floor(tz, Resolution::Days, first);
+        for _ in 0..HOURLY_DAYS {
+            until = zoned::next(tz, Resolution::Days, until);
+        }
+        Self {
+            tz,
+            hourly_until: until.timestamp(),
+            hour_shift: zoned::offset(tz, first).num_seconds().rem_euclid(3600),
+        }
+    }
+
+    /// The start of the bucket holding the local hour starting at `hour`.
+    fn start_of(&self, hour: i64) -> i64 {
+        if hour < self.hourly_until {
+            return hour;
+        }
+        DateTime::from_timestamp(hour, 0).map_or(hour, |t| {
+            zoned::floor(self.tz, Resolution::Days, t).timestamp()
+        })
+    }
+
+    fn bucket(&self, start: i64, counts: Counts) -> Bucket {
+        let at = DateTime::from_timestamp(start, 0).unwrap_or_default();
+        let size_seconds = if start < self.hourly_until {
+            3600
+        } else {
+            (zoned::next(self.tz, Resolution::Days, at) - at).num_seconds()
+        };
+        Bucket {
+            start: at,
+            size_seconds,
+            counts,
+        }
+    }
 }
 
 /// Everything `assignment_id` did (see the module doc). Unknown assignment: `NotFound`.
@@ -265,14 +309,17 @@ pub async fn assignment_analytics(
             id: assignment_id.to_string(),
         });
     };
-    let hourly_until = midnight_after(first, HOURLY_DAYS);
+    let buckets = Buckets::new(metrics::metrics_zone(ctx), first);
     let scope = Scope {
         assignment_id: Some(assignment_id.to_string()),
         ..Default::default()
     };
-    let counts = store::bucket_counts(&ctx.db, ws, &scope, hourly_until).await?;
+    let counts = store::bucket_counts(&ctx.db, ws, &scope, buckets.hour_shift, |hour| {
+        buckets.start_of(hour)
+    })
+    .await?;
     let public: HashMap<i64, &str> = sends.iter().map(|s| (s.id, s.public_id.as_str())).collect();
-    let mut groups = group_buckets(&counts, hourly_until, &public);
+    let mut groups = group_buckets(&counts, &buckets, &public);
     let with_events: HashSet<&str> = groups.iter().map(|g| g.send_id.as_str()).collect();
     let mut polled = Vec::new();
     for send in sends
@@ -332,11 +379,7 @@ pub async fn assignment_analytics(
         engaged_people: engaged,
         series: series
             .into_iter()
-            .map(|(start, counts)| Bucket {
-                start: DateTime::from_timestamp(start, 0).unwrap_or_default(),
-                size_seconds: bucket_size(start, hourly_until),
-                counts,
-            })
+            .map(|(start, counts)| buckets.bucket(start, counts))
             .collect(),
         segments: groups,
         tests,
@@ -427,7 +470,7 @@ async fn tests_of(
 /// Groups bucket counts per (send, segment).
 fn group_buckets(
     counts: &[BucketCount],
-    hourly_until: i64,
+    buckets: &Buckets,
     public: &HashMap<i64, &str>,
 ) -> Vec<SegmentPerformance> {
     let mut out: BTreeMap<(i64, i64), SegmentPerformance> = BTreeMap::new();
@@ -464,18 +507,15 @@ fn group_buckets(
             .remove(key)
             .unwrap_or_default()
             .into_iter()
-            .map(|(start, counts)| Bucket {
-                start: DateTime::from_timestamp(start, 0).unwrap_or_default(),
-                size_seconds: bucket_size(start, hourly_until),
-                counts,
-            })
+            .map(|(start, counts)| buckets.bucket(start, counts))
             .collect();
     }
     out.into_values().collect()
 }
 
 /// A send without delivery events, from its polled metric series (no per-segment split and no
-/// series here: Customer.io's buckets are in the metrics time zone). A failure to read them is
+/// series here: the polled resolution is days once a send is two days old, too coarse for the
+/// hourly part of [`Buckets`]). A failure to read them is
 /// logged and answered as `Source::None`.
 async fn polled_send(ctx: &AppContext, public_id: &str) -> SegmentPerformance {
     let mut g = SegmentPerformance {
@@ -1188,13 +1228,84 @@ mod tests {
         assert!(lo == 0.0 && hi > 0.0 && hi < 0.35);
     }
 
+    fn at(tz: Tz, y: i32, mo: u32, d: u32, h: u32, mi: u32, sec: u32) -> i64 {
+        use chrono::TimeZone as _;
+        tz.with_ymd_and_hms(y, mo, d, h, mi, sec)
+            .earliest()
+            .map(|t| t.timestamp())
+            .unwrap_or_default()
+    }
+
     #[test]
-    fn buckets_are_hourly_until_the_third_utc_midnight_then_daily() {
+    fn buckets_are_hourly_until_the_third_midnight_then_daily_in_utc() {
         let t = DateTime::from_timestamp(86_400 * 10 + 23 * 3600 + 59 * 60, 0).unwrap_or_default();
-        let until = midnight_after(t, HOURLY_DAYS);
-        assert_eq!(until, 86_400 * 13);
-        assert_eq!(bucket_size(until - 1, until), 3600);
-        assert_eq!(bucket_size(until, until), 86_400);
+        let b = Buckets::new(chrono_tz::UTC, t);
+        assert_eq!(b.hourly_until, 86_400 * 13);
+        assert_eq!(b.hour_shift, 0);
+        let last_hour = b.hourly_until - 3600;
+        assert_eq!(b.start_of(last_hour), last_hour);
+        assert_eq!(b.bucket(last_hour, Counts::default()).size_seconds, 3600);
+        assert_eq!(b.start_of(b.hourly_until + 5 * 3600), b.hourly_until);
+        assert_eq!(
+            b.bucket(b.hourly_until, Counts::default()).size_seconds,
+            86_400
+        );
+    }
+
+    #[test]
+    fn daily_buckets_start_at_local_midnight_and_last_23_or_25_hours_across_a_clock_change() {
+        let ny = chrono_tz::America::New_York;
+        // First send Thursday 5 March 2026, 23:30 EST: hourly until Sunday 8 March 00:00 EST.
+        let first = DateTime::from_timestamp(at(ny, 2026, 3, 5, 23, 30, 0), 0).unwrap_or_default();
+        let b = Buckets::new(ny, first);
+        assert_eq!(b.hourly_until, at(ny, 2026, 3, 8, 0, 0, 0));
+        assert_eq!(b.hourly_until % 86_400, 5 * 3600, "05:00 UTC");
+        // The clocks go forward on 8 March: that day has 23 hours.
+        let sunday = b.bucket(b.hourly_until, Counts::default());
+        assert_eq!(sunday.size_seconds, 23 * 3600);
+        // Its last hour (23:00 EDT) is Sunday's; the next (00:00 EDT Monday) is Monday's.
+        let last = at(ny, 2026, 3, 8, 23, 0, 0);
+        let monday = at(ny, 2026, 3, 9, 0, 0, 0);
+        assert_eq!(monday - last, 3600);
+        assert_eq!(b.start_of(last), b.hourly_until);
+        assert_eq!(b.start_of(monday), monday);
+        assert_eq!(b.bucket(monday, Counts::default()).size_seconds, 86_400);
+        // Autumn: 1 November 2026 has 25 hours, both 01:00s in it.
+        let autumn = Buckets::new(
+            ny,
+            DateTime::from_timestamp(at(ny, 2026, 10, 20, 9, 0, 0), 0).unwrap_or_default(),
+        );
+        let sunday = at(ny, 2026, 11, 1, 0, 0, 0);
+        assert_eq!(
+            autumn.bucket(sunday, Counts::default()).size_seconds,
+            25 * 3600
+        );
+        assert_eq!(
+            autumn.start_of(sunday + 2 * 3600),
+            sunday,
+            "the second 01:00 (EST)"
+        );
+        assert_eq!(autumn.start_of(sunday + 24 * 3600), sunday, "23:00 EST");
+        let monday = at(ny, 2026, 11, 2, 0, 0, 0);
+        assert_eq!(monday - sunday, 25 * 3600);
+        assert_eq!(autumn.start_of(monday), monday);
+    }
+
+    #[test]
+    fn a_half_hour_zone_shifts_hours_and_days_by_its_offset() {
+        let kolkata = chrono_tz::Asia::Kolkata;
+        let first =
+            DateTime::from_timestamp(at(kolkata, 2026, 6, 1, 10, 15, 0), 0).unwrap_or_default();
+        let b = Buckets::new(kolkata, first);
+        assert_eq!(b.hour_shift, 1800);
+        // Local midnight is 18:30 UTC.
+        assert_eq!(b.hourly_until, at(kolkata, 2026, 6, 4, 0, 0, 0));
+        assert_eq!(b.hourly_until % 3600, 1800);
+        assert_eq!(b.start_of(b.hourly_until + 23 * 3600), b.hourly_until);
+        assert_eq!(
+            b.start_of(b.hourly_until + 24 * 3600),
+            b.hourly_until + 86_400
+        );
     }
 
     #[test]

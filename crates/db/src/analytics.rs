@@ -391,8 +391,8 @@ pub struct BucketCount {
     pub count: i64,
 }
 
-/// Deliveries of one send and segment whose metrics fall in these UTC hours (unix seconds of
-/// the hour; `None`: the metric did not happen), [`BUCKET_METRICS`] order.
+/// Deliveries of one send and segment whose metrics fall in these hours (unix seconds of the
+/// hour's start; `None`: the metric did not happen), [`BUCKET_METRICS`] order.
 #[derive(Debug, FromQueryResult)]
 struct HourCombo {
     send_id: i64,
@@ -416,24 +416,29 @@ struct Engaged {
     engaged: i64,
 }
 
-/// Per (send, segment, metric, bucket) counts of `scope`: hourly buckets before `hourly_until`
-/// (unix seconds, a UTC midnight), daily UTC buckets from it. The facts are read in one pass
-/// grouped by the hour of every metric at once (deliveries sharing their hours are one row),
-/// then spread over the metrics and buckets here (with the newest event per (send, segment));
-/// a second pass counts the people engaged, over the engaged deliveries only.
+/// Per (send, segment, metric, bucket) counts of `scope`. Each time is first floored to its
+/// hour, where hours start `hour_shift` seconds (0..3600) before a UTC hour would (1,800 for a
+/// zone at UTC+5:30), then `bucket_of` maps that hour's start to its bucket's start (the caller
+/// owns the time zone and the hourly-then-daily scheme; it is asked once per distinct hour).
+/// The facts are read in one pass grouped by the hour of every metric at once (deliveries
+/// sharing their hours are one row), then spread over the metrics and buckets here (with the
+/// newest event per (send, segment)); a second pass counts the people engaged, over the engaged
+/// deliveries only.
 pub async fn bucket_counts(
     db: &impl ConnectionTrait,
     workspace_id: i64,
     scope: &Scope,
-    hourly_until: i64,
+    hour_shift: i64,
+    bucket_of: impl Fn(i64) -> i64,
 ) -> Result<Vec<BucketCount>, DbError> {
+    let hour_shift = hour_shift.rem_euclid(3600);
     let backend = db.get_database_backend();
     let mut sql = Sql::new(backend);
     deliveries_cte(&mut sql, workspace_id, scope, None, None);
     let hours: Vec<String> = BUCKET_METRICS
         .iter()
         .enumerate()
-        .map(|(i, (_, column))| format!("{column} - ({column} % 3600) AS h{i}"))
+        .map(|(i, (_, column))| format!("{column} - (({column} + {hour_shift}) % 3600) AS h{i}"))
         .collect();
     let keys = (0..BUCKET_METRICS.len())
         .map(|i| format!("h{i}"))
@@ -450,6 +455,7 @@ pub async fn bucket_counts(
         .await?;
     let mut counts: std::collections::BTreeMap<(i64, Option<i64>, &str, i64), i64> =
         std::collections::BTreeMap::new();
+    let mut buckets: std::collections::HashMap<i64, i64> = std::collections::HashMap::new();
     for c in &combos {
         let last = counts
             .entry((c.send_id, c.segment_id, "last_event_at", 0))
@@ -458,7 +464,7 @@ pub async fn bucket_counts(
         let hours = [c.h0, c.h1, c.h2, c.h3, c.h4, c.h5, c.h6, c.h7];
         for ((metric, _), hour) in BUCKET_METRICS.iter().zip(hours) {
             let Some(h) = hour else { continue };
-            let bucket = if h < hourly_until { h } else { h - h % 86_400 };
+            let bucket = *buckets.entry(h).or_insert_with(|| bucket_of(h));
             *counts
                 .entry((c.send_id, c.segment_id, metric, bucket))
                 .or_default() += c.n;

@@ -208,7 +208,9 @@ sharpsend_db::db_test!(
         analytics::fold(&db.conn, &ids[..ids.len() / 2]).await?;
         assert_eq!(facts(&db.conn, ws).await?, raced);
         let until = ts(86_400 * 23).timestamp();
-        let hours = analytics::bucket_counts(&db.conn, ws, &Scope::default(), until).await?;
+        let daily_from_until = |h: i64| if h < until { h } else { h - h % 86_400 };
+        let hours =
+            analytics::bucket_counts(&db.conn, ws, &Scope::default(), 0, daily_from_until).await?;
         let sent: i64 = hours
             .iter()
             .filter(|b| b.metric == "sent")
@@ -232,6 +234,43 @@ sharpsend_db::db_test!(
                 .all(|b| b.bucket % 86_400 == 0),
             "daily from the third midnight"
         );
+        // Hours of a zone at UTC+5:30 start at half past: a time at hh:29:59 UTC is in the hour
+        // from (hh-1):30, one at hh:30:00 in the hour from hh:30; every bucket against the
+        // facts, edges included.
+        let edge = 86_400 * 30 + 18 * 3600 + 1800;
+        let mut edges = Vec::new();
+        for (n, at) in [(0, edge - 1), (1, edge)] {
+            let mut e = event(100_000 + n, 9_990 + n, "sent", at);
+            e.submission_id = Some(subs[0].id);
+            edges.push(e);
+        }
+        engagement::insert_events(&db.conn, ws, EventSource::Webhook, &edges, ts(0)).await?;
+        let with_edges = facts(&db.conn, ws).await?;
+        assert_eq!(with_edges.len(), raced.len() + 2);
+        let shifted =
+            analytics::bucket_counts(&db.conn, ws, &Scope::default(), 1800, |h| h).await?;
+        let mut want: std::collections::BTreeMap<i64, i64> = std::collections::BTreeMap::new();
+        for r in &with_edges {
+            *want
+                .entry(r.first_at - (r.first_at + 1800) % 3600)
+                .or_default() += 1;
+        }
+        let got: std::collections::BTreeMap<i64, i64> = shifted
+            .iter()
+            .filter(|b| b.metric == "sent")
+            .fold(Default::default(), |mut m, b| {
+                *m.entry(b.bucket).or_default() += b.count;
+                m
+            });
+        assert_eq!(got, want);
+        assert!(got.keys().all(|h| h % 3600 == 1800));
+        let edge = ts(edge).timestamp();
+        assert_eq!(
+            got.get(&(edge - 3600)),
+            Some(&1),
+            "hh:29:59 in the hour before"
+        );
+        assert_eq!(got.get(&edge), Some(&1), "hh:30:00 in its own hour");
         TestResult::Ok(())
     }
 );
