@@ -610,6 +610,61 @@ db_test!(
         ensure!(second.assignments.len() == 1 && second.next_page_token.is_empty());
         ensure!(second.assignments[0].assignment_id == "asg-analytics");
         ensure!(second.assignments[0].counts.as_ref() == Some(&total));
+        // Filters: a target segment (its deliveries only), a content type (case-insensitive);
+        // the default rank (click rate) puts the one without deliveries delivered last.
+        let list = |segment_id: i64, content_type: &str| {
+            let app = &app;
+            let content_type = content_type.to_string();
+            async move {
+                anyhow::Ok(
+                    app.analytics()
+                        .await?
+                        .list_assignment_performance(pb::ListAssignmentPerformanceRequest {
+                            start_time: Some(prost_types::Timestamp {
+                                seconds: Utc::now().timestamp() - 100 * 86_400,
+                                nanos: 0,
+                            }),
+                            end_time: Some(prost_types::Timestamp {
+                                seconds: Utc::now().timestamp() + 200 * 86_400,
+                                nanos: 0,
+                            }),
+                            segment_id,
+                            content_type,
+                            ..Default::default()
+                        })
+                        .await?
+                        .into_inner()
+                        .assignments,
+                )
+            }
+        };
+        let of_a = list(a, "").await?;
+        ensure!(
+            of_a.len() == 1 && of_a[0].assignment_id == "asg-analytics",
+            "{of_a:?}"
+        );
+        let a_truth = ledger(&app, triggers.iter().find(|t| t.0 == a).context("a")?.1)?;
+        ensure!(
+            of_a[0].counts
+                == Some(ledger_counts(
+                    &a_truth.values().collect::<Vec<_>>(),
+                    i64::MIN,
+                    i64::MAX
+                )),
+            "segment {a}'s figures only: {of_a:?}"
+        );
+        let of_lost = list(lost, "").await?;
+        ensure!(of_lost.len() == 1 && of_lost[0].assignment_id == "asg-lost");
+        let growth = list(0, "GROWTH").await?;
+        ensure!(
+            growth
+                .iter()
+                .map(|p| p.assignment_id.as_str())
+                .collect::<Vec<_>>()
+                == ["asg-analytics", "asg-lost"],
+            "{growth:?}"
+        );
+        ensure!(list(0, "crypto").await?.is_empty());
 
         // ----- GetProfile: one person's history -----
         let (delivery, t) = all_truth
