@@ -283,6 +283,25 @@ async fn analytics_of(
         .into_inner())
 }
 
+/// ListAssignmentPerformance over a period holding everything a test sent.
+async fn performance(
+    app: &TestApp,
+    request: pb::ListAssignmentPerformanceRequest,
+) -> anyhow::Result<pb::ListAssignmentPerformanceResponse> {
+    let now = Utc::now().timestamp();
+    let at = |seconds| Some(prost_types::Timestamp { seconds, nanos: 0 });
+    Ok(app
+        .analytics()
+        .await?
+        .list_assignment_performance(pb::ListAssignmentPerformanceRequest {
+            start_time: at(now - 100 * 86_400),
+            end_time: at(now + 200 * 86_400),
+            ..request
+        })
+        .await?
+        .into_inner())
+}
+
 async fn export(
     app: &TestApp,
     request: pb::ExportReportRequest,
@@ -563,24 +582,15 @@ db_test!(
         );
 
         // ----- ListAssignmentPerformance -----
-        let listed = app
-            .analytics()
-            .await?
-            .list_assignment_performance(pb::ListAssignmentPerformanceRequest {
-                start_time: Some(prost_types::Timestamp {
-                    seconds: Utc::now().timestamp() - 100 * 86_400,
-                    nanos: 0,
-                }),
-                end_time: Some(prost_types::Timestamp {
-                    seconds: Utc::now().timestamp() + 200 * 86_400,
-                    nanos: 0,
-                }),
+        let listed = performance(
+            &app,
+            pb::ListAssignmentPerformanceRequest {
                 rank_by: pb::RankBy::BounceRate as i32,
                 page_size: 1,
                 ..Default::default()
-            })
-            .await?
-            .into_inner();
+            },
+        )
+        .await?;
         ensure!(listed.assignments.len() == 1 && !listed.next_page_token.is_empty());
         ensure!(
             listed.assignments[0].assignment_id == "asg-lost",
@@ -588,55 +598,29 @@ db_test!(
         );
         ensure!(listed.assignments[0].rank == 1);
         ensure!(listed.assignments[0].content_types == ["growth"]);
-        let second = app
-            .analytics()
-            .await?
-            .list_assignment_performance(pb::ListAssignmentPerformanceRequest {
-                start_time: Some(prost_types::Timestamp {
-                    seconds: Utc::now().timestamp() - 100 * 86_400,
-                    nanos: 0,
-                }),
-                end_time: Some(prost_types::Timestamp {
-                    seconds: Utc::now().timestamp() + 200 * 86_400,
-                    nanos: 0,
-                }),
+        let second = performance(
+            &app,
+            pb::ListAssignmentPerformanceRequest {
                 rank_by: pb::RankBy::BounceRate as i32,
                 page_size: 1,
                 page_token: listed.next_page_token.clone(),
                 ..Default::default()
-            })
-            .await?
-            .into_inner();
+            },
+        )
+        .await?;
         ensure!(second.assignments.len() == 1 && second.next_page_token.is_empty());
         ensure!(second.assignments[0].assignment_id == "asg-analytics");
         ensure!(second.assignments[0].counts.as_ref() == Some(&total));
         // Filters: a target segment (its deliveries only), a content type (case-insensitive);
         // the default rank (click rate) puts the one without deliveries delivered last.
         let list = |segment_id: i64, content_type: &str| {
+            let request = pb::ListAssignmentPerformanceRequest {
+                segment_id,
+                content_type: content_type.to_string(),
+                ..Default::default()
+            };
             let app = &app;
-            let content_type = content_type.to_string();
-            async move {
-                anyhow::Ok(
-                    app.analytics()
-                        .await?
-                        .list_assignment_performance(pb::ListAssignmentPerformanceRequest {
-                            start_time: Some(prost_types::Timestamp {
-                                seconds: Utc::now().timestamp() - 100 * 86_400,
-                                nanos: 0,
-                            }),
-                            end_time: Some(prost_types::Timestamp {
-                                seconds: Utc::now().timestamp() + 200 * 86_400,
-                                nanos: 0,
-                            }),
-                            segment_id,
-                            content_type,
-                            ..Default::default()
-                        })
-                        .await?
-                        .into_inner()
-                        .assignments,
-                )
-            }
+            async move { anyhow::Ok(performance(app, request).await?.assignments) }
         };
         let of_a = list(a, "").await?;
         ensure!(
