@@ -2530,8 +2530,8 @@ db_test!(
         };
         p.check(
             rpc,
-            "unknown assignment: an empty report",
-            Answered,
+            "unknown assignment: not found, as GetAssignmentAnalytics",
+            Refused(Code::NotFound),
             an.export_report(export(pb::ReportFormat::Csv)).await,
         );
         for (label, request, field) in [

@@ -734,10 +734,18 @@ pub struct ExportScope {
 
 impl ExportScope {
     /// Checks the scope and finds its test: a malformed id is `InvalidArgument`, an unknown
-    /// one (or another workspace's) `NotFound`. Answers what the report reads.
+    /// test or assignment (one never sent, or another workspace's) `NotFound`, as
+    /// [`assignment_analytics`] says. Answers what the report reads.
     pub async fn resolve(&self, ctx: &AppContext) -> Result<Scope, CoreError> {
         if let Some(a) = &self.assignment_id {
             check_id("assignment_id", a)?;
+            let sends = store::sends_of(&ctx.db, ctx.workspace_id(), std::slice::from_ref(a));
+            if sends.await?.is_empty() {
+                return Err(CoreError::NotFound {
+                    what: "assignment",
+                    id: a.clone(),
+                });
+            }
         }
         if self.assignment_id.is_none()
             && self.period.is_none()
