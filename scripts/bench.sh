@@ -25,6 +25,7 @@ case "$mode" in
   full)
     reads=(--secs 3); outbox=(--updates 100000 --people 20000 --sizes 20000 --call-samples 20)
     rates=(100 1000); criteria=(--profiles 1000000 --runs 3)
+    segments=(--profiles 1000000 --segments 100 --rate 1000 --secs 120)
     metrics=(--targets 1000 --segments 1000 --app-rate 10); journey=(--members 50000)
     backfill=(--profiles 1000000 --sizes 100000); webhooks=(--events 50000 --scoring-events 1000000 --sizes 100000 --analytics-events 0)
     analytics=(--analytics-events 1456000); export=(--rows 1000000,10000000)
@@ -32,6 +33,7 @@ case "$mode" in
   quick)
     reads=(--secs 1); outbox=(--updates 20000 --people 5000 --sizes 0 --call-samples 10)
     rates=(1000); criteria=(--profiles 100000 --runs 1)
+    segments=(--profiles 100000 --segments 100 --rate 1000 --secs 30)
     metrics=(--targets 50 --segments 100 --app-rate 10); journey=(--members 5000)
     backfill=(--profiles 100000 --sizes 20000); webhooks=(--events 10000 --scoring-events 100000 --sizes 20000 --analytics-events 0)
     analytics=(--analytics-events 100000); export=(--rows 100000,1000000)
@@ -39,6 +41,7 @@ case "$mode" in
   smoke)
     reads=(--secs 0.2); outbox=(--updates 2000 --people 500 --sizes 0 --call-samples 2 --sdk-sample 20)
     rates=(1000); criteria=(--profiles 2000 --runs 1)
+    segments=(--profiles 2000 --segments 5 --rate 100 --batch 20 --secs 2 --tracers 2 --settle-secs 20)
     metrics=(--targets 5 --segments 5 --app-rate 50); journey=(--members 200)
     backfill=(--profiles 2000 --sizes 500 --sim-people 200); webhooks=(--events 200 --senders 5 --scoring-events 2000 --sizes 500 --analytics-events 0)
     analytics=(--analytics-events 2000 --analytics-runs 2)
@@ -114,6 +117,9 @@ section "Journey fan-out"
 run text "$bin/bench-journey" "${journey[@]}"
 section "Criteria over profiles"
 run text "$bin/bench-criteria" "${criteria[@]}"
+section "Managed segments under sustained attribute updates (PostgreSQL)"
+fresh_pg
+run text "$bin/bench-segments" "${segments[@]}" --database-url "$pg_url"
 section "Assignment analytics and report export (PostgreSQL; its own test database)"
 run text "$bin/bench-webhooks" --only-analytics "${analytics[@]}"
 section "Report export at scale over a generated history (PostgreSQL; its own test database)"

@@ -5,6 +5,7 @@
 //!
 //! Logs stay silent unless `TEST_LOG` is set.
 
+pub mod bench_data;
 pub mod proc_stats;
 
 use std::{net::SocketAddr, time::Duration};

@@ -34,7 +34,17 @@ pub fn reset_peak_rss() -> bool {
 
 /// CPU seconds this process has used (user + system; `/proc/self/stat`, 100 ticks a second).
 pub fn cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    stat_cpu_seconds("self")
+}
+
+/// CPU seconds (user + system) process `pid` has used; `None` if it is gone or not on this
+/// machine.
+pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    stat_cpu_seconds(&pid.to_string())
+}
+
+fn stat_cpu_seconds(process: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{process}/stat")).ok()?;
     // After the command name (which may hold spaces): state is field 3, utime 14, stime 15.
     let rest = stat.rsplit_once(')')?.1;
     let mut fields = rest.split_whitespace().skip(11);

@@ -425,27 +425,31 @@ impl SqlBuilder {
                 op,
                 value,
             } if !self.from_attributes => {
-                // The shadow holds numbers only: jsonb compares two numbers as `numeric`s.
-                self.sql("((")
+                // The shadow holds JSON numbers only, so the cast to `numeric` cannot fail (a
+                // missing attribute gives NULL). Compared as `numeric`s: comparing the two
+                // `jsonb` values instead gives the same answer but goes through jsonb's
+                // generic container comparison on every row, which made a full evaluation
+                // ~1.3x slower than the hand-written `(attributes->>…)::numeric` (issue #18).
+                self.sql("(CAST(")
                     .sql(alias)
                     .sql(".numbers -> ")
                     .param(attribute.as_str())
-                    .sql(") ")
+                    .sql(" AS numeric) ")
                     .sql(op.sql())
                     .sql(" CAST(")
                     .param(number_text(*value))
-                    .sql(" AS jsonb))");
+                    .sql(" AS numeric))");
             }
             Filter::NumberIn { attribute, values } if !self.from_attributes => {
-                self.sql("((")
+                self.sql("(CAST(")
                     .sql(alias)
                     .sql(".numbers -> ")
                     .param(attribute.as_str())
-                    .sql(") IN (SELECT CAST(jsonb_array_elements_text(")
+                    .sql(" AS numeric) IN (SELECT CAST(jsonb_array_elements_text(")
                     .param(json!(
                         values.iter().map(|v| number_text(*v)).collect::<Vec<_>>()
                     ))
-                    .sql("::jsonb) AS jsonb)))");
+                    .sql("::jsonb) AS numeric)))");
             }
             Filter::Number {
                 attribute,

@@ -26,13 +26,14 @@
 //! (VmHWM of this process, reset before the evaluator runs; PostgreSQL works in its own
 //! process, SQLite in this one).
 
+use sharpsend_tests::bench_data::{Rng, load_profiles};
 use sharpsend_tests::proc_stats::{mib, peak_rss_kib, reset_peak_rss, rss_kib};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use chrono::Utc;
 use clap::Parser;
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
 use serde_json::{Value, json};
 use sharpsend_core::criteria::{self, Criteria};
 use sharpsend_db::criteria_sql::{self, Filter};
@@ -64,8 +65,6 @@ struct Args {
     workspace: Option<i64>,
 }
 
-/// Rows per load statement.
-const LOAD_CHUNK: usize = 5000;
 /// Customer.io id of the mirrored "Growth Investors" segment the example reads.
 const GROWTH_SEGMENT: i64 = 9001;
 /// Customer.io id of the managed segment evaluated at the end.
@@ -81,23 +80,6 @@ const INVESTOR_TYPES: [&str; 8] = [
     "day_trader",
     "esg",
 ];
-
-/// SplitMix64: the same people on every run and backend.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 fn person(rng: &mut Rng, n: usize) -> Value {
     let investor = INVESTOR_TYPES[rng.below(INVESTOR_TYPES.len() as u64) as usize];
@@ -130,36 +112,7 @@ fn person(rng: &mut Rng, n: usize) -> Value {
 async fn load(db: &DatabaseConnection, ws: i64, profiles: usize) -> anyhow::Result<Duration> {
     let backend = db.get_database_backend();
     let started = Instant::now();
-    let mut rng = Rng(42);
-    let now = Utc::now();
-    let sql = match backend {
-        DbBackend::Postgres => {
-            "INSERT INTO profiles (workspace_id, customer_id, email, email_lower, attributes, updated_at, fetched_at) \
-             SELECT $1, r->>'id', r->>'email', lower(r->>'email'), r->'attributes', $2, $2 FROM jsonb_array_elements($3::jsonb) r"
-        }
-        _ => {
-            "INSERT INTO profiles (workspace_id, customer_id, email, email_lower, attributes, updated_at, fetched_at) \
-             SELECT ?, value ->> '$.id', value ->> '$.email', lower(value ->> '$.email'), value -> '$.attributes', ?, ? FROM json_each(?)"
-        }
-    };
-    let txn = db.begin().await?;
-    let mut n = 0;
-    while n < profiles {
-        let end = (n + LOAD_CHUNK).min(profiles);
-        let rows: Vec<Value> = (n..end).map(|i| person(&mut rng, i)).collect();
-        let values: Vec<sea_orm::Value> = match backend {
-            DbBackend::Postgres => vec![ws.into(), now.into(), Value::Array(rows).into()],
-            _ => vec![
-                ws.into(),
-                now.into(),
-                now.into(),
-                Value::Array(rows).to_string().into(),
-            ],
-        };
-        txn.execute_raw(Statement::from_sql_and_values(backend, sql, values))
-            .await?;
-        n = end;
-    }
+    load_profiles(db, ws, profiles, person).await?;
     // The mirrored membership of "Growth Investors".
     let members = match backend {
         DbBackend::Postgres => format!(
@@ -171,9 +124,8 @@ async fn load(db: &DatabaseConnection, ws: i64, profiles: usize) -> anyhow::Resu
              FROM profiles WHERE workspace_id = {ws} AND json_extract(attributes, '$.investor_type') = 'growth'"
         ),
     };
-    txn.execute_unprepared(&members).await?;
-    txn.commit().await?;
-    db.execute_unprepared("ANALYZE").await?;
+    db.execute_unprepared(&members).await?;
+    db.execute_unprepared("ANALYZE segment_members").await?;
     Ok(started.elapsed())
 }
 

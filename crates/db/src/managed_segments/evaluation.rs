@@ -152,7 +152,7 @@ pub async fn apply_evaluation(
         recheck: None,
     };
     ctx.recheck = recheck_set(&txn, &ctx).await?;
-    let nothing_to_do = incremental && ctx.recheck.as_ref().is_some_and(Vec::is_empty);
+    let nothing_to_do = incremental && ctx.recheck.as_ref().is_some_and(|r| r.len == 0);
     let (added, removed, outbox_rows, drift) = match txn.get_database_backend() {
         _ if nothing_to_do => (0, 0, 0, 0),
         DbBackend::Postgres => apply_postgres(&txn, &ctx, filter).await?,
@@ -344,7 +344,7 @@ pub async fn has_changes(
 async fn recheck_set(
     txn: &impl ConnectionTrait,
     ctx: &DiffContext,
-) -> Result<Option<Vec<String>>, DbErr> {
+) -> Result<Option<Recheck>, DbErr> {
     if ctx.changes.is_none() {
         return Ok(None);
     }
@@ -357,7 +357,18 @@ async fn recheck_set(
     for row in rows {
         ids.push(row.try_get::<String>("", "customer_id")?);
     }
-    Ok(Some(ids))
+    let json = serde_json::to_string(&ids).map_err(|e| DbErr::Json(e.to_string()))?;
+    Ok(Some(Recheck {
+        len: ids.len(),
+        json,
+    }))
+}
+
+/// The re-check set: how many people, and their ids as one JSON array (serialised once, bound
+/// by every part of the difference that reads the list).
+struct Recheck {
+    len: usize,
+    json: String,
 }
 
 /// What an incremental evaluation re-checks.
@@ -378,7 +389,7 @@ struct DiffContext {
     /// Every profile is evaluated (`changes` then only counts drift).
     full: bool,
     /// The ids of the re-check set ([`recheck_set`]).
-    recheck: Option<Vec<String>>,
+    recheck: Option<Recheck>,
 }
 
 impl DiffContext {
@@ -395,7 +406,10 @@ impl DiffContext {
 
     /// `SELECT` of the re-check set's ids, bound as one JSON array.
     fn recheck_list(&self, b: &mut SqlBuilder) {
-        let ids = serde_json::Value::from(self.recheck.clone().unwrap_or_default()).to_string();
+        let ids = self
+            .recheck
+            .as_ref()
+            .map_or_else(|| "[]".to_owned(), |r| r.json.clone());
         if b.backend() == DbBackend::Postgres {
             b.sql("SELECT jsonb_array_elements_text(CAST(")
                 .param(ids)
