@@ -212,7 +212,11 @@ async fn no_api_key_appears_in_trace_logs() -> anyhow::Result<()> {
     );
     // `ssk_<key id>_<secret>`: the secret is URL-safe base64 and may itself hold a `_`.
     let secret_part = created.secret.splitn(3, '_').nth(2).unwrap_or_default();
-    ensure!(secret_part.len() >= 40, "the created key has a {}-character secret", secret_part.len());
+    ensure!(
+        secret_part.len() >= 40,
+        "the created key has a {}-character secret",
+        secret_part.len()
+    );
     for (what, secret) in [
         ("the configured key", CONFIGURED_KEY),
         ("a wrong key", WRONG_KEY),
