@@ -44,6 +44,7 @@ mod m20261206_000070_send_cancellation;
 mod m20261207_000080_profile_numbers;
 mod m20261207_000090_numbers_first_character;
 mod m20261207_000091_profile_changes_once;
+mod m20261207_000092_workspace_checks_per_statement;
 
 /// All migrations of the project, oldest first.
 pub struct Migrator;
@@ -82,6 +83,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261207_000080_profile_numbers::Migration),
             Box::new(m20261207_000090_numbers_first_character::Migration),
             Box::new(m20261207_000091_profile_changes_once::Migration),
+            Box::new(m20261207_000092_workspace_checks_per_statement::Migration),
         ]
     }
 }

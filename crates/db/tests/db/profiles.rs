@@ -392,3 +392,97 @@ async fn the_numbers_shadow_takes_exactly_the_numbers_on_postgres() {
     })
     .await;
 }
+
+/// The rows of `table` in workspace `ws`.
+async fn rows_of(db: &TestDatabase, table: &str, ws: i64) -> Result<i64, sharpsend_db::DbError> {
+    use sea_orm::{ConnectionTrait, Statement};
+    let backend = db.conn.get_database_backend();
+    let param = if backend == sea_orm::DbBackend::Postgres {
+        "$1"
+    } else {
+        "?"
+    };
+    let row = db
+        .conn
+        .query_one_raw(Statement::from_sql_and_values(
+            backend,
+            format!("SELECT COUNT(*) AS n FROM {table} WHERE workspace_id = {param}"),
+            [ws.into()],
+        ))
+        .await?;
+    Ok(row
+        .map(|r| r.try_get::<i64>("", "n"))
+        .transpose()?
+        .unwrap_or(0))
+}
+
+sharpsend_db::db_test!(
+    profiles_and_outbox_rows_belong_to_an_existing_workspace,
+    |db: TestDatabase| async move {
+        use sea_orm::{ConnectionTrait, Statement};
+        let backend = db.conn.get_database_backend();
+        let ws = workspace(&db, "site-1").await?;
+        let kept = workspace(&db, "site-2").await?;
+        let missing = kept + 100;
+        // No profile and no outbox row for a workspace that does not exist, however written
+        // (PostgreSQL checks once per statement since migration 000092, SQLite by foreign key).
+        let refused = profiles::upsert_fetched(
+            &db.conn,
+            missing,
+            &[fetched("ann", None, "c1", json!({}))],
+            ts(0),
+        )
+        .await;
+        assert!(refused.is_err(), "{refused:?}");
+        let update = |who: &str| NewAttributeUpdate {
+            customer_id: who.into(),
+            attributes: attrs(json!({"plan": "pro"})),
+        };
+        let refused =
+            outbox::accept_attribute_updates(&db.conn, missing, &[update("ann")], ts(0)).await;
+        assert!(refused.is_err(), "{refused:?}");
+        assert_eq!(rows_of(&db, "profiles", missing).await?, 0);
+        assert_eq!(rows_of(&db, "outbox", missing).await?, 0);
+        // Many people of existing workspaces in one statement are accepted.
+        let many: Vec<NewAttributeUpdate> = (0..300).map(|i| update(&format!("p{i}"))).collect();
+        outbox::accept_attribute_updates(&db.conn, ws, &many, ts(0)).await?;
+        outbox::accept_attribute_updates(&db.conn, kept, &[update("bob")], ts(0)).await?;
+        // A row never moves to another workspace.
+        let param = |n: usize| {
+            if backend == sea_orm::DbBackend::Postgres {
+                format!("${n}")
+            } else {
+                "?".to_owned()
+            }
+        };
+        for table in ["profiles", "outbox"] {
+            let moved = db
+                .conn
+                .execute_raw(Statement::from_sql_and_values(
+                    backend,
+                    format!(
+                        "UPDATE {table} SET workspace_id = {} WHERE workspace_id = {}",
+                        param(1),
+                        param(2)
+                    ),
+                    [missing.into(), ws.into()],
+                ))
+                .await;
+            assert!(moved.is_err(), "{table}: {moved:?}");
+        }
+        // Deleting a workspace deletes its profiles and outbox rows, and only its own.
+        assert_eq!(rows_of(&db, "profiles", ws).await?, 300);
+        db.conn
+            .execute_raw(Statement::from_sql_and_values(
+                backend,
+                format!("DELETE FROM workspaces WHERE id = {}", param(1)),
+                [ws.into()],
+            ))
+            .await?;
+        for table in ["profiles", "outbox"] {
+            assert_eq!(rows_of(&db, table, ws).await?, 0, "{table}");
+            assert_eq!(rows_of(&db, table, kept).await?, 1, "{table}");
+        }
+        TestResult::Ok(())
+    }
+);
