@@ -275,6 +275,25 @@ sharpsend_db::db_test!(
         .await?;
         assert_eq!(logged(&db, ws, "ann").await?, 3);
         assert_eq!(logged(&db, ws, "bob").await?, 1);
+        // SharpSend writes (mirror + outbox) of an existing and of a new person.
+        outbox::accept_attribute_updates(
+            &db.conn,
+            ws,
+            &[
+                NewAttributeUpdate {
+                    customer_id: "ann".into(),
+                    attributes: attrs(json!({"score": 11})),
+                },
+                NewAttributeUpdate {
+                    customer_id: "cy".into(),
+                    attributes: attrs(json!({"plan": "pro"})),
+                },
+            ],
+            ts(3),
+        )
+        .await?;
+        assert_eq!(logged(&db, ws, "ann").await?, 4);
+        assert_eq!(logged(&db, ws, "cy").await?, 1);
         // SQLite: the change log's update trigger names every column of `profiles` but the
         // shadow's, so a column added later without it fails here (its writes would go
         // unlogged).
