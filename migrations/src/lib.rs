@@ -42,6 +42,9 @@ mod m20261206_000061_workspace_version;
 mod m20261206_000065_analytics_deliveries;
 mod m20261206_000070_send_cancellation;
 mod m20261207_000080_profile_numbers;
+mod m20261207_000090_numbers_first_character;
+mod m20261207_000091_profile_changes_once;
+mod m20261207_000092_workspace_checks_per_statement;
 
 /// All migrations of the project, oldest first.
 pub struct Migrator;
@@ -78,6 +81,9 @@ impl MigratorTrait for Migrator {
             Box::new(m20261206_000065_analytics_deliveries::Migration),
             Box::new(m20261206_000070_send_cancellation::Migration),
             Box::new(m20261207_000080_profile_numbers::Migration),
+            Box::new(m20261207_000090_numbers_first_character::Migration),
+            Box::new(m20261207_000091_profile_changes_once::Migration),
+            Box::new(m20261207_000092_workspace_checks_per_statement::Migration),
         ]
     }
 }

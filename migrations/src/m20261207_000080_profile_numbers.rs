@@ -24,7 +24,7 @@ pub struct Migration;
 
 /// PostgreSQL: an attribute's text (`->>`) as `numeric`, or NULL when it is not a number; the
 /// same test as `criteria_sql`'s former per-row check.
-const PG_NUMBER_OF_TEXT: &str = r"CASE WHEN ltrim(value, '0123456789') = '' THEN NULLIF(value, '')::numeric WHEN value ~ '^ *-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]{1,4})? *$' THEN value::numeric WHEN value ~ '^ *-?(0|[1-9][0-9]*)(\.[0-9]+)?[eE][-+]?[0-9]+ *$' THEN (CASE WHEN value ~ '([eE]-|^ *-?0(\.0+)?[eE])' THEN 0 WHEN value ~ '^ *-' THEN -1e400 ELSE 1e400 END) END";
+pub(crate) const PG_NUMBER_OF_TEXT: &str = r"CASE WHEN ltrim(value, '0123456789') = '' THEN NULLIF(value, '')::numeric WHEN value ~ '^ *-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]{1,4})? *$' THEN value::numeric WHEN value ~ '^ *-?(0|[1-9][0-9]*)(\.[0-9]+)?[eE][-+]?[0-9]+ *$' THEN (CASE WHEN value ~ '([eE]-|^ *-?0(\.0+)?[eE])' THEN 0 WHEN value ~ '^ *-' THEN -1e400 ELSE 1e400 END) END";
 
 /// SQLite: the `numbers` object of the profile row `row` (`NEW` in a trigger).
 fn sqlite_numbers(row: &str) -> String {

@@ -12,8 +12,8 @@ use chrono::{DateTime, Utc};
 use sea_orm::sea_query::OnConflict;
 use sea_orm::{
     ActiveValue::{NotSet, Set},
-    ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, FromQueryResult, QueryFilter,
-    QueryOrder, QueryTrait, Statement, TransactionSession, TransactionTrait,
+    ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryFilter, QueryOrder,
+    QueryTrait, Statement, TransactionSession, TransactionTrait,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -21,6 +21,7 @@ use serde_json::{Map, Value};
 use crate::DbError;
 use crate::database::begin_write;
 use crate::entities::profiles::{ActiveModel, Column, Entity, Model};
+use crate::sql::text_in;
 use crate::time::db_time;
 
 /// Rows per multi-row statement: at most 10 values a row, well under both backends'
@@ -236,10 +237,10 @@ pub(crate) async fn ensure_exist(
 /// run in a write transaction (SQLite runs one at a time). PostgreSQL merges in the database
 /// instead: [`PG_MERGE_CTE`].
 ///
-/// Two statements per [`CHUNK`] people, both multi-row upserts in `customer_id` order:
-/// 1. `INSERT … ON CONFLICT DO UPDATE SET updated_at … RETURNING *` creates missing profiles
-///    and returns every row current;
-/// 2. the merged attributes are written back with `ON CONFLICT DO UPDATE`.
+/// Two statements per [`CHUNK`] people, in `customer_id` order: the existing rows are read (the
+/// write transaction holds SQLite's only write lock, so nothing changes them meanwhile), then
+/// the merged rows are written with ONE multi-row upsert — each person's row written once, so
+/// the change log (`profile_changes`) gets one row per person, not two.
 pub(crate) async fn merge_attributes(
     txn: &impl ConnectionTrait,
     workspace_id: i64,
@@ -249,9 +250,6 @@ pub(crate) async fn merge_attributes(
     let per_person = per_person(updates);
     let customer_ids: Vec<&str> = per_person.keys().copied().collect();
     let key = [Column::WorkspaceId, Column::CustomerId];
-    let lock = OnConflict::columns(key)
-        .update_column(Column::UpdatedAt)
-        .to_owned();
     let write_back = OnConflict::columns(key)
         .update_columns([
             Column::Email,
@@ -262,25 +260,25 @@ pub(crate) async fn merge_attributes(
         .to_owned();
 
     for chunk in customer_ids.chunks(CHUNK) {
-        let mut stmt =
-            Entity::insert_many(chunk.iter().map(|id| new_profile(workspace_id, id, now)))
-                .on_conflict(lock.clone())
-                .into_query();
-        stmt.returning_all();
         let mut current: HashMap<String, Model> = HashMap::with_capacity(chunk.len());
-        for row in txn.query_all(&stmt).await? {
-            let model = Model::from_query_result(&row, "")?;
+        let rows = Entity::find()
+            .filter(Column::WorkspaceId.eq(workspace_id))
+            .filter(text_in(DbBackend::Sqlite, Column::CustomerId, chunk))
+            .all(txn)
+            .await?;
+        for model in rows {
             current.insert(model.customer_id.clone(), model);
         }
 
         let mut merged = Vec::with_capacity(chunk.len());
         for customer_id in chunk {
-            let model = current
-                .remove(*customer_id)
-                .ok_or_else(|| DbErr::RecordNotFound(format!("profile {customer_id}")))?;
+            let (stored, stored_email) = match current.remove(*customer_id) {
+                Some(model) => (model.attributes, model.email),
+                None => (Value::Object(Map::new()), None),
+            };
             let (attributes, email) = merge_one(
-                model.attributes,
-                model.email,
+                stored,
+                stored_email,
                 per_person.get(customer_id).into_iter().flatten(),
             );
             merged.push(ActiveModel {

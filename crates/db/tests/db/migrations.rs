@@ -1,7 +1,7 @@
 use sharpsend_db::testing::{TestDatabase, TestResult};
 use sharpsend_db::{DbError, ensure_migrated, migrate, pending_migrations};
 
-const ALL: [&str; 28] = [
+const ALL: [&str; 31] = [
     "m20261128_000001_create_workspaces",
     "m20261128_000002_create_segments",
     "m20261128_000003_create_job_runs",
@@ -30,6 +30,9 @@ const ALL: [&str; 28] = [
     "m20261206_000065_analytics_deliveries",
     "m20261206_000070_send_cancellation",
     "m20261207_000080_profile_numbers",
+    "m20261207_000090_numbers_first_character",
+    "m20261207_000091_profile_changes_once",
+    "m20261207_000092_workspace_checks_per_statement",
 ];
 
 sharpsend_db::db_test!(

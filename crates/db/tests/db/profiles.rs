@@ -208,3 +208,300 @@ sharpsend_db::db_test!(
         TestResult::Ok(())
     }
 );
+
+/// How many change-log rows (`profile_changes`, issue #18) the workspace has for `customer_id`.
+async fn logged(
+    db: &TestDatabase,
+    ws: i64,
+    customer_id: &str,
+) -> Result<i64, sharpsend_db::DbError> {
+    use sea_orm::{ConnectionTrait, Statement};
+    let backend = db.conn.get_database_backend();
+    let sql = match backend {
+        sea_orm::DbBackend::Postgres => {
+            "SELECT COUNT(*) AS n FROM profile_changes WHERE workspace_id = $1 AND customer_id = $2"
+        }
+        _ => "SELECT COUNT(*) AS n FROM profile_changes WHERE workspace_id = ? AND customer_id = ?",
+    };
+    let row = db
+        .conn
+        .query_one_raw(Statement::from_sql_and_values(
+            backend,
+            sql,
+            [ws.into(), customer_id.into()],
+        ))
+        .await?;
+    Ok(row
+        .map(|r| r.try_get::<i64>("", "n"))
+        .transpose()?
+        .unwrap_or(0))
+}
+
+sharpsend_db::db_test!(
+    every_profile_write_is_logged_once,
+    |db: TestDatabase| async move {
+        let ws = workspace(&db, "site-1").await?;
+        // Created, then changed, by a fetch (an upsert on both paths of `ON CONFLICT`).
+        profiles::upsert_fetched(
+            &db.conn,
+            ws,
+            &[fetched("ann", None, "c1", json!({"score": "5"}))],
+            ts(0),
+        )
+        .await?;
+        assert_eq!(logged(&db, ws, "ann").await?, 1);
+        profiles::upsert_fetched(
+            &db.conn,
+            ws,
+            &[fetched("ann", None, "c1", json!({"score": "7"}))],
+            ts(1),
+        )
+        .await?;
+        assert_eq!(logged(&db, ws, "ann").await?, 2);
+        // A backfill chunk: one changed, one new person (`load_snapshot`'s upsert).
+        let row = |id: &str, score: &str| sharpsend_db::profile_sync::SnapshotRow {
+            customer_id: id.to_owned(),
+            email: None,
+            cio_id: None,
+            attributes: vec![("score".to_owned(), score.to_owned())],
+        };
+        sharpsend_db::profile_sync::load_snapshot(
+            &db.conn,
+            ws,
+            &[row("ann", "9"), row("bob", "1")],
+            ts(2),
+            ts(2),
+        )
+        .await?;
+        assert_eq!(logged(&db, ws, "ann").await?, 3);
+        assert_eq!(logged(&db, ws, "bob").await?, 1);
+        // SharpSend writes (mirror + outbox) of an existing and of a new person.
+        outbox::accept_attribute_updates(
+            &db.conn,
+            ws,
+            &[
+                NewAttributeUpdate {
+                    customer_id: "ann".into(),
+                    attributes: attrs(json!({"score": 11})),
+                },
+                NewAttributeUpdate {
+                    customer_id: "cy".into(),
+                    attributes: attrs(json!({"plan": "pro"})),
+                },
+            ],
+            ts(3),
+        )
+        .await?;
+        assert_eq!(logged(&db, ws, "ann").await?, 4);
+        assert_eq!(logged(&db, ws, "cy").await?, 1);
+        // SQLite: the change log's update trigger names every column of `profiles` but the
+        // shadow's, so a column added later without it fails here (its writes would go
+        // unlogged).
+        if db.conn.get_database_backend() == sea_orm::DbBackend::Sqlite {
+            use sea_orm::{ConnectionTrait, Statement};
+            let sql = db
+                .conn
+                .query_one_raw(Statement::from_string(
+                    sea_orm::DbBackend::Sqlite,
+                    "SELECT sql FROM sqlite_master WHERE type = 'trigger' \
+                     AND name = 'profile_changes_profiles_update'",
+                ))
+                .await?
+                .ok_or("the change log's update trigger")?
+                .try_get::<String>("", "sql")?;
+            let columns = db
+                .conn
+                .query_all_raw(Statement::from_string(
+                    sea_orm::DbBackend::Sqlite,
+                    "SELECT name FROM pragma_table_info('profiles')",
+                ))
+                .await?;
+            assert!(columns.len() > 5, "{columns:?}");
+            for row in columns {
+                let name: String = row.try_get("", "name")?;
+                let listed = sql.contains(&format!("\"{name}\""));
+                assert_eq!(listed, name != "numbers", "column {name} in {sql}");
+            }
+        }
+        TestResult::Ok(())
+    }
+);
+
+/// The `profiles.numbers` shadow on PostgreSQL (`sharpsend_numbers`, migrations 000080 and
+/// 000090): exactly the values the criteria's number conditions accept, whatever their first
+/// character (000090 answers "not a number" from it before any regular expression).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_numbers_shadow_takes_exactly_the_numbers_on_postgres() {
+    use sea_orm::{ConnectionTrait, Statement};
+    use sharpsend_db::testing::{Backend, run};
+
+    run(Backend::Postgres, true, |db: TestDatabase| async move {
+        // (attribute value, its number or None)
+        let cases: &[(serde_json::Value, Option<&str>)] = &[
+            (json!("80"), Some("80")),
+            (json!(" 80 "), Some("80")),
+            (json!("007"), Some("7")),
+            (json!("0"), Some("0")),
+            (json!("-0"), Some("0")),
+            (json!("-1.5"), Some("-1.5")),
+            (json!("1e2"), Some("100")),
+            (json!(" 1e2 "), Some("100")),
+            (json!("1E+04"), Some("10000")),
+            (json!("99999999999999999999999"), Some("99999999999999999999999")),
+            // Exponents beyond `numeric`: ±1e400 (beyond every double), or 0.
+            (json!("1e99999"), Some("1e400")),
+            (json!(" -1e99999"), Some("-1e400")),
+            (json!("0e99999"), Some("0")),
+            (json!("1e-99999"), Some("0")),
+            (json!("-0.0e5"), Some("0")),
+            (json!(87), Some("87")),
+            (json!(-2.5), Some("-2.5")),
+            (json!(1e3), Some("1000")),
+            // Not numbers, whatever the first character.
+            (json!("-007"), None),
+            (json!("reader1@example.com"), None),
+            (json!("-x"), None),
+            (json!("- 1"), None),
+            (json!(" x"), None),
+            (json!(""), None),
+            (json!("   "), None),
+            (json!("\t42"), None),
+            (json!("\u{663}"), None),
+            (json!("é1"), None),
+            (json!("+5"), None),
+            (json!(".5"), None),
+            (json!("5."), None),
+            (json!("1e5x"), None),
+            (json!("1 2"), None),
+            (json!("12abc"), None),
+            (json!("[\"stocks\"]"), None),
+            (json!(true), None),
+            (json!(null), None),
+            (json!([1]), None),
+            (json!({"x": 1}), None),
+        ];
+        let mut attributes = serde_json::Map::new();
+        let mut expected = Vec::new();
+        for (i, (value, number)) in cases.iter().enumerate() {
+            let key = format!("k{i:02}");
+            attributes.insert(key.clone(), value.clone());
+            if let Some(n) = number {
+                expected.push(format!("'{key}', {n}::numeric"));
+            }
+        }
+        let sql = format!(
+            "SELECT sharpsend_numbers($1::jsonb)::text AS got, \
+             sharpsend_numbers($1::jsonb) = jsonb_build_object({}) AS same, \
+             sharpsend_numbers('[1]') = '{{}}' AND sharpsend_numbers('\"5\"') = '{{}}' AS not_objects",
+            expected.join(", ")
+        );
+        let row = db
+            .conn
+            .query_one_raw(Statement::from_sql_and_values(
+                sea_orm::DbBackend::Postgres,
+                &sql,
+                [serde_json::Value::Object(attributes.clone()).to_string().into()],
+            ))
+            .await?
+            .ok_or("no row")?;
+        let got: String = row.try_get("", "got")?;
+        assert!(row.try_get::<bool>("", "same")?, "{attributes:?} gave {got}");
+        assert!(row.try_get::<bool>("", "not_objects")?);
+        TestResult::Ok(())
+    })
+    .await;
+}
+
+/// The rows of `table` in workspace `ws`.
+async fn rows_of(db: &TestDatabase, table: &str, ws: i64) -> Result<i64, sharpsend_db::DbError> {
+    use sea_orm::{ConnectionTrait, Statement};
+    let backend = db.conn.get_database_backend();
+    let param = if backend == sea_orm::DbBackend::Postgres {
+        "$1"
+    } else {
+        "?"
+    };
+    let row = db
+        .conn
+        .query_one_raw(Statement::from_sql_and_values(
+            backend,
+            format!("SELECT COUNT(*) AS n FROM {table} WHERE workspace_id = {param}"),
+            [ws.into()],
+        ))
+        .await?;
+    Ok(row
+        .map(|r| r.try_get::<i64>("", "n"))
+        .transpose()?
+        .unwrap_or(0))
+}
+
+sharpsend_db::db_test!(
+    profiles_and_outbox_rows_belong_to_an_existing_workspace,
+    |db: TestDatabase| async move {
+        use sea_orm::{ConnectionTrait, Statement};
+        let backend = db.conn.get_database_backend();
+        let ws = workspace(&db, "site-1").await?;
+        let kept = workspace(&db, "site-2").await?;
+        let missing = kept + 100;
+        // No profile and no outbox row for a workspace that does not exist, however written
+        // (PostgreSQL checks once per statement since migration 000092, SQLite by foreign key).
+        let refused = profiles::upsert_fetched(
+            &db.conn,
+            missing,
+            &[fetched("ann", None, "c1", json!({}))],
+            ts(0),
+        )
+        .await;
+        assert!(refused.is_err(), "{refused:?}");
+        let update = |who: &str| NewAttributeUpdate {
+            customer_id: who.into(),
+            attributes: attrs(json!({"plan": "pro"})),
+        };
+        let refused =
+            outbox::accept_attribute_updates(&db.conn, missing, &[update("ann")], ts(0)).await;
+        assert!(refused.is_err(), "{refused:?}");
+        assert_eq!(rows_of(&db, "profiles", missing).await?, 0);
+        assert_eq!(rows_of(&db, "outbox", missing).await?, 0);
+        // Many people of existing workspaces in one statement are accepted.
+        let many: Vec<NewAttributeUpdate> = (0..300).map(|i| update(&format!("p{i}"))).collect();
+        outbox::accept_attribute_updates(&db.conn, ws, &many, ts(0)).await?;
+        outbox::accept_attribute_updates(&db.conn, kept, &[update("bob")], ts(0)).await?;
+        // A row never moves to another workspace.
+        let param = |n: usize| {
+            if backend == sea_orm::DbBackend::Postgres {
+                format!("${n}")
+            } else {
+                "?".to_owned()
+            }
+        };
+        for table in ["profiles", "outbox"] {
+            let moved = db
+                .conn
+                .execute_raw(Statement::from_sql_and_values(
+                    backend,
+                    format!(
+                        "UPDATE {table} SET workspace_id = {} WHERE workspace_id = {}",
+                        param(1),
+                        param(2)
+                    ),
+                    [missing.into(), ws.into()],
+                ))
+                .await;
+            assert!(moved.is_err(), "{table}: {moved:?}");
+        }
+        // Deleting a workspace deletes its profiles and outbox rows, and only its own.
+        assert_eq!(rows_of(&db, "profiles", ws).await?, 300);
+        db.conn
+            .execute_raw(Statement::from_sql_and_values(
+                backend,
+                format!("DELETE FROM workspaces WHERE id = {}", param(1)),
+                [ws.into()],
+            ))
+            .await?;
+        for table in ["profiles", "outbox"] {
+            assert_eq!(rows_of(&db, table, ws).await?, 0, "{table}");
+            assert_eq!(rows_of(&db, table, kept).await?, 1, "{table}");
+        }
+        TestResult::Ok(())
+    }
+);
