@@ -8,6 +8,18 @@ use chrono::Utc;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait};
 use serde_json::Value;
 
+/// The `investor_type` values generated people have.
+pub const INVESTOR_TYPES: [&str; 8] = [
+    "growth",
+    "value",
+    "dividend",
+    "income",
+    "crypto",
+    "index",
+    "day_trader",
+    "esg",
+];
+
 /// Rows per load statement.
 pub const LOAD_CHUNK: usize = 5000;
 

@@ -26,7 +26,7 @@
 //! (VmHWM of this process, reset before the evaluator runs; PostgreSQL works in its own
 //! process, SQLite in this one).
 
-use sharpsend_tests::bench_data::{Rng, load_profiles};
+use sharpsend_tests::bench_data::{INVESTOR_TYPES, Rng, load_profiles};
 use sharpsend_tests::proc_stats::{mib, peak_rss_kib, reset_peak_rss, rss_kib};
 use std::time::{Duration, Instant};
 
@@ -69,17 +69,6 @@ struct Args {
 const GROWTH_SEGMENT: i64 = 9001;
 /// Customer.io id of the managed segment evaluated at the end.
 const MANAGED_SEGMENT: i64 = 9002;
-
-const INVESTOR_TYPES: [&str; 8] = [
-    "growth",
-    "value",
-    "dividend",
-    "income",
-    "crypto",
-    "index",
-    "day_trader",
-    "esg",
-];
 
 fn person(rng: &mut Rng, n: usize) -> Value {
     let investor = INVESTOR_TYPES[rng.below(INVESTOR_TYPES.len() as u64) as usize];

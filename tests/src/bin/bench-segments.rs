@@ -71,7 +71,7 @@ use sharpsend_core::profiles::{self, AttributeUpdate};
 use sharpsend_core::{AppContext, clock::Clock, context::Migrations};
 use sharpsend_db::criteria_sql::{Filter, SqlBuilder};
 use sharpsend_db::testing::{Backend, TestDatabase};
-use sharpsend_tests::bench_data::{Rng, load_profiles};
+use sharpsend_tests::bench_data::{INVESTOR_TYPES, Rng, load_profiles};
 use sharpsend_tests::proc_stats::process_cpu_seconds;
 
 #[derive(Debug, Parser)]
@@ -113,16 +113,6 @@ struct Args {
     database_url: Option<String>,
 }
 
-const INVESTOR_TYPES: [&str; 8] = [
-    "growth",
-    "value",
-    "dividend",
-    "income",
-    "crypto",
-    "index",
-    "day_trader",
-    "esg",
-];
 const TIERS: [&str; 3] = ["free", "premium", "pro"];
 const DAY: u64 = 86_400;
 /// Application names of the two pools, to find their backends.

@@ -209,32 +209,40 @@ sharpsend_db::db_test!(
     }
 );
 
+/// `SELECT COUNT(*) AS n …` with `$1`, `$2` parameters (`?1`, `?2` on SQLite).
+async fn count(
+    db: &TestDatabase,
+    sql: &str,
+    values: Vec<sea_orm::Value>,
+) -> Result<i64, sharpsend_db::DbError> {
+    use sea_orm::{ConnectionTrait, Statement};
+    let backend = db.conn.get_database_backend();
+    let sql = match backend {
+        sea_orm::DbBackend::Postgres => sql.to_string(),
+        _ => sql.replace('$', "?"),
+    };
+    let row = db
+        .conn
+        .query_one_raw(Statement::from_sql_and_values(backend, sql, values))
+        .await?;
+    Ok(row
+        .map(|r| r.try_get::<i64>("", "n"))
+        .transpose()?
+        .unwrap_or(0))
+}
+
 /// How many change-log rows (`profile_changes`, issue #18) the workspace has for `customer_id`.
 async fn logged(
     db: &TestDatabase,
     ws: i64,
     customer_id: &str,
 ) -> Result<i64, sharpsend_db::DbError> {
-    use sea_orm::{ConnectionTrait, Statement};
-    let backend = db.conn.get_database_backend();
-    let sql = match backend {
-        sea_orm::DbBackend::Postgres => {
-            "SELECT COUNT(*) AS n FROM profile_changes WHERE workspace_id = $1 AND customer_id = $2"
-        }
-        _ => "SELECT COUNT(*) AS n FROM profile_changes WHERE workspace_id = ? AND customer_id = ?",
-    };
-    let row = db
-        .conn
-        .query_one_raw(Statement::from_sql_and_values(
-            backend,
-            sql,
-            [ws.into(), customer_id.into()],
-        ))
-        .await?;
-    Ok(row
-        .map(|r| r.try_get::<i64>("", "n"))
-        .transpose()?
-        .unwrap_or(0))
+    count(
+        db,
+        "SELECT COUNT(*) AS n FROM profile_changes WHERE workspace_id = $1 AND customer_id = $2",
+        vec![ws.into(), customer_id.into()],
+    )
+    .await
 }
 
 sharpsend_db::db_test!(
@@ -414,25 +422,12 @@ async fn the_numbers_shadow_takes_exactly_the_numbers_on_postgres() {
 
 /// The rows of `table` in workspace `ws`.
 async fn rows_of(db: &TestDatabase, table: &str, ws: i64) -> Result<i64, sharpsend_db::DbError> {
-    use sea_orm::{ConnectionTrait, Statement};
-    let backend = db.conn.get_database_backend();
-    let param = if backend == sea_orm::DbBackend::Postgres {
-        "$1"
-    } else {
-        "?"
-    };
-    let row = db
-        .conn
-        .query_one_raw(Statement::from_sql_and_values(
-            backend,
-            format!("SELECT COUNT(*) AS n FROM {table} WHERE workspace_id = {param}"),
-            [ws.into()],
-        ))
-        .await?;
-    Ok(row
-        .map(|r| r.try_get::<i64>("", "n"))
-        .transpose()?
-        .unwrap_or(0))
+    count(
+        db,
+        &format!("SELECT COUNT(*) AS n FROM {table} WHERE workspace_id = $1"),
+        vec![ws.into()],
+    )
+    .await
 }
 
 sharpsend_db::db_test!(
