@@ -414,6 +414,31 @@ pub(crate) async fn drive(
     anyhow::bail!("test {id} did not get there: {:?}", get(app, id).await?)
 }
 
+/// Creates [`three_variants`] with `request_id`, testing `test_fraction` of `audience`, and
+/// starts it. Answers the test's id and its assignment id.
+pub(crate) async fn start_three_variants(
+    app: &TestApp,
+    request_id: &str,
+    audience: i64,
+    test_fraction: f64,
+) -> anyhow::Result<(String, String)> {
+    let mut client = app.abtests().await?;
+    let mut request = three_variants(request_id, audience);
+    request.test_fraction = test_fraction;
+    let assignment = request.assignment_id.clone();
+    let id = client
+        .create_test(request)
+        .await?
+        .into_inner()
+        .test
+        .context("created")?
+        .id;
+    client
+        .start_test(pb::StartTestRequest { id: id.clone() })
+        .await?;
+    Ok((id, assignment))
+}
+
 /// Dispatches sends (as `ctx`'s scheduler), moving time on, until the broadcast has `n`
 /// triggers; then a few more rounds, to see that no more come.
 pub(crate) async fn settle_triggers(
@@ -631,18 +656,7 @@ db_test!(
         )
         .await?;
         let mut client = app.abtests().await?;
-        let mut request = three_variants("crash", audience);
-        request.test_fraction = 0.6;
-        let id = client
-            .create_test(request)
-            .await?
-            .into_inner()
-            .test
-            .context("created")?
-            .id;
-        client
-            .start_test(pb::StartTestRequest { id: id.clone() })
-            .await?;
+        let (id, _) = start_three_variants(&app, "crash", audience, 0.6).await?;
 
         // The evaluation dies at arbitrary points, again and again (the outbox keeps going). A
         // run that dies inside a segment creation leaves its idempotency key without a result:
@@ -756,18 +770,7 @@ db_test!(
         let mut client = app.abtests().await?;
 
         // Cancelled after the job created the segments, before any variant went out.
-        let mut request = three_variants("cancel", audience);
-        request.test_fraction = 0.9;
-        let id = client
-            .create_test(request)
-            .await?
-            .into_inner()
-            .test
-            .context("created")?
-            .id;
-        client
-            .start_test(pb::StartTestRequest { id: id.clone() })
-            .await?;
+        let (id, _) = start_three_variants(&app, "cancel", audience, 0.9).await?;
         app.run_job(Job::AbTestEvaluation).await?;
         let cancelled = client
             .cancel_test(pb::CancelTestRequest {
@@ -892,18 +895,7 @@ db_test!(
         let app = spawn_with_a_long_trigger_window(&db).await?;
         let audience = audience(&app, 600).await?;
         let mut client = app.abtests().await?;
-        let mut request = three_variants("declare", audience);
-        request.test_fraction = 0.6;
-        let id = client
-            .create_test(request)
-            .await?
-            .into_inner()
-            .test
-            .context("created")?
-            .id;
-        client
-            .start_test(pb::StartTestRequest { id: id.clone() })
-            .await?;
+        let (id, _) = start_three_variants(&app, "declare", audience, 0.6).await?;
         first_variant_out_others_pending(&app, &id).await?;
         let first_people: BTreeSet<String> = triggers(&app)[0].recipients.iter().cloned().collect();
 
@@ -974,18 +966,7 @@ db_test!(
         let app = spawn_with_a_long_trigger_window(&db).await?;
         let audience = audience(&app, 600).await?;
         let mut client = app.abtests().await?;
-        let mut request = three_variants("stop", audience);
-        request.test_fraction = 0.6;
-        let id = client
-            .create_test(request)
-            .await?
-            .into_inner()
-            .test
-            .context("created")?
-            .id;
-        client
-            .start_test(pb::StartTestRequest { id: id.clone() })
-            .await?;
+        let (id, _) = start_three_variants(&app, "stop", audience, 0.6).await?;
 
         first_variant_out_others_pending(&app, &id).await?;
 

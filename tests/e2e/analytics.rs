@@ -955,23 +955,11 @@ async fn three_variants_to_the_remainder(
     audience: i64,
 ) -> anyhow::Result<(String, String)> {
     use crate::abtests;
-    let mut client = app.abtests().await?;
-    let mut request = abtests::three_variants(request_id, audience);
-    request.test_fraction = 0.6;
-    let assignment = request.assignment_id.clone();
-    let id = client
-        .create_test(request)
-        .await?
-        .into_inner()
-        .test
-        .context("created")?
-        .id;
-    client
-        .start_test(pb::StartTestRequest { id: id.clone() })
-        .await?;
+    let (id, assignment) = abtests::start_three_variants(app, request_id, audience, 0.6).await?;
     abtests::drive(app, &app.ctx, &id, abtests::variants_sent).await?;
     abtests::settle_triggers(app, &app.ctx, 3).await?;
-    client
+    app.abtests()
+        .await?
         .declare_winner(pb::DeclareWinnerRequest {
             id: id.clone(),
             variant: "urgent".into(),
