@@ -45,6 +45,7 @@ mod m20261207_000080_profile_numbers;
 mod m20261207_000090_numbers_first_character;
 mod m20261207_000091_profile_changes_once;
 mod m20261207_000092_workspace_checks_per_statement;
+mod m20261207_000093_segment_members_by_person;
 
 /// All migrations of the project, oldest first.
 pub struct Migrator;
@@ -84,6 +85,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261207_000090_numbers_first_character::Migration),
             Box::new(m20261207_000091_profile_changes_once::Migration),
             Box::new(m20261207_000092_workspace_checks_per_statement::Migration),
+            Box::new(m20261207_000093_segment_members_by_person::Migration),
         ]
     }
 }

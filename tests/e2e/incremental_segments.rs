@@ -67,9 +67,9 @@ fn crit_json(c: &Crit, below: i64) -> Json {
     }
 }
 
-fn leaf() -> impl Strategy<Value = Crit> {
+/// A condition on attributes.
+fn attribute_leaf() -> impl Strategy<Value = Crit> {
     prop_oneof![
-        1 => Just(Crit::Below),
         2 => (prop::sample::select(&["gt", "gte", "lt", "lte", "eq"][..]), 0..100i64)
             .prop_map(|(op, n)| Crit::Score(op, n)),
         1 => prop::sample::select(&["pro", "free"][..]).prop_map(Crit::Plan),
@@ -82,8 +82,17 @@ fn leaf() -> impl Strategy<Value = Crit> {
     ]
 }
 
-fn criteria() -> impl Strategy<Value = Crit> {
-    leaf().prop_recursive(2, 8, 3, |inner| {
+/// A condition; `below`: it may read the segment one level below.
+fn leaf(below: bool) -> BoxedStrategy<Crit> {
+    if below {
+        prop_oneof![1 => Just(Crit::Below), 6 => attribute_leaf()].boxed()
+    } else {
+        attribute_leaf().boxed()
+    }
+}
+
+fn criteria(below: bool) -> impl Strategy<Value = Crit> {
+    leaf(below).prop_recursive(2, 8, 3, |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 1..3).prop_map(Crit::And),
             prop::collection::vec(inner.clone(), 1..3).prop_map(Crit::Or),
@@ -137,7 +146,7 @@ fn step() -> impl Strategy<Value = Step> {
             1 => DAY..3 * DAY,
         ]
         .prop_map(Step::Advance),
-        1 => (any::<bool>(), criteria()).prop_map(|(b, c)| Step::Edit(b, c)),
+        1 => (any::<bool>(), criteria(true)).prop_map(|(b, c)| Step::Edit(b, c)),
         1 => (any::<bool>(), prop::collection::vec(0..PEOPLE, 1..4))
             .prop_map(|(add, people)| Step::Manual(add, people)),
     ]
@@ -147,15 +156,19 @@ fn step() -> impl Strategy<Value = Step> {
 struct Case {
     a: Crit,
     b: Crit,
+    /// Reads no segment: evaluated in one pass with A when A reads none either.
+    c: Crit,
     steps: Vec<Step>,
 }
 
 fn case() -> impl Strategy<Value = Case> {
-    (criteria(), criteria(), prop::collection::vec(step(), 4..16)).prop_map(|(a, b, steps)| Case {
-        a,
-        b,
-        steps,
-    })
+    (
+        criteria(true),
+        criteria(true),
+        criteria(false),
+        prop::collection::vec(step(), 4..16),
+    )
+        .prop_map(|(a, b, c, steps)| Case { a, b, c, steps })
 }
 
 static CASE_NO: AtomicU64 = AtomicU64::new(0);
@@ -223,6 +236,9 @@ async fn run_case(app: &TestApp, case: &Case, tally: &Tally) -> anyhow::Result<(
         .await?
         .segment_id;
     let b = segments::create_segment(ctx, create(format!("B{n}"), Some(json_input(&case.b, a))))
+        .await?
+        .segment_id;
+    let c = segments::create_segment(ctx, create(format!("C{n}"), Some(json_input(&case.c, m))))
         .await?
         .segment_id;
 
@@ -297,7 +313,7 @@ async fn run_case(app: &TestApp, case: &Case, tally: &Tally) -> anyhow::Result<(
         tally
             .incremental
             .fetch_add(report.incremental, Ordering::Relaxed);
-        for (name, id) in [("A", a), ("B", b)] {
+        for (name, id) in [("A", a), ("B", b), ("C", c)] {
             let got = recorded(app, id).await?;
             let want = full_evaluation(app, id).await?;
             ensure!(
@@ -309,7 +325,7 @@ async fn run_case(app: &TestApp, case: &Case, tally: &Tally) -> anyhow::Result<(
 
     app.deliver_all("incremental-test", Duration::from_secs(60))
         .await?;
-    for (name, id) in [("M", m), ("A", a), ("B", b)] {
+    for (name, id) in [("M", m), ("A", a), ("B", b), ("C", c)] {
         let in_sim: BTreeSet<String> = app
             .sim
             .sim
@@ -323,7 +339,7 @@ async fn run_case(app: &TestApp, case: &Case, tally: &Tally) -> anyhow::Result<(
             "segment {name}: the simulator holds {in_sim:?}, SharpSend recorded {want:?}"
         );
     }
-    for id in [b, a, m] {
+    for id in [c, b, a, m] {
         segments::delete_segment(ctx, id).await?;
     }
     Ok(())

@@ -616,6 +616,88 @@ pub struct EvaluationReport {
     pub drift_found: u64,
 }
 
+impl EvaluationReport {
+    fn count(&mut self, outcome: &EvaluationOutcome) {
+        self.evaluated += 1;
+        self.incremental += u64::from(outcome.incremental);
+        self.drift_found += u64::from(outcome.drift.is_some_and(|n| n > 0));
+        self.added += outcome.added;
+        self.removed += outcome.removed;
+        self.outbox_rows += outcome.outbox_rows;
+    }
+}
+
+/// Segments per [`store::apply_incremental`] call.
+const SEGMENTS_PER_PASS: usize = 100;
+
+/// Evaluates together, in one pass over the people who changed ([`store::apply_incremental`]),
+/// those of `due` that read no other segment's membership and need no full evaluation (see
+/// [`scope_of`]). Returns the others, and those that changed meanwhile, for [`evaluate_one`].
+async fn evaluate_together(
+    ctx: &AppContext,
+    due: Vec<ManagedSegment>,
+    config: &EvaluationConfig,
+    report: &mut EvaluationReport,
+) -> Result<Vec<ManagedSegment>, CoreError> {
+    let now = ctx.now();
+    let mut rest = Vec::new();
+    let mut together = Vec::new();
+    for segment in due {
+        let incremental = ManagedView::of(segment.clone())
+            .criteria
+            .filter(|_| segment.referenced_segments.is_empty())
+            .and_then(
+                |criteria| match scope_of(&segment, &criteria, config, now) {
+                    Scope::Incremental { since, windows } => Some(store::Incremental {
+                        cio_segment_id: segment.cio_segment_id,
+                        revision: segment.revision,
+                        filter: criteria.to_filter(now),
+                        since,
+                        windows,
+                    }),
+                    _ => None,
+                },
+            );
+        match incremental {
+            Some(item) => together.push((segment, item)),
+            None => rest.push(segment),
+        }
+    }
+    let before = report.outbox_rows;
+    for pass in together.chunks(SEGMENTS_PER_PASS) {
+        let items: Vec<store::Incremental> = pass.iter().map(|(_, item)| item.clone()).collect();
+        let applied = store::apply_incremental(&ctx.db, ctx.workspace_id(), &items, now).await?;
+        for ((segment, _), applied) in pass.iter().zip(applied) {
+            match applied {
+                Applied::Done(outcome) => {
+                    tracing::debug!(
+                        segment_id = segment.cio_segment_id,
+                        added = outcome.added,
+                        removed = outcome.removed,
+                        members = outcome.member_count,
+                        "segment evaluated incrementally"
+                    );
+                    report.count(&outcome);
+                }
+                Applied::Stale => rest.push(segment.clone()),
+            }
+        }
+    }
+    if report.outbox_rows > before {
+        ctx.wake_outbox();
+    }
+    if !together.is_empty() {
+        tracing::info!(
+            segments = together.len(),
+            evaluated = report.evaluated,
+            added = report.added,
+            removed = report.removed,
+            "segments evaluated incrementally in one pass"
+        );
+    }
+    Ok(rest)
+}
+
 /// Evaluation rounds per run: the due segments, then those whose segment conditions read a
 /// membership that the round before changed, and so on.
 const MAX_ROUNDS: usize = 8;
@@ -670,9 +752,9 @@ pub async fn evaluate_due(
             }
         }
     }
-    let mut round = due;
+    let mut round = evaluate_together(ctx, due, config, &mut report).await?;
+    let mut evaluated_any = report.evaluated > 0;
     for _ in 0..MAX_ROUNDS {
-        let mut evaluated_any = false;
         for segment in &round {
             if let Some((id, why)) = segment
                 .referenced_segments
@@ -692,17 +774,13 @@ pub async fn evaluate_due(
             }
             if let Some(outcome) = evaluate_one(ctx, segment).await? {
                 evaluated_any = true;
-                report.evaluated += 1;
-                report.incremental += u64::from(outcome.incremental);
-                report.drift_found += u64::from(outcome.drift.is_some_and(|n| n > 0));
-                report.added += outcome.added;
-                report.removed += outcome.removed;
-                report.outbox_rows += outcome.outbox_rows;
+                report.count(&outcome);
             }
         }
         if !evaluated_any {
             break;
         }
+        evaluated_any = false;
         // A segment reading another's membership (`{"segment": {"id": A}}`) changes when A's
         // evaluation just changed A: evaluate those too, until nothing moves (chains deeper
         // than MAX_ROUNDS finish in the next run).

@@ -1,19 +1,20 @@
 //! Definitions: creating, reading, updating and deleting managed segments, and marking them due
 //! for evaluation.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::{
     ActiveValue::{NotSet, Set},
-    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    QueryTrait, TransactionSession, TransactionTrait,
+    ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, QueryTrait, TransactionSession, TransactionTrait,
 };
 use serde_json::{Value, json};
 
 use super::{ManagedSegment, NewManagedSegment, StoredCriteria};
 use crate::DbError;
+use crate::criteria_sql::SqlBuilder;
 use crate::database::begin_write;
 use crate::entities::managed_segments::{ActiveModel, Column, Entity, Model};
 use crate::entities::{segment_members, segments};
@@ -307,16 +308,15 @@ pub async fn delete(
 }
 
 /// Marks due every segment with criteria that reads one of `attributes` (after those changed
-/// for some profile). Returns how many segments were marked (already due or not).
+/// for some profile). Returns how many segments read them.
 ///
-/// The marks are unconditional single-row updates, one per segment: on PostgreSQL each waits
-/// for a running evaluation of its segment (which holds the segment's row from before it reads
-/// the profiles until it commits `evaluation_due = false`) and lands after it, so a change
-/// committed while a segment was being evaluated always leaves it due. (Reading "segments not
-/// yet due" first, as before, saw the segment still due from before the evaluation, skipped
-/// it, and the evaluation then cleared the flag: the change waited for the hourly
-/// re-evaluation.) A caller may thus wait for one evaluation of a segment reading the
-/// attribute. One row at a time, so a mark never holds one segment while waiting for another.
+/// A mark never waits: on PostgreSQL a segment being evaluated (its row held by the evaluation
+/// until it commits `evaluation_due = false`) is skipped. That loses nothing: the change is in
+/// the change log above the watermark the evaluation records, so the `segment-evaluation` job
+/// finds it ([`super::has_changes`]) and evaluates the segment again. (Waiting for the
+/// evaluation, as before, made every write call wait for the evaluations of the segments
+/// reading what it wrote, one after the other: that capped the write rate.) The mark itself
+/// is what the API shows as "evaluation due" and what the job reads first.
 pub async fn mark_due_for_attributes(
     db: &impl ConnectionTrait,
     workspace_id: i64,
@@ -326,24 +326,26 @@ pub async fn mark_due_for_attributes(
         return Ok(0);
     }
     let changed: HashSet<&str> = attributes.iter().copied().collect();
-    let ids: Vec<i64> = in_lock_order(db, workspace_id)
+    let ids: Vec<i64> = readers(db, workspace_id)
         .await?
         .into_iter()
         .filter(|s| s.attributes.iter().any(|a| changed.contains(a.as_str())))
         .map(|s| s.id)
         .collect();
-    Ok(mark_each_due(db, &ids).await?)
+    mark_ids_due(db, &ids).await?;
+    Ok(ids.len() as u64)
 }
 
-/// Marks due every segment with criteria (after a bulk import replaced profiles), one row at a
-/// time and waiting for running evaluations, as [`mark_due_for_attributes`]. Returns how many.
+/// Marks due every segment with criteria (after a bulk import replaced profiles), without
+/// waiting, as [`mark_due_for_attributes`]. Returns how many.
 pub async fn mark_all_due(db: &impl ConnectionTrait, workspace_id: i64) -> Result<u64, DbError> {
-    let ids: Vec<i64> = in_lock_order(db, workspace_id)
+    let ids: Vec<i64> = readers(db, workspace_id)
         .await?
         .into_iter()
         .map(|s| s.id)
         .collect();
-    Ok(mark_each_due(db, &ids).await?)
+    mark_ids_due(db, &ids).await?;
+    Ok(ids.len() as u64)
 }
 
 /// Marks one segment due (if it has criteria). `false` if there is no such segment.
@@ -371,103 +373,70 @@ struct Reader {
     segments: Vec<i64>,
 }
 
-/// The workspace's segments with criteria, in the order every transaction that marks several
-/// locks them: by depth in the graph of criteria reading segments (a segment before the
-/// segments that read it, directly or not), then by row id. An evaluation or membership change
-/// of segment S holds S and then marks S's readers, all deeper than S; so locks are always
-/// taken in this one order, and two such transactions cannot wait for each other in a circle.
-async fn in_lock_order(db: &impl ConnectionTrait, workspace_id: i64) -> Result<Vec<Reader>, DbErr> {
-    let rows: Vec<(i64, i64, Value, Value)> = Entity::find()
+/// The workspace's segments with criteria and what they read.
+async fn readers(db: &impl ConnectionTrait, workspace_id: i64) -> Result<Vec<Reader>, DbErr> {
+    let rows: Vec<(i64, Value, Value)> = Entity::find()
         .select_only()
         .column(Column::Id)
-        .column(Column::CioSegmentId)
         .column(Column::ReferencedAttributes)
         .column(Column::ReferencedSegments)
         .filter(Column::WorkspaceId.eq(workspace_id))
         .filter(Column::Criteria.is_not_null())
+        .order_by_asc(Column::Id)
         .into_tuple()
         .all(db)
         .await?;
-    let reads: HashMap<i64, Vec<i64>> = rows
-        .iter()
-        .map(|(_, cio, _, segs)| {
-            (
-                *cio,
-                serde_json::from_value(segs.clone()).unwrap_or_default(),
-            )
-        })
-        .collect();
-    let mut depths: HashMap<i64, usize> = HashMap::new();
-    let mut readers: Vec<(usize, Reader)> = rows
+    Ok(rows
         .into_iter()
-        .map(|(id, cio, attrs, segs)| {
-            let depth = depth_of(cio, &reads, &mut depths, 0);
-            let reader = Reader {
-                id,
-                attributes: serde_json::from_value(attrs).unwrap_or_default(),
-                segments: serde_json::from_value(segs).unwrap_or_default(),
-            };
-            (depth, reader)
+        .map(|(id, attrs, segs)| Reader {
+            id,
+            attributes: serde_json::from_value(attrs).unwrap_or_default(),
+            segments: serde_json::from_value(segs).unwrap_or_default(),
         })
-        .collect();
-    readers.sort_unstable_by_key(|(depth, r)| (*depth, r.id));
-    Ok(readers.into_iter().map(|(_, r)| r).collect())
+        .collect())
 }
 
-/// Length of the longest chain of managed criteria below `segment` (0: reads no managed
-/// segment). Criteria never form a cycle (refused on write); `guard` stops a corrupt one.
-fn depth_of(
-    segment: i64,
-    reads: &HashMap<i64, Vec<i64>>,
-    memo: &mut HashMap<i64, usize>,
-    guard: usize,
-) -> usize {
-    if let Some(d) = memo.get(&segment) {
-        return *d;
+/// `evaluation_due = true` for those of `ids` not yet due, in one statement that waits for
+/// nobody: PostgreSQL skips the rows a running evaluation holds (see
+/// [`mark_due_for_attributes`]); SQLite has one writer at a time.
+async fn mark_ids_due(db: &impl ConnectionTrait, ids: &[i64]) -> Result<(), DbErr> {
+    if ids.is_empty() {
+        return Ok(());
     }
-    let below = match reads.get(&segment) {
-        Some(refs) if guard < 64 => refs
-            .iter()
-            .filter(|r| reads.contains_key(r))
-            .map(|r| depth_of(*r, reads, memo, guard + 1) + 1)
-            .max()
-            .unwrap_or(0),
-        _ => 0,
-    };
-    memo.insert(segment, below);
-    below
-}
-
-/// `evaluation_due = true` for each of `ids`, one statement per row, in the order given.
-async fn mark_each_due(db: &impl ConnectionTrait, ids: &[i64]) -> Result<u64, DbErr> {
-    let mut marked = 0;
-    for id in ids {
-        marked += Entity::update_many()
-            .col_expr(Column::EvaluationDue, Expr::value(true))
-            .filter(Column::Id.eq(*id))
-            .filter(Column::Criteria.is_not_null())
-            .exec(db)
-            .await?
-            .rows_affected;
+    let backend = db.get_database_backend();
+    let mut b = SqlBuilder::new(backend);
+    b.sql("UPDATE managed_segments SET evaluation_due = TRUE WHERE id IN (SELECT m.id FROM managed_segments m WHERE m.criteria IS NOT NULL AND NOT m.evaluation_due AND m.id IN (");
+    for (i, id) in ids.iter().enumerate() {
+        if i > 0 {
+            b.sql(", ");
+        }
+        b.param(*id);
     }
-    Ok(marked)
+    b.sql(")");
+    if backend == DbBackend::Postgres {
+        b.sql(" FOR UPDATE SKIP LOCKED");
+    }
+    b.sql(")");
+    db.execute_raw(b.build()).await?;
+    Ok(())
 }
 
-/// Marks due the segments whose criteria read `cio_segment_id`'s membership (it changed),
-/// inside the caller's transaction (which holds `cio_segment_id`'s row). Unconditional, in
-/// lock order, waiting for running evaluations of those segments, as
+/// Marks due the segments whose criteria read the membership of one of `cio_segment_ids`
+/// (it changed), inside the caller's transaction, without waiting, as
 /// [`mark_due_for_attributes`].
 pub(super) async fn mark_dependents_due(
     txn: &impl ConnectionTrait,
     workspace_id: i64,
-    cio_segment_id: i64,
+    cio_segment_ids: &[i64],
 ) -> Result<(), DbErr> {
-    let ids: Vec<i64> = in_lock_order(txn, workspace_id)
+    if cio_segment_ids.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<i64> = readers(txn, workspace_id)
         .await?
         .into_iter()
-        .filter(|s| s.segments.contains(&cio_segment_id))
+        .filter(|s| s.segments.iter().any(|id| cio_segment_ids.contains(id)))
         .map(|s| s.id)
         .collect();
-    mark_each_due(txn, &ids).await?;
-    Ok(())
+    mark_ids_due(txn, &ids).await
 }

@@ -8,17 +8,21 @@
 //! changes of the segments the criteria read), and those whose time attribute lies in a window
 //! the clock moved a relative-time condition across. Everyone else keeps their membership.
 //! Each evaluation records the log position it read up to ([`current_watermark`]).
+//! [`apply_incremental`] brings many segments up to date in one pass over the union of their
+//! re-check sets: each person's profile and memberships are read once, whatever the number of
+//! segments (the `segment-evaluation` job evaluates its due segments that way).
 //! [`Scope::Check`] is a full evaluation that also counts as drift the membership changes an
 //! incremental one would have missed (people outside its re-check set).
 //! [`prune_changes`] drops the log below every segment's watermark.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryFilter, QuerySelect,
-    Statement, TransactionSession, TransactionTrait,
+    ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, Statement, TransactionSession, TransactionTrait,
 };
 
 use super::definitions::{lock, mark_dependents_due};
@@ -26,7 +30,7 @@ use super::{IDS_PER_ROW, outbox_label};
 use crate::DbError;
 use crate::criteria_sql::{Filter, SqlBuilder, TimeWindow};
 use crate::database::begin_write;
-use crate::entities::managed_segments::{Column, Entity};
+use crate::entities::managed_segments::{Column, Entity, Model};
 use crate::entities::segments;
 use crate::outbox::{Kind, Status};
 use crate::time::db_time;
@@ -73,9 +77,10 @@ pub enum Scope {
     Full,
     /// Only people who may have changed since the segment's last evaluation, which ran at
     /// `since` (the segment's `last_evaluated_at`): those logged in `profile_changes` from the
-    /// segment's watermark on, and those with a value in one of `windows`. Falls back to a
-    /// full evaluation when the segment has no watermark; answers [`Applied::Stale`] when the
-    /// segment was evaluated again since `since` (`windows` would be wrong).
+    /// segment's watermark on, and those with a value in one of `windows` (see
+    /// [`apply_incremental`], which does it for several segments at once). Answers
+    /// [`Applied::Stale`] when the segment has no watermark (it needs a full evaluation) or was
+    /// evaluated again since `since` (`windows` would be wrong).
     Incremental {
         since: DateTime<Utc>,
         windows: Vec<TimeWindow>,
@@ -116,6 +121,17 @@ pub async fn apply_evaluation(
     scope: &Scope,
     now: DateTime<Utc>,
 ) -> Result<Applied, DbError> {
+    if let Scope::Incremental { since, windows } = scope {
+        let segment = Incremental {
+            cio_segment_id,
+            revision,
+            filter: filter.clone(),
+            since: *since,
+            windows: windows.clone(),
+        };
+        let mut applied = apply_incremental(db, workspace_id, &[segment], now).await?;
+        return Ok(applied.pop().unwrap_or(Applied::Stale));
+    }
     let started = Instant::now();
     let now = db_time(now);
     let txn = begin_write(db).await?;
@@ -126,77 +142,233 @@ pub async fn apply_evaluation(
     // Read before the difference: every change below it is visible to what follows.
     let watermark = current_watermark(&txn).await?;
     let changes = match (scope, current.change_watermark) {
-        (Scope::Incremental { since, windows } | Scope::Check { since, windows }, Some(from)) => {
+        (Scope::Check { since, windows }, Some(from)) => {
             if current.last_evaluated_at != Some(db_time(*since)) {
                 return Ok(Applied::Stale);
             }
             Some(Changes {
-                from: Watermark {
+                from: vec![Watermark {
                     position: from,
                     snapshot: current.change_snapshot.clone(),
-                },
+                }],
                 segments: filter.segments(),
                 windows: windows.clone(),
             })
         }
         _ => None,
     };
-    let incremental = changes.is_some() && matches!(scope, Scope::Incremental { .. });
-    let check = changes.is_some() && matches!(scope, Scope::Check { .. });
     let mut ctx = DiffContext {
         workspace_id,
         segment_id: cio_segment_id,
         now,
-        changes,
-        full: !incremental,
         recheck: None,
     };
-    ctx.recheck = recheck_set(&txn, &ctx).await?;
-    let nothing_to_do = incremental && ctx.recheck.as_ref().is_some_and(|r| r.len == 0);
+    let check = changes.is_some();
+    if let Some(changes) = &changes {
+        ctx.recheck = Some(recheck_set(&txn, workspace_id, changes).await?);
+    }
     let (added, removed, outbox_rows, drift) = match txn.get_database_backend() {
-        _ if nothing_to_do => (0, 0, 0, 0),
         DbBackend::Postgres => apply_postgres(&txn, &ctx, filter).await?,
         _ => apply_sqlite(&txn, &ctx, filter).await?,
     };
-    let member_count = current.member_count + to_i64(added) - to_i64(removed);
-    let duration_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
+    let outcome = EvaluationOutcome {
+        added,
+        removed,
+        member_count: current.member_count + to_i64(added) - to_i64(removed),
+        outbox_rows,
+        duration_ms: elapsed_ms(started),
+        incremental: false,
+        drift: check.then_some(drift),
+    };
+    record(&txn, &current, &outcome, &watermark, now).await?;
+    if added + removed > 0 {
+        mark_dependents_due(&txn, workspace_id, &[cio_segment_id]).await?;
+    }
+    txn.commit().await?;
+    tracing::debug!(workspace_id, cio_segment_id, ?outcome, "segment evaluated");
+    Ok(Applied::Done(outcome))
+}
+
+/// One segment for [`apply_incremental`]: its criteria at `revision` as `filter`, last
+/// evaluated at `since`, and the windows the clock moved its relative-time conditions across
+/// since then.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Incremental {
+    pub cio_segment_id: i64,
+    pub revision: i64,
+    pub filter: Filter,
+    pub since: DateTime<Utc>,
+    pub windows: Vec<TimeWindow>,
+}
+
+/// Brings several segments up to date at once, incrementally, in ONE transaction: the people
+/// who may have changed for any of them (the union of their re-check sets: the change log from
+/// each one's watermark on, membership changes of the segments they read, the people in their
+/// time windows) are read once and re-checked against every segment's criteria in one pass —
+/// one probe of each person's profile and one of their memberships, whatever the number of
+/// segments. Re-checking a person who did not change for some segment is harmless (it
+/// confirms their membership). The differences are applied as [`apply_evaluation`] applies
+/// one (members, outbox rows per segment, counts, due marks of the segments reading them).
+///
+/// The answer has one [`Applied`] per segment, in order: `Stale` (nothing written for it) when
+/// it was deleted, lost its criteria, its criteria changed since `revision`, it was evaluated
+/// since `since`, or it has no watermark (a full evaluation is needed). Each evaluated
+/// segment's `duration_ms` is the whole batch's.
+pub async fn apply_incremental(
+    db: &impl TransactionTrait,
+    workspace_id: i64,
+    segments: &[Incremental],
+    now: DateTime<Utc>,
+) -> Result<Vec<Applied>, DbError> {
+    let started = Instant::now();
+    let now = db_time(now);
+    let mut applied = vec![Applied::Stale; segments.len()];
+    if segments.is_empty() {
+        return Ok(applied);
+    }
+    let txn = begin_write(db).await?;
+    // Row order: two batches lock their common segments in the same order.
+    let locked: HashMap<i64, Model> = Entity::find()
+        .filter(Column::WorkspaceId.eq(workspace_id))
+        .filter(Column::CioSegmentId.is_in(segments.iter().map(|s| s.cio_segment_id)))
+        .order_by_asc(Column::Id)
+        .lock_exclusive()
+        .all(&txn)
+        .await?
+        .into_iter()
+        .map(|m| (m.cio_segment_id, m))
+        .collect();
+    let mut live: Vec<(usize, &Incremental, Model)> = Vec::new();
+    let mut changes = Changes {
+        from: Vec::new(),
+        segments: Vec::new(),
+        windows: Vec::new(),
+    };
+    for (i, segment) in segments.iter().enumerate() {
+        let Some(current) = locked.get(&segment.cio_segment_id) else {
+            continue;
+        };
+        let Some(position) = current.change_watermark else {
+            continue;
+        };
+        if current.revision != segment.revision
+            || current.criteria.as_ref().is_none_or(|c| c.is_null())
+            || current.last_evaluated_at != Some(db_time(segment.since))
+            || live
+                .iter()
+                .any(|(_, s, _)| s.cio_segment_id == segment.cio_segment_id)
+        {
+            continue;
+        }
+        let from = Watermark {
+            position,
+            snapshot: current.change_snapshot.clone(),
+        };
+        if !changes.from.contains(&from) {
+            changes.from.push(from);
+        }
+        changes.segments.extend(segment.filter.segments());
+        changes.windows.extend(segment.windows.iter().cloned());
+        live.push((i, segment, current.clone()));
+    }
+    if live.is_empty() {
+        return Ok(applied);
+    }
+    changes.segments.sort_unstable();
+    changes.segments.dedup();
+    // Read before the re-check set: every change below it is visible to what follows.
+    let watermark = current_watermark(&txn).await?;
+    let recheck = recheck_set(&txn, workspace_id, &changes).await?;
+    let filters: Vec<(i64, &Filter)> = live
+        .iter()
+        .map(|(_, s, _)| (s.cio_segment_id, &s.filter))
+        .collect();
+    let counts = match txn.get_database_backend() {
+        _ if recheck.len == 0 => HashMap::new(),
+        DbBackend::Postgres => batch_postgres(&txn, workspace_id, &filters, &recheck, now).await?,
+        _ => batch_sqlite(&txn, workspace_id, &filters, &recheck, now).await?,
+    };
+    let duration_ms = elapsed_ms(started);
+    let mut changed = Vec::new();
+    for (i, segment, current) in &live {
+        let (added, removed) = counts
+            .get(&segment.cio_segment_id)
+            .copied()
+            .unwrap_or_default();
+        let outcome = EvaluationOutcome {
+            added,
+            removed,
+            member_count: current.member_count + to_i64(added) - to_i64(removed),
+            outbox_rows: added.div_ceil(IDS_PER_ROW as u64) + removed.div_ceil(IDS_PER_ROW as u64),
+            duration_ms,
+            incremental: true,
+            drift: None,
+        };
+        record(&txn, current, &outcome, &watermark, now).await?;
+        if added + removed > 0 {
+            changed.push(segment.cio_segment_id);
+        }
+        applied[*i] = Applied::Done(outcome);
+    }
+    mark_dependents_due(&txn, workspace_id, &changed).await?;
+    txn.commit().await?;
+    tracing::debug!(
+        workspace_id,
+        segments = live.len(),
+        rechecked = recheck.len,
+        duration_ms,
+        "segments evaluated incrementally"
+    );
+    Ok(applied)
+}
+
+fn elapsed_ms(started: Instant) -> i64 {
+    i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Records an evaluation of the segment `current` (its row, locked by the caller): the new
+/// member count, `evaluation_due = false`, the outcome, the watermark read before the
+/// difference, and (full or check) the time of the last full evaluation; and the count in the
+/// segments mirror.
+async fn record(
+    txn: &impl ConnectionTrait,
+    current: &Model,
+    outcome: &EvaluationOutcome,
+    watermark: &Watermark,
+    now: DateTime<Utc>,
+) -> Result<(), DbErr> {
     Entity::update_many()
-        .col_expr(Column::MemberCount, Expr::value(member_count))
+        .col_expr(Column::MemberCount, Expr::value(outcome.member_count))
         .col_expr(Column::EvaluationDue, Expr::value(false))
         .col_expr(Column::LastEvaluatedAt, Expr::value(now))
-        .col_expr(Column::LastEvaluationMs, Expr::value(duration_ms))
-        .col_expr(Column::LastAdded, Expr::value(to_i64(added)))
-        .col_expr(Column::LastRemoved, Expr::value(to_i64(removed)))
+        .col_expr(Column::LastEvaluationMs, Expr::value(outcome.duration_ms))
+        .col_expr(Column::LastAdded, Expr::value(to_i64(outcome.added)))
+        .col_expr(Column::LastRemoved, Expr::value(to_i64(outcome.removed)))
         .col_expr(Column::LastEvaluationError, Expr::value(None::<String>))
         .col_expr(Column::ChangeWatermark, Expr::value(watermark.position))
-        .col_expr(Column::ChangeSnapshot, Expr::value(watermark.snapshot))
+        .col_expr(
+            Column::ChangeSnapshot,
+            Expr::value(watermark.snapshot.clone()),
+        )
         .col_expr(
             Column::LastFullAt,
-            Expr::value(if incremental {
+            Expr::value(if outcome.incremental {
                 current.last_full_at
             } else {
                 Some(now)
             }),
         )
         .filter(Column::Id.eq(current.id))
-        .exec(&txn)
+        .exec(txn)
         .await?;
-    set_mirror_count(&txn, workspace_id, cio_segment_id, member_count, now).await?;
-    if added + removed > 0 {
-        mark_dependents_due(&txn, workspace_id, cio_segment_id).await?;
-    }
-    txn.commit().await?;
-    let outcome = EvaluationOutcome {
-        added,
-        removed,
-        member_count,
-        outbox_rows,
-        duration_ms,
-        incremental,
-        drift: check.then_some(drift),
-    };
-    tracing::debug!(workspace_id, cio_segment_id, ?outcome, "segment evaluated");
-    Ok(Applied::Done(outcome))
+    set_mirror_count(
+        txn,
+        current.workspace_id,
+        current.cio_segment_id,
+        outcome.member_count,
+        now,
+    )
+    .await
 }
 
 pub(super) fn to_i64(n: u64) -> i64 {
@@ -232,12 +404,9 @@ pub(super) struct Watermark {
 }
 
 impl Watermark {
-    /// ` AND <alias>.pos …`: the log rows not yet seen from this watermark.
+    /// `(<alias>.pos …)`: the log rows not yet seen from this watermark.
     fn unseen(&self, b: &mut SqlBuilder, alias: &str) {
-        b.sql(" AND ")
-            .sql(alias)
-            .sql(".pos >= ")
-            .param(self.position);
+        b.sql("(").sql(alias).sql(".pos >= ").param(self.position);
         if let Some(snapshot) = &self.snapshot {
             b.sql(" AND NOT pg_visible_in_snapshot(")
                 .sql(alias)
@@ -245,6 +414,7 @@ impl Watermark {
                 .param(snapshot.as_str())
                 .sql(" AS pg_snapshot))");
         }
+        b.sql(")");
     }
 }
 
@@ -326,7 +496,8 @@ pub async fn has_changes(
     };
     let mut b = SqlBuilder::new(db.get_database_backend());
     b.sql("SELECT 1 AS found FROM profile_changes pc WHERE pc.workspace_id = ")
-        .param(segment.workspace_id);
+        .param(segment.workspace_id)
+        .sql(" AND ");
     from.unseen(&mut b, "pc");
     b.sql(" AND pc.segment_id IN (0");
     for id in &segment.referenced_segments {
@@ -336,21 +507,19 @@ pub async fn has_changes(
     Ok(db.query_one_raw(b.build()).await?.is_some())
 }
 
-/// The ids of the re-check set (`None` without one), read in their own statement so that
-/// the difference is planned for a list of known size (a subquery over the log is estimated
-/// from the log's statistics, and a large log made PostgreSQL scan every profile). Changes
+/// The ids of the re-check set of `changes`, read in their own statement so that the
+/// difference is planned for a list of known size (a subquery over the log is estimated from
+/// the log's statistics, and a large log made PostgreSQL scan every profile). Changes
 /// committed after this read and before the difference are not seen by the watermark either:
 /// they are re-checked next time.
 async fn recheck_set(
     txn: &impl ConnectionTrait,
-    ctx: &DiffContext,
-) -> Result<Option<Recheck>, DbErr> {
-    if ctx.changes.is_none() {
-        return Ok(None);
-    }
+    workspace_id: i64,
+    changes: &Changes,
+) -> Result<Recheck, DbErr> {
     let mut b = SqlBuilder::new(txn.get_database_backend());
     b.sql("SELECT DISTINCT c.customer_id FROM (");
-    ctx.candidates(&mut b);
+    changes.candidates(&mut b, workspace_id);
     b.sql(") c");
     let rows = txn.query_all_raw(b.build()).await?;
     let mut ids = Vec::with_capacity(rows.len());
@@ -358,10 +527,10 @@ async fn recheck_set(
         ids.push(row.try_get::<String>("", "customer_id")?);
     }
     let json = serde_json::to_string(&ids).map_err(|e| DbErr::Json(e.to_string()))?;
-    Ok(Some(Recheck {
+    Ok(Recheck {
         len: ids.len(),
         json,
-    }))
+    })
 }
 
 /// The re-check set: how many people, and their ids as one JSON array (serialised once, bound
@@ -371,140 +540,92 @@ struct Recheck {
     json: String,
 }
 
-/// What an incremental evaluation re-checks.
+impl Recheck {
+    /// `SELECT` of the ids, one `id` column.
+    fn select(&self, b: &mut SqlBuilder) {
+        if b.backend() == DbBackend::Postgres {
+            b.sql("SELECT jsonb_array_elements_text(CAST(")
+                .param(self.json.clone())
+                .sql(" AS jsonb)) AS id");
+        } else {
+            b.sql("SELECT value AS id FROM json_each(")
+                .param(self.json.clone())
+                .sql(")");
+        }
+    }
+}
+
+/// Who an incremental evaluation re-checks.
 struct Changes {
-    /// The segment's watermark: the log rows it has not seen.
-    from: Watermark,
+    /// The watermarks of the segments evaluated: the log rows one of them has not seen.
+    from: Vec<Watermark>,
     /// Segments whose membership changes count (besides profile writes).
     segments: Vec<i64>,
     windows: Vec<TimeWindow>,
 }
 
-struct DiffContext {
-    workspace_id: i64,
-    segment_id: i64,
-    now: DateTime<Utc>,
-    /// The re-check set of an incremental evaluation (or of the one a check checks).
-    changes: Option<Changes>,
-    /// Every profile is evaluated (`changes` then only counts drift).
-    full: bool,
-    /// The ids of the re-check set ([`recheck_set`]).
-    recheck: Option<Recheck>,
-}
-
-impl DiffContext {
-    /// ` AND <column> IN (people who may have changed)` for an incremental evaluation; nothing
-    /// for a full one.
-    fn scope(&self, b: &mut SqlBuilder, column: &str) {
-        if self.full || self.recheck.is_none() {
-            return;
-        }
-        b.sql(" AND ").sql(column).sql(" IN (");
-        self.recheck_list(b);
-        b.sql(")");
-    }
-
-    /// `SELECT` of the re-check set's ids, bound as one JSON array.
-    fn recheck_list(&self, b: &mut SqlBuilder) {
-        let ids = self
-            .recheck
-            .as_ref()
-            .map_or_else(|| "[]".to_owned(), |r| r.json.clone());
-        if b.backend() == DbBackend::Postgres {
-            b.sql("SELECT jsonb_array_elements_text(CAST(")
-                .param(ids)
-                .sql(" AS jsonb)) AS id");
-        } else {
-            b.sql("SELECT value AS id FROM json_each(")
-                .param(ids)
-                .sql(")");
-        }
-    }
-
-    /// `(SELECT COUNT(*) FROM <source> d WHERE d.<column> NOT IN (re-check set))`: the changes
-    /// an incremental evaluation would have missed (0 without a re-check set).
-    fn drift(&self, b: &mut SqlBuilder, source: impl FnOnce(&mut SqlBuilder), column: &str) {
-        if self.recheck.is_none() || !self.full {
-            b.sql("CAST(0 AS BIGINT)");
-            return;
-        }
-        b.sql("(SELECT COUNT(*) FROM (");
-        source(b);
-        b.sql(") d WHERE d.").sql(column).sql(" NOT IN (");
-        self.recheck_list(b);
-        b.sql("))");
-    }
-
-    /// `SELECT customer_id …`: who an incremental evaluation re-checks.
-    fn candidates(&self, b: &mut SqlBuilder) {
-        let Some(changes) = &self.changes else {
-            return;
-        };
+impl Changes {
+    /// `SELECT customer_id …`: the log rows not seen from one of the watermarks, and the
+    /// people with a value in one of the windows.
+    fn candidates(&self, b: &mut SqlBuilder, workspace_id: i64) {
         b.sql("SELECT pc.customer_id FROM profile_changes pc WHERE pc.workspace_id = ")
-            .param(self.workspace_id);
-        changes.from.unseen(b, "pc");
-        b.sql(" AND pc.segment_id IN (0");
-        for id in &changes.segments {
+            .param(workspace_id)
+            .sql(" AND (");
+        for (i, from) in self.from.iter().enumerate() {
+            if i > 0 {
+                b.sql(" OR ");
+            }
+            from.unseen(b, "pc");
+        }
+        b.sql(") AND pc.segment_id IN (0");
+        for id in &self.segments {
             b.sql(", ").param(*id);
         }
         b.sql(")");
-        for window in &changes.windows {
+        for window in &self.windows {
             b.sql(" UNION SELECT w.customer_id FROM profiles w WHERE w.workspace_id = ")
-                .param(self.workspace_id)
+                .param(workspace_id)
                 .sql(" AND ");
             b.filter(&window.filter(), "w");
         }
     }
+}
 
-    /// Whether only the re-check set is evaluated (an incremental evaluation with a list).
-    fn listed(&self) -> bool {
-        !self.full && self.recheck.is_some()
-    }
+/// A full evaluation of one segment.
+struct DiffContext {
+    workspace_id: i64,
+    segment_id: i64,
+    now: DateTime<Utc>,
+    /// [`Scope::Check`]: the re-check set of the incremental evaluation it checks.
+    recheck: Option<Recheck>,
+}
 
-    /// PostgreSQL, [`DiffContext::listed`]: `(re-check ids) r CROSS JOIN LATERAL (<the row of
-    /// `table` for r.id>) <alias>`, one index probe per listed person (`LIMIT 1` keeps the
-    /// subquery a per-row probe: the planner cannot turn it into a join driven from the table).
-    fn listed_rows(&self, b: &mut SqlBuilder, table: &str, select: &str, key: &str, alias: &str) {
-        b.sql("(");
-        self.recheck_list(b);
-        b.sql(") r CROSS JOIN LATERAL (SELECT ")
-            .sql(select)
-            .sql(" FROM ")
-            .sql(table)
-            .sql(" t WHERE t.workspace_id = ")
-            .param(self.workspace_id);
-        if table == "segment_members" {
-            b.sql(" AND t.segment_id = ").param(self.segment_id);
-        }
-        b.sql(" AND t.")
-            .sql(key)
-            .sql(" = r.id LIMIT 1) ")
-            .sql(alias);
+impl DiffContext {
+    /// `(SELECT COUNT(*) FROM <source> d WHERE d.<column> NOT IN (re-check set))`: the changes
+    /// an incremental evaluation would have missed (0 without a re-check set).
+    fn drift(&self, b: &mut SqlBuilder, source: impl FnOnce(&mut SqlBuilder), column: &str) {
+        let Some(recheck) = &self.recheck else {
+            b.sql("CAST(0 AS BIGINT)");
+            return;
+        };
+        b.sql("(SELECT COUNT(*) FROM (");
+        source(b);
+        b.sql(") d WHERE d.").sql(column).sql(" NOT IN (");
+        recheck.select(b);
+        b.sql("))");
     }
 
     /// `SELECT p.customer_id FROM profiles p WHERE … matches AND NOT a member`.
-    ///
-    /// PostgreSQL, incremental: driven from the re-check list (see [`DiffContext::listed_rows`]),
-    /// the membership test a per-row probe.
     fn additions(&self, b: &mut SqlBuilder, filter: &Filter) {
-        if self.listed() && b.backend() == DbBackend::Postgres {
-            b.sql("SELECT p.customer_id FROM ");
-            self.listed_rows(b, "profiles", "t.*", "customer_id", "p");
-            b.sql(" WHERE ");
-        } else {
-            b.sql("SELECT p.customer_id FROM profiles p WHERE p.workspace_id = ")
-                .param(self.workspace_id);
-            self.scope(b, "p.customer_id");
-            b.sql(" AND ");
-        }
+        b.sql("SELECT p.customer_id FROM profiles p WHERE p.workspace_id = ")
+            .param(self.workspace_id)
+            .sql(" AND ");
         b.filter(filter, "p");
         b.sql(" AND NOT EXISTS (SELECT 1 FROM segment_members x WHERE x.workspace_id = ")
             .param(self.workspace_id)
             .sql(" AND x.segment_id = ")
             .param(self.segment_id)
-            .sql(" AND x.customer_id = p.customer_id");
-        b.probe_fence();
-        b.sql(")");
+            .sql(" AND x.customer_id = p.customer_id)");
     }
 
     /// `NOT EXISTS (a matching profile for <member>.customer_id)`.
@@ -515,7 +636,6 @@ impl DiffContext {
             .sql(member)
             .sql(".customer_id AND ");
         b.filter(filter, "p");
-        b.probe_fence();
         b.sql(")");
     }
 
@@ -524,47 +644,259 @@ impl DiffContext {
         b.sql("SELECT x.customer_id FROM segment_members x WHERE x.workspace_id = ")
             .param(self.workspace_id)
             .sql(" AND x.segment_id = ")
-            .param(self.segment_id);
-        self.scope(b, "x.customer_id");
-        b.sql(" AND ");
+            .param(self.segment_id)
+            .sql(" AND ");
         self.no_longer_matches(b, filter, "x");
     }
 
-    /// `INSERT INTO outbox … SELECT` one row per 1000 ids of `source` (a query or CTE name
-    /// with a `customer_id` column).
+    /// [`queue`] for this segment: `source` has a `customer_id` column.
     fn queue(&self, b: &mut SqlBuilder, kind: Kind, source: impl FnOnce(&mut SqlBuilder)) {
-        let postgres = b.backend() == DbBackend::Postgres;
-        b.sql(
-            "INSERT INTO outbox (workspace_id, kind, customer_id, payload, status, attempts, \
-             next_attempt_at, created_at) SELECT ",
-        )
-        .param(self.workspace_id)
-        .sql(", ")
-        .param(kind.as_str())
-        .sql(", ")
-        .param(outbox_label(self.segment_id))
-        .sql(", ");
-        if postgres {
-            b.sql("jsonb_build_object('segment_id', ")
-                .param(self.segment_id)
-                .sql("::bigint, 'ids', jsonb_agg(c.customer_id ORDER BY c.customer_id))");
-        } else {
-            b.sql("json_object('segment_id', ")
-                .param(self.segment_id)
-                .sql(", 'ids', json_group_array(c.customer_id ORDER BY c.customer_id))");
-        }
-        b.sql(", ")
-            .param(Status::Pending.as_str())
-            .sql(", 0, ")
-            .param(self.now)
-            .sql(", ")
-            .param(self.now)
-            .sql(" FROM (SELECT s.customer_id, (ROW_NUMBER() OVER (ORDER BY s.customer_id) - 1) / ")
-            .sql(&IDS_PER_ROW.to_string())
-            .sql(" AS chunk FROM (");
-        source(b);
-        b.sql(") s) c GROUP BY c.chunk ORDER BY c.chunk");
+        let segment_id = self.segment_id;
+        queue(b, self.workspace_id, kind, self.now, |b| {
+            b.sql("SELECT CAST(")
+                .param(segment_id)
+                .sql(" AS BIGINT) AS segment_id, q.customer_id FROM (");
+            source(b);
+            b.sql(") q");
+        });
     }
+}
+
+/// `INSERT INTO outbox … SELECT` one row per segment and 1000 ids of `source` (a query with
+/// `segment_id` and `customer_id` columns), ids sorted, rows in the order of their ids.
+fn queue(
+    b: &mut SqlBuilder,
+    workspace_id: i64,
+    kind: Kind,
+    now: DateTime<Utc>,
+    source: impl FnOnce(&mut SqlBuilder),
+) {
+    let postgres = b.backend() == DbBackend::Postgres;
+    b.sql(
+        "INSERT INTO outbox (workspace_id, kind, customer_id, payload, status, attempts, \
+         next_attempt_at, created_at) SELECT ",
+    )
+    .param(workspace_id)
+    .sql(", ")
+    .param(kind.as_str())
+    .sql(", 'segment:' || c.segment_id, ");
+    if postgres {
+        b.sql(
+            "jsonb_build_object('segment_id', c.segment_id, \
+             'ids', jsonb_agg(c.customer_id ORDER BY c.customer_id))",
+        );
+    } else {
+        b.sql(
+            "json_object('segment_id', c.segment_id, \
+             'ids', json_group_array(c.customer_id ORDER BY c.customer_id))",
+        );
+    }
+    b.sql(", ")
+        .param(Status::Pending.as_str())
+        .sql(", 0, ")
+        .param(now)
+        .sql(", ")
+        .param(now)
+        .sql(
+            " FROM (SELECT s.segment_id, s.customer_id, (ROW_NUMBER() OVER \
+             (PARTITION BY s.segment_id ORDER BY s.customer_id) - 1) / ",
+        )
+        .sql(&IDS_PER_ROW.to_string())
+        .sql(" AS chunk FROM (");
+    source(b);
+    b.sql(") s) c GROUP BY c.segment_id, c.chunk ORDER BY c.segment_id, c.chunk");
+}
+
+/// `r` (the re-check list), `p` (their profiles) and `v` (who of them each segment's criteria
+/// select: `segment_id`, `customer_id`) as common table expressions, after `WITH `.
+fn batch_verdicts(
+    b: &mut SqlBuilder,
+    workspace_id: i64,
+    filters: &[(i64, &Filter)],
+    recheck: &Recheck,
+) {
+    b.sql("r AS MATERIALIZED (");
+    recheck.select(b);
+    b.sql("), p AS MATERIALIZED (");
+    if b.backend() == DbBackend::Postgres {
+        // One index probe per listed person (`LIMIT 1` keeps the subquery a per-row probe:
+        // the planner cannot turn it into a join driven from the table).
+        b.sql("SELECT t.* FROM r CROSS JOIN LATERAL (SELECT * FROM profiles q WHERE q.workspace_id = ")
+            .param(workspace_id)
+            .sql(" AND q.customer_id = r.id LIMIT 1) t");
+    } else {
+        b.sql("SELECT q.* FROM profiles q WHERE q.workspace_id = ")
+            .param(workspace_id)
+            .sql(" AND q.customer_id IN (SELECT id FROM r)");
+    }
+    b.sql("), v AS MATERIALIZED (");
+    for (i, (segment_id, filter)) in filters.iter().enumerate() {
+        if i > 0 {
+            b.sql(" UNION ALL ");
+        }
+        b.sql("SELECT CAST(")
+            .param(*segment_id)
+            .sql(" AS BIGINT) AS segment_id, p.customer_id FROM p WHERE ");
+        b.filter(filter, "p");
+    }
+    b.sql(")");
+}
+
+/// ` IN (<the batch's segment ids>)`.
+fn in_segments(b: &mut SqlBuilder, filters: &[(i64, &Filter)]) {
+    b.sql(" IN (");
+    for (i, (segment_id, _)) in filters.iter().enumerate() {
+        if i > 0 {
+            b.sql(", ");
+        }
+        b.param(*segment_id);
+    }
+    b.sql(")");
+}
+
+/// Added and removed members per segment, from a statement returning `segment_id`, `added`,
+/// `removed` rows.
+async fn counts_by_segment(
+    txn: &impl ConnectionTrait,
+    b: SqlBuilder,
+) -> Result<HashMap<i64, (u64, u64)>, DbErr> {
+    let mut counts = HashMap::new();
+    for row in txn.query_all_raw(b.build()).await? {
+        let n = |name: &str| -> Result<u64, DbErr> {
+            let n: i64 = row.try_get("", name)?;
+            Ok(u64::try_from(n).unwrap_or(0))
+        };
+        counts.insert(row.try_get("", "segment_id")?, (n("added")?, n("removed")?));
+    }
+    Ok(counts)
+}
+
+/// PostgreSQL, [`apply_incremental`]'s difference: one statement, so that every part reads
+/// the same snapshot. Each listed person's profile and memberships are read by one index
+/// probe each; the verdicts are compared with the memberships by hash joins.
+async fn batch_postgres(
+    txn: &impl ConnectionTrait,
+    workspace_id: i64,
+    filters: &[(i64, &Filter)],
+    recheck: &Recheck,
+    now: DateTime<Utc>,
+) -> Result<HashMap<i64, (u64, u64)>, DbErr> {
+    let mut b = SqlBuilder::new(DbBackend::Postgres);
+    b.probing(true);
+    b.sql("WITH ");
+    batch_verdicts(&mut b, workspace_id, filters, recheck);
+    // The listed people's memberships of the batch's segments, with their row addresses (read
+    // in this statement's snapshot, which keeps them in place) to delete by.
+    b.sql(", m AS MATERIALIZED (SELECT x.row_id, x.segment_id, x.customer_id FROM r CROSS JOIN LATERAL (SELECT q.ctid AS row_id, q.segment_id, q.customer_id FROM segment_members q WHERE q.workspace_id = ")
+        .param(workspace_id)
+        .sql(" AND q.customer_id = r.id AND q.segment_id");
+    in_segments(&mut b, filters);
+    b.sql(" OFFSET 0) x), added AS (INSERT INTO segment_members (workspace_id, segment_id, customer_id) SELECT ")
+        .param(workspace_id)
+        .sql(
+            ", v.segment_id, v.customer_id FROM v WHERE NOT EXISTS (SELECT 1 FROM m \
+             WHERE m.segment_id = v.segment_id AND m.customer_id = v.customer_id) \
+             RETURNING segment_id, customer_id), \
+             removed AS (DELETE FROM segment_members x WHERE x.ctid = ANY(ARRAY(\
+             SELECT m.row_id FROM m WHERE NOT EXISTS (SELECT 1 FROM v \
+             WHERE v.segment_id = m.segment_id AND v.customer_id = m.customer_id))) \
+             RETURNING x.segment_id, x.customer_id), queued_adds AS (",
+        );
+    queue(&mut b, workspace_id, Kind::SegmentAdd, now, |b| {
+        b.sql("SELECT segment_id, customer_id FROM added");
+    });
+    b.sql(" RETURNING id), queued_removes AS (");
+    queue(&mut b, workspace_id, Kind::SegmentRemove, now, |b| {
+        b.sql("SELECT segment_id, customer_id FROM removed");
+    });
+    b.sql(
+        " RETURNING id) SELECT c.segment_id, SUM(c.a)::bigint AS added, \
+         SUM(c.r)::bigint AS removed FROM (SELECT segment_id, 1 AS a, 0 AS r FROM added \
+         UNION ALL SELECT segment_id, 0, 1 FROM removed) c GROUP BY c.segment_id",
+    );
+    counts_by_segment(txn, b).await
+}
+
+/// SQLite, [`apply_incremental`]'s difference: the write transaction keeps every other writer
+/// out, so its statements all see the same profiles. As [`apply_sqlite`]: the differences are
+/// queued in the outbox first, then the memberships follow from the rows just queued.
+async fn batch_sqlite(
+    txn: &impl ConnectionTrait,
+    workspace_id: i64,
+    filters: &[(i64, &Filter)],
+    recheck: &Recheck,
+    now: DateTime<Utc>,
+) -> Result<HashMap<i64, (u64, u64)>, DbErr> {
+    let backend = DbBackend::Sqlite;
+    let before = last_outbox_id(txn).await?;
+    let mut b = SqlBuilder::new(backend);
+    b.sql("WITH ");
+    batch_verdicts(&mut b, workspace_id, filters, recheck);
+    b.sql(" ");
+    queue(&mut b, workspace_id, Kind::SegmentAdd, now, |b| {
+        b.sql("SELECT v.segment_id, v.customer_id FROM v WHERE NOT EXISTS (SELECT 1 FROM segment_members x WHERE x.workspace_id = ")
+            .param(workspace_id)
+            .sql(" AND x.segment_id = v.segment_id AND x.customer_id = v.customer_id)");
+    });
+    txn.execute_raw(b.build()).await?;
+    let mut b = SqlBuilder::new(backend);
+    b.sql("WITH ");
+    batch_verdicts(&mut b, workspace_id, filters, recheck);
+    b.sql(" ");
+    queue(&mut b, workspace_id, Kind::SegmentRemove, now, |b| {
+        b.sql("SELECT x.segment_id, x.customer_id FROM segment_members x WHERE x.workspace_id = ")
+            .param(workspace_id)
+            .sql(" AND x.customer_id IN (SELECT id FROM r) AND x.segment_id");
+        in_segments(b, filters);
+        b.sql(" AND NOT EXISTS (SELECT 1 FROM v WHERE v.segment_id = x.segment_id AND v.customer_id = x.customer_id)");
+    });
+    txn.execute_raw(b.build()).await?;
+
+    let queued = |b: &mut SqlBuilder, kind: Kind| {
+        b.sql(
+            "SELECT o.workspace_id, json_extract(o.payload, '$.segment_id') AS segment_id, \
+             j.value AS customer_id FROM outbox o, json_each(o.payload, '$.ids') j WHERE o.id > ",
+        )
+        .param(before)
+        .sql(" AND o.workspace_id = ")
+        .param(workspace_id)
+        .sql(" AND o.kind = ")
+        .param(kind.as_str());
+    };
+    let mut b = SqlBuilder::new(backend);
+    b.sql("INSERT INTO segment_members (workspace_id, segment_id, customer_id) ");
+    queued(&mut b, Kind::SegmentAdd);
+    txn.execute_raw(b.build()).await?;
+    let mut b = SqlBuilder::new(backend);
+    b.sql("DELETE FROM segment_members WHERE (workspace_id, segment_id, customer_id) IN (");
+    queued(&mut b, Kind::SegmentRemove);
+    b.sql(")");
+    txn.execute_raw(b.build()).await?;
+
+    let mut b = SqlBuilder::new(backend);
+    b.sql("SELECT json_extract(o.payload, '$.segment_id') AS segment_id, SUM(CASE WHEN o.kind = ")
+        .param(Kind::SegmentAdd.as_str())
+        .sql(" THEN json_array_length(o.payload, '$.ids') ELSE 0 END) AS added, SUM(CASE WHEN o.kind = ")
+        .param(Kind::SegmentRemove.as_str())
+        .sql(" THEN json_array_length(o.payload, '$.ids') ELSE 0 END) AS removed FROM outbox o WHERE o.id > ")
+        .param(before)
+        .sql(" AND o.workspace_id = ")
+        .param(workspace_id)
+        .sql(" GROUP BY 1");
+    counts_by_segment(txn, b).await
+}
+
+/// SQLite: the highest outbox id (this write transaction's rows come after it).
+async fn last_outbox_id(txn: &impl ConnectionTrait) -> Result<i64, DbErr> {
+    Ok(txn
+        .query_one_raw(Statement::from_string(
+            DbBackend::Sqlite,
+            "SELECT COALESCE(MAX(id), 0) AS n FROM outbox",
+        ))
+        .await?
+        .map(|row| row.try_get("", "n"))
+        .transpose()?
+        .unwrap_or(0))
 }
 
 /// PostgreSQL: one statement, so that every part reads the same snapshot of the profiles.
@@ -574,40 +906,18 @@ async fn apply_postgres(
     filter: &Filter,
 ) -> Result<(u64, u64, u64, u64), DbErr> {
     let mut b = SqlBuilder::new(DbBackend::Postgres);
-    // Incremental: every part is driven from the re-check list and probes the tables once per
-    // listed person, whatever the statistics say (see `SqlBuilder::probing`).
-    b.probing(ctx.listed());
     b.sql("WITH added AS (INSERT INTO segment_members (workspace_id, segment_id, customer_id) SELECT ")
         .param(ctx.workspace_id)
         .sql(", ")
         .param(ctx.segment_id)
         .sql(", a.customer_id FROM (");
     ctx.additions(&mut b, filter);
-    b.sql(") a RETURNING customer_id), removed AS (DELETE FROM segment_members x WHERE ");
-    if ctx.listed() {
-        // The listed members who no longer match, found by one probe each and deleted by
-        // their row address (read in this statement's snapshot, which keeps them in place):
-        // a join with the segment's rows could be planned as a walk over all of them.
-        b.sql("x.ctid = ANY(ARRAY(SELECT m.ctid FROM ");
-        ctx.listed_rows(
-            &mut b,
-            "segment_members",
-            "t.ctid, t.customer_id",
-            "customer_id",
-            "m",
-        );
-        b.sql(" WHERE ");
-        ctx.no_longer_matches(&mut b, filter, "m");
-        b.sql("))");
-    } else {
-        b.sql("x.workspace_id = ")
-            .param(ctx.workspace_id)
-            .sql(" AND x.segment_id = ")
-            .param(ctx.segment_id);
-        ctx.scope(&mut b, "x.customer_id");
-        b.sql(" AND ");
-        ctx.no_longer_matches(&mut b, filter, "x");
-    }
+    b.sql(") a RETURNING customer_id), removed AS (DELETE FROM segment_members x WHERE x.workspace_id = ")
+        .param(ctx.workspace_id)
+        .sql(" AND x.segment_id = ")
+        .param(ctx.segment_id)
+        .sql(" AND ");
+    ctx.no_longer_matches(&mut b, filter, "x");
     b.sql(" RETURNING x.customer_id), queued_adds AS (");
     ctx.queue(&mut b, Kind::SegmentAdd, |b| {
         b.sql("SELECT customer_id FROM added");
@@ -655,15 +965,7 @@ async fn apply_sqlite(
     filter: &Filter,
 ) -> Result<(u64, u64, u64, u64), DbErr> {
     let backend = DbBackend::Sqlite;
-    let before: i64 = txn
-        .query_one_raw(Statement::from_string(
-            backend,
-            "SELECT COALESCE(MAX(id), 0) AS n FROM outbox",
-        ))
-        .await?
-        .map(|row| row.try_get("", "n"))
-        .transpose()?
-        .unwrap_or(0);
+    let before = last_outbox_id(txn).await?;
     let mut rows = 0;
     let mut b = SqlBuilder::new(backend);
     ctx.queue(&mut b, Kind::SegmentAdd, |b| ctx.additions(b, filter));

@@ -153,7 +153,7 @@ async fn change_members(
         .await?;
     set_mirror_count(&txn, workspace_id, cio_segment_id, member_count, now).await?;
     if changed > 0 {
-        mark_dependents_due(&txn, workspace_id, cio_segment_id).await?;
+        mark_dependents_due(&txn, workspace_id, &[cio_segment_id]).await?;
     }
     txn.commit().await?;
     Ok(ManualChange::Done(MembershipChange {

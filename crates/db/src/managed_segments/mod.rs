@@ -3,9 +3,11 @@
 //!
 //! - Definitions: [`create`], [`get`], [`get_many`], [`list`], [`update`], [`delete`];
 //!   [`due`] lists the segments to evaluate; [`mark_due_for_attributes`], [`mark_all_due`] and
-//!   [`mark_due`] flag them after profile changes — unconditionally, waiting for an evaluation
-//!   that holds the segment, so a change committed during an evaluation leaves it due.
-//! - Evaluation: [`apply_evaluation`] computes, inside the database, who now matches a
+//!   [`mark_due`] flag them after profile changes, never waiting for a running evaluation (a
+//!   change committed during one stays in the change log above the watermark it records, so
+//!   [`has_changes`] finds it).
+//! - Evaluation: [`apply_evaluation`] (one segment) and [`apply_incremental`] (many, from what
+//!   changed) compute, inside the database, who now matches a
 //!   [`Filter`](crate::criteria_sql::Filter) and who no longer does, and in ONE transaction
 //!   records the new membership (`segment_members`), queues the difference in the outbox as
 //!   `segment_add` / `segment_remove` rows of at most [`IDS_PER_ROW`] ids, and updates the
@@ -48,8 +50,8 @@ pub use definitions::{
     mark_due_for_attributes, update,
 };
 pub use evaluation::{
-    Applied, EvaluationOutcome, Scope, apply_evaluation, has_changes, prune_changes,
-    record_evaluation_error,
+    Applied, EvaluationOutcome, Incremental, Scope, apply_evaluation, apply_incremental,
+    has_changes, prune_changes, record_evaluation_error,
 };
 pub use membership::{
     ManualChange, MembershipChange, add_members, members_among, members_page, membership_synced_at,

@@ -594,13 +594,14 @@ async fn until_waiting(
 }
 
 /// PostgreSQL: an evaluation holds its segment row from its start to its commit and reads the
-/// profiles as of one snapshot. A change committed after that snapshot must leave the segment
-/// due once the evaluation has committed — for an attribute the criteria read
-/// (`mark_due_for_attributes`) and for a segment they read (`mark_dependents_due`, through a
-/// membership change). The evaluation is held mid-statement by a second connection locking a
-/// membership row it must delete.
+/// profiles as of one snapshot. A change committed meanwhile — to an attribute the criteria
+/// read (`mark_due_for_attributes`) or to a segment they read (`mark_dependents_due`, through
+/// a membership change) — must not wait for the evaluation, and must not be lost: once the
+/// evaluation has committed, the change log still shows it (`has_changes`) and the next
+/// incremental evaluation applies it. The evaluation is held mid-statement by a second
+/// connection locking a membership row it must delete.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_change_committed_during_an_evaluation_leaves_the_segment_due_on_postgres() {
+async fn a_change_committed_during_an_evaluation_neither_waits_nor_is_lost_on_postgres() {
     use sea_orm::TransactionTrait;
     use sharpsend_db::testing::{Backend, run};
 
@@ -634,10 +635,14 @@ async fn a_change_committed_during_an_evaluation_leaves_the_segment_due_on_postg
             )
             .await?;
         }
-        let filters = [
-            (5, score_at_least(50.0), "p00002"),
-            (6, Filter::InSegment { segment_id: 4 }, "p00001"),
-        ];
+        let filter_of = |id: i64| {
+            if id == 5 {
+                score_at_least(50.0)
+            } else {
+                Filter::InSegment { segment_id: 4 }
+            }
+        };
+        let filters = [(5, filter_of(5), "p00002"), (6, filter_of(6), "p00001")];
         for (id, filter, _) in &filters {
             let Applied::Done(_) = managed_segments::apply_evaluation(
                 &db.conn,
@@ -710,23 +715,52 @@ async fn a_change_committed_during_an_evaluation_leaves_the_segment_due_on_postg
                 }
                 Ok::<_, sharpsend_db::DbError>(())
             });
-            until_waiting(&watcher, 2, || change.is_finished()).await?;
+            // The change and its mark do not wait for the evaluation.
+            tokio::time::timeout(std::time::Duration::from_secs(10), change).await???;
+            assert!(
+                !evaluation.is_finished(),
+                "segment {id}: the evaluation is still held"
+            );
             hold.rollback().await?;
             let Applied::Done(outcome) = evaluation.await?? else {
                 return Err("stale".into());
             };
-            change.await??;
             assert_eq!((outcome.added, outcome.removed), (0, 1), "segment {id}");
             assert!(
                 !members(&db, ws, id).await?.contains("p00003"),
                 "the evaluation's snapshot predates the change"
             );
+            let segment = managed_segments::get(&db.conn, ws, id)
+                .await?
+                .ok_or("segment")?;
             assert!(
-                managed_segments::get(&db.conn, ws, id)
-                    .await?
-                    .ok_or("segment")?
-                    .evaluation_due,
+                managed_segments::has_changes(&db.conn, &segment).await?,
                 "segment {id}: the change committed during its evaluation was lost"
+            );
+            let Applied::Done(next) = managed_segments::apply_evaluation(
+                &db.conn,
+                ws,
+                id,
+                0,
+                &filter_of(id),
+                &Scope::Incremental {
+                    since: ts(3),
+                    windows: vec![],
+                },
+                ts(5),
+            )
+            .await?
+            else {
+                return Err("stale".into());
+            };
+            assert_eq!(
+                (next.added, next.removed, next.incremental),
+                (1, 0, true),
+                "segment {id}"
+            );
+            assert!(
+                members(&db, ws, id).await?.contains("p00003"),
+                "segment {id}"
             );
         }
         TestResult::Ok(())

@@ -1,7 +1,7 @@
 use sharpsend_db::testing::{TestDatabase, TestResult};
 use sharpsend_db::{DbError, ensure_migrated, migrate, pending_migrations};
 
-const ALL: [&str; 31] = [
+const ALL: [&str; 32] = [
     "m20261128_000001_create_workspaces",
     "m20261128_000002_create_segments",
     "m20261128_000003_create_job_runs",
@@ -33,6 +33,7 @@ const ALL: [&str; 31] = [
     "m20261207_000090_numbers_first_character",
     "m20261207_000091_profile_changes_once",
     "m20261207_000092_workspace_checks_per_statement",
+    "m20261207_000093_segment_members_by_person",
 ];
 
 sharpsend_db::db_test!(
