@@ -46,6 +46,7 @@ mod m20261207_000090_numbers_first_character;
 mod m20261207_000091_profile_changes_once;
 mod m20261207_000092_workspace_checks_per_statement;
 mod m20261207_000093_segment_members_by_person;
+mod m20261207_000094_profile_changes_by_segment;
 
 /// All migrations of the project, oldest first.
 pub struct Migrator;
@@ -86,6 +87,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261207_000091_profile_changes_once::Migration),
             Box::new(m20261207_000092_workspace_checks_per_statement::Migration),
             Box::new(m20261207_000093_segment_members_by_person::Migration),
+            Box::new(m20261207_000094_profile_changes_by_segment::Migration),
         ]
     }
 }

@@ -632,12 +632,14 @@ const SEGMENTS_PER_PASS: usize = 100;
 
 /// Evaluates together, in one pass over the people who changed ([`store::apply_incremental`]),
 /// those of `due` that read no other segment's membership and need no full evaluation (see
-/// [`scope_of`]). Returns the others, and those that changed meanwhile, for [`evaluate_one`].
+/// [`scope_of`]), adding to `changed` those whose membership moved. Returns the others, and
+/// those whose definition changed meanwhile, for [`evaluate_one`].
 async fn evaluate_together(
     ctx: &AppContext,
     due: Vec<ManagedSegment>,
     config: &EvaluationConfig,
     report: &mut EvaluationReport,
+    changed: &mut HashSet<i64>,
 ) -> Result<Vec<ManagedSegment>, CoreError> {
     let now = ctx.now();
     let mut rest = Vec::new();
@@ -678,6 +680,9 @@ async fn evaluate_together(
                         "segment evaluated incrementally"
                     );
                     report.count(&outcome);
+                    if outcome.added + outcome.removed > 0 {
+                        changed.insert(segment.cio_segment_id);
+                    }
                 }
                 Applied::Stale => rest.push(segment.clone()),
             }
@@ -752,8 +757,9 @@ pub async fn evaluate_due(
             }
         }
     }
-    let mut round = evaluate_together(ctx, due, config, &mut report).await?;
-    let mut evaluated_any = report.evaluated > 0;
+    // Segments whose membership the round changed.
+    let mut changed = HashSet::new();
+    let mut round = evaluate_together(ctx, due, config, &mut report, &mut changed).await?;
     for _ in 0..MAX_ROUNDS {
         for segment in &round {
             if let Some((id, why)) = segment
@@ -773,25 +779,24 @@ pub async fn evaluate_due(
                 continue;
             }
             if let Some(outcome) = evaluate_one(ctx, segment).await? {
-                evaluated_any = true;
                 report.count(&outcome);
+                if outcome.added + outcome.removed > 0 {
+                    changed.insert(segment.cio_segment_id);
+                }
             }
         }
-        if !evaluated_any {
+        if changed.is_empty() {
             break;
         }
-        evaluated_any = false;
         // A segment reading another's membership (`{"segment": {"id": A}}`) changes when A's
         // evaluation just changed A: evaluate those too, until nothing moves (chains deeper
-        // than MAX_ROUNDS finish in the next run).
-        round = Vec::new();
-        for segment in store::list(&ctx.db, ctx.workspace_id()).await? {
-            if !segment.referenced_segments.is_empty()
-                && store::has_changes(&ctx.db, &segment).await?
-            {
-                round.push(segment);
-            }
-        }
+        // than MAX_ROUNDS finish in the next run, which finds their changes in the log).
+        round = store::list(&ctx.db, ctx.workspace_id())
+            .await?
+            .into_iter()
+            .filter(|s| s.referenced_segments.iter().any(|id| changed.contains(id)))
+            .collect();
+        changed.clear();
         if round.is_empty() {
             break;
         }

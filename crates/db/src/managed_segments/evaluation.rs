@@ -569,8 +569,12 @@ impl Changes {
     /// people with a value in one of the windows.
     fn candidates(&self, b: &mut SqlBuilder, workspace_id: i64) {
         b.sql("SELECT pc.customer_id FROM profile_changes pc WHERE pc.workspace_id = ")
-            .param(workspace_id)
-            .sql(" AND (");
+            .param(workspace_id);
+        // The lowest watermark bounds the index range; each row is then tested against all.
+        if let Some(lowest) = self.from.iter().map(|w| w.position).min() {
+            b.sql(" AND pc.pos >= ").param(lowest);
+        }
+        b.sql(" AND (");
         for (i, from) in self.from.iter().enumerate() {
             if i > 0 {
                 b.sql(" OR ");
