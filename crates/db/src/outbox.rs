@@ -724,12 +724,12 @@ pub async fn claim_due(
 /// First key of the PostgreSQL advisory locks that serialise the outbox's row transitions which
 /// can change whom [`claim_due`] may take — claims, retries, releases, claim renewals and
 /// re-queues ("outb" in ASCII, under the two-key form so it never meets the migration lock); the
-/// second key is the workspace's ([`transition_key`]).
+/// second key is the workspace's ([`workspace_key`]).
 const TRANSITION_LOCK: i32 = 0x6f75_7462;
 
-/// Second key of a workspace's transition lock: its id, folded into `i32` when larger (two
+/// Second key of a workspace's advisory locks (the outbox's transitions, the change log): its id, folded into `i32` when larger (two
 /// workspaces sharing a key only wait for each other; neither loses its exclusion).
-fn transition_key(workspace_id: i64) -> i32 {
+pub(crate) fn workspace_key(workspace_id: i64) -> i32 {
     i32::try_from(workspace_id.rem_euclid(i64::from(i32::MAX))).unwrap_or(0)
 }
 
@@ -754,7 +754,7 @@ pub async fn lock_transitions(txn: &impl ConnectionTrait, workspace_id: i64) -> 
         txn.execute_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
             "SELECT pg_advisory_xact_lock($1, $2)",
-            [TRANSITION_LOCK.into(), transition_key(workspace_id).into()],
+            [TRANSITION_LOCK.into(), workspace_key(workspace_id).into()],
         ))
         .await?;
     }
@@ -777,7 +777,7 @@ async fn lock_transitions_of_rows(txn: &impl ConnectionTrait, ids: &[i64]) -> Re
         .into_tuple()
         .all(txn)
         .await?;
-    let keys: BTreeSet<i32> = workspaces.into_iter().map(transition_key).collect();
+    let keys: BTreeSet<i32> = workspaces.into_iter().map(workspace_key).collect();
     for key in keys {
         txn.execute_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,

@@ -32,7 +32,7 @@ use crate::criteria_sql::{Filter, SqlBuilder, TimeWindow};
 use crate::database::begin_write;
 use crate::entities::managed_segments::{Column, Entity, Model};
 use crate::entities::segments;
-use crate::outbox::{Kind, Status};
+use crate::outbox::{Kind, Status, workspace_key};
 use crate::time::db_time;
 
 /// Records why evaluating a segment failed (it stays due).
@@ -135,6 +135,7 @@ pub async fn apply_evaluation(
     let started = Instant::now();
     let now = db_time(now);
     let txn = begin_write(db).await?;
+    lock_change_log(&txn, workspace_id, false).await?;
     let current = match lock(&txn, workspace_id, cio_segment_id).await? {
         Some(m) if m.revision == revision && m.criteria.as_ref().is_some_and(|c| !c.is_null()) => m,
         _ => return Ok(Applied::Stale),
@@ -227,6 +228,7 @@ pub async fn apply_incremental(
         return Ok(applied);
     }
     let txn = begin_write(db).await?;
+    lock_change_log(&txn, workspace_id, false).await?;
     // Row order: two batches lock their common segments in the same order.
     let locked: HashMap<i64, Model> = Entity::find()
         .filter(Column::WorkspaceId.eq(workspace_id))
@@ -444,18 +446,53 @@ pub(super) async fn current_watermark(txn: &impl ConnectionTrait) -> Result<Wate
     })
 }
 
+/// First key of the PostgreSQL advisory lock on a workspace's change log ("plog" in ASCII; the
+/// second key is the workspace's, as the outbox's): evaluations hold it shared from before they
+/// read their watermark until they commit; [`prune_changes`] takes it exclusively or not at all.
+const CHANGE_LOG_LOCK: i32 = 0x706c_6f67;
+
+/// Takes the workspace's change-log lock until the transaction ends: shared (an evaluation;
+/// waits only while a prune runs) or, `exclusive`, only if free (a prune; `false`: an
+/// evaluation is running). SQLite: the write transaction already excludes the others.
+async fn lock_change_log(
+    txn: &impl ConnectionTrait,
+    workspace_id: i64,
+    exclusive: bool,
+) -> Result<bool, DbErr> {
+    if txn.get_database_backend() != DbBackend::Postgres {
+        return Ok(true);
+    }
+    let sql = if exclusive {
+        "SELECT pg_try_advisory_xact_lock($1, $2) AS held"
+    } else {
+        "SELECT TRUE AS held FROM (SELECT pg_advisory_xact_lock_shared($1, $2)) l"
+    };
+    let row = txn
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            sql,
+            [CHANGE_LOG_LOCK.into(), workspace_key(workspace_id).into()],
+        ))
+        .await?;
+    Ok(row
+        .map(|r| r.try_get("", "held"))
+        .transpose()?
+        .unwrap_or(false))
+}
+
 /// Drops the workspace's `profile_changes` below every managed segment's watermark (no
-/// incremental evaluation reads them again). Holds off evaluations meanwhile (PostgreSQL: an
-/// `EXCLUSIVE` lock on `managed_segments`, which waits for running evaluations — they hold a
-/// segment row — and makes new ones wait; SQLite: the write lock): a full evaluation that has
-/// read its watermark but not yet recorded it could otherwise lose rows it needs. A segment
-/// without a watermark evaluates fully next, so it needs none. Returns the rows dropped.
+/// incremental evaluation reads them again). Only when no evaluation of the workspace is
+/// running, and new ones wait until it commits (PostgreSQL: the change-log lock, see
+/// [`lock_change_log`]; a busy log is pruned by a later call; SQLite: the write lock): a full
+/// evaluation that has read its watermark but not yet recorded it could otherwise lose rows it
+/// needs. A segment without a watermark evaluates fully next, so it needs none. Nothing else
+/// waits for a prune: the due marks of profile writes never do (it used to lock
+/// `managed_segments`, and every write call's marks queued behind it). Returns the rows dropped.
 pub async fn prune_changes(db: &impl TransactionTrait, workspace_id: i64) -> Result<u64, DbError> {
     let txn = begin_write(db).await?;
     let backend = txn.get_database_backend();
-    if backend == DbBackend::Postgres {
-        txn.execute_unprepared("LOCK TABLE managed_segments IN EXCLUSIVE MODE")
-            .await?;
+    if !lock_change_log(&txn, workspace_id, true).await? {
+        return Ok(0);
     }
     let mut bound = current_watermark(&txn).await?.position;
     let lowest: Option<i64> = Entity::find()

@@ -767,3 +767,139 @@ async fn a_change_committed_during_an_evaluation_neither_waits_nor_is_lost_on_po
     })
     .await;
 }
+
+/// Rows of the workspace's change log.
+async fn log_rows(db: &TestDatabase, ws: i64) -> Res<i64> {
+    use sea_orm::ConnectionTrait;
+    let row = db
+        .conn
+        .query_one_raw(sea_orm::Statement::from_string(
+            db.conn.get_database_backend(),
+            format!("SELECT COUNT(*) AS n FROM profile_changes WHERE workspace_id = {ws}"),
+        ))
+        .await?
+        .ok_or("count")?;
+    Ok(row.try_get("", "n")?)
+}
+
+/// PostgreSQL: pruning the change log neither waits for an evaluation in flight nor takes rows
+/// from under it (it skips; a later prune drops only what no segment needs), and a due mark
+/// never waits for either. The case that needs it: a first, full evaluation (no watermark yet)
+/// whose snapshot did not see a write that commits while it runs — pruned then (below the
+/// oldest transaction still running), that write would never be re-checked.
+#[tokio::test(flavor = "multi_thread")]
+async fn pruning_skips_while_an_evaluation_runs_and_loses_nothing_on_postgres() {
+    use sea_orm::TransactionTrait;
+    use sharpsend_db::testing::{Backend, run};
+
+    run(Backend::Postgres, true, |db: TestDatabase| async move {
+        let ws = workspace(&db, "site-1").await?;
+        let watcher = db.connect_again().await?;
+        profiles::upsert_fetched(
+            &db.conn,
+            ws,
+            &[person(1, 90), person(2, 90), person(3, 10)],
+            ts(0),
+        )
+        .await?;
+        managed_segments::create(
+            &db.conn,
+            ws,
+            &NewManagedSegment {
+                cio_segment_id: 5,
+                name: "s5".into(),
+                description: None,
+                criteria: Some(criteria("score")),
+            },
+            ts(0),
+        )
+        .await?;
+        let evaluate = |conn, scope: Scope, at| async move {
+            match managed_segments::apply_evaluation(
+                &conn,
+                ws,
+                5,
+                0,
+                &score_at_least(50.0),
+                &scope,
+                at,
+            )
+            .await?
+            {
+                Applied::Done(outcome) => {
+                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>(outcome)
+                }
+                Applied::Stale => Err("stale".into()),
+            }
+        };
+        // A write in flight before the evaluation starts: p00003 will match.
+        let writer = db.connect_again().await?;
+        let write = writer.begin().await?;
+        write
+            .execute_unprepared(&format!(
+                "UPDATE profiles SET attributes = attributes || '{{\"score\": 99}}' \
+                 WHERE workspace_id = {ws} AND customer_id = 'p00003'"
+            ))
+            .await?;
+        // The first evaluation is held on a member row another transaction is inserting.
+        let blocker = db.connect_again().await?;
+        let hold = blocker.begin().await?;
+        hold.execute_unprepared(&format!(
+            "INSERT INTO segment_members (workspace_id, segment_id, customer_id) \
+             VALUES ({ws}, 5, 'p00001')"
+        ))
+        .await?;
+        let evaluation = tokio::spawn(evaluate(db.connect_again().await?, Scope::Full, ts(1)));
+        until_waiting(&watcher, 1, || evaluation.is_finished()).await?;
+        write.commit().await?;
+
+        // Neither the mark nor the prune waits; the prune drops nothing.
+        let limit = std::time::Duration::from_secs(10);
+        tokio::time::timeout(
+            limit,
+            managed_segments::mark_due_for_attributes(&db.conn, ws, &["score"]),
+        )
+        .await??;
+        let logged = log_rows(&db, ws).await?;
+        let dropped =
+            tokio::time::timeout(limit, managed_segments::prune_changes(&db.conn, ws)).await??;
+        assert_eq!(dropped, 0, "an evaluation is running: the prune skips");
+        assert_eq!(log_rows(&db, ws).await?, logged);
+        assert!(!evaluation.is_finished());
+
+        hold.rollback().await?;
+        let outcome = evaluation.await??;
+        assert_eq!(
+            (outcome.added, outcome.removed),
+            (2, 0),
+            "its snapshot predates the write"
+        );
+        // Pruned now, the log keeps what the segment has not seen; the next evaluation
+        // applies it.
+        managed_segments::prune_changes(&db.conn, ws).await?;
+        let segment = managed_segments::get(&db.conn, ws, 5)
+            .await?
+            .ok_or("segment")?;
+        assert!(managed_segments::has_changes(&db.conn, &segment).await?);
+        let next = evaluate(
+            db.conn.clone(),
+            Scope::Incremental {
+                since: ts(1),
+                windows: vec![],
+            },
+            ts(2),
+        )
+        .await?;
+        assert_eq!(
+            (next.added, next.removed),
+            (1, 0),
+            "the write during the evaluation was lost"
+        );
+        assert!(members(&db, ws, 5).await?.contains("p00003"));
+        // Only the last evaluation's own member row is at or above its watermark.
+        assert!(managed_segments::prune_changes(&db.conn, ws).await? > 0);
+        assert_eq!(log_rows(&db, ws).await?, 1);
+        TestResult::Ok(())
+    })
+    .await;
+}
