@@ -744,6 +744,22 @@ pub async fn evaluate_due(
         }
     }
     due.sort_by_key(|s| s.cio_segment_id);
+    // The people a relative-time condition's window holds are found through an index on the
+    // attribute (created once, when first needed).
+    let time_attributes: BTreeSet<String> = due
+        .iter()
+        .filter_map(|s| {
+            s.criteria
+                .as_ref()
+                .and_then(|c| Criteria::from_stored(c).ok())
+        })
+        .flat_map(|c| c.time_windows(now, now).into_iter().map(|w| w.attribute))
+        .collect();
+    for attribute in time_attributes {
+        sharpsend_db::criteria_sql::ensure_time_index(&ctx.db, &attribute)
+            .await
+            .map_err(sharpsend_db::DbError::from)?;
+    }
     let mut report = EvaluationReport::default();
     let mut first_error: Option<CoreError> = None;
     let mut unreadable: HashMap<i64, String> = HashMap::new();

@@ -34,7 +34,7 @@
 //! Attribute names must not contain `"` or `\` (SQLite JSON paths cannot address them); the
 //! criteria validation in `sharpsend-core` refuses such names.
 
-use sea_orm::{ConnectionTrait, DbBackend, Statement, Value};
+use sea_orm::{ConnectionTrait, DbBackend, DbErr, Statement, Value};
 use serde_json::json;
 
 use crate::DbError;
@@ -116,6 +116,92 @@ pub struct TimeWindow {
     pub attribute: String,
     pub from: f64,
     pub to: f64,
+}
+
+/// The number of `attribute` in the typed shadow `numbers` (of the row aliased `alias`, or
+/// unqualified), written with the attribute name inline so that an expression index on it can
+/// serve a query ([`ensure_time_index`]; a bound parameter never matches an index expression).
+/// `None` for names other than ASCII letters, digits and `_`: those are only ever bound.
+fn indexable_number(backend: DbBackend, alias: Option<&str>, attribute: &str) -> Option<String> {
+    let simple = !attribute.is_empty()
+        && attribute
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'_');
+    if !simple {
+        return None;
+    }
+    let numbers = alias.map_or_else(|| "numbers".to_owned(), |a| format!("{a}.numbers"));
+    Some(match backend {
+        DbBackend::Postgres => format!("CAST({numbers} -> '{attribute}' AS numeric)"),
+        _ => format!("json_extract({numbers}, '{}')", sqlite_path(attribute)),
+    })
+}
+
+/// The expression index that serves [`SqlBuilder::time_window`] for `attribute`: its name (a
+/// hash of the attribute, so any name fits) and definition. `None` when no index can serve it.
+fn time_index(backend: DbBackend, attribute: &str) -> Option<(String, String)> {
+    let expression = indexable_number(backend, None, attribute)?;
+    // FNV-1a: stable across builds and platforms, unlike `DefaultHasher`.
+    let hash = attribute.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let name = format!("ix_profiles_time_{hash:016x}");
+    Some((name, format!("profiles (workspace_id, {expression})")))
+}
+
+/// Makes sure the profiles have an index on `attribute`'s number (see
+/// [`SqlBuilder::time_window`]), so that the people whose value lies in a time window are found
+/// without reading every profile: called for the attributes of relative-time conditions before
+/// evaluating segments. A lookup when it exists. PostgreSQL builds it `CONCURRENTLY` (writes go
+/// on meanwhile; it must not run inside a transaction) and rebuilds one left invalid by a failed
+/// build. Returns whether it created one.
+pub async fn ensure_time_index(db: &impl ConnectionTrait, attribute: &str) -> Result<bool, DbErr> {
+    let backend = db.get_database_backend();
+    let Some((name, definition)) = time_index(backend, attribute) else {
+        return Ok(false);
+    };
+    if backend == DbBackend::Postgres {
+        let state = db
+            .query_one_raw(Statement::from_sql_and_values(
+                backend,
+                "SELECT i.indisvalid AS valid, EXISTS (SELECT 1 FROM pg_stat_progress_create_index p \
+                 WHERE p.index_relid = i.indexrelid) AS building \
+                 FROM pg_index i WHERE i.indexrelid = to_regclass($1)",
+                [name.clone().into()],
+            ))
+            .await?;
+        if let Some(row) = state {
+            let (valid, building): (bool, bool) =
+                (row.try_get("", "valid")?, row.try_get("", "building")?);
+            if valid || building {
+                return Ok(false);
+            }
+            db.execute_unprepared(&format!("DROP INDEX CONCURRENTLY IF EXISTS {name}"))
+                .await?;
+        }
+        db.execute_unprepared(&format!(
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON {definition}"
+        ))
+        .await?;
+    } else {
+        let exists = db
+            .query_one_raw(Statement::from_sql_and_values(
+                backend,
+                "SELECT 1 AS found FROM sqlite_master WHERE type = 'index' AND name = ?",
+                [name.clone().into()],
+            ))
+            .await?
+            .is_some();
+        if exists {
+            return Ok(false);
+        }
+        db.execute_unprepared(&format!(
+            "CREATE INDEX IF NOT EXISTS {name} ON {definition}"
+        ))
+        .await?;
+    }
+    tracing::info!(attribute, index = %name, "index for relative-time conditions created");
+    Ok(true)
 }
 
 impl TimeWindow {
@@ -259,6 +345,28 @@ impl SqlBuilder {
     /// The SQL text built so far (for tests and diagnostics).
     pub fn text(&self) -> &str {
         &self.sql
+    }
+
+    /// Appends `(<alias>'s number of the window's attribute BETWEEN from AND to)`, what
+    /// [`TimeWindow::filter`] selects, written so that the index [`ensure_time_index`] creates
+    /// can serve it (the filter itself when no index can).
+    pub fn time_window(&mut self, window: &TimeWindow, alias: &str) -> &mut Self {
+        let Some(number) = indexable_number(self.backend, Some(alias), &window.attribute) else {
+            return self.filter(&window.filter(), alias);
+        };
+        self.sql("(").sql(&number).sql(" BETWEEN ");
+        if self.backend == DbBackend::Postgres {
+            self.sql("CAST(")
+                .param(number_text(window.from))
+                .sql(" AS numeric) AND CAST(")
+                .param(number_text(window.to))
+                .sql(" AS numeric))")
+        } else {
+            self.param(window.from)
+                .sql(" AND ")
+                .param(window.to)
+                .sql(")")
+        }
     }
 
     /// Appends `filter` as a boolean expression over the `profiles` row aliased `alias`.

@@ -627,7 +627,7 @@ impl Changes {
             b.sql(" UNION SELECT w.customer_id FROM profiles w WHERE w.workspace_id = ")
                 .param(workspace_id)
                 .sql(" AND ");
-            b.filter(&window.filter(), "w");
+            b.time_window(window, "w");
         }
     }
 }

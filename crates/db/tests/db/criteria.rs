@@ -323,3 +323,111 @@ sharpsend_db::db_test!(
         TestResult::Ok(())
     }
 );
+
+/// `SELECT w.customer_id … WHERE <part>` over the workspace's profiles.
+fn window_query(
+    backend: sea_orm::DbBackend,
+    ws: i64,
+    part: impl FnOnce(&mut criteria_sql::SqlBuilder),
+) -> criteria_sql::SqlBuilder {
+    let mut b = criteria_sql::SqlBuilder::new(backend);
+    b.sql("SELECT w.customer_id FROM profiles w WHERE w.workspace_id = ")
+        .param(ws)
+        .sql(" AND ");
+    part(&mut b);
+    b
+}
+
+// A relative-time condition's window is read through an index on the attribute's number
+// (created by `ensure_time_index`, once), selects exactly what the window's filter selects,
+// and an attribute name no index expression can hold falls back to the filter itself.
+sharpsend_db::db_test!(
+    time_windows_are_served_by_an_index_and_select_what_the_filter_selects,
+    |db: TestDatabase| async move {
+        use sea_orm::{ConnectionTrait, DbBackend, TransactionTrait};
+
+        let ws = workspace(&db, "site-1").await?;
+        let people = [
+            person("a", json!({"seen_at": 1_000, "o'clock": 1_000})),
+            person("b", json!({"seen_at": "1500", "o'clock": "1500"})),
+            person("c", json!({"seen_at": 2_001, "o'clock": 2_001})),
+            person("d", json!({"seen_at": "soon", "o'clock": null})),
+            person("e", json!({"plan": "pro"})),
+        ];
+        profiles::upsert_fetched(&db.conn, ws, &people, ts(0)).await?;
+        let backend = db.conn.get_database_backend();
+        assert!(criteria_sql::ensure_time_index(&db.conn, "seen_at").await?);
+        assert!(
+            !criteria_sql::ensure_time_index(&db.conn, "seen_at").await?,
+            "created once"
+        );
+        assert!(!criteria_sql::ensure_time_index(&db.conn, "o'clock").await?);
+
+        for attribute in ["seen_at", "o'clock"] {
+            let window = criteria_sql::TimeWindow {
+                attribute: attribute.into(),
+                from: 999.0,
+                to: 2_000.0,
+            };
+            let ids = |b: criteria_sql::SqlBuilder| {
+                let conn = db.conn.clone();
+                async move {
+                    let rows = conn.query_all_raw(b.build()).await?;
+                    let mut out = BTreeSet::new();
+                    for row in rows {
+                        out.insert(row.try_get::<String>("", "customer_id")?);
+                    }
+                    Ok::<_, sea_orm::DbErr>(out)
+                }
+            };
+            let by_window = ids(window_query(backend, ws, |b| {
+                b.time_window(&window, "w");
+            }))
+            .await?;
+            let by_filter = ids(window_query(backend, ws, |b| {
+                b.filter(&window.filter(), "w");
+            }))
+            .await?;
+            assert_eq!(by_window, set(&["a", "b"]), "{attribute}");
+            assert_eq!(by_window, by_filter, "{attribute}");
+
+            // The plan reads the attribute's index (PostgreSQL: whenever it can be used at all;
+            // the table is too small for the planner to prefer it on its own).
+            let txn = db.conn.begin().await?;
+            let explain = if backend == DbBackend::Postgres {
+                txn.execute_unprepared("SET LOCAL enable_seqscan = off")
+                    .await?;
+                "EXPLAIN "
+            } else {
+                "EXPLAIN QUERY PLAN "
+            };
+            let mut b = criteria_sql::SqlBuilder::new(backend);
+            b.sql(explain);
+            let query = window_query(backend, ws, |q| {
+                q.time_window(&window, "w");
+            });
+            let statement = query.build();
+            let mut stmt = statement.clone();
+            stmt.sql = format!("{explain}{}", statement.sql);
+            let mut plan = String::new();
+            for row in txn.query_all_raw(stmt).await? {
+                let line: String = if backend == DbBackend::Postgres {
+                    row.try_get("", "QUERY PLAN")?
+                } else {
+                    row.try_get("", "detail")?
+                };
+                plan.push_str(&line);
+                plan.push('\n');
+            }
+            txn.rollback().await?;
+            // The window bounds the index scan itself (not only the workspace prefix).
+            let bounded = plan
+                .lines()
+                .any(|l| l.contains("Index Cond") && l.contains("numbers ->"))
+                || (plan.contains("ix_profiles_time_")
+                    && plan.contains("workspace_id=? AND <expr>"));
+            assert_eq!(bounded, attribute == "seen_at", "{attribute}: {plan}");
+        }
+        TestResult::Ok(())
+    }
+);
