@@ -119,3 +119,34 @@ db_test!(
         app.stop().await
     }
 );
+
+db_test!(
+    a_run_seen_ended_can_be_started_again_at_once,
+    |db: TestDatabase| async move {
+        let app = TestApp::spawn(&db).await?;
+        let ws = app.ctx.workspace_id();
+        // The caller's view (SyncSegments then GetJobRun): the moment a run reads as ended, the
+        // lease is free, so a next run started then is not skipped. The window this guards was
+        // one statement wide: follow the run as closely as possible, many times.
+        for i in 0..10 {
+            let run = jobs::start(&app.ctx, Job::SegmentSync, "caller").await?;
+            let ended = loop {
+                let seen = jobs::get_run(&app.ctx, run.id).await?;
+                if seen.finished_at.is_some() {
+                    break seen;
+                }
+                tokio::task::yield_now().await;
+            };
+            ensure!(
+                ended.state == jobs::RunState::Succeeded,
+                "run {i}: {ended:?}"
+            );
+            let lease = sharpsend_db::jobs::get_lease(&app.ctx.db, ws, "segment-sync").await?;
+            ensure!(
+                lease.is_none(),
+                "run {i} read as ended with its lease held: {lease:?}"
+            );
+        }
+        app.stop().await
+    }
+);

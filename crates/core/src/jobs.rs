@@ -364,7 +364,7 @@ async fn lease_or_skip(
     Ok(Begun::Skipped(run_id))
 }
 
-/// Does the work of a leased run, records how it ended and releases the lease.
+/// Does the work of a leased run, releases the lease and records how the run ended.
 async fn work_and_record(
     ctx: &AppContext,
     job: Job,
@@ -376,8 +376,16 @@ async fn work_and_record(
         run_id: Some(run_id),
     };
     let result = with_lease_renewal(ctx, job, holder, execute(ctx, job, &progress)).await;
+    // The lease goes before the run's end is recorded: whoever sees the run ended may start the
+    // job again at once (released after, that next run could find the lease still held and be
+    // skipped). A run that outlived its lease term may meanwhile be closed as abandoned by the
+    // next holder; the outcome recorded below replaces that.
+    if let Err(e) = job_store::release_lease(&ctx.db, ctx.workspace_id(), job.name(), holder).await
+    {
+        tracing::warn!(job = job.name(), error = %error_chain(&e), "could not release lease; it lapses by itself");
+    }
     let finished_at = ctx.now();
-    let outcome = match result {
+    match result {
         Ok(details) => job_store::finish_run(
             &ctx.db,
             run_id,
@@ -419,12 +427,7 @@ async fn work_and_record(
                 Err(e) => Err(RunError::Bookkeeping(e)),
             }
         }
-    };
-    if let Err(e) = job_store::release_lease(&ctx.db, ctx.workspace_id(), job.name(), holder).await
-    {
-        tracing::warn!(job = job.name(), error = %error_chain(&e), "could not release lease; it lapses by itself");
     }
-    outcome
 }
 
 /// Where a job reports how far it has got: its run's details while it runs (a failed run keeps
