@@ -832,12 +832,12 @@ async fn batch_postgres(
     b.probing(true);
     b.sql("WITH ");
     batch_verdicts(&mut b, workspace_id, filters, recheck);
-    // The listed people's memberships of the batch's segments. Each person's memberships are
-    // read whole by an index-only scan of `(workspace_id, customer_id, segment_id)` and filtered
-    // after: with the segment list inside the probe, PostgreSQL chose at 1,000,000 profiles one
-    // primary-key descent per person AND segment (~1 ms a person). Row addresses are fetched
-    // only for the memberships to remove (few), one primary-key probe each.
-    b.sql(", m AS MATERIALIZED (SELECT x.segment_id, x.customer_id FROM r CROSS JOIN LATERAL (SELECT q.segment_id, q.customer_id FROM segment_members q WHERE q.workspace_id = ")
+    // The listed people's memberships of the batch's segments, with their row addresses (read
+    // in this statement's snapshot, which keeps them in place) to delete by. Each person's
+    // memberships are read whole through `(workspace_id, customer_id)` and filtered after: with
+    // the segment list inside the probe, PostgreSQL chose at 1,000,000 profiles one primary-key
+    // descent per person AND segment (~1 ms a person).
+    b.sql(", m AS MATERIALIZED (SELECT x.row_id, x.segment_id, x.customer_id FROM r CROSS JOIN LATERAL (SELECT q.ctid AS row_id, q.segment_id, q.customer_id FROM segment_members q WHERE q.workspace_id = ")
         .param(workspace_id)
         .sql(" AND q.customer_id = r.id OFFSET 0) x WHERE x.segment_id");
     in_segments(&mut b, filters);
@@ -850,15 +850,8 @@ async fn batch_postgres(
              WHERE m.segment_id = v.segment_id AND m.customer_id = v.customer_id) \
              RETURNING segment_id, customer_id), \
              removed AS (DELETE FROM segment_members x WHERE x.ctid = ANY(ARRAY(\
-             SELECT g.row_id FROM (SELECT m.segment_id, m.customer_id FROM m \
-             WHERE NOT EXISTS (SELECT 1 FROM v \
-             WHERE v.segment_id = m.segment_id AND v.customer_id = m.customer_id)) d \
-             CROSS JOIN LATERAL (SELECT q.ctid AS row_id FROM segment_members q \
-             WHERE q.workspace_id = ",
-    )
-    .param(workspace_id)
-    .sql(
-        " AND q.segment_id = d.segment_id AND q.customer_id = d.customer_id) g)) \
+             SELECT m.row_id FROM m WHERE NOT EXISTS (SELECT 1 FROM v \
+             WHERE v.segment_id = m.segment_id AND v.customer_id = m.customer_id))) \
              RETURNING x.segment_id, x.customer_id), queued_adds AS (",
     );
     queue(&mut b, workspace_id, Kind::SegmentAdd, now, |b| {
