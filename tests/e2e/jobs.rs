@@ -130,11 +130,13 @@ db_test!(
         // one statement wide: follow the run as closely as possible, many times.
         for i in 0..10 {
             let run = jobs::start(&app.ctx, Job::SegmentSync, "caller").await?;
+            let deadline = std::time::Instant::now() + sharpsend_tests::RUN_WAIT;
             let ended = loop {
                 let seen = jobs::get_run(&app.ctx, run.id).await?;
                 if seen.finished_at.is_some() {
                     break seen;
                 }
+                ensure!(std::time::Instant::now() < deadline, "run {i} never ended");
                 tokio::task::yield_now().await;
             };
             ensure!(
