@@ -411,19 +411,93 @@ pub(super) struct Watermark {
     pub snapshot: Option<String>,
 }
 
-impl Watermark {
-    /// `(<alias>.pos …)`: the log rows not yet seen from this watermark.
-    fn unseen(&self, b: &mut SqlBuilder, alias: &str) {
-        b.sql("(").sql(alias).sql(".pos >= ").param(self.position);
-        if let Some(snapshot) = &self.snapshot {
-            b.sql(" AND NOT pg_visible_in_snapshot(")
-                .sql(alias)
-                .sql(".pos::text::xid8, CAST(")
-                .param(snapshot.as_str())
-                .sql(" AS pg_snapshot))");
-        }
-        b.sql(")");
+/// The log rows not yet seen from one or more watermarks: those at or above `from`, and those
+/// written by one of `running`.
+///
+/// A PostgreSQL watermark's snapshot (`xmin:xmax:xip,…`) has seen every transaction below its
+/// `xmax` except the ones it lists as running (`xip`): what it has not seen is `pos >= xmax`
+/// or `pos IN (xip)`. Reading that, rather than "at or above `xmin` and not visible in the
+/// snapshot", keeps the read to two index ranges near the log's end: a transaction left open
+/// anywhere on the server (another database's, a backup's) holds `xmin` back and made every
+/// evaluation walk the whole log written since it began. For several watermarks, the union:
+/// the lowest bound and every running transaction below it. A watermark without a snapshot
+/// (SQLite) or with one that does not parse has not seen anything at or above its position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Unseen {
+    from: i64,
+    running: Vec<i64>,
+}
+
+impl Unseen {
+    fn of<'a>(watermarks: impl IntoIterator<Item = &'a Watermark>) -> Option<Unseen> {
+        let parts: Vec<(i64, Vec<i64>)> = watermarks
+            .into_iter()
+            .map(|w| {
+                w.snapshot
+                    .as_deref()
+                    .and_then(parse_snapshot)
+                    .unwrap_or((w.position, Vec::new()))
+            })
+            .collect();
+        let from = parts.iter().map(|(from, _)| *from).min()?;
+        let mut running: Vec<i64> = parts
+            .into_iter()
+            .flat_map(|(_, running)| running)
+            .filter(|xid| *xid < from)
+            .collect();
+        running.sort_unstable();
+        running.dedup();
+        Some(Unseen { from, running })
     }
+
+    /// `SELECT <columns> FROM profile_changes pc WHERE …` the unseen rows of the workspace's
+    /// log whose `segment_id` is 0 (profile writes) or one of `segments`: one index range per
+    /// part, joined by `UNION ALL`.
+    fn select(&self, b: &mut SqlBuilder, columns: &str, workspace_id: i64, segments: &[i64]) {
+        let part = |b: &mut SqlBuilder, rows: &dyn Fn(&mut SqlBuilder)| {
+            b.sql("SELECT ")
+                .sql(columns)
+                .sql(" FROM profile_changes pc WHERE pc.workspace_id = ")
+                .param(workspace_id)
+                .sql(" AND pc.segment_id IN (0");
+            for id in segments {
+                b.sql(", ").param(*id);
+            }
+            b.sql(") AND ");
+            rows(b);
+        };
+        part(b, &|b| {
+            b.sql("pc.pos >= ").param(self.from);
+        });
+        if !self.running.is_empty() {
+            b.sql(" UNION ALL ");
+            part(b, &|b| {
+                b.sql("pc.pos IN (");
+                for (i, xid) in self.running.iter().enumerate() {
+                    if i > 0 {
+                        b.sql(", ");
+                    }
+                    b.param(*xid);
+                }
+                b.sql(")");
+            });
+        }
+    }
+}
+
+/// `(xmax, xip)` of a PostgreSQL snapshot's text form `xmin:xmax:xip1,xip2,…`.
+fn parse_snapshot(text: &str) -> Option<(i64, Vec<i64>)> {
+    let mut fields = text.split(':');
+    let (_xmin, xmax, xip) = (fields.next()?, fields.next()?, fields.next()?);
+    if fields.next().is_some() {
+        return None;
+    }
+    let running = xip
+        .split(',')
+        .filter(|x| !x.is_empty())
+        .map(|x| x.parse().ok())
+        .collect::<Option<Vec<i64>>>()?;
+    Some((xmax.parse().ok()?, running))
 }
 
 /// Where a statement that starts after this read stands in the change log: PostgreSQL, the
@@ -537,16 +611,18 @@ pub async fn has_changes(
         position,
         snapshot: segment.change_snapshot.clone(),
     };
+    let Some(unseen) = Unseen::of([&from]) else {
+        return Ok(true);
+    };
     let mut b = SqlBuilder::new(db.get_database_backend());
-    b.sql("SELECT 1 AS found FROM profile_changes pc WHERE pc.workspace_id = ")
-        .param(segment.workspace_id)
-        .sql(" AND ");
-    from.unseen(&mut b, "pc");
-    b.sql(" AND pc.segment_id IN (0");
-    for id in &segment.referenced_segments {
-        b.sql(", ").param(*id);
-    }
-    b.sql(") LIMIT 1");
+    b.sql("SELECT 1 AS found FROM (");
+    unseen.select(
+        &mut b,
+        "pc.pos",
+        segment.workspace_id,
+        &segment.referenced_segments,
+    );
+    b.sql(") x LIMIT 1");
     Ok(db.query_one_raw(b.build()).await?.is_some())
 }
 
@@ -611,24 +687,13 @@ impl Changes {
     /// `SELECT customer_id …`: the log rows not seen from one of the watermarks, and the
     /// people with a value in one of the windows.
     fn candidates(&self, b: &mut SqlBuilder, workspace_id: i64) {
-        b.sql("SELECT pc.customer_id FROM profile_changes pc WHERE pc.workspace_id = ")
-            .param(workspace_id);
-        // The lowest watermark bounds the index range; each row is then tested against all.
-        if let Some(lowest) = self.from.iter().map(|w| w.position).min() {
-            b.sql(" AND pc.pos >= ").param(lowest);
-        }
-        b.sql(" AND (");
-        for (i, from) in self.from.iter().enumerate() {
-            if i > 0 {
-                b.sql(" OR ");
+        match Unseen::of(&self.from) {
+            Some(unseen) => unseen.select(b, "pc.customer_id", workspace_id, &self.segments),
+            // No watermark: no log row (the windows alone).
+            None => {
+                b.sql("SELECT p.customer_id FROM profiles p WHERE 1 = 0");
             }
-            from.unseen(b, "pc");
         }
-        b.sql(") AND pc.segment_id IN (0");
-        for id in &self.segments {
-            b.sql(", ").param(*id);
-        }
-        b.sql(")");
         for window in &self.windows {
             b.sql(" UNION SELECT w.customer_id FROM profiles w WHERE w.workspace_id = ")
                 .param(workspace_id)
@@ -1079,4 +1144,70 @@ async fn apply_sqlite(
     b.sql(")");
     let removed = txn.execute_raw(b.build()).await?.rows_affected();
     Ok((added, removed, rows, u64::try_from(drift).unwrap_or(0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Unseen, Watermark, parse_snapshot};
+
+    fn pg(position: i64, snapshot: &str) -> Watermark {
+        Watermark {
+            position,
+            snapshot: Some(snapshot.to_string()),
+        }
+    }
+
+    #[test]
+    fn a_snapshot_has_not_seen_its_running_transactions_and_what_follows_its_xmax() {
+        assert_eq!(parse_snapshot("10:20:"), Some((20, vec![])));
+        assert_eq!(parse_snapshot("10:20:10,14"), Some((20, vec![10, 14])));
+        for broken in ["", "10:20", "10:x:", "10:20:1,,y", "1:2:3:4"] {
+            assert_eq!(parse_snapshot(broken), None, "{broken:?}");
+        }
+        // A transaction open since 10 (anywhere on the server): only 10, 14 and 20 on.
+        assert_eq!(
+            Unseen::of([&pg(10, "10:20:10,14")]),
+            Some(Unseen {
+                from: 20,
+                running: vec![10, 14]
+            })
+        );
+    }
+
+    #[test]
+    fn several_watermarks_have_not_seen_the_union_of_what_each_has_not_seen() {
+        let unseen = Unseen::of([
+            &pg(10, "10:20:10,14"),
+            &pg(10, "10:30:10,25"),
+            &pg(3, "3:17:3,16"),
+        ]);
+        // From 17 on (the lowest xmax); below it, the running ones of each.
+        assert_eq!(
+            unseen,
+            Some(Unseen {
+                from: 17,
+                running: vec![3, 10, 14, 16]
+            })
+        );
+        // SQLite (no snapshot), or a snapshot that does not parse: everything from the position.
+        let sqlite = Watermark {
+            position: 8,
+            snapshot: None,
+        };
+        assert_eq!(
+            Unseen::of([&sqlite]),
+            Some(Unseen {
+                from: 8,
+                running: vec![]
+            })
+        );
+        assert_eq!(
+            Unseen::of([&pg(10, "10:20:10,14"), &pg(5, "garbled")]),
+            Some(Unseen {
+                from: 5,
+                running: vec![]
+            })
+        );
+        assert_eq!(Unseen::of([]), None);
+    }
 }
