@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every benchmark and writes their figures to docs/benchmarks.md (with the machine and the
-# date). Nothing is asserted about time: the figures are for reading, next to the anchors each
+# date), between its `<!-- bench.sh: begin -->` and `<!-- bench.sh: end -->` lines: the rest of
+# the file (measurements taken by hand, with their analysis) is kept. Nothing is asserted about time: the figures are for reading, next to the anchors each
 # benchmark measures in the same run (the echo server for reads, the SDK way for ingest, A idle
 # for fairness between workspaces).
 #
@@ -63,6 +64,7 @@ fi
 
 if [[ $mode == smoke ]]; then out="$target/bench-smoke.md"; else out=docs/benchmarks.md; fi
 body="$(mktemp)"
+load_at_start="$(cut -d' ' -f1-3 /proc/loadavg)"
 
 # A fresh PostgreSQL database for one benchmark: sets $pg_url. Not called in a subshell, so that
 # the counter advances and the exit trap knows every database to drop.
@@ -81,7 +83,7 @@ drop_pg() {
 }
 trap 'rm -f "$body"; drop_pg' EXIT
 
-section() { printf '\n## %s\n\n' "$1" >>"$body"; echo "=== $1" >&2; }
+section() { printf '\n### %s\n\n' "$1" >>"$body"; echo "=== $1" >&2; }
 # Runs a benchmark, its output (stdout) into the report as a code block unless it is markdown.
 run() {
   local markdown="$1"; shift
@@ -128,17 +130,31 @@ section "Fairness: one workspace's backlog vs another's update and send (Postgre
 fresh_pg
 run text "$bin/bench-fairness" "${fairness[@]}" --database-url "$pg_url"
 
+generated="$(mktemp)"
 {
-  echo "# Benchmarks"
+  echo "<!-- bench.sh: begin (rewritten by every run of scripts/bench.sh; the rest of the file is kept) -->"
+  echo "## The last \`scripts/bench.sh$([[ $mode == full ]] || echo " --$mode")\` run"
   echo
-  echo "Written by \`scripts/bench.sh$([[ $mode == full ]] || echo " --$mode")\` on $(date -u '+%Y-%m-%d %H:%M UTC')."
+  echo "Written on $(date -u '+%Y-%m-%d %H:%M UTC')."
   echo "Machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'))," \
     "$(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo) RAM, $(uname -sr)," \
-    "load average at the start: $(cut -d' ' -f1-3 /proc/loadavg)."
+    "load average at the start: $load_at_start."
   echo
   echo "Figures are for reading, not asserted. Compare each with the anchor measured in the same"
   echo "run (the echo server for reads, the one-request-per-update SDK way for ingest): on a shared"
   echo "machine absolute figures move with the load."
   cat "$body"
-} >"$out"
+  echo
+  echo "<!-- bench.sh: end -->"
+} >"$generated"
+if [[ -f $out ]] && grep -q '^<!-- bench.sh: begin' "$out"; then
+  awk -v generated="$generated" '
+    /^<!-- bench.sh: begin/ { while ((getline line < generated) > 0) print line; skip = 1; next }
+    /^<!-- bench.sh: end -->/ { skip = 0; next }
+    !skip { print }' "$out" >"$out.new"
+else
+  { echo "# Benchmarks"; echo; cat "$generated"; } >"$out.new"
+fi
+rm -f "$generated"
+mv "$out.new" "$out"
 echo "wrote $out" >&2
