@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Runs every benchmark and writes their figures to docs/benchmarks.md (with the machine and the
 # date), between its `<!-- bench.sh: begin -->` and `<!-- bench.sh: end -->` lines: the rest of
-# the file (measurements taken by hand, with their analysis) is kept. Nothing is asserted about time: the figures are for reading, next to the anchors each
-# benchmark measures in the same run (the echo server for reads, the SDK way for ingest, A idle
-# for fairness between workspaces).
+# the file (measurements taken by hand, with their analysis) is kept. Nothing is asserted about
+# time: the figures are for reading, next to the anchors each benchmark measures in the same run
+# (the echo server for reads, the SDK way for ingest, A idle for fairness between workspaces).
 #
 #   scripts/bench.sh            # full sizes (tens of minutes on 2 cores)
 #   scripts/bench.sh --quick    # laptop sizes (a few minutes)

@@ -419,9 +419,9 @@ pub(super) struct Watermark {
 /// or `pos IN (xip)`. Reading that, rather than "at or above `xmin` and not visible in the
 /// snapshot", keeps the read to two index ranges near the log's end: a transaction left open
 /// anywhere on the server (another database's, a backup's) holds `xmin` back and made every
-/// evaluation walk the whole log written since it began. For several watermarks, the union:
-/// the lowest bound and every running transaction below it. A watermark without a snapshot
-/// (SQLite) or with one that does not parse has not seen anything at or above its position.
+/// evaluation walk the whole log written since it began. For several watermarks, the union
+/// ([`Unseen::union`]). A watermark without a snapshot (SQLite) or with one that does not parse
+/// has not seen anything at or above its position.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Unseen {
     from: i64,
@@ -429,25 +429,29 @@ struct Unseen {
 }
 
 impl Unseen {
-    fn of<'a>(watermarks: impl IntoIterator<Item = &'a Watermark>) -> Option<Unseen> {
-        let parts: Vec<(i64, Vec<i64>)> = watermarks
+    /// What `watermark` has not seen.
+    fn of(watermark: &Watermark) -> Unseen {
+        let (from, running) = watermark
+            .snapshot
+            .as_deref()
+            .and_then(parse_snapshot)
+            .unwrap_or((watermark.position, Vec::new()));
+        Unseen { from, running }
+    }
+
+    /// What one of `self` and `other` has not seen: from the lower bound on, and every running
+    /// transaction below it.
+    fn union(self, other: Unseen) -> Unseen {
+        let from = self.from.min(other.from);
+        let mut running: Vec<i64> = self
+            .running
             .into_iter()
-            .map(|w| {
-                w.snapshot
-                    .as_deref()
-                    .and_then(parse_snapshot)
-                    .unwrap_or((w.position, Vec::new()))
-            })
-            .collect();
-        let from = parts.iter().map(|(from, _)| *from).min()?;
-        let mut running: Vec<i64> = parts
-            .into_iter()
-            .flat_map(|(_, running)| running)
+            .chain(other.running)
             .filter(|xid| *xid < from)
             .collect();
         running.sort_unstable();
         running.dedup();
-        Some(Unseen { from, running })
+        Unseen { from, running }
     }
 
     /// `SELECT <columns> FROM profile_changes pc WHERE …` the unseen rows of the workspace's
@@ -611,12 +615,9 @@ pub async fn has_changes(
         position,
         snapshot: segment.change_snapshot.clone(),
     };
-    let Some(unseen) = Unseen::of([&from]) else {
-        return Ok(true);
-    };
     let mut b = SqlBuilder::new(db.get_database_backend());
     b.sql("SELECT 1 AS found FROM (");
-    unseen.select(
+    Unseen::of(&from).select(
         &mut b,
         "pc.pos",
         segment.workspace_id,
@@ -687,7 +688,7 @@ impl Changes {
     /// `SELECT customer_id …`: the log rows not seen from one of the watermarks, and the
     /// people with a value in one of the windows.
     fn candidates(&self, b: &mut SqlBuilder, workspace_id: i64) {
-        match Unseen::of(&self.from) {
+        match self.from.iter().map(Unseen::of).reduce(Unseen::union) {
             Some(unseen) => unseen.select(b, "pc.customer_id", workspace_id, &self.segments),
             // No watermark: no log row (the windows alone).
             None => {
@@ -1150,6 +1151,11 @@ async fn apply_sqlite(
 mod tests {
     use super::{Unseen, Watermark, parse_snapshot};
 
+    /// What one of `watermarks` has not seen (as `Changes::candidates` reads it).
+    fn unseen_by_any(watermarks: &[Watermark]) -> Option<Unseen> {
+        watermarks.iter().map(Unseen::of).reduce(Unseen::union)
+    }
+
     fn pg(position: i64, snapshot: &str) -> Watermark {
         Watermark {
             position,
@@ -1166,20 +1172,20 @@ mod tests {
         }
         // A transaction open since 10 (anywhere on the server): only 10, 14 and 20 on.
         assert_eq!(
-            Unseen::of([&pg(10, "10:20:10,14")]),
-            Some(Unseen {
+            Unseen::of(&pg(10, "10:20:10,14")),
+            Unseen {
                 from: 20,
                 running: vec![10, 14]
-            })
+            }
         );
     }
 
     #[test]
     fn several_watermarks_have_not_seen_the_union_of_what_each_has_not_seen() {
-        let unseen = Unseen::of([
-            &pg(10, "10:20:10,14"),
-            &pg(10, "10:30:10,25"),
-            &pg(3, "3:17:3,16"),
+        let unseen = unseen_by_any(&[
+            pg(10, "10:20:10,14"),
+            pg(10, "10:30:10,25"),
+            pg(3, "3:17:3,16"),
         ]);
         // From 17 on (the lowest xmax); below it, the running ones of each.
         assert_eq!(
@@ -1195,19 +1201,19 @@ mod tests {
             snapshot: None,
         };
         assert_eq!(
-            Unseen::of([&sqlite]),
-            Some(Unseen {
+            Unseen::of(&sqlite),
+            Unseen {
                 from: 8,
                 running: vec![]
-            })
+            }
         );
         assert_eq!(
-            Unseen::of([&pg(10, "10:20:10,14"), &pg(5, "garbled")]),
+            unseen_by_any(&[pg(10, "10:20:10,14"), pg(5, "garbled")]),
             Some(Unseen {
                 from: 5,
                 running: vec![]
             })
         );
-        assert_eq!(Unseen::of([]), None);
+        assert_eq!(unseen_by_any(&[]), None);
     }
 }
