@@ -47,6 +47,7 @@ mod m20261207_000091_profile_changes_once;
 mod m20261207_000092_workspace_checks_per_statement;
 mod m20261207_000093_segment_members_by_person;
 mod m20261207_000094_profile_changes_by_segment;
+mod m20261207_000095_read_versions_deliveries;
 
 /// All migrations of the project, oldest first.
 pub struct Migrator;
@@ -88,6 +89,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261207_000092_workspace_checks_per_statement::Migration),
             Box::new(m20261207_000093_segment_members_by_person::Migration),
             Box::new(m20261207_000094_profile_changes_by_segment::Migration),
+            Box::new(m20261207_000095_read_versions_deliveries::Migration),
         ]
     }
 }

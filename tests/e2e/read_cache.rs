@@ -147,3 +147,101 @@ db_test!(
         app.stop().await
     }
 );
+
+/// Adds a delivery of `customer` to `analytics_deliveries` (as the scheduler's webhook fold
+/// would) through `other`; `silently`: without a change signal, as [`rename_silently`] does.
+async fn add_delivery(
+    other: &DatabaseConnection,
+    workspace_id: i64,
+    customer: &str,
+    first_id: i64,
+    silently: bool,
+) -> anyhow::Result<()> {
+    let txn = other.begin().await?;
+    let postgres = txn.get_database_backend() == DbBackend::Postgres;
+    if silently && postgres {
+        txn.execute_unprepared("SET LOCAL session_replication_role = replica")
+            .await?;
+    }
+    txn.execute_unprepared(&format!(
+        "INSERT INTO analytics_deliveries (workspace_id, delivery_id, send_id, segment_id, \
+         customer_id, first_id, first_at, last_at, delivered_at, wh_open, wh_click, webhook, poll) \
+         VALUES ({workspace_id}, 'd-{first_id}', 1, 0, '{customer}', {first_id}, 1700000000, \
+         1700000000, 1700000000, 0, 0, 1, 0)"
+    ))
+    .await?;
+    if silently && !postgres {
+        txn.execute_unprepared(
+            "UPDATE read_versions SET version = version - 1 WHERE area = 'deliveries'",
+        )
+        .await?;
+    }
+    txn.commit().await?;
+    Ok(())
+}
+
+db_test!(
+    cached_delivery_history_sees_writes_of_another_connection,
+    |db: TestDatabase| async move {
+        let app = TestApp::spawn(&db).await?;
+        let mut client = app.profiles().await?;
+        client
+            .update_attributes(UpdateAttributesRequest {
+                customer_id: "hist-1".into(),
+                attributes: Some(to_struct(json!({ "plan": "pro" }))),
+            })
+            .await?;
+        let who = || GetProfileRequest {
+            customer: Some(CustomerRef {
+                identifier: Some(Identifier::Id("hist-1".into())),
+            }),
+            fresh: false,
+            ..Default::default()
+        };
+        let mut deliveries = async || -> anyhow::Result<Vec<String>> {
+            let history = client
+                .get_profile(who())
+                .await?
+                .into_inner()
+                .history
+                .context("history")?;
+            Ok(history
+                .deliveries
+                .into_iter()
+                .map(|d| d.delivery_id)
+                .collect())
+        };
+        ensure!(deliveries().await?.is_empty());
+
+        // A delivery added without a signal is not seen: the history comes from the cache.
+        let other = db.connect_again().await?;
+        let workspace = app.ctx.workspace_id();
+        add_delivery(&other, workspace, "hist-1", 10, true).await?;
+        ensure!(
+            deliveries().await?.is_empty(),
+            "history not served from the cache"
+        );
+
+        // A committed delivery of another connection is seen by the next reads (both, newest
+        // first: the silent one was reloaded with it).
+        add_delivery(&other, workspace, "hist-1", 11, false).await?;
+        let started = Instant::now();
+        loop {
+            let got = deliveries().await?;
+            if got == ["d-11", "d-10"] {
+                break;
+            }
+            ensure!(
+                other.get_database_backend() == DbBackend::Postgres,
+                "SQLite must see the write at once; read {got:?}"
+            );
+            ensure!(
+                started.elapsed() < NOTIFY_DEADLINE,
+                "delivery of another connection not seen: {got:?}"
+            );
+            tokio::task::yield_now().await;
+        }
+        other.close().await?;
+        app.stop().await
+    }
+);

@@ -1,12 +1,13 @@
-//! A read-through cache for the hot reads (GetSegment, ListSegments, GetProfile from the mirror,
-//! GetSend), so a repeated read costs no database round trip on PostgreSQL and one tiny query on
-//! SQLite, instead of the two to four queries of the read itself.
+//! A read-through cache for the hot reads (GetSegment, ListSegments, GetProfile from the mirror
+//! with its delivery history, GetSend), so a repeated read costs no database round trip: on
+//! SQLite one synchronous read of the change counters on a connection of the cache's own
+//! (microseconds), instead of the two to four queries of the read itself.
 //!
 //! **Never stale after a committed write.** Every cached value carries the *stamp* of its area
 //! (`sharpsend_db::read_versions::Area`) taken *before* it was loaded; it is served only while
 //! the area's stamp is unchanged:
 //! - SQLite: the stamp is the area's change counter, bumped by triggers inside every writing
-//!   transaction of any process, read with one `SELECT` per cached read. Strict.
+//!   transaction of any process, read once per cached read (`SqliteVersions`). Strict.
 //! - PostgreSQL: the stamp is a local generation, bumped by a listener when PostgreSQL delivers
 //!   the notification a committed write sends (statement triggers, any process), and bumped for
 //!   every area by [`ReadCache::invalidate_all`], which the server calls after each call that
@@ -24,7 +25,7 @@ use std::{
     future::Future,
     hash::Hash,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, RwLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
@@ -32,7 +33,8 @@ use std::{
 
 use sharpsend_db::{
     DatabaseConnection, DbBackend,
-    read_versions::{Area, Change, ChangeListener},
+    analytics::DeliveryRow,
+    read_versions::{Area, Change, ChangeListener, SqliteVersions},
 };
 use tokio::task::JoinHandle;
 
@@ -65,17 +67,29 @@ struct Inner {
     enabled: AtomicBool,
     /// PostgreSQL: the listener is connected (nothing is cached otherwise).
     listening: AtomicBool,
-    generations: [AtomicU64; 3],
+    generations: [AtomicU64; Area::COUNT],
+    /// SQLite with a file: the counters' own reader (without one, they are read through the pool).
+    sqlite: RwLock<Option<Arc<SqliteVersions>>>,
     // Keys start with the workspace id: one cache serves every workspace of the process.
     segments: Shelf<(i64, i64), SegmentView>,
     segment_pages: Shelf<(i64, PageKey), Page<SegmentView, i64>>,
     profiles: Shelf<(i64, CustomerRef), sharpsend_db::profiles::Profile>,
     sends: Shelf<(i64, SendKey), SendView>,
+    deliveries: Shelf<(i64, HistoryKey), Vec<DeliveryRow>>,
 }
 
-/// One kind of cached read: values with the stamp they were loaded under.
+/// The key of a cached page of one person's delivery history.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct HistoryKey {
+    pub customer_id: String,
+    pub before_first_id: Option<i64>,
+    pub limit: u64,
+}
+
+/// One kind of cached read: values with the stamp they were loaded under. Values are shared, so
+/// the lock is held only to find one (a hit is copied for its caller after the lock is let go).
 struct Shelf<K, V> {
-    map: Mutex<HashMap<K, (u64, V)>>,
+    map: Mutex<HashMap<K, (u64, Arc<V>)>>,
 }
 
 impl<K, V> Default for Shelf<K, V> {
@@ -86,15 +100,15 @@ impl<K, V> Default for Shelf<K, V> {
     }
 }
 
-impl<K: Hash + Eq, V: Clone> Shelf<K, V> {
-    fn get(&self, key: &K, stamp: u64) -> Option<V> {
+impl<K: Hash + Eq, V> Shelf<K, V> {
+    fn get(&self, key: &K, stamp: u64) -> Option<Arc<V>> {
         let map = self.map.lock().ok()?;
         map.get(key)
             .filter(|(s, _)| *s == stamp)
-            .map(|(_, v)| v.clone())
+            .map(|(_, v)| Arc::clone(v))
     }
 
-    fn put(&self, key: K, stamp: u64, value: V) {
+    fn put(&self, key: K, stamp: u64, value: Arc<V>) {
         if let Ok(mut map) = self.map.lock() {
             if map.len() >= MAX_ENTRIES && !map.contains_key(&key) {
                 map.clear();
@@ -117,6 +131,13 @@ impl ReadCache {
     /// [`stop`]: ReadCache::stop
     pub fn start(&self, db: &DatabaseConnection) -> Option<JoinHandle<()>> {
         self.invalidate_all();
+        let reader = SqliteVersions::open(db).unwrap_or_else(|e| {
+            tracing::warn!(error = %crate::error::error_chain(&e), "read cache cannot open its SQLite reader; change counters are read through the pool");
+            None
+        });
+        if let Ok(mut slot) = self.inner.sqlite.write() {
+            *slot = reader.map(Arc::new);
+        }
         self.inner.enabled.store(true, Ordering::SeqCst);
         match db.get_database_backend() {
             DbBackend::Postgres => Some(tokio::spawn(listen(self.inner.clone(), db.clone()))),
@@ -129,10 +150,14 @@ impl ReadCache {
         self.inner.enabled.store(false, Ordering::SeqCst);
         self.inner.listening.store(false, Ordering::SeqCst);
         self.invalidate_all();
+        if let Ok(mut slot) = self.inner.sqlite.write() {
+            *slot = None;
+        }
         self.inner.segments.clear();
         self.inner.segment_pages.clear();
         self.inner.profiles.clear();
         self.inner.sends.clear();
+        self.inner.deliveries.clear();
     }
 
     /// Forgets every cached value (called after a call that may have written has finished).
@@ -158,10 +183,14 @@ impl ReadCache {
                 .load(Ordering::SeqCst)
                 .then(|| self.inner.generations[area.index()].load(Ordering::SeqCst)),
             // A failed read of the counters only skips the cache; the read itself reports.
-            _ => sharpsend_db::read_versions::sqlite_versions(db)
-                .await
-                .ok()
-                .map(|v| v[area.index()] as u64),
+            _ => {
+                let reader = self.inner.sqlite.read().ok().and_then(|r| r.clone());
+                let versions = match reader {
+                    Some(reader) => reader.read().ok(),
+                    None => sharpsend_db::read_versions::sqlite_versions(db).await.ok(),
+                };
+                versions.map(|v| v[area.index()] as u64)
+            }
         }
     }
 
@@ -183,10 +212,10 @@ impl ReadCache {
             return load().await;
         };
         if let Some(hit) = shelf(&self.inner).get(&key, stamp) {
-            return Ok(hit);
+            return Ok(V::clone(&hit));
         }
         let value = load().await?;
-        shelf(&self.inner).put(key, stamp, value.clone());
+        shelf(&self.inner).put(key, stamp, Arc::new(value.clone()));
         Ok(value)
     }
 
@@ -254,6 +283,27 @@ impl ReadCache {
     {
         self.read_through(db, Area::Sends, |i| &i.sends, (workspace, key), load)
             .await
+    }
+
+    pub(crate) async fn delivery_rows<F, Fut>(
+        &self,
+        db: &DatabaseConnection,
+        workspace: i64,
+        key: HistoryKey,
+        load: F,
+    ) -> Result<Vec<DeliveryRow>, CoreError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Vec<DeliveryRow>, CoreError>>,
+    {
+        self.read_through(
+            db,
+            Area::Deliveries,
+            |i| &i.deliveries,
+            (workspace, key),
+            load,
+        )
+        .await
     }
 }
 

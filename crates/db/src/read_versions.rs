@@ -1,8 +1,11 @@
 //! Change signals for read caches (migration `m20261206_000031_read_versions`): which *area* of
 //! cached reads a committed write may have changed.
 //!
-//! - SQLite: [`sqlite_versions`] reads one counter per area, bumped by triggers inside every
-//!   writing transaction (of this process or any other); equal counters mean nothing changed.
+//! - SQLite: one counter per area, bumped by triggers inside every writing transaction (of this
+//!   process or any other); equal counters mean nothing changed. [`SqliteVersions`] reads them
+//!   on a connection of its own, synchronously (microseconds, where a query through the pool
+//!   costs as much as a whole cached gRPC read); [`sqlite_versions`] through the pool, for a
+//!   database without a file.
 //! - PostgreSQL: [`ChangeListener`] receives a notification per area from each committed
 //!   transaction that wrote to it (statement triggers call `pg_notify`), on a connection of its
 //!   own.
@@ -24,10 +27,21 @@ pub enum Area {
     Profiles,
     /// `sends`, `send_submissions`, `send_history`: GetSend.
     Sends,
+    /// `analytics_deliveries` (migration 000095): a person's delivery history in GetProfile.
+    Deliveries,
 }
 
+/// Counters or generations of every area, in [`Area::ALL`] order.
+pub type Versions = [i64; Area::COUNT];
+
 impl Area {
-    pub const ALL: [Area; 3] = [Area::Segments, Area::Profiles, Area::Sends];
+    pub const COUNT: usize = 4;
+    pub const ALL: [Area; Area::COUNT] = [
+        Area::Segments,
+        Area::Profiles,
+        Area::Sends,
+        Area::Deliveries,
+    ];
 
     /// The area's name in `read_versions` and in notifications.
     pub fn name(self) -> &'static str {
@@ -35,6 +49,7 @@ impl Area {
             Area::Segments => "segments",
             Area::Profiles => "profiles",
             Area::Sends => "sends",
+            Area::Deliveries => "deliveries",
         }
     }
 
@@ -48,15 +63,14 @@ impl Area {
     }
 }
 
-/// SQLite: the change counter of every area, in [`Area::ALL`] order, as committed now.
-pub async fn sqlite_versions(db: &DatabaseConnection) -> Result<[i64; 3], DbError> {
+const SELECT_VERSIONS: &str = "SELECT area, version FROM read_versions";
+
+/// SQLite: the change counter of every area as committed now, through the pool.
+pub async fn sqlite_versions(db: &DatabaseConnection) -> Result<Versions, DbError> {
     let rows = db
-        .query_all_raw(Statement::from_string(
-            DbBackend::Sqlite,
-            "SELECT area, version FROM read_versions",
-        ))
+        .query_all_raw(Statement::from_string(DbBackend::Sqlite, SELECT_VERSIONS))
         .await?;
-    let mut versions = [0i64; 3];
+    let mut versions = Versions::default();
     for row in rows {
         let area: String = row.try_get("", "area")?;
         if let Some(area) = Area::from_name(&area) {
@@ -64,6 +78,64 @@ pub async fn sqlite_versions(db: &DatabaseConnection) -> Result<[i64; 3], DbErro
         }
     }
     Ok(versions)
+}
+
+/// How long a counter read waits on a lock before the cache is skipped for that read.
+const SQLITE_READ_BUSY: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// SQLite: a connection of its own to a database file that reads the change counters
+/// synchronously. It never writes (`query_only`). Under WAL a read never waits for writers, so a
+/// call costs a few microseconds; it is made inside async code like taking a lock.
+pub struct SqliteVersions {
+    conn: std::sync::Mutex<rusqlite::Connection>,
+}
+
+impl SqliteVersions {
+    /// Opens a reader for `db`'s file; `None` for PostgreSQL and for a database without a file
+    /// (`sqlite::memory:`, read through the pool instead).
+    pub fn open(db: &DatabaseConnection) -> Result<Option<Self>, DbError> {
+        if db.get_database_backend() != DbBackend::Sqlite {
+            return Ok(None);
+        }
+        let options = db.get_sqlite_connection_pool().connect_options();
+        let path = options.get_filename();
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let conn = rusqlite::Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(rusqlite_err)?;
+        conn.busy_timeout(SQLITE_READ_BUSY).map_err(rusqlite_err)?;
+        conn.pragma_update(None, "query_only", true)
+            .map_err(rusqlite_err)?;
+        Ok(Some(Self {
+            conn: std::sync::Mutex::new(conn),
+        }))
+    }
+
+    /// The change counter of every area as committed now.
+    pub fn read(&self) -> Result<Versions, DbError> {
+        let conn = self
+            .conn
+            .lock()
+            .map_err(|_| DbError::Db(DbErr::Custom("read_versions reader poisoned".into())))?;
+        let mut statement = conn.prepare_cached(SELECT_VERSIONS).map_err(rusqlite_err)?;
+        let mut rows = statement.query([]).map_err(rusqlite_err)?;
+        let mut versions = Versions::default();
+        while let Some(row) = rows.next().map_err(rusqlite_err)? {
+            let area: String = row.get(0).map_err(rusqlite_err)?;
+            if let Some(area) = Area::from_name(&area) {
+                versions[area.index()] = row.get(1).map_err(rusqlite_err)?;
+            }
+        }
+        Ok(versions)
+    }
+}
+
+fn rusqlite_err(e: rusqlite::Error) -> DbError {
+    DbError::Db(DbErr::Custom(format!("reading read_versions: {e}")))
 }
 
 /// What [`ChangeListener::next`] saw.

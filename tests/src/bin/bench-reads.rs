@@ -11,6 +11,8 @@
 //! calls GetSegment, ListSegments (a page of 50), GetProfile (mirror) and GetSend over ONE
 //! connection with 1 and 32 calls in flight for `--secs` seconds each, and prints requests/s,
 //! p50 and p99 next to the anchor's, plus the server's and the scheduler's idle and peak RSS.
+//! Each call is measured in slices alternating with slices of the anchor (on the same number of
+//! calls in flight), so that a shared machine's drifting speed moves both figures alike.
 //! Output is a markdown section (for `docs/benchmarks.md`).
 
 use sharpsend_tests::proc_stats::status_kib;
@@ -149,18 +151,43 @@ struct Figures {
     errors: u64,
 }
 
-/// Runs `call` from `concurrency` tasks for `secs`.
-async fn measure<F, Fut>(concurrency: usize, secs: f64, call: F) -> Figures
+/// Slices a measurement is cut into, alternating with the anchor's (see [`paired`]).
+const SLICES: usize = 6;
+
+/// Latencies (ms), errors and elapsed seconds of some runs of one call.
+#[derive(Default)]
+struct Samples {
+    latencies: Vec<f64>,
+    errors: u64,
+    secs: f64,
+}
+
+impl Samples {
+    fn figures(mut self) -> Figures {
+        self.latencies.sort_by(f64::total_cmp);
+        let all = &self.latencies;
+        let at = |q: f64| {
+            all.get(((all.len() as f64 * q) as usize).min(all.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(f64::NAN)
+        };
+        Figures {
+            rps: all.len() as f64 / self.secs,
+            p50_ms: at(0.50),
+            p99_ms: at(0.99),
+            errors: self.errors,
+        }
+    }
+}
+
+/// Runs `call` from `concurrency` tasks for `secs`, adding to `into`.
+async fn sample<F, Fut>(concurrency: usize, secs: f64, call: &F, into: &mut Samples)
 where
     F: Fn() -> Fut + Clone + Send + 'static,
     Fut: Future<Output = bool> + Send,
 {
     let latencies = Arc::new(Mutex::new(Vec::<f64>::new()));
     let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    // Warm-up, not counted.
-    for _ in 0..50 {
-        call().await;
-    }
     let started = Instant::now();
     let until = started + Duration::from_secs_f64(secs);
     let tasks: Vec<_> = (0..concurrency)
@@ -184,20 +211,39 @@ where
     for t in tasks {
         let _ = t.await;
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    let mut all = latencies.lock().map(|l| l.clone()).unwrap_or_default();
-    all.sort_by(f64::total_cmp);
-    let at = |q: f64| {
-        all.get(((all.len() as f64 * q) as usize).min(all.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
-    Figures {
-        rps: all.len() as f64 / elapsed,
-        p50_ms: at(0.50),
-        p99_ms: at(0.99),
-        errors: errors.load(std::sync::atomic::Ordering::Relaxed),
+    into.secs += started.elapsed().as_secs_f64();
+    into.errors += errors.load(std::sync::atomic::Ordering::Relaxed);
+    if let Ok(mut l) = latencies.lock() {
+        into.latencies.append(&mut l);
     }
+}
+
+/// Measures `call` and the `anchor` for `secs` each, in [`SLICES`] alternating slices, so that
+/// a machine whose speed drifts (a shared VM) moves both alike: (anchor, call).
+async fn paired<A, AFut, F, Fut>(
+    concurrency: usize,
+    secs: f64,
+    anchor: &A,
+    call: &F,
+) -> (Figures, Figures)
+where
+    A: Fn() -> AFut + Clone + Send + 'static,
+    AFut: Future<Output = bool> + Send,
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = bool> + Send,
+{
+    // Warm-up, not counted.
+    for _ in 0..50 {
+        anchor().await;
+        call().await;
+    }
+    let (mut a, mut b) = (Samples::default(), Samples::default());
+    let slice = secs / SLICES as f64;
+    for _ in 0..SLICES {
+        sample(concurrency, slice, anchor, &mut a).await;
+        sample(concurrency, slice, call, &mut b).await;
+    }
+    (a.figures(), b.figures())
 }
 
 #[tokio::main]
@@ -357,7 +403,7 @@ async fn main() -> anyhow::Result<()> {
     let echo_channel = Channel::from_shared(format!("http://{echo_addr}"))?
         .connect()
         .await?;
-    let mut rows = Vec::new();
+    let mut rows: Vec<(String, usize, Figures, Figures)> = Vec::new();
     for &c in &args.concurrency {
         let echo = {
             let ch = echo_channel.clone();
@@ -371,8 +417,6 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         };
-        let anchor = measure(c, args.secs, echo).await;
-        rows.push(("echo (anchor)".to_string(), c, anchor, anchor));
 
         let get_segment = {
             let ch = channel.clone();
@@ -386,12 +430,8 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         };
-        rows.push((
-            "SegmentService/GetSegment".into(),
-            c,
-            measure(c, args.secs, get_segment).await,
-            anchor,
-        ));
+        let (anchor, figures) = paired(c, args.secs, &echo, &get_segment).await;
+        rows.push(("SegmentService/GetSegment".into(), c, figures, anchor));
         let list = {
             let ch = channel.clone();
             move || {
@@ -407,10 +447,11 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         };
+        let (anchor, figures) = paired(c, args.secs, &echo, &list).await;
         rows.push((
             "SegmentService/ListSegments (50)".into(),
             c,
-            measure(c, args.secs, list).await,
+            figures,
             anchor,
         ));
         let profile = {
@@ -431,10 +472,11 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         };
+        let (anchor, figures) = paired(c, args.secs, &echo, &profile).await;
         rows.push((
             "ProfileService/GetProfile (mirror)".into(),
             c,
-            measure(c, args.secs, profile).await,
+            figures,
             anchor,
         ));
         let get_send = {
@@ -453,12 +495,8 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         };
-        rows.push((
-            "CampaignService/GetSend".into(),
-            c,
-            measure(c, args.secs, get_send).await,
-            anchor,
-        ));
+        let (anchor, figures) = paired(c, args.secs, &echo, &get_send).await;
+        rows.push(("CampaignService/GetSend".into(), c, figures, anchor));
     }
     let server_peak = server.id().and_then(|pid| status_kib(Some(pid), "VmHWM:"));
     let scheduler_peak = scheduler
@@ -466,17 +504,21 @@ async fn main() -> anyhow::Result<()> {
         .and_then(|pid| status_kib(Some(pid), "VmHWM:"));
 
     println!(
-        "### Reads on {backend} (one connection, {} s per figure)\n",
+        "### Reads on {backend} (one connection, {} s per figure, in {SLICES} slices alternating with the echo)\n",
         args.secs
     );
-    println!("| call | in flight | requests/s | p50 | p99 | vs echo (rps) | errors |");
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| call | in flight | requests/s | p50 | p99 | echo requests/s | echo p99 | vs echo (rps) | errors |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
     for (name, c, f, anchor) in &rows {
         println!(
-            "| {name} | {c} | {:.0} | {:.2} ms | {:.2} ms | {:.0}% | {} |",
+            "| {name} | {c} | {:.0} | {:.2} ms | {:.2} ms | {:.0} | {:.2} ms | {:.0}% | {} |",
             f.rps,
             f.p50_ms,
             f.p99_ms,
+            anchor.rps,
+            anchor.p99_ms,
             100.0 * f.rps / anchor.rps,
             f.errors
         );

@@ -1,7 +1,7 @@
 //! A person's engagement history for GetProfile: their SharpSend deliveries with what they did
 //! (delivered, human open, human click, bounce, unsubscribe), from the local delivery events
 //! and counted as everywhere else (`sharpsend_db::analytics`), newest first, paged by the
-//! delivery's first event id; and, when asked, one page each of Customer.io's own
+//! delivery's first event id, through the read cache; and, when asked, one page each of Customer.io's own
 //! `GET /v1/customers/{id}/messages` and `/activities` (through the client's shared App API
 //! limiter, so they never exceed the workspace's 10 requests/s).
 
@@ -9,6 +9,7 @@ pub use cio_client::IdType;
 use cio_client::{Activity, ActivityQuery, ActivityType, Message};
 use sharpsend_db::analytics::{self, DeliveryRow, Scope};
 
+use crate::cache::HistoryKey;
 use crate::input;
 use crate::{AppContext, CoreError, FieldViolation};
 
@@ -116,14 +117,24 @@ pub async fn history(
         customer_id: Some(customer_id.to_string()),
         ..Default::default()
     };
-    let rows = analytics::delivery_rows(
-        &ctx.db,
-        ctx.workspace_id(),
-        &scope,
-        query.before_first_id,
-        limit + 1,
-    )
-    .await?;
+    let key = HistoryKey {
+        customer_id: customer_id.to_string(),
+        before_first_id: query.before_first_id,
+        limit: limit + 1,
+    };
+    let rows = ctx
+        .read_cache
+        .delivery_rows(&ctx.db, ctx.workspace_id(), key, || async {
+            Ok(analytics::delivery_rows(
+                &ctx.db,
+                ctx.workspace_id(),
+                &scope,
+                query.before_first_id,
+                limit + 1,
+            )
+            .await?)
+        })
+        .await?;
     let page = crate::paging::Page::cut(rows, limit, |r| r.first_id);
     let mut out = History {
         deliveries: page.items,

@@ -11,6 +11,7 @@ mod managed_segments;
 mod migrations;
 mod outbox;
 mod profiles;
+mod read_versions;
 mod segments;
 mod sends;
 mod workspaces;
