@@ -69,7 +69,7 @@ struct Inner {
     listening: AtomicBool,
     generations: [AtomicU64; Area::COUNT],
     /// SQLite with a file: the counters' own reader (without one, they are read through the pool).
-    sqlite: RwLock<Option<Arc<SqliteVersions>>>,
+    sqlite: RwLock<Option<SqliteVersions>>,
     // Keys start with the workspace id: one cache serves every workspace of the process.
     segments: Shelf<(i64, i64), SegmentView>,
     segment_pages: Shelf<(i64, PageKey), Page<SegmentView, i64>>,
@@ -136,7 +136,7 @@ impl ReadCache {
             None
         });
         if let Ok(mut slot) = self.inner.sqlite.write() {
-            *slot = reader.map(Arc::new);
+            *slot = reader;
         }
         self.inner.enabled.store(true, Ordering::SeqCst);
         match db.get_database_backend() {
@@ -184,9 +184,13 @@ impl ReadCache {
                 .then(|| self.inner.generations[area.index()].load(Ordering::SeqCst)),
             // A failed read of the counters only skips the cache; the read itself reports.
             _ => {
-                let reader = self.inner.sqlite.read().ok().and_then(|r| r.clone());
-                let versions = match reader {
-                    Some(reader) => reader.read().ok(),
+                // The reader's read is synchronous: the lock is let go before any await.
+                let read = match self.inner.sqlite.read() {
+                    Ok(slot) => slot.as_ref().map(|reader| reader.read().ok()),
+                    Err(_) => None,
+                };
+                let versions = match read {
+                    Some(versions) => versions,
                     None => sharpsend_db::read_versions::sqlite_versions(db).await.ok(),
                 };
                 versions.map(|v| v[area.index()] as u64)

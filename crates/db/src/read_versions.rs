@@ -65,19 +65,27 @@ impl Area {
 
 const SELECT_VERSIONS: &str = "SELECT area, version FROM read_versions";
 
+/// The counters of [`SELECT_VERSIONS`]' `(area, version)` rows; rows of unknown areas are
+/// skipped, areas without a row count 0.
+fn versions_of<E>(rows: impl IntoIterator<Item = Result<(String, i64), E>>) -> Result<Versions, E> {
+    let mut versions = Versions::default();
+    for row in rows {
+        let (area, version) = row?;
+        if let Some(area) = Area::from_name(&area) {
+            versions[area.index()] = version;
+        }
+    }
+    Ok(versions)
+}
+
 /// SQLite: the change counter of every area as committed now, through the pool.
 pub async fn sqlite_versions(db: &DatabaseConnection) -> Result<Versions, DbError> {
     let rows = db
         .query_all_raw(Statement::from_string(DbBackend::Sqlite, SELECT_VERSIONS))
         .await?;
-    let mut versions = Versions::default();
-    for row in rows {
-        let area: String = row.try_get("", "area")?;
-        if let Some(area) = Area::from_name(&area) {
-            versions[area.index()] = row.try_get("", "version")?;
-        }
-    }
-    Ok(versions)
+    Ok(versions_of(rows.iter().map(|row| {
+        Ok::<_, DbErr>((row.try_get("", "area")?, row.try_get("", "version")?))
+    }))?)
 }
 
 /// How long a counter read waits on a lock before the cache is skipped for that read.
@@ -122,15 +130,10 @@ impl SqliteVersions {
             .lock()
             .map_err(|_| DbError::Db(DbErr::Custom("read_versions reader poisoned".into())))?;
         let mut statement = conn.prepare_cached(SELECT_VERSIONS).map_err(rusqlite_err)?;
-        let mut rows = statement.query([]).map_err(rusqlite_err)?;
-        let mut versions = Versions::default();
-        while let Some(row) = rows.next().map_err(rusqlite_err)? {
-            let area: String = row.get(0).map_err(rusqlite_err)?;
-            if let Some(area) = Area::from_name(&area) {
-                versions[area.index()] = row.get(1).map_err(rusqlite_err)?;
-            }
-        }
-        Ok(versions)
+        let rows = statement
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .map_err(rusqlite_err)?;
+        versions_of(rows).map_err(rusqlite_err)
     }
 }
 

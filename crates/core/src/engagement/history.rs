@@ -1,9 +1,9 @@
 //! A person's engagement history for GetProfile: their SharpSend deliveries with what they did
 //! (delivered, human open, human click, bounce, unsubscribe), from the local delivery events
 //! and counted as everywhere else (`sharpsend_db::analytics`), newest first, paged by the
-//! delivery's first event id, through the read cache; and, when asked, one page each of Customer.io's own
-//! `GET /v1/customers/{id}/messages` and `/activities` (through the client's shared App API
-//! limiter, so they never exceed the workspace's 10 requests/s).
+//! delivery's first event id, through the read cache; and, when asked, one page each of
+//! Customer.io's own `GET /v1/customers/{id}/messages` and `/activities` (through the client's
+//! shared App API limiter, so they never exceed the workspace's 10 requests/s).
 
 pub use cio_client::IdType;
 use cio_client::{Activity, ActivityQuery, ActivityType, Message};
@@ -117,10 +117,12 @@ pub async fn history(
         customer_id: Some(customer_id.to_string()),
         ..Default::default()
     };
+    // One more than the page: whether a next page exists.
+    let fetch = limit + 1;
     let key = HistoryKey {
         customer_id: customer_id.to_string(),
         before_first_id: query.before_first_id,
-        limit: limit + 1,
+        limit: fetch,
     };
     let rows = ctx
         .read_cache
@@ -130,7 +132,7 @@ pub async fn history(
                 ctx.workspace_id(),
                 &scope,
                 query.before_first_id,
-                limit + 1,
+                fetch,
             )
             .await?)
         })
