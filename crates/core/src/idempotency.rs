@@ -80,11 +80,23 @@ pub struct Made {
     pub created: bool,
 }
 
+/// What [`once`] hands its `create`.
+#[derive(Debug, Clone, Default)]
+pub struct Claimed {
+    /// The key this call holds (`None` without a request_id). A creation that ends in a local
+    /// record completes it in that record's transaction
+    /// ([`sharpsend_db::idempotency`]): a crash then leaves both or neither.
+    pub key: Option<store::KeyRef>,
+    /// When the call whose key this call took over began (it died): `create` may find what that
+    /// call made and answer it instead of creating.
+    pub taken_over: Option<chrono::DateTime<chrono::Utc>>,
+}
+
 /// Runs `create` at most once per (`operation`, `request_id`): see the module doc. `request`
 /// is what the call asks for, normalised (compared field by field with a retry's); `describe`
 /// names what an id is in an error (`|id| format!("segment {id}")`). An empty `request_id`
-/// simply runs `create`. `create` is told when it takes over the key of a call that died (the
-/// time that call began): it may find what that call made and answer it instead of creating.
+/// simply runs `create`. `create` gets the key it holds and whether it took it over
+/// ([`Claimed`]); its key is completed after it (again, if it did so itself).
 pub async fn once<F, Fut>(
     ctx: &AppContext,
     operation: &str,
@@ -94,12 +106,14 @@ pub async fn once<F, Fut>(
     create: F,
 ) -> Result<Made, CoreError>
 where
-    F: FnOnce(Option<chrono::DateTime<chrono::Utc>>) -> Fut,
+    F: FnOnce(Claimed) -> Fut,
     Fut: Future<Output = Result<i64, CoreError>>,
 {
     check_request_id(request_id)?;
     if request_id.is_empty() {
-        return create(None).await.map(|id| Made { id, created: true });
+        return create(Claimed::default())
+            .await
+            .map(|id| Made { id, created: true });
     }
     let ws = ctx.workspace_id();
     let waited = std::time::Instant::now();
@@ -146,7 +160,14 @@ where
         }
         tokio::time::sleep(POLL).await;
     }
-    match create(taken_over).await {
+    let claimed = Claimed {
+        key: Some(store::KeyRef {
+            operation: operation.to_owned(),
+            request_id: request_id.to_owned(),
+        }),
+        taken_over,
+    };
+    match create(claimed).await {
         Ok(id) => {
             store::complete(&ctx.db, ws, operation, request_id, id, ctx.now()).await?;
             Ok(Made { id, created: true })

@@ -26,6 +26,7 @@ use cio_client::{CioError, IdType};
 use futures::TryStreamExt;
 use serde_json::Value;
 use sharpsend_db::criteria_sql::{self, MatchingProfile};
+use sharpsend_db::idempotency::KeyRef;
 use sharpsend_db::managed_segments::{
     self as store, Applied, EvaluationOutcome, ManagedSegment, ManualChange, NewManagedSegment,
     Scope, SegmentUpdate, StoredCriteria,
@@ -336,23 +337,17 @@ pub struct NewSegment {
 /// Customer.io through the outbox). If that first evaluation fails (e.g. Customer.io cannot be
 /// read), the segment is still created, stays due, and carries the error.
 pub async fn create_segment(ctx: &AppContext, new: NewSegment) -> Result<ManagedView, CoreError> {
-    create_or_adopt(ctx, new, None).await
+    create_or_adopt(ctx, new, None, None).await
 }
 
-/// As [`create_segment`], but records an existing manual segment of Customer.io (`cio_id`, one a
-/// call that died created, see `crate::segments::create_segment_once`) instead of creating one.
-pub async fn adopt_segment(
-    ctx: &AppContext,
-    new: NewSegment,
-    cio_id: i64,
-) -> Result<ManagedView, CoreError> {
-    create_or_adopt(ctx, new, Some(cio_id)).await
-}
-
-async fn create_or_adopt(
+/// As [`create_segment`]; with `adopt`, records that existing manual segment of Customer.io (one
+/// a call that died created, see `crate::segments::create_segment_once`) instead of creating
+/// one; with `completes`, completes that idempotency key in the record's transaction.
+pub async fn create_or_adopt(
     ctx: &AppContext,
     new: NewSegment,
     adopt: Option<i64>,
+    completes: Option<KeyRef>,
 ) -> Result<ManagedView, CoreError> {
     let mut violations = Vec::new();
     check_text(&mut violations, "name", &new.name, limits::NAME_CHARS, true);
@@ -389,6 +384,7 @@ async fn create_or_adopt(
         name,
         description,
         criteria: criteria.as_ref().map(stored),
+        completes,
     };
     let saved = match store::create(&ctx.db, ctx.workspace_id(), &record, ctx.now()).await {
         Ok(saved) => saved,

@@ -537,19 +537,18 @@ pub async fn create_segment_once(
         request_id,
         &request,
         |id| format!("segment {id}"),
-        |taken_over| async move {
-            if let Some(since) = taken_over
+        |claimed| async move {
+            let mut adopt = None;
+            if let Some(since) = claimed.taken_over
                 && let Some(orphan) = find_orphan(ctx, &new.name, since).await?
             {
                 tracing::warn!(
                     segment_id = orphan,
                     "adopting the Customer.io segment of a CreateSegment that died"
                 );
-                return managed::adopt_segment(ctx, new, orphan)
-                    .await
-                    .map(|view| view.segment_id);
+                adopt = Some(orphan);
             }
-            managed::create_segment(ctx, new)
+            managed::create_or_adopt(ctx, new, adopt, claimed.key)
                 .await
                 .map(|view| view.segment_id)
         },

@@ -6,7 +6,10 @@
 //! claims of one key exactly one is [`Claim::New`]), then [`complete`]d with the id of what was
 //! created. A first call that fails [`release`]s its key, so that a retry tries again. A key left
 //! without a result by a call that died can be [`take_over`]n once it is stale. Operations whose
-//! creation is local do the claim, the creation and the completion in one transaction.
+//! creation is local do the claim, the creation and the completion in one transaction; one whose
+//! creation ends in a local record (CreateSegment: Customer.io's segment, then its record here)
+//! completes its [`KeyRef`] in the record's transaction, so that no crash leaves the record
+//! without the key's result (a take-over would make a second one).
 
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, OnConflict};
@@ -41,6 +44,13 @@ impl From<Model> for StoredKey {
             updated_at: m.updated_at,
         }
     }
+}
+
+/// A claimed key, for the transaction that records what its call created (see [`complete`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRef {
+    pub operation: String,
+    pub request_id: String,
 }
 
 /// What [`claim`] found.

@@ -281,6 +281,7 @@ async fn bench(label: &str, db: &DatabaseConnection, args: &Args) -> anyhow::Res
             referenced_attributes: criteria.attributes().into_iter().collect(),
             referenced_segments: criteria.segments().into_iter().collect(),
         }),
+        completes: None,
     };
     managed_segments::create(db, ws, &new, Utc::now()).await?;
     can_reset &= reset_peak_rss();

@@ -21,7 +21,8 @@ use crate::entities::{segment_members, segments};
 use crate::time::db_time;
 
 /// Records a managed segment and its row in the segments mirror (a manual segment with no
-/// members yet), in one transaction. A segment with criteria starts due for evaluation.
+/// members yet), and completes the idempotency key it [`NewManagedSegment::completes`], in one
+/// transaction. A segment with criteria starts due for evaluation.
 pub async fn create(
     db: &impl TransactionTrait,
     workspace_id: i64,
@@ -95,6 +96,17 @@ pub async fn create(
         )
         .into_query();
     txn.execute(&stmt).await?;
+    if let Some(key) = &new.completes {
+        crate::idempotency::complete(
+            &txn,
+            workspace_id,
+            &key.operation,
+            &key.request_id,
+            new.cio_segment_id,
+            now,
+        )
+        .await?;
+    }
     let created = find(&txn, workspace_id, new.cio_segment_id)
         .await?
         .ok_or_else(|| DbErr::RecordNotFound("managed segment just created".into()))?;

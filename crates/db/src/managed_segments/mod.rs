@@ -159,4 +159,7 @@ pub struct NewManagedSegment {
     pub name: String,
     pub description: Option<String>,
     pub criteria: Option<StoredCriteria>,
+    /// The CreateSegment idempotency key this record completes (with `cio_segment_id`), in the
+    /// same transaction.
+    pub completes: Option<crate::idempotency::KeyRef>,
 }

@@ -97,6 +97,7 @@ sharpsend_db::db_test!(
                 name: "High scorers".into(),
                 description: None,
                 criteria: Some(criteria("score")),
+                completes: None,
             },
             ts(1),
         )
@@ -301,6 +302,7 @@ sharpsend_db::db_test!(
             name: format!("s{id}"),
             description: Some("d".into()),
             criteria,
+            completes: None,
         };
         managed_segments::create(&db.conn, ws, &new(5, None), ts(0)).await?;
         managed_segments::create(&db.conn, ws, &new(6, Some(criteria("score"))), ts(0)).await?;
@@ -394,6 +396,7 @@ sharpsend_db::db_test!(
                     name: "x".into(),
                     description: None,
                     criteria: Some(criteria(attribute)),
+                    completes: None,
                 },
                 ts(0),
             )
@@ -420,6 +423,7 @@ sharpsend_db::db_test!(
                 name: "manual".into(),
                 description: None,
                 criteria: None,
+                completes: None,
             },
             ts(0),
         )
@@ -466,6 +470,7 @@ sharpsend_db::db_test!(
                 name: "m".into(),
                 description: None,
                 criteria: None,
+                completes: None,
             },
             ts(0),
         )
@@ -521,6 +526,7 @@ async fn manual_segment(db: &TestDatabase, ws: i64, id: i64) -> Res<()> {
             name: format!("manual {id}"),
             description: None,
             criteria: None,
+            completes: None,
         },
         ts(0),
     )
@@ -630,6 +636,7 @@ async fn a_change_committed_during_an_evaluation_neither_waits_nor_is_lost_on_po
                     name: format!("s{id}"),
                     description: None,
                     criteria: Some(stored),
+                    completes: None,
                 },
                 ts(0),
             )
@@ -817,6 +824,7 @@ async fn pruning_skips_while_an_evaluation_runs_and_loses_nothing_on_postgres() 
                 name: "s5".into(),
                 description: None,
                 criteria: Some(criteria("score")),
+                completes: None,
             },
             ts(0),
         )
@@ -921,3 +929,55 @@ async fn pruning_skips_while_an_evaluation_runs_and_loses_nothing_on_postgres() 
     })
     .await;
 }
+
+sharpsend_db::db_test!(
+    a_record_completes_its_create_key_in_its_own_transaction,
+    |db: TestDatabase| async move {
+        use sharpsend_db::idempotency::{self, Claim, KeyRef};
+        let ws = workspace(&db, "site-1").await?;
+        let key = |request_id: &str| KeyRef {
+            operation: "CreateSegment".into(),
+            request_id: request_id.into(),
+        };
+        let new = |cio_segment_id: i64, completes: KeyRef| NewManagedSegment {
+            cio_segment_id,
+            name: "made once".into(),
+            description: None,
+            criteria: None,
+            completes: Some(completes),
+        };
+        for request_id in ["first", "second"] {
+            let claim =
+                idempotency::claim(&db.conn, ws, "CreateSegment", request_id, &json!({}), ts(0))
+                    .await?;
+            assert_eq!(claim, Claim::New);
+        }
+
+        // The record and the key's result commit together.
+        managed_segments::create(&db.conn, ws, &new(31, key("first")), ts(1)).await?;
+        let first = idempotency::get(&db.conn, ws, "CreateSegment", "first")
+            .await?
+            .ok_or("first key")?;
+        assert_eq!(first.result_id, Some(31));
+
+        // A record that cannot be made (segment 31 is recorded already) leaves its key as it was:
+        // without a result, so that the call's failure releases it.
+        assert!(
+            managed_segments::create(&db.conn, ws, &new(31, key("second")), ts(2))
+                .await
+                .is_err()
+        );
+        let second = idempotency::get(&db.conn, ws, "CreateSegment", "second")
+            .await?
+            .ok_or("second key")?;
+        assert_eq!(second.result_id, None);
+        // A key that is not claimed cannot be completed: the record is not made either.
+        assert!(
+            managed_segments::create(&db.conn, ws, &new(32, key("never claimed")), ts(3))
+                .await
+                .is_err()
+        );
+        assert!(managed_segments::get(&db.conn, ws, 32).await?.is_none());
+        TestResult::Ok(())
+    }
+);
