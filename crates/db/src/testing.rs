@@ -6,7 +6,12 @@
 //!   `SHARPSEND_TEST_POSTGRES_URL` (e.g. `postgres://postgres@127.0.0.1:5432/test`) and dropped
 //!   by [`TestDatabase::cleanup`]. Without that variable the PostgreSQL variant of a test prints
 //!   that it was skipped and passes. For a server on localhost without `sslmode` in the URL,
-//!   `sslmode=disable` is added (TLS set-up would dominate test time).
+//!   `sslmode=disable` is added (TLS set-up would dominate test time). A migrated database is
+//!   a copy (`CREATE DATABASE … TEMPLATE`) of one migrated once per test process,
+//!   `sharpsend_tmpl_<pid>_<ulid>` (~0.1 s instead of ~1.4 s of migrations per test); a process
+//!   cannot drop its own when it exits, so each new one drops those of processes that are gone
+//!   (Linux, by `/proc/<pid>`, so test processes sharing a server are assumed to share a
+//!   machine; elsewhere they stay, ~9 MB each).
 //!
 //! Each test owns its database, so tests run in parallel. [`TestDatabase::url`] can be handed
 //! to another process (a spawned server or scheduler) while the test runs.
@@ -50,6 +55,12 @@ pub const POSTGRES_URL_ENV: &str = "SHARPSEND_TEST_POSTGRES_URL";
 /// Prefix of every database created by [`TestDatabase::create`].
 pub const POSTGRES_DB_PREFIX: &str = "sharpsend_test_";
 
+/// Prefix of the migrated template database of a test process (see the module docs).
+pub const POSTGRES_TEMPLATE_PREFIX: &str = "sharpsend_tmpl_";
+
+/// This process's migrated template database on PostgreSQL, made by the first test that asks.
+static POSTGRES_TEMPLATE: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+
 /// What a test body may return: `()` or a `Result` whose `Err` fails the test.
 pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
@@ -90,7 +101,7 @@ impl TestDatabase {
         match backend {
             Backend::Sqlite => Self::create_sqlite().await.map(Some),
             Backend::Postgres => match postgres_admin_url() {
-                Some(admin_url) => Self::create_postgres(admin_url).await.map(Some),
+                Some(admin_url) => Self::create_postgres(admin_url, None).await.map(Some),
                 None => Ok(None),
             },
         }
@@ -98,6 +109,17 @@ impl TestDatabase {
 
     /// Like [`create`](Self::create), with every migration applied.
     pub async fn create_migrated(backend: Backend) -> Result<Option<Self>, DbError> {
+        if backend == Backend::Postgres {
+            let Some(admin_url) = postgres_admin_url() else {
+                return Ok(None);
+            };
+            let template = POSTGRES_TEMPLATE
+                .get_or_try_init(|| migrated_template(&admin_url))
+                .await?;
+            return Self::create_postgres(admin_url, Some(template))
+                .await
+                .map(Some);
+        }
         let Some(db) = Self::create(backend).await? else {
             return Ok(None);
         };
@@ -153,19 +175,20 @@ impl TestDatabase {
         })
     }
 
-    async fn create_postgres(admin_url: String) -> Result<Self, DbError> {
+    /// A new database, a copy of `template` if given.
+    async fn create_postgres(admin_url: String, template: Option<&str>) -> Result<Self, DbError> {
         let name = format!(
             "{POSTGRES_DB_PREFIX}{}",
             ulid::Ulid::new().to_string().to_lowercase()
         );
-        let mut url = url::Url::parse(&admin_url)
-            .map_err(|e| DbError::InvalidUrl(format!("{POSTGRES_URL_ENV} is not a URL ({e})")))?;
-        url.set_path(&format!("/{name}"));
-        let url = url.to_string();
+        let url = database_url(&admin_url, &name)?;
 
         let admin = admin_connection(&admin_url).await?;
         let created = admin
-            .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
+            .execute_unprepared(&match template {
+                Some(template) => format!("CREATE DATABASE \"{name}\" TEMPLATE \"{template}\""),
+                None => format!("CREATE DATABASE \"{name}\""),
+            })
             .await;
         let closed = admin.close().await;
         created?;
@@ -303,6 +326,14 @@ fn without_local_tls(admin_url: &str) -> String {
     url.to_string()
 }
 
+/// The URL of database `name` on the admin URL's server.
+fn database_url(admin_url: &str, name: &str) -> Result<String, DbError> {
+    let mut url = url::Url::parse(admin_url)
+        .map_err(|e| DbError::InvalidUrl(format!("{POSTGRES_URL_ENV} is not a URL ({e})")))?;
+    url.set_path(&format!("/{name}"));
+    Ok(url.to_string())
+}
+
 async fn admin_connection(admin_url: &str) -> Result<DatabaseConnection, DbError> {
     let mut opts = ConnectOptions::new(admin_url.to_owned());
     opts.max_connections(1)
@@ -315,6 +346,71 @@ async fn admin_connection(admin_url: &str) -> Result<DatabaseConnection, DbError
         )));
     }
     Ok(conn)
+}
+
+/// Creates and migrates this process's template database (see the module docs), after dropping
+/// those of processes that are gone. Answers its name. Its pool is closed: PostgreSQL copies a
+/// template only while nobody is connected to it.
+async fn migrated_template(admin_url: &str) -> Result<String, DbError> {
+    drop_abandoned_templates(admin_url).await;
+    let name = format!(
+        "{POSTGRES_TEMPLATE_PREFIX}{}_{}",
+        std::process::id(),
+        ulid::Ulid::new().to_string().to_lowercase()
+    );
+    let admin = admin_connection(admin_url).await?;
+    let created = admin
+        .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
+        .await;
+    admin.close().await?;
+    created?;
+    let migrated = async {
+        let conn = crate::connect(&database_url(admin_url, &name)?).await?;
+        let migrated = crate::migrate(&conn).await;
+        conn.close().await?;
+        migrated.map(|_| ())
+    }
+    .await;
+    if let Err(e) = migrated {
+        let _ = drop_postgres_database(admin_url, &name).await;
+        return Err(e);
+    }
+    Ok(name)
+}
+
+/// Drops the template databases of test processes that no longer run (Linux only: a process is
+/// alive while `/proc/<pid>` exists). Best effort: a failure leaves a template behind.
+async fn drop_abandoned_templates(admin_url: &str) {
+    if !cfg!(target_os = "linux") {
+        return;
+    }
+    let Ok(admin) = admin_connection(admin_url).await else {
+        return;
+    };
+    let listed = admin
+        .query_all_raw(sea_orm::Statement::from_string(
+            DbBackend::Postgres,
+            format!(
+                "SELECT datname FROM pg_database WHERE starts_with(datname, '{POSTGRES_TEMPLATE_PREFIX}')"
+            ),
+        ))
+        .await;
+    let _ = admin.close().await;
+    for row in listed.unwrap_or_default() {
+        let Ok(name) = row.try_get::<String>("", "datname") else {
+            continue;
+        };
+        let pid = name[POSTGRES_TEMPLATE_PREFIX.len()..]
+            .split('_')
+            .next()
+            .and_then(|pid| pid.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            && let Err(e) = drop_postgres_database(admin_url, &name).await
+        {
+            eprintln!("test database: dropping the abandoned template {name} failed: {e}");
+        }
+    }
 }
 
 async fn drop_postgres_database(admin_url: &str, name: &str) -> Result<(), DbError> {
