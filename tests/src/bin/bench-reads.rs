@@ -11,6 +11,8 @@
 //! calls GetSegment, ListSegments (a page of 50), GetProfile (mirror) and GetSend over ONE
 //! connection with 1 and 32 calls in flight for `--secs` seconds each, and prints requests/s,
 //! p50 and p99 next to the anchor's, plus the server's and the scheduler's idle and peak RSS.
+//! A second bare tonic server replays the service's ListSegments answer from memory (decoded by
+//! the client as the real one is): the cost of moving that answer, printed as its own row.
 //! Each call is measured in slices alternating with slices of the anchor (on the same number of
 //! calls in flight), so that a shared machine's drifting speed moves both figures alike.
 //! Output is a markdown section (for `docs/benchmarks.md`).
@@ -50,6 +52,12 @@ struct Args {
     /// Internal: serve the echo anchor on this address and wait.
     #[arg(long, hide = true)]
     serve_echo: Option<String>,
+    /// Internal: serve the replay anchor on this address (with `--answer-file`) and wait.
+    #[arg(long, hide = true)]
+    serve_replay: Option<String>,
+    /// Internal: the encoded answer the replay anchor gives.
+    #[arg(long, hide = true)]
+    answer_file: Option<PathBuf>,
 }
 
 const API_KEY: &str = "bench-key-0123456789";
@@ -93,6 +101,101 @@ async fn serve_echo(addr: &str) -> anyhow::Result<()> {
         .serve_with_incoming(incoming)
         .await?;
     Ok(())
+}
+
+/// The replay anchor's service and method: any request gets the same encoded answer.
+const REPLAY_PATH: &str = "/bench.Replay/Answer";
+
+/// The second anchor: a bare tonic server answering every call of [`REPLAY_PATH`] with
+/// `answer` (bytes of an encoded message, sent as they are).
+async fn serve_replay(addr: &str, answer: Vec<u8>) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tonic::transport::Server::builder()
+        .add_service(replay::Replay(answer.into()))
+        .serve_with_incoming(async_stream_of(listener))
+        .await?;
+    Ok(())
+}
+
+/// The replay anchor as a tonic service: a codec that moves bytes as they are, and a unary
+/// method answering them.
+mod replay {
+    use std::convert::Infallible;
+    use std::task::{Context, Poll};
+
+    use prost::bytes::{Buf, BufMut, Bytes};
+    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+    use tonic::codegen::{BoxFuture, Service, http};
+    use tonic::{Request, Response, Status};
+
+    #[derive(Debug, Clone, Copy, Default)]
+    pub struct RawCodec;
+
+    impl Codec for RawCodec {
+        type Encode = Bytes;
+        type Decode = Bytes;
+        type Encoder = RawCodec;
+        type Decoder = RawCodec;
+        fn encoder(&mut self) -> RawCodec {
+            RawCodec
+        }
+        fn decoder(&mut self) -> RawCodec {
+            RawCodec
+        }
+    }
+
+    impl Encoder for RawCodec {
+        type Item = Bytes;
+        type Error = Status;
+        fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+            dst.put(item);
+            Ok(())
+        }
+    }
+
+    impl Decoder for RawCodec {
+        type Item = Bytes;
+        type Error = Status;
+        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+            Ok(Some(src.copy_to_bytes(src.remaining())))
+        }
+    }
+
+    /// Answers every call with its bytes.
+    #[derive(Debug, Clone)]
+    pub struct Replay(pub Bytes);
+
+    impl tonic::server::NamedService for Replay {
+        const NAME: &'static str = "bench.Replay";
+    }
+
+    struct Answer(Bytes);
+
+    impl tonic::server::UnaryService<Bytes> for Answer {
+        type Response = Bytes;
+        type Future = std::future::Ready<Result<Response<Bytes>, Status>>;
+        fn call(&mut self, _request: Request<Bytes>) -> Self::Future {
+            std::future::ready(Ok(Response::new(self.0.clone())))
+        }
+    }
+
+    impl Service<http::Request<tonic::body::Body>> for Replay {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = Infallible;
+        type Future = BoxFuture<Self::Response, Infallible>;
+
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+            let answer = Answer(self.0.clone());
+            Box::pin(async move {
+                let mut grpc = tonic::server::Grpc::new(RawCodec);
+                Ok(grpc.unary(answer, request).await)
+            })
+        }
+    }
 }
 
 /// Accepted connections with TCP_NODELAY, as the service sets it.
@@ -252,6 +355,10 @@ async fn main() -> anyhow::Result<()> {
     if let Some(addr) = &args.serve_echo {
         return serve_echo(addr).await;
     }
+    if let Some(addr) = &args.serve_replay {
+        let file = args.answer_file.as_ref().context("--answer-file")?;
+        return serve_replay(addr, std::fs::read(file)?).await;
+    }
     cio_client::install_crypto_provider();
     let dir = tempfile::tempdir()?;
     let database_url = args
@@ -348,6 +455,19 @@ async fn main() -> anyhow::Result<()> {
         "{} segments",
         listed.segments.len()
     );
+    // The replay anchor answers what the service answered.
+    let answer_file = dir.path().join("list-segments.answer");
+    std::fs::write(&answer_file, prost::Message::encode_to_vec(&listed))?;
+    let replay_addr = free_addr()?;
+    let _replay: Child = Command::new(std::env::current_exe()?)
+        .args(["--serve-replay", &replay_addr, "--answer-file"])
+        .arg(&answer_file)
+        .kill_on_drop(true)
+        .spawn()?;
+    wait_tcp(&replay_addr).await?;
+    let replay_channel = Channel::from_shared(format!("http://{replay_addr}"))?
+        .connect()
+        .await?;
     let segment_id = listed
         .segments
         .iter()
@@ -450,6 +570,38 @@ async fn main() -> anyhow::Result<()> {
         let (anchor, figures) = paired(c, args.secs, &echo, &list).await;
         rows.push((
             "SegmentService/ListSegments (50)".into(),
+            c,
+            figures,
+            anchor,
+        ));
+        let replayed = {
+            let ch = replay_channel.clone();
+            move || {
+                let mut grpc = tonic::client::Grpc::new(ch.clone());
+                async move {
+                    let codec = tonic_prost::ProstCodec::<
+                        pb::ListSegmentsRequest,
+                        pb::ListSegmentsResponse,
+                    >::default();
+                    let path = tonic::codegen::http::uri::PathAndQuery::from_static(REPLAY_PATH);
+                    grpc.ready().await.is_ok()
+                        && grpc
+                            .unary(
+                                authed(pb::ListSegmentsRequest {
+                                    page_size: 50,
+                                    ..Default::default()
+                                }),
+                                path,
+                                codec,
+                            )
+                            .await
+                            .is_ok_and(|answer| answer.into_inner().segments.len() == 50)
+                }
+            }
+        };
+        let (anchor, figures) = paired(c, args.secs, &echo, &replayed).await;
+        rows.push((
+            "anchor: plain tonic replaying that ListSegments answer".into(),
             c,
             figures,
             anchor,
