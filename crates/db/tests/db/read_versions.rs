@@ -44,6 +44,23 @@ sharpsend_db::db_test!(
             reader.read()?[Area::Deliveries.index()],
             after[Area::Deliveries.index()] + 1
         );
+
+        // Reads from several threads at once take several reader connections; after a commit,
+        // every one of them sees it (none is left inside an old read).
+        let all_read = |expected: [i64; Area::COUNT]| {
+            std::thread::scope(|s| {
+                let threads: Vec<_> = (0..8)
+                    .map(|_| s.spawn(|| (0..200).all(|_| reader.read().ok() == Some(expected))))
+                    .collect();
+                threads.into_iter().all(|t| t.join().unwrap_or(false))
+            })
+        };
+        assert!(all_read(reader.read()?));
+        other
+            .execute_unprepared("DELETE FROM analytics_deliveries WHERE delivery_id = 'd2'")
+            .await?;
+        let latest = sqlite_versions(&db.conn).await?;
+        assert!(all_read(latest), "every reader sees the latest commit");
         other.close().await?;
         TestResult::Ok(())
     }
