@@ -538,15 +538,15 @@ pub async fn create_segment_once(
         &request,
         |id| format!("segment {id}"),
         |claimed| async move {
-            let mut adopt = None;
-            if let Some(since) = claimed.taken_over
-                && let Some(orphan) = find_orphan(ctx, &new.name, since).await?
-            {
+            let adopt = match claimed.taken_over {
+                Some(since) => find_orphan(ctx, &new.name, since).await?,
+                None => None,
+            };
+            if let Some(orphan) = adopt {
                 tracing::warn!(
                     segment_id = orphan,
                     "adopting the Customer.io segment of a CreateSegment that died"
                 );
-                adopt = Some(orphan);
             }
             managed::create_or_adopt(ctx, new, adopt, claimed.key)
                 .await

@@ -101,7 +101,9 @@ impl TestDatabase {
         match backend {
             Backend::Sqlite => Self::create_sqlite().await.map(Some),
             Backend::Postgres => match postgres_admin_url() {
-                Some(admin_url) => Self::create_postgres(admin_url, None).await.map(Some),
+                Some(admin_url) => Self::create_postgres(admin_url, test_database_name(), None)
+                    .await
+                    .map(Some),
                 None => Ok(None),
             },
         }
@@ -116,18 +118,23 @@ impl TestDatabase {
             let template = POSTGRES_TEMPLATE
                 .get_or_try_init(|| migrated_template(&admin_url))
                 .await?;
-            return Self::create_postgres(admin_url, Some(template))
+            return Self::create_postgres(admin_url, test_database_name(), Some(template))
                 .await
                 .map(Some);
         }
-        let Some(db) = Self::create(backend).await? else {
-            return Ok(None);
-        };
-        if let Err(e) = crate::migrate(&db.conn).await {
-            db.cleanup().await;
+        match Self::create(backend).await? {
+            Some(db) => db.migrated().await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// `self` with every migration applied; deleted if they fail.
+    async fn migrated(self) -> Result<Self, DbError> {
+        if let Err(e) = crate::migrate(&self.conn).await {
+            self.cleanup().await;
             return Err(e);
         }
-        Ok(Some(db))
+        Ok(self)
     }
 
     /// A second, independent pool to the same database (e.g. to race two "processes").
@@ -175,13 +182,16 @@ impl TestDatabase {
         })
     }
 
-    /// A new database, a copy of `template` if given.
-    async fn create_postgres(admin_url: String, template: Option<&str>) -> Result<Self, DbError> {
-        let name = format!(
-            "{POSTGRES_DB_PREFIX}{}",
-            ulid::Ulid::new().to_string().to_lowercase()
-        );
-        let url = database_url(&admin_url, &name)?;
+    /// A new database `name`, a copy of `template` if given.
+    async fn create_postgres(
+        admin_url: String,
+        name: String,
+        template: Option<&str>,
+    ) -> Result<Self, DbError> {
+        let mut url = url::Url::parse(&admin_url)
+            .map_err(|e| DbError::InvalidUrl(format!("{POSTGRES_URL_ENV} is not a URL ({e})")))?;
+        url.set_path(&format!("/{name}"));
+        let url = url.to_string();
 
         let admin = admin_connection(&admin_url).await?;
         let created = admin
@@ -326,12 +336,12 @@ fn without_local_tls(admin_url: &str) -> String {
     url.to_string()
 }
 
-/// The URL of database `name` on the admin URL's server.
-fn database_url(admin_url: &str, name: &str) -> Result<String, DbError> {
-    let mut url = url::Url::parse(admin_url)
-        .map_err(|e| DbError::InvalidUrl(format!("{POSTGRES_URL_ENV} is not a URL ({e})")))?;
-    url.set_path(&format!("/{name}"));
-    Ok(url.to_string())
+/// A new name under [`POSTGRES_DB_PREFIX`].
+fn test_database_name() -> String {
+    format!(
+        "{POSTGRES_DB_PREFIX}{}",
+        ulid::Ulid::new().to_string().to_lowercase()
+    )
 }
 
 async fn admin_connection(admin_url: &str) -> Result<DatabaseConnection, DbError> {
@@ -358,23 +368,11 @@ async fn migrated_template(admin_url: &str) -> Result<String, DbError> {
         std::process::id(),
         ulid::Ulid::new().to_string().to_lowercase()
     );
-    let admin = admin_connection(admin_url).await?;
-    let created = admin
-        .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
-        .await;
-    admin.close().await?;
-    created?;
-    let migrated = async {
-        let conn = crate::connect(&database_url(admin_url, &name)?).await?;
-        let migrated = crate::migrate(&conn).await;
-        conn.close().await?;
-        migrated.map(|_| ())
-    }
-    .await;
-    if let Err(e) = migrated {
-        let _ = drop_postgres_database(admin_url, &name).await;
-        return Err(e);
-    }
+    let template = TestDatabase::create_postgres(admin_url.to_owned(), name.clone(), None)
+        .await?
+        .migrated()
+        .await?;
+    template.conn.close().await?;
     Ok(name)
 }
 
@@ -400,9 +398,9 @@ async fn drop_abandoned_templates(admin_url: &str) {
         let Ok(name) = row.try_get::<String>("", "datname") else {
             continue;
         };
-        let pid = name[POSTGRES_TEMPLATE_PREFIX.len()..]
-            .split('_')
-            .next()
+        let pid = name
+            .strip_prefix(POSTGRES_TEMPLATE_PREFIX)
+            .and_then(|rest| rest.split('_').next())
             .and_then(|pid| pid.parse::<u32>().ok());
         if let Some(pid) = pid
             && !std::path::Path::new(&format!("/proc/{pid}")).exists()
