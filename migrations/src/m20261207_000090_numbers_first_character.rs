@@ -28,20 +28,25 @@ fn numbers_function(number_of_text: &str) -> String {
     )
 }
 
+/// This migration's `sharpsend_numbers` (the last SQL one; 000096 replaces it and restores it
+/// when undone).
+pub(crate) fn sql_function() -> String {
+    // 48..57: '0'..'9'; 32: ' '; 45: '-'. `ascii('')` is 0 (not a number either way).
+    numbers_function(&format!(
+        "CASE WHEN ascii(value) NOT BETWEEN 48 AND 57 AND ascii(value) NOT IN (32, 45) \
+         THEN NULL ELSE {PG_NUMBER_OF_TEXT} END"
+    ))
+}
+
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         if manager.get_database_backend() != DbBackend::Postgres {
             return Ok(());
         }
-        // 48..57: '0'..'9'; 32: ' '; 45: '-'. `ascii('')` is 0 (not a number either way).
-        let fast = format!(
-            "CASE WHEN ascii(value) NOT BETWEEN 48 AND 57 AND ascii(value) NOT IN (32, 45) \
-             THEN NULL ELSE {PG_NUMBER_OF_TEXT} END"
-        );
         manager
             .get_connection()
-            .execute_unprepared(&numbers_function(&fast))
+            .execute_unprepared(&sql_function())
             .await?;
         Ok(())
     }

@@ -13,8 +13,9 @@
 //!   digits only (`"87"`, `"007"`) or JSON number syntax with spaces around (`" -1.5e3 "`); any
 //!   other value never matches. The check and conversion happen once, on write: number
 //!   conditions read the typed shadow `profiles.numbers` (each attribute's value as a number
-//!   when it is one; a generated column on PostgreSQL, trigger-maintained on SQLite — see
-//!   migration `m20261207_000080_profile_numbers`), not the text of every row at every
+//!   when it is one; kept on write by triggers, and on PostgreSQL by the attribute merge from
+//!   the patch — see migrations `m20261207_000080_profile_numbers` and
+//!   `m20261207_000096_numbers_from_the_patch`), not the text of every row at every
 //!   evaluation. [`SqlBuilder::reading_attributes`] keeps the per-row check (PostgreSQL casts
 //!   text to `numeric` only once it has been checked — digits only, or a regular expression —
 //!   so a bad value cannot raise) as the reference tests compare the shadow with.

@@ -527,8 +527,8 @@ async fn pg_queue_events(
         .query_one_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
             "WITH created AS (\
-             INSERT INTO profiles (workspace_id, customer_id, attributes, updated_at) \
-             SELECT $1, c.id, '{}'::jsonb, $2 \
+             INSERT INTO profiles (workspace_id, customer_id, attributes, numbers, updated_at) \
+             SELECT $1, c.id, '{}'::jsonb, '{}'::jsonb, $2 \
              FROM jsonb_array_elements_text($3) WITH ORDINALITY AS c(id, n) ORDER BY c.n \
              ON CONFLICT (workspace_id, customer_id) DO NOTHING), \
              input AS (SELECT * FROM ROWS FROM (jsonb_to_recordset($4::text::jsonb) \

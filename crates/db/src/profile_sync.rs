@@ -413,10 +413,18 @@ async fn write_back(
     } else {
         ""
     };
+    // PostgreSQL: the proposed row's `numbers` (computed from its attributes by the insert
+    // trigger, migration 000096) is the updated row's too; without it the update trigger would
+    // compute them a second time. SQLite's triggers run after the write either way.
+    let set_numbers = if backend == sea_orm::DbBackend::Postgres {
+        ", numbers = excluded.numbers"
+    } else {
+        ""
+    };
     let on_conflict = format!(
         "ON CONFLICT (workspace_id, customer_id) DO UPDATE SET email = excluded.email, \
          email_lower = excluded.email_lower, cio_id = excluded.cio_id, \
-         attributes = excluded.attributes, updated_at = excluded.updated_at{set_fetched}"
+         attributes = excluded.attributes, updated_at = excluded.updated_at{set_numbers}{set_fetched}"
     );
     let columns = "INSERT INTO profiles (workspace_id, updated_at, fetched_at, customer_id, \
                    email, email_lower, cio_id, attributes)";

@@ -333,8 +333,8 @@ fn merge_one<'a>(
 fn pg_insert_missing(workspace_id: i64, customer_ids: &[&str], now: DateTime<Utc>) -> Statement {
     Statement::from_sql_and_values(
         DbBackend::Postgres,
-        "INSERT INTO profiles (workspace_id, customer_id, attributes, updated_at) \
-         SELECT $1, c.id, '{}'::jsonb, $2 \
+        "INSERT INTO profiles (workspace_id, customer_id, attributes, numbers, updated_at) \
+         SELECT $1, c.id, '{}'::jsonb, '{}'::jsonb, $2 \
          FROM jsonb_array_elements_text($3) WITH ORDINALITY AS c(id, n) ORDER BY c.n \
          ON CONFLICT (workspace_id, customer_id) DO NOTHING",
         [
@@ -357,14 +357,17 @@ fn pg_insert_missing(workspace_id: i64, customer_ids: &[&str], now: DateTime<Utc
 /// read-modify-write took three statements, two row versions per person and a round trip of
 /// every row's attributes). Attributes: `stored - <keys whose last value is null> || <the other
 /// keys' last values>`; `email` / `email_lower` change only if the patch holds `email`.
+/// `numbers` (the shadow, migration 000096) follows from the patch alone: the stored numbers
+/// without the patch's keys, plus `sharpsend_numbers` of the patch — computed once, for the
+/// proposed row, over a few keys rather than over the whole profile twice.
 ///
 /// A person created by the statement is stored with its patch as is, nulls included (the
 /// conflict branch is the only one that sees both the stored row and the patch):
 /// [`pg_strip_created_nulls`] removes those top-level nulls afterwards for the rows `merged`
 /// reports `inserted` with a null in `attributes` (only calls creating people with a removal).
 pub(crate) const PG_MERGE_CTE: &str = "merged AS (\
-     INSERT INTO profiles AS p (workspace_id, customer_id, email, email_lower, attributes, updated_at) \
-     SELECT $1, u.c, u.e, u.l, u.a, $2 \
+     INSERT INTO profiles AS p (workspace_id, customer_id, email, email_lower, attributes, numbers, updated_at) \
+     SELECT $1, u.c, u.e, u.l, u.a, sharpsend_numbers(u.a), $2 \
      FROM ROWS FROM (jsonb_to_recordset($3::text::jsonb) AS (c text, a jsonb, e text, l text)) \
      WITH ORDINALITY AS u(c, a, e, l, n) ORDER BY u.n \
      ON CONFLICT (workspace_id, customer_id) DO UPDATE SET \
@@ -379,6 +382,7 @@ pub(crate) const PG_MERGE_CTE: &str = "merged AS (\
      email = CASE WHEN EXCLUDED.attributes -> 'email' IS NULL THEN p.email ELSE EXCLUDED.email END, \
      email_lower = CASE WHEN EXCLUDED.attributes -> 'email' IS NULL THEN p.email_lower \
        ELSE EXCLUDED.email_lower END, \
+     numbers = (p.numbers - ARRAY(SELECT jsonb_object_keys(EXCLUDED.attributes))) || EXCLUDED.numbers, \
      updated_at = EXCLUDED.updated_at \
      RETURNING p.id, p.xmax = 0 AS inserted, p.attributes)";
 

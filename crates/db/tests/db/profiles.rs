@@ -500,3 +500,115 @@ sharpsend_db::db_test!(
         TestResult::Ok(())
     }
 );
+
+/// The `profiles.numbers` shadow on PostgreSQL stays `sharpsend_numbers(attributes)` whoever
+/// writes (migration 000096): the attribute merge, which computes it from the patch alone;
+/// the profile sync, which passes the proposed row's on; people created by events; and any
+/// other `INSERT` or `UPDATE`, which the triggers cover. Random patches (numbers, numeric and
+/// other text, removals, booleans) over a few people and keys, checked after every call.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_numbers_shadow_follows_every_write_on_postgres() {
+    use sea_orm::{ConnectionTrait, Statement};
+    use sharpsend_db::outbox::NewEvent;
+    use sharpsend_db::testing::{Backend, run};
+
+    run(Backend::Postgres, true, |db: TestDatabase| async move {
+        let c = &db.conn;
+        let ws = workspace(&db, "site-1").await?;
+        let stale = || async {
+            let row = c
+                .query_one_raw(Statement::from_string(
+                    sea_orm::DbBackend::Postgres,
+                    "SELECT count(*) FILTER (WHERE numbers IS DISTINCT FROM \
+                     sharpsend_numbers(attributes)) AS stale, count(*) AS n FROM profiles",
+                ))
+                .await?
+                .ok_or_else(|| sea_orm::DbErr::RecordNotFound("counts".into()))?;
+            Ok::<(i64, i64), sea_orm::DbErr>((row.try_get("", "stale")?, row.try_get("", "n")?))
+        };
+        let values = [
+            json!(5),
+            json!(-2.5),
+            json!("80"),
+            json!(" 1e2 "),
+            json!("007"),
+            json!("n/a"),
+            json!("-x"),
+            json!(""),
+            json!(true),
+            json!(null),
+            json!(["1"]),
+        ];
+        let mut seed: u64 = 0x5eed;
+        let mut next = |n: usize| {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            usize::try_from(seed >> 33).unwrap_or(0) % n
+        };
+        for round in 0..40 {
+            let mut updates = Vec::new();
+            for _ in 0..1 + next(12) {
+                let mut patch = serde_json::Map::new();
+                for _ in 0..1 + next(3) {
+                    patch.insert(format!("k{}", next(5)), values[next(values.len())].clone());
+                }
+                updates.push(NewAttributeUpdate {
+                    customer_id: format!("p{}", next(15)),
+                    attributes: patch,
+                });
+            }
+            outbox::accept_attribute_updates(c, ws, &updates, ts(round)).await?;
+            let (bad, n) = stale().await?;
+            assert_eq!(
+                bad, 0,
+                "round {round}: {bad} of {n} profiles after {updates:?}"
+            );
+        }
+
+        // The profile sync replaces attributes whole.
+        let batch = vec![
+            fetched("p1", None, "cio_1", json!({"k0": "12", "k9": "text"})),
+            fetched("new", None, "cio_n", json!({"k1": 3})),
+        ];
+        profiles::upsert_fetched(c, ws, &batch, ts(100)).await?;
+        // Events create people with nothing known.
+        outbox::accept_events(
+            c,
+            ws,
+            &[NewEvent {
+                customer_id: "from-event".into(),
+                event_id: "01JE000000000000000000000A".into(),
+                name: "opened".into(),
+                data: json!({}),
+                timestamp: None,
+                idempotency_key: None,
+            }],
+            ts(101),
+        )
+        .await?;
+        // Any other writer: the triggers.
+        c.execute_unprepared(
+            "UPDATE profiles SET attributes = attributes || '{\"k2\": \"41\"}' \
+             WHERE customer_id IN ('p2', 'p3'); \
+             INSERT INTO profiles (workspace_id, customer_id, attributes, updated_at) \
+             SELECT workspace_id, 'by-hand', '{\"k3\": 7, \"k4\": \"x\"}', now() FROM profiles \
+             WHERE customer_id = 'p1'",
+        )
+        .await?;
+        let (bad, n) = stale().await?;
+        assert_eq!(bad, 0, "{bad} of {n} profiles after the other writers");
+        assert!(n >= 18, "{n} profiles");
+        let by_hand = c
+            .query_one_raw(Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                "SELECT numbers::text AS n FROM profiles WHERE customer_id = 'by-hand'",
+            ))
+            .await?
+            .ok_or("by-hand missing")?
+            .try_get::<String>("", "n")?;
+        assert_eq!(by_hand, r#"{"k3": 7}"#);
+        TestResult::Ok(())
+    })
+    .await;
+}
