@@ -195,6 +195,28 @@ pub async fn ensure_migrated(db: &DatabaseConnection) -> Result<(), DbError> {
     }
 }
 
+/// PostgreSQL: runs `statement` (one row back) inside `txn` with a plan made once per
+/// connection and kept (`plan_cache_mode = force_generic_plan` for this statement only; every
+/// other statement keeps [`connect`]'s plan per execution).
+///
+/// Only for statements whose plan cannot depend on the data: rows bound as one JSON array and
+/// written through unique-index probes (`INSERT … ON CONFLICT`), no table scanned. Planned per
+/// execution, such a statement folds its JSON parameters into constants and plans them every
+/// time: 5 ms of a ~35 ms merge of 1,000 attribute updates (docs/benchmarks.md, thirteenth
+/// session). Costs two `SET LOCAL` round trips.
+pub(crate) async fn query_one_planned_once(
+    txn: &impl ConnectionTrait,
+    statement: Statement,
+) -> Result<Option<sea_orm::QueryResult>, DbErr> {
+    txn.execute_unprepared("SET LOCAL plan_cache_mode = force_generic_plan")
+        .await?;
+    // On an error the transaction is over: nothing to reset.
+    let row = txn.query_one_raw(statement).await?;
+    txn.execute_unprepared("SET LOCAL plan_cache_mode = DEFAULT")
+        .await?;
+    Ok(row)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

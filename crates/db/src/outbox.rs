@@ -40,7 +40,7 @@ use serde_json::{Map, Value};
 
 use crate::DbError;
 use crate::criteria_sql::SqlBuilder;
-use crate::database::begin_write;
+use crate::database::{begin_write, query_one_planned_once};
 use crate::entities::outbox::{ActiveModel, Column, Entity, Model};
 use crate::profiles;
 use crate::sql::{id_in, text_in};
@@ -276,8 +276,9 @@ async fn pg_accept_attribute_updates(
         .collect();
     let queue_input =
         serde_json::to_string(&queue_input).map_err(|e| DbErr::Json(e.to_string()))?;
-    let row = txn
-        .query_one_raw(Statement::from_sql_and_values(
+    let row = query_one_planned_once(
+        txn,
+        Statement::from_sql_and_values(
             DbBackend::Postgres,
             format!(
                 "WITH {merge}, queued AS (\
@@ -299,9 +300,10 @@ async fn pg_accept_attribute_updates(
                 Kind::Identify.as_str().into(),
                 Status::Pending.as_str().into(),
             ],
-        ))
-        .await?
-        .ok_or_else(|| DbErr::RecordNotFound("accepted attribute updates".into()))?;
+        ),
+    )
+    .await?
+    .ok_or_else(|| DbErr::RecordNotFound("accepted attribute updates".into()))?;
     let people: i64 = row.try_get("", "people")?;
     let queued: i64 = row.try_get("", "queued")?;
     if usize::try_from(people).ok() != Some(per_person.len()) {
@@ -523,8 +525,9 @@ async fn pg_queue_events(
     now: DateTime<Utc>,
 ) -> Result<HashSet<String>, DbError> {
     let input = serde_json::to_string(events).map_err(|e| DbErr::Json(e.to_string()))?;
-    let row = txn
-        .query_one_raw(Statement::from_sql_and_values(
+    let row = query_one_planned_once(
+        txn,
+        Statement::from_sql_and_values(
             DbBackend::Postgres,
             "WITH created AS (\
              INSERT INTO profiles (workspace_id, customer_id, attributes, numbers, updated_at) \
@@ -549,9 +552,10 @@ async fn pg_queue_events(
                 Kind::Event.as_str().into(),
                 Status::Pending.as_str().into(),
             ],
-        ))
-        .await?
-        .ok_or_else(|| DbErr::RecordNotFound("accepted events".into()))?;
+        ),
+    )
+    .await?
+    .ok_or_else(|| DbErr::RecordNotFound("accepted events".into()))?;
     let taken: Option<Vec<String>> = row
         .try_get::<Option<Value>>("", "taken")?
         .map(serde_json::from_value)

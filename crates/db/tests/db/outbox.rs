@@ -1149,3 +1149,61 @@ sharpsend_db::db_test!(
         TestResult::Ok(())
     }
 );
+
+/// PostgreSQL: the two ingest statements (attribute merge, events) are planned once per
+/// connection and the plan kept, and only they: the rest of the caller's transaction is planned
+/// per execution again (a generic plan made while a table is small keeps scanning it once it is
+/// large).
+#[tokio::test(flavor = "multi_thread")]
+async fn ingest_statements_alone_keep_their_plans_on_postgres() {
+    use sea_orm::{ConnectionTrait, DatabaseTransaction, Statement, TransactionTrait};
+    use sharpsend_db::testing::{Backend, run};
+
+    async fn text(txn: &DatabaseTransaction, sql: &str) -> Result<String, DbError> {
+        let row = txn
+            .query_one_raw(Statement::from_string(sea_orm::DbBackend::Postgres, sql))
+            .await?
+            .ok_or_else(|| sea_orm::DbErr::RecordNotFound(sql.into()))?;
+        Ok(row.try_get_by_index::<String>(0)?)
+    }
+    // `generic/custom` plans of this connection's prepared statements starting with `prefix`.
+    async fn plans(txn: &DatabaseTransaction, prefix: &str) -> Result<String, DbError> {
+        text(
+            txn,
+            &format!(
+                "SELECT COALESCE(SUM(generic_plans), 0) || '/' || COALESCE(SUM(custom_plans), 0) \
+                 FROM pg_prepared_statements WHERE statement LIKE '{prefix}%'"
+            ),
+        )
+        .await
+    }
+
+    run(Backend::Postgres, true, |db: TestDatabase| async move {
+        let ws = workspace(&db, "site-1").await?;
+        let txn = db.conn.begin().await?;
+        assert_eq!(
+            text(&txn, "SHOW plan_cache_mode").await?,
+            "force_custom_plan"
+        );
+        for i in 0..3 {
+            outbox::accept_attribute_updates(&txn, ws, &[update("ann", json!({"n": i}))], ts(1))
+                .await?;
+            outbox::accept_events(
+                &txn,
+                ws,
+                &[event("bob", &format!("01JE00000000000000000000E{i}"), None)],
+                ts(1),
+            )
+            .await?;
+        }
+        assert_eq!(plans(&txn, "WITH merged").await?, "3/0");
+        assert_eq!(plans(&txn, "WITH created").await?, "3/0");
+        assert_eq!(
+            text(&txn, "SHOW plan_cache_mode").await?,
+            "force_custom_plan"
+        );
+        txn.commit().await?;
+        TestResult::Ok(())
+    })
+    .await;
+}
