@@ -644,6 +644,14 @@ pub async fn claim_due(
     // Per person, the first row that holds the others back: any in-flight row under a live
     // claim holds back every row of the person (0), a waiting pending row the rows after it.
     if postgres {
+        // Read the undelivered rows by a plain index scan, never a bitmap scan: every row that
+        // was claimed or delivered leaves index entries in this range until a vacuum, and only
+        // an index scan marks the ones it finds dead so that later scans skip them. With bitmap
+        // scans every claim walked them all again: 197,202 entries and 5,781 heap pages for
+        // 4,000 live rows after 100,000 updates (31 ms a claim, growing with the traffic; 11 ms
+        // once marked). docs/benchmarks.md, thirteenth session.
+        txn.execute_unprepared("SET LOCAL enable_bitmapscan = off")
+            .await?;
         // A window, not a join: one sort of the undelivered rows whatever the planner believes
         // about their number (a join planned from missing or stale statistics became a nested
         // loop, quadratic). The chosen ids are computed once and the rows found by primary key.
