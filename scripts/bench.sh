@@ -139,6 +139,9 @@ generated="$(mktemp)"
   echo "Machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'))," \
     "$(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo) RAM, $(uname -sr)," \
     "load average at the start: $load_at_start."
+  # The release profile can be overridden from the environment (e.g. a quicker build without
+  # LTO); say which build the figures are from.
+  echo "Build: $([[ $mode == smoke ]] && echo debug || echo "release, LTO ${CARGO_PROFILE_RELEASE_LTO:-fat}, codegen units ${CARGO_PROFILE_RELEASE_CODEGEN_UNITS:-1}")."
   echo
   echo "Figures are for reading, not asserted. Compare each with the anchor measured in the same"
   echo "run (the echo server for reads, the one-request-per-update SDK way for ingest): on a shared"
