@@ -28,13 +28,16 @@ fn numbers_function(number_of_text: &str) -> String {
     )
 }
 
+/// True when the attribute's text `value` cannot be a number, from its first character alone:
+/// 48..57 are '0'..'9', 32 ' ', 45 '-'; `ascii('')` is 0 (not a number either way).
+pub(crate) const PG_CANNOT_BE_NUMBER: &str =
+    "ascii(value) NOT BETWEEN 48 AND 57 AND ascii(value) NOT IN (32, 45)";
+
 /// This migration's `sharpsend_numbers` (the last SQL one; 000096 replaces it and restores it
 /// when undone).
 pub(crate) fn sql_function() -> String {
-    // 48..57: '0'..'9'; 32: ' '; 45: '-'. `ascii('')` is 0 (not a number either way).
     numbers_function(&format!(
-        "CASE WHEN ascii(value) NOT BETWEEN 48 AND 57 AND ascii(value) NOT IN (32, 45) \
-         THEN NULL ELSE {PG_NUMBER_OF_TEXT} END"
+        "CASE WHEN {PG_CANNOT_BE_NUMBER} THEN NULL ELSE {PG_NUMBER_OF_TEXT} END"
     ))
 }
 

@@ -26,7 +26,10 @@
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::sea_orm::{ConnectionTrait, DbBackend};
 
-use crate::m20261207_000080_profile_numbers::PG_NUMBER_OF_TEXT;
+use crate::m20261207_000080_profile_numbers::{PG_ADD_GENERATED_NUMBERS, PG_NUMBER_OF_TEXT};
+use crate::m20261207_000090_numbers_first_character::{
+    self as first_character, PG_CANNOT_BE_NUMBER,
+};
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;
@@ -41,7 +44,7 @@ fn plpgsql_numbers() -> String {
          BEGIN \
            IF a IS NULL OR jsonb_typeof(a) <> 'object' THEN RETURN o; END IF; \
            FOR k, value IN SELECT e.key, e.value FROM jsonb_each_text(a) e LOOP \
-             CONTINUE WHEN ascii(value) NOT BETWEEN 48 AND 57 AND ascii(value) NOT IN (32, 45); \
+             CONTINUE WHEN {PG_CANNOT_BE_NUMBER}; \
              n := {PG_NUMBER_OF_TEXT}; \
              IF n IS NOT NULL THEN o := o || jsonb_build_object(k, n); END IF; \
            END LOOP; \
@@ -99,13 +102,9 @@ impl MigrationTrait for Migration {
         // changes language, so it is dropped and made again), then 000080's column.
         db.execute_unprepared("DROP FUNCTION IF EXISTS sharpsend_numbers(jsonb)")
             .await?;
-        db.execute_unprepared(&crate::m20261207_000090_numbers_first_character::sql_function())
+        db.execute_unprepared(&first_character::sql_function())
             .await?;
-        db.execute_unprepared(
-            "ALTER TABLE profiles ADD COLUMN numbers jsonb \
-             GENERATED ALWAYS AS (sharpsend_numbers(attributes)) STORED",
-        )
-        .await?;
+        db.execute_unprepared(PG_ADD_GENERATED_NUMBERS).await?;
         Ok(())
     }
 }
