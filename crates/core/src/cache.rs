@@ -87,7 +87,7 @@ pub(crate) struct HistoryKey {
 }
 
 /// One kind of cached read: values with the stamp they were loaded under. Values are shared, so
-/// the lock is held only to find one (a hit is copied for its caller after the lock is let go).
+/// the lock is held only to find one (a hit is shared with its caller, never copied).
 struct Shelf<K, V> {
     map: Mutex<HashMap<K, (u64, Arc<V>)>>,
 }
@@ -205,21 +205,20 @@ impl ReadCache {
         shelf: impl Fn(&Inner) -> &Shelf<K, V>,
         key: K,
         load: F,
-    ) -> Result<V, CoreError>
+    ) -> Result<Arc<V>, CoreError>
     where
         K: Hash + Eq,
-        V: Clone,
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V, CoreError>>,
     {
         let Some(stamp) = self.stamp(db, area).await else {
-            return load().await;
+            return load().await.map(Arc::new);
         };
         if let Some(hit) = shelf(&self.inner).get(&key, stamp) {
-            return Ok(V::clone(&hit));
+            return Ok(hit);
         }
-        let value = load().await?;
-        shelf(&self.inner).put(key, stamp, Arc::new(value.clone()));
+        let value = Arc::new(load().await?);
+        shelf(&self.inner).put(key, stamp, Arc::clone(&value));
         Ok(value)
     }
 
@@ -229,7 +228,7 @@ impl ReadCache {
         workspace: i64,
         id: i64,
         load: F,
-    ) -> Result<SegmentView, CoreError>
+    ) -> Result<Arc<SegmentView>, CoreError>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<SegmentView, CoreError>>,
@@ -244,7 +243,7 @@ impl ReadCache {
         workspace: i64,
         key: PageKey,
         load: F,
-    ) -> Result<Page<SegmentView, i64>, CoreError>
+    ) -> Result<Arc<Page<SegmentView, i64>>, CoreError>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Page<SegmentView, i64>, CoreError>>,
@@ -265,7 +264,7 @@ impl ReadCache {
         workspace: i64,
         who: CustomerRef,
         load: F,
-    ) -> Result<sharpsend_db::profiles::Profile, CoreError>
+    ) -> Result<Arc<sharpsend_db::profiles::Profile>, CoreError>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<sharpsend_db::profiles::Profile, CoreError>>,
@@ -280,7 +279,7 @@ impl ReadCache {
         workspace: i64,
         key: SendKey,
         load: F,
-    ) -> Result<SendView, CoreError>
+    ) -> Result<Arc<SendView>, CoreError>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<SendView, CoreError>>,
@@ -295,7 +294,7 @@ impl ReadCache {
         workspace: i64,
         key: HistoryKey,
         load: F,
-    ) -> Result<Vec<DeliveryRow>, CoreError>
+    ) -> Result<Arc<Vec<DeliveryRow>>, CoreError>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Vec<DeliveryRow>, CoreError>>,

@@ -5,6 +5,8 @@
 //! Every rule is checked for the whole request before anything is accepted, so a request is
 //! accepted entirely or not at all, and each violation names its field.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Utc};
 use cio_client::{CioError, IdType};
 use futures::TryStreamExt;
@@ -475,7 +477,7 @@ pub async fn get_profile(
         })
         .await?;
     Ok(ProfileView {
-        profile,
+        profile: Arc::unwrap_or_clone(profile),
         fresh: false,
     })
 }

@@ -4,6 +4,7 @@
 
 use std::{
     collections::HashSet,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -110,7 +111,7 @@ pub async fn list_segments(
     filter: &SegmentFilter,
     after: Option<i64>,
     limit: u64,
-) -> Result<Page<SegmentView, i64>, CoreError> {
+) -> Result<Arc<Page<SegmentView, i64>>, CoreError> {
     let key = crate::cache::PageKey {
         filter: filter.clone(),
         after,
@@ -161,7 +162,7 @@ async fn load_segment_page(
 
 /// One segment: from the mirror (with its managed part), or a managed segment the mirror has
 /// not seen yet; `NotFound` otherwise.
-pub async fn get_segment(ctx: &AppContext, id: i64) -> Result<SegmentView, CoreError> {
+pub async fn get_segment(ctx: &AppContext, id: i64) -> Result<Arc<SegmentView>, CoreError> {
     if id <= 0 {
         return Err(CoreError::invalid(
             "segment_id",

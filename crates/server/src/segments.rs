@@ -82,7 +82,7 @@ impl SegmentService for Segments {
             .await
             .or_status()?;
         Ok(Response::new(pb::ListSegmentsResponse {
-            segments: page.items.into_iter().map(into_proto).collect(),
+            segments: page.items.iter().map(into_proto).collect(),
             next_page_token: page
                 .next
                 .map(|after| encode_page_token(&filters, after))
@@ -99,7 +99,7 @@ impl SegmentService for Segments {
             .await
             .or_status()?;
         Ok(Response::new(pb::GetSegmentResponse {
-            segment: Some(into_proto(segment)),
+            segment: Some(into_proto(&segment)),
         }))
     }
 
@@ -142,7 +142,7 @@ impl SegmentService for Segments {
                 .map(|t| pb::SegmentTargeting {
                     segment_id: t.segment_id,
                     exists: t.segment.is_some(),
-                    segment: t.segment.clone().map(into_proto),
+                    segment: t.segment.as_ref().map(into_proto),
                     count_age: t
                         .count_age
                         .and_then(|a| prost_types::Duration::try_from(a).ok()),
@@ -280,7 +280,7 @@ async fn managed_segment(ctx: &AppContext, view: ManagedView) -> Result<pb::Segm
     let segment = core_segments::get_segment(ctx, view.segment_id)
         .await
         .or_status()?;
-    Ok(into_proto(segment))
+    Ok(into_proto(&segment))
 }
 
 /// The criteria a request carries: the message, or the JSON text (not both). `required`: one
@@ -512,11 +512,11 @@ fn decode_page_token(filters: &str, token: &str) -> Result<Option<i64>, CoreErro
     })
 }
 
-fn into_proto(s: SegmentView) -> pb::Segment {
+fn into_proto(s: &SegmentView) -> pb::Segment {
     pb::Segment {
         id: s.id,
-        name: s.name,
-        description: s.description.unwrap_or_default(),
+        name: s.name.clone(),
+        description: s.description.clone().unwrap_or_default(),
         r#type: match s.kind {
             Some(SegmentKind::Dynamic) => pb::SegmentType::Dynamic,
             Some(SegmentKind::Manual) => pb::SegmentType::Manual,

@@ -6,6 +6,8 @@
 //! shared App API limiter, so they never exceed the workspace's 10 requests/s).
 
 pub use cio_client::IdType;
+use std::sync::Arc;
+
 use cio_client::{Activity, ActivityQuery, ActivityType, Message};
 use sharpsend_db::analytics::{self, DeliveryRow, Scope};
 
@@ -137,7 +139,7 @@ pub async fn history(
             .await?)
         })
         .await?;
-    let page = crate::paging::Page::cut(rows, limit, |r| r.first_id);
+    let page = crate::paging::Page::cut(Arc::unwrap_or_clone(rows), limit, |r| r.first_id);
     let mut out = History {
         deliveries: page.items,
         next: page.next,

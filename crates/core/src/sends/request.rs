@@ -1,7 +1,7 @@
 //! Requests: validating and recording a send (with its fingerprint and its submissions), reading
 //! sends, and an operator's resolution of uncertain ones.
 
-use std::collections::HashSet;
+use std::{collections::HashSet, sync::Arc};
 
 use cio_client::CioError;
 use serde_json::{Map, Value, json};
@@ -480,6 +480,7 @@ pub async fn get_send(ctx: &AppContext, key: &SendKey) -> Result<SendView, CoreE
             load_send(ctx, key)
         })
         .await
+        .map(Arc::unwrap_or_clone)
 }
 
 async fn load_send(ctx: &AppContext, key: &SendKey) -> Result<SendView, CoreError> {
