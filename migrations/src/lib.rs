@@ -49,6 +49,7 @@ mod m20261207_000093_segment_members_by_person;
 mod m20261207_000094_profile_changes_by_segment;
 mod m20261207_000095_read_versions_deliveries;
 mod m20261207_000096_numbers_from_the_patch;
+mod m20261208_000097_segment_members_workspace_per_statement;
 
 /// All migrations of the project, oldest first.
 pub struct Migrator;
@@ -92,6 +93,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261207_000094_profile_changes_by_segment::Migration),
             Box::new(m20261207_000095_read_versions_deliveries::Migration),
             Box::new(m20261207_000096_numbers_from_the_patch::Migration),
+            Box::new(m20261208_000097_segment_members_workspace_per_statement::Migration),
         ]
     }
 }

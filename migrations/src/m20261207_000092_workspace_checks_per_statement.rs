@@ -22,7 +22,8 @@ use sea_orm_migration::sea_orm::{ConnectionTrait, DbBackend};
 #[derive(DeriveMigrationName)]
 pub struct Migration;
 
-const TABLES: [&str; 2] = ["profiles", "outbox"];
+/// The tables this migration changes (000097 adds `segment_members`).
+pub(crate) const TABLES: [&str; 2] = ["profiles", "outbox"];
 
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
@@ -50,31 +51,10 @@ impl MigrationTrait for Migration {
         )
         .await?;
         for table in TABLES {
-            db.execute_unprepared(&format!(
-                "ALTER TABLE {table} DROP CONSTRAINT fk_{table}_workspace_id"
-            ))
-            .await?;
-            db.execute_unprepared(&format!(
-                "CREATE TRIGGER {table}_workspaces_exist AFTER INSERT ON {table} \
-                 REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT \
-                 EXECUTE FUNCTION sharpsend_workspaces_exist()"
-            ))
-            .await?;
-            db.execute_unprepared(&format!(
-                "CREATE TRIGGER {table}_workspace_unchanged BEFORE UPDATE OF workspace_id \
-                 ON {table} FOR EACH ROW WHEN (OLD.workspace_id IS DISTINCT FROM NEW.workspace_id) \
-                 EXECUTE FUNCTION sharpsend_workspace_unchanged()"
-            ))
-            .await?;
+            check_per_statement(db, table).await?;
         }
-        db.execute_unprepared(&format!(
-            "CREATE FUNCTION sharpsend_workspace_deleted() RETURNS trigger LANGUAGE plpgsql AS $$ \
-             BEGIN {} RETURN NULL; END $$",
-            TABLES
-                .map(|t| format!("DELETE FROM {t} WHERE workspace_id = OLD.id;"))
-                .join(" ")
-        ))
-        .await?;
+        db.execute_unprepared(&deleted_function("CREATE", &TABLES))
+            .await?;
         db.execute_unprepared(
             "CREATE TRIGGER workspaces_deleted AFTER DELETE ON workspaces FOR EACH ROW \
              EXECUTE FUNCTION sharpsend_workspace_deleted()",
@@ -91,19 +71,7 @@ impl MigrationTrait for Migration {
         db.execute_unprepared("DROP TRIGGER IF EXISTS workspaces_deleted ON workspaces")
             .await?;
         for table in TABLES {
-            db.execute_unprepared(&format!(
-                "DROP TRIGGER IF EXISTS {table}_workspaces_exist ON {table}"
-            ))
-            .await?;
-            db.execute_unprepared(&format!(
-                "DROP TRIGGER IF EXISTS {table}_workspace_unchanged ON {table}"
-            ))
-            .await?;
-            db.execute_unprepared(&format!(
-                "ALTER TABLE {table} ADD CONSTRAINT fk_{table}_workspace_id \
-                 FOREIGN KEY (workspace_id) REFERENCES workspaces (id) ON DELETE CASCADE"
-            ))
-            .await?;
+            foreign_key_again(db, table).await?;
         }
         for function in [
             "sharpsend_workspace_deleted",
@@ -115,4 +83,61 @@ impl MigrationTrait for Migration {
         }
         Ok(())
     }
+}
+
+/// Replaces `table`'s foreign key `fk_<table>_workspace_id` by the statement check and the
+/// row trigger that keeps `workspace_id` unchanged (the functions above must exist).
+pub(crate) async fn check_per_statement(
+    db: &impl ConnectionTrait,
+    table: &str,
+) -> Result<(), DbErr> {
+    db.execute_unprepared(&format!(
+        "ALTER TABLE {table} DROP CONSTRAINT fk_{table}_workspace_id"
+    ))
+    .await?;
+    db.execute_unprepared(&format!(
+        "CREATE TRIGGER {table}_workspaces_exist AFTER INSERT ON {table} \
+         REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT \
+         EXECUTE FUNCTION sharpsend_workspaces_exist()"
+    ))
+    .await?;
+    db.execute_unprepared(&format!(
+        "CREATE TRIGGER {table}_workspace_unchanged BEFORE UPDATE OF workspace_id \
+         ON {table} FOR EACH ROW WHEN (OLD.workspace_id IS DISTINCT FROM NEW.workspace_id) \
+         EXECUTE FUNCTION sharpsend_workspace_unchanged()"
+    ))
+    .await?;
+    Ok(())
+}
+
+/// Undoes [`check_per_statement`]: `table`'s triggers dropped, its foreign key back.
+pub(crate) async fn foreign_key_again(db: &impl ConnectionTrait, table: &str) -> Result<(), DbErr> {
+    db.execute_unprepared(&format!(
+        "DROP TRIGGER IF EXISTS {table}_workspaces_exist ON {table}"
+    ))
+    .await?;
+    db.execute_unprepared(&format!(
+        "DROP TRIGGER IF EXISTS {table}_workspace_unchanged ON {table}"
+    ))
+    .await?;
+    db.execute_unprepared(&format!(
+        "ALTER TABLE {table} ADD CONSTRAINT fk_{table}_workspace_id \
+         FOREIGN KEY (workspace_id) REFERENCES workspaces (id) ON DELETE CASCADE"
+    ))
+    .await?;
+    Ok(())
+}
+
+/// `<verb> FUNCTION sharpsend_workspace_deleted()` (`CREATE`, or `CREATE OR REPLACE`): the
+/// `ON DELETE CASCADE` of `tables`, called by the `workspaces_deleted` row trigger.
+pub(crate) fn deleted_function(verb: &str, tables: &[&str]) -> String {
+    format!(
+        "{verb} FUNCTION sharpsend_workspace_deleted() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN {} RETURN NULL; END $$",
+        tables
+            .iter()
+            .map(|t| format!("DELETE FROM {t} WHERE workspace_id = OLD.id;"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    )
 }

@@ -1,7 +1,7 @@
 use sharpsend_db::testing::{TestDatabase, TestResult};
 use sharpsend_db::{DbError, ensure_migrated, migrate, pending_migrations};
 
-const ALL: [&str; 35] = [
+const ALL: [&str; 36] = [
     "m20261128_000001_create_workspaces",
     "m20261128_000002_create_segments",
     "m20261128_000003_create_job_runs",
@@ -37,6 +37,7 @@ const ALL: [&str; 35] = [
     "m20261207_000094_profile_changes_by_segment",
     "m20261207_000095_read_versions_deliveries",
     "m20261207_000096_numbers_from_the_patch",
+    "m20261208_000097_segment_members_workspace_per_statement",
 ];
 
 sharpsend_db::db_test!(

@@ -431,15 +431,16 @@ async fn rows_of(db: &TestDatabase, table: &str, ws: i64) -> Result<i64, sharpse
 }
 
 sharpsend_db::db_test!(
-    profiles_and_outbox_rows_belong_to_an_existing_workspace,
+    profiles_outbox_rows_and_members_belong_to_an_existing_workspace,
     |db: TestDatabase| async move {
         use sea_orm::{ConnectionTrait, Statement};
         let backend = db.conn.get_database_backend();
         let ws = workspace(&db, "site-1").await?;
         let kept = workspace(&db, "site-2").await?;
         let missing = kept + 100;
-        // No profile and no outbox row for a workspace that does not exist, however written
-        // (PostgreSQL checks once per statement since migration 000092, SQLite by foreign key).
+        // No profile, outbox row or segment member for a workspace that does not exist, however
+        // written (PostgreSQL checks once per statement since migrations 000092 and 000097,
+        // SQLite by foreign key).
         let refused = profiles::upsert_fetched(
             &db.conn,
             missing,
@@ -455,13 +456,6 @@ sharpsend_db::db_test!(
         let refused =
             outbox::accept_attribute_updates(&db.conn, missing, &[update("ann")], ts(0)).await;
         assert!(refused.is_err(), "{refused:?}");
-        assert_eq!(rows_of(&db, "profiles", missing).await?, 0);
-        assert_eq!(rows_of(&db, "outbox", missing).await?, 0);
-        // Many people of existing workspaces in one statement are accepted.
-        let many: Vec<NewAttributeUpdate> = (0..300).map(|i| update(&format!("p{i}"))).collect();
-        outbox::accept_attribute_updates(&db.conn, ws, &many, ts(0)).await?;
-        outbox::accept_attribute_updates(&db.conn, kept, &[update("bob")], ts(0)).await?;
-        // A row never moves to another workspace.
         let param = |n: usize| {
             if backend == sea_orm::DbBackend::Postgres {
                 format!("${n}")
@@ -469,7 +463,32 @@ sharpsend_db::db_test!(
                 "?".to_owned()
             }
         };
-        for table in ["profiles", "outbox"] {
+        // Members, as an evaluation writes them: many rows in one statement.
+        let add_members = |workspace: i64, people: std::ops::Range<i32>| {
+            let values: Vec<String> = people
+                .map(|i| format!("({workspace}, 7, 'p{i}')"))
+                .collect();
+            Statement::from_string(
+                backend,
+                format!(
+                    "INSERT INTO segment_members (workspace_id, segment_id, customer_id) VALUES {}",
+                    values.join(", ")
+                ),
+            )
+        };
+        let refused = db.conn.execute_raw(add_members(missing, 0..3)).await;
+        assert!(refused.is_err(), "{refused:?}");
+        assert_eq!(rows_of(&db, "profiles", missing).await?, 0);
+        assert_eq!(rows_of(&db, "outbox", missing).await?, 0);
+        assert_eq!(rows_of(&db, "segment_members", missing).await?, 0);
+        // Many people of existing workspaces in one statement are accepted.
+        let many: Vec<NewAttributeUpdate> = (0..300).map(|i| update(&format!("p{i}"))).collect();
+        outbox::accept_attribute_updates(&db.conn, ws, &many, ts(0)).await?;
+        outbox::accept_attribute_updates(&db.conn, kept, &[update("bob")], ts(0)).await?;
+        db.conn.execute_raw(add_members(ws, 0..300)).await?;
+        db.conn.execute_raw(add_members(kept, 0..1)).await?;
+        // A row never moves to another workspace.
+        for table in ["profiles", "outbox", "segment_members"] {
             let moved = db
                 .conn
                 .execute_raw(Statement::from_sql_and_values(
@@ -484,8 +503,9 @@ sharpsend_db::db_test!(
                 .await;
             assert!(moved.is_err(), "{table}: {moved:?}");
         }
-        // Deleting a workspace deletes its profiles and outbox rows, and only its own.
+        // Deleting a workspace deletes its profiles, outbox rows and members, and only its own.
         assert_eq!(rows_of(&db, "profiles", ws).await?, 300);
+        assert_eq!(rows_of(&db, "segment_members", ws).await?, 300);
         db.conn
             .execute_raw(Statement::from_sql_and_values(
                 backend,
@@ -493,7 +513,7 @@ sharpsend_db::db_test!(
                 [ws.into()],
             ))
             .await?;
-        for table in ["profiles", "outbox"] {
+        for table in ["profiles", "outbox", "segment_members"] {
             assert_eq!(rows_of(&db, table, ws).await?, 0, "{table}");
             assert_eq!(rows_of(&db, table, kept).await?, 1, "{table}");
         }
