@@ -31,12 +31,9 @@ impl MigrationTrait for Migration {
         }
         let db = manager.get_connection();
         check_per_statement(db, TABLE).await?;
-        let [first, second] = TABLES;
-        db.execute_unprepared(&deleted_function(
-            "CREATE OR REPLACE",
-            &[first, second, TABLE],
-        ))
-        .await?;
+        let cascaded = [&TABLES[..], &[TABLE]].concat();
+        db.execute_unprepared(&deleted_function("CREATE OR REPLACE", &cascaded))
+            .await?;
         Ok(())
     }
 
